@@ -1,0 +1,37 @@
+"""Build mixers by name and hybrid stacks from patterns.
+
+    registry.build("swa", hidden_size=64, num_heads=4, window_size=16)
+    registry.build_stack("(gdn swa[window_size=8])*2", hidden_size=64, num_heads=4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core import MixerSpec, build, names, register, spec
+from .pattern import LayerSpec, PatternError, parse_pattern
+
+__all__ = [
+    "LayerSpec",
+    "MixerSpec",
+    "PatternError",
+    "build",
+    "build_stack",
+    "names",
+    "parse_pattern",
+    "register",
+    "spec",
+]
+
+
+def build_stack(pattern: str, *, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **defaults: Any):
+    """A HybridStack of pre-norm residual blocks, one per layer of ``pattern``.
+
+    Stack-wide ``defaults`` go to every mixer whose config has that field; bracketed per-layer
+    overrides win over them. A default that no layer's mixer takes is an error.
+    """
+    from ..models import HybridStack
+
+    return HybridStack.from_pattern(
+        pattern, hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, **defaults
+    )
