@@ -1,8 +1,11 @@
 """mixerzoo: interchangeable token mixers for hybrid language models."""
 
 from . import registry
-from .mixers import MixerConfig, State, TokenMixer
 from .baselines import full_attention as _full_attention  # noqa: F401  (registers full_attention)
+from .mixers import MixerConfig, State, TokenMixer
+from .mixers import eviction_swa as _eviction_swa  # noqa: F401  (registers eviction_swa)
+from .mixers import gdn as _gdn  # noqa: F401  (registers gdn)
+from .mixers import swa as _swa  # noqa: F401  (registers swa, swa_sink)
 from .models import HybridLM, HybridStack
 from .registry import build, build_stack, register
 

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 __all__ = [
     "FLOAT_DTYPES",
+    "acc_dtype",
     "MixerConfig",
     "State",
     "TokenMixer",
+    "positions_and_pad",
     "state_dataclass",
     "state_field",
 ]
@@ -93,7 +95,10 @@ def state_field(*, batched: bool = True, fill: float = 0.0) -> Any:
 def state_dataclass(cls: type) -> type:
     """Make ``cls`` (a State subclass) a dataclass and register it as a pytree, so compiled functions
     take and return it."""
-    cls = dataclasses.dataclass(eq=False)(cls)
+    return _register_pytree(dataclasses.dataclass(eq=False)(cls))
+
+
+def _register_pytree(cls: type) -> type:
     names = [f.name for f in dataclasses.fields(cls)]
 
     def flatten(s):
@@ -182,7 +187,7 @@ class State:
         return self
 
 
-state_dataclass(State)
+_register_pytree(State)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +217,8 @@ class TokenMixer(nn.Module):
     backends: ClassVar[tuple[str, ...]] = ()
     # Small settings under which the mixer's behaviour shows at T ~ 40 (e.g. a window of 8).
     conformance_kwargs: ClassVar[dict[str, Any]] = {}
+    # Sequence length of the conformance checks (long enough for the settings above to matter).
+    conformance_seqlen: ClassVar[int] = 37
     # Whether train and eval compute different functions (conformance compares eval decode only).
     train_differs: ClassVar[bool] = False
 
@@ -226,7 +233,9 @@ class TokenMixer(nn.Module):
         return type(self.config).mixer_name
 
     # -- to implement ----------------------------------------------------------------------------
-    def mix(self, x: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, State | None]:
+    def mix(
+        self, x: Tensor, state: State | None, attention_mask: Tensor | None
+    ) -> tuple[Tensor, State | None]:
         raise NotImplementedError
 
     def init_state(
@@ -255,7 +264,9 @@ class TokenMixer(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: x must be a torch.Tensor [B, T, D], got {type(x).__name__}")
         if x.dim() != 3:
-            raise ValueError(f"{name}: x must have shape [B, T, D] (rank 3), got rank {x.dim()} {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: x must have shape [B, T, D] (rank 3), got rank {x.dim()} {tuple(x.shape)}"
+            )
         B, T, D = x.shape
         if D != self.config.hidden_size:
             raise ValueError(
@@ -263,8 +274,8 @@ class TokenMixer(nn.Module):
             )
         if T == 0:
             raise ValueError(f"{name}: x has no tokens (T = 0)")
-        if x.dtype not in self.dtypes:
-            allowed = ", ".join(str(d) for d in self.dtypes)
+        if x.dtype not in self.dtypes and not (x.dtype == torch.float64 and x.device.type == "cpu"):
+            allowed = ", ".join(str(d) for d in self.dtypes) + " (float64 on the CPU)"
             raise TypeError(f"{name}: x has dtype {x.dtype}, allowed: {allowed}")
         p = self._param_like()
         if p is not None:
@@ -280,7 +291,11 @@ class TokenMixer(nn.Module):
                 )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, T):
-                shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
+                shape = (
+                    tuple(attention_mask.shape)
+                    if isinstance(attention_mask, Tensor)
+                    else type(attention_mask)
+                )
                 raise ValueError(f"{name}: attention_mask must have shape [B, T] = {(B, T)}, got {shape}")
             if attention_mask.device != x.device:
                 raise ValueError(f"{name}: attention_mask is on {attention_mask.device}, x on {x.device}")
@@ -295,7 +310,9 @@ class TokenMixer(nn.Module):
                     f"got {type(state).__name__}"
                 )
             if state.batch_size != B:
-                raise ValueError(f"{name}: state was made for batch size {state.batch_size}, x has batch size {B}")
+                raise ValueError(
+                    f"{name}: state was made for batch size {state.batch_size}, x has batch size {B}"
+                )
             if state.pad.device != x.device:
                 raise ValueError(f"{name}: state is on {state.pad.device}, x is on {x.device}")
             if not torch.compiler.is_compiling():
@@ -317,13 +334,20 @@ class TokenMixer(nn.Module):
         return None
 
     def extra_repr(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        fields = ", ".join(
+            f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config)
+        )
         return f"{self.name}: {fields}"
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers shared by the mixers
 # --------------------------------------------------------------------------------------------------
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def positions_and_pad(

@@ -1,7 +1,7 @@
 """Build mixers by name and hybrid stacks from patterns.
 
-    registry.build("swa", hidden_size=64, num_heads=4, window_size=16)
-    registry.build_stack("(gdn swa[window_size=8])*2", hidden_size=64, num_heads=4)
+registry.build("swa", hidden_size=64, num_heads=4, window_size=16)
+registry.build_stack("(gdn swa[window_size=8])*2", hidden_size=64, num_heads=4)
 """
 
 from __future__ import annotations

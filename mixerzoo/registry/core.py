@@ -29,6 +29,7 @@ class MixerSpec:
     compile_safe: bool
     backends: tuple[str, ...]
     conformance_kwargs: dict[str, Any]
+    conformance_seqlen: int
     train_differs: bool
 
     def fields(self) -> list[str]:
@@ -94,6 +95,7 @@ def register(
             compile_safe=cls.compile_safe,
             backends=tuple(cls.backends),
             conformance_kwargs=dict(cls.conformance_kwargs),
+            conformance_seqlen=cls.conformance_seqlen,
             train_differs=cls.train_differs,
         )
         for a in aliases:

@@ -1,8 +1,8 @@
 """The hybrid pattern grammar: ``"(gdn eviction_swa)*12"``, ``"gdn*3 nsa[block_count=8]"``.
 
-    pattern := item ((',' | whitespace) item)*
-    item    := atom ('*' INT)?
-    atom    := NAME ('[' key=value (',' key=value)* ']')?  |  '(' pattern ')'
+pattern := item ((',' | whitespace) item)*
+item    := atom ('*' INT)?
+atom    := NAME ('[' key=value (',' key=value)* ']')?  |  '(' pattern ')'
 """
 
 from __future__ import annotations

@@ -1,0 +1,516 @@
+"""The eight conformance checks of SPEC section 6, written once and run over every registered mixer.
+
+Each check takes a ``Case`` (a registered mixer on one device and dtype, small shapes) and raises
+``AssertionError`` with the measured error when the mixer does not conform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..mixers.base import State, TokenMixer
+from ..registry.core import MixerSpec
+from ..registry.core import spec as core_spec
+
+__all__ = ["CHECKS", "Case", "assert_close", "core_spec", "tolerance"]
+
+HIDDEN, HEADS, BATCH = 64, 4, 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Tolerances: one table keyed by dtype (SPEC 6)
+# --------------------------------------------------------------------------------------------------
+
+# dtype -> (max abs error for exact-algebra comparisons in that dtype, relative RMSE for outputs, for grads)
+_TOLERANCES = {
+    torch.float64: (1e-9, 1e-9, 1e-9),
+    torch.float32: (2e-4, 1e-5, 1e-5),
+    torch.bfloat16: (None, 1e-2, 2e-2),
+    torch.float16: (None, 5e-3, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float | None, float, float]:
+    return _TOLERANCES[dtype]
+
+
+def _rel_rmse(ref: Tensor, out: Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def assert_close(
+    name: str,
+    ref: Tensor,
+    out: Tensor,
+    *,
+    atol: float | None = None,
+    rel_rmse: float | None = None,
+) -> None:
+    """Fail unless ``out`` matches ``ref``: max abs error <= atol and/or relative RMSE <= rel_rmse.
+
+    The message always reports both measures.
+    """
+    if ref.shape != out.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: non-finite values in the output")
+    err = (ref.double() - out.double().to(ref.device)).abs().max().item() if ref.numel() else 0.0
+    rr = _rel_rmse(ref, out.to(ref.device)) if ref.numel() else 0.0
+    msg = f"{name}: max abs err {err:.3e}, rel RMSE {rr:.3e}"
+    if atol is not None and not err <= atol:
+        raise AssertionError(f"{msg} (allowed max abs err {atol:.1e})")
+    if rel_rmse is not None and not rr <= rel_rmse:
+        raise AssertionError(f"{msg} (allowed rel RMSE {rel_rmse:.1e})")
+
+
+def _assert_equal(name: str, a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+        raise AssertionError(
+            f"{name}: tensors differ ({tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# A case: one mixer, one device, one dtype
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    spec: MixerSpec
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    hidden_size: int = HIDDEN
+    num_heads: int = HEADS
+    batch_size: int = BATCH
+
+    @property
+    def seqlen(self) -> int:
+        return self.spec.conformance_seqlen
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def kwargs(self, **over) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            **self.spec.conformance_kwargs,
+            **over,
+        }
+
+    def build(
+        self, *, seed: int = 0, train: bool = False, dtype: torch.dtype | None = None, **over
+    ) -> TokenMixer:
+        torch.manual_seed(seed)
+        mixer = self.spec.cls(self.spec.make_config(**self.kwargs(**over)))
+        mixer = mixer.to(device=self.device, dtype=dtype or self.dtype)
+        return mixer.train(train)
+
+    def input(
+        self, *, seed: int = 1, T: int | None = None, dtype: torch.dtype | None = None, B=None
+    ) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        shape = (B or self.batch_size, T or self.seqlen, self.hidden_size)
+        return torch.randn(shape, generator=g).to(device=self.device, dtype=dtype or self.dtype)
+
+    def init_state(self, mixer: TokenMixer, B: int | None = None, T: int | None = None) -> State:
+        return mixer.init_state(
+            B or self.batch_size,
+            device=self.device,
+            dtype=mixer_dtype(mixer),
+            max_seqlen=(T or self.seqlen) + 80,
+        )
+
+
+def mixer_dtype(mixer: TokenMixer) -> torch.dtype:
+    p = next(iter(mixer.parameters()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _decode_atol(case: Case) -> float:
+    atol, _, _ = tolerance(case.dtype)
+    return atol if atol is not None else 0.05
+
+
+def _stream(mixer: TokenMixer, x: Tensor, state: State, chunks: list[int]) -> Tensor:
+    """Feed x through the mixer in chunks of the given sizes, continuing ``state``."""
+    ys, t = [], 0
+    for n in chunks:
+        y, state = mixer(x[:, t : t + n], state)
+        ys.append(y)
+        t += n
+    assert t == x.shape[1], "chunks must cover x"
+    return torch.cat(ys, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_contract(case: Case) -> None:
+    """1. Shape and dtype contract; finite outputs; parallel form returns no state."""
+    for train in (False, True):
+        mixer = case.build(train=train)
+        for T in (1, case.seqlen):
+            x = case.input(T=T)
+            y, state = mixer(x)
+            if state is not None:
+                raise AssertionError(f"{case.name}: parallel form (state=None) must return (y, None)")
+            if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+                raise AssertionError(
+                    f"{case.name}: y is {tuple(y.shape)} {y.dtype} {y.device}, x is {tuple(x.shape)} {x.dtype} {x.device}"
+                )
+            if not torch.isfinite(y).all():
+                raise AssertionError(f"{case.name} (train={train}, T={T}): non-finite output")
+
+
+@torch.no_grad()
+def check_causality(case: Case) -> None:
+    """2. Changing x[:, t+1:] leaves y[:, :t+1] unchanged (eval and train)."""
+    for train in (False, True):
+        mixer = case.build(train=train)
+        x = case.input()
+        T = x.shape[1]
+        for t in (0, T // 3, T - 2):
+            x2 = x.clone()
+            x2[:, t + 1 :] = case.input(seed=7, T=T)[:, t + 1 :]
+            torch.manual_seed(3)
+            y1, _ = mixer(x)
+            torch.manual_seed(3)
+            y2, _ = mixer(x2)
+            assert_close(
+                f"{case.name} causality (train={train}, t={t})", y1[:, : t + 1], y2[:, : t + 1], atol=1e-5
+            )
+
+
+@torch.no_grad()
+def check_decode(case: Case) -> None:
+    """3. Parallel eval forward == prefill of a prefix + token-by-token decode of the rest."""
+    mixer = case.build()
+    x = case.input()
+    T = x.shape[1]
+    y_par, _ = mixer(x)
+    for prefix in (1, T // 3):
+        state = case.init_state(mixer)
+        y_dec = _stream(mixer, x, state, [prefix] + [1] * (T - prefix))
+        assert_close(
+            f"{case.name} prefill({prefix}) + decode vs parallel", y_par, y_dec, atol=_decode_atol(case)
+        )
+
+
+@torch.no_grad()
+def check_chunked_prefill(case: Case) -> None:
+    """4. Chunked prefill with uneven chunks == one prefill (outputs, then the next decode step)."""
+    mixer = case.build()
+    x = case.input()
+    T = x.shape[1]
+    s1 = case.init_state(mixer)
+    y1, s1 = mixer(x, s1)
+    chunks = [5, 1, 13]
+    chunks.append(T - sum(chunks))
+    s2 = case.init_state(mixer)
+    y2 = _stream(mixer, x, s2, chunks)
+    atol = _decode_atol(case)
+    assert_close(f"{case.name} chunked prefill {chunks} vs one prefill", y1, y2, atol=atol)
+    nxt = case.input(seed=5, T=1)
+    assert_close(f"{case.name} decode after chunked prefill", mixer(nxt, s1)[0], mixer(nxt, s2)[0], atol=atol)
+
+
+@torch.no_grad()
+def check_padding(case: Case) -> None:
+    """Left padding (attention_mask) gives real tokens the outputs of the unpadded sequence, in the
+    parallel form and through prefill + decode."""
+    if not case.spec.padding:
+        return
+    mixer = case.build()
+    x = case.input()
+    T, npad = x.shape[1], 3
+    atol = _decode_atol(case)
+    # row 0 is padded on the left by npad tokens, row 1 is not padded
+    xp = torch.cat([case.input(seed=9, T=npad), x[:, : T - npad]], dim=1)
+    xp[1] = x[1, :T]
+    mask = torch.ones(x.shape[0], T, dtype=torch.bool, device=case.device)
+    mask[0, :npad] = False
+    y_row0, _ = mixer(x[:1, : T - npad])
+    y_row1, _ = mixer(x[1:, :T])
+    y_pad, _ = mixer(xp, attention_mask=mask)
+    assert_close(f"{case.name} left-padded row (parallel)", y_row0, y_pad[:1, npad:], atol=atol)
+    assert_close(f"{case.name} unpadded row beside a padded one (parallel)", y_row1, y_pad[1:], atol=atol)
+    if not case.spec.decode:
+        return
+    state = case.init_state(mixer)
+    prefix = T // 2
+    y_pre, state = mixer(xp[:, :prefix], state, attention_mask=mask[:, :prefix])
+    y_dec = _stream(mixer, xp[:, prefix:], state, [1] * (T - prefix))
+    y_stream = torch.cat([y_pre, y_dec], dim=1)
+    assert_close(f"{case.name} left-padded prefill + decode", y_row0, y_stream[:1, npad:], atol=atol)
+    assert_close(
+        f"{case.name} unpadded row in a padded batch, prefill + decode", y_row1, y_stream[1:], atol=atol
+    )
+
+
+def _compile_counter(backend: str):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(backend)
+
+
+def check_compile(
+    case: Case,
+    backend: str = "aot_eager",
+    decode_steps: int = 64,
+    train_modes: tuple[bool, ...] = (False, True),
+) -> None:
+    """5. torch.compile(fullgraph=True) of the forward (train and eval) and of one decode step:
+    same results as eager, no graph break, ``decode_steps`` decode steps without a recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    atol = _decode_atol(case)
+    for train in train_modes:
+        mixer = case.build(train=train)
+        x = case.input()
+        counter = _compile_counter(backend)
+        fwd = torch.compile(lambda inp, m=mixer: m(inp)[0], backend=counter, fullgraph=True)
+        with torch.no_grad():
+            torch.manual_seed(11)
+            y_eager, _ = mixer(x)
+            torch.manual_seed(11)
+            y_comp = fwd(x)
+        assert_close(f"{case.name} compiled forward ({backend}, train={train})", y_eager, y_comp, atol=atol)
+        if counter.frame_count != 1:
+            raise AssertionError(
+                f"{case.name}: compiled forward made {counter.frame_count} graphs, expected 1"
+            )
+
+    if not case.spec.decode:
+        return
+    torch._dynamo.reset()
+    mixer = case.build()
+    x = case.input(T=case.seqlen + decode_steps)
+    prefix = case.seqlen
+    s_eager, s_comp = case.init_state(mixer, T=x.shape[1]), case.init_state(mixer, T=x.shape[1])
+    counter = _compile_counter(backend)
+
+    def step(inp, st):
+        return mixer(inp, st)
+
+    step_c = torch.compile(step, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        mixer(x[:, :prefix], s_eager)
+        mixer(x[:, :prefix], s_comp)
+        for t in range(prefix, x.shape[1]):
+            y_e, _ = mixer(x[:, t : t + 1], s_eager)
+            y_c, s_comp = step_c(x[:, t : t + 1], s_comp)
+            assert_close(f"{case.name} compiled decode step ({backend}) at t={t}", y_e, y_c, atol=atol)
+    if counter.frame_count != 1:
+        raise AssertionError(
+            f"{case.name}: {decode_steps} compiled decode steps made {counter.frame_count} graphs "
+            f"(a recompile as the position grows), expected 1"
+        )
+    for k, t in s_eager.tensors().items():
+        assert_close(
+            f"{case.name} state '{k}' after compiled decode",
+            t.double(),
+            getattr(s_comp, k).double(),
+            atol=atol,
+        )
+
+
+def check_compile_inductor(case: Case) -> None:
+    """5b. The same under Inductor, eval forward and decode step (Inductor compiles take seconds on the CPU)."""
+    check_compile(case, backend="inductor", decode_steps=24, train_modes=(False,))
+
+
+def check_gradients(case: Case) -> None:
+    """6. Gradients finite and equal to the float32 reference's; float64 gradcheck on the CPU reference path."""
+    ref_case = dataclasses.replace(case, device="cpu", dtype=torch.float32)
+    mixer = case.build(train=True)
+    ref = ref_case.build(train=True)
+    ref.load_state_dict({k: v.float().cpu() for k, v in mixer.state_dict().items()})
+    x = case.input().requires_grad_()
+    x_ref = x.detach().float().cpu().requires_grad_()
+    torch.manual_seed(13)
+    y, _ = mixer(x)
+    torch.manual_seed(13)
+    y_ref, _ = ref(x_ref)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2))
+    y.backward(dy.to(device=case.device, dtype=case.dtype))
+    y_ref.backward(dy)
+    _, rr_out, rr_grad = tolerance(case.dtype)
+    assert_close(
+        f"{case.name} train output vs float32 reference", y_ref, y.detach().float().cpu(), rel_rmse=rr_out
+    )
+    assert_close(f"{case.name} dx vs float32 reference", x_ref.grad, x.grad.float().cpu(), rel_rmse=rr_grad)
+    ref_params = dict(ref.named_parameters())
+    for n, p in mixer.named_parameters():
+        if p.grad is None:
+            continue  # parameters outside the training path (e.g. a decode-only buffer) may get none
+        assert_close(
+            f"{case.name} d{n} vs float32 reference",
+            ref_params[n].grad,
+            p.grad.float().cpu(),
+            rel_rmse=rr_grad,
+        )
+    if not any(p.grad is not None for p in mixer.parameters()) and any(True for _ in mixer.parameters()):
+        raise AssertionError(f"{case.name}: no parameter received a gradient in training mode")
+
+    if case.device == "cpu" and case.dtype == torch.float32:
+        small = dataclasses.replace(case, dtype=torch.float64, batch_size=1)
+        m64 = small.build(train=True)
+        x64 = small.input(T=min(case.seqlen, 24)).mul_(0.5).requires_grad_()
+
+        def f(inp):
+            torch.manual_seed(17)
+            return m64(inp)[0]
+
+        if not torch.autograd.gradcheck(f, (x64,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True):
+            raise AssertionError(f"{case.name}: float64 gradcheck failed")
+
+
+@torch.no_grad()
+def check_state(case: Case) -> None:
+    """7. Safetensors round trip (bit exact, and decoding continues identically), select, reset_,
+    constant nbytes for constant-growth mixers."""
+    from safetensors.torch import load, save
+
+    mixer = case.build()
+    x = case.input()
+    T = x.shape[1]
+    state = case.init_state(mixer)
+    fresh = case.init_state(mixer)
+    n0 = state.nbytes()
+    mixer(x[:, : T - 3], state)
+    blob = save(state.to_dict())
+    restored = type(state).from_dict(load(blob))
+    for k, t in state.tensors().items():
+        _assert_equal(
+            f"{case.name} state '{k}' after safetensors round trip", t.cpu(), restored.tensors()[k].cpu()
+        )
+    restored = type(state).from_dict({k: v.to(case.device) for k, v in restored.tensors().items()})
+    y_a = _stream(mixer, x[:, T - 3 :], state, [1, 2])
+    y_b = _stream(mixer, x[:, T - 3 :], restored, [1, 2])
+    _assert_equal(f"{case.name} decode after a state round trip", y_a, y_b)
+
+    # select: reversing the batch of the state reverses the outputs that follow
+    s1 = case.init_state(mixer)
+    mixer(x[:, :-1], s1)
+    rev = s1.select(list(range(case.batch_size))[::-1])
+    y_fwd, _ = mixer(x[:, -1:], s1)
+    y_rev, _ = mixer(x.flip(0)[:, -1:], rev)
+    assert_close(
+        f"{case.name} decode after state.select(reversed)", y_fwd.flip(0), y_rev, atol=_decode_atol(case)
+    )
+    one = s1.select([1])
+    if one.batch_size != 1:
+        raise AssertionError(f"{case.name}: select([1]) gave batch size {one.batch_size}")
+
+    if case.spec.state_growth == "constant":
+        s2 = case.init_state(mixer, T=T + 100)
+        for t in range(3):
+            mixer(case.input(seed=20 + t, T=T), s2)
+            if s2.nbytes() != n0:
+                raise AssertionError(
+                    f"{case.name}: constant-growth state changed size: {n0} -> {s2.nbytes()} bytes"
+                )
+
+    state.reset_()
+    for k, t in state.tensors().items():
+        _assert_equal(f"{case.name} state '{k}' after reset_", t, fresh.tensors()[k])
+    buf = io.BytesIO(save(fresh.to_dict()))
+    if not buf.getbuffer().nbytes:
+        raise AssertionError(f"{case.name}: empty serialised state")
+
+
+def _expect(
+    exc: type[BaseException], fragments: tuple[str, ...], what: str, fn: Callable[[], object]
+) -> None:
+    try:
+        fn()
+    except exc as e:
+        msg = str(e)
+        missing = [f for f in fragments if f not in msg]
+        if missing:
+            raise AssertionError(f"{what}: error message {msg!r} does not mention {missing}") from e
+        return
+    except Exception as e:  # a different exception type is a failure too
+        raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{what}: expected {exc.__name__}, nothing was raised")
+
+
+@torch.no_grad()
+def check_bad_input(case: Case) -> None:
+    """8. Bad input raises a clear error naming the mixer and the value seen."""
+    name = case.name
+    mixer = case.build()
+    x = case.input(T=5)
+    H = case.hidden_size
+    _expect(
+        ValueError,
+        (name, str(H + 1), str(H)),
+        "wrong hidden size",
+        lambda: mixer(torch.zeros(2, 5, H + 1, device=case.device, dtype=case.dtype)),
+    )
+    _expect(ValueError, (name, "rank"), "rank 2 input", lambda: mixer(x[0]))
+    _expect(TypeError, (name, "int64"), "integer input", lambda: mixer(x.long()))
+    other = torch.float16 if case.dtype != torch.float16 else torch.bfloat16
+    _expect(TypeError, (name, str(other)), "dtype other than the parameters'", lambda: mixer(x.to(other)))
+    _expect(ValueError, (name, "meta"), "device mix", lambda: mixer(x.to("meta")))
+    _expect(
+        ValueError,
+        (name, "attention_mask"),
+        "mask of the wrong shape",
+        lambda: mixer(x, attention_mask=torch.ones(2, 4, dtype=torch.bool, device=case.device)),
+    )
+
+    if not case.spec.decode:
+        return
+    state = case.init_state(mixer, B=3)
+    _expect(ValueError, (name, "batch size 3"), "state of another batch size", lambda: mixer(x, state))
+
+    @dataclasses.dataclass(eq=False)
+    class _Foreign(State):
+        pass
+
+    foreign = _Foreign(seen=torch.zeros((), dtype=torch.long), pad=torch.zeros(2, dtype=torch.long))
+    _expect(TypeError, (name, "_Foreign"), "state of another mixer", lambda: mixer(x, foreign))
+    if case.spec.state_growth == "linear":
+        s = mixer.init_state(2, device=case.device, dtype=case.dtype, max_seqlen=8)
+        mixer(x, s)
+        _expect(ValueError, (name, "max_seqlen"), "decoding past max_seqlen", lambda: mixer(x, s))
+    _expect(
+        ValueError,
+        (name, "hidden_size"),
+        "invalid config value",
+        lambda: case.spec.make_config(**case.kwargs(hidden_size=0)),
+    )
+    _expect(
+        TypeError,
+        (name, "hiden_size"),
+        "unknown config field",
+        lambda: case.spec.make_config(**case.kwargs(), hiden_size=3),
+    )
+
+
+CHECKS: dict[str, Callable[[Case], None]] = {
+    "contract": check_contract,
+    "causality": check_causality,
+    "decode": check_decode,
+    "chunked_prefill": check_chunked_prefill,
+    "padding": check_padding,
+    "compile": check_compile,
+    "compile_inductor": check_compile_inductor,
+    "gradients": check_gradients,
+    "state": check_state,
+    "bad_input": check_bad_input,
+}

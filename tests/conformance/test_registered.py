@@ -1,0 +1,27 @@
+"""Every registered mixer through every applicable conformance check, on every device present."""
+
+import pytest
+import torch
+
+from mixerzoo import conformance, registry
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _cases():
+    for name in registry.names():
+        if name.startswith("_"):  # test-only mixers registered by other test modules
+            continue
+        for device in DEVICES:
+            for check, dtype in conformance.plan(name, device):
+                dt = str(dtype).removeprefix("torch.")
+                yield pytest.param(name, device, check, dtype, id=f"{name}-{device}-{check}-{dt}")
+
+
+@pytest.mark.parametrize("name,device,check,dtype", list(_cases()))
+def test_conformance(name, device, check, dtype):
+    conformance.CHECKS[check](conformance.Case(registry.spec(name), device=device, dtype=dtype))
+
+
+def test_builtin_mixers_registered():
+    assert {"full_attention", "swa", "swa_sink", "gdn", "eviction_swa"} <= set(registry.names())
