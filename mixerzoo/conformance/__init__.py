@@ -83,8 +83,8 @@ def check(
         try:
             CHECKS[name](Case(spec, device=device, dtype=dtype))
             status = "ok"
-        except AssertionError as e:
-            failures[key] = str(e)
+        except Exception as e:  # collected: every failure is reported together, then raised
+            failures[key] = str(e) if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"
             status = "FAILED"
         times[key] = time.perf_counter() - t0
         if verbose:
