@@ -1,1 +1,421 @@
-"""(in progress)"""
+"""Sliding-window attention with learnable token eviction (LTE; SPEC 4.3): a small per-KV-head CNN
+scores each token; tokens leaving the window are kept in a fixed-size buffer of the top-C scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
+from ..registry.core import register
+from .base import MixerConfig, State, TokenMixer, positions_and_pad, state_dataclass, state_field
+from .rope import apply_rope
+from .router import CNNRouter, ValueGate, key_norm_score, router_margin
+
+__all__ = ["EvictionSWA", "EvictionSWAConfig", "EvictionSWAState"]
+
+_PREFILL_CHUNK = 256  # prefill tokens per step: bounds the [C + T]^2 eviction-order tables
+_BIG = 2**62  # "never" for int64 times and positions
+# Finite stand-ins for +-inf scores, so that states stay finite (safetensors, conformance checks):
+_SINK = 1e30  # sinks: above every score, so always retained and never evicted
+_NONE = -1e30  # padding, empty buffer slots, tokens not scored yet: never retained
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionSWAConfig(MixerConfig):
+    """eviction_swa settings.
+
+    window_size:  W, query t sees keys t - W < j <= t directly.
+    capacity:     C, buffer slots per KV head at inference, the num_sinks sinks included.
+    num_sinks:    S, the first S real tokens (after left padding) are always kept.
+    kernel_sizes, dilations: the router's convs ('same' padding, odd kernels); margin
+                  m = sum(d * (k - 1) / 2) future tokens are read per score (6 by default), W > m.
+    dropout:      dropout before each router conv in training.
+    policy:       "learned" (the CNN router) or "key_norm" (non-learned: 1 / (1 + rms(k)) - threshold,
+                  no router parameters; same cache and kernels, to measure what learning buys).
+    """
+
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window_size: int = 512
+    capacity: int = 512
+    num_sinks: int = 4
+    kernel_sizes: tuple[int, ...] = (3, 3, 3)
+    dilations: tuple[int, ...] = (2, 2, 2)
+    dropout: float = 0.1
+    policy: str = "learned"
+    key_norm_threshold: float = 0.0
+    rope_theta: float = 10000.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_int("num_kv_heads", minimum=1, allow_none=True)
+        self.check_int("head_dim", minimum=2, allow_none=True)
+        self.check_heads(head_dim=self.head_dim, num_kv_heads=self.num_kv_heads)
+        if self.dim % 2:
+            self.fail("head_dim", self.dim, "even (RoPE rotates pairs)")
+        self.check_choice("policy", ("learned", "key_norm"))
+        for name in ("kernel_sizes", "dilations"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not value:
+                self.fail(name, value, "a non-empty tuple of ints")
+            object.__setattr__(self, name, tuple(value))
+        if len(self.kernel_sizes) != len(self.dilations):
+            self.fail("dilations", self.dilations, f"as long as kernel_sizes={self.kernel_sizes}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            self.fail("kernel_sizes", self.kernel_sizes, "odd ints >= 1 ('same' padding)")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.dilations):
+            self.fail("dilations", self.dilations, "ints >= 1")
+        self.check_float("dropout", low=0.0, high=1.0)
+        self.check_float("key_norm_threshold")
+        self.check_float("rope_theta", low=1.0)
+        self.check_int("num_sinks", minimum=0)
+        self.check_int("capacity", minimum=max(1, self.num_sinks))
+        self.check_int("window_size", minimum=1)
+        if self.window_size <= self.margin:
+            self.fail("window_size", self.window_size, f"> {self.margin} (the router's margin)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def margin(self) -> int:
+        """Future (and past) tokens the score of a token depends on; 0 for the key-norm policy."""
+        return router_margin(self.kernel_sizes, self.dilations) if self.policy == "learned" else 0
+
+
+@state_dataclass
+class EvictionSWAState(State):
+    """Decode state of eviction_swa; constant size. H = num_kv_heads, D = head_dim, m = router margin.
+
+    win_k, win_v: [B, W, H, D] ring buffer of the last W tokens (slot s at index s % W), k with RoPE
+    win_score:    [B, W, H] float32, their scores (NONE = -1e30 until the router context is complete)
+    buf_k, buf_v: [B, C, H, D] the buffer (sinks included); slots fill from 0 up, then an entering
+                  token takes the slot of the entry it evicts; empty slots are zeros. Prefill computes
+                  the same slots as decode, so the state does not depend on how the input was chunked
+    buf_score:    [B, C, H] float32, NONE when empty (sinks: SINK = 1e30)
+    buf_pos:      [B, C, H] int64 positions, -1 when empty
+    ctx_u:        [B, 2m, H, 2D] router inputs concat(k before RoPE, v) of the last 2m tokens
+    """
+
+    win_k: Tensor = state_field()
+    win_v: Tensor = state_field()
+    win_score: Tensor = state_field(fill=_NONE)
+    buf_k: Tensor = state_field()
+    buf_v: Tensor = state_field()
+    buf_score: Tensor = state_field(fill=_NONE)
+    buf_pos: Tensor = state_field(fill=-1)
+    ctx_u: Tensor = state_field()
+
+
+@register("eviction_swa", config=EvictionSWAConfig, aliases=("lte",))
+class EvictionSWA(TokenMixer):
+    """Sliding-window attention plus a buffer of retained tokens (SPEC 4.3).
+
+    Training (``module.training``, parallel form): query t sees key j iff j <= t and (t - j < W or j
+    retained); values pass through a straight-through gate that trains the router. Eval and every call
+    with a state: the window, and a buffer holding the top-C scores among retained tokens that left the
+    window; the parallel eval form computes exactly the set that prefill + decode sees.
+
+    After a training-mode parallel forward, the regulariser (mixerzoo.training.SparsityController) reads
+      router_scores:   [B, T, H] float32, r = sigmoid(z) - 0.5 (with gradient)
+      router_mask:     [B, T] bool, positions counted: real tokens except the last m (whose context
+                       is cut by the end of the sequence)
+      router_retained: [B, T, H] bool, retained tokens (sinks included)
+    """
+
+    state_class: ClassVar[type[State]] = EvictionSWAState
+    state_growth: ClassVar[str] = "constant"
+    supports_gqa: ClassVar[bool] = True
+    train_differs: ClassVar[bool] = True
+    conformance_kwargs: ClassVar[dict] = dict(window_size=16, capacity=8, num_sinks=2)
+
+    config: EvictionSWAConfig
+
+    def __init__(self, config: EvictionSWAConfig):
+        super().__init__(config)
+        c = config
+        HQ, H, D = c.num_heads, c.kv_heads, c.dim
+        self.q_proj = nn.Linear(c.hidden_size, HQ * D, bias=c.bias)
+        self.k_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
+        self.v_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
+        self.o_proj = nn.Linear(HQ * D, c.hidden_size, bias=c.bias)
+        self.router = CNNRouter(H, D, c.kernel_sizes, c.dilations, c.dropout) if c.policy == "learned" else None
+        self.margin = c.margin
+        self.router_scores: Tensor | None = None
+        self.router_mask: Tensor | None = None
+        self.router_retained: Tensor | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def init_state(self, batch_size, *, device=None, dtype=None, max_seqlen=None) -> EvictionSWAState:
+        c = self.config
+        p = self._param_like()
+        device = device if device is not None else p.device
+        dtype = dtype if dtype is not None else p.dtype
+        B, W, C, H, D, m = batch_size, c.window_size, c.capacity, c.kv_heads, c.dim, self.margin
+        f32, i64 = torch.float32, torch.long
+        return EvictionSWAState(
+            seen=torch.zeros((), dtype=i64, device=device),
+            pad=torch.zeros(B, dtype=i64, device=device),
+            win_k=torch.zeros(B, W, H, D, dtype=dtype, device=device),
+            win_v=torch.zeros(B, W, H, D, dtype=dtype, device=device),
+            win_score=torch.full((B, W, H), _NONE, dtype=f32, device=device),
+            buf_k=torch.zeros(B, C, H, D, dtype=dtype, device=device),
+            buf_v=torch.zeros(B, C, H, D, dtype=dtype, device=device),
+            buf_score=torch.full((B, C, H), _NONE, dtype=f32, device=device),
+            buf_pos=torch.full((B, C, H), -1, dtype=i64, device=device),
+            ctx_u=torch.zeros(B, 2 * m, H, 2 * D, dtype=dtype, device=device),
+        )
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, HQ, D]
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, H, D]
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, H, D]
+        return q, k, v
+
+    def _raw_scores(self, u: Tensor, k: Tensor, pos: Tensor, dropout: bool) -> Tensor:
+        """r for the tokens of u (learned) or k (key norm). u: [B, L, H, 2D], k: [B, L, H, D],
+        pos: [B, L] positions (< 0: padding or before the sequence) -> [B, L, H] float32."""
+        if self.router is None:
+            return key_norm_score(k, self.config.key_norm_threshold)
+        return torch.sigmoid(self.router(u, pos >= 0, dropout).float()) - 0.5
+
+    def _effective(self, r: Tensor, pos: Tensor) -> Tensor:
+        """Scores the eviction rule reads: sinks SINK, padding NONE. r: [B, L, H], pos: [B, L]."""
+        p = pos[..., None]
+        return torch.where(p < 0, _NONE, torch.where(p < self.config.num_sinks, _SINK, r.detach()))
+
+    # -- forward -----------------------------------------------------------------------------------
+    def mix(self, x, state, attention_mask):
+        slot, pos, valid = positions_and_pad(x, state, attention_mask)
+        q, k, v = self._project(x)
+        if state is None:
+            o = self._parallel(q, k, v, slot, pos, valid, attention_mask is not None)
+        elif x.shape[1] == 1:
+            o = self._decode_one(q, k, v, state)
+        else:
+            chunks = [slice(t0, t0 + _PREFILL_CHUNK) for t0 in range(0, x.shape[1], _PREFILL_CHUNK)]
+            o = torch.cat([self._prefill_chunk(q[:, c], k[:, c], v[:, c], state) for c in chunks], 1)
+        y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        return y, state
+
+    def _parallel(self, q, k, v, slot, pos, valid, padded: bool) -> Tensor:
+        c = self.config
+        T = q.shape[1]
+        r = self._raw_scores(torch.cat((k, v), -1), k, pos, self.training)  # [B, T, H] float32
+        score = self._effective(r, pos)
+        if self.training:
+            self.router_scores = r
+            self.router_mask = valid & (slot < T - self.margin)[None, :]
+            self.router_retained = score > 0
+        if self.router is not None:
+            v = ValueGate.apply(v, r)
+        q, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        if padded:
+            # The op knows no padding: move each row's left padding to the right end, where causality
+            # hides it from the real tokens, and the first real tokens become slots 0.. (the sinks).
+            shift = (T - valid.sum(-1))[:, None]  # [B, 1] padding per row
+            idx = torch.remainder(torch.arange(T, device=q.device)[None, :] + shift, T)  # [B, T]
+            q, k, v, score = (_take(t, idx) for t in (q, k, v, score))
+        o = eviction_attention(
+            q,
+            k,
+            v,
+            score,
+            window_size=c.window_size,
+            capacity=c.capacity,
+            num_sinks=c.num_sinks,
+            training=self.training,
+        )
+        if padded:
+            back = torch.remainder(torch.arange(T, device=q.device)[None, :] - shift, T)
+            o = _take(o, back)
+        return o
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
+        """One token with the inference semantics, O(W + C) work. q: [B, 1, HQ, D], k, v: [B, 1, H, D]."""
+        c = self.config
+        W, m = c.window_size, self.margin
+        s, pad = state.seen, state.pad
+        ar = torch.arange(2 * m + 1, device=q.device)
+        pos_ctx = (s - 2 * m + ar)[None, :] - pad[:, None]  # [B, 2m+1], current token last
+        u_ctx = torch.cat((state.ctx_u, torch.cat((k, v), -1)), 1)  # [B, 2m+1, H, 2D]
+        k_ctx = k if m == 0 else None
+        r = self._raw_scores(u_ctx, k_ctx, pos_ctx, False)[:, m]  # score of token s - m: [B, H]
+        r = self._effective(r[:, None], pos_ctx[:, m : m + 1])  # [B, 1, H]
+        state.ctx_u.copy_(u_ctx[:, 1:])
+
+        # Token s - W leaves the window: it shares ring index s % W with the new token.
+        ring = torch.remainder(s, W).view(1)
+        lk = state.win_k.index_select(1, ring)  # [B, 1, H, D]
+        lv = state.win_v.index_select(1, ring)
+        ls = state.win_score.index_select(1, ring)[:, 0]  # [B, H]
+        lpos = (s - W - pad)[:, None].expand_as(ls)  # [B, H]
+        buffer_insert_(state.buf_k, state.buf_v, state.buf_score, state.buf_pos, lk[:, 0], lv[:, 0], ls, lpos)
+
+        pos = (s - pad)[:, None]  # [B, 1]
+        kr = apply_rope(k, pos, c.rope_theta)
+        state.win_k.index_copy_(1, ring, kr)
+        state.win_v.index_copy_(1, ring, v)
+        state.win_score.index_copy_(1, ring, torch.full_like(r, _NONE))
+        state.win_score.index_copy_(1, torch.remainder(s - m, W).view(1), r)
+
+        # Attend over the ring (ring index i holds slot s - ((s - i) mod W)) and the buffer.
+        i = torch.arange(W, device=q.device)
+        ring_pos = (s - torch.remainder(s - i, W))[None, :] - pad[:, None]  # [B, W]
+        # A padding query sees itself (finite output); real tokens always have position >= 0.
+        win_ok = ((ring_pos >= 0) | (i == ring))[:, :, None].expand(-1, -1, c.kv_heads)  # [B, W, H]
+        qr = apply_rope(q, pos, c.rope_theta)[:, 0]  # [B, HQ, D]
+        o = eviction_decode(qr, state.win_k, state.win_v, win_ok, state.buf_k, state.buf_v, state.buf_pos >= 0)[
+            :, None
+        ]  # [B, 1, HQ, D]
+        state.seen.add_(1)
+        return o
+
+    def _prefill_chunk(self, q, k, v, state: EvictionSWAState) -> Tensor:
+        """T tokens with the inference semantics, exactly as T decode steps. q: [B, T, HQ, D]."""
+        c = self.config
+        W, C, H, m = c.window_size, c.capacity, c.kv_heads, self.margin
+        B, T = q.shape[:2]
+        dev = q.device
+        s0, pad = state.seen, state.pad
+        t_slot = s0 + torch.arange(T, device=dev)  # [T] slots of the queries
+
+        # Scores of slots s0 - m .. s0 + T - 1 - m (their context is complete now).
+        u_all = torch.cat((state.ctx_u, torch.cat((k, v), -1)), 1)  # [B, 2m + T, H, 2D]
+        pos_all = (s0 - 2 * m + torch.arange(2 * m + T, device=dev))[None, :] - pad[:, None]
+        r = self._raw_scores(u_all, k if m == 0 else None, pos_all, False)[:, m : m + T]
+        r = self._effective(r, pos_all[:, m : m + T])  # [B, T, H]
+        state.ctx_u.copy_(u_all[:, T:])
+
+        # E: the old ring in slot order (slots s0 - W .. s0 - 1) then the chunk.
+        ring_old = torch.remainder(s0 + torch.arange(W, device=dev), W)
+        pos = t_slot[None, :] - pad[:, None]  # [B, T]
+        kr = apply_rope(k, pos, c.rope_theta)
+        Ek = torch.cat((state.win_k.index_select(1, ring_old), kr), 1)  # [B, W + T, H, D]
+        Ev = torch.cat((state.win_v.index_select(1, ring_old), v), 1)
+        old_score = state.win_score.index_select(1, ring_old)
+        Es = torch.cat((old_score[:, : W - m], r, torch.full_like(old_score[:, :m], _NONE)), 1)  # [B, W + T, H]
+        E_slot = s0 - W + torch.arange(W + T, device=dev)  # [W + T]
+        E_pos = E_slot[None, :] - pad[:, None]  # [B, W + T]
+
+        # Buffer candidates: the buffer, then the T tokens that leave the window during the chunk.
+        cs = torch.cat((state.buf_score, Es[:, :T]), 1)  # [B, C + T, H]
+        cp = torch.cat((state.buf_pos, E_pos[:, :T, None].expand(B, T, H)), 1)
+        leave = cp + pad[:, None, None] + W  # slot at which each left (leaves) the window
+        ret = cs > 0
+        end = _buffer_end(cs, cp, leave, ret, C)  # [B, C + T, H]
+
+        # Visibility per query slot t: [B, H, T, key].
+        t = t_slot[:, None]
+        in_win = (E_pos >= 0)[:, None, :] & (E_slot[None, :] <= t) & (t - E_slot[None, :] < W)  # [B, T, W+T]
+        lv_ret, lv_leave, lv_end = (a[:, C:].permute(0, 2, 1)[:, :, None, :] for a in (ret, leave, end))
+        buffered = lv_ret & (lv_leave <= t) & (t < lv_end)  # [B, H, T, T] leaving tokens
+        vis_E = in_win[:, None] | F.pad(buffered, (0, W))
+        b_ret, b_end = (a[:, :C].permute(0, 2, 1)[:, :, None, :] for a in (ret, end))
+        vis_B = b_ret & (t < b_end)  # [B, H, T, C]
+        qr = apply_rope(q, pos, c.rope_theta)
+        o = _attend(qr, torch.cat((Ek, state.buf_k), 1), torch.cat((Ev, state.buf_v), 1), torch.cat((vis_E, vis_B), -1))
+
+        # New state: ring <- the last W tokens of E; buffer <- the members at the last query, each in
+        # the slot that token-by-token decode would have put it (see _buffer_slots).
+        ring_new = torch.remainder(s0 + T + torch.arange(W, device=dev), W)
+        state.win_k.index_copy_(1, ring_new, Ek[:, T:])
+        state.win_v.index_copy_(1, ring_new, Ev[:, T:])
+        state.win_score.index_copy_(1, ring_new, Es[:, T:])
+        t_last = s0 + T - 1
+        member = ret & (leave <= t_last) & (end > t_last)  # [B, C + T, H]
+        dest = torch.where(member, _buffer_slots(state.buf_pos, ret, leave, end), C)  # C: spill, cut below
+        ck = torch.cat((state.buf_k, Ek[:, :T]), 1)  # [B, C + T, H, D]
+        cv = torch.cat((state.buf_v, Ev[:, :T]), 1)
+        d4 = dest[..., None].expand(-1, -1, -1, c.dim)
+        for buf, src, fill, idx in (
+            (state.buf_k, ck, 0.0, d4),
+            (state.buf_v, cv, 0.0, d4),
+            (state.buf_score, cs, _NONE, dest),
+            (state.buf_pos, cp, -1, dest),
+        ):
+            new = torch.full((B, C + 1, *buf.shape[2:]), fill, dtype=buf.dtype, device=dev)
+            buf.copy_(new.scatter(1, idx, src.to(buf.dtype))[:, :C])
+        state.seen.add_(T)
+        return o
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, idx[b, t]] along dim 1. x: [B, T, ...], idx: [B, T] -> [B, T, ...]."""
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Masked softmax attention in float32, GQA (query head h reads KV head h // G).
+
+    q: [B, T, HQ, D]; k, v: [B, N, H, D]; mask: [B, H, T or 1, N] bool -> [B, T, HQ, D] (q's dtype).
+    A row with nothing visible (padding queries) gives a finite average instead of NaN.
+    """
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    qf = rearrange(q.float(), "b t (h g) d -> b h g t d", h=H)
+    kf = rearrange(k.float(), "b n h d -> b h n d")
+    vf = rearrange(v.float(), "b n h d -> b h n d")
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * D**-0.5
+    logits = torch.where(mask[:, :, None], logits, torch.finfo(torch.float32).min)
+    p = torch.softmax(logits, -1)
+    o = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
+    return rearrange(o, "b h g t d -> b t (h g) d").to(q.dtype)
+
+
+def _buffer_end(score: Tensor, pos: Tensor, leave: Tensor, retained: Tensor, capacity: int) -> Tensor:
+    """Slot at which each candidate drops out of the top-C buffer (``_BIG``: never).
+
+    Order: score descending, then position ascending (earlier wins ties). A candidate is out once C
+    better retained candidates have left the window, i.e. at the C-th smallest ``leave`` among them.
+    score, pos, leave, retained: [B, N, H] -> [B, N, H] int64 (needs N >= C).
+    """
+    si, sj = score[:, :, None], score[:, None, :]  # i: the better one, j: the candidate
+    better = retained[:, :, None] & ((si > sj) | ((si == sj) & (pos[:, :, None] < pos[:, None, :])))
+    times = torch.where(better, leave[:, :, None], _BIG)  # [B, N (i), N (j), H]
+    return torch.topk(times, capacity, dim=1, largest=False).values[:, -1]
+
+
+def _buffer_slots(buf_pos: Tensor, retained: Tensor, leave: Tensor, end: Tensor) -> Tensor:
+    """Buffer slot of each candidate that enters, as decode assigns them: the first empty slot while
+    there is room (slots fill from 0 up and never empty again), else the slot of the entry it evicts.
+
+    buf_pos: [B, C, H] (-1 empty) at the chunk start; retained, leave, end: [B, C + T, H] over the
+    buffer entries then the T tokens leaving the window in order (see _buffer_end) -> [B, C + T, H]
+    int64 (meaningful for entrants and buffer entries only).
+    """
+    B, N, H = leave.shape
+    C = buf_pos.shape[1]
+    i = torch.arange(N, device=leave.device)[None, :, None]
+    entered = retained & (end > leave)  # in the buffer at its own leave time (old entries: already in)
+    new = entered & (i >= C)
+    rank = new.long().cumsum(1) - 1  # order of entry within the chunk
+    n0 = (buf_pos >= 0).sum(1, keepdim=True)  # filled slots at the chunk start
+    val = torch.where(i < C, i, torch.where(new & (n0 + rank < C), n0 + rank, -1))
+    # The entrant k evicts the entry j that drops out of the top C when k leaves the window.
+    hit = entered[:, None] & (end[:, None] == leave[:, :, None])  # [B, N (k), N (j), H]
+    nxt = torch.where(val >= 0, i, hit.long().argmax(2))  # pointer to the victim, itself when known
+    for _ in range(max(1, (N - C)).bit_length() + 1):  # pointer doubling along chains of evictions
+        val = torch.where(val >= 0, val, val.gather(1, nxt))
+        nxt = nxt.gather(1, nxt)
+    return val

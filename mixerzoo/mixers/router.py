@@ -1,0 +1,96 @@
+"""Eviction scores for eviction_swa (learnable token eviction, LTE; SPEC 4.3): the per-KV-head CNN
+router, the non-learned key-norm score, and the straight-through value gate that trains the router."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["CNNRouter", "ValueGate", "key_norm_score", "router_margin"]
+
+
+def router_margin(kernel_sizes: tuple[int, ...], dilations: tuple[int, ...]) -> int:
+    """Tokens each side that a stack of 'same' convs reads: sum of d * (k - 1) / 2 (3 x (2 * 1) = 6)."""
+    return sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations, strict=True))
+
+
+class CNNRouter(nn.Module):
+    """Per-KV-head CNN over the sequence axis (grouped convs, one group per KV head).
+
+    Layer i: dropout, conv (kernel k_i, dilation d_i, 'same' zero padding), times the padding mask,
+    SiLU; widths 2Dh -> Dh -> Dh/2 -> ... (halving), then a 1x1 conv to one channel whose bias starts
+    at +0.5 so that sigmoid(z) - 0.5 > 0 (nearly every token retained) early in training.
+
+    forward(u, mask, dropout) -> z
+        u:    [B, L, H, 2*Dh] router input, concat(k before RoPE, v) per KV head
+        mask: [B, L] bool, False where the token is padding or lies before the sequence start; such
+              tokens read as zeros at every layer, exactly like the zero padding at the ends
+        z:    [B, L, H] logits (dtype of u)
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        kernel_sizes: tuple[int, ...],
+        dilations: tuple[int, ...],
+        dropout: float,
+    ):
+        super().__init__()
+        H = num_kv_heads
+        widths = [max(1, (2 * head_dim) >> i) for i in range(len(kernel_sizes) + 1)]
+        self.num_kv_heads = H
+        self.dropout = dropout
+        self.margin = router_margin(kernel_sizes, dilations)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(H * c_in, H * c_out, k, dilation=d, padding=d * (k - 1) // 2, groups=H)
+            for c_in, c_out, k, d in zip(widths[:-1], widths[1:], kernel_sizes, dilations, strict=True)
+        )
+        self.out = nn.Conv1d(H * widths[-1], H, 1, groups=H)
+        nn.init.constant_(self.out.bias, 0.5)
+
+    def forward(self, u: Tensor, mask: Tensor, dropout: bool) -> Tensor:
+        m = mask.to(u.dtype)[:, None, :]  # [B, 1, L]
+        h = rearrange(u, "b l h c -> b (h c) l") * m  # groups are contiguous channel blocks, one per head
+        for conv in self.convs:
+            h = F.silu(conv(F.dropout(h, self.dropout, training=dropout)) * m)
+        z = self.out(h)  # [B, H, L]
+        return rearrange(z, "b h l -> b l h")
+
+
+def key_norm_score(k: Tensor, threshold: float) -> Tensor:
+    """Non-learned eviction score: ``1 / (1 + rms(k)) - threshold`` per token and KV head.
+
+    Low-norm keys draw the most attention (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based
+    Strategy for KV Cache Compression"), so they score highest. With ``threshold = 0`` every token is
+    retained and the buffer keeps the C lowest-norm keys among those that left the window.
+
+    k: [B, T, H, Dh] keys before RoPE -> [B, T, H] float32.
+    """
+    rms = k.float().pow(2).mean(-1).sqrt()
+    return 1.0 / (1.0 + rms) - threshold
+
+
+class ValueGate(torch.autograd.Function):
+    """Identity on the values whose backward also gives the router score a gradient.
+
+    The hard keep/evict choice has no gradient. Treat each value as gated, ``v * g`` with ``g = 1``
+    evaluated at the gate: ``dL/dg = sum_d dv * v``, which is passed to the score r (straight-through).
+
+    forward(v, r) -> v;  v: [B, T, H, Dh], r: [B, T, H]
+    backward: (dv, sum_d dv * v) in r's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, r: Tensor) -> Tensor:
+        ctx.save_for_backward(v)
+        ctx.r_dtype = r.dtype
+        return v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dv: Tensor) -> tuple[Tensor, Tensor]:
+        (v,) = ctx.saved_tensors
+        dr = (dv.float() * v.float()).sum(-1).to(ctx.r_dtype)
+        return dv, dr
