@@ -1,1 +1,134 @@
-"""(in progress)"""
+"""Full causal softmax attention (Vaswani et al. 2017) with RoPE and GQA, the baseline of every hybrid.
+
+The parallel form runs through a chosen backend (torch SDPA, flash-attn, xformers, FlexAttention);
+decode keeps a KV cache of capacity ``max_seqlen`` and attends over it with torch SDPA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..mixers.attention_common import AttentionMixer, check_attention_heads, masked_attention, visible
+from ..mixers.base import MixerConfig, State, positions_and_pad, state_dataclass, state_field
+from ..registry.core import register
+from .backends import BACKENDS, load_backend
+
+__all__ = ["FullAttention", "FullAttentionConfig", "FullAttentionState"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FullAttentionConfig(MixerConfig):
+    """Causal multi-head / grouped-query attention.
+
+    num_kv_heads: key/value heads (GQA); None = num_heads.   head_dim: None = hidden_size // num_heads.
+    backend:      parallel-form kernel: "sdpa" (torch picks cuDNN or flash), "flash_attn", "xformers",
+                  "flex". A backend that is not installed or cannot run here fails at construction.
+    max_seqlen:   KV-cache capacity of init_state when it is not given there.
+    """
+
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    backend: str = "sdpa"
+    max_seqlen: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_attention_heads(self)
+        self.check_choice("backend", BACKENDS)
+        self.check_int("max_seqlen", minimum=1)
+
+
+@state_dataclass
+class FullAttentionState(State):
+    """KV cache of capacity L = max_seqlen, indexed by slot (left padding included).
+
+    k, v: [B, L, HKV, Dh] keys (RoPE applied) and values
+    kpos: [B, L] int64 position of each slot's token; -1 for empty slots and padding
+    """
+
+    k: Tensor = state_field()
+    v: Tensor = state_field()
+    kpos: Tensor = state_field(fill=-1)
+
+
+@register("full_attention", config=FullAttentionConfig, aliases=("attn", "mha"))
+class FullAttention(AttentionMixer):
+    """Causal attention with RoPE and GQA; see FullAttentionConfig for the backends."""
+
+    config: FullAttentionConfig
+    state_class = FullAttentionState
+    state_growth = "linear"
+    backends = BACKENDS
+
+    def __init__(self, config: FullAttentionConfig):
+        super().__init__(config)
+        self._attend = load_backend(config.backend)
+
+    # -- state -----------------------------------------------------------------------------------
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seqlen: int | None = None,
+    ) -> FullAttentionState:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens (padding included);
+        ``max_seqlen=None`` takes the config's."""
+        L = self.config.max_seqlen if max_seqlen is None else max_seqlen
+        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ValueError(f"{self.name}: max_seqlen must be an int >= 1, got {L!r}")
+        device, dtype = self.state_device_dtype(device, dtype)
+        B, H, D = batch_size, self.num_kv_heads, self.head_dim
+        return FullAttentionState(
+            seen=torch.zeros((), dtype=torch.long, device=device),
+            pad=torch.zeros(B, dtype=torch.long, device=device),
+            k=torch.zeros(B, L, H, D, dtype=dtype, device=device),
+            v=torch.zeros(B, L, H, D, dtype=dtype, device=device),
+            kpos=torch.full((B, L), -1, dtype=torch.long, device=device),
+        )
+
+    def _state_capacity(self, state: FullAttentionState) -> int:
+        return state.k.shape[1]
+
+    # -- forward ---------------------------------------------------------------------------------
+    def mix(
+        self, x: Tensor, state: FullAttentionState | None, attention_mask: Tensor | None
+    ) -> tuple[Tensor, FullAttentionState | None]:
+        if state is not None:
+            self._check_capacity(state, x.shape[1])
+        slot, pos, valid = positions_and_pad(x, state, attention_mask)
+        q, k, v = self.qkv(x, pos)
+        if state is None:
+            o = self._attend(q, k, v, None if attention_mask is None else valid, self.scale)
+            return self.out(o), None
+
+        # Write the chunk into the cache, then attend over the whole cache (fixed shape [B, L]).
+        kpos = pos.masked_fill(~valid, -1)  # padding keys are never visible
+        state.k.index_copy_(1, slot, k.to(state.k.dtype))
+        state.v.index_copy_(1, slot, v.to(state.v.dtype))
+        state.kpos.index_copy_(1, slot, kpos)
+        L = state.k.shape[1]
+        itself = torch.arange(L, device=x.device) == slot[:, None]  # [T, L]: padding queries see themselves
+        mask = visible(pos, state.kpos) | itself
+        o = masked_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), mask, self.scale)
+        state.seen.add_(x.shape[1])
+        return self.out(o), state
+
+    def _check_capacity(self, state: FullAttentionState, T: int) -> None:
+        L = state.k.shape[1]
+        if torch.compiler.is_compiling():
+            torch._assert_async(
+                state.seen + T <= L, f"{self.name}: decoding past max_seqlen={L} (the KV cache is full)"
+            )
+            return
+        seen = int(state.seen)
+        if seen + T > L:
+            raise ValueError(
+                f"{self.name}: decoding {T} tokens at position {seen} exceeds max_seqlen={L} "
+                f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
+            )

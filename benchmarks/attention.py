@@ -1,0 +1,485 @@
+"""Attention benchmarks on the GPU (SPEC 7, issue 3): swa / swa_sink (Triton) against FlexAttention with
+the same mask and flash-linear-attention's parallel_attn, full_attention's mixer path against raw SDPA,
+and SWA decode steps; all anchors measured in the same run.
+
+    python benchmarks/attention.py                       # check + tune + swa + full + decode
+    python benchmarks/attention.py --sections check,swa  # a subset
+
+bf16, H = 16, D = 128, 32768 tokens per call (B, T) in (16, 2048), (4, 8192), (1, 32768); W = 513, S = 4.
+Before timing, the Triton kernels are checked on long sequences against a float32 banded reference
+(outputs and every gradient; bf16 relative RMSE <= 1e-2 outputs, <= 2e-2 gradients).
+Writes benchmarks/results/<gpu>.json (ops swa, swa_sink, full_attention) and, on the lent machine,
+$OUT/results-full_attention-swa-swa_sink.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import pathlib
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+
+from mixerzoo.kernels.swa import swa_attention, swa_bwd, swa_decode, swa_fwd  # noqa: E402
+
+H, D, W, S = 16, 128, 513, 4
+SHAPES = [(16, 2048), (4, 8192), (1, 32768)]
+DT = torch.bfloat16
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def visible_pairs(T: int, window: int | None, sinks: int) -> int:
+    """Number of (query, key) pairs computed by exact attention for one sequence and head."""
+    t = torch.arange(T, dtype=torch.float64)
+    if window is None:
+        return int((t + 1).sum())
+    n = torch.minimum(t + 1, torch.tensor(float(window)))
+    n += (t - window + 1).clamp(min=0, max=sinks)
+    return int(n.sum())
+
+
+def tflops(B: int, T: int, pairs: int, ms: float, bwd: bool) -> float:
+    flop = 4 * B * H * D * pairs * (3.5 if bwd else 1.0)  # fwd: QK^T and PV; bwd: 2.5x the forward
+    return flop / ms / 1e9
+
+
+def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.float(), out.float()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def banded_reference(q, k, v, do, window: int, sinks: int, chunk: int = 2048):
+    """float32 SWA over query chunks (each chunk reads only its band of keys and the sinks), with
+    autograd for the gradients. q [B, T, HQ, D], k/v [B, T, HKV, D] -> o, dq, dk, dv."""
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    B, T, HQ, Dh = q.shape
+    G = HQ // k.shape[2]
+    outs = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        lo = max(0, c0 - window + 1)
+        idx = torch.arange(lo, c1, device=q.device)
+        if sinks > 0 and lo > 0:
+            idx = torch.cat([torch.arange(min(sinks, lo), device=q.device), idx])
+        kk = kf[:, idx].repeat_interleave(G, 2)  # [B, n, HQ, D]
+        vv = vf[:, idx].repeat_interleave(G, 2)
+        s = torch.einsum("bthd,bjhd->bhtj", qf[:, c0:c1], kk) * Dh**-0.5
+        t = torch.arange(c0, c1, device=q.device)[:, None]
+        vis = (idx[None] <= t) & ((t - idx[None] < window) | (idx[None] < sinks))
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+        outs.append(torch.einsum("bhtj,bjhd->bthd", p, vv))
+    o = torch.cat(outs, 1)
+    dq, dk, dv = torch.autograd.grad(o, (qf, kf, vf), do.float())
+    return o.detach(), dq, dk, dv
+
+
+def make_qkv(B, T, HQ=H, HKV=H, Dh=D, grad=False):
+    q = torch.randn(B, T, HQ, Dh, device="cuda", dtype=DT, requires_grad=grad)
+    k = torch.randn(B, T, HKV, Dh, device="cuda", dtype=DT, requires_grad=grad)
+    v = torch.randn(B, T, HKV, Dh, device="cuda", dtype=DT, requires_grad=grad)
+    return q, k, v
+
+
+def fwd_bwd_fns(attn, q, k, v, do):
+    def fwd():
+        with torch.no_grad():
+            return attn(q, k, v)
+
+    def fwdbwd():
+        o = attn(q, k, v)
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    return fwd, fwdbwd
+
+
+# -- sections -------------------------------------------------------------------------------------------
+
+
+def section_check(log: list[str]) -> bool:
+    ok = True
+    cases = [  # (B, T, HQ, HKV, D, W, S)
+        (1, 32768, H, H, D, W, 0),
+        (1, 32768, H, H, D, W, S),
+        (2, 8191, 16, 4, 64, W, S),
+        (2, 3000, 8, 2, 128, 1000, 0),
+    ]
+    lengths = {T for _, T in SHAPES}
+    for B, T, HQ, HKV, Dh, Wc, Sc in cases:
+        if len(lengths) < 3 and T not in lengths:  # --T given: check only those lengths
+            continue
+        q, k, v = make_qkv(B, T, HQ, HKV, Dh, grad=True)
+        do = torch.randn_like(q)
+        o = swa_attention(q, k, v, window_size=Wc, num_sinks=Sc)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+        ref = banded_reference(q, k, v, do, Wc, Sc)
+        errs = [rel_rmse(r, x) for r, x in zip(ref, (o, dq, dk, dv), strict=True)]
+        good = errs[0] <= 1e-2 and max(errs[1:]) <= 2e-2 and all(math.isfinite(e) for e in errs)
+        ok &= good
+        line = (
+            f"check B={B} T={T} HQ={HQ} HKV={HKV} D={Dh} W={Wc} S={Sc}: rel RMSE o {errs[0]:.2e} "
+            f"dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} -> {'ok' if good else 'FAIL'}"
+        )
+        print(line, flush=True)
+        log.append(line)
+        del q, k, v, do, o, dq, dk, dv, ref
+        torch.cuda.empty_cache()
+    return ok
+
+
+# tile sweeps around the defaults (first entry of each list = the launcher's default on D = 128)
+FWD_CONFIGS = [
+    dict(BM=128, BN=32, num_warps=4, num_stages=4),
+    dict(BM=128, BN=32, num_warps=4, num_stages=5),
+    dict(BM=128, BN=64, num_warps=4, num_stages=4),
+    dict(BM=128, BN=32, num_warps=8, num_stages=4),
+    dict(BM=64, BN=32, num_warps=4, num_stages=4),
+    dict(BM=64, BN=64, num_warps=4, num_stages=4),
+]
+DKDV_CONFIGS = [
+    dict(BM=32, BN=64, num_warps=4, num_stages=3),
+    dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    dict(BM=32, BN=64, num_warps=4, num_stages=5),
+    dict(BM=16, BN=64, num_warps=4, num_stages=4),
+    dict(BM=32, BN=128, num_warps=4, num_stages=3),
+    dict(BM=64, BN=64, num_warps=4, num_stages=3),
+]
+DQ_CONFIGS = [
+    dict(BM=128, BN=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=32, num_warps=4, num_stages=4),
+    dict(BM=64, BN=32, num_warps=4, num_stages=4),
+    dict(BM=128, BN=64, num_warps=8, num_stages=4),
+    dict(BM=128, BN=32, num_warps=8, num_stages=4),
+    dict(BM=64, BN=64, num_warps=4, num_stages=4),
+]
+
+
+def section_tune(log: list[str]) -> None:
+    """Time each launcher's tile configs at T = 32768 (swa and swa_sink) through the launchers."""
+    B, T = 1, 32768
+    q, k, v = make_qkv(B, T)
+    do = torch.randn_like(q)
+    for Sc in (0,):  # S is a run-time argument: the sink variant runs the same compiled kernels
+        o, lse = swa_fwd(q, k, v, W, Sc)
+        res = []
+        for cfg in FWD_CONFIGS:
+            try:
+                res.append((time_ms(functools.partial(swa_fwd, q, k, v, W, Sc, config=cfg)), "fwd", cfg))
+            except Exception as e:  # a config that does not fit in shared memory: report and go on
+                res.append((float("inf"), "fwd", f"{cfg} failed: {type(e).__name__}"))
+        for cfg in DKDV_CONFIGS:
+            try:
+                res.append(
+                    (time_ms(functools.partial(swa_bwd, do, q, k, v, o, lse, W, Sc, dkdv_config=cfg)), "bwd/dkdv", cfg)
+                )
+            except Exception as e:
+                res.append((float("inf"), "bwd/dkdv", f"{cfg} failed: {type(e).__name__}"))
+        for cfg in DQ_CONFIGS:
+            try:
+                res.append(
+                    (time_ms(functools.partial(swa_bwd, do, q, k, v, o, lse, W, Sc, dq_config=cfg)), "bwd/dq", cfg)
+                )
+            except Exception as e:
+                res.append((float("inf"), "bwd/dq", f"{cfg} failed: {type(e).__name__}"))
+        for ms, what, cfg in res:
+            line = f"tune S={Sc} {what:9s} {ms:8.3f} ms  {cfg}"
+            print(line, flush=True)
+            log.append(line)
+
+
+def _flex_attn(window: int, sinks: int, T: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, ki):
+        return (qi >= ki) & ((qi - ki < window) | (ki < sinks))
+
+    torch._dynamo.reset()  # a fresh compile per shape and mask, clear of dynamo's recompile limit
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def attn(q, k, v):  # flex takes [B, H, T, D]
+        o = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return o.transpose(1, 2)
+
+    return attn
+
+
+def section_swa(rows: list[dict], log: list[str]) -> None:
+    try:
+        from fla.ops.attn import parallel_attn
+    except ImportError as e:
+        parallel_attn = None
+        log.append(f"fla not importable ({e}); its rows are absent")
+    for op, Sc in (("swa", 0), ("swa_sink", S)):
+        for B, T in SHAPES:
+            q, k, v = make_qkv(B, T, grad=True)
+            do = torch.randn_like(q)
+            pairs = visible_pairs(T, W, Sc)
+            impls = {
+                "mixerzoo": functools.partial(swa_attention, window_size=W, num_sinks=Sc),
+                "flex": _flex_attn(W, Sc, T),
+            }
+            if parallel_attn is not None and Sc == 0:
+                impls["fla"] = functools.partial(parallel_attn, window_size=W)
+            for impl, attn in impls.items():
+                try:
+                    fwd, fwdbwd = fwd_bwd_fns(attn, q, k, v, do)
+                    f_ms, fb_ms = time_ms(fwd), time_ms(fwdbwd)
+                    mem = peak_mem_mb(fwdbwd)
+                    rows.append(
+                        dict(
+                            op=op,
+                            impl=impl,
+                            T=T,
+                            B=B,
+                            H=H,
+                            D=D,
+                            fwd_ms=round(f_ms, 4),
+                            fwdbwd_ms=round(fb_ms, 4),
+                            peak_mem_mb=round(mem, 1),
+                            note=(
+                                f"W={W} S={Sc} bf16; fwd {tflops(B, T, pairs, f_ms, False):.0f} TFLOP/s, "
+                                f"fwd+bwd {tflops(B, T, pairs, fb_ms, True):.0f} TFLOP/s (exact visible pairs)"
+                            ),
+                        )
+                    )
+                    print(f"{op:8s} {impl:8s} B={B:2d} T={T:5d} fwd {f_ms:.3f} ms fwd+bwd {fb_ms:.3f} ms", flush=True)
+                except Exception as e:
+                    traceback.print_exc()
+                    log.append(f"{op} {impl} B={B} T={T} failed: {type(e).__name__}: {e}")
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def section_full(rows: list[dict], log: list[str]) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mixerzoo import registry
+
+    mixer = registry.build("full_attention", hidden_size=H * D, num_heads=H, backend="sdpa").cuda().to(DT)
+    scale = D**-0.5
+    raw = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    for B, T in SHAPES:
+        q, k, v = make_qkv(B, T, grad=True)
+        do = torch.randn_like(q)
+        pairs = visible_pairs(T, None, 0)
+        qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        doh = do.transpose(1, 2).contiguous()
+        best = None
+        timings = {}
+        for name, backend in raw.items():
+
+            def attn(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+            try:
+                fwd, fwdbwd = fwd_bwd_fns(attn, qh, kh, vh, doh)
+                timings[name] = (time_ms(fwd), time_ms(fwdbwd), peak_mem_mb(fwdbwd))
+            except Exception as e:
+                log.append(f"sdpa {name} B={B} T={T} failed: {type(e).__name__}: {e}")
+        if timings:
+            best = min(timings, key=lambda n: timings[n][1])
+            f_ms, fb_ms, mem = timings[best]
+            others = "; ".join(f"{n}: fwd {a:.3f} fwd+bwd {b:.3f} ms" for n, (a, b, _) in timings.items())
+            rows.append(
+                dict(
+                    op="full_attention",
+                    impl="sdpa",
+                    T=T,
+                    B=B,
+                    H=H,
+                    D=D,
+                    fwd_ms=round(f_ms, 4),
+                    fwdbwd_ms=round(fb_ms, 4),
+                    peak_mem_mb=round(mem, 1),
+                    note=(
+                        f"raw SDPA [B,H,T,D] is_causal, best backend {best} ({others}); "
+                        f"fwd {tflops(B, T, pairs, f_ms, False):.0f} TFLOP/s, "
+                        f"fwd+bwd {tflops(B, T, pairs, fb_ms, True):.0f} TFLOP/s"
+                    ),
+                )
+            )
+        try:
+            fwd, fwdbwd = fwd_bwd_fns(lambda q, k, v: mixer._attend(q, k, v, None, scale), q, k, v, do)
+            f_ms, fb_ms = time_ms(fwd), time_ms(fwdbwd)
+            mem = peak_mem_mb(fwdbwd)
+            rows.append(
+                dict(
+                    op="full_attention",
+                    impl="mixerzoo",
+                    T=T,
+                    B=B,
+                    H=H,
+                    D=D,
+                    fwd_ms=round(f_ms, 4),
+                    fwdbwd_ms=round(fb_ms, 4),
+                    peak_mem_mb=round(mem, 1),
+                    note=(
+                        "mixer attention path (backend sdpa, [B,T,H,D] inputs); "
+                        f"fwd {tflops(B, T, pairs, f_ms, False):.0f} "
+                        f"TFLOP/s, fwd+bwd {tflops(B, T, pairs, fb_ms, True):.0f} TFLOP/s"
+                    ),
+                )
+            )
+        except Exception as e:
+            traceback.print_exc()
+            log.append(f"full_attention mixer B={B} T={T} failed: {type(e).__name__}: {e}")
+        print(
+            f"full B={B} T={T}: " + "  ".join(f"{r['impl']} {r['fwd_ms']:.3f}/{r['fwdbwd_ms']:.3f}" for r in rows[-2:]),
+            flush=True,
+        )
+        del q, k, v, do, qh, kh, vh, doh
+        torch.cuda.empty_cache()
+
+
+def _graphed(fn):
+    """Capture fn() in a CUDA graph and return its replay (decode steps are launch-bound)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _decode_steps(q, kc, vc, cache_pos, q_pos, sinks: int, scale: float):
+    """One decode step's attention over the fixed buffer: (SDPA with a position mask, Triton kernel)."""
+
+    def sdpa_step():
+        cp, qp = cache_pos[:, None, None, :], q_pos[:, None, :, None]
+        vis = (cp >= 0) & (cp <= qp) & ((qp - cp < W) | (cp < sinks))
+        qh, kh, vh = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=vis, scale=scale).transpose(1, 2)
+
+    def triton_step():
+        return swa_decode(q, kc, vc, cache_pos, q_pos, window_size=W, num_sinks=sinks, scale=scale)
+
+    return sdpa_step, triton_step
+
+
+def section_decode(rows: list[dict], log: list[str]) -> None:
+    """(a) attention over the fixed ring buffer (+ sinks): Triton decode kernel vs SDPA with a mask from
+    the slot positions; (b) the swa / swa_sink mixers' whole decode step after a prefill of 4K / 32K."""
+    from mixerzoo import registry
+
+    B = 32
+    scale = D**-0.5
+    for op, Sc in (("swa", 0), ("swa_sink", S)):
+        N = W + Sc
+        for seen in (4096, 32768):
+            q = torch.randn(B, 1, H, D, device="cuda", dtype=DT)
+            kc = torch.randn(B, N, H, D, device="cuda", dtype=DT)
+            vc = torch.randn(B, N, H, D, device="cuda", dtype=DT)
+            ring = torch.arange(seen - W + 1, seen + 1, device="cuda")  # window of the query at `seen`
+            pos = torch.cat([torch.arange(Sc, device="cuda"), ring[ring.remainder(W).argsort()]])
+            cache_pos = pos[None].expand(B, N).contiguous()
+            q_pos = torch.full((B, 1), seen, device="cuda", dtype=torch.long)
+
+            sdpa_step, triton_step = _decode_steps(q, kc, vc, cache_pos, q_pos, Sc, scale)
+
+            err = rel_rmse(sdpa_step(), triton_step())
+            t = {
+                name: (time_ms(fn, repeat=50), time_ms(_graphed(fn), repeat=50))
+                for name, fn in (("sdpa", sdpa_step), ("triton", triton_step))
+            }
+            line = (
+                f"decode attention {op} B={B} N={N} seen={seen}: "
+                f"sdpa eager {t['sdpa'][0]:.4f} graph {t['sdpa'][1]:.4f} ms; "
+                f"triton eager {t['triton'][0]:.4f} graph {t['triton'][1]:.4f} ms; rel RMSE {err:.1e}"
+            )
+            print(line, flush=True)
+            log.append(line)
+
+        # the mixer's whole decode step (projections, RoPE, attention, ring update), eager
+        kw = dict(hidden_size=H * D, num_heads=H, window_size=W)
+        if Sc:
+            kw["num_sinks"] = Sc
+        try:
+            mixer = registry.build(op, **kw).cuda().to(DT).eval()
+        except Exception as e:
+            log.append(f"mixer {op} not buildable: {type(e).__name__}: {e}")
+            continue
+        for seen in (4096, 32768):
+            try:
+                state = mixer.init_state(B, device="cuda", dtype=DT)
+                with torch.no_grad():
+                    for _ in range(0, seen, 1024):
+                        mixer(torch.randn(B, 1024, H * D, device="cuda", dtype=DT), state)
+                    x1 = torch.randn(B, 1, H * D, device="cuda", dtype=DT)
+                    ms = time_ms(functools.partial(mixer, x1, state), repeat=50)
+                rows.append(
+                    dict(
+                        op=op,
+                        impl="mixerzoo",
+                        T=seen,
+                        B=B,
+                        H=H,
+                        D=D,
+                        decode_ms=round(ms, 4),
+                        state_bytes=int(state.nbytes()),
+                        note=f"mixer decode step (eager, hidden {H * D}) after {seen} tokens, W={W} S={Sc}",
+                    )
+                )
+                print(f"decode mixer {op} seen={seen}: {ms:.4f} ms/step", flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                log.append(f"decode mixer {op} seen={seen} failed: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="check,tune,swa,full,decode")
+    ap.add_argument("--T", type=int, nargs="*", help="only these sequence lengths (of the standard shapes)")
+    args = ap.parse_args()
+    if args.T:
+        SHAPES[:] = [(B, T) for B, T in SHAPES if T in args.T]
+    sections = args.sections.split(",")
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    rows: list[dict] = []
+    log: list[str] = []
+    ok = True
+    t0 = time.time()
+    if "check" in sections:
+        ok = section_check(log)
+    for name, fn in (
+        ("tune", lambda: section_tune(log)),
+        ("swa", lambda: section_swa(rows, log)),
+        ("full", lambda: section_full(rows, log)),
+        ("decode", lambda: section_decode(rows, log)),
+    ):
+        if name in sections:
+            try:
+                fn()
+            except Exception as e:
+                traceback.print_exc()
+                log.append(f"section {name} failed: {type(e).__name__}: {e}")
+            print(f"[{time.time() - t0:.0f}s] section {name} done", flush=True)
+            if rows:
+                write_results({"swa", "swa_sink", "full_attention"}, rows)
+    print()
+    print("\n".join(log))
+    if rows:
+        print_table(rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""One decode step of sliding-window attention (optionally with sinks) over a fixed-size cache whose
+slots carry absolute positions (a ring buffer plus sink slots): the cost depends on the cache size
+only, never on how many tokens came before.
+
+Four layers: the Triton kernel, the ``swa_decode_fwd`` launcher, the ``mixerzoo::swa_decode`` custom op
+(CUDA: Triton, CPU: reference.py; inference only, no autograd), and ``swa_decode``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import default_scale, swa_decode_ref
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _swa_decode_kernel(
+    q,
+    k,
+    v,
+    o,
+    kpos,
+    qpos,
+    N,
+    W,
+    S,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TQ: tl.constexpr,
+    G: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+    BN: tl.constexpr,
+):
+    # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
+    # key/value load; rows r = g * TQ + i
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    o_r = tl.arange(0, BR)
+    m_r = o_r < G * TQ
+    i_g, i_t = o_r // TQ, o_r % TQ
+    o_d = tl.arange(0, D)
+    p_q = q + i_b * stride_qb + i_t[:, None] * stride_qt + (i_hk * G + i_g)[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    b_qp = tl.load(qpos + i_b * TQ + i_t, mask=m_r, other=-1)  # [BR]
+
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BR], dtype=tl.float32)
+    o_n = tl.arange(0, BN)
+    for n0 in range(0, N, BN):
+        o_j = n0 + o_n
+        m_j = o_j < N
+        b_kp = tl.load(kpos + i_b * N + o_j, mask=m_j, other=-1)  # [BN]
+        b_k = tl.load(
+            k + i_b * stride_kb + i_hk * stride_kh + o_j[:, None] * stride_kn + o_d[None, :],
+            mask=m_j[:, None],
+            other=0.0,
+        )
+        b_v = tl.load(
+            v + i_b * stride_vb + i_hk * stride_vh + o_j[:, None] * stride_vn + o_d[None, :],
+            mask=m_j[:, None],
+            other=0.0,
+        )
+        # [BR, D] @ [D, BN] -> [BR, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        dist = b_qp[:, None] - b_kp[None, :]
+        vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
+        b_s = tl.where(vis, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # [BR, BN] @ [BN, D] -> [BR, D]
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+    b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    p_o = o + i_b * stride_ob + i_t[:, None] * stride_ot + (i_hk * G + i_g)[:, None] * stride_oh + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+def swa_decode_fwd(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """Triton decode launcher; shapes as in ``swa_decode``."""
+    B, TQ, HQ, D = q.shape
+    N, HKV = k_cache.shape[1], k_cache.shape[2]
+    G = HQ // HKV
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"swa_decode: the Triton kernel takes head dims 16..256 (powers of 2), got {D}")
+    scale = default_scale(D) if scale is None else scale
+    q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
+    o = torch.empty_like(q)
+    BR = max(16, triton.next_power_of_2(G * TQ))
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    BN = 64 if (interp or BR * D > 64 * 128) else 128
+    _swa_decode_kernel[(B * HKV,)](
+        q,
+        k_cache,
+        v_cache,
+        o,
+        cache_pos,
+        q_pos,
+        N,
+        window_size,
+        num_sinks,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        TQ=TQ,
+        G=G,
+        HKV=HKV,
+        D=D,
+        BR=BR,
+        BN=BN,
+        num_warps=4,
+        num_stages=1 if interp else 3,
+    )
+    return o
+
+
+@torch.library.custom_op("mixerzoo::swa_decode", mutates_args=(), device_types="cuda")
+def _swa_decode_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window_size: int,
+    num_sinks: int,
+    scale: float,
+) -> Tensor:
+    return swa_decode_fwd(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
+
+
+@_swa_decode_op.register_kernel("cpu")
+def _swa_decode_cpu(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale):
+    return swa_decode_ref(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
+
+
+@_swa_decode_op.register_fake
+def _swa_decode_fake(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def swa_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    *,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """Decode-time SWA over a fixed-size cache addressed by positions (inference only, no gradient).
+
+    Args:
+      q: [B, TQ, HQ, D] new queries (RoPE applied), TQ small (one or a few decode tokens).
+      k_cache, v_cache: [B, N, HKV, D] cached keys (RoPE applied) and values, any slot order
+        (e.g. sink slots followed by the ring buffer).
+      cache_pos: [B, N] int64 absolute position of each slot, negative for an empty slot.
+      q_pos: [B, TQ] int64 absolute positions of the queries.
+      window_size, num_sinks, scale: as in ``swa_attention``.
+    Returns:
+      o: [B, TQ, HQ, D]; key i is visible to query r iff ``0 <= cache_pos[i] <= q_pos[r]`` and
+      (``q_pos[r] - cache_pos[i] < W`` or ``cache_pos[i] < S``); a query that sees nothing gets 0.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    return _swa_decode_op(q, k_cache, v_cache, cache_pos, q_pos, int(window_size), int(num_sinks), scale)

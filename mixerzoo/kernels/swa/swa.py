@@ -1,0 +1,1187 @@
+"""Sliding-window attention (window W, optional S attention sinks, GQA) in Triton: FA2-style forward,
+dK/dV and dQ backward kernels; only key blocks that intersect a query block's window (or hold sinks)
+are ever loaded. Sinks as in StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
+with Attention Sinks").
+
+Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo::swa_fwd`` /
+``mixerzoo::swa_bwd`` custom ops (CUDA: Triton, CPU: reference.py), and ``swa_attention``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import default_scale, swa_bwd_ref, swa_fwd_ref
+
+LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Visibility of key slot j to query slot t in row b (P = pad[b], 0 without padding):
+#   window part: P <= j <= t and t - j < W
+#   sink part:   P <= j < P + S and t - j >= W   (sinks the window does not already cover)
+# The two parts are disjoint, so the window loops and the sink tile never count a pair twice.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    m_i,
+    l_i,
+    b_q,
+    p_k,
+    p_v,
+    o_m,
+    o_n,
+    n_lo,
+    n_hi,
+    P,
+    T,
+    W,
+    S,
+    qk_scale,
+    stride_kt,
+    stride_vt,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile
+    for n0 in range(n_lo, n_hi, BN):
+        o_j = n0 + o_n
+        if MODE == 0:
+            b_k = tl.load(p_k + n0 * stride_kt)
+            b_v = tl.load(p_v + n0 * stride_vt)
+        else:
+            m_j = (o_j < T) & (o_j >= P)
+            b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
+        # [BM, D] @ [D, BN] -> [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        if MODE == 1:
+            vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
+            b_s = tl.where(vis, b_s, float("-inf"))
+        if MODE == 2:
+            vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
+            b_s = tl.where(vis, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        if MODE == 0:  # fully visible blocks come after the first window block: every row has a max
+            m_safe = m_new
+        else:
+            # rows with nothing visible yet keep m = -inf; exp2 against 0 gives exact zeros, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _swa_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    pad,
+    T,
+    W,
+    S,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    tl.static_assert(BM % BN == 0)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // G
+    if HAS_PAD:
+        P = tl.load(pad + i_b)
+    else:
+        P = 0
+    m0 = i_m * BM
+    o_m = m0 + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+
+    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=(o_m < T)[:, None], other=0.0)  # stays in registers for the whole key loop
+    k_base = k + i_b * stride_kb + i_hk * stride_kh
+    v_base = v + i_b * stride_vb + i_hk * stride_vh
+    p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
+    p_v = v_base + o_n[:, None] * stride_vt + o_d[None, :]
+
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+
+    # key blocks of the window: [lo, b) boundary, [b, m0) fully visible, [m0, hi) diagonal
+    lo = tl.maximum(m0 - W + 1, P)
+    lo = tl.maximum(lo, 0) // BN * BN
+    full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
+    b = tl.minimum(tl.maximum(full_lo, lo), m0)
+    hi = tl.minimum(m0 + BM, T)
+    if HAS_PAD:  # keys before the padding end can sit in any block: mask them all
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+        )
+    else:
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+        )
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 0
+        )
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+        )
+    if S > 0:
+        # sink tiles: only rows whose window has moved past the first sink need them
+        if m0 + BM - 1 - P >= W:
+            o_s = tl.arange(0, BS)
+            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
+            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
+            acc, m_i, l_i = _fwd_inner(
+                acc, m_i, l_i, b_q, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, stride_vt, BS, 2
+            )
+
+    empty = l_i == 0.0
+    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=(o_m < T)[:, None])
+    # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
+    b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(lse + i_bh * T + o_m, b_lse, mask=o_m < T)
+
+
+@triton.jit
+def _swa_bwd_preprocess_kernel(
+    o,
+    do,
+    delta,
+    T,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = (o_m < T)[:, None]
+    b_o = tl.load(o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :], mask=m_m, other=0.0)
+    b_do = tl.load(
+        do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_m, other=0.0
+    )
+    tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=o_m < T)
+
+
+@triton.jit
+def _dkdv_inner(
+    b_dk,
+    b_dv,
+    b_k,
+    b_v,
+    p_q,
+    p_do,
+    p_lse,
+    p_delta,
+    o_n,
+    o_mb,
+    m_lo,
+    m_hi,
+    P,
+    T,
+    W,
+    S,
+    qk_scale,
+    stride_qt,
+    stride_dot,
+    BM: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries
+    for m0 in range(m_lo, m_hi, BM):
+        o_m = m0 + o_mb
+        if MODE == 0:
+            b_q = tl.load(p_q + m0 * stride_qt)
+            b_do = tl.load(p_do + m0 * stride_dot)
+            b_lse = tl.load(p_lse + m0)
+            b_delta = tl.load(p_delta + m0)
+        else:
+            m_m = o_m < T
+            b_q = tl.load(p_q + m0 * stride_qt, mask=m_m[:, None], other=0.0)
+            b_do = tl.load(p_do + m0 * stride_dot, mask=m_m[:, None], other=0.0)
+            b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
+            b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
+        # transposed scores: [BN, D] @ [D, BM] -> [BN, BM]
+        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale
+        b_pt = tl.math.exp2(b_st - b_lse[None, :] * 1.4426950408889634)
+        if MODE == 1:
+            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
+            b_pt = tl.where(vis, b_pt, 0.0)
+        if MODE == 2:
+            vis = (o_m[None, :] - o_n[:, None] >= W) & (o_n[:, None] < P + S) & (o_n[:, None] >= P)
+            b_pt = tl.where(vis, b_pt, 0.0)
+        # [BN, BM] @ [BM, D] -> [BN, D]
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+        # [BN, D] @ [D, BM] -> [BN, BM]
+        b_dpt = tl.dot(b_v, tl.trans(b_do))
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        # [BN, BM] @ [BM, D] -> [BN, D]
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _swa_bwd_dkdv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    pad,
+    T,
+    W,
+    S,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    # one program per (key block, kv head): loops over the G query heads of its group and over the
+    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
+    tl.static_assert(BN % BM == 0)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    HKV: tl.constexpr = HQ // G
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    if HAS_PAD:
+        P = tl.load(pad + i_b)
+    else:
+        P = 0
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
+    o_mb = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_n = (o_n < T)[:, None]
+    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n, other=0.0)
+    b_dk = tl.zeros([BN, D], dtype=tl.float32)
+    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+
+    # query blocks: [n0, n0 + BN) diagonal, [n0 + BN, e) fully visible, [e, hi) window boundary
+    hi = tl.minimum(n0 + BN - 1 + W, T)
+    e = tl.minimum((n0 + W) // BM * BM, T // BM * BM)
+    e = tl.maximum(e, n0 + BN)
+    if HAS_PAD:
+        if n0 + BN > P:  # a block entirely before the padding end is seen by nobody
+            for i_g in range(G):
+                i_h = i_hk * G + i_g
+                p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+                p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+                p_lse = lse + (i_b * HQ + i_h) * T + o_mb
+                p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk,
+                    b_dv,
+                    b_k,
+                    b_v,
+                    p_q,
+                    p_do,
+                    p_lse,
+                    p_delta,
+                    o_n,
+                    o_mb,
+                    n0,
+                    hi,
+                    P,
+                    T,
+                    W,
+                    S,
+                    qk_scale,
+                    stride_qt,
+                    stride_dot,
+                    BM,
+                    1,
+                )
+    else:
+        for i_g in range(G):
+            i_h = i_hk * G + i_g
+            p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+            p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+            p_lse = lse + (i_b * HQ + i_h) * T + o_mb
+            p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+            b_dk, b_dv = _dkdv_inner(
+                b_dk,
+                b_dv,
+                b_k,
+                b_v,
+                p_q,
+                p_do,
+                p_lse,
+                p_delta,
+                o_n,
+                o_mb,
+                n0,
+                tl.minimum(n0 + BN, hi),
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_qt,
+                stride_dot,
+                BM,
+                1,
+            )
+            b_dk, b_dv = _dkdv_inner(
+                b_dk,
+                b_dv,
+                b_k,
+                b_v,
+                p_q,
+                p_do,
+                p_lse,
+                p_delta,
+                o_n,
+                o_mb,
+                n0 + BN,
+                e,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_qt,
+                stride_dot,
+                BM,
+                0,
+            )
+            b_dk, b_dv = _dkdv_inner(
+                b_dk,
+                b_dv,
+                b_k,
+                b_v,
+                p_q,
+                p_do,
+                p_lse,
+                p_delta,
+                o_n,
+                o_mb,
+                e,
+                hi,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_qt,
+                stride_dot,
+                BM,
+                1,
+            )
+
+    b_dk = b_dk * sm_scale
+    tl.store(
+        dk + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
+        b_dk.to(dk.dtype.element_ty),
+        mask=m_n,
+    )
+    tl.store(
+        dv + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :],
+        b_dv.to(dv.dtype.element_ty),
+        mask=m_n,
+    )
+
+
+@triton.jit
+def _swa_bwd_dkdv_sink_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk_part,
+    dv_part,
+    pad,
+    T,
+    W,
+    S,
+    qk_scale,
+    sm_scale,
+    CHUNK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    # sink keys are seen by every later query: split those queries into chunks, one program each,
+    # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    HKV: tl.constexpr = HQ // G
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    if HAS_PAD:
+        P = tl.load(pad + i_b)
+    else:
+        P = 0
+    o_n = P + tl.arange(0, BS)
+    o_mb = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_n = ((o_n < T) & (o_n < P + S))[:, None]
+    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n, other=0.0)
+    b_dk = tl.zeros([BS, D], dtype=tl.float32)
+    b_dv = tl.zeros([BS, D], dtype=tl.float32)
+    m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
+    m_hi = tl.minimum((i_c + 1) * CHUNK, T)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+        p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+        p_lse = lse + (i_b * HQ + i_h) * T + o_mb
+        p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+        b_dk, b_dv = _dkdv_inner(
+            b_dk,
+            b_dv,
+            b_k,
+            b_v,
+            p_q,
+            p_do,
+            p_lse,
+            p_delta,
+            o_n,
+            o_mb,
+            m_lo,
+            m_hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_qt,
+            stride_dot,
+            BM,
+            2,
+        )
+    n_chunks = tl.num_programs(0)
+    p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
+    tl.store(dk_part + p_part, b_dk * sm_scale)
+    tl.store(dv_part + p_part, b_dv)
+
+
+@triton.jit
+def _dq_inner(
+    b_dq,
+    b_q,
+    b_do,
+    b_lse,
+    b_delta,
+    p_k,
+    p_v,
+    o_m,
+    o_n,
+    n_lo,
+    n_hi,
+    P,
+    T,
+    W,
+    S,
+    qk_scale,
+    stride_kt,
+    stride_vt,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    for n0 in range(n_lo, n_hi, BN):
+        o_j = n0 + o_n
+        if MODE == 0:
+            b_k = tl.load(p_k + n0 * stride_kt)
+            b_v = tl.load(p_v + n0 * stride_vt)
+        else:
+            m_j = (o_j < T) & (o_j >= P)
+            b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
+        # [BM, D] @ [D, BN] -> [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        if MODE == 1:
+            vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
+            b_p = tl.where(vis, b_p, 0.0)
+        if MODE == 2:
+            vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
+            b_p = tl.where(vis, b_p, 0.0)
+        # [BM, D] @ [D, BN] -> [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
+def _swa_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dq,
+    pad,
+    T,
+    W,
+    S,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    tl.static_assert(BM % BN == 0)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // G
+    if HAS_PAD:
+        P = tl.load(pad + i_b)
+    else:
+        P = 0
+    m0 = i_m * BM
+    o_m = m0 + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < T
+    b_q = tl.load(
+        q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None], other=0.0
+    )
+    b_do = tl.load(
+        do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :],
+        mask=m_m[:, None],
+        other=0.0,
+    )
+    b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
+    k_base = k + i_b * stride_kb + i_hk * stride_kh
+    v_base = v + i_b * stride_vb + i_hk * stride_vh
+    p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
+    p_v = v_base + o_n[:, None] * stride_vt + o_d[None, :]
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+
+    lo = tl.maximum(m0 - W + 1, P)
+    lo = tl.maximum(lo, 0) // BN * BN
+    full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
+    b = tl.minimum(tl.maximum(full_lo, lo), m0)
+    hi = tl.minimum(m0 + BM, T)
+    if HAS_PAD:
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+        )
+    else:
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            b,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+        )
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            b,
+            m0,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            0,
+        )
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            m0,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+        )
+    if S > 0:
+        if m0 + BM - 1 - P >= W:
+            o_s = tl.arange(0, BS)
+            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
+            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
+            b_dq = _dq_inner(
+                b_dq,
+                b_q,
+                b_do,
+                b_lse,
+                b_delta,
+                p_ks,
+                p_vs,
+                o_m,
+                o_s,
+                P,
+                P + S,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_kt,
+                stride_vt,
+                BS,
+                2,
+            )
+    b_dq = b_dq * sm_scale
+    tl.store(
+        dq + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
+        b_dq.to(dq.dtype.element_ty),
+        mask=m_m[:, None],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+_SUPPORTED_D = (16, 32, 64, 128, 256)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fwd_config(D: int) -> dict:
+    """Tile sizes for the forward and dQ kernels (tuned on H100, see benchmarks/NOTES-swa.md)."""
+    if _interpreting():
+        return dict(BM=64, BN=32, num_warps=4, num_stages=1)
+    if D <= 64:
+        return dict(BM=128, BN=64, num_warps=4, num_stages=3)
+    if D <= 128:
+        return dict(BM=64, BN=32, num_warps=4, num_stages=4)
+    return dict(BM=64, BN=32, num_warps=4, num_stages=2)
+
+
+def _dq_config(D: int) -> dict:
+    if _interpreting():
+        return dict(BM=64, BN=32, num_warps=4, num_stages=1)
+    if D <= 128:
+        return dict(BM=64, BN=32, num_warps=4, num_stages=4)
+    return dict(BM=64, BN=32, num_warps=4, num_stages=2)
+
+
+def _dkdv_config(D: int) -> dict:
+    if _interpreting():
+        return dict(BM=32, BN=64, num_warps=4, num_stages=1)
+    if D <= 128:
+        return dict(BM=16, BN=64, num_warps=4, num_stages=4)
+    return dict(BM=32, BN=64, num_warps=4, num_stages=2)
+
+
+def _sink_block(S: int) -> int:
+    return max(16, triton.next_power_of_2(max(S, 1)))
+
+
+def check_swa_inputs(q: Tensor, k: Tensor, v: Tensor, window_size: int, num_sinks: int, pad: Tensor | None) -> None:
+    """Eager validation shared by the launchers and the public function; errors name the value seen."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"swa_attention: q, k, v must be [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, HQ, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"swa_attention: k and v must be [B, T, HKV, D] = [{B}, {T}, HKV, {D}], "
+            f"got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if HQ % k.shape[2] != 0:
+        raise ValueError(f"swa_attention: query heads ({HQ}) must be a multiple of key/value heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"swa_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window_size < 1:
+        raise ValueError(f"swa_attention: window_size must be >= 1, got {window_size}")
+    if num_sinks < 0:
+        raise ValueError(f"swa_attention: num_sinks must be >= 0, got {num_sinks}")
+    if pad is not None and (pad.shape != (B,) or pad.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(
+            f"swa_attention: pad must be an integer tensor of shape [{B}], got {pad.dtype} {tuple(pad.shape)}"
+        )
+
+
+def _check_triton(q: Tensor) -> None:
+    D = q.shape[-1]
+    if D not in _SUPPORTED_D:
+        raise ValueError(
+            f"swa_attention: the Triton kernels take head dims {_SUPPORTED_D}, got {D}; "
+            "pad the head dim or use the CPU reference"
+        )
+
+
+def _pad_arg(pad: Tensor | None, q: Tensor) -> Tensor:
+    # a dummy pointer when there is no padding (HAS_PAD=False never reads it)
+    return (
+        pad.to(device=q.device, dtype=torch.int64).contiguous()
+        if pad is not None
+        else q.new_zeros(1, dtype=torch.int64)
+    )
+
+
+def swa_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+    pad: Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
+
+    ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0), for tuning."""
+    _check_triton(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    scale = default_scale(D) if scale is None else scale
+    o = torch.empty_like(q)
+    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    cfg = dict(config or _fwd_config(D))
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    grid = (triton.cdiv(T, BM), B * HQ)
+    _swa_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        _pad_arg(pad, q),
+        T,
+        window_size,
+        num_sinks,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        HQ=HQ,
+        G=G,
+        D=D,
+        BM=BM,
+        BN=BN,
+        BS=_sink_block(num_sinks),
+        HAS_PAD=pad is not None,
+        **cfg,
+    )
+    return o, lse
+
+
+def swa_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+    pad: Tensor | None = None,
+    *,
+    dkdv_config: dict | None = None,
+    dq_config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: (dq [B, T, HQ, D], dk [B, T, HKV, D], dv [B, T, HKV, D]) in the inputs' dtype.
+
+    ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
+    (BM % BN == 0) override the tile sizes, for tuning."""
+    _check_triton(q)
+    do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    S, W = num_sinks, window_size
+    scale = default_scale(D) if scale is None else scale
+    has_pad = pad is not None
+    pad_t = _pad_arg(pad, q)
+
+    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    BMp = 64
+    _swa_bwd_preprocess_kernel[(triton.cdiv(T, BMp), B * HQ)](
+        o,
+        do,
+        delta,
+        T,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        HQ=HQ,
+        D=D,
+        BM=BMp,
+    )
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+    )
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    cfg = dict(dkdv_config or _dkdv_config(D))
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        pad_t,
+        T,
+        W,
+        S,
+        scale * LOG2E,
+        scale,
+        *strides,
+        HQ=HQ,
+        G=G,
+        D=D,
+        BM=BM,
+        BN=BN,
+        HAS_PAD=has_pad,
+        **cfg,
+    )
+    if S > 0 and T > W:
+        BS = _sink_block(S)
+        chunk = max(BM, 1024 // BM * BM)
+        n_chunks = triton.cdiv(T, chunk)
+        dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
+        dv_part = torch.empty_like(dk_part)
+        _swa_bwd_dkdv_sink_kernel[(n_chunks, B * HKV)](
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk_part,
+            dv_part,
+            pad_t,
+            T,
+            W,
+            S,
+            scale * LOG2E,
+            scale,
+            chunk,
+            *strides,
+            HQ=HQ,
+            G=G,
+            D=D,
+            BM=BM,
+            BS=BS,
+            HAS_PAD=has_pad,
+            **cfg,
+        )
+        # add the sink keys' far-query parts: key slot pad[b] + s for s < min(S, T - pad[b])
+        n = min(S, BS)
+        idx = pad_t.expand(B)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+        ok = idx < T
+        idx = idx.clamp(max=T - 1)
+        gidx = idx[:, :, None, None].expand(B, n, HKV, D)
+        for g, part in ((dk, dk_part), (dv, dv_part)):
+            add = part.sum(2)[:, :, :n].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
+            cur = g.gather(1, gidx).float()
+            g.scatter_(1, gidx, (cur + add).to(g.dtype))
+    dq = torch.empty_like(q)
+    cfg = dict(dq_config or _dq_config(D))
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        pad_t,
+        T,
+        W,
+        S,
+        scale * LOG2E,
+        scale,
+        *strides,
+        HQ=HQ,
+        G=G,
+        D=D,
+        BM=BM,
+        BN=BN,
+        BS=_sink_block(S),
+        HAS_PAD=has_pad,
+        **cfg,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops: CUDA runs Triton, CPU runs the reference
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixerzoo::swa_fwd", mutates_args=(), device_types="cuda")
+def _swa_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, window_size: int, num_sinks: int, scale: float, pad: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return swa_fwd(q, k, v, window_size, num_sinks, scale, pad)
+
+
+@_swa_fwd_op.register_kernel("cpu")
+def _swa_fwd_cpu(q, k, v, window_size, num_sinks, scale, pad):
+    return swa_fwd_ref(q, k, v, window_size, num_sinks, scale, pad)
+
+
+@_swa_fwd_op.register_fake
+def _swa_fwd_fake(q, k, v, window_size, num_sinks, scale, pad):
+    B, T, HQ, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, HQ, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("mixerzoo::swa_bwd", mutates_args=(), device_types="cuda")
+def _swa_bwd_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    window_size: int,
+    num_sinks: int,
+    scale: float,
+    pad: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return swa_bwd(do, q, k, v, o, lse, window_size, num_sinks, scale, pad)
+
+
+@_swa_bwd_op.register_kernel("cpu")
+def _swa_bwd_cpu(do, q, k, v, o, lse, window_size, num_sinks, scale, pad):
+    return swa_bwd_ref(do, q, k, v, o, lse, window_size, num_sinks, scale, pad)
+
+
+@_swa_bwd_op.register_fake
+def _swa_bwd_fake(do, q, k, v, o, lse, window_size, num_sinks, scale, pad):
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=c),
+        torch.empty_like(k, memory_format=c),
+        torch.empty_like(v, memory_format=c),
+    )
+
+
+def _swa_setup_context(ctx, inputs, output):
+    q, k, v, window_size, num_sinks, scale, pad = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, pad)
+    ctx.args = (window_size, num_sinks, scale)
+
+
+def _swa_backward(ctx, do, dlse):
+    q, k, v, o, lse, pad = ctx.saved_tensors
+    dq, dk, dv = _swa_bwd_op(do.contiguous(), q, k, v, o, lse, *ctx.args, pad)
+    return dq, dk, dv, None, None, None, None
+
+
+_swa_fwd_op.register_autograd(_swa_backward, setup_context=_swa_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------
+
+
+def swa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+    pad: Tensor | None = None,
+) -> Tensor:
+    """Causal sliding-window attention with optional attention sinks and GQA.
+
+    Args:
+      q: [B, T, HQ, D] queries (RoPE applied by the caller).
+      k, v: [B, T, HKV, D] keys (RoPE applied) and values, HQ % HKV == 0.
+      window_size: W >= 1; query t sees keys t - W < j <= t (W keys, itself included).
+      num_sinks: S >= 0; the first S (non-padding) keys are visible to every later query.
+      scale: softmax scale, default D ** -0.5.
+      pad: optional [B] int64 left-padding counts; keys at slots < pad[b] are invisible, sinks count
+        from pad[b], and padding queries (which see nothing) output 0.
+    Returns:
+      o: [B, T, HQ, D] in q's dtype. CUDA tensors run the Triton kernels, CPU tensors the reference.
+    """
+    if not torch.compiler.is_compiling():
+        check_swa_inputs(q, k, v, window_size, num_sinks, pad)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    o, _ = _swa_fwd_op(q, k, v, int(window_size), int(num_sinks), scale, pad)
+    return o

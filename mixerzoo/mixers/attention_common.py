@@ -1,0 +1,121 @@
+"""Pieces shared by the softmax-attention mixers: q/k/v/o projections with RoPE, GQA, masked attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .base import MixerConfig, TokenMixer
+from .rope import apply_rope
+
+__all__ = [
+    "AttentionMixer",
+    "check_attention_heads",
+    "masked_attention",
+    "self_diagonal",
+    "visible",
+]
+
+
+def check_attention_heads(cfg: MixerConfig) -> None:
+    """Validate ``num_kv_heads`` / ``head_dim`` / ``rope_theta`` of an attention config (in __post_init__)."""
+    cfg.check_int("num_kv_heads", minimum=1, allow_none=True)
+    cfg.check_int("head_dim", minimum=2, allow_none=True)
+    cfg.check_heads(head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads)
+    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.hidden_size // cfg.num_heads
+    if head_dim % 2:
+        # RoPE rotates pairs (i, i + D/2).
+        cfg.fail("head_dim", head_dim, "even (RoPE rotates pairs of channels)")
+    cfg.check_float("rope_theta")
+    if cfg.rope_theta <= 0:
+        cfg.fail("rope_theta", cfg.rope_theta, "> 0")
+
+
+class AttentionMixer(TokenMixer):
+    """Base of the softmax-attention mixers: q, k, v, o projections (no bias), RoPE on q and k at
+    absolute positions, GQA (``num_heads`` query heads HQ, ``num_kv_heads`` key/value heads HKV).
+
+    The config must have ``num_kv_heads``, ``head_dim`` and ``rope_theta`` (see check_attention_heads).
+    """
+
+    supports_gqa = True
+
+    def __init__(self, config: MixerConfig):
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads or config.num_heads
+        self.head_dim = config.head_dim or hidden // config.num_heads
+        self.rope_theta = float(config.rope_theta)
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k)."""
+        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
+
+    def out(self, o: Tensor) -> Tensor:
+        """o: [B, T, HQ, Dh] -> [B, T, D]."""
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+
+    def state_device_dtype(
+        self, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> tuple[torch.device | str, torch.dtype]:
+        """init_state defaults: the parameters' device and dtype."""
+        w = self.q_proj.weight
+        return (w.device if device is None else device), (w.dtype if dtype is None else dtype)
+
+
+def visible(
+    qpos: Tensor,
+    kpos: Tensor,
+    *,
+    window: int | None = None,
+    num_sinks: int = 0,
+) -> Tensor:
+    """Which keys each query sees, from absolute positions (negative = padding or an empty slot).
+
+    qpos: [B, T], kpos: [B, S] -> [B, T, S] bool
+    Key j is visible to query t iff ``0 <= j <= t`` and (``t - j < window`` or ``j < num_sinks``);
+    ``window=None`` is unbounded (full causal attention).
+    """
+    q = qpos[:, :, None]
+    k = kpos[:, None, :]
+    m = (k >= 0) & (k <= q)
+    if window is not None:
+        near = (q - k) < window
+        if num_sinks > 0:
+            near = near | (k < num_sinks)
+        m = m & near
+    return m
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Softmax attention under an explicit mask, through torch SDPA.
+
+    q: [B, T, HQ, Dh], k and v: [B, S, HKV, Dh], mask: [B, T, S] bool (True = visible) -> [B, T, HQ, Dh]
+    Every query row must see at least one key (callers let padding queries see themselves), because
+    some SDPA kernels return NaN for a fully masked row.
+    """
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return o.transpose(1, 2)
+
+
+def self_diagonal(T: int, device: torch.device) -> Tensor:
+    """[T, T] identity mask: lets each (padding) query see itself, so that no softmax row is empty."""
+    return torch.eye(T, dtype=torch.bool, device=device)

@@ -1,0 +1,175 @@
+"""Sliding-window attention kernels (mixerzoo/kernels/swa) against reference.py.
+
+Without a GPU the Triton launchers run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1); with one they run the compiled kernels on CUDA tensors.
+Triton 3.9's interpreter computes bf16 tl.dot wrongly (a plain bf16 16x16 dot is off by ~1e10), so on
+the CPU the kernels are checked in float32 and float16; bf16 is checked on the GPU.
+"""
+
+import pytest
+import torch
+
+from mixerzoo.kernels.swa import (
+    swa_attention,
+    swa_bwd,
+    swa_bwd_ref,
+    swa_decode,
+    swa_decode_fwd,
+    swa_decode_ref,
+    swa_fwd,
+    swa_fwd_ref,
+)
+from mixerzoo.kernels.swa.reference import swa_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# dtype -> (output tolerance, gradient tolerance) on relative RMSE, plus max-abs for float32
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1e-2, 2e-2)}
+KERNEL_DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, grad: bool = False) -> None:
+    """Fails when the relative RMSE of ``out`` against ``ref`` exceeds the dtype's tolerance (float32:
+    also max abs error 1e-4). The RMSE is taken relative to max(rms(ref), 0.1) (the inputs are unit
+    normals), so that gradients that vanish mathematically (T = 1: dq = dk = 0) are judged on absolute
+    error."""
+    ref, out = ref.float(), out.float()
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out - ref).abs()
+    rms_ref = ref.pow(2).mean().sqrt().clamp_min(0.1).item()
+    rel = (err.pow(2).mean().sqrt() / rms_ref).item()
+    print(f"{name}: max abs err {err.max().item():.3e}, rel RMSE {rel:.3e}")
+    tol = TOL[dtype][1 if grad else 0]
+    assert rel <= tol, f"{name}: rel RMSE {rel:.3e} > {tol:.1e}"
+    if dtype == torch.float32:
+        assert err.max().item() <= 1e-4, f"{name}: max abs err {err.max().item():.3e} > 1e-4"
+
+
+# (B, T, HQ, HKV, D, W, S, pad): T = 1, 63, 130; W above and below T; GQA 4:1; sinks 0 and 4
+CASES = [
+    pytest.param(1, 1, 2, 2, 64, 8, 4, None, id="T1-W8-S4"),
+    pytest.param(1, 63, 4, 1, 64, 16, 0, None, id="T63-W16-S0-gqa4"),
+    pytest.param(1, 63, 2, 2, 64, 100, 4, None, id="T63-W100-S4"),
+    pytest.param(2, 130, 4, 1, 64, 40, 4, None, id="T130-W40-S4-gqa4"),
+    pytest.param(1, 130, 2, 2, 64, 200, 0, None, id="T130-W200-S0"),
+    pytest.param(1, 130, 4, 1, 64, 1, 4, None, id="T130-W1-S4-gqa4"),
+    pytest.param(1, 130, 2, 1, 128, 33, 0, None, id="T130-W33-D128-gqa2"),
+    pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad"),
+]
+
+
+def _inputs(B, T, HQ, HKV, D, dtype, device=DEVICE):
+    q = torch.randn(B, T, HQ, D, device=device, dtype=dtype)
+    k = torch.randn(B, T, HKV, D, device=device, dtype=dtype)
+    v = torch.randn(B, T, HKV, D, device=device, dtype=dtype)
+    do = torch.randn(B, T, HQ, D, device=device, dtype=dtype)
+    return q, k, v, do
+
+
+def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype):
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
+    scale = D**-0.5
+    o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
+    grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
+    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close("o", o_ref, o, dtype)
+    real = torch.isfinite(lse_ref)
+    assert torch.equal(real, torch.isfinite(lse)), "lse: rows that see no key differ"
+    assert_close("lse", lse_ref[real], lse[real], dtype)
+    grads = swa_bwd(do, q, k, v, o, lse, W, S, scale, pad_t)
+    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+        assert out.dtype == dtype
+        assert_close(name, ref, out, dtype, grad=True)
+
+
+@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", CASES)
+def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
+def test_swa_launchers_half(dtype):
+    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype)
+
+
+def test_swa_reference_backward_matches_autograd():
+    """reference.py's explicit backward equals autograd through a dense masked softmax (float64)."""
+    B, T, HQ, HKV, D, W, S = 2, 37, 4, 2, 16, 9, 3
+    pad = torch.tensor([0, 5])
+    q, k, v, do = (x.double() for x in _inputs(B, T, HQ, HKV, D, torch.float32, "cpu"))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    vis = swa_mask(T, W, S, pad, "cpu")  # [B, 1, T, T]
+    s = torch.einsum("bthd,bjhd->bhtj", q, k.repeat_interleave(HQ // HKV, 2)) * D**-0.5
+    p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
+    o = torch.einsum("bhtj,bjhd->bthd", p, v.repeat_interleave(HQ // HKV, 2))
+    o.backward(do)
+    o_ref, lse = swa_fwd_ref(q.detach(), k.detach(), v.detach(), W, S, D**-0.5, pad)
+    assert_close("o", o, o_ref, torch.float32)
+    grads = swa_bwd_ref(do, q.detach(), k.detach(), v.detach(), o_ref, lse, W, S, D**-0.5, pad)
+    for name, x, g in zip(("dq", "dk", "dv"), (q, k, v), grads, strict=True):
+        assert_close(name, x.grad, g, torch.float32, grad=True)
+
+
+def test_swa_op_autograd_and_compile():
+    """The custom op on CPU (reference path): autograd, and torch.compile(fullgraph=True) == eager."""
+    B, T, HQ, HKV, D, W, S = 2, 45, 4, 2, 16, 8, 2
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")
+    pad = torch.tensor([3, 0])
+
+    def f(q, k, v):
+        return swa_attention(q, k, v, window_size=W, num_sinks=S, pad=pad)
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = fn(*xs)
+        o.backward(do)
+        outs.append((o.detach(), *(x.grad for x in xs)))
+    o_ref, lse = swa_fwd_ref(q, k, v, W, S, D**-0.5, pad)
+    grads_ref = swa_bwd_ref(do, q, k, v, o_ref, lse, W, S, D**-0.5, pad)
+    for eager_or_compiled in outs:
+        for name, ref, out in zip(("o", "dq", "dk", "dv"), (o_ref, *grads_ref), eager_or_compiled, strict=True):
+            assert_close(name, ref, out, torch.float32)
+
+
+def test_swa_opcheck():
+    B, T, HQ, HKV, D = 1, 20, 2, 1, 16
+    q, k, v, _ = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.mixerzoo.swa_fwd.default, (q, k, v, 6, 2, D**-0.5, None))
+
+
+@pytest.mark.parametrize("TQ", [1, 3])
+def test_swa_decode_kernel(TQ):
+    """Triton decode over a ring buffer + sinks (slots in any order, empty slots = -1) vs the reference."""
+    B, HQ, HKV, D, W, S = 2, 8, 2, 64, 16, 4
+    N = S + W
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    q = torch.randn(B, TQ, HQ, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, N, HKV, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, N, HKV, D, device=DEVICE, dtype=dtype)
+    seen = torch.tensor([40, 9])  # row 0: full ring; row 1: ring partly empty
+    cache_pos = torch.full((B, N), -1, dtype=torch.long)
+    q_pos = torch.empty(B, TQ, dtype=torch.long)
+    for b, n in enumerate(seen.tolist()):
+        cache_pos[b, :S] = torch.arange(S).clamp(max=n + TQ - 1)
+        for p in range(max(0, n + TQ - W), n + TQ):  # ring holds the window up to the last query
+            cache_pos[b, S + p % W] = p
+        q_pos[b] = torch.arange(n, n + TQ)
+    cache_pos, q_pos = cache_pos.to(DEVICE), q_pos.to(DEVICE)
+    ref = swa_decode_ref(q.float(), k.float(), v.float(), cache_pos, q_pos, W, S, D**-0.5)
+    assert_close("decode o", ref, swa_decode_fwd(q, k, v, cache_pos, q_pos, W, S), dtype)
+    assert_close("decode op", ref, swa_decode(q, k, v, cache_pos, q_pos, window_size=W, num_sinks=S), dtype)
+
+
+def test_swa_bad_inputs():
+    q, k, v, _ = _inputs(1, 8, 4, 2, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        swa_attention(q, k[:, :, :1].expand(1, 8, 3, 16), v[:, :, :1].expand(1, 8, 3, 16), window_size=4)
+    with pytest.raises(ValueError, match="window_size must be >= 1"):
+        swa_attention(q, k, v, window_size=0)
+    with pytest.raises(ValueError, match="head dims"):
+        swa_fwd(torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), 4)
