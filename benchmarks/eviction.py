@@ -1,0 +1,508 @@
+"""Eviction attention (LTE) on the GPU: correctness against the float32 reference, then the benchmark.
+
+Training attention (window W=769 plus 10% retained keys, bf16, H = HKV = 16, D = 128, 32768 tokens per
+call) forward and forward+backward against FlexAttention with the same mask built from the same scores;
+peak memory; the decode step (buffer update + attention over window + buffer) at 4K, 32K and 128K
+tokens seen against SDPA full-attention decode. Rows: op eviction_train / eviction_decode.
+
+    python benchmarks/eviction.py            # on a CUDA machine; writes benchmarks/results/<gpu>.json
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+
+_HERE = __import__("pathlib").Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # benchmarks/common.py and the mixerzoo checkout
+from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+
+from mixerzoo.kernels.eviction import (  # noqa: E402
+    buffer_insert_,
+    eviction_attention,
+    eviction_attention_ref,
+    eviction_attention_ref_bwd,
+    eviction_decode,
+    eviction_decode_attention_ref,
+    eviction_end,
+    visibility_end,
+)
+
+DEV = "cuda"
+H, D, W, FRAC, SINKS = 16, 128, 769, 0.10, 4
+ROWS: list[dict] = []
+FAILED: list[str] = []
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def section(fn):
+    def run(*a, **k):
+        try:
+            fn(*a, **k)
+        except Exception:  # keep the other sections' figures; the failure is printed and reported
+            traceback.print_exc()
+            FAILED.append(fn.__name__)
+        torch.cuda.empty_cache()
+
+    return run
+
+
+def scores(B, T, Hk, frac=FRAC):
+    # iid keep with probability frac: retained iff r > 0, r = sigmoid(z) - 0.5 in (-0.5, 0.5)
+    u = torch.rand(B, T, Hk, device=DEV)
+    return torch.where(u < frac, u / frac * 0.5, -u * 0.5)
+
+
+@section
+def correctness():
+    print("== correctness on the GPU vs the float32 reference ==")
+    torch.manual_seed(0)
+    for training in (True, False):
+        for dtype in (torch.bfloat16, torch.float32):
+            B, T, HQ, HK, Dh, Wc, C = 2, 1500, 8, 4, 128, 129, 40
+            q = torch.randn(B, T, HQ, Dh, device=DEV, dtype=dtype, requires_grad=True)
+            k = torch.randn(B, T, HK, Dh, device=DEV, dtype=dtype, requires_grad=True)
+            v = torch.randn(B, T, HK, Dh, device=DEV, dtype=dtype, requires_grad=True)
+            s = scores(B, T, HK, 0.2)
+            kw = dict(window_size=Wc, capacity=C, num_sinks=2, training=training)
+            o = eviction_attention(q, k, v, s, **kw)
+            do = torch.randn_like(o)
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+            o_r, _ = eviction_attention_ref(q.detach(), k.detach(), v.detach(), s, **kw)
+            g_r = eviction_attention_ref_bwd(do, q.detach().float(), k.detach().float(), v.detach().float(), s, **kw)
+            errs = [rel(o, o_r)] + [rel(a, b) for a, b in zip((dq, dk, dv), g_r, strict=True)]
+            lim = (1e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+            ok = errs[0] <= lim[0] and max(errs[1:]) <= lim[1]
+            print(
+                f"  {'train' if training else 'eval '} {str(dtype):15s} rel err o {errs[0]:.2e} dq {errs[1]:.2e} "
+                f"dk {errs[2]:.2e} dv {errs[3]:.2e}  {'OK' if ok else 'FAIL'}"
+            )
+            if not ok:
+                FAILED.append(f"correctness {training} {dtype}")
+    s = scores(2, 3000, 4, 0.5)
+    s = torch.round(s * 20) / 20  # ties
+    e_t = eviction_end(s, window_size=100, capacity=37, num_sinks=3)
+    e_r = visibility_end(s, window_size=100, capacity=37, num_sinks=3, training=False)
+    ok = torch.equal(e_t.long(), e_r)
+    print(f"  eviction_end (Triton) == reference: {ok}")
+    if not ok:
+        FAILED.append("eviction_end")
+    q = torch.randn(4, 8, 128, device=DEV, dtype=torch.bfloat16)
+    wk, wv = (torch.randn(4, 300, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    bk, bv = (torch.randn(4, 200, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    wok, bok = torch.rand(4, 300, 4, device=DEV) > 0.2, torch.rand(4, 200, 4, device=DEV) > 0.5
+    err = rel(
+        eviction_decode(q, wk, wv, wok, bk, bv, bok),
+        eviction_decode_attention_ref(q, wk, wv, wok, bk, bv, bok, scale=128**-0.5),
+    )
+    print(f"  decode bf16 rel err {err:.2e} {'OK' if err < 1e-2 else 'FAIL'}")
+    if err >= 1e-2:
+        FAILED.append("decode")
+
+
+def flex_setup(retained, B, T):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < W) | retained[b, h, kv_idx])
+
+    bm = create_block_mask(mask_mod, B, H, T, T, device=DEV, _compile=True)
+    return torch.compile(flex_attention, dynamic=False), bm
+
+
+@section
+def train_bench(T: int, with_flex: bool = True):
+    B = max(1, 32768 // T)
+    torch.manual_seed(T)
+    print(f"== eviction_train T={T} B={B} ==")
+    q, k, v = (torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    s = scores(B, T, H)
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16)
+    kw = dict(window_size=W, capacity=512, num_sinks=SINKS, training=True)
+    retained = (s > 0).permute(0, 2, 1).contiguous()  # [B, H, T]
+    retained[:, :, :SINKS] = True
+    frac = retained.float().mean().item()
+
+    def ours_f():
+        return eviction_attention(q, k, v, s, **kw)
+
+    def ours_fb():
+        torch.autograd.grad(eviction_attention(q, k, v, s, **kw), (q, k, v), do)
+
+    with torch.no_grad():
+        f_ms = time_ms(ours_f)
+    fb_ms = time_ms(ours_fb, warmup=3, repeat=10)
+    mem = peak_mem_mb(ours_fb)
+    row = dict(
+        op="eviction_train",
+        impl="mixerzoo",
+        T=T,
+        B=B,
+        H=H,
+        D=D,
+        fwd_ms=f_ms,
+        fwdbwd_ms=fb_ms,
+        peak_mem_mb=mem,
+        note=f"W={W}, {frac:.1%} retained, sinks {SINKS}",
+    )
+    ROWS.append(row)
+    print(f"  mixerzoo fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms, peak {mem:.0f} MiB")
+    if not with_flex:
+        return
+    flex, bm = flex_setup(retained, B, T)
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    doh = do.transpose(1, 2).contiguous()
+
+    def flex_f():
+        return flex(qh, kh, vh, block_mask=bm)
+
+    def flex_fb():
+        torch.autograd.grad(flex(qh, kh, vh, block_mask=bm), (qh, kh, vh), doh)
+
+    with torch.no_grad():
+        diff = rel(ours_f().float(), flex_f().transpose(1, 2).float())
+        ff_ms = time_ms(flex_f)
+    ffb_ms = time_ms(flex_fb, warmup=3, repeat=10)
+    fmem = peak_mem_mb(flex_fb)
+    print(
+        f"  flex     fwd {ff_ms:.3f} ms, fwd+bwd {ffb_ms:.3f} ms, peak {fmem:.0f} MiB; "
+        f"rel diff of outputs {diff:.2e}; speedup fwd {ff_ms / f_ms:.2f}x fwd+bwd {ffb_ms / fb_ms:.2f}x"
+    )
+    ROWS.append(
+        dict(
+            op="eviction_train",
+            impl="flex",
+            T=T,
+            B=B,
+            H=H,
+            D=D,
+            fwd_ms=ff_ms,
+            fwdbwd_ms=ffb_ms,
+            peak_mem_mb=fmem,
+            note=f"same mask; block mask compiled, its build not timed; output rel diff vs mixerzoo {diff:.1e}",
+        )
+    )
+
+
+def _peak_one(T: int) -> float:
+    q, k, v = (torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    s = scores(1, T, H)
+    do = torch.randn_like(q)
+    kw = dict(window_size=W, capacity=512, num_sinks=SINKS, training=True)
+    return peak_mem_mb(lambda: torch.autograd.grad(eviction_attention(q, k, v, s, **kw), (q, k, v), do))
+
+
+@section
+def memory_scaling():
+    print("== peak memory of fwd+bwd at B=1, above the inputs (linear in T?) ==")
+    for T in (8192, 16384, 32768, 65536):
+        mem = _peak_one(T)
+        inputs = 4 * T * H * D * 2 / 2**20
+        print(f"  T={T}: peak {mem:.0f} MiB (q, k, v, do: {inputs:.0f} MiB), {mem / T * 1024:.1f} MiB per 1K tokens")
+        note = "memory scaling run, B=1, fwd+bwd"
+        ROWS.append(dict(op="eviction_train", impl="mixerzoo", T=T, B=1, H=H, D=D, peak_mem_mb=mem, note=note))
+        torch.cuda.empty_cache()
+
+
+B_DEC, W_DEC, C_DEC = 32, 512, 512
+
+
+def _decode_ours(seen: int) -> None:
+    B, Wd, C = B_DEC, W_DEC, C_DEC
+    torch.manual_seed(seen)
+    bf = torch.bfloat16
+    scale = D**-0.5
+    win_k, win_v = (torch.randn(B, Wd, H, D, device=DEV, dtype=bf) for _ in range(2))
+    buf_k, buf_v = (torch.randn(B, C, H, D, device=DEV, dtype=bf) for _ in range(2))
+    win_score = scores(B, Wd, H)
+    buf_score = torch.rand(B, C, H, device=DEV)
+    buf_pos = torch.randint(0, seen - Wd, (B, C, H), device=DEV)
+    state_bytes = sum(x.numel() * x.element_size() for x in (win_k, win_v, buf_k, buf_v, buf_score, buf_pos, win_score))
+    q = torch.randn(B, H, D, device=DEV, dtype=bf)
+    kn, vn = (torch.randn(B, H, D, device=DEV, dtype=bf) for _ in range(2))
+    sn = scores(B, 1, H)[:, 0]
+    t = torch.tensor(seen, device=DEV)  # a tensor: the compiled / captured step does not depend on it
+    ar = torch.arange(Wd, device=DEV)
+
+    def step():
+        r = torch.remainder(t, Wd).view(1)  # the leaving token shares the new token's ring slot
+        lk, lv = win_k.index_select(1, r)[:, 0], win_v.index_select(1, r)[:, 0]
+        ls = win_score.index_select(1, r)[:, 0]
+        buffer_insert_(buf_k, buf_v, buf_score, buf_pos, lk, lv, ls, (t - Wd).expand(B, H))
+        win_k.index_copy_(1, r, kn[:, None])
+        win_v.index_copy_(1, r, vn[:, None])
+        win_score.index_copy_(1, r, sn[:, None])
+        ring_pos = t - torch.remainder(t - ar, Wd)  # [W]
+        wok = (ring_pos >= 0)[None, :, None].expand(B, Wd, H)
+        return eviction_decode(q, win_k, win_v, wok, buf_k, buf_v, buf_pos >= 0, scale=scale)
+
+    eager_ms = time_ms(step, warmup=10, repeat=100)
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        step()
+    graph_ms = time_ms(g.replay, warmup=10, repeat=200)
+
+    # the attention alone: the Triton kernel vs SDPA over the same fixed buffer (concatenated, masked)
+    wok = torch.ones(B, Wd, H, dtype=torch.bool, device=DEV)
+    bok = buf_pos >= 0
+    attn_ms = time_ms(lambda: eviction_decode(q, win_k, win_v, wok, buf_k, buf_v, bok, scale=scale), repeat=100)
+
+    def sdpa_buf():
+        kk = torch.cat((win_k, buf_k), 1).transpose(1, 2)
+        vv = torch.cat((win_v, buf_v), 1).transpose(1, 2)
+        m = torch.cat((wok, bok), 1).permute(0, 2, 1)[:, :, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=m)
+
+    sdpa_buf_ms = time_ms(sdpa_buf, repeat=100)
+    print(
+        f"  seen {seen}: step eager {eager_ms:.4f} ms, CUDA graph {graph_ms:.4f} ms; attention alone: "
+        f"Triton {attn_ms:.4f} ms, SDPA over the same buffer {sdpa_buf_ms:.4f} ms"
+    )
+    note = (
+        f"W={Wd} C={C}; buffer update + ring write + attention, CUDA graph (eager {eager_ms:.4f} ms); "
+        f"attention alone {attn_ms:.4f} ms, SDPA over the same buffer {sdpa_buf_ms:.4f} ms"
+    )
+    ROWS.append(
+        dict(
+            op="eviction_decode",
+            impl="mixerzoo",
+            T=seen,
+            B=B,
+            H=H,
+            D=D,
+            decode_ms=graph_ms,
+            state_bytes=state_bytes,
+            note=note,
+        )
+    )
+
+
+def _decode_sdpa(seen: int) -> None:
+    B = B_DEC
+    bf = torch.bfloat16
+    kc = torch.empty(B, H, seen + 1, D, device=DEV, dtype=bf).normal_()
+    vc = torch.empty(B, H, seen + 1, D, device=DEV, dtype=bf).normal_()
+    q = torch.randn(B, H, 1, D, device=DEV, dtype=bf)
+    kn, vn = (torch.randn(B, H, D, device=DEV, dtype=bf) for _ in range(2))
+
+    def step():
+        kc[:, :, seen] = kn
+        vc[:, :, seen] = vn
+        return torch.nn.functional.scaled_dot_product_attention(q, kc, vc)
+
+    ms = time_ms(step, warmup=10, repeat=50)
+    print(f"  SDPA full-attention decode, {seen} cached: {ms:.4f} ms")
+    ROWS.append(
+        dict(
+            op="eviction_decode",
+            impl="sdpa",
+            T=seen,
+            B=B,
+            H=H,
+            D=D,
+            decode_ms=ms,
+            state_bytes=2 * kc.numel() * 2,
+            note="full KV cache: cache write + SDPA",
+        )
+    )
+
+
+@section
+def decode_bench():
+    print(f"== decode step, B={B_DEC} H={H} D={D} W={W_DEC} C={C_DEC} ==")
+    for seen in (4096, 32768, 131072):
+        _decode_ours(seen)
+    for seen in (4096, 32768, 131072):
+        _decode_sdpa(seen)
+        torch.cuda.empty_cache()
+
+
+def _cands(rows, keys):
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+# candidates whose ptxas report (cuobjdump --dump-resource-usage on a CPU-compiled sm_90 cubin) shows
+# no or little stack (spills); first entry: the current default
+_Q = ("BT", "BS", "BC", "num_warps", "num_stages")
+_K = ("BT", "BS", "num_warps", "num_stages")
+SWEEP = {
+    "fwd": _cands([(128, 64, 64, 8, 2)], _Q),
+    "dq": _cands([(128, 32, 32, 8, 2), (128, 64, 64, 8, 2)], _Q),
+    "dkdv": _cands([(128, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)], _K),
+    "listed": _cands([(128, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)], _K),
+}
+
+
+def _check_vs_reference(label: str, semantics=(True, False)) -> None:
+    """bf16 kernels at the benchmark's head shape vs the float32 reference (T=2048, B=1)."""
+    torch.manual_seed(7)
+    T = 2048
+    q, k, v, do = (torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    s = scores(1, T, H, 0.2)
+    for training in semantics:
+        kw = dict(window_size=W, capacity=100, num_sinks=SINKS, training=training)
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        o = eviction_attention(qg, kg, vg, s, **kw)
+        g = torch.autograd.grad(o, (qg, kg, vg), do)
+        o_r, _ = eviction_attention_ref(q, k, v, s, **kw)
+        g_r = eviction_attention_ref_bwd(do, q.float(), k.float(), v.float(), s, **kw)
+        errs = [rel(o, o_r)] + [rel(a, b) for a, b in zip(g, g_r, strict=True)]
+        ok = errs[0] <= 1e-2 and max(errs[1:]) <= 2e-2
+        print(
+            f"  {label} {'train' if training else 'eval'} vs reference: o {errs[0]:.1e} dq {errs[1]:.1e} "
+            f"dk {errs[2]:.1e} dv {errs[3]:.1e} {'OK' if ok else 'FAIL'}"
+        )
+        if not ok:
+            FAILED.append(f"{label} {training}")
+
+
+@section
+def sweep(T: int = 32768):
+    """Coordinate search over each kernel's tiles at T (B=1); keeps the fastest in attention.CUDA_TILES."""
+    from mixerzoo.kernels.eviction import attention as att
+
+    print(f"== tile sweep at T={T} ==")
+    _check_vs_reference("default tiles")
+    torch.manual_seed(5)
+    q, k, v, do = (torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    s = scores(1, T, H)
+    kpos, kend, kcum = att.eviction_intervals(s, window_size=W, capacity=512, num_sinks=SINKS, training=True)
+    scale = D**-0.5
+    o, lse = att.eviction_attention_fwd(q, k, v, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True)
+    ref_o = o.clone()
+    ref_g = att.eviction_attention_bwd(
+        do, q, k, v, o, lse, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True
+    )
+    for kernel, cands in SWEEP.items():
+        best = None
+        for cfg in cands:
+            att.CUDA_TILES[kernel] = cfg
+            try:
+                if kernel == "fwd":
+                    fn = lambda: att.eviction_attention_fwd(
+                        q, k, v, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True
+                    )  # noqa: E731
+                    err = rel(fn()[0], ref_o)
+                else:
+                    fn = lambda: att.eviction_attention_bwd(  # noqa: E731
+                        do, q, k, v, o, lse, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True
+                    )
+                    err = max(rel(a, b) for a, b in zip(fn(), ref_g, strict=True))
+                ms = time_ms(fn, warmup=2, repeat=7)
+            except Exception as e:  # a tile that does not fit (shared memory, registers) is skipped
+                print(f"  {kernel} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            ok = err < 1e-2
+            print(f"  {kernel} {cfg}: {ms:.3f} ms (fwd or whole bwd), rel diff vs default {err:.1e}")
+            if ok and (best is None or ms < best[0]):
+                best = (ms, cfg)
+        att.CUDA_TILES[kernel] = best[1] if best else cands[0]
+    print("  chosen CUDA_TILES =", att.CUDA_TILES)
+    _check_vs_reference("chosen tiles", semantics=(True,))
+    from torch.profiler import ProfilerActivity, profile
+
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(
+            eviction_attention(qg, kg, vg, s, window_size=W, capacity=512, num_sinks=SINKS, training=True),
+            (qg, kg, vg),
+            do,
+        )
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=40))
+
+
+def resources() -> None:
+    """No GPU needed: compile each kernel for sm_90 on this machine and print, per tile candidate, the
+    registers, stack frame (spills), Hopper MMA (HGMMA) vs older MMA (HMMA) and local loads in the SASS.
+    Uses this machine's Triton, which may differ from the GPU machine's: a lead, not a measurement."""
+    import inspect
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mixerzoo.kernels.eviction import attention as att
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    types = dict(lse="*fp32", delta="*fp32", kpos="*i32", kend="*i32", kcum="*i32", scale="fp32", scale_log2="fp32")
+    for kernel, fn in (
+        ("fwd", att._fwd_kernel),
+        ("dq", att._bwd_dq_kernel),
+        ("dkdv", att._bwd_dkdv_kernel),
+        ("listed", att._bwd_dkdv_kernel),
+    ):
+        for cfg in SWEEP[kernel]:
+            consts = dict(HQ=H, HKV=H, D=D, BD=D, PREC="tf32", OPEN_ENDED=True, **cfg)
+            if kernel in ("dkdv", "listed"):
+                consts["LISTED"] = kernel == "listed"
+            opts = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
+            params = inspect.signature(fn.fn).parameters
+            sig = {
+                n: "constexpr" if n in consts else types.get(n, "i32" if n in ("T", "W") else "*bf16") for n in params
+            }
+            k = triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts
+            )
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                use = subprocess.run(
+                    [f"{tools}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True
+                ).stdout
+                sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+            regs = re.search(r"REG:(\d+) STACK:(\d+)", use)
+            print(
+                f"{kernel:6s} {cfg}: registers {regs[1]}, stack {regs[2]} B, HGMMA {sass.count('HGMMA')}, "
+                f"HMMA {sass.count('HMMA')}, LDL {sass.count('LDL')}"
+            )
+
+
+def main():
+    only = sys.argv[1:]
+    if "resources" in only:
+        resources()
+        return
+    print(torch.cuda.get_device_name(), torch.__version__)
+    if "quick" in only:  # GPU check of the current kernels vs the reference, then the training timings
+        section(_check_vs_reference)("default tiles")
+        train_bench(32768, with_flex=False)
+        train_bench(8192, with_flex=False)
+    if "sweep" in only:
+        sweep()
+        train_bench(8192, with_flex=False)
+        train_bench(32768, with_flex="H200" not in torch.cuda.get_device_name())
+    if not only or "check" in only:
+        correctness()
+    if not only or "train" in only:
+        train_bench(8192)
+        train_bench(32768)
+        memory_scaling()
+    if not only or "decode" in only:
+        decode_bench()
+    if ROWS:
+        print_table(ROWS)
+        print("results:", write_results({r["op"] for r in ROWS}, ROWS))
+    if FAILED:
+        print("FAILED:", FAILED)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1151 @@
+"""Eviction attention (learnable token eviction, LTE; SPEC 4.3): sliding window plus retained keys.
+
+Triton kernels for the training / prefill form. Per (batch, KV head) the keys that are visible beyond
+the window are compacted into a sorted list with visibility intervals (see ``reference.py``); each query
+block walks its window band and then the prefix of that list whose intervals can start inside the
+block. Work grows with T x (W + retained keys), memory with T: no T x T mask is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import (
+    compact_intervals,
+    effective_score,
+    eviction_attention_ref,
+    eviction_attention_ref_bwd,
+    visibility_end,
+)
+
+__all__ = [
+    "eviction_attention",
+    "eviction_attention_bwd",
+    "eviction_attention_fwd",
+    "eviction_end",
+    "eviction_intervals",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _evict_end_kernel(
+    rpos,  # [B*HKV, T] int32: positions of the retained tokens, ascending (padding T)
+    rscore,  # [B*HKV, T] float32: their scores (+inf for sinks)
+    rcum,  # [B*HKV, T] int32: running count of retained tokens; the last entry is the list length
+    end,  # [B*HKV, T] int32 out: buffer-interval end of each listed token
+    T,
+    W,
+    C,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    # inference semantics: entry i enters the buffer iff fewer than C earlier retained tokens score
+    # >= s_i, and leaves when the (C - that count)-th later token with a strictly greater score does
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    base = i_bh.to(tl.int64) * T
+    n = tl.load(rcum + base + T - 1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < n
+    b_s = tl.load(rscore + base + o_r, mask=m_r, other=0.0)
+    b_p = tl.load(rpos + base + o_r, mask=m_r, other=0)
+    b_a = tl.zeros([BR], dtype=tl.int32)
+    for c0 in range(0, tl.minimum(i_r * BR + BR, n), BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c < n
+        b_cs = tl.load(rscore + base + o_c, mask=m_c, other=float("-inf"))
+        m_ge = (o_c[None, :] < o_r[:, None]) & m_c[None, :] & (b_cs[None, :] >= b_s[:, None])
+        b_a += tl.sum(m_ge.to(tl.int32), axis=1)
+    b_need = C - b_a
+    b_cnt = tl.zeros([BR], dtype=tl.int32)
+    b_first = tl.zeros([BR], dtype=tl.int32) + T
+    for c0 in range(i_r * BR, n, BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c < n
+        b_cs = tl.load(rscore + base + o_c, mask=m_c, other=float("-inf"))
+        b_cp = tl.load(rpos + base + o_c, mask=m_c, other=0)
+        m_gt = (o_c[None, :] > o_r[:, None]) & m_c[None, :] & (b_cs[None, :] > b_s[:, None])
+        b_run = b_cnt[:, None] + tl.cumsum(m_gt.to(tl.int32), axis=1)
+        m_hit = m_gt & (b_run == b_need[:, None])
+        b_first = tl.minimum(b_first, tl.min(tl.where(m_hit, b_cp[None, :], T), axis=1))
+        b_cnt += tl.sum(m_gt.to(tl.int32), axis=1)
+    b_e = tl.where(b_first < T, b_first + W, T)
+    b_e = tl.where(b_a >= C, b_p + W, b_e)
+    tl.store(end + base + o_r, tl.minimum(b_e, T), mask=m_r)
+
+
+@triton.jit
+def _fwd_range(
+    b_q,
+    b_acc,
+    b_m,
+    b_l,
+    k,
+    v,
+    kpos,
+    kend,
+    lo,
+    hi,
+    o_t,
+    T,
+    W,
+    scale_log2,
+    o_d,
+    m_d,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    LISTED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    # online softmax over the key blocks [lo, hi): window rows (LISTED=False) or entries of the list
+    # (kpos, kend already at this batch and head). MASKED=False only for blocks whose every key is
+    # visible to every query row (and, for the list, whose every entry is valid): no mask math at all.
+    for c0 in range(lo, hi, BK):
+        o_c = c0 + tl.arange(0, BK)
+        if LISTED:
+            m_c = o_c < hi
+            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
+            if MASKED:
+                b_end = tl.load(kend + o_c, mask=m_c, other=0)
+                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
+        else:
+            o_j = o_c
+            m_c = o_c < T
+            if MASKED:
+                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
+        off_k = o_j[:, None] * (HKV * D) + o_d[None, :]  # int32 per element: see _check_sizes
+        b_k = tl.load(k + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(v + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        # [BT, BD] @ [BD, BK] -> [BT, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        if MASKED:
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # rows with nothing visible yet stay at zero
+        b_p = tl.exp2(b_s - b_mz[:, None])
+        b_alpha = tl.exp2(b_m - b_mz)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        # [BT, BK] @ [BK, BD] -> [BT, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_m = b_mn
+    return b_acc, b_m, b_l
+
+
+@triton.jit
+def _dq_range(
+    b_q,
+    b_do,
+    b_lse2,
+    b_delta,
+    b_dq,
+    k,
+    v,
+    kpos,
+    kend,
+    lo,
+    hi,
+    o_t,
+    T,
+    W,
+    scale_log2,
+    o_d,
+    m_d,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    LISTED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    # dq over the key blocks [lo, hi), visibility as in _fwd_range
+    for c0 in range(lo, hi, BK):
+        o_c = c0 + tl.arange(0, BK)
+        if LISTED:
+            m_c = o_c < hi
+            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
+            if MASKED:
+                b_end = tl.load(kend + o_c, mask=m_c, other=0)
+                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
+        else:
+            o_j = o_c
+            m_c = o_c < T
+            if MASKED:
+                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
+        off_k = o_j[:, None] * (HKV * D) + o_d[None, :]  # int32 per element: see _check_sizes
+        b_k = tl.load(k + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(v + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        # [BT, BD] @ [BD, BK] -> [BT, BK]
+        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2 - b_lse2[:, None])
+        if MASKED:
+            b_p = tl.where(m_vis, b_p, 0.0)
+        # [BT, BD] @ [BD, BK] -> [BT, BK]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        # [BT, BK] @ [BK, BD] -> [BT, BD]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    return b_dq
+
+
+@triton.jit
+def _window_split(t0, t_last, W, BT: tl.constexpr, BS: tl.constexpr):
+    # key blocks of the band of queries [t0, t0 + BT): [lo, a) masked, [a, b) every key visible to
+    # every query, [c, t_last] masked; block-aligned, so the three ranges never overlap
+    lo = tl.maximum(t0 - W + 1, 0) // BS * BS
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(t0 + BT - W, 0), BS) * BS, lo)
+    full_hi = tl.maximum((t0 + 1) // BS * BS, full_lo)
+    a = tl.minimum(full_lo, t_last + 1)
+    return lo, a, full_lo, full_hi, tl.maximum(full_hi, a)
+
+
+@triton.jit
+def _fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,  # q, o: [B, T, HQ, D]; k, v: [B, T, HKV, D]; lse: [B, HQ, T] float32
+    kpos,
+    kend,
+    kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
+    scale_log2,
+    T,
+    W,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    OPEN_ENDED: tl.constexpr,  # every listed key stays visible to the end (training semantics)
+):
+    tl.static_assert(HQ % HKV == 0)
+    G: tl.constexpr = HQ // HKV
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_hk = i_hq // G
+    t0 = i_t * BT
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
+    q, o = q + q_bh, o + q_bh
+    off_q = o_t[:, None] * (HQ * D) + o_d[None, :]
+    b_q = tl.load(q + off_q, mask=m_t[:, None] & m_d[None, :], other=0.0)
+    k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    b_m = tl.zeros([BT], dtype=tl.float32) + float("-inf")
+    b_l = tl.zeros([BT], dtype=tl.float32)
+    b_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    t_last = tl.minimum(t0 + BT, T) - 1
+
+    # (a) listed keys whose interval can start inside this block: a prefix of the sorted list; with
+    # open intervals, the entries at positions <= t0 - W are visible to every row of the block
+    l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
+    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
+    n_full = 0
+    if OPEN_ENDED:
+        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BC * BC
+    lk, le = kpos + l_bh, kend + l_bh
+    b_acc, b_m, b_l = _fwd_range(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        0,
+        n_full,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BC,
+        PREC,
+        True,
+        False,
+    )
+    b_acc, b_m, b_l = _fwd_range(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        n_full,
+        n,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BC,
+        PREC,
+        True,
+        True,
+    )
+    # (b) the window band, keys t - W < j <= t: masked edges, unmasked interior
+    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
+    b_acc, b_m, b_l = _fwd_range(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        lo,
+        a,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        True,
+    )
+    b_acc, b_m, b_l = _fwd_range(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        full_lo,
+        full_hi,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        False,
+    )
+    b_acc, b_m, b_l = _fwd_range(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        c,
+        t_last + 1,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        True,
+    )
+
+    b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
+    b_o = b_acc / b_l[:, None]
+    tl.store(o + off_q, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    b_lse = (b_m + tl.log2(b_l)) / 1.4426950408889634
+    tl.store(lse + (i_b.to(tl.int64) * HQ + i_hq) * T + o_t, b_lse, mask=m_t)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q,
+    k,
+    v,
+    o,
+    do,
+    lse,
+    delta,
+    dq,  # delta: [B, HQ, T] float32 out, rowsum(o * do)
+    kpos,
+    kend,
+    kcum,
+    scale,
+    scale_log2,
+    T,
+    W,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    OPEN_ENDED: tl.constexpr,
+):
+    G: tl.constexpr = HQ // HKV
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_hk = i_hq // G
+    t0 = i_t * BT
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
+    q, o, do, dq = q + q_bh, o + q_bh, do + q_bh, dq + q_bh
+    off = o_t[:, None] * (HQ * D) + o_d[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + off, mask=m_td, other=0.0)
+    b_do = tl.load(do + off, mask=m_td, other=0.0)
+    b_o = tl.load(o + off, mask=m_td, other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    p_row = (i_b.to(tl.int64) * HQ + i_hq) * T + o_t
+    tl.store(delta + p_row, b_delta, mask=m_t)
+    b_lse2 = tl.load(lse + p_row, mask=m_t, other=0.0) * 1.4426950408889634
+    k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    b_dq = tl.zeros([BT, BD], dtype=tl.float32)
+    t_last = tl.minimum(t0 + BT, T) - 1
+
+    l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
+    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
+    n_full = 0
+    if OPEN_ENDED:
+        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BC * BC
+    lk, le = kpos + l_bh, kend + l_bh
+    b_dq = _dq_range(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        0,
+        n_full,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BC,
+        PREC,
+        True,
+        False,
+    )
+    b_dq = _dq_range(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        n_full,
+        n,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BC,
+        PREC,
+        True,
+        True,
+    )
+    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
+    b_dq = _dq_range(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        lo,
+        a,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        True,
+    )
+    b_dq = _dq_range(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        full_lo,
+        full_hi,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        False,
+    )
+    b_dq = _dq_range(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k_bh,
+        v_bh,
+        lk,
+        le,
+        c,
+        t_last + 1,
+        o_t,
+        T,
+        W,
+        scale_log2,
+        o_d,
+        m_d,
+        HKV,
+        D,
+        BS,
+        PREC,
+        False,
+        True,
+    )
+    tl.store(dq + off, (b_dq * scale).to(dq.dtype.element_ty), mask=m_td)
+
+
+@triton.jit
+def _dkdv_range(
+    b_k,
+    b_v,
+    b_dk,
+    b_dv,
+    q,
+    do,
+    lse,
+    delta,
+    lo,
+    hi,
+    b_start,
+    b_end,
+    m_j,
+    T,
+    scale_log2,
+    o_d,
+    m_d,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    # dk, dv of one key block from the query blocks [lo, hi) of one query head (q, do, lse, delta
+    # at that batch and head); key row i is visible to queries [b_start[i], b_end[i]). MASKED=False:
+    # all visible. Query rows past T load zeros for q and do, so they add nothing even unmasked.
+    for t0 in range(lo, hi, BT):
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < T
+        off = o_t[:, None] * (HQ * D) + o_d[None, :]
+        b_q = tl.load(q + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(do + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_lse2 = tl.load(lse + o_t, mask=m_t, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(delta + o_t, mask=m_t, other=0.0)
+        # [BS, BD] @ [BD, BT] -> [BS, BT]
+        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale_log2 - b_lse2[None, :])
+        if MASKED:
+            m_vis = (o_t[None, :] >= b_start[:, None]) & (o_t[None, :] < b_end[:, None]) & m_j[:, None]
+            b_pt = tl.where(m_vis, b_pt, 0.0)
+        # [BS, BT] @ [BT, BD] -> [BS, BD]
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+        # [BS, BD] @ [BD, BT] -> [BS, BT]
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        # [BS, BT] @ [BT, BD] -> [BS, BD]
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    kpos,
+    kend,
+    kcum,
+    scale,
+    scale_log2,
+    T,
+    W,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    LISTED: tl.constexpr,
+    OPEN_ENDED: tl.constexpr,
+):
+    # LISTED=False: program i owns key rows [i*BS, i*BS + BS) and their window band of queries, and
+    #   writes dk, dv there. LISTED=True: program i owns entries [i*BS, i*BS + BS) of the compacted
+    #   list, walks the queries of their intervals, and adds into dk, dv at their positions; it runs
+    #   after the window launch, and positions in one list are distinct, so no atomics.
+    G: tl.constexpr = HQ // HKV
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_s = i_s * BS + tl.arange(0, BS)
+    if LISTED:
+        l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
+        n = tl.load(kcum + l_bh + T - 1)
+        m_j = o_s < n
+        o_j = tl.load(kpos + l_bh + o_s, mask=m_j, other=0)
+        b_start = o_j + W
+        b_end = tl.load(kend + l_bh + o_s, mask=m_j, other=0)
+        t_lo = tl.min(tl.where(m_j, b_start, T), axis=0) // BT * BT
+        t_hi = tl.max(tl.where(m_j, b_end, 0), axis=0)
+        if OPEN_ENDED:  # query blocks from the last entry's start on see every entry
+            full_lo = tl.cdiv(tl.max(tl.where(m_j, b_start, 0), axis=0), BT) * BT
+            full_hi = T // BT * BT
+        else:
+            full_lo = t_hi
+            full_hi = t_hi
+    else:
+        j0 = i_s * BS
+        o_j = o_s
+        m_j = o_j < T
+        b_start = o_j
+        b_end = tl.minimum(o_j + W, T)
+        t_lo = j0 // BT * BT
+        t_hi = tl.minimum(j0 + BS - 1 + W, T)
+        # query blocks [t0, t0 + BT) with j0 + BS - 1 <= t0 and t0 + BT <= j0 + W see the whole block
+        full_lo = tl.cdiv(j0 + BS - 1, BT) * BT
+        full_hi = tl.minimum((j0 + W) // BT * BT, T // BT * BT)
+    full_lo = tl.maximum(full_lo, t_lo)
+    full_hi = tl.maximum(full_hi, full_lo)
+    a = tl.minimum(full_lo, t_hi)
+    c = tl.maximum(full_hi, a)
+    kv_bh = (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    k, v, dk, dv = k + kv_bh, v + kv_bh, dk + kv_bh, dv + kv_bh
+    p_kv = o_j[:, None] * (HKV * D) + o_d[None, :]
+    m_jd = m_j[:, None] & m_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
+    b_dk = tl.zeros([BS, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BS, BD], dtype=tl.float32)
+    for g in range(G):
+        i_hq = i_hk * G + g
+        q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
+        r_bh = (i_b.to(tl.int64) * HQ + i_hq) * T
+        b_dk, b_dv = _dkdv_range(
+            b_k,
+            b_v,
+            b_dk,
+            b_dv,
+            q + q_bh,
+            do + q_bh,
+            lse + r_bh,
+            delta + r_bh,
+            t_lo,
+            a,
+            b_start,
+            b_end,
+            m_j,
+            T,
+            scale_log2,
+            o_d,
+            m_d,
+            HQ,
+            D,
+            BT,
+            PREC,
+            True,
+        )
+        b_dk, b_dv = _dkdv_range(
+            b_k,
+            b_v,
+            b_dk,
+            b_dv,
+            q + q_bh,
+            do + q_bh,
+            lse + r_bh,
+            delta + r_bh,
+            full_lo,
+            full_hi,
+            b_start,
+            b_end,
+            m_j,
+            T,
+            scale_log2,
+            o_d,
+            m_d,
+            HQ,
+            D,
+            BT,
+            PREC,
+            False,
+        )
+        b_dk, b_dv = _dkdv_range(
+            b_k,
+            b_v,
+            b_dk,
+            b_dv,
+            q + q_bh,
+            do + q_bh,
+            lse + r_bh,
+            delta + r_bh,
+            c,
+            t_hi,
+            b_start,
+            b_end,
+            m_j,
+            T,
+            scale_log2,
+            o_d,
+            m_d,
+            HQ,
+            D,
+            BT,
+            PREC,
+            True,
+        )
+    b_dk = b_dk * scale
+    if LISTED:
+        b_dk += tl.load(dk + p_kv, mask=m_jd, other=0.0).to(tl.float32)
+        b_dv += tl.load(dv + p_kv, mask=m_jd, other=0.0).to(tl.float32)
+    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_jd)
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_jd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+# Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
+# key rows, or list entries in the listed pass), BC list entries. Measured on an H200 at T=32768,
+# D=128 (benchmarks/NOTES-eviction.md); benchmarks/eviction.py's `sweep` retries the candidates.
+CUDA_TILES = {
+    "fwd": dict(BT=128, BS=64, BC=64, num_warps=8, num_stages=2),
+    "dq": dict(BT=128, BS=32, BC=32, num_warps=8, num_stages=2),
+    "dkdv": dict(BT=128, BS=64, num_warps=8, num_stages=2),
+    "listed": dict(BT=128, BS=64, num_warps=8, num_stages=2),
+}
+# the interpreter (CPU tensors): small tiles keep the tests fast and exercise partial blocks
+_INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, num_warps=4, num_stages=1)
+
+
+def _tiles(x: Tensor, kernel: str) -> dict:
+    if x.device.type != "cuda":
+        return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
+    return CUDA_TILES[kernel]
+
+
+def _check_sizes(T: int, H: int, D: int) -> None:
+    # the kernels offset one sequence's rows with 32-bit integers (64-bit bases per batch and head)
+    if T * H * D >= 2**31:
+        raise ValueError(f"eviction_attention: T * heads * head_dim must be < 2**31 per sequence, got {T}*{H}*{D}")
+
+
+def _prec(x: Tensor) -> str:
+    # float32 inputs get exact float32 products, so the fp32 kernel matches the reference tightly
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: int) -> Tensor:
+    """Triton form of :func:`reference.visibility_end` for the inference semantics.
+
+    score: [B, T, HKV] -> end: [B, T, HKV] int32. Work ~ retained^2 per (batch, head), memory ~ T.
+    """
+    B, T, H = score.shape
+    s = effective_score(score, num_sinks).permute(0, 2, 1)  # [B, H, T]
+    ret = s > 0
+    rcum = ret.cumsum(-1, dtype=torch.int32)
+    dest = torch.where(ret, rcum - 1, T).long()  # non-retained go to a spill column, cut below
+    j = torch.arange(T, device=score.device, dtype=torch.int32).expand(B, H, T).contiguous()
+    rpos = torch.full((B, H, T + 1), T, dtype=torch.int32, device=score.device)
+    rscore = torch.zeros((B, H, T + 1), dtype=torch.float32, device=score.device)
+    rpos.scatter_(-1, dest, j)
+    rscore.scatter_(-1, dest, s.contiguous())
+    rpos, rscore = rpos[..., :T].contiguous(), rscore[..., :T].contiguous()
+    end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
+    BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
+    _evict_end_kernel[(triton.cdiv(T, BR), B * H)](
+        rpos, rscore, rcum, end_c, T, window_size, capacity, BR=BR, BC=BC, num_warps=4
+    )
+    end = torch.zeros((B, H, T + 1), dtype=torch.int32, device=score.device)
+    end.scatter_(-1, rpos.long(), end_c)  # list padding (position T) lands in the spill column
+    return end[..., :T].permute(0, 2, 1)
+
+
+def eviction_intervals(
+    score: Tensor, *, window_size: int, capacity: int, num_sinks: int, training: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The compacted list of keys visible beyond the window, per (batch, KV head).
+
+    score: [B, T, HKV] -> kpos, kend, kcum: [B, HKV, T] int32 (see :func:`reference.compact_intervals`).
+    Inference-semantics eviction times come from :func:`eviction_end` on CUDA, from the reference
+    elsewhere.
+    """
+    if training or score.device.type != "cuda":
+        end = visibility_end(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training)
+    else:
+        end = eviction_end(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks)
+    return compact_intervals(end, window_size)
+
+
+def eviction_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kpos: Tensor,
+    kend: Tensor,
+    kcum: Tensor,
+    *,
+    window_size: int,
+    scale: float,
+    open_ended: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Triton forward. q: [B, T, HQ, D]; k, v: [B, T, HKV, D]; kpos, kend, kcum: [B, HKV, T] int32
+    -> o: [B, T, HQ, D], lse: [B, HQ, T] float32 (natural log).
+
+    ``open_ended=True`` promises that every listed key stays visible to the end (``kend == T``, the
+    training semantics), which lets whole blocks skip the mask."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    _check_sizes(T, HQ, D)
+    cfg = _tiles(q, "fwd")
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
+    _fwd_kernel[(triton.cdiv(T, cfg["BT"]), B * HQ)](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        kpos,
+        kend,
+        kcum,
+        scale * _LOG2E,
+        T,
+        window_size,
+        HQ=HQ,
+        HKV=HKV,
+        D=D,
+        BD=max(16, triton.next_power_of_2(D)),
+        PREC=_prec(q),
+        OPEN_ENDED=open_ended,
+        **cfg,
+    )
+    return o, lse
+
+
+def eviction_attention_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    kpos: Tensor,
+    kend: Tensor,
+    kcum: Tensor,
+    *,
+    window_size: int,
+    scale: float,
+    open_ended: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: dq: [B, T, HQ, D]; dk, dv: [B, T, HKV, D] (dtypes of q, k, v).
+    ``open_ended`` as in :func:`eviction_attention_fwd`."""
+    q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    _check_sizes(T, HQ, D)
+    BD = max(16, triton.next_power_of_2(D))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
+    common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=_prec(q), OPEN_ENDED=open_ended)
+    cfg = _tiles(q, "dq")
+    _bwd_dq_kernel[(triton.cdiv(T, cfg["BT"]), B * HQ)](
+        q,
+        k,
+        v,
+        o,
+        do,
+        lse,
+        delta,
+        dq,
+        kpos,
+        kend,
+        kcum,
+        scale,
+        scale * _LOG2E,
+        T,
+        window_size,
+        **common,
+        **cfg,
+    )
+    for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
+        cfg = _tiles(q, "listed" if listed else "dkdv")
+        _bwd_dkdv_kernel[(triton.cdiv(T, cfg["BS"]), B * HKV)](
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            kpos,
+            kend,
+            kcum,
+            scale,
+            scale * _LOG2E,
+            T,
+            window_size,
+            LISTED=listed,
+            **common,
+            **cfg,
+        )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixerzoo::eviction_attention_fwd", mutates_args=(), device_types="cpu")
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    training: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    o, lse = eviction_attention_ref(
+        q,
+        k,
+        v,
+        score,
+        window_size=window_size,
+        capacity=capacity,
+        num_sinks=num_sinks,
+        training=training,
+        scale=scale,
+    )
+    kpos, kend, kcum = eviction_intervals(
+        score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training
+    )
+    return o, lse, kpos, kend, kcum
+
+
+@_fwd_op.register_kernel("cuda")
+def _fwd_cuda(q, k, v, score, window_size, capacity, num_sinks, training, scale):
+    kpos, kend, kcum = eviction_intervals(
+        score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training
+    )
+    o, lse = eviction_attention_fwd(
+        q, k, v, kpos, kend, kcum, window_size=window_size, scale=scale, open_ended=training
+    )
+    return o, lse, kpos, kend, kcum
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, score, window_size, capacity, num_sinks, training, scale):
+    B, T, HQ, _ = q.shape
+    HKV = k.shape[2]
+    ints = [q.new_empty((B, HKV, T), dtype=torch.int32) for _ in range(3)]
+    return q.new_empty(q.shape), q.new_empty((B, HQ, T), dtype=torch.float32), *ints
+
+
+@torch.library.custom_op("mixerzoo::eviction_attention_bwd", mutates_args=(), device_types="cpu")
+def _bwd_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    kpos: Tensor,
+    kend: Tensor,
+    kcum: Tensor,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    training: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return eviction_attention_ref_bwd(
+        do,
+        q,
+        k,
+        v,
+        score,
+        window_size=window_size,
+        capacity=capacity,
+        num_sinks=num_sinks,
+        training=training,
+        scale=scale,
+    )
+
+
+@_bwd_op.register_kernel("cuda")
+def _bwd_cuda(do, q, k, v, score, o, lse, kpos, kend, kcum, window_size, capacity, num_sinks, training, scale):
+    return eviction_attention_bwd(
+        do, q, k, v, o, lse, kpos, kend, kcum, window_size=window_size, scale=scale, open_ended=training
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, score, o, lse, kpos, kend, kcum, window_size, capacity, num_sinks, training, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, score, window_size, capacity, num_sinks, training, scale = inputs
+    o, lse, kpos, kend, kcum = output
+    ctx.save_for_backward(q, k, v, score, o, lse, kpos, kend, kcum)
+    ctx.args = (window_size, capacity, num_sinks, training, scale)
+
+
+def _backward(ctx, do, _dlse, _dkpos, _dkend, _dkcum):
+    q, k, v, score, o, lse, kpos, kend, kcum = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, score, o, lse, kpos, kend, kcum, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------
+
+
+def eviction_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    *,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    training: bool,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention over a sliding window plus the retained (``score > 0``) keys, LTE (SPEC 4.3).
+
+    q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (HQ a multiple of HKV); score: [B, T, HKV], token j is
+    retained for KV head h iff ``score[b, j, h] > 0`` (the first ``num_sinks`` tokens, and any ``+inf``
+    score, always). Returns o: [B, T, HQ, D] in the dtype of q.
+
+    Query t sees key j iff ``j <= t`` and ``t - j < window_size``, or j is retained and
+    ``training=True`` (no cap), or ``training=False`` and j is in the buffer of ``capacity`` slots
+    (sinks included) at time t: the running top-``capacity`` of the retained tokens that have left the
+    window, earlier tokens winning ties. ``score`` gets no gradient. ``scale`` defaults to ``D**-0.5``.
+    """
+    if not torch.compiler.is_compiling():
+        if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+            raise ValueError(
+                f"eviction_attention: q must be [B, T, HQ, D] and k, v [B, T, HKV, D], got "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        B, T, HQ, D = q.shape
+        if k.shape[:2] != (B, T) or k.shape[3] != D or HQ % k.shape[2]:
+            raise ValueError(
+                f"eviction_attention: k, v must be [B={B}, T={T}, HKV, D={D}] with HQ={HQ} a multiple "
+                f"of HKV, got {tuple(k.shape)}"
+            )
+        if score.shape != k.shape[:3]:
+            raise ValueError(
+                f"eviction_attention: score must be [B, T, HKV] = {tuple(k.shape[:3])}, got {tuple(score.shape)}"
+            )
+        if window_size < 1 or num_sinks < 0 or capacity < num_sinks:
+            raise ValueError(
+                "eviction_attention: need window_size >= 1 and 0 <= num_sinks <= capacity, got "
+                f"window_size={window_size}, num_sinks={num_sinks}, capacity={capacity}"
+            )
+        if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+            raise ValueError(
+                f"eviction_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+            )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _fwd_op(q, k, v, score, int(window_size), int(capacity), int(num_sinks), bool(training), scale)[0]

@@ -1,0 +1,314 @@
+"""Eviction attention decode step (LTE; SPEC 4.3): buffer update and attention over window + buffer.
+
+The decode state holds a ring of the last W keys/values and a buffer of C retained ones, so one step
+costs O(W + C) whatever the number of tokens seen. Layout (as eviction_swa's state):
+  win_k, win_v [B, W, HKV, D] ring (slot s at index s % W); buf_k, buf_v [B, C, HKV, D];
+  buf_score [B, C, HKV] float32 (-inf when empty); buf_pos [B, C, HKV] int64 (-1 when empty).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_part(
+    b_q,
+    b_acc,
+    b_m,
+    b_l,
+    k,
+    v,
+    ok,
+    lo,
+    hi,
+    L,
+    o_d,
+    m_d,
+    scale_log2,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # online softmax over slots [lo, hi) of one source (ring or buffer); k, v, ok at (batch, head)
+    for l0 in range(lo, hi, BL):
+        o_l = l0 + tl.arange(0, BL)
+        m_l = (o_l < hi) & (o_l < L)
+        b_ok = tl.load(ok + o_l * HKV, mask=m_l, other=0) != 0
+        off = o_l[:, None].to(tl.int64) * (HKV * D) + o_d[None, :]
+        b_k = tl.load(k + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(v + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
+        # [BG, BD] @ [BD, BL] -> [BG, BL]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        b_s = tl.where(b_ok[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s - b_mz[:, None])
+        b_alpha = tl.exp2(b_m - b_mz)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        # [BG, BL] @ [BL, BD] -> [BG, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_m = b_mn
+    return b_acc, b_m, b_l
+
+
+@triton.jit
+def _decode_kernel(
+    q,  # [B, HQ, D]
+    win_k,
+    win_v,
+    win_ok,  # [B, W, HKV, D] x2, [B, W, HKV] int8
+    buf_k,
+    buf_v,
+    buf_ok,  # [B, C, HKV, D] x2, [B, C, HKV] int8
+    acc,
+    ml,  # [B, HQ, NS, D] float32, [B, HQ, NS, 2] float32 (max, sum) per split
+    scale_log2,
+    W,
+    C,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    NS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BG: tl.constexpr,
+    BL: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # program (batch*kv head, split): the G query heads of one KV head over slots
+    # [i_s*SPLIT, i_s*SPLIT + SPLIT) of the concatenation ring ++ buffer
+    G: tl.constexpr = HQ // HKV
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    off_q = (i_b * HQ + i_hk * G + o_g[:, None]) * D + o_d[None, :]
+    b_q = tl.load(q + off_q, mask=m_g[:, None] & m_d[None, :], other=0.0)
+    b_m = tl.zeros([BG], dtype=tl.float32) + float("-inf")
+    b_l = tl.zeros([BG], dtype=tl.float32)
+    b_acc = tl.zeros([BG, BD], dtype=tl.float32)
+    lo, hi = i_s * SPLIT, i_s * SPLIT + SPLIT
+    wk = (i_b.to(tl.int64) * W * HKV + i_hk) * D
+    b_acc, b_m, b_l = _decode_part(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        win_k + wk,
+        win_v + wk,
+        win_ok + i_b * W * HKV + i_hk,
+        lo,
+        tl.minimum(hi, W),
+        W,
+        o_d,
+        m_d,
+        scale_log2,
+        HKV,
+        D,
+        BL,
+        PREC,
+    )
+    bk = (i_b.to(tl.int64) * C * HKV + i_hk) * D
+    b_acc, b_m, b_l = _decode_part(
+        b_q,
+        b_acc,
+        b_m,
+        b_l,
+        buf_k + bk,
+        buf_v + bk,
+        buf_ok + i_b * C * HKV + i_hk,
+        tl.maximum(lo - W, 0),
+        hi - W,
+        C,
+        o_d,
+        m_d,
+        scale_log2,
+        HKV,
+        D,
+        BL,
+        PREC,
+    )
+    row = (i_b * HQ + i_hk * G + o_g) * NS + i_s
+    tl.store(acc + row[:, None] * D + o_d[None, :], b_acc, mask=m_g[:, None] & m_d[None, :])
+    tl.store(ml + row * 2, b_m, mask=m_g)
+    tl.store(ml + row * 2 + 1, b_l, mask=m_g)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher, reference, custom op
+# --------------------------------------------------------------------------------------------------
+
+
+def eviction_decode_fwd(
+    q: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    win_ok: Tensor,
+    buf_k: Tensor,
+    buf_v: Tensor,
+    buf_ok: Tensor,
+    *,
+    scale: float,
+) -> Tensor:
+    """Triton decode attention. q: [B, HQ, D]; win_k, win_v: [B, W, HKV, D]; win_ok: [B, W, HKV] bool;
+    buf_k, buf_v: [B, C, HKV, D]; buf_ok: [B, C, HKV] bool -> o: [B, HQ, D] (dtype of q)."""
+    B, HQ, D = q.shape
+    W, HKV = win_k.shape[1], win_k.shape[2]
+    C = buf_k.shape[1]
+    G = HQ // HKV
+    q, win_k, win_v, buf_k, buf_v = (x.contiguous() for x in (q, win_k, win_v, buf_k, buf_v))
+    win_ok = win_ok.to(torch.int8).contiguous()
+    buf_ok = buf_ok.to(torch.int8).contiguous()
+    cuda = q.device.type == "cuda"
+    BL = 64 if cuda else 16
+    # enough programs to cover the chip: split the W + C slots when batch x heads alone is too few
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 1
+    ns = max(1, min(triton.cdiv(W + C, 4 * BL), triton.cdiv(2 * sms, B * HKV)))
+    split = triton.cdiv(triton.cdiv(W + C, ns), BL) * BL
+    ns = triton.cdiv(W + C, split)
+    acc = torch.empty((B, HQ, ns, D), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B, HQ, ns, 2), dtype=torch.float32, device=q.device)
+    _decode_kernel[(B * HKV, ns)](
+        q,
+        win_k,
+        win_v,
+        win_ok,
+        buf_k,
+        buf_v,
+        buf_ok,
+        acc,
+        ml,
+        scale * 1.4426950408889634,
+        W,
+        C,
+        HQ=HQ,
+        HKV=HKV,
+        D=D,
+        NS=ns,
+        SPLIT=split,
+        BG=max(16, triton.next_power_of_2(G)),
+        BL=BL,
+        BD=max(16, triton.next_power_of_2(D)),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    if ns == 1:
+        return (acc[:, :, 0] / ml[:, :, 0, 1:]).to(q.dtype).contiguous()
+    m = ml[..., 0].amax(-1, keepdim=True)  # [B, HQ, 1]
+    w = torch.exp2(ml[..., 0] - m)  # [B, HQ, NS]; a split with no visible slot has m=-inf -> 0
+    o = (acc * w[..., None]).sum(2) / (ml[..., 1] * w).sum(-1, keepdim=True)
+    return o.to(q.dtype)
+
+
+def eviction_decode_attention_ref(
+    q: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    win_ok: Tensor,
+    buf_k: Tensor,
+    buf_v: Tensor,
+    buf_ok: Tensor,
+    *,
+    scale: float,
+) -> Tensor:
+    """Reference: softmax over the visible ring and buffer slots, float32. Shapes as
+    :func:`eviction_decode_fwd`."""
+    B, HQ, D = q.shape
+    G = HQ // win_k.shape[2]
+    keys = torch.cat((win_k, buf_k), 1).float().repeat_interleave(G, 2)  # [B, L, HQ, D]
+    vals = torch.cat((win_v, buf_v), 1).float().repeat_interleave(G, 2)
+    ok = torch.cat((win_ok, buf_ok), 1).bool().repeat_interleave(G, 2)  # [B, L, HQ]
+    s = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale
+    s = s.masked_fill(~ok.permute(0, 2, 1), float("-inf"))
+    return torch.einsum("bhl,blhd->bhd", torch.softmax(s, -1), vals).to(q.dtype).contiguous()
+
+
+@torch.library.custom_op("mixerzoo::eviction_decode", mutates_args=(), device_types="cpu")
+def _decode_op(
+    q: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    win_ok: Tensor,
+    buf_k: Tensor,
+    buf_v: Tensor,
+    buf_ok: Tensor,
+    scale: float,
+) -> Tensor:
+    return eviction_decode_attention_ref(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale=scale)
+
+
+@_decode_op.register_kernel("cuda")
+def _decode_cuda(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale):
+    return eviction_decode_fwd(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale=scale)
+
+
+@_decode_op.register_fake
+def _decode_fake(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale):
+    return q.new_empty(q.shape)
+
+
+def eviction_decode(
+    q: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    win_ok: Tensor,
+    buf_k: Tensor,
+    buf_v: Tensor,
+    buf_ok: Tensor,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of one query per sequence over the ring and the buffer, without concatenating them.
+
+    q: [B, HQ, D]; win_k, win_v: [B, W, HKV, D]; win_ok: [B, W, HKV] bool (slot holds a visible token);
+    buf_k, buf_v: [B, C, HKV, D]; buf_ok: [B, C, HKV] bool -> o: [B, HQ, D]. At least one slot per
+    (batch, head) must be visible (the current token is). No gradient (decode only).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _decode_op(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale)
+
+
+def buffer_insert_(
+    buf_k: Tensor,
+    buf_v: Tensor,
+    buf_score: Tensor,
+    buf_pos: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    pos: Tensor,
+) -> None:
+    """Offer the token leaving the window to the buffer, in place, with fixed shapes (compile-safe).
+
+    buf_k, buf_v: [B, C, HKV, D]; buf_score: [B, C, HKV] float32 (-inf empty); buf_pos: [B, C, HKV]
+    int64 (-1 empty); k, v: [B, HKV, D]; score: [B, HKV] (retained iff > 0; +inf for sinks; -inf when
+    no token leaves); pos: [B, HKV] int64. It enters iff retained and strictly above the lowest
+    buffered score, replacing that entry (the latest one among equal lowest scores), as the reference.
+    """
+    s = score.float()
+    low = buf_score.amin(1)  # [B, HKV]
+    cand = buf_score == low[:, None]
+    victim = torch.where(cand, buf_pos, -2).argmax(1)  # [B, HKV]: latest among the lowest
+    take = (s > 0) & (s > low)  # [B, HKV]
+    idx = victim[:, None]  # [B, 1, HKV]
+    idx_d = idx[..., None].expand(-1, -1, -1, buf_k.shape[-1])  # [B, 1, HKV, D]
+    old_k, old_v = buf_k.gather(1, idx_d), buf_v.gather(1, idx_d)
+    t = take[:, None]
+    buf_k.scatter_(1, idx_d, torch.where(t[..., None], k[:, None].to(buf_k.dtype), old_k))
+    buf_v.scatter_(1, idx_d, torch.where(t[..., None], v[:, None].to(buf_v.dtype), old_v))
+    buf_score.scatter_(1, idx, torch.where(t, s[:, None], buf_score.gather(1, idx)))
+    buf_pos.scatter_(1, idx, torch.where(t, pos[:, None], buf_pos.gather(1, idx)))

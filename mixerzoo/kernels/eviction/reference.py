@@ -1,0 +1,193 @@
+"""Reference for eviction attention (learnable token eviction, LTE; SPEC 4.3): plain PyTorch, float32.
+
+This file is the specification of the op. Key ``j`` of KV head ``h`` is visible to query ``t`` iff
+``j <= t`` and either ``t - j < W`` (the sliding window) or ``t`` lies in the key's *buffer interval*
+``[j + W, end[j, h])``: the query times at which ``j`` has left the window and sits in the retained set.
+
+* A token is *retained* iff ``score > 0``. The first ``num_sinks`` tokens are sinks: retained with
+  score ``+inf`` whatever ``score`` says. A score of ``+inf`` anywhere acts the same way (the mixer
+  uses this for sinks after left padding).
+* Training semantics: no cap. ``end = T`` for every retained key, ``end = 0`` (empty) otherwise.
+* Inference semantics: a buffer of ``capacity = C`` slots, sinks included. When token ``j`` leaves the
+  window (at ``t = j + W``) it enters the buffer if retained and either the buffer has room or its
+  score is strictly greater than the lowest buffered score; it then replaces the lowest-scored entry,
+  the *latest* such entry among equal lowest scores. So at every time ``t`` the buffer holds the top
+  ``C`` of the retained tokens with ``j + W <= t``, ordered by (score descending, position ascending):
+  earlier tokens win ties, and once a token drops out of that top-C it never comes back. Sinks leave
+  the window before any other token and score ``+inf``, so they fill ``min(S, T)`` slots for good and
+  ``C - S`` slots remain for the rest (``capacity >= num_sinks`` is required).
+
+  Closed form used here: with ``A_j`` the number of earlier retained tokens ``i < j`` with
+  ``s_i >= s_j``, token ``j`` enters the buffer iff ``A_j < C``, and is evicted when the
+  ``(C - A_j)``-th later retained token with a strictly greater score leaves the window, i.e.
+  ``end_j = W + i*`` for that token ``i*`` (``T`` if there is none; ``j + W`` if ``A_j >= C``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compact_intervals",
+    "effective_score",
+    "eviction_attention_ref",
+    "eviction_attention_ref_bwd",
+    "eviction_mask",
+    "visibility_end",
+]
+
+
+def effective_score(score: Tensor, num_sinks: int) -> Tensor:
+    """``score`` in float32 with the first ``num_sinks`` positions set to ``+inf``.
+
+    score: [B, T, HKV] -> [B, T, HKV] float32.
+    """
+    s = score.float().clone()
+    s[:, :num_sinks] = float("inf")
+    return s
+
+
+def visibility_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: int, training: bool) -> Tensor:
+    """End of each key's buffer interval: key ``j`` is visible beyond the window to queries
+    ``t`` in ``[j + W, end[b, j, h])``; the interval is empty when ``end <= j + W``.
+
+    score: [B, T, HKV] (retained iff > 0; sinks and +inf entries always retained) -> end: [B, T, HKV] int64,
+    values in [0, T].
+    """
+    B, T, H = score.shape
+    W, C = window_size, capacity
+    s = effective_score(score, num_sinks)
+    ret = s > 0  # [B, T, H]
+    if training:
+        return torch.where(ret, T, 0).long()
+    j = torch.arange(T, device=score.device)
+    end = torch.empty(B, T, H, dtype=torch.long, device=score.device)
+    sb = s.permute(0, 2, 1)  # [B, H, T]
+    rb = ret.permute(0, 2, 1)  # [B, H, T]
+    for c0 in range(0, T, 256):  # chunks of keys keep the pairwise tables [B, H, 256, T] small
+        jc = j[c0 : c0 + 256]
+        sj = sb[:, :, c0 : c0 + 256, None]  # [B, H, c, 1]
+        si = sb[:, :, None, :]  # [B, H, 1, T]
+        ri = rb[:, :, None, :]
+        earlier = (j[None, :] < jc[:, None]) & ri & (si >= sj)  # [B, H, c, T]
+        a = earlier.sum(-1)  # [B, H, c]
+        later = (j[None, :] > jc[:, None]) & ri & (si > sj)  # [B, H, c, T]
+        need = (C - a).clamp(min=1)  # evicted by the need-th later, strictly better token
+        hit = later & (later.cumsum(-1) == need[..., None])
+        first = torch.where(hit, j, T).amin(-1)  # [B, H, c]: T when fewer than `need` such tokens
+        e = torch.where(first < T, first + W, T).clamp(max=T)
+        e = torch.where(a >= C, jc + W, e).clamp(max=T)
+        e = torch.where(rb[:, :, c0 : c0 + 256], e, 0)
+        end[:, c0 : c0 + 256] = e.permute(0, 2, 1)
+    return end
+
+
+def eviction_mask(score: Tensor, *, window_size: int, capacity: int, num_sinks: int, training: bool) -> Tensor:
+    """Dense visibility mask. score: [B, T, HKV] -> mask: [B, HKV, T (query), T (key)] bool."""
+    T = score.shape[1]
+    end = visibility_end(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training)
+    t = torch.arange(T, device=score.device)[:, None]
+    j = torch.arange(T, device=score.device)[None, :]
+    in_window = (j <= t) & (t - j < window_size)
+    buffered = (t >= j + window_size) & (t < end.permute(0, 2, 1)[:, :, None, :])  # [B, H, T, T]
+    return in_window | buffered
+
+
+def eviction_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    *,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    training: bool,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention over the window and the retained keys, in float32.
+
+    q: [B, T, HQ, D]; k, v: [B, T, HKV, D]; score: [B, T, HKV]
+    -> o: [B, T, HQ, D] (dtype of q), lse: [B, HQ, T] float32 (natural log-sum-exp of the scaled logits).
+    """
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    scale = D**-0.5 if scale is None else scale
+    mask = eviction_mask(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training)
+    mask = mask.repeat_interleave(G, dim=1)  # [B, HQ, T, T]
+    qf = q.float().transpose(1, 2)  # [B, HQ, T, D]
+    kf = k.float().repeat_interleave(G, dim=2).transpose(1, 2)  # [B, HQ, T, D]
+    vf = v.float().repeat_interleave(G, dim=2).transpose(1, 2)
+    logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, HQ, T, T]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # every query sees itself, so lse is finite
+    o = torch.exp(logits - lse[..., None]) @ vf  # [B, HQ, T, D]
+    return o.transpose(1, 2).to(q.dtype).contiguous(), lse
+
+
+def eviction_attention_ref_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    *,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    training: bool,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`eviction_attention_ref`'s ``o`` written out (no autograd), float32.
+
+    do: [B, T, HQ, D] -> dq: [B, T, HQ, D], dk, dv: [B, T, HKV, D] (dtypes of q, k, v). The score
+    gets no gradient: the selection is hard.
+    """
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    scale = D**-0.5 if scale is None else scale
+    mask = eviction_mask(
+        score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training
+    ).repeat_interleave(G, dim=1)  # [B, HQ, T, T]
+    qf = q.float().transpose(1, 2)  # [B, HQ, T, D]
+    kf = k.float().repeat_interleave(G, dim=2).transpose(1, 2)
+    vf = v.float().repeat_interleave(G, dim=2).transpose(1, 2)
+    dof = do.float().transpose(1, 2)
+    p = torch.softmax(((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")), -1)
+    dv = p.transpose(-1, -2) @ dof  # [B, HQ, T, D]
+    dp = dof @ vf.transpose(-1, -2)  # [B, HQ, T, T]
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    dq = ds @ kf
+    dk = ds.transpose(-1, -2) @ qf
+
+    def per_kv_head(x: Tensor) -> Tensor:  # [B, HQ, T, D] -> [B, T, HKV, D], summed over the group
+        return x.unflatten(1, (HKV, G)).sum(2).transpose(1, 2).contiguous()
+
+    dq = dq.transpose(1, 2).to(q.dtype).contiguous()
+    return dq, per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+def compact_intervals(end: Tensor, window_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-(batch, KV head) list of keys with a non-empty buffer interval, as the kernels read it.
+
+    end: [B, T, HKV] (from :func:`visibility_end`) ->
+      kpos: [B, HKV, T] int32, the positions of those keys in ascending order, then padding ``T``;
+      kend: [B, HKV, T] int32, their interval ends (so key ``kpos[i]`` is visible beyond the window to
+            queries in ``[kpos[i] + W, kend[i])``), padding 0;
+      kcum: [B, HKV, T] int32, ``kcum[p]`` = number of listed keys at positions ``<= p``.
+    Fixed shapes, no host synchronisation.
+    """
+    B, T, H = end.shape
+    e = end.permute(0, 2, 1)  # [B, H, T]
+    j = torch.arange(T, device=end.device, dtype=torch.int32)
+    member = e > j + window_size  # [B, H, T]
+    kcum = member.cumsum(-1, dtype=torch.int32)
+    dest = torch.where(member, kcum - 1, T).long()  # non-members go to a spill column, cut below
+    kpos = torch.full((B, H, T + 1), T, dtype=torch.int32, device=end.device)
+    kend = torch.zeros((B, H, T + 1), dtype=torch.int32, device=end.device)
+    kpos.scatter_(-1, dest, j.expand(B, H, T).contiguous())
+    kend.scatter_(-1, dest, e.to(torch.int32))
+    return kpos[..., :T].contiguous(), kend[..., :T].contiguous(), kcum

@@ -1,0 +1,244 @@
+"""Eviction attention (LTE): reference vs a token-by-token simulation of the stream; Triton launchers
+(interpreter on CPU, compiled on a GPU) vs the reference; the custom op under torch.compile."""
+
+import pytest
+import torch
+
+from mixerzoo.kernels import eviction_attention
+from mixerzoo.kernels.eviction import (
+    buffer_insert_,
+    eviction_attention_bwd,
+    eviction_attention_fwd,
+    eviction_attention_ref,
+    eviction_decode,
+    eviction_decode_attention_ref,
+    eviction_decode_fwd,
+    eviction_end,
+    eviction_intervals,
+    visibility_end,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close(name, ref, out, dtype):
+    ref, out = ref.detach().double().cpu(), out.detach().double().cpu()
+    err = (out - ref).abs()
+    rmse = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    print(f"{name}: max abs err {err.max().item() if err.numel() else 0.0:.3e}, relative RMSE {rmse:.3e}")
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if dtype == torch.float32:
+        bad = err > 1e-5 + 1e-5 * ref.abs()
+        assert not bad.any(), f"{name}: {bad.sum().item()} elements off by more than 1e-5 (rtol 1e-5)"
+    else:
+        limit = 1e-2 if name in ("o", "out") else 2e-2
+        assert rmse <= limit, f"{name}: relative RMSE {rmse:.3e} > {limit}"
+
+
+def simulate_mask(score, W, C, S, training):
+    """Brute force: stream the tokens one by one, keep the buffer as a list, record what each query sees.
+    score: [B, T, H] -> [B, H, T, T] bool."""
+    B, T, H = score.shape
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            buf = []  # (score, position)
+            for t in range(T):
+                j = t - W  # leaves the window now
+                if j >= 0:
+                    s = float("inf") if j < S else score[b, j, h].item()
+                    if s > 0:
+                        if training or len(buf) < C:
+                            buf.append((s, j))
+                        elif C > 0:
+                            low = min(x[0] for x in buf)
+                            if s > low:  # evict the latest among the lowest: earlier tokens win ties
+                                buf.remove(max((x for x in buf if x[0] == low), key=lambda x: x[1]))
+                                buf.append((s, j))
+                for i in range(max(0, t - W + 1), t + 1):
+                    mask[b, h, t, i] = True
+                for _, p in buf:
+                    mask[b, h, t, p] = True
+    return mask
+
+
+def dense_attention(q, k, v, mask, scale):
+    G = q.shape[2] // k.shape[2]
+    s = torch.einsum("bthd,bjhd->bhtj", q.double(), k.double().repeat_interleave(G, 2)) * scale
+    s = s.masked_fill(~mask.repeat_interleave(G, 1), float("-inf"))
+    return torch.einsum("bhtj,bjhd->bthd", s.softmax(-1), v.double().repeat_interleave(G, 2))
+
+
+def make_scores(B, T, H, *, ties=False, frac=0.4, device="cpu"):
+    r = torch.rand(B, T, H, device=device) - (1 - frac)  # about `frac` retained
+    return torch.round(r * 6) / 6 if ties else r
+
+
+STREAM_CASES = [  # T, W, C, S, HQ, HKV
+    (1, 3, 2, 0, 2, 1),
+    (63, 5, 4, 2, 2, 1),
+    (130, 7, 5, 0, 4, 2),
+    (130, 3, 9, 2, 2, 2),
+    (63, 1, 2, 2, 2, 1),
+    (40, 6, 0, 0, 2, 1),
+]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "T,W,C,S,HQ,HKV", STREAM_CASES, ids=[f"T{c[0]}-W{c[1]}-C{c[2]}-S{c[3]}-G{c[4] // c[5]}" for c in STREAM_CASES]
+)
+def test_matches_stream_simulation(T, W, C, S, HQ, HKV, training):
+    torch.manual_seed(T + W + C)
+    B, D = 2, 16
+    score = make_scores(B, T, HKV, ties=True)
+    mask = simulate_mask(score, W, C, S, training)
+    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    o = eviction_attention(q, k, v, score, window_size=W, capacity=C, num_sinks=S, training=training)
+    assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float32)
+
+
+def test_sinks_as_inf_scores_and_padding_scores():
+    # +inf acts as a sink; -inf is never retained
+    torch.manual_seed(1)
+    B, T, H, D, W, C = 1, 50, 2, 16, 4, 5
+    score = make_scores(B, T, H)
+    score[:, 3:5] = float("inf")
+    score[:, 10:12] = float("-inf")
+    mask = simulate_mask(score, W, C, 0, False)
+    assert torch.equal(mask[:, :, :, 3:5].any(-2), torch.ones(1, H, 2, dtype=torch.bool))
+    q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+    o = eviction_attention(q, k, v, score, window_size=W, capacity=C, num_sinks=0, training=False)
+    assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float32)
+
+
+KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training
+    (1, 1, 2, 1, 64, 3, 2, 0, True),
+    (2, 63, 2, 1, 64, 5, 4, 2, False),
+    (1, 130, 4, 2, 32, 17, 6, 2, True),
+    (1, 150, 2, 1, 32, 50, 6, 2, True),
+    (1, 130, 2, 2, 128, 45, 5, 0, False),
+    (1, 70, 2, 1, 80, 33, 3, 1, True),
+]
+
+
+@pytest.mark.parametrize(
+    "B,T,HQ,HKV,D,W,C,S,training",
+    KERNEL_CASES,
+    ids=[f"T{c[1]}-G{c[2] // c[3]}-D{c[4]}-W{c[5]}-{'train' if c[8] else 'eval'}" for c in KERNEL_CASES],
+)
+def test_triton_matches_reference(B, T, HQ, HKV, D, W, C, S, training):
+    torch.manual_seed(T * 7 + D)
+    dtype = torch.float32
+    q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=dtype) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, device=DEVICE)
+    do = torch.randn(B, T, HQ, D, device=DEVICE, dtype=dtype)
+    kw = dict(window_size=W, capacity=C, num_sinks=S, training=training)
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = eviction_attention_ref(qr, kr, vr, score, **kw)
+    o_ref.backward(do)
+
+    kpos, kend, kcum = eviction_intervals(score, **kw)
+    scale = D**-0.5
+    o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, window_size=W, scale=scale, open_ended=training)
+    dq, dk, dv = eviction_attention_bwd(
+        do, q, k, v, o, lse, kpos, kend, kcum, window_size=W, scale=scale, open_ended=training
+    )
+    for name, r, x in [
+        ("o", o_ref, o),
+        ("lse", lse_ref, lse),
+        ("dq", qr.grad, dq),
+        ("dk", kr.grad, dk),
+        ("dv", vr.grad, dv),
+    ]:
+        assert_close(name, r, x, dtype)
+
+
+@pytest.mark.parametrize("T,W,C,S", [(1, 3, 2, 0), (63, 5, 4, 2), (130, 7, 5, 0), (130, 2, 9, 2), (70, 4, 0, 0)])
+def test_triton_eviction_end(T, W, C, S):
+    torch.manual_seed(T + C)
+    score = make_scores(2, T, 2, ties=True, frac=0.6, device=DEVICE)
+    ref = visibility_end(score, window_size=W, capacity=C, num_sinks=S, training=False)
+    out = eviction_end(score, window_size=W, capacity=C, num_sinks=S)
+    assert torch.equal(out.long(), ref), (out.long() - ref).abs().max()
+
+
+@pytest.mark.parametrize("B,HQ,HKV,D,W,C", [(2, 4, 2, 64, 7, 5), (1, 2, 2, 128, 40, 33), (3, 1, 1, 16, 1, 0)])
+def test_triton_decode(B, HQ, HKV, D, W, C):
+    torch.manual_seed(W + C)
+    q = torch.randn(B, HQ, D, device=DEVICE)
+    wk, wv = (torch.randn(B, W, HKV, D, device=DEVICE) for _ in range(2))
+    bk, bv = (torch.randn(B, C, HKV, D, device=DEVICE) for _ in range(2))
+    wok = torch.rand(B, W, HKV, device=DEVICE) > 0.3
+    wok[:, 0] = True
+    bok = torch.rand(B, C, HKV, device=DEVICE) > 0.5
+    ref = eviction_decode_attention_ref(q, wk, wv, wok, bk, bv, bok, scale=0.1)
+    assert_close("out", ref, eviction_decode_fwd(q, wk, wv, wok, bk, bv, bok, scale=0.1), torch.float32)
+
+
+@pytest.mark.parametrize("S", [0, 2])
+def test_decode_stream_equals_parallel_eval(S):
+    # ring + buffer_insert_ + eviction_decode, one token at a time == the parallel eval form
+    torch.manual_seed(S)
+    B, T, HQ, HKV, D, W, C = 2, 45, 4, 2, 16, 6, 5
+    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, ties=True)
+    score[:, :S] = float("inf")
+    par = eviction_attention(q, k, v, score, window_size=W, capacity=C, num_sinks=S, training=False)
+    win_k, win_v = torch.zeros(B, W, HKV, D), torch.zeros(B, W, HKV, D)
+    win_pos = torch.full((B, W, HKV), -1, dtype=torch.long)
+    win_s = torch.full((B, W, HKV), float("-inf"))
+    buf_k, buf_v = torch.zeros(B, C, HKV, D), torch.zeros(B, C, HKV, D)
+    buf_s = torch.full((B, C, HKV), float("-inf"))
+    buf_pos = torch.full((B, C, HKV), -1, dtype=torch.long)
+    outs = []
+    for t in range(T):
+        r = t % W  # the token leaving the window shares the new token's ring slot
+        buffer_insert_(buf_k, buf_v, buf_s, buf_pos, win_k[:, r], win_v[:, r], win_s[:, r], win_pos[:, r])
+        win_k[:, r], win_v[:, r], win_s[:, r], win_pos[:, r] = k[:, t], v[:, t], score[:, t], t
+        outs.append(eviction_decode(q[:, t], win_k, win_v, win_pos >= 0, buf_k, buf_v, buf_pos >= 0))
+    assert_close("o", par, torch.stack(outs, 1), torch.float32)
+
+
+def test_custom_op_compiles_and_backward():
+    torch.manual_seed(0)
+    B, T, HQ, HKV, D = 1, 37, 4, 2, 16
+    q, k, v = (torch.randn(B, T, h, D, requires_grad=True) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV).requires_grad_()
+    for training in (True, False):
+        kw = dict(window_size=5, capacity=4, num_sinks=2, training=training)
+
+        def f(q, k, v, score, kw=kw):
+            return eviction_attention(q, k, v, score, **kw)
+
+        eager = f(q, k, v, score)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, score)
+        assert_close("o", eager, compiled, torch.float32)
+        g = torch.autograd.grad(compiled.square().sum(), (q, k, v))
+        qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        ref, _ = eviction_attention_ref(qr, kr, vr, score.detach(), **kw)
+        gr = torch.autograd.grad(ref.square().sum(), (qr, kr, vr))
+        for name, a, b in zip(("dq", "dk", "dv"), gr, g, strict=True):
+            assert_close(name, a, b, torch.float32)
+    torch.library.opcheck(  # raises on a schema or fake-tensor mismatch
+        torch.ops.mixerzoo.eviction_attention_fwd.default,
+        (q.detach(), k.detach(), v.detach(), score.detach(), 5, 4, 2, False, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    x = torch.randn(2, 3, 2, 16)
+    torch.library.opcheck(
+        torch.ops.mixerzoo.eviction_decode.default,
+        (x[:, 0, :, :], x, x, x[..., 0] > -1, x, x, x[..., 0] > 0, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_bad_inputs():
+    q, k = torch.randn(1, 8, 3, 16), torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="HQ=3 a multiple"):
+        eviction_attention(q, k, k, torch.randn(1, 8, 2), window_size=4, capacity=4, num_sinks=0, training=True)
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="score must be"):
+        eviction_attention(q, k, k, torch.randn(1, 8), window_size=4, capacity=4, num_sinks=0, training=True)
+    with pytest.raises(ValueError, match="num_sinks <= capacity"):
+        eviction_attention(q, k, k, torch.randn(1, 8, 2), window_size=4, capacity=1, num_sinks=2, training=False)
