@@ -1,0 +1,359 @@
+"""Gated delta rule on the GPU: correctness against the float32 reference at long T, then timings against
+flash-linear-attention (SPEC 7, issue 5).
+
+    python benchmarks/gdn.py            # checks, then the benchmark; writes results/<gpu>.json
+    python benchmarks/gdn.py --check    # checks only
+
+bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
+forward+backward; decode step at B = 32 against fla's fused_recurrent_gated_delta_rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+
+from mixerzoo.kernels.gdn import gated_delta_rule  # noqa: E402
+from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd  # noqa: E402
+from mixerzoo.kernels.gdn.conv import causal_conv1d_bwd, causal_conv1d_fwd  # noqa: E402
+from mixerzoo.kernels.gdn.fused_recurrent import fused_recurrent_gdn_fwd  # noqa: E402
+from mixerzoo.kernels.gdn.reference import (  # noqa: E402
+    causal_conv1d_ref,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the checks in the interpreter
+
+
+def inputs(B, T, H, K, V, dtype, *, h0=True, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+
+    def rn(*s):
+        return torch.randn(*s, device=DEV, generator=gen)
+
+    q = F.normalize(rn(B, T, H, K), dim=-1).to(dtype)
+    k = F.normalize(rn(B, T, H, K), dim=-1).to(dtype)
+    v = rn(B, T, H, V).to(dtype)
+    g = F.logsigmoid(rn(B, T, H) + 3).to(dtype)  # decays mostly near 1, some strong
+    beta = torch.sigmoid(rn(B, T, H)).to(dtype)
+    s0 = rn(B, H, K, V) * 0.1 if h0 else None
+    return q, k, v, g, beta, s0
+
+
+def rel(ref, out):
+    ref, out = ref.double(), out.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+FAILS = []
+
+
+def report(name, ref, out, tol):
+    ok = torch.isfinite(out).all().item() and rel(ref, out) <= tol
+    err = (out.float() - ref.float()).abs().max().item()
+    print(f"  {'ok  ' if ok else 'FAIL'} {name:28s} rel_rmse={rel(ref, out):.2e} max_abs={err:.2e} (tol {tol})")
+    if not ok:
+        FAILS.append(name)
+
+
+def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=True, doubling=False):
+    print(f"chunk B={B} T={T} H={H} K={K} V={V} {dtype} h0={with_h0} dht={with_dht} doubling={doubling}")
+    q, k, v, g, beta, s0 = inputs(B, T, H, K, V, dtype, h0=with_h0, seed=T + K)
+    scale = K**-0.5
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + ([s0.requires_grad_()] if with_h0 else [])
+    o_ref, s_ref = gated_delta_rule_chunked(*prims[:5], scale, prims[5] if with_h0 else None)
+    do = torch.randn_like(o_ref)
+    dht = torch.randn_like(s_ref) if with_dht else None
+    torch.autograd.backward([o_ref, s_ref] if with_dht else [o_ref], [do, dht] if with_dht else [do])
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, s0.detach() if with_h0 else None, doubling=doubling)
+    report("o", o_ref, o, tol_o)
+    report("final_state", s_ref, s, tol_o)
+    grads = chunk_gdn_bwd(
+        q, k, v, g, beta, scale, s0.detach() if with_h0 else None, do.to(dtype), dht, doubling=doubling
+    )
+    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=False):
+        report(name, x.grad, d, tol_g)
+
+
+def check_recurrent(B, T, H, K, V, dtype, tol):
+    print(f"fused recurrent B={B} T={T} H={H} K={K} V={V} {dtype}")
+    q, k, v, g, beta, s0 = inputs(B, T, H, K, V, dtype, seed=7)
+    o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, K**-0.5, s0)
+    o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, s0)
+    report("o", o_ref, o, tol)
+    report("final_state", s_ref, s, tol)
+
+
+def check_conv(dtype, tol):
+    print(f"conv {dtype}")
+    B, T, C, W = 2, 1000, 1024, 4
+    x = torch.randn(B, T, C, device=DEV).to(dtype)
+    w = torch.randn(C, W, device=DEV).to(dtype)
+    b = torch.randn(C, device=DEV).to(dtype)
+    init = torch.randn(B, C, W - 1, device=DEV)
+    xs, ws, bs, ins = (t.float().requires_grad_() for t in (x, w, b, init))
+    y_ref, f_ref = causal_conv1d_ref(xs, ws, bs, ins, "silu")
+    dy, df = torch.randn_like(y_ref), torch.randn_like(f_ref)
+    torch.autograd.backward([y_ref, f_ref], [dy, df])
+    y, f = causal_conv1d_fwd(x, w, b, init, "silu")
+    report("y", y_ref, y, tol)
+    report("final", f_ref, f, tol)
+    dx, dw, db, dinit = causal_conv1d_bwd(x, w, b, init, dy.to(dtype), df, "silu")
+    for name, d, t in zip(["dx", "dw", "db", "dinit"], (dx, dw, db, dinit), (xs, ws, bs, ins), strict=False):
+        report(name, t.grad, d, 2 * tol)
+
+
+def check_op():
+    print("custom op on CUDA: autograd, decode routing, torch.compile(fullgraph)")
+    q, k, v, g, beta, s0 = inputs(2, 200, 4, 64, 64, torch.bfloat16, seed=3)
+    xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o, s = gated_delta_rule(*xs, initial_state=s0, output_final_state=True)
+    o.float().square().sum().backward()
+    o_ref, s_ref = gated_delta_rule_chunked(q, k, v, g, beta, 64**-0.5, s0)
+    report("op o", o_ref, o, 1e-2)
+    if not all(x.grad.isfinite().all() for x in xs):
+        FAILS.append("op grads finite")
+    # decode step: T = 1 with a state goes through the fused recurrent kernel
+    q1, k1, v1, g1, b1, _ = inputs(2, 1, 4, 64, 64, torch.bfloat16, seed=5)
+    s = s.detach()
+    step = torch.compile(lambda *a: gated_delta_rule(*a, initial_state=s, output_final_state=True), fullgraph=True)
+    o1, s1 = step(q1, k1, v1, g1, b1)
+    o1r, s1r = gated_delta_rule_recurrent(q1, k1, v1, g1, b1, 64**-0.5, s)
+    report("compiled decode o", o1r, o1, 1e-2)
+    report("compiled decode state", s1r, s1, 1e-2)
+
+
+def check_fla_yardstick(B, T, H, K, V):
+    """flash-linear-attention's own bf16 errors against the same float32 reference, for scale."""
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # fla refuses on Hopper with Triton < 3.7.1; measured, not trusted
+    print(f"fla (yardstick) B={B} T={T} H={H} K={K} V={V} bf16")
+    q, k, v, g, beta, s0 = inputs(B, T, H, K, V, torch.bfloat16, seed=T + K)
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + [s0.requires_grad_()]
+    o_ref, s_ref = gated_delta_rule_chunked(*prims[:5], K**-0.5, prims[5])
+    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    torch.autograd.backward([o_ref, s_ref], [do, dht])
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)] + [s0.detach().clone().requires_grad_()]
+    o, s = chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
+    torch.autograd.backward([o, s], [do.to(o.dtype), dht])
+    for name, x, r in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], xs, prims, strict=False):
+        print(f"  fla {name:8s} rel_rmse={rel(r.grad, x.grad):.2e}")
+
+
+def run_checks(smoke=False, quick=False):
+    torch.manual_seed(0)
+    if smoke:
+        check_chunk(1, 130, 2, 64, 64, torch.float32, 1e-5, 1e-5)
+        check_chunk(
+            1, 70, 2, 64, 64, torch.float16, 1e-2, 2e-2, with_h0=False, with_dht=False
+        )  # the interpreter cannot dot bf16
+        check_recurrent(2, 3, 2, 64, 64, torch.bfloat16, 1e-2)
+        check_op()
+        print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}")
+        return
+    if quick:
+        check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
+        check_chunk(1, 300, 2, 256, 256, torch.bfloat16, 1e-2, 2e-2)
+        check_chunk(2, 200, 2, 64, 64, torch.float32, 1e-4, 1e-4)
+        check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2, doubling=True)
+        check_chunk(2, 200, 2, 64, 64, torch.float32, 1e-4, 1e-4, doubling=True)
+        print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}", flush=True)
+        if FAILS:
+            check_fla_yardstick(1, 4096, 16, 128, 128)
+        return
+    check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
+    check_chunk(2, 1000, 4, 64, 64, torch.bfloat16, 1e-2, 2e-2, with_h0=False, with_dht=False)
+    check_chunk(1, 300, 2, 256, 256, torch.bfloat16, 1e-2, 2e-2)
+    check_chunk(1, 4096, 4, 128, 128, torch.float32, 1e-4, 1e-4)
+    check_recurrent(32, 1, 16, 128, 128, torch.bfloat16, 1e-2)
+    check_recurrent(2, 64, 4, 256, 64, torch.float32, 1e-5)
+    check_conv(torch.bfloat16, 1e-2)
+    check_op()
+    print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}")
+
+
+def _fwd_bwd_step(fn, xs, do):
+    for x in xs:
+        x.grad = None
+    fn(*xs).backward(do)
+
+
+def bench_decode(args, H, K, V):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    B = 32
+    rows = []
+    q, k, v, g, beta, _ = inputs(B, 1, H, K, V, torch.bfloat16, h0=False, seed=12)
+    s0 = torch.randn(B, H, K, V, device=DEV) * 0.1
+    decode = {
+        "mixerzoo": lambda: gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True),
+        "fla": lambda: fused_recurrent_gated_delta_rule(
+            q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True
+        ),
+    }
+    with torch.no_grad():
+        for name, fn in decode.items():
+            ms = time_ms(fn, warmup=10, repeat=max(args.repeat, 50))
+            graph = torch.cuda.CUDAGraph()
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                fn()
+            ms_graph = time_ms(graph.replay, warmup=10, repeat=max(args.repeat, 50))
+            rows.append(
+                dict(
+                    op="gdn_decode",
+                    impl=name,
+                    T=1,
+                    B=B,
+                    H=H,
+                    D=K,
+                    decode_ms=round(ms, 4),
+                    state_bytes=B * H * K * V * 4,
+                    note=f"CUDA-graph replay {ms_graph:.4f} ms",
+                )
+            )
+            print(rows[-1], flush=True)
+        o_a, s_a = decode["mixerzoo"]()
+        o_b, s_b = decode["fla"]()
+        print(
+            f"  decode mixerzoo vs fla: o {rel(o_b.float(), o_a.float()):.2e} state {rel(s_b.float(), s_a.float()):.2e}"
+        )
+    return rows
+
+
+def bench(args):
+    import fla
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    # fla refuses its backward on Hopper with Triton < 3.7.1 (the dqkwg miscompile, fla issue #640);
+    # for timing only, its guard flag is forced. Its gradients are not used here.
+    fla_note = ""
+    if not fla_chunk_o.TRITON_ABOVE_3_7_1:
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+        fla_note = "fla backward guard forced (fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True) for timing only"
+    print("fla", fla.__version__)
+    H, K, V = 16, 128, 128
+    rows = []
+    chosen = {}
+    if args.sweep:
+        # launch settings of the sequential kernels, (BV, prefetch, num_warps), at each benchmark shape
+        import mixerzoo.kernels.gdn.chunk as chunk_mod
+
+        for B, T in ((16, 2048), (1, 32768)):
+            q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=11)
+            do = torch.randn_like(v)
+            best = None
+            fwd_args, bwd_args = (q, k, v, g, beta, K**-0.5, None), (q, k, v, g, beta, K**-0.5, None, do, None)
+            for seq in ((32, False, 4), (64, False, 4), (32, True, 4), (64, True, 4), (32, True, 8)):
+                f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=seq), warmup=2, repeat=10)
+                b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=seq), warmup=2, repeat=10)
+                print(f"  sweep B={B} T={T} seq={seq}: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
+                if best is None or f + b < best[0]:
+                    best = (f + b, seq)
+            chosen[B] = best[1]
+            f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
+            b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
+            print(f"  sweep B={B} T={T} seq={best[1]} doubling inverse: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
+        default = chunk_mod._seq_config
+        chunk_mod._seq_config = lambda B_, H_, K_, V_, seq: (
+            seq if seq is not None else chosen.get(B_) or default(B_, H_, K_, V_, None)
+        )
+        print("chosen", chosen, flush=True)
+    for B, T in ((16, 2048), (1, 32768)):
+        q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=11)
+        xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        do = torch.randn_like(v)
+        impls = {
+            "mixerzoo": lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta)[0],
+            "fla": lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)[0],
+        }
+        outs = {}
+        for name, fn in impls.items():
+            with torch.no_grad():
+                fwd = time_ms(partial(fn, q, k, v, g, beta), warmup=5, repeat=args.repeat)
+                outs[name] = fn(q, k, v, g, beta).float()
+            step = partial(_fwd_bwd_step, fn, xs, do)
+            fb = time_ms(step, warmup=3, repeat=args.repeat)
+            mem = peak_mem_mb(step)
+            note = (
+                fla_note
+                if name == "fla"
+                else (f"sequential kernels (BV, prefetch, warps) = {chosen[B]}" if B in chosen else "")
+            )
+            rows.append(
+                dict(
+                    op="gdn",
+                    impl=name,
+                    T=T,
+                    B=B,
+                    H=H,
+                    D=K,
+                    fwd_ms=round(fwd, 4),
+                    fwdbwd_ms=round(fb, 4),
+                    peak_mem_mb=round(mem, 1),
+                    note=note,
+                )
+            )
+            print(rows[-1], flush=True)
+        print(f"  mixerzoo vs fla output rel diff: {rel(outs['fla'], outs['mixerzoo']):.2e}")
+
+    if args.skip_decode:
+        path = write_results({"gdn"}, rows)
+        print_table(rows)
+        print("wrote", path, flush=True)
+    else:
+        rows += bench_decode(args, H, K, V)
+
+    # where our time goes (forward and backward launchers, B=1, T=32768)
+    q, k, v, g, beta, _ = inputs(1, 32768, H, K, V, torch.bfloat16, h0=False, seed=13)
+    do = torch.randn_like(v)
+    f = time_ms(lambda: chunk_gdn_fwd(q, k, v, g, beta, K**-0.5, None))
+    b = time_ms(lambda: chunk_gdn_bwd(q, k, v, g, beta, K**-0.5, None, do, None))
+    print(f"breakdown B=1 T=32768: chunk_gdn_fwd {f:.3f} ms, chunk_gdn_bwd {b:.3f} ms")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                chunk_gdn_bwd(q, k, v, g, beta, K**-0.5, None, do, None)
+                chunk_gdn_fwd(q, k, v, g, beta, K**-0.5, None)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    if not args.skip_decode:
+        path = write_results({"gdn", "gdn_decode"}, rows)
+        print_table(rows)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="correctness checks only")
+    ap.add_argument("--bench", action="store_true", help="benchmark only")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--quick-check", action="store_true", help="only the long-T bf16 checks, and fla's errors for scale"
+    )
+    ap.add_argument("--sweep", action="store_true", help="sweep the sequential kernels' launch settings first")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny checks (runs on CPU through the interpreter)")
+    ap.add_argument("--repeat", type=int, default=20)
+    args = ap.parse_args()
+    if not args.bench:
+        run_checks(args.smoke, args.quick_check)
+    if not args.check:
+        bench(args)

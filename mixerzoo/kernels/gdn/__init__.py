@@ -1,0 +1,170 @@
+"""Gated delta rule op (Gated DeltaNet, Yang et al. 2024) and the short causal convolution of its layer.
+
+``gated_delta_rule`` is a torch.library custom op: on CUDA the Triton kernels of ``chunk.py`` (chunked
+WY / UT-transform form, chunk 64) and ``fused_recurrent.py`` (decode and short prompts), on CPU the
+float32 reference of ``reference.py``. Its backward is another custom op with the same split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .conv import causal_conv1d
+from .reference import _f32 as _acc
+from .reference import gated_delta_rule_ref
+
+__all__ = ["causal_conv1d", "gated_delta_rule"]
+
+# Up to this many tokens the CUDA forward runs the fused recurrence (one pass, no chunk intermediates):
+# decode steps and short prompts. Longer inputs take the chunked kernels.
+FUSED_RECURRENT_MAX_T = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: forward and backward, CUDA (Triton) and CPU (reference)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", mutates_args=(), device_types="cuda")
+def _gdn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    if q.shape[1] <= FUSED_RECURRENT_MAX_T:
+        from .fused_recurrent import fused_recurrent_gdn_fwd
+
+        return fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state)
+    from .chunk import chunk_gdn_fwd
+
+    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state)
+
+
+@_gdn_fwd.register_kernel("cpu")
+def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale):
+    o, s = gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state)
+    # contiguous, as the fake promises; T = 0: s would alias initial_state
+    return o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous())
+
+
+@_gdn_fwd.register_fake
+def _(q, k, v, g, beta, initial_state, scale):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    return v.new_empty(B, T, H, V), v.new_empty(B, H, K, V, dtype=_acc(v).dtype)
+
+
+@torch.library.custom_op("mixerzoo::gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
+def _gdn_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dht: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .chunk import chunk_gdn_bwd
+
+    return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht)
+
+
+@_gdn_bwd.register_kernel("cpu")
+def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale):
+    # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
+    primals = [_acc(x) for x in (q, k, v, g, beta)] + ([] if initial_state is None else [_acc(initial_state)])
+
+    def f(q, k, v, g, beta, h0=None):
+        o, s = gated_delta_rule_ref(q, k, v, g, beta, scale, h0)
+        return (o, s) if dht is not None else o
+
+    _, vjp = torch.func.vjp(f, *primals)
+    # clone: a gradient can be a view of do or dht, and an op's outputs may not alias its inputs
+    d = [t.contiguous().clone() for t in vjp((_acc(do), _acc(dht)) if dht is not None else _acc(do))]
+    dq, dk, dv, dg, dbeta = (dx.to(x.dtype) for dx, x in zip(d[:5], (q, k, v, g, beta), strict=True))
+    dh0 = d[5] if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+@_gdn_bwd.register_fake
+def _(q, k, v, g, beta, initial_state, do, dht, scale):
+    dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta)) + (dh0,)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, scale = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, beta, initial_state = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, ctx.scale)
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None
+
+
+_gdn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------
+
+
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Gated delta rule: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = scale * S_t^T q_t.
+
+    Args:
+        q, k: [B, T, H, K] (used as given; the mixer L2-normalises them).
+        v: [B, T, H, V].
+        g: [B, T, H] log decay (<= 0). beta: [B, T, H].
+        scale: defaults to K ** -0.5.
+        initial_state: [B, H, K, V] float32 or None (zeros).
+        output_final_state: return S_T [B, H, K, V] float32; otherwise None.
+
+    Returns:
+        (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
+        ``initial_state``.
+    """
+    if not torch.compiler.is_compiling():
+        _check(q, k, v, g, beta, initial_state)
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    if initial_state is not None:
+        initial_state = _acc(initial_state)  # float32 (float64 stays, for gradchecks on CPU)
+    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, float(scale))
+    return o, (final_state if output_final_state else None)
+
+
+def _check(q, k, v, g, beta, initial_state) -> None:
+    if k.dim() != 4 or q.shape != k.shape:
+        raise ValueError(
+            f"gated_delta_rule: q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    B, T, H, K = k.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"gated_delta_rule: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(
+            f"gated_delta_rule: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
+            f"got {tuple(initial_state.shape)}"
+        )
+    devices = {x.device for x in (q, k, v, g, beta) + (() if initial_state is None else (initial_state,))}
+    if len(devices) > 1:
+        raise ValueError(f"gated_delta_rule: all tensors must be on one device, got {sorted(map(str, devices))}")

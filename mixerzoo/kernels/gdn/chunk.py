@@ -1,0 +1,935 @@
+"""Gated delta rule, chunked WY / UT-transform form (Yang et al. 2024, "Gated Delta Networks"): Triton kernels.
+
+Within a chunk of BT = 64 tokens, gamma is the cumulative log decay from the chunk start and
+
+    A  = strictly_lower(beta_i k_i.k_j exp(gamma_i - gamma_j)),   Ai = (I + A)^-1  (float32)
+    W  = Ai diag(beta) (K * exp(gamma)),   U = Ai diag(beta) V
+    Vn = U - W h                                        (the chunk's "new values")
+    o  = scale (Q * exp(gamma)) h + scale causal(Q K^T * exp(gamma_i - gamma_j)) Vn
+    h' = exp(gamma_last) h + (K * exp(gamma_last - gamma))^T Vn
+
+Forward: prep (gamma, A, Ai) -> wu (W, U) -> h (sequential over chunks: h per chunk, Vn, final state)
+-> o. Backward recomputes the forward intermediates, then: dvl (intra-chunk part of dVn) -> dh
+(reverse sequential: dh per chunk, dVn, dh0) -> dqk (dq, the o/state part of dk, dW, dgamma) -> wy
+(through Ai back to dk, dv, dbeta, dgamma; dg as the reverse cumulative sum of dgamma in the chunk).
+Every exponent is masked before exp, and no factor is ever divided by a decay, so nothing overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
+
+BT = 64  # chunk size
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _inv_unit_lower16(b_a):
+    # (I + a)^-1 for a strictly lower [16, 16] block, by forward substitution, one row per step
+    # no tl.trans of a dot result anywhere in these kernels: on Hopper, Triton 3.4-3.7.0 miscompiles
+    # transposes of MMA-layout tensors (fla issue #640); vectors change axis through a diagonal mask
+    o_r = tl.arange(0, 16)
+    b_ti = (o_r[:, None] == o_r[None, :]).to(tl.float32)
+    for i in range(1, 16):
+        b_ar = tl.sum(tl.where(o_r[:, None] == i, b_a, 0.0), 0)  # a[i, :] along columns
+        b_ai = tl.sum(tl.where(o_r[:, None] == o_r[None, :], b_ar[None, :], 0.0), 1)  # a[i, :] along rows
+        b_row = tl.sum(b_ai[:, None] * b_ti, 0)  # sum_j a[i, j] ti[j, :]
+        b_ti = tl.where(o_r[:, None] == i, b_ti - b_row[None, :], b_ti)
+    return b_ti
+
+
+@triton.jit
+def _inv_unit_lower16_doubling(b_a):
+    # (I + a)^-1 = sum_{n < 16} (-a)^n = (I - a)(I + a^2)(I + a^4)(I + a^8), since a^16 = 0:
+    # six float32 16x16 products instead of fifteen dependent row steps
+    o_r = tl.arange(0, 16)
+    b_i = (o_r[:, None] == o_r[None, :]).to(tl.float32)
+    b_a2 = tl.dot(b_a, b_a, input_precision="ieee")
+    b_a4 = tl.dot(b_a2, b_a2, input_precision="ieee")
+    b_a8 = tl.dot(b_a4, b_a4, input_precision="ieee")
+    b_t = tl.dot(b_i - b_a, b_i + b_a2, input_precision="ieee")
+    b_t = tl.dot(b_t, b_i + b_a4, input_precision="ieee")
+    return tl.dot(b_t, b_i + b_a8, input_precision="ieee")
+
+
+@triton.jit
+def _decay_strict16(b_ga, b_gb, DIAG: tl.constexpr):
+    o_r = tl.arange(0, 16)
+    b_d = b_ga[:, None] - b_gb[None, :]
+    if DIAG:
+        b_d = tl.where(o_r[:, None] > o_r[None, :], b_d, float("-inf"))
+    return tl.exp(b_d)
+
+
+@triton.jit
+def _chunk_prep_kernel(
+    k,
+    g,
+    beta,
+    gamma,
+    Ai,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    DOUBLING: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # gamma = cumsum(g) in the chunk; Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, 16)
+    o_t0 = i_t * 64 + o_r
+    o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
+    p_g = g + i_b * T * H + i_h
+    b_g0 = tl.load(p_g + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)
+    b_g1 = tl.load(p_g + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
+    b_g2 = tl.load(p_g + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
+    b_g3 = tl.load(p_g + o_t3 * H, mask=m_t3, other=0.0).to(tl.float32)
+    b_c0 = tl.cumsum(b_g0, 0)
+    b_c1 = tl.cumsum(b_g1, 0) + tl.sum(b_g0, 0)
+    b_c2 = tl.cumsum(b_g2, 0) + tl.sum(b_g0, 0) + tl.sum(b_g1, 0)
+    b_c3 = tl.cumsum(b_g3, 0) + tl.sum(b_g0, 0) + tl.sum(b_g1, 0) + tl.sum(b_g2, 0)
+    p_gam = gamma + i_b * T * H + i_h
+    tl.store(p_gam + o_t0 * H, b_c0, mask=m_t0)
+    tl.store(p_gam + o_t1 * H, b_c1, mask=m_t1)
+    tl.store(p_gam + o_t2 * H, b_c2, mask=m_t2)
+    tl.store(p_gam + o_t3 * H, b_c3, mask=m_t3)
+    p_beta = beta + i_b * T * H + i_h
+    b_b0 = tl.load(p_beta + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)
+    b_b1 = tl.load(p_beta + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
+    b_b2 = tl.load(p_beta + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
+    b_b3 = tl.load(p_beta + o_t3 * H, mask=m_t3, other=0.0).to(tl.float32)
+
+    # k_a k_b^T for the ten blocks on and below the diagonal, accumulated over K
+    b_a00 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a10 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a11 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a20 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a21 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a22 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a30 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a31 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a32 = tl.zeros([16, 16], dtype=tl.float32)
+    b_a33 = tl.zeros([16, 16], dtype=tl.float32)
+    p_k = k + (i_b * T * H + i_h) * K
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k0 = tl.load(p_k + o_t0[:, None] * H * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.0)
+        b_k1 = tl.load(p_k + o_t1[:, None] * H * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.0)
+        b_k2 = tl.load(p_k + o_t2[:, None] * H * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.0)
+        b_k3 = tl.load(p_k + o_t3[:, None] * H * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.0)
+        # [16, BK] @ [BK, 16] -> [16, 16]
+        b_a00 += tl.dot(b_k0, tl.trans(b_k0), input_precision=PREC)
+        b_a10 += tl.dot(b_k1, tl.trans(b_k0), input_precision=PREC)
+        b_a11 += tl.dot(b_k1, tl.trans(b_k1), input_precision=PREC)
+        b_a20 += tl.dot(b_k2, tl.trans(b_k0), input_precision=PREC)
+        b_a21 += tl.dot(b_k2, tl.trans(b_k1), input_precision=PREC)
+        b_a22 += tl.dot(b_k2, tl.trans(b_k2), input_precision=PREC)
+        b_a30 += tl.dot(b_k3, tl.trans(b_k0), input_precision=PREC)
+        b_a31 += tl.dot(b_k3, tl.trans(b_k1), input_precision=PREC)
+        b_a32 += tl.dot(b_k3, tl.trans(b_k2), input_precision=PREC)
+        b_a33 += tl.dot(b_k3, tl.trans(b_k3), input_precision=PREC)
+    b_a00 *= b_b0[:, None] * _decay_strict16(b_c0, b_c0, True)
+    b_a10 *= b_b1[:, None] * _decay_strict16(b_c1, b_c0, False)
+    b_a11 *= b_b1[:, None] * _decay_strict16(b_c1, b_c1, True)
+    b_a20 *= b_b2[:, None] * _decay_strict16(b_c2, b_c0, False)
+    b_a21 *= b_b2[:, None] * _decay_strict16(b_c2, b_c1, False)
+    b_a22 *= b_b2[:, None] * _decay_strict16(b_c2, b_c2, True)
+    b_a30 *= b_b3[:, None] * _decay_strict16(b_c3, b_c0, False)
+    b_a31 *= b_b3[:, None] * _decay_strict16(b_c3, b_c1, False)
+    b_a32 *= b_b3[:, None] * _decay_strict16(b_c3, b_c2, False)
+    b_a33 *= b_b3[:, None] * _decay_strict16(b_c3, b_c3, True)
+
+    if DOUBLING:
+        b_t00 = _inv_unit_lower16_doubling(b_a00)
+        b_t11 = _inv_unit_lower16_doubling(b_a11)
+        b_t22 = _inv_unit_lower16_doubling(b_a22)
+        b_t33 = _inv_unit_lower16_doubling(b_a33)
+    else:
+        b_t00 = _inv_unit_lower16(b_a00)
+        b_t11 = _inv_unit_lower16(b_a11)
+        b_t22 = _inv_unit_lower16(b_a22)
+        b_t33 = _inv_unit_lower16(b_a33)
+    # Ai_ij = -Ai_ii sum_{j <= l < i} A_il Ai_lj; float32 products ("ieee"): the solve is where precision matters
+    b_t10 = -tl.dot(b_t11, tl.dot(b_a10, b_t00, input_precision="ieee"), input_precision="ieee")
+    b_t21 = -tl.dot(b_t22, tl.dot(b_a21, b_t11, input_precision="ieee"), input_precision="ieee")
+    b_t32 = -tl.dot(b_t33, tl.dot(b_a32, b_t22, input_precision="ieee"), input_precision="ieee")
+    b_t20 = -tl.dot(
+        b_t22,
+        tl.dot(b_a20, b_t00, input_precision="ieee") + tl.dot(b_a21, b_t10, input_precision="ieee"),
+        input_precision="ieee",
+    )
+    b_t31 = -tl.dot(
+        b_t33,
+        tl.dot(b_a31, b_t11, input_precision="ieee") + tl.dot(b_a32, b_t21, input_precision="ieee"),
+        input_precision="ieee",
+    )
+    b_t30 = -tl.dot(
+        b_t33,
+        tl.dot(b_a30, b_t00, input_precision="ieee")
+        + tl.dot(b_a31, b_t10, input_precision="ieee")
+        + tl.dot(b_a32, b_t20, input_precision="ieee"),
+        input_precision="ieee",
+    )
+    b_z = tl.zeros([16, 16], dtype=tl.float32)
+    p_ai = Ai + (i_b * T * H + i_h) * 64 + o_r[None, :]
+    p0, p1, p2, p3 = (
+        p_ai + o_t0[:, None] * H * 64,
+        p_ai + o_t1[:, None] * H * 64,
+        p_ai + o_t2[:, None] * H * 64,
+        p_ai + o_t3[:, None] * H * 64,
+    )
+    tl.store(p0, b_t00, mask=m_t0[:, None])
+    tl.store(p0 + 16, b_z, mask=m_t0[:, None])
+    tl.store(p0 + 32, b_z, mask=m_t0[:, None])
+    tl.store(p0 + 48, b_z, mask=m_t0[:, None])
+    tl.store(p1, b_t10, mask=m_t1[:, None])
+    tl.store(p1 + 16, b_t11, mask=m_t1[:, None])
+    tl.store(p1 + 32, b_z, mask=m_t1[:, None])
+    tl.store(p1 + 48, b_z, mask=m_t1[:, None])
+    tl.store(p2, b_t20, mask=m_t2[:, None])
+    tl.store(p2 + 16, b_t21, mask=m_t2[:, None])
+    tl.store(p2 + 32, b_t22, mask=m_t2[:, None])
+    tl.store(p2 + 48, b_z, mask=m_t2[:, None])
+    tl.store(p3, b_t30, mask=m_t3[:, None])
+    tl.store(p3 + 16, b_t31, mask=m_t3[:, None])
+    tl.store(p3 + 32, b_t32, mask=m_t3[:, None])
+    tl.store(p3 + 48, b_t33, mask=m_t3[:, None])
+
+
+@triton.jit
+def _chunk_wu_kernel(
+    k,
+    v,
+    beta,
+    gamma,
+    Ai,
+    w,
+    u,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # W = Ai diag(beta) (K * exp(gamma)), U = Ai diag(beta) V
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * 64 + tl.arange(0, 64)
+    m_t = o_t < T
+    b_beta = tl.load(beta + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_ai = tl.load(
+        Ai + (i_b * T * H + i_h) * 64 + o_t[:, None] * H * 64 + tl.arange(0, 64)[None, :], mask=m_t[:, None], other=0.0
+    )
+    b_ai = b_ai.to(k.dtype.element_ty)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+        b_kb = (b_k * (b_beta * tl.exp(b_gam))[:, None]).to(k.dtype.element_ty)
+        tl.store(w + p, tl.dot(b_ai, b_kb, input_precision=PREC).to(w.dtype.element_ty), mask=m)  # [64, 64] @ [64, BK]
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        b_v = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
+        b_vb = (b_v * b_beta[:, None]).to(v.dtype.element_ty)
+        tl.store(u + p, tl.dot(b_ai, b_vb, input_precision=PREC).to(u.dtype.element_ty), mask=m)  # [64, 64] @ [64, BV]
+
+
+@triton.jit
+def _h_step_loads(
+    k, w, u, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
+):
+    o_t = i_t * 64 + tl.arange(0, 64)
+    m_t = o_t < T
+    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    b_w = tl.load(w + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_u = tl.load(u + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_gl = tl.load(gamma + i_b * T * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H)
+    return b_w, b_u, b_k, b_gam, b_gl
+
+
+@triton.jit
+def _chunk_h_kernel(
+    k,
+    w,
+    u,
+    gamma,
+    h0,
+    hs,
+    vn,
+    ht,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    KP: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # sequential over chunks; this program's [K, BV] slice of the state stays in registers. PREFETCH
+    # issues the next chunk's loads (independent of the state) before this chunk's products.
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    dt = k.dtype.element_ty
+    b_h = tl.zeros([KP, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
+    if PREFETCH:
+        b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(k, w, u, gamma, i_b, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V)
+    for i_t in range(NT):
+        tl.store(hs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(dt), mask=m_h)
+        if PREFETCH:
+            n_w, n_u, n_k, n_gam, n_gl = _h_step_loads(
+                k, w, u, gamma, i_b, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V
+            )
+        else:
+            b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(k, w, u, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V)
+        o_t = i_t * 64 + tl.arange(0, 64)
+        m_t = o_t < T
+        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
+        tl.store(vn + p_v, b_vn, mask=m_t[:, None] & m_v[None, :])
+        b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
+        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)  # [K, 64] @ [64, BV]
+        if PREFETCH:
+            b_w, b_u, b_k, b_gam, b_gl = n_w, n_u, n_k, n_gam, n_gl
+    tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+@triton.jit
+def _chunk_o_kernel(
+    q,
+    k,
+    vn,
+    gamma,
+    hs,
+    o,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * 64 + tl.arange(0, 64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_v = o_t < T, o_v < V
+    dt = q.dtype.element_ty
+    b_o = tl.zeros([64, BV], dtype=tl.float32)
+    b_s = tl.zeros([64, 64], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        p_h = hs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)  # [64, BK] @ [BK, BV]
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [64, BK] @ [BK, 64]
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    o_r = tl.arange(0, 64)
+    b_s *= tl.exp(tl.where(o_r[:, None] >= o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
+    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    b_vn = tl.load(vn + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_o = b_o * tl.exp(b_gam)[:, None] + tl.dot(b_s.to(dt), b_vn, input_precision=PREC)  # [64, 64] @ [64, BV]
+    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _chunk_dvl_kernel(
+    q,
+    k,
+    do,
+    gamma,
+    dvl,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # intra-chunk part of dVn: dvl_j = scale sum_{i >= j} exp(gamma_i - gamma_j) (q_i . k_j) do_i
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * 64 + tl.arange(0, 64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_v = o_t < T, o_v < V
+    dt = q.dtype.element_ty
+    b_s = tl.zeros([64, 64], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_s += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [64 (j), BK] @ [BK, 64 (i)]
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    o_r = tl.arange(0, 64)
+    b_s *= tl.exp(tl.where(o_r[None, :] >= o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
+    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_dv = tl.dot(b_s.to(dt), b_do, input_precision=PREC) * scale  # [64, 64] @ [64, BV]
+    tl.store(dvl + p_v, b_dv.to(dvl.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dh_step_loads(
+    q, k, w, do, dvl, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
+):
+    o_t = i_t * 64 + tl.arange(0, 64)
+    m_t = (o_t < T) & (o_t >= 0)
+    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+    b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+    b_dvl = tl.load(dvl + p_v, mask=m_tv, other=0.0)
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_gl = tl.load(gamma + i_b * T * H + i_h + tl.maximum(tl.minimum(i_t * 64 + 64, T) - 1, 0) * H)
+    return b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl
+
+
+@triton.jit
+def _chunk_dh_kernel(
+    q,
+    k,
+    w,
+    do,
+    dvl,
+    gamma,
+    dht,
+    dhs,
+    dvn,
+    dh0,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    KP: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # reverse over chunks: dhs[c] = dL/d(state at the end of chunk c); dVn; finally dL/dh0
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    dt = q.dtype.element_ty
+    b_dh = tl.zeros([KP, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
+    if PREFETCH:
+        b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
+            q, k, w, do, dvl, gamma, i_b, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V
+        )
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        tl.store(dhs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dt), mask=m_h)
+        if PREFETCH:  # chunk -1 loads nothing: every row is masked
+            n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl = _dh_step_loads(
+                q, k, w, do, dvl, gamma, i_b, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V
+            )
+        else:
+            b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
+                q, k, w, do, dvl, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V
+            )
+        o_t = i_t * 64 + tl.arange(0, 64)
+        m_t = o_t < T
+        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
+        b_dv = (b_dvl.to(tl.float32) + tl.dot(b_kd, b_dh.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
+        tl.store(dvn + p_v, b_dv, mask=m_tv)
+        b_qg = (b_q.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(dt)
+        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)  # [K, 64] @ [64, BV]
+        b_dh -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+        if PREFETCH:
+            b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
+
+
+@triton.jit
+def _chunk_dqk_kernel(
+    q,
+    k,
+    vn,
+    dvn,
+    do,
+    gamma,
+    hs,
+    dhs,
+    dq,
+    dk,
+    dw,
+    dgp,
+    scale,
+    B,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # dq; the parts of dk from o and from the state update; dW = -dVn h^T; this K block's share of dgamma
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * 64 + tl.arange(0, 64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t, m_k = o_t < T, o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    dt = q.dtype.element_ty
+    b_dq = tl.zeros([64, BK], dtype=tl.float32)
+    b_dk = tl.zeros([64, BK], dtype=tl.float32)
+    b_dw = tl.zeros([64, BK], dtype=tl.float32)
+    b_ds = tl.zeros([64, 64], dtype=tl.float32)
+    b_dst = tl.zeros([64, 64], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_h = ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(hs + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dh = tl.load(dhs + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_vn = tl.load(vn + p_v, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)  # [64, BV] @ [BV, BK]
+        b_dk += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+        b_dw += tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
+        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)  # [64, BV] @ [BV, 64]
+        b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
+        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    i_last = tl.minimum(i_t * 64 + 64, T) - 1
+    b_gl = tl.load(gamma + i_b * T * H + i_h + i_last * H)
+    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    o_r = tl.arange(0, 64)
+    b_dq *= (scale * tl.exp(b_gam))[:, None]
+    b_dk *= tl.exp(b_gl - b_gam)[:, None]  # from h' = ... + (K exp(gamma_last - gamma))^T Vn
+    b_kf = b_k.to(tl.float32)
+    b_dgl = tl.exp(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kf * b_dk, 1), 0)  # d/d gamma_last
+    b_ds *= scale * tl.exp(tl.where(o_r[:, None] >= o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
+    b_dst *= scale * tl.exp(tl.where(o_r[None, :] >= o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
+    b_dq += tl.dot(b_ds.to(dt), b_k, input_precision=PREC)  # [64, 64] @ [64, BK]
+    b_dk += tl.dot(b_dst.to(dt), b_q, input_precision=PREC)
+    b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_kf * b_dk, 1)
+    b_dg += tl.where(o_t == i_last, b_dgl, 0.0)
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_k, b_dk, mask=m_tk)
+    tl.store(dw + p_k, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
+    tl.store(dgp + i_k * B * T * H + i_b * T * H + i_h + o_t * H, b_dg, mask=m_t)
+
+
+@triton.jit
+def _chunk_wy_bwd_kernel(
+    k,
+    v,
+    beta,
+    gamma,
+    Ai,
+    vn,
+    dvn,
+    dw,
+    dkp,
+    dgp,
+    dk,
+    dv,
+    dbeta,
+    dg,
+    B,
+    T,
+    NK,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # back through W = Ai diag(beta) (K exp(gamma)), U = Ai diag(beta) V and Ai = (I + A)^-1.
+    # With X = Ai^T dVn: dAi = dU Vb^T + dW Kbg^T = dVn ((I + A) Vn)^T, so dA = -Ai^T dAi Ai^T = -X Vn^T.
+    # That form has no cancellation between the U and W paths and no float32 matrix products.
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * 64 + tl.arange(0, 64)
+    m_t = o_t < T
+    o_r = tl.arange(0, 64)
+    dt = k.dtype.element_ty
+    p_s = i_b * T * H + i_h + o_t * H
+    b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
+    b_gam = tl.load(gamma + p_s, mask=m_t, other=0.0)
+    b_eg = tl.exp(b_gam)
+    b_ai = tl.load(Ai + (i_b * T * H + i_h) * 64 + o_t[:, None] * H * 64 + o_r[None, :], mask=m_t[:, None], other=0.0)
+    b_ait = tl.trans(b_ai).to(dt)
+    b_aid = b_ai.to(dt)
+    b_dA = tl.zeros([64, 64], dtype=tl.float32)
+    b_dAt = tl.zeros([64, 64], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
+    b_kk = tl.zeros([64, 64], dtype=tl.float32)
+    b_db = tl.zeros([64], dtype=tl.float32)
+    b_dgam = tl.zeros([64], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
+        b_du = tl.load(dvn + p_v, mask=m, other=0.0)
+        b_vn = tl.load(vn + p_v, mask=m, other=0.0)
+        b_x = tl.dot(b_ait, b_du, input_precision=PREC)  # X = Ai^T dVn: [64, 64] @ [64, BV]
+        b_xt = tl.dot(tl.trans(b_du), b_aid, input_precision=PREC)  # X^T: [BV, 64] @ [64, 64]
+        b_dA -= tl.dot(b_x.to(dt), tl.trans(b_vn), input_precision=PREC)  # [64, BV] @ [BV, 64]
+        b_dAt -= tl.dot(b_vn, b_xt.to(dt), input_precision=PREC)
+        tl.store(dv + p_v, (b_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
+        b_db += tl.sum(b_x * b_v, 1)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m, other=0.0)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    # dA restricted to the strictly lower part (A's support)
+    b_e = tl.exp(tl.where(o_r[:, None] > o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
+    b_et = tl.exp(tl.where(o_r[None, :] > o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
+    b_dAe = tl.where(o_r[:, None] > o_r[None, :], b_dA, 0.0) * b_e
+    b_dAet_dt = (tl.where(o_r[None, :] > o_r[:, None], b_dAt, 0.0) * b_et).to(dt)
+    b_dAA = b_dAe * b_kk * b_beta[:, None]  # dA * A
+    b_dgam += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
+    b_db += tl.sum(b_dAe * b_kk, 1)
+    b_dAe_dt = b_dAe.to(dt)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m, other=0.0)
+        b_kf = b_k.to(tl.float32)
+        b_dw = tl.load(dw + p_k, mask=m, other=0.0)
+        b_dkbg = tl.dot(b_ait, b_dw, input_precision=PREC)  # [64, 64] @ [64, BK]
+        b_kg = b_kf * b_eg[:, None]
+        b_db += tl.sum(b_dkbg * b_kg, 1)
+        b_dgam += tl.sum(b_dkbg * b_kg, 1) * b_beta
+        b_dk = tl.load(dkp + p_k, mask=m, other=0.0) + b_dkbg * (b_beta * b_eg)[:, None]
+        b_dk += b_beta[:, None] * tl.dot(b_dAe_dt, b_k, input_precision=PREC)
+        b_dk += tl.dot(b_dAet_dt, (b_kf * b_beta[:, None]).to(dt), input_precision=PREC)
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m)
+    for i_k in range(NK):
+        b_dgam += tl.load(dgp + i_k * B * T * H + p_s, mask=m_t, other=0.0)
+    # gamma_i = sum_{t <= i} g_t in the chunk, so dg_t = sum_{i >= t} dgamma_i
+    b_dg = tl.sum(b_dgam, 0) - tl.cumsum(b_dgam, 0) + b_dgam
+    tl.store(dg + p_s, b_dg.to(dg.dtype.element_ty), mask=m_t)
+    tl.store(dbeta + p_s, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _prec(x: Tensor) -> str:
+    # float32 inputs keep float32 products; half inputs run bf16/fp16 tensor cores, and the float32
+    # operands among them (the Ai solve) use tf32
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _seq_config(B, H, K, V, seq):
+    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps).
+    # Swept on an H200 (NOTES-gdn.md): with few programs (B=1, H=16, V=128: 64 of them) the walk is
+    # latency-bound, and narrow value blocks plus prefetching the next chunk's tiles at 8 warps win;
+    # with many programs (B=16) wide blocks without prefetch win. Prefetching holds a second chunk of
+    # q/k/w tiles in registers, so only while K <= 128.
+    if seq is not None:
+        return seq
+    KP = triton.next_power_of_2(K)
+    if KP > 128:
+        return 32, False, 4
+    if B * H * triton.cdiv(V, 64) < 256:
+        return 32, True, 8
+    return 64, False, 4
+
+
+def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doubling=False):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    dev = k.device
+    prec = _prec(k)
+    gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32)
+    _chunk_prep_kernel[(NT, B * H)](
+        k, g, beta, gamma, Ai, T, H=H, K=K, BK=64, DOUBLING=doubling, PREC=prec, num_warps=4
+    )
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    _chunk_wu_kernel[(NT, B * H)](k, v, beta, gamma, Ai, w, u, T, H=H, K=K, V=V, BK=64, BV=64, PREC=prec, num_warps=4)
+    KP = triton.next_power_of_2(K)
+    BV, prefetch, warps = _seq_config(B, H, K, V, seq)
+    hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
+    vn = torch.empty_like(v)
+    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+    _chunk_h_kernel[(triton.cdiv(V, BV), B * H)](
+        k,
+        w,
+        u,
+        gamma,
+        initial_state if initial_state is not None else ht,
+        hs,
+        vn,
+        ht,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        KP=KP,
+        BV=BV,
+        HAS_H0=initial_state is not None,
+        PREFETCH=prefetch,
+        PREC=prec,
+        num_warps=warps,
+        num_stages=1 if prefetch else 2,
+    )
+    return gamma, Ai, w, hs, vn, ht
+
+
+def chunk_gdn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    *,
+    seq: tuple[int, bool, int] | None = None,
+    doubling: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). ``seq`` overrides the
+    (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it); ``doubling`` inverts the
+    16x16 diagonal blocks by repeated squaring instead of row substitution (not yet timed on a GPU)."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    gamma, Ai, w, hs, vn, ht = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
+    o = torch.empty_like(v)
+    BV = min(triton.next_power_of_2(V), 128)
+    _chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q,
+        k,
+        vn,
+        gamma,
+        hs,
+        o,
+        scale,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        BK=64,
+        BV=BV,
+        PREC=_prec(k),
+        num_warps=8 if BV > 64 else 4,
+    )
+    return o, ht
+
+
+def chunk_gdn_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dht: Tensor | None,
+    *,
+    seq: tuple[int, bool, int] | None = None,
+    doubling: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
+    q, k, do = q.to(v.dtype), k.to(v.dtype), do.to(v.dtype)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    dev = k.device
+    prec = _prec(k)
+    gamma, Ai, w, hs, vn, _ = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
+
+    dvl = torch.empty_like(v)
+    BV = min(triton.next_power_of_2(V), 128)
+    _chunk_dvl_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q,
+        k,
+        do,
+        gamma,
+        dvl,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=64,
+        BV=BV,
+        PREC=prec,
+        num_warps=8 if BV > 64 else 4,
+    )
+    KP = triton.next_power_of_2(K)
+    BVh, prefetch, warps = _seq_config(B, H, K, V, seq)
+    dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
+    dvn = torch.empty_like(v)
+    dh0 = (
+        torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+        if initial_state is not None
+        else k.new_empty(0, dtype=torch.float32)
+    )
+    _chunk_dh_kernel[(triton.cdiv(V, BVh), B * H)](
+        q,
+        k,
+        w,
+        do,
+        dvl,
+        gamma,
+        dht.contiguous() if dht is not None else dh0,
+        dhs,
+        dvn,
+        dh0,
+        scale,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        KP=KP,
+        BV=BVh,
+        HAS_DHT=dht is not None,
+        HAS_H0=initial_state is not None,
+        PREFETCH=prefetch,
+        PREC=prec,
+        num_warps=warps,
+        num_stages=1 if prefetch else 2,
+    )
+    BK = 64
+    NK = triton.cdiv(K, BK)
+    dq = torch.empty_like(q)
+    dkp = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
+    dw = torch.empty_like(k)
+    dgp = torch.empty(NK, B, T, H, device=dev, dtype=torch.float32)
+    _chunk_dqk_kernel[(NK, NT, B * H)](
+        q,
+        k,
+        vn,
+        dvn,
+        do,
+        gamma,
+        hs,
+        dhs,
+        dq,
+        dkp,
+        dw,
+        dgp,
+        scale,
+        B,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=64,
+        PREC=prec,
+        num_warps=4,
+    )
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g)
+    _chunk_wy_bwd_kernel[(NT, B * H)](
+        k,
+        v,
+        beta,
+        gamma,
+        Ai,
+        vn,
+        dvn,
+        dw,
+        dkp,
+        dgp,
+        dk,
+        dv,
+        dbeta,
+        dg,
+        B,
+        T,
+        NK,
+        H=H,
+        K=K,
+        V=V,
+        BK=64,
+        BV=64,
+        PREC=prec,
+        num_warps=4,
+    )
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg, dbeta, dh0

@@ -1,0 +1,126 @@
+"""Gated delta rule and short causal convolution in plain float32 PyTorch: the specification of the ops.
+
+Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with Delta Rule"):
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = scale * S_t^T q_t
+
+Two forms that compute the same function: the token recurrence (``gated_delta_rule_recurrent``) and the
+chunked WY / UT-transform form the Triton kernels follow (``gated_delta_rule_chunked``). Both are
+differentiable through autograd; the CPU path of the custom op uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["causal_conv1d_ref", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_delta_rule_ref"]
+
+
+def _f32(x: Tensor) -> Tensor:
+    # float32 at least; float64 stays float64 so that gradcheck can run on the reference
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def gated_delta_rule_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token recurrence. q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H];
+    initial_state [B, H, K, V] or None. Returns (o [B, T, H, V] float32, S_T [B, H, K, V] float32)."""
+    q, k, v, g, beta = (_f32(x) for x in (q, k, v, g, beta))
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if initial_state is None else _f32(initial_state)
+    outs = []
+    for t in range(T):
+        S = S * g[:, t, :, None, None].exp()  # [B, H, K, V]
+        kt, vt, qt, bt = k[:, t], v[:, t], q[:, t], beta[:, t]
+        u = bt[..., None] * (vt - torch.einsum("bhkv,bhk->bhv", S, kt))  # beta_t (v_t - S'^T k_t)
+        S = S + kt[..., :, None] * u[..., None, :]
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, qt))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)
+    return o, S
+
+
+def gated_delta_rule_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Chunked form (same shapes as ``gated_delta_rule_recurrent``). Within a chunk, with gamma the
+    cumulative log decay from the chunk start:
+        A = strictly_lower(beta_i k_i^T k_j exp(gamma_i - gamma_j)),  T = (I + A)^-1
+        W = T diag(beta) (K * exp(gamma)),  U = T diag(beta) V,  Vn = U - W h
+        o = scale (Q * exp(gamma)) h + scale causal(Q K^T * exp(gamma_i - gamma_j)) Vn
+        h' = exp(gamma_C) h + (K * exp(gamma_C - gamma))^T Vn
+    """
+    q, k, v, g, beta = (_f32(x) for x in (q, k, v, g, beta))
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = chunk_size
+    NT = -(-T // C)
+    pad = NT * C - T
+    if pad:  # zero padding at the end: g = 0, beta = 0 leave the state alone, padded outputs are dropped
+        q, k, v, g, beta = (F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (q, k, v, g, beta))
+    # [B, T, H, D] -> [B, H, NT, C, D]
+    q, k, v = (x.reshape(B, NT, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+    g, beta = (x.reshape(B, NT, C, H).permute(0, 3, 1, 2) for x in (g, beta))
+    gamma = g.cumsum(-1)  # [B, H, NT, C]
+    diff = gamma[..., :, None] - gamma[..., None, :]  # [B, H, NT, C, C]
+    idx = torch.arange(C, device=q.device)
+    strict = idx[:, None] > idx[None, :]
+    causal = idx[:, None] >= idx[None, :]
+    # exponent masked before exp: above the diagonal it is positive and could overflow
+    decay_strict = torch.where(strict, diff, float("-inf")).exp()
+    decay_causal = torch.where(causal, diff, float("-inf")).exp()
+    A = (beta[..., None] * (k @ k.transpose(-1, -2))) * decay_strict
+    eye = torch.eye(C, device=q.device, dtype=q.dtype)
+    kg = k * gamma[..., None].exp()
+    rhs = torch.cat([beta[..., None] * kg, beta[..., None] * v], dim=-1)  # [B, H, NT, C, K + V]
+    wu = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    w, u = wu[..., :K], wu[..., K:]
+    qk = (q @ k.transpose(-1, -2)) * decay_causal  # [B, H, NT, C, C]
+    gamma_last = gamma[..., -1]  # [B, H, NT]
+    k_tail = k * (gamma_last[..., None] - gamma).exp()[..., None]  # [B, H, NT, C, K]
+    h = q.new_zeros(B, H, K, V) if initial_state is None else _f32(initial_state)
+    outs = []
+    for c in range(NT):
+        vn = u[:, :, c] - w[:, :, c] @ h  # [B, H, C, V]
+        outs.append(scale * ((q[:, :, c] * gamma[:, :, c, :, None].exp()) @ h + qk[:, :, c] @ vn))
+        h = gamma_last[:, :, c, None, None].exp() * h + k_tail[:, :, c].transpose(-1, -2) @ vn
+    o = torch.stack(outs, dim=2)  # [B, H, NT, C, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
+    return o, h
+
+
+def gated_delta_rule_ref(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The CPU path: the chunked form once T spans more than one chunk, the recurrence otherwise."""
+    if q.shape[1] > 64:
+        return gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state)
+    return gated_delta_rule_recurrent(q, k, v, g, beta, scale, initial_state)
+
+
+def causal_conv1d_ref(
+    x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, activation: str | None
+) -> tuple[Tensor, Tensor]:
+    """Depthwise causal convolution. x [B, T, C]; weight [C, W]; bias [C] or None; initial_state
+    [B, C, W-1] (the W-1 inputs before x) or None (zeros). y_t = act(bias + sum_w weight[:, w] xe[t + w])
+    where xe = cat(initial_state, x) along time. Returns (y [B, T, C] float32, final_state [B, C, W-1]
+    float32: the last W-1 inputs of xe)."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    xt = _f32(x).transpose(1, 2)  # [B, C, T]
+    init = xt.new_zeros(B, C, W - 1) if initial_state is None else _f32(initial_state)
+    xe = torch.cat([init, xt], dim=-1)  # [B, C, T + W - 1]
+    y = F.conv1d(xe, weight.to(xe.dtype)[:, None, :], None if bias is None else bias.to(xe.dtype), groups=C)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.transpose(1, 2), xe[..., xe.shape[-1] - (W - 1) :]

@@ -1,0 +1,240 @@
+"""Gated delta rule and short conv kernels against the float32 reference.
+
+Triton launchers run in the interpreter on CPU and as real kernels on a GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixerzoo.kernels import gated_delta_rule
+from mixerzoo.kernels.gdn import causal_conv1d
+from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd
+from mixerzoo.kernels.gdn.conv import causal_conv1d_bwd, causal_conv1d_fwd
+from mixerzoo.kernels.gdn.fused_recurrent import fused_recurrent_gdn_fwd
+from mixerzoo.kernels.gdn.reference import (
+    causal_conv1d_ref,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 kernels vs float32 reference differ only by the reduction order; on the GPU half inputs are
+# also checked (the interpreter cannot run bf16 dots)
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 2e-2), torch.bfloat16: (1e-2, 2e-2)}
+
+
+def assert_close(name, ref, out, dtype, *, grad=False):
+    ref, out = ref.double(), out.double()
+    err = (out - ref).abs().max().item()
+    rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    tol = TOL[dtype][1 if grad else 0]
+    print(f"{name}: max abs {err:.3e}, rel rmse {rel:.3e}")
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert rel <= tol, f"{name}: rel rmse {rel:.3e} > {tol} (max abs {err:.3e})"
+
+
+def make_inputs(B, T, H, K, V, dtype, device=DEVICE, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 2)
+    beta = torch.rand(B, T, H, generator=gen)
+    h0 = torch.randn(B, H, K, V, generator=gen) * 0.5
+    xs = [x.to(device, dtype) for x in (q, k, v, g, beta)]
+    return xs, h0.to(device)
+
+
+def brute_force(q, k, v, g, beta, scale, h0):
+    """The definition, token by token and with explicit matrices, float64."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    B, T, H, K = k.shape
+    S = h0.double().clone()
+    eye = torch.eye(K, dtype=torch.float64, device=q.device)
+    o = torch.empty(B, T, H, v.shape[-1], dtype=torch.float64, device=q.device)
+    for t in range(T):
+        kt = k[:, t, :, :, None]  # [B, H, K, 1]
+        a = g[:, t].exp()[..., None, None] * (eye - beta[:, t, :, None, None] * kt @ kt.transpose(-1, -2))
+        S = a @ S + beta[:, t, :, None, None] * kt @ v[:, t, :, None, :]
+        o[:, t] = scale * (S.transpose(-1, -2) @ q[:, t, :, :, None])[..., 0]
+    return o, S
+
+
+# -- the reference: both forms against the brute force and each other --------------------------
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 130], ids=lambda t: f"T{t}")
+def test_reference_forms(T):
+    (q, k, v, g, beta), h0 = make_inputs(2, T, 2, 16, 24, torch.float32, device="cpu")
+    o_bf, s_bf = brute_force(q, k, v, g, beta, 0.3, h0)
+    o_r, s_r = gated_delta_rule_recurrent(q, k, v, g, beta, 0.3, h0)
+    o_c, s_c = gated_delta_rule_chunked(q, k, v, g, beta, 0.3, h0)
+    for name, ref, out in (
+        ("recurrent o", o_bf, o_r),
+        ("recurrent S", s_bf, s_r),
+        ("chunked o", o_bf, o_c),
+        ("chunked S", s_bf, s_c),
+    ):
+        assert_close(name, ref, out, torch.float32)
+
+
+def test_reference_gradients_gradcheck():
+    (q, k, v, g, beta), h0 = make_inputs(1, 7, 1, 4, 3, torch.float64, device="cpu")
+    args = [x.requires_grad_() for x in (q, k, v, g, beta, h0.double())]
+    assert torch.autograd.gradcheck(lambda q, k, v, g, b, h: gated_delta_rule_recurrent(q, k, v, g, b, 0.5, h), args)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, g, b, h: gated_delta_rule_chunked(q, k, v, g, b, 0.5, h, chunk_size=4), args
+    )
+
+
+# -- Triton launchers against the reference ------------------------------------------------------
+
+CASES = [
+    # (B, T, H, K, V, h0, dht)
+    (1, 1, 2, 64, 64, True, True),
+    (2, 63, 2, 64, 64, False, False),
+    (1, 130, 2, 64, 64, True, True),
+    (1, 70, 1, 128, 64, True, False),
+]
+# half inputs: every case on the GPU (bf16); in the interpreter one fp16 case (it cannot dot bf16, and
+# each case costs seconds there)
+HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(CASES[2], torch.float16)]
+
+
+@pytest.mark.parametrize(
+    "case,dtype,doubling",
+    [(c, torch.float32, False) for c in CASES]
+    + [(c, d, False) for c, d in HALF_CASES]
+    + [(CASES[2], torch.float32, True)],
+    ids=str,
+)
+def test_chunk_kernels(case, dtype, doubling):
+    B, T, H, K, V, has_h0, has_dht = case
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, dtype)
+    h0 = h0 if has_h0 else None
+    scale = K**-0.5
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + ([h0.clone().requires_grad_()] if has_h0 else [])
+    o_ref, s_ref = gated_delta_rule_recurrent(*prims[:5], scale, prims[5] if has_h0 else None)
+    do = torch.randn_like(o_ref)
+    dht = torch.randn_like(s_ref) if has_dht else None
+    torch.autograd.backward([o_ref, s_ref] if has_dht else [o_ref], [do, dht] if has_dht else [do])
+
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, h0, doubling=doubling)
+    assert_close("o", o_ref, o, dtype)
+    assert_close("final_state", s_ref, s, dtype)
+    grads = chunk_gdn_bwd(q, k, v, g, beta, scale, h0, do.to(dtype), dht, doubling=doubling)
+    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=False):
+        assert_close(name, x.grad, d, dtype, grad=True)
+    if not has_h0:
+        assert grads[5].numel() == 0
+
+
+@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 64, 64), (1, 37, 2, 128, 64)], ids=str)
+def test_fused_recurrent(B, T, H, K, V):
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+    o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, K**-0.5, h0)
+    o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, h0)
+    assert_close("o", o_ref, o, torch.float32)
+    assert_close("final_state", s_ref, s, torch.float32)
+    o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, None)
+    o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, K**-0.5, None)
+    assert_close("o (no h0)", o_ref, o, torch.float32)
+
+
+# -- the public op: dispatch, autograd, compile ---------------------------------------------------
+
+
+def test_op_matches_brute_force_with_grads():
+    (q, k, v, g, beta), h0 = make_inputs(1, 130, 2, 16, 16, torch.float32, device="cpu")
+    args = [x.double().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_bf, s_bf = brute_force(*args[:5], 0.25, args[5])
+    do, dht = torch.randn_like(o_bf), torch.randn_like(s_bf)
+    ref = torch.autograd.grad([o_bf, s_bf], args, [do, dht])
+    xs = [x.detach().float().requires_grad_() for x in args]
+    o, s = gated_delta_rule(*xs[:5], scale=0.25, initial_state=xs[5], output_final_state=True)
+    got = torch.autograd.grad([o, s], xs, [do.float(), dht.float()])
+    assert_close("o", o_bf, o, torch.float32)
+    assert_close("final_state", s_bf, s, torch.float32)
+    for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=False):
+        assert_close(name, r, d, torch.float32, grad=True)
+
+
+def test_op_final_state_none_and_errors():
+    (q, k, v, g, beta), _ = make_inputs(1, 5, 2, 8, 8, torch.float32, device="cpu")
+    o, s = gated_delta_rule(q, k, v, g, beta)
+    assert s is None and o.shape == v.shape
+    with pytest.raises(ValueError, match="g must be"):
+        gated_delta_rule(q, k, v, g[..., :1], beta)
+    with pytest.raises(ValueError, match="initial_state"):
+        gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 2, 8, 7))
+
+
+def test_op_compiles_fullgraph():
+    (q, k, v, g, beta), h0 = make_inputs(1, 3, 2, 8, 8, torch.float32, device="cpu")
+    q.requires_grad_()
+
+    def step(q, k, v, g, beta, h0):
+        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        return o, s
+
+    o, s = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, g, beta, h0)
+    o_ref, s_ref = step(q, k, v, g, beta, h0)
+    assert_close("compiled o", o_ref, o, torch.float32)
+    assert_close("compiled S", s_ref, s, torch.float32)
+    o.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# -- short causal conv ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 2, 70], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("has_init", [False, True], ids=["no_init", "init"])
+@pytest.mark.parametrize("activation", ["silu", None], ids=["silu", "none"])
+def test_conv_kernels(T, has_init, activation):
+    B, C, W = 2, 40, 4
+    gen = torch.Generator().manual_seed(T)
+    x, w, b = torch.randn(B, T, C, generator=gen), torch.randn(C, W, generator=gen), torch.randn(C, generator=gen)
+    init = torch.randn(B, C, W - 1, generator=gen) if has_init else None
+    x, w, b = x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
+    init = init.to(DEVICE) if has_init else None
+    prims = [t.clone().requires_grad_() for t in (x, w, b)] + ([init.clone().requires_grad_()] if has_init else [])
+    y_ref, f_ref = causal_conv1d_ref(*prims[:3], prims[3] if has_init else None, activation)
+    dy, df = torch.randn_like(y_ref), torch.randn_like(f_ref)
+    torch.autograd.backward([y_ref, f_ref], [dy, df])
+    y, f = causal_conv1d_fwd(x, w, b, init, activation)
+    assert_close("y", y_ref, y, torch.float32)
+    assert_close("final_state", f_ref, f, torch.float32)
+    grads = causal_conv1d_bwd(x, w, b, init, dy, df, activation)
+    for name, d, t in zip(["dx", "dw", "db", "dinit"], grads, prims, strict=False):
+        assert_close(name, t.grad, d, torch.float32, grad=True)
+
+
+def test_conv_op_decode_matches_parallel():
+    B, T, C, W = 2, 9, 12, 4
+    x, w, b = torch.randn(B, T, C), torch.randn(C, W), torch.randn(C)
+    y_full, _ = causal_conv1d(x, w, b)
+    state = torch.zeros(B, C, W - 1)
+    ys = []
+    for t in range(T):
+        y, state = causal_conv1d(x[:, t : t + 1], w, b, initial_state=state, output_final_state=True)
+        ys.append(y)
+    assert_close("decode", y_full, torch.cat(ys, 1), torch.float32)
+    xs = x.clone().requires_grad_()
+    torch.compile(lambda x: causal_conv1d(x, w, b)[0], fullgraph=True, backend="aot_eager")(xs).sum().backward()
+    assert torch.isfinite(xs.grad).all()
+
+
+def test_ops_return_contiguous_outputs_under_compile():
+    # the fakes promise contiguous outputs; a view after the op must hold in the compiled graph
+    x = torch.randn(2, 12, 3 * 8).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous [2, 12, 24]
+    w = torch.randn(24, 4)
+
+    def f(x):
+        u, _ = causal_conv1d(x, w)
+        q, k, v = (t.reshape(2, 12, 2, 4) for t in u.split(8, dim=-1))
+        o, _ = gated_delta_rule(q, F.normalize(k, dim=-1), v, -torch.ones(2, 12, 2) * 0.1, torch.full((2, 12, 2), 0.5))
+        return o.view(2, 12, 8)
+
+    assert_close("compiled", f(x), torch.compile(f, fullgraph=True, backend="aot_eager")(x), torch.float32)
