@@ -287,7 +287,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(file=out)
     print(
         format_table(
-            ["layer", "mixer", "state", "params", "state bytes", ""],
+            ["layer", "mixer", "state", "params", "state bytes", "(readable)"],
             rows,
             footer=["total", "", "", sum(r[3] for r in rows), total, _fmt_bytes(total)],
         ),
