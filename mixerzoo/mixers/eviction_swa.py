@@ -140,6 +140,7 @@ class EvictionSWA(TokenMixer):
     supports_gqa: ClassVar[bool] = True
     train_differs: ClassVar[bool] = True
     conformance_kwargs: ClassVar[dict] = dict(window_size=16, capacity=8, num_sinks=2)
+    conformance_seqlen: ClassVar[int] = 90  # long enough for tokens to leave the window and be evicted
 
     config: EvictionSWAConfig
 
