@@ -9,6 +9,8 @@ or from the shell: ``python -m mixerzoo.conformance swa``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Iterable
 
@@ -81,7 +83,9 @@ def check(
         key = f"{name}[{str(dtype).removeprefix('torch.')}]"
         t0 = time.perf_counter()
         try:
-            CHECKS[name](Case(spec, device=device, dtype=dtype))
+            # assert_close prints every measurement (for test logs); a check reports only pass or fail
+            with contextlib.redirect_stdout(io.StringIO()):
+                CHECKS[name](Case(spec, device=device, dtype=dtype))
             status = "ok"
         except Exception as e:  # collected: every failure is reported together, then raised
             failures[key] = str(e) if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"

@@ -16,64 +16,16 @@ from torch import Tensor
 from ..mixers.base import State, TokenMixer
 from ..registry.core import MixerSpec
 from ..registry.core import spec as core_spec
+from ..testing import assert_close, tolerance
 
 __all__ = ["CHECKS", "Case", "assert_close", "core_spec", "tolerance"]
 
 HIDDEN, HEADS, BATCH = 64, 4, 2
 
 
-# --------------------------------------------------------------------------------------------------
-# Tolerances: one table keyed by dtype (SPEC 6)
-# --------------------------------------------------------------------------------------------------
-
-# dtype -> (max abs error for exact-algebra comparisons in that dtype, relative RMSE for outputs, for grads)
-_TOLERANCES = {
-    torch.float64: (1e-9, 1e-9, 1e-9),
-    torch.float32: (2e-4, 1e-5, 1e-5),
-    torch.bfloat16: (None, 1e-2, 2e-2),
-    torch.float16: (None, 5e-3, 1e-2),
-}
-
-
-def tolerance(dtype: torch.dtype) -> tuple[float | None, float, float]:
-    return _TOLERANCES[dtype]
-
-
-def _rel_rmse(ref: Tensor, out: Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def assert_close(
-    name: str,
-    ref: Tensor,
-    out: Tensor,
-    *,
-    atol: float | None = None,
-    rel_rmse: float | None = None,
-) -> None:
-    """Fail unless ``out`` matches ``ref``: max abs error <= atol and/or relative RMSE <= rel_rmse.
-
-    The message always reports both measures.
-    """
-    if ref.shape != out.shape:
-        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    if not torch.isfinite(out).all():
-        raise AssertionError(f"{name}: non-finite values in the output")
-    err = (ref.double() - out.double().to(ref.device)).abs().max().item() if ref.numel() else 0.0
-    rr = _rel_rmse(ref, out.to(ref.device)) if ref.numel() else 0.0
-    msg = f"{name}: max abs err {err:.3e}, rel RMSE {rr:.3e}"
-    if atol is not None and not err <= atol:
-        raise AssertionError(f"{msg} (allowed max abs err {atol:.1e})")
-    if rel_rmse is not None and not rr <= rel_rmse:
-        raise AssertionError(f"{msg} (allowed rel RMSE {rel_rmse:.1e})")
-
-
 def _assert_equal(name: str, a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
-        raise AssertionError(
-            f"{name}: tensors differ ({tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype})"
-        )
+        raise AssertionError(f"{name}: tensors differ ({tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,17 +58,13 @@ class Case:
             **over,
         }
 
-    def build(
-        self, *, seed: int = 0, train: bool = False, dtype: torch.dtype | None = None, **over
-    ) -> TokenMixer:
+    def build(self, *, seed: int = 0, train: bool = False, dtype: torch.dtype | None = None, **over) -> TokenMixer:
         torch.manual_seed(seed)
         mixer = self.spec.cls(self.spec.make_config(**self.kwargs(**over)))
         mixer = mixer.to(device=self.device, dtype=dtype or self.dtype)
         return mixer.train(train)
 
-    def input(
-        self, *, seed: int = 1, T: int | None = None, dtype: torch.dtype | None = None, B=None
-    ) -> Tensor:
+    def input(self, *, seed: int = 1, T: int | None = None, dtype: torch.dtype | None = None, B=None) -> Tensor:
         g = torch.Generator().manual_seed(seed)
         shape = (B or self.batch_size, T or self.seqlen, self.hidden_size)
         return torch.randn(shape, generator=g).to(device=self.device, dtype=dtype or self.dtype)
@@ -168,7 +116,8 @@ def check_contract(case: Case) -> None:
                 raise AssertionError(f"{case.name}: parallel form (state=None) must return (y, None)")
             if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
                 raise AssertionError(
-                    f"{case.name}: y is {tuple(y.shape)} {y.dtype} {y.device}, x is {tuple(x.shape)} {x.dtype} {x.device}"
+                    f"{case.name}: y is {tuple(y.shape)} {y.dtype} {y.device}, "
+                    f"x is {tuple(x.shape)} {x.dtype} {x.device}"
                 )
             if not torch.isfinite(y).all():
                 raise AssertionError(f"{case.name} (train={train}, T={T}): non-finite output")
@@ -188,9 +137,7 @@ def check_causality(case: Case) -> None:
             y1, _ = mixer(x)
             torch.manual_seed(3)
             y2, _ = mixer(x2)
-            assert_close(
-                f"{case.name} causality (train={train}, t={t})", y1[:, : t + 1], y2[:, : t + 1], atol=1e-5
-            )
+            assert_close(f"{case.name} causality (train={train}, t={t})", y1[:, : t + 1], y2[:, : t + 1], atol=1e-5)
 
 
 @torch.no_grad()
@@ -203,9 +150,7 @@ def check_decode(case: Case) -> None:
     for prefix in (1, T // 3):
         state = case.init_state(mixer)
         y_dec = _stream(mixer, x, state, [prefix] + [1] * (T - prefix))
-        assert_close(
-            f"{case.name} prefill({prefix}) + decode vs parallel", y_par, y_dec, atol=_decode_atol(case)
-        )
+        assert_close(f"{case.name} prefill({prefix}) + decode vs parallel", y_par, y_dec, atol=_decode_atol(case))
 
 
 @torch.no_grad()
@@ -254,9 +199,7 @@ def check_padding(case: Case) -> None:
     y_dec = _stream(mixer, xp[:, prefix:], state, [1] * (T - prefix))
     y_stream = torch.cat([y_pre, y_dec], dim=1)
     assert_close(f"{case.name} left-padded prefill + decode", y_row0, y_stream[:1, npad:], atol=atol)
-    assert_close(
-        f"{case.name} unpadded row in a padded batch, prefill + decode", y_row1, y_stream[1:], atol=atol
-    )
+    assert_close(f"{case.name} unpadded row in a padded batch, prefill + decode", y_row1, y_stream[1:], atol=atol)
 
 
 def _compile_counter(backend: str):
@@ -289,9 +232,7 @@ def check_compile(
             y_comp = fwd(x)
         assert_close(f"{case.name} compiled forward ({backend}, train={train})", y_eager, y_comp, atol=atol)
         if counter.frame_count != 1:
-            raise AssertionError(
-                f"{case.name}: compiled forward made {counter.frame_count} graphs, expected 1"
-            )
+            raise AssertionError(f"{case.name}: compiled forward made {counter.frame_count} graphs, expected 1")
 
     if not case.spec.decode:
         return
@@ -348,9 +289,7 @@ def check_gradients(case: Case) -> None:
     y.backward(dy.to(device=case.device, dtype=case.dtype))
     y_ref.backward(dy)
     _, rr_out, rr_grad = tolerance(case.dtype)
-    assert_close(
-        f"{case.name} train output vs float32 reference", y_ref, y.detach().float().cpu(), rel_rmse=rr_out
-    )
+    assert_close(f"{case.name} train output vs float32 reference", y_ref, y.detach().float().cpu(), rel_rmse=rr_out)
     assert_close(f"{case.name} dx vs float32 reference", x_ref.grad, x.grad.float().cpu(), rel_rmse=rr_grad)
     ref_params = dict(ref.named_parameters())
     for n, p in mixer.named_parameters():
@@ -394,9 +333,7 @@ def check_state(case: Case) -> None:
     blob = save(state.to_dict())
     restored = type(state).from_dict(load(blob))
     for k, t in state.tensors().items():
-        _assert_equal(
-            f"{case.name} state '{k}' after safetensors round trip", t.cpu(), restored.tensors()[k].cpu()
-        )
+        _assert_equal(f"{case.name} state '{k}' after safetensors round trip", t.cpu(), restored.tensors()[k].cpu())
     restored = type(state).from_dict({k: v.to(case.device) for k, v in restored.tensors().items()})
     y_a = _stream(mixer, x[:, T - 3 :], state, [1, 2])
     y_b = _stream(mixer, x[:, T - 3 :], restored, [1, 2])
@@ -408,9 +345,7 @@ def check_state(case: Case) -> None:
     rev = s1.select(list(range(case.batch_size))[::-1])
     y_fwd, _ = mixer(x[:, -1:], s1)
     y_rev, _ = mixer(x.flip(0)[:, -1:], rev)
-    assert_close(
-        f"{case.name} decode after state.select(reversed)", y_fwd.flip(0), y_rev, atol=_decode_atol(case)
-    )
+    assert_close(f"{case.name} decode after state.select(reversed)", y_fwd.flip(0), y_rev, atol=_decode_atol(case))
     one = s1.select([1])
     if one.batch_size != 1:
         raise AssertionError(f"{case.name}: select([1]) gave batch size {one.batch_size}")
@@ -420,9 +355,7 @@ def check_state(case: Case) -> None:
         for t in range(3):
             mixer(case.input(seed=20 + t, T=T), s2)
             if s2.nbytes() != n0:
-                raise AssertionError(
-                    f"{case.name}: constant-growth state changed size: {n0} -> {s2.nbytes()} bytes"
-                )
+                raise AssertionError(f"{case.name}: constant-growth state changed size: {n0} -> {s2.nbytes()} bytes")
 
     state.reset_()
     for k, t in state.tensors().items():
@@ -432,9 +365,7 @@ def check_state(case: Case) -> None:
         raise AssertionError(f"{case.name}: empty serialised state")
 
 
-def _expect(
-    exc: type[BaseException], fragments: tuple[str, ...], what: str, fn: Callable[[], object]
-) -> None:
+def _expect(exc: type[BaseException], fragments: tuple[str, ...], what: str, fn: Callable[[], object]) -> None:
     try:
         fn()
     except exc as e:

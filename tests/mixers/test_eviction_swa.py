@@ -8,16 +8,9 @@ from mixerzoo import registry
 from mixerzoo.mixers.eviction_swa import EvictionSWA
 from mixerzoo.mixers.rope import apply_rope
 from mixerzoo.mixers.router import ValueGate
+from mixerzoo.testing import assert_close
 
 SMALL = dict(hidden_size=64, num_heads=4, window_size=16, capacity=8, num_sinks=2)
-
-
-def assert_close(name, ref, out, atol, rtol=0.0):
-    ref, out = ref.detach().double(), out.detach().double()
-    err = (ref - out).abs().max().item()
-    rrmse = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-    print(f"{name}: max abs err {err:.3e}, relative RMSE {rrmse:.3e}")
-    assert err <= atol + rtol * ref.abs().max().item(), f"{name}: max abs err {err:.3e} > {atol:.1e}"
 
 
 def make(seed=0, bias=0.0, **kw):
@@ -94,8 +87,8 @@ def test_eval_parallel_equals_prefill_decode_and_simulator(kw):
         sim = simulate(m, x)
         retained = (st.buf_pos >= 0).sum().item()
     assert retained > 0
-    assert_close("parallel vs simulator", sim, y, 3e-4)
-    assert_close("prefill+decode vs parallel", y, ys, 3e-4)
+    assert_close("parallel vs simulator", sim, y, atol=3e-4)
+    assert_close("prefill+decode vs parallel", y, ys, atol=3e-4)
 
 
 def test_train_parallel_equals_simulator():
@@ -103,7 +96,7 @@ def test_train_parallel_equals_simulator():
     x = torch.randn(2, 50, 64)
     with torch.no_grad():
         y, _ = m(x)
-        assert_close("train parallel vs simulator", simulate(m, x), y, 3e-4)
+        assert_close("train parallel vs simulator", simulate(m, x), y, atol=3e-4)
         assert (y - m.eval()(x)[0]).abs().max() > 1e-3  # the buffer cap binds at T = 50
 
 
@@ -118,11 +111,11 @@ def test_chunked_prefill_leaves_the_same_state():
         for other in (s2, s3):
             b = getattr(other, name)
             if a.dtype.is_floating_point:
-                assert_close(f"state.{name}", a, b, 1e-5)
+                assert_close(f"state.{name}", a, b, atol=1e-5)
             else:
                 assert torch.equal(a, b), name
-    assert_close("chunked vs token by token", y1, y2, 3e-4)
-    assert_close("one prefill vs token by token", y1, y3, 3e-4)
+    assert_close("chunked vs token by token", y1, y2, atol=3e-4)
+    assert_close("one prefill vs token by token", y1, y3, atol=3e-4)
 
 
 @pytest.mark.parametrize(
@@ -145,11 +138,11 @@ def test_awkward_sizes_stream_state_and_simulator(W, C, S, chunks):
         y1, s1 = stream(m, x, [1] * 40)
         y2, s2 = stream(m, x, chunks)
         sim = simulate(m, x)
-    assert_close("parallel vs simulator", sim, y, 3e-4)
-    assert_close("decode vs parallel", y, y1, 3e-4)
-    assert_close("chunks vs parallel", y, y2, 3e-4)
+    assert_close("parallel vs simulator", sim, y, atol=3e-4)
+    assert_close("decode vs parallel", y, y1, atol=3e-4)
+    assert_close("chunks vs parallel", y, y2, atol=3e-4)
     for name, a in s1.tensors().items():
-        assert_close(f"state.{name}", a.double(), getattr(s2, name).double(), 1e-5)
+        assert_close(f"state.{name}", a.double(), getattr(s2, name).double(), atol=1e-5)
 
 
 def test_decode_scores_equal_parallel_router():
@@ -165,7 +158,7 @@ def test_decode_scores_equal_parallel_router():
     for slot in range(40 - W, 40):
         got = st.win_score[:, slot % W]
         if slot < 40 - m_:
-            assert_close(f"score of slot {slot}", ref[:, slot], got, 1e-6)
+            assert_close(f"score of slot {slot}", ref[:, slot], got, atol=1e-6)
         else:
             assert (got == -1e30).all()
 
@@ -184,8 +177,8 @@ def test_router_gets_gradients_and_value_gate_formula():
     out = ValueGate.apply(v, r)
     assert torch.equal(out, v)
     out.backward(dv)
-    assert_close("dv", dv, v.grad, 0)
-    assert_close("dr", (dv * v).sum(-1), r.grad, 1e-6)
+    assert_close("dv", dv, v.grad, atol=0)
+    assert_close("dr", (dv * v).sum(-1), r.grad, atol=1e-6)
 
 
 def test_left_padding_matches_unpadded():
@@ -205,10 +198,10 @@ def test_left_padding_matches_unpadded():
         yt, _ = m(x[:1])
         ytp, _ = m(xp, attention_mask=mask)
     assert torch.isfinite(yp).all() and torch.isfinite(ys).all()
-    assert_close("eval padded vs unpadded", y[0], yp[0, P:], 3e-4)
-    assert_close("eval unpadded row", y_full[0], yp[1], 3e-4)
-    assert_close("stream padded vs unpadded", y[0], ys[0, P:], 3e-4)
-    assert_close("train padded vs unpadded", yt[0], ytp[0, P:], 3e-4)
+    assert_close("eval padded vs unpadded", y[0], yp[0, P:], atol=3e-4)
+    assert_close("eval unpadded row", y_full[0], yp[1], atol=3e-4)
+    assert_close("stream padded vs unpadded", y[0], ys[0, P:], atol=3e-4)
+    assert_close("train padded vs unpadded", yt[0], ytp[0, P:], atol=3e-4)
 
 
 def test_state_constant_over_300_decode_steps():
@@ -218,7 +211,7 @@ def test_state_constant_over_300_decode_steps():
     n0 = st.nbytes()
     with torch.no_grad():
         x = torch.randn(1, 300, 64)  # one prefill longer than the internal chunk of 256 tokens
-        assert_close("300-token prefill vs parallel", m(x)[0], m(x, st)[0], 3e-4)
+        assert_close("300-token prefill vs parallel", m(x)[0], m(x, st)[0], atol=3e-4)
         for _ in range(300):
             y, st = m(torch.randn(1, 1, 64), st)
             assert st.nbytes() == n0
@@ -238,7 +231,7 @@ def test_compiled_decode_matches_eager_without_recompiles():
         step = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=False)
         with torch._dynamo.config.patch(error_on_recompile=True):
             ys = [step(x[:, t : t + 1], st)[0] for t in range(20, 50)]
-    assert_close("compiled decode", y_ref[:, 20:], torch.cat(ys, 1), 1e-5)
+    assert_close("compiled decode", y_ref[:, 20:], torch.cat(ys, 1), atol=1e-5)
 
 
 def test_compiled_training_forward_keeps_router_scores():
@@ -249,8 +242,8 @@ def test_compiled_training_forward_keeps_router_scores():
     r_ref = m.router_scores
     f = torch.compile(m, fullgraph=True, backend="aot_eager")
     y, _ = f(x)
-    assert_close("compiled train forward", y_ref, y, 1e-5)
-    assert_close("compiled router scores", r_ref, m.router_scores, 1e-6)
+    assert_close("compiled train forward", y_ref, y, atol=1e-5)
+    assert_close("compiled router scores", r_ref, m.router_scores, atol=1e-6)
     y.sum().backward()
     assert m.router.out.weight.grad is not None
 

@@ -8,19 +8,9 @@ import torch
 import mixerzoo
 from mixerzoo import registry
 from mixerzoo.mixers.swa import SWASinkState, SWAState
+from mixerzoo.testing import assert_close
 
 HIDDEN, HEADS = 64, 4
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
-    """Max abs error and relative RMSE of ``out`` against ``ref`` (printed), within the dtype's tolerance."""
-    atol, rr_tol = {torch.float32: (2e-4, 1e-5), torch.float64: (1e-10, 1e-10)}[dtype]
-    ref, out = ref.double(), out.double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite output"
-    err = (ref - out).abs().max().item()
-    rr = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
-    print(f"{name}: max abs err {err:.3e}, rel RMSE {rr:.3e}")
-    assert err <= atol and rr <= rr_tol, f"{name}: max abs err {err:.3e} (<= {atol}), rel RMSE {rr:.3e} (<= {rr_tol})"
 
 
 def rope64(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:

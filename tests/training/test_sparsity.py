@@ -5,15 +5,8 @@ import torch
 from torch import nn
 
 from mixerzoo import registry
+from mixerzoo.testing import assert_close
 from mixerzoo.training import SparsityController, mqar_batch
-
-
-def assert_close(name, ref, out, atol):
-    ref, out = torch.as_tensor(ref).double(), torch.as_tensor(out).double()
-    err = (ref - out).abs().max().item()
-    rrmse = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-    print(f"{name}: max abs err {err:.3e}, relative RMSE {rrmse:.3e}")
-    assert err <= atol, f"{name}: max abs err {err:.3e} > {atol:.1e}"
 
 
 def two_layers(bias=0.5, capacity=8):
@@ -49,7 +42,7 @@ def test_penalty_value_mask_and_gradient():
         assert torch.equal(m.router_mask, keep)
         want.append((r.relu() * lam)[keep].mean())
     pen = ctrl.penalty()
-    assert_close("penalty", torch.stack(want).mean(), pen.detach(), 1e-7)
+    assert_close("penalty", torch.stack(want).mean(), pen.detach(), atol=1e-7)
     pen.backward()
     assert model[0].router.out.weight.grad.abs().sum() > 0
 
@@ -66,11 +59,11 @@ def test_lambda_rises_above_band_and_falls_below():
     assert torch.equal(s["lambda"], torch.full((2, 2), 1e-9, dtype=torch.float64))  # from 0 to the floor
     ctrl.step()
     s = ctrl.step()
-    assert_close("x1.5", torch.full((2, 2), 1.5e-9, dtype=torch.float64), s["lambda"], 1e-20)
+    assert_close("x1.5", torch.full((2, 2), 1.5e-9, dtype=torch.float64), s["lambda"], atol=1e-20)
     ctrl.lambdas = [torch.full((2,), 0.9, dtype=torch.float64)] * 2
     ctrl.step()
     s = ctrl.step()
-    assert_close("clamped to 1", torch.ones(2, 2), s["lambda"], 0)
+    assert_close("clamped to 1", torch.ones(2, 2), s["lambda"], atol=0)
 
     for m in model:  # now almost nothing is retained: below the band, lambda halves
         with torch.no_grad():
@@ -80,7 +73,7 @@ def test_lambda_rises_above_band_and_falls_below():
     ctrl.step()
     s = ctrl.step()
     assert s["retained"].max() < 0.95 * 4
-    assert_close("/2", torch.full((2, 2), 0.5), s["lambda"], 0)
+    assert_close("/2", torch.full((2, 2), 0.5), s["lambda"], atol=0)
 
 
 def test_band_scales_with_training_length_and_in_band_holds():
