@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import default_scale, swa_decode_ref
+from .swa import _precision
 
 LOG2E = 1.4426950408889634
 
@@ -50,6 +51,7 @@ def _swa_decode_kernel(
     D: tl.constexpr,
     BR: tl.constexpr,
     BN: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
     # key/value load; rows r = g * TQ + i
@@ -82,7 +84,7 @@ def _swa_decode_kernel(
             other=0.0,
         )
         # [BR, D] @ [D, BN] -> [BR, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         dist = b_qp[:, None] - b_kp[None, :]
         vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
         b_s = tl.where(vis, b_s, float("-inf"))
@@ -92,7 +94,7 @@ def _swa_decode_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         # [BR, BN] @ [BN, D] -> [BR, D]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         m_i = m_new
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = o + i_b * stride_ob + i_t[:, None] * stride_ot + (i_hk * G + i_g)[:, None] * stride_oh + o_d[None, :]
@@ -155,6 +157,7 @@ def swa_decode_fwd(
         BN=BN,
         num_warps=4,
         num_stages=1 if interp else 3,
+        PREC=_precision(q),
     )
     return o
 

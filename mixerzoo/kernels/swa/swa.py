@@ -51,6 +51,7 @@ def _fwd_inner(
     stride_vt,
     BN: tl.constexpr,
     MODE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile
     for n0 in range(n_lo, n_hi, BN):
@@ -63,7 +64,7 @@ def _fwd_inner(
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
             b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         if MODE == 1:
             vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
@@ -80,7 +81,7 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         # [BM, BN] @ [BN, D] -> [BM, D]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -116,6 +117,7 @@ def _swa_fwd_kernel(
     BN: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
@@ -149,17 +151,93 @@ def _swa_fwd_kernel(
     hi = tl.minimum(m0 + BM, T)
     if HAS_PAD:  # keys before the padding end can sit in any block: mask them all
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+            PREC=PREC,
         )
     else:
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            b,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+            PREC=PREC,
         )
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 0
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            b,
+            m0,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            0,
+            PREC=PREC,
         )
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, stride_vt, BN, 1
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            m0,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            1,
+            PREC=PREC,
         )
     if S > 0:
         # sink tiles: only rows whose window has moved past the first sink need them
@@ -168,7 +246,26 @@ def _swa_fwd_kernel(
             p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
             p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
             acc, m_i, l_i = _fwd_inner(
-                acc, m_i, l_i, b_q, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, stride_vt, BS, 2
+                acc,
+                m_i,
+                l_i,
+                b_q,
+                p_ks,
+                p_vs,
+                o_m,
+                o_s,
+                P,
+                P + S,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_kt,
+                stride_vt,
+                BS,
+                2,
+                PREC=PREC,
             )
 
     empty = l_i == 0.0
@@ -231,6 +328,7 @@ def _dkdv_inner(
     stride_dot,
     BM: tl.constexpr,
     MODE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries
     for m0 in range(m_lo, m_hi, BM):
@@ -247,7 +345,7 @@ def _dkdv_inner(
             b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
         # transposed scores: [BN, D] @ [D, BM] -> [BN, BM]
-        b_st = tl.dot(b_k, tl.trans(b_q)) * qk_scale
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
         b_pt = tl.math.exp2(b_st - b_lse[None, :] * 1.4426950408889634)
         if MODE == 1:
             vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
@@ -256,12 +354,12 @@ def _dkdv_inner(
             vis = (o_m[None, :] - o_n[:, None] >= W) & (o_n[:, None] < P + S) & (o_n[:, None] >= P)
             b_pt = tl.where(vis, b_pt, 0.0)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
         # [BN, D] @ [D, BM] -> [BN, BM]
-        b_dpt = tl.dot(b_v, tl.trans(b_do))
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     return b_dk, b_dv
 
 
@@ -299,6 +397,7 @@ def _swa_bwd_dkdv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # one program per (key block, kv head): loops over the G query heads of its group and over the
     # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
@@ -354,6 +453,7 @@ def _swa_bwd_dkdv_kernel(
                     stride_dot,
                     BM,
                     1,
+                    PREC=PREC,
                 )
     else:
         for i_g in range(G):
@@ -384,6 +484,7 @@ def _swa_bwd_dkdv_kernel(
                 stride_dot,
                 BM,
                 1,
+                PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
                 b_dk,
@@ -407,6 +508,7 @@ def _swa_bwd_dkdv_kernel(
                 stride_dot,
                 BM,
                 0,
+                PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
                 b_dk,
@@ -430,6 +532,7 @@ def _swa_bwd_dkdv_kernel(
                 stride_dot,
                 BM,
                 1,
+                PREC=PREC,
             )
 
     b_dk = b_dk * sm_scale
@@ -480,6 +583,7 @@ def _swa_bwd_dkdv_sink_kernel(
     BM: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # sink keys are seen by every later query: split those queries into chunks, one program each,
     # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
@@ -528,6 +632,7 @@ def _swa_bwd_dkdv_sink_kernel(
             stride_dot,
             BM,
             2,
+            PREC=PREC,
         )
     n_chunks = tl.num_programs(0)
     p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
@@ -557,6 +662,7 @@ def _dq_inner(
     stride_vt,
     BN: tl.constexpr,
     MODE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
@@ -568,7 +674,7 @@ def _dq_inner(
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
             b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if MODE == 1:
             vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
@@ -577,10 +683,10 @@ def _dq_inner(
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_p = tl.where(vis, b_p, 0.0)
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
         # [BM, BN] @ [BN, D] -> [BM, D]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     return b_dq
 
 
@@ -618,6 +724,7 @@ def _swa_bwd_dq_kernel(
     BN: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
@@ -675,6 +782,7 @@ def _swa_bwd_dq_kernel(
             stride_vt,
             BN,
             1,
+            PREC=PREC,
         )
     else:
         b_dq = _dq_inner(
@@ -698,6 +806,7 @@ def _swa_bwd_dq_kernel(
             stride_vt,
             BN,
             1,
+            PREC=PREC,
         )
         b_dq = _dq_inner(
             b_dq,
@@ -720,6 +829,7 @@ def _swa_bwd_dq_kernel(
             stride_vt,
             BN,
             0,
+            PREC=PREC,
         )
         b_dq = _dq_inner(
             b_dq,
@@ -742,6 +852,7 @@ def _swa_bwd_dq_kernel(
             stride_vt,
             BN,
             1,
+            PREC=PREC,
         )
     if S > 0:
         if m0 + BM - 1 - P >= W:
@@ -769,6 +880,7 @@ def _swa_bwd_dq_kernel(
                 stride_vt,
                 BS,
                 2,
+                PREC=PREC,
             )
     b_dq = b_dq * sm_scale
     tl.store(
@@ -783,6 +895,12 @@ def _swa_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot precision: exact float32 products for float32 inputs (TF32 would miss the float32
+    tolerances by ~1e-3); half-precision inputs ignore it."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _interpreting() -> bool:
@@ -919,6 +1037,7 @@ def swa_fwd(
         BS=_sink_block(num_sinks),
         HAS_PAD=pad is not None,
         **cfg,
+        PREC=_precision(q),
     )
     return o, lse
 
@@ -1010,6 +1129,7 @@ def swa_bwd(
         BN=BN,
         HAS_PAD=has_pad,
         **cfg,
+        PREC=_precision(q),
     )
     if S > 0 and T > W:
         BS = _sink_block(S)
@@ -1041,6 +1161,7 @@ def swa_bwd(
             BS=BS,
             HAS_PAD=has_pad,
             **cfg,
+            PREC=_precision(q),
         )
         # add the sink keys' far-query parts: key slot pad[b] + s for s < min(S, T - pad[b])
         n = min(S, BS)
@@ -1078,6 +1199,7 @@ def swa_bwd(
         BS=_sink_block(S),
         HAS_PAD=has_pad,
         **cfg,
+        PREC=_precision(q),
     )
     return dq, dk, dv
 
