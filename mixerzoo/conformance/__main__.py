@@ -21,6 +21,9 @@ def main(argv=None) -> int:
         except ConformanceError as e:
             failed += 1
             print(e, file=sys.stderr)
+        except (KeyError, ValueError) as e:  # an unknown mixer or check name: say so, no traceback
+            print(f"python -m mixerzoo.conformance: {e.args[0]}", file=sys.stderr)
+            return 2
     return 1 if failed else 0
 
 

@@ -88,3 +88,24 @@ def test_planted_bug_is_caught(bug, check):
     spec = dataclasses.replace(conformance.checks.core_spec("_toy_mean"), conformance_kwargs={"bug": bug})
     with pytest.raises(AssertionError):
         conformance.CHECKS[check](conformance.Case(spec))
+
+
+def test_command_line_reports_each_check():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mixerzoo.conformance", "swa", "--device", "cpu", "--checks", "contract,decode"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "contract[float32]" in out.stdout and "decode[float32]" in out.stdout and "ok" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "mixerzoo.conformance", "swa", "--checks", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "nonsense" in bad.stderr
