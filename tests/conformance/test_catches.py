@@ -76,9 +76,7 @@ register("_toy_mean", config=ToyConfig)(ToyMean)
 
 
 def test_toy_passes():
-    conformance.check(
-        "_toy_mean", device="cpu", checks=[c for c in conformance.CHECKS if c != "compile_inductor"]
-    )
+    conformance.check("_toy_mean", device="cpu", checks=[c for c in conformance.CHECKS if c != "compile_inductor"])
 
 
 @pytest.mark.parametrize(
