@@ -155,9 +155,7 @@ class State:
         missing = sorted(set(names) - set(tensors))
         extra = sorted(set(tensors) - set(names))
         if missing or extra:
-            raise ValueError(
-                f"{cls.__name__}.from_dict: fields do not match; missing {missing}, unexpected {extra}"
-            )
+            raise ValueError(f"{cls.__name__}.from_dict: fields do not match; missing {missing}, unexpected {extra}")
         return cls(**{n: tensors[n] for n in names})
 
     # -- batch surgery ---------------------------------------------------------------------------
@@ -233,9 +231,7 @@ class TokenMixer(nn.Module):
         return type(self.config).mixer_name
 
     # -- to implement ----------------------------------------------------------------------------
-    def mix(
-        self, x: Tensor, state: State | None, attention_mask: Tensor | None
-    ) -> tuple[Tensor, State | None]:
+    def mix(self, x: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, State | None]:
         raise NotImplementedError
 
     def init_state(
@@ -264,9 +260,7 @@ class TokenMixer(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: x must be a torch.Tensor [B, T, D], got {type(x).__name__}")
         if x.dim() != 3:
-            raise ValueError(
-                f"{name}: x must have shape [B, T, D] (rank 3), got rank {x.dim()} {tuple(x.shape)}"
-            )
+            raise ValueError(f"{name}: x must have shape [B, T, D] (rank 3), got rank {x.dim()} {tuple(x.shape)}")
         B, T, D = x.shape
         if D != self.config.hidden_size:
             raise ValueError(
@@ -291,11 +285,7 @@ class TokenMixer(nn.Module):
                 )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, T):
-                shape = (
-                    tuple(attention_mask.shape)
-                    if isinstance(attention_mask, Tensor)
-                    else type(attention_mask)
-                )
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)
                 raise ValueError(f"{name}: attention_mask must have shape [B, T] = {(B, T)}, got {shape}")
             if attention_mask.device != x.device:
                 raise ValueError(f"{name}: attention_mask is on {attention_mask.device}, x on {x.device}")
@@ -310,9 +300,7 @@ class TokenMixer(nn.Module):
                     f"got {type(state).__name__}"
                 )
             if state.batch_size != B:
-                raise ValueError(
-                    f"{name}: state was made for batch size {state.batch_size}, x has batch size {B}"
-                )
+                raise ValueError(f"{name}: state was made for batch size {state.batch_size}, x has batch size {B}")
             if state.pad.device != x.device:
                 raise ValueError(f"{name}: state is on {state.pad.device}, x is on {x.device}")
             if not torch.compiler.is_compiling():
@@ -334,9 +322,7 @@ class TokenMixer(nn.Module):
         return None
 
     def extra_repr(self) -> str:
-        fields = ", ".join(
-            f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config)
-        )
+        fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{self.name}: {fields}"
 
 
@@ -350,9 +336,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def positions_and_pad(
-    x: Tensor, state: State | None, attention_mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+def positions_and_pad(x: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Slots, positions and validity of the tokens of x.
 
     Returns

@@ -41,9 +41,7 @@ class MixerSpec:
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise TypeError(
-                    f"{self.name}: unknown config field {key!r}{hint} (fields: {', '.join(allowed)})"
-                )
+                raise TypeError(f"{self.name}: unknown config field {key!r}{hint} (fields: {', '.join(allowed)})")
         required = [
             f.name
             for f in dataclasses.fields(self.config)
