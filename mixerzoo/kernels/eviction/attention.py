@@ -9,10 +9,9 @@ block. Work grows with T x (W + retained keys), memory with T: no T x T mask is 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._triton import tl, triton
 from .reference import (
     compact_intervals,
     effective_score,

@@ -9,9 +9,9 @@ costs O(W + C) whatever the number of tokens seen. Layout (as eviction_swa's sta
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from .._triton import tl, triton
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
 

@@ -18,9 +18,9 @@ Every exponent is masked before exp, and no factor is ever divided by a decay, s
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from .._triton import tl, triton
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 

@@ -7,10 +7,9 @@ inputs, zeros when absent); the final state is the last W-1 inputs of xe.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._triton import tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
 

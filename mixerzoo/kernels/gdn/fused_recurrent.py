@@ -7,9 +7,9 @@ whole sequence: S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = scale S
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from .._triton import tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._triton import tl, triton
 from .reference import default_scale, swa_decode_ref
 from .swa import _precision
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._triton import tl, triton
 from .reference import default_scale, swa_bwd_ref, swa_fwd_ref
 
 LOG2E = 1.4426950408889634
