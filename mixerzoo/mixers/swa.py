@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..kernels.swa import swa_attention
+from ..kernels.swa import swa_attention, swa_decode
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads, masked_attention, self_diagonal, visible
 from .base import MixerConfig, State, positions_and_pad, state_dataclass, state_field
@@ -51,27 +51,25 @@ class SWASinkConfig(SWAConfig):
 
 @state_dataclass
 class SWAState(State):
-    """Decode state of swa (constant size): a ring buffer of the last W tokens, indexed by slot % W.
+    """Decode state of swa and swa_sink (constant size): one cache of N = S + W slots.
 
-    k_win, v_win: [B, W, HKV, Dh] keys (RoPE applied) and values
-    pos_win:      [B, W] int64 position of each slot's token; -1 for empty slots and padding
+    Slots [0, S) hold the sinks (slot s: position s); slots [S, S + W) are a ring buffer of the last W
+    tokens, indexed by S + slot % W. A sink token lives in its sink slot only (its ring slot is marked
+    empty), so no key is ever counted twice.
+
+    k_cache, v_cache: [B, S + W, HKV, Dh] keys (RoPE applied) and values
+    pos_cache:        [B, S + W] int64 position of each slot's token; -1 for empty slots and padding
     """
 
-    k_win: Tensor = state_field()
-    v_win: Tensor = state_field()
-    pos_win: Tensor = state_field(fill=-1)
+    k_cache: Tensor = state_field()
+    v_cache: Tensor = state_field()
+    pos_cache: Tensor = state_field(fill=-1)
 
 
 @state_dataclass
 class SWASinkState(SWAState):
-    """Decode state of swa_sink: the window ring buffer plus S sink slots (slot s holds position s).
-
-    k_sink, v_sink: [B, S, HKV, Dh];   pos_sink: [B, S] int64, -1 until the sink token has been seen
-    """
-
-    k_sink: Tensor = state_field()
-    v_sink: Tensor = state_field()
-    pos_sink: Tensor = state_field(fill=-1)
+    """Decode state of swa_sink: the layout of SWAState with S > 0 sink slots (its own type, so that a
+    swa state is refused by swa_sink and the other way round)."""
 
 
 @register("swa", config=SWAConfig, aliases=("sliding_window_attention",))
@@ -79,9 +77,10 @@ class SWA(AttentionMixer):
     """Sliding-window attention with RoPE and GQA. See the module docstring for the visible set.
 
     Parallel form: the ``mixerzoo::swa_attention`` op (Triton on CUDA, its reference on CPU), left
-    padding passed as per-row counts; float64 input takes a masked SDPA instead. Decode: attention
-    over [sinks, ring buffer, new tokens], then the new tokens are written into the ring (and the
-    sink slots); per-step cost O(W + S), independent of the length.
+    padding passed as per-row counts; float64 input takes a masked SDPA instead. Decode: one cache of
+    S sink slots and a ring of W (see SWAState); a one-token step writes the token, then runs the
+    ``mixerzoo::swa_decode`` op over the cache (Triton on CUDA); per-step cost O(W + S), independent of
+    the length.
     """
 
     config: SWAConfig
@@ -104,21 +103,14 @@ class SWA(AttentionMixer):
     ) -> SWAState:
         """A state for ``batch_size`` empty sequences; ``max_seqlen`` is ignored (constant size)."""
         device, dtype = self.state_device_dtype(device, dtype)
-        B, W, S, H, D = batch_size, self.window_size, self.num_sinks, self.num_kv_heads, self.head_dim
-        fields = dict(
+        B, N, H, D = batch_size, self.num_sinks + self.window_size, self.num_kv_heads, self.head_dim
+        return self.state_class(
             seen=torch.zeros((), dtype=torch.long, device=device),
             pad=torch.zeros(B, dtype=torch.long, device=device),
-            k_win=torch.zeros(B, W, H, D, dtype=dtype, device=device),
-            v_win=torch.zeros(B, W, H, D, dtype=dtype, device=device),
-            pos_win=torch.full((B, W), -1, dtype=torch.long, device=device),
+            k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
+            v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
+            pos_cache=torch.full((B, N), -1, dtype=torch.long, device=device),
         )
-        if self.state_class is SWASinkState:
-            fields.update(
-                k_sink=torch.zeros(B, S, H, D, dtype=dtype, device=device),
-                v_sink=torch.zeros(B, S, H, D, dtype=dtype, device=device),
-                pos_sink=torch.full((B, S), -1, dtype=torch.long, device=device),
-            )
-        return self.state_class(**fields)
 
     # -- forward ---------------------------------------------------------------------------------
     def mix(self, x: Tensor, state: SWAState | None, attention_mask: Tensor | None) -> tuple[Tensor, SWAState | None]:
@@ -146,42 +138,61 @@ class SWA(AttentionMixer):
     def _step(
         self, q: Tensor, k: Tensor, v: Tensor, slot: Tensor, pos: Tensor, kpos: Tensor, state: SWAState
     ) -> Tensor:
-        """Attend over [sinks, ring, chunk], then write the chunk into the state (in place)."""
-        T, W, S = q.shape[1], self.window_size, self.num_sinks
-        dt = q.dtype
-        # Each key is reachable through one block only: a sink through the sink block once it has
-        # left the window, through the ring or the chunk while inside it.
-        keys = [state.k_win.to(dt), k]
-        values = [state.v_win.to(dt), v]
-        masks = [
-            visible(pos, state.pos_win, window=W),
-            visible(pos, kpos, window=W, num_sinks=S) | self_diagonal(T, q.device),
-        ]
-        if S > 0:
-            ks = state.pos_sink[:, None, :]  # [B, 1, S]
-            keys.insert(0, state.k_sink.to(dt))
-            values.insert(0, state.v_sink.to(dt))
-            masks.insert(0, (ks >= 0) & (pos[:, :, None] - ks >= W))
-        o = masked_attention(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(masks, -1), self.scale)
+        """Attend over the cache and the chunk, writing the chunk into the cache (in place).
 
-        # Ring: only the last min(T, W) tokens of the chunk can still be in a later query's window.
-        n = min(T, W)
-        idx = slot[T - n :] % W  # [n], distinct
-        state.k_win.index_copy_(1, idx, k[:, T - n :].to(state.k_win.dtype))
-        state.v_win.index_copy_(1, idx, v[:, T - n :].to(state.v_win.dtype))
-        state.pos_win.index_copy_(1, idx, kpos[:, T - n :])
+        One token without autograd (the decode step): write it, then the ``mixerzoo::swa_decode`` op over
+        the fixed cache (a Triton kernel on CUDA, no copy of the cache). A longer chunk: attend over
+        [cache, chunk] first (a chunk longer than W would overwrite keys its own queries need), then write.
+        """
+        T, W, S = q.shape[1], self.window_size, self.num_sinks
+        if T == 1 and not (torch.is_grad_enabled() and q.requires_grad):
+            self._write(k, v, slot, kpos, state)
+            return swa_decode(
+                q,
+                state.k_cache,
+                state.v_cache,
+                state.pos_cache,
+                pos,
+                window_size=W,
+                num_sinks=S,
+                scale=self.scale,
+            )
+        dt = q.dtype
+        keys = torch.cat([state.k_cache.to(dt), k], 1)
+        values = torch.cat([state.v_cache.to(dt), v], 1)
+        mask = torch.cat(
+            [
+                visible(pos, state.pos_cache, window=W, num_sinks=S),
+                visible(pos, kpos, window=W, num_sinks=S) | self_diagonal(T, q.device),
+            ],
+            -1,
+        )
+        o = masked_attention(q, keys, values, mask, self.scale)
+        self._write(k, v, slot, kpos, state)
+        return o
+
+    def _write(self, k: Tensor, v: Tensor, slot: Tensor, kpos: Tensor, state: SWAState) -> None:
+        """Write a chunk (k, v: [B, T, HKV, Dh], kpos: [B, T]) into the cache: sinks to their slots, the
+        last min(T, W) tokens to the ring (a sink's ring slot is marked empty)."""
+        T, W, S = k.shape[1], self.window_size, self.num_sinks
+        n = min(T, W)  # only these can still be in a later query's window
+        idx = S + slot[T - n :] % W  # [n], distinct ring slots
+        ring_pos = kpos[:, T - n :]
+        state.k_cache.index_copy_(1, idx, k[:, T - n :].to(state.k_cache.dtype))
+        state.v_cache.index_copy_(1, idx, v[:, T - n :].to(state.v_cache.dtype))
+        state.pos_cache.index_copy_(1, idx, ring_pos.masked_fill(ring_pos < S, -1))
         if S > 0:
-            sink_ids = torch.arange(S, device=q.device)
+            sink_ids = torch.arange(S, device=k.device)
             hit = kpos[:, :, None] == sink_ids  # [B, T, S]: token t is sink s
             found = hit.any(1)  # [B, S]
             src = hit.to(torch.int32).argmax(1)  # [B, S] index of that token in the chunk
             gather = src[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
-            k_new = torch.gather(k, 1, gather).to(state.k_sink.dtype)
-            v_new = torch.gather(v, 1, gather).to(state.v_sink.dtype)
-            state.k_sink.copy_(torch.where(found[:, :, None, None], k_new, state.k_sink))
-            state.v_sink.copy_(torch.where(found[:, :, None, None], v_new, state.v_sink))
-            state.pos_sink.copy_(torch.where(found, sink_ids, state.pos_sink))
-        return o
+            k_new = torch.gather(k, 1, gather).to(state.k_cache.dtype)
+            v_new = torch.gather(v, 1, gather).to(state.v_cache.dtype)
+            sinks = slice(0, S)
+            state.k_cache[:, sinks] = torch.where(found[:, :, None, None], k_new, state.k_cache[:, sinks])
+            state.v_cache[:, sinks] = torch.where(found[:, :, None, None], v_new, state.v_cache[:, sinks])
+            state.pos_cache[:, sinks] = torch.where(found, sink_ids, state.pos_cache[:, sinks])
 
 
 @register("swa_sink", config=SWASinkConfig, aliases=("streaming_llm",))

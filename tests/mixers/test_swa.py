@@ -122,22 +122,27 @@ def test_all_padding_first_chunk_and_sinks_after_padding():
     st = m.init_state(2)
     y = torch.cat([m(x[:, a:b], st, attention_mask=valid[:, a:b])[0] for a, b in [(0, 6), (6, 15), (15, 37)]], 1)
     assert_close("swa_sink padded chunks", ref[valid], y[valid], torch.float32)
-    assert st.pos_sink.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert st.pos_cache[:, :3].tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_state_layout_and_reset():
     m = build("swa_sink", dict(window_size=8, num_sinks=2, num_kv_heads=2))
     st = m.init_state(3)
     assert type(st) is SWASinkState
-    assert st.k_win.shape == (3, 8, 2, 16) and st.pos_win.shape == (3, 8) and st.k_sink.shape == (3, 2, 2, 16)
+    assert st.k_cache.shape == (3, 10, 2, 16) and st.v_cache.shape == (3, 10, 2, 16) and st.pos_cache.shape == (3, 10)
     m(torch.randn(3, 20, HIDDEN), st)
-    assert (st.pos_win >= 0).all() and st.pos_sink.tolist() == [[0, 1]] * 3
+    assert (st.pos_cache[:, 2:] >= 12).all() and st.pos_cache[:, :2].tolist() == [[0, 1]] * 3  # ring: last 8
+    m2 = build("swa_sink", dict(window_size=8, num_sinks=2, num_kv_heads=2))
+    st2 = m2.init_state(1)
+    m2(torch.randn(1, 5, HIDDEN), st2)
+    # the sinks sit in their slots only: their ring slots are empty, so no key is counted twice
+    assert st2.pos_cache.tolist() == [[0, 1, -1, -1, 2, 3, 4, -1, -1, -1]]
     st.reset_()
-    assert (st.pos_win == -1).all() and (st.pos_sink == -1).all() and int(st.seen) == 0
+    assert (st.pos_cache == -1).all() and int(st.seen) == 0
     assert type(build("swa", dict(window_size=3)).init_state(1)) is SWAState
     with pytest.raises(TypeError, match="SWAState"):
         build("swa", dict(window_size=8))(torch.randn(3, 1, HIDDEN), st)
-    with pytest.raises(ValueError, match="k_win"):  # another window size
+    with pytest.raises(ValueError, match="k_cache"):  # another window size
         build("swa_sink", dict(window_size=4, num_sinks=2, num_kv_heads=2))(torch.randn(3, 1, HIDDEN), st)
 
 
