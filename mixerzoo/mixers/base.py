@@ -225,6 +225,8 @@ class TokenMixer(nn.Module):
     def __init__(self, config: MixerConfig):
         super().__init__()
         self.config = config
+        # (batch size, capacity) -> field shapes of this config's state; filled by _check_state_shapes
+        self._state_shapes: dict[tuple[int, int | None], dict[str, tuple[int, ...]]] = {}
 
     @property
     def name(self) -> str:
@@ -308,13 +310,16 @@ class TokenMixer(nn.Module):
 
     def _check_state_shapes(self, state: State) -> None:
         """A state from a mixer of the same kind but another config has other shapes: refuse it."""
-        want = self.init_state(state.batch_size, device="meta", max_seqlen=self._state_capacity(state))
+        key = (state.batch_size, self._state_capacity(state))
+        want = self._state_shapes.get(key)
+        if want is None:  # the config is frozen, so the shapes depend on the key only: built once per key
+            made = self.init_state(key[0], device="meta", max_seqlen=key[1])
+            want = self._state_shapes[key] = {k: tuple(t.shape) for k, t in made.tensors().items()}
         for k, t in state.tensors().items():
-            w = getattr(want, k)
-            if tuple(t.shape) != tuple(w.shape):
+            if tuple(t.shape) != want[k]:
                 raise ValueError(
                     f"{self.name}: state field '{k}' has shape {tuple(t.shape)}, this mixer's config needs "
-                    f"{tuple(w.shape)}: the state was made by a mixer with another config"
+                    f"{want[k]}: the state was made by a mixer with another config"
                 )
 
     def _state_capacity(self, state: State) -> int | None:
