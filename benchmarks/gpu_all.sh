@@ -15,7 +15,7 @@ fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
 rc=0
 if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tee "$OUT/tests.log" | tail -n 40 || rc=1
+    python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -n 40 || rc=1
     python3 -m mixerzoo demo --device cuda 2>&1 | tee "$OUT/demo.log" | tail -n 20 || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
