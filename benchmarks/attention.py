@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
 
 from mixerzoo.kernels.swa import swa_attention, swa_bwd, swa_decode, swa_fwd  # noqa: E402
 
@@ -53,11 +53,6 @@ def visible_pairs(T: int, window: int | None, sinks: int) -> int:
 def tflops(B: int, T: int, pairs: int, ms: float, bwd: bool) -> float:
     flop = 4 * B * H * D * pairs * (3.5 if bwd else 1.0)  # fwd: QK^T and PV; bwd: 2.5x the forward
     return flop / ms / 1e9
-
-
-def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.float(), out.float()
-    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
 def banded_reference(q, k, v, do, window: int, sinks: int, chunk: int = 2048):

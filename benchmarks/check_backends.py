@@ -23,6 +23,9 @@ import warnings
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from common import rel_rmse  # noqa: E402
 
 from mixerzoo import registry  # noqa: E402
 from mixerzoo.baselines.backends import BACKENDS  # noqa: E402
@@ -36,11 +39,6 @@ CASES = [
     (2, 777, 512, 8, 8, (0, 131)),
     (1, 4096, 2048, 16, 16, None),
 ]
-
-
-def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
 def rope32(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:

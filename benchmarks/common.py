@@ -18,6 +18,12 @@ def gpu_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Relative RMSE of ``out`` against ``ref``: rms(out - ref) / rms(ref), in float64."""
+    ref, out = ref.double(), out.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
     """Median milliseconds of ``fn()`` over ``repeat`` runs after ``warmup``, timed with CUDA events."""
     for _ in range(warmup):

@@ -17,7 +17,7 @@ import torch
 
 _HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # benchmarks/common.py and the mixerzoo checkout
-from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
 
 from mixerzoo.kernels.eviction import (  # noqa: E402
     buffer_insert_,
@@ -34,11 +34,6 @@ DEV = "cuda"
 H, D, W, FRAC, SINKS = 16, 128, 769, 0.10, 4
 ROWS: list[dict] = []
 FAILED: list[str] = []
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def section(fn):
@@ -76,7 +71,7 @@ def correctness():
             dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
             o_r, _ = eviction_attention_ref(q.detach(), k.detach(), v.detach(), s, **kw)
             g_r = eviction_attention_ref_bwd(do, q.detach().float(), k.detach().float(), v.detach().float(), s, **kw)
-            errs = [rel(o, o_r)] + [rel(a, b) for a, b in zip((dq, dk, dv), g_r, strict=True)]
+            errs = [rel_rmse(o_r, o)] + [rel_rmse(b, a) for a, b in zip((dq, dk, dv), g_r, strict=True)]
             lim = (1e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
             ok = errs[0] <= lim[0] and max(errs[1:]) <= lim[1]
             print(
@@ -97,9 +92,9 @@ def correctness():
     wk, wv = (torch.randn(4, 300, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     bk, bv = (torch.randn(4, 200, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     wok, bok = torch.rand(4, 300, 4, device=DEV) > 0.2, torch.rand(4, 200, 4, device=DEV) > 0.5
-    err = rel(
-        eviction_decode(q, wk, wv, wok, bk, bv, bok),
+    err = rel_rmse(
         eviction_decode_attention_ref(q, wk, wv, wok, bk, bv, bok, scale=128**-0.5),
+        eviction_decode(q, wk, wv, wok, bk, bv, bok),
     )
     print(f"  decode bf16 rel err {err:.2e} {'OK' if err < 1e-2 else 'FAIL'}")
     if err >= 1e-2:
@@ -166,7 +161,7 @@ def train_bench(T: int, with_flex: bool = True):
         torch.autograd.grad(flex(qh, kh, vh, block_mask=bm), (qh, kh, vh), doh)
 
     with torch.no_grad():
-        diff = rel(ours_f().float(), flex_f().transpose(1, 2).float())
+        diff = rel_rmse(flex_f().transpose(1, 2).float(), ours_f().float())
         ff_ms = time_ms(flex_f)
     ffb_ms = time_ms(flex_fb, warmup=3, repeat=10)
     fmem = peak_mem_mb(flex_fb)
@@ -358,7 +353,7 @@ def _check_vs_reference(label: str, semantics=(True, False)) -> None:
         g = torch.autograd.grad(o, (qg, kg, vg), do)
         o_r, _ = eviction_attention_ref(q, k, v, s, **kw)
         g_r = eviction_attention_ref_bwd(do, q.float(), k.float(), v.float(), s, **kw)
-        errs = [rel(o, o_r)] + [rel(a, b) for a, b in zip(g, g_r, strict=True)]
+        errs = [rel_rmse(o_r, o)] + [rel_rmse(b, a) for a, b in zip(g, g_r, strict=True)]
         ok = errs[0] <= 1e-2 and max(errs[1:]) <= 2e-2
         print(
             f"  {label} {'train' if training else 'eval'} vs reference: o {errs[0]:.1e} dq {errs[1]:.1e} "
@@ -394,12 +389,12 @@ def sweep(T: int = 32768):
                     fn = lambda: att.eviction_attention_fwd(
                         q, k, v, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True
                     )  # noqa: E731
-                    err = rel(fn()[0], ref_o)
+                    err = rel_rmse(ref_o, fn()[0])
                 else:
                     fn = lambda: att.eviction_attention_bwd(  # noqa: E731
                         do, q, k, v, o, lse, kpos, kend, kcum, window_size=W, scale=scale, open_ended=True
                     )
-                    err = max(rel(a, b) for a, b in zip(fn(), ref_g, strict=True))
+                    err = max(rel_rmse(b, a) for a, b in zip(fn(), ref_g, strict=True))
                 ms = time_ms(fn, warmup=2, repeat=7)
             except Exception as e:  # a tile that does not fit (shared memory, registers) is skipped
                 print(f"  {kernel} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import peak_mem_mb, print_table, time_ms, write_results  # noqa: E402
+from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
 
 from mixerzoo.kernels.gdn import gated_delta_rule  # noqa: E402
 from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd  # noqa: E402
@@ -51,18 +51,13 @@ def inputs(B, T, H, K, V, dtype, *, h0=True, seed=0):
     return q, k, v, g, beta, s0
 
 
-def rel(ref, out):
-    ref, out = ref.double(), out.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 FAILS = []
 
 
 def report(name, ref, out, tol):
-    ok = torch.isfinite(out).all().item() and rel(ref, out) <= tol
+    ok = torch.isfinite(out).all().item() and rel_rmse(ref, out) <= tol
     err = (out.float() - ref.float()).abs().max().item()
-    print(f"  {'ok  ' if ok else 'FAIL'} {name:28s} rel_rmse={rel(ref, out):.2e} max_abs={err:.2e} (tol {tol})")
+    print(f"  {'ok  ' if ok else 'FAIL'} {name:28s} rel_rmse={rel_rmse(ref, out):.2e} max_abs={err:.2e} (tol {tol})")
     if not ok:
         FAILS.append(name)
 
@@ -150,7 +145,7 @@ def check_fla_yardstick(B, T, H, K, V):
     o, s = chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
     torch.autograd.backward([o, s], [do.to(o.dtype), dht])
     for name, x, r in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], xs, prims, strict=False):
-        print(f"  fla {name:8s} rel_rmse={rel(r.grad, x.grad):.2e}")
+        print(f"  fla {name:8s} rel_rmse={rel_rmse(r.grad, x.grad):.2e}")
 
 
 def run_checks(smoke=False, quick=False):
@@ -229,9 +224,8 @@ def bench_decode(args, H, K, V):
             print(rows[-1], flush=True)
         o_a, s_a = decode["mixerzoo"]()
         o_b, s_b = decode["fla"]()
-        print(
-            f"  decode mixerzoo vs fla: o {rel(o_b.float(), o_a.float()):.2e} state {rel(s_b.float(), s_a.float()):.2e}"
-        )
+        err_o, err_s = rel_rmse(o_b.float(), o_a.float()), rel_rmse(s_b.float(), s_a.float())
+        print(f"  decode mixerzoo vs fla: o {err_o:.2e} state {err_s:.2e}")
     return rows
 
 
@@ -310,7 +304,7 @@ def bench(args):
                 )
             )
             print(rows[-1], flush=True)
-        print(f"  mixerzoo vs fla output rel diff: {rel(outs['fla'], outs['mixerzoo']):.2e}")
+        print(f"  mixerzoo vs fla output rel diff: {rel_rmse(outs['fla'], outs['mixerzoo']):.2e}")
 
     if args.skip_decode:
         path = write_results({"gdn"}, rows)
