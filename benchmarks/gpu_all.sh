@@ -11,11 +11,13 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # fla-core for the comparisons, carried as a wheel
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    # the PyPI xformers wheel is built against CUDA 12: its runtime (nvidia-cuda-runtime-cu12, carried too)
+    export LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
 rc=0
 if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -n 40 || rc=1
+    bash benchmarks/gpu_tests.sh "$OUT" || rc=1
     python3 -m mixerzoo demo --device cuda 2>&1 | tee "$OUT/demo.log" | tail -n 20 || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then

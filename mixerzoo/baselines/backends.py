@@ -179,6 +179,15 @@ def _load_flash_attn() -> AttendFn:
 def _load_xformers() -> AttendFn:
     xops = _import("xformers", "xformers.ops")
     _need_cuda("xformers")
+    xformers = importlib.import_module("xformers")
+    if not getattr(xformers, "_has_cpp_library", True):
+        # xformers imports without its compiled ops (built for another torch / CUDA runtime) and then
+        # dispatches to whatever is left; fail here rather than run something else.
+        error = getattr(importlib.import_module("xformers._cpp_lib"), "_cpp_library_load_exception", None)
+        raise ImportError(
+            f"full_attention: backend 'xformers' is installed but its CUDA ops did not load ({error}); "
+            f"install an xformers build for torch {torch.__version__}: {_INSTALL['xformers']}; or use backend='sdpa'"
+        )
 
     def attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> Tensor:
         _check_input("xformers", q)

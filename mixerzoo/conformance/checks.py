@@ -6,7 +6,9 @@ Each check takes a ``Case`` (a registered mixer on one device and dtype, small s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 from collections.abc import Callable
 
@@ -97,6 +99,22 @@ def _stream(mixer: TokenMixer, x: Tensor, state: State, chunks: list[int]) -> Te
         t += n
     assert t == x.shape[1], "chunks must cover x"
     return torch.cat(ys, dim=1)
+
+
+def _no_dropout(case: Case) -> dict[str, float]:
+    return {f.name: 0.0 for f in dataclasses.fields(case.spec.config) if "dropout" in f.name}
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """No TF32 inside a check: float32 is compared with a float32 reference at float32 bounds. cuDNN
+    convolutions default to TF32 on Ampere and later (torch.backends.cudnn.allow_tf32 = True)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,10 +292,15 @@ def check_compile_inductor(case: Case) -> None:
 
 
 def check_gradients(case: Case) -> None:
-    """6. Gradients finite and equal to the float32 reference's; float64 gradcheck on the CPU reference path."""
+    """6. Gradients finite and equal to the float32 reference's; float64 gradcheck on the CPU reference path.
+
+    The reference runs on the CPU. Off the CPU the two draw from different random streams, so every
+    ``*dropout*`` field of the config is set to 0 for that comparison (dropout still runs in the
+    causality and compile checks, and in this one on the CPU)."""
     ref_case = dataclasses.replace(case, device="cpu", dtype=torch.float32)
-    mixer = case.build(train=True)
-    ref = ref_case.build(train=True)
+    same_stream = {} if case.device == "cpu" else _no_dropout(case)
+    mixer = case.build(train=True, **same_stream)
+    ref = ref_case.build(train=True, **same_stream)
     ref.load_state_dict({k: v.float().cpu() for k, v in mixer.state_dict().items()})
     x = case.input().requires_grad_()
     x_ref = x.detach().float().cpu().requires_grad_()
@@ -433,15 +456,27 @@ def check_bad_input(case: Case) -> None:
     )
 
 
+def _without_tf32(check: Callable[[Case], None]) -> Callable[[Case], None]:
+    @functools.wraps(check)
+    def run(case: Case) -> None:
+        with _full_float32():
+            check(case)
+
+    return run
+
+
 CHECKS: dict[str, Callable[[Case], None]] = {
-    "contract": check_contract,
-    "causality": check_causality,
-    "decode": check_decode,
-    "chunked_prefill": check_chunked_prefill,
-    "padding": check_padding,
-    "compile": check_compile,
-    "compile_inductor": check_compile_inductor,
-    "gradients": check_gradients,
-    "state": check_state,
-    "bad_input": check_bad_input,
+    name: _without_tf32(fn)
+    for name, fn in {
+        "contract": check_contract,
+        "causality": check_causality,
+        "decode": check_decode,
+        "chunked_prefill": check_chunked_prefill,
+        "padding": check_padding,
+        "compile": check_compile,
+        "compile_inductor": check_compile_inductor,
+        "gradients": check_gradients,
+        "state": check_state,
+        "bad_input": check_bad_input,
+    }.items()
 }

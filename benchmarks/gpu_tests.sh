@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The test suite on a CUDA machine, one process per group: a CUDA fault (an illegal address) poisons
+# the whole process, so in one process a single bad kernel fails every later test. The CPU-only
+# groups (registry, pattern grammar, README, the catch-a-bug toys) are left to CI.
+# Usage (repo root): bash benchmarks/gpu_tests.sh [LOGDIR]     exit status 1 if any group failed
+set -uo pipefail
+log=${1:-${OUT:-/tmp}}
+reg=tests/conformance/test_registered.py
+groups=(
+    "$reg -k full_attention-cuda"
+    "$reg -k swa-cuda and not eviction_swa"
+    "$reg -k swa_sink-cuda"
+    "$reg -k gdn-cuda"
+    "$reg -k eviction_swa-cuda"
+    "tests/kernels/test_swa.py"
+    "tests/kernels/test_gdn.py"
+    "tests/kernels/test_eviction.py"
+    "tests/mixers/test_swa.py"
+    "tests/mixers/test_gdn.py"
+    "tests/mixers/test_eviction_swa.py"
+    "tests/baselines tests/models tests/training tests/test_cli.py"
+)
+rc=0
+for g in "${groups[@]}"; do
+    files=${g%% -k *}
+    if [[ $g == *" -k "* ]]; then sel=(-k "${g#* -k }"); else sel=(); fi
+    # shellcheck disable=SC2086
+    out=$(python3 -m pytest -q -p no:cacheprovider $files "${sel[@]}" 2>&1)
+    status=$?
+    echo "$out" >>"$log/tests.log"
+    printf '%-70s %s\n' "$g" "$(echo "$out" | tail -n 1)"
+    if [[ $status != 0 ]]; then
+        rc=1
+        echo "$out" | grep -E '^(FAILED|ERROR)' | head -n 15
+    fi
+done
+exit $rc
