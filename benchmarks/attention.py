@@ -2,8 +2,9 @@
 the same mask and flash-linear-attention's parallel_attn, full_attention's mixer path against raw SDPA,
 and SWA decode steps; all anchors measured in the same run.
 
-    python benchmarks/attention.py                       # check + tune + swa + full + decode
+    python benchmarks/attention.py                       # check + tune + bwd + swa + full + decode
     python benchmarks/attention.py --sections check,swa  # a subset
+    python benchmarks/attention.py --sections bwd        # swa_bwd mode split vs fused (~1 min)
 
 bf16, H = 16, D = 128, 32768 tokens per call (B, T) in (16, 2048), (4, 8192), (1, 32768); W = 513, S = 4.
 Before timing, the Triton kernels are checked on long sequences against a float32 banded reference
@@ -191,6 +192,63 @@ def section_tune(log: list[str]) -> None:
             line = f"tune S={Sc} {what:9s} {ms:8.3f} ms  {cfg}"
             print(line, flush=True)
             log.append(line)
+
+
+# tiles of swa_bwd(mode="fused")'s one kernel (first entry = the launcher's default on D = 128)
+FUSED_CONFIGS = [
+    dict(BM=32, BN=64, num_warps=4, num_stages=3),
+    dict(BM=16, BN=64, num_warps=4, num_stages=4),
+    dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    dict(BM=64, BN=64, num_warps=8, num_stages=2),
+    dict(BM=32, BN=128, num_warps=8, num_stages=2),
+    dict(BM=64, BN=128, num_warps=8, num_stages=2),
+]
+# bf16 gradients at T = 32768 measured 2.3-2.5e-3 relative RMSE (NOTES-swa.md): a variant above this
+# bound lost or doubled some contribution, and is not timed
+BWD_CHECK_BOUND = 5e-3
+
+
+def section_bwd(log: list[str]) -> None:
+    """The whole backward (swa_bwd) at T = 32768, B = 1: mode "split" (default tiles) against mode
+    "fused" with each of FUSED_CONFIGS (swa; swa_sink with the default tiles only). Every variant's
+    dq, dk, dv are first checked against the float32 banded reference; fwd+bwd adds the forward
+    launcher's time (the op path adds only the autograd overhead)."""
+    B, T = 1, 32768
+    q, k, v = make_qkv(B, T)
+    do = torch.randn_like(q)
+    header = f"{'S':>2s} {'mode':5s} {'BM':>3s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'bwd ms':>8s} "
+    header += f"{'fwd+bwd':>8s}  rel RMSE dq / dk / dv"
+    print(header, flush=True)
+    log.append(header)
+    for Sc in (0, S):
+        o, lse = swa_fwd(q, k, v, W, Sc)
+        fwd_ms = time_ms(functools.partial(swa_fwd, q, k, v, W, Sc))
+        line = f"S={Sc}: forward launcher {fwd_ms:.3f} ms"
+        print(line, flush=True)
+        log.append(line)
+        _, *g_ref = banded_reference(q, k, v, do, W, Sc)
+        variants = [("split", None)] + [("fused", c) for c in (FUSED_CONFIGS if Sc == 0 else FUSED_CONFIGS[:1])]
+        for mode, cfg in variants:
+            fn = functools.partial(swa_bwd, do, q, k, v, o, lse, W, Sc, mode=mode, dkdv_config=cfg)
+            tiles = cfg or dict(BM="-", BN="-", num_warps="-", num_stages="-")
+            line = (
+                f"{Sc:2d} {mode:5s} {tiles['BM']:>3} {tiles['BN']:>4} {tiles['num_warps']:>5} {tiles['num_stages']:>6} "
+            )
+            try:
+                errs = [rel_rmse(r, x) for r, x in zip(g_ref, fn(), strict=True)]
+                good = all(math.isfinite(e) and e <= BWD_CHECK_BOUND for e in errs)
+                err_txt = " / ".join(f"{e:.2e}" for e in errs)
+                if good:
+                    ms = time_ms(fn)
+                    line += f"{ms:8.3f} {fwd_ms + ms:8.3f}  {err_txt}"
+                else:
+                    line += f"{'-':>8s} {'-':>8s}  {err_txt} FAIL (bound {BWD_CHECK_BOUND:.0e})"
+            except Exception as e:  # a config that does not fit in shared memory: report and go on
+                line += f"failed: {type(e).__name__}: {str(e)[:80]}"
+            print(line, flush=True)
+            log.append(line)
+        del o, lse, g_ref
+        torch.cuda.empty_cache()
 
 
 def _flex_attn(window: int, sinks: int, T: int):
@@ -440,7 +498,7 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="check,tune,swa,full,decode")
+    ap.add_argument("--sections", default="check,tune,bwd,swa,full,decode")
     ap.add_argument("--T", type=int, nargs="*", help="only these sequence lengths (of the standard shapes)")
     args = ap.parse_args()
     if args.T:
@@ -456,6 +514,7 @@ def main() -> int:
         ok = section_check(log)
     for name, fn in (
         ("tune", lambda: section_tune(log)),
+        ("bwd", lambda: section_bwd(log)),
         ("swa", lambda: section_swa(rows, log)),
         ("full", lambda: section_full(rows, log)),
         ("decode", lambda: section_decode(rows, log)),

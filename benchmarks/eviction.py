@@ -328,15 +328,36 @@ def _cands(rows, keys):
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
-# candidates whose ptxas report (cuobjdump --dump-resource-usage on a CPU-compiled sm_90 cubin) shows
-# no or little stack (spills); first entry: the current default
-_Q = ("BT", "BS", "BC", "num_warps", "num_stages")
-_K = ("BT", "BS", "num_warps", "num_stages")
+# candidates; first entry of each list: the current default (attention.CUDA_TILES). SPLIT: masked edges
+# + unmasked interior in three loops, or one masked loop (dk/dv: over the whole query range; fwd, dq:
+# over the window band). ptxas figures per candidate: `python benchmarks/eviction.py resources`.
+_Q = ("BT", "BS", "BC", "SPLIT", "num_warps", "num_stages")
+_K = ("BT", "BS", "SPLIT", "num_warps", "num_stages")
+# dk/dv: BT query rows per step, BS key rows (or list entries) per program. BS = 32 left out: no Hopper
+# MMA (HMMA only in the ptxas report), and 64x32 lost in the previous sweep
+_DKDV = [
+    (64, 64, False, 8, 2),
+    (64, 64, True, 8, 2),
+    (64, 64, False, 8, 3),
+    (128, 64, False, 8, 2),
+    (128, 64, True, 8, 2),
+    (64, 128, False, 8, 2),
+    (64, 64, False, 4, 2),
+]
 SWEEP = {
-    "fwd": _cands([(128, 64, 64, 8, 2)], _Q),
-    "dq": _cands([(128, 32, 32, 8, 2), (128, 64, 64, 8, 2)], _Q),
-    "dkdv": _cands([(128, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)], _K),
-    "listed": _cands([(128, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)], _K),
+    "fwd": _cands(
+        [
+            (128, 64, 64, True, 8, 2),
+            (128, 64, 64, False, 8, 2),
+            (128, 64, 64, True, 8, 3),
+            (128, 128, 128, True, 8, 2),
+            (64, 64, 64, True, 4, 3),
+        ],
+        _Q,
+    ),
+    "dq": _cands([(128, 64, 64, True, 8, 2), (128, 64, 64, False, 8, 2)], _Q),
+    "dkdv": _cands(_DKDV, _K),
+    "listed": _cands(_DKDV, _K),
 }
 
 
@@ -448,13 +469,16 @@ def resources() -> None:
             if kernel in ("dkdv", "listed"):
                 consts["LISTED"] = kernel == "listed"
             opts = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
-            params = inspect.signature(fn.fn).parameters
+            params = list(inspect.signature(fn.fn).parameters)
             sig = {
                 n: "constexpr" if n in consts else types.get(n, "i32" if n in ("T", "W") else "*bf16") for n in params
             }
-            k = triton.compile(
-                ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts
-            )
+            # what the JIT specialises on the GPU: 16-byte aligned pointers, T a multiple of 16 (W = 769 is
+            # not). Without it the loads look unaligned, 2-byte, and are neither vectorised nor pipelined
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if sig[n][0] == "*" or n == "T"}
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            ir = k.asm["ttgir"]
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(k.asm["cubin"])
                 f.flush()
@@ -462,10 +486,12 @@ def resources() -> None:
                     [f"{tools}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True
                 ).stdout
                 sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
-            regs = re.search(r"REG:(\d+) STACK:(\d+)", use)
+            regs = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", use)
             print(
                 f"{kernel:6s} {cfg}: registers {regs[1]}, stack {regs[2]} B, HGMMA {sass.count('HGMMA')}, "
-                f"HMMA {sass.count('HMMA')}, LDL {sass.count('LDL')}"
+                f"HMMA {sass.count('HMMA')}, LDL {sass.count('LDL')}, {k.metadata.shared // 1024} KiB shared, "
+                f"2-D loads async {len(re.findall(r'async_copy_global_to_local .*tensor<[0-9]+x[0-9]+x!', ir))} / "
+                f"synchronous {len(re.findall(r'tt.load .*tensor<[0-9]+x[0-9]+x!', ir))} (IR sites)"
             )
 
 

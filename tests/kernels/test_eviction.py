@@ -143,6 +143,48 @@ def test_triton_matches_reference(B, T, HQ, HKV, D, W, C, S, training):
         assert_close(name, r, x, dtype, **F32)
 
 
+SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key rows (dk/dv: key rows)
+    (1, 150, 2, 1, 32, 50, 6, 2, True, 16, 16),
+    (2, 133, 4, 2, 32, 37, 5, 1, False, 16, 16),
+    (1, 141, 2, 2, 16, 45, 4, 2, True, 32, 16),
+    (1, 141, 2, 1, 16, 30, 4, 0, False, 16, 32),
+]
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-loop"])
+@pytest.mark.parametrize(
+    "B,T,HQ,HKV,D,W,C,S,training,BT,BS",
+    SPLIT_CASES,
+    ids=[f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}" for c in SPLIT_CASES],
+)
+def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split):
+    # both forms of every kernel (masked edges + unmasked interior, or one masked loop), with tiles
+    # whose query and key blocks differ in size, so the block-aligned range ends do not coincide
+    torch.manual_seed(T + W)
+    dtype = torch.float32
+    q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=dtype) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
+    do = torch.randn(B, T, HQ, D, device=DEVICE, dtype=dtype)
+    kw = dict(window_size=W, capacity=C, num_sinks=S, training=training)
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o_ref, _ = eviction_attention_ref(qr, kr, vr, score, **kw)
+    o_ref.backward(do)
+
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1)
+    tiles = {
+        "fwd": dict(BT=BT, BS=BS, BC=BS, **launch),
+        "dq": dict(BT=BT, BS=BS, BC=BS, **launch),
+        "dkdv": dict(BT=BT, BS=BS, **launch),
+        "listed": dict(BT=BT, BS=BS, **launch),
+    }
+    kpos, kend, kcum = eviction_intervals(score, **kw)
+    args = dict(window_size=W, scale=D**-0.5, open_ended=training, tiles=tiles)
+    o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, **args)
+    dq, dk, dv = eviction_attention_bwd(do, q, k, v, o, lse, kpos, kend, kcum, **args)
+    for name, r, x in [("o", o_ref, o), ("dq", qr.grad, dq), ("dk", kr.grad, dk), ("dv", vr.grad, dv)]:
+        assert_close(name, r, x, dtype, **F32)
+
+
 @pytest.mark.parametrize("T,W,C,S", [(1, 3, 2, 0), (63, 5, 4, 2), (130, 7, 5, 0), (130, 2, 9, 2), (70, 4, 0, 0)])
 def test_triton_eviction_end(T, W, C, S):
     torch.manual_seed(T + C)

@@ -55,7 +55,11 @@ def _inputs(B, T, HQ, HKV, D, dtype, device=DEVICE):
     return q, k, v, do
 
 
-def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype):
+# swa_bwd's modes: separate dK/dV and dQ kernels, or one kernel with float32 atomics for dQ
+MODES = ["split", "fused"]
+
+
+def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, mode):
     q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
     pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
     scale = D**-0.5
@@ -67,21 +71,23 @@ def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype):
     real = torch.isfinite(lse_ref)
     assert torch.equal(real, torch.isfinite(lse)), "lse: rows that see no key differ"
     assert_close("lse", lse_ref[real], lse[real], dtype, **TOL[dtype][0])
-    grads = swa_bwd(do, q, k, v, o, lse, W, S, scale, pad_t)
+    grads = swa_bwd(do, q, k, v, o, lse, W, S, scale, pad_t, mode=mode)
     for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
         assert out.dtype == dtype
         assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", CASES)
-def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad):
+def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, mode):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype)
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, mode)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
-def test_swa_launchers_half(dtype):
-    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype)
+def test_swa_launchers_half(dtype, mode):
+    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, mode)
 
 
 def test_swa_reference_backward_matches_autograd():
@@ -164,3 +170,7 @@ def test_swa_bad_inputs():
         swa_attention(q, k, v, window_size=0)
     with pytest.raises(ValueError, match="head dims"):
         swa_fwd(torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), 4)
+    with pytest.raises(ValueError, match="scale > 0"):
+        swa_fwd(q, k, v, 4, scale=-1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, mode="atomic")

@@ -229,10 +229,12 @@ def _fwd_kernel(
     BD: tl.constexpr,
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,  # every listed key stays visible to the end (training semantics)
+    SPLIT: tl.constexpr,  # window band as masked edges + unmasked interior, else one masked loop
 ):
     tl.static_assert(HQ % HKV == 0)
     G: tl.constexpr = HQ // HKV
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    # heads vary fastest and the last query blocks (the longest list prefixes) start first
+    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
     i_hk = i_hq // G
     t0 = i_t * BT
@@ -307,80 +309,106 @@ def _fwd_kernel(
         True,
         True,
     )
-    # (b) the window band, keys t - W < j <= t: masked edges, unmasked interior
+    # (b) the window band, keys t - W < j <= t
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    b_acc, b_m, b_l = _fwd_range(
-        b_q,
-        b_acc,
-        b_m,
-        b_l,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        lo,
-        a,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        True,
-    )
-    b_acc, b_m, b_l = _fwd_range(
-        b_q,
-        b_acc,
-        b_m,
-        b_l,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        full_lo,
-        full_hi,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        False,
-    )
-    b_acc, b_m, b_l = _fwd_range(
-        b_q,
-        b_acc,
-        b_m,
-        b_l,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        c,
-        t_last + 1,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        True,
-    )
+    if SPLIT:  # masked edges, unmasked interior: no mask math on most blocks, three pipelined loops
+        b_acc, b_m, b_l = _fwd_range(
+            b_q,
+            b_acc,
+            b_m,
+            b_l,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            lo,
+            a,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
+        b_acc, b_m, b_l = _fwd_range(
+            b_q,
+            b_acc,
+            b_m,
+            b_l,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            full_lo,
+            full_hi,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            False,
+        )
+        b_acc, b_m, b_l = _fwd_range(
+            b_q,
+            b_acc,
+            b_m,
+            b_l,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            c,
+            t_last + 1,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
+    else:  # one masked loop: one pipeline prologue, fewer live ranges
+        b_acc, b_m, b_l = _fwd_range(
+            b_q,
+            b_acc,
+            b_m,
+            b_l,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            lo,
+            t_last + 1,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
 
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
     b_o = b_acc / b_l[:, None]
@@ -415,9 +443,11 @@ def _bwd_dq_kernel(
     BD: tl.constexpr,
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     G: tl.constexpr = HQ // HKV
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    # heads vary fastest and the last query blocks (the longest list prefixes) start first
+    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
     i_hk = i_hq // G
     t0 = i_t * BT
@@ -498,81 +528,108 @@ def _bwd_dq_kernel(
         True,
     )
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    b_dq = _dq_range(
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        b_dq,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        lo,
-        a,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        True,
-    )
-    b_dq = _dq_range(
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        b_dq,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        full_lo,
-        full_hi,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        False,
-    )
-    b_dq = _dq_range(
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        b_dq,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        c,
-        t_last + 1,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BS,
-        PREC,
-        False,
-        True,
-    )
+    if SPLIT:  # as in _fwd_kernel
+        b_dq = _dq_range(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            b_dq,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            lo,
+            a,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
+        b_dq = _dq_range(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            b_dq,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            full_lo,
+            full_hi,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            False,
+        )
+        b_dq = _dq_range(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            b_dq,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            c,
+            t_last + 1,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
+    else:
+        b_dq = _dq_range(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            b_dq,
+            k_bh,
+            v_bh,
+            lk,
+            le,
+            lo,
+            t_last + 1,
+            o_t,
+            T,
+            W,
+            scale_log2,
+            o_d,
+            m_d,
+            HKV,
+            D,
+            BS,
+            PREC,
+            False,
+            True,
+        )
     tl.store(dq + off, (b_dq * scale).to(dq.dtype.element_ty), mask=m_td)
 
 
@@ -653,13 +710,15 @@ def _bwd_dkdv_kernel(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     OPEN_ENDED: tl.constexpr,
+    SPLIT: tl.constexpr,  # query range as masked edges + unmasked interior, else one masked loop
 ):
     # LISTED=False: program i owns key rows [i*BS, i*BS + BS) and their window band of queries, and
     #   writes dk, dv there. LISTED=True: program i owns entries [i*BS, i*BS + BS) of the compacted
     #   list, walks the queries of their intervals, and adds into dk, dv at their positions; it runs
     #   after the window launch, and positions in one list are distinct, so no atomics.
     G: tl.constexpr = HQ // HKV
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    # heads vary fastest: the first list chunks, which walk the most queries, start first
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -706,78 +765,104 @@ def _bwd_dkdv_kernel(
         i_hq = i_hk * G + g
         q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
         r_bh = (i_b.to(tl.int64) * HQ + i_hq) * T
-        b_dk, b_dv = _dkdv_range(
-            b_k,
-            b_v,
-            b_dk,
-            b_dv,
-            q + q_bh,
-            do + q_bh,
-            lse + r_bh,
-            delta + r_bh,
-            t_lo,
-            a,
-            b_start,
-            b_end,
-            m_j,
-            T,
-            scale_log2,
-            o_d,
-            m_d,
-            HQ,
-            D,
-            BT,
-            PREC,
-            True,
-        )
-        b_dk, b_dv = _dkdv_range(
-            b_k,
-            b_v,
-            b_dk,
-            b_dv,
-            q + q_bh,
-            do + q_bh,
-            lse + r_bh,
-            delta + r_bh,
-            full_lo,
-            full_hi,
-            b_start,
-            b_end,
-            m_j,
-            T,
-            scale_log2,
-            o_d,
-            m_d,
-            HQ,
-            D,
-            BT,
-            PREC,
-            False,
-        )
-        b_dk, b_dv = _dkdv_range(
-            b_k,
-            b_v,
-            b_dk,
-            b_dv,
-            q + q_bh,
-            do + q_bh,
-            lse + r_bh,
-            delta + r_bh,
-            c,
-            t_hi,
-            b_start,
-            b_end,
-            m_j,
-            T,
-            scale_log2,
-            o_d,
-            m_d,
-            HQ,
-            D,
-            BT,
-            PREC,
-            True,
-        )
+        if SPLIT:  # masked edges, unmasked interior (three loops)
+            b_dk, b_dv = _dkdv_range(
+                b_k,
+                b_v,
+                b_dk,
+                b_dv,
+                q + q_bh,
+                do + q_bh,
+                lse + r_bh,
+                delta + r_bh,
+                t_lo,
+                a,
+                b_start,
+                b_end,
+                m_j,
+                T,
+                scale_log2,
+                o_d,
+                m_d,
+                HQ,
+                D,
+                BT,
+                PREC,
+                True,
+            )
+            b_dk, b_dv = _dkdv_range(
+                b_k,
+                b_v,
+                b_dk,
+                b_dv,
+                q + q_bh,
+                do + q_bh,
+                lse + r_bh,
+                delta + r_bh,
+                full_lo,
+                full_hi,
+                b_start,
+                b_end,
+                m_j,
+                T,
+                scale_log2,
+                o_d,
+                m_d,
+                HQ,
+                D,
+                BT,
+                PREC,
+                False,
+            )
+            b_dk, b_dv = _dkdv_range(
+                b_k,
+                b_v,
+                b_dk,
+                b_dv,
+                q + q_bh,
+                do + q_bh,
+                lse + r_bh,
+                delta + r_bh,
+                c,
+                t_hi,
+                b_start,
+                b_end,
+                m_j,
+                T,
+                scale_log2,
+                o_d,
+                m_d,
+                HQ,
+                D,
+                BT,
+                PREC,
+                True,
+            )
+        else:  # one masked loop: the three loops' live ranges spill at 128x64 (NOTES-eviction.md)
+            b_dk, b_dv = _dkdv_range(
+                b_k,
+                b_v,
+                b_dk,
+                b_dv,
+                q + q_bh,
+                do + q_bh,
+                lse + r_bh,
+                delta + r_bh,
+                t_lo,
+                t_hi,
+                b_start,
+                b_end,
+                m_j,
+                T,
+                scale_log2,
+                o_d,
+                m_d,
+                HQ,
+                D,
+                BT,
+                PREC,
+                True,
+            )
     b_dk = b_dk * scale
     if LISTED:
         b_dk += tl.load(dk + p_kv, mask=m_jd, other=0.0).to(tl.float32)
@@ -792,19 +877,23 @@ def _bwd_dkdv_kernel(
 
 
 # Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
-# key rows, or list entries in the listed pass), BC list entries. Measured on an H200 at T=32768,
-# D=128 (benchmarks/NOTES-eviction.md); benchmarks/eviction.py's `sweep` retries the candidates.
+# key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
+# interior in three loops, else one masked loop. Tiles from the H200 sweep at T=32768, D=128
+# (benchmarks/NOTES-eviction.md); SPLIT=False for dk/dv because the three loops spill (ptxas stack
+# 184 B at 64x64 vs none for one loop); benchmarks/eviction.py's `sweep` retries the candidates.
 CUDA_TILES = {
-    "fwd": dict(BT=128, BS=64, BC=64, num_warps=8, num_stages=2),
-    "dq": dict(BT=128, BS=32, BC=32, num_warps=8, num_stages=2),
-    "dkdv": dict(BT=128, BS=64, num_warps=8, num_stages=2),
-    "listed": dict(BT=128, BS=64, num_warps=8, num_stages=2),
+    "fwd": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
+    "dq": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
+    "dkdv": dict(BT=64, BS=64, SPLIT=False, num_warps=8, num_stages=2),
+    "listed": dict(BT=64, BS=64, SPLIT=False, num_warps=8, num_stages=2),
 }
 # the interpreter (CPU tensors): small tiles keep the tests fast and exercise partial blocks
-_INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, num_warps=4, num_stages=1)
+_INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, SPLIT=True, num_warps=4, num_stages=1)
 
 
-def _tiles(x: Tensor, kernel: str) -> dict:
+def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
+    if tiles is not None and kernel in tiles:
+        return tiles[kernel]
     if x.device.type != "cuda":
         return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
     return CUDA_TILES[kernel]
@@ -874,20 +963,23 @@ def eviction_attention_fwd(
     window_size: int,
     scale: float,
     open_ended: bool = False,
+    tiles: dict[str, dict] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. q: [B, T, HQ, D]; k, v: [B, T, HKV, D]; kpos, kend, kcum: [B, HKV, T] int32
     -> o: [B, T, HQ, D], lse: [B, HQ, T] float32 (natural log).
 
     ``open_ended=True`` promises that every listed key stays visible to the end (``kend == T``, the
-    training semantics), which lets whole blocks skip the mask."""
+    training semantics), which lets whole blocks skip the mask. ``tiles`` replaces a kernel's launch
+    settings (``{"fwd": dict(BT=..., BS=..., BC=..., SPLIT=..., num_warps=..., num_stages=...)}``),
+    for tests and tuning; by default :data:`CUDA_TILES` on the GPU, small tiles in the interpreter."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     _check_sizes(T, HQ, D)
-    cfg = _tiles(q, "fwd")
+    cfg = _tiles(q, "fwd", tiles)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    _fwd_kernel[(triton.cdiv(T, cfg["BT"]), B * HQ)](
+    _fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
         q,
         k,
         v,
@@ -924,9 +1016,11 @@ def eviction_attention_bwd(
     window_size: int,
     scale: float,
     open_ended: bool = False,
+    tiles: dict[str, dict] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: dq: [B, T, HQ, D]; dk, dv: [B, T, HKV, D] (dtypes of q, k, v).
-    ``open_ended`` as in :func:`eviction_attention_fwd`."""
+    ``open_ended`` as in :func:`eviction_attention_fwd`; ``tiles`` likewise, keys ``"dq"``, ``"dkdv"``
+    (the window pass) and ``"listed"`` (the listed-key pass)."""
     q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -935,8 +1029,8 @@ def eviction_attention_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=_prec(q), OPEN_ENDED=open_ended)
-    cfg = _tiles(q, "dq")
-    _bwd_dq_kernel[(triton.cdiv(T, cfg["BT"]), B * HQ)](
+    cfg = _tiles(q, "dq", tiles)
+    _bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
         q,
         k,
         v,
@@ -956,8 +1050,8 @@ def eviction_attention_bwd(
         **cfg,
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
-        cfg = _tiles(q, "listed" if listed else "dkdv")
-        _bwd_dkdv_kernel[(triton.cdiv(T, cfg["BS"]), B * HKV)](
+        cfg = _tiles(q, "listed" if listed else "dkdv", tiles)
+        _bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BS"]))](
             q,
             k,
             v,

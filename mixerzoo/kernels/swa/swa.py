@@ -1,7 +1,7 @@
 """Sliding-window attention (window W, optional S attention sinks, GQA) in Triton: FA2-style forward,
-dK/dV and dQ backward kernels; only key blocks that intersect a query block's window (or hold sinks)
-are ever loaded. Sinks as in StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
-with Attention Sinks").
+dK/dV and dQ backward kernels (or one dK/dV kernel that also adds dQ with float32 atomics); only key
+blocks that intersect a query block's window (or hold sinks) are ever loaded. Sinks as in
+StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
 Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo::swa_fwd`` /
 ``mixerzoo::swa_bwd`` custom ops (CUDA: Triton, CPU: reference.py), and ``swa_attention``.
@@ -62,21 +62,23 @@ def _fwd_inner(
             m_j = (o_j < T) & (o_j >= P)
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
             b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
+        # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
+        # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         if MODE == 1:
             vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         if MODE == 0:  # fully visible blocks come after the first window block: every row has a max
             m_safe = m_new
         else:
             # rows with nothing visible yet keep m = -inf; exp2 against 0 gives exact zeros, not NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        b_p = tl.math.exp2(b_s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         # [BM, BN] @ [BN, D] -> [BM, D]
@@ -314,6 +316,7 @@ def _dkdv_inner(
     p_do,
     p_lse,
     p_delta,
+    p_dq,
     o_n,
     o_mb,
     m_lo,
@@ -323,29 +326,33 @@ def _dkdv_inner(
     W,
     S,
     qk_scale,
+    sm_scale,
     stride_qt,
     stride_dot,
     BM: tl.constexpr,
     MODE: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
+        m_m = o_m < T
         if MODE == 0:
             b_q = tl.load(p_q + m0 * stride_qt)
             b_do = tl.load(p_do + m0 * stride_dot)
             b_lse = tl.load(p_lse + m0)
             b_delta = tl.load(p_delta + m0)
         else:
-            m_m = o_m < T
             b_q = tl.load(p_q + m0 * stride_qt, mask=m_m[:, None], other=0.0)
             b_do = tl.load(p_do + m0 * stride_dot, mask=m_m[:, None], other=0.0)
             b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
+        # log2 units once per query row, so that each score costs one FMA inside exp2
+        b_lse = b_lse * 1.4426950408889634
         # transposed scores: [BN, D] @ [D, BM] -> [BN, BM]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
-        b_pt = tl.math.exp2(b_st - b_lse[None, :] * 1.4426950408889634)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+        b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
         if MODE == 1:
             vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
             b_pt = tl.where(vis, b_pt, 0.0)
@@ -356,9 +363,18 @@ def _dkdv_inner(
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
         # [BN, D] @ [D, BM] -> [BN, BM]
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+        b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
+        if FUSE_DQ:
+            # this key block's share of dQ, added in float32 by every key block of the query block's
+            # window; the order of the additions is not fixed, so dQ is not bitwise reproducible
+            # [BM, BN] @ [BN, D] -> [BM, D]
+            b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=PREC) * sm_scale
+            if MODE == 0:
+                tl.atomic_add(p_dq + m0 * stride_qt, b_dq, sem="relaxed")
+            else:
+                tl.atomic_add(p_dq + m0 * stride_qt, b_dq, mask=m_m[:, None], sem="relaxed")
     return b_dk, b_dv
 
 
@@ -372,6 +388,7 @@ def _swa_bwd_dkdv_kernel(
     delta,
     dk,
     dv,
+    dq,
     pad,
     T,
     W,
@@ -396,10 +413,12 @@ def _swa_bwd_dkdv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # one program per (key block, kv head): loops over the G query heads of its group and over the
-    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
+    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
+    # FUSE_DQ: also adds dS @ K into the float32 dq (q's strides) with atomics, for swa_bwd's fused mode
     tl.static_assert(BN % BM == 0)
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
@@ -430,6 +449,7 @@ def _swa_bwd_dkdv_kernel(
                 p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
                 p_lse = lse + (i_b * HQ + i_h) * T + o_mb
                 p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+                p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
                 b_dk, b_dv = _dkdv_inner(
                     b_dk,
                     b_dv,
@@ -439,6 +459,7 @@ def _swa_bwd_dkdv_kernel(
                     p_do,
                     p_lse,
                     p_delta,
+                    p_dq,
                     o_n,
                     o_mb,
                     n0,
@@ -448,10 +469,12 @@ def _swa_bwd_dkdv_kernel(
                     W,
                     S,
                     qk_scale,
+                    sm_scale,
                     stride_qt,
                     stride_dot,
                     BM,
                     1,
+                    FUSE_DQ,
                     PREC=PREC,
                 )
     else:
@@ -461,6 +484,7 @@ def _swa_bwd_dkdv_kernel(
             p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+            p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
             b_dk, b_dv = _dkdv_inner(
                 b_dk,
                 b_dv,
@@ -470,6 +494,7 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
+                p_dq,
                 o_n,
                 o_mb,
                 n0,
@@ -479,10 +504,12 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
+                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 1,
+                FUSE_DQ,
                 PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
@@ -494,6 +521,7 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
+                p_dq,
                 o_n,
                 o_mb,
                 n0 + BN,
@@ -503,10 +531,12 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
+                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 0,
+                FUSE_DQ,
                 PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
@@ -518,6 +548,7 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
+                p_dq,
                 o_n,
                 o_mb,
                 e,
@@ -527,10 +558,12 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
+                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 1,
+                FUSE_DQ,
                 PREC=PREC,
             )
 
@@ -557,6 +590,7 @@ def _swa_bwd_dkdv_sink_kernel(
     delta,
     dk_part,
     dv_part,
+    dq,
     pad,
     T,
     W,
@@ -582,10 +616,13 @@ def _swa_bwd_dkdv_sink_kernel(
     BM: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # sink keys are seen by every later query: split those queries into chunks, one program each,
-    # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
+    # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32.
+    # FUSE_DQ: also adds these (query, sink key) pairs' dS @ K into the float32 dq, in place of the
+    # dQ kernel's sink tile
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
     i_b, i_hk = i_bh // HKV, i_bh % HKV
@@ -609,6 +646,7 @@ def _swa_bwd_dkdv_sink_kernel(
         p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
         p_lse = lse + (i_b * HQ + i_h) * T + o_mb
         p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+        p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
         b_dk, b_dv = _dkdv_inner(
             b_dk,
             b_dv,
@@ -618,6 +656,7 @@ def _swa_bwd_dkdv_sink_kernel(
             p_do,
             p_lse,
             p_delta,
+            p_dq,
             o_n,
             o_mb,
             m_lo,
@@ -627,10 +666,12 @@ def _swa_bwd_dkdv_sink_kernel(
             W,
             S,
             qk_scale,
+            sm_scale,
             stride_qt,
             stride_dot,
             BM,
             2,
+            FUSE_DQ,
             PREC=PREC,
         )
     n_chunks = tl.num_programs(0)
@@ -673,8 +714,8 @@ def _dq_inner(
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
             b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        b_p = tl.math.exp2(b_s - b_lse[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_p = tl.math.exp2(b_s * qk_scale - b_lse[:, None])
         if MODE == 1:
             vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
             b_p = tl.where(vis, b_p, 0.0)
@@ -933,6 +974,19 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
+def _fused_config(D: int) -> dict:
+    """Tile sizes of the dK/dV kernel when it also accumulates dQ (swa_bwd mode "fused"): a first guess
+    next to _dkdv_config, to be settled by ``benchmarks/attention.py --sections bwd``."""
+    if _interpreting():  # small tiles: several key blocks add into each query block's dq
+        return dict(BM=16, BN=32, num_warps=4, num_stages=1)
+    if D <= 128:
+        return dict(BM=32, BN=64, num_warps=4, num_stages=3)
+    return dict(BM=32, BN=64, num_warps=4, num_stages=2)
+
+
+_BWD_MODES = ("split", "fused")
+
+
 def _sink_block(S: int) -> int:
     return max(16, triton.next_power_of_2(max(S, 1)))
 
@@ -1000,6 +1054,8 @@ def swa_fwd(
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
     scale = default_scale(D) if scale is None else scale
+    if not scale > 0:  # the kernel scales the row max, which needs a positive scale
+        raise ValueError(f"swa_attention: the Triton kernels need scale > 0, got {scale}")
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     cfg = dict(config or _fwd_config(D))
@@ -1053,13 +1109,22 @@ def swa_bwd(
     scale: float | None = None,
     pad: Tensor | None = None,
     *,
+    mode: str = "split",
     dkdv_config: dict | None = None,
     dq_config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (dq [B, T, HQ, D], dk [B, T, HKV, D], dv [B, T, HKV, D]) in the inputs' dtype.
 
+    ``mode``: "split" runs a dK/dV kernel (per key block) and a dQ kernel (per query block), which
+    computes QK^T and dO V^T a second time (7 matmuls per tile pair). "fused" has the dK/dV kernel also
+    add dS @ K into a float32 dq with atomics (5 matmuls), then casts it to q's dtype; the order of
+    those float32 additions varies between runs, so its dq is not bitwise deterministic (dk, dv are).
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
-    (BM % BN == 0) override the tile sizes, for tuning."""
+    (BM % BN == 0, split mode only) override the tile sizes, for tuning."""
+    if mode not in _BWD_MODES:
+        raise ValueError(f"swa_bwd: mode must be one of {_BWD_MODES}, got {mode!r}")
+    if mode == "fused" and dq_config is not None:
+        raise ValueError("swa_bwd: dq_config tunes the dQ kernel of mode 'split'; mode 'fused' has none")
     _check_triton(q)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     B, T, HQ, D = q.shape
@@ -1101,9 +1166,12 @@ def swa_bwd(
         do.stride(1),
         do.stride(2),
     )
+    fused = mode == "fused"
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    cfg = dict(dkdv_config or _dkdv_config(D))
+    # fused: float32 accumulator [B, T, HQ, D] with q's strides (both contiguous); split: never read
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dk
+    cfg = dict(dkdv_config or (_fused_config(D) if fused else _dkdv_config(D)))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
         q,
@@ -1114,6 +1182,7 @@ def swa_bwd(
         delta,
         dk,
         dv,
+        dq_acc,
         pad_t,
         T,
         W,
@@ -1127,6 +1196,7 @@ def swa_bwd(
         BM=BM,
         BN=BN,
         HAS_PAD=has_pad,
+        FUSE_DQ=fused,
         **cfg,
         PREC=_precision(q),
     )
@@ -1145,6 +1215,7 @@ def swa_bwd(
             delta,
             dk_part,
             dv_part,
+            dq_acc,
             pad_t,
             T,
             W,
@@ -1159,6 +1230,7 @@ def swa_bwd(
             BM=BM,
             BS=BS,
             HAS_PAD=has_pad,
+            FUSE_DQ=fused,
             **cfg,
             PREC=_precision(q),
         )
@@ -1172,6 +1244,8 @@ def swa_bwd(
             add = part.sum(2)[:, :, :n].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
             cur = g.gather(1, gidx).float()
             g.scatter_(1, gidx, (cur + add).to(g.dtype))
+    if fused:
+        return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
     cfg = dict(dq_config or _dq_config(D))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
