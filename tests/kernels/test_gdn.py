@@ -89,17 +89,19 @@ CASES = [
     (2, 63, 2, 64, 64, False, False),
     (1, 130, 2, 64, 64, True, True),
     (1, 70, 1, 128, 64, True, False),
+    (2, 80, 4, 16, 16, False, False),  # the mixer's conformance heads (hidden 64, 4 heads)
+    (1, 70, 3, 8, 24, True, True),  # heads below 16 and not a power of two
 ]
-# half inputs: every case on the GPU (bf16); in the interpreter one fp16 case (it cannot dot bf16, and
+# half inputs: every case on the GPU (bf16); in the interpreter two fp16 cases (it cannot dot bf16, and
 # each case costs seconds there)
-HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(CASES[2], torch.float16)]
+HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(c, torch.float16) for c in CASES[4:]]
 
 
 @pytest.mark.parametrize(
     "case,dtype,doubling",
-    [(c, torch.float32, False) for c in CASES]
-    + [(c, d, False) for c, d in HALF_CASES]
-    + [(CASES[2], torch.float32, True)],
+    [(c, torch.float32, True) for c in CASES]
+    + [(c, d, True) for c, d in HALF_CASES]
+    + [(CASES[2], torch.float32, False)],  # doubling=False: the row-substitution inverse
     ids=str,
 )
 def test_chunk_kernels(case, dtype, doubling):
@@ -135,6 +137,48 @@ def test_fused_recurrent(B, T, H, K, V):
     assert_close("o (no h0)", o_ref, o, torch.float32, **F32)
 
 
+def _guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
+    """A contiguous copy of x inside a NaN-filled buffer: a kernel that reads past x gets NaN."""
+    buf = torch.full((x.numel() + 2 * pad,), float("nan"), dtype=x.dtype, device=x.device)
+    out = buf[pad : pad + x.numel()].view(x.shape)
+    return out.copy_(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if DEVICE == "cpu" else torch.bfloat16], ids=str)
+def test_kernels_on_mixer_layout(dtype):
+    """The tensors the gdn mixer hands the kernels (hidden 64, 4 heads of 16; v a strided view of the conv
+    output): the conv, fused recurrent and chunked kernels against the references, first as the mixer passes
+    them, then on copies fenced by NaN, which turn any read outside a tensor into a failure."""
+    B, H, K, V, W = 2, 4, 16, 16, 4
+    C = 2 * H * K + H * V
+    gen = torch.Generator().manual_seed(3)
+    for T in (1, 80):  # the fused recurrence (T <= 64) and the chunked kernels
+        x = torch.randn(B, T, C, generator=gen).to(DEVICE, dtype)
+        w = (torch.randn(C, W, generator=gen) * 0.5).to(DEVICE, dtype)
+        y_ref, _ = causal_conv1d_ref(x.float(), w.float(), None, None, "silu")
+        y, _ = causal_conv1d_fwd(_guarded(x), _guarded(w), None, None, "silu")
+        assert_close(f"conv y T={T}", y_ref, y, dtype, rel_rmse=TOL[dtype][0])
+        q, k, v = y.split([H * K, H * K, H * V], dim=-1)  # [B, T, H*K] views with row stride C
+        q, k = (F.normalize(t.view(B, T, H, K).float(), dim=-1).to(dtype) for t in (q, k))
+        v = v.unflatten(-1, (H, V))  # [B, T, H, V], not contiguous
+        g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 2).to(DEVICE)
+        beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
+        o_ref, s_ref = gated_delta_rule_recurrent(q.float(), k.float(), v.float(), g, beta, K**-0.5, None)
+        do = torch.randn(o_ref.shape, generator=gen).to(DEVICE)
+        for fenced in (False, True):
+            xs = [_guarded(t) if fenced else t for t in (q, k, v, g, beta)]
+            tag = f"T={T}{' fenced' if fenced else ''}"
+            for name, fn in (("fused", fused_recurrent_gdn_fwd), ("chunk", chunk_gdn_fwd)):
+                if name == "fused" and T > 64:
+                    continue
+                o, s = fn(*xs, K**-0.5, None)
+                assert_close(f"{name} o {tag}", o_ref, o, dtype, rel_rmse=TOL[dtype][0])
+                assert_close(f"{name} S {tag}", s_ref, s, dtype, rel_rmse=TOL[dtype][0])
+            grads = chunk_gdn_bwd(*xs, K**-0.5, None, _guarded(do.to(dtype)) if fenced else do.to(dtype), None)
+            for name, d in zip(["dq", "dk", "dv", "dg", "dbeta"], grads, strict=False):
+                assert torch.isfinite(d).all(), f"{name} {tag}: non-finite"
+
+
 # -- the public op: dispatch, autograd, compile ---------------------------------------------------
 
 
@@ -161,6 +205,13 @@ def test_op_final_state_none_and_errors():
         gated_delta_rule(q, k, v, g[..., :1], beta)
     with pytest.raises(ValueError, match="initial_state"):
         gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 2, 8, 7))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the limit is the CUDA kernels' shared memory")
+def test_op_refuses_huge_heads_on_cuda():
+    (q, k, v, g, beta), _ = make_inputs(1, 2, 1, 2048, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="K of q and k must be <= 1024.*got K=2048"):
+        gated_delta_rule(q, k, v, g, beta)
 
 
 def test_op_compiles_fullgraph():

@@ -128,7 +128,7 @@ def gated_delta_rule(
     o_t = scale * S_t^T q_t.
 
     Args:
-        q, k: [B, T, H, K] (used as given; the mixer L2-normalises them).
+        q, k: [B, T, H, K] (used as given; the mixer L2-normalises them). Any K >= 1; on CUDA K <= 1024.
         v: [B, T, H, V].
         g: [B, T, H] log decay (<= 0). beta: [B, T, H].
         scale: defaults to K ** -0.5.
@@ -164,6 +164,11 @@ def _check(q, k, v, g, beta, initial_state) -> None:
         raise ValueError(
             f"gated_delta_rule: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
             f"got {tuple(initial_state.shape)}"
+        )
+    if k.is_cuda and K > 1024:
+        raise ValueError(
+            f"gated_delta_rule: on CUDA the head dim K of q and k must be <= 1024 (the chunked kernels stage K rows "
+            f"of the state in shared memory: ~200 KB at K = 1024), got K={K}"
         )
     devices = {x.device for x in (q, k, v, g, beta) + (() if initial_state is None else (initial_state,))}
     if len(devices) > 1:

@@ -678,6 +678,19 @@ def _chunk_wy_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+def _state_rows(K: int) -> int:
+    # KP, the K rows of the state tile in the two sequential kernels: never below 64. Half-precision
+    # tl.dot needs a reduction dim >= 16 (K = 8 does not compile), and the bf16 mixer with K = V = 16 hit
+    # an illegal memory access on an H200 where 16-wide tiles were the only shapes no GPU check had run.
+    # With the floor, small heads run the tile shapes of K = 64, which the checks cover; masks drop the padding
+    return max(triton.next_power_of_2(K), 64)
+
+
+def _out_cols(V: int) -> int:
+    # BV of the o and dvl kernels: 64 or 128, for the same reason (V = 16 gave 16-wide wgmma tiles)
+    return min(max(triton.next_power_of_2(V), 64), 128)
+
+
 def _prec(x: Tensor) -> str:
     # float32 inputs keep float32 products; half inputs run bf16/fp16 tensor cores, and the float32
     # operands among them (the Ai solve) use tf32
@@ -692,15 +705,14 @@ def _seq_config(B, H, K, V, seq):
     # q/k/w tiles in registers, so only while K <= 128.
     if seq is not None:
         return seq
-    KP = triton.next_power_of_2(K)
-    if KP > 128:
+    if _state_rows(K) > 128:
         return 32, False, 4
     if B * H * triton.cdiv(V, 64) < 256:
         return 32, True, 8
     return 64, False, 4
 
 
-def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doubling=False):
+def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doubling=True):
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -714,7 +726,7 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doublin
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     _chunk_wu_kernel[(NT, B * H)](k, v, beta, gamma, Ai, w, u, T, H=H, K=K, V=V, BK=64, BV=64, PREC=prec, num_warps=4)
-    KP = triton.next_power_of_2(K)
+    KP = _state_rows(K)
     BV, prefetch, warps = _seq_config(B, H, K, V, seq)
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     vn = torch.empty_like(v)
@@ -754,12 +766,13 @@ def chunk_gdn_fwd(
     initial_state: Tensor | None,
     *,
     seq: tuple[int, bool, int] | None = None,
-    doubling: bool = False,
+    doubling: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). ``seq`` overrides the
-    (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it); ``doubling`` inverts the
-    16x16 diagonal blocks by repeated squaring instead of row substitution (not yet timed on a GPU)."""
+    (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it). ``doubling`` (the default)
+    inverts the 16x16 diagonal blocks by repeated squaring; False uses row substitution, kept for the
+    benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md)."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
     if initial_state is not None:
@@ -769,7 +782,7 @@ def chunk_gdn_fwd(
     NT = triton.cdiv(T, BT)
     gamma, Ai, w, hs, vn, ht = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
     o = torch.empty_like(v)
-    BV = min(triton.next_power_of_2(V), 128)
+    BV = _out_cols(V)
     _chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
         q,
         k,
@@ -803,7 +816,7 @@ def chunk_gdn_bwd(
     dht: Tensor | None,
     *,
     seq: tuple[int, bool, int] | None = None,
-    doubling: bool = False,
+    doubling: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None."""
     dtypes = (q.dtype, k.dtype, v.dtype)
@@ -819,7 +832,7 @@ def chunk_gdn_bwd(
     gamma, Ai, w, hs, vn, _ = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
 
     dvl = torch.empty_like(v)
-    BV = min(triton.next_power_of_2(V), 128)
+    BV = _out_cols(V)
     _chunk_dvl_kernel[(triton.cdiv(V, BV), NT, B * H)](
         q,
         k,
@@ -836,7 +849,7 @@ def chunk_gdn_bwd(
         PREC=prec,
         num_warps=8 if BV > 64 else 4,
     )
-    KP = triton.next_power_of_2(K)
+    KP = _state_rows(K)
     BVh, prefetch, warps = _seq_config(B, H, K, V, seq)
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
