@@ -186,7 +186,9 @@ def _load_xformers() -> AttendFn:
         error = getattr(importlib.import_module("xformers._cpp_lib"), "_cpp_library_load_exception", None)
         raise ImportError(
             f"full_attention: backend 'xformers' is installed but its CUDA ops did not load ({error}); "
-            f"install an xformers build for torch {torch.__version__}: {_INSTALL['xformers']}; or use backend='sdpa'"
+            f"install an xformers build for torch {torch.__version__}: {_INSTALL['xformers']} "
+            f"(a wheel built for CUDA 12 also needs the CUDA 12 runtime: pip install nvidia-cuda-runtime-cu12, "
+            f"its lib folder on LD_LIBRARY_PATH); or use backend='sdpa'"
         )
 
     def attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> Tensor:

@@ -878,14 +878,14 @@ def _bwd_dkdv_kernel(
 
 # Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
 # key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
-# interior in three loops, else one masked loop. Tiles from the H200 sweep at T=32768, D=128
-# (benchmarks/NOTES-eviction.md); SPLIT=False for dk/dv because the three loops spill (ptxas stack
-# 184 B at 64x64 vs none for one loop); benchmarks/eviction.py's `sweep` retries the candidates.
+# interior in three loops, else one masked loop. The winners of `python benchmarks/eviction.py sweep` on
+# an H200 at T=32768, D=128 (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms); one loop
+# wins for dk/dv (one pipeline prologue instead of three per program), three for the forward and dq.
 CUDA_TILES = {
-    "fwd": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
+    "fwd": dict(BT=128, BS=128, BC=128, SPLIT=True, num_warps=8, num_stages=2),
     "dq": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
-    "dkdv": dict(BT=64, BS=64, SPLIT=False, num_warps=8, num_stages=2),
-    "listed": dict(BT=64, BS=64, SPLIT=False, num_warps=8, num_stages=2),
+    "dkdv": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
+    "listed": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
 }
 # the interpreter (CPU tensors): small tiles keep the tests fast and exercise partial blocks
 _INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, SPLIT=True, num_warps=4, num_stages=1)
@@ -896,7 +896,10 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
         return tiles[kernel]
     if x.device.type != "cuda":
         return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
-    return CUDA_TILES[kernel]
+    cfg = CUDA_TILES[kernel]
+    if x.shape[-1] > 128:  # D = 256: 128-key tiles of k and v, double-buffered, overflow shared memory
+        cfg = {**cfg, **{key: 64 for key in ("BS", "BC") if cfg.get(key, 0) > 64}}
+    return cfg
 
 
 def _check_sizes(T: int, H: int, D: int) -> None:
