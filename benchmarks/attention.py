@@ -5,6 +5,7 @@ and SWA decode steps; all anchors measured in the same run.
     python benchmarks/attention.py                       # check + tune + bwd + swa + full + decode
     python benchmarks/attention.py --sections check,swa  # a subset
     python benchmarks/attention.py --sections bwd        # swa_bwd mode split vs fused (~1 min)
+    python benchmarks/attention.py --sections loops      # three key loops vs one (ONE_LOOP), tiles (~1 min)
 
 bf16, H = 16, D = 128, 32768 tokens per call (B, T) in (16, 2048), (4, 8192), (1, 32768); W = 513, S = 4.
 Before timing, the Triton kernels are checked on long sequences against a float32 banded reference
@@ -251,6 +252,127 @@ def section_bwd(log: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
+# (kernel, tile config) pairs of section loops; the first of each kernel is the launcher's default on
+# D = 128 (three loops: boundary masked / interior unmasked / diagonal masked); ONE_LOOP walks the whole
+# band in one loop (one software pipeline) and branches per block on the mask, MASK_ALL masks every block
+_ONE = dict(ONE_LOOP=True)
+_ALL = dict(ONE_LOOP=True, MASK_ALL=True)
+LOOP_CONFIGS = [
+    ("fwd", dict(BM=64, BN=32, num_warps=4, num_stages=4)),
+    ("fwd", dict(BM=64, BN=32, num_warps=4, num_stages=4, **_ONE)),
+    ("fwd", dict(BM=64, BN=32, num_warps=4, num_stages=4, **_ALL)),
+    ("fwd", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("fwd", dict(BM=128, BN=64, num_warps=8, num_stages=3, **_ONE)),
+    ("fwd", dict(BM=128, BN=128, num_warps=8, num_stages=2, **_ONE)),
+    ("fwd", dict(BM=128, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("dkdv", dict(BM=16, BN=64, num_warps=4, num_stages=4)),
+    ("dkdv", dict(BM=16, BN=64, num_warps=4, num_stages=4, **_ONE)),
+    ("dkdv", dict(BM=16, BN=64, num_warps=4, num_stages=4, **_ALL)),
+    ("dkdv", dict(BM=32, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("dkdv", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("dkdv", dict(BM=32, BN=128, num_warps=8, num_stages=2, **_ONE)),
+    ("dkdv", dict(BM=64, BN=128, num_warps=8, num_stages=2, **_ONE)),
+    ("dq", dict(BM=64, BN=32, num_warps=4, num_stages=4)),
+    ("dq", dict(BM=64, BN=32, num_warps=4, num_stages=4, **_ONE)),
+    ("dq", dict(BM=64, BN=32, num_warps=4, num_stages=4, **_ALL)),
+    ("dq", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("dq", dict(BM=128, BN=64, num_warps=8, num_stages=3, **_ONE)),
+]
+
+
+def _loops_name(cfg: dict) -> str:
+    return "one-all" if cfg.get("MASK_ALL") else "one" if cfg.get("ONE_LOOP") else "three"
+
+
+def section_loops(log: list[str]) -> dict[str, dict]:
+    """Three key loops per kernel against ONE_LOOP, over tile sizes, at T = 32768, B = 1, S = 0: the
+    forward launcher alone (fwd rows), the whole split backward with the dK/dV kernel's tiles varied and
+    the dQ kernel at its default (dkdv rows), and the other way round (dq rows). Every variant is first
+    checked against the float32 banded reference (o, or dq / dk / dv); one above BWD_CHECK_BOUND or one
+    that does not compile is reported and not timed. Ends with the best of each kernel together."""
+    B, T, Sc = 1, 32768, 0
+    q, k, v = make_qkv(B, T)
+    do = torch.randn_like(q)
+    o_ref, *g_ref = banded_reference(q, k, v, do, W, Sc)
+    o, lse = swa_fwd(q, k, v, W, Sc)
+    calls = {
+        "fwd": lambda c: functools.partial(swa_fwd, q, k, v, W, Sc, config=c),
+        "dkdv": lambda c: functools.partial(swa_bwd, do, q, k, v, o, lse, W, Sc, dkdv_config=c),
+        "dq": lambda c: functools.partial(swa_bwd, do, q, k, v, o, lse, W, Sc, dq_config=c),
+    }
+    header = f"{'kernel':6s} {'loops':7s} {'BM':>3s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'ms':>7s}  rel RMSE"
+    header += " (fwd: o; dkdv / dq: whole bwd, dq / dk / dv)"
+    print(header, flush=True)
+    log.append(header)
+    best: dict[str, tuple[float, dict]] = {}
+    for kernel, cfg in LOOP_CONFIGS:
+        fn = calls[kernel](cfg)
+        tiles = f"{cfg['BM']:>3} {cfg['BN']:>4} {cfg['num_warps']:>5} {cfg['num_stages']:>6}"
+        line = f"{kernel:6s} {_loops_name(cfg):7s} {tiles} "
+        try:
+            out = fn()
+            errs = (
+                [rel_rmse(o_ref, out[0])]
+                if kernel == "fwd"
+                else [rel_rmse(r, x) for r, x in zip(g_ref, out, strict=True)]
+            )
+            err_txt = " / ".join(f"{e:.2e}" for e in errs)
+            if all(math.isfinite(e) and e <= BWD_CHECK_BOUND for e in errs):
+                ms = time_ms(fn)
+                line += f"{ms:7.3f}  {err_txt}"
+                if ms < best.get(kernel, (float("inf"), None))[0]:
+                    best[kernel] = (ms, cfg)
+            else:
+                line += f"{'-':>7s}  {err_txt} FAIL (bound {BWD_CHECK_BOUND:.0e})"
+        except Exception as e:  # a config that does not fit in shared memory: report and go on
+            line += f"failed: {type(e).__name__}: {str(e)[:80]}"
+        print(line, flush=True)
+        log.append(line)
+        torch.cuda.empty_cache()
+    for kernel, (ms, cfg) in best.items():
+        line = f"best {kernel}: {ms:.3f} ms {_loops_name(cfg)} {cfg}"
+        print(line, flush=True)
+        log.append(line)
+    if {"fwd", "dkdv", "dq"} <= best.keys():
+        fwd_ms = best["fwd"][0]
+        fn = functools.partial(
+            swa_bwd, do, q, k, v, o, lse, W, Sc, dkdv_config=best["dkdv"][1], dq_config=best["dq"][1]
+        )
+        errs = [rel_rmse(r, x) for r, x in zip(g_ref, fn(), strict=True)]
+        bwd_ms = time_ms(fn)
+        line = (
+            f"best together: fwd {fwd_ms:.3f} + bwd {bwd_ms:.3f} = {fwd_ms + bwd_ms:.3f} ms launchers "
+            f"(rel RMSE dq / dk / dv {' / '.join(f'{e:.2e}' for e in errs)})"
+        )
+        print(line, flush=True)
+        log.append(line)
+    return {kernel: cfg for kernel, (_, cfg) in best.items()}
+
+
+def adopt(best: dict[str, dict], log: list[str]) -> None:
+    """Make the loops section's winners the launchers' D = 128 defaults for the rest of this run (the
+    sections after it time the op with them); the source's defaults are set to the same by hand."""
+    import mixerzoo.kernels.swa.swa as kernels
+
+    for kernel, name in (("fwd", "_fwd_config"), ("dkdv", "_dkdv_config"), ("dq", "_dq_config")):
+        if kernel in best:
+            default = getattr(kernels, name)
+            setattr(kernels, name, lambda D, cfg=best[kernel], default=default: dict(cfg) if D == 128 else default(D))
+            line = f"adopted for D = 128, {kernel}: {best[kernel]}"
+            print(line, flush=True)
+            log.append(line)
+
+
+def tile_note(D: int) -> str:
+    import mixerzoo.kernels.swa.swa as kernels
+
+    cfgs = {k: getattr(kernels, f"_{k}_config")(D) for k in ("fwd", "dkdv", "dq")}
+    return "; tiles " + ", ".join(
+        f"{k} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}{' one loop' if c.get('ONE_LOOP') else ''}"
+        for k, c in cfgs.items()
+    )
+
+
 def _flex_attn(window: int, sinks: int, T: int):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -304,6 +426,7 @@ def section_swa(rows: list[dict], log: list[str]) -> None:
                             note=(
                                 f"W={W} S={Sc} bf16; fwd {tflops(B, T, pairs, f_ms, False):.0f} TFLOP/s, "
                                 f"fwd+bwd {tflops(B, T, pairs, fb_ms, True):.0f} TFLOP/s (exact visible pairs)"
+                                + (tile_note(D) if impl == "mixerzoo" else "")
                             ),
                         )
                     )
@@ -500,6 +623,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="check,tune,bwd,swa,full,decode")
     ap.add_argument("--T", type=int, nargs="*", help="only these sequence lengths (of the standard shapes)")
+    ap.add_argument("--adopt", action="store_true", help="later sections use the winners of the loops section")
     args = ap.parse_args()
     if args.T:
         SHAPES[:] = [(B, T) for B, T in SHAPES if T in args.T]
@@ -515,6 +639,7 @@ def main() -> int:
     for name, fn in (
         ("tune", lambda: section_tune(log)),
         ("bwd", lambda: section_bwd(log)),
+        ("loops", lambda: adopt(section_loops(log), log) if args.adopt else section_loops(log)),
         ("swa", lambda: section_swa(rows, log)),
         ("full", lambda: section_full(rows, log)),
         ("decode", lambda: section_decode(rows, log)),

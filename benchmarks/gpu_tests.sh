@@ -2,9 +2,14 @@
 # The test suite on a CUDA machine, one process per group: a CUDA fault (an illegal address) poisons
 # the whole process, so in one process a single bad kernel fails every later test. The CPU-only
 # groups (registry, pattern grammar, README, the catch-a-bug toys) are left to CI.
-# Usage (repo root): bash benchmarks/gpu_tests.sh [LOGDIR]     exit status 1 if any group failed
+# Usage (repo root): bash benchmarks/gpu_tests.sh [LOGDIR [WORD...]]   exit status 1 if any group failed
+#   WORDs: run only the groups whose line contains one of them (several calls can then share the GPU);
+#   the output goes to LOGDIR/tests.log, or LOGDIR/tests-WORD.log for the first WORD.
 set -uo pipefail
 log=${1:-${OUT:-/tmp}}
+shift || true
+words=("$@")
+logfile=$log/tests${words[0]:+-${words[0]//\//_}}.log
 reg=tests/conformance/test_registered.py
 groups=(
     "$reg -k full_attention-cuda"
@@ -22,12 +27,17 @@ groups=(
 )
 rc=0
 for g in "${groups[@]}"; do
+    if ((${#words[@]})); then
+        hit=0
+        for w in "${words[@]}"; do [[ $g == *"$w"* ]] && hit=1; done
+        ((hit)) || continue
+    fi
     files=${g%% -k *}
     if [[ $g == *" -k "* ]]; then sel=(-k "${g#* -k }"); else sel=(); fi
     # shellcheck disable=SC2086
     out=$(python3 -m pytest -q -p no:cacheprovider $files "${sel[@]}" 2>&1)
     status=$?
-    echo "$out" >>"$log/tests.log"
+    echo "$out" >>"$logfile"
     printf '%-70s %s\n' "$g" "$(echo "$out" | tail -n 1)"
     if [[ $status != 0 ]]; then
         rc=1

@@ -20,6 +20,7 @@ from mixerzoo.kernels.swa import (
     swa_fwd_ref,
 )
 from mixerzoo.kernels.swa.reference import swa_mask
+from mixerzoo.kernels.swa.swa import _dkdv_config, _dq_config, _fwd_config
 from mixerzoo.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,39 +56,76 @@ def _inputs(B, T, HQ, HKV, D, dtype, device=DEVICE):
     return q, k, v, do
 
 
-# swa_bwd's modes: separate dK/dV and dQ kernels, or one kernel with float32 atomics for dQ
-MODES = ["split", "fused"]
+# swa_bwd's modes: separate dK/dV and dQ kernels, or one kernel with float32 atomics for dQ; split also
+# with the forward / dK/dV / dQ kernels walking the window band in one loop (mask by a per-block branch,
+# or on every block)
+MODES = [
+    pytest.param(("split", {}), id="split"),
+    pytest.param(("fused", {}), id="fused"),
+    pytest.param(("split", dict(ONE_LOOP=True)), id="split-one-loop"),
+]
+MASK_ALL = pytest.param(("split", dict(ONE_LOOP=True, MASK_ALL=True)), id="split-one-loop-mask-all")
 
 
-def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, mode):
+def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant):
+    mode, loops = variant
     q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
     pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
     scale = D**-0.5
     o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
     grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
-    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
+    cfgs = {}
+    if loops:  # the launchers' default tiles with the loop flags on
+        cfgs = dict(
+            config={**_fwd_config(D), **loops},
+            dkdv_config={**_dkdv_config(D), **loops},
+            dq_config={**_dq_config(D), **loops},
+        )
+    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t, config=cfgs.get("config"))
     assert o.dtype == dtype and lse.dtype == torch.float32
     assert_close("o", o_ref, o, dtype, **TOL[dtype][0])
     real = torch.isfinite(lse_ref)
     assert torch.equal(real, torch.isfinite(lse)), "lse: rows that see no key differ"
     assert_close("lse", lse_ref[real], lse[real], dtype, **TOL[dtype][0])
-    grads = swa_bwd(do, q, k, v, o, lse, W, S, scale, pad_t, mode=mode)
+    grads = swa_bwd(
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        W,
+        S,
+        scale,
+        pad_t,
+        mode=mode,
+        dkdv_config=cfgs.get("dkdv_config"),
+        dq_config=cfgs.get("dq_config"),
+    )
     for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
         assert out.dtype == dtype
         assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", MODES)
 @pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", CASES)
-def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, mode):
+def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, variant):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, mode)
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant)
 
 
-@pytest.mark.parametrize("mode", MODES)
+# masking every block of the one loop: a band with boundary, interior and diagonal blocks, and padding
+@pytest.mark.parametrize("variant", [MASK_ALL])
+@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", [CASES[2], CASES[4], CASES[7]])
+def test_swa_launchers_mask_all(B, T, HQ, HKV, D, W, S, pad, variant):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant)
+
+
+@pytest.mark.parametrize("variant", MODES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
-def test_swa_launchers_half(dtype, mode):
-    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, mode)
+def test_swa_launchers_half(dtype, variant):
+    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, variant)
 
 
 def test_swa_reference_backward_matches_autograd():
@@ -174,3 +212,7 @@ def test_swa_bad_inputs():
         swa_fwd(q, k, v, 4, scale=-1.0)
     with pytest.raises(ValueError, match="mode must be one of"):
         swa_bwd(q, q, k, v, q, q[..., 0], 4, mode="atomic")
+    with pytest.raises(ValueError, match="set ONE_LOOP=True"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, MASK_ALL=True))
+    with pytest.raises(ValueError, match="option of mode 'split'"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, mode="fused", dkdv_config=dict(BM=16, BN=32, ONE_LOOP=True))

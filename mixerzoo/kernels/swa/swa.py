@@ -30,6 +30,18 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _window_vis(o_m, o_j, m_j, W):
+    # [BM, BN] window part of the visibility: key j <= query t, t - j < W, key slot valid (m_j)
+    return (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
+
+
+@triton.jit
+def _window_vis_t(o_n, o_m, P, W):
+    # [BN, BM] the same, transposed (keys o_n on rows), keys before the padding end P invisible
+    return (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     m_i,
@@ -51,8 +63,13 @@ def _fwd_inner(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
+    MASK_ALL: tl.constexpr = False,
 ):
-    # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile
+    # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile; 3: the whole band
+    # in one loop (one software pipeline instead of three), masking only the blocks outside the fully
+    # visible [F_LO, F_HI) (a branch on a block-uniform scalar), or every block if MASK_ALL
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
         if MODE == 0:
@@ -67,8 +84,13 @@ def _fwd_inner(
         # [BM, D] @ [D, BN] -> [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         if MODE == 1:
-            vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
-            b_s = tl.where(vis, b_s, float("-inf"))
+            b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
+        if MODE == 3:
+            if MASK_ALL:
+                b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
+            else:
+                if (n0 < F_LO) | (n0 >= F_HI):
+                    b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
@@ -118,6 +140,8 @@ def _swa_fwd_kernel(
     BN: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
+    MASK_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -144,7 +168,8 @@ def _swa_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
 
-    # key blocks of the window: [lo, b) boundary, [b, m0) fully visible, [m0, hi) diagonal
+    # key blocks of the window: [lo, b) boundary, [b, m0) fully visible, [m0, hi) diagonal; three loops,
+    # or with ONE_LOOP one loop over [lo, hi) whose branch masks the blocks outside [b, m0)
     lo = tl.maximum(m0 - W + 1, P)
     lo = tl.maximum(lo, 0) // BN * BN
     full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
@@ -172,6 +197,32 @@ def _swa_fwd_kernel(
             BN,
             1,
             PREC=PREC,
+        )
+    elif ONE_LOOP:
+        acc, m_i, l_i = _fwd_inner(
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            3,
+            PREC=PREC,
+            F_LO=b,
+            F_HI=m0,
+            MASK_ALL=MASK_ALL,
         )
     else:
         acc, m_i, l_i = _fwd_inner(
@@ -333,8 +384,12 @@ def _dkdv_inner(
     MODE: tl.constexpr,
     FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
+    MASK_ALL: tl.constexpr = False,
 ):
-    # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries
+    # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries;
+    # 3: all query blocks in one loop, masking those outside [F_LO, F_HI) or every one if MASK_ALL
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
         m_m = o_m < T
@@ -354,8 +409,13 @@ def _dkdv_inner(
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
         b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
         if MODE == 1:
-            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
-            b_pt = tl.where(vis, b_pt, 0.0)
+            b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
+        if MODE == 3:  # one loop over all query blocks, as in _fwd_inner
+            if MASK_ALL:
+                b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
+            else:
+                if (m0 < F_LO) | (m0 >= F_HI):
+                    b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
         if MODE == 2:
             vis = (o_m[None, :] - o_n[:, None] >= W) & (o_n[:, None] < P + S) & (o_n[:, None] >= P)
             b_pt = tl.where(vis, b_pt, 0.0)
@@ -413,6 +473,8 @@ def _swa_bwd_dkdv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
+    MASK_ALL: tl.constexpr,
     FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -437,7 +499,8 @@ def _swa_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
 
-    # query blocks: [n0, n0 + BN) diagonal, [n0 + BN, e) fully visible, [e, hi) window boundary
+    # query blocks: [n0, n0 + BN) diagonal, [n0 + BN, e) fully visible, [e, hi) window boundary; three
+    # loops, or with ONE_LOOP one loop over [n0, hi) that masks the blocks outside [n0 + BN, e)
     hi = tl.minimum(n0 + BN - 1 + W, T)
     e = tl.minimum((n0 + W) // BM * BM, T // BM * BM)
     e = tl.maximum(e, n0 + BN)
@@ -477,6 +540,44 @@ def _swa_bwd_dkdv_kernel(
                     FUSE_DQ,
                     PREC=PREC,
                 )
+    elif ONE_LOOP:
+        for i_g in range(G):
+            i_h = i_hk * G + i_g
+            p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+            p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+            p_lse = lse + (i_b * HQ + i_h) * T + o_mb
+            p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+            p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+            b_dk, b_dv = _dkdv_inner(
+                b_dk,
+                b_dv,
+                b_k,
+                b_v,
+                p_q,
+                p_do,
+                p_lse,
+                p_delta,
+                p_dq,
+                o_n,
+                o_mb,
+                n0,
+                hi,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                sm_scale,
+                stride_qt,
+                stride_dot,
+                BM,
+                3,
+                FUSE_DQ,
+                PREC=PREC,
+                F_LO=n0 + BN,
+                F_HI=e,
+                MASK_ALL=MASK_ALL,
+            )
     else:
         for i_g in range(G):
             i_h = i_hk * G + i_g
@@ -703,6 +804,9 @@ def _dq_inner(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
+    MASK_ALL: tl.constexpr = False,
 ):
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
@@ -717,8 +821,13 @@ def _dq_inner(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         b_p = tl.math.exp2(b_s * qk_scale - b_lse[:, None])
         if MODE == 1:
-            vis = (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
-            b_p = tl.where(vis, b_p, 0.0)
+            b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
+        if MODE == 3:  # as in _fwd_inner
+            if MASK_ALL:
+                b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
+            else:
+                if (n0 < F_LO) | (n0 >= F_HI):
+                    b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_p = tl.where(vis, b_p, 0.0)
@@ -764,6 +873,8 @@ def _swa_bwd_dq_kernel(
     BN: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
+    MASK_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -823,6 +934,33 @@ def _swa_bwd_dq_kernel(
             BN,
             1,
             PREC=PREC,
+        )
+    elif ONE_LOOP:
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            p_k,
+            p_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            3,
+            PREC=PREC,
+            F_LO=b,
+            F_HI=m0,
+            MASK_ALL=MASK_ALL,
         )
     else:
         b_dq = _dq_inner(
@@ -987,6 +1125,16 @@ def _fused_config(D: int) -> dict:
 _BWD_MODES = ("split", "fused")
 
 
+def _loop_flags(cfg: dict, kernel: str) -> dict:
+    """Pops a tile config's loop keys: ONE_LOOP (one key loop over the whole window band, one software
+    pipeline, instead of boundary / interior / diagonal loops) and MASK_ALL (with ONE_LOOP: mask every
+    block instead of branching per block). Both default to False, the three loops."""
+    flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), MASK_ALL=bool(cfg.pop("MASK_ALL", False)))
+    if flags["MASK_ALL"] and not flags["ONE_LOOP"]:
+        raise ValueError(f"{kernel}: MASK_ALL=True applies to the one-loop kernel; set ONE_LOOP=True, got {flags}")
+    return flags
+
+
 def _sink_block(S: int) -> int:
     return max(16, triton.next_power_of_2(max(S, 1)))
 
@@ -1048,7 +1196,8 @@ def swa_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
 
-    ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0), for tuning."""
+    ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
+    structure (optional keys ONE_LOOP, MASK_ALL, see ``_loop_flags``), for tuning."""
     _check_triton(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
@@ -1060,6 +1209,7 @@ def swa_fwd(
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     cfg = dict(config or _fwd_config(D))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_fwd")
     grid = (triton.cdiv(T, BM), B * HQ)
     _swa_fwd_kernel[grid](
         q,
@@ -1091,6 +1241,7 @@ def swa_fwd(
         BN=BN,
         BS=_sink_block(num_sinks),
         HAS_PAD=pad is not None,
+        **loops,
         **cfg,
         PREC=_precision(q),
     )
@@ -1120,7 +1271,8 @@ def swa_bwd(
     add dS @ K into a float32 dq with atomics (5 matmuls), then casts it to q's dtype; the order of
     those float32 additions varies between runs, so its dq is not bitwise deterministic (dk, dv are).
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
-    (BM % BN == 0, split mode only) override the tile sizes, for tuning."""
+    (BM % BN == 0, split mode only) override the tile sizes and, in split mode, the loop structure
+    (optional keys ONE_LOOP, MASK_ALL, see ``_loop_flags``), for tuning."""
     if mode not in _BWD_MODES:
         raise ValueError(f"swa_bwd: mode must be one of {_BWD_MODES}, got {mode!r}")
     if mode == "fused" and dq_config is not None:
@@ -1173,6 +1325,9 @@ def swa_bwd(
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dk
     cfg = dict(dkdv_config or (_fused_config(D) if fused else _dkdv_config(D)))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
+    if fused and loops["ONE_LOOP"]:
+        raise ValueError("swa_bwd: ONE_LOOP is an option of mode 'split'; mode 'fused' keeps the three loops")
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
         q,
         k,
@@ -1196,6 +1351,7 @@ def swa_bwd(
         BM=BM,
         BN=BN,
         HAS_PAD=has_pad,
+        **loops,
         FUSE_DQ=fused,
         **cfg,
         PREC=_precision(q),
@@ -1249,6 +1405,7 @@ def swa_bwd(
     dq = torch.empty_like(q)
     cfg = dict(dq_config or _dq_config(D))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_bwd dq_config")
     _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q,
         k,
@@ -1271,6 +1428,7 @@ def swa_bwd(
         BN=BN,
         BS=_sink_block(S),
         HAS_PAD=has_pad,
+        **loops,
         **cfg,
         PREC=_precision(q),
     )
