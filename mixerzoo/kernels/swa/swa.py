@@ -1086,13 +1086,14 @@ def _interpreting() -> bool:
 
 
 def _fwd_config(D: int) -> dict:
-    """Tile sizes for the forward and dQ kernels (tuned on H100, see benchmarks/NOTES-swa.md)."""
+    """Tile sizes of the forward kernel (D = 128: the winners of `benchmarks/attention.py --sections loops`
+    on an H200, see benchmarks/NOTES-swa.md)."""
     if _interpreting():
         return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     if D <= 64:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
     if D <= 128:
-        return dict(BM=64, BN=32, num_warps=4, num_stages=4)
+        return dict(BM=64, BN=64, num_warps=4, num_stages=3, ONE_LOOP=True)
     return dict(BM=64, BN=32, num_warps=4, num_stages=2)
 
 
@@ -1100,7 +1101,7 @@ def _dq_config(D: int) -> dict:
     if _interpreting():
         return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     if D <= 128:
-        return dict(BM=64, BN=32, num_warps=4, num_stages=4)
+        return dict(BM=128, BN=64, num_warps=8, num_stages=3, ONE_LOOP=True)
     return dict(BM=64, BN=32, num_warps=4, num_stages=2)
 
 
@@ -1108,7 +1109,7 @@ def _dkdv_config(D: int) -> dict:
     if _interpreting():
         return dict(BM=32, BN=64, num_warps=4, num_stages=1)
     if D <= 128:
-        return dict(BM=16, BN=64, num_warps=4, num_stages=4)
+        return dict(BM=32, BN=64, num_warps=4, num_stages=3, ONE_LOOP=True)
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
@@ -1277,6 +1278,15 @@ def swa_bwd(
         raise ValueError(f"swa_bwd: mode must be one of {_BWD_MODES}, got {mode!r}")
     if mode == "fused" and dq_config is not None:
         raise ValueError("swa_bwd: dq_config tunes the dQ kernel of mode 'split'; mode 'fused' has none")
+    fused = mode == "fused"
+    cfg = dict(dkdv_config or (_fused_config(q.shape[-1]) if fused else _dkdv_config(q.shape[-1])))
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
+    if fused and loops["ONE_LOOP"]:
+        raise ValueError("swa_bwd: ONE_LOOP is an option of mode 'split'; mode 'fused' keeps the three loops")
+    dq_cfg = dict(dq_config or _dq_config(q.shape[-1]))
+    dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
+    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
     _check_triton(q)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     B, T, HQ, D = q.shape
@@ -1318,16 +1328,10 @@ def swa_bwd(
         do.stride(1),
         do.stride(2),
     )
-    fused = mode == "fused"
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     # fused: float32 accumulator [B, T, HQ, D] with q's strides (both contiguous); split: never read
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dk
-    cfg = dict(dkdv_config or (_fused_config(D) if fused else _dkdv_config(D)))
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    if fused and loops["ONE_LOOP"]:
-        raise ValueError("swa_bwd: ONE_LOOP is an option of mode 'split'; mode 'fused' keeps the three loops")
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
         q,
         k,
@@ -1403,9 +1407,7 @@ def swa_bwd(
     if fused:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    cfg = dict(dq_config or _dq_config(D))
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_bwd dq_config")
+    cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
     _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q,
         k,
