@@ -56,19 +56,15 @@ def _inputs(B, T, HQ, HKV, D, dtype, device=DEVICE):
     return q, k, v, do
 
 
-# swa_bwd's modes: separate dK/dV and dQ kernels, or one kernel with float32 atomics for dQ; split also
-# with the forward / dK/dV / dQ kernels walking the window band in one loop (mask by a per-block branch,
-# or on every block)
-MODES = [
-    pytest.param(("split", {}), id="split"),
-    pytest.param(("fused", {}), id="fused"),
-    pytest.param(("split", dict(ONE_LOOP=True)), id="split-one-loop"),
+# loop structure of the forward / dK/dV / dQ kernels: the launchers' defaults (three loops in the
+# interpreter), or one loop over the window band that masks by a per-block branch
+LOOPS = [
+    pytest.param({}, id="default-loops"),
+    pytest.param(dict(ONE_LOOP=True), id="one-loop"),
 ]
-MASK_ALL = pytest.param(("split", dict(ONE_LOOP=True, MASK_ALL=True)), id="split-one-loop-mask-all")
 
 
-def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant):
-    mode, loops = variant
+def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops):
     q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
     pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
     scale = D**-0.5
@@ -98,7 +94,6 @@ def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant):
         S,
         scale,
         pad_t,
-        mode=mode,
         dkdv_config=cfgs.get("dkdv_config"),
         dq_config=cfgs.get("dq_config"),
     )
@@ -107,25 +102,17 @@ def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant):
         assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
-@pytest.mark.parametrize("variant", MODES)
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", CASES)
-def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, variant):
+def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant)
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
 
 
-# masking every block of the one loop: a band with boundary, interior and diagonal blocks, and padding
-@pytest.mark.parametrize("variant", [MASK_ALL])
-@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", [CASES[2], CASES[4], CASES[7]])
-def test_swa_launchers_mask_all(B, T, HQ, HKV, D, W, S, pad, variant):
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, variant)
-
-
-@pytest.mark.parametrize("variant", MODES)
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
-def test_swa_launchers_half(dtype, variant):
-    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, variant)
+def test_swa_launchers_half(dtype, loops):
+    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, loops)
 
 
 def test_swa_reference_backward_matches_autograd():
@@ -173,6 +160,9 @@ def test_swa_opcheck():
     q, k, v, _ = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.mixerzoo.swa_fwd.default, (q, k, v, 6, 2, D**-0.5, None))
+    # the backward takes no gradient through lse: it is marked non-differentiable, not silently dropped
+    o, lse = torch.ops.mixerzoo.swa_fwd(q, k, v, 6, 2, D**-0.5, None)
+    assert o.requires_grad and not lse.requires_grad
 
 
 @pytest.mark.parametrize("TQ", [1, 3])
@@ -210,9 +200,7 @@ def test_swa_bad_inputs():
         swa_fwd(torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), 4)
     with pytest.raises(ValueError, match="scale > 0"):
         swa_fwd(q, k, v, 4, scale=-1.0)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        swa_bwd(q, q, k, v, q, q[..., 0], 4, mode="atomic")
-    with pytest.raises(ValueError, match="set ONE_LOOP=True"):
-        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, MASK_ALL=True))
-    with pytest.raises(ValueError, match="option of mode 'split'"):
-        swa_bwd(q, q, k, v, q, q[..., 0], 4, mode="fused", dkdv_config=dict(BM=16, BN=32, ONE_LOOP=True))
+    with pytest.raises(ValueError, match=r"swa_fwd: unknown config keys \['MASK_ALL'\]"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, ONE_LOOP=True, MASK_ALL=True))
+    with pytest.raises(ValueError, match=r"swa_bwd dq_config: unknown config keys \['num_warp'\]"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, dq_config=dict(BM=64, BN=32, num_warp=4))

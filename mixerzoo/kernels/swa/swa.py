@@ -1,7 +1,7 @@
 """Sliding-window attention (window W, optional S attention sinks, GQA) in Triton: FA2-style forward,
-dK/dV and dQ backward kernels (or one dK/dV kernel that also adds dQ with float32 atomics); only key
-blocks that intersect a query block's window (or hold sinks) are ever loaded. Sinks as in
-StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
+dK/dV and dQ backward kernels; only key blocks that intersect a query block's window (or hold sinks)
+are ever loaded. Sinks as in StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
+with Attention Sinks").
 
 Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo::swa_fwd`` /
 ``mixerzoo::swa_bwd`` custom ops (CUDA: Triton, CPU: reference.py), and ``swa_attention``.
@@ -65,11 +65,10 @@ def _fwd_inner(
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
-    MASK_ALL: tl.constexpr = False,
 ):
     # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile; 3: the whole band
     # in one loop (one software pipeline instead of three), masking only the blocks outside the fully
-    # visible [F_LO, F_HI) (a branch on a block-uniform scalar), or every block if MASK_ALL
+    # visible [F_LO, F_HI) (a branch on a block-uniform scalar)
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
         if MODE == 0:
@@ -86,11 +85,8 @@ def _fwd_inner(
         if MODE == 1:
             b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
         if MODE == 3:
-            if MASK_ALL:
+            if (n0 < F_LO) | (n0 >= F_HI):
                 b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
-            else:
-                if (n0 < F_LO) | (n0 >= F_HI):
-                    b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
@@ -141,7 +137,6 @@ def _swa_fwd_kernel(
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
-    MASK_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -222,7 +217,6 @@ def _swa_fwd_kernel(
             PREC=PREC,
             F_LO=b,
             F_HI=m0,
-            MASK_ALL=MASK_ALL,
         )
     else:
         acc, m_i, l_i = _fwd_inner(
@@ -367,7 +361,6 @@ def _dkdv_inner(
     p_do,
     p_lse,
     p_delta,
-    p_dq,
     o_n,
     o_mb,
     m_lo,
@@ -377,19 +370,16 @@ def _dkdv_inner(
     W,
     S,
     qk_scale,
-    sm_scale,
     stride_qt,
     stride_dot,
     BM: tl.constexpr,
     MODE: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
-    MASK_ALL: tl.constexpr = False,
 ):
     # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries;
-    # 3: all query blocks in one loop, masking those outside [F_LO, F_HI) or every one if MASK_ALL
+    # 3: all query blocks in one loop, masking those outside [F_LO, F_HI)
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
         m_m = o_m < T
@@ -411,11 +401,8 @@ def _dkdv_inner(
         if MODE == 1:
             b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
         if MODE == 3:  # one loop over all query blocks, as in _fwd_inner
-            if MASK_ALL:
+            if (m0 < F_LO) | (m0 >= F_HI):
                 b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
-            else:
-                if (m0 < F_LO) | (m0 >= F_HI):
-                    b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
         if MODE == 2:
             vis = (o_m[None, :] - o_n[:, None] >= W) & (o_n[:, None] < P + S) & (o_n[:, None] >= P)
             b_pt = tl.where(vis, b_pt, 0.0)
@@ -426,15 +413,6 @@ def _dkdv_inner(
         b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
-        if FUSE_DQ:
-            # this key block's share of dQ, added in float32 by every key block of the query block's
-            # window; the order of the additions is not fixed, so dQ is not bitwise reproducible
-            # [BM, BN] @ [BN, D] -> [BM, D]
-            b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=PREC) * sm_scale
-            if MODE == 0:
-                tl.atomic_add(p_dq + m0 * stride_qt, b_dq, sem="relaxed")
-            else:
-                tl.atomic_add(p_dq + m0 * stride_qt, b_dq, mask=m_m[:, None], sem="relaxed")
     return b_dk, b_dv
 
 
@@ -448,7 +426,6 @@ def _swa_bwd_dkdv_kernel(
     delta,
     dk,
     dv,
-    dq,
     pad,
     T,
     W,
@@ -474,13 +451,10 @@ def _swa_bwd_dkdv_kernel(
     BN: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
-    MASK_ALL: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # one program per (key block, kv head): loops over the G query heads of its group and over the
-    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
-    # FUSE_DQ: also adds dS @ K into the float32 dq (q's strides) with atomics, for swa_bwd's fused mode
+    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
     tl.static_assert(BN % BM == 0)
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
@@ -512,7 +486,6 @@ def _swa_bwd_dkdv_kernel(
                 p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
                 p_lse = lse + (i_b * HQ + i_h) * T + o_mb
                 p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-                p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
                 b_dk, b_dv = _dkdv_inner(
                     b_dk,
                     b_dv,
@@ -522,7 +495,6 @@ def _swa_bwd_dkdv_kernel(
                     p_do,
                     p_lse,
                     p_delta,
-                    p_dq,
                     o_n,
                     o_mb,
                     n0,
@@ -532,12 +504,10 @@ def _swa_bwd_dkdv_kernel(
                     W,
                     S,
                     qk_scale,
-                    sm_scale,
                     stride_qt,
                     stride_dot,
                     BM,
                     1,
-                    FUSE_DQ,
                     PREC=PREC,
                 )
     elif ONE_LOOP:
@@ -547,7 +517,6 @@ def _swa_bwd_dkdv_kernel(
             p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-            p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
             b_dk, b_dv = _dkdv_inner(
                 b_dk,
                 b_dv,
@@ -557,7 +526,6 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
-                p_dq,
                 o_n,
                 o_mb,
                 n0,
@@ -567,16 +535,13 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
-                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 3,
-                FUSE_DQ,
                 PREC=PREC,
                 F_LO=n0 + BN,
                 F_HI=e,
-                MASK_ALL=MASK_ALL,
             )
     else:
         for i_g in range(G):
@@ -585,7 +550,6 @@ def _swa_bwd_dkdv_kernel(
             p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-            p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
             b_dk, b_dv = _dkdv_inner(
                 b_dk,
                 b_dv,
@@ -595,7 +559,6 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
-                p_dq,
                 o_n,
                 o_mb,
                 n0,
@@ -605,12 +568,10 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
-                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 1,
-                FUSE_DQ,
                 PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
@@ -622,7 +583,6 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
-                p_dq,
                 o_n,
                 o_mb,
                 n0 + BN,
@@ -632,12 +592,10 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
-                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 0,
-                FUSE_DQ,
                 PREC=PREC,
             )
             b_dk, b_dv = _dkdv_inner(
@@ -649,7 +607,6 @@ def _swa_bwd_dkdv_kernel(
                 p_do,
                 p_lse,
                 p_delta,
-                p_dq,
                 o_n,
                 o_mb,
                 e,
@@ -659,12 +616,10 @@ def _swa_bwd_dkdv_kernel(
                 W,
                 S,
                 qk_scale,
-                sm_scale,
                 stride_qt,
                 stride_dot,
                 BM,
                 1,
-                FUSE_DQ,
                 PREC=PREC,
             )
 
@@ -691,7 +646,6 @@ def _swa_bwd_dkdv_sink_kernel(
     delta,
     dk_part,
     dv_part,
-    dq,
     pad,
     T,
     W,
@@ -717,13 +671,10 @@ def _swa_bwd_dkdv_sink_kernel(
     BM: tl.constexpr,
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # sink keys are seen by every later query: split those queries into chunks, one program each,
-    # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32.
-    # FUSE_DQ: also adds these (query, sink key) pairs' dS @ K into the float32 dq, in place of the
-    # dQ kernel's sink tile
+    # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
     i_b, i_hk = i_bh // HKV, i_bh % HKV
@@ -747,7 +698,6 @@ def _swa_bwd_dkdv_sink_kernel(
         p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
         p_lse = lse + (i_b * HQ + i_h) * T + o_mb
         p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-        p_dq = dq + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
         b_dk, b_dv = _dkdv_inner(
             b_dk,
             b_dv,
@@ -757,7 +707,6 @@ def _swa_bwd_dkdv_sink_kernel(
             p_do,
             p_lse,
             p_delta,
-            p_dq,
             o_n,
             o_mb,
             m_lo,
@@ -767,12 +716,10 @@ def _swa_bwd_dkdv_sink_kernel(
             W,
             S,
             qk_scale,
-            sm_scale,
             stride_qt,
             stride_dot,
             BM,
             2,
-            FUSE_DQ,
             PREC=PREC,
         )
     n_chunks = tl.num_programs(0)
@@ -806,7 +753,6 @@ def _dq_inner(
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
-    MASK_ALL: tl.constexpr = False,
 ):
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
@@ -823,11 +769,8 @@ def _dq_inner(
         if MODE == 1:
             b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
         if MODE == 3:  # as in _fwd_inner
-            if MASK_ALL:
+            if (n0 < F_LO) | (n0 >= F_HI):
                 b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
-            else:
-                if (n0 < F_LO) | (n0 >= F_HI):
-                    b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_p = tl.where(vis, b_p, 0.0)
@@ -874,7 +817,6 @@ def _swa_bwd_dq_kernel(
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
-    MASK_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -960,7 +902,6 @@ def _swa_bwd_dq_kernel(
             PREC=PREC,
             F_LO=b,
             F_HI=m0,
-            MASK_ALL=MASK_ALL,
         )
     else:
         b_dq = _dq_inner(
@@ -1113,26 +1054,17 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-def _fused_config(D: int) -> dict:
-    """Tile sizes of the dK/dV kernel when it also accumulates dQ (swa_bwd mode "fused"): a first guess
-    next to _dkdv_config, to be settled by ``benchmarks/attention.py --sections bwd``."""
-    if _interpreting():  # small tiles: several key blocks add into each query block's dq
-        return dict(BM=16, BN=32, num_warps=4, num_stages=1)
-    if D <= 128:
-        return dict(BM=32, BN=64, num_warps=4, num_stages=3)
-    return dict(BM=32, BN=64, num_warps=4, num_stages=2)
-
-
-_BWD_MODES = ("split", "fused")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP")
 
 
 def _loop_flags(cfg: dict, kernel: str) -> dict:
-    """Pops a tile config's loop keys: ONE_LOOP (one key loop over the whole window band, one software
-    pipeline, instead of boundary / interior / diagonal loops) and MASK_ALL (with ONE_LOOP: mask every
-    block instead of branching per block). Both default to False, the three loops."""
-    flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), MASK_ALL=bool(cfg.pop("MASK_ALL", False)))
-    if flags["MASK_ALL"] and not flags["ONE_LOOP"]:
-        raise ValueError(f"{kernel}: MASK_ALL=True applies to the one-loop kernel; set ONE_LOOP=True, got {flags}")
+    """Pops a tile config's ONE_LOOP key (one key loop over the whole window band, one software pipeline,
+    instead of boundary / interior / diagonal loops; default False, the three loops) after BM and BN,
+    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs)."""
+    flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)))
+    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{kernel}: unknown config keys {unknown}; a config takes {_CONFIG_KEYS}")
     return flags
 
 
@@ -1176,11 +1108,12 @@ def _check_triton(q: Tensor) -> None:
 
 
 def _pad_arg(pad: Tensor | None, q: Tensor) -> Tensor:
-    # a dummy pointer when there is no padding (HAS_PAD=False never reads it)
+    # a dummy pointer when there is no padding: HAS_PAD=False never reads it, so it is left unfilled
+    # (new_zeros would launch a fill kernel on every call)
     return (
         pad.to(device=q.device, dtype=torch.int64).contiguous()
         if pad is not None
-        else q.new_zeros(1, dtype=torch.int64)
+        else q.new_empty(1, dtype=torch.int64)
     )
 
 
@@ -1198,7 +1131,7 @@ def swa_fwd(
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
-    structure (optional keys ONE_LOOP, MASK_ALL, see ``_loop_flags``), for tuning."""
+    structure (optional key ONE_LOOP, see ``_loop_flags``), for tuning."""
     _check_triton(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
@@ -1261,29 +1194,20 @@ def swa_bwd(
     scale: float | None = None,
     pad: Tensor | None = None,
     *,
-    mode: str = "split",
     dkdv_config: dict | None = None,
     dq_config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (dq [B, T, HQ, D], dk [B, T, HKV, D], dv [B, T, HKV, D]) in the inputs' dtype.
 
-    ``mode``: "split" runs a dK/dV kernel (per key block) and a dQ kernel (per query block), which
-    computes QK^T and dO V^T a second time (7 matmuls per tile pair). "fused" has the dK/dV kernel also
-    add dS @ K into a float32 dq with atomics (5 matmuls), then casts it to q's dtype; the order of
-    those float32 additions varies between runs, so its dq is not bitwise deterministic (dk, dv are).
+    A dK/dV kernel (per key block) and a dQ kernel (per query block) that computes QK^T and dO V^T a
+    second time (7 matmuls per tile pair); deterministic. (A fused dK/dV kernel adding dQ with float32
+    atomics lost to this at every tile on an H200, see benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
-    (BM % BN == 0, split mode only) override the tile sizes and, in split mode, the loop structure
-    (optional keys ONE_LOOP, MASK_ALL, see ``_loop_flags``), for tuning."""
-    if mode not in _BWD_MODES:
-        raise ValueError(f"swa_bwd: mode must be one of {_BWD_MODES}, got {mode!r}")
-    if mode == "fused" and dq_config is not None:
-        raise ValueError("swa_bwd: dq_config tunes the dQ kernel of mode 'split'; mode 'fused' has none")
-    fused = mode == "fused"
-    cfg = dict(dkdv_config or (_fused_config(q.shape[-1]) if fused else _dkdv_config(q.shape[-1])))
+    (BM % BN == 0) override the tile sizes and the loop structure (optional key ONE_LOOP, see
+    ``_loop_flags``), for tuning."""
+    cfg = dict(dkdv_config or _dkdv_config(q.shape[-1]))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    if fused and loops["ONE_LOOP"]:
-        raise ValueError("swa_bwd: ONE_LOOP is an option of mode 'split'; mode 'fused' keeps the three loops")
     dq_cfg = dict(dq_config or _dq_config(q.shape[-1]))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
     dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
@@ -1330,8 +1254,6 @@ def swa_bwd(
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # fused: float32 accumulator [B, T, HQ, D] with q's strides (both contiguous); split: never read
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dk
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
         q,
         k,
@@ -1341,7 +1263,6 @@ def swa_bwd(
         delta,
         dk,
         dv,
-        dq_acc,
         pad_t,
         T,
         W,
@@ -1356,7 +1277,6 @@ def swa_bwd(
         BN=BN,
         HAS_PAD=has_pad,
         **loops,
-        FUSE_DQ=fused,
         **cfg,
         PREC=_precision(q),
     )
@@ -1375,7 +1295,6 @@ def swa_bwd(
             delta,
             dk_part,
             dv_part,
-            dq_acc,
             pad_t,
             T,
             W,
@@ -1390,13 +1309,14 @@ def swa_bwd(
             BM=BM,
             BS=BS,
             HAS_PAD=has_pad,
-            FUSE_DQ=fused,
             **cfg,
             PREC=_precision(q),
         )
         # add the sink keys' far-query parts: key slot pad[b] + s for s < min(S, T - pad[b])
         n = min(S, BS)
-        idx = pad_t.expand(B)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+        idx = torch.arange(n, device=q.device).expand(B, n)  # [B, n]
+        if has_pad:  # without padding pad_t is an unfilled dummy
+            idx = pad_t[:, None] + idx
         ok = idx < T
         idx = idx.clamp(max=T - 1)
         gidx = idx[:, :, None, None].expand(B, n, HKV, D)
@@ -1404,8 +1324,6 @@ def swa_bwd(
             add = part.sum(2)[:, :, :n].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
             cur = g.gather(1, gidx).float()
             g.scatter_(1, gidx, (cur + add).to(g.dtype))
-    if fused:
-        return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
     cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
     _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
@@ -1496,9 +1414,16 @@ def _swa_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, pad)
     ctx.args = (window_size, num_sinks, scale)
+    # the backward takes no gradient through lse: say so (a caller differentiating lse gets an error, not
+    # a silently dropped term), and let autograd pass None for it instead of filling a float32 zeros
+    # [B, HQ, T] on every backward
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _swa_backward(ctx, do, dlse):
+    if do is None:  # no gradient reached o (materialize_grads is off)
+        return None, None, None, None, None, None, None
     q, k, v, o, lse, pad = ctx.saved_tensors
     dq, dk, dv = _swa_bwd_op(do.contiguous(), q, k, v, o, lse, *ctx.args, pad)
     return dq, dk, dv, None, None, None, None
