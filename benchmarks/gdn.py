@@ -3,6 +3,7 @@ flash-linear-attention (SPEC 7, issue 5).
 
     python benchmarks/gdn.py            # checks, then the benchmark; writes results/<gpu>.json
     python benchmarks/gdn.py --check    # checks only
+    python benchmarks/gdn.py --check --quick-check    # long-T bf16 checks, packed batches (cu_seqlens) and their timing
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
 forward+backward; decode step at B = 32 against fla's fused_recurrent_gated_delta_rule.
@@ -31,6 +32,7 @@ from mixerzoo.kernels.gdn.reference import (  # noqa: E402
     causal_conv1d_ref,
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
+    gated_delta_rule_varlen_ref,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the checks in the interpreter
@@ -79,6 +81,54 @@ def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=Tr
     )
     for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=False):
         report(name, x.grad, d, tol_g)
+
+
+def check_varlen(lens, H, K, V, dtype, tol_o, tol_g):
+    """A packed batch (cu_seqlens) through the chunked kernels, the fused recurrence (forward) and the op,
+    against each sequence run through the float32 reference on its own."""
+    print(f"varlen lens={lens if len(lens) <= 9 else f'{len(lens)} sequences'} H={H} K={K} V={V} {dtype}")
+    T = sum(lens)
+    q, k, v, g, beta, _ = inputs(1, T, H, K, V, dtype, h0=False, seed=T)
+    s0 = torch.randn(len(lens), H, K, V, device=DEV) * 0.1
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    scale = K**-0.5
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + [s0.clone().requires_grad_()]
+    o_ref, s_ref = gated_delta_rule_varlen_ref(*prims[:5], scale, prims[5], cu)
+    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    torch.autograd.backward([o_ref, s_ref], [do, dht])
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, s0, cu_seqlens=cu)
+    report("o", o_ref, o, tol_o)
+    report("final_state", s_ref, s, tol_o)
+    grads = chunk_gdn_bwd(q, k, v, g, beta, scale, s0, do.to(dtype), dht, cu_seqlens=cu)
+    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=True):
+        report(name, x.grad, d, tol_g)
+    o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, s0, cu_seqlens=cu)
+    report("fused recurrent o", o_ref, o, tol_o)
+    report("fused recurrent final_state", s_ref, s, tol_o)
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, s0)]  # the op in the inputs' dtype
+    o, s = gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True, cu_seqlens=cu)
+    torch.autograd.backward([o, s], [do.to(o.dtype), dht])
+    report("op o", o_ref, o, tol_o)
+    report("op dh0", prims[5].grad, xs[5].grad, tol_g)
+
+
+def bench_varlen(H=16, K=128, V=128, repeat=20):
+    """32768 tokens as B = 16 fixed-length sequences of 2048, and packed (16 x 2048; 16 unequal lengths):
+    what the packed path's chunk tables and spare programs cost. The fixed path's kernels are unchanged."""
+    print(f"varlen timing, bf16 H={H} K={K} V={V} (ms, fwd / fwd+bwd)")
+    q, k, v, g, beta, s0 = inputs(16, 2048, H, K, V, torch.bfloat16, seed=1)
+    do = torch.randn_like(v)
+    unequal = [2048 - 192 + 64 * (i % 7) + i for i in range(15)]
+    for tag, lens in (("fixed B=16 T=2048", None), ("packed 16 x 2048", [2048] * 15), ("packed unequal", unequal)):
+        xs, cu = (q, k, v, g, beta), None
+        if lens is not None:
+            lens = lens + [32768 - sum(lens)]
+            xs = tuple(x.reshape(1, 32768, *x.shape[2:]) for x in xs)
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+        d = do.reshape(xs[2].shape)
+        fwd = time_ms(lambda xs=xs, cu=cu: chunk_gdn_fwd(*xs, K**-0.5, s0, cu_seqlens=cu), repeat=repeat)
+        bwd = time_ms(lambda xs=xs, cu=cu, d=d: chunk_gdn_bwd(*xs, K**-0.5, s0, d, None, cu_seqlens=cu), repeat=repeat)
+        print(f"  {tag:20s} {fwd:.3f} / {fwd + bwd:.3f}", flush=True)
 
 
 def check_recurrent(B, T, H, K, V, dtype, tol):
@@ -156,6 +206,7 @@ def run_checks(smoke=False, quick=False):
             1, 70, 2, 64, 64, torch.float16, 1e-2, 2e-2, with_h0=False, with_dht=False
         )  # the interpreter cannot dot bf16
         check_recurrent(2, 3, 2, 64, 64, torch.bfloat16, 1e-2)
+        check_varlen([1, 63, 0, 70], 2, 64, 64, torch.float32, 1e-5, 1e-5)
         check_op()
         print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}")
         return
@@ -166,7 +217,13 @@ def run_checks(smoke=False, quick=False):
         check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2, doubling=False)  # the substitution inverse
         check_chunk(2, 200, 2, 64, 64, torch.float32, 1e-4, 1e-4, doubling=False)
         check_chunk(2, 80, 4, 16, 16, torch.bfloat16, 1e-2, 2e-2)  # the mixer's conformance heads
+        # packed batches: lengths around the chunk size, empty sequences, long ones, and 200 short ones
+        check_varlen([1, 63, 64, 65, 0, 1000, 4096, 2500, 0], 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
+        check_varlen([1, 63, 64, 65, 0, 130], 4, 64, 64, torch.float32, 1e-4, 1e-4)
+        check_varlen([(7 * i) % 50 for i in range(200)], 4, 128, 128, torch.bfloat16, 1e-2, 2e-2)
         print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}", flush=True)
+        if DEV == "cuda":
+            bench_varlen()
         if FAILS:
             check_fla_yardstick(1, 4096, 16, 128, 128)
         return
@@ -343,7 +400,9 @@ if __name__ == "__main__":
     ap.add_argument("--bench", action="store_true", help="benchmark only")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument(
-        "--quick-check", action="store_true", help="only the long-T bf16 checks, and fla's errors for scale"
+        "--quick-check",
+        action="store_true",
+        help="only the long-T bf16 checks (packed batches included, then their timing), and fla's errors for scale",
     )
     ap.add_argument("--sweep", action="store_true", help="sweep the sequential kernels' launch settings first")
     ap.add_argument("--skip-decode", action="store_true")

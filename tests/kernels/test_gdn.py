@@ -16,6 +16,7 @@ from mixerzoo.kernels.gdn.reference import (
     causal_conv1d_ref,
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
+    gated_delta_rule_varlen_ref,
 )
 from mixerzoo.testing import assert_close
 
@@ -177,6 +178,127 @@ def test_kernels_on_mixer_layout(dtype):
             grads = chunk_gdn_bwd(*xs, K**-0.5, None, _guarded(do.to(dtype)) if fenced else do.to(dtype), None)
             for name, d in zip(["dq", "dk", "dv", "dg", "dbeta"], grads, strict=False):
                 assert torch.isfinite(d).all(), f"{name} {tag}: non-finite"
+
+
+# -- packed variable-length batches (cu_seqlens) against each sequence run on its own -------------
+
+VARLEN_CASES = [
+    # (lengths, K, V, h0, dht)
+    ([1, 63, 64, 130], 32, 32, True, True),
+    ([0, 70, 0, 1, 65, 0], 16, 24, True, True),  # empty sequences first, between and last
+    ([130, 2], 64, 64, False, False),
+]
+
+
+def cu_of(lens, device=DEVICE):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def per_sequence(xs, scale, lens, h0):
+    """Each sequence of the packed inputs through the recurrent reference on its own, from its own state."""
+    outs, states, a = [], [], 0
+    for n, L in enumerate(lens):
+        o, s = gated_delta_rule_recurrent(*(x[:, a : a + L] for x in xs), scale, None if h0 is None else h0[n : n + 1])
+        outs.append(o)
+        states.append(s)
+        a += L
+    return torch.cat(outs, 1), torch.cat(states, 0)
+
+
+def varlen_inputs(lens, K, V, dtype, device=DEVICE, seed=0):
+    (q, k, v, g, beta), _ = make_inputs(1, sum(lens), 2, K, V, dtype, device=device, seed=seed)
+    h0 = torch.randn(len(lens), 2, K, V, generator=torch.Generator().manual_seed(seed + 1)).to(device) * 0.5
+    return (q, k, v, g, beta), h0
+
+
+def test_varlen_reference_matches_per_sequence():
+    lens = [3, 0, 70, 64]
+    (q, k, v, g, beta), h0 = varlen_inputs(lens, 8, 8, torch.float32, device="cpu")
+    o_ref, s_ref = per_sequence((q, k, v, g, beta), 0.3, lens, h0)
+    o, s = gated_delta_rule_varlen_ref(q, k, v, g, beta, 0.3, h0, cu_of(lens, "cpu"))
+    assert_close("o", o_ref, o, torch.float32, **F32)
+    assert_close("final_state", s_ref, s, torch.float32, **F32)
+
+
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, torch.float32) for c in VARLEN_CASES]
+    + [(VARLEN_CASES[0], torch.bfloat16 if DEVICE == "cuda" else torch.float16)],
+    ids=str,
+)
+def test_varlen_chunk_kernels(case, dtype):
+    lens, K, V, has_h0, has_dht = case
+    (q, k, v, g, beta), h0 = varlen_inputs(lens, K, V, dtype)
+    h0 = h0 if has_h0 else None
+    scale = K**-0.5
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + ([h0.clone().requires_grad_()] if has_h0 else [])
+    o_ref, s_ref = per_sequence(prims[:5], scale, lens, prims[5] if has_h0 else None)
+    do = torch.randn_like(o_ref)
+    dht = torch.randn_like(s_ref) if has_dht else None
+    torch.autograd.backward([o_ref, s_ref] if has_dht else [o_ref], [do, dht] if has_dht else [do])
+
+    cu = cu_of(lens)
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, h0, cu_seqlens=cu)
+    assert_close("o", o_ref, o, dtype, rel_rmse=TOL[dtype][0])
+    assert_close("final_state", s_ref, s, dtype, rel_rmse=TOL[dtype][0])
+    grads = chunk_gdn_bwd(q, k, v, g, beta, scale, h0, do.to(dtype), dht, cu_seqlens=cu)
+    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=False):
+        assert_close(name, x.grad, d, dtype, rel_rmse=TOL[dtype][1])
+    if not has_h0:
+        assert grads[5].numel() == 0
+
+
+@pytest.mark.parametrize("lens", [[1, 1, 1], [0, 5, 17, 1, 0]], ids=str)
+def test_varlen_fused_recurrent(lens):
+    (q, k, v, g, beta), h0 = varlen_inputs(lens, 64, 32, torch.float32)
+    for init in (h0, None):
+        o_ref, s_ref = per_sequence((q, k, v, g, beta), 0.125, lens, init)
+        o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, 0.125, init, cu_seqlens=cu_of(lens).long())
+        assert_close("o", o_ref, o, torch.float32, **F32)
+        assert_close("final_state", s_ref, s, torch.float32, **F32)
+
+
+def test_varlen_op_with_grads_and_compile():
+    lens = [2, 0, 67, 1]
+    (q, k, v, g, beta), h0 = varlen_inputs(lens, 8, 8, torch.float32, device="cpu")
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_ref, s_ref = per_sequence(xs[:5], 0.25, lens, xs[5])
+    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    ref = torch.autograd.grad([o_ref, s_ref], xs, [do, dht])
+    cu = cu_of(lens, "cpu").long()
+
+    def f(q, k, v, g, beta, h0):
+        return gated_delta_rule(q, k, v, g, beta, scale=0.25, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+
+    for tag, fn in (("eager", f), ("compiled", torch.compile(f, fullgraph=True, backend="aot_eager"))):
+        o, s = fn(*xs)
+        assert_close(f"{tag} o", o_ref, o, torch.float32, **F32)
+        assert_close(f"{tag} final_state", s_ref, s, torch.float32, **F32)
+        got = torch.autograd.grad([o, s], xs, [do, dht])
+        for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=True):
+            assert_close(f"{tag} {name}", r, d, torch.float32, **F32)
+
+
+def test_varlen_op_errors():
+    lens = [3, 4]
+    (q, k, v, g, beta), h0 = varlen_inputs(lens, 8, 8, torch.float32, device="cpu")
+    cu = cu_of(lens, "cpu")
+
+    def call(*xs, cu_seqlens=cu, **kw):
+        return gated_delta_rule(*(xs or (q, k, v, g, beta)), cu_seqlens=cu_seqlens, **kw)
+
+    two = [torch.cat([x, x]) for x in (q, k, v, g, beta)]
+    with pytest.raises(ValueError, match=r"gated_delta_rule: with cu_seqlens .* batch size must be 1 .*got B=2"):
+        call(*two)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D int32 or int64 .*torch.float32 of shape \(3,\)"):
+        call(cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D .*N >= 1.*shape \(1,\)"):
+        call(cu_seqlens=cu[:1])
+    for bad in ([1, 3, 7], [0, 3, 6], [0, 5, 3, 7]):
+        with pytest.raises(ValueError, match=rf"start at 0, never decrease and end at T = 7, got \{bad}"):
+            call(cu_seqlens=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\] = \[2, 2, 8, 8\], got \(1, 2, 8, 8\)"):
+        call(initial_state=h0[:1])
 
 
 # -- the public op: dispatch, autograd, compile ---------------------------------------------------

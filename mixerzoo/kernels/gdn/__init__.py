@@ -2,7 +2,8 @@
 
 ``gated_delta_rule`` is a torch.library custom op: on CUDA the Triton kernels of ``chunk.py`` (chunked
 WY / UT-transform form, chunk 64) and ``fused_recurrent.py`` (decode and short prompts), on CPU the
-float32 reference of ``reference.py``. Its backward is another custom op with the same split.
+float32 reference of ``reference.py``. Its backward is another custom op with the same split. Packed
+variable-length batches (``cu_seqlens``) take the same kernels with their ``IS_VARLEN`` flag set.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from torch import Tensor
 
 from .conv import causal_conv1d
 from .reference import _f32 as _acc
-from .reference import gated_delta_rule_ref
+from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
 __all__ = ["causal_conv1d", "gated_delta_rule"]
 
 # Up to this many tokens the CUDA forward runs the fused recurrence (one pass, no chunk intermediates):
-# decode steps and short prompts. Longer inputs take the chunked kernels.
+# decode steps and short prompts. Longer inputs take the chunked kernels. A packed batch also takes it when it
+# has no more tokens than sequences (N decode steps at once), a condition the shapes decide without a sync.
 FUSED_RECURRENT_MAX_T = 64
 
 
@@ -28,29 +30,48 @@ FUSED_RECURRENT_MAX_T = 64
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", mutates_args=(), device_types="cuda")
 def _gdn_fwd(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    scale: float,
+    cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    if q.shape[1] <= FUSED_RECURRENT_MAX_T:
+    T = q.shape[1]
+    if T <= FUSED_RECURRENT_MAX_T or (cu_seqlens is not None and T <= cu_seqlens.shape[0] - 1):
         from .fused_recurrent import fused_recurrent_gdn_fwd
 
-        return fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state)
+        return fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
     from .chunk import chunk_gdn_fwd
 
-    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state)
+    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
+
+
+def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    if cu_seqlens is None:
+        return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state)
+    return gated_delta_rule_varlen_ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
 
 
 @_gdn_fwd.register_kernel("cpu")
-def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale):
-    o, s = gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state)
+def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale, cu_seqlens):
+    o, s = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     # contiguous, as the fake promises; T = 0: s would alias initial_state
     return o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous())
 
 
+def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
+    # states per call: B, or N sequences of a packed batch (from cu_seqlens' shape, so fakes know it)
+    return k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 @_gdn_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, scale):
+def _(q, k, v, g, beta, initial_state, scale, cu_seqlens):
     B, T, H, K = k.shape
     V = v.shape[-1]
-    return v.new_empty(B, T, H, V), v.new_empty(B, H, K, V, dtype=_acc(v).dtype)
+    return v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
 
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
@@ -64,19 +85,20 @@ def _gdn_bwd(
     do: Tensor,
     dht: Tensor | None,
     scale: float,
+    cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .chunk import chunk_gdn_bwd
 
-    return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht)
+    return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens=cu_seqlens)
 
 
 @_gdn_bwd.register_kernel("cpu")
-def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale):
+def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
     # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
     primals = [_acc(x) for x in (q, k, v, g, beta)] + ([] if initial_state is None else [_acc(initial_state)])
 
     def f(q, k, v, g, beta, h0=None):
-        o, s = gated_delta_rule_ref(q, k, v, g, beta, scale, h0)
+        o, s = _ref(q, k, v, g, beta, scale, h0, cu_seqlens)
         return (o, s) if dht is not None else o
 
     _, vjp = torch.func.vjp(f, *primals)
@@ -88,21 +110,21 @@ def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale):
 
 
 @_gdn_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, do, dht, scale):
+def _(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
     dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta)) + (dh0,)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+    q, k, v, g, beta, initial_state, scale, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
     ctx.scale = scale
 
 
 def _backward(ctx, do, dht):
-    q, k, v, g, beta, initial_state = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, ctx.scale)
-    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, ctx.scale, cu_seqlens)
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None
 
 
 _gdn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -123,6 +145,7 @@ def gated_delta_rule(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated delta rule: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = scale * S_t^T q_t.
@@ -132,24 +155,28 @@ def gated_delta_rule(
         v: [B, T, H, V].
         g: [B, T, H] log decay (<= 0). beta: [B, T, H].
         scale: defaults to K ** -0.5.
-        initial_state: [B, H, K, V] float32 or None (zeros).
-        output_final_state: return S_T [B, H, K, V] float32; otherwise None.
+        initial_state: [B, H, K, V] float32 or None (zeros); [N, H, K, V] with ``cu_seqlens``.
+        output_final_state: return S_T [B, H, K, V] float32 ([N, H, K, V] with ``cu_seqlens``); otherwise None.
+        cu_seqlens: None, or a packed batch of N sequences: int32/int64 [N + 1] on q's device with
+            0 = c_0 <= c_1 <= ... <= c_N = T (empty sequences allowed) and B = 1. Sequence n is tokens
+            c_n ... c_{n+1} - 1; it starts from initial_state[n] and ends in final_state[n], and no state
+            crosses a boundary. Its values are checked in eager mode (a host sync for a CUDA tensor).
 
     Returns:
         (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
         ``initial_state``.
     """
     if not torch.compiler.is_compiling():
-        _check(q, k, v, g, beta, initial_state)
+        _check(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
         scale = k.shape[-1] ** -0.5
     if initial_state is not None:
         initial_state = _acc(initial_state)  # float32 (float64 stays, for gradchecks on CPU)
-    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, float(scale))
+    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, float(scale), cu_seqlens)
     return o, (final_state if output_final_state else None)
 
 
-def _check(q, k, v, g, beta, initial_state) -> None:
+def _check(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
     if k.dim() != 4 or q.shape != k.shape:
         raise ValueError(
             f"gated_delta_rule: q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -160,9 +187,12 @@ def _check(q, k, v, g, beta, initial_state) -> None:
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != (B, T, H):
             raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, B, T)
+    S, what = (B, "B") if cu_seqlens is None else (cu_seqlens.shape[0] - 1, "N")
+    if initial_state is not None and initial_state.shape != (S, H, K, v.shape[-1]):
         raise ValueError(
-            f"gated_delta_rule: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
+            f"gated_delta_rule: initial_state must be [{what}, H, K, V] = [{S}, {H}, {K}, {v.shape[-1]}], "
             f"got {tuple(initial_state.shape)}"
         )
     if k.is_cuda and K > 1024:
@@ -170,6 +200,29 @@ def _check(q, k, v, g, beta, initial_state) -> None:
             f"gated_delta_rule: on CUDA the head dim K of q and k must be <= 1024 (the chunked kernels stage K rows "
             f"of the state in shared memory: ~200 KB at K = 1024), got K={K}"
         )
-    devices = {x.device for x in (q, k, v, g, beta) + (() if initial_state is None else (initial_state,))}
+    tensors = (q, k, v, g, beta) + tuple(x for x in (initial_state, cu_seqlens) if x is not None)
+    devices = {x.device for x in tensors}
     if len(devices) > 1:
         raise ValueError(f"gated_delta_rule: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"gated_delta_rule: cu_seqlens must be a 1-D int32 or int64 tensor [N + 1] with N >= 1, got "
+            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    if B != 1:
+        raise ValueError(
+            f"gated_delta_rule: with cu_seqlens the sequences are packed along T, so the batch size must be 1 "
+            f"(q, k, v [1, T_total, H, .]), got B={B}"
+        )
+    msg = f"gated_delta_rule: cu_seqlens must start at 0, never decrease and end at T = {T}"
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        # no host sync while capturing a CUDA graph: a device-side assert (it fails the capture's replay)
+        torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all(), msg)
+        return
+    c = cu_seqlens.tolist()  # a host sync for a CUDA tensor: eager varlen calls only (compiled calls skip _check)
+    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:], strict=False)):
+        shown = c if len(c) <= 12 else c[:6] + ["..."] + c[-6:]
+        raise ValueError(f"{msg}, got {shown}")

@@ -13,6 +13,14 @@ Forward: prep (gamma, A, Ai) -> wu (W, U) -> h (sequential over chunks: h per ch
 (reverse sequential: dh per chunk, dVn, dh0) -> dqk (dq, the o/state part of dk, dW, dgamma) -> wy
 (through Ai back to dk, dv, dbeta, dgamma; dg as the reverse cumulative sum of dgamma in the chunk).
 Every exponent is masked before exp, and no factor is ever divided by a decay, so nothing overflows.
+
+Packed variable-length batches (``cu_seqlens``): every kernel takes the constexpr ``IS_VARLEN``. When it is
+set, a per-chunk program reads its (sequence, chunk) from a table built on the device (``_chunking``), so no
+chunk straddles a boundary, and rows are masked by the sequence's end; the two walks run one program per
+(value block, sequence, head) from that sequence's own state. When it is False (the launchers pass None for
+the tables) the varlen branches are not compiled and the kernels are the fixed-length ones, unchanged: that
+is how the packed path costs the fixed-length path nothing. Checked by compiling every kernel for sm_90
+before and after (Triton 3.9 on a CPU): identical SASS (NOTES-gdn.md).
 """
 
 from __future__ import annotations
@@ -77,21 +85,33 @@ def _chunk_prep_kernel(
     beta,
     gamma,
     Ai,
+    cu_seqlens,
+    chunk_indices,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
     BK: tl.constexpr,
     DOUBLING: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # gamma = cumsum(g) in the chunk; Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_r = tl.arange(0, 16)
     o_t0 = i_t * 64 + o_r
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
     m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
-    p_g = g + i_b * T * H + i_h
+    p_g = g + bos * H + i_h
     b_g0 = tl.load(p_g + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)
     b_g1 = tl.load(p_g + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
     b_g2 = tl.load(p_g + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
@@ -100,12 +120,12 @@ def _chunk_prep_kernel(
     b_c1 = tl.cumsum(b_g1, 0) + tl.sum(b_g0, 0)
     b_c2 = tl.cumsum(b_g2, 0) + tl.sum(b_g0, 0) + tl.sum(b_g1, 0)
     b_c3 = tl.cumsum(b_g3, 0) + tl.sum(b_g0, 0) + tl.sum(b_g1, 0) + tl.sum(b_g2, 0)
-    p_gam = gamma + i_b * T * H + i_h
+    p_gam = gamma + bos * H + i_h
     tl.store(p_gam + o_t0 * H, b_c0, mask=m_t0)
     tl.store(p_gam + o_t1 * H, b_c1, mask=m_t1)
     tl.store(p_gam + o_t2 * H, b_c2, mask=m_t2)
     tl.store(p_gam + o_t3 * H, b_c3, mask=m_t3)
-    p_beta = beta + i_b * T * H + i_h
+    p_beta = beta + bos * H + i_h
     b_b0 = tl.load(p_beta + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)
     b_b1 = tl.load(p_beta + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
     b_b2 = tl.load(p_beta + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
@@ -122,7 +142,7 @@ def _chunk_prep_kernel(
     b_a31 = tl.zeros([16, 16], dtype=tl.float32)
     b_a32 = tl.zeros([16, 16], dtype=tl.float32)
     b_a33 = tl.zeros([16, 16], dtype=tl.float32)
-    p_k = k + (i_b * T * H + i_h) * K
+    p_k = k + (bos * H + i_h) * K
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -184,7 +204,7 @@ def _chunk_prep_kernel(
         input_precision="ieee",
     )
     b_z = tl.zeros([16, 16], dtype=tl.float32)
-    p_ai = Ai + (i_b * T * H + i_h) * 64 + o_r[None, :]
+    p_ai = Ai + (bos * H + i_h) * 64 + o_r[None, :]
     p0, p1, p2, p3 = (
         p_ai + o_t0[:, None] * H * 64,
         p_ai + o_t1[:, None] * H * 64,
@@ -218,6 +238,8 @@ def _chunk_wu_kernel(
     Ai,
     w,
     u,
+    cu_seqlens,
+    chunk_indices,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -225,29 +247,39 @@ def _chunk_wu_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # W = Ai diag(beta) (K * exp(gamma)), U = Ai diag(beta) V
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = o_t < T
-    b_beta = tl.load(beta + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_beta = tl.load(beta + bos * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     b_ai = tl.load(
-        Ai + (i_b * T * H + i_h) * 64 + o_t[:, None] * H * 64 + tl.arange(0, 64)[None, :], mask=m_t[:, None], other=0.0
+        Ai + (bos * H + i_h) * 64 + o_t[:, None] * H * 64 + tl.arange(0, 64)[None, :], mask=m_t[:, None], other=0.0
     )
     b_ai = b_ai.to(k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        p = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        p = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
         b_kb = (b_k * (b_beta * tl.exp(b_gam))[:, None]).to(k.dtype.element_ty)
         tl.store(w + p, tl.dot(b_ai, b_kb, input_precision=PREC).to(w.dtype.element_ty), mask=m)  # [64, 64] @ [64, BK]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        p = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        p = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         b_v = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
         b_vb = (b_v * b_beta[:, None]).to(v.dtype.element_ty)
         tl.store(u + p, tl.dot(b_ai, b_vb, input_precision=PREC).to(u.dtype.element_ty), mask=m)  # [64, 64] @ [64, BV]
@@ -255,17 +287,35 @@ def _chunk_wu_kernel(
 
 @triton.jit
 def _h_step_loads(
-    k, w, u, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
+    k,
+    w,
+    u,
+    gamma,
+    bos,
+    i_h,
+    i_t,
+    T,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = o_t < T
-    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
-    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     b_w = tl.load(w + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_u = tl.load(u + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
-    b_gl = tl.load(gamma + i_b * T * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
+    if IS_VARLEN:  # an empty sequence has no last row (its walk runs no step, but prefetch loads chunk 0)
+        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H, mask=T > 0, other=0.0)
+    else:
+        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H)
     return b_w, b_u, b_k, b_gam, b_gl
 
 
@@ -279,6 +329,8 @@ def _chunk_h_kernel(
     hs,
     vn,
     ht,
+    cu_seqlens,
+    chunk_offsets,
     T,
     NT,
     H: tl.constexpr,
@@ -289,11 +341,20 @@ def _chunk_h_kernel(
     HAS_H0: tl.constexpr,
     PREFETCH: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # sequential over chunks; this program's [K, BV] slice of the state stays in registers. PREFETCH
     # issues the next chunk's loads (independent of the state) before this chunk's products.
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # one program per (value block, sequence, head): that sequence's chunks, its own states
+        bos = tl.load(cu_seqlens + i_b)
+        T = tl.load(cu_seqlens + i_b + 1) - bos
+        NT = tl.cdiv(T, 64)
+        i_c0 = tl.load(chunk_offsets + i_b)
+    else:
+        bos = i_b * T
+        i_c0 = i_b * NT
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -303,18 +364,22 @@ def _chunk_h_kernel(
     if HAS_H0:
         b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
     if PREFETCH:
-        b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(k, w, u, gamma, i_b, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V)
+        b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(
+            k, w, u, gamma, bos, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+        )
     for i_t in range(NT):
-        tl.store(hs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(dt), mask=m_h)
+        tl.store(hs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(dt), mask=m_h)
         if PREFETCH:
             n_w, n_u, n_k, n_gam, n_gl = _h_step_loads(
-                k, w, u, gamma, i_b, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V
+                k, w, u, gamma, bos, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
             )
         else:
-            b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(k, w, u, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V)
+            b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(
+                k, w, u, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+            )
         o_t = i_t * 64 + tl.arange(0, 64)
         m_t = o_t < T
-        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
         tl.store(vn + p_v, b_vn, mask=m_t[:, None] & m_v[None, :])
         b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
@@ -332,6 +397,8 @@ def _chunk_o_kernel(
     gamma,
     hs,
     o,
+    cu_seqlens,
+    chunk_indices,
     scale,
     T,
     NT,
@@ -341,9 +408,20 @@ def _chunk_o_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
+    i_row = i_t  # hs row i_b * NT + i_row; in a packed batch i_b = 0 and i_row is the chunk table's row
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_t = i_t * 64 + tl.arange(0, 64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
@@ -353,17 +431,17 @@ def _chunk_o_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        p_h = hs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        p_h = hs + ((i_b * NT + i_row) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)  # [64, BK] @ [BK, BV]
         b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [64, BK] @ [BK, 64]
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     o_r = tl.arange(0, 64)
     b_s *= tl.exp(tl.where(o_r[:, None] >= o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
-    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     b_vn = tl.load(vn + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_o = b_o * tl.exp(b_gam)[:, None] + tl.dot(b_s.to(dt), b_vn, input_precision=PREC)  # [64, 64] @ [64, BV]
     tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -376,6 +454,8 @@ def _chunk_dvl_kernel(
     do,
     gamma,
     dvl,
+    cu_seqlens,
+    chunk_indices,
     scale,
     T,
     H: tl.constexpr,
@@ -384,10 +464,20 @@ def _chunk_dvl_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # intra-chunk part of dVn: dvl_j = scale sum_{i >= j} exp(gamma_i - gamma_j) (q_i . k_j) do_i
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_t = i_t * 64 + tl.arange(0, 64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
@@ -396,14 +486,14 @@ def _chunk_dvl_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_s += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [64 (j), BK] @ [BK, 64 (i)]
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     o_r = tl.arange(0, 64)
     b_s *= tl.exp(tl.where(o_r[None, :] >= o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
-    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_dv = tl.dot(b_s.to(dt), b_do, input_precision=PREC) * scale  # [64, 64] @ [64, BV]
     tl.store(dvl + p_v, b_dv.to(dvl.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -411,12 +501,29 @@ def _chunk_dvl_kernel(
 
 @triton.jit
 def _dh_step_loads(
-    q, k, w, do, dvl, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
+    q,
+    k,
+    w,
+    do,
+    dvl,
+    gamma,
+    bos,
+    i_h,
+    i_t,
+    T,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = (o_t < T) & (o_t >= 0)
-    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
-    p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+    p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
@@ -424,8 +531,12 @@ def _dh_step_loads(
     b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
     b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
     b_dvl = tl.load(dvl + p_v, mask=m_tv, other=0.0)
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
-    b_gl = tl.load(gamma + i_b * T * H + i_h + tl.maximum(tl.minimum(i_t * 64 + 64, T) - 1, 0) * H)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
+    p_gl = gamma + bos * H + i_h + tl.maximum(tl.minimum(i_t * 64 + 64, T) - 1, 0) * H
+    if IS_VARLEN:  # an empty sequence has no rows at all (and may start at T_total)
+        b_gl = tl.load(p_gl, mask=T > 0, other=0.0)
+    else:
+        b_gl = tl.load(p_gl)
     return b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl
 
 
@@ -441,6 +552,8 @@ def _chunk_dh_kernel(
     dhs,
     dvn,
     dh0,
+    cu_seqlens,
+    chunk_offsets,
     scale,
     T,
     NT,
@@ -453,10 +566,19 @@ def _chunk_dh_kernel(
     HAS_H0: tl.constexpr,
     PREFETCH: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # reverse over chunks: dhs[c] = dL/d(state at the end of chunk c); dVn; finally dL/dh0
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # one program per (value block, sequence, head): that sequence's chunks, its own states
+        bos = tl.load(cu_seqlens + i_b)
+        T = tl.load(cu_seqlens + i_b + 1) - bos
+        NT = tl.cdiv(T, 64)
+        i_c0 = tl.load(chunk_offsets + i_b)
+    else:
+        bos = i_b * T
+        i_c0 = i_b * NT
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -467,22 +589,22 @@ def _chunk_dh_kernel(
         b_dh += tl.load(dht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
     if PREFETCH:
         b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
-            q, k, w, do, dvl, gamma, i_b, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V
+            q, k, w, do, dvl, gamma, bos, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
         )
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        tl.store(dhs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dt), mask=m_h)
+        tl.store(dhs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dt), mask=m_h)
         if PREFETCH:  # chunk -1 loads nothing: every row is masked
             n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl = _dh_step_loads(
-                q, k, w, do, dvl, gamma, i_b, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V
+                q, k, w, do, dvl, gamma, bos, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
             )
         else:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
-                q, k, w, do, dvl, gamma, i_b, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V
+                q, k, w, do, dvl, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
             )
         o_t = i_t * 64 + tl.arange(0, 64)
         m_t = o_t < T
-        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
         b_dv = (b_dvl.to(tl.float32) + tl.dot(b_kd, b_dh.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
@@ -510,6 +632,8 @@ def _chunk_dqk_kernel(
     dk,
     dw,
     dgp,
+    cu_seqlens,
+    chunk_indices,
     scale,
     B,
     T,
@@ -520,10 +644,22 @@ def _chunk_dqk_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # dq; the parts of dk from o and from the state update; dW = -dVn h^T; this K block's share of dgamma
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
+    i_row = i_t  # hs / dhs row i_b * NT + i_row; in a packed batch i_b = 0 and i_row is the chunk table's row
+    T_all = T  # dgp is indexed by token: [NK, B, T_all, H]
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_t = i_t * 64 + tl.arange(0, 64)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t, m_k = o_t < T, o_k < K
@@ -538,10 +674,10 @@ def _chunk_dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        p_h = ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        p_h = ((i_b * NT + i_row) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(hs + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dh = tl.load(dhs + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_vn = tl.load(vn + p_v, mask=m_tv, other=0.0)
         b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
@@ -552,10 +688,10 @@ def _chunk_dqk_kernel(
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)  # [64, BV] @ [BV, 64]
         b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
         b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
-    b_gam = tl.load(gamma + i_b * T * H + i_h + o_t * H, mask=m_t, other=0.0)
+    b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     i_last = tl.minimum(i_t * 64 + 64, T) - 1
-    b_gl = tl.load(gamma + i_b * T * H + i_h + i_last * H)
-    p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+    b_gl = tl.load(gamma + bos * H + i_h + i_last * H)
+    p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     o_r = tl.arange(0, 64)
@@ -572,7 +708,7 @@ def _chunk_dqk_kernel(
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_k, b_dk, mask=m_tk)
     tl.store(dw + p_k, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
-    tl.store(dgp + i_k * B * T * H + i_b * T * H + i_h + o_t * H, b_dg, mask=m_t)
+    tl.store(dgp + i_k * B * T_all * H + bos * H + i_h + o_t * H, b_dg, mask=m_t)
 
 
 @triton.jit
@@ -591,6 +727,8 @@ def _chunk_wy_bwd_kernel(
     dv,
     dbeta,
     dg,
+    cu_seqlens,
+    chunk_indices,
     B,
     T,
     NK,
@@ -600,21 +738,32 @@ def _chunk_wy_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     # back through W = Ai diag(beta) (K exp(gamma)), U = Ai diag(beta) V and Ai = (I + A)^-1.
     # With X = Ai^T dVn: dAi = dU Vb^T + dW Kbg^T = dVn ((I + A) Vn)^T, so dA = -Ai^T dAi Ai^T = -X Vn^T.
     # That form has no cancellation between the U and W paths and no float32 matrix products.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    T_all = T  # dgp is indexed by token: [NK, B, T_all, H]
+    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        if i_n < 0:
+            return
+        i_t = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        T = tl.load(cu_seqlens + i_n + 1) - bos
+    else:
+        bos = i_b * T
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = o_t < T
     o_r = tl.arange(0, 64)
     dt = k.dtype.element_ty
-    p_s = i_b * T * H + i_h + o_t * H
+    p_s = bos * H + i_h + o_t * H
     b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
     b_gam = tl.load(gamma + p_s, mask=m_t, other=0.0)
     b_eg = tl.exp(b_gam)
-    b_ai = tl.load(Ai + (i_b * T * H + i_h) * 64 + o_t[:, None] * H * 64 + o_r[None, :], mask=m_t[:, None], other=0.0)
+    b_ai = tl.load(Ai + (bos * H + i_h) * 64 + o_t[:, None] * H * 64 + o_r[None, :], mask=m_t[:, None], other=0.0)
     b_ait = tl.trans(b_ai).to(dt)
     b_aid = b_ai.to(dt)
     b_dA = tl.zeros([64, 64], dtype=tl.float32)
@@ -625,7 +774,7 @@ def _chunk_wy_bwd_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        p_v = (i_b * T * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
+        p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         b_du = tl.load(dvn + p_v, mask=m, other=0.0)
         b_vn = tl.load(vn + p_v, mask=m, other=0.0)
@@ -638,7 +787,7 @@ def _chunk_wy_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_k = tl.load(k + p_k, mask=m, other=0.0)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     # dA restricted to the strictly lower part (A's support)
@@ -653,7 +802,7 @@ def _chunk_wy_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        p_k = (i_b * T * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
+        p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_k = tl.load(k + p_k, mask=m, other=0.0)
         b_kf = b_k.to(tl.float32)
         b_dw = tl.load(dw + p_k, mask=m, other=0.0)
@@ -666,7 +815,7 @@ def _chunk_wy_bwd_kernel(
         b_dk += tl.dot(b_dAet_dt, (b_kf * b_beta[:, None]).to(dt), input_precision=PREC)
         tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m)
     for i_k in range(NK):
-        b_dgam += tl.load(dgp + i_k * B * T * H + p_s, mask=m_t, other=0.0)
+        b_dgam += tl.load(dgp + i_k * B * T_all * H + p_s, mask=m_t, other=0.0)
     # gamma_i = sum_{t <= i} g_t in the chunk, so dg_t = sum_{i >= t} dgamma_i
     b_dg = tl.sum(b_dgam, 0) - tl.cumsum(b_dgam, 0) + b_dgam
     tl.store(dg + p_s, b_dg.to(dg.dtype.element_ty), mask=m_t)
@@ -712,26 +861,84 @@ def _seq_config(B, H, K, V, seq):
     return 64, False, 4
 
 
-def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doubling=True):
+def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
+    """How the chunk grid maps onto the batch: (NT, N, cu, offsets, indices).
+
+    Fixed length: NT = cdiv(T, 64) chunks per sequence, N = B sequences, no tables. Packed batch (B = 1):
+    cu = cu_seqlens as int32 [N + 1]; offsets [N + 1] int32, each sequence's first row in the chunk table
+    (and in hs / dhs); indices [NT, 2] int32, (sequence, chunk in it) per row, sequence -1 on spare rows.
+    The grid is the worst case, NT = (T + 63 N) // 64 >= sum_n cdiv(L_n, 64), and spare programs exit at
+    once: no device-to-host sync, so a varlen call stays asynchronous and CUDA-graph capturable, for at
+    most N idle programs per kernel.
+    """
+    if cu_seqlens is None:
+        return triton.cdiv(T, BT), B, None, None, None
+    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    N = cu.numel() - 1
+    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT  # [N]
+    offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])  # [N + 1]
+    NT = (T + (BT - 1) * N) // BT
+    rows = torch.arange(NT, device=device, dtype=offsets.dtype)
+    seq = torch.searchsorted(offsets[1:], rows, right=True)  # n with offsets[n] <= row < offsets[n + 1]
+    seq_in = seq.clamp(max=N - 1)
+    indices = torch.stack([torch.where(seq < N, seq_in, -1), rows - offsets[seq_in]], dim=1)  # [NT, 2]
+    return NT, N, cu, offsets.to(torch.int32), indices.to(torch.int32).contiguous()
+
+
+def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True):
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
+    NT, N, cu, offsets, indices = chunks
+    varlen = cu is not None
     dev = k.device
     prec = _prec(k)
     gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32)
     _chunk_prep_kernel[(NT, B * H)](
-        k, g, beta, gamma, Ai, T, H=H, K=K, BK=64, DOUBLING=doubling, PREC=prec, num_warps=4
+        k,
+        g,
+        beta,
+        gamma,
+        Ai,
+        cu,
+        indices,
+        T,
+        H=H,
+        K=K,
+        BK=64,
+        DOUBLING=doubling,
+        PREC=prec,
+        IS_VARLEN=varlen,
+        num_warps=4,
     )
     w = torch.empty_like(k)
     u = torch.empty_like(v)
-    _chunk_wu_kernel[(NT, B * H)](k, v, beta, gamma, Ai, w, u, T, H=H, K=K, V=V, BK=64, BV=64, PREC=prec, num_warps=4)
+    _chunk_wu_kernel[(NT, B * H)](
+        k,
+        v,
+        beta,
+        gamma,
+        Ai,
+        w,
+        u,
+        cu,
+        indices,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=64,
+        BV=64,
+        PREC=prec,
+        IS_VARLEN=varlen,
+        num_warps=4,
+    )
     KP = _state_rows(K)
-    BV, prefetch, warps = _seq_config(B, H, K, V, seq)
-    hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
+    BV, prefetch, warps = _seq_config(N, H, K, V, seq)
+    hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
-    _chunk_h_kernel[(triton.cdiv(V, BV), B * H)](
+    ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    _chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
         k,
         w,
         u,
@@ -740,6 +947,8 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doublin
         hs,
         vn,
         ht,
+        cu,
+        offsets,
         T,
         NT,
         H=H,
@@ -750,6 +959,7 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, *, seq=None, doublin
         HAS_H0=initial_state is not None,
         PREFETCH=prefetch,
         PREC=prec,
+        IS_VARLEN=varlen,
         num_warps=warps,
         num_stages=1 if prefetch else 2,
     )
@@ -765,22 +975,28 @@ def chunk_gdn_fwd(
     scale: float,
     initial_state: Tensor | None,
     *,
+    cu_seqlens: Tensor | None = None,
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
-    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). ``seq`` overrides the
-    (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it). ``doubling`` (the default)
-    inverts the 16x16 diagonal blocks by repeated squaring; False uses row substitution, kept for the
-    benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md)."""
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
+    (int32 or int64, 0 = c_0 <= ... <= c_N = T, on q's device) the batch is packed: B = 1, sequence n is
+    tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
+    ``seq`` overrides the (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it).
+    ``doubling`` (the default) inverts the 16x16 diagonal blocks by repeated squaring; False uses row
+    substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md)."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
-    gamma, Ai, w, hs, vn, ht = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
+    chunks = _chunking(B, T, cu_seqlens, k.device)
+    NT, _, cu, _, indices = chunks
+    gamma, Ai, w, hs, vn, ht = _forward_intermediates(
+        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
+    )
     o = torch.empty_like(v)
     BV = _out_cols(V)
     _chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
@@ -790,6 +1006,8 @@ def chunk_gdn_fwd(
         gamma,
         hs,
         o,
+        cu,
+        indices,
         scale,
         T,
         NT,
@@ -799,6 +1017,7 @@ def chunk_gdn_fwd(
         BK=64,
         BV=BV,
         PREC=_prec(k),
+        IS_VARLEN=cu is not None,
         num_warps=8 if BV > 64 else 4,
     )
     return o, ht
@@ -815,10 +1034,12 @@ def chunk_gdn_bwd(
     do: Tensor,
     dht: Tensor | None,
     *,
+    cu_seqlens: Tensor | None = None,
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None."""
+    """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None.
+    With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     q, k, do = q.to(v.dtype), k.to(v.dtype), do.to(v.dtype)
@@ -826,10 +1047,14 @@ def chunk_gdn_bwd(
         initial_state = initial_state.contiguous()
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
+    chunks = _chunking(B, T, cu_seqlens, k.device)
+    NT, N, cu, offsets, indices = chunks
+    varlen = cu is not None
     dev = k.device
     prec = _prec(k)
-    gamma, Ai, w, hs, vn, _ = _forward_intermediates(q, k, v, g, beta, initial_state, seq=seq, doubling=doubling)
+    gamma, Ai, w, hs, vn, _ = _forward_intermediates(
+        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
+    )
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
@@ -839,6 +1064,8 @@ def chunk_gdn_bwd(
         do,
         gamma,
         dvl,
+        cu,
+        indices,
         scale,
         T,
         H=H,
@@ -847,18 +1074,19 @@ def chunk_gdn_bwd(
         BK=64,
         BV=BV,
         PREC=prec,
+        IS_VARLEN=varlen,
         num_warps=8 if BV > 64 else 4,
     )
     KP = _state_rows(K)
-    BVh, prefetch, warps = _seq_config(B, H, K, V, seq)
+    BVh, prefetch, warps = _seq_config(N, H, K, V, seq)
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
     dh0 = (
-        torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+        torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
-    _chunk_dh_kernel[(triton.cdiv(V, BVh), B * H)](
+    _chunk_dh_kernel[(triton.cdiv(V, BVh), N * H)](
         q,
         k,
         w,
@@ -869,6 +1097,8 @@ def chunk_gdn_bwd(
         dhs,
         dvn,
         dh0,
+        cu,
+        offsets,
         scale,
         T,
         NT,
@@ -881,6 +1111,7 @@ def chunk_gdn_bwd(
         HAS_H0=initial_state is not None,
         PREFETCH=prefetch,
         PREC=prec,
+        IS_VARLEN=varlen,
         num_warps=warps,
         num_stages=1 if prefetch else 2,
     )
@@ -903,6 +1134,8 @@ def chunk_gdn_bwd(
         dkp,
         dw,
         dgp,
+        cu,
+        indices,
         scale,
         B,
         T,
@@ -913,6 +1146,7 @@ def chunk_gdn_bwd(
         BK=BK,
         BV=64,
         PREC=prec,
+        IS_VARLEN=varlen,
         num_warps=4,
     )
     dk = torch.empty_like(k)
@@ -934,6 +1168,8 @@ def chunk_gdn_bwd(
         dv,
         dbeta,
         dg,
+        cu,
+        indices,
         B,
         T,
         NK,
@@ -943,6 +1179,7 @@ def chunk_gdn_bwd(
         BK=64,
         BV=64,
         PREC=prec,
+        IS_VARLEN=varlen,
         num_warps=4,
     )
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dg, dbeta, dh0

@@ -1,7 +1,8 @@
 """Gated delta rule as a fused token recurrence (Yang et al. 2024): decode steps and short prompts.
 
-One program per (batch, head, value block) keeps its [K, BV] slice of the state in registers for the
-whole sequence: S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = scale S^T q.
+One program per (sequence, head, value block) keeps its [K, BV] slice of the state in registers for the
+whole sequence: S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = scale S^T q. A packed batch
+(``cu_seqlens``) runs one program per packed sequence over its own tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _fused_recurrent_fwd_kernel(
     h0,
     o,
     ht,
+    cu_seqlens,
     scale,
     T,
     H: tl.constexpr,
@@ -32,9 +34,16 @@ def _fused_recurrent_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
+    # IS_VARLEN is a compile-time flag: with False the kernel is the fixed-length one, unchanged
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h = i_bh // H, i_bh % H  # i_b: the sequence (of the packed batch, with IS_VARLEN)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_b)
+        T = tl.load(cu_seqlens + i_b + 1) - bos
+    else:
+        bos = i_b * T
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -43,12 +52,12 @@ def _fused_recurrent_fwd_kernel(
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_h += tl.load(h0 + p_h, mask=m_h, other=0.0)
-    p_q = q + (i_b * T * H + i_h) * K + o_k
-    p_k = k + (i_b * T * H + i_h) * K + o_k
-    p_v = v + (i_b * T * H + i_h) * V + o_v
-    p_o = o + (i_b * T * H + i_h) * V + o_v
-    p_g = g + i_b * T * H + i_h
-    p_beta = beta + i_b * T * H + i_h
+    p_q = q + (bos * H + i_h) * K + o_k
+    p_k = k + (bos * H + i_h) * K + o_k
+    p_v = v + (bos * H + i_h) * V + o_v
+    p_o = o + (bos * H + i_h) * V + o_v
+    p_g = g + bos * H + i_h
+    p_beta = beta + bos * H + i_h
     for _ in range(T):
         b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
@@ -70,19 +79,31 @@ def _fused_recurrent_fwd_kernel(
 
 
 def fused_recurrent_gdn_fwd(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, initial_state: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    *,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
-    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32)."""
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
+    (0 = c_0 <= ... <= c_N = T, on q's device; not validated here) the batch is packed: B = 1, sequence n
+    is tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous()
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     BK = triton.next_power_of_2(K)
     # the [BK, BV] state slice lives in registers: keep it at 8K floats or fewer per program
     BV = min(triton.next_power_of_2(V), max(8192 // BK, 16), 32)
     o = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device=v.device, dtype=torch.float32)
-    grid = (triton.cdiv(V, BV), B * H)
+    ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
+    grid = (triton.cdiv(V, BV), N * H)
     _fused_recurrent_fwd_kernel[grid](
         q,
         k,
@@ -92,6 +113,7 @@ def fused_recurrent_gdn_fwd(
         initial_state.contiguous() if initial_state is not None else ht,
         o,
         ht,
+        cu,
         scale,
         T,
         H=H,
@@ -100,6 +122,7 @@ def fused_recurrent_gdn_fwd(
         BK=BK,
         BV=BV,
         HAS_H0=initial_state is not None,
+        IS_VARLEN=cu is not None,
         num_warps=4 if BK * BV <= 4096 else 8,
     )
     return o, ht

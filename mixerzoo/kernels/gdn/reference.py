@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["causal_conv1d_ref", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_delta_rule_ref"]
+__all__ = [
+    "causal_conv1d_ref",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
+    "gated_delta_rule_ref",
+    "gated_delta_rule_varlen_ref",
+]
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -106,6 +112,35 @@ def gated_delta_rule_ref(
     if q.shape[1] > 64:
         return gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state)
     return gated_delta_rule_recurrent(q, k, v, g, beta, scale, initial_state)
+
+
+def gated_delta_rule_varlen_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Packed variable-length batch: q, k [1, T, H, K]; v [1, T, H, V]; g, beta [1, T, H]; cu_seqlens [N + 1]
+    (0 = c_0 <= ... <= c_N = T); initial_state [N, H, K, V] or None. Sequence n is tokens c_n ... c_{n+1} - 1,
+    run through ``gated_delta_rule_ref`` from its own initial state: no state crosses a boundary.
+    Returns (o [1, T, H, V] float32, final states [N, H, K, V] float32)."""
+    bounds = cu_seqlens.tolist()
+    N = len(bounds) - 1
+    H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+    outs, states = [], []
+    for n in range(N):
+        a, b = bounds[n], bounds[n + 1]
+        h0 = None if initial_state is None else initial_state[n : n + 1]
+        o, s = gated_delta_rule_ref(*(x[:, a:b] for x in (q, k, v, g, beta)), scale, h0)
+        outs.append(o)
+        states.append(s)
+    o = torch.cat(outs, dim=1) if outs else _f32(v).new_zeros(1, 0, H, V)
+    s = torch.cat(states, dim=0) if states else _f32(v).new_zeros(0, H, K, V)
+    return o, s
 
 
 def causal_conv1d_ref(
