@@ -897,6 +897,12 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
     if x.device.type != "cuda":
         return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
     cfg = CUDA_TILES[kernel]
+    if x.dtype == torch.float32:
+        # exact float32 products ("ieee") are for checks, not speed. The bf16 tiles do not fit: the 128x128
+        # forward needs 263 KB of shared memory at D = 128 (the H100/H200 have 227 KB) and took 141 s to
+        # compile for sm_90; 64 x 32 tiles, one stage: 66 KB, 8 s (benchmarks/NOTES-eviction.md, run 5)
+        small = dict(BT=64, BS=32, BC=32)
+        return {**cfg, **{key: small[key] for key in small if key in cfg}, "num_warps": 8, "num_stages": 1}
     if x.shape[-1] > 128:  # D = 256: 128-key tiles of k and v, double-buffered, overflow shared memory
         cfg = {**cfg, **{key: 64 for key in ("BS", "BC") if cfg.get(key, 0) > 64}}
     return cfg
