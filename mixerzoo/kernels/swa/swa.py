@@ -1057,6 +1057,17 @@ def _dkdv_config(D: int) -> dict:
 _CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP")
 
 
+def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
+    """The default tiles are sized for 2-byte inputs. float32 operands take twice the shared memory: at
+    D = 128 the dQ kernel's 128 x 64 tiles with 3 stages would need 295 KB (H100 / H200: 227 KB per
+    block). float32 gets at most 64-row tiles and 2 stages, at D = 256 32-row tiles and one stage
+    (compiled for sm_90 on the CPU: 150 KB or less)."""
+    if dtype != torch.float32 or _interpreting():
+        return cfg
+    rows, stages = (64, 2) if D <= 128 else (32, 1)
+    return {**cfg, "BM": min(cfg["BM"], rows), "BN": min(cfg["BN"], rows), "num_stages": min(cfg["num_stages"], stages)}
+
+
 def _loop_flags(cfg: dict, kernel: str) -> dict:
     """Pops a tile config's ONE_LOOP key (one key loop over the whole window band, one software pipeline,
     instead of boundary / interior / diagonal loops; default False, the three loops) after BM and BN,
@@ -1141,7 +1152,7 @@ def swa_fwd(
         raise ValueError(f"swa_attention: the Triton kernels need scale > 0, got {scale}")
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    cfg = dict(config or _fwd_config(D))
+    cfg = dict(config or _fit_dtype(_fwd_config(D), q.dtype, D))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_fwd")
     grid = (triton.cdiv(T, BM), B * HQ)
@@ -1205,10 +1216,10 @@ def swa_bwd(
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes and the loop structure (optional key ONE_LOOP, see
     ``_loop_flags``), for tuning."""
-    cfg = dict(dkdv_config or _dkdv_config(q.shape[-1]))
+    cfg = dict(dkdv_config or _fit_dtype(_dkdv_config(q.shape[-1]), q.dtype, q.shape[-1]))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    dq_cfg = dict(dq_config or _dq_config(q.shape[-1]))
+    dq_cfg = dict(dq_config or _fit_dtype(_dq_config(q.shape[-1]), q.dtype, q.shape[-1]))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
     dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
     _check_triton(q)
