@@ -903,8 +903,8 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
         # compile for sm_90; 64 x 32 tiles, one stage: 66 KB, 8 s (benchmarks/NOTES-eviction.md, run 5)
         small = dict(BT=64, BS=32, BC=32)
         return {**cfg, **{key: small[key] for key in small if key in cfg}, "num_warps": 8, "num_stages": 1}
-    if x.shape[-1] > 128:  # D = 256: 128-key tiles of k and v, double-buffered, overflow shared memory
-        cfg = {**cfg, **{key: 64 for key in ("BS", "BC") if cfg.get(key, 0) > 64}}
+    if x.shape[-1] > 128:  # D = 256: 128-row tiles overflow shared memory (dq 128x64: 263 KB of 227)
+        cfg = {**cfg, **{key: 64 for key in ("BT", "BS", "BC") if cfg.get(key, 0) > 64}}
     return cfg
 
 
