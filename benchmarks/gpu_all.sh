@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU, in one call of the lent machine (see benchmarks/README.md):
-#   the whole test suite on CUDA (conformance of every mixer with the Triton paths, kernels natively),
-#   the full-attention backend check, then the three benchmarks, which write benchmarks/results/<gpu>.json
-#   and, on the lent machine, $OUT/results-*.json to merge back with `python benchmarks/common.py FILE...`.
-# Usage (repo root): bash benchmarks/gpu_all.sh [tests|bench|all]   (default all)
+# Everything that needs the GPU, for the lent machine (see benchmarks/README.md). Parts:
+#   tests      the CUDA test groups (benchmarks/gpu_tests.sh), three lanes at once
+#   backends   full_attention's backends against a float32 reference (benchmarks/check_backends.py)
+#   attention  swa / swa_sink / full_attention: checks, tile sweep, op vs launchers, timings, decode
+#   gdn        long-T and varlen checks, then the timings against fla
+#   eviction   checks, training timings against FlexAttention, memory, decode
+# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all, in the order above)
+# The benchmarks write benchmarks/results/<gpu>.json and, on the lent machine, $OUT/results-*.json to merge
+# back with `python benchmarks/common.py FILE...`; logs go to $OUT.
 set -uo pipefail
-what=${1:-all}
+parts=("$@")
+((${#parts[@]})) || parts=(tests backends attention gdn eviction)
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # fla-core for the comparisons, carried as a wheel
+if ls .whl/*.whl >/dev/null 2>&1; then  # fla-core, xformers and the CUDA 12 runtime, carried as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
     # the PyPI xformers wheel is built against CUDA 12: its runtime (nvidia-cuda-runtime-cu12, carried too)
@@ -16,14 +21,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # fla-core for the comparisons, carried 
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
 rc=0
-if [[ $what == tests || $what == all ]]; then
-    bash benchmarks/gpu_tests.sh "$OUT" || rc=1
-    python3 -m mixerzoo demo --device cuda 2>&1 | tee "$OUT/demo.log" | tail -n 20 || rc=1
-fi
-if [[ $what == bench || $what == all ]]; then
-    python3 benchmarks/check_backends.py 2>&1 | tee "$OUT/backends.log" | tail -n 20 || rc=1
-    python3 benchmarks/attention.py 2>&1 | tee "$OUT/attention.log" | tail -n 40 || rc=1
-    python3 benchmarks/gdn.py 2>&1 | tee "$OUT/gdn.log" | tail -n 30 || rc=1
-    python3 benchmarks/eviction.py 2>&1 | tee "$OUT/eviction.log" | tail -n 30 || rc=1
-fi
+for part in "${parts[@]}"; do
+    case $part in
+    tests)
+        mkdir -p /tmp/gpu-tests
+        bash benchmarks/gpu_tests.sh /tmp/gpu-tests -cuda >"$OUT/tests-conformance.txt" 2>&1 &
+        bash benchmarks/gpu_tests.sh /tmp/gpu-tests kernels/ >"$OUT/tests-kernels.txt" 2>&1 &
+        bash benchmarks/gpu_tests.sh /tmp/gpu-tests mixers/ baselines >"$OUT/tests-other.txt" 2>&1 &
+        wait
+        cat "$OUT"/tests-*.txt
+        grep -q FAILED "$OUT"/tests-*.txt && rc=1
+        ;;
+    backends) python3 benchmarks/check_backends.py 2>&1 | tee "$OUT/backends.log" | tail -n 20 || rc=1 ;;
+    attention)
+        python3 benchmarks/attention.py --sections check,loops,swa,full,decode 2>&1 | tee "$OUT/attention.log" \
+            | tail -n 60 || rc=1
+        ;;
+    gdn)
+        python3 benchmarks/gdn.py --check --quick-check 2>&1 | tee "$OUT/gdn-check.log" | tail -n 20 || rc=1
+        python3 benchmarks/gdn.py --bench 2>&1 | tee "$OUT/gdn.log" | tail -n 30 || rc=1
+        ;;
+    eviction) python3 benchmarks/eviction.py 2>&1 | tee "$OUT/eviction.log" | tail -n 30 || rc=1 ;;
+    *) echo "unknown part $part (tests, backends, attention, gdn, eviction)" && rc=1 ;;
+    esac
+done
 exit $rc
