@@ -1,7 +1,7 @@
 """The default CUDA tiles of the attention kernels fit an H100 / H200, checked without a GPU.
 
 Each kernel is compiled for sm_90 on this machine, with the tile sizes its launcher picks by default,
-in bf16 and float32, at head dims 64, 128 and 256, and its shared memory must stay within the 227 KB a
+in bf16 and float32, at head dims 64, 128 and 256, and its shared memory must stay within the 227 KiB a
 Hopper block may use: a tile that needs more fails at launch only, on the GPU (it happened twice: the
 float32 dQ of swa at D = 128, the bf16 dq of eviction at D = 256). Spills and speed are the benchmarks'
 business, not this test's. The compiles run in a child process: the tests' TRITON_INTERPRET=1 turns
@@ -104,7 +104,7 @@ def _too_big(family: str, dtype: torch.dtype, D: int) -> list[str]:
         used = _shared_bytes(fn, consts, dtype)
         if used > HOPPER_SMEM:
             tiles = {k: v for k, v in consts.items() if k in ("BM", "BN", "BT", "BS", "BC", "num_stages")}
-            out.append(f"{name} {dtype} D={D} {tiles}: {used // 1024} KB")
+            out.append(f"{name} {dtype} D={D} {tiles}: {used // 1024} KiB")
     return out
 
 
@@ -118,7 +118,7 @@ def test_default_tiles_fit_hopper_shared_memory(family, dtype, D):
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     too_big = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not too_big, f"default tiles over {HOPPER_SMEM // 1024} KB of shared memory: {too_big}"
+    assert not too_big, f"default tiles over {HOPPER_SMEM // 1024} KiB of shared memory: {too_big}"
 
 
 if __name__ == "__main__":  # the child: python test_sm90_fit.py FAMILY DTYPE D -> JSON list of misfits

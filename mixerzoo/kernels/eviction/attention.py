@@ -899,11 +899,11 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
     cfg = CUDA_TILES[kernel]
     if x.dtype == torch.float32:
         # exact float32 products ("ieee") are for checks, not speed. The bf16 tiles do not fit: the 128x128
-        # forward needs 263 KB of shared memory at D = 128 (the H100/H200 have 227 KB) and took 141 s to
-        # compile for sm_90; 64 x 32 tiles, one stage: 66 KB, 8 s (benchmarks/NOTES-eviction.md, run 5)
+        # forward needs 257 KiB of shared memory at D = 128 (the H100/H200 have 227 KiB) and took 141 s to
+        # compile for sm_90; 64 x 32 tiles, one stage: 64 KiB, 8 s (benchmarks/NOTES-eviction.md, run 5)
         small = dict(BT=64, BS=32, BC=32)
         return {**cfg, **{key: small[key] for key in small if key in cfg}, "num_warps": 8, "num_stages": 1}
-    if x.shape[-1] > 128:  # D = 256: 128-row tiles overflow shared memory (dq 128x64: 263 KB of 227)
+    if x.shape[-1] > 128:  # D = 256: 128-row tiles overflow shared memory (dq 128x64: 256 KiB of 227)
         cfg = {**cfg, **{key: 64 for key in ("BT", "BS", "BC") if cfg.get(key, 0) > 64}}
     return cfg
 

@@ -1059,9 +1059,9 @@ _CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP")
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
     """The default tiles are sized for 2-byte inputs. float32 operands take twice the shared memory: at
-    D = 128 the dQ kernel's 128 x 64 tiles with 3 stages would need 295 KB (H100 / H200: 227 KB per
+    D = 128 the dQ kernel's 128 x 64 tiles with 3 stages would need 288 KiB (H100 / H200: 227 KiB per
     block). float32 gets at most 64-row tiles and 2 stages, at D = 256 32-row tiles and one stage
-    (compiled for sm_90 on the CPU: 150 KB or less)."""
+    (compiled for sm_90 on the CPU: 144 KiB or less)."""
     if dtype != torch.float32 or _interpreting():
         return cfg
     rows, stages = (64, 2) if D <= 128 else (32, 1)
