@@ -203,7 +203,8 @@ BWD_CHECK_BOUND = 5e-3
 
 # (kernel, tile config) pairs of section loops; the first of each kernel is the launcher's D = 128 default
 # before the loops sweep (three loops: boundary masked / interior unmasked / diagonal masked); ONE_LOOP
-# walks the whole band in one loop (one software pipeline) and branches per block on the mask
+# walks the whole band in one loop (one software pipeline) and branches per block on the mask; TMA=True
+# rows (the D = 128 defaults) load the streamed tiles of that loop by TMA tensor descriptors
 _ONE = dict(ONE_LOOP=True)
 LOOP_CONFIGS = [
     ("fwd", dict(BM=64, BN=32, num_warps=4, num_stages=4)),
@@ -212,27 +213,31 @@ LOOP_CONFIGS = [
     ("fwd", dict(BM=128, BN=64, num_warps=8, num_stages=3, **_ONE)),
     ("fwd", dict(BM=128, BN=128, num_warps=8, num_stages=2, **_ONE)),
     ("fwd", dict(BM=128, BN=64, num_warps=4, num_stages=3, **_ONE)),
+    ("fwd", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE, TMA=True)),
     ("dkdv", dict(BM=16, BN=64, num_warps=4, num_stages=4)),
     ("dkdv", dict(BM=16, BN=64, num_warps=4, num_stages=4, **_ONE)),
     ("dkdv", dict(BM=32, BN=64, num_warps=4, num_stages=3, **_ONE)),
     ("dkdv", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE)),
     ("dkdv", dict(BM=32, BN=128, num_warps=8, num_stages=2, **_ONE)),
     ("dkdv", dict(BM=64, BN=128, num_warps=8, num_stages=2, **_ONE)),
+    ("dkdv", dict(BM=32, BN=64, num_warps=4, num_stages=3, **_ONE, TMA=True)),
     ("dq", dict(BM=64, BN=32, num_warps=4, num_stages=4)),
     ("dq", dict(BM=64, BN=32, num_warps=4, num_stages=4, **_ONE)),
     ("dq", dict(BM=64, BN=64, num_warps=4, num_stages=3, **_ONE)),
     ("dq", dict(BM=128, BN=64, num_warps=8, num_stages=3, **_ONE)),
+    ("dq", dict(BM=128, BN=64, num_warps=8, num_stages=3, **_ONE, TMA=True)),
 ]
 
 
 def _loops_name(cfg: dict) -> str:
-    return "one" if cfg.get("ONE_LOOP") else "three"
+    return ("one+tma" if cfg.get("TMA") else "one") if cfg.get("ONE_LOOP") else "three"
 
 
 def section_loops(log: list[str]) -> dict[str, dict]:
-    """Three key loops per kernel against ONE_LOOP, over tile sizes, at T = 32768, B = 1, S = 0: the
-    forward launcher alone (fwd rows), the whole split backward with the dK/dV kernel's tiles varied and
-    the dQ kernel at its default (dkdv rows), and the other way round (dq rows). Every variant is first
+    """Three key loops per kernel against ONE_LOOP over tile sizes, and ONE_LOOP with TMA tile loads at
+    the D = 128 default tiles, at T = 32768, B = 1, S = 0: the forward launcher alone (fwd rows), the
+    whole split backward with the dK/dV kernel's tiles varied and the dQ kernel at its default (dkdv
+    rows), and the other way round (dq rows). Every variant is first
     checked against the float32 banded reference (o, or dq / dk / dv); one above BWD_CHECK_BOUND or one
     that does not compile is reported and not timed. Ends with the best of each kernel together, as
     separately timed launchers (fwd + bwd); ``section_op_gap`` times what the op path times."""

@@ -109,6 +109,43 @@ def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
     _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
 
 
+# TMA=True: the one loop loads K / V (forward, dQ) and Q / dO (dK/dV) through tensor descriptors; B = 2 so that
+# tiles run past T into the next batch row's slots (TMA must zero-fill them); padding keeps the masked loads
+TMA = dict(ONE_LOOP=True, TMA=True)
+TMA_CASES = [
+    pytest.param(2, 1, 2, 2, 64, 8, 4, None, id="T1-B2-W8-S4"),
+    pytest.param(2, 63, 4, 1, 64, 16, 0, None, id="T63-B2-W16-S0-gqa4"),
+    pytest.param(2, 130, 4, 2, 64, 40, 4, None, id="T130-B2-W40-S4-gqa2"),
+    pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad"),
+]
+
+
+@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", TMA_CASES)
+def test_swa_launchers_tma(B, T, HQ, HKV, D, W, S, pad):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, TMA)
+
+
+def test_swa_tma_batch_rows_isolated():
+    """A tile past T must not read the next batch row (0 * NaN there would poison this row): batch row 1 holds
+    NaN in its first keys / queries, row 0's output and gradients stay equal to the reference."""
+    B, T, HQ, HKV, D, W = 2, 63, 2, 1, 64, 16
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    for x in (q, k, v, do):
+        x[1, :8] = float("nan")
+    scale = D**-0.5
+    o_ref, lse_ref = swa_fwd_ref(*(x[:1].float() for x in (q, k, v)), W, 0, scale, None)
+    grads_ref = swa_bwd_ref(*(x[:1].float() for x in (do, q, k, v)), o_ref, lse_ref, W, 0, scale, None)
+    o, lse = swa_fwd(q, k, v, W, 0, scale, config={**_fwd_config(D), **TMA})
+    assert_close("o", o_ref, o[:1], dtype, **TOL[dtype][0])
+    grads = swa_bwd(
+        do, q, k, v, o, lse, W, 0, scale, dkdv_config={**_dkdv_config(D), **TMA}, dq_config={**_dq_config(D), **TMA}
+    )
+    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out[:1], dtype, **TOL[dtype][1])
+
+
 @pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
 def test_swa_launchers_half(dtype, loops):
@@ -204,3 +241,18 @@ def test_swa_bad_inputs():
         swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, ONE_LOOP=True, MASK_ALL=True))
     with pytest.raises(ValueError, match=r"swa_bwd dq_config: unknown config keys \['num_warp'\]"):
         swa_bwd(q, q, k, v, q, q[..., 0], 4, dq_config=dict(BM=64, BN=32, num_warp=4))
+    with pytest.raises(ValueError, match="swa_fwd: TMA=True .* got ONE_LOOP=False; add ONE_LOOP=True"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, TMA=True))
+    with pytest.raises(ValueError, match="swa_bwd dkdv_config: TMA=True .* got ONE_LOOP=False"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, dkdv_config=dict(BM=32, BN=64, ONE_LOOP=False, TMA=True))
+
+
+def test_swa_tma_needs_tensor_descriptors(monkeypatch):
+    """A Triton without tl.make_tensor_descriptor (before 3.4) gets an error naming the config key, not a
+    compile error from inside the kernel."""
+    from mixerzoo.kernels.swa import swa
+
+    q, k, v, _ = _inputs(1, 8, 2, 2, 16, torch.float32, "cpu")
+    monkeypatch.delattr(swa.tl, "make_tensor_descriptor")
+    with pytest.raises(RuntimeError, match=r"swa_fwd: config key TMA=True needs tl.make_tensor_descriptor"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, ONE_LOOP=True, TMA=True))

@@ -65,13 +65,24 @@ def _fwd_inner(
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
+    row0=0,
+    col0=0,
+    D: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
     # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile; 3: the whole band
     # in one loop (one software pipeline instead of three), masking only the blocks outside the fully
     # visible [F_LO, F_HI) (a branch on a block-uniform scalar)
+    # TMA (MODE 3 only): p_k / p_v are tensor descriptors over [B, T, HKV * D]; this program's batch row
+    # is row0, its kv head starts at column col0; keys past T come back as zeros (see _swa_fwd_kernel)
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
-        if MODE == 0:
+        if TMA:
+            tl.static_assert(MODE == 3)
+            m_j = (o_j < T) & (o_j >= P)
+            b_k = tl.reshape(p_k.load([row0, n0, col0]), [BN, D])
+            b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
+        elif MODE == 0:
             b_k = tl.load(p_k + n0 * stride_kt)
             b_v = tl.load(p_v + n0 * stride_vt)
         else:
@@ -137,6 +148,7 @@ def _swa_fwd_kernel(
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -192,6 +204,54 @@ def _swa_fwd_kernel(
             BN,
             1,
             PREC=PREC,
+        )
+    elif ONE_LOOP and TMA:
+        # K / V tiles by TMA (bulk async copies into shared memory) from descriptors over the 3-D view
+        # [B, T, HKV * D], block [1, BN, D] at (b, n0, hk * D): a tile that runs past T is zero-filled by
+        # TMA per batch row. (A 2-D view [B * T, HKV * D] would read the next batch row's first keys
+        # there instead: masked to -inf scores and p = 0, but p @ V = 0 * V, which is NaN where that row's
+        # V holds inf / NaN, so one bad sequence would poison its neighbour; checked in the interpreter.)
+        # The 3-D load compiles to the same TMA copy into a [BN, D] tile (sm_90, Triton 3.9). Padding slots
+        # (keys before pad[b]) are in bounds and may hold anything, so HAS_PAD keeps its masked loads.
+        d_k = tl.make_tensor_descriptor(
+            k,
+            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
+            strides=[stride_kb, stride_kt, 1],
+            block_shape=[1, BN, D],
+        )
+        d_v = tl.make_tensor_descriptor(
+            v,
+            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
+            strides=[stride_vb, stride_vt, 1],
+            block_shape=[1, BN, D],
+        )
+        acc, m_i, l_i = _fwd_inner(
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            d_k,
+            d_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            3,
+            PREC=PREC,
+            F_LO=b,
+            F_HI=m0,
+            row0=i_b.to(tl.int32),
+            col0=(i_hk * D).to(tl.int32),
+            D=D,
+            TMA=True,
         )
     elif ONE_LOOP:
         acc, m_i, l_i = _fwd_inner(
@@ -377,13 +437,25 @@ def _dkdv_inner(
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
+    row0=0,
+    col0=0,
+    D: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
     # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries;
     # 3: all query blocks in one loop, masking those outside [F_LO, F_HI)
+    # TMA (MODE 3 only): p_q / p_do are tensor descriptors over [B, T, HQ * D] (batch row row0, query head
+    # at column col0); queries past T come back as zeros, as the masked loads give
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
         m_m = o_m < T
-        if MODE == 0:
+        if TMA:
+            tl.static_assert(MODE == 3)
+            b_q = tl.reshape(p_q.load([row0, m0, col0]), [BM, D])
+            b_do = tl.reshape(p_do.load([row0, m0, col0]), [BM, D])
+            b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
+            b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
+        elif MODE == 0:
             b_q = tl.load(p_q + m0 * stride_qt)
             b_do = tl.load(p_do + m0 * stride_dot)
             b_lse = tl.load(p_lse + m0)
@@ -451,6 +523,7 @@ def _swa_bwd_dkdv_kernel(
     BN: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # one program per (key block, kv head): loops over the G query heads of its group and over the
@@ -510,6 +583,52 @@ def _swa_bwd_dkdv_kernel(
                     1,
                     PREC=PREC,
                 )
+    elif ONE_LOOP and TMA:
+        # Q / dO tiles by TMA, descriptors over [B, T, HQ * D] (see _swa_fwd_kernel); lse / delta (one
+        # float per query) keep their masked loads
+        d_q = tl.make_tensor_descriptor(
+            q, shape=[tl.num_programs(1) // HKV, T, HQ * D], strides=[stride_qb, stride_qt, 1], block_shape=[1, BM, D]
+        )
+        d_do = tl.make_tensor_descriptor(
+            do,
+            shape=[tl.num_programs(1) // HKV, T, HQ * D],
+            strides=[stride_dob, stride_dot, 1],
+            block_shape=[1, BM, D],
+        )
+        for i_g in range(G):
+            i_h = i_hk * G + i_g
+            p_lse = lse + (i_b * HQ + i_h) * T + o_mb
+            p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+            b_dk, b_dv = _dkdv_inner(
+                b_dk,
+                b_dv,
+                b_k,
+                b_v,
+                d_q,
+                d_do,
+                p_lse,
+                p_delta,
+                o_n,
+                o_mb,
+                n0,
+                hi,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_qt,
+                stride_dot,
+                BM,
+                3,
+                PREC=PREC,
+                F_LO=n0 + BN,
+                F_HI=e,
+                row0=i_b.to(tl.int32),
+                col0=(i_h * D).to(tl.int32),
+                D=D,
+                TMA=True,
+            )
     elif ONE_LOOP:
         for i_g in range(G):
             i_h = i_hk * G + i_g
@@ -753,10 +872,20 @@ def _dq_inner(
     PREC: tl.constexpr,
     F_LO=0,
     F_HI=0,
+    row0=0,
+    col0=0,
+    D: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
+    # TMA: as in _fwd_inner (descriptor loads, MODE 3 only)
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
-        if MODE == 0:
+        if TMA:
+            tl.static_assert(MODE == 3)
+            m_j = (o_j < T) & (o_j >= P)
+            b_k = tl.reshape(p_k.load([row0, n0, col0]), [BN, D])
+            b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
+        elif MODE == 0:
             b_k = tl.load(p_k + n0 * stride_kt)
             b_v = tl.load(p_v + n0 * stride_vt)
         else:
@@ -817,6 +946,7 @@ def _swa_bwd_dq_kernel(
     BS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tl.static_assert(BM % BN == 0)
@@ -876,6 +1006,49 @@ def _swa_bwd_dq_kernel(
             BN,
             1,
             PREC=PREC,
+        )
+    elif ONE_LOOP and TMA:
+        # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
+        d_k = tl.make_tensor_descriptor(
+            k,
+            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
+            strides=[stride_kb, stride_kt, 1],
+            block_shape=[1, BN, D],
+        )
+        d_v = tl.make_tensor_descriptor(
+            v,
+            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
+            strides=[stride_vb, stride_vt, 1],
+            block_shape=[1, BN, D],
+        )
+        b_dq = _dq_inner(
+            b_dq,
+            b_q,
+            b_do,
+            b_lse,
+            b_delta,
+            d_k,
+            d_v,
+            o_m,
+            o_n,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BN,
+            3,
+            PREC=PREC,
+            F_LO=b,
+            F_HI=m0,
+            row0=i_b.to(tl.int32),
+            col0=(i_hk * D).to(tl.int32),
+            D=D,
+            TMA=True,
         )
     elif ONE_LOOP:
         b_dq = _dq_inner(
@@ -1054,7 +1227,7 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA")
 
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
@@ -1070,13 +1243,42 @@ def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
 
 def _loop_flags(cfg: dict, kernel: str) -> dict:
     """Pops a tile config's ONE_LOOP key (one key loop over the whole window band, one software pipeline,
-    instead of boundary / interior / diagonal loops; default False, the three loops) after BM and BN,
+    instead of boundary / interior / diagonal loops; default False, the three loops) and TMA key (the one
+    loop loads its K / V tiles (forward, dQ) or Q / dO tiles (dK/dV) through tensor descriptors: TMA bulk
+    copies on Hopper; default False; needs ONE_LOOP; with padding the masked pointer loads stay) after BM
+    and BN,
     and refuses keys the launchers do not know (they would reach the kernel launch as kwargs)."""
-    flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)))
+    flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
     unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"{kernel}: unknown config keys {unknown}; a config takes {_CONFIG_KEYS}")
+    if flags["TMA"] and not flags["ONE_LOOP"]:
+        raise ValueError(
+            f"{kernel}: TMA=True loads tiles by tensor descriptors in the one-loop path only, got ONE_LOOP=False; "
+            "add ONE_LOOP=True to the config"
+        )
+    if flags["TMA"] and not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        raise RuntimeError(
+            f"{kernel}: config key TMA=True needs tl.make_tensor_descriptor and triton.set_allocator "
+            f"(Triton >= 3.4), installed Triton {triton.__version__}; drop TMA from the config or upgrade Triton"
+        )
     return flags
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
+    # global memory for the descriptors the TMA kernels build on the device (128 bytes per program);
+    # torch.empty's blocks are 512-byte aligned, more than the alignment Triton asks for
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _tma_operands(*xs: Tensor) -> tuple[Tensor, ...]:
+    """Before a launch with TMA=True: Triton's device-side descriptors take their scratch from the one
+    process-wide allocator, so it is set here (every TMA launch, not at import: other launches never
+    need it); TMA needs 16-byte aligned base pointers, which a contiguous view at an odd offset lacks,
+    so such an operand is copied. The other strides (T * H * D and H * D elements of a contiguous
+    [B, T, H, D] operand) are multiples of 16 bytes for every supported D, as TMA requires."""
+    triton.set_allocator(_tma_scratch)
+    return tuple(x if x.data_ptr() % 16 == 0 else x.clone() for x in xs)
 
 
 def _sink_block(S: int) -> int:
@@ -1142,7 +1344,7 @@ def swa_fwd(
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
-    structure (optional key ONE_LOOP, see ``_loop_flags``), for tuning."""
+    structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning."""
     _check_triton(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
@@ -1155,6 +1357,8 @@ def swa_fwd(
     cfg = dict(config or _fit_dtype(_fwd_config(D), q.dtype, D))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_fwd")
+    if loops["TMA"]:
+        k, v = _tma_operands(k, v)
     grid = (triton.cdiv(T, BM), B * HQ)
     _swa_fwd_kernel[grid](
         q,
@@ -1214,8 +1418,8 @@ def swa_bwd(
     second time (7 matmuls per tile pair); deterministic. (A fused dK/dV kernel adding dQ with float32
     atomics lost to this at every tile on an H200, see benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
-    (BM % BN == 0) override the tile sizes and the loop structure (optional key ONE_LOOP, see
-    ``_loop_flags``), for tuning."""
+    (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
+    TMA, see ``_loop_flags``), for tuning."""
     cfg = dict(dkdv_config or _fit_dtype(_dkdv_config(q.shape[-1]), q.dtype, q.shape[-1]))
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config")
@@ -1265,11 +1469,12 @@ def swa_bwd(
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
-        q,
+        q_dkdv,
         k,
         v,
-        do,
+        do_dkdv,
         lse,
         delta,
         dk,
@@ -1337,10 +1542,11 @@ def swa_bwd(
             g.scatter_(1, gidx, (cur + add).to(g.dtype))
     dq = torch.empty_like(q)
     cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
+    k_dq, v_dq = _tma_operands(k, v) if loops["TMA"] else (k, v)
     _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
         q,
-        k,
-        v,
+        k_dq,
+        v_dq,
         do,
         lse,
         delta,
