@@ -42,6 +42,15 @@ def _window_vis_t(o_n, o_m, P, W):
 
 
 @triton.jit
+def _rows_descriptor(x, n_batch, T, width, stride_b, stride_t, BR: tl.constexpr, D: tl.constexpr):
+    # TMA descriptor over x viewed as [B, T, heads * D], blocks [1, BR, D] (one head's rows): a block
+    # that runs past T is zero-filled per batch row, never read from the next sequence
+    return tl.make_tensor_descriptor(
+        x, shape=[n_batch, T, width], strides=[stride_b, stride_t, 1], block_shape=[1, BR, D]
+    )
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     m_i,
@@ -213,18 +222,8 @@ def _swa_fwd_kernel(
         # V holds inf / NaN, so one bad sequence would poison its neighbour; checked in the interpreter.)
         # The 3-D load compiles to the same TMA copy into a [BN, D] tile (sm_90, Triton 3.9). Padding slots
         # (keys before pad[b]) are in bounds and may hold anything, so HAS_PAD keeps its masked loads.
-        d_k = tl.make_tensor_descriptor(
-            k,
-            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
-            strides=[stride_kb, stride_kt, 1],
-            block_shape=[1, BN, D],
-        )
-        d_v = tl.make_tensor_descriptor(
-            v,
-            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
-            strides=[stride_vb, stride_vt, 1],
-            block_shape=[1, BN, D],
-        )
+        d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
+        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_vb, stride_vt, BN, D)
         acc, m_i, l_i = _fwd_inner(
             acc,
             m_i,
@@ -586,15 +585,8 @@ def _swa_bwd_dkdv_kernel(
     elif ONE_LOOP and TMA:
         # Q / dO tiles by TMA, descriptors over [B, T, HQ * D] (see _swa_fwd_kernel); lse / delta (one
         # float per query) keep their masked loads
-        d_q = tl.make_tensor_descriptor(
-            q, shape=[tl.num_programs(1) // HKV, T, HQ * D], strides=[stride_qb, stride_qt, 1], block_shape=[1, BM, D]
-        )
-        d_do = tl.make_tensor_descriptor(
-            do,
-            shape=[tl.num_programs(1) // HKV, T, HQ * D],
-            strides=[stride_dob, stride_dot, 1],
-            block_shape=[1, BM, D],
-        )
+        d_q = _rows_descriptor(q, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
+        d_do = _rows_descriptor(do, tl.num_programs(1) // HKV, T, HQ * D, stride_dob, stride_dot, BM, D)
         for i_g in range(G):
             i_h = i_hk * G + i_g
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
@@ -1009,18 +1001,8 @@ def _swa_bwd_dq_kernel(
         )
     elif ONE_LOOP and TMA:
         # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
-        d_k = tl.make_tensor_descriptor(
-            k,
-            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
-            strides=[stride_kb, stride_kt, 1],
-            block_shape=[1, BN, D],
-        )
-        d_v = tl.make_tensor_descriptor(
-            v,
-            shape=[tl.num_programs(1) // HQ, T, HQ // G * D],
-            strides=[stride_vb, stride_vt, 1],
-            block_shape=[1, BN, D],
-        )
+        d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
+        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_vb, stride_vt, BN, D)
         b_dq = _dq_inner(
             b_dq,
             b_q,
