@@ -79,6 +79,19 @@ def _decay_strict16(b_ga, b_gb, DIAG: tl.constexpr):
 
 
 @triton.jit
+def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk, first row, length) of a per-chunk program. Packed batches read them from the
+    chunk table, whose spare rows hold sequence -1; fixed length: batch i_b, chunk i_t, rows from i_b * T."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_t)
+        i_c = tl.load(chunk_indices + 2 * i_t + 1)
+        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0))  # a spare row (-1) reads sequence 0, then exits
+        return i_n, i_c, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1) - bos
+    else:
+        return i_b, i_t, i_b * T, T
+
+
+@triton.jit
 def _chunk_prep_kernel(
     k,
     g,
@@ -98,15 +111,9 @@ def _chunk_prep_kernel(
     # gamma = cumsum(g) in the chunk; Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_r = tl.arange(0, 16)
     o_t0 = i_t * 64 + o_r
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
@@ -252,15 +259,9 @@ def _chunk_wu_kernel(
     # W = Ai diag(beta) (K * exp(gamma)), U = Ai diag(beta) V
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = o_t < T
     b_beta = tl.load(beta + bos * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
@@ -413,15 +414,9 @@ def _chunk_o_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_t  # hs row i_b * NT + i_row; in a packed batch i_b = 0 and i_row is the chunk table's row
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_t = i_t * 64 + tl.arange(0, 64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
@@ -469,15 +464,9 @@ def _chunk_dvl_kernel(
     # intra-chunk part of dVn: dvl_j = scale sum_{i >= j} exp(gamma_i - gamma_j) (q_i . k_j) do_i
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_t = i_t * 64 + tl.arange(0, 64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
@@ -651,15 +640,9 @@ def _chunk_dqk_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_t  # hs / dhs row i_b * NT + i_row; in a packed batch i_b = 0 and i_row is the chunk table's row
     T_all = T  # dgp is indexed by token: [NK, B, T_all, H]
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_t = i_t * 64 + tl.arange(0, 64)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t, m_k = o_t < T, o_k < K
@@ -746,15 +729,9 @@ def _chunk_wy_bwd_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     T_all = T  # dgp is indexed by token: [NK, B, T_all, H]
-    if IS_VARLEN:  # this program's (sequence, chunk) from the table; the grid's spare rows exit
-        i_n = tl.load(chunk_indices + 2 * i_t)
-        if i_n < 0:
-            return
-        i_t = tl.load(chunk_indices + 2 * i_t + 1)
-        bos = tl.load(cu_seqlens + i_n)
-        T = tl.load(cu_seqlens + i_n + 1) - bos
-    else:
-        bos = i_b * T
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
     o_t = i_t * 64 + tl.arange(0, 64)
     m_t = o_t < T
     o_r = tl.arange(0, 64)
