@@ -24,20 +24,26 @@ def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+TIMING = "median over 10 to 200 calls (the script says how many) queued back to back, each between two CUDA events, one synchronisation at the end"
+
+
 def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
-    """Median milliseconds of ``fn()`` over ``repeat`` runs after ``warmup``, timed with CUDA events."""
+    """Median milliseconds of ``fn()`` over ``repeat`` runs after ``warmup``, timed with CUDA events.
+
+    The runs are queued back to back with one synchronisation at the end (as triton.testing.do_bench
+    does), so each event pair measures the device's time for one call, not the host's launch latency
+    before the first kernel of a call found the device idle; where the host is the slower side (an
+    eager decode step), the pairs measure the host's time per call instead."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return times[len(times) // 2]
 
 
@@ -65,7 +71,8 @@ def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) ->
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
-        **{k: v for k, v in old.items() if k not in ("gpu", "torch", "triton", "date", "rows")},
+        "timing": TIMING,
+        **{k: v for k, v in old.items() if k not in ("gpu", "torch", "triton", "date", "timing", "rows")},
         **(extra or {}),
         "rows": kept + rows,
     }

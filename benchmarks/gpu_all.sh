@@ -34,7 +34,7 @@ for part in "${parts[@]}"; do
         ;;
     backends) python3 benchmarks/check_backends.py 2>&1 | tee "$OUT/backends.log" | tail -n 20 || rc=1 ;;
     attention)
-        python3 benchmarks/attention.py --sections check,loops,swa,full,decode 2>&1 | tee "$OUT/attention.log" \
+        python3 benchmarks/attention.py --sections check,loops,swa,full,decode --adopt 2>&1 | tee "$OUT/attention.log" \
             | tail -n 60 || rc=1
         ;;
     gdn)
