@@ -1,0 +1,92 @@
+"""Head dims other than the benchmarked 128 on the GPU: swa_attention and eviction_attention at
+D = 32, 64, 96, 128, 256 in bf16 and float32, outputs and every gradient, against the same op on the
+CPU in float64 (the CPU path is the reference). A head dim the kernels refuse must raise a ValueError
+naming it; any other failure, or an error above the bound, fails the run.
+
+    python benchmarks/check_head_dims.py            # on a CUDA machine; > 3.5 min on a fresh H200 (compiles)
+    python benchmarks/check_head_dims.py --device cpu   # dry run of the script: CPU against CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import traceback
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # common.py, and mixerzoo from the checkout
+from common import rel_rmse  # noqa: E402
+
+from mixerzoo.kernels import eviction_attention, swa_attention  # noqa: E402
+
+BOUND = {torch.bfloat16: (1e-2, 2e-2), torch.float32: (1e-4, 1e-4)}  # (output, gradients) rel RMSE
+HEAD_DIMS = (32, 64, 96, 128, 256)
+B, T, HQ, HKV = 2, 700, 4, 2
+
+
+def _inputs(D: int, device: str, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, T, h, D, generator=g) for h in (HQ, HKV, HKV, HQ))
+    score = torch.randn(B, T, HKV, generator=g) - 1.3  # about 10% retained
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, do)], score.to(device)
+
+
+def _run(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do)
+    return [o, q.grad, k.grad, v.grad]
+
+
+def check(name: str, fn, D: int, device: str, dtype: torch.dtype) -> tuple[bool, str]:
+    (q, k, v, do), score = _inputs(D, device, dtype, seed=D)
+    ref = _run(lambda a, b, c: fn(a, b, c, score.cpu()), *(x.cpu().double() for x in (q, k, v, do)))
+    out = _run(lambda a, b, c: fn(a, b, c, score), q, k, v, do)
+    errs = [rel_rmse(r, x.cpu()) for r, x in zip(ref, out, strict=True)]
+    bo, bg = BOUND[dtype]
+    ok = errs[0] <= bo and all(e <= bg for e in errs[1:])
+    return ok, " ".join(f"{n} {e:.2e}" for n, e in zip(("o", "dq", "dk", "dv"), errs, strict=True))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    ops = {
+        "swa W=129 S=4": lambda q, k, v, s: swa_attention(q, k, v, window_size=129, num_sinks=4),
+        "eviction train W=65 C=32 S=4": lambda q, k, v, s: eviction_attention(
+            q, k, v, s, window_size=65, capacity=32, num_sinks=4, training=True
+        ),
+        "eviction eval W=65 C=32 S=4": lambda q, k, v, s: eviction_attention(
+            q, k, v, s, window_size=65, capacity=32, num_sinks=4, training=False
+        ),
+    }
+    failed = []
+    for name, fn in ops.items():
+        for D in HEAD_DIMS:
+            for dtype in (torch.bfloat16, torch.float32):
+                label = f"{name:30s} D={D:3d} {str(dtype).removeprefix('torch.'):8s}"
+                try:
+                    ok, txt = check(name, fn, D, args.device, dtype)
+                    print(f"{label} {'ok  ' if ok else 'FAIL'} {txt}", flush=True)
+                    if not ok:
+                        failed.append(label)
+                except ValueError as e:  # a refused head dim must say which
+                    named = f"{D}" in str(e)
+                    print(f"{label} refused: {e}" + ("" if named else "  <- does not name the head dim"), flush=True)
+                    if not named:
+                        failed.append(label)
+                except Exception as e:
+                    traceback.print_exc()
+                    print(f"{label} FAIL {type(e).__name__}: {e}", flush=True)
+                    failed.append(label)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    print("FAILED: " + "; ".join(failed) if failed else "all head dims ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
