@@ -16,8 +16,8 @@ import traceback
 
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # common.py, and mixerzoo from the checkout
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import rel_rmse  # noqa: E402
 
 from mixerzoo.kernels import eviction_attention, swa_attention  # noqa: E402
@@ -83,7 +83,8 @@ def main() -> int:
                     traceback.print_exc()
                     print(f"{label} FAIL {type(e).__name__}: {e}", flush=True)
                     failed.append(label)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     print("FAILED: " + "; ".join(failed) if failed else "all head dims ok")
     return 1 if failed else 0
 

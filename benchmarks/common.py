@@ -24,7 +24,10 @@ def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-TIMING = "median over 10 to 200 calls (the script says how many) queued back to back, each between two CUDA events, one synchronisation at the end"
+TIMING = (
+    "median over 10 to 200 calls (the script says how many) queued back to back, each between two CUDA events, "
+    "one synchronisation at the end"
+)
 
 
 def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
