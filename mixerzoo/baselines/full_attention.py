@@ -101,23 +101,44 @@ class FullAttention(AttentionMixer):
     ) -> tuple[Tensor, FullAttentionState | None]:
         if state is not None:
             self._check_capacity(state, x.shape[1])
-        slot, pos, valid = positions_and_pad(x, state, attention_mask)
+        slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.qkv(x, pos)
         if state is None:
-            o = self._attend(q, k, v, None if attention_mask is None else valid, self.scale)
-            return self.out(o), None
+            return self.out(self._parallel(q, k, v, None if attention_mask is None else valid)), None
 
-        # Write the chunk into the cache, then attend over the whole cache (fixed shape [B, L]).
+        # Write the chunk into the cache (detached: a state never records autograd history), then attend
+        # over the whole cache (fixed shape [B, L]).
         kpos = pos.masked_fill(~valid, -1)  # padding keys are never visible
-        state.k.index_copy_(1, slot, k.to(state.k.dtype))
-        state.v.index_copy_(1, slot, v.to(state.v.dtype))
+        state.k.index_copy_(1, slot, k.detach().to(state.k.dtype))
+        state.v.index_copy_(1, slot, v.detach().to(state.v.dtype))
         state.kpos.index_copy_(1, slot, kpos)
+        keys, values = state.k.to(q.dtype), state.v.to(q.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # The chunk's gradient reaches k and v through out-of-place copies; autograd then never
+            # saves the cache itself, which the next call overwrites in place.
+            keys, values = keys.index_copy(1, slot, k), values.index_copy(1, slot, v)
         L = state.k.shape[1]
         itself = torch.arange(L, device=x.device) == slot[:, None]  # [T, L]: padding queries see themselves
         mask = visible(pos, state.kpos) | itself
-        o = masked_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), mask, self.scale)
+        o = masked_attention(q, keys, values, mask, self.scale)
         state.seen.add_(x.shape[1])
         return self.out(o), state
+
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """The backend's causal attention, NaN-isolated: q [B, T, HQ, Dh], k and v [B, T, HKV, Dh].
+
+        The backends' kernels multiply masked probabilities (0) by the values of later keys, so a NaN or
+        Inf at key j would reach queries before j. Non-finite keys and values are zeroed for the kernel
+        and every query at or after them (in the same KV head) is marked NaN instead: a non-finite input
+        still shows, and only where causality lets it.
+        """
+        bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
+        k = torch.where(bad[..., None], 0.0, k)
+        v = torch.where(bad[..., None], 0.0, v)
+        o = self._attend(q, k, v, valid, self.scale)
+        seen_bad = bad.int().cumsum(1) > 0  # [B, T, HKV]: a non-finite key at or before t
+        seen_bad = seen_bad.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # [B, T, HQ]
+        return torch.where(seen_bad[..., None], float("nan"), o)
 
     def _check_capacity(self, state: FullAttentionState, T: int) -> None:
         L = state.k.shape[1]

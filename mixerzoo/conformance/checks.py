@@ -20,9 +20,13 @@ from ..registry.core import MixerSpec
 from ..registry.core import spec as core_spec
 from ..testing import assert_close, tolerance
 
-__all__ = ["CHECKS", "Case", "assert_close", "core_spec", "tolerance"]
+__all__ = ["CHECKS", "Case", "Skip", "assert_close", "core_spec", "tolerance"]
 
 HIDDEN, HEADS, BATCH = 64, 4, 2
+
+
+class Skip(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a check that does not apply to a mixer; the message is the reason shown."""
 
 
 def _assert_equal(name: str, a: Tensor, b: Tensor) -> None:
@@ -156,6 +160,18 @@ def check_causality(case: Case) -> None:
             torch.manual_seed(3)
             y2, _ = mixer(x2)
             assert_close(f"{case.name} causality (train={train}, t={t})", y1[:, : t + 1], y2[:, : t + 1], atol=1e-5)
+            # A NaN (or Inf) after t must not reach outputs up to t either.
+            for bad in (float("nan"), float("inf")):
+                x3 = x.clone()
+                x3[:, t + 1] = bad
+                torch.manual_seed(3)
+                y3, _ = mixer(x3)
+                assert_close(
+                    f"{case.name} causality with {bad} at t={t + 1} (train={train})",
+                    y1[:, : t + 1],
+                    y3[:, : t + 1],
+                    atol=1e-5,
+                )
 
 
 @torch.no_grad()
@@ -189,35 +205,64 @@ def check_chunked_prefill(case: Case) -> None:
     assert_close(f"{case.name} decode after chunked prefill", mixer(nxt, s1)[0], mixer(nxt, s2)[0], atol=atol)
 
 
+def _padded(x: Tensor, lead: list[int], trail: list[int], fill: float) -> tuple[Tensor, Tensor]:
+    """Row b holds the first ``T - lead[b] - trail[b]`` tokens of x[b] after ``lead[b]`` padding tokens
+    and before ``trail[b]`` (padding holds ``fill``): x [B, T, D] -> (xp [B, T, D], mask [B, T])."""
+    B, T, D = x.shape
+    xp = torch.full((B, T, D), fill, dtype=x.dtype, device=x.device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    for b in range(B):
+        n = T - lead[b] - trail[b]
+        xp[b, lead[b] : lead[b] + n] = x[b, :n]
+        mask[b, lead[b] : lead[b] + n] = True
+    return xp, mask
+
+
 @torch.no_grad()
 def check_padding(case: Case) -> None:
-    """Left padding (attention_mask) gives real tokens the outputs of the unpadded sequence, in the
-    parallel form and through prefill + decode."""
+    """Padding (attention_mask): left, right and both. Real tokens get the outputs of the unpadded
+    sequence, padding outputs are 0, NaN or Inf in padding reaches nothing, in the parallel form and
+    through prefill + decode; a mask with a hole between real tokens raises ValueError."""
     if not case.spec.padding:
-        return
+        raise Skip("the mixer declares supports_padding=False")
     mixer = case.build()
-    x = case.input()
-    T, npad = x.shape[1], 3
+    B = case.batch_size
+    x = case.input(B=B)
+    T = x.shape[1]
     atol = _decode_atol(case)
-    # row 0 is padded on the left by npad tokens, row 1 is not padded
-    xp = torch.cat([case.input(seed=9, T=npad), x[:, : T - npad]], dim=1)
-    xp[1] = x[1, :T]
-    mask = torch.ones(x.shape[0], T, dtype=torch.bool, device=case.device)
-    mask[0, :npad] = False
-    y_row0, _ = mixer(x[:1, : T - npad])
-    y_row1, _ = mixer(x[1:, :T])
-    y_pad, _ = mixer(xp, attention_mask=mask)
-    assert_close(f"{case.name} left-padded row (parallel)", y_row0, y_pad[:1, npad:], atol=atol)
-    assert_close(f"{case.name} unpadded row beside a padded one (parallel)", y_row1, y_pad[1:], atol=atol)
-    if not case.spec.decode:
-        return
-    state = case.init_state(mixer)
-    prefix = T // 2
-    y_pre, state = mixer(xp[:, :prefix], state, attention_mask=mask[:, :prefix])
-    y_dec = _stream(mixer, xp[:, prefix:], state, [1] * (T - prefix))
-    y_stream = torch.cat([y_pre, y_dec], dim=1)
-    assert_close(f"{case.name} left-padded prefill + decode", y_row0, y_stream[:1, npad:], atol=atol)
-    assert_close(f"{case.name} unpadded row in a padded batch, prefill + decode", y_row1, y_stream[1:], atol=atol)
+    layouts = {"left": ([3] + [0] * (B - 1), [0] * B), "right": ([0] * B, [4] + [0] * (B - 1))}
+    layouts["both"] = ([2] + [0] * (B - 1), [3] + [5] * (B - 1))
+    unpadded: dict[tuple[int, int], Tensor] = {}
+    for kind, (lead, trail) in layouts.items():
+        for fill in (0.0, float("inf"), float("nan")):
+            xp, mask = _padded(x, lead, trail, fill)
+            y_pad, _ = mixer(xp, attention_mask=mask)
+            for b in range(B):
+                n = int(mask[b].sum())
+                if (b, n) not in unpadded:
+                    unpadded[b, n] = mixer(x[b : b + 1, :n])[0]
+                y_row = unpadded[b, n]
+                got = y_pad[b : b + 1, lead[b] : lead[b] + n]
+                hint = " (a mixer that cannot take padding declares supports_padding = False)" if fill == 0.0 else ""
+                assert_close(
+                    f"{case.name} {kind}-padded row {b}, padding {fill} (parallel){hint}", y_row, got, atol=atol
+                )
+            if not bool((y_pad[~mask] == 0).all()):
+                raise AssertionError(f"{case.name}: {kind} padding, fill {fill}: padding outputs must be 0")
+            if not case.spec.decode or fill == fill:  # streamed once per layout, with NaN padding
+                continue
+            # The same through a prefill of the first half and token-by-token decode of the rest.
+            state = case.init_state(mixer, T=xp.shape[1])
+            prefix = xp.shape[1] // 2
+            ys = [mixer(xp[:, :prefix], state, attention_mask=mask[:, :prefix])[0]]
+            for t in range(prefix, xp.shape[1]):
+                ys.append(mixer(xp[:, t : t + 1], state, attention_mask=mask[:, t : t + 1])[0])
+            y_stream = torch.cat(ys, 1)
+            assert_close(f"{case.name} {kind} padding {fill}, prefill + decode vs parallel", y_pad, y_stream, atol=atol)
+
+    hole = torch.ones(B, T, dtype=torch.bool, device=case.device)
+    hole[0, T // 2] = False
+    _expect(ValueError, (case.name, "attention_mask"), "a mask with a hole", lambda: mixer(x, attention_mask=hole))
 
 
 def _compile_counter(backend: str):
@@ -328,16 +373,80 @@ def check_gradients(case: Case) -> None:
         raise AssertionError(f"{case.name}: no parameter received a gradient in training mode")
 
     if case.device == "cpu" and case.dtype == torch.float32:
-        small = dataclasses.replace(case, dtype=torch.float64, batch_size=1)
-        m64 = small.build(train=True)
+        # The full Jacobian (not fast mode, which checks one random projection of it), on a tiny config,
+        # under the config overrides that make the gradient the exact derivative (exact_grad_kwargs).
+        small = dataclasses.replace(case, dtype=torch.float64, batch_size=1, hidden_size=16)
+        m64 = small.build(train=True, **case.spec.cls.exact_grad_kwargs)
         x64 = small.input(T=min(case.seqlen, 24)).mul_(0.5).requires_grad_()
 
         def f(inp):
             torch.manual_seed(17)
             return m64(inp)[0]
 
-        if not torch.autograd.gradcheck(f, (x64,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True):
-            raise AssertionError(f"{case.name}: float64 gradcheck failed")
+        try:
+            torch.autograd.gradcheck(f, (x64,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=False)
+        except torch.autograd.gradcheck.GradcheckError as e:
+            raise AssertionError(f"{case.name}: float64 gradcheck (full Jacobian) failed: {e}") from e
+
+
+def _graph_size(t: Tensor) -> int:
+    """Autograd nodes reachable from t (0 without history)."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+def check_state_autograd(case: Case) -> None:
+    """Decode in grad mode: state updates record no autograd history, so the graph of a step does not
+    grow with the steps before it (memory stays flat), and backward through calls that share a state
+    works, with gradients reaching each call's own inputs only."""
+    if not case.spec.decode:
+        raise Skip("the mixer has no decode state")
+    mixer = case.build()
+    steps = 48
+    x = case.input(T=8 + steps).requires_grad_()
+    state = case.init_state(mixer, T=x.shape[1])
+    mixer(x[:, :8], state)
+    sizes = []
+    for t in range(8, x.shape[1]):
+        y, state = mixer(x[:, t : t + 1], state)
+        sizes.append(_graph_size(y))
+        held = [k for k, v in state.tensors().items() if v.requires_grad or v.grad_fn is not None]
+        if held and not case.spec.cls.trains_through_state:
+            raise AssertionError(f"{case.name}: decode in grad mode left autograd history on state fields {held}")
+    if sizes[-1] != sizes[4] and not case.spec.cls.trains_through_state:
+        raise AssertionError(
+            f"{case.name}: the autograd graph of one decode step grows with the steps before it "
+            f"({sizes[4]} nodes at step 5, {sizes[-1]} at step {steps}): memory grows without bound"
+        )
+
+    # Two calls sharing a state: backward of both outputs works; the second call's input gets the
+    # gradient it gets from a copy of the state (no gradient crosses calls through the state).
+    x = case.input(T=12)
+    x1, x2 = x[:, :8].clone().requires_grad_(), x[:, 8:].clone().requires_grad_()
+    state = case.init_state(mixer)
+    y1, state = mixer(x1, state)
+    twin = state.select(list(range(case.batch_size)))
+    y2, state = mixer(x2, state)
+    (y1.square().sum() + y2.square().sum()).backward()
+    if x1.grad is None or x2.grad is None or not (torch.isfinite(x1.grad).all() and torch.isfinite(x2.grad).all()):
+        raise AssertionError(f"{case.name}: backward through two calls sharing a state gave no or non-finite grads")
+    if not case.spec.cls.trains_through_state:
+        x2b = x2.detach().clone().requires_grad_()
+        y2b, _ = mixer(x2b, twin)
+        y2b.square().sum().backward()
+        assert_close(f"{case.name} grad of the second call's input", x2b.grad, x2.grad, atol=1e-6)
+        x1b = x1.detach().clone().requires_grad_()
+        y1b, _ = mixer(x1b, case.init_state(mixer))
+        y1b.square().sum().backward()
+        assert_close(
+            f"{case.name} grad of the first call's input (none through the state)", x1b.grad, x1.grad, atol=1e-6
+        )
 
 
 @torch.no_grad()
@@ -427,8 +536,33 @@ def check_bad_input(case: Case) -> None:
         lambda: mixer(x, attention_mask=torch.ones(2, 4, dtype=torch.bool, device=case.device)),
     )
 
+    floats = [
+        f.name
+        for f in dataclasses.fields(case.spec.config)
+        if isinstance(f.default, float) and not isinstance(f.default, bool)
+    ]
+    for field in floats[:1]:
+        _expect(
+            ValueError,
+            (name, field, "nan"),
+            f"NaN config value {field}",
+            lambda field=field: case.spec.make_config(**case.kwargs(**{field: float("nan")})),
+        )
+
     if not case.spec.decode:
         return
+    _expect(ValueError, (name, "batch_size", "-1"), "init_state(batch_size=-1)", lambda: mixer.init_state(-1))
+    _expect(
+        TypeError, (name, "dtype", "int64"), "an integer state dtype", lambda: mixer.init_state(2, dtype=torch.int64)
+    )
+    good = case.init_state(mixer)
+    for k, t in good.tensors().items():
+        if t.is_floating_point() and t.dim() > 0:
+            wrong = type(good)(**{**good.tensors(), k: t.to(torch.int32)})
+            _expect(TypeError, (name, k, "int32"), f"an int32 state field {k}", lambda wrong=wrong: mixer(x, wrong))
+            break
+    negative = {**good.to_dict(), "seen": torch.tensor(-1)}
+    _expect(ValueError, ("seen", "-1"), "a negative seen counter", lambda: type(good).from_dict(negative))
     state = case.init_state(mixer, B=3)
     _expect(ValueError, (name, "batch size 3"), "state of another batch size", lambda: mixer(x, state))
 
@@ -477,6 +611,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
         "compile_inductor": check_compile_inductor,
         "gradients": check_gradients,
         "state": check_state,
+        "state_autograd": check_state_autograd,
         "bad_input": check_bad_input,
     }.items()
 }

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, ClassVar
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from ..kernels._checks import check_values
+
 __all__ = [
+    "ENDED",
     "FLOAT_DTYPES",
     "acc_dtype",
     "MixerConfig",
     "State",
     "TokenMixer",
+    "leading_padding",
+    "live_pad",
     "positions_and_pad",
     "state_dataclass",
     "state_field",
@@ -32,18 +39,20 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class MixerConfig:
     """Fields every mixer takes. Subclasses add their own, each with a default.
 
-    ``head_dim`` defaults to ``hidden_size // num_heads``; ``num_kv_heads`` (where a mixer has it)
-    defaults to ``num_heads``.
+    hidden_size: model width D, the last dim of x.
+    num_heads:   attention or state heads (required by mixers with heads; a mixer without heads may
+                 leave it None). ``head_dim`` defaults to ``hidden_size // num_heads``; ``num_kv_heads``
+                 (where a mixer has it) to ``num_heads``.
     """
 
     mixer_name: ClassVar[str] = "mixer"  # set by @register
 
     hidden_size: int
-    num_heads: int
+    num_heads: int | None = None
 
     def __post_init__(self) -> None:
         self.check_int("hidden_size", minimum=1)
-        self.check_int("num_heads", minimum=1)
+        self.check_int("num_heads", minimum=1, allow_none=True)
 
     # -- validation helpers, used by every config's __post_init__ ------------------------------
     def fail(self, field: str, value: Any, allowed: str) -> None:
@@ -67,11 +76,15 @@ class MixerConfig:
         value = getattr(self, field)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(field, value, "a number")
+        if not math.isfinite(value):
+            self.fail(field, value, "a finite number")
         if (low is not None and value < low) or (high is not None and value > high):
             self.fail(field, value, f"in [{low}, {high}]")
 
     def check_heads(self, *, head_dim: int | None, num_kv_heads: int | None = None) -> None:
-        """Check head_dim (None: hidden_size // num_heads) and GQA grouping."""
+        """Check num_heads (required here), head_dim (None: hidden_size // num_heads) and GQA grouping."""
+        if self.num_heads is None:
+            self.fail("num_heads", None, "an int >= 1 (this mixer has heads)")
         if head_dim is None and self.hidden_size % self.num_heads:
             self.fail(
                 "hidden_size",
@@ -95,7 +108,7 @@ def state_field(*, batched: bool = True, fill: float = 0.0) -> Any:
 def state_dataclass(cls: type) -> type:
     """Make ``cls`` (a State subclass) a dataclass and register it as a pytree, so compiled functions
     take and return it."""
-    return _register_pytree(dataclasses.dataclass(eq=False)(cls))
+    return _register_pytree(dataclasses.dataclass(eq=False, repr=False)(cls))
 
 
 def _register_pytree(cls: type) -> type:
@@ -120,13 +133,19 @@ def _register_pytree(cls: type) -> type:
     return cls
 
 
-@dataclasses.dataclass(eq=False)
+# A row whose padding came after real tokens (right padding) has ended: ``pad`` gets this added, so that
+# every later token has a negative position (padding to every mixer) and a real one is refused as a hole.
+ENDED = 2**40
+
+
+@dataclasses.dataclass(eq=False, repr=False)
 class State:
     """Base of every mixer's decode state: a dataclass of fixed-shape tensors, updated in place.
 
     Every state carries two counters:
-      seen: [] int64, tokens consumed so far (left padding included); the slot of the next token.
-      pad:  [B] int64, left-padding tokens per row; a token's position is ``slot - pad``.
+      seen: [] int64, tokens consumed so far (padding included); the slot of the next token.
+      pad:  [B] int64, leading padding tokens per row; a token's position is ``slot - pad``. A row that
+            ended with right padding has ``ENDED`` (2**40) added: later tokens are all padding.
     """
 
     seen: Tensor = state_field(batched=False)
@@ -144,6 +163,18 @@ class State:
         """Bytes held by the state's tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def __repr__(self) -> str:
+        seen = "?" if self.seen.device.type == "meta" else int(self.seen)
+        fields = ", ".join(
+            f"{k}=[{', '.join(map(str, t.shape))}] {str(t.dtype).removeprefix('torch.')}"
+            for k, t in self.tensors().items()
+            if k not in ("seen", "pad")
+        )
+        return (
+            f"{type(self).__name__}(batch_size={self.batch_size}, seen={seen}, {fields}, "
+            f"device={self.pad.device}, nbytes={self.nbytes()})"
+        )
+
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Tensor]:
         """Contiguous copies of every tensor, keyed by field name (``safetensors.torch.save_file`` ready)."""
@@ -151,12 +182,50 @@ class State:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, Tensor]) -> State:
+        """The state of ``to_dict`` (e.g. loaded with ``safetensors.torch.load_file``), validated: field
+        names, tensor types, batch sizes, counter dtypes and ranges, finite floating fields. Shapes and
+        dtypes against a mixer's config are checked when the state is passed to the mixer."""
         names = [f.name for f in dataclasses.fields(cls)]
         missing = sorted(set(names) - set(tensors))
         extra = sorted(set(tensors) - set(names))
         if missing or extra:
             raise ValueError(f"{cls.__name__}.from_dict: fields do not match; missing {missing}, unexpected {extra}")
-        return cls(**{n: tensors[n] for n in names})
+        state = cls(**{n: tensors[n] for n in names})
+        state.validate()
+        return state
+
+    def validate(self) -> State:
+        """Raise ValueError naming the field when the state cannot be one a mixer made; returns self."""
+        where = type(self).__name__
+        for k, t in self.tensors().items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{where}: field '{k}' must be a torch.Tensor, got {type(t).__name__}")
+        seen, pad = self.seen, self.pad
+        if seen.dim() != 0 or seen.dtype != torch.long:
+            raise ValueError(f"{where}: 'seen' must be a 0-dim int64 tensor, got {tuple(seen.shape)} {seen.dtype}")
+        if pad.dim() != 1 or pad.dtype != torch.long:
+            raise ValueError(f"{where}: 'pad' must be a [B] int64 tensor, got {tuple(pad.shape)} {pad.dtype}")
+        B = pad.shape[0]
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if f.metadata.get("batched", True) and (t.dim() == 0 or t.shape[0] != B):
+                raise ValueError(
+                    f"{where}: field '{f.name}' has shape {tuple(t.shape)}; its first dim must be the batch size {B}"
+                )
+            if t.device != pad.device:
+                raise ValueError(f"{where}: field '{f.name}' is on {t.device}, 'pad' on {pad.device}")
+        if pad.device.type == "meta":
+            return self
+        n = int(seen)
+        if n < 0:
+            raise ValueError(f"{where}: 'seen' must be >= 0, got {n}")
+        lead = torch.where(pad >= ENDED, pad - ENDED, pad)
+        if bool(((lead < 0) | (lead > n)).any()):
+            raise ValueError(f"{where}: 'pad' must be in [0, seen={n}] per row, got {pad.tolist()}")
+        for k, t in self.tensors().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: field '{k}' holds NaN or Inf")
+        return self
 
     # -- batch surgery ---------------------------------------------------------------------------
     def select(self, batch_idx: Tensor | list[int]) -> State:
@@ -200,8 +269,14 @@ class TokenMixer(nn.Module):
         x:              [B, T, D]
         state:          None for the parallel form (returns (y, None)); else the mixer's State, which
                         x continues: it is updated in place and returned.
-        attention_mask: [B, T] bool or 0/1, left padding only (False/0 marks padding).
+        attention_mask: [B, T] bool or 0/1 (False/0 marks padding): left padding, right padding or both,
+                        one contiguous run of real tokens per row (holes raise ValueError). Padding is
+                        invisible, never shifts positions, and gets output 0, whatever x holds there.
         y:              [B, T, D]
+
+    A state update never records autograd history: gradients reach the inputs and parameters of the
+    current call, never earlier calls through the state (a mixer that trains through its state says
+    so with ``trains_through_state = True``).
     """
 
     # Capabilities, read by @register into the registry spec; they drive the conformance checks.
@@ -219,18 +294,57 @@ class TokenMixer(nn.Module):
     conformance_seqlen: ClassVar[int] = 37
     # Whether train and eval compute different functions (conformance compares eval decode only).
     train_differs: ClassVar[bool] = False
+    # Whether gradients flow through the state into earlier calls (none of the built-in mixers).
+    trains_through_state: ClassVar[bool] = False
+    # Config overrides under which the training gradient is the exact derivative of the forward (the
+    # full float64 gradcheck runs with them), for mixers whose default gradient is a surrogate.
+    exact_grad_kwargs: ClassVar[dict[str, Any]] = {}
 
     config: MixerConfig
 
     def __init__(self, config: MixerConfig):
         super().__init__()
         self.config = config
-        # (batch size, capacity) -> field shapes of this config's state; filled by _check_state_shapes
-        self._state_shapes: dict[tuple[int, int | None], dict[str, tuple[int, ...]]] = {}
+        # (batch size, capacity, dtype) -> field shapes and dtypes of this config's state; filled by
+        # _check_state_shapes
+        self._state_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every init_state, ours or a third party's, gets its arguments checked first.
+        fn = cls.__dict__.get("init_state")
+        if fn is not None and not getattr(fn, "_checked", False):
+
+            @functools.wraps(fn)
+            def init_state(self, batch_size, *, device=None, dtype=None, max_seqlen=None):
+                self._check_init_args(batch_size, device, dtype, max_seqlen)
+                return fn(self, batch_size, device=device, dtype=dtype, max_seqlen=max_seqlen)
+
+            init_state._checked = True
+            cls.init_state = init_state
 
     @property
     def name(self) -> str:
         return type(self.config).mixer_name
+
+    def _check_init_args(self, batch_size: Any, device: Any, dtype: Any, max_seqlen: Any) -> None:
+        name = self.name
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{name}: init_state batch_size must be an int >= 1, got {batch_size!r}")
+        if max_seqlen is not None and (
+            isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1
+        ):
+            raise ValueError(f"{name}: init_state max_seqlen must be None or an int >= 1, got {max_seqlen!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"{name}: init_state device must be a torch.device or a string, got {device!r}") from e
+        if dtype is not None:
+            on_cpu = device is None or device.type in ("cpu", "meta")
+            if not isinstance(dtype, torch.dtype) or not (dtype in self.dtypes or (dtype == torch.float64 and on_cpu)):
+                allowed = ", ".join(str(d) for d in self.dtypes) + " (float64 on the CPU)"
+                raise TypeError(f"{name}: init_state dtype must be one of {allowed}, got {dtype!r}")
 
     # -- to implement ----------------------------------------------------------------------------
     def mix(self, x: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, State | None]:
@@ -251,7 +365,43 @@ class TokenMixer(nn.Module):
         self, x: Tensor, state: State | None = None, *, attention_mask: Tensor | None = None
     ) -> tuple[Tensor, State | None]:
         self.check_inputs(x, state, attention_mask)
-        return self.mix(x, state, attention_mask)
+        valid = None
+        if attention_mask is not None:
+            valid = self._mask(attention_mask)
+            # Select, never multiply: NaN or Inf at a padding position must not reach anything.
+            x = torch.where(valid[..., None], x, 0.0)
+        y, state = self.mix(x, state, valid)
+        if valid is not None:
+            y = torch.where(valid[..., None], y, 0.0)
+        if state is not None and not self.trains_through_state and torch.is_grad_enabled():
+            for k, t in state.tensors().items():
+                if t.requires_grad:
+                    raise RuntimeError(
+                        f"{self.name}: the update of state field '{k}' recorded autograd history; a state "
+                        f"must be written with detached values (or the mixer must declare trains_through_state)"
+                    )
+        return y, state
+
+    def _mask(self, attention_mask: Tensor) -> Tensor:
+        """The mask as bool [B, T], checked: 0/1 values, one contiguous run of real tokens per row."""
+        m = attention_mask
+        if m.dtype != torch.bool:
+            if m.is_complex():
+                raise TypeError(f"{self.name}: attention_mask must be bool or 0/1, got dtype {m.dtype}")
+            check_values(self.name, (m == 0) | (m == 1), "attention_mask must hold only 0 and 1 (or be bool)")
+            m = m != 0
+        T = m.shape[1]
+        t = torch.arange(T, device=m.device)
+        n = m.sum(-1, keepdim=True)  # [B, 1] real tokens
+        lead = torch.where(n > 0, m.int().argmax(-1, keepdim=True), T)  # [B, 1] leading padding
+        run = (t >= lead) & (t < lead + n)  # the contiguous run the mask must be
+        check_values(
+            self.name,
+            run == m,
+            "attention_mask has padding between real tokens; padding may only precede or follow them "
+            "(left or right padding)",
+        )
+        return m
 
     def _param_like(self) -> Tensor | None:
         return next(iter(self.parameters()), None)
@@ -306,20 +456,27 @@ class TokenMixer(nn.Module):
             if state.pad.device != x.device:
                 raise ValueError(f"{name}: state is on {state.pad.device}, x is on {x.device}")
             if not torch.compiler.is_compiling():
-                self._check_state_shapes(state)
+                self._check_state_shapes(state, x.dtype)
 
-    def _check_state_shapes(self, state: State) -> None:
-        """A state from a mixer of the same kind but another config has other shapes: refuse it."""
-        key = (state.batch_size, self._state_capacity(state))
+    def _check_state_shapes(self, state: State, dtype: torch.dtype) -> None:
+        """A state from a mixer of the same kind but another config has other shapes, and one made for
+        another dtype (or loaded from a file with other dtypes) has other dtypes: refuse it."""
+        key = (state.batch_size, self._state_capacity(state), dtype)
         want = self._state_shapes.get(key)
-        if want is None:  # the config is frozen, so the shapes depend on the key only: built once per key
-            made = self.init_state(key[0], device="meta", max_seqlen=key[1])
-            want = self._state_shapes[key] = {k: tuple(t.shape) for k, t in made.tensors().items()}
+        if want is None:  # the config is frozen, so the layout depends on the key only: built once per key
+            made = self.init_state(key[0], device="meta", max_seqlen=key[1], dtype=dtype)
+            want = self._state_shapes[key] = {k: (tuple(t.shape), t.dtype) for k, t in made.tensors().items()}
         for k, t in state.tensors().items():
-            if tuple(t.shape) != want[k]:
+            shape, want_dtype = want[k]
+            if tuple(t.shape) != shape:
                 raise ValueError(
                     f"{self.name}: state field '{k}' has shape {tuple(t.shape)}, this mixer's config needs "
-                    f"{want[k]}: the state was made by a mixer with another config"
+                    f"{shape}: the state was made by a mixer with another config"
+                )
+            if t.dtype != want_dtype:
+                raise TypeError(
+                    f"{self.name}: state field '{k}' has dtype {t.dtype}, input of dtype {dtype} needs "
+                    f"{want_dtype}: make the state with init_state(..., dtype={dtype})"
                 )
 
     def _state_capacity(self, state: State) -> int | None:
@@ -341,26 +498,51 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def positions_and_pad(x: Tensor, state: State | None, attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def leading_padding(valid: Tensor) -> Tensor:
+    """valid: [B, T] bool -> [B] int64, padding tokens before each row's first real token (T: none real)."""
+    T = valid.shape[1]
+    return torch.where(valid.any(-1), valid.int().argmax(-1), T).long()
+
+
+def positions_and_pad(
+    x: Tensor, state: State | None, attention_mask: Tensor | None, name: str = "mixer"
+) -> tuple[Tensor, Tensor, Tensor]:
     """Slots, positions and validity of the tokens of x.
 
     Returns
-      slot:  [T] int64, index of each token in the stream (left padding included)
-      pos:   [B, T] int64, absolute position of each token (slot minus the row's left padding)
+      slot:  [T] int64, index of each token in the stream (padding included)
+      pos:   [B, T] int64, absolute position of each real token: its slot minus the row's leading padding
+             (padding tokens get positions too; callers hide them with ``valid``)
       valid: [B, T] bool, False for padding
-    A mask given at prefill sets ``state.pad`` (in place) so that decode steps keep the positions.
+    ``attention_mask`` is the checked bool mask of TokenMixer.forward (one run of real tokens per row).
+    With a state, the mask continues the row: leading padding adds to ``state.pad`` (in place) while the
+    row has no real token; padding after a real token ends the row (``ENDED`` is added to ``state.pad``),
+    and a real token after that is a hole in the mask: ValueError.
     """
     B, T, _ = x.shape
     start = state.seen if state is not None else torch.zeros((), dtype=torch.long, device=x.device)
     slot = start + torch.arange(T, device=x.device)
-    if attention_mask is not None:
-        valid = attention_mask.bool()
-        new_pad = (~valid).sum(-1)
-        pad = new_pad if state is None else state.pad + new_pad
-        if state is not None:
-            state.pad.copy_(pad)
-    else:
-        valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-        pad = state.pad if state is not None else torch.zeros(B, dtype=torch.long, device=x.device)
-    pos = slot[None, :] - pad[:, None]
-    return slot, pos, valid
+    valid = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+    if state is None:
+        lead = (
+            leading_padding(valid) if attention_mask is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        )
+        return slot, slot[None, :] - lead[:, None], valid
+    ended = state.pad >= ENDED  # [B]
+    if attention_mask is None:
+        check_values(name, ~ended, "a real token follows the right padding that ended its row (a hole in the mask)")
+        return slot, slot[None, :] - state.pad[:, None], valid
+    n = valid.sum(-1)  # [B] real tokens in the chunk
+    lead = leading_padding(valid)  # [B]
+    started = (start - state.pad) > 0  # the row has real tokens already
+    hole = (n > 0) & (ended | (started & (lead > 0)))
+    check_values(name, ~hole, "a real token follows padding that came after real tokens (a hole in the mask)")
+    pad = torch.where(ended | started, state.pad, state.pad + lead)
+    ends = ~ended & ((n > 0) & (lead + n < T) | (n == 0) & started)
+    state.pad.copy_(torch.where(ends, pad + ENDED, pad))
+    return slot, slot[None, :] - pad[:, None], valid
+
+
+def live_pad(state: State) -> Tensor:
+    """``state.pad`` without the ENDED mark: [B] leading padding of each row."""
+    return torch.where(state.pad >= ENDED, state.pad - ENDED, state.pad)

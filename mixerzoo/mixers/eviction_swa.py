@@ -13,7 +13,17 @@ from torch import Tensor, nn
 
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
 from ..registry.core import register
-from .base import MixerConfig, State, TokenMixer, positions_and_pad, state_dataclass, state_field
+from .base import (
+    MixerConfig,
+    State,
+    TokenMixer,
+    acc_dtype,
+    leading_padding,
+    live_pad,
+    positions_and_pad,
+    state_dataclass,
+    state_field,
+)
 from .rope import apply_rope
 from .router import CNNRouter, ValueGate, key_norm_score, router_margin
 
@@ -38,6 +48,10 @@ class EvictionSWAConfig(MixerConfig):
     dropout:      dropout before each router conv in training.
     policy:       "learned" (the CNN router) or "key_norm" (non-learned: 1 / (1 + rms(k)) - threshold,
                   no router parameters; same cache and kernels, to measure what learning buys).
+    router_grad:  "straight_through" (the router learns through a value gate evaluated at 1: its
+                  gradient is a surrogate, not the derivative of the forward) or "none" (the router
+                  gets no gradient from the attention, only from the sparsity penalty; the gradient
+                  is then the exact derivative of the forward).
     """
 
     num_kv_heads: int | None = None
@@ -49,6 +63,7 @@ class EvictionSWAConfig(MixerConfig):
     dilations: tuple[int, ...] = (2, 2, 2)
     dropout: float = 0.1
     policy: str = "learned"
+    router_grad: str = "straight_through"
     key_norm_threshold: float = 0.0
     rope_theta: float = 10000.0
     bias: bool = False
@@ -61,6 +76,7 @@ class EvictionSWAConfig(MixerConfig):
         if self.dim % 2:
             self.fail("head_dim", self.dim, "even (RoPE rotates pairs)")
         self.check_choice("policy", ("learned", "key_norm"))
+        self.check_choice("router_grad", ("straight_through", "none"))
         for name in ("kernel_sizes", "dilations"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or not value:
@@ -141,6 +157,8 @@ class EvictionSWA(TokenMixer):
     train_differs: ClassVar[bool] = True
     conformance_kwargs: ClassVar[dict] = dict(window_size=16, capacity=8, num_sinks=2)
     conformance_seqlen: ClassVar[int] = 90  # long enough for tokens to leave the window and be evicted
+    # The straight-through router gradient is a surrogate; without it the gradient is exact.
+    exact_grad_kwargs: ClassVar[dict] = {"router_grad": "none"}
 
     config: EvictionSWAConfig
 
@@ -201,11 +219,11 @@ class EvictionSWA(TokenMixer):
 
     # -- forward -----------------------------------------------------------------------------------
     def mix(self, x, state, attention_mask):
-        slot, pos, valid = positions_and_pad(x, state, attention_mask)
+        slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self._project(x)
         if state is None:
-            o = self._parallel(q, k, v, slot, pos, valid, attention_mask is not None)
-        elif x.shape[1] == 1:
+            o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
+        elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
         else:
             chunks = [slice(t0, t0 + _PREFILL_CHUNK) for t0 in range(0, x.shape[1], _PREFILL_CHUNK)]
@@ -213,22 +231,24 @@ class EvictionSWA(TokenMixer):
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
         return y, state
 
-    def _parallel(self, q, k, v, slot, pos, valid, padded: bool) -> Tensor:
+    def _parallel(self, q, k, v, pos, valid, padded: bool) -> Tensor:
         c = self.config
         T = q.shape[1]
-        r = self._raw_scores(torch.cat((k, v), -1), k, pos, self.training)  # [B, T, H] float32
-        score = self._effective(r, pos)
+        kpos = pos.masked_fill(~valid, -1)  # [B, T]: padding on either side reads as outside the sequence
+        r = self._raw_scores(torch.cat((k, v), -1), k, kpos, self.training)  # [B, T, H] float32
+        score = self._effective(r, kpos)
         if self.training:
             self.router_scores = r
-            self.router_mask = valid & (slot < T - self.margin)[None, :]
+            # the last m real tokens of a row have their router context cut by the end of the sequence
+            self.router_mask = valid & (pos < valid.sum(-1, keepdim=True) - self.margin)
             self.router_retained = score > 0
-        if self.router is not None:
+        if self.router is not None and c.router_grad == "straight_through":
             v = ValueGate.apply(v, r)
         q, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
         if padded:
             # The op knows no padding: move each row's left padding to the right end, where causality
             # hides it from the real tokens, and the first real tokens become slots 0.. (the sinks).
-            shift = (T - valid.sum(-1))[:, None]  # [B, 1] padding per row
+            shift = leading_padding(valid)[:, None]  # [B, 1]; right padding already follows the real tokens
             idx = torch.remainder(torch.arange(T, device=q.device)[None, :] + shift, T)  # [B, T]
             q, k, v, score = (_take(t, idx) for t in (q, k, v, score))
         o = eviction_attention(
@@ -251,7 +271,8 @@ class EvictionSWA(TokenMixer):
         """One token with the inference semantics, O(W + C) work. q: [B, 1, HQ, D], k, v: [B, 1, H, D]."""
         c = self.config
         W, m = c.window_size, self.margin
-        s, pad = state.seen, state.pad
+        s, pad = state.seen, live_pad(state)
+        k, v = k.detach(), v.detach()  # the no-grad path: states never record autograd history
         ar = torch.arange(2 * m + 1, device=q.device)
         pos_ctx = (s - 2 * m + ar)[None, :] - pad[:, None]  # [B, 2m+1], current token last
         u_ctx = torch.cat((state.ctx_u, torch.cat((k, v), -1)), 1)  # [B, 2m+1, H, 2D]
@@ -293,7 +314,7 @@ class EvictionSWA(TokenMixer):
         W, C, H, m = c.window_size, c.capacity, c.kv_heads, self.margin
         B, T = q.shape[:2]
         dev = q.device
-        s0, pad = state.seen, state.pad
+        s0, pad = state.seen, live_pad(state)
         t_slot = s0 + torch.arange(T, device=dev)  # [T] slots of the queries
 
         # Scores of slots s0 - m .. s0 + T - 1 - m (their context is complete now).
@@ -301,7 +322,7 @@ class EvictionSWA(TokenMixer):
         pos_all = (s0 - 2 * m + torch.arange(2 * m + T, device=dev))[None, :] - pad[:, None]
         r = self._raw_scores(u_all, k if m == 0 else None, pos_all, False)[:, m : m + T]
         r = self._effective(r, pos_all[:, m : m + T])  # [B, T, H]
-        state.ctx_u.copy_(u_all[:, T:])
+        state.ctx_u.copy_(u_all[:, T:].detach())
 
         # E: the old ring in slot order (slots s0 - W .. s0 - 1) then the chunk.
         ring_old = torch.remainder(s0 + torch.arange(W, device=dev), W)
@@ -335,8 +356,8 @@ class EvictionSWA(TokenMixer):
         # New state: ring <- the last W tokens of E; buffer <- the members at the last query, each in
         # the slot that token-by-token decode would have put it (see _buffer_slots).
         ring_new = torch.remainder(s0 + T + torch.arange(W, device=dev), W)
-        state.win_k.index_copy_(1, ring_new, Ek[:, T:])
-        state.win_v.index_copy_(1, ring_new, Ev[:, T:])
+        state.win_k.index_copy_(1, ring_new, Ek[:, T:].detach())
+        state.win_v.index_copy_(1, ring_new, Ev[:, T:].detach())
         state.win_score.index_copy_(1, ring_new, Es[:, T:])
         t_last = s0 + T - 1
         member = ret & (leave <= t_last) & (end > t_last)  # [B, C + T, H]
@@ -351,7 +372,7 @@ class EvictionSWA(TokenMixer):
             (state.buf_pos, cp, -1, dest),
         ):
             new = torch.full((B, C + 1, *buf.shape[2:]), fill, dtype=buf.dtype, device=dev)
-            buf.copy_(new.scatter(1, idx, src.to(buf.dtype))[:, :C])
+            buf.copy_(new.scatter(1, idx, src.detach().to(buf.dtype))[:, :C])
         state.seen.add_(T)
         return o
 
@@ -367,18 +388,19 @@ def _take(x: Tensor, idx: Tensor) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Masked softmax attention in float32, GQA (query head h reads KV head h // G).
+    """Masked softmax attention in float32 (float64 for float64 input), GQA (query head h reads KV head h // G).
 
     q: [B, T, HQ, D]; k, v: [B, N, H, D]; mask: [B, H, T or 1, N] bool -> [B, T, HQ, D] (q's dtype).
     A row with nothing visible (padding queries) gives a finite average instead of NaN.
     """
     B, T, HQ, D = q.shape
     H = k.shape[2]
-    qf = rearrange(q.float(), "b t (h g) d -> b h g t d", h=H)
-    kf = rearrange(k.float(), "b n h d -> b h n d")
-    vf = rearrange(v.float(), "b n h d -> b h n d")
+    acc = acc_dtype(q.dtype)
+    qf = rearrange(q.to(acc), "b t (h g) d -> b h g t d", h=H)
+    kf = rearrange(k.to(acc), "b n h d -> b h n d")
+    vf = rearrange(v.to(acc), "b n h d -> b h n d")
     logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * D**-0.5
-    logits = torch.where(mask[:, :, None], logits, torch.finfo(torch.float32).min)
+    logits = torch.where(mask[:, :, None], logits, torch.finfo(acc).min)
     p = torch.softmax(logits, -1)
     o = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
     return rearrange(o, "b h g t d -> b t (h g) d").to(q.dtype)

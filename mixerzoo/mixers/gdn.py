@@ -147,12 +147,13 @@ class GatedDeltaNet(TokenMixer):
     def mix(self, x: Tensor, state: GDNState | None, attention_mask: Tensor | None) -> tuple[Tensor, GDNState | None]:
         T = x.shape[1]
         H, K, V = self.num_heads, self.key_dim, self.value_dim
-        _, _, valid = positions_and_pad(x, state, attention_mask)  # valid: [B, T]
+        _, _, valid = positions_and_pad(x, state, attention_mask, self.name)  # valid: [B, T]
 
         u = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, C]
         if attention_mask is not None:
-            # Padding enters the conv as the zeros an unpadded sequence starts with.
-            u = u * valid[..., None].to(u.dtype)
+            # Padding enters the conv as the zeros an unpadded sequence starts with (selected, so that
+            # nothing computed at a padding position reaches a real token).
+            u = torch.where(valid[..., None], u, 0.0)
         # The ops may keep their initial states for the backward; the state is overwritten in place below.
         S0 = conv0 = None
         if state is not None:

@@ -52,10 +52,11 @@ class CNNRouter(nn.Module):
         nn.init.constant_(self.out.bias, 0.5)
 
     def forward(self, u: Tensor, mask: Tensor, dropout: bool) -> Tensor:
-        m = mask.to(u.dtype)[:, None, :]  # [B, 1, L]
-        h = rearrange(u, "b l h c -> b (h c) l") * m  # groups are contiguous channel blocks, one per head
+        m = mask[:, None, :]  # [B, 1, L]
+        # Selected, not multiplied: a NaN at a masked position must not reach its neighbours' scores.
+        h = torch.where(m, rearrange(u, "b l h c -> b (h c) l"), 0.0)  # groups: contiguous channel blocks
         for conv in self.convs:
-            h = F.silu(conv(F.dropout(h, self.dropout, training=dropout)) * m)
+            h = F.silu(torch.where(m, conv(F.dropout(h, self.dropout, training=dropout)), 0.0))
         z = self.out(h)  # [B, H, L]
         return rearrange(z, "b h l -> b l h")
 

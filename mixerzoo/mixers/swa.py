@@ -14,7 +14,7 @@ from torch import Tensor
 from ..kernels.swa import swa_attention, swa_decode
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads, masked_attention, self_diagonal, visible
-from .base import MixerConfig, State, positions_and_pad, state_dataclass, state_field
+from .base import MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
 
@@ -40,7 +40,10 @@ class SWAConfig(MixerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class SWASinkConfig(SWAConfig):
-    """SWA plus ``num_sinks`` attention sinks: the first S tokens stay visible to every later query."""
+    """SWA plus attention sinks.
+
+    num_sinks: S, the first S real tokens stay visible to every later query.
+    """
 
     num_sinks: int = 4
 
@@ -114,11 +117,13 @@ class SWA(AttentionMixer):
 
     # -- forward ---------------------------------------------------------------------------------
     def mix(self, x: Tensor, state: SWAState | None, attention_mask: Tensor | None) -> tuple[Tensor, SWAState | None]:
-        slot, pos, valid = positions_and_pad(x, state, attention_mask)
+        slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.qkv(x, pos)
         kpos = pos.masked_fill(~valid, -1)  # [B, T]; padding keys are never visible
         if state is None:
-            pad = None if attention_mask is None else (~valid).sum(-1)
+            # Right padding follows every real token, so causality hides it; only the leading padding
+            # shifts the op's slots.
+            pad = None if attention_mask is None else leading_padding(valid)
             return self.out(self._parallel(q, k, v, pos, kpos, pad)), None
         o = self._step(q, k, v, slot, pos, kpos, state)
         state.seen.add_(x.shape[1])
@@ -175,6 +180,7 @@ class SWA(AttentionMixer):
         """Write a chunk (k, v: [B, T, HKV, Dh], kpos: [B, T]) into the cache: sinks to their slots, the
         last min(T, W) tokens to the ring (a sink's ring slot is marked empty)."""
         T, W, S = k.shape[1], self.window_size, self.num_sinks
+        k, v = k.detach(), v.detach()  # a state never records autograd history
         n = min(T, W)  # only these can still be in a later query's window
         idx = S + slot[T - n :] % W  # [n], distinct ring slots
         ring_pos = kpos[:, T - n :]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,8 +25,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_ratio: float = 4.0):
         super().__init__()
-        if mlp_ratio <= 0:
-            raise ValueError(f"SwiGLU: mlp_ratio must be > 0, got {mlp_ratio!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+            raise ValueError(f"SwiGLU: mlp_ratio must be a finite number > 0, got {mlp_ratio!r}")
         inner = int(2 * mlp_ratio * hidden_size / 3)
         inner = max(8, -(-inner // 8) * 8)
         self.intermediate_size = inner
@@ -47,8 +49,10 @@ class Block(nn.Module):
         super().__init__()
         if not isinstance(mixer, TokenMixer):
             raise TypeError(f"Block: mixer must be a TokenMixer, got {type(mixer).__name__}")
-        if mlp_ratio < 0:
-            raise ValueError(f"Block: mlp_ratio must be >= 0 (0: no MLP), got {mlp_ratio!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 <= mlp_ratio < math.inf:
+            raise ValueError(f"Block: mlp_ratio must be a finite number >= 0 (0: no MLP), got {mlp_ratio!r}")
+        if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+            raise ValueError(f"Block: eps must be a finite number > 0, got {eps!r}")
         hidden_size = mixer.config.hidden_size
         self.mixer_norm = RMSNorm(hidden_size, eps=eps)
         self.mixer = mixer

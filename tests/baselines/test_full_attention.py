@@ -135,7 +135,7 @@ def test_capacity():
         m(torch.randn(1, 2, HIDDEN), st)  # exactly full is fine
     small = m.init_state(1, max_seqlen=4)  # a state of another capacity is accepted (base shape check)
     m(torch.randn(1, 4, HIDDEN), small)
-    with pytest.raises(ValueError, match="max_seqlen must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_seqlen must be None or an int >= 1"):
         m.init_state(1, max_seqlen=0)
 
 

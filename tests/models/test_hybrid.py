@@ -63,12 +63,12 @@ class ToyMean(TokenMixer):
 
     def mix(self, x, state, attention_mask):
         _, _, valid = positions_and_pad(x, state, attention_mask)
-        total = (x.float() * valid[..., None]).cumsum(1)  # [B, T, D]
+        total = torch.where(valid[..., None], x.float(), 0.0).cumsum(1)  # [B, T, D]
         count = valid.float().cumsum(1)  # [B, T]
         if state is not None:
             total = total + state.total[:, None]
             count = count + state.count[:, None]
-            state.total.copy_(total[:, -1])
+            state.total.copy_(total[:, -1].detach())  # a state never records autograd history
             state.count.copy_(count[:, -1])
             state.seen.add_(x.shape[1])
         y = total / count.clamp_min(1.0)[..., None]
@@ -127,11 +127,12 @@ class ToyAttn(TokenMixer):
         if state is None:
             k_all, v_all, kvalid, kslot = k, v, valid, slot
         else:
-            state.k.index_copy_(1, slot, k)
-            state.v.index_copy_(1, slot, v)
+            # the cache holds detached values; this call's keys keep their gradient out of place
+            state.k.index_copy_(1, slot, k.detach())
+            state.v.index_copy_(1, slot, v.detach())
             state.valid.index_copy_(1, slot, valid)
             state.seen.add_(T)
-            k_all, v_all, kvalid = state.k, state.v, state.valid
+            k_all, v_all, kvalid = state.k.index_copy(1, slot, k), state.v.index_copy(1, slot, v), state.valid
             kslot = torch.arange(k_all.shape[1], device=x.device)
         see = (kslot[None, None, :] <= slot[None, :, None]) & kvalid[:, None, :]  # [B, T, S]
         # padding queries see themselves only, so that their (unspecified) output stays finite
