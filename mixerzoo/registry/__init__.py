@@ -2,23 +2,42 @@
 
 registry.build("swa", hidden_size=64, num_heads=4, window_size=16)
 registry.build_stack("(gdn swa[window_size=8])*2", hidden_size=64, num_heads=4)
+
+Installed packages add mixers through ``[project.entry-points."mixerzoo.mixers"]``: the registry imports
+those modules on its first lookup (see load_plugins).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .core import MixerSpec, build, names, register, spec
+from .core import (
+    ENTRY_POINT_GROUP,
+    MixerSpec,
+    build,
+    config_field_docs,
+    import_mixers,
+    load_plugins,
+    names,
+    plugin_errors,
+    register,
+    spec,
+)
 from .pattern import LayerSpec, PatternError, parse_pattern
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "LayerSpec",
     "MixerSpec",
     "PatternError",
     "build",
     "build_stack",
+    "config_field_docs",
+    "import_mixers",
+    "load_plugins",
     "names",
     "parse_pattern",
+    "plugin_errors",
     "register",
     "spec",
 ]

@@ -1,12 +1,15 @@
-"""The hybrid pattern grammar (SPEC 3): layers, overrides, separators, nesting, and errors with a caret."""
+"""The hybrid pattern grammar: layers, overrides, separators, nesting, limits, and errors with a caret."""
 
 import math
+import re
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixerzoo.registry import LayerSpec, PatternError, parse_pattern
+from mixerzoo.registry import pattern as grammar
 
 
 def names(pattern):
@@ -57,7 +60,7 @@ def test_override_values_and_repeats():
 
 
 def caret_col(err: PatternError) -> int:
-    """The column (0-based) the caret line points at, checked against ``err.col``."""
+    """The column (0-based) the caret line points at, checked against ``err.col``; for a short pattern."""
     _, pattern_line, caret_line = str(err).split("\n")
     assert pattern_line == "  " + err.pattern
     assert caret_line.strip() == "^"
@@ -82,7 +85,19 @@ def caret_col(err: PatternError) -> int:
         ("swa[window_size=]", 16, "expected a value for 'window_size'"),
         ("swa[window_size=8", 17, "unclosed '\\['"),
         ("swa[a=1, a=2]", 9, "'a' given twice"),
-        ("swa[=8]", 4, "expected a mixer name"),
+        ("swa[=8]", 4, "expected an override key, found '='"),
+        ("swa[", 4, "expected an override key, found end of pattern"),
+        ("swa[]", 4, "expected an override key, found '\\]'"),
+        ("swa[a=1,]", 8, "expected an override key, found '\\]'"),
+        ("swa[a", 5, "expected '=' after 'a', found end of pattern"),
+        ("swa[a=", 6, "expected a value for 'a', found end of pattern"),
+        ("swa[a=,b=1]", 6, "expected a value for 'a', found ','"),
+        ("swa[a='x]", 6, "unterminated string value for 'a'"),
+        ("swa[a='x' y]", 10, "expected ',' or '\\]' after the value for 'a', found 'y'"),
+        ("swa[a=1, b=2, a=3]", 14, "'a' given twice"),
+        ("gdn*2*3", 5, "a repeated item takes one '\\*'"),
+        ("gdn*2 *3", 6, "a repeated item takes one '\\*'"),
+        ("*3", 0, "expected a mixer name or '\\(', found '\\*'"),
         ("gdn,,swa", 4, "expected a mixer name or '\\(', found ','"),
         ("()", 1, "found '\\)'"),
         ("gdn swa-x", 7, "found '-'"),
@@ -183,3 +198,210 @@ def test_random_patterns_round_trip(items, data):
         for k, v in e.overrides.items():
             w = g.overrides[k]
             assert type(w) is type(v) and (w == v or (isinstance(v, float) and math.isclose(w, v))), (k, v, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits: each refused with a PatternError that names the limit and the value seen, in milliseconds
+# --------------------------------------------------------------------------------------------------
+
+
+def refused(pattern: str, match: str) -> PatternError:
+    start = time.perf_counter()
+    with pytest.raises(PatternError, match=match) as e:
+        parse_pattern(pattern)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"refusing a {len(pattern)}-character pattern took {elapsed:.3f} s"
+    return e.value
+
+
+def test_limits_are_the_documented_values():
+    assert (grammar.MAX_LAYERS, grammar.MAX_REPEAT, grammar.MAX_DEPTH) == (4096, 4096, 32)
+    assert (grammar.MAX_PATTERN_CHARS, grammar.MAX_OVERRIDES) == (10_000, 64)
+    assert (grammar.MAX_NAME_CHARS, grammar.MAX_VALUE_CHARS) == (64, 256)
+    for name in ("MAX_LAYERS", "MAX_REPEAT", "MAX_DEPTH", "MAX_PATTERN_CHARS", "MAX_OVERRIDES", "MAX_NAME_CHARS"):
+        assert name in grammar.__doc__
+
+
+@pytest.mark.parametrize(
+    "pattern,col,seen",
+    [
+        ("(a*4096)*4096", 9, "16777216 layers"),
+        ("(a b)*2049", 6, "4098 layers"),
+        ("((a*64)*64)*2", 12, "8192 layers"),
+        ("a*4096 b", 7, "reaches 4097 layers"),
+        ("(a*2048, b*2048) (c)", 17, "reaches 4097 layers"),
+        (" ".join(["(a b)*1024"] * 3), 22, "reaches 6144 layers"),
+    ],
+)
+def test_layer_limit(pattern, col, seen):
+    err = refused(pattern, "MAX_LAYERS = 4096")
+    assert seen in str(err)
+    assert caret_col(err) == col
+
+
+def test_layer_limit_is_checked_before_expansion(monkeypatch):
+    def expand(node, out):
+        raise AssertionError("a pattern over MAX_LAYERS was expanded")
+
+    monkeypatch.setattr(grammar, "_expand", expand)
+    refused("((swa*4096)*4096)*4096", "MAX_LAYERS")
+    refused("a " * 4097, "MAX_LAYERS")
+
+
+def test_patterns_at_the_layer_limit_parse():
+    assert names("a*4096") == ["a"] * 4096
+    assert names("(a b)*2048") == ["a", "b"] * 2048
+    assert names("((a*64)*32 b*2048)") == ["a"] * 2048 + ["b"] * 2048
+
+
+@pytest.mark.parametrize(
+    "count,seen",
+    [
+        ("4097", "repeat count 4097 "),
+        ("100000", "repeat count 100000 "),
+        ("1000000", "repeat count 1000000 "),
+        ("9" * 20, f"repeat count {'9' * 20} "),
+        ("9" * 9000, "repeat count 999999999999... (9000 digits)"),  # int() alone refuses > 4300 digits
+        ("0" * 30 + "4097", "repeat count 000000000000... (34 digits)"),
+    ],
+)
+def test_repeat_count_limit(count, seen):
+    err = refused(f"swa*{count}", "MAX_REPEAT = 4096")
+    assert seen in str(err)
+    assert caret_col(err) == 4 if len(count) < 50 else err.col == 4
+
+
+def test_repeat_counts_in_range():
+    assert names("a*0004") == ["a"] * 4
+    assert names("a*" + "0" * 5000 + "3") == ["a"] * 3
+    refused("a*" + "0" * 5000, "repeat count must be >= 1")
+
+
+def test_depth_limit():
+    assert names("(" * 32 + "a" + ")" * 32) == ["a"]
+    err = refused("(" * 33 + "a" + ")" * 33, "nesting level 33, more than MAX_DEPTH = 32")
+    assert caret_col(err) == 32
+    for depth in (340, 4000):  # a RecursionError before the limit
+        err = refused("(" * depth + "a" + ")" * depth, "MAX_DEPTH = 32")
+        assert err.col == 32
+
+
+def test_pattern_length_limit():
+    assert names(" " * 9_999 + "a") == ["a"]
+    err = refused("a " * 5_001, "pattern is 10002 characters long, more than MAX_PATTERN_CHARS = 10000")
+    assert err.col == 10_000
+    err = refused("swa" * 10**7, "pattern is 30000000 characters long")
+    assert len(str(err)) < 500
+
+
+def test_override_count_limit():
+    ok = "swa[" + ",".join(f"k{i}={i}" for i in range(64)) + "]"
+    assert parse_pattern(ok)[0].overrides == {f"k{i}": i for i in range(64)}
+    over = "swa[" + ",".join(f"k{i}={i}" for i in range(65)) + "]"
+    err = refused(over, r"'swa' has more than MAX_OVERRIDES = 64 overrides \('k64' is the 65th\)")
+    assert err.col == over.index("k64=")
+
+
+def test_name_length_limit():
+    assert names("a" * 64) == ["a" * 64]
+    err = refused(
+        "gdn " + "a" * 65, "mixer name 'aaaaaaaaaaaa'... is 65 characters long, more than MAX_NAME_CHARS = 64"
+    )
+    assert caret_col(err) == 4
+    err = refused(
+        "swa[" + "k" * 100 + "=1]", "override key 'kkkkkkkkkkkk'... is 100 characters long, more than MAX_NAME"
+    )
+    assert err.col == 4
+
+
+def test_value_length_limit():
+    (layer,) = parse_pattern("swa[tag=" + "v" * 256 + "]")
+    assert layer.overrides == {"tag": "v" * 256}
+    err = refused(
+        "swa[tag=" + "v" * 257 + "]", "value for 'tag' is 257 characters long, more than MAX_VALUE_CHARS = 256"
+    )
+    assert err.col == 8
+    refused("swa[tag='" + "v" * 300 + "']", "value for 'tag' is 302 characters long")
+    refused("swa[n=" + "1" * 5000 + "]", "value for 'n' is 5000 characters long")
+
+
+# --------------------------------------------------------------------------------------------------
+# Odd input: every one a PatternError with a caret, never a raw Python error
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "-nan", "inf", "-inf", "+Infinity", "1e400", "-1e999", "1_0e500"])
+def test_non_finite_values_are_refused(text):
+    err = refused(
+        f"swa[window_size=4, theta={text}]", re.escape(f"value for 'theta' is '{text}', which is not a finite number")
+    )
+    assert caret_col(err) == 25
+
+
+def test_quoted_values():
+    (layer,) = parse_pattern("""swa[a='nan', b="inf", c='x, y]', d = "" , e='1']""")
+    assert layer.overrides == {"a": "nan", "b": "inf", "c": "x, y]", "d": "", "e": "1"}
+    assert parse_pattern("swa[theta=1e308]")[0].overrides == {"theta": 1e308}
+
+
+@pytest.mark.parametrize(
+    "pattern,col,char",
+    [
+        ("gdné", 3, "U\\+00E9"),
+        ("gdn\x00swa", 3, "U\\+0000"),
+        ("gdn\x1cswa", 3, "U\\+001C"),  # str.isspace() says True
+        ("gdn\u2028swa", 3, "U\\+2028"),
+        ("gdn*²", 4, "U\\+00B2"),  # str.isdigit() says True, int() refuses it
+        ("gdn*١٢", 4, "U\\+0661"),  # int() takes these
+        ("swa[tag=\U0001f600]", 8, "U\\+1F600"),
+    ],
+)
+def test_non_ascii_and_control_characters(pattern, col, char):
+    err = refused(pattern, f"{char}\\) is not allowed: patterns are printable ASCII")
+    _, shown, caret = str(err).split("\n")
+    assert caret.index("^") == 2 + col
+    assert shown[2 + col] == "?" and shown.isascii() and shown.isprintable()
+
+
+def test_caret_stays_aligned_in_multiline_patterns():
+    err = refused("gdn\n\t(swa\r\n", "unbalanced '\\('")
+    assert err.col == 5
+    _, shown, caret = str(err).split("\n")
+    assert shown == "  gdn  (swa  " and caret.index("^") == 2 + 5
+
+
+def test_long_patterns_show_an_excerpt_around_the_caret():
+    pattern = "a " * 2000 + "-" + " b" * 2000
+    err = refused(pattern, "found '-' at column 4001\n")
+    assert err.pattern == pattern and err.col == 4000
+    _, shown, caret = str(err).split("\n")
+    assert shown.startswith("  ...") and shown.endswith("...") and len(shown) < 200
+    assert shown[caret.index("^")] == "-"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzz: any string over the grammar's alphabet parses or raises PatternError, fast
+# --------------------------------------------------------------------------------------------------
+
+CHARS = st.text(st.sampled_from(list("ab_09 *()[]=,'\"\t\n.-+e") + ["é", "\x00", "²"]), max_size=80)
+TOKENS = st.lists(
+    st.sampled_from(
+        ["gdn", "swa", "(", ")", "*", "2", "64", "4096", "9" * 30, "[", "]", "k=", "v", "1e400", "nan", ",", " "]
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(CHARS, TOKENS))
+def test_fuzz_parses_or_raises_pattern_error(text):
+    start = time.perf_counter()
+    try:
+        layers = parse_pattern(text)
+    except PatternError as e:
+        assert 0 <= e.col <= len(text) and e.pattern == text
+        assert len(str(e).split("\n")) == 3
+    else:
+        assert 1 <= len(layers) <= grammar.MAX_LAYERS
+        assert all(isinstance(layer, LayerSpec) and layer.name.isascii() for layer in layers)
+    assert time.perf_counter() - start < 0.5

@@ -1,6 +1,7 @@
 """The mixer registry: build by name or alias, helpful errors, capabilities, third-party registration."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -75,8 +76,8 @@ def test_unknown_or_missing_field_is_a_type_error():
         TypeError, match=r"unknown config field 'qqq' \(fields: hidden_size, num_heads, window_size, mode\)"
     ):
         registry.build("_rg_toy", hidden_size=16, num_heads=2, qqq=1)
-    with pytest.raises(TypeError, match="missing required config field.*num_heads"):
-        registry.build("_rg_toy", hidden_size=16)
+    with pytest.raises(TypeError, match="missing required config field.*hidden_size"):
+        registry.build("_rg_toy", num_heads=2)
 
 
 @pytest.mark.parametrize(
@@ -144,11 +145,232 @@ def test_register_third_party_mixer():
     class Other(Shift):
         pass
 
-    with pytest.raises(ValueError, match="'_rg_third_party' is already taken"):
+    # the error names the class holding the name and the one refused
+    with pytest.raises(ValueError, match=r"'_rg_third_party' is already taken by the mixer '_rg_third_party' \(") as e:
         registry.register("_rg_third_party", config=ShiftConfig)(Other)
-    with pytest.raises(ValueError, match="'_rg_3p' is already taken"):
+    assert "<locals>.Shift" in str(e.value) and "<locals>.Other cannot take it" in str(e.value)
+    with pytest.raises(ValueError, match="'_rg_3p' is already taken as an alias of '_rg_third_party'"):
         registry.register("_rg_other", config=ShiftConfig, aliases=("_rg_3p",))(Other)
-    assert "_rg_other" not in registry.names()
+    with pytest.raises(ValueError, match="'_rg_toy' is already taken"):  # an alias may not take a name either
+        registry.register("_rg_other", config=ShiftConfig, aliases=("_rg_toy",))(Other)
+    assert "_rg_other" not in registry.names() and registry.spec("_rg_3p").cls is Shift
+
+
+_MODULE_V1 = """
+import dataclasses
+from mixerzoo import MixerConfig, TokenMixer, register
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadConfig(MixerConfig):
+    version: int = VERSION
+
+
+@register("_rg_reloaded", config=ReloadConfig, aliases=ALIASES)
+class Reloaded(TokenMixer):
+    supports_decode = False
+
+    def mix(self, x, state, attention_mask):
+        return x, None
+"""
+
+
+def test_reimport_and_reload_replace_the_registration(tmp_path, monkeypatch):
+    """A module imported again (importlib.reload, a second import under its name) re-registers its names."""
+    import importlib
+    import sys
+
+    path = tmp_path / "_rg_reload_mod.py"
+    path.write_text(_MODULE_V1.replace("VERSION", "1").replace("ALIASES", "('_rg_rl_a', '_rg_rl_b')"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        mod = importlib.import_module("_rg_reload_mod")
+        first = registry.spec("_rg_reloaded")
+        assert first.cls is mod.Reloaded and registry.spec("_rg_rl_b") is first
+        path.write_text(_MODULE_V1.replace("VERSION", "2").replace("ALIASES", "('_rg_rl_a',)"))
+        importlib.invalidate_caches()
+        mod2 = importlib.reload(mod)
+        second = registry.spec("_rg_reloaded")
+        assert second.cls is mod2.Reloaded and second.cls is not first.cls
+        assert registry.build("_rg_rl_a", hidden_size=4, num_heads=1).config.version == 2
+        with pytest.raises(KeyError, match="unknown mixer '_rg_rl_b'"):  # the alias it dropped is gone
+            registry.spec("_rg_rl_b")
+        assert registry.import_mixers(str(path)) is sys.modules["_rg_reload_mod"]  # same file: not run again
+        assert registry.spec("_rg_reloaded") is second
+    finally:
+        sys.modules.pop("_rg_reload_mod", None)
+
+
+def test_import_mixers_errors(tmp_path):
+    with pytest.raises(ImportError, match="import_mixers: importing '_rg_no_such_module' failed: ModuleNotFound") as e:
+        registry.import_mixers("_rg_no_such_module")
+    assert isinstance(e.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(ImportError, match="'.*_rg_missing.py' is not a file"):
+        registry.import_mixers(str(tmp_path / "_rg_missing.py"))
+    bad = tmp_path / "_rg_bad_syntax.py"
+    bad.write_text("def broken(:\n")
+    with pytest.raises(ImportError, match="importing '.*_rg_bad_syntax.py' failed: SyntaxError") as e:
+        registry.import_mixers(str(bad))
+    assert isinstance(e.value.__cause__, SyntaxError)
+    clash = tmp_path / "dataclasses.py"  # a stdlib module of that name is imported already
+    clash.write_text("")
+    with pytest.raises(ImportError, match="a module of that name is already imported from"):
+        registry.import_mixers(str(clash))
+
+
+def test_import_mixers_from_a_file(tmp_path):
+    import sys
+
+    path = tmp_path / "_rg_user_file.py"
+    path.write_text(
+        _MODULE_V1.replace("VERSION", "7").replace("ALIASES", "()").replace("_rg_reloaded", "_rg_from_file")
+    )
+    try:
+        mod = registry.import_mixers(str(path))
+        assert mod.__name__ == "_rg_user_file" and registry.spec("_rg_from_file").cls is mod.Reloaded
+    finally:
+        sys.modules.pop("_rg_user_file", None)
+
+
+def test_config_class_is_not_shared():
+    class Twin(Toy):
+        pass
+
+    with pytest.raises(
+        ValueError, match="config ToyConfig is already the config of '_rg_toy'; give each mixer its own"
+    ):
+        registry.register("_rg_twin", config=ToyConfig)(Twin)
+    assert "_rg_twin" not in registry.names() and ToyConfig.mixer_name == "_rg_toy"
+
+
+def test_config_must_be_a_decorated_frozen_dataclass():
+    class Undecorated(ToyConfig):  # inherits the dataclass machinery; its annotation is no field
+        extra: int = 3
+
+    with pytest.raises(TypeError, match=r"config Undecorated must be decorated with @dataclasses.dataclass\(frozen"):
+        registry.register("_rg_undecorated", config=Undecorated)(Toy)
+    assert "_rg_undecorated" not in registry.names()
+
+
+# --------------------------------------------------------------------------------------------------
+# Plugins: entry points of installed distributions
+# --------------------------------------------------------------------------------------------------
+
+_PLUGIN = """
+import dataclasses
+from mixerzoo import MixerConfig, TokenMixer, register
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginConfig(MixerConfig):
+    pass
+
+
+@register("_rg_plugin_mixer", config=PluginConfig)
+class PluginMixer(TokenMixer):
+    supports_decode = False
+
+    def mix(self, x, state, attention_mask):
+        return x, None
+"""
+
+
+def make_fake_distribution(root, dist: str, entries: dict[str, str], modules: dict[str, str]) -> None:
+    """A distribution as pip installs it: ``<dist>-0.1.dist-info`` with METADATA and entry_points.txt."""
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entries.items())
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n{lines}")
+    for name, code in modules.items():
+        (root / f"{name}.py").write_text(code)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The registry's tables as they are, restored after the test (plugins registered in it vanish)."""
+    import sys
+
+    from mixerzoo.registry import core
+
+    monkeypatch.setattr(core, "_SPECS", dict(core._SPECS))
+    monkeypatch.setattr(core, "_ALIASES", dict(core._ALIASES))
+    monkeypatch.setattr(core, "_PLUGIN_ERRORS", {})
+    monkeypatch.setattr(core, "_PLUGINS_SEEN", set())
+    monkeypatch.setattr(core, "_PLUGINS_SCANNED", False)
+    before = set(sys.modules)
+    yield core
+    for name in set(sys.modules) - before:
+        if name.startswith("_rg_plugin"):
+            del sys.modules[name]
+
+
+def test_entry_point_plugins_load_on_first_lookup(tmp_path, monkeypatch, fresh_registry):
+    make_fake_distribution(
+        tmp_path,
+        "rg_fake_plugins",
+        {"_rg_plugin_mixer": "_rg_plugin_mod", "_rg_broken_plugin": "_rg_plugin_broken"},
+        {"_rg_plugin_mod": _PLUGIN, "_rg_plugin_broken": "raise RuntimeError('boom: a bug in the plugin')\n"},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "_rg_plugin_mixer" not in fresh_registry._SPECS  # nothing imported before the first lookup
+    with pytest.warns(RuntimeWarning) as caught:
+        names = registry.names()
+    assert "_rg_plugin_mixer" in names and set(REAL) <= set(names)
+    (w,) = [w for w in caught if "_rg_broken_plugin" in str(w.message)]
+    text = str(w.message)
+    assert "'_rg_broken_plugin' = '_rg_plugin_broken'" in text and "rg_fake_plugins 0.1" in text
+    assert "RuntimeError: boom: a bug in the plugin" in text
+    m = registry.build("_rg_plugin_mixer", hidden_size=4, num_heads=1)
+    assert type(m).__name__ == "PluginMixer"
+    # looking up the broken plugin's name says why it is missing; other unknown names mention it
+    with pytest.raises(KeyError, match="unknown mixer '_rg_broken_plugin': the plugin entry point .* boom"):
+        registry.spec("_rg_broken_plugin")
+    with pytest.raises(KeyError, match="plugins that failed to import: _rg_broken_plugin"):
+        registry.spec("_rg_zzzzzzzz")
+    assert set(registry.plugin_errors()) == {"_rg_broken_plugin"}
+    # a second scan imports nothing again and warns no more
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registry.load_plugins().keys() == {"_rg_broken_plugin"}
+
+
+def test_config_field_docs():
+    @dataclasses.dataclass(frozen=True)
+    class DocConfig(ToyConfig):
+        """Settings.
+
+        alpha: the first; it goes on
+               over this line.   beta: the second, on the same line.
+        ``gamma``, delta: shared by two fields.
+        Not an entry: window_size is described by the base class.
+        """
+
+        alpha: float = 0.5
+        beta: int = 2
+        gamma: int = 3
+        delta: tuple = (1, 2)
+        eps: float = 1e-6
+
+    ToyConfig.__doc__ = "Toy settings.\n\n    window_size: keys per query.\n    "
+    try:
+        docs = {n: (d, m) for n, d, m in registry.config_field_docs(DocConfig)}
+    finally:
+        ToyConfig.__doc__ = None
+    assert docs["alpha"] == ("0.5", "the first; it goes on over this line.")
+    assert docs["beta"] == ("2", "the second, on the same line.")
+    assert docs["gamma"] == ("3", "shared by two fields.")
+    assert docs["delta"] == ("(1, 2)", "shared by two fields.")
+    assert docs["window_size"] == ("8", "keys per query.")  # from the base class's docstring
+    assert docs["eps"] == ("1e-06", "(float)")  # undocumented: its type
+    assert docs["hidden_size"] == (None, "model width D, the last dim of x.")  # required, from MixerConfig
+
+
+@pytest.mark.skipif("eviction_swa" not in REAL, reason="eviction_swa is not registered")
+def test_builtin_field_docs():
+    docs = {n: (d, m) for n, d, m in registry.spec("eviction_swa").field_docs()}
+    assert docs["capacity"][0] == "512" and docs["capacity"][1].startswith("C, buffer slots per KV head")
+    assert docs["kernel_sizes"][1] == docs["dilations"][1] and "margin" in docs["dilations"][1]
 
 
 def test_register_rejects_bad_classes():
