@@ -2,7 +2,7 @@
 
 from . import registry
 from .baselines import full_attention as _full_attention  # noqa: F401  (registers full_attention)
-from .mixers import MixerConfig, State, TokenMixer
+from .mixers import MixerConfig, State, TokenMixer, state_dataclass, state_field
 from .mixers import eviction_swa as _eviction_swa  # noqa: F401  (registers eviction_swa)
 from .mixers import gdn as _gdn  # noqa: F401  (registers gdn)
 from .mixers import swa as _swa  # noqa: F401  (registers swa, swa_sink)
@@ -11,6 +11,7 @@ from .registry import build, build_stack, register
 
 __version__ = "0.1.0"
 
+# What a mixer author needs comes from here: the base classes, the State decorators and @register.
 __all__ = [
     "HybridLM",
     "HybridStack",
@@ -21,4 +22,6 @@ __all__ = [
     "build_stack",
     "register",
     "registry",
+    "state_dataclass",
+    "state_field",
 ]

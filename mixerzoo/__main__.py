@@ -1,4 +1,4 @@
-"""``python -m mixerzoo list`` and ``python -m mixerzoo demo``; see mixerzoo.cli."""
+"""``mixerzoo list`` and ``mixerzoo demo`` (the console script, or ``python -m mixerzoo``); see mixerzoo.cli."""
 
 from .cli import main
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
@@ -116,10 +118,35 @@ def _fmt_bytes(n: int) -> str:
     raise AssertionError
 
 
-def _parse_value(text: str) -> Any:
-    from .registry.pattern import _value
+def import_all(targets: Sequence[str], prog: str) -> bool:
+    """Import every ``--import`` target (module or .py path); on a failure print why on stderr and
+    return False."""
+    from .registry import import_mixers
 
-    return _value(text)
+    for target in targets:
+        try:
+            import_mixers(target)
+        except ImportError as e:
+            cause = e.__cause__
+            if cause is not None and not isinstance(cause, ModuleNotFoundError):
+                # an error raised inside the imported module: its traceback says where
+                traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+            why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).removeprefix("import_mixers: ")
+            print(f"{prog}: --import {target} failed: {why}", file=sys.stderr)
+            return False
+    return True
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """A ``--set KEY=VALUE`` value, read as a pattern override is (``true``, ``none``, numbers, quoted strings)."""
+    from .registry import PatternError, parse_pattern
+
+    try:
+        return parse_pattern(f"x[{key}={text}]")[0].overrides[key]
+    except PatternError as e:
+        # the message's column and caret point into the pattern built here, not into anything typed
+        reason = str(e).splitlines()[0].rsplit(" at column ", 1)[0]
+        raise ValueError(f"--set {key}={text}: {reason}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +157,8 @@ def _parse_value(text: str) -> Any:
 def cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
+    if not import_all(args.imports, args.prog):
+        return 2
     names = registry.names()
     if not names:
         print("no mixers registered")
@@ -156,7 +185,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.fields:
         for name in names:
             s = registry.spec(name)
-            print(f"\n{name}: {s.config.__name__}({', '.join(s.fields())})")
+            print(f"\n{name} ({s.config.__module__}.{s.config.__qualname__}):")
+            docs = s.field_docs()
+            lhs = [f"{field}={default}" if default is not None else f"{field} (required)" for field, default, _ in docs]
+            width = max(len(t) for t in lhs)
+            for left, (_, _, meaning) in zip(lhs, docs, strict=True):
+                print(f"  {left:<{width}}  {meaning}")
     return 0
 
 
@@ -169,6 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import registry
     from .models import HybridLM
 
+    if not import_all(args.imports, args.prog):
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("demo: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -186,7 +222,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             print(f"demo: --set takes KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
-        defaults[key.strip()] = _parse_value(value.strip())
+        try:
+            defaults[key.strip()] = _parse_value(key.strip(), value.strip())
+        except ValueError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 2
     try:
         specs = [registry.spec(layer.name) for layer in registry.parse_pattern(args.pattern)]
     except (KeyError, ValueError, TypeError) as e:
@@ -216,9 +256,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompt = torch.randint(0, args.vocab, (B, P), device=device)
     max_seqlen = P + N
     out = sys.stdout
+    n_all = sum(p.numel() for p in lm.parameters())
+    n_mixers = sum(p.numel() for m in lm.stack.mixers for p in m.parameters())
+    n_embed = lm.embed.weight.numel()
     print(
         f"mixerzoo demo: pattern {args.pattern!r}, {len(lm.stack)} layers, hidden {args.hidden}, "
-        f"heads {args.heads}, {sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params\n"
+        f"heads {args.heads}, {n_all / 1e6:.2f}M params in all (mixers {n_mixers / 1e6:.2f}M, MLPs and norms "
+        f"{(n_all - n_mixers - n_embed) / 1e6:.2f}M, embedding {n_embed / 1e6:.2f}M, tied to the output head)\n"
         f"  device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"{args.dtype}, batch {B}, prompt {P} + {N} new tokens, "
         f"decode step: {'torch.compile(fullgraph=True, backend=' + repr(backend) + ')' if backend else 'eager'}"
@@ -287,9 +331,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(file=out)
     print(
         format_table(
-            ["layer", "mixer", "state", "params", "state bytes", "(readable)"],
+            ["layer", "mixer", "state", "mixer params", "state bytes", "(readable)"],
             rows,
-            footer=["total", "", "", sum(r[3] for r in rows), total, _fmt_bytes(total)],
+            footer=["total", "", "", n_mixers, total, _fmt_bytes(total)],
         ),
         file=out,
     )
@@ -328,12 +372,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mixerzoo", description="mixerzoo: token mixers for hybrid LMs")
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module (dotted name or path to a .py file) first, so that its mixers register (repeatable)",
+    )
+
+
+def default_prog(argv0: str | None = None) -> str:
+    """``mixerzoo`` when run as the installed console script, else ``python -m mixerzoo``."""
+    base = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    return "mixerzoo" if base.removesuffix(".exe").removesuffix("-script.py") == "mixerzoo" else "python -m mixerzoo"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = default_prog() if prog is None else prog
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="mixerzoo: token mixers for hybrid LMs",
+        epilog="exit status: 0 success, 1 the demo's check failed, 2 usage error (unknown mixer or field, failed "
+        "--import)",
+    )
+    parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="table of registered mixers and their capabilities")
-    p.add_argument("--fields", action="store_true", help="also list each mixer's config fields")
+    p.add_argument("--fields", action="store_true", help="also list each mixer's config fields, defaults and meanings")
+    _add_import(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
@@ -379,10 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail above this max |error| (default in float32: 1e-3 on cpu, 1e-2 on cuda; none in 16 bits)",
     )
     p.add_argument("--seed", type=int, default=0)
+    _add_import(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """The ``mixerzoo`` command; ``prog`` (default: from sys.argv[0]) names it in usage and errors."""
+    args = build_parser(prog).parse_args(argv)
     return args.func(args)

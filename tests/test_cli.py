@@ -3,14 +3,17 @@
 import dataclasses
 import io
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
+import pytest
 import torch
 from torch import nn
 
 from mixerzoo import registry
-from mixerzoo.cli import DEFAULT_PATTERN, Progress, format_table, main
+from mixerzoo.cli import DEFAULT_PATTERN, Progress, default_prog, format_table, main
 from mixerzoo.mixers.base import MixerConfig, State, TokenMixer, positions_and_pad, state_dataclass, state_field
 
 REAL = [n for n in registry.names() if not n.startswith("_")]
@@ -19,6 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass(frozen=True)
 class DecayConfig(MixerConfig):
+    """_cli_decay settings.
+
+    decay: weight of the previous average, in [0, 1].
+    """
+
     decay: float = 0.9
 
     def __post_init__(self):
@@ -102,9 +110,116 @@ def test_list_in_process(capsys):
     header = out.splitlines()[0].split()
     assert header[:4] == ["mixer", "aliases", "state", "decode"]
     assert any(line.startswith("_cli_decay ") and " constant " in line for line in out.splitlines())
-    assert "_cli_decay: DecayConfig(hidden_size, num_heads, decay)" in out
     for name in REAL:
         assert f"\n{name} " in out
+
+
+def _field_lines(out: str, name: str) -> dict[str, str]:
+    """The ``--fields`` block of one mixer: {'field=default' or 'field (required)': meaning}."""
+    block = out.split(f"\n{name} (", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in block)
+
+
+def test_list_fields_shows_defaults_and_meanings(capsys):
+    assert main(["list", "--fields"]) == 0
+    out = capsys.readouterr().out
+    assert f"\n_cli_decay ({__name__}.DecayConfig):\n" in out
+    fields = _field_lines(out, "_cli_decay")
+    assert fields == {
+        "hidden_size (required)": "model width D, the last dim of x.",
+        "num_heads=None": fields["num_heads=None"],
+        "decay=0.9": "weight of the previous average, in [0, 1].",
+    }
+    assert fields["num_heads=None"].startswith("attention or state heads")
+    if "eviction_swa" in REAL:
+        fields = _field_lines(out, "eviction_swa")
+        assert fields["capacity=512"].startswith("C, buffer slots per KV head")
+        assert fields["window_size=512"].startswith("W, query t sees keys")
+
+
+def test_prog_names_the_console_script(monkeypatch, capsys):
+    assert default_prog("/usr/local/bin/mixerzoo") == "mixerzoo"
+    assert default_prog("C:\\Python\\Scripts\\mixerzoo.exe".replace("\\", "/")) == "mixerzoo"
+    assert default_prog("/src/mixerzoo/__main__.py") == "python -m mixerzoo"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mixerzoo", "--help"])  # as the installed script runs
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: mixerzoo ")
+    assert "exit status: 0 success" in out and "2 usage error" in out
+    monkeypatch.setattr(sys, "argv", ["/src/mixerzoo/__main__.py", "list", "--bogus"])  # python -m mixerzoo
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("usage: python -m mixerzoo ")
+
+
+def test_list_and_demo_import_user_modules(tmp_path, capsys):
+    path = tmp_path / "_cli_user_mixers.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import dataclasses
+            from mixerzoo import MixerConfig, TokenMixer, register
+
+
+            @dataclasses.dataclass(frozen=True)
+            class IdConfig(MixerConfig):
+                \"\"\"scale: factor on the input.\"\"\"
+
+                scale: float = 2.0
+
+
+            @register("_cli_user_id", config=IdConfig)
+            class Id(TokenMixer):
+                supports_decode = False
+
+                def mix(self, x, state, attention_mask):
+                    return x * self.config.scale, None
+            """
+        )
+    )
+    try:
+        assert main(["list", "--fields", "--import", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "\n_cli_user_id " in out and _field_lines(out, "_cli_user_id")["scale=2.0"] == "factor on the input."
+    finally:
+        sys.modules.pop("_cli_user_mixers", None)
+    assert main(["list", "--import", "_cli_no_such_module"]) == 2
+    err = capsys.readouterr().err
+    assert "--import _cli_no_such_module failed: ModuleNotFoundError: No module named '_cli_no_such_module'" in err
+    broken = tmp_path / "_cli_broken.py"
+    broken.write_text("import torch\n\nraise ValueError('a bug on line 3')\n")
+    assert main(["demo", "--import", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "--import " + str(broken) + " failed: ValueError: a bug on line 3" in err
+    assert "line 3, in <module>" in err  # the traceback shows where in the user's file
+
+
+def test_installed_plugin_is_listed_and_a_broken_one_named(tmp_path):
+    """End to end, in a fresh interpreter: an installed distribution's entry points load on the registry's
+    first lookup; one that fails to import is named with its error, and the rest of the library works."""
+    info = tmp_path / "cli_fake_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cli-fake-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[mixerzoo.mixers]\n_cli_plugin = _cli_plugin_mod\n_cli_broken = _cli_broken_mod\n"
+    )
+    (tmp_path / "_cli_plugin_mod.py").write_text(
+        "import dataclasses\n"
+        "from mixerzoo import MixerConfig, TokenMixer, register\n\n\n"
+        "@dataclasses.dataclass(frozen=True)\nclass C(MixerConfig):\n    pass\n\n\n"
+        "@register('_cli_plugin', config=C)\nclass M(TokenMixer):\n    supports_decode = False\n"
+    )
+    (tmp_path / "_cli_broken_mod.py").write_text("import _cli_missing_dependency\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixerzoo", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\n_cli_plugin " in proc.stdout and "\nswa " in proc.stdout
+    assert "RuntimeWarning" in proc.stderr
+    assert "'_cli_broken' = '_cli_broken_mod' of the distribution cli-fake-plugins 0.1 failed to import" in proc.stderr
+    assert "No module named '_cli_missing_dependency'" in proc.stderr
 
 
 def test_python_m_mixerzoo_list():
@@ -146,6 +261,10 @@ def test_demo_toy_compiled(capsys):
     assert rc == 0, captured.err
     out = captured.out
     assert "torch.compile(fullgraph=True, backend='aot_eager')" in out
+    # each parameter count says what it counts: 2 mixers of 32*32, MLPs and norms, a 50x32 tied embedding
+    assert "M params in all (mixers 0.00M, MLPs and norms 0.02M, embedding 0.00M, tied to the output head)" in out
+    assert re.search(r"^layer\s+mixer\s+state\s+mixer params\s+state bytes", out, re.M)
+    assert re.search(r"^total\s+2048\s", out, re.M)
     layer_lines = [l for l in out.splitlines() if l.split()[:2] in (["0", "_cli_decay"], ["1", "_cli_decay"])]
     assert len(layer_lines) == 2 and all(l.split()[4] == "280" for l in layer_lines)  # 8 + 16 + 2*32*4 bytes
     assert "prefill" in out and "tokens/s" in out and "max |error|" in out
@@ -160,6 +279,8 @@ def test_demo_errors(capsys):
     assert "unbalanced '('" in capsys.readouterr().err
     assert main(["demo", "--pattern", "_cli_decay", "--set", "decay=2.0"]) == 2
     assert "decay must be in [0.0, 1.0], got 2.0" in capsys.readouterr().err
+    assert main(["demo", "--pattern", "_cli_decay", "--set", "decay=inf"]) == 2
+    assert "--set decay=inf: value for 'decay' is 'inf', which is not a finite number" in capsys.readouterr().err
     assert main(["demo", "--pattern", "_cli_decay", "--set", "window=3"]) == 2
     assert "'window' taken by no layer" in capsys.readouterr().err
     if not torch.cuda.is_available():
