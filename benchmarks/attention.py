@@ -1,6 +1,6 @@
-"""Attention benchmarks on the GPU (SPEC 7, issue 3): swa / swa_sink (Triton) against FlexAttention with
-the same mask and flash-linear-attention's parallel_attn, full_attention's mixer path against raw SDPA,
-and SWA decode steps; all anchors measured in the same run.
+"""Attention benchmarks on the GPU: swa / swa_sink (Triton) against FlexAttention with the same mask and
+flash-linear-attention's parallel_attn, full_attention's mixer path against raw SDPA, and SWA decode steps;
+all anchors measured in the same run. Every section needs a CUDA GPU.
 
     python benchmarks/attention.py                       # check + tune + swa + full + decode
     python benchmarks/attention.py --sections check,swa  # a subset
@@ -11,8 +11,9 @@ and SWA decode steps; all anchors measured in the same run.
 bf16, H = 16, D = 128, 32768 tokens per call (B, T) in (16, 2048), (4, 8192), (1, 32768); W = 513, S = 4.
 Before timing, the Triton kernels are checked on long sequences against a float32 banded reference
 (outputs and every gradient; bf16 relative RMSE <= 1e-2 outputs, <= 2e-2 gradients).
-Writes benchmarks/results/<gpu>.json (ops swa, swa_sink, full_attention) and, on the lent machine,
-$OUT/results-full_attention-swa-swa_sink.json.
+Writes benchmarks/results/<gpu>.json (ops swa, swa_sink, full_attention) and, with $OUT set,
+$OUT/results-full_attention-swa-swa_sink.json. Without flash-linear-attention (pip install
+flash-linear-attention) the fla rows are skipped, with a note.
 """
 
 from __future__ import annotations
@@ -25,19 +26,39 @@ import sys
 import time
 import traceback
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    FLA,
+    install_hint,
+    missing_packages,
+    peak_mem_mb,
+    print_table,
+    rel_rmse,
+    require_gpu,
+    time_ms,
+    write_results,
+)
 
-from mixerzoo.kernels.swa import swa_attention, swa_bwd, swa_decode, swa_fwd  # noqa: E402
+SECTIONS = ("check", "tune", "loops", "opgap", "swa", "full", "decode")
+DEFAULT_SECTIONS = "check,tune,swa,full,decode"
+
+
+def _import_torch_and_kernels() -> None:
+    """torch and the kernels, imported once the arguments are parsed and the device checked (``--help`` and a
+    refusal stay fast)."""
+    global torch, F, DT, swa_attention, swa_bwd, swa_decode, swa_fwd
+    import torch
+    import torch.nn.functional as F
+
+    from mixerzoo.kernels.swa import swa_attention, swa_bwd, swa_decode, swa_fwd
+
+    DT = torch.bfloat16
+
 
 H, D, W, S = 16, 128, 513, 4
 SHAPES = [(16, 2048), (4, 8192), (1, 32768)]
-DT = torch.bfloat16
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -136,7 +157,7 @@ def section_check(log: list[str]) -> bool:
     return ok
 
 
-# tile sweeps of call 2 (first entry of each list = the D = 128 default then; three loops)
+# tile sweeps of run 2 (first entry of each list = the D = 128 default then; three loops)
 FWD_CONFIGS = [
     dict(BM=128, BN=32, num_warps=4, num_stages=4),
     dict(BM=128, BN=32, num_warps=4, num_stages=5),
@@ -205,7 +226,7 @@ BWD_CHECK_BOUND = 5e-3
 # (ONE_LOOP: the whole window band in one loop, one software pipeline, a mask branch per block), timed in
 # the same run as the others; "three" splits the band into boundary masked / interior unmasked / diagonal
 # masked loops; TMA=True loads the one loop's streamed tiles by TMA tensor descriptors, which leaves
-# registers free for larger tiles and deeper pipelines. Call 4's sweep (NOTES-swa.md) already ruled out
+# registers free for larger tiles and deeper pipelines. Run 4's sweep (NOTES-swa.md) already ruled out
 # three loops at 64 x 32 and the 128-row forward at 4 warps (spills), so those rows are gone.
 _ONE = dict(ONE_LOOP=True)
 _TMA = dict(ONE_LOOP=True, TMA=True)
@@ -418,11 +439,11 @@ def _flex_attn(window: int, sinks: int, T: int):
 
 
 def section_swa(rows: list[dict], log: list[str]) -> None:
-    try:
+    parallel_attn = None
+    if missing_packages([FLA]):
+        log.append(f"fla rows skipped: flash-linear-attention is not installed ({install_hint([FLA[1]])})")
+    else:
         from fla.ops.attn import parallel_attn
-    except ImportError as e:
-        parallel_attn = None
-        log.append(f"fla not importable ({e}); its rows are absent")
     for op, Sc in (("swa", 0), ("swa_sink", S)):
         for B, T in SHAPES:
             q, k, v = make_qkv(B, T, grad=True)
@@ -625,7 +646,8 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
         graph_ms: dict[int, float] = {}
         for seen in (4096, 32768):
             try:
-                row = _mixer_decode_row(mixer, op, Sc, B, seen, log)
+                with torch.no_grad():
+                    row = _mixer_decode_row(mixer, op, Sc, B, seen, log)
                 rows.append(row)
                 if "graph_ms" in row:
                     graph_ms[seen] = row.pop("graph_ms")
@@ -639,9 +661,9 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
             log.append(line)
 
 
-@torch.no_grad()
 def _mixer_decode_row(mixer, op: str, Sc: int, B: int, seen: int, log: list[str]) -> dict:
-    """One row: the mixer's decode step after a prefill of `seen` tokens, eager and as a CUDA graph replay.
+    """One row: the mixer's decode step after a prefill of `seen` tokens, eager and as a CUDA graph replay
+    (called under torch.no_grad()).
 
     The graph reads its token from the fixed buffer x1 and updates the state in place (cache slots, pos,
     seen), so each replay is the next decode step at the next position, as in a real decode loop. Before
@@ -689,19 +711,29 @@ def _mixer_decode_row(mixer, op: str, Sc: int, B: int, seen: int, log: list[str]
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--sections",
-        default="check,tune,swa,full,decode",
-        help="comma-separated, of check, tune, loops (ends with opgap), opgap, swa, full, decode",
+        default=DEFAULT_SECTIONS,
+        help=f"comma-separated, of {', '.join(SECTIONS)} (loops ends with opgap); default {DEFAULT_SECTIONS}",
     )
     ap.add_argument("--T", type=int, nargs="*", help="only these sequence lengths (of the standard shapes)")
     ap.add_argument("--adopt", action="store_true", help="later sections use the winners of the loops section")
-    args = ap.parse_args()
-    if args.T:
-        SHAPES[:] = [(B, T) for B, T in SHAPES if T in args.T]
+    args = ap.parse_args(argv)
     sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        ap.error(f"--sections: unknown section(s) {','.join(unknown)}; the sections are {', '.join(SECTIONS)}")
+    if args.T:
+        lengths = [T for _, T in SHAPES]
+        if not set(args.T) <= set(lengths):
+            ap.error(f"--T: the standard lengths are {lengths}, got {args.T}")
+        SHAPES[:] = [(B, T) for B, T in SHAPES if T in args.T]
+    require_gpu("attention.py", f"--sections {args.sections}", cpu=None)
+    if "swa" in sections and missing_packages([FLA]):
+        print(f"note: flash-linear-attention is not installed ({install_hint([FLA[1]])}): the fla rows are skipped")
+    _import_torch_and_kernels()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []

@@ -6,9 +6,11 @@
 For each backend (sdpa, flex, and flash_attn / xformers when importable) and a few shapes (GQA, left
 padding, T not a multiple of a tile): the parallel forward and the input gradient, in bf16, against dense
 float32 attention computed from the same weights (relative RMSE; allowed 1e-2 for outputs, 2e-2 for
-gradients, SPEC 6). Also the KV-cache path (prefill + decode) against the same reference. A backend that
-cannot be built here is listed with its error, not checked. FlexAttention runs in eager mode here (an
-unfused implementation: right for checking, not for timing).
+gradients). Also the KV-cache path (prefill + decode) against the same reference. A backend that
+cannot be built here is listed with its error and install hint, not checked; when none of the asked
+backends can be built, the script exits with status 2. FlexAttention runs in eager mode here (an unfused
+implementation: right for checking, not for timing). --device cuda (the default) needs a CUDA GPU;
+--device cpu runs on the CPU.
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ import pathlib
 import sys
 import warnings
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import rel_rmse  # noqa: E402
+from common import interpret_without_gpu, refuse, rel_rmse, require_gpu  # noqa: E402
 
-from mixerzoo import registry  # noqa: E402
-from mixerzoo.baselines.backends import BACKENDS  # noqa: E402
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+def _import_torch_and_mixerzoo() -> None:
+    """Imported once the arguments are parsed and the device checked (``--help`` and a refusal stay fast; a CPU
+    run sets TRITON_INTERPRET before Triton is imported)."""
+    global torch, registry, BACKENDS
+    import torch
+
+    from mixerzoo import registry
+    from mixerzoo.baselines.backends import BACKENDS
+
 
 TOL_OUT, TOL_GRAD = 1e-2, 2e-2
 # (B, T, hidden, HQ, HKV, left padding of each row)
@@ -105,20 +111,37 @@ def check(backend: str, case: tuple, device: str) -> dict:
     return row
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run of the script)")
-    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset")
-    args = ap.parse_args()
+    ap.add_argument("--backends", help="comma-separated subset (default: every backend of full_attention)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        require_gpu("check_backends.py", "--device cuda", cpu="check_backends.py --device cpu --small --backends sdpa")
+    else:
+        interpret_without_gpu("check_backends.py")
+    _import_torch_and_mixerzoo()
+    names = args.backends.split(",") if args.backends else list(BACKENDS)
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        ap.error(f"--backends: unknown backend(s) {','.join(unknown)}; the backends are {', '.join(BACKENDS)}")
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference
     cases = [(2, 37, 64, 4, 2, None), (2, 45, 64, 4, 4, (0, 7))] if args.small else CASES
     rows, unavailable = [], {}
-    for backend in args.backends.split(","):
+    for backend in names:
         try:
             registry.build("full_attention", hidden_size=64, num_heads=4, backend=backend)
         except (ImportError, RuntimeError) as e:
             unavailable[backend] = f"{type(e).__name__}: {e}"
+    if len(unavailable) == len(names):
+        refuse(
+            f"check_backends.py: none of the backends {','.join(names)} can run here: "
+            + "; ".join(unavailable.values())
+        )
+    for backend in names:
+        if backend in unavailable:
             continue
         for case in cases:
             try:

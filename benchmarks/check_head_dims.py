@@ -5,6 +5,7 @@ naming it; any other failure, or an error above the bound, fails the run.
 
     python benchmarks/check_head_dims.py            # on a CUDA machine; > 3.5 min on a fresh H200 (compiles)
     python benchmarks/check_head_dims.py --device cpu   # dry run of the script: CPU against CPU
+    python benchmarks/check_head_dims.py --device cpu --head-dims 32 --dtypes float32   # a few seconds
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ import pathlib
 import sys
 import traceback
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import rel_rmse  # noqa: E402
+from common import interpret_without_gpu, rel_rmse, require_gpu  # noqa: E402
 
-from mixerzoo.kernels import eviction_attention, swa_attention  # noqa: E402
-
-BOUND = {torch.bfloat16: (1e-2, 2e-2), torch.float32: (1e-4, 1e-4)}  # (output, gradients) rel RMSE
+BOUND = {"bfloat16": (1e-2, 2e-2), "float32": (1e-4, 1e-4)}  # (output, gradients) rel RMSE
 HEAD_DIMS = (32, 64, 96, 128, 256)
 B, T, HQ, HKV = 2, 700, 4, 2
+
+
+def _import_torch_and_kernels() -> None:
+    """Imported once the arguments are parsed and the device checked (``--help`` and a refusal stay fast; a CPU
+    run sets TRITON_INTERPRET before Triton is imported)."""
+    global torch, eviction_attention, swa_attention
+    import torch
+
+    from mixerzoo.kernels import eviction_attention, swa_attention
 
 
 def _inputs(D: int, device: str, dtype: torch.dtype, seed: int):
@@ -46,15 +52,32 @@ def check(name: str, fn, D: int, device: str, dtype: torch.dtype) -> tuple[bool,
     ref = _run(lambda a, b, c: fn(a, b, c, score.cpu()), *(x.cpu().double() for x in (q, k, v, do)))
     out = _run(lambda a, b, c: fn(a, b, c, score), q, k, v, do)
     errs = [rel_rmse(r, x.cpu()) for r, x in zip(ref, out, strict=True)]
-    bo, bg = BOUND[dtype]
+    bo, bg = BOUND[str(dtype).removeprefix("torch.")]
     ok = errs[0] <= bo and all(e <= bg for e in errs[1:])
     return ok, " ".join(f"{n} {e:.2e}" for n, e in zip(("o", "dq", "dk", "dv"), errs, strict=True))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
+def _names(text: str, allowed, what: str, ap: argparse.ArgumentParser) -> list[str]:
+    names = text.split(",")
+    bad = [n for n in names if n not in [str(a) for a in allowed]]
+    if bad:
+        ap.error(f"{what}: got {','.join(bad)}, allowed {','.join(map(str, allowed))}")
+    return names
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default cuda")
+    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated subset")
+    ap.add_argument("--dtypes", default=",".join(BOUND), help="comma-separated subset")
+    args = ap.parse_args(argv)
+    head_dims = [int(d) for d in _names(args.head_dims, HEAD_DIMS, "--head-dims", ap)]
+    dtype_names = _names(args.dtypes, tuple(BOUND), "--dtypes", ap)
+    if args.device == "cuda":
+        require_gpu("check_head_dims.py", "--device cuda", cpu="check_head_dims.py --device cpu")
+    else:
+        interpret_without_gpu("check_head_dims.py")
+    _import_torch_and_kernels()
     ops = {
         "swa W=129 S=4": lambda q, k, v, s: swa_attention(q, k, v, window_size=129, num_sinks=4),
         "eviction train W=65 C=32 S=4": lambda q, k, v, s: eviction_attention(
@@ -66,8 +89,8 @@ def main() -> int:
     }
     failed = []
     for name, fn in ops.items():
-        for D in HEAD_DIMS:
-            for dtype in (torch.bfloat16, torch.float32):
+        for D in head_dims:
+            for dtype in (getattr(torch, n) for n in dtype_names):
                 label = f"{name:30s} D={D:3d} {str(dtype).removeprefix('torch.'):8s}"
                 try:
                     ok, txt = check(name, fn, D, args.device, dtype)

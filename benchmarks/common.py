@@ -1,25 +1,88 @@
-"""Shared benchmark plumbing: CUDA-event timing, peak memory, and the results JSON (SPEC section 7)."""
+"""Shared benchmark plumbing: device checks, CUDA-event timing, peak memory and the results JSON.
+
+Importing this module imports neither torch nor Triton (``--help`` of every script stays fast); the
+functions that need torch import it when called.
+
+    python benchmarks/common.py FILE...   # merge results files written under $OUT into results/<gpu>.json
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
 import re
-
-import torch
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
+# optional comparison packages: import name -> pip name
+FLA = ("fla", "flash-linear-attention")
+
+
+def refuse(message: str) -> NoReturn:
+    """One line on stderr and exit status 2 (argparse's status for a usage error), without a traceback."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def missing_packages(packages: Sequence[tuple[str, str]]) -> list[str]:
+    """The pip names of those ``(module, pip name)`` pairs whose module is not installed (nothing is imported)."""
+    return [pip for module, pip in packages if importlib.util.find_spec(module) is None]
+
+
+def install_hint(pip_names: Sequence[str]) -> str:
+    return "pip install " + " ".join(pip_names)
+
+
+def require_gpu(script: str, mode: str, *, cpu: str | None, packages: Sequence[tuple[str, str]] = ()) -> None:
+    """Refuse ``mode`` of ``script`` (exit status 2, one line) unless a CUDA device and ``packages`` are present.
+
+    ``cpu`` names the mode of the script that runs without a GPU, if any. Call it right after the arguments
+    are parsed, before anything imports mixerzoo's kernels or Triton."""
+    import torch
+
+    needs = []
+    if not torch.cuda.is_available():
+        where = f"'{cpu}' runs on the CPU" if cpu else "no mode of it runs on the CPU"
+        needs.append(f"a CUDA GPU (torch.cuda.is_available() is False; {where})")
+    missing = missing_packages(packages)
+    if missing:
+        needs.append(f"{', '.join(missing)} (not installed: {install_hint(missing)})")
+    if needs:
+        refuse(f"{script} {mode}: needs " + " and ".join(needs))
+
+
+def interpret_without_gpu(script: str) -> bool:
+    """For a mode that runs on the CPU: without a CUDA device, set TRITON_INTERPRET=1 (a Triton kernel launched
+    on CPU tensors then runs in Triton's interpreter), say so, and return True. Triton reads the variable when
+    a kernel is decorated, so this must run before anything imports Triton or mixerzoo's kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            raise RuntimeError(f"{script}: triton was imported before TRITON_INTERPRET could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+    print(f"{script}: no CUDA device; Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1)", flush=True)
+    return True
+
 
 def gpu_slug() -> str:
+    import torch
+
     name = torch.cuda.get_device_name()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Relative RMSE of ``out`` against ``ref``: rms(out - ref) / rms(ref), in float64."""
+def rel_rmse(ref, out) -> float:
+    """Relative RMSE of ``out`` against ``ref`` (tensors): rms(out - ref) / rms(ref), in float64."""
     ref, out = ref.double(), out.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -37,6 +100,8 @@ def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
     does), so each event pair measures the device's time for one call, not the host's launch latency
     before the first kernel of a call found the device idle; where the host is the slower side (an
     eager decode step), the pairs measure the host's time per call instead."""
+    import torch
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -52,6 +117,8 @@ def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
 
 def peak_mem_mb(fn) -> float:
     """Peak CUDA memory allocated while running ``fn()`` once, in MiB, above what was allocated before."""
+    import torch
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -62,7 +129,9 @@ def peak_mem_mb(fn) -> float:
 
 def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) -> pathlib.Path:
     """Merge ``rows`` into ``results/<gpu>.json``: rows of ``ops`` from an earlier run are replaced,
-    rows of other ops (written by other scripts) are kept."""
+    rows of other ops (written by other scripts) are kept. With $OUT set, this run's rows alone also go
+    to ``$OUT/results-<ops>.json``, for ``merge_file`` in another checkout."""
+    import torch
     import triton
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -80,7 +149,7 @@ def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) ->
         "rows": kept + rows,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    if os.environ.get("OUT"):  # on the lent GPU machine: also write this run's rows alone, to merge back
+    if os.environ.get("OUT"):
         part = pathlib.Path(os.environ["OUT"]) / f"results-{'-'.join(sorted(ops))}.json"
         part.write_text(json.dumps({**doc, "rows": rows}, indent=1) + "\n")
     return path
@@ -100,7 +169,8 @@ def _fmt(v) -> str:
 
 
 def merge_file(returned: str) -> pathlib.Path:
-    """Merge a results file brought back from the GPU machine into ``results/``: its ops replace ours."""
+    """Merge a results file written by another checkout (``$OUT/results-*.json``) into ``results/``: its ops
+    replace ours."""
     new = json.loads(pathlib.Path(returned).read_text())
     slug = re.sub(r"[^a-z0-9]+", "-", new["gpu"].lower()).strip("-")
     path = RESULTS / f"{slug}.json"
@@ -113,8 +183,23 @@ def merge_file(returned: str) -> pathlib.Path:
     return path
 
 
-if __name__ == "__main__":
-    import sys
-
-    for f in sys.argv[1:]:
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=(
+            "Merge results files written under $OUT by a benchmark run elsewhere (results-<ops>.json) into "
+            "benchmarks/results/<gpu>.json: the file's ops replace the rows of those ops, other rows are kept. "
+            "Runs on the CPU."
+        )
+    )
+    ap.add_argument("files", nargs="+", metavar="FILE", help="results-<ops>.json files to merge")
+    args = ap.parse_args(argv)
+    for f in args.files:
+        if not pathlib.Path(f).is_file():
+            refuse(f"common.py: results file {f!r} does not exist")
+    for f in args.files:
         print("merged into", merge_file(f))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

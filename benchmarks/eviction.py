@@ -5,30 +5,49 @@ call) forward and forward+backward against FlexAttention with the same mask buil
 peak memory; the decode step (buffer update + attention over window + buffer) at 4K, 32K and 128K
 tokens seen against SDPA full-attention decode. Rows: op eviction_train / eviction_decode.
 
-    python benchmarks/eviction.py            # on a CUDA machine; writes benchmarks/results/<gpu>.json
+    python benchmarks/eviction.py                  # check, train, decode (CUDA); writes results/<gpu>.json
+    python benchmarks/eviction.py check decode     # some of the parts
+    python benchmarks/eviction.py resources        # CPU: compile the kernels for sm_90, registers and spills
+
+Parts (CUDA unless said): check (kernels vs the float32 reference), train (training timings against
+FlexAttention, peak memory), decode (decode step against SDPA), quick (check at the benchmark shape, then
+the training timings without FlexAttention), sweep (tile search, kept in memory for the run), resources
+(no GPU needed: ptxas resource usage of every tile candidate, compiled for sm_90 by the installed Triton).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import traceback
 
-import torch
-
 _HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # benchmarks/common.py and the mixerzoo checkout
-from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
+from common import peak_mem_mb, print_table, refuse, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
 
-from mixerzoo.kernels.eviction import (  # noqa: E402
-    buffer_insert_,
-    eviction_attention,
-    eviction_attention_ref,
-    eviction_attention_ref_bwd,
-    eviction_decode,
-    eviction_decode_attention_ref,
-    eviction_end,
-    visibility_end,
-)
+PARTS = ("check", "train", "decode", "quick", "sweep", "resources")
+DEFAULT_PARTS = ("check", "train", "decode")
+
+
+def _import_torch_and_kernels() -> None:
+    """torch and the kernels, imported once the arguments are parsed and the device checked (``--help`` and a
+    refusal stay fast; ``resources`` must see TRITON_INTERPRET unset before Triton is imported)."""
+    global torch, buffer_insert_, eviction_attention, eviction_attention_ref, eviction_attention_ref_bwd
+    global eviction_decode, eviction_decode_attention_ref, eviction_end, visibility_end
+    import torch
+
+    from mixerzoo.kernels.eviction import (
+        buffer_insert_,
+        eviction_attention,
+        eviction_attention_ref,
+        eviction_attention_ref_bwd,
+        eviction_decode,
+        eviction_decode_attention_ref,
+        eviction_end,
+        visibility_end,
+    )
+
 
 DEV = "cuda"
 H, D, W, FRAC, SINKS = 16, 128, 769, 0.10, 4
@@ -441,11 +460,10 @@ def sweep(T: int = 32768):
 
 
 def resources() -> None:
-    """No GPU needed: compile each kernel for sm_90 on this machine and print, per tile candidate, the
+    """No GPU needed: compile each kernel for sm_90 on the CPU and print, per tile candidate, the
     registers, stack frame (spills), Hopper MMA (HGMMA) vs older MMA (HMMA) and local loads in the SASS.
-    Uses this machine's Triton, which may differ from the GPU machine's: a lead, not a measurement."""
+    Uses the installed Triton, which may differ from the one of a GPU run: a lead, not a measurement."""
     import inspect
-    import os
     import re
     import subprocess
     import tempfile
@@ -457,6 +475,8 @@ def resources() -> None:
     from mixerzoo.kernels.eviction import attention as att
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.isfile(os.path.join(tools, "cuobjdump")):
+        refuse(f"eviction.py resources: needs Triton's NVIDIA backend tools, and {tools}/cuobjdump does not exist")
     types = dict(lse="*fp32", delta="*fp32", kpos="*i32", kend="*i32", kcum="*i32", scale="fp32", scale_log2="fp32")
     for kernel, fn in (
         ("fwd", att._fwd_kernel),
@@ -495,11 +515,38 @@ def resources() -> None:
             )
 
 
-def main():
-    only = sys.argv[1:]
-    if "resources" in only:
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "parts",
+        nargs="*",
+        metavar="PART",
+        help=f"any of {', '.join(PARTS)} (default: {' '.join(DEFAULT_PARTS)}); resources runs alone",
+    )
+    args = ap.parse_args(argv)
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {' '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    if "resources" in args.parts and len(set(args.parts)) > 1:
+        ap.error(f"resources runs alone (it needs no GPU), got {' '.join(args.parts)}")
+    args.parts = args.parts or list(DEFAULT_PARTS)
+    return args
+
+
+def main(argv=None) -> int:
+    only = parse_args(argv).parts
+    if only == ["resources"]:
+        # triton.compile needs real JIT functions: under the interpreter the kernels are not compiled
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            refuse(
+                "eviction.py resources: compiles the kernels for sm_90, which Triton's interpreter cannot; unset "
+                "TRITON_INTERPRET"
+            )
+        _import_torch_and_kernels()
         resources()
-        return
+        return 0
+    require_gpu("eviction.py", " ".join(only), cpu="eviction.py resources")
+    _import_torch_and_kernels()
     print(torch.cuda.get_device_name(), torch.__version__)
     if "quick" in only:  # GPU check of the current kernels vs the reference, then the training timings
         section(_check_vs_reference)("default tiles")
@@ -509,21 +556,22 @@ def main():
         sweep()
         train_bench(8192, with_flex=False)
         train_bench(32768, with_flex="H200" not in torch.cuda.get_device_name())
-    if not only or "check" in only:
+    if "check" in only:
         correctness()
-    if not only or "train" in only:
+    if "train" in only:
         train_bench(8192)
         train_bench(32768)
         memory_scaling()
-    if not only or "decode" in only:
+    if "decode" in only:
         decode_bench()
     if ROWS:
         print_table(ROWS)
         print("results:", write_results({r["op"] for r in ROWS}, ROWS))
     if FAILED:
         print("FAILED:", FAILED)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,15 @@
 """Gated delta rule on the GPU: correctness against the float32 reference at long T, then timings against
-flash-linear-attention (SPEC 7, issue 5).
+flash-linear-attention.
 
     python benchmarks/gdn.py            # checks, then the benchmark; writes results/<gpu>.json
     python benchmarks/gdn.py --check    # checks only
     python benchmarks/gdn.py --check --quick-check    # long-T bf16 checks, packed batches (cu_seqlens) and their timing
+    python benchmarks/gdn.py --bench    # the benchmark only (needs flash-linear-attention, the anchor)
+    python benchmarks/gdn.py --smoke    # tiny checks; without a GPU on the CPU, in Triton's interpreter
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
-forward+backward; decode step at B = 32 against fla's fused_recurrent_gated_delta_rule.
+forward+backward; decode step at B = 32 against fla's fused_recurrent_gated_delta_rule. Every mode but
+--smoke needs a CUDA GPU; the benchmark also needs flash-linear-attention (pip install flash-linear-attention).
 """
 
 from __future__ import annotations
@@ -16,26 +19,44 @@ import pathlib
 import sys
 from functools import partial
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import peak_mem_mb, print_table, rel_rmse, time_ms, write_results  # noqa: E402
-
-from mixerzoo.kernels.gdn import gated_delta_rule  # noqa: E402
-from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd  # noqa: E402
-from mixerzoo.kernels.gdn.conv import causal_conv1d_bwd, causal_conv1d_fwd  # noqa: E402
-from mixerzoo.kernels.gdn.fused_recurrent import fused_recurrent_gdn_fwd  # noqa: E402
-from mixerzoo.kernels.gdn.reference import (  # noqa: E402
-    causal_conv1d_ref,
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-    gated_delta_rule_varlen_ref,
+from common import (  # noqa: E402
+    FLA,
+    install_hint,
+    interpret_without_gpu,
+    missing_packages,
+    peak_mem_mb,
+    print_table,
+    rel_rmse,
+    require_gpu,
+    time_ms,
+    write_results,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the checks in the interpreter
+DEV = "cuda"  # "cpu" for a smoke run without a GPU (set by main)
+
+
+def _import_torch_and_kernels() -> None:
+    """torch and the kernels, imported once the arguments are parsed and the device checked (``--help`` and a
+    refusal stay fast; a smoke run sets TRITON_INTERPRET before Triton is imported)."""
+    global torch, F, gated_delta_rule, chunk_gdn_bwd, chunk_gdn_fwd, causal_conv1d_bwd, causal_conv1d_fwd
+    global fused_recurrent_gdn_fwd, causal_conv1d_ref, gated_delta_rule_chunked, gated_delta_rule_recurrent
+    global gated_delta_rule_varlen_ref
+    import torch
+    import torch.nn.functional as F
+
+    from mixerzoo.kernels.gdn import gated_delta_rule
+    from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd
+    from mixerzoo.kernels.gdn.conv import causal_conv1d_bwd, causal_conv1d_fwd
+    from mixerzoo.kernels.gdn.fused_recurrent import fused_recurrent_gdn_fwd
+    from mixerzoo.kernels.gdn.reference import (
+        causal_conv1d_ref,
+        gated_delta_rule_chunked,
+        gated_delta_rule_recurrent,
+        gated_delta_rule_varlen_ref,
+    )
 
 
 def inputs(B, T, H, K, V, dtype, *, h0=True, seed=0):
@@ -160,7 +181,7 @@ def check_conv(dtype, tol):
 
 
 def check_op():
-    print("custom op on CUDA: autograd, decode routing, torch.compile(fullgraph)")
+    print(f"custom op on {DEV}: autograd, decode routing, torch.compile(fullgraph)")
     q, k, v, g, beta, s0 = inputs(2, 200, 4, 64, 64, torch.bfloat16, seed=3)
     xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
     o, s = gated_delta_rule(*xs, initial_state=s0, output_final_state=True)
@@ -224,7 +245,10 @@ def run_checks(smoke=False, quick=False):
         print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}", flush=True)
         if DEV == "cuda":
             bench_varlen()
-        if FAILS:
+        if FAILS and missing_packages([FLA]):
+            hint = install_hint([FLA[1]])
+            print(f"fla's own errors (for scale) skipped: flash-linear-attention is not installed ({hint})")
+        elif FAILS:
             check_fla_yardstick(1, 4096, 16, 128, 128)
         return
     check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
@@ -394,22 +418,45 @@ def bench(args):
         print("wrote", path)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="correctness checks only")
-    ap.add_argument("--bench", action="store_true", help="benchmark only")
-    ap.add_argument("--profile", action="store_true")
+def main(argv=None) -> int:
+    global DEV
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="correctness checks only")
+    mode.add_argument("--bench", action="store_true", help="benchmark only")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny checks only (on the CPU without a GPU, in Triton's interpreter)"
+    )
+    ap.add_argument("--profile", action="store_true", help="benchmark: profile the launchers at B = 1, T = 32768")
     ap.add_argument(
         "--quick-check",
         action="store_true",
         help="only the long-T bf16 checks (packed batches included, then their timing), and fla's errors for scale",
     )
     ap.add_argument("--sweep", action="store_true", help="sweep the sequential kernels' launch settings first")
-    ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny checks (runs on CPU through the interpreter)")
-    ap.add_argument("--repeat", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
+    ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        extra = [f for f in ("bench", "quick_check", "sweep", "profile", "skip_decode") if getattr(args, f)]
+        if extra:
+            ap.error(f"--smoke runs the tiny checks alone, got also --{' --'.join(e.replace('_', '-') for e in extra)}")
+        DEV = "cpu" if interpret_without_gpu("gdn.py") else "cuda"
+    else:
+        flags = [f"--{f.replace('_', '-')}" for f in ("check", "quick_check", "bench", "sweep") if getattr(args, f)]
+        require_gpu(
+            "gdn.py",
+            " ".join(flags) or "(checks, then the benchmark)",
+            cpu="gdn.py --smoke",
+            packages=[] if args.check else [FLA],
+        )
+    _import_torch_and_kernels()
     if not args.bench:
         run_checks(args.smoke, args.quick_check)
-    if not args.check:
+    if not (args.check or args.smoke):
         bench(args)
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

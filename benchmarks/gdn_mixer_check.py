@@ -22,20 +22,19 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import rel_rmse as _rel_rmse  # noqa: E402
+from common import interpret_without_gpu, require_gpu  # noqa: E402
+from common import rel_rmse as _rel_rmse
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # 8: below the 16 of a half-precision dot
 SEQLENS = (1, 37, 80, 150)
 H, B = 4, 2
 
 
-def rel_rmse(ref: torch.Tensor, out: torch.Tensor, floor: float = 0.0) -> float:
+def rel_rmse(ref, out, floor: float = 0.0) -> float:
     """rms(out - ref) / max(rms(ref), floor): a gradient that is exactly zero in the reference (g and
     beta of the first token of a sequence never reach the output) is judged against ``floor``."""
     ref, out = ref.cpu().double(), out.cpu().double()
@@ -47,6 +46,7 @@ def rel_rmse(ref: torch.Tensor, out: torch.Tensor, floor: float = 0.0) -> float:
 
 def _trace_kernels(log) -> None:
     """Synchronize after every gdn Triton kernel and remember its name (the modules look kernels up at launch)."""
+    import torch
     import triton
 
     from mixerzoo.kernels.gdn import chunk, conv, fused_recurrent
@@ -71,6 +71,8 @@ def _trace_kernels(log) -> None:
 
 def child(dtype_name: str, K: int, old_tiles: str, device: str) -> int:
     """One (dtype, head dim): every T and mode. Prints 'step ...' lines and one 'ROW {json}' per result."""
+    import torch
+
     from mixerzoo.kernels.gdn import chunk
     from mixerzoo.mixers.gdn import GatedDeltaNet, GDNConfig
     from mixerzoo.testing import tolerance
@@ -88,7 +90,7 @@ def child(dtype_name: str, K: int, old_tiles: str, device: str) -> int:
     if old_tiles in ("cols", "both"):
         chunk._out_cols = lambda V: min(1 << (V - 1).bit_length(), 128)
 
-    dtype = DTYPES[dtype_name]
+    dtype = getattr(torch, dtype_name)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     _, tol_out, tol_grad = tolerance(dtype)
     torch.manual_seed(K)
@@ -140,20 +142,27 @@ def child(dtype_name: str, K: int, old_tiles: str, device: str) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old-tiles", choices=["none", "rows", "cols", "both"], default="none")
-    ap.add_argument("--dtypes", default=",".join(DTYPES))
-    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset")
+    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated subset")
     ap.add_argument("--verbose", action="store_true", help="print every step and kernel of every configuration")
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (no kernels involved)")
+    ap.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of this script (no kernels involved)"
+    )
     ap.add_argument("--child", nargs=2, metavar=("DTYPE", "K"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         return child(args.child[0], int(args.child[1]), args.old_tiles, args.device)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gdn_mixer_check: needs a CUDA device")
-        return 1
+    for flag, given, allowed in (("--dtypes", args.dtypes, DTYPES), ("--head-dims", args.head_dims, HEAD_DIMS)):
+        bad = [x for x in given.split(",") if x not in map(str, allowed)]
+        if bad:
+            ap.error(f"{flag}: got {','.join(bad)}, allowed {','.join(map(str, allowed))}")
+    if args.device == "cuda":
+        require_gpu("gdn_mixer_check.py", "--device cuda", cpu="gdn_mixer_check.py --device cpu")
+    else:
+        interpret_without_gpu("gdn_mixer_check.py")  # the children inherit the environment
 
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     jobs = [(d, int(k)) for d in args.dtypes.split(",") for k in args.head_dims.split(",")]

@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU, for the lent machine (see benchmarks/README.md). Parts:
+# Everything that needs the GPU, by part (see benchmarks/README.md). Parts:
 #   tests      the CUDA test groups (benchmarks/gpu_tests.sh), three lanes at once
 #   backends   full_attention's backends against a float32 reference (benchmarks/check_backends.py)
 #   attention  swa / swa_sink / full_attention: checks, tile sweep, op vs launchers, timings, decode
 #   gdn        long-T and varlen checks, then the timings against fla
 #   eviction   checks, training timings against FlexAttention, memory, decode
 # Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all, in the order above)
-# The benchmarks write benchmarks/results/<gpu>.json and, on the lent machine, $OUT/results-*.json to merge
-# back with `python benchmarks/common.py FILE...`; logs go to $OUT.
+# Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
+# xformers, the CUDA 12 runtime) are installed to /tmp/site first. The benchmarks write
+# benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another checkout with
+# `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
+usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; }
+all=(tests backends attention gdn eviction)
+for arg in "$@"; do
+    case $arg in
+    -h | --help) usage && exit 0 ;;
+    tests | backends | attention | gdn | eviction) ;;
+    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]}" >&2 && exit 2 ;;
+    esac
+done
 parts=("$@")
-((${#parts[@]})) || parts=(tests backends attention gdn eviction)
+((${#parts[@]})) || parts=("${all[@]}")
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_all.sh ${parts[*]}: needs a CUDA GPU (torch.cuda.is_available() is False); no part runs on the CPU" >&2
+    exit 2
+fi
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # fla-core, xformers and the CUDA 12 runtime, carried as wheels
+if ls .whl/*.whl >/dev/null 2>&1; then # fla-core, xformers and the CUDA 12 runtime, carried as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
     # the PyPI xformers wheel is built against CUDA 12: its runtime (nvidia-cuda-runtime-cu12, carried too)
@@ -42,7 +57,6 @@ for part in "${parts[@]}"; do
         python3 benchmarks/gdn.py --bench 2>&1 | tee "$OUT/gdn.log" | tail -n 30 || rc=1
         ;;
     eviction) python3 benchmarks/eviction.py 2>&1 | tee "$OUT/eviction.log" | tail -n 30 || rc=1 ;;
-    *) echo "unknown part $part (tests, backends, attention, gdn, eviction)" && rc=1 ;;
     esac
 done
 exit $rc

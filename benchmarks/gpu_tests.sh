@@ -3,12 +3,20 @@
 # the whole process, so in one process a single bad kernel fails every later test. The CPU-only
 # groups (registry, pattern grammar, README, the catch-a-bug toys) are left to CI.
 # Usage (repo root): bash benchmarks/gpu_tests.sh [LOGDIR [WORD...]]   exit status 1 if any group failed
-#   WORDs: run only the groups whose line contains one of them (several calls can then share the GPU);
+#   WORDs: run only the groups whose line contains one of them (several runs can then share the GPU);
 #   the output goes to LOGDIR/tests.log, or LOGDIR/tests-WORD.log for the first WORD.
+#   Needs a CUDA GPU (exit status 2 without one); without one, `python -m pytest` runs the CPU tests.
 set -uo pipefail
+case ${1:-} in
+-h | --help) sed -n '2,8s/^# \{0,1\}//p' "$0" && exit 0 ;;
+esac
 log=${1:-${OUT:-/tmp}}
 shift || true
 words=("$@")
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_tests.sh: needs a CUDA GPU (torch.cuda.is_available() is False); on the CPU run python -m pytest" >&2
+    exit 2
+fi
 logfile=$log/tests${words[0]:+-${words[0]//\//_}}.log
 reg=tests/conformance/test_registered.py
 groups=(

@@ -1,0 +1,211 @@
+"""The scripts in benchmarks/ on a machine without a GPU: ``--help``, a one-line refusal of the GPU modes, CPU modes.
+
+The scripts run as a user runs them, with TRITON_INTERPRET removed from their environment (this test session
+sets it): a CPU mode has to set it itself. The processes of a group run in parallel.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py")) + sorted(p.name for p in BENCH.glob("*.sh"))
+
+# one GPU mode of each script: (arguments, what the refusal must also say). common.py has no GPU mode.
+GPU_MODES = {
+    "attention.py": (["--sections", "check"], "no mode of it runs on the CPU"),
+    "eviction.py": (["train"], "'eviction.py resources' runs on the CPU"),
+    "gdn.py": (["--bench"], "'gdn.py --smoke' runs on the CPU"),
+    "check_backends.py": ([], "'check_backends.py --device cpu --small --backends sdpa' runs on the CPU"),
+    "check_head_dims.py": ([], "'check_head_dims.py --device cpu' runs on the CPU"),
+    "gdn_mixer_check.py": (["--device", "cuda"], "'gdn_mixer_check.py --device cpu' runs on the CPU"),
+    "gpu_all.sh": (["backends"], "no part runs on the CPU"),
+    "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
+}
+CPU_ONLY = {"common.py"}
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _command(script: str, args: list[str]) -> list[str]:
+    runner = ["bash"] if script.endswith(".sh") else [sys.executable]
+    return [*runner, str(BENCH / script), *args]
+
+
+def _run_all(commands: dict, env: dict, timeout: float = 300) -> dict:
+    def run(cmd):
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return dict(zip(commands, pool.map(run, commands.values()), strict=True))
+
+
+@pytest.fixture(scope="module")
+def help_runs():
+    return _run_all({s: _command(s, ["--help"]) for s in SCRIPTS}, _env())
+
+
+# Runs Python scripts one after the other in one process, as `python SCRIPT ARGS...` would (run as __main__,
+# sys.argv set), and prints {script: {returncode, stdout, stderr}} as JSON; an exception that escapes a script
+# lands in its stderr as the interpreter would print it. One process imports torch once instead of once per
+# script, which is most of the time a refusal takes.
+_DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+results = {}
+for path, args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [path, *args]
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results[path] = dict(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_mode_runs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("gpu_modes"))
+    modes = {s: [a.format(tmp=tmp) for a in args] for s, (args, _) in GPU_MODES.items()}
+    python = [[str(BENCH / s), args] for s, args in modes.items() if s.endswith(".py")]
+    commands = {s: _command(s, args) for s, args in modes.items() if s.endswith(".sh")}
+    commands["python"] = [sys.executable, "-c", _DRIVER, json.dumps(python)]
+    runs = _run_all(commands, _env(OUT=tmp))
+    driver = runs.pop("python")
+    assert driver.returncode == 0, driver.stderr
+    for path, r in json.loads(driver.stdout).items():
+        runs[Path(path).name] = subprocess.CompletedProcess(path, r["returncode"], r["stdout"], r["stderr"])
+    return runs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(help_runs, script):
+    p = help_runs[script]
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^usage", p.stdout, re.IGNORECASE | re.MULTILINE), p.stdout
+    assert p.stderr == ""
+
+
+def test_scripts_import_no_torch_triton_or_mixerzoo():
+    """What keeps --help and a refusal fast, and lets a CPU mode set TRITON_INTERPRET before Triton loads."""
+    modules = [Path(s).stem for s in SCRIPTS if s.endswith(".py")]
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r})\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        "print(sorted(m for m in ('torch', 'triton', 'mixerzoo') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_every_script_has_a_gpu_mode_case():
+    assert set(GPU_MODES) | CPU_ONLY == set(SCRIPTS)
+
+
+@no_gpu
+@pytest.mark.parametrize("script", sorted(GPU_MODES))
+def test_gpu_mode_refused_in_one_line(gpu_mode_runs, script):
+    p = gpu_mode_runs[script]
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "needs a CUDA GPU (torch.cuda.is_available() is False" in lines[0]
+    assert GPU_MODES[script][1] in lines[0]
+    assert p.stdout == ""
+
+
+@no_gpu
+@pytest.mark.skipif(importlib.util.find_spec("fla") is not None, reason="flash-linear-attention is installed")
+def test_missing_package_named_with_install_hint(gpu_mode_runs):
+    hint = "flash-linear-attention (not installed: pip install flash-linear-attention)"
+    assert hint in gpu_mode_runs["gdn.py"].stderr
+
+
+def test_usage_errors_name_the_value():
+    cases = {
+        "eviction.py": (["trian"], "unknown part(s) trian; the parts are check, train"),
+        "attention.py": (["--sections", "swa,ful"], "unknown section(s) ful; the sections are check"),
+        "gdn.py": (["--smoke", "--sweep"], "--smoke runs the tiny checks alone, got also --sweep"),
+        "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction"),
+    }
+    runs = _run_all({s: _command(s, args) for s, (args, _) in cases.items()}, _env())
+    for script, (_, message) in cases.items():
+        p = runs[script]
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (script, p.stderr)
+
+
+def test_resources_refuses_the_interpreter():
+    p = subprocess.run(
+        _command("eviction.py", ["resources"]),
+        cwd=ROOT,
+        env=_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (
+        "eviction.py resources: compiles the kernels for sm_90, which Triton's interpreter cannot; "
+        "unset TRITON_INTERPRET"
+    )
+
+
+@no_gpu
+def test_cpu_modes(tmp_path):
+    """check_backends' CPU dry run to the end, and gdn.py --smoke until its first Triton kernel has run in the
+    interpreter and matched the reference (the whole smoke run takes about 35 s of CPU time)."""
+    env = _env(OUT=str(tmp_path))
+    smoke = subprocess.Popen(
+        _command("gdn.py", ["--smoke"]), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        backends = subprocess.run(
+            _command("check_backends.py", ["--device", "cpu", "--small", "--backends", "sdpa"]),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = []
+        for line in smoke.stdout:  # up to the first comparison with the reference (or the end of a crash)
+            lines.append(line.rstrip("\n"))
+            if re.match(r"\s+(ok|FAIL)\s", line):
+                break
+    finally:
+        smoke.kill()
+        smoke.wait()
+    assert backends.returncode == 0, backends.stdout + backends.stderr
+    assert backends.stdout.startswith("check_backends.py: no CUDA device; Triton kernels run in Triton's interpreter")
+    rows = json.loads((tmp_path / "backends.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["ok"] and r["backend"] == "sdpa" for r in rows)
+
+    assert lines[0] == "gdn.py: no CUDA device; Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1)"
+    assert re.match(r"\s+ok\s+o\s+rel_rmse=", lines[-1]), "\n".join(lines)
+
+
+def test_pytest_collects_nothing_from_benchmarks(pytestconfig):
+    assert pytestconfig.getini("testpaths") == ["tests"]
+    assert not [p.name for p in BENCH.rglob("*.py") if p.name.startswith("test_") or p.name.endswith("_test.py")]
