@@ -8,7 +8,7 @@ from torch import Tensor
 __all__ = ["assert_close", "tolerance"]
 
 # dtype -> (max abs error for exact-algebra comparisons in that dtype, relative RMSE for outputs, for gradients).
-# SPEC 6: float32 differs from a float32 reference only by the reduction order; half precision is judged by
+# docs/conformance.md#tolerances: float32 differs from a float32 reference only by the reduction order; half precision is judged by
 # relative RMSE against a float32 reference (bf16: 1e-2 outputs, 2e-2 gradients).
 _TOLERANCES = {
     torch.float64: (1e-9, 1e-9, 1e-9),

@@ -1,4 +1,4 @@
-"""The eight conformance checks of SPEC section 6, written once and run over every registered mixer.
+"""The conformance checks (docs/conformance.md#the-checks), written once and run over every registered mixer.
 
 Each check takes a ``Case`` (a registered mixer on one device and dtype, small shapes) and raises
 ``AssertionError`` with the measured error when the mixer does not conform.

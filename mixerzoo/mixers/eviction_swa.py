@@ -1,4 +1,4 @@
-"""Sliding-window attention with learnable token eviction (LTE; SPEC 4.3): a small per-KV-head CNN
+"""Sliding-window attention with learnable token eviction (LTE; docs/mixers.md#eviction_swa): a small per-KV-head CNN
 scores each token; tokens leaving the window are kept in a fixed-size buffer of the top-C scores."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class EvictionSWAState(State):
 
 @register("eviction_swa", config=EvictionSWAConfig, aliases=("lte",))
 class EvictionSWA(TokenMixer):
-    """Sliding-window attention plus a buffer of retained tokens (SPEC 4.3).
+    """Sliding-window attention plus a buffer of retained tokens (docs/mixers.md#eviction_swa).
 
     Training (``module.training``, parallel form): query t sees key j iff j <= t and (t - j < W or j
     retained); values pass through a straight-through gate that trains the router. Eval and every call

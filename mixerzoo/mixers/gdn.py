@@ -19,7 +19,7 @@ __all__ = ["GDNConfig", "GDNState", "GatedDeltaNet"]
 
 @dataclasses.dataclass(frozen=True)
 class GDNConfig(MixerConfig):
-    """Gated DeltaNet settings (SPEC 4.5).
+    """Gated DeltaNet settings (docs/mixers.md#gdn).
 
     head_dim:   query/key head dim K (None: hidden_size // num_heads).
     head_v_dim: value head dim V (None: head_dim).

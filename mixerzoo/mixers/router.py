@@ -1,4 +1,4 @@
-"""Eviction scores for eviction_swa (learnable token eviction, LTE; SPEC 4.3): the per-KV-head CNN
+"""Eviction scores for eviction_swa (learnable token eviction, LTE; docs/mixers.md#router-architecture): the per-KV-head CNN
 router, the non-learned key-norm score, and the straight-through value gate that trains the router."""
 
 from __future__ import annotations

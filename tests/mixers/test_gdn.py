@@ -27,7 +27,7 @@ def make(seed: int = 0, **kwargs) -> GatedDeltaNet:
 
 
 def reference_layer(m: GatedDeltaNet, p: dict[str, torch.Tensor], x: torch.Tensor, mask=None) -> torch.Tensor:
-    """The whole layer, token by token, in float64, written from SPEC 4.5 (explicit (I - beta k k^T)).
+    """The whole layer, token by token, in float64, written from docs/mixers.md#gdn (explicit (I - beta k k^T)).
 
     p: the mixer's parameters by name (float64); x: [B, T, D]; mask: [B, T] bool (False = pad) or None.
     """
