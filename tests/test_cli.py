@@ -195,6 +195,7 @@ def test_list_and_demo_import_user_modules(tmp_path, capsys):
     assert "line 3, in <module>" in err  # the traceback shows where in the user's file
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_listed_and_a_broken_one_named(tmp_path):
     """End to end, in a fresh interpreter: an installed distribution's entry points load on the registry's
     first lookup; one that fails to import is named with its error, and the rest of the library works."""
@@ -222,6 +223,7 @@ def test_installed_plugin_is_listed_and_a_broken_one_named(tmp_path):
     assert "No module named '_cli_missing_dependency'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_python_m_mixerzoo_list():
     proc = subprocess.run(
         [sys.executable, "-m", "mixerzoo", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -235,6 +237,7 @@ def test_python_m_mixerzoo_list():
         assert f"\n{name} " in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_toy_compiled(capsys):
     rc = main(
         [
@@ -290,6 +293,7 @@ def test_demo_errors(capsys):
         assert main(["demo", "--pattern", "_cli_decay", "--device", "cuda", "--new-tokens", "3", "--no-compile"]) == 0
 
 
+@pytest.mark.slow
 def test_demo_default_pattern(capsys):
     """The built-in mixers in the default pattern, on a small size, with the compiled decode step."""
     rc = main(["demo", "--hidden", "64", "--prompt-len", "40", "--new-tokens", "8", "--backend", "aot_eager"])

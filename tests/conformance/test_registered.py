@@ -15,7 +15,8 @@ def _cases():
         for device in DEVICES:
             for check, dtype in conformance.plan(name, device):
                 dt = str(dtype).removeprefix("torch.")
-                yield pytest.param(name, device, check, dtype, id=f"{name}-{device}-{check}-{dt}")
+                marks = [pytest.mark.slow] if check.startswith("compile") else []  # compiles take seconds
+                yield pytest.param(name, device, check, dtype, id=f"{name}-{device}-{check}-{dt}", marks=marks)
 
 
 @pytest.mark.parametrize("name,device,check,dtype", list(_cases()))

@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles or long loops: run by default, left out by -m "not slow"
+
 triton = pytest.importorskip("triton")
 
 HOPPER_SMEM = 227 * 1024

@@ -5,6 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # compiles or long loops: run by default, left out by -m "not slow"
+
 SCRIPT = textwrap.dedent(
     """
     import sys

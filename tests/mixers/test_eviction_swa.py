@@ -100,6 +100,7 @@ def test_train_parallel_equals_simulator():
         assert (y - m.eval()(x)[0]).abs().max() > 1e-3  # the buffer cap binds at T = 50
 
 
+@pytest.mark.slow
 def test_chunked_prefill_leaves_the_same_state():
     m = make().eval()
     x = torch.randn(2, 90, 64)
@@ -204,6 +205,7 @@ def test_left_padding_matches_unpadded():
     assert_close("train padded vs unpadded", yt[0], ytp[0, P:], atol=3e-4)
 
 
+@pytest.mark.slow
 def test_state_constant_over_300_decode_steps():
     m = make().eval()
     st = m.init_state(1)
@@ -220,6 +222,7 @@ def test_state_constant_over_300_decode_steps():
     assert (st.buf_pos >= 0).sum(1).max() <= m.config.capacity
 
 
+@pytest.mark.slow
 def test_compiled_decode_matches_eager_without_recompiles():
     torch._dynamo.reset()
     m = make().eval()
@@ -234,6 +237,7 @@ def test_compiled_decode_matches_eager_without_recompiles():
     assert_close("compiled decode", y_ref[:, 20:], torch.cat(ys, 1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_training_forward_keeps_router_scores():
     torch._dynamo.reset()
     m = make(dropout=0.0).train()

@@ -176,6 +176,7 @@ def test_gradients_with_state():
     assert not state.S.requires_grad and not state.conv.requires_grad
 
 
+@pytest.mark.slow
 def test_compiled_decode_no_recompile():
     """Prefill (70 > 64 tokens: the chunked path) and 24 decode steps, compiled with fullgraph: one graph
     each, no recompile as the position grows, same results as eager."""

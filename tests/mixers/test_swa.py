@@ -158,6 +158,7 @@ def test_gradients_match_reference():
     assert_close("swa_sink dx", x64.grad, x.grad, torch.float32)
 
 
+@pytest.mark.slow
 def test_compiled_decode_no_recompile():
     torch._dynamo.reset()
     m = build("swa_sink", dict(window_size=8, num_sinks=2))
