@@ -28,6 +28,7 @@ GPU_MODES = {
     "check_backends.py": ([], "'check_backends.py --device cpu --small --backends sdpa' runs on the CPU"),
     "check_head_dims.py": ([], "'check_head_dims.py --device cpu' runs on the CPU"),
     "gdn_mixer_check.py": (["--device", "cuda"], "'gdn_mixer_check.py --device cpu' runs on the CPU"),
+    "decode.py": ([], "no mode of it runs on the CPU"),
     "gpu_all.sh": (["backends"], "no part runs on the CPU"),
     "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
 }

@@ -1,0 +1,167 @@
+"""Decode speed as a user meets it: one mixer layer's decode step, eager and as a CUDA graph replay, for
+every registered mixer; and whole-model generation (HybridLM.generate) against a plain SDPA transformer
+of the same size (the pattern ``full_attention*L``).
+
+    python benchmarks/decode.py [--mixers a,b] [--B 32] [--seen 4096] [--hidden 2048] [--heads 16]
+                                [--layers 8] [--new-tokens 64] [--skip-generate]
+
+Rows: op ``<mixer>_decode_step`` (``decode_ms``: graph replay, ``eager_ms``, ``host_ms``: the eager step's
+host time per call) and op ``generate`` (``tokens_per_s``) in results/<gpu>.json. The eager step is timed
+two ways: queued back to back with CUDA events (what a decode loop sees; host-bound steps show their host
+time) and by the host clock around each call with the device idle (``host_ms``, the launch overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import refuse, require_gpu, time_ms, write_results  # noqa: E402
+
+DEFAULT_MIXERS = "gdn,swa,swa_sink,eviction_swa,full_attention"
+
+
+def _graphed(torch, fn):
+    """Capture fn() in a CUDA graph after three eager runs on a side stream; returns (replay, out)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
+
+
+def host_ms(torch, fn, repeat: int = 30) -> float:
+    """Median host time of one call with the device idle before it (the launch overhead of an eager step)."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
+    rows = []
+    dt = torch.bfloat16
+    for name in args.mixers.split(","):
+        mixer = registry.build(name, hidden_size=args.hidden, num_heads=args.heads).to("cuda", dt).eval()
+        with torch.no_grad():
+            state = mixer.init_state(args.B, device="cuda", dtype=dt, max_seqlen=args.seen + 4096)
+            for _ in range(0, args.seen, 1024):
+                mixer(torch.randn(args.B, 1024, args.hidden, device="cuda", dtype=dt), state)
+            x1 = torch.randn(args.B, 1, args.hidden, device="cuda", dtype=dt)
+            step = functools.partial(mixer, x1, state)
+            eager = time_ms(step, repeat=50)
+            host = host_ms(torch, step)
+            replay, _ = _graphed(torch, step)
+            graph = time_ms(replay, repeat=50)
+        line = (
+            f"{name:16s} decode step B={args.B} hidden={args.hidden}: eager {eager:.4f} ms (host {host:.4f} ms), "
+            f"CUDA graph {graph:.4f} ms"
+        )
+        print(line, flush=True)
+        log.append(line)
+        rows.append(
+            dict(
+                op=f"{name}_decode_step",
+                impl="mixerzoo",
+                T=args.seen,
+                B=args.B,
+                H=args.heads,
+                D=args.hidden // args.heads,
+                decode_ms=round(graph, 4),
+                eager_ms=round(eager, 4),
+                host_ms=round(host, 4),
+                state_bytes=int(state.nbytes()),
+                note=f"one layer's decode step after {args.seen} tokens, bf16, hidden {args.hidden}",
+            )
+        )
+        del mixer, state
+        torch.cuda.empty_cache()
+    return rows
+
+
+def generate_rows(torch, mixerzoo, args, log: list[str]) -> list[dict]:
+    rows = []
+    L = args.layers
+    patterns = {"hybrid": f"(gdn eviction_swa)*{L // 2}", "sdpa_transformer": f"full_attention*{L}"}
+    for label, pattern in patterns.items():
+        torch.manual_seed(0)
+        lm = mixerzoo.HybridLM(pattern, vocab_size=32000, hidden_size=args.hidden, num_heads=args.heads)
+        lm = lm.to("cuda", torch.bfloat16).eval()
+        prompt = torch.randint(0, 32000, (args.B, args.prompt), device="cuda")
+        for cuda_graph in (False, True):
+            lm.generate(prompt, 4, cuda_graph=cuda_graph)  # warm-up: compiles and captures
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = lm.generate(prompt, args.new_tokens, cuda_graph=cuda_graph)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            tps = args.B * (out.shape[1] - args.prompt) / seconds
+            line = f"generate {label:18s} {pattern:28s} cuda_graph={cuda_graph}: {tps:,.0f} tokens/s"
+            print(line, flush=True)
+            log.append(line)
+            rows.append(
+                dict(
+                    op="generate",
+                    impl="mixerzoo" if label == "hybrid" else "sdpa",
+                    T=args.prompt,
+                    B=args.B,
+                    H=args.heads,
+                    D=args.hidden // args.heads,
+                    tokens_per_s=round(tps, 1),
+                    note=f"{pattern}, bf16, prompt {args.prompt}, {args.new_tokens} new tokens (prefill included), "
+                    f"cuda_graph={cuda_graph}",
+                )
+            )
+        del lm
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mixers", default=DEFAULT_MIXERS, help=f"comma-separated (default {DEFAULT_MIXERS})")
+    p.add_argument("--B", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--seen", type=int, default=4096, help="tokens prefilled before the timed step (default 4096)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--layers", type=int, default=8, help="layers of the generate models (even; default 8)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt length of generate (default 512)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--skip-generate", action="store_true")
+    args = p.parse_args(argv)
+    if args.layers % 2:
+        refuse(f"decode.py: --layers must be even (the hybrid alternates two mixers), got {args.layers}")
+    require_gpu("decode.py", "(every mode)", cpu=None)
+    import torch
+
+    import mixerzoo
+    from mixerzoo import registry
+
+    unknown = [m for m in args.mixers.split(",") if m not in registry.names()]
+    if unknown:
+        refuse(f"decode.py: unknown mixer(s) {unknown}; registered: {', '.join(registry.names())}")
+    log: list[str] = []
+    rows = mixer_rows(torch, registry, args, log)
+    ops = {r["op"] for r in rows}
+    if not args.skip_generate:
+        rows += generate_rows(torch, mixerzoo, args, log)
+        ops.add("generate")
+    write_results(ops, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
