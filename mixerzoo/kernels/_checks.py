@@ -16,7 +16,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_int_arg(op: str, name: str, value: object, *, minimum: int = 0, maximum: int = MAX_INT_ARG) -> int:
     """A Python int in [minimum, maximum] (bools, floats, strings and tensors refused); returns it."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{op}: {name} must be an int in [{minimum}, {maximum}], got {type(value).__name__} {value!r}")
     if not minimum <= value <= maximum:
         raise ValueError(f"{op}: {name} must be in [{minimum}, {maximum}], got {value}")
     return value

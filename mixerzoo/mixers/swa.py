@@ -79,8 +79,8 @@ class SWASinkState(SWAState):
 class SWA(AttentionMixer):
     """Sliding-window attention with RoPE and GQA. See the module docstring for the visible set.
 
-    Parallel form: the ``mixerzoo::swa_attention`` op (Triton on CUDA, its reference on CPU), left
-    padding passed as per-row counts; float64 input takes a masked SDPA instead. Decode: one cache of
+    Parallel form: the ``mixerzoo::swa_attention`` op (Triton on CUDA, its reference on CPU, which
+    computes in float64 for float64 input), leading padding passed as per-row counts. Decode: one cache of
     S sink slots and a ring of W (see SWAState); a one-token step writes the token, then runs the
     ``mixerzoo::swa_decode`` op over the cache (Triton on CUDA); per-step cost O(W + S), independent of
     the length.
@@ -131,14 +131,7 @@ class SWA(AttentionMixer):
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kpos: Tensor, pad: Tensor | None) -> Tensor:
         """q: [B, T, HQ, Dh], k, v: [B, T, HKV, Dh], pos/kpos: [B, T], pad: [B] or None -> [B, T, HQ, Dh]."""
-        if q.dtype != torch.float64:
-            return swa_attention(
-                q, k, v, window_size=self.window_size, num_sinks=self.num_sinks, scale=self.scale, pad=pad
-            )
-        # float64 (CPU gradchecks): the op's CPU reference computes in float32, so stay in float64 here.
-        mask = visible(pos, kpos, window=self.window_size, num_sinks=self.num_sinks)
-        mask = mask | self_diagonal(q.shape[1], q.device)  # padding queries see themselves
-        return masked_attention(q, k, v, mask, self.scale)
+        return swa_attention(q, k, v, window_size=self.window_size, num_sinks=self.num_sinks, scale=self.scale, pad=pad)
 
     def _step(
         self, q: Tensor, k: Tensor, v: Tensor, slot: Tensor, pos: Tensor, kpos: Tensor, state: SWAState

@@ -13,11 +13,59 @@ import os
 import torch
 from torch import Tensor
 
+from .._checks import check_floats, check_int_arg
 from .._triton import tl, triton
-from .reference import default_scale, swa_decode_ref
-from .swa import _precision
+from .reference import swa_decode_ref
+from .swa import _any_nonfinite, _check_triton, _mask_scores, _precision, check_index_tensor, check_scale
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_blocks(
+    b_q,
+    b_qp,
+    k_row,
+    v_row,
+    kpos_row,
+    N,
+    W,
+    S,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    BR: tl.constexpr,
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    EXACT: tl.constexpr = False,
+):
+    # online softmax of the rows b_q [BR, D] (positions b_qp) over the N cache slots; EXACT: see _mask_scores
+    o_d = tl.arange(0, D)
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BR], dtype=tl.float32)
+    o_n = tl.arange(0, BN)
+    for n0 in range(0, N, BN):
+        o_j = n0 + o_n
+        m_j = o_j < N
+        b_kp = tl.load(kpos_row + o_j, mask=m_j, other=-1)  # [BN]
+        b_k = tl.load(k_row + o_j[:, None] * stride_kn + o_d[None, :], mask=m_j[:, None], other=0.0)
+        b_v = tl.load(v_row + o_j[:, None] * stride_vn + o_d[None, :], mask=m_j[:, None], other=0.0)
+        # [BR, D] @ [D, BN] -> [BR, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        dist = b_qp[:, None] - b_kp[None, :]
+        vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
+        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # [BR, BN] @ [BN, D] -> [BR, D]
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -64,40 +112,68 @@ def _swa_decode_kernel(
     b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
     b_qp = tl.load(qpos + i_b * TQ + i_t, mask=m_r, other=-1)  # [BR]
 
-    acc = tl.zeros([BR, D], dtype=tl.float32)
-    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BR], dtype=tl.float32)
-    o_n = tl.arange(0, BN)
-    for n0 in range(0, N, BN):
-        o_j = n0 + o_n
-        m_j = o_j < N
-        b_kp = tl.load(kpos + i_b * N + o_j, mask=m_j, other=-1)  # [BN]
-        b_k = tl.load(
-            k + i_b * stride_kb + i_hk * stride_kh + o_j[:, None] * stride_kn + o_d[None, :],
-            mask=m_j[:, None],
-            other=0.0,
+    k_row = k + i_b * stride_kb + i_hk * stride_kh
+    v_row = v + i_b * stride_vb + i_hk * stride_vh
+    acc, m_i, l_i = _decode_blocks(
+        b_q, b_qp, k_row, v_row, kpos + i_b * N, N, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
+    )
+    # a NaN / Inf in any V slot reaches every row (p = 0 times NaN); only then are the slots read again, in
+    # tiles of 16 (fewer registers than the loop above), keeping non-finite V rows from the queries that cannot
+    # see them (empty slots, out of the window)
+    if _any_nonfinite(acc):
+        acc, m_i, l_i = _decode_blocks(
+            b_q,
+            b_qp,
+            k_row,
+            v_row,
+            kpos + i_b * N,
+            N,
+            W,
+            S,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            BR,
+            D,
+            16,
+            PREC,
+            EXACT=True,
         )
-        b_v = tl.load(
-            v + i_b * stride_vb + i_hk * stride_vh + o_j[:, None] * stride_vn + o_d[None, :],
-            mask=m_j[:, None],
-            other=0.0,
-        )
-        # [BR, D] @ [D, BN] -> [BR, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        dist = b_qp[:, None] - b_kp[None, :]
-        vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
-        b_s = tl.where(vis, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        # [BR, BN] @ [BN, D] -> [BR, D]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        m_i = m_new
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = o + i_b * stride_ob + i_t[:, None] * stride_ot + (i_hk * G + i_g)[:, None] * stride_oh + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+def check_decode_inputs(
+    op: str,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_pos: Tensor,
+    q_pos: Tensor,
+    window_size: int,
+    num_sinks: int,
+) -> None:
+    """Dtypes, devices, shapes and the integer arguments of a decode call, from metadata alone (no device
+    read); positions may hold any value (negative cache positions mark empty slots)."""
+    check_floats(op, q=q, k_cache=k_cache, v_cache=v_cache)
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise ValueError(f"{op}: q and k_cache must be [B, T, H, D], got {list(q.shape)}, {list(k_cache.shape)}")
+    B, TQ, HQ, D = q.shape
+    N, HKV = k_cache.shape[1], k_cache.shape[2]
+    if v_cache.shape != k_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(
+            f"{op}: k_cache and v_cache must be [B, N, HKV, D] = [{B}, N, HKV, {D}] (q is {list(q.shape)}), "
+            f"got {list(k_cache.shape)}, {list(v_cache.shape)}"
+        )
+    if D < 1:
+        raise ValueError(f"{op}: the head dim must be >= 1, got q of shape {list(q.shape)}")
+    if HKV < 1 or HQ % HKV != 0:
+        raise ValueError(f"{op}: query heads ({HQ}) must be a multiple of key/value heads ({HKV}), >= 1")
+    check_index_tensor(op, "cache_pos", cache_pos, (B, N), q)
+    check_index_tensor(op, "q_pos", q_pos, (B, TQ), q)
+    check_int_arg(op, "window_size", window_size, minimum=1)
+    check_int_arg(op, "num_sinks", num_sinks)
 
 
 def swa_decode_fwd(
@@ -111,12 +187,13 @@ def swa_decode_fwd(
     scale: float | None = None,
 ) -> Tensor:
     """Triton decode launcher; shapes as in ``swa_decode``."""
+    op = "swa_decode_fwd"
+    check_decode_inputs(op, q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks)
+    _check_triton(op, q)
+    scale = check_scale(op, scale, q.shape[-1])
     B, TQ, HQ, D = q.shape
     N, HKV = k_cache.shape[1], k_cache.shape[2]
     G = HQ // HKV
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"swa_decode: the Triton kernel takes head dims 16..256 (powers of 2), got {D}")
-    scale = default_scale(D) if scale is None else scale
     q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
@@ -201,13 +278,18 @@ def swa_decode(
     Args:
       q: [B, TQ, HQ, D] new queries (RoPE applied), TQ small (one or a few decode tokens).
       k_cache, v_cache: [B, N, HKV, D] cached keys (RoPE applied) and values, any slot order
-        (e.g. sink slots followed by the ring buffer).
-      cache_pos: [B, N] int64 absolute position of each slot, negative for an empty slot.
-      q_pos: [B, TQ] int64 absolute positions of the queries.
+        (e.g. sink slots followed by the ring buffer); q and the caches share a float dtype and a device
+        (float64 on the CPU only).
+      cache_pos: [B, N] int32 / int64 absolute position of each slot, negative for an empty slot.
+      q_pos: [B, TQ] int32 / int64 absolute positions of the queries.
       window_size, num_sinks, scale: as in ``swa_attention``.
     Returns:
       o: [B, TQ, HQ, D]; key i is visible to query r iff ``0 <= cache_pos[i] <= q_pos[r]`` and
-      (``q_pos[r] - cache_pos[i] < W`` or ``cache_pos[i] < S``); a query that sees nothing gets 0.
+      (``q_pos[r] - cache_pos[i] < W`` or ``cache_pos[i] < S``); a query that sees nothing gets 0. A slot
+      a query cannot see (empty, out of its window) never reaches its output, whatever it holds; a query
+      that sees a value row holding a NaN / Inf outputs NaN.
     """
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    return _swa_decode_op(q, k_cache, v_cache, cache_pos, q_pos, int(window_size), int(num_sinks), scale)
+    op = "swa_decode"
+    check_decode_inputs(op, q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks)
+    scale = check_scale(op, scale, q.shape[-1])
+    return _swa_decode_op(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)

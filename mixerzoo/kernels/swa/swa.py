@@ -9,13 +9,15 @@ Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import Tensor
 
+from .._checks import check_floats, check_int_arg, check_values
 from .._triton import tl, triton
-from .reference import default_scale, swa_bwd_ref, swa_fwd_ref
+from .reference import compute_dtype, default_scale, swa_bwd_ref, swa_fwd_ref
 
 LOG2E = 1.4426950408889634
 
@@ -39,6 +41,27 @@ def _window_vis(o_m, o_j, m_j, W):
 def _window_vis_t(o_n, o_m, P, W):
     # [BN, BM] the same, transposed (keys o_n on rows), keys before the padding end P invisible
     return (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
+
+
+@triton.jit
+def _mask_scores(b_s, b_v, vis, EXACT: tl.constexpr):
+    # scores outside vis -> -inf. EXACT: V rows holding a NaN / Inf are zeroed for the p @ V product (p = 0 times
+    # NaN would reach the queries that cannot see them) and their visible scores set to NaN, so that exactly the
+    # query rows that see such a row come out NaN
+    if EXACT:
+        v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
+        row_ok = tl.min(v_ok.to(tl.int32), 1) != 0  # [BN]
+        b_v = tl.where(v_ok, b_v, 0.0)
+        b_s = tl.where(row_ok[None, :], b_s, float("nan"))
+    return tl.where(vis, b_s, float("-inf")), b_v
+
+
+@triton.jit
+def _any_nonfinite(acc):
+    # block-uniform: does the accumulator hold a NaN / Inf (a NaN score makes its row of p, so of acc, NaN too);
+    # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong
+    r = tl.sum(acc, 1)
+    return tl.min((tl.abs(r) < float("inf")).to(tl.int32), 0) == 0
 
 
 @triton.jit
@@ -78,12 +101,15 @@ def _fwd_inner(
     col0=0,
     D: tl.constexpr = 0,
     TMA: tl.constexpr = False,
+    EXACT: tl.constexpr = False,
 ):
     # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile; 3: the whole band
     # in one loop (one software pipeline instead of three), masking only the blocks outside the fully
     # visible [F_LO, F_HI) (a branch on a block-uniform scalar)
     # TMA (MODE 3 only): p_k / p_v are tensor descriptors over [B, T, HKV * D]; this program's batch row
     # is row0, its kv head starts at column col0; keys past T come back as zeros (see _swa_fwd_kernel)
+    # EXACT (MODES 1 and 2): non-finite V rows reach only the queries that see them (see _mask_scores)
+    tl.static_assert((not EXACT) or (MODE == 1) or (MODE == 2))
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
         if TMA:
@@ -103,13 +129,13 @@ def _fwd_inner(
         # [BM, D] @ [D, BN] -> [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         if MODE == 1:
-            b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
+            b_s, b_v = _mask_scores(b_s, b_v, _window_vis(o_m, o_j, m_j, W), EXACT)
         if MODE == 3:
             if (n0 < F_LO) | (n0 >= F_HI):
                 b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
-            b_s = tl.where(vis, b_s, float("-inf"))
+            b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
         m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         if MODE == 0:  # fully visible blocks come after the first window block: every row has a max
             m_safe = m_new
@@ -122,6 +148,61 @@ def _fwd_inner(
         # [BM, BN] @ [BN, D] -> [BM, D]
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_sinks(
+    acc,
+    m_i,
+    l_i,
+    b_q,
+    k_base,
+    v_base,
+    o_m,
+    o_d,
+    m0,
+    P,
+    T,
+    W,
+    S,
+    qk_scale,
+    stride_kt,
+    stride_vt,
+    BM: tl.constexpr,
+    BS: tl.constexpr,
+    PREC: tl.constexpr,
+    EXACT: tl.constexpr = False,
+):
+    # sink tiles: only rows whose window has moved past the first sink need them
+    if S > 0:
+        if m0 + BM - 1 - P >= W:
+            o_s = tl.arange(0, BS)
+            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
+            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
+            acc, m_i, l_i = _fwd_inner(
+                acc,
+                m_i,
+                l_i,
+                b_q,
+                p_ks,
+                p_vs,
+                o_m,
+                o_s,
+                P,
+                P + S,
+                P,
+                T,
+                W,
+                S,
+                qk_scale,
+                stride_kt,
+                stride_vt,
+                BS,
+                2,
+                PREC=PREC,
+                EXACT=EXACT,
+            )
     return acc, m_i, l_i
 
 
@@ -344,34 +425,66 @@ def _swa_fwd_kernel(
             1,
             PREC=PREC,
         )
-    if S > 0:
-        # sink tiles: only rows whose window has moved past the first sink need them
-        if m0 + BM - 1 - P >= W:
-            o_s = tl.arange(0, BS)
-            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
-            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
-            acc, m_i, l_i = _fwd_inner(
-                acc,
-                m_i,
-                l_i,
-                b_q,
-                p_ks,
-                p_vs,
-                o_m,
-                o_s,
-                P,
-                P + S,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_kt,
-                stride_vt,
-                BS,
-                2,
-                PREC=PREC,
-            )
+    acc, m_i, l_i = _fwd_sinks(
+        acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, stride_vt, BM, BS, PREC
+    )
+    # A NaN / Inf anywhere in a V tile above reaches every row of the block (p = 0 times NaN is NaN), also rows
+    # that cannot see it; it shows in the accumulator, and only then is the block computed again with every
+    # tile masked and its non-finite V rows kept from the queries that cannot see them. The loops above stay
+    # as they were (finite inputs never take this branch; the check costs ~1% at W = 4096 and ~6% at W = 128
+    # on an H200, D = 128). Its tiles have 16 keys, so that it needs fewer registers than the loops above and
+    # leaves their allocation alone (wider tiles spilled at D = 256); its rows agree with the fast loops'
+    # to rounding, not bit for bit.
+    if _any_nonfinite(acc):
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        o_x = tl.arange(0, 16)
+        acc, m_i, l_i = _fwd_inner(
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            k_base + o_x[:, None] * stride_kt + o_d[None, :],
+            v_base + o_x[:, None] * stride_vt + o_d[None, :],
+            o_m,
+            o_x,
+            lo,
+            hi,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            16,
+            1,
+            PREC=PREC,
+            EXACT=True,
+        )
+        acc, m_i, l_i = _fwd_sinks(
+            acc,
+            m_i,
+            l_i,
+            b_q,
+            k_base,
+            v_base,
+            o_m,
+            o_d,
+            m0,
+            P,
+            T,
+            W,
+            S,
+            qk_scale,
+            stride_kt,
+            stride_vt,
+            BM,
+            BS,
+            PREC,
+            EXACT=True,
+        )
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -1267,37 +1380,84 @@ def _sink_block(S: int) -> int:
     return max(16, triton.next_power_of_2(max(S, 1)))
 
 
-def check_swa_inputs(q: Tensor, k: Tensor, v: Tensor, window_size: int, num_sinks: int, pad: Tensor | None) -> None:
-    """Eager validation shared by the launchers and the public function; errors name the value seen."""
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index_tensor(op: str, name: str, x: object, shape: tuple[int, ...], like: Tensor) -> None:
+    """An int32 / int64 tensor of the given shape on ``like``'s device (metadata only, no device read)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {x.dtype}; allowed: int32, int64")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but q on {like.device}")
+
+
+def check_scale(op: str, scale: object, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` for None, else a finite number > 0 (the kernels
+    scale the row maximum by it, which needs a positive scale)."""
+    if scale is None:
+        return default_scale(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
+    return value
+
+
+def check_swa_inputs(
+    op: str, q: Tensor, k: Tensor, v: Tensor, window_size: int, num_sinks: int, pad: Tensor | None
+) -> None:
+    """Dtypes, devices, shapes and the integer arguments, from metadata alone (no device read, no sync);
+    errors name the op, the argument and the value seen. The pad values are ``check_pad_values``' job."""
+    check_floats(op, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"swa_attention: q, k, v must be [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"{op}: q, k, v must be [B, T, H, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     B, T, HQ, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(
-            f"swa_attention: k and v must be [B, T, HKV, D] = [{B}, {T}, HKV, {D}], "
-            f"got {tuple(k.shape)}, {tuple(v.shape)}"
+            f"{op}: k and v must be [B, T, HKV, D] = [{B}, {T}, HKV, {D}] (q is {list(q.shape)}), "
+            f"got {list(k.shape)}, {list(v.shape)}"
         )
-    if HQ % k.shape[2] != 0:
-        raise ValueError(f"swa_attention: query heads ({HQ}) must be a multiple of key/value heads ({k.shape[2]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"swa_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if window_size < 1:
-        raise ValueError(f"swa_attention: window_size must be >= 1, got {window_size}")
-    if num_sinks < 0:
-        raise ValueError(f"swa_attention: num_sinks must be >= 0, got {num_sinks}")
-    if pad is not None and (pad.shape != (B,) or pad.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(
-            f"swa_attention: pad must be an integer tensor of shape [{B}], got {pad.dtype} {tuple(pad.shape)}"
-        )
+    if D < 1:
+        raise ValueError(f"{op}: the head dim must be >= 1, got q of shape {list(q.shape)}")
+    if k.shape[2] < 1 or HQ % k.shape[2] != 0:
+        raise ValueError(f"{op}: query heads ({HQ}) must be a multiple of key/value heads ({k.shape[2]}), >= 1")
+    check_int_arg(op, "window_size", window_size, minimum=1)
+    check_int_arg(op, "num_sinks", num_sinks)
+    if pad is not None:
+        check_index_tensor(op, "pad", pad, (B,), q)
 
 
-def _check_triton(q: Tensor) -> None:
+def check_pad_values(op: str, pad: Tensor, T: int) -> None:
+    """0 <= pad[b] <= T for every row: raises on the CPU, an asynchronous device assert on a GPU and under
+    torch.compile (no host synchronisation). A pad past T would leave the row empty, a negative one would
+    move its sinks before the sequence."""
+    ok = (pad >= 0) & (pad <= T)
+    if torch.compiler.is_compiling():  # formatting a symbolic T would specialise the graph on it
+        bound, seen = "[0, T]", ""
+    else:
+        bound = f"[0, T] = [0, {T}]"
+        seen = f", got {pad[~ok][:8].tolist()}" if pad.device.type == "cpu" else ""
+    check_values(op, ok, f"pad must be in {bound} in every batch row{seen}")
+
+
+def _check_triton(op: str, q: Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"{op}: the Triton kernels take float16, bfloat16 or float32, got {q.dtype} "
+            "(float64 runs on the CPU reference, through swa_attention on CPU tensors)"
+        )
     D = q.shape[-1]
     if D not in _SUPPORTED_D:
         raise ValueError(
-            f"swa_attention: the Triton kernels take head dims {_SUPPORTED_D}, got {D}; "
+            f"{op}: the Triton kernels take head dims {_SUPPORTED_D}, got {D}; "
             "pad the head dim or use the CPU reference"
         )
 
@@ -1327,13 +1487,15 @@ def swa_fwd(
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
     structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning."""
-    _check_triton(q)
+    check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
+    _check_triton("swa_fwd", q)
+    scale = check_scale("swa_fwd", scale, q.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
-    scale = default_scale(D) if scale is None else scale
-    if not scale > 0:  # the kernel scales the row max, which needs a positive scale
-        raise ValueError(f"swa_attention: the Triton kernels need scale > 0, got {scale}")
+    # a window or sink count past T sees what T sees: clamped, the kernels' integers stay 32-bit and the
+    # sink tile stays within the sequence
+    window_size, num_sinks = min(window_size, max(T, 1)), min(num_sinks, T)
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     cfg = dict(config or _fit_dtype(_fwd_config(D), q.dtype, D))
@@ -1408,13 +1570,19 @@ def swa_bwd(
     dq_cfg = dict(dq_config or _fit_dtype(_dq_config(q.shape[-1]), q.dtype, q.shape[-1]))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
     dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
-    _check_triton(q)
+    check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
+    check_floats("swa_bwd", q=q, do=do, o=o)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(
+            f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
+        )
+    _check_triton("swa_bwd", q)
+    scale = check_scale("swa_bwd", scale, q.shape[-1])
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
-    S, W = num_sinks, window_size
-    scale = default_scale(D) if scale is None else scale
+    S, W = min(num_sinks, T), min(window_size, max(T, 1))  # as in swa_fwd
     has_pad = pad is not None
     pad_t = _pad_arg(pad, q)
 
@@ -1574,7 +1742,7 @@ def _swa_fwd_cpu(q, k, v, window_size, num_sinks, scale, pad):
 @_swa_fwd_op.register_fake
 def _swa_fwd_fake(q, k, v, window_size, num_sinks, scale, pad):
     B, T, HQ, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, HQ, T, dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, HQ, T, dtype=compute_dtype(q))
 
 
 @torch.library.custom_op("mixerzoo::swa_bwd", mutates_args=(), device_types="cuda")
@@ -1650,17 +1818,23 @@ def swa_attention(
 
     Args:
       q: [B, T, HQ, D] queries (RoPE applied by the caller).
-      k, v: [B, T, HKV, D] keys (RoPE applied) and values, HQ % HKV == 0.
-      window_size: W >= 1; query t sees keys t - W < j <= t (W keys, itself included).
-      num_sinks: S >= 0; the first S (non-padding) keys are visible to every later query.
-      scale: softmax scale, default D ** -0.5.
-      pad: optional [B] int64 left-padding counts; keys at slots < pad[b] are invisible, sinks count
-        from pad[b], and padding queries (which see nothing) output 0.
+      k, v: [B, T, HKV, D] keys (RoPE applied) and values, HQ % HKV == 0; q, k, v floating tensors of
+        one dtype on one device: float16, bfloat16 or float32 (float32 accumulation), or float64 on the
+        CPU (computed in float64).
+      window_size: int W in [1, 2**62]; query t sees keys t - W < j <= t (W keys, itself included).
+      num_sinks: int S in [0, 2**62]; the first S (non-padding) keys are visible to every later query.
+      scale: softmax scale, finite and > 0, default D ** -0.5.
+      pad: optional [B] int32 / int64 left-padding counts in [0, T], on q's device; keys at slots
+        < pad[b] are invisible, sinks count from pad[b], and padding queries (which see nothing) output 0.
     Returns:
       o: [B, T, HQ, D] in q's dtype. CUDA tensors run the Triton kernels, CPU tensors the reference.
+      A NaN / Inf in q, k or v at position j reaches no output before j (nor any output that cannot see
+      j); a query that sees a value row holding one outputs NaN.
     """
-    if not torch.compiler.is_compiling():
-        check_swa_inputs(q, k, v, window_size, num_sinks, pad)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    o, _ = _swa_fwd_op(q, k, v, int(window_size), int(num_sinks), scale, pad)
+    op = "swa_attention"
+    check_swa_inputs(op, q, k, v, window_size, num_sinks, pad)
+    scale = check_scale(op, scale, q.shape[-1])
+    if pad is not None:
+        check_pad_values(op, pad, q.shape[1])
+    o, _ = _swa_fwd_op(q, k, v, window_size, num_sinks, scale, pad)
     return o
