@@ -15,9 +15,12 @@ from typing import Any, TextIO
 
 import torch
 
+from .models.config import PRESETS
+
 __all__ = ["DEFAULT_PATTERN", "Progress", "main"]
 
-DEFAULT_PATTERN = "(gdn swa_sink)*2 eviction_swa full_attention"
+# The pattern of the demo's default preset.
+DEFAULT_PATTERN = PRESETS["demo"].pattern
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -201,7 +204,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import registry
-    from .models import HybridLM
+    from .models import HybridLM, HybridLMConfig
 
     if not import_all(args.imports, args.prog):
         return 2
@@ -215,36 +218,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("demo: --batch, --prompt-len and --new-tokens must be >= 1", file=sys.stderr)
         return 2
 
-    # Stack-wide defaults: --window-size goes to the layers that have a window; --set KEY=VALUE is strict.
-    defaults: dict[str, Any] = {}
+    # The preset gives every setting; a flag given on the command line replaces the preset's value.
+    cfg = HybridLMConfig.from_preset(args.preset)
+    changes = {
+        field: value
+        for field, value in (
+            ("pattern", args.pattern),
+            ("hidden_size", args.hidden),
+            ("num_heads", args.heads),
+            ("mlp_ratio", args.mlp_ratio),
+            ("vocab_size", args.vocab),
+        )
+        if value is not None
+    }
+    # --set KEY=VALUE is strict: a key that no layer takes is an error.
+    strict: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             print(f"demo: --set takes KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         try:
-            defaults[key.strip()] = _parse_value(key.strip(), value.strip())
+            strict[key.strip()] = _parse_value(key.strip(), value.strip())
         except ValueError as e:
             print(f"demo: {e}", file=sys.stderr)
             return 2
+    pattern = changes.get("pattern", cfg.pattern)
     try:
-        specs = [registry.spec(layer.name) for layer in registry.parse_pattern(args.pattern)]
+        specs = [registry.spec(layer.name) for layer in registry.parse_pattern(pattern)]
     except (KeyError, ValueError, TypeError) as e:
         print(f"demo: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    if args.window_size and "window_size" not in defaults and any("window_size" in s.fields() for s in specs):
-        defaults["window_size"] = args.window_size
+    fields = {f for s in specs for f in s.fields()}
+    # The preset's mixer defaults and --window-size go only to the layers that take them (another
+    # --pattern may have no windowed layer); --window-size 0 leaves the mixers' own default.
+    defaults = {k: v for k, v in cfg.mixer_defaults.items() if k in fields}
+    if args.window_size is not None:
+        defaults.pop("window_size", None)
+        if args.window_size and "window_size" in fields:
+            defaults["window_size"] = args.window_size
+    defaults.update(strict)
 
     torch.manual_seed(args.seed)
     try:
-        lm = HybridLM(
-            args.vocab,
-            args.pattern,
-            hidden_size=args.hidden,
-            num_heads=args.heads,
-            mlp_ratio=args.mlp_ratio,
-            **defaults,
-        )
+        cfg = cfg.replace(**changes, mixer_defaults=defaults)
+        lm = HybridLM.from_config(cfg)
     except (KeyError, ValueError, TypeError) as e:
         print(f"demo: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -253,20 +271,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.compile:
         backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
 
-    prompt = torch.randint(0, args.vocab, (B, P), device=device)
+    prompt = torch.randint(0, cfg.vocab_size, (B, P), device=device)
     max_seqlen = P + N
     out = sys.stdout
     n_all = sum(p.numel() for p in lm.parameters())
     n_mixers = sum(p.numel() for m in lm.stack.mixers for p in m.parameters())
     n_embed = lm.embed.weight.numel()
     print(
-        f"mixerzoo demo: pattern {args.pattern!r}, {len(lm.stack)} layers, hidden {args.hidden}, "
-        f"heads {args.heads}, {n_all / 1e6:.2f}M params in all (mixers {n_mixers / 1e6:.2f}M, MLPs and norms "
+        f"mixerzoo demo: preset {args.preset!r}, pattern {cfg.pattern!r}, {len(lm.stack)} layers, "
+        f"hidden {cfg.hidden_size}, heads {cfg.num_heads}, {n_all / 1e6:.2f}M params in all "
+        f"(mixers {n_mixers / 1e6:.2f}M, MLPs and norms "
         f"{(n_all - n_mixers - n_embed) / 1e6:.2f}M, embedding {n_embed / 1e6:.2f}M, tied to the output head)\n"
         f"  device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"{args.dtype}, batch {B}, prompt {P} + {N} new tokens, "
         f"decode step: {'torch.compile(fullgraph=True, backend=' + repr(backend) + ')' if backend else 'eager'}"
-        + (f", defaults {defaults}" if defaults else ""),
+        + (f", defaults {dict(cfg.mixer_defaults)}" if cfg.mixer_defaults else ""),
         file=out,
     )
     out.flush()  # before the progress lines on stderr
@@ -409,22 +428,33 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "demo",
         help="build a small hybrid LM, prefill then decode; print state sizes, tokens/s and the decode error",
     )
-    p.add_argument("--pattern", default=DEFAULT_PATTERN, help=f"hybrid pattern (default: {DEFAULT_PATTERN!r})")
+    p.add_argument(
+        "--preset",
+        default="demo",
+        choices=list(PRESETS),
+        help="the model: a HybridLMConfig preset (default 'demo'); the flags below replace its settings",
+    )
+    p.add_argument("--pattern", default=None, help=f"hybrid pattern (default: the preset's; demo: {DEFAULT_PATTERN!r})")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    p.add_argument("--heads", type=int, default=4, help="number of heads (default 4)")
-    p.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU width ratio; 0 for no MLP (default 4)")
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default: the preset's; demo: 128)")
+    p.add_argument("--heads", type=int, default=None, help="number of heads (default: the preset's; demo: 4)")
+    p.add_argument(
+        "--mlp-ratio",
+        type=float,
+        default=None,
+        help="SwiGLU width ratio; 0 for no MLP (default: the preset's; demo: 4)",
+    )
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's; demo: 256)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument(
         "--window-size",
         type=int,
-        default=32,
+        default=None,
         help="window of the windowed mixers (stack-wide default, only where a layer has one; 0: the mixers' "
-        "own default; default 32)",
+        "own default; default: the preset's, 32 for demo)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="another stack-wide default (repeatable)"

@@ -142,7 +142,8 @@ class FullAttention(AttentionMixer):
 
     def _check_capacity(self, state: FullAttentionState, T: int) -> None:
         L = state.k.shape[1]
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (state.k.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # no host read while compiling or capturing a CUDA graph: a device assert instead
             torch._assert_async(
                 state.seen + T <= L, f"{self.name}: decoding past max_seqlen={L} (the KV cache is full)"
             )

@@ -42,7 +42,7 @@ class Block(nn.Module):
     """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mlp_ratio=0`` leaves the MLP out.
 
     forward(x, state=None, *, attention_mask=None) -> (y, state)
-        x, y: [B, T, D]; state and attention_mask as for the mixer (SPEC 3).
+        x, y: [B, T, D]; state and attention_mask as for the mixer (docs/interface.md#forward).
     """
 
     def __init__(self, mixer: TokenMixer, *, mlp_ratio: float = 4.0, eps: float = 1e-6):

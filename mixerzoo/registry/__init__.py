@@ -44,13 +44,12 @@ __all__ = [
 
 
 def build_stack(pattern: str, *, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **defaults: Any):
-    """A HybridStack of pre-norm residual blocks, one per layer of ``pattern``.
+    """A HybridStack of pre-norm residual blocks, one per layer of ``pattern``: ``mixerzoo.models.build_stack``.
 
     Stack-wide ``defaults`` go to every mixer whose config has that field; bracketed per-layer
     overrides win over them. A default that no layer's mixer takes is an error.
     """
-    from ..models import HybridStack
+    # The models build on the registry, never the reverse: they are imported on the first call only.
+    from ..models.hybrid import build_stack as build
 
-    return HybridStack.from_pattern(
-        pattern, hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, **defaults
-    )
+    return build(pattern, hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, **defaults)

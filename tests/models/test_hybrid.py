@@ -330,14 +330,14 @@ def test_generate_sampling_and_errors():
     lm = _lm(seed=5).eval()
     ids = torch.randint(0, 61, (2, 4))
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a = lm.generate(ids, 6, temperature=1.0, top_k=5, compile=False, generator=g1)
-    b = lm.generate(ids, 6, temperature=1.0, top_k=5, compile=False, generator=g2)
+    a = lm.generate(ids, 6, do_sample=True, temperature=1.0, top_k=5, compile=False, generator=g1)
+    b = lm.generate(ids, 6, do_sample=True, temperature=1.0, top_k=5, compile=False, generator=g2)
     assert torch.equal(a, b) and ((a >= 0) & (a < 61)).all()
     assert lm.generate(ids, 1, compile=False).shape == (2, 1)
     for bad, match in [
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=3, temperature=-1.0), "temperature"),
-        (dict(max_new_tokens=3, temperature=1.0, top_k=0), "top_k"),
+        (dict(max_new_tokens=3, do_sample=True, top_k=0), "top_k"),
         (dict(max_new_tokens=3, max_seqlen=5), "max_seqlen"),
     ]:
         with pytest.raises(ValueError, match=match):
