@@ -8,8 +8,8 @@ from torch import Tensor
 __all__ = ["assert_close", "tolerance"]
 
 # dtype -> (max abs error for exact-algebra comparisons in that dtype, relative RMSE for outputs, for gradients).
-# docs/conformance.md#tolerances: float32 differs from a float32 reference only by the reduction order; half precision is judged by
-# relative RMSE against a float32 reference (bf16: 1e-2 outputs, 2e-2 gradients).
+# docs/conformance.md#tolerances: float32 differs from a float32 reference only by the reduction order; half
+# precision is judged by relative RMSE against a float32 reference (bf16: 1e-2 outputs, 2e-2 gradients).
 _TOLERANCES = {
     torch.float64: (1e-9, 1e-9, 1e-9),
     torch.float32: (2e-4, 1e-5, 1e-5),

@@ -177,6 +177,12 @@ class GatedDeltaNet(TokenMixer):
             g = torch.where(valid[..., None], g, 0.0)
             beta = torch.where(valid[..., None], beta, 0.0)
 
+        # A non-finite input gives a non-finite decay or beta, which the op refuses: that token leaves the
+        # state unchanged instead (g = 0, beta = 0) and carries its NaN in v, so that it still shows in the
+        # outputs from that token on, and only there.
+        bad = ~(torch.isfinite(g) & torch.isfinite(beta))  # [B, T, H]
+        g, beta = torch.where(bad, 0.0, g), torch.where(bad, 0.0, beta)
+        v = torch.where(bad[..., None], float("nan"), v)
         o, S = gated_delta_rule(
             q, k, v, g, beta, scale=K**-0.5, initial_state=S0, output_final_state=state is not None
         )  # o: [B, T, H, V]; S: [B, H, K, V] float32 or None

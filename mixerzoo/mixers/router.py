@@ -1,5 +1,5 @@
-"""Eviction scores for eviction_swa (learnable token eviction, LTE; docs/mixers.md#router-architecture): the per-KV-head CNN
-router, the non-learned key-norm score, and the straight-through value gate that trains the router."""
+"""Eviction scores for eviction_swa (learnable token eviction, LTE; docs/mixers.md#router-architecture): the
+per-KV-head CNN router, the non-learned key-norm score, and the straight-through value gate that trains it."""
 
 from __future__ import annotations
 

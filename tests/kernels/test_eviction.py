@@ -273,3 +273,243 @@ def test_bad_inputs():
         eviction_attention(q, k, k, torch.randn(1, 8), window_size=4, capacity=4, num_sinks=0, training=True)
     with pytest.raises(ValueError, match="num_sinks <= capacity"):
         eviction_attention(q, k, k, torch.randn(1, 8, 2), window_size=4, capacity=1, num_sinks=2, training=False)
+
+
+# -- float64 on the CPU: computed in float64 ------------------------------------------------------
+
+
+def dense_grads(q, k, v, mask, scale, do):
+    """Gradients of dense_attention by autograd, float64."""
+    xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    return torch.autograd.grad(dense_attention(*xs, mask, scale), xs, do.double())
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_float64_matches_brute_force(training):
+    # float64 inputs are computed in float64 (a float32 path is off by ~1e-7): the op, its backward and the
+    # decode step against a float64 brute force; the score stays float32, as the mixer passes it
+    torch.manual_seed(5)
+    B, T, HQ, HKV, D, W, C, S = 2, 40, 4, 2, 8, 5, 3, 1
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64, requires_grad=True) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV)
+    mask = simulate_mask(score, W, C, S, training)
+    o = eviction_attention(q, k, v, score, window_size=W, capacity=C, num_sinks=S, training=training)
+    assert o.dtype == torch.float64
+    assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float64, atol=1e-12)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, (q, k, v), do)
+    for name, r, x in zip(("dq", "dk", "dv"), dense_grads(q, k, v, mask, D**-0.5, do), got, strict=True):
+        assert_close(name, r, x, torch.float64, atol=1e-12)
+
+
+def test_decode_float64_matches_brute_force():
+    torch.manual_seed(6)
+    B, HQ, HKV, D, W, C = 2, 4, 2, 8, 5, 3
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(B, HQ, D, **f64)
+    wk, wv = (torch.randn(B, W, HKV, D, **f64) for _ in range(2))
+    bk, bv = (torch.randn(B, C, HKV, D, **f64) for _ in range(2))
+    wok = torch.rand(B, W, HKV) > 0.3
+    wok[:, 0] = True
+    bok = torch.rand(B, C, HKV) > 0.5
+    o = eviction_decode(q, wk, wv, wok, bk, bv, bok, scale=0.3)
+    keys, vals = torch.cat((wk, bk), 1).repeat_interleave(2, 2), torch.cat((wv, bv), 1).repeat_interleave(2, 2)
+    ok = torch.cat((wok, bok), 1).repeat_interleave(2, 2)  # [B, L, HQ]
+    ref = torch.empty(B, HQ, D, **f64)
+    for b in range(B):
+        for h in range(HQ):
+            sel = ok[b, :, h]
+            p = torch.softmax(keys[b, sel, h] @ q[b, h] * 0.3, 0)
+            ref[b, h] = p @ vals[b, sel, h]
+    assert o.dtype == torch.float64
+    assert_close("o", ref, o, torch.float64, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradcheck(training):
+    # full (not fast-mode) gradcheck of the op in float64, through its own backward; score gets no gradient
+    torch.manual_seed(7)
+    B, T, HQ, HKV, D = 1, 9, 2, 1, 3
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64, requires_grad=True) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, frac=0.6)
+
+    def f(q, k, v):
+        return eviction_attention(q, k, v, score, window_size=3, capacity=2, num_sinks=1, training=training)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=False)
+
+
+def test_float64_refused_off_the_cpu():
+    # the Triton kernels take float16, bfloat16 and float32: float64 on another device is refused before
+    # any launch (meta tensors stand in for CUDA ones here)
+    m = dict(device="meta", dtype=torch.float64)
+    q, k = torch.empty(1, 8, 2, 16, **m), torch.empty(1, 8, 2, 16, **m)
+    score = torch.empty(1, 8, 2, device="meta")
+    kw = dict(window_size=4, capacity=4, num_sinks=0, training=True)
+    with pytest.raises(TypeError, match="eviction_attention: q is float64 on meta"):
+        eviction_attention(q, k, k, score, **kw)
+    idx = torch.empty(1, 2, 8, device="meta", dtype=torch.int32)
+    with pytest.raises(TypeError, match="eviction_attention_fwd: q is float64 on meta"):
+        eviction_attention_fwd(q, k, k, idx, idx, idx, window_size=4, scale=0.25)
+    with pytest.raises(TypeError, match="eviction_attention_bwd: q is float64 on meta"):
+        eviction_attention_bwd(q, q, k, k, q, score, idx, idx, idx, window_size=4, scale=0.25)
+    with pytest.raises(TypeError, match="eviction_end: score is float64 on meta"):
+        eviction_end(score.double(), window_size=4, capacity=4, num_sinks=0)
+    ok = torch.empty(1, 8, 2, device="meta", dtype=torch.bool)
+    with pytest.raises(TypeError, match="eviction_decode: q is float64 on meta"):
+        eviction_decode(q[:, 0], k, k, ok, k, k, ok)
+    with pytest.raises(TypeError, match="eviction_decode_fwd: q is float64 on meta"):
+        eviction_decode_fwd(q[:, 0], k, k, ok, k, k, ok, scale=0.25)
+
+
+# -- argument checks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["window_size", "capacity", "num_sinks"])
+def test_int_arguments_refused(name):
+    q = torch.randn(1, 8, 2, 16)
+    kw = dict(window_size=4, capacity=4, num_sinks=0, training=True)
+    for bad, err, shown in ((True, TypeError, "bool True"), (8.7, TypeError, "float 8.7"), ("8", TypeError, "str '8'")):
+        with pytest.raises(err, match=rf"eviction_attention: {name} must be an int.*, got {shown}"):
+            eviction_attention(q, q, q, torch.randn(1, 8, 2), **{**kw, name: bad})
+    for bad in (2**64, -1):
+        with pytest.raises(ValueError, match=rf"eviction_attention: {name} must be in \[\d+, \d+\], got {bad}"):
+            eviction_attention(q, q, q, torch.randn(1, 8, 2), **{**kw, name: bad})
+
+
+def test_tensor_and_scale_arguments_refused():
+    q, score = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2)
+    kw = dict(window_size=4, capacity=4, num_sinks=0, training=True)
+    qi = torch.randint(-3, 3, (1, 8, 2, 16))  # once came back truncated to integers
+    with pytest.raises(TypeError, match=r"eviction_attention: q has dtype torch.int64; allowed: float16"):
+        eviction_attention(qi, qi, qi, score, **kw)
+    with pytest.raises(TypeError, match=r"k has dtype torch.float16 but q has torch.float32"):
+        eviction_attention(q, q.half(), q, score, **kw)
+    with pytest.raises(TypeError, match=r"score has dtype torch.int64"):
+        eviction_attention(q, q, q, score.long(), **kw)
+    with pytest.raises(TypeError, match=r"score has dtype torch.float16; allowed: q's dtype torch.float32 or float32"):
+        eviction_attention(q, q, q, score.half(), **kw)
+    with pytest.raises(TypeError, match=r"training must be a bool, got int 1"):
+        eviction_attention(q, q, q, score, **{**kw, "training": 1})
+    for bad, err in ((0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError)):
+        with pytest.raises(err, match=rf"eviction_attention: scale must be finite and > 0, got {bad}"):
+            eviction_attention(q, q, q, score, scale=bad, **kw)
+    with pytest.raises(TypeError, match="eviction_attention: scale must be a float, got str"):
+        eviction_attention(q, q, q, score, scale="0.5", **kw)
+    # a float32 score under half inputs is what the mixer passes: accepted
+    o = eviction_attention(q.half(), q.half(), q.half(), score, **kw)
+    assert o.dtype == torch.float16
+
+
+def test_decode_and_insert_arguments_refused():
+    B, W, C, H, D = 1, 4, 3, 2, 8
+    q, wk, bk = torch.randn(B, H, D), torch.randn(B, W, H, D), torch.randn(B, C, H, D)
+    wok, bok = torch.ones(B, W, H, dtype=torch.bool), torch.zeros(B, C, H, dtype=torch.bool)
+    with pytest.raises(TypeError, match="eviction_decode: q has dtype torch.int64"):
+        eviction_decode(q.long(), wk, wk, wok, bk, bk, bok)
+    with pytest.raises(TypeError, match="eviction_decode: win_ok must be a bool tensor, got torch.int64"):
+        eviction_decode(q, wk, wk, wok.long(), bk, bk, bok)
+    with pytest.raises(ValueError, match=r"eviction_decode: buf_ok must be \[1, 3, 2\], got \(1, 2, 2\)"):
+        eviction_decode(q, wk, wk, wok, bk, bk, bok[:, :2])
+    with pytest.raises(ValueError, match=r"eviction_decode: buf_k, buf_v must be \[B=1, C, HKV=2, D=8\]"):
+        eviction_decode(q, wk, wk, wok, bk[..., :4], bk[..., :4], bok)
+    with pytest.raises(ValueError, match="eviction_decode: scale must be finite and > 0, got -0.5"):
+        eviction_decode(q, wk, wk, wok, bk, bk, bok, scale=-0.5)
+    bs, bp = torch.full((B, C, H), float("-inf")), torch.full((B, C, H), -1)
+    k, s, p = torch.randn(B, H, D), torch.rand(B, H), torch.zeros(B, H, dtype=torch.long)
+    with pytest.raises(TypeError, match="buffer_insert_: k has dtype torch.float16 but buf_k has torch.float32"):
+        buffer_insert_(bk, bk, bs, bp, k.half(), k, s, p)
+    with pytest.raises(TypeError, match="buffer_insert_: score has dtype torch.int64"):
+        buffer_insert_(bk, bk, bs, bp, k, k, s.long(), p)
+    with pytest.raises(TypeError, match="buffer_insert_: buf_pos must be int64, got torch.float32"):
+        buffer_insert_(bk, bk, bs, bp.float(), k, k, s, p)
+    with pytest.raises(ValueError, match=r"buffer_insert_: score must be \[1, 2\], got \(2,\)"):
+        buffer_insert_(bk, bk, bs, bp, k, k, s[0], p)
+    buffer_insert_(bk, bk, bs, bp, k, k, s, p)  # valid: the token enters an empty slot
+    assert (bp >= 0).sum() == H
+
+
+# -- NaN isolation ------------------------------------------------------------------------------------
+
+
+NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked interior, or one masked loop
+    (70, 9, 4, 1, False, 16, 16, True),
+    (70, 9, 4, 1, False, 16, 16, False),
+    (70, 40, 6, 2, True, 16, 16, True),
+    (67, 20, 3, 0, False, 32, 16, True),
+]
+
+
+@pytest.mark.parametrize(
+    "T,W,C,S,training,BT,BS,split",
+    NAN_CASES,
+    ids=[
+        f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-{'split' if c[7] else 'one-loop'}"
+        for c in NAN_CASES
+    ],
+)
+def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, split):
+    # a NaN or Inf in q, k or v at token t (one case per batch row): every output row that does not see it
+    # equals the output of clean inputs; a row that sees it is NaN. The reference and the Triton forward
+    # (masked blocks, where probabilities of 0 once met the NaN in the product, and unmasked ones)
+    torch.manual_seed(T + W)
+    nan, inf = float("nan"), float("inf")
+    cases = (("v", 5, nan), ("k", 33, nan), ("v", 50, inf), ("q", 20, nan))
+    B, HQ, HKV, D = len(cases), 2, 1, 16
+    q0, k0, v0 = (torch.randn(B, T, h, D, device=DEVICE) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
+    kw = dict(window_size=W, capacity=C, num_sinks=S, training=training)
+    mask = simulate_mask(score.cpu(), W, C, S, training).repeat_interleave(HQ // HKV, 1)  # [B, HQ, T, T]
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1)
+    tiles = {"fwd": dict(BT=BT, BS=BS, BC=BS, **launch)}
+    kpos, kend, kcum = eviction_intervals(score, **kw)
+
+    def run(q, k, v):
+        o_ref, _ = eviction_attention_ref(q, k, v, score, **kw)
+        o, _ = eviction_attention_fwd(
+            q, k, v, kpos, kend, kcum, window_size=W, scale=D**-0.5, open_ended=training, tiles=tiles
+        )
+        return o_ref.cpu(), o.cpu()
+
+    xs = {"q": q0.clone(), "k": k0.clone(), "v": v0.clone()}
+    seen = torch.zeros(B, HQ, T, dtype=torch.bool)  # the queries that see the bad value
+    for b, (which, t, bad) in enumerate(cases):
+        xs[which][b, t, 0, 3] = bad
+        if which == "q":
+            seen[b, 0, t] = True
+        else:
+            seen[b] = mask[b, :, :, t]
+    seen = seen.transpose(1, 2)  # [B, T, HQ]
+    for name, ref, out in zip(("reference", "triton"), run(q0, k0, v0), run(xs["q"], xs["k"], xs["v"]), strict=True):
+        for b, (which, t, bad) in enumerate(cases):
+            tag = f"{name} {which}[{t}] = {bad}"
+            assert torch.equal(~torch.isfinite(out[b]).all(-1), seen[b]), f"{tag}: non-finite rows != rows that see it"
+            assert_close(tag, ref[b][~seen[b]], out[b][~seen[b]], torch.float32, **F32)
+
+
+def test_decode_nan_in_invisible_slots():
+    # NaN in a masked ring slot and an empty buffer slot (keys and values) never reaches the output;
+    # NaN in a visible slot does
+    torch.manual_seed(3)
+    B, HQ, HKV, D, W, C = 2, 4, 2, 16, 6, 5
+    q = torch.randn(B, HQ, D, device=DEVICE)
+    wk, wv = (torch.randn(B, W, HKV, D, device=DEVICE) for _ in range(2))
+    bk, bv = (torch.randn(B, C, HKV, D, device=DEVICE) for _ in range(2))
+    wok = torch.ones(B, W, HKV, dtype=torch.bool, device=DEVICE)
+    bok = torch.ones(B, C, HKV, dtype=torch.bool, device=DEVICE)
+    wok[:, 2], bok[:, 1:] = False, False
+    args = dict(scale=D**-0.5)
+    clean = [eviction_decode_attention_ref(q, wk, wv, wok, bk, bv, bok, **args)]
+    clean.append(eviction_decode_fwd(q, wk, wv, wok, bk, bv, bok, **args))
+    for x in (wk, wv):
+        x[:, 2] = float("nan")
+    for x in (bk, bv):
+        x[:, 3] = float("nan")
+    for name, fn, ref in zip(
+        ("reference", "triton"), (eviction_decode_attention_ref, eviction_decode_fwd), clean, strict=True
+    ):
+        assert_close(name, ref, fn(q, wk, wv, wok, bk, bv, bok, **args), torch.float32, **F32)
+        wv_nan = wv.clone()
+        wv_nan[0, 4, 1, 0] = float("nan")  # a visible slot: its NaN shows, for the query heads of KV head 1
+        out = fn(q, wk, wv_nan, wok, bk, bv, bok, **args)
+        assert torch.isnan(out[0, 2:, 0]).all() and torch.isfinite(out[0, :2]).all() and torch.isfinite(out[1]).all()

@@ -404,3 +404,150 @@ def test_ops_return_contiguous_outputs_under_compile():
         return o.view(2, 12, 8)
 
     assert_close("compiled", f(x), torch.compile(f, fullgraph=True, backend="aot_eager")(x), torch.float32, **F32)
+
+
+# -- float64 on the CPU, argument checks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [7, 130], ids=lambda t: f"T{t}")
+def test_op_float64_matches_brute_force(T):
+    # float64 q, k, v are computed in float64 throughout, with g and beta in float32 (allowed) too:
+    # exp(g) once ran in float32 there (~1e-8 off)
+    (q, k, v, g, beta), h0 = make_inputs(1, T, 2, 8, 8, torch.float64, device="cpu")
+    g32, b32 = g.float(), beta.float()
+    o_bf, s_bf = brute_force(q, k, v, g32, b32, 0.3, h0)
+    for tag, gg, bb, h in (("float64", g, beta, h0.double()), ("float32 g, beta, state", g32, b32, h0)):
+        o, s = gated_delta_rule(q, k, v, gg, bb, scale=0.3, initial_state=h, output_final_state=True)
+        assert o.dtype == s.dtype == torch.float64
+        assert_close(f"{tag} o", o_bf, o, torch.float64, atol=1e-12)
+        assert_close(f"{tag} S", s_bf, s, torch.float64, atol=1e-12)
+
+
+def test_op_gradcheck():
+    # full (not fast-mode) gradcheck of the op in float64 through its own backward (the chunked form is
+    # gradchecked on the reference above: through the op it needs T > 64, too slow here); beta stays inside
+    # (0, 1) and g below 0 under the perturbations
+    T = 6
+    gen = torch.Generator().manual_seed(T)
+    H, K, V = 1, 2, 2
+    f64 = dict(dtype=torch.float64)
+    q, k = (F.normalize(torch.randn(1, T, H, K, generator=gen, **f64), dim=-1) for _ in range(2))
+    v = torch.randn(1, T, H, V, generator=gen, **f64)
+    g = F.logsigmoid(torch.randn(1, T, H, generator=gen, **f64) + 2)
+    beta = 0.1 + 0.8 * torch.rand(1, T, H, generator=gen, **f64)
+    h0 = torch.randn(1, H, K, V, generator=gen, **f64)
+    args = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+    def f(q, k, v, g, beta, h0):
+        return gated_delta_rule(q, k, v, g, beta, scale=0.7, initial_state=h0, output_final_state=True)
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=False)
+
+
+def test_op_argument_checks():
+    (q, k, v, g, beta), h0 = make_inputs(1, 5, 2, 8, 8, torch.float32, device="cpu")
+    op = gated_delta_rule
+    qi = torch.randint(-2, 2, q.shape)  # once came back truncated to integers
+    with pytest.raises(TypeError, match="gated_delta_rule: q has dtype torch.int64; allowed: float16"):
+        op(qi, qi, qi, g, beta)
+    with pytest.raises(TypeError, match="gated_delta_rule: v has dtype torch.float16 but q has torch.float32"):
+        op(q, k, v.half(), g, beta)
+    with pytest.raises(TypeError, match=r"g has dtype torch.float16; allowed: the dtype of q, k, v \(torch.float32\)"):
+        op(q, k, v, g.half(), beta)
+    with pytest.raises(TypeError, match="gated_delta_rule: beta has dtype torch.int64"):
+        op(q, k, v, g, beta.long())
+    o, _ = op(q.half(), k.half(), v.half(), g, beta)  # half inputs with float32 g and beta, as the mixer passes
+    assert o.dtype == torch.float16
+    for bad in (0.5, float("-inf"), float("nan")):
+        g_bad = g.clone()
+        g_bad[0, 3, 1] = bad
+        with pytest.raises(ValueError, match=r"gated_delta_rule: g must be finite and <= 0 \(log of a decay"):
+            op(q, k, v, g_bad, beta)
+    for bad in (-0.1, 1.5, float("nan")):
+        b_bad = beta.clone()
+        b_bad[0, 2, 0] = bad
+        with pytest.raises(ValueError, match=r"gated_delta_rule: beta must be in \[0, 1\]"):
+            op(q, k, v, g, b_bad)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"gated_delta_rule: scale must be finite and > 0, got {bad}"):
+            op(q, k, v, g, beta, scale=bad)
+    with pytest.raises(TypeError, match="gated_delta_rule: scale must be a float, got bool True"):
+        op(q, k, v, g, beta, scale=True)
+    with pytest.raises(TypeError, match="gated_delta_rule: initial_state has dtype torch.float16; allowed: float32"):
+        op(q, k, v, g, beta, initial_state=h0.half())
+    with pytest.raises(TypeError, match="gated_delta_rule: initial_state has dtype torch.float64; allowed: float32"):
+        op(q, k, v, g, beta, initial_state=h0.double())
+    with pytest.raises(TypeError, match="gated_delta_rule: output_final_state must be a bool, got int 1"):
+        op(q, k, v, g, beta, output_final_state=1)
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, never decrease and end at T = 5, got \[0, 6\]"):
+        op(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 6]))
+
+
+def test_op_value_checks_under_compile():
+    # compiled, the value checks are device asserts in the graph: a bad g still stops the call
+    (q, k, v, g, beta), _ = make_inputs(1, 5, 2, 8, 8, torch.float32, device="cpu")
+    f = torch.compile(lambda g: gated_delta_rule(q, k, v, g, beta)[0], fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(f(g)).all()
+    with pytest.raises((RuntimeError, ValueError), match=r"g must be finite and <= 0"):
+        f(g + 1.0)
+
+
+def test_float64_refused_off_the_cpu():
+    # the Triton kernels compute in float32 at most: float64 on another device is refused before any launch
+    # (meta tensors stand in for CUDA ones here); integer inputs are refused everywhere
+    m = dict(device="meta", dtype=torch.float64)
+    q, g = torch.empty(1, 4, 2, 8, **m), torch.empty(1, 4, 2, **m)
+    with pytest.raises(TypeError, match="gated_delta_rule: q is float64 on meta"):
+        gated_delta_rule(q, q, q, g, g)
+    with pytest.raises(TypeError, match="chunk_gdn_fwd: q is float64 on meta"):
+        chunk_gdn_fwd(q, q, q, g, g, 0.3, None)
+    with pytest.raises(TypeError, match="chunk_gdn_bwd: q is float64 on meta"):
+        chunk_gdn_bwd(q, q, q, g, g, 0.3, None, q, None)
+    with pytest.raises(TypeError, match="fused_recurrent_gdn_fwd: q is float64 on meta"):
+        fused_recurrent_gdn_fwd(q, q, q, g, g, 0.3, None)
+    x, w = torch.empty(1, 4, 8, **m), torch.empty(8, 4, **m)
+    with pytest.raises(TypeError, match="causal_conv1d: x is float64 on meta"):
+        causal_conv1d(x, w)
+    with pytest.raises(TypeError, match="causal_conv1d_fwd: x is float64 on meta"):
+        causal_conv1d_fwd(x, w, None, None, "silu")
+    with pytest.raises(TypeError, match="causal_conv1d_bwd: x is float64 on meta"):
+        causal_conv1d_bwd(x, w, None, None, x, None, "silu")
+    x, w = torch.randn(1, 4, 8), torch.randn(8, 4)
+    with pytest.raises(TypeError, match="causal_conv1d: x has dtype torch.int64"):
+        causal_conv1d(x.long(), w)
+    with pytest.raises(TypeError, match="causal_conv1d: weight has dtype torch.float64 but x has torch.float32"):
+        causal_conv1d(x, w.double())
+    with pytest.raises(TypeError, match="causal_conv1d: initial_state has dtype torch.float16"):
+        causal_conv1d(x, w, initial_state=torch.zeros(1, 8, 3, dtype=torch.float16))
+    y64, f64 = causal_conv1d(x.double(), w.double(), initial_state=torch.randn(1, 8, 3), output_final_state=True)
+    assert y64.dtype == f64.dtype == torch.float64
+
+
+# -- NaN isolation: a non-finite token never reaches earlier outputs ------------------------------
+
+
+def test_nan_leaves_earlier_outputs_alone():
+    # NaN or Inf in q, k or v at token t (one case per batch row): every output before t equals the output of
+    # clean inputs, and the output at t shows it. t = 37 lies inside the first chunk, in its third 16-row
+    # block; t = 70 inside the second. The op (chunked reference on the CPU, T > 64), the chunked reference
+    # with small chunks, the Triton chunk kernels (whose triangular products once carried the NaN of a later
+    # token through their zeros) and the fused recurrence
+    T = 80
+    cases = [("q", "nan", 37), ("k", "nan", 37), ("v", "inf", 37), ("k", "nan", 70), ("v", "nan", 70)]
+    (q, k, v, g, beta), _ = make_inputs(len(cases), T, 1, 16, 16, torch.float32)
+    paths = {
+        "op": lambda *xs: gated_delta_rule(*(x.cpu() for x in xs), scale=0.25)[0],
+        "chunked ref, C=16": lambda *xs: gated_delta_rule_chunked(*(x.cpu() for x in xs), 0.25, chunk_size=16)[0],
+        "chunk kernels": lambda *xs: chunk_gdn_fwd(*xs, 0.25, None)[0],
+        "fused recurrent": lambda *xs: fused_recurrent_gdn_fwd(*xs, 0.25, None)[0],
+    }
+    xs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    for b, (which, bad, t) in enumerate(cases):
+        xs[which][b, t, 0, 5] = float(bad)
+    for name, fn in paths.items():
+        clean = fn(q, k, v, g, beta).cpu()
+        o = fn(xs["q"], xs["k"], xs["v"], g, beta).cpu()
+        for b, (which, bad, t) in enumerate(cases):
+            tag = f"{name}, {which}[{t}] = {bad}"
+            assert_close(tag, clean[b, :t], o[b, :t], torch.float32, atol=0.0)
+            assert not torch.isfinite(o[b, t]).all(), f"{tag}: the output at t does not show it"

@@ -8,11 +8,15 @@ block. Work grows with T x (W + retained keys), memory with T: no T x T mask is 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from .._checks import check_floats, check_int_arg
 from .._triton import tl, triton
 from .reference import (
+    acc_dtype,
     compact_intervals,
     effective_score,
     eviction_attention_ref,
@@ -83,6 +87,98 @@ def _evict_end_kernel(
 
 
 @triton.jit
+def _value_flags_kernel(v, flags, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    # flags[r] = NaN if row r of v ([R, D]) holds a NaN or Inf, else 0: 0 * x is 0 for finite x only
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    b_f = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        b_v = tl.load(
+            v + o_r[:, None].to(tl.int64) * D + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0
+        )
+        b_f += tl.sum(b_v.to(tl.float32) * 0.0, axis=1)
+    tl.store(flags + o_r, b_f, mask=m_r)
+
+
+@triton.jit
+def _seen_range(
+    b_seen,
+    vflag,
+    kpos,
+    kend,
+    lo,
+    hi,
+    o_t,
+    T,
+    W,
+    HKV: tl.constexpr,
+    BK: tl.constexpr,
+    LISTED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    # adds NaN to the query rows that see a flagged value row among the keys [lo, hi), whose visibility
+    # is that of _fwd_range: per pair of query and key where masked, for all rows at once where not
+    for c0 in range(lo, hi, BK):
+        o_c = c0 + tl.arange(0, BK)
+        m_c = o_c < hi
+        if LISTED:
+            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
+        else:
+            o_j = o_c
+        b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)
+        if MASKED:
+            if LISTED:
+                b_end = tl.load(kend + o_c, mask=m_c, other=0)
+                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
+            else:
+                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
+            b_seen += tl.sum(tl.where(m_vis, b_bad[None, :], 0.0), axis=1)
+        else:
+            b_seen += tl.sum(b_bad, axis=0)
+    return b_seen
+
+
+@triton.jit
+def _seen_kernel(
+    vflag,  # [B, T, HKV] float32, from _value_flags_kernel
+    vseen,  # [B, HKV, T] float32 out: NaN where query t of KV head h sees a flagged value row, else 0
+    kpos,
+    kend,
+    kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
+    T,
+    W,
+    HKV: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    OPEN_ENDED: tl.constexpr,
+):
+    # the walk of _fwd_kernel (listed keys, then the window band) over the flags alone: no dots; the
+    # ranges seen by every row go by blocks of 8 BK (a scalar sum each)
+    BU: tl.constexpr = 8 * BK
+    i_bh, i_t = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    t0 = i_t * BT
+    o_t = t0 + tl.arange(0, BT)
+    t_last = tl.minimum(t0 + BT, T) - 1
+    f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
+    l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
+    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
+    n_full = 0
+    if OPEN_ENDED:
+        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BK * BK
+    lk, le = kpos + l_bh, kend + l_bh
+    b_seen = tl.zeros([BT], dtype=tl.float32)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, 0, n_full, o_t, T, W, HKV, BU, True, False)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, n_full, n, o_t, T, W, HKV, BK, True, True)
+    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BK)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, lo, a, o_t, T, W, HKV, BK, False, True)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, full_lo, full_hi, o_t, T, W, HKV, BU, False, False)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, c, t_last + 1, o_t, T, W, HKV, BK, False, True)
+    tl.store(vseen + l_bh + o_t, b_seen, mask=o_t < T)
+
+
+@triton.jit
 def _fwd_range(
     b_q,
     b_acc,
@@ -90,6 +186,7 @@ def _fwd_range(
     b_l,
     k,
     v,
+    vflag,
     kpos,
     kend,
     lo,
@@ -108,8 +205,11 @@ def _fwd_range(
     MASKED: tl.constexpr,
 ):
     # online softmax over the key blocks [lo, hi): window rows (LISTED=False) or entries of the list
-    # (kpos, kend already at this batch and head). MASKED=False only for blocks whose every key is
+    # (kpos, kend, vflag already at this batch and head). MASKED=False only for blocks whose every key is
     # visible to every query row (and, for the list, whose every entry is valid): no mask math at all.
+    # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
+    # a NaN or Inf (vflag NaN) loads as zeros; the query rows that do see it are set NaN afterwards (see
+    # _fwd_kernel). In unmasked blocks every query row sees every key: the NaN may flow.
     for c0 in range(lo, hi, BK):
         o_c = c0 + tl.arange(0, BK)
         if LISTED:
@@ -125,7 +225,10 @@ def _fwd_range(
                 m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
         off_k = o_j[:, None] * (HKV * D) + o_d[None, :]  # int32 per element: see _check_sizes
         b_k = tl.load(k + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(v + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        m_v = m_c
+        if MASKED:
+            m_v = m_c & (tl.load(vflag + o_j * HKV, mask=m_c, other=0.0) == 0.0)
+        b_v = tl.load(v + off_k, mask=m_v[:, None] & m_d[None, :], other=0.0)
         # [BT, BD] @ [BD, BK] -> [BT, BK]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
         if MASKED:
@@ -214,6 +317,8 @@ def _fwd_kernel(
     v,
     o,
     lse,  # q, o: [B, T, HQ, D]; k, v: [B, T, HKV, D]; lse: [B, HQ, T] float32
+    vflag,  # [B, T, HKV] float32: NaN where the row of v holds a NaN or Inf, else 0 (_value_flags_kernel)
+    vseen,  # [B, HKV, T] float32: NaN where the query row sees such a value row, else 0 (_seen_kernel)
     kpos,
     kend,
     kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
@@ -248,6 +353,7 @@ def _fwd_kernel(
     b_q = tl.load(q + off_q, mask=m_t[:, None] & m_d[None, :], other=0.0)
     k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
     b_m = tl.zeros([BT], dtype=tl.float32) + float("-inf")
     b_l = tl.zeros([BT], dtype=tl.float32)
     b_acc = tl.zeros([BT, BD], dtype=tl.float32)
@@ -268,6 +374,7 @@ def _fwd_kernel(
         b_l,
         k_bh,
         v_bh,
+        f_bh,
         lk,
         le,
         0,
@@ -292,6 +399,7 @@ def _fwd_kernel(
         b_l,
         k_bh,
         v_bh,
+        f_bh,
         lk,
         le,
         n_full,
@@ -319,6 +427,7 @@ def _fwd_kernel(
             b_l,
             k_bh,
             v_bh,
+            f_bh,
             lk,
             le,
             lo,
@@ -343,6 +452,7 @@ def _fwd_kernel(
             b_l,
             k_bh,
             v_bh,
+            f_bh,
             lk,
             le,
             full_lo,
@@ -367,6 +477,7 @@ def _fwd_kernel(
             b_l,
             k_bh,
             v_bh,
+            f_bh,
             lk,
             le,
             c,
@@ -392,6 +503,7 @@ def _fwd_kernel(
             b_l,
             k_bh,
             v_bh,
+            f_bh,
             lk,
             le,
             lo,
@@ -411,7 +523,9 @@ def _fwd_kernel(
         )
 
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
-    b_o = b_acc / b_l[:, None]
+    # the rows that see a non-finite value row are NaN (the masked blocks kept it out of the product)
+    b_seen = tl.load(vseen + (i_b.to(tl.int64) * HKV + i_hk) * T + o_t, mask=m_t, other=0.0)
+    b_o = b_acc / b_l[:, None] + b_seen[:, None]
     tl.store(o + off_q, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
     b_lse = (b_m + tl.log2(b_l)) / 1.4426950408889634
     tl.store(lse + (i_b.to(tl.int64) * HQ + i_hq) * T + o_t, b_lse, mask=m_t)
@@ -919,11 +1033,29 @@ def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size: int, open_ended: bool):
+    """The forward's NaN isolation: (vflag [B, T, HKV], vseen [B, HKV, T]) float32, NaN where the row of v
+    holds a NaN or Inf, and where the query row sees such a row; 0 elsewhere. One pass over v and one
+    walk over the flags (no dots), so that the forward's masked blocks need not inspect their value tiles."""
+    B, T, H, D = v.shape
+    vflag = torch.empty((B, T, H), dtype=torch.float32, device=v.device)
+    R = B * T * H
+    BR, BT = (64, 64) if v.device.type == "cuda" else (16, 16)
+    BD = min(128, triton.next_power_of_2(D))
+    _value_flags_kernel[(triton.cdiv(R, BR),)](v, vflag, R, D=D, BR=BR, BD=BD, num_warps=4)
+    vseen = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
+    _seen_kernel[(B * H, triton.cdiv(T, BT))](
+        vflag, vseen, kpos, kend, kcum, T, window_size, HKV=H, BT=BT, BK=BT, OPEN_ENDED=open_ended, num_warps=4
+    )
+    return vflag, vseen
+
+
 def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: int) -> Tensor:
     """Triton form of :func:`reference.visibility_end` for the inference semantics.
 
     score: [B, T, HKV] -> end: [B, T, HKV] int32. Work ~ retained^2 per (batch, head), memory ~ T.
     """
+    check_floats("eviction_end", score=score)
     B, T, H = score.shape
     s = effective_score(score, num_sinks).permute(0, 2, 1)  # [B, H, T]
     ret = s > 0
@@ -981,6 +1113,7 @@ def eviction_attention_fwd(
     training semantics), which lets whole blocks skip the mask. ``tiles`` replaces a kernel's launch
     settings (``{"fwd": dict(BT=..., BS=..., BC=..., SPLIT=..., num_warps=..., num_stages=...)}``),
     for tests and tuning; by default :data:`CUDA_TILES` on the GPU, small tiles in the interpreter."""
+    check_floats("eviction_attention_fwd", q=q, k=k, v=v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -988,12 +1121,15 @@ def eviction_attention_fwd(
     cfg = _tiles(q, "fwd", tiles)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
+    vflag, vseen = _nan_flags(v, kpos, kend, kcum, window_size, open_ended)
     _fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
         q,
         k,
         v,
         o,
         lse,
+        vflag,
+        vseen,
         kpos,
         kend,
         kcum,
@@ -1030,6 +1166,8 @@ def eviction_attention_bwd(
     """Triton backward: dq: [B, T, HQ, D]; dk, dv: [B, T, HKV, D] (dtypes of q, k, v).
     ``open_ended`` as in :func:`eviction_attention_fwd`; ``tiles`` likewise, keys ``"dq"``, ``"dkdv"``
     (the window pass) and ``"listed"`` (the listed-key pass)."""
+    check_floats("eviction_attention_bwd", q=q, k=k, v=v)
+    check_floats("eviction_attention_bwd", o=o, do=do)
     q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -1133,7 +1271,7 @@ def _fwd_fake(q, k, v, score, window_size, capacity, num_sinks, training, scale)
     B, T, HQ, _ = q.shape
     HKV = k.shape[2]
     ints = [q.new_empty((B, HKV, T), dtype=torch.int32) for _ in range(3)]
-    return q.new_empty(q.shape), q.new_empty((B, HQ, T), dtype=torch.float32), *ints
+    return q.new_empty(q.shape), q.new_empty((B, HQ, T), dtype=acc_dtype(q.dtype)), *ints
 
 
 @torch.library.custom_op("mixerzoo::eviction_attention_bwd", mutates_args=(), device_types="cpu")
@@ -1201,6 +1339,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 
 
+def check_scale(op: str, scale: object, head_dim: int) -> float:
+    """``scale`` as a float: ``head_dim ** -0.5`` when None, else a finite real number > 0."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__} {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
 def eviction_attention(
     q: Tensor,
     k: Tensor,
@@ -1215,7 +1364,8 @@ def eviction_attention(
 ) -> Tensor:
     """Causal attention over a sliding window plus the retained (``score > 0``) keys, LTE (SPEC 4.3).
 
-    q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (HQ a multiple of HKV); score: [B, T, HKV], token j is
+    q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (HQ a multiple of HKV), one floating dtype (float64 on the
+    CPU only, where it is computed in float64); score: [B, T, HKV] in that dtype or float32, token j is
     retained for KV head h iff ``score[b, j, h] > 0`` (the first ``num_sinks`` tokens, and any ``+inf``
     score, always). Returns o: [B, T, HQ, D] in the dtype of q.
 
@@ -1223,31 +1373,34 @@ def eviction_attention(
     ``training=True`` (no cap), or ``training=False`` and j is in the buffer of ``capacity`` slots
     (sinks included) at time t: the running top-``capacity`` of the retained tokens that have left the
     window, earlier tokens winning ties. ``score`` gets no gradient. ``scale`` defaults to ``D**-0.5``.
+    A NaN or Inf in q, k or v reaches only the queries that see it (a query that sees a non-finite
+    value row gets a NaN row).
     """
-    if not torch.compiler.is_compiling():
-        if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-            raise ValueError(
-                f"eviction_attention: q must be [B, T, HQ, D] and k, v [B, T, HKV, D], got "
-                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
-        B, T, HQ, D = q.shape
-        if k.shape[:2] != (B, T) or k.shape[3] != D or HQ % k.shape[2]:
-            raise ValueError(
-                f"eviction_attention: k, v must be [B={B}, T={T}, HKV, D={D}] with HQ={HQ} a multiple "
-                f"of HKV, got {tuple(k.shape)}"
-            )
-        if score.shape != k.shape[:3]:
-            raise ValueError(
-                f"eviction_attention: score must be [B, T, HKV] = {tuple(k.shape[:3])}, got {tuple(score.shape)}"
-            )
-        if window_size < 1 or num_sinks < 0 or capacity < num_sinks:
-            raise ValueError(
-                "eviction_attention: need window_size >= 1 and 0 <= num_sinks <= capacity, got "
-                f"window_size={window_size}, num_sinks={num_sinks}, capacity={capacity}"
-            )
-        if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-            raise ValueError(
-                f"eviction_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-            )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _fwd_op(q, k, v, score, int(window_size), int(capacity), int(num_sinks), bool(training), scale)[0]
+    op = "eviction_attention"
+    check_floats(op, q=q, k=k, v=v)
+    check_floats(op, score=score)
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            f"{op}: q must be [B, T, HQ, D] and k, v [B, T, HKV, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, HQ, D = q.shape
+    if k.shape[:2] != (B, T) or k.shape[3] != D or HQ % k.shape[2]:
+        raise ValueError(
+            f"{op}: k, v must be [B={B}, T={T}, HKV, D={D}] with HQ={HQ} a multiple of HKV, got {tuple(k.shape)}"
+        )
+    if score.shape != k.shape[:3]:
+        raise ValueError(f"{op}: score must be [B, T, HKV] = {tuple(k.shape[:3])}, got {tuple(score.shape)}")
+    if score.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{op}: score has dtype {score.dtype}; allowed: q's dtype {q.dtype} or float32")
+    if score.device != q.device:
+        raise ValueError(f"{op}: score is on {score.device} but q on {q.device}")
+    window_size = check_int_arg(op, "window_size", window_size, minimum=1)
+    num_sinks = check_int_arg(op, "num_sinks", num_sinks)
+    capacity = check_int_arg(op, "capacity", capacity)
+    if capacity < num_sinks:
+        raise ValueError(f"{op}: need num_sinks <= capacity, got num_sinks={num_sinks}, capacity={capacity}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: training must be a bool, got {type(training).__name__} {training!r}")
+    scale = check_scale(op, scale, D)
+    return _fwd_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)[0]

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_floats
 from .._triton import tl, triton
+from .attention import check_scale
+from .reference import acc_dtype
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
 
@@ -48,7 +51,8 @@ def _decode_part(
         b_ok = tl.load(ok + o_l * HKV, mask=m_l, other=0) != 0
         off = o_l[:, None].to(tl.int64) * (HKV * D) + o_d[None, :]
         b_k = tl.load(k + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(v + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
+        # a slot the query cannot see gets p = 0, but 0 * NaN is NaN: its value row loads as zeros
+        b_v = tl.load(v + off, mask=(m_l & b_ok)[:, None] & m_d[None, :], other=0.0)
         # [BG, BD] @ [BD, BL] -> [BG, BL]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
         b_s = tl.where(b_ok[None, :], b_s, float("-inf"))
@@ -166,6 +170,7 @@ def eviction_decode_fwd(
 ) -> Tensor:
     """Triton decode attention. q: [B, HQ, D]; win_k, win_v: [B, W, HKV, D]; win_ok: [B, W, HKV] bool;
     buf_k, buf_v: [B, C, HKV, D]; buf_ok: [B, C, HKV] bool -> o: [B, HQ, D] (dtype of q)."""
+    check_floats("eviction_decode_fwd", q=q, win_k=win_k, win_v=win_v, buf_k=buf_k, buf_v=buf_v)
     B, HQ, D = q.shape
     W, HKV = win_k.shape[1], win_k.shape[2]
     C = buf_k.shape[1]
@@ -225,15 +230,18 @@ def eviction_decode_attention_ref(
     *,
     scale: float,
 ) -> Tensor:
-    """Reference: softmax over the visible ring and buffer slots, float32. Shapes as
-    :func:`eviction_decode_fwd`."""
+    """Reference: softmax over the visible ring and buffer slots, in float32 (float64 for float64).
+    Shapes as :func:`eviction_decode_fwd`. What a slot the query cannot see holds, NaN included, never
+    reaches the output: its logit and its value are selected away."""
     B, HQ, D = q.shape
     G = HQ // win_k.shape[2]
-    keys = torch.cat((win_k, buf_k), 1).float().repeat_interleave(G, 2)  # [B, L, HQ, D]
-    vals = torch.cat((win_v, buf_v), 1).float().repeat_interleave(G, 2)
+    acc = acc_dtype(q.dtype)
+    keys = torch.cat((win_k, buf_k), 1).to(acc).repeat_interleave(G, 2)  # [B, L, HQ, D]
+    vals = torch.cat((win_v, buf_v), 1).to(acc).repeat_interleave(G, 2)
     ok = torch.cat((win_ok, buf_ok), 1).bool().repeat_interleave(G, 2)  # [B, L, HQ]
-    s = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale
-    s = s.masked_fill(~ok.permute(0, 2, 1), float("-inf"))
+    s = torch.einsum("bhd,blhd->bhl", q.to(acc), keys) * scale
+    s = torch.where(ok.permute(0, 2, 1), s, float("-inf"))
+    vals = torch.where(ok[..., None], vals, 0.0)
     return torch.einsum("bhl,blhd->bhd", torch.softmax(s, -1), vals).to(q.dtype).contiguous()
 
 
@@ -275,10 +283,37 @@ def eviction_decode(
     """Attention of one query per sequence over the ring and the buffer, without concatenating them.
 
     q: [B, HQ, D]; win_k, win_v: [B, W, HKV, D]; win_ok: [B, W, HKV] bool (slot holds a visible token);
-    buf_k, buf_v: [B, C, HKV, D]; buf_ok: [B, C, HKV] bool -> o: [B, HQ, D]. At least one slot per
-    (batch, head) must be visible (the current token is). No gradient (decode only).
+    buf_k, buf_v: [B, C, HKV, D]; buf_ok: [B, C, HKV] bool -> o: [B, HQ, D]. q and the slots share one
+    floating dtype (float64 on the CPU only, where it is computed in float64). At least one slot per
+    (batch, head) must be visible (the current token is); what an invisible slot holds, NaN included,
+    never reaches the output. ``scale`` defaults to ``D**-0.5``. No gradient (decode only).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    op = "eviction_decode"
+    check_floats(op, q=q, win_k=win_k, win_v=win_v, buf_k=buf_k, buf_v=buf_v)
+    if q.dim() != 3 or win_k.dim() != 4 or win_v.shape != win_k.shape or buf_k.dim() != 4 or buf_v.shape != buf_k.shape:
+        raise ValueError(
+            f"{op}: q must be [B, HQ, D], win_k, win_v [B, W, HKV, D] and buf_k, buf_v [B, C, HKV, D], got "
+            f"{tuple(q.shape)}, {tuple(win_k.shape)}, {tuple(win_v.shape)}, {tuple(buf_k.shape)}, {tuple(buf_v.shape)}"
+        )
+    B, HQ, D = q.shape
+    W, HKV = win_k.shape[1], win_k.shape[2]
+    if win_k.shape[0] != B or win_k.shape[3] != D or W < 1 or HQ % HKV:
+        raise ValueError(
+            f"{op}: win_k, win_v must be [B={B}, W >= 1, HKV, D={D}] with HQ={HQ} a multiple of HKV, "
+            f"got {tuple(win_k.shape)}"
+        )
+    if buf_k.shape[0] != B or buf_k.shape[2:] != (HKV, D):
+        raise ValueError(f"{op}: buf_k, buf_v must be [B={B}, C, HKV={HKV}, D={D}], got {tuple(buf_k.shape)}")
+    C = buf_k.shape[1]
+    for name, ok, shape in (("win_ok", win_ok, (B, W, HKV)), ("buf_ok", buf_ok, (B, C, HKV))):
+        if not isinstance(ok, Tensor) or ok.dtype != torch.bool:
+            what = ok.dtype if isinstance(ok, Tensor) else type(ok).__name__
+            raise TypeError(f"{op}: {name} must be a bool tensor, got {what}")
+        if ok.shape != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)}, got {tuple(ok.shape)}")
+        if ok.device != q.device:
+            raise ValueError(f"{op}: {name} is on {ok.device} but q on {q.device}")
+    scale = check_scale(op, scale, D)
     return _decode_op(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale)
 
 
@@ -294,12 +329,39 @@ def buffer_insert_(
 ) -> None:
     """Offer the token leaving the window to the buffer, in place, with fixed shapes (compile-safe).
 
-    buf_k, buf_v: [B, C, HKV, D]; buf_score: [B, C, HKV] float32 (-inf empty); buf_pos: [B, C, HKV]
-    int64 (-1 empty); k, v: [B, HKV, D]; score: [B, HKV] (retained iff > 0; +inf for sinks; -inf when
-    no token leaves); pos: [B, HKV] int64. It enters iff retained and strictly above the lowest
-    buffered score, replacing that entry (the latest one among equal lowest scores), as the reference.
+    buf_k, buf_v: [B, C, HKV, D]; buf_score: [B, C, HKV] floating (-inf empty); buf_pos: [B, C, HKV]
+    int64 (-1 empty); k, v: [B, HKV, D] in buf_k's dtype; score: [B, HKV] floating (retained iff > 0;
+    +inf for sinks; -inf when no token leaves); pos: [B, HKV] integer. It enters iff retained and strictly
+    above the lowest buffered score, replacing that entry (the latest one among equal lowest scores), as
+    the reference. Scores are compared in the wider of the two score dtypes (float32 at least).
     """
-    s = score.float()
+    op = "buffer_insert_"
+    check_floats(op, buf_k=buf_k, buf_v=buf_v, k=k, v=v)
+    check_floats(op, buf_score=buf_score)
+    check_floats(op, score=score)
+    if buf_k.dim() != 4 or buf_v.shape != buf_k.shape:
+        raise ValueError(f"{op}: buf_k, buf_v must be [B, C, HKV, D], got {tuple(buf_k.shape)}, {tuple(buf_v.shape)}")
+    B, C, H, D = buf_k.shape
+    for name, x, shape in (
+        ("buf_score", buf_score, (B, C, H)),
+        ("buf_pos", buf_pos, (B, C, H)),
+        ("k", k, (B, H, D)),
+        ("v", v, (B, H, D)),
+        ("score", score, (B, H)),
+        ("pos", pos, (B, H)),
+    ):
+        if not isinstance(x, Tensor) or x.shape != shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{op}: {name} must be {list(shape)}, got {got}")
+        if x.device != buf_k.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but buf_k on {buf_k.device}")
+    if buf_pos.dtype != torch.int64:
+        raise TypeError(f"{op}: buf_pos must be int64, got {buf_pos.dtype}")
+    if pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: pos must be int32 or int64, got {pos.dtype}")
+    if C == 0:
+        return
+    s = score.to(torch.promote_types(acc_dtype(score.dtype), buf_score.dtype))
     low = buf_score.amin(1)  # [B, HKV]
     cand = buf_score == low[:, None]
     victim = torch.where(cand, buf_pos, -2).argmax(1)  # [B, HKV]: latest among the lowest
@@ -308,7 +370,7 @@ def buffer_insert_(
     idx_d = idx[..., None].expand(-1, -1, -1, buf_k.shape[-1])  # [B, 1, HKV, D]
     old_k, old_v = buf_k.gather(1, idx_d), buf_v.gather(1, idx_d)
     t = take[:, None]
-    buf_k.scatter_(1, idx_d, torch.where(t[..., None], k[:, None].to(buf_k.dtype), old_k))
-    buf_v.scatter_(1, idx_d, torch.where(t[..., None], v[:, None].to(buf_v.dtype), old_v))
-    buf_score.scatter_(1, idx, torch.where(t, s[:, None], buf_score.gather(1, idx)))
-    buf_pos.scatter_(1, idx, torch.where(t, pos[:, None], buf_pos.gather(1, idx)))
+    buf_k.scatter_(1, idx_d, torch.where(t[..., None], k[:, None], old_k))
+    buf_v.scatter_(1, idx_d, torch.where(t[..., None], v[:, None], old_v))
+    buf_score.scatter_(1, idx, torch.where(t, s[:, None], buf_score.gather(1, idx)).to(buf_score.dtype))
+    buf_pos.scatter_(1, idx, torch.where(t, pos[:, None], buf_pos.gather(1, idx)).to(buf_pos.dtype))

@@ -1,4 +1,4 @@
-"""Reference for eviction attention (learnable token eviction, LTE; SPEC 4.3): plain PyTorch, float32.
+"""Reference for eviction attention (learnable token eviction, LTE; SPEC 4.3): plain PyTorch.
 
 This file is the specification of the op. Key ``j`` of KV head ``h`` is visible to query ``t`` iff
 ``j <= t`` and either ``t - j < W`` (the sliding window) or ``t`` lies in the key's *buffer interval*
@@ -21,6 +21,11 @@ This file is the specification of the op. Key ``j`` of KV head ``h`` is visible 
   ``s_i >= s_j``, token ``j`` enters the buffer iff ``A_j < C``, and is evicted when the
   ``(C - A_j)``-th later retained token with a strictly greater score leaves the window, i.e.
   ``end_j = W + i*`` for that token ``i*`` (``T`` if there is none; ``j + W`` if ``A_j >= C``).
+
+Arithmetic runs in float32, or float64 for float64 inputs. A NaN or Inf in q, k or v reaches only the
+queries that see it: masked logits and probabilities are selected away (never added to or multiplied
+by a mask), and a key row with a non-finite value enters the product with the probabilities as zeros,
+its NaN set afterwards on exactly the output rows that see it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "acc_dtype",
     "compact_intervals",
     "effective_score",
     "eviction_attention_ref",
@@ -38,12 +44,17 @@ __all__ = [
 ]
 
 
-def effective_score(score: Tensor, num_sinks: int) -> Tensor:
-    """``score`` in float32 with the first ``num_sinks`` positions set to ``+inf``.
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references compute in for inputs of ``dtype``: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
-    score: [B, T, HKV] -> [B, T, HKV] float32.
+
+def effective_score(score: Tensor, num_sinks: int) -> Tensor:
+    """``score`` in float32 (float64 stays float64) with the first ``num_sinks`` positions set to ``+inf``.
+
+    score: [B, T, HKV] -> [B, T, HKV].
     """
-    s = score.float().clone()
+    s = score.to(acc_dtype(score.dtype), copy=True)
     s[:, :num_sinks] = float("inf")
     return s
 
@@ -94,6 +105,27 @@ def eviction_mask(score: Tensor, *, window_size: int, capacity: int, num_sinks: 
     return in_window | buffered
 
 
+def _dense_inputs(q, k, v, score, window_size, capacity, num_sinks, training, scale):
+    # the mask and q, k, v per query head ([B, HQ, T, .]) in the accumulation dtype
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    acc = acc_dtype(q.dtype)
+    mask = eviction_mask(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training)
+    mask = mask.repeat_interleave(G, dim=1)  # [B, HQ, T, T]
+    qf = q.to(acc).transpose(1, 2)  # [B, HQ, T, D]
+    kf = k.to(acc).repeat_interleave(G, dim=2).transpose(1, 2)
+    vf = v.to(acc).repeat_interleave(G, dim=2).transpose(1, 2)
+    scale = D**-0.5 if scale is None else scale
+    return mask, qf, kf, vf, scale
+
+
+def _probabilities(mask: Tensor, qf: Tensor, kf: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    # softmax over the visible keys; a masked logit is selected away, so a NaN there never counts
+    logits = torch.where(mask, (qf @ kf.transpose(-1, -2)) * scale, float("-inf"))  # [B, HQ, T, T]
+    lse = torch.logsumexp(logits, dim=-1)  # every query sees itself, so lse is finite for finite inputs
+    return torch.where(mask, torch.exp(logits - lse[..., None]), 0.0), lse
+
+
 def eviction_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -106,24 +138,20 @@ def eviction_attention_ref(
     training: bool,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Masked softmax attention over the window and the retained keys, in float32.
+    """Masked softmax attention over the window and the retained keys, in float32 (float64 for float64).
 
     q: [B, T, HQ, D]; k, v: [B, T, HKV, D]; score: [B, T, HKV]
-    -> o: [B, T, HQ, D] (dtype of q), lse: [B, HQ, T] float32 (natural log-sum-exp of the scaled logits).
+    -> o: [B, T, HQ, D] (dtype of q), lse: [B, HQ, T] (natural log-sum-exp of the scaled logits; float32,
+    float64 for float64 q). An output row that sees a value row holding a NaN or Inf is NaN.
     """
-    B, T, HQ, D = q.shape
-    HKV = k.shape[2]
-    G = HQ // HKV
-    scale = D**-0.5 if scale is None else scale
-    mask = eviction_mask(score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training)
-    mask = mask.repeat_interleave(G, dim=1)  # [B, HQ, T, T]
-    qf = q.float().transpose(1, 2)  # [B, HQ, T, D]
-    kf = k.float().repeat_interleave(G, dim=2).transpose(1, 2)  # [B, HQ, T, D]
-    vf = v.float().repeat_interleave(G, dim=2).transpose(1, 2)
-    logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, HQ, T, T]
-    logits = logits.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # every query sees itself, so lse is finite
-    o = torch.exp(logits - lse[..., None]) @ vf  # [B, HQ, T, D]
+    mask, qf, kf, vf, scale = _dense_inputs(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    p, lse = _probabilities(mask, qf, kf, scale)
+    # p is 0 where masked, but 0 * NaN is NaN: non-finite value rows enter the product as zeros and
+    # their NaN goes to the rows that see them
+    bad = ~torch.isfinite(vf).all(-1)  # [B, HQ, T] keys
+    o = p @ torch.where(bad[..., None], 0.0, vf)  # [B, HQ, T, D]
+    seen = (mask & bad[..., None, :]).any(-1)  # [B, HQ, T] queries
+    o = torch.where(seen[..., None], float("nan"), o)
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
@@ -140,23 +168,17 @@ def eviction_attention_ref_bwd(
     training: bool,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`eviction_attention_ref`'s ``o`` written out (no autograd), float32.
+    """Gradients of :func:`eviction_attention_ref`'s ``o`` written out (no autograd), in float32
+    (float64 for float64).
 
     do: [B, T, HQ, D] -> dq: [B, T, HQ, D], dk, dv: [B, T, HKV, D] (dtypes of q, k, v). The score
     gets no gradient: the selection is hard.
     """
-    B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    G = HQ // HKV
-    scale = D**-0.5 if scale is None else scale
-    mask = eviction_mask(
-        score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training
-    ).repeat_interleave(G, dim=1)  # [B, HQ, T, T]
-    qf = q.float().transpose(1, 2)  # [B, HQ, T, D]
-    kf = k.float().repeat_interleave(G, dim=2).transpose(1, 2)
-    vf = v.float().repeat_interleave(G, dim=2).transpose(1, 2)
-    dof = do.float().transpose(1, 2)
-    p = torch.softmax(((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")), -1)
+    G = q.shape[2] // HKV
+    mask, qf, kf, vf, scale = _dense_inputs(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    dof = do.to(qf.dtype).transpose(1, 2)
+    p, _ = _probabilities(mask, qf, kf, scale)
     dv = p.transpose(-1, -2) @ dof  # [B, HQ, T, D]
     dp = dof @ vf.transpose(-1, -2)  # [B, HQ, T, T]
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale

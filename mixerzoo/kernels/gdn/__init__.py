@@ -2,15 +2,19 @@
 
 ``gated_delta_rule`` is a torch.library custom op: on CUDA the Triton kernels of ``chunk.py`` (chunked
 WY / UT-transform form, chunk 64) and ``fused_recurrent.py`` (decode and short prompts), on CPU the
-float32 reference of ``reference.py``. Its backward is another custom op with the same split. Packed
-variable-length batches (``cu_seqlens``) take the same kernels with their ``IS_VARLEN`` flag set.
+reference of ``reference.py`` (float32, float64 for float64 inputs). Its backward is another custom op
+with the same split. Packed variable-length batches (``cu_seqlens``) take the same kernels with their
+``IS_VARLEN`` flag set.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from .._checks import check_floats, check_values
 from .conv import causal_conv1d
 from .reference import _f32 as _acc
 from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
@@ -152,77 +156,110 @@ def gated_delta_rule(
 
     Args:
         q, k: [B, T, H, K] (used as given; the mixer L2-normalises them). Any K >= 1; on CUDA K <= 1024.
-        v: [B, T, H, V].
-        g: [B, T, H] log decay (<= 0). beta: [B, T, H].
-        scale: defaults to K ** -0.5.
-        initial_state: [B, H, K, V] float32 or None (zeros); [N, H, K, V] with ``cu_seqlens``.
-        output_final_state: return S_T [B, H, K, V] float32 ([N, H, K, V] with ``cu_seqlens``); otherwise None.
+        v: [B, T, H, V]. q, k, v share one floating dtype: float16, bfloat16 or float32, or float64 on the
+            CPU, where it is computed in float64.
+        g: [B, T, H] log decay, finite and <= 0. beta: [B, T, H] in [0, 1]. Each in q's dtype or float32.
+            Their values are checked without a host sync: on the CPU an error, on a GPU and under
+            torch.compile an asynchronous device assert.
+        scale: defaults to K ** -0.5; else finite and > 0.
+        initial_state: [B, H, K, V] float32 (or float64 with float64 inputs) or None (zeros);
+            [N, H, K, V] with ``cu_seqlens``.
+        output_final_state: return S_T [B, H, K, V] float32 (float64 for float64 inputs; [N, H, K, V] with
+            ``cu_seqlens``); otherwise None.
         cu_seqlens: None, or a packed batch of N sequences: int32/int64 [N + 1] on q's device with
             0 = c_0 <= c_1 <= ... <= c_N = T (empty sequences allowed) and B = 1. Sequence n is tokens
             c_n ... c_{n+1} - 1; it starts from initial_state[n] and ends in final_state[n], and no state
-            crosses a boundary. Its values are checked in eager mode (a host sync for a CUDA tensor).
+            crosses a boundary. Its values are checked as g's.
 
     Returns:
         (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
-        ``initial_state``.
+        ``initial_state``. The recurrence is causal: a NaN or Inf at token t leaves every output before t
+        finite.
     """
-    if not torch.compiler.is_compiling():
-        _check(q, k, v, g, beta, initial_state, cu_seqlens)
-    if scale is None:
-        scale = k.shape[-1] ** -0.5
+    scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if initial_state is not None:
-        initial_state = _acc(initial_state)  # float32 (float64 stays, for gradchecks on CPU)
-    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, float(scale), cu_seqlens)
+        initial_state = initial_state.to(_acc(v).dtype)  # a float32 state under float64 inputs is widened
+    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens)
     return o, (final_state if output_final_state else None)
 
 
-def _check(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
+_OP = "gated_delta_rule"
+
+
+def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens) -> float:
+    """Every argument checked before any launch; returns the scale. Shapes, dtypes and Python values
+    raise at once; tensor values go through ``check_values`` (no host sync)."""
+    check_floats(_OP, q=q, k=k, v=v)
+    for name, x in (("g", g), ("beta", beta)):
+        check_floats(_OP, **{name: x})
+        if x.dtype not in (v.dtype, torch.float32):
+            raise TypeError(f"{_OP}: {name} has dtype {x.dtype}; allowed: the dtype of q, k, v ({v.dtype}) or float32")
     if k.dim() != 4 or q.shape != k.shape:
-        raise ValueError(
-            f"gated_delta_rule: q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
+        raise ValueError(f"{_OP}: q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
     B, T, H, K = k.shape
     if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"gated_delta_rule: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+        raise ValueError(f"{_OP}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != (B, T, H):
-            raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
+            raise ValueError(f"{_OP}: {name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, B, T)
     S, what = (B, "B") if cu_seqlens is None else (cu_seqlens.shape[0] - 1, "N")
-    if initial_state is not None and initial_state.shape != (S, H, K, v.shape[-1]):
-        raise ValueError(
-            f"gated_delta_rule: initial_state must be [{what}, H, K, V] = [{S}, {H}, {K}, {v.shape[-1]}], "
-            f"got {tuple(initial_state.shape)}"
-        )
+    if initial_state is not None:
+        check_floats(_OP, initial_state=initial_state)
+        if initial_state.dtype not in (torch.float32, _acc(v).dtype):
+            allowed = "float32" if v.dtype != torch.float64 else "float32 or float64"
+            raise TypeError(f"{_OP}: initial_state has dtype {initial_state.dtype}; allowed: {allowed}")
+        if initial_state.shape != (S, H, K, v.shape[-1]):
+            raise ValueError(
+                f"{_OP}: initial_state must be [{what}, H, K, V] = [{S}, {H}, {K}, {v.shape[-1]}], "
+                f"got {tuple(initial_state.shape)}"
+            )
     if k.is_cuda and K > 1024:
         raise ValueError(
-            f"gated_delta_rule: on CUDA the head dim K of q and k must be <= 1024 (the chunked kernels stage K rows "
+            f"{_OP}: on CUDA the head dim K of q and k must be <= 1024 (the chunked kernels stage K rows "
             f"of the state in shared memory: ~200 KB at K = 1024), got K={K}"
         )
     tensors = (q, k, v, g, beta) + tuple(x for x in (initial_state, cu_seqlens) if x is not None)
     devices = {x.device for x in tensors}
     if len(devices) > 1:
-        raise ValueError(f"gated_delta_rule: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{_OP}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(
+            f"{_OP}: output_final_state must be a bool, got {type(output_final_state).__name__} {output_final_state!r}"
+        )
+    scale = _check_scale(scale, K)
+    # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
+    check_values(_OP, torch.isfinite(g) & (g <= 0), "g must be finite and <= 0 (log of a decay in (0, 1])")
+    check_values(_OP, (beta >= 0) & (beta <= 1), "beta must be in [0, 1]")
+    return scale
+
+
+def _check_scale(scale: object, K: int) -> float:
+    if scale is None:
+        return K**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{_OP}: scale must be a float, got {type(scale).__name__} {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{_OP}: scale must be finite and > 0, got {scale}")
+    return float(scale)
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"gated_delta_rule: cu_seqlens must be a 1-D int32 or int64 tensor [N + 1] with N >= 1, got "
+            f"{_OP}: cu_seqlens must be a 1-D int32 or int64 tensor [N + 1] with N >= 1, got "
             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
         )
     if B != 1:
         raise ValueError(
-            f"gated_delta_rule: with cu_seqlens the sequences are packed along T, so the batch size must be 1 "
+            f"{_OP}: with cu_seqlens the sequences are packed along T, so the batch size must be 1 "
             f"(q, k, v [1, T_total, H, .]), got B={B}"
         )
-    msg = f"gated_delta_rule: cu_seqlens must start at 0, never decrease and end at T = {T}"
-    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        # no host sync while capturing a CUDA graph: a device-side assert (it fails the capture's replay)
-        torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all(), msg)
-        return
-    c = cu_seqlens.tolist()  # a host sync for a CUDA tensor: eager varlen calls only (compiled calls skip _check)
-    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:], strict=False)):
+    msg = f"cu_seqlens must start at 0, never decrease and end at T = {T}"
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all()
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(ok):
+        c = cu_seqlens.tolist()  # on the CPU the values can go into the message at no cost
         shown = c if len(c) <= 12 else c[:6] + ["..."] + c[-6:]
-        raise ValueError(f"{msg}, got {shown}")
+        raise ValueError(f"{_OP}: {msg}, got {shown}")
+    check_values(_OP, ok, msg)

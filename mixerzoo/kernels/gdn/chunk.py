@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_floats
 from .._triton import tl, triton
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
@@ -76,6 +77,20 @@ def _decay_strict16(b_ga, b_gb, DIAG: tl.constexpr):
     if DIAG:
         b_d = tl.where(o_r[:, None] > o_r[None, :], b_d, float("-inf"))
     return tl.exp(b_d)
+
+
+@triton.jit
+def _finite16(b_a):
+    return tl.where(tl.abs(b_a) < float("inf"), b_a, 0.0)
+
+
+@triton.jit
+def _causal_dot(b_l, b_r, b_bad, PREC: tl.constexpr):
+    # b_l @ b_r where row i of the lower-triangular b_l mixes rows <= i of b_r (token order), and b_bad
+    # is NaN for the rows of b_r that hold a NaN or Inf, else 0. Zeros above the diagonal do not stop
+    # 0 * NaN, so those rows enter as zeros and their NaN goes to the rows at and after them
+    b_r = tl.where(b_bad[:, None] == 0.0, b_r, 0.0)
+    return tl.dot(b_l, b_r, input_precision=PREC) + tl.cumsum(b_bad, 0)[:, None]
 
 
 @triton.jit
@@ -178,6 +193,12 @@ def _chunk_prep_kernel(
     b_a31 *= b_b3[:, None] * _decay_strict16(b_c3, b_c1, False)
     b_a32 *= b_b3[:, None] * _decay_strict16(b_c3, b_c2, False)
     b_a33 *= b_b3[:, None] * _decay_strict16(b_c3, b_c3, True)
+    # a NaN or Inf in k_t makes row and column t of A non-finite, and the matrix products of the inverse
+    # would carry that to the rows before t through their zeros: such entries count as 0 here, so the rows
+    # of Ai before t stay exact; the rows from t on are set NaN in _chunk_wu_kernel, where k_t enters W
+    b_a00, b_a10, b_a11 = _finite16(b_a00), _finite16(b_a10), _finite16(b_a11)
+    b_a20, b_a21, b_a22 = _finite16(b_a20), _finite16(b_a21), _finite16(b_a22)
+    b_a30, b_a31, b_a32, b_a33 = _finite16(b_a30), _finite16(b_a31), _finite16(b_a32), _finite16(b_a33)
 
     if DOUBLING:
         b_t00 = _inv_unit_lower16_doubling(b_a00)
@@ -245,6 +266,7 @@ def _chunk_wu_kernel(
     Ai,
     w,
     u,
+    flag,
     cu_seqlens,
     chunk_indices,
     T,
@@ -256,7 +278,8 @@ def _chunk_wu_kernel(
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    # W = Ai diag(beta) (K * exp(gamma)), U = Ai diag(beta) V
+    # W = Ai diag(beta) (K * exp(gamma)), U = Ai diag(beta) V; flag [B, T, H] float32 out: NaN for a token
+    # whose k or v holds a NaN or Inf, else 0 (W and U are NaN from its row on, earlier rows exact)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
@@ -270,20 +293,26 @@ def _chunk_wu_kernel(
         Ai + (bos * H + i_h) * 64 + o_t[:, None] * H * 64 + tl.arange(0, 64)[None, :], mask=m_t[:, None], other=0.0
     )
     b_ai = b_ai.to(k.dtype.element_ty)
+    b_flag = tl.zeros([64], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
         p = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
         b_kb = (b_k * (b_beta * tl.exp(b_gam))[:, None]).to(k.dtype.element_ty)
-        tl.store(w + p, tl.dot(b_ai, b_kb, input_precision=PREC).to(w.dtype.element_ty), mask=m)  # [64, 64] @ [64, BK]
+        b_bad = tl.sum(b_k * 0.0, 1)  # NaN for a row with a NaN or Inf
+        b_flag += b_bad
+        tl.store(w + p, _causal_dot(b_ai, b_kb, b_bad, PREC).to(w.dtype.element_ty), mask=m)  # [64, 64] @ [64, BK]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
         p = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         b_v = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
         b_vb = (b_v * b_beta[:, None]).to(v.dtype.element_ty)
-        tl.store(u + p, tl.dot(b_ai, b_vb, input_precision=PREC).to(u.dtype.element_ty), mask=m)  # [64, 64] @ [64, BV]
+        b_bad = tl.sum(b_v * 0.0, 1)
+        b_flag += b_bad
+        tl.store(u + p, _causal_dot(b_ai, b_vb, b_bad, PREC).to(u.dtype.element_ty), mask=m)  # [64, 64] @ [64, BV]
+    tl.store(flag + bos * H + i_h + o_t * H, b_flag, mask=m_t)
 
 
 @triton.jit
@@ -396,6 +425,7 @@ def _chunk_o_kernel(
     k,
     vn,
     gamma,
+    flag,
     hs,
     o,
     cu_seqlens,
@@ -435,10 +465,17 @@ def _chunk_o_kernel(
         b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [64, BK] @ [BK, 64]
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     o_r = tl.arange(0, 64)
-    b_s *= tl.exp(tl.where(o_r[:, None] >= o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
+    # selected, not multiplied by zero: a NaN k_j would reach the earlier rows i < j
+    m_c = o_r[:, None] >= o_r[None, :]
+    b_s = tl.where(m_c, b_s * tl.exp(tl.where(m_c, b_gam[:, None] - b_gam[None, :], float("-inf"))), 0.0)
+    # Vn is NaN from the first token whose k or v is not finite (flag, from _chunk_wu_kernel) on: those
+    # rows enter the product as zeros (0 * NaN would reach the earlier rows) and their NaN goes to the rows
+    # at and after them
+    b_cum = tl.cumsum(tl.load(flag + bos * H + i_h + o_t * H, mask=m_t, other=0.0), 0)
     p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
-    b_vn = tl.load(vn + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_vn = tl.load(vn + p_v, mask=(m_t & (b_cum == 0.0))[:, None] & m_v[None, :], other=0.0)
     b_o = b_o * tl.exp(b_gam)[:, None] + tl.dot(b_s.to(dt), b_vn, input_precision=PREC)  # [64, 64] @ [64, BV]
+    b_o += b_cum[:, None]
     tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
@@ -804,6 +841,13 @@ def _chunk_wy_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_floats(op: str, q, k, v, g, beta, initial_state, **more) -> None:
+    # floating tensors; float64 refused on a GPU (the kernels compute in float32 at most)
+    check_floats(op, q=q, k=k, v=v)
+    for name, x in dict(g=g, beta=beta, initial_state=initial_state, **more).items():
+        check_floats(op, **{name: x})
+
+
 def _state_rows(K: int) -> int:
     # KP, the K rows of the state tile in the two sequential kernels: never below 64. Half-precision
     # tl.dot needs a reduction dim >= 16 (K = 8 does not compile), and the bf16 mixer with K = V = 16 hit
@@ -890,6 +934,7 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     )
     w = torch.empty_like(k)
     u = torch.empty_like(v)
+    flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     _chunk_wu_kernel[(NT, B * H)](
         k,
         v,
@@ -898,6 +943,7 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
         Ai,
         w,
         u,
+        flag,
         cu,
         indices,
         T,
@@ -940,7 +986,7 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
         num_warps=warps,
         num_stages=1 if prefetch else 2,
     )
-    return gamma, Ai, w, hs, vn, ht
+    return gamma, Ai, w, hs, vn, ht, flag
 
 
 def chunk_gdn_fwd(
@@ -963,6 +1009,7 @@ def chunk_gdn_fwd(
     ``seq`` overrides the (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it).
     ``doubling`` (the default) inverts the 16x16 diagonal blocks by repeated squaring; False uses row
     substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md)."""
+    _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
     if initial_state is not None:
@@ -971,7 +1018,7 @@ def chunk_gdn_fwd(
     V = v.shape[-1]
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, _, cu, _, indices = chunks
-    gamma, Ai, w, hs, vn, ht = _forward_intermediates(
+    gamma, Ai, w, hs, vn, ht, flag = _forward_intermediates(
         q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
     )
     o = torch.empty_like(v)
@@ -981,6 +1028,7 @@ def chunk_gdn_fwd(
         k,
         vn,
         gamma,
+        flag,
         hs,
         o,
         cu,
@@ -1017,6 +1065,7 @@ def chunk_gdn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None.
     With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states."""
+    _check_floats("chunk_gdn_bwd", q, k, v, g, beta, initial_state, do=do, dht=dht)
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     q, k, do = q.to(v.dtype), k.to(v.dtype), do.to(v.dtype)
@@ -1029,7 +1078,7 @@ def chunk_gdn_bwd(
     varlen = cu is not None
     dev = k.device
     prec = _prec(k)
-    gamma, Ai, w, hs, vn, _ = _forward_intermediates(
+    gamma, Ai, w, hs, vn, _, _ = _forward_intermediates(
         q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
     )
 

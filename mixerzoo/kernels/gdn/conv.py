@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_floats
 from .._triton import tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
@@ -169,6 +170,8 @@ def causal_conv1d_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, activation: str | None
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. Shapes as ``causal_conv1d``. Returns (y [B, T, C] in x's dtype, final [B, C, W-1] float32)."""
+    check_floats("causal_conv1d_fwd", x=x, weight=weight, bias=bias)
+    check_floats("causal_conv1d_fwd", initial_state=initial_state)
     B, T, C = x.shape
     W = weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
@@ -212,6 +215,9 @@ def causal_conv1d_bwd(
     activation: str | None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Triton backward. Returns (dx, dweight, dbias or None, dinitial_state or None)."""
+    check_floats("causal_conv1d_bwd", x=x, weight=weight, bias=bias)
+    for name, t in (("initial_state", initial_state), ("dy", dy), ("dfinal", dfinal)):
+        check_floats("causal_conv1d_bwd", **{name: t})
     B, T, C = x.shape
     W = weight.shape[1]
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
@@ -365,26 +371,41 @@ def causal_conv1d(
     """Depthwise causal convolution over time with a carried state.
 
     Args:
-        x: [B, T, C]. weight: [C, W]. bias: [C] or None.
-        initial_state: [B, C, W-1], the W-1 inputs before x (zeros when None).
+        x: [B, T, C]. weight: [C, W]. bias: [C] or None. One floating dtype: float16, bfloat16 or float32,
+            or float64 on the CPU, where it is computed in float64.
+        initial_state: [B, C, W-1], the W-1 inputs before x (zeros when None), in x's dtype or float32.
         output_final_state: also return the last W-1 inputs, [B, C, W-1] float32 (float64 for float64 x).
         activation: "silu" or None.
 
     Returns:
         (y [B, T, C] in x's dtype, final_state or None).
     """
-    if not torch.compiler.is_compiling():
-        if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1] or weight.shape[1] < 2:
-            raise ValueError(
-                f"causal_conv1d: x must be [B, T, C] and weight [C, W] with W >= 2, got {tuple(x.shape)} and "
-                f"{tuple(weight.shape)}"
+    op = "causal_conv1d"
+    check_floats(op, x=x, weight=weight, bias=bias)
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1] or weight.shape[1] < 2:
+        raise ValueError(
+            f"{op}: x must be [B, T, C] and weight [C, W] with W >= 2, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(f"{op}: bias must be [C] = [{x.shape[-1]}], got {tuple(bias.shape)}")
+    if activation not in ("silu", None):
+        raise ValueError(f"{op}: activation must be 'silu' or None, got {activation!r}")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(
+            f"{op}: output_final_state must be a bool, got {type(output_final_state).__name__} {output_final_state!r}"
+        )
+    W = weight.shape[1]
+    if initial_state is not None:
+        check_floats(op, initial_state=initial_state)
+        if initial_state.dtype not in (x.dtype, torch.float32):
+            raise TypeError(
+                f"{op}: initial_state has dtype {initial_state.dtype}; allowed: x's dtype {x.dtype} or float32"
             )
-        if activation not in ("silu", None):
-            raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}")
-        W = weight.shape[1]
-        if initial_state is not None and initial_state.shape != (x.shape[0], x.shape[2], W - 1):
+        if initial_state.device != x.device:
+            raise ValueError(f"{op}: initial_state is on {initial_state.device} but x on {x.device}")
+        if initial_state.shape != (x.shape[0], x.shape[2], W - 1):
             raise ValueError(
-                f"causal_conv1d: initial_state must be [B, C, W-1] = [{x.shape[0]}, {x.shape[2]}, {W - 1}], "
+                f"{op}: initial_state must be [B, C, W-1] = [{x.shape[0]}, {x.shape[2]}, {W - 1}], "
                 f"got {tuple(initial_state.shape)}"
             )
     y, final_state = _conv_fwd(x, weight, bias, initial_state, activation or "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_floats
 from .._triton import tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
@@ -93,6 +94,9 @@ def fused_recurrent_gdn_fwd(
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (0 = c_0 <= ... <= c_N = T, on q's device; not validated here) the batch is packed: B = 1, sequence n
     is tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]."""
+    check_floats("fused_recurrent_gdn_fwd", q=q, k=k, v=v)
+    for name, x in (("g", g), ("beta", beta), ("initial_state", initial_state)):
+        check_floats("fused_recurrent_gdn_fwd", **{name: x})
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
