@@ -354,16 +354,20 @@ def test_swa_triton_refuses_float64():
 
 _q, _kv = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
 BAD_ATTENTION_ARGS = [
-    (dict(window_size=8.7), TypeError, r"swa_attention: window_size must be an int, got float 8.7"),
-    (dict(window_size="8"), TypeError, r"swa_attention: window_size must be an int, got str '8'"),
-    (dict(window_size=True), TypeError, r"swa_attention: window_size must be an int, got bool True"),
+    (dict(window_size=8.7), TypeError, r"swa_attention: window_size must be an int in \[1, \d+\], got float 8.7"),
+    (dict(window_size="8"), TypeError, r"swa_attention: window_size must be an int in \[1, \d+\], got str '8'"),
+    (dict(window_size=True), TypeError, r"swa_attention: window_size must be an int in \[1, \d+\], got bool True"),
     (
         dict(window_size=2**64),
         ValueError,
         r"window_size must be in \[1, 4611686018427387904\], got 18446744073709551616",
     ),
     (dict(window_size=4, num_sinks=-1), ValueError, r"swa_attention: num_sinks must be in \[0, \d+\], got -1"),
-    (dict(window_size=4, num_sinks=2.0), TypeError, r"swa_attention: num_sinks must be an int, got float 2.0"),
+    (
+        dict(window_size=4, num_sinks=2.0),
+        TypeError,
+        r"swa_attention: num_sinks must be an int in \[0, \d+\], got float 2.0",
+    ),
     (dict(window_size=4, scale=0.0), ValueError, r"swa_attention: scale must be finite and > 0, got 0.0"),
     (dict(window_size=4, scale=-0.5), ValueError, r"scale must be finite and > 0, got -0.5"),
     (dict(window_size=4, scale=math.inf), ValueError, r"scale must be finite and > 0, got inf"),
@@ -409,9 +413,9 @@ def test_swa_attention_refuses_bad_arguments(kwargs, error, match):
 _qd, _cache = torch.randn(2, 1, 4, 16), torch.randn(2, 6, 2, 16)
 _cpos, _qpos = torch.arange(6).repeat(2, 1), torch.full((2, 1), 5)
 BAD_DECODE_ARGS = [
-    (dict(window_size=8.7), TypeError, r"swa_decode: window_size must be an int, got float 8.7"),
+    (dict(window_size=8.7), TypeError, r"swa_decode: window_size must be an int in \[1, \d+\], got float 8.7"),
     (dict(window_size=0), ValueError, r"swa_decode: window_size must be in \[1, \d+\], got 0"),
-    (dict(window_size=4, num_sinks="2"), TypeError, r"swa_decode: num_sinks must be an int, got str '2'"),
+    (dict(window_size=4, num_sinks="2"), TypeError, r"swa_decode: num_sinks must be an int in \[0, \d+\], got str '2'"),
     (dict(window_size=4, scale=-1.0), ValueError, r"swa_decode: scale must be finite and > 0, got -1.0"),
     (dict(window_size=4, q=_qd.long()), TypeError, r"swa_decode: q has dtype torch.int64"),
     (dict(window_size=4, v_cache=_cache.double()), TypeError, r"v_cache has dtype torch.float64 but q has"),
