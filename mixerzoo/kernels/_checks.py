@@ -3,10 +3,12 @@ and what is allowed."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_floats", "check_int_arg", "check_values"]
+__all__ = ["check_floats", "check_int_arg", "check_scale", "check_values"]
 
 # Largest integer argument an op takes (windows, counts): int64 arithmetic on positions stays exact.
 MAX_INT_ARG = 2**62
@@ -19,6 +21,22 @@ def check_int_arg(op: str, name: str, value: object, *, minimum: int = 0, maximu
         raise TypeError(f"{op}: {name} must be an int in [{minimum}, {maximum}], got {type(value).__name__} {value!r}")
     if not minimum <= value <= maximum:
         raise ValueError(f"{op}: {name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def check_scale(op: str, scale: object, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` for None, else a finite number > 0 (the kernels
+    scale the row maximum by it, which needs a positive scale)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
     return value
 
 

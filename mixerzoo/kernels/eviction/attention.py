@@ -8,12 +8,10 @@ block. Work grows with T x (W + retained keys), memory with T: no T x T mask is 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._checks import check_floats, check_int_arg
+from .._checks import check_floats, check_int_arg, check_scale
 from .._triton import tl, triton
 from .reference import (
     acc_dtype,
@@ -1337,17 +1335,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-
-
-def check_scale(op: str, scale: object, head_dim: int) -> float:
-    """``scale`` as a float: ``head_dim ** -0.5`` when None, else a finite real number > 0."""
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
-    return float(scale)
 
 
 def eviction_attention(

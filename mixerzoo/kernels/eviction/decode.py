@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_floats
+from .._checks import check_floats, check_scale
 from .._triton import tl, triton
-from .attention import check_scale
 from .reference import acc_dtype
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]

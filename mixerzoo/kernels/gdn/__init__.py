@@ -9,12 +9,10 @@ with the same split. Packed variable-length batches (``cu_seqlens``) take the sa
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._checks import check_floats, check_values
+from .._checks import check_floats, check_scale, check_values
 from .conv import causal_conv1d
 from .reference import _f32 as _acc
 from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
@@ -228,21 +226,11 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
         raise TypeError(
             f"{_OP}: output_final_state must be a bool, got {type(output_final_state).__name__} {output_final_state!r}"
         )
-    scale = _check_scale(scale, K)
+    scale = check_scale(_OP, scale, K)
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
     check_values(_OP, torch.isfinite(g) & (g <= 0), "g must be finite and <= 0 (log of a decay in (0, 1])")
     check_values(_OP, (beta >= 0) & (beta <= 1), "beta must be in [0, 1]")
     return scale
-
-
-def _check_scale(scale: object, K: int) -> float:
-    if scale is None:
-        return K**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{_OP}: scale must be a float, got {type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{_OP}: scale must be finite and > 0, got {scale}")
-    return float(scale)
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:

@@ -13,10 +13,10 @@ import os
 import torch
 from torch import Tensor
 
-from .._checks import check_floats, check_int_arg
+from .._checks import check_floats, check_int_arg, check_scale
 from .._triton import tl, triton
 from .reference import swa_decode_ref
-from .swa import _any_nonfinite, _check_triton, _mask_scores, _precision, check_index_tensor, check_scale
+from .swa import _any_nonfinite, _check_triton, _mask_scores, _precision, check_index_tensor
 
 LOG2E = 1.4426950408889634
 

@@ -9,15 +9,14 @@ Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch import Tensor
 
-from .._checks import check_floats, check_int_arg, check_values
+from .._checks import check_floats, check_int_arg, check_scale, check_values
 from .._triton import tl, triton
-from .reference import compute_dtype, default_scale, swa_bwd_ref, swa_fwd_ref
+from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
 
 LOG2E = 1.4426950408889634
 
@@ -1393,22 +1392,6 @@ def check_index_tensor(op: str, name: str, x: object, shape: tuple[int, ...], li
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(x.shape)}")
     if x.device != like.device:
         raise ValueError(f"{op}: {name} is on {x.device} but q on {like.device}")
-
-
-def check_scale(op: str, scale: object, head_dim: int) -> float:
-    """The softmax scale as a float: ``head_dim ** -0.5`` for None, else a finite number > 0 (the kernels
-    scale the row maximum by it, which needs a positive scale)."""
-    if scale is None:
-        return default_scale(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__} {scale!r}")
-    try:
-        value = float(scale)
-    except OverflowError:
-        value = math.inf
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
-    return value
 
 
 def check_swa_inputs(
