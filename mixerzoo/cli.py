@@ -391,7 +391,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _add_import(p: argparse.ArgumentParser) -> None:
+def add_import_argument(p: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` (repeatable), shared by this CLI and ``python -m mixerzoo.conformance``."""
     p.add_argument(
         "--import",
         dest="imports",
@@ -421,7 +422,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="table of registered mixers and their capabilities")
     p.add_argument("--fields", action="store_true", help="also list each mixer's config fields, defaults and meanings")
-    _add_import(p)
+    add_import_argument(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
@@ -478,7 +479,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="fail above this max |error| (default in float32: 1e-3 on cpu, 1e-2 on cuda; none in 16 bits)",
     )
     p.add_argument("--seed", type=int, default=0)
-    _add_import(p)
+    add_import_argument(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

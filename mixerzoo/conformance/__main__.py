@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import registry
-from ..cli import import_all
+from ..cli import add_import_argument, import_all
 from . import CHECKS, check_device, report
 
 PROG = "python -m mixerzoo.conformance"
@@ -34,14 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="registered mixers or aliases (default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--checks", default=None, help=f"comma-separated subset of checks: {', '.join(CHECKS)}")
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module (dotted name or path to a .py file) first, so that its mixers register (repeatable)",
-    )
+    add_import_argument(p)
     return p
 
 
