@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     FLA,
+    cuda_graphed,
     install_hint,
     missing_packages,
     peak_mem_mb,
@@ -568,23 +569,6 @@ def section_full(rows: list[dict], log: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
-def _graphed(fn):
-    """Capture fn() in a CUDA graph (decode steps are launch-bound): returns (replay, out), out being
-    fn's output tensors, which every replay overwrites. fn runs 3 times eagerly first, on a side stream
-    (Triton compiles, the allocator warms up); inputs must sit in fixed buffers, and a step that updates
-    state in place advances it on each of those runs and on each replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g.replay, out
-
-
 def _decode_steps(q, kc, vc, cache_pos, q_pos, sinks: int, scale: float):
     """One decode step's attention over the fixed buffer: (SDPA with a position mask, Triton kernel)."""
 
@@ -622,7 +606,7 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
 
             err = rel_rmse(sdpa_step(), triton_step())
             t = {
-                name: (time_ms(fn, repeat=50), time_ms(_graphed(fn)[0], repeat=50))
+                name: (time_ms(fn, repeat=50), time_ms(cuda_graphed(fn)[0], repeat=50))
                 for name, fn in (("sdpa", sdpa_step), ("triton", triton_step))
             }
             line = (
@@ -678,7 +662,7 @@ def _mixer_decode_row(mixer, op: str, Sc: int, B: int, seen: int, log: list[str]
     row = dict(op=op, impl="mixerzoo", T=seen, B=B, H=H, D=D, state_bytes=int(state.nbytes()))
     try:
         state.copy_(prefilled)
-        replay, (y_graph, _) = _graphed(lambda: mixer(x1, state))
+        replay, (y_graph, _) = cuda_graphed(lambda: mixer(x1, state))
         state.copy_(prefilled)
         replay()
         ref_state = type(state).from_dict(prefilled.to_dict())

@@ -115,6 +115,25 @@ def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def cuda_graphed(fn):
+    """Capture fn() in a CUDA graph (decode steps are launch-bound): returns (replay, out), out being
+    fn's output tensors, which every replay overwrites. fn runs 3 times eagerly first, on a side stream
+    (Triton compiles, the allocator warms up); inputs must sit in fixed buffers, and a step that updates
+    state in place advances it on each of those runs and on each replay."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
+
+
 def peak_mem_mb(fn) -> float:
     """Peak CUDA memory allocated while running ``fn()`` once, in MiB, above what was allocated before."""
     import torch

@@ -20,23 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import refuse, require_gpu, time_ms, write_results  # noqa: E402
+from common import cuda_graphed, refuse, require_gpu, time_ms, write_results  # noqa: E402
 
 DEFAULT_MIXERS = "gdn,swa,swa_sink,eviction_swa,full_attention"
-
-
-def _graphed(torch, fn):
-    """Capture fn() in a CUDA graph after three eager runs on a side stream; returns (replay, out)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g.replay, out
 
 
 def host_ms(torch, fn, repeat: int = 30) -> float:
@@ -64,7 +50,7 @@ def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
             step = functools.partial(mixer, x1, state)
             eager = time_ms(step, repeat=50)
             host = host_ms(torch, step)
-            replay, _ = _graphed(torch, step)
+            replay, _ = cuda_graphed(step)
             graph = time_ms(replay, repeat=50)
         line = (
             f"{name:16s} decode step B={args.B} hidden={args.hidden}: eager {eager:.4f} ms (host {host:.4f} ms), "
