@@ -390,10 +390,9 @@ class TokenMixer(nn.Module):
                 raise TypeError(f"{self.name}: attention_mask must be bool or 0/1, got dtype {m.dtype}")
             check_values(self.name, (m == 0) | (m == 1), "attention_mask must hold only 0 and 1 (or be bool)")
             m = m != 0
-        T = m.shape[1]
-        t = torch.arange(T, device=m.device)
+        t = torch.arange(m.shape[1], device=m.device)
         n = m.sum(-1, keepdim=True)  # [B, 1] real tokens
-        lead = torch.where(n > 0, m.int().argmax(-1, keepdim=True), T)  # [B, 1] leading padding
+        lead = leading_padding(m)[:, None]  # [B, 1]
         run = (t >= lead) & (t < lead + n)  # the contiguous run the mask must be
         check_values(
             self.name,
