@@ -20,7 +20,7 @@ from mixerzoo.kernels.eviction import (
 from mixerzoo.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# float32 vs the reference (SPEC 6): every element within 1e-5 + 1e-5 * |ref|
+# float32 vs the reference (docs/conformance.md#tolerances): every element within 1e-5 + 1e-5 * |ref|
 F32 = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -1,4 +1,5 @@
-"""Eviction attention (learnable token eviction, LTE; SPEC 4.3): sliding window plus retained keys."""
+"""Eviction attention (learnable token eviction, LTE; docs/mixers.md#eviction_swa): sliding window plus
+retained keys."""
 
 from .attention import (
     eviction_attention,

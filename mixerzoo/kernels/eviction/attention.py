@@ -1,4 +1,4 @@
-"""Eviction attention (learnable token eviction, LTE; SPEC 4.3): sliding window plus retained keys.
+"""Eviction attention (learnable token eviction, LTE; docs/mixers.md#eviction_swa): sliding window plus retained keys.
 
 Triton kernels for the training / prefill form. Per (batch, KV head) the keys that are visible beyond
 the window are compacted into a sorted list with visibility intervals (see ``reference.py``); each query
@@ -1349,7 +1349,7 @@ def eviction_attention(
     training: bool,
     scale: float | None = None,
 ) -> Tensor:
-    """Causal attention over a sliding window plus the retained (``score > 0``) keys, LTE (SPEC 4.3).
+    """Causal attention over a sliding window plus the retained (``score > 0``) keys, LTE (docs/mixers.md#eviction_swa).
 
     q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (HQ a multiple of HKV), one floating dtype (float64 on the
     CPU only, where it is computed in float64); score: [B, T, HKV] in that dtype or float32, token j is

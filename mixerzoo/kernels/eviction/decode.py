@@ -1,4 +1,4 @@
-"""Eviction attention decode step (LTE; SPEC 4.3): buffer update and attention over window + buffer.
+"""Eviction attention decode step (LTE; docs/mixers.md#eviction_swa): buffer update and attention over window + buffer.
 
 The decode state holds a ring of the last W keys/values and a buffer of C retained ones, so one step
 costs O(W + C) whatever the number of tokens seen. Layout (as eviction_swa's state):

@@ -1,4 +1,4 @@
-"""Reference for eviction attention (learnable token eviction, LTE; SPEC 4.3): plain PyTorch.
+"""Reference for eviction attention (learnable token eviction, LTE; docs/mixers.md#eviction_swa): plain PyTorch.
 
 This file is the specification of the op. Key ``j`` of KV head ``h`` is visible to query ``t`` iff
 ``j <= t`` and either ``t - j < W`` (the sliding window) or ``t`` lies in the key's *buffer interval*
