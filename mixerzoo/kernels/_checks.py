@@ -70,14 +70,22 @@ def check_floats(op: str, **tensors: Tensor | None) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {n0} on {t0.device}")
 
 
-def check_values(op: str, ok: Tensor, message: str) -> None:
+def check_values(op: str, ok: Tensor, message: str, *, sync: bool = False) -> None:
     """Raise ``ValueError(f"{op}: {message}")`` unless the bool tensor ``ok`` is all True.
 
-    On the CPU (eager) this reads the value; on a GPU, and while compiling, it is an asynchronous device
-    assert (no host synchronisation in the hot path), which stops the program at the next sync.
+    On the CPU this reads the value. On a GPU it reads it too when ``sync`` is true (input a user passes
+    directly, such as a mask: a clear, catchable error is worth one host synchronisation); otherwise, and
+    always while compiling or capturing a CUDA graph, it is an asynchronous device assert, which stops the
+    program at the next synchronisation with the message on stderr (values the library computes itself,
+    checked in the hot path).
     """
     ok = ok.all()
-    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+    on_gpu = ok.device.type != "cpu"
+    if (
+        torch.compiler.is_compiling()
+        or (on_gpu and not sync)
+        or (ok.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    ):
         torch._assert_async(ok, f"{op}: {message}")
         return
     if not bool(ok):

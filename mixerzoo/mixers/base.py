@@ -388,7 +388,9 @@ class TokenMixer(nn.Module):
         if m.dtype != torch.bool:
             if m.is_complex():
                 raise TypeError(f"{self.name}: attention_mask must be bool or 0/1, got dtype {m.dtype}")
-            check_values(self.name, (m == 0) | (m == 1), "attention_mask must hold only 0 and 1 (or be bool)")
+            check_values(
+                self.name, (m == 0) | (m == 1), "attention_mask must hold only 0 and 1 (or be bool)", sync=True
+            )
             m = m != 0
         t = torch.arange(m.shape[1], device=m.device)
         n = m.sum(-1, keepdim=True)  # [B, 1] real tokens
@@ -399,6 +401,7 @@ class TokenMixer(nn.Module):
             run == m,
             "attention_mask has padding between real tokens; padding may only precede or follow them "
             "(left or right padding)",
+            sync=True,
         )
         return m
 
@@ -535,7 +538,9 @@ def positions_and_pad(
     lead = leading_padding(valid)  # [B]
     started = (start - state.pad) > 0  # the row has real tokens already
     hole = (n > 0) & (ended | (started & (lead > 0)))
-    check_values(name, ~hole, "a real token follows padding that came after real tokens (a hole in the mask)")
+    check_values(
+        name, ~hole, "a real token follows padding that came after real tokens (a hole in the mask)", sync=True
+    )
     pad = torch.where(ended | started, state.pad, state.pad + lead)
     ends = ~ended & ((n > 0) & (lead + n < T) | (n == 0) & started)
     state.pad.copy_(torch.where(ends, pad + ENDED, pad))
