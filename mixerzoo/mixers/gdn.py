@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..kernels.gdn import causal_conv1d, gated_delta_rule
+from ..kernels.gdn.decode_step import gdn_decode_step
 from ..registry.core import register
 from .base import MixerConfig, State, TokenMixer, acc_dtype, positions_and_pad, state_dataclass, state_field
 
@@ -148,6 +149,8 @@ class GatedDeltaNet(TokenMixer):
         T = x.shape[1]
         H, K, V = self.num_heads, self.key_dim, self.value_dim
         _, _, valid = positions_and_pad(x, state, attention_mask, self.name)  # valid: [B, T]
+        if T == 1 and state is not None and attention_mask is None and x.is_cuda and not torch.is_grad_enabled():
+            return self._decode_step(x, state), state
 
         u = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, C]
         if attention_mask is not None:
@@ -200,3 +203,27 @@ class GatedDeltaNet(TokenMixer):
                 state.conv.copy_(tail)
                 state.seen.add_(T)
         return y, state
+
+    def _decode_step(self, x: Tensor, state: GDNState) -> Tensor:
+        """One token on the GPU without autograd: the projections, one fused kernel for everything between
+        them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
+        output projection. Same results as the general path to float32 rounding."""
+        xt = x[:, 0]
+        o = gdn_decode_step(
+            self.q_proj(xt),
+            self.k_proj(xt),
+            self.v_proj(xt),
+            self.a_proj(xt),
+            self.b_proj(xt),
+            self.g_proj(xt),
+            self.conv_weight,
+            state.conv,
+            self.A_log,
+            self.dt_bias,
+            self.norm_weight,
+            state.S,
+            scale=self.key_dim**-0.5,
+            norm_eps=self.config.norm_eps,
+        )
+        state.seen.add_(1)
+        return self.o_proj(o)[:, None]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels._triton import HAS_TRITON
+from ..kernels.rope import rope_cuda
 from .base import acc_dtype
 
-__all__ = ["apply_rope"]
+__all__ = ["apply_rope", "rope_reference"]
 
 
 def apply_rope(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
@@ -16,7 +18,17 @@ def apply_rope(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
     x:   [B, T, H, D] (D even)
     pos: [B, T] or [T] integer positions
     returns x's shape and dtype; angles in float64, the rotation in float32 (float64 for float64 input).
+    On CUDA (float16, bfloat16, float32) one Triton kernel (``mixerzoo.kernels.rope``), else ``rope_reference``.
     """
+    if x.is_cuda and x.dtype != torch.float64 and HAS_TRITON:
+        if pos.dim() == 1:
+            pos = pos[None, :].expand(x.shape[0], -1)
+        return rope_cuda(x, pos, theta)
+    return rope_reference(x, pos, theta)
+
+
+def rope_reference(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
+    """``apply_rope`` in PyTorch: the specification of the kernel, and the CPU path."""
     D = x.shape[-1]
     acc = acc_dtype(x.dtype)
     # Angles from the integer positions in float64: float32 positions lose the angle's low bits at long
