@@ -37,16 +37,10 @@ def _import_torch_and_kernels() -> None:
     global eviction_decode, eviction_decode_attention_ref, eviction_end, visibility_end
     import torch
 
-    from mixerzoo.kernels.eviction import (
-        buffer_insert_,
-        eviction_attention,
-        eviction_attention_ref,
-        eviction_attention_ref_bwd,
-        eviction_decode,
-        eviction_decode_attention_ref,
-        eviction_end,
-        visibility_end,
-    )
+    from mixerzoo.kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
+    from mixerzoo.kernels.eviction.attention import eviction_end
+    from mixerzoo.kernels.eviction.decode import eviction_decode_attention_ref
+    from mixerzoo.kernels.eviction.reference import eviction_attention_ref, eviction_attention_ref_bwd, visibility_end
 
 
 DEV = "cuda"
@@ -479,10 +473,10 @@ def resources() -> None:
         refuse(f"eviction.py resources: needs Triton's NVIDIA backend tools, and {tools}/cuobjdump does not exist")
     types = dict(lse="*fp32", delta="*fp32", kpos="*i32", kend="*i32", kcum="*i32", scale="fp32", scale_log2="fp32")
     for kernel, fn in (
-        ("fwd", att._fwd_kernel),
-        ("dq", att._bwd_dq_kernel),
-        ("dkdv", att._bwd_dkdv_kernel),
-        ("listed", att._bwd_dkdv_kernel),
+        ("fwd", att._eviction_fwd_kernel),
+        ("dq", att._eviction_bwd_dq_kernel),
+        ("dkdv", att._eviction_bwd_dkdv_kernel),
+        ("listed", att._eviction_bwd_dkdv_kernel),
     ):
         for cfg in SWEEP[kernel]:
             consts = dict(HQ=H, HKV=H, D=D, BD=D, PREC="tf32", OPEN_ENDED=True, **cfg)

@@ -1,4 +1,5 @@
-"""Triton, or a stand-in where it is not installed (e.g. macOS) so that the kernel modules still import.
+"""Triton, or a stand-in where it is not installed (e.g. macOS) so that the kernel modules still import,
+and what every op's kernels share: ``LOG2E``, the ``tl.dot`` precision, the online-softmax step.
 
 The CPU implementations of every op run the plain-PyTorch references and never touch Triton; launching a
 kernel (or calling any Triton helper) without Triton raises a RuntimeError with the install hint.
@@ -6,7 +7,9 @@ kernel (or calling any Triton helper) without Triton raises a RuntimeError with 
 
 from __future__ import annotations
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+import torch
+
+__all__ = ["HAS_TRITON", "LOG2E", "LOG2E_JIT", "dot_precision", "softmax_step", "tl", "triton"]
 
 _HINT = (
     "mixerzoo: the Triton kernels need the triton package (pip install triton; Linux with an NVIDIA GPU). "
@@ -43,3 +46,42 @@ try:
 except ImportError:  # not silent: every use of a kernel raises with the hint above
     triton, tl = _NoTriton("triton"), _NoTriton("triton.language")
     HAS_TRITON = False
+
+
+# log2(e): the kernels exponentiate with exp2, so a softmax scale enters them as scale * LOG2E (host side) and a
+# natural-log LSE converts with * or / LOG2E_JIT (kernel side: @triton.jit code may read only constexpr globals)
+LOG2E = 1.4426950408889634
+LOG2E_JIT = tl.constexpr(LOG2E) if HAS_TRITON else LOG2E
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """The ``tl.dot`` input precision for inputs of x's dtype (a kernel's ``PREC``): exact float32 products
+    ("ieee") for float32, so that a float32 kernel meets the float32 tolerances (TF32 misses them by ~1e-3);
+    half-precision inputs run bf16 / fp16 tensor cores, where "tf32" only affects float32 operands among them."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SCALED: tl.constexpr, SAFE: tl.constexpr):
+    # one key block of the online softmax, in log2 units: b_s [BM, BN] scores (-inf where not visible), b_v [BN, D];
+    # running row max b_max, row sum b_sum [BM] and output b_acc [BM, D] in float32 -> the three updated.
+    # SCALED: b_s is already multiplied by the scale; else qk_scale (> 0) multiplies the row max and sits inside
+    # exp2's argument (one FMA per score). SAFE: rows with nothing visible yet keep max -inf and exponentiate
+    # against 0 (exact zeros, not NaN); without it every row must have a finite max after this block.
+    if SCALED:
+        b_new = tl.maximum(b_max, tl.max(b_s, 1))
+    else:
+        b_new = tl.maximum(b_max, tl.max(b_s, 1) * qk_scale)
+    if SAFE:
+        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+    else:
+        b_ref = b_new
+    if SCALED:
+        b_p = tl.math.exp2(b_s - b_ref[:, None])
+    else:
+        b_p = tl.math.exp2(b_s * qk_scale - b_ref[:, None])
+    b_r = tl.math.exp2(b_max - b_ref)
+    b_sum = b_sum * b_r + tl.sum(b_p, 1)
+    # [BM, BN] @ [BN, D] -> [BM, D]
+    b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return b_new, b_sum, b_acc

@@ -15,7 +15,10 @@ def _cases():
         for device in DEVICES:
             for check, dtype in conformance.plan(name, device):
                 dt = str(dtype).removeprefix("torch.")
-                marks = [pytest.mark.slow] if check.startswith("compile") else []  # compiles take seconds
+                # compiles take seconds, and so does the float32 gradients check's full float64 gradcheck (the
+                # half-precision gradients checks stay in the fast run)
+                slow = check.startswith("compile") or (check == "gradients" and dtype == torch.float32)
+                marks = [pytest.mark.slow] if slow else []
                 yield pytest.param(name, device, check, dtype, id=f"{name}-{device}-{check}-{dt}", marks=marks)
 
 

@@ -5,18 +5,15 @@ import pytest
 import torch
 
 from mixerzoo.kernels import eviction_attention
-from mixerzoo.kernels.eviction import (
-    buffer_insert_,
+from mixerzoo.kernels.eviction import buffer_insert_, eviction_decode
+from mixerzoo.kernels.eviction.attention import (
     eviction_attention_bwd,
     eviction_attention_fwd,
-    eviction_attention_ref,
-    eviction_decode,
-    eviction_decode_attention_ref,
-    eviction_decode_fwd,
     eviction_end,
     eviction_intervals,
-    visibility_end,
 )
+from mixerzoo.kernels.eviction.decode import eviction_decode_attention_ref, eviction_decode_fwd
+from mixerzoo.kernels.eviction.reference import eviction_attention_ref, visibility_end
 from mixerzoo.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,11 +60,15 @@ def make_scores(B, T, H, *, ties=False, frac=0.4, device="cpu"):
     return torch.round(r * 6) / 6 if ties else r
 
 
-STREAM_CASES = [  # T, W, C, S, HQ, HKV
+def _values(case):
+    return case.values if hasattr(case, "values") else case
+
+
+STREAM_CASES = [  # T, W, C, S, HQ, HKV; the T = 130 cases run in the full run only (-m "not slow" leaves them out)
     (1, 3, 2, 0, 2, 1),
     (63, 5, 4, 2, 2, 1),
-    (130, 7, 5, 0, 4, 2),
-    (130, 3, 9, 2, 2, 2),
+    pytest.param(130, 7, 5, 0, 4, 2, marks=pytest.mark.slow),
+    pytest.param(130, 3, 9, 2, 2, 2, marks=pytest.mark.slow),
     (63, 1, 2, 2, 2, 1),
     (40, 6, 0, 0, 2, 1),
 ]
@@ -75,7 +76,9 @@ STREAM_CASES = [  # T, W, C, S, HQ, HKV
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize(
-    "T,W,C,S,HQ,HKV", STREAM_CASES, ids=[f"T{c[0]}-W{c[1]}-C{c[2]}-S{c[3]}-G{c[4] // c[5]}" for c in STREAM_CASES]
+    "T,W,C,S,HQ,HKV",
+    STREAM_CASES,
+    ids=[f"T{c[0]}-W{c[1]}-C{c[2]}-S{c[3]}-G{c[4] // c[5]}" for c in map(_values, STREAM_CASES)],
 )
 def test_matches_stream_simulation(T, W, C, S, HQ, HKV, training):
     torch.manual_seed(T + W + C)
@@ -101,12 +104,12 @@ def test_sinks_as_inf_scores_and_padding_scores():
     assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float32, **F32)
 
 
-KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training
+KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training; the fast run (-m "not slow"): T = 1, B = 2, D = 80
     (1, 1, 2, 1, 64, 3, 2, 0, True),
     (2, 63, 2, 1, 64, 5, 4, 2, False),
-    (1, 130, 4, 2, 32, 17, 6, 2, True),
-    (1, 150, 2, 1, 32, 50, 6, 2, True),
-    (1, 130, 2, 2, 128, 45, 5, 0, False),
+    pytest.param(1, 130, 4, 2, 32, 17, 6, 2, True, marks=pytest.mark.slow),
+    pytest.param(1, 150, 2, 1, 32, 50, 6, 2, True, marks=pytest.mark.slow),
+    pytest.param(1, 130, 2, 2, 128, 45, 5, 0, False, marks=pytest.mark.slow),
     (1, 70, 2, 1, 80, 33, 3, 1, True),
 ]
 
@@ -114,7 +117,7 @@ KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training
 @pytest.mark.parametrize(
     "B,T,HQ,HKV,D,W,C,S,training",
     KERNEL_CASES,
-    ids=[f"T{c[1]}-G{c[2] // c[3]}-D{c[4]}-W{c[5]}-{'train' if c[8] else 'eval'}" for c in KERNEL_CASES],
+    ids=[f"T{c[1]}-G{c[2] // c[3]}-D{c[4]}-W{c[5]}-{'train' if c[8] else 'eval'}" for c in map(_values, KERNEL_CASES)],
 )
 def test_triton_matches_reference(B, T, HQ, HKV, D, W, C, S, training):
     torch.manual_seed(T * 7 + D)
@@ -151,12 +154,17 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 ]
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "one-loop"])
-@pytest.mark.parametrize(
-    "B,T,HQ,HKV,D,W,C,S,training,BT,BS",
-    SPLIT_CASES,
-    ids=[f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}" for c in SPLIT_CASES],
-)
+def _split_cases():
+    # the fast run keeps one case per loop form: the split form with 16 x 32 tiles, one loop with 32 x 16
+    fast = {(3, True), (2, False)}
+    for i, c in enumerate(SPLIT_CASES):
+        for split in (True, False):
+            id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
+            marks = [] if (i, split) in fast else [pytest.mark.slow]
+            yield pytest.param(*c, split, id=f"{id_}-{'split' if split else 'one-loop'}", marks=marks)
+
+
+@pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split", list(_split_cases()))
 def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split):
     # both forms of every kernel (masked edges + unmasked interior, or one masked loop), with tiles
     # whose query and key blocks differ in size, so the block-aligned range ends do not coincide
@@ -325,6 +333,7 @@ def test_decode_float64_matches_brute_force():
     assert_close("o", ref, o, torch.float64, atol=1e-12)
 
 
+@pytest.mark.slow  # float64 gradients are also checked against a brute-force loop above
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_gradcheck(training):
     # full (not fast-mode) gradcheck of the op in float64, through its own backward; score gets no gradient
@@ -434,9 +443,9 @@ def test_decode_and_insert_arguments_refused():
 
 NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked interior, or one masked loop
     (70, 9, 4, 1, False, 16, 16, True),
-    (70, 9, 4, 1, False, 16, 16, False),
-    (70, 40, 6, 2, True, 16, 16, True),
-    (67, 20, 3, 0, False, 32, 16, True),
+    pytest.param(70, 9, 4, 1, False, 16, 16, False, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, True, marks=pytest.mark.slow),
+    pytest.param(67, 20, 3, 0, False, 32, 16, True, marks=pytest.mark.slow),
 ]
 
 
@@ -445,7 +454,7 @@ NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked in
     NAN_CASES,
     ids=[
         f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-{'split' if c[7] else 'one-loop'}"
-        for c in NAN_CASES
+        for c in map(_values, NAN_CASES)
     ],
 )
 def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, split):

@@ -98,12 +98,32 @@ CASES = [
 HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(c, torch.float16) for c in CASES[4:]]
 
 
+def _slow_unless(fast, *cases):
+    """pytest.params with str ids; those not in ``fast`` (ids) are marked slow: left out by -m "not slow"."""
+    out = []
+    for values in cases:
+        id_ = "-".join(map(str, values))
+        out.append(pytest.param(*values, id=id_, marks=[] if id_ in fast else [pytest.mark.slow]))
+    return out
+
+
+# the fast run: T = 1 with both states, B = 2 without, the sub-16 heads, one half-precision case
+_FAST_CHUNK = {
+    f"{CASES[0]}-torch.float32-True",
+    f"{CASES[1]}-torch.float32-True",
+    f"{CASES[5]}-torch.float32-True",
+    f"{HALF_CASES[-1][0]}-{HALF_CASES[-1][1]}-True",
+}
+
+
 @pytest.mark.parametrize(
     "case,dtype,doubling",
-    [(c, torch.float32, True) for c in CASES]
-    + [(c, d, True) for c, d in HALF_CASES]
-    + [(CASES[2], torch.float32, False)],  # doubling=False: the row-substitution inverse
-    ids=str,
+    _slow_unless(
+        _FAST_CHUNK,
+        *[(c, torch.float32, True) for c in CASES],
+        *[(c, d, True) for c, d in HALF_CASES],
+        (CASES[2], torch.float32, False),  # doubling=False: the row-substitution inverse
+    ),
 )
 def test_chunk_kernels(case, dtype, doubling):
     B, T, H, K, V, has_h0, has_dht = case
@@ -145,7 +165,14 @@ def _guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
     return out.copy_(x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if DEVICE == "cpu" else torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype",
+    [  # the half-precision run only in the full run (-m "not slow" leaves it out)
+        torch.float32,
+        pytest.param(torch.float16 if DEVICE == "cpu" else torch.bfloat16, marks=pytest.mark.slow),
+    ],
+    ids=str,
+)
 def test_kernels_on_mixer_layout(dtype):
     """The tensors the gdn mixer hands the kernels (hidden 64, 4 heads of 16; v a strided view of the conv
     output): the conv, fused recurrent and chunked kernels against the references, first as the mixer passes
@@ -222,9 +249,11 @@ def test_varlen_reference_matches_per_sequence():
 
 @pytest.mark.parametrize(
     "case,dtype",
-    [(c, torch.float32) for c in VARLEN_CASES]
-    + [(VARLEN_CASES[0], torch.bfloat16 if DEVICE == "cuda" else torch.float16)],
-    ids=str,
+    _slow_unless(
+        {f"{VARLEN_CASES[1]}-torch.float32"},  # the fast run: empty sequences first, between and last
+        *[(c, torch.float32) for c in VARLEN_CASES],
+        (VARLEN_CASES[0], torch.bfloat16 if DEVICE == "cuda" else torch.float16),
+    ),
 )
 def test_varlen_chunk_kernels(case, dtype):
     lens, K, V, has_h0, has_dht = case

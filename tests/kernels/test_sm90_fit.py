@@ -69,7 +69,7 @@ def _swa_kernels(dtype: torch.dtype, D: int):
     from mixerzoo.kernels.swa import swa
 
     prec = "ieee" if dtype == torch.float32 else "tf32"
-    shape = dict(HQ=16, G=1, D=D, HAS_PAD=False, PREC=prec)
+    shape = dict(HQ=16, G=1, D=D, pad=None, HAS_PAD=False, PREC=prec)  # no padding: pad is None, as launched
     for name, fn, config in (
         ("fwd", swa._swa_fwd_kernel, swa._fwd_config),
         ("dkdv", swa._swa_bwd_dkdv_kernel, swa._dkdv_config),
@@ -84,17 +84,18 @@ def _swa_kernels(dtype: torch.dtype, D: int):
 
 
 def _eviction_kernels(dtype: torch.dtype, D: int):
+    from mixerzoo.kernels._triton import dot_precision
     from mixerzoo.kernels.eviction import attention as ev
 
-    shape = dict(HQ=16, HKV=16, D=D, BD=D, PREC=ev._prec(torch.empty(0, dtype=dtype)), OPEN_ENDED=True)
+    shape = dict(HQ=16, HKV=16, D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=dtype)), OPEN_ENDED=True)
     for name, fn in (
-        ("fwd", ev._fwd_kernel),
-        ("dq", ev._bwd_dq_kernel),
-        ("dkdv", ev._bwd_dkdv_kernel),
-        ("listed", ev._bwd_dkdv_kernel),
+        ("fwd", ev._eviction_fwd_kernel),
+        ("dq", ev._eviction_bwd_dq_kernel),
+        ("dkdv", ev._eviction_bwd_dkdv_kernel),
+        ("listed", ev._eviction_bwd_dkdv_kernel),
     ):
         consts = {**shape, **ev._tiles(_OnCuda(dtype, D), name, None)}
-        if fn is ev._bwd_dkdv_kernel:
+        if fn is ev._eviction_bwd_dkdv_kernel:
             consts["LISTED"] = name == "listed"
         yield f"eviction {name}", fn, consts
 

@@ -104,8 +104,22 @@ def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops):
         assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
-@pytest.mark.parametrize("loops", LOOPS)
-@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", CASES)
+# the fast run (-m "not slow") keeps every case with the default loops but the two largest, and one-loop on one case
+# (sinks, GQA, W = 1); the full run takes them all
+_SLOW_CASES = {"T130-W40-S4-gqa4", "T130-W200-S0"}
+_FAST_ONE_LOOP = {"T130-W1-S4-gqa4"}
+
+
+def _launcher_cases():
+    for case in CASES:
+        for loops in LOOPS:
+            slow = case.id in _SLOW_CASES or (loops.values[0] and case.id not in _FAST_ONE_LOOP)
+            yield pytest.param(
+                *case.values, loops.values[0], id=f"{case.id}-{loops.id}", marks=[pytest.mark.slow] if slow else []
+            )
+
+
+@pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad, loops", list(_launcher_cases()))
 def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
@@ -115,10 +129,10 @@ def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
 # tiles run past T into the next batch row's slots (TMA must zero-fill them); padding keeps the masked loads
 TMA = dict(ONE_LOOP=True, TMA=True)
 TMA_CASES = [
-    pytest.param(2, 1, 2, 2, 64, 8, 4, None, id="T1-B2-W8-S4"),
+    pytest.param(2, 1, 2, 2, 64, 8, 4, None, id="T1-B2-W8-S4", marks=pytest.mark.slow),
     pytest.param(2, 63, 4, 1, 64, 16, 0, None, id="T63-B2-W16-S0-gqa4"),
-    pytest.param(2, 130, 4, 2, 64, 40, 4, None, id="T130-B2-W40-S4-gqa2"),
-    pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad"),
+    pytest.param(2, 130, 4, 2, 64, 40, 4, None, id="T130-B2-W40-S4-gqa2", marks=pytest.mark.slow),
+    pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad", marks=pytest.mark.slow),
 ]
 
 
@@ -148,7 +162,7 @@ def test_swa_tma_batch_rows_isolated():
         assert_close(name, ref, out[:1], dtype, **TOL[dtype][1])
 
 
-@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("loops", [LOOPS[0], pytest.param(*LOOPS[1].values, id=LOOPS[1].id, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
 def test_swa_launchers_half(dtype, loops):
     _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, loops)
@@ -319,6 +333,7 @@ def test_swa_float64_matches_brute_force():
     assert_close("decode o", ref[:, t:].detach(), out, torch.float64, atol=1e-12)
 
 
+@pytest.mark.slow  # float64 gradients are also checked against autograd and a brute-force loop above
 @pytest.mark.parametrize("S", [0, 2])
 def test_swa_gradcheck_float64(S):
     q, k, v = (torch.randn(1, 10, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -492,12 +507,12 @@ def test_swa_checks_do_not_synchronise():
 
 # (HQ, HKV, W, S, pad, planted slot per batch row, loop flags); T = 80, D = 16, B = 3. Planted slots sit in the
 # middle of a 64-query block (queries of the same block before them) and, with sinks, at a sink
-NAN_CASES = [
-    pytest.param(2, 2, 16, 0, None, (7, 45, 75), {}, id="W16"),
-    pytest.param(2, 1, 40, 4, None, (2, 45, 75), {}, id="W40-S4-sink-gqa2"),
+NAN_CASES = [  # the fast run keeps the case with sinks, GQA and padding
+    pytest.param(2, 2, 16, 0, None, (7, 45, 75), {}, id="W16", marks=pytest.mark.slow),
+    pytest.param(2, 1, 40, 4, None, (2, 45, 75), {}, id="W40-S4-sink-gqa2", marks=pytest.mark.slow),
     pytest.param(2, 1, 24, 3, (0, 5, 17), (7, 45, 3), {}, id="W24-S3-gqa2-pad"),
-    pytest.param(2, 1, 40, 4, None, (7, 45, 75), dict(ONE_LOOP=True), id="W40-S4-one-loop"),
-    pytest.param(2, 1, 30, 0, None, (7, 45, 79), TMA, id="W30-tma"),
+    pytest.param(2, 1, 40, 4, None, (7, 45, 75), dict(ONE_LOOP=True), id="W40-S4-one-loop", marks=pytest.mark.slow),
+    pytest.param(2, 1, 30, 0, None, (7, 45, 79), TMA, id="W30-tma", marks=pytest.mark.slow),
 ]
 
 

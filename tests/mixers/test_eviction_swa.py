@@ -76,7 +76,9 @@ def simulate(m, x, valid=None):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"num_kv_heads": 2}, {"policy": "key_norm", "key_norm_threshold": 0.45}], ids=["mha", "gqa", "key_norm"]
+    "kw",
+    [{}, pytest.param({"num_kv_heads": 2}, marks=pytest.mark.slow), {"policy": "key_norm", "key_norm_threshold": 0.45}],
+    ids=["mha", "gqa", "key_norm"],
 )
 def test_eval_parallel_equals_prefill_decode_and_simulator(kw):
     m = make(**kw).eval()
@@ -122,12 +124,12 @@ def test_chunked_prefill_leaves_the_same_state():
 @pytest.mark.parametrize(
     "W,C,S,chunks",
     [
-        (3, 1, 0, [40]),
-        (3, 2, 1, [7, 1, 32]),
+        pytest.param(3, 1, 0, [40], marks=pytest.mark.slow),
+        pytest.param(3, 2, 1, [7, 1, 32], marks=pytest.mark.slow),
         (4, 3, 2, [1, 2, 3, 4, 30]),
-        (5, 5, 0, [13, 13, 14]),
-        (2, 4, 4, [25, 1, 1, 13]),
-        (6, 2, 2, [3, 37]),
+        pytest.param(5, 5, 0, [13, 13, 14], marks=pytest.mark.slow),
+        pytest.param(2, 4, 4, [25, 1, 1, 13], marks=pytest.mark.slow),
+        pytest.param(6, 2, 2, [3, 37], marks=pytest.mark.slow),
     ],
     ids=["W3C1S0", "W3C2S1", "W4C3S2", "W5C5S0", "W2C4S4", "W6C2S2"],
 )

@@ -1,6 +1,7 @@
 """SparsityController in training: every eviction_swa layer of a tiny recall model reaches its band of
 retained tokens from far outside it (one layer keeping every token, the other none) and stays there."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +50,7 @@ class Recall(nn.Module):
         return self.head(x)
 
 
+@pytest.mark.slow
 def test_every_layer_reaches_and_holds_its_band():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and does not spin against other work

@@ -198,6 +198,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_ranks_average_the_statistic_and_agree_on_lambda(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)

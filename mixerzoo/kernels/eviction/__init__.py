@@ -1,37 +1,12 @@
 """Eviction attention (learnable token eviction, LTE; docs/mixers.md#eviction_swa): sliding window plus
-retained keys."""
+retained keys.
 
-from .attention import (
-    eviction_attention,
-    eviction_attention_bwd,
-    eviction_attention_fwd,
-    eviction_end,
-    eviction_intervals,
-)
-from .decode import buffer_insert_, eviction_decode, eviction_decode_attention_ref, eviction_decode_fwd
-from .reference import (
-    compact_intervals,
-    effective_score,
-    eviction_attention_ref,
-    eviction_attention_ref_bwd,
-    eviction_mask,
-    visibility_end,
-)
+The public ops: ``eviction_attention`` (training / prefill), ``eviction_decode`` and ``buffer_insert_`` (one
+decode step over the ring and the buffer). Launchers and references live in the submodules
+(``attention``, ``decode``, ``reference``).
+"""
 
-__all__ = [
-    "buffer_insert_",
-    "compact_intervals",
-    "effective_score",
-    "eviction_attention",
-    "eviction_attention_bwd",
-    "eviction_attention_fwd",
-    "eviction_attention_ref",
-    "eviction_attention_ref_bwd",
-    "eviction_decode",
-    "eviction_decode_attention_ref",
-    "eviction_decode_fwd",
-    "eviction_end",
-    "eviction_intervals",
-    "eviction_mask",
-    "visibility_end",
-]
+from .attention import eviction_attention
+from .decode import buffer_insert_, eviction_decode
+
+__all__ = ["buffer_insert_", "eviction_attention", "eviction_decode"]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._triton import tl, triton
+from .._triton import LOG2E, LOG2E_JIT, dot_precision, softmax_step, tl, triton
 from .reference import (
     acc_dtype,
     compact_intervals,
@@ -30,16 +30,13 @@ __all__ = [
     "eviction_intervals",
 ]
 
-_LOG2E = 1.4426950408889634
-
-
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _evict_end_kernel(
+def _eviction_end_kernel(
     rpos,  # [B*HKV, T] int32: positions of the retained tokens, ascending (padding T)
     rscore,  # [B*HKV, T] float32: their scores (+inf for sinks)
     rcum,  # [B*HKV, T] int32: running count of retained tokens; the last entry is the list length
@@ -85,7 +82,7 @@ def _evict_end_kernel(
 
 
 @triton.jit
-def _value_flags_kernel(v, flags, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _eviction_value_flags_kernel(v, flags, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # flags[r] = NaN if row r of v ([R, D]) holds a NaN or Inf, else 0: 0 * x is 0 for finite x only
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     m_r = o_r < R
@@ -138,8 +135,8 @@ def _seen_range(
 
 
 @triton.jit
-def _seen_kernel(
-    vflag,  # [B, T, HKV] float32, from _value_flags_kernel
+def _eviction_seen_kernel(
+    vflag,  # [B, T, HKV] float32, from _eviction_value_flags_kernel
     vseen,  # [B, HKV, T] float32 out: NaN where query t of KV head h sees a flagged value row, else 0
     kpos,
     kend,
@@ -151,7 +148,7 @@ def _seen_kernel(
     BK: tl.constexpr,
     OPEN_ENDED: tl.constexpr,
 ):
-    # the walk of _fwd_kernel (listed keys, then the window band) over the flags alone: no dots; the
+    # the walk of _eviction_fwd_kernel (listed keys, then the window band) over the flags alone: no dots; the
     # ranges seen by every row go by blocks of 8 BK (a scalar sum each)
     BU: tl.constexpr = 8 * BK
     i_bh, i_t = tl.program_id(0), tl.program_id(1)
@@ -207,7 +204,7 @@ def _fwd_range(
     # visible to every query row (and, for the list, whose every entry is valid): no mask math at all.
     # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
     # a NaN or Inf (vflag NaN) loads as zeros; the query rows that do see it are set NaN afterwards (see
-    # _fwd_kernel). In unmasked blocks every query row sees every key: the NaN may flow.
+    # _eviction_fwd_kernel). In unmasked blocks every query row sees every key: the NaN may flow.
     for c0 in range(lo, hi, BK):
         o_c = c0 + tl.arange(0, BK)
         if LISTED:
@@ -231,14 +228,8 @@ def _fwd_range(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
         if MASKED:
             b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # rows with nothing visible yet stay at zero
-        b_p = tl.exp2(b_s - b_mz[:, None])
-        b_alpha = tl.exp2(b_m - b_mz)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        # [BT, BK] @ [BK, BD] -> [BT, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+        # rows with nothing visible yet keep max -inf (SAFE)
+        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
     return b_acc, b_m, b_l
 
 
@@ -309,14 +300,14 @@ def _window_split(t0, t_last, W, BT: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def _eviction_fwd_kernel(
     q,
     k,
     v,
     o,
     lse,  # q, o: [B, T, HQ, D]; k, v: [B, T, HKV, D]; lse: [B, HQ, T] float32
-    vflag,  # [B, T, HKV] float32: NaN where the row of v holds a NaN or Inf, else 0 (_value_flags_kernel)
-    vseen,  # [B, HKV, T] float32: NaN where the query row sees such a value row, else 0 (_seen_kernel)
+    vflag,  # [B, T, HKV] float32: NaN where the row of v holds a NaN or Inf, else 0 (_eviction_value_flags_kernel)
+    vseen,  # [B, HKV, T] float32: NaN where the query row sees such a value row, else 0 (_eviction_seen_kernel)
     kpos,
     kend,
     kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
@@ -525,12 +516,12 @@ def _fwd_kernel(
     b_seen = tl.load(vseen + (i_b.to(tl.int64) * HKV + i_hk) * T + o_t, mask=m_t, other=0.0)
     b_o = b_acc / b_l[:, None] + b_seen[:, None]
     tl.store(o + off_q, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-    b_lse = (b_m + tl.log2(b_l)) / 1.4426950408889634
+    b_lse = (b_m + tl.log2(b_l)) / LOG2E_JIT
     tl.store(lse + (i_b.to(tl.int64) * HQ + i_hq) * T + o_t, b_lse, mask=m_t)
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _eviction_bwd_dq_kernel(
     q,
     k,
     v,
@@ -577,7 +568,7 @@ def _bwd_dq_kernel(
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     p_row = (i_b.to(tl.int64) * HQ + i_hq) * T + o_t
     tl.store(delta + p_row, b_delta, mask=m_t)
-    b_lse2 = tl.load(lse + p_row, mask=m_t, other=0.0) * 1.4426950408889634
+    b_lse2 = tl.load(lse + p_row, mask=m_t, other=0.0) * LOG2E_JIT
     k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     b_dq = tl.zeros([BT, BD], dtype=tl.float32)
@@ -640,7 +631,7 @@ def _bwd_dq_kernel(
         True,
     )
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    if SPLIT:  # as in _fwd_kernel
+    if SPLIT:  # as in _eviction_fwd_kernel
         b_dq = _dq_range(
             b_q,
             b_do,
@@ -779,7 +770,7 @@ def _dkdv_range(
         off = o_t[:, None] * (HQ * D) + o_d[None, :]
         b_q = tl.load(q + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
         b_do = tl.load(do + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
-        b_lse2 = tl.load(lse + o_t, mask=m_t, other=0.0) * 1.4426950408889634
+        b_lse2 = tl.load(lse + o_t, mask=m_t, other=0.0) * LOG2E_JIT
         b_delta = tl.load(delta + o_t, mask=m_t, other=0.0)
         # [BS, BD] @ [BD, BT] -> [BS, BT]
         b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale_log2 - b_lse2[None, :])
@@ -797,7 +788,7 @@ def _dkdv_range(
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
+def _eviction_bwd_dkdv_kernel(
     q,
     k,
     v,
@@ -1026,11 +1017,6 @@ def _check_sizes(T: int, H: int, D: int) -> None:
         raise ValueError(f"eviction_attention: T * heads * head_dim must be < 2**31 per sequence, got {T}*{H}*{D}")
 
 
-def _prec(x: Tensor) -> str:
-    # float32 inputs get exact float32 products, so the fp32 kernel matches the reference tightly
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size: int, open_ended: bool):
     """The forward's NaN isolation: (vflag [B, T, HKV], vseen [B, HKV, T]) float32, NaN where the row of v
     holds a NaN or Inf, and where the query row sees such a row; 0 elsewhere. One pass over v and one
@@ -1040,10 +1026,21 @@ def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size:
     R = B * T * H
     BR, BT = (64, 64) if v.device.type == "cuda" else (16, 16)
     BD = min(128, triton.next_power_of_2(D))
-    _value_flags_kernel[(triton.cdiv(R, BR),)](v, vflag, R, D=D, BR=BR, BD=BD, num_warps=4)
+    _eviction_value_flags_kernel[(triton.cdiv(R, BR),)](v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
     vseen = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
-    _seen_kernel[(B * H, triton.cdiv(T, BT))](
-        vflag, vseen, kpos, kend, kcum, T, window_size, HKV=H, BT=BT, BK=BT, OPEN_ENDED=open_ended, num_warps=4
+    _eviction_seen_kernel[(B * H, triton.cdiv(T, BT))](
+        vflag=vflag,
+        vseen=vseen,
+        kpos=kpos,
+        kend=kend,
+        kcum=kcum,
+        T=T,
+        W=window_size,
+        HKV=H,
+        BT=BT,
+        BK=BT,
+        OPEN_ENDED=open_ended,
+        num_warps=4,
     )
     return vflag, vseen
 
@@ -1067,8 +1064,17 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rpos, rscore = rpos[..., :T].contiguous(), rscore[..., :T].contiguous()
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
-    _evict_end_kernel[(triton.cdiv(T, BR), B * H)](
-        rpos, rscore, rcum, end_c, T, window_size, capacity, BR=BR, BC=BC, num_warps=4
+    _eviction_end_kernel[(triton.cdiv(T, BR), B * H)](
+        rpos=rpos,
+        rscore=rscore,
+        rcum=rcum,
+        end=end_c,
+        T=T,
+        W=window_size,
+        C=capacity,
+        BR=BR,
+        BC=BC,
+        num_warps=4,
     )
     end = torch.zeros((B, H, T + 1), dtype=torch.int32, device=score.device)
     end.scatter_(-1, rpos.long(), end_c)  # list padding (position T) lands in the spill column
@@ -1120,25 +1126,25 @@ def eviction_attention_fwd(
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     vflag, vseen = _nan_flags(v, kpos, kend, kcum, window_size, open_ended)
-    _fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        vflag,
-        vseen,
-        kpos,
-        kend,
-        kcum,
-        scale * _LOG2E,
-        T,
-        window_size,
+    _eviction_fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        lse=lse,
+        vflag=vflag,
+        vseen=vseen,
+        kpos=kpos,
+        kend=kend,
+        kcum=kcum,
+        scale_log2=scale * LOG2E,
+        T=T,
+        W=window_size,
         HQ=HQ,
         HKV=HKV,
         D=D,
         BD=max(16, triton.next_power_of_2(D)),
-        PREC=_prec(q),
+        PREC=dot_precision(q),
         OPEN_ENDED=open_ended,
         **cfg,
     )
@@ -1173,45 +1179,45 @@ def eviction_attention_bwd(
     BD = max(16, triton.next_power_of_2(D))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=_prec(q), OPEN_ENDED=open_ended)
+    common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
     cfg = _tiles(q, "dq", tiles)
-    _bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
-        q,
-        k,
-        v,
-        o,
-        do,
-        lse,
-        delta,
-        dq,
-        kpos,
-        kend,
-        kcum,
-        scale,
-        scale * _LOG2E,
-        T,
-        window_size,
+    _eviction_bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        do=do,
+        lse=lse,
+        delta=delta,
+        dq=dq,
+        kpos=kpos,
+        kend=kend,
+        kcum=kcum,
+        scale=scale,
+        scale_log2=scale * LOG2E,
+        T=T,
+        W=window_size,
         **common,
         **cfg,
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
         cfg = _tiles(q, "listed" if listed else "dkdv", tiles)
-        _bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BS"]))](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            kpos,
-            kend,
-            kcum,
-            scale,
-            scale * _LOG2E,
-            T,
-            window_size,
+        _eviction_bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BS"]))](
+            q=q,
+            k=k,
+            v=v,
+            do=do,
+            lse=lse,
+            delta=delta,
+            dk=dk,
+            dv=dv,
+            kpos=kpos,
+            kend=kend,
+            kcum=kcum,
+            scale=scale,
+            scale_log2=scale * LOG2E,
+            T=T,
+            W=window_size,
             LISTED=listed,
             **common,
             **cfg,

@@ -3,7 +3,8 @@
 The decode state holds a ring of the last W keys/values and a buffer of C retained ones, so one step
 costs O(W + C) whatever the number of tokens seen. Layout (as eviction_swa's state):
   win_k, win_v [B, W, HKV, D] ring (slot s at index s % W); buf_k, buf_v [B, C, HKV, D];
-  buf_score [B, C, HKV] float32 (-inf when empty); buf_pos [B, C, HKV] int64 (-1 when empty).
+  buf_score [B, C, HKV] float32 (-1e30 when empty: below every score, so any retained token enters);
+  buf_pos [B, C, HKV] int64 (-1 when empty).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_scale
-from .._triton import tl, triton
+from .._triton import LOG2E, dot_precision, softmax_step, tl, triton
 from .reference import acc_dtype
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
@@ -55,19 +56,12 @@ def _decode_part(
         # [BG, BD] @ [BD, BL] -> [BG, BL]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
         b_s = tl.where(b_ok[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_p = tl.exp2(b_s - b_mz[:, None])
-        b_alpha = tl.exp2(b_m - b_mz)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        # [BG, BL] @ [BL, BD] -> [BG, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
     return b_acc, b_m, b_l
 
 
 @triton.jit
-def _decode_kernel(
+def _eviction_decode_kernel(
     q,  # [B, HQ, D]
     win_k,
     win_v,
@@ -186,19 +180,19 @@ def eviction_decode_fwd(
     ns = triton.cdiv(W + C, split)
     acc = torch.empty((B, HQ, ns, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((B, HQ, ns, 2), dtype=torch.float32, device=q.device)
-    _decode_kernel[(B * HKV, ns)](
-        q,
-        win_k,
-        win_v,
-        win_ok,
-        buf_k,
-        buf_v,
-        buf_ok,
-        acc,
-        ml,
-        scale * 1.4426950408889634,
-        W,
-        C,
+    _eviction_decode_kernel[(B * HKV, ns)](
+        q=q,
+        win_k=win_k,
+        win_v=win_v,
+        win_ok=win_ok,
+        buf_k=buf_k,
+        buf_v=buf_v,
+        buf_ok=buf_ok,
+        acc=acc,
+        ml=ml,
+        scale_log2=scale * LOG2E,
+        W=W,
+        C=C,
         HQ=HQ,
         HKV=HKV,
         D=D,
@@ -207,7 +201,7 @@ def eviction_decode_fwd(
         BG=max(16, triton.next_power_of_2(G)),
         BL=BL,
         BD=max(16, triton.next_power_of_2(D)),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC=dot_precision(q),
         num_warps=4,
     )
     if ns == 1:
@@ -328,7 +322,8 @@ def buffer_insert_(
 ) -> None:
     """Offer the token leaving the window to the buffer, in place, with fixed shapes (compile-safe).
 
-    buf_k, buf_v: [B, C, HKV, D]; buf_score: [B, C, HKV] floating (-inf empty); buf_pos: [B, C, HKV]
+    buf_k, buf_v: [B, C, HKV, D]; buf_score: [B, C, HKV] floating (empty slots hold a
+    score below every retained one: -1e30 in eviction_swa's state, -inf works too); buf_pos: [B, C, HKV]
     int64 (-1 empty); k, v: [B, HKV, D] in buf_k's dtype; score: [B, HKV] floating (retained iff > 0;
     +inf for sinks; -inf when no token leaves); pos: [B, HKV] integer. It enters iff retained and strictly
     above the lowest buffered score, replacing that entry (the latest one among equal lowest scores), as

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import tl, triton
+from .._triton import dot_precision, tl, triton
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 
@@ -107,7 +107,7 @@ def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_prep_kernel(
+def _gdn_chunk_prep_kernel(
     k,
     g,
     beta,
@@ -118,6 +118,7 @@ def _chunk_prep_kernel(
     T,
     H: tl.constexpr,
     K: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     DOUBLING: tl.constexpr,
     PREC: tl.constexpr,
@@ -129,8 +130,9 @@ def _chunk_prep_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
+    tl.static_assert(BT == 64)  # the chunk is solved as four 16-row blocks
     o_r = tl.arange(0, 16)
-    o_t0 = i_t * 64 + o_r
+    o_t0 = i_t * BT + o_r
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
     m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
     p_g = g + bos * H + i_h
@@ -195,7 +197,7 @@ def _chunk_prep_kernel(
     b_a33 *= b_b3[:, None] * _decay_strict16(b_c3, b_c3, True)
     # a NaN or Inf in k_t makes row and column t of A non-finite, and the matrix products of the inverse
     # would carry that to the rows before t through their zeros: such entries count as 0 here, so the rows
-    # of Ai before t stay exact; the rows from t on are set NaN in _chunk_wu_kernel, where k_t enters W
+    # of Ai before t stay exact; the rows from t on are set NaN in _gdn_chunk_wu_kernel, where k_t enters W
     b_a00, b_a10, b_a11 = _finite16(b_a00), _finite16(b_a10), _finite16(b_a11)
     b_a20, b_a21, b_a22 = _finite16(b_a20), _finite16(b_a21), _finite16(b_a22)
     b_a30, b_a31, b_a32, b_a33 = _finite16(b_a30), _finite16(b_a31), _finite16(b_a32), _finite16(b_a33)
@@ -232,12 +234,12 @@ def _chunk_prep_kernel(
         input_precision="ieee",
     )
     b_z = tl.zeros([16, 16], dtype=tl.float32)
-    p_ai = Ai + (bos * H + i_h) * 64 + o_r[None, :]
+    p_ai = Ai + (bos * H + i_h) * BT + o_r[None, :]
     p0, p1, p2, p3 = (
-        p_ai + o_t0[:, None] * H * 64,
-        p_ai + o_t1[:, None] * H * 64,
-        p_ai + o_t2[:, None] * H * 64,
-        p_ai + o_t3[:, None] * H * 64,
+        p_ai + o_t0[:, None] * H * BT,
+        p_ai + o_t1[:, None] * H * BT,
+        p_ai + o_t2[:, None] * H * BT,
+        p_ai + o_t3[:, None] * H * BT,
     )
     tl.store(p0, b_t00, mask=m_t0[:, None])
     tl.store(p0 + 16, b_z, mask=m_t0[:, None])
@@ -258,7 +260,7 @@ def _chunk_prep_kernel(
 
 
 @triton.jit
-def _chunk_wu_kernel(
+def _gdn_chunk_wu_kernel(
     k,
     v,
     beta,
@@ -273,6 +275,7 @@ def _chunk_wu_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -285,15 +288,15 @@ def _chunk_wu_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     b_beta = tl.load(beta + bos * H + i_h + o_t * H, mask=m_t, other=0.0).to(tl.float32)
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     b_ai = tl.load(
-        Ai + (bos * H + i_h) * 64 + o_t[:, None] * H * 64 + tl.arange(0, 64)[None, :], mask=m_t[:, None], other=0.0
+        Ai + (bos * H + i_h) * BT + o_t[:, None] * H * BT + tl.arange(0, BT)[None, :], mask=m_t[:, None], other=0.0
     )
     b_ai = b_ai.to(k.dtype.element_ty)
-    b_flag = tl.zeros([64], dtype=tl.float32)
+    b_flag = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -302,7 +305,7 @@ def _chunk_wu_kernel(
         b_kb = (b_k * (b_beta * tl.exp(b_gam))[:, None]).to(k.dtype.element_ty)
         b_bad = tl.sum(b_k * 0.0, 1)  # NaN for a row with a NaN or Inf
         b_flag += b_bad
-        tl.store(w + p, _causal_dot(b_ai, b_kb, b_bad, PREC).to(w.dtype.element_ty), mask=m)  # [64, 64] @ [64, BK]
+        tl.store(w + p, _causal_dot(b_ai, b_kb, b_bad, PREC).to(w.dtype.element_ty), mask=m)  # [BT, BT] @ [BT, BK]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
@@ -311,7 +314,7 @@ def _chunk_wu_kernel(
         b_vb = (b_v * b_beta[:, None]).to(v.dtype.element_ty)
         b_bad = tl.sum(b_v * 0.0, 1)
         b_flag += b_bad
-        tl.store(u + p, _causal_dot(b_ai, b_vb, b_bad, PREC).to(u.dtype.element_ty), mask=m)  # [64, 64] @ [64, BV]
+        tl.store(u + p, _causal_dot(b_ai, b_vb, b_bad, PREC).to(u.dtype.element_ty), mask=m)  # [BT, BT] @ [BT, BV]
     tl.store(flag + bos * H + i_h + o_t * H, b_flag, mask=m_t)
 
 
@@ -332,9 +335,10 @@ def _h_step_loads(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
     p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
@@ -343,14 +347,14 @@ def _h_step_loads(
     b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
     if IS_VARLEN:  # an empty sequence has no last row (its walk runs no step, but prefetch loads chunk 0)
-        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H, mask=T > 0, other=0.0)
+        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * BT + BT, T) - 1) * H, mask=T > 0, other=0.0)
     else:
-        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * 64 + 64, T) - 1) * H)
+        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * BT + BT, T) - 1) * H)
     return b_w, b_u, b_k, b_gam, b_gl
 
 
 @triton.jit
-def _chunk_h_kernel(
+def _gdn_chunk_h_kernel(
     k,
     w,
     u,
@@ -366,6 +370,7 @@ def _chunk_h_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     KP: tl.constexpr,
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
@@ -380,7 +385,7 @@ def _chunk_h_kernel(
     if IS_VARLEN:  # one program per (value block, sequence, head): that sequence's chunks, its own states
         bos = tl.load(cu_seqlens + i_b)
         T = tl.load(cu_seqlens + i_b + 1) - bos
-        NT = tl.cdiv(T, 64)
+        NT = tl.cdiv(T, BT)
         i_c0 = tl.load(chunk_offsets + i_b)
     else:
         bos = i_b * T
@@ -395,32 +400,32 @@ def _chunk_h_kernel(
         b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
     if PREFETCH:
         b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(
-            k, w, u, gamma, bos, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+            k, w, u, gamma, bos, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
         )
     for i_t in range(NT):
         tl.store(hs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(dt), mask=m_h)
         if PREFETCH:
             n_w, n_u, n_k, n_gam, n_gl = _h_step_loads(
-                k, w, u, gamma, bos, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+                k, w, u, gamma, bos, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
             )
         else:
             b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(
-                k, w, u, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+                k, w, u, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
             )
-        o_t = i_t * 64 + tl.arange(0, 64)
+        o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
-        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
+        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)).to(dt)  # [BT, K] @ [K, BV]
         tl.store(vn + p_v, b_vn, mask=m_t[:, None] & m_v[None, :])
         b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)  # [K, 64] @ [64, BV]
+        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)  # [K, BT] @ [BT, BV]
         if PREFETCH:
             b_w, b_u, b_k, b_gam, b_gl = n_w, n_u, n_k, n_gam, n_gl
     tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
 
 
 @triton.jit
-def _chunk_o_kernel(
+def _gdn_chunk_o_kernel(
     q,
     k,
     vn,
@@ -436,6 +441,7 @@ def _chunk_o_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -447,12 +453,12 @@ def _chunk_o_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
     dt = q.dtype.element_ty
-    b_o = tl.zeros([64, BV], dtype=tl.float32)
-    b_s = tl.zeros([64, 64], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_s = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -461,26 +467,26 @@ def _chunk_o_kernel(
         b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         p_h = hs + ((i_b * NT + i_row) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_h, input_precision=PREC)  # [64, BK] @ [BK, BV]
-        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [64, BK] @ [BK, 64]
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)  # [BT, BK] @ [BK, BV]
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BK] @ [BK, BT]
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
-    o_r = tl.arange(0, 64)
+    o_r = tl.arange(0, BT)
     # selected, not multiplied by zero: a NaN k_j would reach the earlier rows i < j
     m_c = o_r[:, None] >= o_r[None, :]
     b_s = tl.where(m_c, b_s * tl.exp(tl.where(m_c, b_gam[:, None] - b_gam[None, :], float("-inf"))), 0.0)
-    # Vn is NaN from the first token whose k or v is not finite (flag, from _chunk_wu_kernel) on: those
+    # Vn is NaN from the first token whose k or v is not finite (flag, from _gdn_chunk_wu_kernel) on: those
     # rows enter the product as zeros (0 * NaN would reach the earlier rows) and their NaN goes to the rows
     # at and after them
     b_cum = tl.cumsum(tl.load(flag + bos * H + i_h + o_t * H, mask=m_t, other=0.0), 0)
     p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     b_vn = tl.load(vn + p_v, mask=(m_t & (b_cum == 0.0))[:, None] & m_v[None, :], other=0.0)
-    b_o = b_o * tl.exp(b_gam)[:, None] + tl.dot(b_s.to(dt), b_vn, input_precision=PREC)  # [64, 64] @ [64, BV]
+    b_o = b_o * tl.exp(b_gam)[:, None] + tl.dot(b_s.to(dt), b_vn, input_precision=PREC)  # [BT, BT] @ [BT, BV]
     b_o += b_cum[:, None]
     tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _chunk_dvl_kernel(
+def _gdn_chunk_dvl_kernel(
     q,
     k,
     do,
@@ -493,6 +499,7 @@ def _chunk_dvl_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -504,24 +511,24 @@ def _chunk_dvl_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
     dt = q.dtype.element_ty
-    b_s = tl.zeros([64, 64], dtype=tl.float32)
+    b_s = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_s += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [64 (j), BK] @ [BK, 64 (i)]
+        b_s += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT (j), BK] @ [BK, BT (i)]
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
-    o_r = tl.arange(0, 64)
+    o_r = tl.arange(0, BT)
     b_s *= tl.exp(tl.where(o_r[None, :] >= o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
     p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
     b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_dv = tl.dot(b_s.to(dt), b_do, input_precision=PREC) * scale  # [64, 64] @ [64, BV]
+    b_dv = tl.dot(b_s.to(dt), b_do, input_precision=PREC) * scale  # [BT, BT] @ [BT, BV]
     tl.store(dvl + p_v, b_dv.to(dvl.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
@@ -544,9 +551,10 @@ def _dh_step_loads(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     m_t = (o_t < T) & (o_t >= 0)
     p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
     p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
@@ -558,7 +566,7 @@ def _dh_step_loads(
     b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
     b_dvl = tl.load(dvl + p_v, mask=m_tv, other=0.0)
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
-    p_gl = gamma + bos * H + i_h + tl.maximum(tl.minimum(i_t * 64 + 64, T) - 1, 0) * H
+    p_gl = gamma + bos * H + i_h + tl.maximum(tl.minimum(i_t * BT + BT, T) - 1, 0) * H
     if IS_VARLEN:  # an empty sequence has no rows at all (and may start at T_total)
         b_gl = tl.load(p_gl, mask=T > 0, other=0.0)
     else:
@@ -567,7 +575,7 @@ def _dh_step_loads(
 
 
 @triton.jit
-def _chunk_dh_kernel(
+def _gdn_chunk_dh_kernel(
     q,
     k,
     w,
@@ -586,6 +594,7 @@ def _chunk_dh_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     KP: tl.constexpr,
     BV: tl.constexpr,
     HAS_DHT: tl.constexpr,
@@ -600,7 +609,7 @@ def _chunk_dh_kernel(
     if IS_VARLEN:  # one program per (value block, sequence, head): that sequence's chunks, its own states
         bos = tl.load(cu_seqlens + i_b)
         T = tl.load(cu_seqlens + i_b + 1) - bos
-        NT = tl.cdiv(T, 64)
+        NT = tl.cdiv(T, BT)
         i_c0 = tl.load(chunk_offsets + i_b)
     else:
         bos = i_b * T
@@ -615,28 +624,28 @@ def _chunk_dh_kernel(
         b_dh += tl.load(dht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
     if PREFETCH:
         b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
-            q, k, w, do, dvl, gamma, bos, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+            q, k, w, do, dvl, gamma, bos, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
         )
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         tl.store(dhs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dt), mask=m_h)
         if PREFETCH:  # chunk -1 loads nothing: every row is masked
             n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl = _dh_step_loads(
-                q, k, w, do, dvl, gamma, bos, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+                q, k, w, do, dvl, gamma, bos, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
             )
         else:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
-                q, k, w, do, dvl, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, IS_VARLEN
+                q, k, w, do, dvl, gamma, bos, i_h, i_t, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
             )
-        o_t = i_t * 64 + tl.arange(0, 64)
+        o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_dv = (b_dvl.to(tl.float32) + tl.dot(b_kd, b_dh.to(dt), input_precision=PREC)).to(dt)  # [64, K] @ [K, BV]
+        b_dv = (b_dvl.to(tl.float32) + tl.dot(b_kd, b_dh.to(dt), input_precision=PREC)).to(dt)  # [BT, K] @ [K, BV]
         tl.store(dvn + p_v, b_dv, mask=m_tv)
         b_qg = (b_q.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(dt)
-        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)  # [K, 64] @ [64, BV]
+        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)  # [K, BT] @ [BT, BV]
         b_dh -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
         if PREFETCH:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl
@@ -645,7 +654,7 @@ def _chunk_dh_kernel(
 
 
 @triton.jit
-def _chunk_dqk_kernel(
+def _gdn_chunk_dqk_kernel(
     q,
     k,
     vn,
@@ -667,6 +676,7 @@ def _chunk_dqk_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -680,16 +690,16 @@ def _chunk_dqk_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t, m_k = o_t < T, o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     dt = q.dtype.element_ty
-    b_dq = tl.zeros([64, BK], dtype=tl.float32)
-    b_dk = tl.zeros([64, BK], dtype=tl.float32)
-    b_dw = tl.zeros([64, BK], dtype=tl.float32)
-    b_ds = tl.zeros([64, 64], dtype=tl.float32)
-    b_dst = tl.zeros([64, 64], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -702,26 +712,26 @@ def _chunk_dqk_kernel(
         b_vn = tl.load(vn + p_v, mask=m_tv, other=0.0)
         b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)  # [64, BV] @ [BV, BK]
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)  # [BT, BV] @ [BV, BK]
         b_dk += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
         b_dw += tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
-        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)  # [64, BV] @ [BV, 64]
+        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)  # [BT, BV] @ [BV, BT]
         b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
         b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
     b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
-    i_last = tl.minimum(i_t * 64 + 64, T) - 1
+    i_last = tl.minimum(i_t * BT + BT, T) - 1
     b_gl = tl.load(gamma + bos * H + i_h + i_last * H)
     p_k = (bos * H + i_h) * K + o_t[:, None] * H * K + o_k[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    o_r = tl.arange(0, 64)
+    o_r = tl.arange(0, BT)
     b_dq *= (scale * tl.exp(b_gam))[:, None]
     b_dk *= tl.exp(b_gl - b_gam)[:, None]  # from h' = ... + (K exp(gamma_last - gamma))^T Vn
     b_kf = b_k.to(tl.float32)
     b_dgl = tl.exp(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kf * b_dk, 1), 0)  # d/d gamma_last
     b_ds *= scale * tl.exp(tl.where(o_r[:, None] >= o_r[None, :], b_gam[:, None] - b_gam[None, :], float("-inf")))
     b_dst *= scale * tl.exp(tl.where(o_r[None, :] >= o_r[:, None], b_gam[None, :] - b_gam[:, None], float("-inf")))
-    b_dq += tl.dot(b_ds.to(dt), b_k, input_precision=PREC)  # [64, 64] @ [64, BK]
+    b_dq += tl.dot(b_ds.to(dt), b_k, input_precision=PREC)  # [BT, BT] @ [BT, BK]
     b_dk += tl.dot(b_dst.to(dt), b_q, input_precision=PREC)
     b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_kf * b_dk, 1)
     b_dg += tl.where(o_t == i_last, b_dgl, 0.0)
@@ -732,7 +742,7 @@ def _chunk_dqk_kernel(
 
 
 @triton.jit
-def _chunk_wy_bwd_kernel(
+def _gdn_chunk_wy_bwd_kernel(
     k,
     v,
     beta,
@@ -755,6 +765,7 @@ def _chunk_wy_bwd_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -769,22 +780,22 @@ def _chunk_wy_bwd_kernel(
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
-    o_t = i_t * 64 + tl.arange(0, 64)
+    o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    o_r = tl.arange(0, 64)
+    o_r = tl.arange(0, BT)
     dt = k.dtype.element_ty
     p_s = bos * H + i_h + o_t * H
     b_beta = tl.load(beta + p_s, mask=m_t, other=0.0).to(tl.float32)
     b_gam = tl.load(gamma + p_s, mask=m_t, other=0.0)
     b_eg = tl.exp(b_gam)
-    b_ai = tl.load(Ai + (bos * H + i_h) * 64 + o_t[:, None] * H * 64 + o_r[None, :], mask=m_t[:, None], other=0.0)
+    b_ai = tl.load(Ai + (bos * H + i_h) * BT + o_t[:, None] * H * BT + o_r[None, :], mask=m_t[:, None], other=0.0)
     b_ait = tl.trans(b_ai).to(dt)
     b_aid = b_ai.to(dt)
-    b_dA = tl.zeros([64, 64], dtype=tl.float32)
-    b_dAt = tl.zeros([64, 64], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
-    b_kk = tl.zeros([64, 64], dtype=tl.float32)
-    b_db = tl.zeros([64], dtype=tl.float32)
-    b_dgam = tl.zeros([64], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dAt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, accumulated separately (see _inv_unit_lower16)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dgam = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
@@ -792,9 +803,9 @@ def _chunk_wy_bwd_kernel(
         b_v = tl.load(v + p_v, mask=m, other=0.0).to(tl.float32)
         b_du = tl.load(dvn + p_v, mask=m, other=0.0)
         b_vn = tl.load(vn + p_v, mask=m, other=0.0)
-        b_x = tl.dot(b_ait, b_du, input_precision=PREC)  # X = Ai^T dVn: [64, 64] @ [64, BV]
-        b_xt = tl.dot(tl.trans(b_du), b_aid, input_precision=PREC)  # X^T: [BV, 64] @ [64, 64]
-        b_dA -= tl.dot(b_x.to(dt), tl.trans(b_vn), input_precision=PREC)  # [64, BV] @ [BV, 64]
+        b_x = tl.dot(b_ait, b_du, input_precision=PREC)  # X = Ai^T dVn: [BT, BT] @ [BT, BV]
+        b_xt = tl.dot(tl.trans(b_du), b_aid, input_precision=PREC)  # X^T: [BV, BT] @ [BT, BT]
+        b_dA -= tl.dot(b_x.to(dt), tl.trans(b_vn), input_precision=PREC)  # [BT, BV] @ [BV, BT]
         b_dAt -= tl.dot(b_vn, b_xt.to(dt), input_precision=PREC)
         tl.store(dv + p_v, (b_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
         b_db += tl.sum(b_x * b_v, 1)
@@ -820,7 +831,7 @@ def _chunk_wy_bwd_kernel(
         b_k = tl.load(k + p_k, mask=m, other=0.0)
         b_kf = b_k.to(tl.float32)
         b_dw = tl.load(dw + p_k, mask=m, other=0.0)
-        b_dkbg = tl.dot(b_ait, b_dw, input_precision=PREC)  # [64, 64] @ [64, BK]
+        b_dkbg = tl.dot(b_ait, b_dw, input_precision=PREC)  # [BT, BT] @ [BT, BK]
         b_kg = b_kf * b_eg[:, None]
         b_db += tl.sum(b_dkbg * b_kg, 1)
         b_dgam += tl.sum(b_dkbg * b_kg, 1) * b_beta
@@ -859,12 +870,6 @@ def _state_rows(K: int) -> int:
 def _out_cols(V: int) -> int:
     # BV of the o and dvl kernels: 64 or 128, for the same reason (V = 16 gave 16-wide wgmma tiles)
     return min(max(triton.next_power_of_2(V), 64), 128)
-
-
-def _prec(x: Tensor) -> str:
-    # float32 inputs keep float32 products; half inputs run bf16/fp16 tensor cores, and the float32
-    # operands among them (the Ai solve) use tf32
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _seq_config(B, H, K, V, seq):
@@ -912,20 +917,21 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     NT, N, cu, offsets, indices = chunks
     varlen = cu is not None
     dev = k.device
-    prec = _prec(k)
+    prec = dot_precision(k)
     gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32)
-    _chunk_prep_kernel[(NT, B * H)](
-        k,
-        g,
-        beta,
-        gamma,
-        Ai,
-        cu,
-        indices,
-        T,
+    _gdn_chunk_prep_kernel[(NT, B * H)](
+        k=k,
+        g=g,
+        beta=beta,
+        gamma=gamma,
+        Ai=Ai,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        T=T,
         H=H,
         K=K,
+        BT=BT,
         BK=64,
         DOUBLING=doubling,
         PREC=prec,
@@ -935,21 +941,22 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    _chunk_wu_kernel[(NT, B * H)](
-        k,
-        v,
-        beta,
-        gamma,
-        Ai,
-        w,
-        u,
-        flag,
-        cu,
-        indices,
-        T,
+    _gdn_chunk_wu_kernel[(NT, B * H)](
+        k=k,
+        v=v,
+        beta=beta,
+        gamma=gamma,
+        Ai=Ai,
+        w=w,
+        u=u,
+        flag=flag,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        T=T,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         BK=64,
         BV=64,
         PREC=prec,
@@ -961,22 +968,23 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    _chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
-        k,
-        w,
-        u,
-        gamma,
-        initial_state if initial_state is not None else ht,
-        hs,
-        vn,
-        ht,
-        cu,
-        offsets,
-        T,
-        NT,
+    _gdn_chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
+        k=k,
+        w=w,
+        u=u,
+        gamma=gamma,
+        h0=initial_state,
+        hs=hs,
+        vn=vn,
+        ht=ht,
+        cu_seqlens=cu,
+        chunk_offsets=offsets,
+        T=T,
+        NT=NT,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         KP=KP,
         BV=BV,
         HAS_H0=initial_state is not None,
@@ -1023,25 +1031,26 @@ def chunk_gdn_fwd(
     )
     o = torch.empty_like(v)
     BV = _out_cols(V)
-    _chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        q,
-        k,
-        vn,
-        gamma,
-        flag,
-        hs,
-        o,
-        cu,
-        indices,
-        scale,
-        T,
-        NT,
+    _gdn_chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q=q,
+        k=k,
+        vn=vn,
+        gamma=gamma,
+        flag=flag,
+        hs=hs,
+        o=o,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        scale=scale,
+        T=T,
+        NT=NT,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         BK=64,
         BV=BV,
-        PREC=_prec(k),
+        PREC=dot_precision(k),
         IS_VARLEN=cu is not None,
         num_warps=8 if BV > 64 else 4,
     )
@@ -1077,26 +1086,27 @@ def chunk_gdn_bwd(
     NT, N, cu, offsets, indices = chunks
     varlen = cu is not None
     dev = k.device
-    prec = _prec(k)
+    prec = dot_precision(k)
     gamma, Ai, w, hs, vn, _, _ = _forward_intermediates(
         q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
     )
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
-    _chunk_dvl_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        q,
-        k,
-        do,
-        gamma,
-        dvl,
-        cu,
-        indices,
-        scale,
-        T,
+    _gdn_chunk_dvl_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q=q,
+        k=k,
+        do=do,
+        gamma=gamma,
+        dvl=dvl,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        scale=scale,
+        T=T,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         BK=64,
         BV=BV,
         PREC=prec,
@@ -1112,25 +1122,26 @@ def chunk_gdn_bwd(
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
-    _chunk_dh_kernel[(triton.cdiv(V, BVh), N * H)](
-        q,
-        k,
-        w,
-        do,
-        dvl,
-        gamma,
-        dht.contiguous() if dht is not None else dh0,
-        dhs,
-        dvn,
-        dh0,
-        cu,
-        offsets,
-        scale,
-        T,
-        NT,
+    _gdn_chunk_dh_kernel[(triton.cdiv(V, BVh), N * H)](
+        q=q,
+        k=k,
+        w=w,
+        do=do,
+        dvl=dvl,
+        gamma=gamma,
+        dht=dht.contiguous() if dht is not None else None,
+        dhs=dhs,
+        dvn=dvn,
+        dh0=dh0,
+        cu_seqlens=cu,
+        chunk_offsets=offsets,
+        scale=scale,
+        T=T,
+        NT=NT,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         KP=KP,
         BV=BVh,
         HAS_DHT=dht is not None,
@@ -1147,28 +1158,29 @@ def chunk_gdn_bwd(
     dkp = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = torch.empty_like(k)
     dgp = torch.empty(NK, B, T, H, device=dev, dtype=torch.float32)
-    _chunk_dqk_kernel[(NK, NT, B * H)](
-        q,
-        k,
-        vn,
-        dvn,
-        do,
-        gamma,
-        hs,
-        dhs,
-        dq,
-        dkp,
-        dw,
-        dgp,
-        cu,
-        indices,
-        scale,
-        B,
-        T,
-        NT,
+    _gdn_chunk_dqk_kernel[(NK, NT, B * H)](
+        q=q,
+        k=k,
+        vn=vn,
+        dvn=dvn,
+        do=do,
+        gamma=gamma,
+        hs=hs,
+        dhs=dhs,
+        dq=dq,
+        dk=dkp,
+        dw=dw,
+        dgp=dgp,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        scale=scale,
+        B=B,
+        T=T,
+        NT=NT,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         BK=BK,
         BV=64,
         PREC=prec,
@@ -1179,29 +1191,30 @@ def chunk_gdn_bwd(
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _chunk_wy_bwd_kernel[(NT, B * H)](
-        k,
-        v,
-        beta,
-        gamma,
-        Ai,
-        vn,
-        dvn,
-        dw,
-        dkp,
-        dgp,
-        dk,
-        dv,
-        dbeta,
-        dg,
-        cu,
-        indices,
-        B,
-        T,
-        NK,
+    _gdn_chunk_wy_bwd_kernel[(NT, B * H)](
+        k=k,
+        v=v,
+        beta=beta,
+        gamma=gamma,
+        Ai=Ai,
+        vn=vn,
+        dvn=dvn,
+        dw=dw,
+        dkp=dkp,
+        dgp=dgp,
+        dk=dk,
+        dv=dv,
+        dbeta=dbeta,
+        dg=dg,
+        cu_seqlens=cu,
+        chunk_indices=indices,
+        B=B,
+        T=T,
+        NK=NK,
         H=H,
         K=K,
         V=V,
+        BT=BT,
         BK=64,
         BV=64,
         PREC=prec,

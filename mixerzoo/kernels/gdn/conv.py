@@ -38,7 +38,7 @@ def _load_window(p_x, p_init, o_t, o_c, m_c, w, T, C, W: tl.constexpr, HAS_INIT:
 
 
 @triton.jit
-def _conv_fwd_kernel(
+def _causal_conv1d_fwd_kernel(
     x,
     weight,
     bias,
@@ -58,7 +58,10 @@ def _conv_fwd_kernel(
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     p_x = x + i_b * T * C
-    p_init = init + i_b * C * (W - 1)
+    if HAS_INIT:
+        p_init = init + i_b * C * (W - 1)
+    else:
+        p_init = init  # None: _load_window reads it only with HAS_INIT
     b_y = tl.zeros([BT, BC], dtype=tl.float32)
     if HAS_BIAS:
         b_y += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
@@ -72,7 +75,7 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_dz_kernel(
+def _causal_conv1d_bwd_dz_kernel(
     x,
     weight,
     bias,
@@ -98,7 +101,10 @@ def _conv_bwd_dz_kernel(
     m_c = o_c < C
     m = (o_t < T)[:, None] & m_c[None, :]
     p_x = x + i_b * T * C
-    p_init = init + i_b * C * (W - 1)
+    if HAS_INIT:
+        p_init = init + i_b * C * (W - 1)
+    else:
+        p_init = init  # None: _load_window reads it only with HAS_INIT
     b_dy = tl.load(dy + i_b * T * C + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
     if SILU:
         b_z = tl.zeros([BT, BC], dtype=tl.float32)
@@ -121,7 +127,7 @@ def _conv_bwd_dz_kernel(
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(
+def _causal_conv1d_bwd_dx_kernel(
     dz,
     weight,
     dfinal,
@@ -175,17 +181,17 @@ def causal_conv1d_fwd(
     B, T, C = x.shape
     W = weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
-    init = initial_state.contiguous() if initial_state is not None else x
+    init = initial_state.contiguous() if initial_state is not None else None
     y = torch.empty_like(x)
     grid = (triton.cdiv(T, _BT), triton.cdiv(C, _BC), B)
-    _conv_fwd_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else x,
-        init,
-        y,
-        T,
-        C,
+    _causal_conv1d_fwd_kernel[grid](
+        x=x,
+        weight=weight,
+        bias=bias,
+        init=init,
+        y=y,
+        T=T,
+        C=C,
         W=W,
         BT=_BT,
         BC=_BC,
@@ -221,24 +227,24 @@ def causal_conv1d_bwd(
     B, T, C = x.shape
     W = weight.shape[1]
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
-    init = initial_state.contiguous() if initial_state is not None else x
+    init = initial_state.contiguous() if initial_state is not None else None
     NTB = triton.cdiv(T, _BT)
     dz = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
     dw = torch.empty(B * NTB, C, W, device=x.device, dtype=torch.float32)
     db = torch.empty(B * NTB, C, device=x.device, dtype=torch.float32)
     grid = (NTB, triton.cdiv(C, _BC), B)
-    _conv_bwd_dz_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else x,
-        init,
-        dy,
-        dz,
-        dw,
-        db,
-        T,
-        C,
-        NTB,
+    _causal_conv1d_bwd_dz_kernel[grid](
+        x=x,
+        weight=weight,
+        bias=bias,
+        init=init,
+        dy=dy,
+        dz=dz,
+        dw=dw,
+        db=db,
+        T=T,
+        C=C,
+        NTB=NTB,
         W=W,
         BT=_BT,
         BC=_BC,
@@ -248,13 +254,13 @@ def causal_conv1d_bwd(
     )
     dxe = torch.empty(B, T + W - 1, C, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(T + W - 1, _BT), triton.cdiv(C, _BC), B)
-    _conv_bwd_dx_kernel[grid](
-        dz,
-        weight,
-        dfinal.contiguous() if dfinal is not None else dz,
-        dxe,
-        T,
-        C,
+    _causal_conv1d_bwd_dx_kernel[grid](
+        dz=dz,
+        weight=weight,
+        dfinal=dfinal.contiguous() if dfinal is not None else None,
+        dx=dxe,
+        T=T,
+        C=C,
         W=W,
         BT=_BT,
         BC=_BC,

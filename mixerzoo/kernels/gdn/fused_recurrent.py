@@ -17,7 +17,7 @@ __all__ = ["fused_recurrent_gdn_fwd"]
 
 
 @triton.jit
-def _fused_recurrent_fwd_kernel(
+def _gdn_fused_recurrent_fwd_kernel(
     q,
     k,
     v,
@@ -108,18 +108,18 @@ def fused_recurrent_gdn_fwd(
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
     grid = (triton.cdiv(V, BV), N * H)
-    _fused_recurrent_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        g,
-        beta,
-        initial_state.contiguous() if initial_state is not None else ht,
-        o,
-        ht,
-        cu,
-        scale,
-        T,
+    _gdn_fused_recurrent_fwd_kernel[grid](
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        h0=initial_state.contiguous() if initial_state is not None else None,
+        o=o,
+        ht=ht,
+        cu_seqlens=cu,
+        scale=scale,
+        T=T,
         H=H,
         K=K,
         V=V,

@@ -14,11 +14,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._triton import tl, triton
+from .._triton import LOG2E, dot_precision, softmax_step, tl, triton
 from .reference import swa_decode_ref
-from .swa import _any_nonfinite, _check_triton, _mask_scores, _precision, check_index_tensor
-
-LOG2E = 1.4426950408889634
+from .swa import _any_nonfinite, _check_triton, _mask_scores, check_index_tensor
 
 
 @triton.jit
@@ -57,14 +55,7 @@ def _decode_blocks(
         dist = b_qp[:, None] - b_kp[None, :]
         vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
         b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        # [BR, BN] @ [BN, D] -> [BR, D]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(b_s, b_v, m_i, l_i, acc, qk_scale, PREC, SCALED=True, SAFE=True)
     return acc, m_i, l_i
 
 
@@ -89,9 +80,6 @@ def _swa_decode_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
     TQ: tl.constexpr,
     G: tl.constexpr,
     HKV: tl.constexpr,
@@ -100,6 +88,7 @@ def _swa_decode_kernel(
     BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # o is addressed with q's strides (both contiguous); the caches keep theirs (any slot-major layout)
     # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
     # key/value load; rows r = g * TQ + i
     i_bh = tl.program_id(0).to(tl.int64)
@@ -140,7 +129,7 @@ def _swa_decode_kernel(
             EXACT=True,
         )
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    p_o = o + i_b * stride_ob + i_t[:, None] * stride_ot + (i_hk * G + i_g)[:, None] * stride_oh + o_d[None, :]
+    p_o = o + i_b * stride_qb + i_t[:, None] * stride_qt + (i_hk * G + i_g)[:, None] * stride_qh + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
@@ -203,28 +192,25 @@ def swa_decode_fwd(
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     BN = 64 if (interp or BR * D > 64 * 128) else 128
     _swa_decode_kernel[(B * HKV,)](
-        q,
-        k_cache,
-        v_cache,
-        o,
-        cache_pos,
-        q_pos,
-        N,
-        window_size,
-        num_sinks,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
+        q=q,
+        k=k_cache,
+        v=v_cache,
+        o=o,
+        kpos=cache_pos,
+        qpos=q_pos,
+        N=N,
+        W=window_size,
+        S=num_sinks,
+        qk_scale=scale * LOG2E,
+        stride_qb=q.stride(0),
+        stride_qt=q.stride(1),
+        stride_qh=q.stride(2),
+        stride_kb=k_cache.stride(0),
+        stride_kn=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0),
+        stride_vn=v_cache.stride(1),
+        stride_vh=v_cache.stride(2),
         TQ=TQ,
         G=G,
         HKV=HKV,
@@ -233,7 +219,7 @@ def swa_decode_fwd(
         BN=BN,
         num_warps=4,
         num_stages=1 if interp else 3,
-        PREC=_precision(q),
+        PREC=dot_precision(q),
     )
     return o
 

@@ -15,10 +15,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
-from .._triton import tl, triton
+from .._triton import LOG2E, LOG2E_JIT, dot_precision, softmax_step, tl, triton
 from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
-
-LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -90,7 +88,6 @@ def _fwd_inner(
     S,
     qk_scale,
     stride_kt,
-    stride_vt,
     BN: tl.constexpr,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
@@ -118,11 +115,11 @@ def _fwd_inner(
             b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
         elif MODE == 0:
             b_k = tl.load(p_k + n0 * stride_kt)
-            b_v = tl.load(p_v + n0 * stride_vt)
+            b_v = tl.load(p_v + n0 * stride_kt)
         else:
             m_j = (o_j < T) & (o_j >= P)
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
-            b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + n0 * stride_kt, mask=m_j[:, None], other=0.0)
         # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
         # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
@@ -135,18 +132,8 @@ def _fwd_inner(
         if MODE == 2:
             vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
             b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
-        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-        if MODE == 0:  # fully visible blocks come after the first window block: every row has a max
-            m_safe = m_new
-        else:
-            # rows with nothing visible yet keep m = -inf; exp2 against 0 gives exact zeros, not NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s * qk_scale - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        # [BM, BN] @ [BN, D] -> [BM, D]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        m_i = m_new
+        # fully visible blocks (MODE 0) come after the first window block: every row has a max, no -inf guard
+        m_i, l_i, acc = softmax_step(b_s, b_v, m_i, l_i, acc, qk_scale, PREC, SCALED=False, SAFE=MODE != 0)
     return acc, m_i, l_i
 
 
@@ -167,7 +154,6 @@ def _fwd_sinks(
     S,
     qk_scale,
     stride_kt,
-    stride_vt,
     BM: tl.constexpr,
     BS: tl.constexpr,
     PREC: tl.constexpr,
@@ -178,7 +164,7 @@ def _fwd_sinks(
         if m0 + BM - 1 - P >= W:
             o_s = tl.arange(0, BS)
             p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
-            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
+            p_vs = v_base + o_s[:, None] * stride_kt + o_d[None, :]
             acc, m_i, l_i = _fwd_inner(
                 acc,
                 m_i,
@@ -196,7 +182,6 @@ def _fwd_sinks(
                 S,
                 qk_scale,
                 stride_kt,
-                stride_vt,
                 BS,
                 2,
                 PREC=PREC,
@@ -223,12 +208,6 @@ def _swa_fwd_kernel(
     stride_kb,
     stride_kt,
     stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -240,6 +219,7 @@ def _swa_fwd_kernel(
     TMA: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides)
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -256,9 +236,9 @@ def _swa_fwd_kernel(
     p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=(o_m < T)[:, None], other=0.0)  # stays in registers for the whole key loop
     k_base = k + i_b * stride_kb + i_hk * stride_kh
-    v_base = v + i_b * stride_vb + i_hk * stride_vh
+    v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
-    p_v = v_base + o_n[:, None] * stride_vt + o_d[None, :]
+    p_v = v_base + o_n[:, None] * stride_kt + o_d[None, :]
 
     acc = tl.zeros([BM, D], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -289,7 +269,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
@@ -303,7 +282,7 @@ def _swa_fwd_kernel(
         # The 3-D load compiles to the same TMA copy into a [BN, D] tile (sm_90, Triton 3.9). Padding slots
         # (keys before pad[b]) are in bounds and may hold anything, so HAS_PAD keeps its masked loads.
         d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_vb, stride_vt, BN, D)
+        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         acc, m_i, l_i = _fwd_inner(
             acc,
             m_i,
@@ -321,7 +300,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             3,
             PREC=PREC,
@@ -350,7 +328,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             3,
             PREC=PREC,
@@ -375,7 +352,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
@@ -397,7 +373,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             0,
             PREC=PREC,
@@ -419,13 +394,12 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
         )
     acc, m_i, l_i = _fwd_sinks(
-        acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, stride_vt, BM, BS, PREC
+        acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC
     )
     # A NaN / Inf anywhere in a V tile above reaches every row of the block (p = 0 times NaN is NaN), also rows
     # that cannot see it; it shows in the accumulator, and only then is the block computed again with every
@@ -445,7 +419,7 @@ def _swa_fwd_kernel(
             l_i,
             b_q,
             k_base + o_x[:, None] * stride_kt + o_d[None, :],
-            v_base + o_x[:, None] * stride_vt + o_d[None, :],
+            v_base + o_x[:, None] * stride_kt + o_d[None, :],
             o_m,
             o_x,
             lo,
@@ -456,7 +430,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             16,
             1,
             PREC=PREC,
@@ -478,7 +451,6 @@ def _swa_fwd_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BM,
             BS,
             PREC,
@@ -487,10 +459,10 @@ def _swa_fwd_kernel(
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    p_o = o + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=(o_m < T)[:, None])
     # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
-    b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_JIT)
     tl.store(lse + i_bh * T + o_m, b_lse, mask=o_m < T)
 
 
@@ -500,12 +472,9 @@ def _swa_bwd_preprocess_kernel(
     do,
     delta,
     T,
-    stride_ob,
-    stride_ot,
-    stride_oh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
+    stride_qb,
+    stride_qt,
+    stride_qh,
     HQ: tl.constexpr,
     D: tl.constexpr,
     BM: tl.constexpr,
@@ -515,9 +484,9 @@ def _swa_bwd_preprocess_kernel(
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_m = (o_m < T)[:, None]
-    b_o = tl.load(o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :], mask=m_m, other=0.0)
+    b_o = tl.load(o + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m, other=0.0)
     b_do = tl.load(
-        do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :], mask=m_m, other=0.0
+        do + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m, other=0.0
     )
     tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=o_m < T)
 
@@ -542,7 +511,6 @@ def _dkdv_inner(
     S,
     qk_scale,
     stride_qt,
-    stride_dot,
     BM: tl.constexpr,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
@@ -568,16 +536,16 @@ def _dkdv_inner(
             b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
         elif MODE == 0:
             b_q = tl.load(p_q + m0 * stride_qt)
-            b_do = tl.load(p_do + m0 * stride_dot)
+            b_do = tl.load(p_do + m0 * stride_qt)
             b_lse = tl.load(p_lse + m0)
             b_delta = tl.load(p_delta + m0)
         else:
             b_q = tl.load(p_q + m0 * stride_qt, mask=m_m[:, None], other=0.0)
-            b_do = tl.load(p_do + m0 * stride_dot, mask=m_m[:, None], other=0.0)
+            b_do = tl.load(p_do + m0 * stride_qt, mask=m_m[:, None], other=0.0)
             b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
         # log2 units once per query row, so that each score costs one FMA inside exp2
-        b_lse = b_lse * 1.4426950408889634
+        b_lse = b_lse * LOG2E_JIT
         # transposed scores: [BN, D] @ [D, BM] -> [BN, BM]
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
         b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
@@ -621,12 +589,6 @@ def _swa_bwd_dkdv_kernel(
     stride_kb,
     stride_kt,
     stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -653,7 +615,7 @@ def _swa_bwd_dkdv_kernel(
     o_d = tl.arange(0, D)
     m_n = (o_n < T)[:, None]
     b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
-    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n, other=0.0)
+    b_v = tl.load(v + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
 
@@ -667,7 +629,7 @@ def _swa_bwd_dkdv_kernel(
             for i_g in range(G):
                 i_h = i_hk * G + i_g
                 p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-                p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+                p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
                 p_lse = lse + (i_b * HQ + i_h) * T + o_mb
                 p_delta = delta + (i_b * HQ + i_h) * T + o_mb
                 b_dk, b_dv = _dkdv_inner(
@@ -689,7 +651,6 @@ def _swa_bwd_dkdv_kernel(
                     S,
                     qk_scale,
                     stride_qt,
-                    stride_dot,
                     BM,
                     1,
                     PREC=PREC,
@@ -698,7 +659,7 @@ def _swa_bwd_dkdv_kernel(
         # Q / dO tiles by TMA, descriptors over [B, T, HQ * D] (see _swa_fwd_kernel); lse / delta (one
         # float per query) keep their masked loads
         d_q = _rows_descriptor(q, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
-        d_do = _rows_descriptor(do, tl.num_programs(1) // HKV, T, HQ * D, stride_dob, stride_dot, BM, D)
+        d_do = _rows_descriptor(do, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
         for i_g in range(G):
             i_h = i_hk * G + i_g
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
@@ -722,7 +683,6 @@ def _swa_bwd_dkdv_kernel(
                 S,
                 qk_scale,
                 stride_qt,
-                stride_dot,
                 BM,
                 3,
                 PREC=PREC,
@@ -737,7 +697,7 @@ def _swa_bwd_dkdv_kernel(
         for i_g in range(G):
             i_h = i_hk * G + i_g
             p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+            p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
             b_dk, b_dv = _dkdv_inner(
@@ -759,7 +719,6 @@ def _swa_bwd_dkdv_kernel(
                 S,
                 qk_scale,
                 stride_qt,
-                stride_dot,
                 BM,
                 3,
                 PREC=PREC,
@@ -770,7 +729,7 @@ def _swa_bwd_dkdv_kernel(
         for i_g in range(G):
             i_h = i_hk * G + i_g
             p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+            p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
             b_dk, b_dv = _dkdv_inner(
@@ -792,7 +751,6 @@ def _swa_bwd_dkdv_kernel(
                 S,
                 qk_scale,
                 stride_qt,
-                stride_dot,
                 BM,
                 1,
                 PREC=PREC,
@@ -816,7 +774,6 @@ def _swa_bwd_dkdv_kernel(
                 S,
                 qk_scale,
                 stride_qt,
-                stride_dot,
                 BM,
                 0,
                 PREC=PREC,
@@ -840,7 +797,6 @@ def _swa_bwd_dkdv_kernel(
                 S,
                 qk_scale,
                 stride_qt,
-                stride_dot,
                 BM,
                 1,
                 PREC=PREC,
@@ -853,7 +809,7 @@ def _swa_bwd_dkdv_kernel(
         mask=m_n,
     )
     tl.store(
-        dv + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :],
+        dv + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
         b_dv.to(dv.dtype.element_ty),
         mask=m_n,
     )
@@ -882,12 +838,6 @@ def _swa_bwd_dkdv_sink_kernel(
     stride_kb,
     stride_kt,
     stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -910,7 +860,7 @@ def _swa_bwd_dkdv_sink_kernel(
     o_d = tl.arange(0, D)
     m_n = ((o_n < T) & (o_n < P + S))[:, None]
     b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
-    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n, other=0.0)
+    b_v = tl.load(v + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
     b_dk = tl.zeros([BS, D], dtype=tl.float32)
     b_dv = tl.zeros([BS, D], dtype=tl.float32)
     m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
@@ -918,7 +868,7 @@ def _swa_bwd_dkdv_sink_kernel(
     for i_g in range(G):
         i_h = i_hk * G + i_g
         p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-        p_do = do + i_b * stride_dob + i_h * stride_doh + o_mb[:, None] * stride_dot + o_d[None, :]
+        p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
         p_lse = lse + (i_b * HQ + i_h) * T + o_mb
         p_delta = delta + (i_b * HQ + i_h) * T + o_mb
         b_dk, b_dv = _dkdv_inner(
@@ -940,7 +890,6 @@ def _swa_bwd_dkdv_sink_kernel(
             S,
             qk_scale,
             stride_qt,
-            stride_dot,
             BM,
             2,
             PREC=PREC,
@@ -970,7 +919,6 @@ def _dq_inner(
     S,
     qk_scale,
     stride_kt,
-    stride_vt,
     BN: tl.constexpr,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
@@ -991,11 +939,11 @@ def _dq_inner(
             b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
         elif MODE == 0:
             b_k = tl.load(p_k + n0 * stride_kt)
-            b_v = tl.load(p_v + n0 * stride_vt)
+            b_v = tl.load(p_v + n0 * stride_kt)
         else:
             m_j = (o_j < T) & (o_j >= P)
             b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
-            b_v = tl.load(p_v + n0 * stride_vt, mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + n0 * stride_kt, mask=m_j[:, None], other=0.0)
         # [BM, D] @ [D, BN] -> [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         b_p = tl.math.exp2(b_s * qk_scale - b_lse[:, None])
@@ -1036,12 +984,6 @@ def _swa_bwd_dq_kernel(
     stride_kb,
     stride_kt,
     stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -1070,16 +1012,16 @@ def _swa_bwd_dq_kernel(
         q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None], other=0.0
     )
     b_do = tl.load(
-        do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :],
+        do + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
         mask=m_m[:, None],
         other=0.0,
     )
-    b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
     b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
-    v_base = v + i_b * stride_vb + i_hk * stride_vh
+    v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
-    p_v = v_base + o_n[:, None] * stride_vt + o_d[None, :]
+    p_v = v_base + o_n[:, None] * stride_kt + o_d[None, :]
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
 
     lo = tl.maximum(m0 - W + 1, P)
@@ -1106,7 +1048,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
@@ -1114,7 +1055,7 @@ def _swa_bwd_dq_kernel(
     elif ONE_LOOP and TMA:
         # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
         d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_vb, stride_vt, BN, D)
+        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         b_dq = _dq_inner(
             b_dq,
             b_q,
@@ -1133,7 +1074,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             3,
             PREC=PREC,
@@ -1163,7 +1103,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             3,
             PREC=PREC,
@@ -1189,7 +1128,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
@@ -1212,7 +1150,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             0,
             PREC=PREC,
@@ -1235,7 +1172,6 @@ def _swa_bwd_dq_kernel(
             S,
             qk_scale,
             stride_kt,
-            stride_vt,
             BN,
             1,
             PREC=PREC,
@@ -1244,7 +1180,7 @@ def _swa_bwd_dq_kernel(
         if m0 + BM - 1 - P >= W:
             o_s = tl.arange(0, BS)
             p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
-            p_vs = v_base + o_s[:, None] * stride_vt + o_d[None, :]
+            p_vs = v_base + o_s[:, None] * stride_kt + o_d[None, :]
             b_dq = _dq_inner(
                 b_dq,
                 b_q,
@@ -1263,7 +1199,6 @@ def _swa_bwd_dq_kernel(
                 S,
                 qk_scale,
                 stride_kt,
-                stride_vt,
                 BS,
                 2,
                 PREC=PREC,
@@ -1281,12 +1216,6 @@ def _swa_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 _SUPPORTED_D = (16, 32, 64, 128, 256)
-
-
-def _precision(x: torch.Tensor) -> str:
-    """tl.dot precision: exact float32 products for float32 inputs (TF32 would miss the float32
-    tolerances by ~1e-3); half-precision inputs ignore it."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _interpreting() -> bool:
@@ -1445,13 +1374,20 @@ def _check_triton(op: str, q: Tensor) -> None:
         )
 
 
-def _pad_arg(pad: Tensor | None, q: Tensor) -> Tensor:
-    # a dummy pointer when there is no padding: HAS_PAD=False never reads it, so it is left unfilled
-    # (new_zeros would launch a fill kernel on every call)
-    return (
-        pad.to(device=q.device, dtype=torch.int64).contiguous()
-        if pad is not None
-        else q.new_empty(1, dtype=torch.int64)
+def _pad_arg(pad: Tensor | None, q: Tensor) -> Tensor | None:
+    # None without padding: the kernels take it with HAS_PAD=False and never read it
+    return pad.to(device=q.device, dtype=torch.int64).contiguous() if pad is not None else None
+
+
+def _strides(q: Tensor, k: Tensor) -> dict:
+    # after .contiguous(), q, o, do, dq share q's strides and k, v, dk, dv share k's: one set each
+    return dict(
+        stride_qb=q.stride(0),
+        stride_qt=q.stride(1),
+        stride_qh=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kt=k.stride(1),
+        stride_kh=k.stride(2),
     )
 
 
@@ -1488,28 +1424,17 @@ def swa_fwd(
         k, v = _tma_operands(k, v)
     grid = (triton.cdiv(T, BM), B * HQ)
     _swa_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        _pad_arg(pad, q),
-        T,
-        window_size,
-        num_sinks,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        lse=lse,
+        pad=_pad_arg(pad, q),
+        T=T,
+        W=window_size,
+        S=num_sinks,
+        qk_scale=scale * LOG2E,
+        **_strides(q, k),
         HQ=HQ,
         G=G,
         D=D,
@@ -1519,7 +1444,7 @@ def swa_fwd(
         HAS_PAD=pad is not None,
         **loops,
         **cfg,
-        PREC=_precision(q),
+        PREC=dot_precision(q),
     )
     return o, lse
 
@@ -1571,54 +1496,38 @@ def swa_bwd(
 
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     BMp = 64
+    strides = _strides(q, k)
     _swa_bwd_preprocess_kernel[(triton.cdiv(T, BMp), B * HQ)](
-        o,
-        do,
-        delta,
-        T,
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
+        o=o,
+        do=do,
+        delta=delta,
+        T=T,
+        stride_qb=strides["stride_qb"],
+        stride_qt=strides["stride_qt"],
+        stride_qh=strides["stride_qh"],
         HQ=HQ,
         D=D,
         BM=BMp,
-    )
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
     _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
-        q_dkdv,
-        k,
-        v,
-        do_dkdv,
-        lse,
-        delta,
-        dk,
-        dv,
-        pad_t,
-        T,
-        W,
-        S,
-        scale * LOG2E,
-        scale,
-        *strides,
+        q=q_dkdv,
+        k=k,
+        v=v,
+        do=do_dkdv,
+        lse=lse,
+        delta=delta,
+        dk=dk,
+        dv=dv,
+        pad=pad_t,
+        T=T,
+        W=W,
+        S=S,
+        qk_scale=scale * LOG2E,
+        sm_scale=scale,
+        **strides,
         HQ=HQ,
         G=G,
         D=D,
@@ -1627,7 +1536,7 @@ def swa_bwd(
         HAS_PAD=has_pad,
         **loops,
         **cfg,
-        PREC=_precision(q),
+        PREC=dot_precision(q),
     )
     if S > 0 and T > W:
         BS = _sink_block(S)
@@ -1636,22 +1545,22 @@ def swa_bwd(
         dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
         _swa_bwd_dkdv_sink_kernel[(n_chunks, B * HKV)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk_part,
-            dv_part,
-            pad_t,
-            T,
-            W,
-            S,
-            scale * LOG2E,
-            scale,
-            chunk,
-            *strides,
+            q=q,
+            k=k,
+            v=v,
+            do=do,
+            lse=lse,
+            delta=delta,
+            dk_part=dk_part,
+            dv_part=dv_part,
+            pad=pad_t,
+            T=T,
+            W=W,
+            S=S,
+            qk_scale=scale * LOG2E,
+            sm_scale=scale,
+            CHUNK=chunk,
+            **strides,
             HQ=HQ,
             G=G,
             D=D,
@@ -1659,12 +1568,12 @@ def swa_bwd(
             BS=BS,
             HAS_PAD=has_pad,
             **cfg,
-            PREC=_precision(q),
+            PREC=dot_precision(q),
         )
         # add the sink keys' far-query parts: key slot pad[b] + s for s < min(S, T - pad[b])
         n = min(S, BS)
         idx = torch.arange(n, device=q.device).expand(B, n)  # [B, n]
-        if has_pad:  # without padding pad_t is an unfilled dummy
+        if has_pad:
             idx = pad_t[:, None] + idx
         ok = idx < T
         idx = idx.clamp(max=T - 1)
@@ -1677,20 +1586,20 @@ def swa_bwd(
     cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
     k_dq, v_dq = _tma_operands(k, v) if loops["TMA"] else (k, v)
     _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
-        q,
-        k_dq,
-        v_dq,
-        do,
-        lse,
-        delta,
-        dq,
-        pad_t,
-        T,
-        W,
-        S,
-        scale * LOG2E,
-        scale,
-        *strides,
+        q=q,
+        k=k_dq,
+        v=v_dq,
+        do=do,
+        lse=lse,
+        delta=delta,
+        dq=dq,
+        pad=pad_t,
+        T=T,
+        W=W,
+        S=S,
+        qk_scale=scale * LOG2E,
+        sm_scale=scale,
+        **strides,
         HQ=HQ,
         G=G,
         D=D,
@@ -1700,7 +1609,7 @@ def swa_bwd(
         HAS_PAD=has_pad,
         **loops,
         **cfg,
-        PREC=_precision(q),
+        PREC=dot_precision(q),
     )
     return dq, dk, dv
 
