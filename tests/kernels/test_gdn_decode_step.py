@@ -84,5 +84,8 @@ def test_layer_fast_step_on_cuda(K, V, dtype):
         y_ref, _ = m(x[:, 8:], st2)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(y_fast, y_ref.detach(), **tol)
-    torch.testing.assert_close(st.S, st2.S, atol=1e-4, rtol=1e-4)
+    # bf16: the general path rounds the conv outputs and the normalised q, k to bf16, the fused step keeps
+    # them in float32, so S differs by that rounding
+    s_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-3, rtol=5e-2)
+    torch.testing.assert_close(st.S, st2.S, **s_tol)
     torch.testing.assert_close(st.conv, st2.conv)

@@ -20,17 +20,27 @@ __all__ = ["gdn_decode_step", "gdn_decode_step_launch", "gdn_decode_step_ref"]
 
 @triton.jit
 def _gdn_conv_step(U, W, TAIL, c, m, CW: tl.constexpr):
-    """Causal depthwise conv of one new input per channel c (mask m) with its tail (oldest first), SiLU;
-    the tail moves on by one, in place."""
+    """Causal depthwise conv of one new input per channel c (mask m) with its tail (oldest first), then SiLU.
+    Reads the tail only: ``_gdn_tail_shift`` moves it on once every read is done."""
     x = tl.load(U + c, mask=m, other=0.0).to(tl.float32)
     y = tl.load(W + c * CW + (CW - 1), mask=m, other=0.0).to(tl.float32) * x
     for j in tl.static_range(CW - 1):
-        t = tl.load(TAIL + c * (CW - 1) + j, mask=m, other=0.0)
-        y += tl.load(W + c * CW + j, mask=m, other=0.0).to(tl.float32) * t.to(tl.float32)
-        if j > 0:
-            tl.store(TAIL + c * (CW - 1) + (j - 1), t, mask=m)
-    tl.store(TAIL + c * (CW - 1) + (CW - 2), x.to(TAIL.dtype.element_ty), mask=m)
+        t = tl.load(TAIL + c * (CW - 1) + j, mask=m, other=0.0).to(tl.float32)
+        y += tl.load(W + c * CW + j, mask=m, other=0.0).to(tl.float32) * t
     return y * tl.sigmoid(y)
+
+
+@triton.jit
+def _gdn_tail_shift(U, TAIL, c, m, CW: tl.constexpr):
+    """tail[c] <- (tail[c][1:], u[c]) in place. A vector's elements may be held by threads of several warps,
+    which do not run in step: a barrier separates every read from the write that overwrites it."""
+    for j in tl.static_range(CW - 2):
+        t = tl.load(TAIL + c * (CW - 1) + (j + 1), mask=m, other=0.0)
+        tl.debug_barrier()
+        tl.store(TAIL + c * (CW - 1) + j, t, mask=m)
+        tl.debug_barrier()
+    x = tl.load(U + c, mask=m, other=0.0)
+    tl.store(TAIL + c * (CW - 1) + (CW - 2), x.to(TAIL.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -91,12 +101,18 @@ def _gdn_decode_step_kernel(
         s = tl.load(p_s, mask=ms, other=0.0) * alpha
         u = beta * (v - tl.sum(k[:, None] * s, 0))
         s += k[:, None] * u[None, :]
+        tl.debug_barrier()  # every read of this S tile before it is overwritten (see _gdn_tail_shift)
         tl.store(p_s, s, mask=ms)
         o = scale * tl.sum(q[:, None] * s, 0)
         o = tl.where(mv, o, 0.0)
         sumsq += tl.sum(o * o)
         tl.store(o_base + ov, o, mask=mv)
-    tl.debug_barrier()  # the program's own writes of O32 above, read back whole below
+    tl.debug_barrier()  # the program's own writes of O32 above, read back whole below; every tail read done
+    _gdn_tail_shift(QI + b * H * K, tail, h * K + ok, mk, CW)
+    _gdn_tail_shift(KI + b * H * K - H * K, tail, H * K + h * K + ok, mk, CW)
+    for v0 in tl.range(0, V, BV):
+        ov = v0 + tl.arange(0, BV)
+        _gdn_tail_shift(VI + b * H * V - 2 * H * K, tail, 2 * H * K + h * V + ov, ov < V, CW)
     oa = tl.arange(0, BVA)
     ma = oa < V
     o = tl.load(o_base + oa, mask=ma, other=0.0)
