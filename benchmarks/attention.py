@@ -1,6 +1,7 @@
 """Attention benchmarks on the GPU: swa / swa_sink (Triton) against FlexAttention with the same mask and
 flash-linear-attention's parallel_attn, full_attention's mixer path against raw SDPA, and SWA decode steps;
-all anchors measured in the same run. Every section needs a CUDA GPU.
+all anchors measured in the same run, flash-attn 4 (flash_attn.cute, rows "fa4") too when it is installed.
+Every section needs a CUDA GPU.
 
     python benchmarks/attention.py                       # check + tune + swa + full + decode
     python benchmarks/attention.py --sections check,swa  # a subset
@@ -103,6 +104,24 @@ def banded_reference(q, k, v, do, window: int, sinks: int, chunk: int = 2048):
     o = torch.cat(outs, 1)
     dq, dk, dv = torch.autograd.grad(o, (qf, kf, vf), do.float())
     return o.detach(), dq, dk, dv
+
+
+def _fa4_attn(window: int | None, log: list[str]):
+    """flash-attn 4's causal (window ``(W - 1, 0)``: keys t - W < j <= t) attention on [B, T, H, D], or None
+    (noted in the log) when flash_attn.cute does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as e:
+        note = f"fa4 rows skipped: flash-attn 4 does not import ({type(e).__name__}: {e}; pip install flash-attn-4)"
+        if note not in log:
+            log.append(note)
+        return None
+    left = None if window is None else window - 1
+
+    def attn(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, window_size=(left, 0))[0]
+
+    return attn
 
 
 def make_qkv(B, T, HQ=H, HKV=H, Dh=D, grad=False):
@@ -456,6 +475,9 @@ def section_swa(rows: list[dict], log: list[str]) -> None:
             }
             if parallel_attn is not None and Sc == 0:
                 impls["fla"] = functools.partial(parallel_attn, window_size=W)
+            fa4 = _fa4_attn(W, log) if Sc == 0 else None  # sinks: no raw flash-attn 4 call
+            if fa4 is not None:
+                impls["fa4"] = fa4
             for impl, attn in impls.items():
                 try:
                     fwd, fwdbwd = fwd_bwd_fns(attn, q, k, v, do)
@@ -514,6 +536,31 @@ def section_full(rows: list[dict], log: list[str]) -> None:
                 timings[name] = (time_ms(fwd), time_ms(fwdbwd), peak_mem_mb(fwdbwd))
             except Exception as e:
                 log.append(f"sdpa {name} B={B} T={T} failed: {type(e).__name__}: {e}")
+        fa4 = _fa4_attn(None, log)
+        if fa4 is not None:
+            try:
+                fwd, fwdbwd = fwd_bwd_fns(fa4, q, k, v, do)
+                f_ms, fb_ms = time_ms(fwd), time_ms(fwdbwd)
+                rows.append(
+                    dict(
+                        op="full_attention",
+                        impl="fa4",
+                        T=T,
+                        B=B,
+                        H=H,
+                        D=D,
+                        fwd_ms=round(f_ms, 4),
+                        fwdbwd_ms=round(fb_ms, 4),
+                        peak_mem_mb=round(peak_mem_mb(fwdbwd), 1),
+                        note=(
+                            f"raw flash-attn 4 [B,T,H,D] causal; fwd {tflops(B, T, pairs, f_ms, False):.0f} TFLOP/s, "
+                            f"fwd+bwd {tflops(B, T, pairs, fb_ms, True):.0f} TFLOP/s"
+                        ),
+                    )
+                )
+            except Exception as e:
+                traceback.print_exc()
+                log.append(f"full_attention fa4 B={B} T={T} failed: {type(e).__name__}: {e}")
         if timings:
             best = min(timings, key=lambda n: timings[n][1])
             f_ms, fb_ms, mem = timings[best]

@@ -3,14 +3,14 @@
     python benchmarks/check_backends.py          # prints a table; writes $OUT/backends.json (or ./backends.json)
     python benchmarks/check_backends.py --device cpu --small --backends sdpa     # a dry run of the script
 
-For each backend (sdpa, flex, and flash_attn / xformers when importable) and a few shapes (GQA, left
-padding, T not a multiple of a tile): the parallel forward and the input gradient, in bf16, against dense
-float32 attention computed from the same weights (relative RMSE; allowed 1e-2 for outputs, 2e-2 for
-gradients). Also the KV-cache path (prefill + decode) against the same reference. A backend that
-cannot be built here is listed with its error and install hint, not checked; when none of the asked
-backends can be built, the script exits with status 2. FlexAttention runs in eager mode here (an unfused
-implementation: right for checking, not for timing). --device cuda (the default) needs a CUDA GPU;
---device cpu runs on the CPU.
+For each backend (sdpa, flex, and flash_attn / xformers when importable; flash_attn is flash-attn 4 when
+installed, else flash-attn 2, and the output names which) and a few shapes (GQA, left padding, T not a
+multiple of a tile): the parallel forward and the input gradient, in bf16, against dense float32 attention
+computed from the same weights (relative RMSE; allowed 1e-2 for outputs, 2e-2 for gradients). Also the
+KV-cache path (prefill + decode) against the same reference. A backend that cannot be built here is listed
+with its error and install hint, not checked; when none of the asked backends can be built, the script exits
+with status 2. FlexAttention runs in eager mode here (an unfused implementation: right for checking, not for
+timing). --device cuda (the default) needs a CUDA GPU; --device cpu runs on the CPU.
 """
 
 from __future__ import annotations
@@ -129,12 +129,15 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference
     cases = [(2, 37, 64, 4, 2, None), (2, 45, 64, 4, 4, (0, 7))] if args.small else CASES
-    rows, unavailable = [], {}
+    rows, unavailable, packages = [], {}, {}
     for backend in names:
         try:
-            registry.build("full_attention", hidden_size=64, num_heads=4, backend=backend)
+            m = registry.build("full_attention", hidden_size=64, num_heads=4, backend=backend)
         except (ImportError, RuntimeError) as e:
             unavailable[backend] = f"{type(e).__name__}: {e}"
+            continue
+        if m.flash_attn is not None:
+            packages[backend] = m.flash_attn.name
     if len(unavailable) == len(names):
         refuse(
             f"check_backends.py: none of the backends {','.join(names)} can run here: "
@@ -157,6 +160,8 @@ def main(argv=None) -> int:
                 f"{r.get(c, '-'):>14.3e}" if isinstance(r.get(c), float) else f"{r.get(c, '-')!s:>14}" for c in cols
             )
         )
+    for b, name in packages.items():
+        print(f"{b}: {name}")
     for b, e in unavailable.items():
         print(f"{b}: not run here ({e})")
     doc = {
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "tolerance": {"out_rel_rmse": TOL_OUT, "dx_rel_rmse": TOL_GRAD, "cache_rel_rmse": TOL_OUT},
         "rows": rows,
+        "packages": packages,
         "unavailable": unavailable,
     }
     out = pathlib.Path(os.environ.get("OUT", "."))

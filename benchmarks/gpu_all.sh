@@ -7,9 +7,9 @@
 #   eviction   checks, training timings against FlexAttention, memory, decode
 # Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all, in the order above)
 # Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
-# xformers, the CUDA 12 runtime) are installed to /tmp/site first. The benchmarks write
-# benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another checkout with
-# `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
+# xformers, the CUDA 12 runtime, flash-attn 4) go to /tmp/site first (benchmarks/install_wheels.sh). The
+# benchmarks write benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another
+# checkout with `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
 usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; }
 all=(tests backends attention gdn eviction)
@@ -28,11 +28,8 @@ if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 fi
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then # fla-core, xformers and the CUDA 12 runtime, carried as wheels
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-    # the PyPI xformers wheel is built against CUDA 12: its runtime (nvidia-cuda-runtime-cu12, carried too)
-    export LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
+if ls .whl/*.whl .whl/fa4/small/*.whl >/dev/null 2>&1; then # fla-core, xformers, flash-attn 4: carried as wheels
+    exports=$(bash benchmarks/install_wheels.sh /tmp/site) && eval "$exports"
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
 rc=0

@@ -1,6 +1,6 @@
 """Full causal softmax attention (Vaswani et al. 2017) with RoPE and GQA, the baseline of every hybrid.
 
-The parallel form runs through a chosen backend (torch SDPA, flash-attn, xformers, FlexAttention);
+The parallel form runs through a chosen backend (torch SDPA, flash-attn 4 or 2, xformers, FlexAttention);
 decode keeps a KV cache of capacity ``max_seqlen`` and attends over it with torch SDPA.
 """
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..mixers.attention_common import AttentionMixer, check_attention_heads, masked_attention, visible
-from ..mixers.base import MixerConfig, State, positions_and_pad, state_dataclass, state_field
+from ..mixers.base import MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
 from ..registry.core import register
 from .backends import BACKENDS, load_backend
 
@@ -24,8 +24,8 @@ class FullAttentionConfig(MixerConfig):
     """Causal multi-head / grouped-query attention.
 
     num_kv_heads: key/value heads (GQA); None = num_heads.   head_dim: None = hidden_size // num_heads.
-    backend:      parallel-form kernel: "sdpa" (torch picks cuDNN or flash), "flash_attn", "xformers",
-                  "flex". A backend that is not installed or cannot run here fails at construction.
+    backend:      parallel-form kernel: "sdpa" (torch picks cuDNN or flash), "flash_attn" (flash-attn 4, else 2;
+                  CUDA, float16 / bfloat16), "xformers", "flex". One not installed or unable to run here fails at build.
     max_seqlen:   KV-cache capacity of init_state when it is not given there.
     """
 
@@ -66,7 +66,9 @@ class FullAttention(AttentionMixer):
 
     def __init__(self, config: FullAttentionConfig):
         super().__init__(config)
-        self._attend = load_backend(config.backend)
+        self._attend = load_backend(config.backend, head_dim=self.head_dim)
+        # backend="flash_attn": which flash-attn runs (``.version`` 4 or 2, ``.name``); None for the other backends
+        self.flash_attn = getattr(self._attend, "flash_attn", None)
 
     # -- state -----------------------------------------------------------------------------------
     def init_state(
@@ -141,16 +143,4 @@ class FullAttention(AttentionMixer):
         return torch.where(seen_bad[..., None], float("nan"), o)
 
     def _check_capacity(self, state: FullAttentionState, T: int) -> None:
-        L = state.k.shape[1]
-        if torch.compiler.is_compiling() or (state.k.is_cuda and torch.cuda.is_current_stream_capturing()):
-            # no host read while compiling or capturing a CUDA graph: a device assert instead
-            torch._assert_async(
-                state.seen + T <= L, f"{self.name}: decoding past max_seqlen={L} (the KV cache is full)"
-            )
-            return
-        seen = int(state.seen)
-        if seen + T > L:
-            raise ValueError(
-                f"{self.name}: decoding {T} tokens at position {seen} exceeds max_seqlen={L} "
-                f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
-            )
+        check_capacity(self.name, state, T, state.k.shape[1])

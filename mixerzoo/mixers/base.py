@@ -550,3 +550,21 @@ def positions_and_pad(
 def live_pad(state: State) -> Tensor:
     """``state.pad`` without the ENDED mark: [B] leading padding of each row."""
     return torch.where(state.pad >= ENDED, state.pad - ENDED, state.pad)
+
+
+def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
+    """Refuse to write T more tokens into a KV cache of ``capacity`` slots (linear-growth mixers).
+
+    Eager, this reads ``state.seen`` on the host and raises ValueError; while compiling or capturing a CUDA
+    graph it is an asynchronous device assert (no host read is possible there)."""
+    seen_t = state.seen
+    if torch.compiler.is_compiling() or (seen_t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        msg = f"{name}: decoding past max_seqlen={capacity} (the KV cache is full)"
+        torch._assert_async(seen_t + T <= capacity, msg)
+        return
+    seen = int(seen_t)
+    if seen + T > capacity:
+        raise ValueError(
+            f"{name}: decoding {T} tokens at position {seen} exceeds max_seqlen={capacity} "
+            f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
+        )

@@ -9,14 +9,18 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..baselines.backends import load_flash_attn
 from ..kernels.swa import swa_attention, swa_decode
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads, masked_attention, self_diagonal, visible
 from .base import MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
+
+SWA_BACKENDS = ("triton", "flash_attn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,17 +29,21 @@ class SWAConfig(MixerConfig):
 
     num_kv_heads: key/value heads (GQA); None = num_heads.   head_dim: None = hidden_size // num_heads.
     window_size:  W, keys per query (the query's own included).   rope_theta: RoPE base.
+    backend:      parallel-form kernel: "triton" (the mixerzoo::swa_attention op) or "flash_attn" (flash-attn 4,
+                  else 2; CUDA, float16 / bfloat16; sinks need flash-attn 4). Calls with a state: unchanged.
     """
 
     num_kv_heads: int | None = None
     head_dim: int | None = None
     window_size: int = 512
     rope_theta: float = 10000.0
+    backend: str = "triton"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_attention_heads(self)
         self.check_int("window_size", minimum=1)
+        self.check_choice("backend", SWA_BACKENDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +88,26 @@ class SWA(AttentionMixer):
     """Sliding-window attention with RoPE and GQA. See the module docstring for the visible set.
 
     Parallel form: the ``mixerzoo::swa_attention`` op (Triton on CUDA, its reference on CPU, which
-    computes in float64 for float64 input), leading padding passed as per-row counts. Decode: one cache of
+    computes in float64 for float64 input), leading padding passed as per-row counts; or, with
+    ``backend="flash_attn"``, flash-attn's sliding-window kernel (see ``_parallel_flash``). Decode: one cache of
     S sink slots and a ring of W (see SWAState); a one-token step writes the token, then runs the
     ``mixerzoo::swa_decode`` op over the cache (Triton on CUDA); per-step cost O(W + S), independent of
-    the length.
+    the length. Calls with a state run the same way whatever the backend.
     """
 
     config: SWAConfig
     state_class = SWAState
+    backends = SWA_BACKENDS
     conformance_kwargs = {"window_size": 8}
 
     def __init__(self, config: SWAConfig):
         super().__init__(config)
         self.window_size = config.window_size
         self.num_sinks = getattr(config, "num_sinks", 0)
+        # backend="flash_attn": which flash-attn runs (``.version`` 4 or 2, ``.name``); None for backend="triton"
+        self.flash_attn = None
+        if config.backend == "flash_attn":
+            self.flash_attn = load_flash_attn(self.name, head_dim=self.head_dim, need_lse=self.num_sinks > 0)
 
     # -- state -----------------------------------------------------------------------------------
     def init_state(
@@ -131,7 +145,66 @@ class SWA(AttentionMixer):
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kpos: Tensor, pad: Tensor | None) -> Tensor:
         """q: [B, T, HQ, Dh], k, v: [B, T, HKV, Dh], pos/kpos: [B, T], pad: [B] or None -> [B, T, HQ, Dh]."""
+        if self.flash_attn is not None:
+            return self._parallel_flash(q, k, v, kpos, pad)
         return swa_attention(q, k, v, window_size=self.window_size, num_sinks=self.num_sinks, scale=self.scale, pad=pad)
+
+    def _parallel_flash(self, q: Tensor, k: Tensor, v: Tensor, kpos: Tensor, pad: Tensor | None) -> Tensor:
+        """The flash_attn backend: flash-attn's window ``window_size=(W - 1, 0)`` (keys t - W < j <= t, padding
+        dropped through its variable-length kernel), and for swa_sink the sinks out of the window added here.
+
+        q: [B, T, HQ, Dh], k, v: [B, T, HKV, Dh], kpos: [B, T] positions (-1 = padding), pad: [B] or None.
+        Non-finite inputs behave as in the swa_attention op: the kernel multiplies masked probabilities (0) by the
+        values of every key of a tile, so non-finite keys and values are zeroed for it, and every query that sees
+        one (in its window, or as a sink) outputs NaN instead.
+        """
+        B, T, HQ, _ = q.shape
+        W, S = self.window_size, self.num_sinks
+        valid = None if pad is None else kpos >= 0  # [B, T]
+        bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
+        k = torch.where(bad[..., None], 0.0, k)
+        v = torch.where(bad[..., None], 0.0, v)
+        sinks = S > 0 and T > W  # otherwise every sink is inside the window of each query that sees it
+        o, lse = self.flash_attn(q, k, v, valid, self.scale, window=W, return_lse=sinks)
+        if sinks:
+            o = self._add_sinks(q, k, v, kpos, pad, o, lse)
+        count = F.pad(bad.int().cumsum(1), (0, 0, 1, 0))  # [B, T + 1, HKV]: bad keys at slots < t
+        t = torch.arange(T, device=q.device)
+        seen = (count[:, 1:] - count[:, (t + 1 - W).clamp(min=0)]) > 0  # a bad key at slots t - W < j <= t
+        if S > 0:
+            sink = ((kpos >= 0) & (kpos < S))[..., None]  # [B, T, 1]
+            seen = seen | ((bad & sink).int().cumsum(1) > 0)
+        seen = seen.repeat_interleave(HQ // k.shape[2], dim=2)  # [B, T, HQ]
+        return torch.where(seen[..., None], float("nan"), o)
+
+    def _add_sinks(
+        self, q: Tensor, k: Tensor, v: Tensor, kpos: Tensor, pad: Tensor | None, o: Tensor, lse: Tensor
+    ) -> Tensor:
+        """Merge the sinks out of each query's window (positions j < S with t - j >= W) into flash-attn's window
+        output ``o`` [B, T, HQ, Dh] through its log-sum-exp ``lse`` [B, T, HQ] (float32, -inf for padding queries).
+
+        softmax over window + sinks = (e^lse * o + sum_j e^(s_j) v_j) / (e^lse + sum_j e^(s_j)), computed in float32
+        with a detached running maximum (the result does not depend on it); O(T * S) next to the kernel's O(T * W).
+        """
+        B, T, HQ, D = q.shape
+        HKV, S, W = k.shape[2], self.num_sinks, self.window_size
+        G = HQ // HKV
+        ids = torch.arange(S, device=q.device)
+        slots = (ids if pad is None else ids + pad[:, None]).expand(B, S).clamp(max=T - 1)  # [B, S]
+        k_s = torch.gather(k, 1, slots[:, :, None, None].expand(B, S, HKV, D)).float()  # [B, S, HKV, Dh]
+        v_s = torch.gather(v, 1, slots[:, :, None, None].expand(B, S, HKV, D)).float()
+        sink_pos = torch.gather(kpos, 1, slots)  # [B, S]: position s where the row has an s-th real token
+        vis = (sink_pos == ids)[:, None, :] & (kpos[:, :, None] - sink_pos[:, None, :] >= W)  # [B, T, S]
+        qg = q.float().reshape(B, T, HKV, G, D)
+        s = torch.einsum("btkgd,bskd->btkgs", qg, k_s) * self.scale  # [B, T, HKV, G, S]
+        s = torch.where(vis[:, :, None, None, :], s, float("-inf"))
+        lse = torch.where(torch.isneginf(lse), 0.0, lse).reshape(B, T, HKV, G)  # padding queries: o is 0 there
+        top = torch.maximum(lse, s.amax(-1)).detach()  # finite: lse is
+        total = top + torch.log(torch.exp(lse - top) + torch.exp(s - top[..., None]).sum(-1))  # [B, T, HKV, G]
+        p = torch.exp(s - total[..., None])  # [B, T, HKV, G, S]; invisible sinks: 0
+        o_s = torch.einsum("btkgs,bskd->btkgd", p, v_s)  # [B, T, HKV, G, Dh]
+        merged = o.float().reshape(B, T, HKV, G, D) * torch.exp(lse - total)[..., None] + o_s
+        return merged.reshape(B, T, HQ, D).to(q.dtype)
 
     def _step(
         self, q: Tensor, k: Tensor, v: Tensor, slot: Tensor, pos: Tensor, kpos: Tensor, state: SWAState

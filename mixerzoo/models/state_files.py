@@ -110,7 +110,14 @@ def read_metadata(path: str | os.PathLike, where: str = "read_metadata") -> dict
     return meta
 
 
+# Config fields that choose how a layer computes or is initialised, not what its state holds: a state saved
+# under one value (or before the field existed) loads under any other.
+STATE_NEUTRAL_FIELDS = frozenset({"backend", "init"})
+
+
 def _first_config_difference(file_cfg: dict[str, Any], here: dict[str, Any]) -> str | None:
+    file_cfg = {k: v for k, v in file_cfg.items() if k not in STATE_NEUTRAL_FIELDS}
+    here = {k: v for k, v in here.items() if k not in STATE_NEUTRAL_FIELDS}
     for k, v in here.items():
         if k not in file_cfg:
             return f"config field {k} is missing from the file (here {v!r})"

@@ -167,3 +167,29 @@ def test_save_refuses_states_of_another_stack(tmp_path):
     with pytest.raises(ValueError, match=r"layer 1 \(swa\): state field 'k_cache' has shape"):
         lm.save_state(tmp_path / "x", [lm.init_state(1)[0], _lm("swa", window_size=4).init_state(1)[0]])
     assert not (tmp_path / "x").exists()
+
+
+def test_state_loads_under_another_backend(tmp_path):
+    """The backend chooses how attention is computed, not what the state holds: a state saved from an sdpa
+    full_attention stack loads into a flex one, and a missing backend field in the file is no mismatch."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mixerzoo.models import HybridLM
+
+    lm = HybridLM(64, "full_attention swa", hidden_size=32, num_heads=2, window_size=4).eval()
+    states = lm.init_state(1, max_seqlen=16)
+    path = tmp_path / "s.safetensors"
+    lm.save_state(path, states)
+    other = HybridLM(64, "full_attention[backend=flex] swa", hidden_size=32, num_heads=2, window_size=4).eval()
+    other.load_state(path)
+    # the same file without the field (as written before the field existed) loads too
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["layers.1.config"])
+    cfg.pop("backend", None)
+    meta["layers.1.config"] = json.dumps(cfg, sort_keys=True)
+    save_file(tensors, tmp_path / "old.safetensors", metadata=meta)
+    lm.load_state(tmp_path / "old.safetensors")
