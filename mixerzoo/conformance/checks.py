@@ -561,7 +561,7 @@ def check_bad_input(case: Case) -> None:
             wrong = type(good)(**{**good.tensors(), k: t.to(torch.int32)})
             _expect(TypeError, (name, k, "int32"), f"an int32 state field {k}", lambda wrong=wrong: mixer(x, wrong))
             break
-    negative = {**good.to_dict(), "seen": torch.tensor(-1)}
+    negative = {**good.to_dict(), "seen": torch.tensor(-1, device=good.seen.device)}
     _expect(ValueError, ("seen", "-1"), "a negative seen counter", lambda: type(good).from_dict(negative))
     state = case.init_state(mixer, B=3)
     _expect(ValueError, (name, "batch size 3"), "state of another batch size", lambda: mixer(x, state))

@@ -1,0 +1,236 @@
+"""NSA launchers (docs/kernels.md): ``nsa_fwd`` / ``nsa_bwd`` pick tiles, allocate outputs and run the Triton
+kernels of ``triton_compress.py`` and ``triton_select.py`` and the window branch through ``kernels/swa``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .._triton import triton
+from ..swa import swa_bwd, swa_fwd
+from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
+from .triton_select import nsa_slc_bwd_dkdv_kernel, nsa_slc_bwd_dq_kernel, nsa_slc_fwd_kernel
+
+__all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
+
+LOG2E = 1.4426950408889634
+SUPPORTED_D = (16, 32, 64, 128)
+SUPPORTED_L = (16, 32, 64, 128)
+MAX_BLOCK_COUNT = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for head dim D, group G and block size L.
+
+    Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two): GPU tiles aim at 64
+    stacked rows (the smallest wgmma tile on sm_90); the interpreter gets narrower key tiles (BC, CH).
+    ``BT_cmp`` tokens per compression program, ``BC`` compressed blocks per key tile, ``BT_slc`` tokens per
+    selection program (divides L), ``BQ`` tokens per step and ``CH`` (block, token) pairs per dK/dV program.
+    Untuned: chosen from the tile shapes, to be swept on the GPU (benchmarks/nsa.py).
+    """
+    GP = _pow2(G)
+    rows = 64
+    bt = max(rows // GP, 1)
+    wide = D > 64 or dtype == torch.float32
+    return {
+        "BT_cmp": bt,
+        "BC": 16 if _interpreting() else (32 if wide else 64),
+        "BT_slc": min(bt, L),
+        "BQ": bt,
+        "CH": 64 if _interpreting() else 256,
+        "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
+        "num_stages": 1 if _interpreting() else 2,
+    }
+
+
+def _precision(x: Tensor) -> str:
+    # exact float32 products for float32 inputs; half precision ignores it
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def check_triton_shapes(op: str, q: Tensor, block_size: int, block_count: int) -> None:
+    """Refuse what the kernels do not take, naming the op, the argument and the allowed values."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"{op}: the Triton kernels take float16, bfloat16 or float32, got {q.dtype} "
+            "(float64 runs on the CPU reference, through nsa_attention on CPU tensors)"
+        )
+    if q.shape[-1] not in SUPPORTED_D:
+        raise ValueError(f"{op}: the Triton kernels take head dims {SUPPORTED_D}, got {q.shape[-1]}")
+    if block_size not in SUPPORTED_L:
+        raise ValueError(f"{op}: the Triton kernels take block_size in {SUPPORTED_L}, got {block_size}")
+    if block_count > MAX_BLOCK_COUNT:
+        raise ValueError(f"{op}: the Triton kernels take block_count <= {MAX_BLOCK_COUNT}, got {block_count}")
+
+
+def _compress(x: Tensor, L: int) -> Tensor:
+    # [B, T, HKV, D] -> [B, T // L, HKV, D]: mean of each complete block, accumulated in float32
+    B, T, H, D = x.shape
+    NC = T // L
+    return x[:, : NC * L].unflatten(1, (NC, L)).float().mean(2).to(x.dtype).contiguous()
+
+
+def nsa_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_win: Tensor,
+    block_size: int,
+    block_count: int,
+    window_size: int,
+    scale: float,
+    *,
+    tiles: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton forward: q [B, T, HQ, D], k / v [B, T, HKV, D], gates [B, T, HQ] ->
+    (o [B, T, HQ, D], ob [3, B, T, HQ, D] branch outputs, lse [2, B, T, HQ] float32 base 2 (compression,
+    selection), lse_win [B, HQ, T] float32, idx [B, T, HKV, n] int32). ``tiles`` overrides ``nsa_tiles``."""
+    check_triton_shapes("nsa_fwd", q, block_size, block_count)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G, L, N = HQ // HKV, block_size, block_count
+    GP, NP = _pow2(G), max(_pow2(N), 16)
+    cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    NC = T // L
+    kc, vc = _compress(k, L), _compress(v, L)
+    ob = q.new_empty(3, B, T, HQ, D)
+    lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
+    idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=_precision(q), **launch)
+    nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+        q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
+        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
+    )  # fmt: skip
+    nsa_slc_fwd_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+        q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
+        N=N, NP=NP, BT=cfg["BT_slc"], **common,
+    )  # fmt: skip
+    if window_size > 0:
+        o_win, lse_win = swa_fwd(q, k, v, window_size, 0, scale)
+        ob[2] = o_win
+    else:
+        ob[2].zero_()
+        lse_win = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
+    gates = torch.stack((g_cmp, g_slc, g_win)).float()[..., None]  # [3, B, T, HQ, 1]
+    o = (gates * ob.float()).sum(0).to(q.dtype)
+    return o, ob, lse, lse_win, idx
+
+
+def _reverse_index(idx: Tensor, T: int, L: int, CH: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """The (block, token) pairs of idx [B, T, HKV, n] sorted by block, and the dK/dV programs' work list: each
+    program one block and a chunk [lo, hi) of at most CH of its pairs. Fixed shapes, no host synchronisation.
+    Returns (pair_tok [B*HKV, T*n], prog_blk, prog_lo, prog_hi [B*HKV, P] int32, P)."""
+    B, _, HKV, N = idx.shape
+    NBS = triton.cdiv(T, L)  # selection blocks, the last one possibly incomplete; NBS marks an unused slot
+    blk = torch.where(idx < 0, NBS, idx).permute(0, 2, 1, 3).reshape(B * HKV, T * N).long()
+    tok = torch.arange(T, device=idx.device).repeat_interleave(N)  # [T * N]
+    key = torch.sort(blk * T + tok).values  # [BH, T * N]
+    pair_tok = (key % T).to(torch.int32)
+    bounds = torch.arange(NBS + 1, device=idx.device) * T
+    start = torch.searchsorted(key, bounds.expand(B * HKV, -1).contiguous())  # [BH, NBS + 1]
+    count = start[:, 1:] - start[:, :-1]
+    chunks = (count + CH - 1) // CH  # [BH, NBS]
+    end = torch.cumsum(chunks, 1)
+    P = triton.cdiv(T * N, CH) + NBS  # at least sum(chunks)
+    p = torch.arange(P, device=idx.device).expand(B * HKV, -1).contiguous()
+    c = torch.searchsorted(end, p, right=True)  # [BH, P]: the block of program p, NBS past the last
+    cc = c.clamp(max=NBS - 1)
+    first = end.gather(1, cc) - chunks.gather(1, cc)  # the block's first program
+    lo = start.gather(1, cc) + (p - first) * CH
+    hi = torch.minimum(lo + CH, start.gather(1, cc + 1))
+    return pair_tok, c.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), P
+
+
+def nsa_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_win: Tensor,
+    ob: Tensor,
+    lse: Tensor,
+    lse_win: Tensor,
+    idx: Tensor,
+    block_size: int,
+    window_size: int,
+    scale: float,
+    *,
+    tiles: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton backward: (dq, dk, dv, dg_cmp, dg_slc, dg_win) in the dtypes of q, k, v and the gates, from the
+    forward's ob, lse, lse_win and idx (see ``nsa_fwd``). The selection passes no gradient."""
+    N = idx.shape[-1]
+    check_triton_shapes("nsa_bwd", q, block_size, N)
+    do, q, k, v = (x.contiguous() for x in (do, q, k, v))
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G, L = HQ // HKV, block_size
+    GP, NP = _pow2(G), max(_pow2(N), 16)
+    cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=_precision(q), **launch)
+    NC = T // L
+    gates = torch.stack((g_cmp, g_slc, g_win))  # [3, B, T, HQ]
+    dg = (do.float()[None] * ob.float()).sum(-1)  # [3, B, T, HQ]: gradient of each gate
+    delta = gates.float() * dg  # rowsum(do_x * o_x) with do_x = g_x * do
+    g_cmp, g_slc = gates[0], gates[1]
+
+    # compression branch: dq, and dk / dv of the pooled blocks spread back over their tokens
+    kc, vc = _compress(k, L), _compress(v, L)
+    dq = torch.empty(B, T, HQ, D, device=q.device, dtype=torch.float32)
+    nsa_cmp_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+        q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dq=dq, T=T, NC=NC,
+        qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
+    )  # fmt: skip
+    dkc = torch.empty(B, NC, HKV, D, device=q.device, dtype=torch.float32)
+    dvc = torch.empty_like(dkc)
+    if NC > 0:
+        nsa_cmp_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["BC"]), B * HKV)](
+            q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dkc=dkc, dvc=dvc, T=T, NC=NC,
+            qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
+        )  # fmt: skip
+
+    # selection branch
+    dq_slc = torch.empty_like(dq)
+    nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+        q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq_slc, T=T,
+        qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
+    )  # fmt: skip
+    dk = torch.zeros(B, T, HKV, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    pair_tok, prog_blk, prog_lo, prog_hi, P = _reverse_index(idx, T, L, cfg["CH"])
+    nsa_slc_bwd_dkdv_kernel[(P, B * HKV)](
+        q=q, k=k, v=v, do=do, g=g_slc, delta=delta[1], lse=lse[1], pair_tok=pair_tok, prog_blk=prog_blk,
+        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, T=T, NBS=triton.cdiv(T, L), P=P,
+        qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], **common,
+    )  # fmt: skip
+    dq += dq_slc
+    # [B, NC, HKV, D] -> every token of the block, divided by L (the mean's derivative)
+    dk[:, : NC * L] += (dkc / L).repeat_interleave(L, 1)
+    dv[:, : NC * L] += (dvc / L).repeat_interleave(L, 1)
+
+    # window branch
+    if window_size > 0:
+        do_win = (gates[2].float()[..., None] * do.float()).to(q.dtype)
+        dq_w, dk_w, dv_w = swa_bwd(do_win, q, k, v, ob[2], lse_win, window_size, 0, scale)
+        dq += dq_w.float()
+        dk += dk_w.float()
+        dv += dv_w.float()
+    dgs = (dg[i].to(g.dtype) for i, g in enumerate(gates))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dgs

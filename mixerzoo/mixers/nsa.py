@@ -1,0 +1,369 @@
+"""Native Sparse Attention (Yuan et al. 2025, arXiv:2502.11089): compressed, selected and sliding-window attention
+mixed by learned gates. Semantics, state and cost: docs/mixers.md#nsa; the op's specification:
+``mixerzoo/kernels/nsa/reference.py``.
+
+Positions and block boundaries count real tokens from the first real one of the row: block i holds the real
+tokens at positions ``i*L .. i*L+L-1``, so a left-padded row computes exactly what the unpadded row computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..kernels.nsa.ops import nsa_attention
+from ..kernels.nsa.reference import (
+    compressed_visible,
+    masked_attend,
+    nsa_branches_ref,
+    nsa_compress_ref,
+    nsa_select_blocks,
+    nsa_selected_mask,
+    window_visible,
+)
+from ..registry.core import register
+from .attention_common import AttentionMixer, check_attention_heads
+from .base import (
+    MixerConfig,
+    State,
+    acc_dtype,
+    check_capacity,
+    leading_padding,
+    positions_and_pad,
+    state_dataclass,
+    state_field,
+)
+
+__all__ = ["NSA", "NSABlockCompressor", "NSAConfig", "NSAState"]
+
+COMPRESSORS = ("mean", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig(MixerConfig):
+    """Native sparse attention: compressed blocks, selected blocks and a sliding window, gated per head.
+
+    num_kv_heads: key/value heads (GQA, any divisor of num_heads); 1 by default, as in the paper; None = num_heads.
+    head_dim:     None = hidden_size // num_heads.
+    block_size:   L, tokens per block, for the compression and the selection branch.
+    block_count:  n, blocks each query attends to in the selection branch (>= 3; blocks of token 0, t, t - L always).
+    window_size:  W, keys of the sliding-window branch (the query's own included).
+    compressor:   "mean" (block mean) or "mlp" (block mean plus a learned MLP over the block; docs/mixers.md#nsa).
+    rope_theta:   RoPE base.
+    max_seqlen:   KV-cache capacity of init_state when it is not given there.
+    """
+
+    num_kv_heads: int | None = 1
+    head_dim: int | None = None
+    block_size: int = 64
+    block_count: int = 16
+    window_size: int = 512
+    compressor: str = "mean"
+    rope_theta: float = 10000.0
+    max_seqlen: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_attention_heads(self)
+        self.check_int("block_size", minimum=1)
+        self.check_int("block_count", minimum=3)
+        self.check_int("window_size", minimum=1)
+        self.check_choice("compressor", COMPRESSORS)
+        self.check_int("max_seqlen", minimum=1)
+
+
+@state_dataclass
+class NSAState(State):
+    """Decode state of nsa: a KV cache of capacity N = max_seqlen indexed by position (slot p holds the real token
+    at position p; padding is never written), and the compressed keys / values of its complete blocks.
+
+    k_cache, v_cache: [B, N, HKV, Dh] keys (RoPE applied) and values
+    k_cmp, v_cmp:     [B, N // L, HKV, Dh] float32 (float64 for float64) compressed block i, once complete
+    """
+
+    k_cache: Tensor = state_field()
+    v_cache: Tensor = state_field()
+    k_cmp: Tensor = state_field()
+    v_cmp: Tensor = state_field()
+
+
+class NSABlockCompressor(nn.Module):
+    """The "mlp" compressor of one of keys or values, shared by the KV heads:
+    ``c = mean_j x_j + W2 silu(W1 flatten(x + P) + b1) + b2`` over the L tokens x_j of a block, with a learned
+    intra-block position embedding P [L, Dh], W1 [Dh, L*Dh], W2 [Dh, Dh]."""
+
+    def __init__(self, block_size: int, head_dim: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
+        self.fc1 = nn.Linear(block_size * head_dim, head_dim)
+        self.fc2 = nn.Linear(head_dim, head_dim)
+
+    def forward(self, blocks: Tensor) -> Tensor:
+        """blocks [..., L, Dh] -> [..., Dh] in float32 (float64 for float64 input)."""
+        mean = blocks.to(acc_dtype(blocks.dtype)).mean(-2)
+        h = self.fc2(F.silu(self.fc1((blocks + self.pos.to(blocks.dtype)).flatten(-2))))
+        return mean + h.to(mean.dtype)
+
+
+@register("nsa", config=NSAConfig, aliases=("native_sparse_attention",))
+class NSA(AttentionMixer):
+    """Native sparse attention with RoPE and GQA (any HQ / HKV): per query head,
+    ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` with gates ``sigmoid(W_g x)`` (3 HQ outputs).
+
+    Parallel form: the ``mixerzoo::nsa_attention`` op (Triton on CUDA, the reference on CPU) for the "mean"
+    compressor; the plain-PyTorch branches of the reference for "mlp". Left padding is moved behind each row's
+    real tokens first, so blocks count from the first real token. Decode: see NSAState; a one-token step writes
+    its key and value, completes the compressed block that its token fills, then attends over the N / L
+    compressed blocks, gathers its n selected blocks (n*L keys) and its W window keys from the cache:
+    O(N/L + n*L + W) per step, not O(T).
+    """
+
+    config: NSAConfig
+    state_class = NSAState
+    state_growth = "linear"
+    # block 16: the smallest the Triton kernels take; 80 tokens: five blocks, so that selection chooses
+    conformance_kwargs = {"block_size": 16, "block_count": 4, "window_size": 8}
+    conformance_seqlen = 80
+
+    def __init__(self, config: NSAConfig):
+        super().__init__(config)
+        self.block_size = config.block_size
+        self.block_count = config.block_count
+        self.window_size = config.window_size
+        self.gate_proj = nn.Linear(config.hidden_size, 3 * self.num_heads)
+        if config.compressor == "mlp":
+            self.k_compressor = NSABlockCompressor(self.block_size, self.head_dim)
+            self.v_compressor = NSABlockCompressor(self.block_size, self.head_dim)
+        else:
+            self.k_compressor = self.v_compressor = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seqlen: int | None = None,
+    ) -> NSAState:
+        """An empty cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens (padding included);
+        ``max_seqlen=None`` takes the config's."""
+        N = self.config.max_seqlen if max_seqlen is None else max_seqlen
+        device, dtype = self.state_device_dtype(device, dtype)
+        B, H, D, NB = batch_size, self.num_kv_heads, self.head_dim, N // self.block_size
+        return NSAState(
+            seen=torch.zeros((), dtype=torch.long, device=device),
+            pad=torch.zeros(B, dtype=torch.long, device=device),
+            k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
+            v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
+            k_cmp=torch.zeros(B, NB, H, D, dtype=acc_dtype(dtype), device=device),
+            v_cmp=torch.zeros(B, NB, H, D, dtype=acc_dtype(dtype), device=device),
+        )
+
+    def _state_capacity(self, state: NSAState) -> int:
+        return state.k_cache.shape[1]
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, D] -> (g_cmp, g_slc, g_win), each [B, T, HQ] in (0, 1)."""
+        g = rearrange(torch.sigmoid(self.gate_proj(x)), "b t (g h) -> g b t h", g=3)
+        return g[0], g[1], g[2]
+
+    def compress(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [B, S, HKV, Dh] -> the compressed complete blocks k_cmp, v_cmp [B, S // L, HKV, Dh], float32
+        (float64 for float64 input)."""
+        if self.k_compressor is None:
+            return nsa_compress_ref(k, v, self.block_size)
+        B, S, H, D = k.shape
+        L = self.block_size
+        nb = S // L
+
+        def blocks(x: Tensor) -> Tensor:  # [B, S, HKV, Dh] -> [B, NB, HKV, L, Dh]
+            return x[:, : nb * L].reshape(B, nb, L, H, D).transpose(2, 3)
+
+        return self.k_compressor(blocks(k)), self.v_compressor(blocks(v))
+
+    def _mixed(self, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, g: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Branch outputs [B, T, HQ, Dh] (compute dtype) and gates [B, T, HQ] -> o [B, T, HQ, Dh]."""
+        cd = o_cmp.dtype
+        return g[0].to(cd)[..., None] * o_cmp + g[1].to(cd)[..., None] * o_slc + g[2].to(cd)[..., None] * o_win
+
+    # -- forward ---------------------------------------------------------------------------------
+    def mix(self, x: Tensor, state: NSAState | None, attention_mask: Tensor | None) -> tuple[Tensor, NSAState | None]:
+        T = x.shape[1]
+        if state is None:
+            return self.out(self._parallel(x, attention_mask)), None
+        self._check_capacity(state, T)
+        _, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
+        q, k, v = self.qkv(x, pos)
+        g = self.gates(x)
+        qpos = pos.masked_fill(~valid, -1)  # [B, T]; a padding query sees nothing
+        if T == 1 and not (torch.is_grad_enabled() and q.requires_grad):
+            o = self._step(q, k, v, g, qpos, state)
+        else:
+            o = self._chunk(q, k, v, g, pos, qpos, valid, state)
+        state.seen.add_(T)
+        return self.out(o.to(x.dtype)), state
+
+    def _parallel(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """x [B, T, D] (padding zeroed) -> o [B, T, HQ, Dh]."""
+        B, T, _ = x.shape
+        t = torch.arange(T, device=x.device)
+        lead = None
+        if attention_mask is not None:
+            # Move each row's leading padding behind its tokens, so that positions and block boundaries count
+            # from the first real token; trailing padding follows every real token, which causality hides.
+            lead = leading_padding(attention_mask)[:, None]  # [B, 1]
+            x = x.gather(1, ((t + lead) % T)[..., None].expand_as(x))
+        q, k, v = self.qkv(x, t)
+        g = self.gates(x)
+        if self.k_compressor is None:
+            o = nsa_attention(
+                q,
+                k,
+                v,
+                *g,
+                block_size=self.block_size,
+                block_count=self.block_count,
+                window_size=self.window_size,
+                scale=self.scale,
+            )
+        else:
+            k_cmp, v_cmp = self.compress(k, v)
+            branches = nsa_branches_ref(
+                q,
+                k,
+                v,
+                k_cmp,
+                v_cmp,
+                block_size=self.block_size,
+                block_count=self.block_count,
+                window_size=self.window_size,
+                scale=self.scale,
+            )
+            o = self._mixed(*branches, g).to(q.dtype)
+        if lead is not None:
+            o = o.gather(1, ((t - lead) % T)[..., None, None].expand_as(o))
+        return o
+
+    def _write(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, state: NSAState) -> Tensor:
+        """Write the real tokens of a chunk (k, v [B, T, HKV, Dh], pos/valid [B, T]) into the cache at their
+        positions (in place, detached); returns the index [B, T, HKV, Dh] they were written at."""
+        N = state.k_cache.shape[1]
+        # T <= N consecutive positions: distinct slots mod N. Padding writes back what its slot holds.
+        idx = pos.remainder(N)[..., None, None].expand_as(k)
+        keep = valid[..., None, None]
+        for cache, new in ((state.k_cache, k), (state.v_cache, v)):
+            cache.scatter_(1, idx, torch.where(keep, new.detach().to(cache.dtype), cache.gather(1, idx)))
+        return idx
+
+    def _chunk(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        g: tuple[Tensor, Tensor, Tensor],
+        pos: Tensor,
+        qpos: Tensor,
+        valid: Tensor,
+        state: NSAState,
+    ) -> Tensor:
+        """A chunk of any length, or a step that needs gradients: write it, recompute the compressed blocks from
+        the cache (differentiable in this chunk's keys and values), then attend densely over the N cached
+        positions. O(T * N) time and memory."""
+        B, T, HQ, D = q.shape
+        N, L, HKV = state.k_cache.shape[1], self.block_size, self.num_kv_heads
+        nb, G = N // L, HQ // HKV
+        idx = self._write(k, v, pos, valid, state)
+        keys, values = state.k_cache.to(q.dtype), state.v_cache.to(q.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # out-of-place copies carry this chunk's gradient; autograd never saves the cache itself
+            keep = valid[..., None, None]
+            keys = keys.scatter(1, idx, torch.where(keep, k, keys.gather(1, idx)))
+            values = values.scatter(1, idx, torch.where(keep, v, values.gather(1, idx)))
+        k_cmp, v_cmp = self.compress(keys, values)  # [B, NB, HKV, Dh]
+        with torch.no_grad():
+            last = qpos.amax(1)[:, None]  # [B, 1] the row's last real position (-1: none in this chunk)
+            done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, NB, 1, 1]
+            state.k_cmp.copy_(torch.where(done, k_cmp.detach(), state.k_cmp))
+            state.v_cmp.copy_(torch.where(done, v_cmp.detach(), state.v_cmp))
+
+        cd = k_cmp.dtype
+        qf = q.to(cd).transpose(1, 2)  # [B, HQ, T, Dh]
+
+        def heads(x: Tensor) -> Tensor:  # [B, S, HKV, Dh] -> [B, HQ, S, Dh]
+            return x.to(cd).transpose(1, 2).repeat_interleave(G, dim=1)
+
+        s_cmp = (qf @ heads(k_cmp).transpose(-1, -2)) * self.scale  # [B, HQ, T, NB]
+        o_cmp, p_cmp = masked_attend(s_cmp, compressed_visible(qpos, nb, L)[:, None], heads(v_cmp))
+        with torch.no_grad():
+            sel = nsa_select_blocks(
+                p_cmp.detach().transpose(1, 2),
+                qpos,
+                num_kv_heads=HKV,
+                block_size=L,
+                block_count=self.block_count,
+                num_blocks=-(-N // L),
+            )  # [B, T, HKV, n]
+            vis_slc = nsa_selected_mask(sel, qpos, N, L).repeat_interleave(G, dim=1)  # [B, HQ, T, N]
+        kf, vf = heads(keys), heads(values)  # [B, HQ, N, Dh]
+        s = (qf @ kf.transpose(-1, -2)) * self.scale  # [B, HQ, T, N]
+        o_slc, _ = masked_attend(s, vis_slc, vf)
+        o_win, _ = masked_attend(s, window_visible(qpos, N, self.window_size)[:, None], vf)
+        return self._mixed(*(o.transpose(1, 2) for o in (o_cmp, o_slc, o_win)), g)
+
+    @torch.no_grad()
+    def _step(
+        self, q: Tensor, k: Tensor, v: Tensor, g: tuple[Tensor, Tensor, Tensor], qpos: Tensor, state: NSAState
+    ) -> Tensor:
+        """One token without autograd, fixed shapes: write it; if it completes block i, compress block i into
+        the state; attend over the compressed blocks, then gather the n selected blocks and the window."""
+        B, _, HQ, D = q.shape
+        N, L, HKV, n = state.k_cache.shape[1], self.block_size, self.num_kv_heads, self.block_count
+        nb, G = N // L, HQ // HKV
+        self._write(k, v, qpos, qpos >= 0, state)
+        p = qpos[:, 0]  # [B] position of the token (-1: padding)
+        if nb > 0:
+            tok = ((p - L + 1)[:, None] + torch.arange(L, device=q.device)).clamp(0, N - 1)  # [B, L]
+            at = tok[..., None, None].expand(B, L, HKV, D)
+            c_k, c_v = self.compress(state.k_cache.gather(1, at), state.v_cache.gather(1, at))  # [B, 1, HKV, Dh]
+            fills = ((p >= 0) & (p % L == L - 1))[:, None, None, None]
+            blk = torch.div(p, L, rounding_mode="floor").clamp(0, nb - 1)[:, None, None, None].expand(B, 1, HKV, D)
+            for cmp, new in ((state.k_cmp, c_k), (state.v_cmp, c_v)):
+                cmp.scatter_(1, blk, torch.where(fills, new, cmp.gather(1, blk)))
+
+        cd = state.k_cmp.dtype
+        qh = q[:, 0].to(cd).reshape(B, HKV, G, D)  # query heads grouped by their KV head
+
+        def attend(keys: Tensor, values: Tensor, vis: Tensor) -> tuple[Tensor, Tensor]:
+            # keys, values [B, HKV, S, Dh], vis [B, 1 or HKV, 1, S] -> ([B, HKV, G, Dh], p [B, HKV, G, S])
+            s = (qh @ keys.to(cd).transpose(-1, -2)) * self.scale
+            return masked_attend(s, vis, values.to(cd))
+
+        o_cmp, p_cmp = attend(
+            state.k_cmp.transpose(1, 2), state.v_cmp.transpose(1, 2), compressed_visible(qpos, nb, L)[:, None]
+        )
+        sel = nsa_select_blocks(
+            p_cmp.reshape(B, 1, HQ, nb), qpos, num_kv_heads=HKV, block_size=L, block_count=n, num_blocks=-(-N // L)
+        )[:, 0]  # [B, HKV, n]
+        tok = (sel[..., None] * L + torch.arange(L, device=q.device)).flatten(-2)  # [B, HKV, n*L]
+        ok = (sel >= 0).repeat_interleave(L, dim=-1) & (tok <= p[:, None, None])
+        at = tok.clamp(0, N - 1)[..., None].expand(B, HKV, n * L, D)
+        kc, vc = state.k_cache.transpose(1, 2), state.v_cache.transpose(1, 2)  # [B, HKV, N, Dh] views
+        o_slc, _ = attend(kc.gather(2, at), vc.gather(2, at), ok[:, :, None])
+        Wn = min(self.window_size, N)
+        tok = p[:, None] - Wn + 1 + torch.arange(Wn, device=q.device)  # [B, Wn]
+        at = tok.clamp(0, N - 1)[:, None, :, None].expand(B, HKV, Wn, D)
+        o_win, _ = attend(kc.gather(2, at), vc.gather(2, at), (tok >= 0)[:, None, None])
+
+        def per_head(o: Tensor) -> Tensor:  # [B, HKV, G, Dh] -> [B, 1, HQ, Dh]
+            return o.reshape(B, 1, HQ, D)
+
+        return self._mixed(per_head(o_cmp), per_head(o_slc), per_head(o_win), g)
+
+    def _check_capacity(self, state: NSAState, T: int) -> None:
+        check_capacity(self.name, state, T, state.k_cache.shape[1])

@@ -1,0 +1,309 @@
+"""Native Sparse Attention kernels (mixerzoo/kernels/nsa) against reference.py and a brute-force loop.
+
+Without a GPU the Triton launchers run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), in float32 (the interpreter computes bf16 tl.dot wrongly); with one they run compiled.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mixerzoo.kernels.nsa import (
+    nsa_attention,
+    nsa_attention_ref,
+    nsa_branches_ref,
+    nsa_compress_ref,
+    nsa_select_ref,
+    nsa_selected_mask,
+)
+from mixerzoo.kernels.nsa.triton_launch import nsa_bwd, nsa_fwd
+from mixerzoo.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 kernels against the float32 reference: the reduction order only (rms floor 0.1: unit-normal inputs)
+F32 = dict(atol=2e-4, rel_rmse=2e-5, rms_floor=0.1)
+gpu = pytest.mark.gpu
+
+
+def _inputs(B, T, HQ, HKV, D, dtype=torch.float32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q, k, v = r(B, T, HQ, D), r(B, T, HKV, D), r(B, T, HKV, D)
+    gates = [torch.rand(B, T, HQ, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+    return q, k, v, gates, r(B, T, HQ, D)
+
+
+def _brute_force(q, k, v, gates, L, n, W, scale):
+    """One query, one KV head at a time, in float64, straight from the definition (differentiable)."""
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, T, HQ, D, dtype=torch.float64)
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            for h in range(HKV):
+                nvis = (t + 1) // L
+                kc = torch.stack([k[b, i * L : i * L + L, h].mean(0) for i in range(nvis)]) if nvis else None
+                vc = torch.stack([v[b, i * L : i * L + L, h].mean(0) for i in range(nvis)]) if nvis else None
+                imp = [0.0] * nvis
+                o_cmp = []
+                for g in range(G):
+                    qq = q[b, t, h * G + g]
+                    if nvis:
+                        p = torch.softmax(kc @ qq * scale, 0)
+                        o_cmp.append(p @ vc)
+                        imp = [a + float(x) for a, x in zip(imp, p.detach(), strict=True)]
+                    else:
+                        o_cmp.append(torch.zeros(D, dtype=torch.float64))
+                forced = {0, t // L} | ({t // L - 1} if t >= L else set())
+                rest = sorted((i for i in range(nvis) if i not in forced), key=lambda i: (-imp[i], i))
+                chosen = sorted(forced | set(rest[: n - len(forced)]))
+                rows.append(((b, t, h), chosen))
+                keys = [j for c in chosen for j in range(c * L, min(c * L + L, t + 1))]
+                win = list(range(max(t - W + 1, 0), t + 1))
+                for g in range(G):
+                    hq = h * G + g
+                    qq = q[b, t, hq]
+                    o_slc = torch.softmax(k[b, keys, h] @ qq * scale, 0) @ v[b, keys, h]
+                    o_win = torch.softmax(k[b, win, h] @ qq * scale, 0) @ v[b, win, h]
+                    gc, gs, gw = (x[b, t, hq].double() for x in gates)
+                    out[b, t, hq] = gc * o_cmp[g] + gs * o_slc + gw * o_win
+    return out, rows
+
+
+def _ref_grads(q, k, v, gates, do, L, n, W, scale):
+    # float64 on the CPU (the reference runs float64 there only)
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, *gates)]
+    o = nsa_attention_ref(*leaves, block_size=L, block_count=n, window_size=W, scale=scale)
+    return o, torch.autograd.grad(o, leaves, do.cpu().double())
+
+
+# (B, T, HQ, HKV, D, L, n, W): G = 1, 3, 4, 16; T not a multiple of L; n = 3, 4 so that selection matters
+CASES = [
+    pytest.param(1, 77, 2, 2, 32, 16, 3, 20, id="G1-T77-D32-n3"),
+    pytest.param(1, 85, 6, 2, 16, 16, 4, 24, id="G3-T85-D16-n4"),
+    pytest.param(1, 70, 4, 1, 64, 16, 3, 16, id="G4-T70-D64-n3"),
+    pytest.param(1, 72, 16, 1, 16, 16, 4, 33, id="G16-T72-D16-n4"),
+    pytest.param(2, 90, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T90-B2-slow"),
+    pytest.param(1, 5, 4, 1, 16, 16, 3, 2, id="G4-T5-noblock"),
+    pytest.param(1, 150, 4, 2, 32, 32, 3, 40, marks=pytest.mark.slow, id="G2-T150-L32-slow"),
+    pytest.param(1, 200, 8, 2, 64, 16, 5, 64, marks=pytest.mark.slow, id="G4-T200-n5-slow"),
+]
+
+
+@pytest.mark.parametrize("B, T, HQ, HKV, D, L, n, W", CASES)
+def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D)
+    scale = D**-0.5
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale)
+    k_cmp, v_cmp = nsa_compress_ref(k, v, L)
+    idx_ref = nsa_select_ref(q, k_cmp, block_size=L, block_count=n, scale=scale)
+    assert torch.equal(idx.long().cpu(), idx_ref.cpu()), "selected blocks differ from the reference's"
+    branches = nsa_branches_ref(q, k, v, k_cmp, v_cmp, block_size=L, block_count=n, window_size=W, scale=scale)
+    for name, ref, out in zip(("o_cmp", "o_slc", "o_win"), branches, ob, strict=True):
+        assert_close(name, ref, out, **F32)
+    o_ref, grads_ref = _ref_grads(q, k, v, gates, do, L, n, W, scale)
+    assert_close("o", o_ref, o, **F32)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out, **F32)
+
+
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, L, n, W",
+    [pytest.param(1, 53, 3, 1, 16, 16, 3, 7, id="G3-T53"), pytest.param(2, 40, 2, 2, 16, 16, 3, 9, id="G1-T40-B2")],
+)
+def test_kernels_match_brute_force(B, T, HQ, HKV, D, L, n, W):
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, device="cpu", seed=1)
+    scale = D**-0.5
+    leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
+    o_bf, rows = _brute_force(*leaves[:3], leaves[3:], L, n, W, scale)
+    grads_bf = torch.autograd.grad(o_bf, leaves, do.double())
+    dev = [x.to(DEVICE) for x in (q, k, v, *gates, do)]
+    o, ob, lse, lse_win, idx = nsa_fwd(*dev[:6], L, n, W, scale)
+    for (b, t, h), chosen in rows:
+        got = [i for i in idx[b, t, h].tolist() if i >= 0]
+        assert got == chosen, f"blocks of (b={b}, t={t}, h={h}): {got}, brute force {chosen}"
+    assert_close("o", o_bf, o, **F32)
+    grads = nsa_bwd(dev[6], *dev[:6], ob, lse, lse_win, idx, L, W, scale)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_bf, grads, strict=True):
+        assert_close(name, ref, out, **F32)
+
+
+def test_ties_go_to_the_lower_block():
+    # every block holds the same keys, so every compressed key and every importance is equal: the free slots
+    # go to the lowest visible blocks after the forced ones
+    B, T, HQ, HKV, D, L, n = 1, 96, 4, 1, 16, 16, 4
+    q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D)
+    k = k[:, :L].repeat(1, T // L, 1, 1).contiguous()
+    _, _, _, _, idx = nsa_fwd(q, k, v, *gates, L, n, 8, D**-0.5)
+    t = 95  # block 5; forced 0, 5, 4; one free slot: block 1, the lowest of the equally important 1, 2, 3
+    assert idx[0, t, 0].tolist() == [0, 1, 4, 5]
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(k, v, L)[0], block_size=L, block_count=n, scale=D**-0.5)
+    assert torch.equal(idx.long().cpu(), idx_ref.cpu())
+
+
+def test_no_window_branch():
+    # window_size = 0: the window branch is off, its gate gets no gradient
+    q, k, v, gates, do = _inputs(1, 40, 4, 2, 16)
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, 16, 3, 0, 0.25)
+    g_off = [gates[0], gates[1], torch.zeros_like(gates[2])]
+    o_ref = nsa_attention_ref(q, k, v, *g_off, block_size=16, block_count=3, window_size=1, scale=0.25)
+    assert_close("o", o_ref, o, **F32)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, 16, 0, 0.25)
+    assert grads[5].abs().max().item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# The public op: CPU reference forward and dense backward; autograd, opcheck, compile; errors
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_op_cpu_gradients_match_reference_autograd(dtype):
+    q, k, v, gates, do = _inputs(2, 45, 6, 2, 16, dtype=dtype, device="cpu")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    o = nsa_attention(*leaves, block_size=8, block_count=3, window_size=10)
+    grads = torch.autograd.grad(o, leaves, do)
+    o_ref, grads_ref = _ref_grads(q, k, v, gates, do, 8, 3, 10, 16**-0.5)
+    tol = dict(atol=1e-9, rel_rmse=1e-9) if dtype == torch.float64 else F32
+    o_ref, grads_ref = o_ref.to(dtype), [g.to(dtype) for g in grads_ref]
+    assert o.dtype == dtype
+    assert_close("o", o_ref, o, **tol)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert out.dtype == dtype
+        assert_close(name, ref, out, **tol)
+
+
+def test_op_gradcheck_float64():
+    q, k, v, gates, _ = _inputs(1, 18, 2, 1, 4, dtype=torch.float64, device="cpu")
+    leaves = [x.requires_grad_() for x in (q, k, v, *gates)]
+    assert torch.autograd.gradcheck(
+        lambda *xs: nsa_attention(*xs, block_size=4, block_count=3, window_size=5),
+        leaves,
+        eps=1e-6,
+        atol=1e-6,
+        fast_mode=True,
+    )
+
+
+def test_op_opcheck_and_compile():
+    q, k, v, gates, do = _inputs(1, 24, 4, 2, 16, device="cpu")
+    args = (q, k, v, *gates, 8, 3, 6, 0.25)
+    torch.library.opcheck(torch.ops.mixerzoo.nsa_fwd.default, args)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+
+    def f(*xs):
+        return nsa_attention(*xs, block_size=8, block_count=3, window_size=6)
+
+    eager = f(*leaves)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    assert torch.equal(eager, compiled)
+    g_eager = torch.autograd.grad(eager, leaves, do)
+    g_comp = torch.autograd.grad(compiled, leaves, do)
+    for a, b in zip(g_eager, g_comp, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_op_errors_name_the_argument():
+    q, k, v, gates, _ = _inputs(1, 16, 4, 2, 16, device="cpu")
+    with pytest.raises(ValueError, match="nsa_attention: block_count must be in \\[3, .*got 2"):
+        nsa_attention(q, k, v, *gates, block_size=8, block_count=2, window_size=4)
+    with pytest.raises(TypeError, match="nsa_attention: block_size must be an int"):
+        nsa_attention(q, k, v, *gates, block_size=8.0, block_count=3, window_size=4)
+    with pytest.raises(ValueError, match="nsa_attention: g_slc must be \\[B, T, HQ\\]"):
+        nsa_attention(q, k, v, gates[0], gates[1][:, :8], gates[2], block_size=8, block_count=3, window_size=4)
+    with pytest.raises(TypeError, match="nsa_attention: g_win has dtype torch.float64"):
+        nsa_attention(q, k, v, gates[0], gates[1], gates[2].double(), block_size=8, block_count=3, window_size=4)
+    with pytest.raises(ValueError, match="query heads \\(4\\) must be a multiple of key/value heads \\(3\\)"):
+        kk = torch.randn(1, 16, 3, 16)
+        nsa_attention(q, kk, kk, *gates, block_size=8, block_count=3, window_size=4)
+    with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take block_size in"):
+        nsa_fwd(q, k, v, *gates, 8, 3, 4, 0.25)
+    with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take head dims"):
+        nsa_fwd(q[..., :12], k[..., :12], v[..., :12], *gates, 16, 3, 4, 0.25)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: the same checks at realistic sizes, half precision (skipped without a CUDA device)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _dense_attention(q, k, v, vis, scale):
+    # q [B, HQ, T, D], k / v [B, HQ, S, D], vis [B or 1, HQ or 1, T, S] -> o [B, HQ, T, D], float32
+    s = torch.where(vis, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def _branches_with_indices(q, k, v, idx, L, W, scale):
+    """The three branches in float32 with the kernel's own selected blocks (no flips on bf16 near-ties)."""
+    G = q.shape[2] // k.shape[2]
+    T = q.shape[1]
+    qf = q.float().transpose(1, 2)
+    kf, vf = (x.float().transpose(1, 2).repeat_interleave(G, 1) for x in (k, v))
+    kc, vc = (x.transpose(1, 2).repeat_interleave(G, 1) for x in nsa_compress_ref(k, v, L))
+    t = torch.arange(T, device=q.device)
+    vis_c = (torch.arange(kc.shape[2], device=q.device)[None, :] * L + L - 1) <= t[:, None]
+    o_cmp = _dense_attention(qf, kc, vc, vis_c, scale)
+    sel = nsa_selected_mask(idx.long(), torch.arange(T, device=idx.device)[None], T, L).repeat_interleave(G, 1)
+    o_slc = _dense_attention(qf, kf, vf, sel, scale)
+    d = t[:, None] - t[None, :]
+    o_win = _dense_attention(qf, kf, vf, (d >= 0) & (d < W), scale)
+    return [x.transpose(1, 2) for x in (o_cmp, o_slc, o_win)]
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, L, n, W",
+    [
+        pytest.param(1, 2048, 32, 2, 64, 64, 16, 512, id="G16-T2048"),
+        pytest.param(2, 1000, 12, 3, 128, 32, 8, 100, id="G4-T1000-D128"),
+        pytest.param(1, 1500, 6, 6, 64, 64, 6, 256, id="G1-T1500"),
+        pytest.param(1, 777, 9, 3, 32, 16, 4, 64, id="G3-T777-L16"),
+    ],
+)
+def test_gpu_half_precision(B, T, HQ, HKV, D, L, n, W, dtype):
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, dtype=dtype, device="cuda")
+    scale = D**-0.5
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale)
+    refs = _branches_with_indices(q, k, v, idx, L, W, scale)
+    for name, ref, out in zip(("o_cmp", "o_slc", "o_win"), refs, ob, strict=True):
+        assert_close(name, ref, out, rel_rmse=1e-2)
+    # gradients: the reference's autograd through the kernel's own selection, in float32
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v, *gates)]
+    kc, vc = nsa_compress_ref(leaves[1], leaves[2], L)
+    oc, os_, ow = _branches_with_indices(leaves[0], leaves[1], leaves[2], idx, L, W, scale)
+    o_ref = sum(g[..., None] * x for g, x in zip(leaves[3:], (oc, os_, ow), strict=True))
+    assert_close("o", o_ref, o, rel_rmse=1e-2)
+    grads_ref = torch.autograd.grad(o_ref, leaves, do.float())
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out, rel_rmse=2e-2)
+    del kc, vc
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_float32_selection_and_gradients():
+    # float32 on the GPU: exact products, so the selection matches the reference's and so does every gradient
+    B, T, HQ, HKV, D, L, n, W = 1, 1024, 8, 2, 64, 32, 6, 128
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, device="cuda")
+    scale = D**-0.5
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale)
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(k, v, L)[0], block_size=L, block_count=n, scale=scale)
+    assert torch.equal(idx.long(), idx_ref)
+    o_ref, grads_ref = _ref_grads(q, k, v, gates, do, L, n, W, scale)
+    assert_close("o", o_ref, o, rel_rmse=1e-5, rms_floor=0.1)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out, rel_rmse=1e-5, rms_floor=0.1)
+    assert math.isfinite(o.float().sum().item())
