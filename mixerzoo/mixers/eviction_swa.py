@@ -4,7 +4,9 @@ scores each token; tokens leaving the window are kept in a fixed-size buffer of 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
+from ..kernels.eviction.reference import final_buffer_members
 from ..registry.core import register
 from .base import (
     MixerConfig,
@@ -27,9 +30,16 @@ from .base import (
 from .rope import apply_rope
 from .router import CNNRouter, ValueGate, key_norm_score, router_margin
 
-__all__ = ["EvictionSWA", "EvictionSWAConfig", "EvictionSWAState"]
+__all__ = [
+    "EvictionSWA",
+    "EvictionSWAConfig",
+    "EvictionSWAState",
+    "convert_reference_state_dict",
+    "reference_config_kwargs",
+]
 
 _PREFILL_CHUNK = 256  # prefill tokens per step: bounds the [C + T]^2 eviction-order tables
+_PAPER_STD = 0.006  # the paper's initializer_range for linear layers
 _BIG = 2**62  # "never" for int64 times and positions
 # Finite stand-ins for +-inf scores, so that states stay finite (safetensors, conformance checks):
 _SINK = 1e30  # sinks: above every score, so always retained and never evicted
@@ -52,6 +62,18 @@ class EvictionSWAConfig(MixerConfig):
                   gradient is a surrogate, not the derivative of the forward) or "none" (the router
                   gets no gradient from the attention, only from the sparsity penalty; the gradient
                   is then the exact derivative of the forward).
+    prefill:      prompt semantics at inference (docs/paper.md#prefill): "exact" (each query sees the
+                  buffer as it stands at its own time, == token-by-token decode) or "final_buffer" (the
+                  paper's: every query of a multi-token call sees its window plus the buffer left at the
+                  call's end, restricted to keys older than its window; decode is the same in both).
+    init:         "default" (PyTorch's) or "paper" (q/k/v/o normal with std 0.006, biases 0; router convs
+                  Kaiming-normal fan-in ReLU; router output bias +0.5 in both).
+    scoring:      "sigmoid" (r = sigmoid(z) - 0.5) or "relu" (r = relu(z), the paper's other routing
+                  method); retained iff r > 0 in both.
+    router_shared: "head" (one CNN per KV head, grouped convs) or "layer" (one CNN shared by the layer's
+                  heads, each head scored on its own input).
+    router_input_grad: False detaches the router's input (the paper's routing_grad=false): the router
+                  still learns, the k/v projections get no gradient through it.
     """
 
     num_kv_heads: int | None = None
@@ -67,6 +89,11 @@ class EvictionSWAConfig(MixerConfig):
     key_norm_threshold: float = 0.0
     rope_theta: float = 10000.0
     bias: bool = False
+    prefill: str = "exact"
+    init: str = "default"
+    scoring: str = "sigmoid"
+    router_shared: str = "head"
+    router_input_grad: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +104,12 @@ class EvictionSWAConfig(MixerConfig):
             self.fail("head_dim", self.dim, "even (RoPE rotates pairs)")
         self.check_choice("policy", ("learned", "key_norm"))
         self.check_choice("router_grad", ("straight_through", "none"))
+        self.check_choice("prefill", ("exact", "final_buffer"))
+        self.check_choice("init", ("default", "paper"))
+        self.check_choice("scoring", ("sigmoid", "relu"))
+        self.check_choice("router_shared", ("head", "layer"))
+        if not isinstance(self.router_input_grad, bool):
+            self.fail("router_input_grad", self.router_input_grad, "a bool")
         for name in ("kernel_sizes", "dilations"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or not value:
@@ -170,8 +203,20 @@ class EvictionSWA(TokenMixer):
         self.k_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
         self.v_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
         self.o_proj = nn.Linear(HQ * D, c.hidden_size, bias=c.bias)
-        self.router = CNNRouter(H, D, c.kernel_sizes, c.dilations, c.dropout) if c.policy == "learned" else None
+        self.router = None
+        if c.policy == "learned":
+            shared = c.router_shared == "layer"
+            self.router = CNNRouter(H, D, c.kernel_sizes, c.dilations, c.dropout, shared=shared, init=c.init)
+        if c.init == "paper":
+            with torch.no_grad():
+                for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+                    nn.init.normal_(lin.weight, std=_PAPER_STD)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
         self.margin = c.margin
+        # False during the paper's router warm-up (SparsityController(warmup_steps=...)): in training
+        # every token is retained and the router's input is detached; scores are still recorded.
+        self.router_enabled = True
         self.router_scores: Tensor | None = None
         self.router_mask: Tensor | None = None
         self.router_retained: Tensor | None = None
@@ -208,9 +253,13 @@ class EvictionSWA(TokenMixer):
     def _raw_scores(self, u: Tensor, k: Tensor, pos: Tensor, dropout: bool) -> Tensor:
         """r for the tokens of u (learned) or k (key norm). u: [B, L, H, 2D], k: [B, L, H, D],
         pos: [B, L] positions (< 0: padding or before the sequence) -> [B, L, H] float32."""
+        c = self.config
         if self.router is None:
-            return key_norm_score(k, self.config.key_norm_threshold)
-        return torch.sigmoid(self.router(u, pos >= 0, dropout).float()) - 0.5
+            return key_norm_score(k, c.key_norm_threshold)
+        if not c.router_input_grad or not self.router_enabled:
+            u = u.detach()
+        z = self.router(u, pos >= 0, dropout).float()
+        return torch.relu(z) if c.scoring == "relu" else torch.sigmoid(z) - 0.5
 
     def _effective(self, r: Tensor, pos: Tensor) -> Tensor:
         """Scores the eviction rule reads: sinks SINK, padding NONE. r: [B, L, H], pos: [B, L]."""
@@ -225,6 +274,8 @@ class EvictionSWA(TokenMixer):
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
+        elif self.config.prefill == "final_buffer":
+            o = self._prefill_final(q, k, v, state)
         else:
             chunks = [slice(t0, t0 + _PREFILL_CHUNK) for t0 in range(0, x.shape[1], _PREFILL_CHUNK)]
             o = torch.cat([self._prefill_chunk(q[:, c], k[:, c], v[:, c], state) for c in chunks], 1)
@@ -237,6 +288,9 @@ class EvictionSWA(TokenMixer):
         kpos = pos.masked_fill(~valid, -1)  # [B, T]: padding on either side reads as outside the sequence
         r = self._raw_scores(torch.cat((k, v), -1), k, kpos, self.training)  # [B, T, H] float32
         score = self._effective(r, kpos)
+        if self.training and not self.router_enabled:
+            p = kpos[..., None]
+            score = torch.where(p < 0, _NONE, torch.where(p < c.num_sinks, _SINK, torch.ones_like(score)))
         if self.training:
             self.router_scores = r
             # the last m real tokens of a row have their router context cut by the end of the sequence
@@ -251,6 +305,19 @@ class EvictionSWA(TokenMixer):
             shift = leading_padding(valid)[:, None]  # [B, 1]; right padding already follows the real tokens
             idx = torch.remainder(torch.arange(T, device=q.device)[None, :] + shift, T)  # [B, T]
             q, k, v, score = (_take(t, idx) for t in (q, k, v, score))
+        training, num_sinks = self.training, c.num_sinks
+        if not self.training and c.prefill == "final_buffer":
+            # Query t sees its window and the keys j <= t - W of the buffer left at the end: the training
+            # mask with "retained" meaning "in that buffer" (docs/paper.md#prefill).
+            member = final_buffer_members(
+                score,
+                window_size=c.window_size,
+                capacity=c.capacity,
+                num_sinks=c.num_sinks,
+                lengths=valid.sum(-1),
+            )
+            score = torch.where(member, 1.0, -1.0)
+            training, num_sinks = True, 0
         o = eviction_attention(
             q,
             k,
@@ -258,8 +325,8 @@ class EvictionSWA(TokenMixer):
             score,
             window_size=c.window_size,
             capacity=c.capacity,
-            num_sinks=c.num_sinks,
-            training=self.training,
+            num_sinks=num_sinks,
+            training=training,
         )
         if padded:
             back = torch.remainder(torch.arange(T, device=q.device)[None, :] - shift, T)
@@ -308,8 +375,53 @@ class EvictionSWA(TokenMixer):
         state.seen.add_(1)
         return o
 
-    def _prefill_chunk(self, q, k, v, state: EvictionSWAState) -> Tensor:
-        """T tokens with the inference semantics, exactly as T decode steps. q: [B, T, HQ, D]."""
+    def _prefill_final(self, q, k, v, state: EvictionSWAState) -> Tensor:
+        """T tokens with the final-buffer semantics (docs/paper.md#prefill): query t sees the keys of its
+        window and the keys j <= t - W of the buffer as it stands after the last of the T tokens. The
+        state advances exactly as with the exact semantics. q: [B, T, HQ, D]; k, v: [B, T, H, D]."""
+        c = self.config
+        W = c.window_size
+        B, T = q.shape[:2]
+        dev = q.device
+        s0, pad = state.seen.clone(), live_pad(state)
+        ring_old = torch.remainder(s0 + torch.arange(W, device=dev), W)
+        old_k = state.win_k.index_select(1, ring_old)  # [B, W, H, D] slots s0 - W .. s0 - 1 (copies)
+        old_v = state.win_v.index_select(1, ring_old)
+        for t0 in range(0, T, _PREFILL_CHUNK):
+            sl = slice(t0, t0 + _PREFILL_CHUNK)
+            self._prefill_chunk(q[:, sl], k[:, sl], v[:, sl], state, attend=False)
+
+        pos = (s0 + torch.arange(T, device=dev))[None, :] - pad[:, None]  # [B, T]
+        qr, kr = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        Ek, Ev = torch.cat((old_k, kr), 1), torch.cat((old_v, v), 1)  # [B, W + T, H, D]
+        E_slot = s0 - W + torch.arange(W + T, device=dev)  # [W + T]
+        E_pos = E_slot[None, :] - pad[:, None]  # [B, W + T]
+        # The final buffer: its entries among the W + T tokens are marked there (so that the live keys
+        # keep their gradient); older ones (from the buffer at the call's start) are read from the state.
+        idx = state.buf_pos + pad[:, None, None] - (s0 - W)  # [B, C, H] index into E
+        in_E = (state.buf_pos >= 0) & (idx >= 0)
+        member = torch.zeros(B, W + T + 1, c.kv_heads, dtype=torch.bool, device=dev)
+        member.scatter_(1, torch.where(in_E, idx, W + T), True)
+        member = member[:, : W + T].permute(0, 2, 1)[:, :, None, :]  # [B, H, 1, W + T]
+        vis_B = ((state.buf_pos >= 0) & ~in_E).permute(0, 2, 1)[:, :, None, :]  # [B, H, 1, C]
+        outs = []
+        for t0 in range(0, T, _PREFILL_CHUNK):
+            t1 = min(T, t0 + _PREFILL_CHUNK)
+            t = (s0 + torch.arange(t0, t1, device=dev))[:, None]  # [Tc, 1] query slots
+            e = slice(0, W + t1)  # keys up to the chunk's last query
+            es = E_slot[e][None, :]
+            ok = (E_pos[:, e] >= 0)[:, None, :]  # [B, 1, N]
+            in_win = ok & (es <= t) & (t - es < W)  # [B, Tc, N]
+            buffered = member[..., e] & (ok & (es <= t - W))[:, None]  # [B, H, Tc, N]
+            vis = torch.cat((in_win[:, None] | buffered, vis_B.expand(-1, -1, t1 - t0, -1)), -1)
+            ks = torch.cat((Ek[:, e], state.buf_k), 1)
+            vs = torch.cat((Ev[:, e], state.buf_v), 1)
+            outs.append(_attend(qr[:, t0:t1], ks, vs, vis))
+        return torch.cat(outs, 1)
+
+    def _prefill_chunk(self, q, k, v, state: EvictionSWAState, attend: bool = True) -> Tensor | None:
+        """T tokens with the inference semantics, exactly as T decode steps. q: [B, T, HQ, D]. With
+        attend=False only the state advances (returns None)."""
         c = self.config
         W, C, H, m = c.window_size, c.capacity, c.kv_heads, self.margin
         B, T = q.shape[:2]
@@ -342,16 +454,19 @@ class EvictionSWA(TokenMixer):
         ret = cs > 0
         end = _buffer_end(cs, cp, leave, ret, C)  # [B, C + T, H]
 
-        # Visibility per query slot t: [B, H, T, key].
-        t = t_slot[:, None]
-        in_win = (E_pos >= 0)[:, None, :] & (E_slot[None, :] <= t) & (t - E_slot[None, :] < W)  # [B, T, W+T]
-        lv_ret, lv_leave, lv_end = (a[:, C:].permute(0, 2, 1)[:, :, None, :] for a in (ret, leave, end))
-        buffered = lv_ret & (lv_leave <= t) & (t < lv_end)  # [B, H, T, T] leaving tokens
-        vis_E = in_win[:, None] | F.pad(buffered, (0, W))
-        b_ret, b_end = (a[:, :C].permute(0, 2, 1)[:, :, None, :] for a in (ret, end))
-        vis_B = b_ret & (t < b_end)  # [B, H, T, C]
-        qr = apply_rope(q, pos, c.rope_theta)
-        o = _attend(qr, torch.cat((Ek, state.buf_k), 1), torch.cat((Ev, state.buf_v), 1), torch.cat((vis_E, vis_B), -1))
+        o = None
+        if attend:
+            # Visibility per query slot t: [B, H, T, key].
+            t = t_slot[:, None]
+            in_win = (E_pos >= 0)[:, None, :] & (E_slot[None, :] <= t) & (t - E_slot[None, :] < W)  # [B, T, W+T]
+            lv_ret, lv_leave, lv_end = (a[:, C:].permute(0, 2, 1)[:, :, None, :] for a in (ret, leave, end))
+            buffered = lv_ret & (lv_leave <= t) & (t < lv_end)  # [B, H, T, T] leaving tokens
+            vis_E = in_win[:, None] | F.pad(buffered, (0, W))
+            b_ret, b_end = (a[:, :C].permute(0, 2, 1)[:, :, None, :] for a in (ret, end))
+            vis_B = b_ret & (t < b_end)  # [B, H, T, C]
+            qr = apply_rope(q, pos, c.rope_theta)
+            ks, vs = torch.cat((Ek, state.buf_k), 1), torch.cat((Ev, state.buf_v), 1)
+            o = _attend(qr, ks, vs, torch.cat((vis_E, vis_B), -1))
 
         # New state: ring <- the last W tokens of E; buffer <- the members at the last query, each in
         # the slot that token-by-token decode would have put it (see _buffer_slots).
@@ -375,6 +490,65 @@ class EvictionSWA(TokenMixer):
             buf.copy_(new.scatter(1, idx, src.detach().to(buf.dtype))[:, :C])
         state.seen.add_(T)
         return o
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's reference implementation (docs/paper.md#mapping)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_config_kwargs(attn: Mapping[str, Any], hidden_size: int) -> dict[str, Any]:
+    """eviction_swa config fields for an LTE layer of the paper's reference code: ``attn`` is the "attn"
+    dict of its model config (e.g. configs/gated_delta_net_lte_0.4B.json), ``hidden_size`` the model's.
+    Its window of W keys before the query becomes window_size = W + 1; prompts get its final-buffer
+    semantics. The controller fields (l1_*) go to SparsityController(rule="paper"), not here."""
+    if attn.get("qkv_bias", False):
+        raise ValueError("eviction_swa: qkv_bias=True has no counterpart (bias=True also gives o_proj a bias)")
+    shared = attn.get("routing_shared", "head")
+    if shared not in ("head", "layer"):
+        raise ValueError(f"eviction_swa: routing_shared must be 'head' or 'layer' here, got {shared!r}")
+    return dict(
+        hidden_size=hidden_size,
+        num_heads=attn["num_heads"],
+        num_kv_heads=attn.get("num_kv_heads", attn["num_heads"]),
+        window_size=attn["window_size"] + 1,
+        capacity=attn.get("buffer_size", 512),
+        num_sinks=attn.get("sink_size", 4),
+        kernel_sizes=tuple(attn.get("conv_size", (3, 3, 3))),
+        dilations=tuple(attn.get("conv_dilation", (1, 1, 1))),
+        dropout=attn.get("dropout_prob", 0.0),
+        scoring=attn.get("routing_method", "relu"),
+        router_input_grad=attn.get("routing_grad", True),
+        router_shared=shared,
+        rope_theta=attn.get("rope_theta", 10000.0),
+        prefill="final_buffer",
+        init="paper",
+    )
+
+
+_REFERENCE_NAMES = [
+    (re.compile(r"^(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$"), r"\1.\2", False),
+    (re.compile(r"^router\.conv_stack\.convs\.(\d+)\.(weight|bias)$"), r"router.convs.\1.\2", True),
+    (re.compile(r"^router\.conv_stack\.proj\.(weight|bias)$"), r"router.out.\1", True),
+]
+
+
+def convert_reference_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of one LTE layer of the paper's reference code (keys relative to the layer, e.g.
+    ``router.conv_stack.convs.0.weight``) renamed and reshaped for eviction_swa: its router convs are 2-D
+    with a (1, k) kernel, ours 1-D. Rotary buffers are dropped (ours are computed); any other key raises."""
+    out = {}
+    for name, t in sd.items():
+        if name.startswith("rotary."):
+            continue
+        for pattern, repl, conv in _REFERENCE_NAMES:
+            if pattern.match(name):
+                new = pattern.sub(repl, name)
+                out[new] = t.squeeze(2) if conv and name.endswith("weight") else t
+                break
+        else:
+            raise ValueError(f"convert_reference_state_dict: unknown reference parameter {name!r}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ class CNNRouter(nn.Module):
     SiLU; widths 2Dh -> Dh -> Dh/2 -> ... (halving), then a 1x1 conv to one channel whose bias starts
     at +0.5 so that sigmoid(z) - 0.5 > 0 (nearly every token retained) early in training.
 
+    shared=True: one CNN for every KV head (its weights shared across the heads, each head scored on its
+    own input), the paper's ``routing_shared="layer"``. init="paper": Kaiming-normal conv weights
+    (fan-in, ReLU gain), as the paper's models; "default": PyTorch's conv init (docs/paper.md#initialisation).
+
     forward(u, mask, dropout) -> z
         u:    [B, L, H, 2*Dh] router input, concat(k before RoPE, v) per KV head
         mask: [B, L] bool, False where the token is padding or lies before the sequence start; such
@@ -37,27 +41,49 @@ class CNNRouter(nn.Module):
         kernel_sizes: tuple[int, ...],
         dilations: tuple[int, ...],
         dropout: float,
+        *,
+        shared: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         H = num_kv_heads
+        G = 1 if shared else H  # conv groups: one per KV head, or one CNN applied to every head
         widths = [max(1, (2 * head_dim) >> i) for i in range(len(kernel_sizes) + 1)]
         self.num_kv_heads = H
+        self.shared = shared
         self.dropout = dropout
         self.margin = router_margin(kernel_sizes, dilations)
         self.convs = nn.ModuleList(
-            nn.Conv1d(H * c_in, H * c_out, k, dilation=d, padding=d * (k - 1) // 2, groups=H)
+            nn.Conv1d(G * c_in, G * c_out, k, dilation=d, padding=d * (k - 1) // 2, groups=G)
             for c_in, c_out, k, d in zip(widths[:-1], widths[1:], kernel_sizes, dilations, strict=True)
         )
-        self.out = nn.Conv1d(H * widths[-1], H, 1, groups=H)
+        self.out = nn.Conv1d(G * widths[-1], G, 1, groups=G)
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "default") -> None:
+        """ "default": the convs keep PyTorch's init; "paper": Kaiming-normal weights (fan-in, ReLU gain), conv
+        biases as PyTorch's. The output bias starts at +0.5 in both."""
+        if init == "paper":
+            for conv in (*self.convs, self.out):
+                nn.init.kaiming_normal_(conv.weight, a=0.0, mode="fan_in", nonlinearity="relu")
+        elif init != "default":
+            raise ValueError(f"CNNRouter: init must be 'default' or 'paper', got {init!r}")
         nn.init.constant_(self.out.bias, 0.5)
 
     def forward(self, u: Tensor, mask: Tensor, dropout: bool) -> Tensor:
+        B, L, H = u.shape[:3]
+        if self.shared:  # every head is a sequence of its own through the one CNN
+            u = rearrange(u, "b l h c -> (b h) l 1 c")
+            mask = mask.repeat_interleave(H, dim=0)  # [(B H), L]
         m = mask[:, None, :]  # [B, 1, L]
         # Selected, not multiplied: a NaN at a masked position must not reach its neighbours' scores.
         h = torch.where(m, rearrange(u, "b l h c -> b (h c) l"), 0.0)  # groups: contiguous channel blocks
         for conv in self.convs:
             h = F.silu(torch.where(m, conv(F.dropout(h, self.dropout, training=dropout)), 0.0))
-        z = self.out(h)  # [B, H, L]
+        z = self.out(h)  # [B, H, L] ([(B H), 1, L] when shared)
+        if self.shared:
+            return rearrange(z, "(b h) 1 l -> b l h", b=B)
         return rearrange(z, "b h l -> b l h")
 
 

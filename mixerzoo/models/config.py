@@ -13,10 +13,20 @@ import torch
 
 from ..registry import parse_pattern
 
-__all__ = ["PRESETS", "HybridLMConfig", "jsonable"]
+__all__ = ["PAPER_PRESETS", "PRESETS", "HybridLMConfig", "jsonable"]
 
 # Keys that name HybridLM-level settings: as a mixer default they would be ambiguous.
-_RESERVED = ("pattern", "vocab_size", "hidden_size", "num_heads", "mlp_ratio", "tie_embeddings", "mixer_defaults")
+_RESERVED = (
+    "pattern",
+    "vocab_size",
+    "hidden_size",
+    "num_heads",
+    "mlp_ratio",
+    "tie_embeddings",
+    "mixer_defaults",
+    "init",
+    "initializer_range",
+)
 
 
 def jsonable(value: Any, where: str) -> Any:
@@ -61,6 +71,10 @@ class HybridLMConfig:
     mixer_defaults: stack-wide mixer defaults, e.g. {"window_size": 64}: each goes to every layer whose
                     mixer config has that field; bracketed per-layer overrides in the pattern win.
     tie_embeddings: the output head reuses the embedding matrix (else it has its own).
+    init:           "default" (each module's own init) or "paper" (the paper's models: linear layers and
+                    embeddings normal with std ``initializer_range``, residual outputs scaled by
+                    1 / sqrt(2 * layers), routers Kaiming; mixerzoo.models.paper_init.init_paper_).
+    initializer_range: the std of init="paper" (0.006 in the paper).
 
     ``to_dict()`` / ``from_dict()`` give and take a JSON-able dict (tuples become lists and back).
     """
@@ -73,6 +87,8 @@ class HybridLMConfig:
     # Excluded from the hash (a mapping has none); held as a read-only copy so the config stays frozen.
     mixer_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     tie_embeddings: bool = True
+    init: str = "default"
+    initializer_range: float = 0.006
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern.strip():
@@ -87,6 +103,11 @@ class HybridLMConfig:
             raise ValueError(f"HybridLMConfig: mlp_ratio must be a finite number >= 0 (0: no MLP), got {r!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"HybridLMConfig: tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if self.init not in ("default", "paper"):
+            raise ValueError(f"HybridLMConfig: init must be 'default' or 'paper', got {self.init!r}")
+        std = self.initializer_range
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+            raise ValueError(f"HybridLMConfig: initializer_range must be a finite number > 0, got {std!r}")
         if not isinstance(self.mixer_defaults, Mapping):
             raise ValueError(
                 f"HybridLMConfig: mixer_defaults must be a dict of mixer config fields, got "
@@ -167,10 +188,30 @@ class HybridLMConfig:
                        1,290,708 parameters. ``python -m mixerzoo demo`` runs it.
           small-125m:  "(gdn gdn swa)*4", D=768, 12 heads, V=50304, window 1024: 128,527,808 parameters,
                        a GPT-2-small-sized hybrid (8 Gated DeltaNet and 4 sliding-window layers).
+
+        PAPER_PRESETS, the models of He & Garner 2025 (arXiv 2510.20787): 24 layers, V=32000, the paper's init;
+        their sizes equal the reference configurations' (docs/paper.md#presets has the counts and the mapping):
+          gdn-0.4b, gdn-1.4b:       Gated DeltaNet only.
+          lte-0.4b, lte-1.4b:       LTE (eviction_swa, the paper's W=768 as window_size=769, C=512, S=4) at the
+                                    odd layers, Gated DeltaNet at the even ones.
+          swa-0.4b, swa-1.4b:       sliding-window attention (W=1024) at the odd layers.
+          lansa-0.4b, lansa-1.4b:   NSA at the odd layers (needs the nsa mixer).
+          gdn-attn-0.4b, gdn-attn-1.4b: full attention at the odd layers.
+          nsa-0.4b, nsa-1.4b, transformer-0.4b, transformer-1.4b: one mixer at every layer.
+        A preset whose mixer is not registered raises KeyError naming it.
         """
-        if name not in PRESETS:
-            raise KeyError(f"HybridLMConfig: unknown preset {name!r} (presets: {', '.join(PRESETS)})")
-        cfg = PRESETS[name]
+        table = {**PRESETS, **PAPER_PRESETS}
+        if name not in table:
+            raise KeyError(f"HybridLMConfig: unknown preset {name!r} (presets: {', '.join(table)})")
+        cfg = table[name]
+        from ..registry import names  # the registry imports the mixers, which must not import models
+
+        missing = sorted({layer.name for layer in parse_pattern(cfg.pattern)} - set(names()))
+        if missing:
+            raise KeyError(
+                f"HybridLMConfig: preset {name!r} needs the mixer(s) {', '.join(map(repr, missing))}, which are not "
+                f"registered (registered: {', '.join(names())})"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         direct = {k: v for k, v in overrides.items() if k in fields}
         extra = {k: v for k, v in overrides.items() if k not in fields}
@@ -213,3 +254,43 @@ PRESETS: dict[str, HybridLMConfig] = {
         mixer_defaults={"window_size": 1024},
     ),
 }
+
+
+def _paper(pattern: str, size: str, **mixer_defaults: Any) -> HybridLMConfig:
+    # He & Garner 2025: 24 layers, D = 1024 (0.4B, tied head) or 2048 (1.4B, own head), Gated DeltaNet with 8
+    # heads (head dim 128 or 256, expand_v 1, norm eps 1e-6), SwiGLU of width 2816 or 5632 (the reference
+    # rounds 2/3 * 4 * D up to a multiple of 256: mlp_ratio 4.125 gives the same width here), V = 32000.
+    big = size == "1.4b"
+    return HybridLMConfig(
+        pattern,
+        vocab_size=32000,
+        hidden_size=2048 if big else 1024,
+        num_heads=8,
+        mlp_ratio=4.125,
+        mixer_defaults=mixer_defaults,
+        tie_embeddings=not big,
+        init="paper",
+        initializer_range=0.006,
+    )
+
+
+PAPER_PRESETS: dict[str, HybridLMConfig] = {}
+# The paper's attention layers at the odd layers; their heads per size (query heads, KV heads).
+_ATTN_HEADS = {"0.4b": "num_heads=16", "1.4b": "num_heads=32,num_kv_heads=8"}
+_NSA = "num_heads=32,num_kv_heads=2,head_dim=64,block_size=64,block_count=16,window_size=512"
+for _size, _heads in _ATTN_HEADS.items():
+    PAPER_PRESETS[f"gdn-{_size}"] = _paper("gdn*24", _size, norm_eps=1e-6)
+    PAPER_PRESETS[f"lte-{_size}"] = _paper(
+        f"(gdn eviction_swa[{_heads}])*12",
+        _size,
+        norm_eps=1e-6,
+        window_size=769,  # the paper's window 768 counts the keys before the query: 769 with it
+        capacity=512,
+        num_sinks=4,
+        dropout=0.1,
+    )
+    PAPER_PRESETS[f"swa-{_size}"] = _paper(f"(gdn swa[{_heads}])*12", _size, norm_eps=1e-6, window_size=1024)
+    PAPER_PRESETS[f"lansa-{_size}"] = _paper(f"(gdn nsa[{_NSA}])*12", _size, norm_eps=1e-6)
+    PAPER_PRESETS[f"gdn-attn-{_size}"] = _paper(f"(gdn full_attention[{_heads}])*12", _size, norm_eps=1e-6)
+    PAPER_PRESETS[f"nsa-{_size}"] = _paper(f"nsa[{_NSA}]*24", _size)
+    PAPER_PRESETS[f"transformer-{_size}"] = _paper(f"full_attention[{_heads}]*24", _size)

@@ -237,7 +237,7 @@ class HybridLM(nn.Module):
         """The model ``config`` describes (``HybridLMConfig.from_preset(name)`` gives named ones)."""
         if not isinstance(config, HybridLMConfig):
             raise TypeError(f"HybridLM.from_config: config must be a HybridLMConfig, got {type(config).__name__}")
-        return cls(
+        lm = cls(
             config.vocab_size,
             config.pattern,
             hidden_size=config.hidden_size,
@@ -246,6 +246,12 @@ class HybridLM(nn.Module):
             tie_embeddings=config.tie_embeddings,
             **config.mixer_defaults,
         )
+        if config.init == "paper":
+            from .paper_init import init_paper_
+
+            init_paper_(lm, std=config.initializer_range)
+        lm.config = config  # keeps the init settings, which the keyword path does not take
+        return lm
 
     def __getstate__(self) -> dict[str, Any]:
         # Compiled steps are bound to this instance: a copy or unpickled model compiles its own.

@@ -18,6 +18,20 @@ class SparsityController:
     """Holds the retained count per sequence of every eviction_swa layer in a target band: a budget
     penalty on the router scores, whose strength lambda (one per layer and KV head) adapts to the task.
 
+    Two rules (``rule=``): "budget" (the default, described below) and "paper", the rule of He & Garner
+    2025 (docs/paper.md#controller): a price ``lambda * relu(r)`` on every counted score, and every
+    ``update_every`` (32) steps lambda *= ``alpha_up`` (1.5) above the band, /= ``alpha_down`` (2) below it,
+    clamped to ``lambda_max`` (1.0), set to 0 below ``lambda_min`` (1e-9) and restarted at ``lambda_min``
+    from 0 when above; the count excludes the forced sinks (a sink counts when its own score is > 0) and
+    its EMA (rate ``2 / (1 + update_every // 2)``) starts at ``seq_len``; lambda starts at 0 and the first
+    update sets it to ``lambda_init`` (1e-9) where the count is above the band, else 0. Both rules
+    all-reduce their statistics over the data-parallel ranks at each update when torch.distributed is
+    initialised.
+
+    Either rule also takes the paper's schedule: ``warmup_steps`` (routers off: every token retained, the
+    router's input detached, for the first steps), ``freeze_steps`` (router parameters get no gradient
+    for the first steps) and ``lambda_initial_steps`` (lambda held at 0 for the first steps).
+
     Use, once per optimiser step::
 
         ctrl = SparsityController(model)
@@ -82,7 +96,8 @@ class SparsityController:
         self,
         model: nn.Module,
         *,
-        update_every: int = 1,
+        rule: str = "budget",
+        update_every: int | None = None,
         ema_decay: float = 0.8,
         band: tuple[float, float] = (0.95, 1.0),
         target_length: int | None = None,
@@ -92,13 +107,41 @@ class SparsityController:
         speed: float = 0.02,
         floor: float = 1e-4,
         lambda_init: float | None = None,
-        lambda_max: float = 1000.0,
+        lambda_max: float | None = None,
+        seq_len: int | None = None,
+        lambda_min: float = 1e-9,
+        alpha_up: float = 1.5,
+        alpha_down: float = 2.0,
+        warmup_steps: int = 0,
+        freeze_steps: int = 0,
+        lambda_initial_steps: int = 0,
     ):
         self.layers = [m for m in model.modules() if isinstance(m, EvictionSWA) and m.router is not None]
         if not self.layers:
             raise ValueError("SparsityController: the model has no eviction_swa layer with a learned router")
-        lambda_init = floor if lambda_init is None else lambda_init
+        if rule not in ("budget", "paper"):
+            raise ValueError(f"SparsityController: rule must be 'budget' or 'paper', got {rule!r}")
+        if rule == "budget":
+            relu = [i for i, m in enumerate(self.layers) if m.config.scoring != "sigmoid"]
+            if relu:
+                raise ValueError(
+                    f"SparsityController: rule 'budget' needs scoring='sigmoid' (it ranks scores in (-0.5, 0.5)); "
+                    f"eviction_swa layer(s) {relu} use scoring='relu': use rule='paper'"
+                )
+        paper = rule == "paper"
+        update_every = (32 if paper else 1) if update_every is None else update_every
+        lambda_max = (1.0 if paper else 1000.0) if lambda_max is None else lambda_max
+        lambda_init = (lambda_min if paper else floor) if lambda_init is None else lambda_init
+        low = 0.0 if paper else floor
+        for name, value in (("warmup_steps", warmup_steps), ("freeze_steps", freeze_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SparsityController: {name} must be an int >= 0, got {value!r}")
         checks = [
+            ("lambda_initial_steps", lambda_initial_steps, lambda_initial_steps >= 0, ">= 0"),
+            ("seq_len", seq_len, seq_len is None or seq_len >= 1, "None or >= 1"),
+            ("lambda_min", lambda_min, lambda_min > 0.0, "> 0"),
+            ("alpha_up", alpha_up, alpha_up > 1.0, "> 1"),
+            ("alpha_down", alpha_down, alpha_down > 1.0, "> 1"),
             ("update_every", update_every, update_every >= 1, ">= 1"),
             ("ema_decay", ema_decay, 0.0 <= ema_decay < 1.0, "in [0, 1)"),
             ("band", band, len(band) == 2 and 0.0 < band[0] <= band[1], "(lo, hi) with 0 < lo <= hi"),
@@ -108,24 +151,42 @@ class SparsityController:
             ("leak", leak, leak >= 0.0, ">= 0"),
             ("speed", speed, speed > 0.0, "> 0"),
             ("floor", floor, floor > 0.0, "> 0"),
-            ("lambda_max", lambda_max, lambda_max >= floor, f">= floor ({floor})"),
-            ("lambda_init", lambda_init, floor <= lambda_init <= lambda_max, "in [floor, lambda_max]"),
+            ("lambda_max", lambda_max, lambda_max >= low, f">= floor ({low})"),
+            ("lambda_init", lambda_init, low <= lambda_init <= lambda_max, "in [floor, lambda_max]"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SparsityController: {name} must be {allowed}, got {value!r}")
+        self.rule = rule
+        self.seq_len = seq_len
+        self.lambda_init, self.lambda_min = lambda_init, lambda_min
+        self.alpha_up, self.alpha_down = alpha_up, alpha_down
+        self.warmup_steps, self.freeze_steps = warmup_steps, freeze_steps
+        self.lambda_initial_steps = lambda_initial_steps
         self.update_every = update_every
         self.ema_decay = ema_decay
         self.band = band
         self.target_length = target_length
         self.margin, self.gain, self.leak, self.speed = margin, gain, leak, speed
         self.floor, self.lambda_max = floor, lambda_max
-        self.lambdas = [torch.full((m.config.kv_heads,), float(lambda_init), dtype=torch.float64) for m in self.layers]
+        # the paper's lambdas start at 0 and live in float32, as its buffers do
+        start, dtype = (0.0, torch.float32) if paper else (float(lambda_init), torch.float64)
+        self.lambdas = [torch.full((m.config.kv_heads,), start, dtype=dtype) for m in self.layers]
         self.ema: list[Tensor | None] = [None] * len(self.layers)
         self.gap: list[Tensor | None] = [None] * len(self.layers)  # EMA of violation()
         self.gap_prev: list[Tensor | None] = [None] * len(self.layers)  # self.gap at the last adaptation
         self.steps = 0
         self._cache: dict[int, tuple] = {}
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Routers on or off (warm-up) and trainable or frozen for the step about to run (self.steps + 1)."""
+        for m in self.layers:  # untouched without a schedule: a user's own freezing stays
+            if self.warmup_steps:
+                m.router_enabled = self.steps >= self.warmup_steps
+            if self.freeze_steps:
+                for p in m.router.parameters():
+                    p.requires_grad_(self.steps >= self.freeze_steps)
 
     def _records(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         out = []
@@ -202,6 +263,12 @@ class SparsityController:
 
     def penalty(self) -> Tensor:
         """The regulariser for the last forward, a scalar with gradient to the routers."""
+        if self.rule == "paper":  # mean of lambda * relu(r) over layers, batch, counted positions, heads
+            terms = []
+            for lam, (r, mask, _) in zip(self.lambdas, self._records(), strict=True):
+                per = r.relu() * mask[..., None] * lam.to(r.device, r.dtype)
+                terms.append(per.sum() / (mask.sum() * r.shape[-1]).clamp(min=1))
+            return torch.stack(terms).mean()
         terms = []
         for i, (lam, (r, mask, _)) in enumerate(zip(self.lambdas, self._records(), strict=True)):
             excess, shortfall = self.flagged(i)
@@ -231,7 +298,57 @@ class SparsityController:
     @torch.no_grad()
     def step(self) -> dict[str, Tensor | list]:
         """Call once per optimiser step. Returns ``retained`` (EMA) and ``count`` (this batch):
-        [layers, heads] retained tokens per sequence; ``lambda``: [layers, heads]; ``band``: per layer."""
+        [layers, heads] retained tokens per sequence; ``lambda``: [layers, heads]; ``band``: per layer;
+        ``violation`` (rule "budget" only): [layers, heads]."""
+        if self.rule == "paper":
+            stats = self._step_paper()
+        else:
+            stats = self._step_budget()
+        self._schedule()
+        return stats
+
+    def _step_paper(self) -> dict[str, Tensor | list]:
+        self.steps += 1
+        k = self.update_every
+        rate = 2.0 / (1 + k // 2)
+        counts = []
+        for i, (r, mask, _) in enumerate(self._records()):
+            count = ((r.detach() > 0) & mask[..., None]).sum(1).float().mean(0).cpu()  # [H], sinks not forced
+            if self.ema[i] is None:
+                start = float(self.seq_len if self.seq_len is not None else r.shape[1])
+                self.ema[i] = torch.full_like(count, start)
+            self.ema[i] = self.ema[i] * (1 - rate) + count * rate
+            counts.append(count)
+        bands = [self.band_for(i, 1.0) for i in range(len(self.layers))]  # the paper's band is not scaled
+        if self.steps > self.lambda_initial_steps and self.steps % k == 0:
+            if dist.is_available() and dist.is_initialized():
+                flat = torch.cat(self.ema)
+                dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+                flat = flat.to(dev)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat = (flat / dist.get_world_size()).cpu()
+                self.ema = list(flat.split([e.numel() for e in self.ema]))
+            first = self.steps // k == self.lambda_initial_steps // k + 1
+            for i, (lo, hi) in enumerate(bands):
+                self.lambdas[i] = self._adapt_paper(self.lambdas[i], self.ema[i], lo, hi, first)
+        return {
+            "retained": torch.stack([e.float() for e in self.ema]),
+            "count": torch.stack(counts),
+            "lambda": torch.stack(self.lambdas),
+            "band": bands,
+        }
+
+    def _adapt_paper(self, lam: Tensor, kept: Tensor, lo: float, hi: float, first: bool) -> Tensor:
+        """The paper's multiplicative law for one layer: lam, kept [H] -> new lam [H] float32."""
+        large, small = kept > lo, kept < hi  # both inside (lo, hi): no change
+        if first:
+            return torch.where(large, self.lambda_init, 0.0).float()
+        coeff = torch.where(large & ~small, self.alpha_up, torch.where(small & ~large, 1 / self.alpha_down, 1.0))
+        lam = (lam * coeff.float()).clamp(max=self.lambda_max)
+        lam = torch.where(lam < self.lambda_min, 0.0, lam)
+        return torch.where((lam == 0) & large, self.lambda_min, lam).float()
+
+    def _step_budget(self) -> dict[str, Tensor | list]:
         self.steps += 1
         adapt = self.steps % self.update_every == 0
         counts, counted = [], []
@@ -269,6 +386,7 @@ class SparsityController:
             return [None if t is None else t.detach().cpu().clone() for t in ts]
 
         return {
+            "rule": self.rule,
             "lambdas": copy(self.lambdas),
             "ema": copy(self.ema),
             "violation": copy(self.gap),
@@ -277,15 +395,23 @@ class SparsityController:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore ``state_dict()``; the rule must match, and routers' warm-up and freezing follow the step."""
         n = len(self.layers)
+        rule = sd.get("rule", "budget")
+        if rule != self.rule:
+            raise ValueError(
+                f"SparsityController.load_state_dict: the state is of rule {rule!r}, this controller's is {self.rule!r}"
+            )
         for key in ("lambdas", "ema", "violation", "violation_prev"):
             if len(sd[key]) != n:
                 raise ValueError(
                     f"SparsityController.load_state_dict: {key!r} has {len(sd[key])} entries, the model has "
                     f"{n} eviction_swa layers with a router"
                 )
-        self.lambdas = [t.detach().to(torch.float64).cpu().clone() for t in sd["lambdas"]]
+        dtype = torch.float32 if self.rule == "paper" else torch.float64
+        self.lambdas = [t.detach().to(dtype).cpu().clone() for t in sd["lambdas"]]
         self.ema = [None if t is None else t.clone() for t in sd["ema"]]
         self.gap = [None if t is None else t.clone() for t in sd["violation"]]
         self.gap_prev = [None if t is None else t.clone() for t in sd["violation_prev"]]
         self.steps = sd["steps"]
+        self._schedule()

@@ -39,7 +39,9 @@ __all__ = [
     "effective_score",
     "eviction_attention_ref",
     "eviction_attention_ref_bwd",
+    "eviction_attention_final_ref",
     "eviction_mask",
+    "final_buffer_members",
     "visibility_end",
 ]
 
@@ -213,3 +215,58 @@ def compact_intervals(end: Tensor, window_size: int) -> tuple[Tensor, Tensor, Te
     kpos.scatter_(-1, dest, j.expand(B, H, T).contiguous())
     kend.scatter_(-1, dest, e.to(torch.int32))
     return kpos[..., :T].contiguous(), kend[..., :T].contiguous(), kcum
+
+
+def final_buffer_members(
+    score: Tensor, *, window_size: int, capacity: int, num_sinks: int, lengths: Tensor | None = None
+) -> Tensor:
+    """The buffer left when a sequence ends: the top ``C`` of the retained tokens that have left the window
+    at its last query, ordered by (score descending, position ascending), sinks first.
+
+    Row b ends at query ``n_b - 1`` (``lengths[b]``, default T): the candidates are the retained ``j`` with
+    ``j + W <= n_b - 1``. This is the streaming buffer at the last query (the inference semantics), and the
+    set that the paper's prompt processing attends to (docs/paper.md#prefill).
+
+    score: [B, T, HKV] (retained iff > 0; sinks and +inf always retained); lengths: [B] int or None
+    -> [B, T, HKV] bool.
+    """
+    B, T, H = score.shape
+    s = effective_score(score, num_sinks)
+    n = torch.full((B,), T, device=score.device) if lengths is None else lengths.to(score.device)
+    j = torch.arange(T, device=score.device)
+    cand = (s > 0) & (j[None, :, None] + window_size <= n[:, None, None] - 1)  # [B, T, H]
+    key = torch.where(cand, s, float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)  # stable: the earlier token wins a tie
+    rank = torch.empty_like(order).scatter_(1, order, j[None, :, None].expand(B, T, H).contiguous())
+    return cand & (rank < capacity)
+
+
+def eviction_attention_final_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: Tensor,
+    *,
+    window_size: int,
+    capacity: int,
+    num_sinks: int,
+    lengths: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Eviction attention with the final-buffer prompt semantics (docs/paper.md#prefill): query ``t`` sees
+    key ``j <= t`` iff ``t - j < W`` or ``j`` is in :func:`final_buffer_members` (so a buffered key is seen
+    only by queries it precedes; one older than the window only once it left it).
+
+    This is the training-semantics mask with "retained" replaced by "in the final buffer", which is how
+    the mixer computes it with the ``eviction_attention`` op.
+
+    q: [B, T, HQ, D]; k, v: [B, T, HKV, D]; score: [B, T, HKV]; lengths: [B] or None
+    -> o: [B, T, HQ, D], lse: [B, HQ, T] (as :func:`eviction_attention_ref`).
+    """
+    member = final_buffer_members(
+        score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, lengths=lengths
+    )
+    marked = torch.where(member, 1.0, -1.0).to(acc_dtype(score.dtype))
+    return eviction_attention_ref(
+        q, k, v, marked, window_size=window_size, capacity=capacity, num_sinks=0, training=True, scale=scale
+    )
