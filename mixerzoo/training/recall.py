@@ -1,0 +1,381 @@
+"""The recall experiment: hybrid stacks trained on MQAR with power-law distances (Arora et al. 2023,
+"Zoology"), with the same step budget each, then evaluated at the training length and at 2x and 4x it.
+
+``python -m mixerzoo recall`` prints a table, writes ``benchmarks/results/recall-<device>.json`` and a
+plot of accuracy against length (matplotlib, optional). ``--calibrate`` trains only
+``(gdn full_attention)*2`` and reports its accuracy: the check that the recipe teaches the task at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import registry
+from ..models import HybridLM
+from .mqar import RecallTask
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["DEFAULT_PATTERNS", "RecallRecipe", "add_recall_parser", "evaluate_recall", "main_recall", "run_recall"]
+
+DEFAULT_PATTERNS = (
+    "gdn*4",
+    "(gdn swa)*2",
+    "(gdn swa_sink)*2",
+    "(gdn eviction_swa)*2",
+    "(gdn eviction_swa[policy=key_norm])*2",
+    "(gdn full_attention)*2",
+    "(gdn nsa)*2",  # run when an nsa mixer is registered
+)
+CALIBRATION_PATTERN = "(gdn full_attention)*2"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallRecipe:
+    """Model, task and optimisation of the experiment; every pattern trains with the same recipe.
+
+    Found on the CPU at reduced scale (``(gdn full_attention)*2``, hidden 64, batch 16, lr 3e-3): at T = 256
+    with 8 pairs the accuracy leaves chance after about 100 steps with a 256-token vocabulary and after
+    about 200 with 1024, and reaches 98% at 400 steps; a lower lr (1e-3) is slower, and a curriculum
+    that starts at T / 4 with pairs / 4 is slower still (56% at 400 steps: two pairs per sequence give too
+    few targets, and each length change sets the run back). The vocabulary matters most: at T = 512 with 16
+    pairs, 400 steps reach 46% with 512 tokens and 96% with 256; at T = 1024 with 32 pairs and 256 tokens
+    the training accuracy passes 90% at step 275. So the default has no curriculum, the smallest vocabulary
+    that holds the keys comfortably (127 keys for 32 pairs), lr 3e-3, and 1500 steps of 64 sequences (four
+    times the CPU runs' batch, five times their steps to 90%). With
+    ``short_fraction > 0`` the first ``short_fraction`` of the steps run at ``T // 4`` with ``pairs // 4``
+    pairs, the next ``short_fraction`` at ``T // 2`` with ``pairs // 2``.
+    """
+
+    T: int = 1024
+    pairs: int = 32
+    vocab: int = 256
+    hidden: int = 128
+    heads: int = 2
+    mlp_ratio: float = 2.0
+    window: int = 64
+    capacity: int = 64
+    sinks: int = 4
+    batch: int = 64
+    steps: int = 1500
+    lr: float = 3e-3
+    warmup: int = 75
+    weight_decay: float = 0.1
+    short_fraction: float = 0.0
+    power: float = 1.0
+    seed: int = 0
+    eval_batches: int = 4
+    eval_batch: int = 32
+
+    def curriculum(self) -> tuple[tuple[int, int, int], ...]:
+        if self.short_fraction <= 0:
+            return ()
+        s = int(self.steps * self.short_fraction)
+        stages = []
+        for i, div in enumerate((4, 2)):
+            T = self.T // div
+            pairs = max(1, self.pairs // div)
+            if T - 10 * pairs - 2 >= 2:  # the recall task fits at that length
+                stages.append((i * s, T, pairs))
+        stages.append((2 * s if stages else 0, self.T, self.pairs))
+        return tuple(stages)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch,
+            seq_len=self.T,
+            lr=self.lr,
+            warmup=self.warmup,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            curriculum=self.curriculum(),
+            log_every=max(1, self.steps // 20),
+            **overrides,
+        )
+
+    def task(self) -> RecallTask:
+        return RecallTask("mqar", self.pairs, self.vocab, power=self.power)
+
+    def model(self, pattern: str) -> HybridLM:
+        layers = registry.parse_pattern(pattern)
+        fields = {f for layer in layers for f in registry.spec(layer.name).fields()}
+        wanted = {"window_size": self.window, "capacity": self.capacity, "num_sinks": self.sinks}
+        defaults = {k: v for k, v in wanted.items() if k in fields}
+        if "max_seqlen" in fields:
+            defaults["max_seqlen"] = 4 * self.T
+        torch.manual_seed(self.seed)
+        return HybridLM(
+            self.vocab, pattern, hidden_size=self.hidden, num_heads=self.heads, mlp_ratio=self.mlp_ratio, **defaults
+        )
+
+
+def state_bytes(model: HybridLM, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> list[int]:
+    """Decode-state bytes of each layer for one sequence of ``seq_len`` tokens (a growing cache holds them
+    all; a constant state is the same at any length)."""
+    with torch.device("meta"):
+        states = model.init_state(1, dtype=dtype, max_seqlen=seq_len)
+    return [s.nbytes() for s in states]
+
+
+@torch.no_grad()
+def evaluate_recall(
+    model: HybridLM,
+    task: RecallTask,
+    seq_len: int,
+    *,
+    chunk: int,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    amp: bool,
+) -> float:
+    """Accuracy (argmax at the queried positions) on held-out sequences of ``seq_len`` tokens. A stack whose
+    states are all constant-size reads each sequence through its recurrent state, ``chunk`` tokens at a
+    time (what decoding with that memory sees); a stack with a growing cache runs one parallel forward."""
+    model.eval()
+    constant = all(m.state_growth == "constant" for m in model.stack.mixers)
+    hit = total = 0
+    for i in range(batches):
+        inputs, targets = task.batch(batch_size, seq_len, seed=seed, step=i, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if constant:
+                states = model.init_state(batch_size, device=device)
+                logits = torch.cat([model(x, states)[0] for x in inputs.split(chunk, dim=1)], dim=1)
+            else:
+                logits, _ = model(inputs)
+        asked = targets >= 0
+        hit += (logits.argmax(-1) == targets)[asked].sum().item()
+        total += asked.sum().item()
+    return hit / max(total, 1)
+
+
+def _device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return "cpu"
+
+
+def run_recall(
+    patterns: list[str],
+    recipe: RecallRecipe,
+    *,
+    device: torch.device,
+    compile: bool | str = False,
+    lengths: tuple[int, ...] = (1, 2, 4),
+    log=print,
+) -> list[dict]:
+    """Train each pattern with ``recipe`` and evaluate it at ``recipe.T * k`` for k in ``lengths``; one
+    dict per pattern."""
+    task = recipe.task()
+    rows = []
+    for pattern in patterns:
+        model = recipe.model(pattern)
+        n_params = sum(p.numel() for p in model.parameters())
+        kv = state_bytes(model, recipe.T * max(lengths))
+        names = [m.name for m in model.stack.mixers]
+        attn = [b for b, n in zip(kv, names, strict=True) if n != "gdn"] or kv
+        log(f"\n== {pattern}: {n_params / 1e6:.2f}M params, state bytes per attention layer {max(attn):,} (bf16)")
+        trainer = Trainer(model, task, recipe.train_config(compile=compile), device=device, log=log)
+        t0 = time.perf_counter()
+        history = trainer.fit()
+        train_s = time.perf_counter() - t0
+        amp = trainer.amp
+        acc = {}
+        for k in lengths:
+            L = recipe.T * k
+            acc[L] = evaluate_recall(
+                model,
+                task,
+                L,
+                chunk=recipe.T,
+                batches=recipe.eval_batches,
+                batch_size=recipe.eval_batch,
+                seed=recipe.seed + 12345,
+                device=trainer.device,
+                amp=amp,
+            )
+        last = history[-1] if history else {}
+        row = {
+            "pattern": pattern,
+            "params": n_params,
+            "state_bytes_per_layer": dict(zip(range(len(kv)), kv, strict=True)),
+            "kv_bytes_per_attention_layer": max(attn),
+            "train_seconds": round(train_s, 1),
+            "final_train_loss": last.get("loss"),
+            "accuracy": {str(L): a for L, a in acc.items()},
+        }
+        if "retained" in last:
+            row["retained"] = last["retained"]
+            row["band"] = last["band"]
+        rows.append(row)
+        log(f"   {pattern}: " + ", ".join(f"T={L}: {a:.3f}" for L, a in acc.items()) + f" ({train_s:.0f}s training)")
+        del trainer, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lengths = list(rows[0]["accuracy"]) if rows else []
+    head = ["pattern", "params", "KV bytes/layer"] + [f"acc T={L}" for L in lengths] + ["train s"]
+    body = [
+        [r["pattern"], f"{r['params']:,}", f"{r['kv_bytes_per_attention_layer']:,}"]
+        + [f"{r['accuracy'][L]:.3f}" for L in lengths]
+        + [f"{r['train_seconds']:.0f}"]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        xs = [int(L) for L in r["accuracy"]]
+        ax.plot(xs, list(r["accuracy"].values()), marker="o", label=r["pattern"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("recall accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def add_recall_parser(sub: argparse._SubParsersAction) -> None:
+    r = RecallRecipe()
+    p = sub.add_parser(
+        "recall",
+        help="train hybrid stacks on power-law MQAR and compare recall at 1x, 2x and 4x the training length",
+        description="The recall experiment: every pattern trains with the same recipe and step budget, then is "
+        "evaluated on held-out sequences at the training length and 2x and 4x it (constant-memory stacks read "
+        "them through their recurrent state).",
+    )
+    p.add_argument(
+        "--patterns", default=None, help="';'-separated patterns (default: the experiment's, nsa if registered)"
+    )
+    p.add_argument(
+        "--calibrate", action="store_true", help=f"train only {CALIBRATION_PATTERN!r} and report its accuracy"
+    )
+    p.add_argument("--steps", type=int, default=r.steps, help=f"optimiser steps per pattern (default {r.steps})")
+    p.add_argument("--T", type=int, default=r.T, help=f"training length (default {r.T})")
+    p.add_argument("--pairs", type=int, default=r.pairs, help=f"key-value pairs at length T (default {r.pairs})")
+    p.add_argument("--vocab", type=int, default=r.vocab, help=f"vocabulary (default {r.vocab})")
+    p.add_argument("--hidden", type=int, default=r.hidden, help=f"hidden size (default {r.hidden})")
+    p.add_argument("--heads", type=int, default=r.heads, help=f"heads (default {r.heads})")
+    p.add_argument("--window", type=int, default=r.window, help=f"window W of the windowed mixers (default {r.window})")
+    p.add_argument("--capacity", type=int, default=r.capacity, help=f"eviction buffer C (default {r.capacity})")
+    p.add_argument("--batch", type=int, default=r.batch, help=f"sequences per step (default {r.batch})")
+    p.add_argument("--lr", type=float, default=r.lr, help=f"peak learning rate (default {r.lr})")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--short-fraction", type=float, default=r.short_fraction, help="curriculum stage length (0: none)")
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=r.eval_batches,
+        help=f"held-out batches per length (default {r.eval_batches})",
+    )
+    p.add_argument("--eval-batch", type=int, default=r.eval_batch, help=f"sequences per batch (default {r.eval_batch})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--compile", default="off", help="compile each block: off, inductor, or another backend")
+    p.add_argument(
+        "--out", default="benchmarks/results", help="folder of the JSON and PNG (default benchmarks/results)"
+    )
+    p.set_defaults(func=main_recall)
+
+
+def main_recall(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("recall: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.calibrate:
+        patterns = [CALIBRATION_PATTERN]
+    elif args.patterns:
+        patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
+    else:
+        names = set(registry.names())
+        patterns = [p for p in DEFAULT_PATTERNS if "nsa" not in p or "nsa" in names]
+    try:
+        for pattern in patterns:
+            for layer in registry.parse_pattern(pattern):
+                registry.spec(layer.name)
+        recipe = RecallRecipe(
+            T=args.T,
+            pairs=args.pairs,
+            vocab=args.vocab,
+            hidden=args.hidden,
+            heads=args.heads,
+            window=args.window,
+            capacity=args.capacity,
+            batch=args.batch,
+            steps=args.steps,
+            lr=args.lr,
+            warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
+            short_fraction=args.short_fraction,
+            seed=args.seed,
+            eval_batches=args.eval_batches,
+            eval_batch=args.eval_batch,
+        )
+        recipe.task().batch(1, recipe.T, seed=0, step=0)  # the task fits at length T
+    except (KeyError, ValueError, TypeError) as e:
+        print(f"recall: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    compile_: bool | str = {"off": False, "inductor": True}.get(args.compile, args.compile)
+    slug = _device_slug(device)
+    print(
+        f"mixerzoo recall on {slug}: T={recipe.T} (curriculum {recipe.curriculum()}), {recipe.pairs} pairs, "
+        f"vocab {recipe.vocab}, hidden {recipe.hidden}, {recipe.heads} heads, W={recipe.window}, C={recipe.capacity}, "
+        f"batch {recipe.batch}, {recipe.steps} steps, lr {recipe.lr}; chance {1 / ((recipe.vocab - 1) // 2):.4f}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    rows = run_recall(patterns, recipe, device=device, compile=compile_, log=lambda s: print(s, flush=True))
+    elapsed = time.perf_counter() - t0
+    print()
+    print(_table(rows))
+    print(f"\n{len(rows)} pattern(s) in {elapsed / 60:.1f} min")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"recall-{slug}" + ("-calibrate" if args.calibrate else "")
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "recipe": dataclasses.asdict(recipe),
+        "curriculum": recipe.curriculum(),
+        "chance": 1 / ((recipe.vocab - 1) // 2),
+        "minutes": round(elapsed / 60, 2),
+        "rows": rows,
+    }
+    with open(out / f"{stem}.json", "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"results: {out / (stem + '.json')}")
+    print(_plot(rows, out / f"{stem}.png", f"recall, {slug}, T={recipe.T}, {recipe.steps} steps"))
+    if args.calibrate:
+        acc = rows[0]["accuracy"][str(recipe.T)]
+        verdict = "reaches" if acc >= 0.9 else "does NOT reach"
+        print(f"calibration: {CALIBRATION_PATTERN} {verdict} 90% at T={recipe.T}: {acc:.3f}")
+    return 0
