@@ -481,6 +481,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_import_argument(p)
     p.set_defaults(func=cmd_demo)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+    from .evals import add_eval_parser
+
+    add_eval_parser(sub)
+    from .training.trainer import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
