@@ -84,18 +84,22 @@ def generate_rows(torch, mixerzoo, args, log: list[str]) -> list[dict]:
     patterns = {"hybrid": f"(gdn eviction_swa)*{L // 2}", "sdpa_transformer": f"full_attention*{L}"}
     for label, pattern in patterns.items():
         torch.manual_seed(0)
-        lm = mixerzoo.HybridLM(pattern, vocab_size=32000, hidden_size=args.hidden, num_heads=args.heads)
+        lm = mixerzoo.HybridLM(32000, pattern, hidden_size=args.hidden, num_heads=args.heads)
         lm = lm.to("cuda", torch.bfloat16).eval()
         prompt = torch.randint(0, 32000, (args.B, args.prompt), device="cuda")
         for cuda_graph in (False, True):
             lm.generate(prompt, 4, cuda_graph=cuda_graph)  # warm-up: compiles and captures
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = lm.generate(prompt, args.new_tokens, cuda_graph=cuda_graph)
+            out, stats = lm.generate(prompt, args.new_tokens, cuda_graph=cuda_graph, return_stats=True)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-            tps = args.B * (out.shape[1] - args.prompt) / seconds
-            line = f"generate {label:18s} {pattern:28s} cuda_graph={cuda_graph}: {tps:,.0f} tokens/s"
+            tps = args.B * out.shape[1] / seconds  # generate returns the new tokens only
+            line = (
+                f"generate {label:18s} {pattern:28s} cuda_graph={cuda_graph}: {tps:,.0f} tokens/s overall, "
+                f"decode {stats.decode_tokens_per_s:,.0f} tokens/s ({stats.step}), "
+                f"prefill {stats.prefill_tokens_per_s:,.0f} tokens/s"
+            )
             print(line, flush=True)
             log.append(line)
             rows.append(
@@ -107,8 +111,10 @@ def generate_rows(torch, mixerzoo, args, log: list[str]) -> list[dict]:
                     H=args.heads,
                     D=args.hidden // args.heads,
                     tokens_per_s=round(tps, 1),
-                    note=f"{pattern}, bf16, prompt {args.prompt}, {args.new_tokens} new tokens (prefill included), "
-                    f"cuda_graph={cuda_graph}",
+                    decode_tokens_per_s=round(stats.decode_tokens_per_s, 1),
+                    prefill_tokens_per_s=round(stats.prefill_tokens_per_s, 1),
+                    note=f"{pattern}, bf16, prompt {args.prompt}, {args.new_tokens} new tokens; tokens_per_s: new "
+                    f"tokens over the whole call (prefill included); decode step: {stats.step}",
                 )
             )
         del lm
@@ -141,11 +147,10 @@ def main(argv=None) -> int:
         refuse(f"decode.py: unknown mixer(s) {unknown}; registered: {', '.join(registry.names())}")
     log: list[str] = []
     rows = mixer_rows(torch, registry, args, log)
-    ops = {r["op"] for r in rows}
+    write_results({r["op"] for r in rows}, rows)  # kept even if generate fails below
     if not args.skip_generate:
-        rows += generate_rows(torch, mixerzoo, args, log)
-        ops.add("generate")
-    write_results(ops, rows)
+        rows = generate_rows(torch, mixerzoo, args, log)
+        write_results({"generate"}, rows)
     return 0
 
 

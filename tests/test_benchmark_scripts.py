@@ -178,6 +178,7 @@ def test_resources_refuses_the_interpreter():
 
 
 @no_gpu
+@pytest.mark.slow
 def test_cpu_modes(tmp_path):
     """check_backends' CPU dry run to the end, and gdn.py --smoke until its first Triton kernel has run in the
     interpreter and matched the reference (the whole smoke run takes about 35 s of CPU time)."""

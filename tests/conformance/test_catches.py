@@ -91,6 +91,7 @@ def test_planted_bug_is_caught(bug, check):
         conformance.CHECKS[check](conformance.Case(spec))
 
 
+@pytest.mark.slow
 def test_command_line_reports_each_check():
     import subprocess
 

@@ -24,6 +24,7 @@ def _run(args: list[str], out: Path) -> None:
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_ranks_match_one_process(tmp_path):
     _run(
