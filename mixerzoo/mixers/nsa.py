@@ -55,6 +55,7 @@ class NSAConfig(MixerConfig):
     compressor:   "mean" (block mean) or "mlp" (block mean plus a learned MLP over the block; docs/mixers.md#nsa).
     rope_theta:   RoPE base.
     max_seqlen:   KV-cache capacity of init_state when it is not given there.
+    gate_bias:    whether the linear map giving the three branch gates has a bias (the paper's models have none).
     """
 
     num_kv_heads: int | None = 1
@@ -65,6 +66,7 @@ class NSAConfig(MixerConfig):
     compressor: str = "mean"
     rope_theta: float = 10000.0
     max_seqlen: int = 4096
+    gate_bias: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +76,8 @@ class NSAConfig(MixerConfig):
         self.check_int("window_size", minimum=1)
         self.check_choice("compressor", COMPRESSORS)
         self.check_int("max_seqlen", minimum=1)
+        if not isinstance(self.gate_bias, bool):
+            raise TypeError(f"nsa: gate_bias must be a bool, got {type(self.gate_bias).__name__} {self.gate_bias!r}")
 
 
 @state_dataclass
@@ -134,7 +138,7 @@ class NSA(AttentionMixer):
         self.block_size = config.block_size
         self.block_count = config.block_count
         self.window_size = config.window_size
-        self.gate_proj = nn.Linear(config.hidden_size, 3 * self.num_heads)
+        self.gate_proj = nn.Linear(config.hidden_size, 3 * self.num_heads, bias=config.gate_bias)
         if config.compressor == "mlp":
             self.k_compressor = NSABlockCompressor(self.block_size, self.head_dim)
             self.v_compressor = NSABlockCompressor(self.block_size, self.head_dim)

@@ -277,7 +277,7 @@ def _paper(pattern: str, size: str, **mixer_defaults: Any) -> HybridLMConfig:
 PAPER_PRESETS: dict[str, HybridLMConfig] = {}
 # The paper's attention layers at the odd layers; their heads per size (query heads, KV heads).
 _ATTN_HEADS = {"0.4b": "num_heads=16", "1.4b": "num_heads=32,num_kv_heads=8"}
-_NSA = "num_heads=32,num_kv_heads=2,head_dim=64,block_size=64,block_count=16,window_size=512"
+_NSA = "num_heads=32,num_kv_heads=2,head_dim=64,block_size=64,block_count=16,window_size=512,gate_bias=false"
 for _size, _heads in _ATTN_HEADS.items():
     PAPER_PRESETS[f"gdn-{_size}"] = _paper("gdn*24", _size, norm_eps=1e-6)
     PAPER_PRESETS[f"lte-{_size}"] = _paper(

@@ -71,14 +71,7 @@ def _buildable(name):
     return all(layer.name in registry.names() for layer in registry.parse_pattern(PAPER_PRESETS[name].pattern))
 
 
-_GATE_BIAS = pytest.mark.xfail(
-    strict=True, reason="the nsa mixer's gate projection has a bias (3 * num_heads per layer); the reference's has none"
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_GATE_BIAS) if "nsa" in n else n for n in sorted(PAPER_PRESETS)]
-)
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
 def test_paper_preset_parameter_count(name):
     kind, size = name.rsplit("-", 1)
     if not _buildable(name):
