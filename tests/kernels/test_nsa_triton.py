@@ -89,7 +89,7 @@ CASES = [
     pytest.param(1, 77, 2, 2, 32, 16, 3, 20, id="G1-T77-D32-n3"),
     pytest.param(1, 85, 6, 2, 16, 16, 4, 24, id="G3-T85-D16-n4"),
     pytest.param(1, 70, 4, 1, 64, 16, 3, 16, id="G4-T70-D64-n3"),
-    pytest.param(1, 72, 16, 1, 16, 16, 4, 33, id="G16-T72-D16-n4"),
+    pytest.param(1, 72, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T72-D16-n4"),
     pytest.param(2, 90, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T90-B2-slow"),
     pytest.param(1, 5, 4, 1, 16, 16, 3, 2, id="G4-T5-noblock"),
     pytest.param(1, 150, 4, 2, 32, 32, 3, 40, marks=pytest.mark.slow, id="G2-T150-L32-slow"),

@@ -137,6 +137,7 @@ def test_return_stats():
     assert one.decode_steps == 0 and math.isnan(one.decode_tokens_per_s)
 
 
+@pytest.mark.slow  # a compile
 def test_compiled_step_stats_exclude_the_compile():
     lm = _lm(seed=6, dtype=torch.float32)
     ids = torch.randint(0, V, (1, 4))
