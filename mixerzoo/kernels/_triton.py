@@ -7,9 +7,11 @@ kernel (or calling any Triton helper) without Triton raises a RuntimeError with 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["HAS_TRITON", "LOG2E", "LOG2E_JIT", "dot_precision", "softmax_step", "tl", "triton"]
+__all__ = ["HAS_TRITON", "LOG2E", "LOG2E_JIT", "dot_precision", "interpreting", "softmax_step", "tl", "triton"]
 
 _HINT = (
     "mixerzoo: the Triton kernels need the triton package (pip install triton; Linux with an NVIDIA GPU). "
@@ -52,6 +54,12 @@ except ImportError:  # not silent: every use of a kernel raises with the hint ab
 # natural-log LSE converts with * or / LOG2E_JIT (kernel side: @triton.jit code may read only constexpr globals)
 LOG2E = 1.4426950408889634
 LOG2E_JIT = tl.constexpr(LOG2E) if HAS_TRITON else LOG2E
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1): launchers pick smaller tiles and
+    fewer pipeline stages there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dot_precision(x: torch.Tensor) -> str:

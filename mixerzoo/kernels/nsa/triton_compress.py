@@ -8,7 +8,7 @@ per group and ``tl.dot`` has M rows even for G = 1.
 
 from __future__ import annotations
 
-from .._triton import tl, triton
+from .._triton import softmax_step, tl, triton
 
 
 @triton.jit
@@ -19,18 +19,6 @@ def nsa_rows(t0, i_h, T, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, HQ
     o_g = o_r % GP
     m_r = (o_t < T) & (o_g < G)
     return o_t, i_h * G + o_g, m_r
-
-
-@triton.jit
-def _online_step(b_s, b_max, b_sum, b_acc, b_v, PREC: tl.constexpr):
-    # one key tile of the online softmax; b_s already scaled to base 2, -inf where invisible
-    b_new = tl.maximum(b_max, tl.max(b_s, 1))
-    b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)  # rows that see nothing yet: exact zeros, no NaN
-    b_p = tl.math.exp2(b_s - b_safe[:, None])
-    b_r = tl.math.exp2(b_max - b_safe)
-    # [M, BC] @ [BC, D] -> [M, D]
-    b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-    return b_new, b_sum * b_r + tl.sum(b_p, 1), b_acc
 
 
 @triton.jit
@@ -111,7 +99,7 @@ def nsa_cmp_fwd_kernel(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
         b_s = tl.where(vis, b_s, float("-inf"))
-        b_max, b_sum, b_acc = _online_step(b_s, b_max, b_sum, b_acc, b_v, PREC)
+        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
     empty = b_sum == 0.0
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]
     b_lse = tl.where(empty, float("-inf"), b_max + tl.math.log2(tl.where(empty, 1.0, b_sum)))

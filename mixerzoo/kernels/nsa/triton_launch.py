@@ -3,26 +3,19 @@ kernels of ``triton_compress.py`` and ``triton_select.py`` and the window branch
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from .._triton import triton
+from .._triton import LOG2E, dot_precision, interpreting, triton
 from ..swa import swa_bwd, swa_fwd
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_select import nsa_slc_bwd_dkdv_kernel, nsa_slc_bwd_dq_kernel, nsa_slc_fwd_kernel
 
 __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
 
-LOG2E = 1.4426950408889634
 SUPPORTED_D = (16, 32, 64, 128)
 SUPPORTED_L = (16, 32, 64, 128)
 MAX_BLOCK_COUNT = 64
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _pow2(x: int) -> int:
@@ -44,18 +37,13 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype) -> dict:
     wide = D > 64 or dtype == torch.float32
     return {
         "BT_cmp": bt,
-        "BC": 16 if _interpreting() else (32 if wide else 64),
+        "BC": 16 if interpreting() else (32 if wide else 64),
         "BT_slc": min(bt, L),
         "BQ": bt,
-        "CH": 64 if _interpreting() else 256,
+        "CH": 64 if interpreting() else 256,
         "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
-        "num_stages": 1 if _interpreting() else 2,
+        "num_stages": 1 if interpreting() else 2,
     }
-
-
-def _precision(x: Tensor) -> str:
-    # exact float32 products for float32 inputs; half precision ignores it
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def check_triton_shapes(op: str, q: Tensor, block_size: int, block_count: int) -> None:
@@ -110,7 +98,7 @@ def nsa_fwd(
     ob = q.new_empty(3, B, T, HQ, D)
     lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=_precision(q), **launch)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
@@ -184,7 +172,7 @@ def nsa_bwd(
     GP, NP = _pow2(G), max(_pow2(N), 16)
     cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=_precision(q), **launch)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     NC = T // L
     gates = torch.stack((g_cmp, g_slc, g_win))  # [3, B, T, HQ]
     dg = (do.float()[None] * ob.float()).sum(-1)  # [3, B, T, HQ]: gradient of each gate

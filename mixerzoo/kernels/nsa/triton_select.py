@@ -13,7 +13,7 @@ every token (block 0) is spread over many programs instead of one.
 
 from __future__ import annotations
 
-from .._triton import tl, triton
+from .._triton import softmax_step, tl, triton
 from .triton_compress import nsa_rows
 
 
@@ -82,14 +82,7 @@ def nsa_slc_fwd_kernel(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
         b_s = tl.where(vis, b_s, float("-inf"))
-        b_new = tl.maximum(b_max, tl.max(b_s, 1))
-        b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
-        b_p = tl.math.exp2(b_s - b_safe[:, None])
-        b_r = tl.math.exp2(b_max - b_safe)
-        b_sum = b_sum * b_r + tl.sum(b_p, 1)
-        # [M, L] @ [L, D] -> [M, D]
-        b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_max = b_new
+        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
         c = _next_block(b_idx, c, BIG)
     empty = b_sum == 0.0  # padding rows only: every token sees itself through its own forced block
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]

@@ -8,13 +8,11 @@ Four layers: the Triton kernel, the ``swa_decode_fwd`` launcher, the ``mixerzoo:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._triton import LOG2E, dot_precision, softmax_step, tl, triton
+from .._triton import LOG2E, dot_precision, interpreting, softmax_step, tl, triton
 from .reference import swa_decode_ref
 from .swa import _any_nonfinite, _check_triton, _mask_scores, check_index_tensor
 
@@ -189,7 +187,7 @@ def swa_decode_fwd(
     cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
     o = torch.empty_like(q)
     BR = max(16, triton.next_power_of_2(G * TQ))
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = interpreting()
     BN = 64 if (interp or BR * D > 64 * 128) else 128
     _swa_decode_kernel[(B * HKV,)](
         q=q,

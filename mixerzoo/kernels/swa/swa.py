@@ -9,13 +9,11 @@ Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
-from .._triton import LOG2E, LOG2E_JIT, dot_precision, softmax_step, tl, triton
+from .._triton import LOG2E, LOG2E_JIT, dot_precision, interpreting, softmax_step, tl, triton
 from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
 
 # ---------------------------------------------------------------------------------------------------
@@ -1218,14 +1216,10 @@ def _swa_bwd_dq_kernel(
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _fwd_config(D: int) -> dict:
     """Tile sizes of the forward kernel (D = 128: the winners of `benchmarks/attention.py --sections loops`
     on an H200, see benchmarks/NOTES-swa.md)."""
-    if _interpreting():
+    if interpreting():
         return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     if D <= 64:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
@@ -1235,7 +1229,7 @@ def _fwd_config(D: int) -> dict:
 
 
 def _dq_config(D: int) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     if D <= 128:
         return dict(BM=128, BN=64, num_warps=8, num_stages=3, ONE_LOOP=True)
@@ -1243,7 +1237,7 @@ def _dq_config(D: int) -> dict:
 
 
 def _dkdv_config(D: int) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(BM=32, BN=64, num_warps=4, num_stages=1)
     if D <= 128:
         return dict(BM=32, BN=64, num_warps=4, num_stages=3, ONE_LOOP=True)
@@ -1258,7 +1252,7 @@ def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
     D = 128 the dQ kernel's 128 x 64 tiles with 3 stages would need 288 KiB (H100 / H200: 227 KiB per
     block). float32 gets at most 64-row tiles and 2 stages, at D = 256 32-row tiles and one stage
     (compiled for sm_90 on the CPU: 144 KiB or less)."""
-    if dtype != torch.float32 or _interpreting():
+    if dtype != torch.float32 or interpreting():
         return cfg
     rows, stages = (64, 2) if D <= 128 else (32, 1)
     return {**cfg, "BM": min(cfg["BM"], rows), "BN": min(cfg["BN"], rows), "num_stages": min(cfg["num_stages"], stages)}
