@@ -116,34 +116,20 @@ def time_ms(fn, *, warmup: int = 5, repeat: int = 20) -> float:
 
 
 def cuda_graphed(fn):
-    """Capture fn() in a CUDA graph (decode steps are launch-bound): returns (replay, out), out being
-    fn's output tensors, which every replay overwrites. fn runs 3 times eagerly first, on a side stream
-    (Triton compiles, the allocator warms up); inputs must sit in fixed buffers, and a step that updates
-    state in place advances it on each of those runs and on each replay."""
-    import torch
+    """Capture fn() in a CUDA graph (decode steps are launch-bound): returns (replay, out), out being fn's
+    output tensors, which every replay overwrites (mixerzoo.bench.timing.cuda_graphed, 3 eager runs first)."""
+    from mixerzoo.bench.timing import cuda_graphed
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g.replay, out
+    return cuda_graphed(fn, warmup=3)
 
 
 def peak_mem_mb(fn) -> float:
     """Peak CUDA memory allocated while running ``fn()`` once, in MiB, above what was allocated before."""
     import torch
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from mixerzoo.bench.timing import peak_mem_mb
+
+    return peak_mem_mb(fn, torch.device("cuda", torch.cuda.current_device()))
 
 
 def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) -> pathlib.Path:
