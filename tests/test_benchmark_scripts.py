@@ -33,6 +33,7 @@ GPU_MODES = {
     "gdn_mixer_check.py": (["--device", "cuda"], "'gdn_mixer_check.py --device cpu' runs on the CPU"),
     "decode.py": ([], "no mode of it runs on the CPU"),
     "nsa.py": (["--check"], "no mode of it runs on the CPU"),
+    "flash_attn_backend.py": ([], "no mode of it runs on the CPU"),
     "gpu_all.sh": (["backends"], "no part runs on the CPU"),
     "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
 }

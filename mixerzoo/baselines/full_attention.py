@@ -1,7 +1,8 @@
 """Full causal softmax attention (Vaswani et al. 2017) with RoPE and GQA, the baseline of every hybrid.
 
 The parallel form runs through a chosen backend (torch SDPA, flash-attn 4 or 2, xformers, FlexAttention);
-decode keeps a KV cache of capacity ``max_seqlen`` and attends over it with torch SDPA.
+decode keeps a KV cache of capacity ``max_seqlen`` and attends over it with torch SDPA (eagerly on CUDA, one token
+without a mask or autograd: two Triton kernels, see ``FullAttention._decode_step``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..mixers.attention_common import AttentionMixer, check_attention_heads, masked_attention, visible
-from ..mixers.base import MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
+from ..kernels._checks import check_values
+from ..kernels.swa.step import attn_decode_step
+from ..mixers.attention_common import AttentionMixer, all_finite, check_attention_heads, masked_attention, visible
+from ..mixers.base import ENDED, MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
 from ..registry.core import register
 from .backends import BACKENDS, load_backend
 
@@ -103,6 +106,8 @@ class FullAttention(AttentionMixer):
     ) -> tuple[Tensor, FullAttentionState | None]:
         if state is not None:
             self._check_capacity(state, x.shape[1])
+            if attention_mask is None and self.takes_decode_step(x, state.k, state.v, state.kpos):
+                return self._decode_step(x, state), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.qkv(x, pos)
         if state is None:
@@ -126,6 +131,33 @@ class FullAttention(AttentionMixer):
         state.seen.add_(x.shape[1])
         return self.out(o), state
 
+    def _decode_step(self, x: Tensor, state: FullAttentionState) -> Tensor:
+        """One token x [B, 1, D] without a mask or autograd -> [B, 1, D] (capacity checked by the caller), in a few
+        launches: the projections, one kernel for RoPE and the cache write at slot ``seen``, the decode kernel over
+        the slots up to ``seen`` only (window and sinks off), the output projection (``kernels.swa.step``). The
+        results and the cache are those of the general path."""
+        # the mask-less check of positions_and_pad: a row ended by right padding takes no more real tokens
+        msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+        check_values(self.name, state.pad < ENDED, msg)
+        xt = x[:, 0]  # [B, D]
+        L = state.k.shape[1]
+        o = attn_decode_step(
+            self.q_proj(xt),
+            self.k_proj(xt),
+            self.v_proj(xt),
+            state.seen,
+            state.pad,
+            state.k,
+            state.v,
+            state.kpos,
+            theta=self.rope_theta,
+            ring=False,
+            window_size=L + 1,  # beyond any distance in a cache of L slots
+            scale=self.scale,
+        )  # [B, 1, HQ, Dh]
+        state.seen.add_(1)
+        return self.o_proj(o.view(x.shape[0], 1, -1))
+
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         """The backend's causal attention, NaN-isolated: q [B, T, HQ, Dh], k and v [B, T, HKV, Dh].
 
@@ -134,6 +166,8 @@ class FullAttention(AttentionMixer):
         and every query at or after them (in the same KV head) is marked NaN instead: a non-finite input
         still shows, and only where causality lets it.
         """
+        if all_finite(k, v):  # eager and finite: nothing to isolate
+            return self._attend(q, k, v, valid, self.scale)
         bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
         k = torch.where(bad[..., None], 0.0, k)
         v = torch.where(bad[..., None], 0.0, v)

@@ -7,11 +7,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels.swa.step import attn_step_supported
 from .base import MixerConfig, TokenMixer
 from .rope import apply_rope
 
 __all__ = [
     "AttentionMixer",
+    "all_finite",
     "check_attention_heads",
     "masked_attention",
     "self_diagonal",
@@ -62,6 +64,17 @@ class AttentionMixer(TokenMixer):
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
 
+    def takes_decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:
+        """Whether x [B, T, D] is one eager token on CUDA without autograd (a decode loop outside torch.compile)
+        that ``kernels.swa.step.attn_decode_step`` takes with these caches: the mixers' ``_decode_step``."""
+        return (
+            x.shape[1] == 1
+            and x.is_cuda
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and attn_step_supported(x, self.head_dim, k_cache, v_cache, pos_cache)
+        )
+
     def out(self, o: Tensor) -> Tensor:
         """o: [B, T, HQ, Dh] -> [B, T, D]."""
         return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
@@ -72,6 +85,19 @@ class AttentionMixer(TokenMixer):
         """init_state defaults: the parameters' device and dtype."""
         w = self.q_proj.weight
         return (w.device if device is None else device), (w.dtype if dtype is None else dtype)
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of ``tensors`` is finite, read on the host (one synchronisation), so that an eager call
+    can skip the NaN isolation around a backend kernel (several passes over q, k, v and o) for finite input, which
+    it leaves unchanged. False while compiling or capturing a CUDA graph: isolate unconditionally there."""
+    t = tensors[0]
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    ok = torch.isfinite(t).all()
+    for x in tensors[1:]:
+        ok = ok & torch.isfinite(x).all()
+    return bool(ok)
 
 
 def visible(

@@ -13,10 +13,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..baselines.backends import load_flash_attn
+from ..kernels._checks import check_values
 from ..kernels.swa import swa_attention, swa_decode
+from ..kernels.swa.step import attn_decode_step
 from ..registry.core import register
-from .attention_common import AttentionMixer, check_attention_heads, masked_attention, self_diagonal, visible
-from .base import MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
+from .attention_common import (
+    AttentionMixer,
+    all_finite,
+    check_attention_heads,
+    masked_attention,
+    self_diagonal,
+    visible,
+)
+from .base import ENDED, MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
 
@@ -92,7 +101,8 @@ class SWA(AttentionMixer):
     ``backend="flash_attn"``, flash-attn's sliding-window kernel (see ``_parallel_flash``). Decode: one cache of
     S sink slots and a ring of W (see SWAState); a one-token step writes the token, then runs the
     ``mixerzoo::swa_decode`` op over the cache (Triton on CUDA); per-step cost O(W + S), independent of
-    the length. Calls with a state run the same way whatever the backend.
+    the length. Eagerly on CUDA without a mask or autograd, that step is two kernels between the projections
+    (``_decode_step``). Calls with a state run the same way whatever the backend.
     """
 
     config: SWAConfig
@@ -131,6 +141,9 @@ class SWA(AttentionMixer):
 
     # -- forward ---------------------------------------------------------------------------------
     def mix(self, x: Tensor, state: SWAState | None, attention_mask: Tensor | None) -> tuple[Tensor, SWAState | None]:
+        if state is not None and attention_mask is None:
+            if self.takes_decode_step(x, state.k_cache, state.v_cache, state.pos_cache):
+                return self._decode_step(x, state), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.qkv(x, pos)
         kpos = pos.masked_fill(~valid, -1)  # [B, T]; padding keys are never visible
@@ -142,6 +155,32 @@ class SWA(AttentionMixer):
         o = self._step(q, k, v, slot, pos, kpos, state)
         state.seen.add_(x.shape[1])
         return self.out(o), state
+
+    def _decode_step(self, x: Tensor, state: SWAState) -> Tensor:
+        """One token x [B, 1, D] without a mask or autograd -> [B, 1, D], in a few launches: the projections, one
+        kernel for RoPE and the cache writes, the decode kernel, the output projection (``kernels.swa.step``). The
+        results and the cache are those of the general path (positions_and_pad, qkv, _write, swa_decode)."""
+        # the mask-less check of positions_and_pad: a row ended by right padding takes no more real tokens
+        msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+        check_values(self.name, state.pad < ENDED, msg)
+        xt = x[:, 0]  # [B, D]
+        o = attn_decode_step(
+            self.q_proj(xt),
+            self.k_proj(xt),
+            self.v_proj(xt),
+            state.seen,
+            state.pad,
+            state.k_cache,
+            state.v_cache,
+            state.pos_cache,
+            theta=self.rope_theta,
+            ring=True,
+            window_size=self.window_size,
+            num_sinks=self.num_sinks,
+            scale=self.scale,
+        )  # [B, 1, HQ, Dh]
+        state.seen.add_(1)
+        return self.o_proj(o.view(x.shape[0], 1, -1))
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kpos: Tensor, pad: Tensor | None) -> Tensor:
         """q: [B, T, HQ, Dh], k, v: [B, T, HKV, Dh], pos/kpos: [B, T], pad: [B] or None -> [B, T, HQ, Dh]."""
@@ -161,10 +200,13 @@ class SWA(AttentionMixer):
         B, T, HQ, _ = q.shape
         W, S = self.window_size, self.num_sinks
         valid = None if pad is None else kpos >= 0  # [B, T]
+        sinks = S > 0 and T > W  # otherwise every sink is inside the window of each query that sees it
+        if all_finite(k, v):  # eager and finite: nothing to isolate
+            o, lse = self.flash_attn(q, k, v, valid, self.scale, window=W, return_lse=sinks)
+            return self._add_sinks(q, k, v, kpos, pad, o, lse) if sinks else o
         bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
         k = torch.where(bad[..., None], 0.0, k)
         v = torch.where(bad[..., None], 0.0, v)
-        sinks = S > 0 and T > W  # otherwise every sink is inside the window of each query that sees it
         o, lse = self.flash_attn(q, k, v, valid, self.scale, window=W, return_lse=sinks)
         if sinks:
             o = self._add_sinks(q, k, v, kpos, pad, o, lse)

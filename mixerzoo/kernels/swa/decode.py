@@ -65,6 +65,7 @@ def _swa_decode_kernel(
     o,
     kpos,
     qpos,
+    live,
     N,
     W,
     S,
@@ -85,6 +86,7 @@ def _swa_decode_kernel(
     BR: tl.constexpr,
     BN: tl.constexpr,
     PREC: tl.constexpr,
+    LIVE: tl.constexpr,
 ):
     # o is addressed with q's strides (both contiguous); the caches keep theirs (any slot-major layout)
     # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
@@ -99,10 +101,14 @@ def _swa_decode_kernel(
     b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
     b_qp = tl.load(qpos + i_b * TQ + i_t, mask=m_r, other=-1)  # [BR]
 
+    if LIVE:
+        n_end = tl.minimum(tl.load(live) + TQ, N).to(tl.int32)
+    else:
+        n_end = N
     k_row = k + i_b * stride_kb + i_hk * stride_kh
     v_row = v + i_b * stride_vb + i_hk * stride_vh
     acc, m_i, l_i = _decode_blocks(
-        b_q, b_qp, k_row, v_row, kpos + i_b * N, N, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
+        b_q, b_qp, k_row, v_row, kpos + i_b * N, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
     )
     # a NaN / Inf in any V slot reaches every row (p = 0 times NaN); only then are the slots read again, in
     # tiles of 16 (fewer registers than the loop above), keeping non-finite V rows from the queries that cannot
@@ -114,7 +120,7 @@ def _swa_decode_kernel(
             k_row,
             v_row,
             kpos + i_b * N,
-            N,
+            n_end,
             W,
             S,
             qk_scale,
@@ -172,10 +178,17 @@ def swa_decode_fwd(
     window_size: int,
     num_sinks: int = 0,
     scale: float | None = None,
+    live: Tensor | None = None,
 ) -> Tensor:
-    """Triton decode launcher; shapes as in ``swa_decode``."""
+    """Triton decode launcher; shapes as in ``swa_decode``.
+
+    live: optional [] int32 / int64 tensor on q's device, the number of cache slots filled before the TQ queries
+    (a linear cache's ``seen``): only slots < min(N, live + TQ) are read, so a step costs O(live), not O(N).
+    """
     op = "swa_decode_fwd"
     check_decode_inputs(op, q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks)
+    if live is not None:
+        check_index_tensor(op, "live", live, (), q)
     _check_triton(op, q)
     scale = check_scale(op, scale, q.shape[-1])
     B, TQ, HQ, D = q.shape
@@ -189,6 +202,10 @@ def swa_decode_fwd(
     BR = max(16, triton.next_power_of_2(G * TQ))
     interp = interpreting()
     BN = 64 if (interp or BR * D > 64 * 128) else 128
+    if q.element_size() == 4:
+        # float32 K and V tiles of 128 slots in 3 stages need 280 KiB of shared memory at D = 128 (an H100 / H200
+        # block may use 227 KiB): at most 8192 / D slots per tile, about 140 KiB (compiled for sm_90)
+        BN = min(BN, 8192 // D)
     _swa_decode_kernel[(B * HKV,)](
         q=q,
         k=k_cache,
@@ -196,6 +213,7 @@ def swa_decode_fwd(
         o=o,
         kpos=cache_pos,
         qpos=q_pos,
+        live=live,
         N=N,
         W=window_size,
         S=num_sinks,
@@ -218,6 +236,7 @@ def swa_decode_fwd(
         num_warps=4,
         num_stages=1 if interp else 3,
         PREC=dot_precision(q),
+        LIVE=live is not None,
     )
     return o
 

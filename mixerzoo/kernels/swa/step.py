@@ -1,0 +1,286 @@
+"""One eager decode step of the softmax-attention mixers (swa, swa_sink, full_attention) in two Triton launches.
+
+Between the projections and the output projection, the general path of a one-token step is some twenty to
+fifty small operations (positions, RoPE on q and k, the cache writes, the masks); eagerly, each costs a launch
+of host time. Here one kernel takes the raw projections, the state's ``seen`` and ``pad`` (read on the device,
+never on the host), applies RoPE at the token's position, writes the rotated key, the value and the position
+into the cache slot and returns the rotated queries with their positions; the decode kernel
+(``swa_decode_fwd``) then attends over the cache. Cache layouts: the ring of ``SWAState`` (``ring=True``:
+S sink slots, then W ring slots) or the linear cache of ``FullAttentionState`` (``ring=False``: slot =
+``seen``, read only up to the live slots). See docs/kernels.md.
+
+No custom op: the mixers take this path eagerly only (``torch.compile`` traces their general path), and an
+op's dispatch would cost the host time this saves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int_arg
+from .._triton import HAS_TRITON, tl, triton
+from ..rope import _inv_freq
+from .decode import swa_decode_fwd
+from .swa import _SUPPORTED_D
+
+__all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
+
+_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _swa_step_write_kernel(
+    q,
+    k,
+    v,
+    q_rot,
+    q_pos,
+    seen,
+    pad,
+    inv_freq,
+    k_cache,
+    v_cache,
+    pos_cache,
+    N,
+    W,
+    S,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_pb,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BH: tl.constexpr,
+    RING: tl.constexpr,
+):
+    # one program per (batch row, block of BH heads): query heads i_h * BH.. and, where they exist, the key/value
+    # heads with the same indices (HKV <= HQ); rows of q [B, HQ * D], k and v [B, HKV * D] (contiguous)
+    tl.static_assert(BD * 2 >= D)
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    b_seen = tl.load(seen)  # int64: slot of this token in the stream (padding included)
+    b_pos = b_seen - tl.load(pad + i_b)  # its position among the row's real tokens
+    o_d = tl.arange(0, BD)
+    m_d = o_d < HALF
+    # angles from the integer position in float64, the rotation in float32 (as mixerzoo.mixers.rope)
+    b_angle = b_pos.to(tl.float64) * tl.load(inv_freq + o_d, mask=m_d, other=0.0)  # [BD]
+    b_cos = tl.cos(b_angle).to(tl.float32)[None, :]
+    b_sin = tl.sin(b_angle).to(tl.float32)[None, :]
+    o_h = i_h * BH + tl.arange(0, BH)
+
+    # queries -> q_rot [B, 1, HQ, D], positions -> q_pos [B, 1]
+    m_q = (o_h < HQ)[:, None] & m_d[None, :]
+    o_q = i_b * HQ * D + o_h[:, None] * D + o_d[None, :]
+    b_x1 = tl.load(q + o_q, mask=m_q, other=0.0).to(tl.float32)
+    b_x2 = tl.load(q + o_q + HALF, mask=m_q, other=0.0).to(tl.float32)
+    tl.store(q_rot + o_q, (b_x1 * b_cos - b_x2 * b_sin).to(q_rot.dtype.element_ty), mask=m_q)
+    tl.store(q_rot + o_q + HALF, (b_x2 * b_cos + b_x1 * b_sin).to(q_rot.dtype.element_ty), mask=m_q)
+    tl.store(q_pos + i_b, b_pos, mask=i_h == 0)
+
+    # the key (rotated), the value and the position -> the cache slot
+    # a scalar condition enters a block mask through the head bound: Triton 3.9's interpreter turns
+    # (bool block & bool scalar) into int32, which tl.store refuses as a mask
+    if RING:
+        i_slot = S + b_seen % W
+        b_kp = tl.where(b_pos < S, -1, b_pos)  # a sink lives in its sink slot only
+        m_slot = b_seen >= 0
+    else:
+        i_slot = b_seen
+        b_kp = b_pos
+        m_slot = b_seen < N  # never past the capacity (the mixer refuses that step before)
+    n_kv = tl.where(m_slot, HKV, 0)
+    m_kv = (o_h < n_kv)[:, None] & m_d[None, :]
+    o_kv = i_b * HKV * D + o_h[:, None] * D + o_d[None, :]
+    b_k1 = tl.load(k + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_k2 = tl.load(k + o_kv + HALF, mask=m_kv, other=0.0).to(tl.float32)
+    b_r1 = (b_k1 * b_cos - b_k2 * b_sin).to(k_cache.dtype.element_ty)
+    b_r2 = (b_k2 * b_cos + b_k1 * b_sin).to(k_cache.dtype.element_ty)
+    b_v1 = tl.load(v + o_kv, mask=m_kv, other=0.0).to(v_cache.dtype.element_ty)
+    b_v2 = tl.load(v + o_kv + HALF, mask=m_kv, other=0.0).to(v_cache.dtype.element_ty)
+    p_k = k_cache + i_b * stride_kb + o_h[:, None] * stride_kh + o_d[None, :]
+    p_v = v_cache + i_b * stride_vb + o_h[:, None] * stride_vh + o_d[None, :]
+    tl.store(p_k + i_slot * stride_kn, b_r1, mask=m_kv)
+    tl.store(p_k + i_slot * stride_kn + HALF, b_r2, mask=m_kv)
+    tl.store(p_v + i_slot * stride_vn, b_v1, mask=m_kv)
+    tl.store(p_v + i_slot * stride_vn + HALF, b_v2, mask=m_kv)
+    tl.store(pos_cache + i_b * stride_pb + i_slot, b_kp, mask=(i_h == 0) & m_slot)
+    if RING:
+        # one of the first S real tokens: also its sink slot (slot = position)
+        m_sink = (b_pos >= 0) & (b_pos < S)
+        i_sink = tl.where(m_sink, b_pos, 0)
+        m_s = (o_h < tl.where(m_sink, HKV, 0))[:, None] & m_d[None, :]
+        tl.store(p_k + i_sink * stride_kn, b_r1, mask=m_s)
+        tl.store(p_k + i_sink * stride_kn + HALF, b_r2, mask=m_s)
+        tl.store(p_v + i_sink * stride_vn, b_v1, mask=m_s)
+        tl.store(p_v + i_sink * stride_vn + HALF, b_v2, mask=m_s)
+        tl.store(pos_cache + i_b * stride_pb + i_sink, b_pos, mask=(i_h == 0) & m_sink)
+
+
+def attn_step_supported(x: Tensor, head_dim: int, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:
+    """Whether ``attn_decode_step`` takes a token x [B, 1, hidden] (or its projections, in x's dtype) with these
+    caches: Triton installed, a kernel dtype shared by x and the caches, a head dim of the decode kernel, the
+    caches' head dims and position rows contiguous. Metadata only."""
+    return (
+        HAS_TRITON
+        and x.dtype in _STEP_DTYPES
+        and k_cache.dtype == x.dtype
+        and v_cache.dtype == x.dtype
+        and head_dim in _SUPPORTED_D
+        and k_cache.stride(-1) == 1
+        and v_cache.stride(-1) == 1
+        and pos_cache.stride(-1) == 1
+        and pos_cache.dtype == torch.int64
+    )
+
+
+def attn_step_write(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seen: Tensor,
+    pad: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos_cache: Tensor,
+    *,
+    theta: float,
+    ring: bool,
+    window_size: int = 1,
+    num_sinks: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """RoPE at the token's position, the key, value and position written into the cache (in place).
+
+    Args:
+      q: [B, HQ * D] query projection of the token (before RoPE); k, v: [B, HKV * D]; one float dtype.
+      seen: [] int64, the token's slot in the stream; pad: [B] int64 leading padding (position = seen - pad[b]).
+      k_cache, v_cache: [B, N, HKV, D] in q's dtype (last dim contiguous); pos_cache: [B, N] int64.
+      theta: the RoPE base. ring: True for the SWAState layout (N = S + W: the token goes to ring slot
+        ``S + seen % W`` with position -1 if it is a sink, and a sink also to slot ``position``), False for the
+        linear FullAttentionState layout (slot ``seen``; nothing is written past N).
+      window_size, num_sinks: W and S of the ring (ignored when ``ring=False``).
+    Returns:
+      q_rot: [B, 1, HQ, D] the rotated queries; q_pos: [B, 1] int64 their positions.
+    """
+    op = "attn_step_write"
+    B, N, HKV, D = k_cache.shape
+    if D % 2 or q.dim() != 2 or q.shape[0] != B or q.shape[1] % D or k.shape != (B, HKV * D) or v.shape != k.shape:
+        raise ValueError(
+            f"{op}: expected q [B, HQ * D], k and v [B, HKV * D] for caches [B, N, HKV, D] = {list(k_cache.shape)} "
+            f"(D even), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+        )
+    if v_cache.shape != k_cache.shape or pos_cache.shape != (B, N):
+        raise ValueError(
+            f"{op}: v_cache must be {list(k_cache.shape)} and pos_cache [{B}, {N}], "
+            f"got {list(v_cache.shape)}, {list(pos_cache.shape)}"
+        )
+    if seen.shape != () or pad.shape != (B,) or seen.dtype != torch.int64 or pad.dtype != torch.int64:
+        raise ValueError(
+            f"{op}: seen must be a 0-d int64 tensor and pad [{B}] int64, got seen {list(seen.shape)} {seen.dtype}, "
+            f"pad {list(pad.shape)} {pad.dtype}"
+        )
+    if not attn_step_supported(q, D, k_cache, v_cache, pos_cache):
+        raise ValueError(
+            f"{op}: needs Triton, q and the caches in one of float16, bfloat16, float32, head dim in {_SUPPORTED_D}, "
+            f"contiguous head dims and int64 positions; got q {q.dtype}, caches {k_cache.dtype} / {v_cache.dtype}, "
+            f"D = {D}, pos_cache {pos_cache.dtype}"
+        )
+    if ring:
+        check_int_arg(op, "window_size", window_size, minimum=1)
+        check_int_arg(op, "num_sinks", num_sinks)
+        if num_sinks + window_size != N:
+            raise ValueError(f"{op}: a ring cache has N = num_sinks + window_size slots, got N = {N}, "
+                             f"num_sinks = {num_sinks}, window_size = {window_size}")  # fmt: skip
+    HQ = q.shape[1] // D
+    q, k, v, seen, pad = q.contiguous(), k.contiguous(), v.contiguous(), seen.contiguous(), pad.contiguous()
+    q_rot = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
+    q_pos = torch.empty(B, 1, dtype=torch.int64, device=q.device)
+    BD = triton.next_power_of_2(D // 2)
+    BH = max(1, min(triton.next_power_of_2(HQ), 2048 // BD))
+    _swa_step_write_kernel[(B, triton.cdiv(HQ, BH))](
+        q=q,
+        k=k,
+        v=v,
+        q_rot=q_rot,
+        q_pos=q_pos,
+        seen=seen,
+        pad=pad,
+        inv_freq=_inv_freq(D, float(theta), q.device),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        pos_cache=pos_cache,
+        N=N,
+        W=window_size,
+        S=num_sinks if ring else 0,
+        stride_kb=k_cache.stride(0),
+        stride_kn=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0),
+        stride_vn=v_cache.stride(1),
+        stride_vh=v_cache.stride(2),
+        stride_pb=pos_cache.stride(0),
+        HQ=HQ,
+        HKV=HKV,
+        D=D,
+        BD=BD,
+        BH=BH,
+        RING=ring,
+        num_warps=4 if BH * BD >= 1024 else 1,
+    )
+    return q_rot, q_pos
+
+
+def attn_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seen: Tensor,
+    pad: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos_cache: Tensor,
+    *,
+    theta: float,
+    ring: bool,
+    window_size: int,
+    num_sinks: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """One decode step: ``attn_step_write``, then ``swa_decode_fwd`` over the cache (no host read of seen or pad;
+    ``seen`` is not advanced). Arguments as in ``attn_step_write``; ``ring=False`` (full attention) takes a
+    window larger than any distance (e.g. N + 1) and no sinks, and reads the slots below ``seen + 1`` only.
+
+    Returns o: [B, 1, HQ, D] in q's dtype; a query sees slot i iff ``0 <= pos_cache[i] <= q_pos`` and
+    (``q_pos - pos_cache[i] < W`` or ``pos_cache[i] < S``).
+    """
+    q_rot, q_pos = attn_step_write(
+        q,
+        k,
+        v,
+        seen,
+        pad,
+        k_cache,
+        v_cache,
+        pos_cache,
+        theta=theta,
+        ring=ring,
+        window_size=window_size,
+        num_sinks=num_sinks,
+    )
+    return swa_decode_fwd(
+        q_rot,
+        k_cache,
+        v_cache,
+        pos_cache,
+        q_pos,
+        window_size,
+        num_sinks,
+        scale,
+        live=None if ring else seen,
+    )
