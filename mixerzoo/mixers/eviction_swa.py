@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
 from ..kernels.eviction.reference import final_buffer_members
+from ..kernels.eviction.step import eviction_step, eviction_step_context
 from ..registry.core import register
 from .base import (
+    ENDED,
     MixerConfig,
     State,
     TokenMixer,
@@ -336,6 +339,8 @@ class EvictionSWA(TokenMixer):
     # -- streaming ---------------------------------------------------------------------------------
     def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """One token with the inference semantics, O(W + C) work. q: [B, 1, HQ, D], k, v: [B, 1, H, D]."""
+        if q.is_cuda and HAS_TRITON and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._decode_fused(q, k, v, state)
         c = self.config
         W, m = c.window_size, self.margin
         s, pad = state.seen, live_pad(state)
@@ -374,6 +379,44 @@ class EvictionSWA(TokenMixer):
         ]  # [B, 1, HQ, D]
         state.seen.add_(1)
         return o
+
+    def _decode_fused(self, q, k, v, state: EvictionSWAState) -> Tensor:
+        """``_decode_one`` in few launches (the eager CUDA path; Triton's interpreter runs it on the CPU): one
+        kernel gathers the router's input, the router runs as in ``_decode_one``, and one kernel does the rest
+        (kernels/eviction/step.py). Same results and state; nothing read on the host, so it can be captured."""
+        c = self.config
+        k0, v0 = k[:, 0], v[:, 0]  # [B, H, D]
+        u_ctx = None
+        if self.router is None:
+            r = self._raw_scores(None, k, None, False)  # [B, 1, H] float32
+        else:
+            u_ctx, pos_ctx = eviction_step_context(k0, v0, state.ctx_u, state.seen, state.pad, ended_mark=ENDED)
+            r = self._raw_scores(u_ctx, None, pos_ctx, False)  # [B, 2m + 1, H] float32
+        o = eviction_step(
+            q[:, 0],
+            k0,
+            v0,
+            r,
+            u_ctx,
+            seen=state.seen,
+            pad=state.pad,
+            win_k=state.win_k,
+            win_v=state.win_v,
+            win_score=state.win_score,
+            buf_k=state.buf_k,
+            buf_v=state.buf_v,
+            buf_score=state.buf_score,
+            buf_pos=state.buf_pos,
+            ctx_u=state.ctx_u,
+            margin=self.margin,
+            num_sinks=c.num_sinks,
+            rope_theta=c.rope_theta,
+            ended_mark=ENDED,
+            sink_score=_SINK,
+            none_score=_NONE,
+        )
+        state.seen.add_(1)
+        return o[:, None]  # [B, 1, HQ, D]
 
     def _prefill_final(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """T tokens with the final-buffer semantics (docs/paper.md#prefill): query t sees the keys of its

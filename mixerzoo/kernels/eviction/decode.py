@@ -25,6 +25,36 @@ __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref",
 
 
 @triton.jit
+def _decode_block(
+    b_q,
+    b_acc,
+    b_max,
+    b_sum,
+    k,
+    v,
+    o_l,
+    m_l,
+    b_ok,
+    o_d,
+    m_d,
+    scale_log2,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # one block of slots o_l (in range: m_l; visible: b_ok, a subset of m_l) of one source; k, v at (batch, head)
+    off = o_l[:, None].to(tl.int64) * (HKV * D) + o_d[None, :]
+    b_k = tl.load(k + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
+    # a slot the query cannot see gets p = 0, but 0 * NaN is NaN: its value row loads as zeros
+    b_v = tl.load(v + off, mask=b_ok[:, None] & m_d[None, :], other=0.0)
+    # [BG, BD] @ [BD, BL] -> [BG, BL]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+    b_s = tl.where(b_ok[None, :], b_s, float("-inf"))
+    b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
+    return b_acc, b_max, b_sum
+
+
+@triton.jit
 def _decode_part(
     b_q,
     b_acc,
@@ -48,15 +78,10 @@ def _decode_part(
     for l0 in range(lo, hi, BL):
         o_l = l0 + tl.arange(0, BL)
         m_l = (o_l < hi) & (o_l < L)
-        b_ok = tl.load(ok + o_l * HKV, mask=m_l, other=0) != 0
-        off = o_l[:, None].to(tl.int64) * (HKV * D) + o_d[None, :]
-        b_k = tl.load(k + off, mask=m_l[:, None] & m_d[None, :], other=0.0)
-        # a slot the query cannot see gets p = 0, but 0 * NaN is NaN: its value row loads as zeros
-        b_v = tl.load(v + off, mask=(m_l & b_ok)[:, None] & m_d[None, :], other=0.0)
-        # [BG, BD] @ [BD, BL] -> [BG, BL]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
-        b_s = tl.where(b_ok[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
+        b_ok = m_l & (tl.load(ok + o_l * HKV, mask=m_l, other=0) != 0)
+        b_acc, b_m, b_l = _decode_block(
+            b_q, b_acc, b_m, b_l, k, v, o_l, m_l, b_ok, o_d, m_d, scale_log2, HKV, D, PREC
+        )  # fmt: skip
     return b_acc, b_m, b_l
 
 

@@ -1,0 +1,179 @@
+"""The fused eviction_swa decode step (kernels/eviction/step.py) against the mixer's general decode step: outputs
+and every state tensor, step after step (Triton's interpreter on CPU tensors, compiled on a GPU); and the number
+of operations it issues."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixerzoo import registry
+
+# Triton's interpreter on the CPU; on a machine with a GPU the same tests run the compiled kernels there
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(hidden_size=32, num_heads=4, window_size=8, capacity=4, num_sinks=2, dropout=0.0)
+CASES = {
+    # ring wraps, the buffer fills and evicts; GQA; router margin 1
+    "gqa": dict(SMALL, num_kv_heads=2, kernel_sizes=(3,), dilations=(1,)),
+    # the default router (margin 6, three layers), one sink, one KV head
+    "default-router": dict(SMALL, num_kv_heads=1, num_sinks=1, window_size=9),
+    # no router context (margin 0), no sinks, capacity 1: every entry is the lowest
+    "key-norm": dict(SMALL, policy="key_norm", num_sinks=0, capacity=1),
+    # a learned router of margin 0 (1x1 convs): its context is the token alone
+    "margin-0": dict(SMALL, kernel_sizes=(1,), dilations=(1,)),
+}
+
+
+def _states_equal(ref, out, dtype):
+    for name, a in ref.tensors().items():
+        b = out.tensors()[name]
+        if name in ("win_k", "win_v", "buf_k", "buf_v", "ctx_u"):
+            # k with RoPE: the same float32 rotation, rounded once to the state dtype
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        else:  # positions, counters and scores: the same decisions, the same numbers
+            torch.testing.assert_close(b, a, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _run(kwargs, dtype, x, mask=None, prefill=0, device=DEVICE, outputs=True):
+    """Prefill x[:, :prefill] (with mask), then decode the rest token by token on two copies of the state: the
+    general step (the mixer's forward on the CPU, or under grad mode) and the fused step. Returns the buffer
+    positions seen along the way (to show what the steps exercised). outputs=False compares the states only."""
+    torch.manual_seed(0)
+    m = registry.build("eviction_swa", **kwargs).eval().to(device, dtype)
+    x = x.to(device, dtype)
+    B, T, _ = x.shape
+    with torch.no_grad():
+        ref = m.init_state(B)
+        if prefill:
+            m(x[:, :prefill], ref, attention_mask=None if mask is None else mask[:, :prefill].to(device))
+        out = type(ref)(**{k: v.clone() for k, v in ref.tensors().items()})
+        history = []
+        for t in range(prefill, T):
+            xt = x[:, t : t + 1]
+            q, k, v = m._project(xt)
+            with torch.enable_grad():  # the general step (the fused one runs only without grad mode)
+                o_ref = m._decode_one(q, k, v, ref)
+            o = m._decode_fused(q, k, v, out)
+            tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            if outputs:
+                torch.testing.assert_close(o, o_ref, **tol, msg=lambda msg, t=t: f"step {t}: {msg}")
+            _states_equal(ref, out, dtype)
+            history.append(ref.buf_pos.clone().cpu())
+    return torch.stack(history)
+
+
+def _evictions(history):
+    """Number of (step, row, head) where a buffered position left the buffer."""
+    before, after = history[:-1], history[1:]
+    gone = (before[..., None, :] != after[..., :, None]).all(-2) & (before >= 0)  # [steps, B, C, H]
+    return int(gone.sum())
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if c == "gqa" else pytest.mark.slow) for c in CASES], ids=list(CASES)
+)
+def test_fused_step_equals_general_step(case):
+    kwargs = CASES[case]
+    x = torch.randn(2, 20, kwargs["hidden_size"], generator=torch.Generator().manual_seed(1))
+    history = _run(kwargs, torch.float32, x)
+    assert (history[-1] >= 0).all(), "the buffer never filled"
+    assert _evictions(history) > 0, "no entry was ever evicted"
+
+
+def test_fused_step_ties_and_left_padding():
+    """Repeated tokens give equal scores (the latest among the lowest is evicted, the first empty slot filled);
+    row 1 was left-padded in a masked prefill, so its positions lag its slots."""
+    kwargs = dict(CASES["key-norm"], capacity=3, num_sinks=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, kwargs["hidden_size"], generator=g)[:, torch.tensor([0, 1, 2, 3] * 6)]  # [2, 24, D]
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, :5] = False
+    history = _run(kwargs, torch.float32, x, mask=mask, prefill=7)
+    assert _evictions(history) > 0
+
+
+@pytest.mark.parametrize("case", ["gqa", pytest.param("default-router", marks=pytest.mark.slow)])
+def test_fused_step_bfloat16(case):
+    """bfloat16 states (RoPE, scores, buffer decisions). Triton's interpreter gets bfloat16 tl.dot wrong (the
+    decode kernel's own launcher shows the same), so the bfloat16 outputs are compared on a GPU only."""
+    kwargs = CASES[case]
+    x = torch.randn(2, 20, kwargs["hidden_size"], generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, :3] = False
+    history = _run(kwargs, torch.bfloat16, x, mask=mask, prefill=5, outputs=torch.cuda.is_available())
+    assert (history[-1] >= 0).all()
+
+
+_NO_LAUNCH = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.scalar_tensor)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operations issued outside Triton (whose interpreter issues its own on CPU tensors),
+    leaving out views, which launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        f = __import__("sys")._getframe(1)
+        while f is not None:
+            if f"{os.sep}triton{os.sep}" in f.f_code.co_filename:
+                return out
+            f = f.f_back
+        # views and allocations (the caching allocator, no kernel) and wrapped Python scalars launch nothing
+        if not (func.is_view or func.overloadpacket in _NO_LAUNCH):
+            self.ops[str(func.overloadpacket)] += 1
+        return out
+
+
+def test_fused_step_issues_few_operations():
+    """Besides the projections, the general step issues about 100 operations, the fused one 15: its two kernels
+    (which the interpreter runs) are not counted; the router (convolutions, masks, SiLU, sigmoid) and the
+    counter are. On a GPU each is a launch."""
+    m = registry.build("eviction_swa", **CASES["default-router"]).eval().to(DEVICE)
+    x = torch.randn(2, 1, 32, device=DEVICE)
+    with torch.no_grad():
+        st = m.init_state(2)
+        q, k, v = m._project(x)
+        m._decode_fused(q, k, v, st)  # warm (cached rotary frequencies)
+        with _CountOps() as fused:
+            m._decode_fused(q, k, v, st)
+        with torch.enable_grad(), _CountOps() as general:
+            m._decode_one(q, k, v, st)
+    n_fused, n_general = sum(fused.ops.values()), sum(general.ops.values())
+    print(f"general {n_general} ops, fused {n_fused}: {dict(fused.ops)}")
+    assert n_fused <= 15, dict(fused.ops)
+    assert n_general >= 4 * n_fused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_fused_step_on_cuda(case, dtype):
+    kwargs = dict(CASES[case], hidden_size=256, num_heads=4, window_size=40, capacity=24)
+    x = torch.randn(3, 120, 256, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 120, dtype=torch.bool)
+    mask[2, :9] = False
+    history = _run(kwargs, dtype, x, mask=mask, prefill=30, device="cuda")
+    assert _evictions(history) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixer_takes_the_fused_step_on_cuda():
+    """The mixer's forward, without grad mode, runs the fused step (and so matches the general one)."""
+    m = registry.build("eviction_swa", hidden_size=256, num_heads=4).eval().cuda()
+    st = m.init_state(2)
+    x = torch.randn(2, 1, 256, device="cuda")
+    calls = []
+    fused = m._decode_fused
+    m._decode_fused = lambda *a: calls.append(1) or fused(*a)
+    with torch.no_grad():
+        m(x, st)
+    assert calls == [1]
