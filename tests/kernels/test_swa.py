@@ -165,7 +165,8 @@ def test_swa_tma_batch_rows_isolated():
 @pytest.mark.parametrize("loops", [LOOPS[0], pytest.param(*LOOPS[1].values, id=LOOPS[1].id, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
 def test_swa_launchers_half(dtype, loops):
-    _check_launchers(2, 130, 4, 1, 64, 40, 4, None, dtype, loops)
+    # one batch row: the float32 cases cover B = 2, whose batch offsets do not depend on the dtype
+    _check_launchers(1, 130, 4, 1, 64, 40, 4, None, dtype, loops)
 
 
 def test_swa_reference_backward_matches_autograd():

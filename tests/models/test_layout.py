@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import mixerzoo
 from mixerzoo import models, registry
 
@@ -34,6 +36,7 @@ _CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter: torch's import alone takes seconds
 def test_registry_does_not_import_models():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
