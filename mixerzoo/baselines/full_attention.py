@@ -154,6 +154,7 @@ class FullAttention(AttentionMixer):
             ring=False,
             window_size=L + 1,  # beyond any distance in a cache of L slots
             scale=self.scale,
+            checked=False,  # inputs and state checked by forward, layout by takes_decode_step
         )  # [B, 1, HQ, Dh]
         state.seen.add_(1)
         return self.o_proj(o.view(x.shape[0], 1, -1))

@@ -10,10 +10,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels._checks import check_values
 from ..kernels.gdn import causal_conv1d, gated_delta_rule
 from ..kernels.gdn.decode_step import gdn_decode_step
 from ..registry.core import register
-from .base import MixerConfig, State, TokenMixer, acc_dtype, positions_and_pad, state_dataclass, state_field
+from .base import (
+    ENDED,
+    MixerConfig,
+    State,
+    TokenMixer,
+    acc_dtype,
+    positions_and_pad,
+    state_dataclass,
+    state_field,
+)
 
 __all__ = ["GDNConfig", "GDNState", "GatedDeltaNet"]
 
@@ -148,9 +158,12 @@ class GatedDeltaNet(TokenMixer):
     def mix(self, x: Tensor, state: GDNState | None, attention_mask: Tensor | None) -> tuple[Tensor, GDNState | None]:
         T = x.shape[1]
         H, K, V = self.num_heads, self.key_dim, self.value_dim
-        _, _, valid = positions_and_pad(x, state, attention_mask, self.name)  # valid: [B, T]
         if T == 1 and state is not None and attention_mask is None and x.is_cuda and not torch.is_grad_enabled():
+            # positions_and_pad's one check for a mask-less step, without its tensors (host time per step)
+            msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+            check_values(self.name, state.pad < ENDED, msg)
             return self._decode_step(x, state), state
+        _, _, valid = positions_and_pad(x, state, attention_mask, self.name)  # valid: [B, T]
 
         u = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, C]
         if attention_mask is not None:

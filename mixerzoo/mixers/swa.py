@@ -178,6 +178,7 @@ class SWA(AttentionMixer):
             window_size=self.window_size,
             num_sinks=self.num_sinks,
             scale=self.scale,
+            checked=False,  # inputs and state checked by forward, layout by takes_decode_step
         )  # [B, 1, HQ, Dh]
         state.seen.add_(1)
         return self.o_proj(o.view(x.shape[0], 1, -1))

@@ -282,7 +282,12 @@ def gdn_decode_step(
 ) -> Tensor:
     """One gdn decode step between the projections (no autograd; the mixer's inference path). Shapes and
     semantics as in ``gdn_decode_step_ref``; all inputs contiguous on one device. conv_tail and S are
-    updated in place."""
+    updated in place. Eagerly on CUDA the launcher runs directly (the custom op's dispatch costs host time
+    in a decode loop); the op is what torch.compile and the CPU see."""
+    if qi.is_cuda and not torch.compiler.is_compiling():
+        return gdn_decode_step_launch(
+            qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
+        )
     return _gdn_decode_step_op(
         qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
     )

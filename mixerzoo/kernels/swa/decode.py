@@ -191,6 +191,12 @@ def swa_decode_fwd(
         check_index_tensor(op, "live", live, (), q)
     _check_triton(op, q)
     scale = check_scale(op, scale, q.shape[-1])
+    return _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale, live)
+
+
+def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale, live):
+    """``swa_decode_fwd`` after its checks, with a float scale (callers that validated their inputs once call this
+    per step)."""
     B, TQ, HQ, D = q.shape
     N, HKV = k_cache.shape[1], k_cache.shape[2]
     G = HQ // HKV

@@ -21,7 +21,7 @@ from torch import Tensor
 from .._checks import check_int_arg
 from .._triton import HAS_TRITON, tl, triton
 from ..rope import _inv_freq
-from .decode import swa_decode_fwd
+from .decode import _decode_launch, swa_decode_fwd
 from .swa import _SUPPORTED_D
 
 __all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
@@ -197,6 +197,12 @@ def attn_step_write(
         if num_sinks + window_size != N:
             raise ValueError(f"{op}: a ring cache has N = num_sinks + window_size slots, got N = {N}, "
                              f"num_sinks = {num_sinks}, window_size = {window_size}")  # fmt: skip
+    return _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks)
+
+
+def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks):
+    """``attn_step_write`` after its checks (callers that validated their inputs once call this per step)."""
+    B, N, HKV, D = k_cache.shape
     HQ = q.shape[1] // D
     q, k, v, seen, pad = q.contiguous(), k.contiguous(), v.contiguous(), seen.contiguous(), pad.contiguous()
     q_rot = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
@@ -251,14 +257,22 @@ def attn_decode_step(
     window_size: int,
     num_sinks: int = 0,
     scale: float | None = None,
+    checked: bool = True,
 ) -> Tensor:
     """One decode step: ``attn_step_write``, then ``swa_decode_fwd`` over the cache (no host read of seen or pad;
     ``seen`` is not advanced). Arguments as in ``attn_step_write``; ``ring=False`` (full attention) takes a
     window larger than any distance (e.g. N + 1) and no sinks, and reads the slots below ``seen + 1`` only.
+    ``checked=False`` skips the argument checks (a mixer whose inputs and state were checked, with a float
+    ``scale``): the host time of a decode loop.
 
     Returns o: [B, 1, HQ, D] in q's dtype; a query sees slot i iff ``0 <= pos_cache[i] <= q_pos`` and
     (``q_pos - pos_cache[i] < W`` or ``pos_cache[i] < S``).
     """
+    if not checked:
+        caches = (k_cache, v_cache, pos_cache)
+        q_rot, q_pos = _write_launch(q, k, v, seen, pad, *caches, theta, ring, window_size, num_sinks)
+        live = None if ring else seen
+        return _decode_launch(q_rot, k_cache, v_cache, pos_cache, q_pos, window_size, num_sinks, scale, live)
     q_rot, q_pos = attn_step_write(
         q,
         k,
