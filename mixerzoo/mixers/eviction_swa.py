@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels._checks import check_values
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
 from ..kernels.eviction.reference import final_buffer_members
@@ -271,6 +272,12 @@ class EvictionSWA(TokenMixer):
 
     # -- forward -----------------------------------------------------------------------------------
     def mix(self, x, state, attention_mask):
+        if state is not None and attention_mask is None and x.shape[1] == 1 and self._fused(x):
+            # positions_and_pad's one check for a mask-less step, without its tensors (host time per step)
+            msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+            check_values(self.name, state.pad < ENDED, msg)
+            o = self._decode_fused(*self._project(x), state)
+            return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self._project(x)
         if state is None:
@@ -339,7 +346,7 @@ class EvictionSWA(TokenMixer):
     # -- streaming ---------------------------------------------------------------------------------
     def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """One token with the inference semantics, O(W + C) work. q: [B, 1, HQ, D], k, v: [B, 1, H, D]."""
-        if q.is_cuda and HAS_TRITON and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self._fused(q):
             return self._decode_fused(q, k, v, state)
         c = self.config
         W, m = c.window_size, self.margin
@@ -379,6 +386,11 @@ class EvictionSWA(TokenMixer):
         ]  # [B, 1, HQ, D]
         state.seen.add_(1)
         return o
+
+    @staticmethod
+    def _fused(x: Tensor) -> bool:
+        """Whether a one-token step on x's device takes ``_decode_fused``: eager CUDA without autograd."""
+        return x.is_cuda and HAS_TRITON and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def _decode_fused(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """``_decode_one`` in few launches (the eager CUDA path; Triton's interpreter runs it on the CPU): one
