@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_graphed, refuse, require_gpu, time_ms, write_results  # noqa: E402
 
-DEFAULT_MIXERS = "gdn,swa,swa_sink,eviction_swa,full_attention"
+DEFAULT_MIXERS = "gdn,swa,swa_sink,eviction_swa,full_attention,nsa"
 
 
 def host_ms(torch, fn, repeat: int = 30) -> float:

@@ -11,8 +11,10 @@ sides; skipped with a note when fla is not installed), SDPA; HQ = 16 with HKV = 
 mixerzoo and SDPA. Decode (op ``nsa_decode``): one step of the nsa layer against one step of a full_attention
 layer (SDPA over the whole KV cache) with the same heads (HQ = 32, HKV = 2, D = 64, hidden 2048), B = 32, at 4K,
 32K and 128K tokens seen, eager and as a CUDA-graph replay; the caches are filled with random keys and values
-(a step's cost does not depend on their values). Rows go to benchmarks/results/<gpu>.json (and with $OUT set
-to $OUT/results-nsa.json).
+(a step's cost does not depend on their values). The nsa rows also time the nsa_decode kernel alone (graph
+replay, ``kernel_ms``) and give its relative RMSE and the fraction of selected-block slots equal to
+nsa_decode_ref's in float32 (``kernel_rel_rmse``, ``kernel_idx_match``; bf16 scores may flip near-ties). Rows
+go to benchmarks/results/<gpu>.json (and with $OUT set to $OUT/results-nsa.json).
 
 --check compares the kernels with the float32 reference (bf16: relative RMSE <= 1e-2 outputs, 2e-2 gradients).
 bf16 rounding can flip the selection on near-ties, so the reference branches are evaluated with the kernel's own
@@ -214,7 +216,31 @@ def _decode_layer(name: str, seen: int, B: int, slack: int):
     def step():
         return layer(x, state)[0]
 
-    return step, reset
+    return step, reset, layer, state
+
+
+def _decode_kernel(layer, state, seen: int, B: int) -> dict:
+    """The nsa_decode op alone on the layer's state at position ``seen`` (CUDA-graph replay), and its output and
+    selection against nsa_decode_ref in float32 on the same inputs."""
+    from common import cuda_graphed
+
+    from mixerzoo.kernels.nsa import nsa_decode, nsa_decode_ref
+
+    HQ = layer.num_heads
+    q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+    gates = [torch.rand(B, HQ, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    pos = torch.full((B,), seen, device="cuda", dtype=torch.long)
+    args = (q, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, pos, *gates)
+    kw = dict(block_size=L, block_count=N, window_size=W)
+    o, idx = nsa_decode(*args, **kw)
+    f32 = [x.float() if x.dtype == torch.bfloat16 else x for x in args]
+    o_ref, idx_ref = nsa_decode_ref(*f32, L, N, W, D**-0.5)
+    replay, _ = cuda_graphed(lambda: nsa_decode(*args, **kw))
+    return {
+        "kernel_ms": time_ms(replay, warmup=3, repeat=50),
+        "kernel_rel_rmse": rel_rmse(o_ref, o),
+        "kernel_idx_match": (idx == idx_ref).float().mean().item(),
+    }
 
 
 def section_decode(rows: list[dict], log: list[str]) -> None:
@@ -225,7 +251,7 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
         for name, impl in (("nsa", "mixerzoo"), ("full_attention", "sdpa")):
             try:
                 with torch.no_grad():
-                    step, reset = _decode_layer(name, seen, B, slack)
+                    step, reset, layer, state = _decode_layer(name, seen, B, slack)
                     reset()
                     eager = time_ms(step, warmup=3, repeat=20)
                     reset()
@@ -235,6 +261,11 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
                 what = f"block {L}, {N} blocks, window {W}" if name == "nsa" else "SDPA over the full cache"
                 r = {"op": "nsa_decode", "impl": impl, "B": B, "seen": seen, "H": 32, "HKV": 2, "D": D}
                 r.update(decode_ms=graph, eager_ms=eager, note=f"{name} layer step, hidden 2048, {what}")
+                if name == "nsa":  # the decode kernel alone, checked against its reference at this size
+                    with torch.no_grad():
+                        r.update(_decode_kernel(layer, state, seen, B))
+                    if r["kernel_rel_rmse"] > 1e-2:
+                        log.append(f"decode kernel at {seen} seen: relative RMSE {r['kernel_rel_rmse']:.2e} FAILED")
                 rows.append(r)
                 print(r, flush=True)
             except Exception as e:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels.nsa.decode import nsa_decode, nsa_decode_ref, nsa_decode_supported
 from ..kernels.nsa.ops import nsa_attention
 from ..kernels.nsa.reference import (
     compressed_visible,
@@ -325,10 +326,12 @@ class NSA(AttentionMixer):
         self, q: Tensor, k: Tensor, v: Tensor, g: tuple[Tensor, Tensor, Tensor], qpos: Tensor, state: NSAState
     ) -> Tensor:
         """One token without autograd, fixed shapes: write it; if it completes block i, compress block i into
-        the state; attend over the compressed blocks, then gather the n selected blocks and the window."""
-        B, _, HQ, D = q.shape
+        the state; then the ``nsa_decode`` op over the state (docs/kernels.md#nsa_decode): attend over the
+        compressed blocks, select n blocks, attend over their tokens and the window. On CUDA (shapes that
+        ``nsa_decode_supported`` accepts) that is one Triton kernel, elsewhere ``nsa_decode_ref``."""
+        B, _, _, D = q.shape
         N, L, HKV, n = state.k_cache.shape[1], self.block_size, self.num_kv_heads, self.block_count
-        nb, G = N // L, HQ // HKV
+        nb = N // L
         self._write(k, v, qpos, qpos >= 0, state)
         p = qpos[:, 0]  # [B] position of the token (-1: padding)
         if nb > 0:
@@ -340,34 +343,12 @@ class NSA(AttentionMixer):
             for cmp, new in ((state.k_cmp, c_k), (state.v_cmp, c_v)):
                 cmp.scatter_(1, blk, torch.where(fills, new, cmp.gather(1, blk)))
 
-        cd = state.k_cmp.dtype
-        qh = q[:, 0].to(cd).reshape(B, HKV, G, D)  # query heads grouped by their KV head
-
-        def attend(keys: Tensor, values: Tensor, vis: Tensor) -> tuple[Tensor, Tensor]:
-            # keys, values [B, HKV, S, Dh], vis [B, 1 or HKV, 1, S] -> ([B, HKV, G, Dh], p [B, HKV, G, S])
-            s = (qh @ keys.to(cd).transpose(-1, -2)) * self.scale
-            return masked_attend(s, vis, values.to(cd))
-
-        o_cmp, p_cmp = attend(
-            state.k_cmp.transpose(1, 2), state.v_cmp.transpose(1, 2), compressed_visible(qpos, nb, L)[:, None]
-        )
-        sel = nsa_select_blocks(
-            p_cmp.reshape(B, 1, HQ, nb), qpos, num_kv_heads=HKV, block_size=L, block_count=n, num_blocks=-(-N // L)
-        )[:, 0]  # [B, HKV, n]
-        tok = (sel[..., None] * L + torch.arange(L, device=q.device)).flatten(-2)  # [B, HKV, n*L]
-        ok = (sel >= 0).repeat_interleave(L, dim=-1) & (tok <= p[:, None, None])
-        at = tok.clamp(0, N - 1)[..., None].expand(B, HKV, n * L, D)
-        kc, vc = state.k_cache.transpose(1, 2), state.v_cache.transpose(1, 2)  # [B, HKV, N, Dh] views
-        o_slc, _ = attend(kc.gather(2, at), vc.gather(2, at), ok[:, :, None])
-        Wn = min(self.window_size, N)
-        tok = p[:, None] - Wn + 1 + torch.arange(Wn, device=q.device)  # [B, Wn]
-        at = tok.clamp(0, N - 1)[:, None, :, None].expand(B, HKV, Wn, D)
-        o_win, _ = attend(kc.gather(2, at), vc.gather(2, at), (tok >= 0)[:, None, None])
-
-        def per_head(o: Tensor) -> Tensor:  # [B, HKV, G, Dh] -> [B, 1, HQ, Dh]
-            return o.reshape(B, 1, HQ, D)
-
-        return self._mixed(per_head(o_cmp), per_head(o_slc), per_head(o_win), g)
+        args = (q[:, 0], state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, p, g[0][:, 0], g[1][:, 0], g[2][:, 0])
+        if nsa_decode_supported(q, L, n):  # CUDA: one Triton program per (row, KV head)
+            o, _ = nsa_decode(*args, block_size=L, block_count=n, window_size=self.window_size, scale=self.scale)
+        else:  # the same gathers in PyTorch
+            o, _ = nsa_decode_ref(*args, L, n, self.window_size, self.scale)
+        return o[:, None]  # [B, 1, HQ, Dh]
 
     def _check_capacity(self, state: NSAState, T: int) -> None:
         check_capacity(self.name, state, T, state.k_cache.shape[1])

@@ -5,6 +5,7 @@ TRITON_INTERPRET=1), in float32 (the interpreter computes bf16 tl.dot wrongly); 
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mixerzoo.kernels.nsa import (
     nsa_compress_ref,
     nsa_select_ref,
     nsa_selected_mask,
+    triton_launch,
 )
 from mixerzoo.kernels.nsa.triton_launch import nsa_bwd, nsa_fwd
 from mixerzoo.testing import assert_close
@@ -24,6 +26,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 kernels against the float32 reference: the reduction order only (rms floor 0.1: unit-normal inputs)
 F32 = dict(atol=2e-4, rel_rmse=2e-5, rms_floor=0.1)
 gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _gpu_dot_bounds(monkeypatch):
+    """In Triton's interpreter, every tl.dot is held to M, N, K >= 16 as on the GPU (the sm_90 build refuses K < 16;
+    the interpreter takes any shape), so that a tile too small for the GPU fails here too."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
+        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
 
 
 def _inputs(B, T, HQ, HKV, D, dtype=torch.float32, device=DEVICE, seed=0):
@@ -160,6 +172,92 @@ def test_no_window_branch():
     assert grads[5].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize(
+    "bad, cuda_tiles",
+    [
+        pytest.param(float("nan"), True, id="nan-cuda-tiles"),
+        pytest.param(float("inf"), True, marks=pytest.mark.slow, id="inf-cuda-tiles"),
+        pytest.param(float("nan"), False, marks=pytest.mark.slow, id="nan-interpreter-tiles"),
+    ],
+)
+def test_nonfinite_token_reaches_only_the_queries_that_see_it(bad, cuda_tiles, monkeypatch):
+    """A NaN / Inf in q, k and v of token s: outputs before s are those of the clean input; from s on, exactly the
+    reference's outputs are non-finite. Token s shares its selection block, a compression tile and a selection tile
+    with earlier queries (at the GPU's tiles too: 64 rows per compression program for G = 1), whose p = 0 must not
+    meet its value row as 0 * NaN."""
+    monkeypatch.setattr(triton_launch, "interpreting", lambda: not cuda_tiles)
+    B, T, D, L, n, W = 1, 48, 16, 16, 4, 8  # the conformance's head dim, block size, block count and window
+    for HQ, HKV in ((4, 1), (2, 2)):
+        q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D, seed=3)
+        o_clean = nsa_fwd(q, k, v, *gates, L, n, W, D**-0.5)[0]
+        for s in (1, 37):
+            qb, kb, vb = (x.clone() for x in (q, k, v))
+            for x in (qb, kb, vb):
+                x[:, s] = bad
+            o = nsa_fwd(qb, kb, vb, *gates, L, n, W, D**-0.5)[0]
+            o_ref = nsa_attention_ref(qb, kb, vb, *gates, block_size=L, block_count=n, window_size=W, scale=D**-0.5)
+            assert_close(f"G={HQ // HKV} rows before {s}", o_clean[:, :s], o[:, :s], **F32)
+            assert torch.equal(torch.isfinite(o).cpu(), torch.isfinite(o_ref).cpu()), f"G={HQ // HKV}, s={s}"
+            assert not torch.isfinite(o[:, s:]).any()  # every later query sees token s (its block or the window)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter's bf16 tl.dot is wrong"),
+        ),
+    ],
+    ids=["f16", "bf16"],
+)
+def test_half_precision_ranks_blocks_by_float32_scores(dtype):
+    """Blocks 1, 2 and 3 hold the same small-integer keys, except one key element of block 3 that is one ulp of the
+    dtype above 1: block 3's float32 compressed key exceeds block 1's by ulp / L, less than half an ulp, which
+    rounding the compressed keys to the dtype would erase (a tie, won by block 1). The reference ranks by float32
+    scores, so must the kernels: where q favours that element, block 3 takes the free slot."""
+    B, T, HQ, HKV, D, L, n, W = 1, 96, 4, 1, 16, 16, 4, 8
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randint(-2, 3, (B, T, HKV, D), generator=gen).float()
+    k[:, 16:32, :, 0] = 1.0  # the element's mean is 1 in blocks 1 .. 3
+    k[:, 32:64] = k[:, 16:32].repeat(1, 2, 1, 1)
+    k[:, 48, :, 0] += torch.finfo(dtype).eps
+    q = torch.randn(B, T, HQ, D, generator=gen)
+    q[..., 0] = q[..., 0].abs() + 0.5  # every head favours the element
+    v = torch.randn(B, T, HKV, D, generator=gen)
+    gates = [torch.rand(B, T, HQ, generator=gen) for _ in range(3)]
+    do = torch.randn(B, T, HQ, D, generator=gen)
+    q, k, v, do, *gates = (x.to(DEVICE, dtype) for x in (q, k, v, do, *gates))
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, D**-0.5)
+    assert idx[0, 95, 0].tolist() == [0, 3, 4, 5]  # forced 0, 5, 4; block 3 over the equal 1 and 2
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(k, v, L)[0], block_size=L, block_count=n, scale=D**-0.5)
+    assert torch.equal(idx.long(), idx_ref)
+    o_ref, grads_ref = _ref_grads(q, k, v, gates, do, L, n, W, D**-0.5)
+    assert_close("o", o_ref, o, dtype)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, D**-0.5)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert out.dtype == dtype
+        assert_close(name, ref, out, dtype, grad=True)
+
+
+def _storages(xs) -> list[int]:
+    return [x.untyped_storage().data_ptr() for x in xs]
+
+
+def test_launcher_outputs_alias_nothing():
+    """The CUDA implementations of mixerzoo::nsa_fwd and nsa_bwd return the launchers' outputs, and torch refuses a
+    custom op whose outputs alias its inputs or one another. float32: the dtype casts at the end are no copies."""
+    q, k, v, gates, do = _inputs(1, 40, 4, 2, 16)
+    args = (q, k, v, *gates)
+    out = nsa_fwd(*args, 16, 3, 8, 0.25)
+    assert len(set(_storages(out))) == len(out) and not set(_storages(out)) & set(_storages(args))
+    args = (do, q, k, v, *gates, *out[1:])
+    grads = nsa_bwd(*args, 16, 8, 0.25)
+    assert len(set(_storages(grads))) == len(grads), "gradients share storage"
+    assert not set(_storages(grads)) & set(_storages(args)), "a gradient shares storage with an input"
+
+
 # ------------------------------------------------------------------------------------------------------
 # The public op: CPU reference forward and dense backward; autograd, opcheck, compile; errors
 # ------------------------------------------------------------------------------------------------------
@@ -197,6 +295,8 @@ def test_op_opcheck_and_compile():
     q, k, v, gates, do = _inputs(1, 24, 4, 2, 16, device="cpu")
     args = (q, k, v, *gates, 8, 3, 6, 0.25)
     torch.library.opcheck(torch.ops.mixerzoo.nsa_fwd.default, args)
+    _, ob, lse, lse_win, idx = torch.ops.mixerzoo.nsa_fwd(*args)
+    torch.library.opcheck(torch.ops.mixerzoo.nsa_bwd.default, (do, q, k, v, *gates, ob, lse, lse_win, idx, 8, 6, 0.25))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
 
     def f(*xs):
@@ -228,6 +328,60 @@ def test_op_errors_name_the_argument():
         nsa_fwd(q, k, v, *gates, 8, 3, 4, 0.25)
     with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take head dims"):
         nsa_fwd(q[..., :12], k[..., :12], v[..., :12], *gates, 16, 3, 4, 0.25)
+
+
+_SM90_COMPILE = """
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixerzoo.kernels._triton import dot_precision
+from mixerzoo.kernels.nsa import triton_compress as tc, triton_launch as tl_, triton_select as ts
+
+INT = {"idx", "pair_tok", "prog_blk", "prog_lo", "prog_hi"}
+FLOAT32 = {"kc", "vc", "lse", "delta", "dq", "dkc", "dvc", "dk", "dv"}
+SCALARS = {"T": "i32", "NC": "i32", "NBS": "i32", "P": "i32", "qk_scale": "fp32", "scale": "fp32"}
+KERNELS = [
+    (tc.nsa_cmp_fwd_kernel, "BT_cmp"), (ts.nsa_slc_fwd_kernel, "BT_slc"), (tc.nsa_cmp_bwd_dq_kernel, "BT_cmp"),
+    (tc.nsa_cmp_bwd_dkdv_kernel, "BT_cmp"), (ts.nsa_slc_bwd_dq_kernel, "BT_slc"), (ts.nsa_slc_bwd_dkdv_kernel, None),
+]
+# float32 at head dim 128 compiles for two minutes (the exact float32 dots) and takes the same code paths as at 16
+CASES = ((torch.bfloat16, 4, 16, 16, 4), (torch.float32, 4, 16, 16, 4), (torch.bfloat16, 16, 128, 64, 16),
+         (torch.float16, 1, 64, 32, 8))
+for dtype, G, D, L, n in CASES:
+    cfg = tl_.nsa_tiles(D, G, L, dtype)
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    shape = dict(HQ=2 * G, HKV=2, G=G, GP=tl_._pow2(G), D=D, L=L, N=n, NP=max(tl_._pow2(n), 16),
+                 BC=cfg["BC"], BQ=cfg["BQ"], PREC=dot_precision(torch.empty(0, dtype=dtype)))
+    data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    for fn, bt in KERNELS:
+        params = list(inspect.signature(fn.fn).parameters)
+        consts = {p: v for p, v in shape.items() if p in params}
+        if bt is not None:
+            consts["BT"] = cfg[bt]
+        sig = {p: "constexpr" if p in consts else SCALARS.get(p) or
+               ("*i32" if p in INT else "*fp32" if p in FLOAT32 else data) for p in params}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+        assert shared <= 227 * 1024, (fn.__name__, dtype, G, D, L, shared)
+        print(fn.__name__, dtype, f"G={G} D={D} L={L}", "shared", shared)
+"""
+
+
+@pytest.mark.slow
+def test_default_cuda_tiles_compile_for_sm90():
+    """Every NSA kernel compiles for sm_90 at the launcher's CUDA tiles (tl.dot shapes, the split float32 dots of
+    half-precision inputs) and fits a Hopper block's shared memory: float32, bf16 and float16 at the conformance's
+    shapes (head dim 16, 16-token blocks) or larger (bf16: the paper's G = 16, D = 128, L = 64). In a child process:
+    the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("shared") == 24, run.stdout
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -289,6 +443,18 @@ def test_gpu_half_precision(B, T, HQ, HKV, D, L, n, W, dtype):
     for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
         assert_close(name, ref, out, rel_rmse=2e-2)
     del kc, vc
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_opcheck(dtype):
+    """The CUDA ops under torch.library.opcheck: schema, fake tensors, autograd registration and no aliasing."""
+    q, k, v, gates, do = _inputs(1, 80, 4, 1, 16, dtype=dtype, device="cuda")
+    args = (q, k, v, *gates, 16, 4, 8, 0.25)
+    torch.library.opcheck(torch.ops.mixerzoo.nsa_fwd.default, args)
+    _, ob, lse, lse_win, idx = torch.ops.mixerzoo.nsa_fwd(*args)
+    torch.library.opcheck(torch.ops.mixerzoo.nsa_bwd.default, (do, q, k, v, *gates, ob, lse, lse_win, idx, 16, 8, 0.25))
 
 
 @gpu

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-import mixerzoo.mixers.nsa as nsa_module
+import mixerzoo.kernels.nsa.decode as nsa_decode_module
 from mixerzoo import conformance, registry
 from mixerzoo.kernels.nsa.reference import nsa_attention_ref
 from mixerzoo.mixers.nsa import NSAState
@@ -192,16 +192,16 @@ def test_state_holds_the_compressed_blocks():
 def _attended_key_counts(monkeypatch, m, x, state):
     """Run one decode step; return the number of keys of every attention it runs."""
     counts = []
-    real = nsa_module.masked_attend
+    real = nsa_decode_module.masked_attend
 
     def spy(s, vis, v):
         counts.append(s.shape[-1])
         return real(s, vis, v)
 
-    monkeypatch.setattr(nsa_module, "masked_attend", spy)
+    monkeypatch.setattr(nsa_decode_module, "masked_attend", spy)
     with torch.no_grad():
         m(x, state)
-    monkeypatch.setattr(nsa_module, "masked_attend", real)
+    monkeypatch.setattr(nsa_decode_module, "masked_attend", real)
     return counts
 
 

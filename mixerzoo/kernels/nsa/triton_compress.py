@@ -4,11 +4,15 @@ importance and top-n selection, and its backward.
 A program holds the G query heads of one KV head for BT consecutive tokens, stacked t-major into M = BT * GP rows
 (GP = G rounded up to a power of two; padding heads are masked), so that every compressed key tile is loaded once
 per group and ``tl.dot`` has M rows even for G = 1.
+
+The compressed keys and values stay in float32, as in the reference: the compression scores rank the blocks, and
+half-precision compressed keys would change the ranking of near ties (``nsa_dot_f32``).
 """
 
 from __future__ import annotations
 
 from .._triton import softmax_step, tl, triton
+from ..swa.swa import _any_nonfinite, _mask_scores
 
 
 @triton.jit
@@ -19,6 +23,63 @@ def nsa_rows(t0, i_h, T, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, HQ
     o_g = o_r % GP
     m_r = (o_t < T) & (o_g < G)
     return o_t, i_h * G + o_g, m_r
+
+
+@triton.jit
+def nsa_dot_f32(b_a, b_b, PREC: tl.constexpr):
+    # [M, K] @ [K, N] -> [M, N] float32, one operand float32 (compressed keys) and the other in the inputs' dtype.
+    # Half-precision inputs: the float32 operand is split into a head and a tail in the other's dtype, two
+    # tensor-core dots whose products are exact in float32: scores within ~2^-18 of float32 arithmetic (rounding
+    # the keys to bf16 instead moves them by ~2^-9, enough to flip the selection of a near tie)
+    if b_a.dtype == b_b.dtype:
+        b_c = tl.dot(b_a, b_b, input_precision=PREC)
+    elif b_a.dtype == tl.float32:
+        b_hi = b_a.to(b_b.dtype)
+        b_lo = (b_a - b_hi.to(tl.float32)).to(b_b.dtype)
+        b_c = tl.dot(b_lo, b_b, tl.dot(b_hi, b_b))
+    else:
+        b_hi = b_b.to(b_a.dtype)
+        b_lo = (b_b - b_hi.to(tl.float32)).to(b_a.dtype)
+        b_c = tl.dot(b_a, b_lo, tl.dot(b_a, b_hi))
+    return b_c
+
+
+@triton.jit
+def _nsa_cmp_attend(
+    b_q,
+    kc,
+    vc,
+    kv_base,
+    n_hi,
+    n_vis,
+    m_r,
+    qk_scale,
+    HKV: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    # online softmax of the M rows b_q over the compressed blocks below n_hi, row r seeing those below n_vis[r]
+    # -> (b_max, b_sum, b_acc). A tile reaches past the blocks its first rows see: EXACT keeps its non-finite
+    # value rows from those rows (_mask_scores), for the re-run after a non-finite accumulator
+    o_c = tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    b_max = tl.full([M], float("-inf"), tl.float32)
+    b_sum = tl.zeros([M], tl.float32)
+    b_acc = tl.zeros([M, D], tl.float32)
+    for c0 in range(0, n_hi, BC):
+        m_c = c0 + o_c < n_hi
+        p_c = kv_base + (c0 + o_c)[:, None] * HKV * D + o_d[None, :]
+        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
+        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(b_q.dtype)
+        # [M, D] @ [D, BC] -> [M, BC]
+        b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
+        vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
+        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
+    return b_max, b_sum, b_acc
 
 
 @triton.jit
@@ -47,8 +108,8 @@ def _merge_top(b_top, b_key, BT: tl.constexpr, NP: tl.constexpr):
 @triton.jit
 def nsa_cmp_fwd_kernel(
     q,  # [B, T, HQ, D]
-    kc,  # [B, NC, HKV, D] compressed keys
-    vc,  # [B, NC, HKV, D] compressed values
+    kc,  # [B, NC, HKV, D] float32 compressed keys
+    vc,  # [B, NC, HKV, D] float32 compressed values
     o,  # [B, T, HQ, D] out: compression branch
     lse,  # [B, T, HQ] float32 out: base-2 log-sum-exp of the scaled scores (-inf: nothing visible)
     idx,  # [B, T, HKV, N] int32 out: selected blocks, ascending, -1 padded
@@ -85,21 +146,17 @@ def nsa_cmp_fwd_kernel(
     n_vis = (o_t + 1) // L  # [M] compressed blocks visible to each row
     n_hi = tl.minimum((tl.minimum(t0 + BT, T)) // L, NC)  # blocks visible to the last token of the tile
 
-    # pass 1: online softmax over the visible compressed blocks -> o_cmp, lse
-    o_c = tl.arange(0, BC)
-    b_max = tl.full([BT * GP], float("-inf"), tl.float32)
-    b_sum = tl.zeros([BT * GP], tl.float32)
-    b_acc = tl.zeros([BT * GP, D], tl.float32)
-    for c0 in range(0, n_hi, BC):
-        m_c = c0 + o_c < n_hi
-        p_c = kv_base + (c0 + o_c)[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)
-        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0)
-        # [M, D] @ [D, BC] -> [M, BC]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
-        b_s = tl.where(vis, b_s, float("-inf"))
-        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
+    # pass 1: online softmax over the visible compressed blocks -> o_cmp, lse. A NaN / Inf compressed value in a
+    # tile (a non-finite token in its block) reaches every row through p @ V, also the rows that cannot see the
+    # block (0 * NaN); it shows in the accumulator, and only then does the pass run again with such value rows
+    # kept from the rows that cannot see them (finite inputs never take the branch; same tiles, same sums)
+    b_max, b_sum, b_acc = _nsa_cmp_attend(
+        b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, False
+    )
+    if _any_nonfinite(b_acc):
+        b_max, b_sum, b_acc = _nsa_cmp_attend(
+            b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, True
+        )
     empty = b_sum == 0.0
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]
     b_lse = tl.where(empty, float("-inf"), b_max + tl.math.log2(tl.where(empty, 1.0, b_sum)))
@@ -126,7 +183,7 @@ def nsa_cmp_fwd_kernel(
         p_c = kv_base + o_cn[:, None] * HKV * D + o_d[None, :]
         b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)
         # [M, D] @ [D, NP] -> [M, NP]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = (o_cn[None, :] < n_vis[:, None]) & m_r[:, None]
         b_p = tl.where(vis, tl.math.exp2(b_s - b_lse_safe[:, None]), 0.0)
         b_imp = tl.sum(tl.reshape(b_p, [BT, GP, NP]), 1)  # [BT, NP]
@@ -147,8 +204,8 @@ def nsa_cmp_fwd_kernel(
 @triton.jit
 def nsa_cmp_bwd_dq_kernel(
     q,  # [B, T, HQ, D]
-    kc,  # [B, NC, HKV, D]
-    vc,  # [B, NC, HKV, D]
+    kc,  # [B, NC, HKV, D] float32
+    vc,  # [B, NC, HKV, D] float32
     do,  # [B, T, HQ, D] gradient of the gated sum
     g,  # [B, T, HQ] the compression gate
     delta,  # [B, T, HQ] float32: rowsum(do_cmp * o_cmp), do_cmp = g * do
@@ -189,25 +246,25 @@ def nsa_cmp_bwd_dq_kernel(
     for c0 in range(0, n_hi, BC):
         m_c = c0 + o_c < n_hi
         p_c = kv_base + (c0 + o_c)[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)
-        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0)
-        # [M, D] @ [D, BC] -> [M, BC]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
+        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(b_do.dtype)
+        # [M, D] @ [D, BC] -> [M, BC]: the forward's scores, so that p matches its lse
+        b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
         b_p = tl.where(vis, tl.math.exp2(b_s - b_lse[:, None]), 0.0)
         # [M, D] @ [D, BC] -> [M, BC]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
         # [M, BC] @ [BC, D] -> [M, D]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq += tl.dot(b_ds.to(b_q.dtype), b_k.to(b_q.dtype), input_precision=PREC)
     tl.store(dq + p_row, b_dq * scale, mask=m_r[:, None])
 
 
 @triton.jit
 def nsa_cmp_bwd_dkdv_kernel(
     q,  # [B, T, HQ, D]
-    kc,  # [B, NC, HKV, D]
-    vc,  # [B, NC, HKV, D]
+    kc,  # [B, NC, HKV, D] float32
+    vc,  # [B, NC, HKV, D] float32
     do,  # [B, T, HQ, D]
     g,  # [B, T, HQ]
     delta,  # [B, T, HQ] float32
@@ -236,8 +293,8 @@ def nsa_cmp_bwd_dkdv_kernel(
     m_c = o_c < NC
     o_d = tl.arange(0, D)
     p_c = i_b.to(tl.int64) * NC * HKV * D + i_h * D + o_c[:, None] * HKV * D + o_d[None, :]
-    b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)
-    b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0)
+    b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
+    b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(q.dtype.element_ty)
     b_dk = tl.zeros([BC, D], tl.float32)
     b_dv = tl.zeros([BC, D], tl.float32)
     t_lo = (c0 * L + L - 1) // BT * BT
@@ -252,7 +309,7 @@ def nsa_cmp_bwd_dkdv_kernel(
         b_lse = tl.load(lse + o_row, mask=m_r, other=0.0)
         b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse)
         # [BC, D] @ [D, M] -> [BC, M]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+        b_st = nsa_dot_f32(b_k, tl.trans(b_q), PREC) * qk_scale
         vis = (o_c[:, None] * L + L - 1 <= o_t[None, :]) & m_r[None, :] & m_c[:, None]
         b_pt = tl.where(vis, tl.math.exp2(b_st - b_lse[None, :]), 0.0)
         # [BC, M] @ [M, D] -> [BC, D]

@@ -62,10 +62,11 @@ def check_triton_shapes(op: str, q: Tensor, block_size: int, block_count: int) -
 
 
 def _compress(x: Tensor, L: int) -> Tensor:
-    # [B, T, HKV, D] -> [B, T // L, HKV, D]: mean of each complete block, accumulated in float32
+    # [B, T, HKV, D] -> [B, T // L, HKV, D] float32: mean of each complete block, kept in float32 as the reference
+    # keeps it (the kernels' compression scores rank the blocks: see nsa_dot_f32)
     B, T, H, D = x.shape
     NC = T // L
-    return x[:, : NC * L].unflatten(1, (NC, L)).float().mean(2).to(x.dtype).contiguous()
+    return x[:, : NC * L].unflatten(1, (NC, L)).float().mean(2).contiguous()
 
 
 def nsa_fwd(
@@ -220,5 +221,7 @@ def nsa_bwd(
         dq += dq_w.float()
         dk += dk_w.float()
         dv += dv_w.float()
-    dgs = (dg[i].to(g.dtype) for i, g in enumerate(gates))
+    # each gradient its own tensor: a float32 dg[i] would be a view of dg, and a custom op's outputs may not alias
+    # one another (nor its inputs)
+    dgs = (dg[i].to(g.dtype, copy=True) for i, g in enumerate(gates))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dgs

@@ -14,6 +14,7 @@ every token (block 0) is spread over many programs instead of one.
 from __future__ import annotations
 
 from .._triton import softmax_step, tl, triton
+from ..swa.swa import _any_nonfinite, _mask_scores
 from .triton_compress import nsa_rows
 
 
@@ -28,6 +29,51 @@ def _selected_rows(b_idx, c, BT: tl.constexpr, GP: tl.constexpr):
     # [M] did the row's token select block c (rows t-major: GP rows per token)
     hit = tl.max((b_idx == c).to(tl.int32), 1)  # [BT]
     return tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BT * GP]) != 0
+
+
+@triton.jit
+def _nsa_slc_attend(
+    b_q,
+    k,
+    v,
+    b_idx,
+    kv_base,
+    o_t,
+    m_r,
+    T,
+    qk_scale,
+    HKV: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    # online softmax of the M = BT * GP rows b_q over the union of their tokens' selected blocks, ascending, each
+    # row seeing the keys j <= t of its own blocks -> (b_max, b_sum, b_acc). A block holds keys after the first
+    # rows' tokens (and blocks other tokens selected): EXACT keeps its non-finite value rows from the rows that
+    # cannot see them (_mask_scores), for the re-run after a non-finite accumulator
+    BIG: tl.constexpr = 1 << 30
+    o_d = tl.arange(0, D)
+    o_j = tl.arange(0, L)
+    b_max = tl.full([BT * GP], float("-inf"), tl.float32)
+    b_sum = tl.zeros([BT * GP], tl.float32)
+    b_acc = tl.zeros([BT * GP, D], tl.float32)
+    c = _next_block(b_idx, -1, BIG)
+    while c < BIG:
+        o_jc = c * L + o_j
+        m_j = o_jc < T
+        p_kv = kv_base + o_jc[:, None] * HKV * D + o_d[None, :]
+        b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)  # [L, D], once for the group and tile
+        b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
+        # [M, D] @ [D, L] -> [M, L]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
+        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
+        c = _next_block(b_idx, c, BIG)
+    return b_max, b_sum, b_acc
 
 
 @triton.jit
@@ -52,7 +98,6 @@ def nsa_slc_fwd_kernel(
     PREC: tl.constexpr,
 ):
     tl.static_assert(L % BT == 0)
-    BIG: tl.constexpr = 1 << 30
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     t0 = i_t * BT
@@ -66,24 +111,16 @@ def nsa_slc_fwd_kernel(
     p_i = idx + ((i_b.to(tl.int64) * T + o_tt) * HKV + i_h)[:, None] * N + o_s[None, :]
     b_idx = tl.load(p_i, mask=(o_tt < T)[:, None] & (o_s[None, :] < N), other=-1)  # [BT, NP]
     kv_base = i_b.to(tl.int64) * T * HKV * D + i_h * D
-    o_j = tl.arange(0, L)
-
-    b_max = tl.full([BT * GP], float("-inf"), tl.float32)
-    b_sum = tl.zeros([BT * GP], tl.float32)
-    b_acc = tl.zeros([BT * GP, D], tl.float32)
-    c = _next_block(b_idx, -1, BIG)
-    while c < BIG:
-        o_jc = c * L + o_j
-        m_j = o_jc < T
-        p_kv = kv_base + o_jc[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)  # [L, D], once for the group and tile
-        b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
-        # [M, D] @ [D, L] -> [M, L]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
-        b_s = tl.where(vis, b_s, float("-inf"))
-        b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
-        c = _next_block(b_idx, c, BIG)
+    # a NaN / Inf value row in a block reaches every row through p @ V (0 * NaN), also the rows before its token
+    # and those that did not select the block; it shows in the accumulator, and only then do the blocks run again
+    # with such value rows kept from the rows that cannot see them (finite inputs never take the branch)
+    b_max, b_sum, b_acc = _nsa_slc_attend(
+        b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, False
+    )
+    if _any_nonfinite(b_acc):
+        b_max, b_sum, b_acc = _nsa_slc_attend(
+            b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, True
+        )
     empty = b_sum == 0.0  # padding rows only: every token sees itself through its own forced block
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]
     tl.store(o + p_row, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
