@@ -96,6 +96,155 @@ def _eviction_value_flags_kernel(v, flags, R, D: tl.constexpr, BR: tl.constexpr,
     tl.store(flags + o_r, b_f, mask=m_r)
 
 
+# The walk that the forward, dq and dk/dv kernels share. A query block (forward, dq) visits the prefix of the key
+# list that can be visible to it, then its window band (_query_walk); a key block (dk/dv) visits the query blocks
+# that see it. Each band splits into masked edges and an unmasked interior (_split_walk), and a RANGE function
+# (_fwd_range, _dq_range, _dkdv_range) does the work of one tile after another. @triton.jit helpers inline: the
+# compiled kernels are what one function each would give.
+
+
+@triton.jit
+def _query_block(T, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    # the query block of this program (fwd, dq): batch, query head, its KV head, first row, rows, head-dim lanes.
+    # Heads vary fastest and the last query blocks (the longest list prefixes) start first.
+    G: tl.constexpr = HQ // HKV
+    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_hk = i_hq // G
+    t0 = i_t * BT
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    return i_b, i_hq, i_hk, t0, o_t, m_t, o_d, o_d < D
+
+
+@triton.jit
+def _list_prefix(kcum, l_bh, t0, t_last, W, BC: tl.constexpr, OPEN_ENDED: tl.constexpr):
+    # the listed keys whose interval can start inside the query block [t0, t_last]: a prefix [0, n) of the
+    # sorted list (kcum + l_bh: at this batch and head); with open intervals the entries at positions
+    # <= t0 - W are visible to every row of the block: [0, n_full), whole blocks of BC
+    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
+    n_full = 0
+    if OPEN_ENDED:
+        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BC * BC
+    return n, n_full
+
+
+@triton.jit
+def _window_split(t0, t_last, W, BT: tl.constexpr, BS: tl.constexpr):
+    # key blocks of the band of queries [t0, t0 + BT): [lo, a) masked, [a, b) every key visible to
+    # every query, [c, t_last] masked; block-aligned, so the three ranges never overlap
+    lo = tl.maximum(t0 - W + 1, 0) // BS * BS
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(t0 + BT - W, 0), BS) * BS, lo)
+    full_hi = tl.maximum((t0 + 1) // BS * BS, full_lo)
+    a = tl.minimum(full_lo, t_last + 1)
+    return lo, a, full_lo, full_hi, tl.maximum(full_hi, a)
+
+
+@triton.jit
+def _key_rows(c0, hi, kpos, T, BK: tl.constexpr, LISTED: tl.constexpr):
+    # the key block at c0 of a walk: window rows c0.. below T (LISTED=False), or entries c0.. of the list below
+    # hi (kpos at this batch and head) -> the block's indices o_c, their rows o_j in k and v, the valid ones m_c
+    o_c = c0 + tl.arange(0, BK)
+    if LISTED:
+        m_c = o_c < hi
+        o_j = tl.load(kpos + o_c, mask=m_c, other=0)
+    else:
+        o_j = o_c
+        m_c = o_c < T
+    return o_c, o_j, m_c
+
+
+@triton.jit
+def _visible(o_t, o_c, o_j, m_c, kend, W, LISTED: tl.constexpr):
+    # [BT, BK]: which query rows o_t see the keys of _key_rows' block. A listed key from j + W until the end
+    # of its interval (kend at this batch and head), a window key from j until j + W
+    if LISTED:
+        b_end = tl.load(kend + o_c, mask=m_c, other=0)
+        m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
+    else:
+        m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
+    return m_vis
+
+
+@triton.jit
+def _split_walk(
+    RANGE: tl.constexpr,
+    st,
+    b_in,
+    ctx,
+    lo,
+    a,
+    full_lo,
+    full_hi,
+    c,
+    hi,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    LISTED: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    # the blocks [lo, hi) of a band, BK at a time, through RANGE (_fwd_range, _dq_range or _dkdv_range). SPLIT:
+    # masked edges [lo, a) and [c, hi), unmasked interior [full_lo, full_hi): no mask math on most blocks, three
+    # pipelined loops. Else one masked loop: one pipeline prologue, fewer live ranges.
+    if SPLIT:
+        st = RANGE(st, b_in, ctx, lo, a, H, D, BK, PREC, LISTED, True)
+        st = RANGE(st, b_in, ctx, full_lo, full_hi, H, D, BK, PREC, LISTED, False)
+        st = RANGE(st, b_in, ctx, c, hi, H, D, BK, PREC, LISTED, True)
+    else:
+        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, True)
+    return st
+
+
+@triton.jit
+def _query_walk(
+    RANGE: tl.constexpr,
+    st,
+    b_in,
+    ctx,
+    n,
+    n_full,
+    t0,
+    t_last,
+    W,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    # every key the query block [t0, t_last] sees, through RANGE (_fwd_range or _dq_range): (a) the list prefix
+    # [0, n) of _list_prefix, its unmasked whole blocks [0, n_full) first, BC entries at a time; (b) the window
+    # band, keys t - W < j <= t, BS rows at a time
+    st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, False)
+    st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, True)
+    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
+    return _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
+
+
+@triton.jit
+def _tile(x, o_r, m_r, o_d, m_d, H: tl.constexpr, D: tl.constexpr):
+    # rows o_r of one head of x ([T, H, D] from the head's base; int32 per element: see _check_sizes) -> [R, BD],
+    # zeros where a row is masked off or past D
+    return tl.load(x + (o_r[:, None] * (H * D) + o_d[None, :]), mask=m_r[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(b_a, b_b, scale_log2, PREC: tl.constexpr):
+    # [BM, BD] @ [BD, BN] -> [BM, BN], in log2 units
+    return tl.dot(b_a, tl.trans(b_b), input_precision=PREC) * scale_log2
+
+
+@triton.jit
+def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr):
+    # dS = P * (dP - delta), dP = b_a @ b_b^T: [BM, BD] @ [BD, BN] -> [BM, BN]; b_delta broadcast to it
+    return b_p * (tl.dot(b_a, tl.trans(b_b), input_precision=PREC) - b_delta)
+
+
 @triton.jit
 def _seen_range(
     b_seen,
@@ -105,7 +254,6 @@ def _seen_range(
     lo,
     hi,
     o_t,
-    T,
     W,
     HKV: tl.constexpr,
     BK: tl.constexpr,
@@ -115,19 +263,10 @@ def _seen_range(
     # adds NaN to the query rows that see a flagged value row among the keys [lo, hi), whose visibility
     # is that of _fwd_range: per pair of query and key where masked, for all rows at once where not
     for c0 in range(lo, hi, BK):
-        o_c = c0 + tl.arange(0, BK)
-        m_c = o_c < hi
-        if LISTED:
-            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
-        else:
-            o_j = o_c
+        o_c, o_j, m_c = _key_rows(c0, hi, kpos, hi, BK, LISTED)
         b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)
         if MASKED:
-            if LISTED:
-                b_end = tl.load(kend + o_c, mask=m_c, other=0)
-                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
-            else:
-                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
+            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
             b_seen += tl.sum(tl.where(m_vis, b_bad[None, :], 0.0), axis=1)
         else:
             b_seen += tl.sum(b_bad, axis=0)
@@ -158,40 +297,25 @@ def _eviction_seen_kernel(
     t_last = tl.minimum(t0 + BT, T) - 1
     f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
     l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
-    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
-    n_full = 0
-    if OPEN_ENDED:
-        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BK * BK
+    n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BK, OPEN_ENDED)
     lk, le = kpos + l_bh, kend + l_bh
     b_seen = tl.zeros([BT], dtype=tl.float32)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, 0, n_full, o_t, T, W, HKV, BU, True, False)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, n_full, n, o_t, T, W, HKV, BK, True, True)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, 0, n_full, o_t, W, HKV, BU, True, False)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, n_full, n, o_t, W, HKV, BK, True, True)
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BK)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, lo, a, o_t, T, W, HKV, BK, False, True)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, full_lo, full_hi, o_t, T, W, HKV, BU, False, False)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, c, t_last + 1, o_t, T, W, HKV, BK, False, True)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, lo, a, o_t, W, HKV, BK, False, True)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, full_lo, full_hi, o_t, W, HKV, BU, False, False)
+    b_seen = _seen_range(b_seen, f_bh, lk, le, c, t_last + 1, o_t, W, HKV, BK, False, True)
     tl.store(vseen + l_bh + o_t, b_seen, mask=o_t < T)
 
 
 @triton.jit
 def _fwd_range(
-    b_q,
-    b_acc,
-    b_m,
-    b_l,
-    k,
-    v,
-    vflag,
-    kpos,
-    kend,
+    st,
+    b_in,
+    ctx,
     lo,
     hi,
-    o_t,
-    T,
-    W,
-    scale_log2,
-    o_d,
-    m_d,
     HKV: tl.constexpr,
     D: tl.constexpr,
     BK: tl.constexpr,
@@ -199,104 +323,29 @@ def _fwd_range(
     LISTED: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    # online softmax over the key blocks [lo, hi): window rows (LISTED=False) or entries of the list
-    # (kpos, kend, vflag already at this batch and head). MASKED=False only for blocks whose every key is
-    # visible to every query row (and, for the list, whose every entry is valid): no mask math at all.
+    # online softmax (st: acc, row max, row sum) over the key blocks [lo, hi) of _query_walk's walk; b_in: q and
+    # vflag at this batch and head.
     # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
     # a NaN or Inf (vflag NaN) loads as zeros; the query rows that do see it are set NaN afterwards (see
     # _eviction_fwd_kernel). In unmasked blocks every query row sees every key: the NaN may flow.
+    k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
+    b_q, vflag = b_in
+    b_acc, b_m, b_l = st
     for c0 in range(lo, hi, BK):
-        o_c = c0 + tl.arange(0, BK)
-        if LISTED:
-            m_c = o_c < hi
-            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
-            if MASKED:
-                b_end = tl.load(kend + o_c, mask=m_c, other=0)
-                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
-        else:
-            o_j = o_c
-            m_c = o_c < T
-            if MASKED:
-                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
-        off_k = o_j[:, None] * (HKV * D) + o_d[None, :]  # int32 per element: see _check_sizes
-        b_k = tl.load(k + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
+        if MASKED:
+            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
+        b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
         m_v = m_c
         if MASKED:
             m_v = m_c & (tl.load(vflag + o_j * HKV, mask=m_c, other=0.0) == 0.0)
-        b_v = tl.load(v + off_k, mask=m_v[:, None] & m_d[None, :], other=0.0)
-        # [BT, BD] @ [BD, BK] -> [BT, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        b_v = _tile(v, o_j, m_v, o_d, m_d, HKV, D)
+        b_s = _scores(b_q, b_k, scale_log2, PREC)
         if MASKED:
             b_s = tl.where(m_vis, b_s, float("-inf"))
         # rows with nothing visible yet keep max -inf (SAFE)
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
     return b_acc, b_m, b_l
-
-
-@triton.jit
-def _dq_range(
-    b_q,
-    b_do,
-    b_lse2,
-    b_delta,
-    b_dq,
-    k,
-    v,
-    kpos,
-    kend,
-    lo,
-    hi,
-    o_t,
-    T,
-    W,
-    scale_log2,
-    o_d,
-    m_d,
-    HKV: tl.constexpr,
-    D: tl.constexpr,
-    BK: tl.constexpr,
-    PREC: tl.constexpr,
-    LISTED: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    # dq over the key blocks [lo, hi), visibility as in _fwd_range
-    for c0 in range(lo, hi, BK):
-        o_c = c0 + tl.arange(0, BK)
-        if LISTED:
-            m_c = o_c < hi
-            o_j = tl.load(kpos + o_c, mask=m_c, other=0)
-            if MASKED:
-                b_end = tl.load(kend + o_c, mask=m_c, other=0)
-                m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
-        else:
-            o_j = o_c
-            m_c = o_c < T
-            if MASKED:
-                m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
-        off_k = o_j[:, None] * (HKV * D) + o_d[None, :]  # int32 per element: see _check_sizes
-        b_k = tl.load(k + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(v + off_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
-        # [BT, BD] @ [BD, BK] -> [BT, BK]
-        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2 - b_lse2[:, None])
-        if MASKED:
-            b_p = tl.where(m_vis, b_p, 0.0)
-        # [BT, BD] @ [BD, BK] -> [BT, BK]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        # [BT, BK] @ [BK, BD] -> [BT, BD]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-    return b_dq
-
-
-@triton.jit
-def _window_split(t0, t_last, W, BT: tl.constexpr, BS: tl.constexpr):
-    # key blocks of the band of queries [t0, t0 + BT): [lo, a) masked, [a, b) every key visible to
-    # every query, [c, t_last] masked; block-aligned, so the three ranges never overlap
-    lo = tl.maximum(t0 - W + 1, 0) // BS * BS
-    full_lo = tl.maximum(tl.cdiv(tl.maximum(t0 + BT - W, 0), BS) * BS, lo)
-    full_hi = tl.maximum((t0 + 1) // BS * BS, full_lo)
-    a = tl.minimum(full_lo, t_last + 1)
-    return lo, a, full_lo, full_hi, tl.maximum(full_hi, a)
 
 
 @triton.jit
@@ -326,20 +375,10 @@ def _eviction_fwd_kernel(
     SPLIT: tl.constexpr,  # window band as masked edges + unmasked interior, else one masked loop
 ):
     tl.static_assert(HQ % HKV == 0)
-    G: tl.constexpr = HQ // HKV
-    # heads vary fastest and the last query blocks (the longest list prefixes) start first
-    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
-    i_b, i_hq = i_bh // HQ, i_bh % HQ
-    i_hk = i_hq // G
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
-    m_t = o_t < T
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
     q, o = q + q_bh, o + q_bh
-    off_q = o_t[:, None] * (HQ * D) + o_d[None, :]
-    b_q = tl.load(q + off_q, mask=m_t[:, None] & m_d[None, :], other=0.0)
+    b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
     k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
@@ -347,177 +386,54 @@ def _eviction_fwd_kernel(
     b_l = tl.zeros([BT], dtype=tl.float32)
     b_acc = tl.zeros([BT, BD], dtype=tl.float32)
     t_last = tl.minimum(t0 + BT, T) - 1
-
-    # (a) listed keys whose interval can start inside this block: a prefix of the sorted list; with
-    # open intervals, the entries at positions <= t0 - W are visible to every row of the block
     l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
-    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
-    n_full = 0
-    if OPEN_ENDED:
-        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BC * BC
-    lk, le = kpos + l_bh, kend + l_bh
-    b_acc, b_m, b_l = _fwd_range(
-        b_q,
-        b_acc,
-        b_m,
-        b_l,
-        k_bh,
-        v_bh,
-        f_bh,
-        lk,
-        le,
-        0,
-        n_full,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BC,
-        PREC,
-        True,
-        False,
-    )
-    b_acc, b_m, b_l = _fwd_range(
-        b_q,
-        b_acc,
-        b_m,
-        b_l,
-        k_bh,
-        v_bh,
-        f_bh,
-        lk,
-        le,
-        n_full,
-        n,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BC,
-        PREC,
-        True,
-        True,
-    )
-    # (b) the window band, keys t - W < j <= t
-    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    if SPLIT:  # masked edges, unmasked interior: no mask math on most blocks, three pipelined loops
-        b_acc, b_m, b_l = _fwd_range(
-            b_q,
-            b_acc,
-            b_m,
-            b_l,
-            k_bh,
-            v_bh,
-            f_bh,
-            lk,
-            le,
-            lo,
-            a,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-        b_acc, b_m, b_l = _fwd_range(
-            b_q,
-            b_acc,
-            b_m,
-            b_l,
-            k_bh,
-            v_bh,
-            f_bh,
-            lk,
-            le,
-            full_lo,
-            full_hi,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            False,
-        )
-        b_acc, b_m, b_l = _fwd_range(
-            b_q,
-            b_acc,
-            b_m,
-            b_l,
-            k_bh,
-            v_bh,
-            f_bh,
-            lk,
-            le,
-            c,
-            t_last + 1,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-    else:  # one masked loop: one pipeline prologue, fewer live ranges
-        b_acc, b_m, b_l = _fwd_range(
-            b_q,
-            b_acc,
-            b_m,
-            b_l,
-            k_bh,
-            v_bh,
-            f_bh,
-            lk,
-            le,
-            lo,
-            t_last + 1,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-
+    # (a) the listed keys whose interval can start inside this block, (b) the window band
+    n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
+    ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
+    st = (b_acc, b_m, b_l)
+    st = _query_walk(_fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT)
+    b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
     # the rows that see a non-finite value row are NaN (the masked blocks kept it out of the product)
-    b_seen = tl.load(vseen + (i_b.to(tl.int64) * HKV + i_hk) * T + o_t, mask=m_t, other=0.0)
+    b_seen = tl.load(vseen + l_bh + o_t, mask=m_t, other=0.0)
     b_o = b_acc / b_l[:, None] + b_seen[:, None]
-    tl.store(o + off_q, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    p_o = o + (o_t[:, None] * (HQ * D) + o_d[None, :])
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
     b_lse = (b_m + tl.log2(b_l)) / LOG2E_JIT
     tl.store(lse + (i_b.to(tl.int64) * HQ + i_hq) * T + o_t, b_lse, mask=m_t)
+
+
+@triton.jit
+def _dq_range(
+    st,
+    b_in,
+    ctx,
+    lo,
+    hi,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    LISTED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    # dq (st) over the key blocks [lo, hi) of _query_walk's walk; b_in: q, do, lse (log2 units), delta
+    k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
+    b_q, b_do, b_lse2, b_delta = b_in
+    b_dq = st
+    for c0 in range(lo, hi, BK):
+        o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
+        if MASKED:
+            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
+        b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
+        b_v = _tile(v, o_j, m_c, o_d, m_d, HKV, D)
+        b_p = tl.exp2(_scores(b_q, b_k, scale_log2, PREC) - b_lse2[:, None])
+        if MASKED:
+            b_p = tl.where(m_vis, b_p, 0.0)
+        b_ds = _dscores(b_p, b_do, b_v, b_delta[:, None], PREC)
+        # [BT, BK] @ [BK, BD] -> [BT, BD]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    return b_dq
 
 
 @triton.jit
@@ -548,23 +464,13 @@ def _eviction_bwd_dq_kernel(
     OPEN_ENDED: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    G: tl.constexpr = HQ // HKV
-    # heads vary fastest and the last query blocks (the longest list prefixes) start first
-    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
-    i_b, i_hq = i_bh // HQ, i_bh % HQ
-    i_hk = i_hq // G
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
-    m_t = o_t < T
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    # the walk of _eviction_fwd_kernel, with the forward's lse
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
     q, o, do, dq = q + q_bh, o + q_bh, do + q_bh, dq + q_bh
-    off = o_t[:, None] * (HQ * D) + o_d[None, :]
-    m_td = m_t[:, None] & m_d[None, :]
-    b_q = tl.load(q + off, mask=m_td, other=0.0)
-    b_do = tl.load(do + off, mask=m_td, other=0.0)
-    b_o = tl.load(o + off, mask=m_td, other=0.0)
+    b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
+    b_do = _tile(do, o_t, m_t, o_d, m_d, HQ, D)
+    b_o = _tile(o, o_t, m_t, o_d, m_d, HQ, D)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     p_row = (i_b.to(tl.int64) * HQ + i_hq) * T + o_t
     tl.store(delta + p_row, b_delta, mask=m_t)
@@ -573,215 +479,50 @@ def _eviction_bwd_dq_kernel(
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     b_dq = tl.zeros([BT, BD], dtype=tl.float32)
     t_last = tl.minimum(t0 + BT, T) - 1
-
     l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
-    n = tl.where(t_last >= W, tl.load(kcum + l_bh + tl.maximum(t_last - W, 0)), 0)
-    n_full = 0
-    if OPEN_ENDED:
-        n_full = tl.where(t0 >= W, tl.load(kcum + l_bh + tl.maximum(t0 - W, 0)), 0) // BC * BC
-    lk, le = kpos + l_bh, kend + l_bh
-    b_dq = _dq_range(
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        b_dq,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        0,
-        n_full,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BC,
-        PREC,
-        True,
-        False,
-    )
-    b_dq = _dq_range(
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        b_dq,
-        k_bh,
-        v_bh,
-        lk,
-        le,
-        n_full,
-        n,
-        o_t,
-        T,
-        W,
-        scale_log2,
-        o_d,
-        m_d,
-        HKV,
-        D,
-        BC,
-        PREC,
-        True,
-        True,
-    )
-    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    if SPLIT:  # as in _eviction_fwd_kernel
-        b_dq = _dq_range(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            b_dq,
-            k_bh,
-            v_bh,
-            lk,
-            le,
-            lo,
-            a,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-        b_dq = _dq_range(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            b_dq,
-            k_bh,
-            v_bh,
-            lk,
-            le,
-            full_lo,
-            full_hi,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            False,
-        )
-        b_dq = _dq_range(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            b_dq,
-            k_bh,
-            v_bh,
-            lk,
-            le,
-            c,
-            t_last + 1,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-    else:
-        b_dq = _dq_range(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            b_dq,
-            k_bh,
-            v_bh,
-            lk,
-            le,
-            lo,
-            t_last + 1,
-            o_t,
-            T,
-            W,
-            scale_log2,
-            o_d,
-            m_d,
-            HKV,
-            D,
-            BS,
-            PREC,
-            False,
-            True,
-        )
-    tl.store(dq + off, (b_dq * scale).to(dq.dtype.element_ty), mask=m_td)
+    n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
+    ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
+    b_in = (b_q, b_do, b_lse2, b_delta)
+    b_dq = _query_walk(_dq_range, b_dq, b_in, ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT)
+    p_dq = dq + (o_t[:, None] * (HQ * D) + o_d[None, :])
+    tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
 @triton.jit
 def _dkdv_range(
-    b_k,
-    b_v,
-    b_dk,
-    b_dv,
-    q,
-    do,
-    lse,
-    delta,
+    st,
+    b_in,
+    ctx,
     lo,
     hi,
-    b_start,
-    b_end,
-    m_j,
-    T,
-    scale_log2,
-    o_d,
-    m_d,
     HQ: tl.constexpr,
     D: tl.constexpr,
     BT: tl.constexpr,
     PREC: tl.constexpr,
+    LISTED: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    # dk, dv of one key block from the query blocks [lo, hi) of one query head (q, do, lse, delta
-    # at that batch and head); key row i is visible to queries [b_start[i], b_end[i]). MASKED=False:
-    # all visible. Query rows past T load zeros for q and do, so they add nothing even unmasked.
+    # dk, dv (st) of one key block (b_in: its k, v) from the query blocks [lo, hi) of one query head (q, do,
+    # lse, delta in ctx at that batch and head); key row i is visible to queries [b_start[i], b_end[i]), for
+    # listed and window keys alike (LISTED is not needed). MASKED=False: all visible. Query rows past T load zeros
+    # for q and do, so they add nothing even unmasked.
+    q, do, lse, delta, b_start, b_end, m_j, T, scale_log2, o_d, m_d = ctx
+    b_k, b_v = b_in
+    b_dk, b_dv = st
     for t0 in range(lo, hi, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < T
-        off = o_t[:, None] * (HQ * D) + o_d[None, :]
-        b_q = tl.load(q + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(do + off, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
+        b_do = _tile(do, o_t, m_t, o_d, m_d, HQ, D)
         b_lse2 = tl.load(lse + o_t, mask=m_t, other=0.0) * LOG2E_JIT
         b_delta = tl.load(delta + o_t, mask=m_t, other=0.0)
-        # [BS, BD] @ [BD, BT] -> [BS, BT]
-        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale_log2 - b_lse2[None, :])
+        b_pt = tl.exp2(_scores(b_k, b_q, scale_log2, PREC) - b_lse2[None, :])
         if MASKED:
             m_vis = (o_t[None, :] >= b_start[:, None]) & (o_t[None, :] < b_end[:, None]) & m_j[:, None]
             b_pt = tl.where(m_vis, b_pt, 0.0)
         # [BS, BT] @ [BT, BD] -> [BS, BD]
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        # [BS, BD] @ [BD, BT] -> [BS, BT]
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dst = _dscores(b_pt, b_v, b_do, b_delta[None, :], PREC)
         # [BS, BT] @ [BT, BD] -> [BS, BD]
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     return b_dk, b_dv
@@ -864,108 +605,18 @@ def _eviction_bwd_dkdv_kernel(
     b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
     b_dk = tl.zeros([BS, BD], dtype=tl.float32)
     b_dv = tl.zeros([BS, BD], dtype=tl.float32)
+    b_kv = (b_k, b_v)
+    # the query heads of this KV head; SPLIT=False by default: the three loops' live ranges spill at 128x64
+    # (NOTES-eviction.md)
     for g in range(G):
         i_hq = i_hk * G + g
         q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
         r_bh = (i_b.to(tl.int64) * HQ + i_hq) * T
-        if SPLIT:  # masked edges, unmasked interior (three loops)
-            b_dk, b_dv = _dkdv_range(
-                b_k,
-                b_v,
-                b_dk,
-                b_dv,
-                q + q_bh,
-                do + q_bh,
-                lse + r_bh,
-                delta + r_bh,
-                t_lo,
-                a,
-                b_start,
-                b_end,
-                m_j,
-                T,
-                scale_log2,
-                o_d,
-                m_d,
-                HQ,
-                D,
-                BT,
-                PREC,
-                True,
-            )
-            b_dk, b_dv = _dkdv_range(
-                b_k,
-                b_v,
-                b_dk,
-                b_dv,
-                q + q_bh,
-                do + q_bh,
-                lse + r_bh,
-                delta + r_bh,
-                full_lo,
-                full_hi,
-                b_start,
-                b_end,
-                m_j,
-                T,
-                scale_log2,
-                o_d,
-                m_d,
-                HQ,
-                D,
-                BT,
-                PREC,
-                False,
-            )
-            b_dk, b_dv = _dkdv_range(
-                b_k,
-                b_v,
-                b_dk,
-                b_dv,
-                q + q_bh,
-                do + q_bh,
-                lse + r_bh,
-                delta + r_bh,
-                c,
-                t_hi,
-                b_start,
-                b_end,
-                m_j,
-                T,
-                scale_log2,
-                o_d,
-                m_d,
-                HQ,
-                D,
-                BT,
-                PREC,
-                True,
-            )
-        else:  # one masked loop: the three loops' live ranges spill at 128x64 (NOTES-eviction.md)
-            b_dk, b_dv = _dkdv_range(
-                b_k,
-                b_v,
-                b_dk,
-                b_dv,
-                q + q_bh,
-                do + q_bh,
-                lse + r_bh,
-                delta + r_bh,
-                t_lo,
-                t_hi,
-                b_start,
-                b_end,
-                m_j,
-                T,
-                scale_log2,
-                o_d,
-                m_d,
-                HQ,
-                D,
-                BT,
-                PREC,
-                True,
-            )
+        ctx = (q + q_bh, do + q_bh, lse + r_bh, delta + r_bh, b_start, b_end, m_j, T, scale_log2, o_d, m_d)
+        st = (b_dk, b_dv)
+        b_dk, b_dv = _split_walk(
+            _dkdv_range, st, b_kv, ctx, t_lo, a, full_lo, full_hi, c, t_hi, HQ, D, BT, PREC, LISTED, SPLIT
+        )
     b_dk = b_dk * scale
     if LISTED:
         b_dk += tl.load(dk + p_kv, mask=m_jd, other=0.0).to(tl.float32)
