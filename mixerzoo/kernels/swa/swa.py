@@ -23,19 +23,119 @@ from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
 #   window part: P <= j <= t and t - j < W
 #   sink part:   P <= j < P + S and t - j >= W   (sinks the window does not already cover)
 # The two parts are disjoint, so the window loops and the sink tile never count a pair twice.
+#
+# The three passes walk the same band of tiles: the forward and dQ kernels hold a query block and walk
+# its key blocks, the dK/dV kernel holds a key block and walks its query blocks. The walk is shared:
+# _rows (pointers), _key_band / _query_band (loop bounds), _row_tiles (loading and masking a tile),
+# _visible and _mask_block (the visibility mask), _probs / _dscores (the score and probability block).
+# Each loop runs in one of four modes:
+#   MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: the sink tile; 3: the whole band
+#   in one loop (one software pipeline instead of three), masking only the blocks outside the fully
+#   visible [F_LO, F_HI) (a branch on a block-uniform scalar)
+# @triton.jit helpers are inlined: the kernels compile as if written out.
 # ---------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _window_vis(o_m, o_j, m_j, W):
-    # [BM, BN] window part of the visibility: key j <= query t, t - j < W, key slot valid (m_j)
-    return (o_j[None, :] <= o_m[:, None]) & (o_m[:, None] - o_j[None, :] < W) & m_j[None, :]
+def _rows(base, o_r, o_d, stride_t):
+    # [R, D] pointers to rows o_r of one head of a [B, T, H, D] tensor, base: its first element in the batch row
+    return base + o_r[:, None] * stride_t + o_d[None, :]
 
 
 @triton.jit
-def _window_vis_t(o_n, o_m, P, W):
-    # [BN, BM] the same, transposed (keys o_n on rows), keys before the padding end P invisible
-    return (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] < W) & (o_n[:, None] >= P)
+def _key_band(m0, P, W, T, BM: tl.constexpr, BN: tl.constexpr):
+    # key blocks of the query block [m0, m0 + BM): [lo, b) window boundary, [b, m0) fully visible,
+    # [m0, hi) diagonal
+    lo = tl.maximum(m0 - W + 1, P)
+    lo = tl.maximum(lo, 0) // BN * BN
+    full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
+    b = tl.minimum(tl.maximum(full_lo, lo), m0)
+    hi = tl.minimum(m0 + BM, T)
+    return lo, b, hi
+
+
+@triton.jit
+def _query_band(n0, W, T, BM: tl.constexpr, BN: tl.constexpr):
+    # query blocks of the key block [n0, n0 + BN): [n0, n0 + BN) diagonal, [n0 + BN, e) fully visible,
+    # [e, hi) window boundary
+    hi = tl.minimum(n0 + BN - 1 + W, T)
+    e = tl.minimum((n0 + W) // BM * BM, T // BM * BM)
+    e = tl.maximum(e, n0 + BN)
+    return e, hi
+
+
+@triton.jit
+def _row_tiles(
+    p_a, p_b, i0, m_r, stride_t, row0, col0, BR: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr
+):
+    # the [BR, D] tiles i0 rows on from the row pointers p_a / p_b (K and V, or Q and dO), row mask m_r [BR].
+    # TMA: p_a / p_b are tensor descriptors over [B, T, H * D] (batch row row0, head at column col0; rows past
+    # T come back as zeros); MASKED: masked loads; else every row is valid (a fully visible block), plain loads
+    if TMA:
+        b_a = tl.reshape(p_a.load([row0, i0, col0]), [BR, D])
+        b_b = tl.reshape(p_b.load([row0, i0, col0]), [BR, D])
+    elif MASKED:
+        b_a = tl.load(p_a + i0 * stride_t, mask=m_r[:, None], other=0.0)
+        b_b = tl.load(p_b + i0 * stride_t, mask=m_r[:, None], other=0.0)
+    else:
+        b_a = tl.load(p_a + i0 * stride_t)
+        b_b = tl.load(p_b + i0 * stride_t)
+    return b_a, b_b
+
+
+@triton.jit
+def _visible(o_t, o_j, m_j, P, W, S, SINK: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # visibility of keys o_j to queries o_t, [BM, BN]: the window part, or with SINK the sink part; keys
+    # outside m_j (slot in [P, T)) invisible. KEY_ROWS: [BN, BM], m_j unused: the dK/dV walk loads its key
+    # block whole, only keys before the padding end P are invisible (keys past T are never stored)
+    if KEY_ROWS:
+        t, j = o_t[None, :], o_j[:, None]
+    else:
+        t, j = o_t[:, None], o_j[None, :]
+    if SINK:
+        vis = (t - j >= W) & (j < P + S)
+    else:
+        vis = (j <= t) & (t - j < W)
+    if KEY_ROWS:
+        return vis & (j >= P)
+    else:
+        return vis & m_j[None, :]
+
+
+@triton.jit
+def _mask_block(b_x, fill, o_t, o_j, m_j, i0, P, W, S, F_LO, F_HI, MODE: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # b_x (scores or probabilities) -> fill where not visible, as the block's MODE asks; i0: the first slot of
+    # the walked block (MODE 3 masks only blocks outside [F_LO, F_HI))
+    if MODE == 1:
+        b_x = tl.where(_visible(o_t, o_j, m_j, P, W, S, False, KEY_ROWS), b_x, fill)
+    if MODE == 3:
+        if (i0 < F_LO) | (i0 >= F_HI):
+            b_x = tl.where(_visible(o_t, o_j, m_j, P, W, S, False, KEY_ROWS), b_x, fill)
+    if MODE == 2:
+        b_x = tl.where(_visible(o_t, o_j, m_j, P, W, S, True, KEY_ROWS), b_x, fill)
+    return b_x
+
+
+@triton.jit
+def _probs(b_a, b_b, b_lse, qk_scale, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # probabilities from raw scores b_a @ b_b^T and the log2-unit LSE of each query (one FMA per score):
+    # [BM, D] @ [D, BN] -> [BM, BN] (q, k), or with KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (k, q)
+    b_s = tl.dot(b_a, tl.trans(b_b), input_precision=PREC)
+    if KEY_ROWS:
+        return tl.math.exp2(b_s * qk_scale - b_lse[None, :])
+    else:
+        return tl.math.exp2(b_s * qk_scale - b_lse[:, None])
+
+
+@triton.jit
+def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # score gradients p * (dp - delta), dp = b_a @ b_b^T: [BM, D] @ [D, BN] -> [BM, BN] (do, v), or with
+    # KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (v, do)
+    b_dp = tl.dot(b_a, tl.trans(b_b), input_precision=PREC)
+    if KEY_ROWS:
+        return b_p * (b_dp - b_delta[None, :])
+    else:
+        return b_p * (b_dp - b_delta[:, None])
 
 
 @triton.jit
@@ -70,66 +170,26 @@ def _rows_descriptor(x, n_batch, T, width, stride_b, stride_t, BR: tl.constexpr,
 
 @triton.jit
 def _fwd_inner(
-    acc,
-    m_i,
-    l_i,
-    b_q,
-    p_k,
-    p_v,
-    o_m,
-    o_n,
-    n_lo,
-    n_hi,
-    P,
-    T,
-    W,
-    S,
-    qk_scale,
-    stride_kt,
-    BN: tl.constexpr,
-    MODE: tl.constexpr,
-    PREC: tl.constexpr,
-    F_LO=0,
-    F_HI=0,
-    row0=0,
-    col0=0,
-    D: tl.constexpr = 0,
-    TMA: tl.constexpr = False,
-    EXACT: tl.constexpr = False,
-):
-    # MODE 0: fully visible blocks, no mask; 1: window boundary blocks; 2: sink tile; 3: the whole band
-    # in one loop (one software pipeline instead of three), masking only the blocks outside the fully
-    # visible [F_LO, F_HI) (a branch on a block-uniform scalar)
-    # TMA (MODE 3 only): p_k / p_v are tensor descriptors over [B, T, HKV * D]; this program's batch row
-    # is row0, its kv head starts at column col0; keys past T come back as zeros (see _swa_fwd_kernel)
-    # EXACT (MODES 1 and 2): non-finite V rows reach only the queries that see them (see _mask_scores)
+    acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, n_lo, n_hi, P, T, W, S, qk_scale, stride_kt,
+    BN: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False, EXACT: tl.constexpr = False,
+):  # fmt: skip
+    # key blocks [n_lo, n_hi) of the online softmax. EXACT (MODES 1 and 2): non-finite V rows reach only the
+    # queries that see them (see _mask_scores)
     tl.static_assert((not EXACT) or (MODE == 1) or (MODE == 2))
+    tl.static_assert((not TMA) or (MODE == 3))
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
-        if TMA:
-            tl.static_assert(MODE == 3)
-            m_j = (o_j < T) & (o_j >= P)
-            b_k = tl.reshape(p_k.load([row0, n0, col0]), [BN, D])
-            b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
-        elif MODE == 0:
-            b_k = tl.load(p_k + n0 * stride_kt)
-            b_v = tl.load(p_v + n0 * stride_kt)
-        else:
-            m_j = (o_j < T) & (o_j >= P)
-            b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
-            b_v = tl.load(p_v + n0 * stride_kt, mask=m_j[:, None], other=0.0)
+        m_j = (o_j < T) & (o_j >= P)
+        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA)
         # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
         # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        if MODE == 1:
-            b_s, b_v = _mask_scores(b_s, b_v, _window_vis(o_m, o_j, m_j, W), EXACT)
-        if MODE == 3:
-            if (n0 < F_LO) | (n0 >= F_HI):
-                b_s = tl.where(_window_vis(o_m, o_j, m_j, W), b_s, float("-inf"))
-        if MODE == 2:
-            vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
-            b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        if EXACT:
+            b_s, b_v = _mask_scores(b_s, b_v, _visible(o_m, o_j, m_j, P, W, S, MODE == 2, False), True)
+        else:
+            b_s = _mask_block(b_s, float("-inf"), o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
         # fully visible blocks (MODE 0) come after the first window block: every row has a max, no -inf guard
         m_i, l_i, acc = softmax_step(b_s, b_v, m_i, l_i, acc, qk_scale, PREC, SCALED=False, SAFE=MODE != 0)
     return acc, m_i, l_i
@@ -137,264 +197,82 @@ def _fwd_inner(
 
 @triton.jit
 def _fwd_sinks(
-    acc,
-    m_i,
-    l_i,
-    b_q,
-    k_base,
-    v_base,
-    o_m,
-    o_d,
-    m0,
-    P,
-    T,
-    W,
-    S,
-    qk_scale,
-    stride_kt,
-    BM: tl.constexpr,
-    BS: tl.constexpr,
-    PREC: tl.constexpr,
-    EXACT: tl.constexpr = False,
-):
+    acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt,
+    BM: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False,
+):  # fmt: skip
     # sink tiles: only rows whose window has moved past the first sink need them
     if S > 0:
         if m0 + BM - 1 - P >= W:
             o_s = tl.arange(0, BS)
-            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
-            p_vs = v_base + o_s[:, None] * stride_kt + o_d[None, :]
+            p_ks = _rows(k_base, o_s, o_d, stride_kt)
+            p_vs = _rows(v_base, o_s, o_d, stride_kt)
             acc, m_i, l_i = _fwd_inner(
-                acc,
-                m_i,
-                l_i,
-                b_q,
-                p_ks,
-                p_vs,
-                o_m,
-                o_s,
-                P,
-                P + S,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_kt,
-                BS,
-                2,
-                PREC=PREC,
+                acc, m_i, l_i, b_q, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, BS, 2, PREC,
                 EXACT=EXACT,
-            )
+            )  # fmt: skip
     return acc, m_i, l_i
 
 
 @triton.jit
 def _swa_fwd_kernel(
-    q,
-    k,
-    v,
-    o,
-    lse,
-    pad,
-    T,
-    W,
-    S,
-    qk_scale,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BS: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    q, k, v, o, lse, pad,
+    T, W, S, qk_scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides)
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hk = i_h // G
-    if HAS_PAD:
-        P = tl.load(pad + i_b)
-    else:
-        P = 0
+    P = tl.load(pad + i_b) if HAS_PAD else 0
     m0 = i_m * BM
     o_m = m0 + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
 
-    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
     b_q = tl.load(p_q, mask=(o_m < T)[:, None], other=0.0)  # stays in registers for the whole key loop
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
-    p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
-    p_v = v_base + o_n[:, None] * stride_kt + o_d[None, :]
+    p_k = _rows(k_base, o_n, o_d, stride_kt)
+    p_v = _rows(v_base, o_n, o_d, stride_kt)
 
     acc = tl.zeros([BM, D], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
 
-    # key blocks of the window: [lo, b) boundary, [b, m0) fully visible, [m0, hi) diagonal; three loops,
-    # or with ONE_LOOP one loop over [lo, hi) whose branch masks the blocks outside [b, m0)
-    lo = tl.maximum(m0 - W + 1, P)
-    lo = tl.maximum(lo, 0) // BN * BN
-    full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
-    b = tl.minimum(tl.maximum(full_lo, lo), m0)
-    hi = tl.minimum(m0 + BM, T)
+    # three loops, or with ONE_LOOP one loop over [lo, hi) whose branch masks the blocks outside [b, m0)
+    lo, b, hi = _key_band(m0, P, W, T, BM, BN)
     if HAS_PAD:  # keys before the padding end can sit in any block: mask them all
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
-        )
-    elif ONE_LOOP and TMA:
-        # K / V tiles by TMA (bulk async copies into shared memory) from descriptors over the 3-D view
-        # [B, T, HKV * D], block [1, BN, D] at (b, n0, hk * D): a tile that runs past T is zero-filled by
-        # TMA per batch row. (A 2-D view [B * T, HKV * D] would read the next batch row's first keys
-        # there instead: masked to -inf scores and p = 0, but p @ V = 0 * V, which is NaN where that row's
-        # V holds inf / NaN, so one bad sequence would poison its neighbour; checked in the interpreter.)
-        # The 3-D load compiles to the same TMA copy into a [BN, D] tile (sm_90, Triton 3.9). Padding slots
-        # (keys before pad[b]) are in bounds and may hold anything, so HAS_PAD keeps its masked loads.
-        d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            d_k,
-            d_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            3,
-            PREC=PREC,
-            F_LO=b,
-            F_HI=m0,
-            row0=i_b.to(tl.int32),
-            col0=(i_hk * D).to(tl.int32),
-            D=D,
-            TMA=True,
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
     elif ONE_LOOP:
+        if TMA:
+            # K / V tiles by TMA (bulk async copies into shared memory) from descriptors over the 3-D view
+            # [B, T, HKV * D], block [1, BN, D] at (b, n0, hk * D): a tile that runs past T is zero-filled by
+            # TMA per batch row. (A 2-D view [B * T, HKV * D] would read the next batch row's first keys
+            # there instead: masked to -inf scores and p = 0, but p @ V = 0 * V, which is NaN where that row's
+            # V holds inf / NaN, so one bad sequence would poison its neighbour; checked in the interpreter.)
+            # The 3-D load compiles to the same TMA copy into a [BN, D] tile (sm_90, Triton 3.9). Padding
+            # slots (keys before pad[b]) are in bounds and may hold anything, so HAS_PAD keeps its masked loads.
+            p_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
+            p_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            3,
-            PREC=PREC,
-            F_LO=b,
-            F_HI=m0,
-        )
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 3, PREC,
+            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA,
+        )  # fmt: skip
     else:
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            b,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            b,
-            m0,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            0,
-            PREC=PREC,
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC
         )
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            m0,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
     acc, m_i, l_i = _fwd_sinks(
         acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC
@@ -411,53 +289,19 @@ def _swa_fwd_kernel(
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         o_x = tl.arange(0, 16)
+        p_kx = _rows(k_base, o_x, o_d, stride_kt)
+        p_vx = _rows(v_base, o_x, o_d, stride_kt)
         acc, m_i, l_i = _fwd_inner(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            k_base + o_x[:, None] * stride_kt + o_d[None, :],
-            v_base + o_x[:, None] * stride_kt + o_d[None, :],
-            o_m,
-            o_x,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            16,
-            1,
-            PREC=PREC,
+            acc, m_i, l_i, b_q, p_kx, p_vx, o_m, o_x, lo, hi, P, T, W, S, qk_scale, stride_kt, 16, 1, PREC,
             EXACT=True,
-        )
+        )  # fmt: skip
         acc, m_i, l_i = _fwd_sinks(
-            acc,
-            m_i,
-            l_i,
-            b_q,
-            k_base,
-            v_base,
-            o_m,
-            o_d,
-            m0,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BM,
-            BS,
-            PREC,
-            EXACT=True,
+            acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC, EXACT=True
         )
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    p_o = o + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :]
+    p_o = _rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=(o_m < T)[:, None])
     # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
     b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_JIT)
@@ -466,100 +310,43 @@ def _swa_fwd_kernel(
 
 @triton.jit
 def _swa_bwd_preprocess_kernel(
-    o,
-    do,
-    delta,
-    T,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    BM: tl.constexpr,
+    o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_m = (o_m < T)[:, None]
-    b_o = tl.load(o + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m, other=0.0)
-    b_do = tl.load(
-        do + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m, other=0.0
-    )
+    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m, other=0.0)
+    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m, other=0.0)
     tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=o_m < T)
 
 
 @triton.jit
 def _dkdv_inner(
-    b_dk,
-    b_dv,
-    b_k,
-    b_v,
-    p_q,
-    p_do,
-    p_lse,
-    p_delta,
-    o_n,
-    o_mb,
-    m_lo,
-    m_hi,
-    P,
-    T,
-    W,
-    S,
-    qk_scale,
-    stride_qt,
-    BM: tl.constexpr,
-    MODE: tl.constexpr,
-    PREC: tl.constexpr,
-    F_LO=0,
-    F_HI=0,
-    row0=0,
-    col0=0,
-    D: tl.constexpr = 0,
-    TMA: tl.constexpr = False,
-):
-    # MODE 0: fully visible query blocks; 1: window boundary blocks; 2: sink keys, out-of-window queries;
-    # 3: all query blocks in one loop, masking those outside [F_LO, F_HI)
-    # TMA (MODE 3 only): p_q / p_do are tensor descriptors over [B, T, HQ * D] (batch row row0, query head
-    # at column col0); queries past T come back as zeros, as the masked loads give
+    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
+    BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False,
+):  # fmt: skip
+    # query blocks [m_lo, m_hi) of the key block o_n, keys on rows (the transposed walk of _dq_inner)
+    tl.static_assert((not TMA) or (MODE == 3))
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
         m_m = o_m < T
-        if TMA:
-            tl.static_assert(MODE == 3)
-            b_q = tl.reshape(p_q.load([row0, m0, col0]), [BM, D])
-            b_do = tl.reshape(p_do.load([row0, m0, col0]), [BM, D])
-            b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
-            b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
-        elif MODE == 0:
-            b_q = tl.load(p_q + m0 * stride_qt)
-            b_do = tl.load(p_do + m0 * stride_qt)
+        b_q, b_do = _row_tiles(p_q, p_do, m0, m_m, stride_qt, row0, col0, BM, D, MODE != 0, TMA)
+        if MODE == 0:
             b_lse = tl.load(p_lse + m0)
             b_delta = tl.load(p_delta + m0)
         else:
-            b_q = tl.load(p_q + m0 * stride_qt, mask=m_m[:, None], other=0.0)
-            b_do = tl.load(p_do + m0 * stride_qt, mask=m_m[:, None], other=0.0)
             b_lse = tl.load(p_lse + m0, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + m0, mask=m_m, other=0.0)
         # log2 units once per query row, so that each score costs one FMA inside exp2
         b_lse = b_lse * LOG2E_JIT
-        # transposed scores: [BN, D] @ [D, BM] -> [BN, BM]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-        b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
-        if MODE == 1:
-            b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
-        if MODE == 3:  # one loop over all query blocks, as in _fwd_inner
-            if (m0 < F_LO) | (m0 >= F_HI):
-                b_pt = tl.where(_window_vis_t(o_n, o_m, P, W), b_pt, 0.0)
-        if MODE == 2:
-            vis = (o_m[None, :] - o_n[:, None] >= W) & (o_n[:, None] < P + S) & (o_n[:, None] >= P)
-            b_pt = tl.where(vis, b_pt, 0.0)
+        b_pt = _probs(b_k, b_q, b_lse, qk_scale, PREC, True)
+        b_pt = _mask_block(b_pt, 0.0, o_m, o_n, None, m0, P, W, S, F_LO, F_HI, MODE, True)
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        # [BN, D] @ [D, BM] -> [BN, BM]
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
+        b_dst = _dscores(b_pt, b_v, b_do, b_delta, PREC, True).to(b_q.dtype)
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
     return b_dk, b_dv
@@ -567,331 +354,114 @@ def _dkdv_inner(
 
 @triton.jit
 def _swa_bwd_dkdv_kernel(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    dk,
-    dv,
-    pad,
-    T,
-    W,
-    S,
-    qk_scale,
-    sm_scale,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    q, k, v, do, lse, delta, dk, dv, pad,
+    T, W, S, qk_scale, sm_scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     # one program per (key block, kv head): loops over the G query heads of its group and over the
     # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
     tl.static_assert(BN % BM == 0)
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    if HAS_PAD:
-        P = tl.load(pad + i_b)
-    else:
-        P = 0
+    P = tl.load(pad + i_b) if HAS_PAD else 0
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
     o_mb = tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_n = (o_n < T)[:, None]
-    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
-    b_v = tl.load(v + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
+    b_k = tl.load(_rows(k + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
+    b_v = tl.load(_rows(v + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
 
-    # query blocks: [n0, n0 + BN) diagonal, [n0 + BN, e) fully visible, [e, hi) window boundary; three
-    # loops, or with ONE_LOOP one loop over [n0, hi) that masks the blocks outside [n0 + BN, e)
-    hi = tl.minimum(n0 + BN - 1 + W, T)
-    e = tl.minimum((n0 + W) // BM * BM, T // BM * BM)
-    e = tl.maximum(e, n0 + BN)
-    if HAS_PAD:
-        if n0 + BN > P:  # a block entirely before the padding end is seen by nobody
-            for i_g in range(G):
-                i_h = i_hk * G + i_g
-                p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-                p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-                p_lse = lse + (i_b * HQ + i_h) * T + o_mb
-                p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-                b_dk, b_dv = _dkdv_inner(
-                    b_dk,
-                    b_dv,
-                    b_k,
-                    b_v,
-                    p_q,
-                    p_do,
-                    p_lse,
-                    p_delta,
-                    o_n,
-                    o_mb,
-                    n0,
-                    hi,
-                    P,
-                    T,
-                    W,
-                    S,
-                    qk_scale,
-                    stride_qt,
-                    BM,
-                    1,
-                    PREC=PREC,
-                )
-    elif ONE_LOOP and TMA:
+    # three loops, or with ONE_LOOP one loop over [n0, hi) that masks the blocks outside [n0 + BN, e)
+    e, hi = _query_band(n0, W, T, BM, BN)
+    Q_TMA: tl.constexpr = TMA and ONE_LOOP and not HAS_PAD  # with padding the masked pointer loads stay
+    if Q_TMA:
         # Q / dO tiles by TMA, descriptors over [B, T, HQ * D] (see _swa_fwd_kernel); lse / delta (one
         # float per query) keep their masked loads
         d_q = _rows_descriptor(q, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
         d_do = _rows_descriptor(do, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
+    if (not HAS_PAD) or (n0 + BN > P):  # a block entirely before the padding end is seen by nobody
         for i_g in range(G):
             i_h = i_hk * G + i_g
+            if Q_TMA:
+                p_q, p_do = d_q, d_do
+            else:
+                p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_mb, o_d, stride_qt)
+                p_do = _rows(do + i_b * stride_qb + i_h * stride_qh, o_mb, o_d, stride_qt)
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-            b_dk, b_dv = _dkdv_inner(
-                b_dk,
-                b_dv,
-                b_k,
-                b_v,
-                d_q,
-                d_do,
-                p_lse,
-                p_delta,
-                o_n,
-                o_mb,
-                n0,
-                hi,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_qt,
-                BM,
-                3,
-                PREC=PREC,
-                F_LO=n0 + BN,
-                F_HI=e,
-                row0=i_b.to(tl.int32),
-                col0=(i_h * D).to(tl.int32),
-                D=D,
-                TMA=True,
-            )
-    elif ONE_LOOP:
-        for i_g in range(G):
-            i_h = i_hk * G + i_g
-            p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_lse = lse + (i_b * HQ + i_h) * T + o_mb
-            p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-            b_dk, b_dv = _dkdv_inner(
-                b_dk,
-                b_dv,
-                b_k,
-                b_v,
-                p_q,
-                p_do,
-                p_lse,
-                p_delta,
-                o_n,
-                o_mb,
-                n0,
-                hi,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_qt,
-                BM,
-                3,
-                PREC=PREC,
-                F_LO=n0 + BN,
-                F_HI=e,
-            )
-    else:
-        for i_g in range(G):
-            i_h = i_hk * G + i_g
-            p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-            p_lse = lse + (i_b * HQ + i_h) * T + o_mb
-            p_delta = delta + (i_b * HQ + i_h) * T + o_mb
-            b_dk, b_dv = _dkdv_inner(
-                b_dk,
-                b_dv,
-                b_k,
-                b_v,
-                p_q,
-                p_do,
-                p_lse,
-                p_delta,
-                o_n,
-                o_mb,
-                n0,
-                tl.minimum(n0 + BN, hi),
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_qt,
-                BM,
-                1,
-                PREC=PREC,
-            )
-            b_dk, b_dv = _dkdv_inner(
-                b_dk,
-                b_dv,
-                b_k,
-                b_v,
-                p_q,
-                p_do,
-                p_lse,
-                p_delta,
-                o_n,
-                o_mb,
-                n0 + BN,
-                e,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_qt,
-                BM,
-                0,
-                PREC=PREC,
-            )
-            b_dk, b_dv = _dkdv_inner(
-                b_dk,
-                b_dv,
-                b_k,
-                b_v,
-                p_q,
-                p_do,
-                p_lse,
-                p_delta,
-                o_n,
-                o_mb,
-                e,
-                hi,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_qt,
-                BM,
-                1,
-                PREC=PREC,
-            )
+            if HAS_PAD:
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
+                    stride_qt, BM, 1, PREC,
+                )  # fmt: skip
+            elif ONE_LOOP:
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
+                    stride_qt, BM, 3, PREC, n0 + BN, e, i_b.to(tl.int32), (i_h * D).to(tl.int32), D, TMA,
+                )  # fmt: skip
+            else:
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, tl.minimum(n0 + BN, hi), P, T,
+                    W, S, qk_scale, stride_qt, BM, 1, PREC,
+                )  # fmt: skip
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0 + BN, e, P, T, W, S, qk_scale,
+                    stride_qt, BM, 0, PREC,
+                )  # fmt: skip
+                b_dk, b_dv = _dkdv_inner(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, e, hi, P, T, W, S, qk_scale,
+                    stride_qt, BM, 1, PREC,
+                )  # fmt: skip
 
     b_dk = b_dk * sm_scale
     tl.store(
-        dk + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
-        b_dk.to(dk.dtype.element_ty),
-        mask=m_n,
+        _rows(dk + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dk.to(dk.dtype.element_ty), mask=m_n
     )
     tl.store(
-        dv + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :],
-        b_dv.to(dv.dtype.element_ty),
-        mask=m_n,
+        _rows(dv + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dv.to(dv.dtype.element_ty), mask=m_n
     )
 
 
 @triton.jit
 def _swa_bwd_dkdv_sink_kernel(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    dk_part,
-    dv_part,
-    pad,
-    T,
-    W,
-    S,
-    qk_scale,
-    sm_scale,
-    CHUNK,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BM: tl.constexpr,
-    BS: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    q, k, v, do, lse, delta, dk_part, dv_part, pad,
+    T, W, S, qk_scale, sm_scale, CHUNK,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     # sink keys are seen by every later query: split those queries into chunks, one program each,
     # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     HKV: tl.constexpr = HQ // G
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    if HAS_PAD:
-        P = tl.load(pad + i_b)
-    else:
-        P = 0
+    P = tl.load(pad + i_b) if HAS_PAD else 0
     o_n = P + tl.arange(0, BS)
     o_mb = tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_n = ((o_n < T) & (o_n < P + S))[:, None]
-    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
-    b_v = tl.load(v + i_b * stride_kb + i_hk * stride_kh + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n, other=0.0)
+    b_k = tl.load(_rows(k + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
+    b_v = tl.load(_rows(v + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
     b_dk = tl.zeros([BS, D], dtype=tl.float32)
     b_dv = tl.zeros([BS, D], dtype=tl.float32)
     m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
     m_hi = tl.minimum((i_c + 1) * CHUNK, T)
     for i_g in range(G):
         i_h = i_hk * G + i_g
-        p_q = q + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
-        p_do = do + i_b * stride_qb + i_h * stride_qh + o_mb[:, None] * stride_qt + o_d[None, :]
+        p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_mb, o_d, stride_qt)
+        p_do = _rows(do + i_b * stride_qb + i_h * stride_qh, o_mb, o_d, stride_qt)
         p_lse = lse + (i_b * HQ + i_h) * T + o_mb
         p_delta = delta + (i_b * HQ + i_h) * T + o_mb
         b_dk, b_dv = _dkdv_inner(
-            b_dk,
-            b_dv,
-            b_k,
-            b_v,
-            p_q,
-            p_do,
-            p_lse,
-            p_delta,
-            o_n,
-            o_mb,
-            m_lo,
-            m_hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_qt,
-            BM,
-            2,
-            PREC=PREC,
-        )
+            b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
+            BM, 2, PREC,
+        )  # fmt: skip
     n_chunks = tl.num_programs(0)
     p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
     tl.store(dk_part + p_part, b_dk * sm_scale)
@@ -900,62 +470,19 @@ def _swa_bwd_dkdv_sink_kernel(
 
 @triton.jit
 def _dq_inner(
-    b_dq,
-    b_q,
-    b_do,
-    b_lse,
-    b_delta,
-    p_k,
-    p_v,
-    o_m,
-    o_n,
-    n_lo,
-    n_hi,
-    P,
-    T,
-    W,
-    S,
-    qk_scale,
-    stride_kt,
-    BN: tl.constexpr,
-    MODE: tl.constexpr,
-    PREC: tl.constexpr,
-    F_LO=0,
-    F_HI=0,
-    row0=0,
-    col0=0,
-    D: tl.constexpr = 0,
-    TMA: tl.constexpr = False,
-):
-    # TMA: as in _fwd_inner (descriptor loads, MODE 3 only)
+    b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, n_lo, n_hi, P, T, W, S, qk_scale, stride_kt,
+    BN: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False,
+):  # fmt: skip
+    # key blocks [n_lo, n_hi) of the query block o_m: the walk of _fwd_inner
+    tl.static_assert((not TMA) or (MODE == 3))
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
-        if TMA:
-            tl.static_assert(MODE == 3)
-            m_j = (o_j < T) & (o_j >= P)
-            b_k = tl.reshape(p_k.load([row0, n0, col0]), [BN, D])
-            b_v = tl.reshape(p_v.load([row0, n0, col0]), [BN, D])
-        elif MODE == 0:
-            b_k = tl.load(p_k + n0 * stride_kt)
-            b_v = tl.load(p_v + n0 * stride_kt)
-        else:
-            m_j = (o_j < T) & (o_j >= P)
-            b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
-            b_v = tl.load(p_v + n0 * stride_kt, mask=m_j[:, None], other=0.0)
-        # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        b_p = tl.math.exp2(b_s * qk_scale - b_lse[:, None])
-        if MODE == 1:
-            b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
-        if MODE == 3:  # as in _fwd_inner
-            if (n0 < F_LO) | (n0 >= F_HI):
-                b_p = tl.where(_window_vis(o_m, o_j, m_j, W), b_p, 0.0)
-        if MODE == 2:
-            vis = (o_m[:, None] - o_j[None, :] >= W) & (o_j[None, :] < P + S) & m_j[None, :]
-            b_p = tl.where(vis, b_p, 0.0)
-        # [BM, D] @ [D, BN] -> [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        m_j = (o_j < T) & (o_j >= P)
+        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA)
+        b_p = _probs(b_q, b_k, b_lse, qk_scale, PREC, False)
+        b_p = _mask_block(b_p, 0.0, o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
+        b_ds = _dscores(b_p, b_do, b_v, b_delta, PREC, False)
         # [BM, BN] @ [BN, D] -> [BM, D]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     return b_dq
@@ -963,247 +490,68 @@ def _dq_inner(
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    dq,
-    pad,
-    T,
-    W,
-    S,
-    qk_scale,
-    sm_scale,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BS: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    q, k, v, do, lse, delta, dq, pad,
+    T, W, S, qk_scale, sm_scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hk = i_h // G
-    if HAS_PAD:
-        P = tl.load(pad + i_b)
-    else:
-        P = 0
+    P = tl.load(pad + i_b) if HAS_PAD else 0
     m0 = i_m * BM
     o_m = m0 + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_m = o_m < T
-    b_q = tl.load(
-        q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None], other=0.0
-    )
-    b_do = tl.load(
-        do + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
-        mask=m_m[:, None],
-        other=0.0,
-    )
+    b_q = tl.load(_rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
     b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
-    p_k = k_base + o_n[:, None] * stride_kt + o_d[None, :]
-    p_v = v_base + o_n[:, None] * stride_kt + o_d[None, :]
+    p_k = _rows(k_base, o_n, o_d, stride_kt)
+    p_v = _rows(v_base, o_n, o_d, stride_kt)
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
 
-    lo = tl.maximum(m0 - W + 1, P)
-    lo = tl.maximum(lo, 0) // BN * BN
-    full_lo = tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN
-    b = tl.minimum(tl.maximum(full_lo, lo), m0)
-    hi = tl.minimum(m0 + BM, T)
+    # the forward's key blocks and loop structure
+    lo, b, hi = _key_band(m0, P, W, T, BM, BN)
     if HAS_PAD:
         b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
-        )
-    elif ONE_LOOP and TMA:
-        # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
-        d_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        d_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
-        b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            d_k,
-            d_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            3,
-            PREC=PREC,
-            F_LO=b,
-            F_HI=m0,
-            row0=i_b.to(tl.int32),
-            col0=(i_hk * D).to(tl.int32),
-            D=D,
-            TMA=True,
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
     elif ONE_LOOP:
+        if TMA:  # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
+            p_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
+            p_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            3,
-            PREC=PREC,
-            F_LO=b,
-            F_HI=m0,
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 3, PREC,
+            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA,
+        )  # fmt: skip
     else:
         b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            lo,
-            b,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
         b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            b,
-            m0,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            0,
-            PREC=PREC,
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC
         )
         b_dq = _dq_inner(
-            b_dq,
-            b_q,
-            b_do,
-            b_lse,
-            b_delta,
-            p_k,
-            p_v,
-            o_m,
-            o_n,
-            m0,
-            hi,
-            P,
-            T,
-            W,
-            S,
-            qk_scale,
-            stride_kt,
-            BN,
-            1,
-            PREC=PREC,
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
         )
     if S > 0:
-        if m0 + BM - 1 - P >= W:
+        if m0 + BM - 1 - P >= W:  # sink tile, as in _fwd_sinks
             o_s = tl.arange(0, BS)
-            p_ks = k_base + o_s[:, None] * stride_kt + o_d[None, :]
-            p_vs = v_base + o_s[:, None] * stride_kt + o_d[None, :]
+            p_ks = _rows(k_base, o_s, o_d, stride_kt)
+            p_vs = _rows(v_base, o_s, o_d, stride_kt)
             b_dq = _dq_inner(
-                b_dq,
-                b_q,
-                b_do,
-                b_lse,
-                b_delta,
-                p_ks,
-                p_vs,
-                o_m,
-                o_s,
-                P,
-                P + S,
-                P,
-                T,
-                W,
-                S,
-                qk_scale,
-                stride_kt,
-                BS,
-                2,
-                PREC=PREC,
-            )
+                b_dq, b_q, b_do, b_lse, b_delta, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt,
+                BS, 2, PREC,
+            )  # fmt: skip
     b_dq = b_dq * sm_scale
     tl.store(
-        dq + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :],
+        _rows(dq + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt),
         b_dq.to(dq.dtype.element_ty),
         mask=m_m[:, None],
     )
