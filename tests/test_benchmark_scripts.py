@@ -130,6 +130,7 @@ def test_every_script_has_a_gpu_mode_case():
 
 
 @no_gpu
+@pytest.mark.slow  # the full run only (a subprocess per GPU mode); the fast run keeps every script's --help
 @pytest.mark.parametrize("script", sorted(GPU_MODES))
 def test_gpu_mode_refused_in_one_line(gpu_mode_runs, script):
     p = gpu_mode_runs[script]
@@ -143,6 +144,7 @@ def test_gpu_mode_refused_in_one_line(gpu_mode_runs, script):
 
 
 @no_gpu
+@pytest.mark.slow  # shares the GPU-mode subprocess runs above
 @pytest.mark.skipif(importlib.util.find_spec("fla") is not None, reason="flash-linear-attention is installed")
 def test_missing_package_named_with_install_hint(gpu_mode_runs):
     hint = "flash-linear-attention (not installed: pip install flash-linear-attention)"

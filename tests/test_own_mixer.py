@@ -126,6 +126,7 @@ def test_decode_in_grad_mode_records_no_history(example):
         assert t.grad_fn is None and not t.requires_grad, name
 
 
+@pytest.mark.slow  # the full run only: the fast run keeps the README example's conformance in-process
 def test_conformance_command_line_imports_the_example(example, tmp_path):
     path = tmp_path / "my_cum_mean.py"
     path.write_text(_blocks()[0])

@@ -95,7 +95,7 @@ def _check_state(mode: str, ref, out, dtype: torch.dtype) -> None:
     assert torch.equal(out.seen.cpu(), ref.seen.cpu()) and torch.equal(out.pad.cpu(), ref.pad.cpu())
 
 
-@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("D", [16, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
 @pytest.mark.parametrize("HQ,HKV", HEADS)
 @pytest.mark.parametrize("mode", MODES)
 def test_write_matches_general_path(mode, HQ, HKV, D):
@@ -121,7 +121,7 @@ def test_write_matches_general_path(mode, HQ, HKV, D):
 
 
 @pytest.mark.parametrize("dtype", ATTEND_DTYPES, ids=[str(d).removeprefix("torch.") for d in ATTEND_DTYPES])
-@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("D", [16, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
 @pytest.mark.parametrize("HQ,HKV", HEADS)
 @pytest.mark.parametrize("mode", MODES)
 def test_step_matches_general_path(mode, HQ, HKV, D, dtype):
