@@ -1,5 +1,6 @@
 """Triton, or a stand-in where it is not installed (e.g. macOS) so that the kernel modules still import,
-and what every op's kernels share: ``LOG2E``, the ``tl.dot`` precision, the online-softmax step.
+and what every op's kernels share: ``LOG2E``, the ``tl.dot`` precision, the online-softmax step, the exact masking of
+non-finite value rows (``mask_scores``, ``any_nonfinite``).
 
 The CPU implementations of every op run the plain-PyTorch references and never touch Triton; launching a
 kernel (or calling any Triton helper) without Triton raises a RuntimeError with the install hint.
@@ -11,7 +12,18 @@ import os
 
 import torch
 
-__all__ = ["HAS_TRITON", "LOG2E", "LOG2E_JIT", "dot_precision", "interpreting", "softmax_step", "tl", "triton"]
+__all__ = [
+    "HAS_TRITON",
+    "LOG2E",
+    "LOG2E_JIT",
+    "any_nonfinite",
+    "dot_precision",
+    "interpreting",
+    "mask_scores",
+    "softmax_step",
+    "tl",
+    "triton",
+]
 
 _HINT = (
     "mixerzoo: the Triton kernels need the triton package (pip install triton; Linux with an NVIDIA GPU). "
@@ -93,3 +105,24 @@ def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SC
     # [BM, BN] @ [BN, D] -> [BM, D]
     b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return b_new, b_sum, b_acc
+
+
+@triton.jit
+def mask_scores(b_s, b_v, vis, EXACT: tl.constexpr):
+    # scores outside vis -> -inf. EXACT: V rows holding a NaN / Inf are zeroed for the p @ V product (p = 0 times
+    # NaN would reach the queries that cannot see them) and their visible scores set to NaN, so that exactly the
+    # query rows that see such a row come out NaN
+    if EXACT:
+        v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
+        row_ok = tl.min(v_ok.to(tl.int32), 1) != 0  # [BN]
+        b_v = tl.where(v_ok, b_v, 0.0)
+        b_s = tl.where(row_ok[None, :], b_s, float("nan"))
+    return tl.where(vis, b_s, float("-inf")), b_v
+
+
+@triton.jit
+def any_nonfinite(acc):
+    # block-uniform: does the accumulator hold a NaN / Inf (a NaN score makes its row of p, so of acc, NaN too);
+    # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong
+    r = tl.sum(acc, 1)
+    return tl.min((tl.abs(r) < float("inf")).to(tl.int32), 0) == 0

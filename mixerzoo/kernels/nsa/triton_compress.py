@@ -11,8 +11,7 @@ half-precision compressed keys would change the ranking of near ties (``nsa_dot_
 
 from __future__ import annotations
 
-from .._triton import softmax_step, tl, triton
-from ..swa.swa import _any_nonfinite, _mask_scores
+from .._triton import any_nonfinite, mask_scores, softmax_step, tl, triton
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def _nsa_cmp_attend(
 ):
     # online softmax of the M rows b_q over the compressed blocks below n_hi, row r seeing those below n_vis[r]
     # -> (b_max, b_sum, b_acc). A tile reaches past the blocks its first rows see: EXACT keeps its non-finite
-    # value rows from those rows (_mask_scores), for the re-run after a non-finite accumulator
+    # value rows from those rows (mask_scores), for the re-run after a non-finite accumulator
     o_c = tl.arange(0, BC)
     o_d = tl.arange(0, D)
     b_max = tl.full([M], float("-inf"), tl.float32)
@@ -77,7 +76,7 @@ def _nsa_cmp_attend(
         # [M, D] @ [D, BC] -> [M, BC]
         b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
-        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        b_s, b_v = mask_scores(b_s, b_v, vis, EXACT)
         b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
     return b_max, b_sum, b_acc
 
@@ -153,7 +152,7 @@ def nsa_cmp_fwd_kernel(
     b_max, b_sum, b_acc = _nsa_cmp_attend(
         b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, False
     )
-    if _any_nonfinite(b_acc):
+    if any_nonfinite(b_acc):
         b_max, b_sum, b_acc = _nsa_cmp_attend(
             b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, True
         )

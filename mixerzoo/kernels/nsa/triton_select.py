@@ -13,8 +13,7 @@ every token (block 0) is spread over many programs instead of one.
 
 from __future__ import annotations
 
-from .._triton import softmax_step, tl, triton
-from ..swa.swa import _any_nonfinite, _mask_scores
+from .._triton import any_nonfinite, mask_scores, softmax_step, tl, triton
 from .triton_compress import nsa_rows
 
 
@@ -53,7 +52,7 @@ def _nsa_slc_attend(
     # online softmax of the M = BT * GP rows b_q over the union of their tokens' selected blocks, ascending, each
     # row seeing the keys j <= t of its own blocks -> (b_max, b_sum, b_acc). A block holds keys after the first
     # rows' tokens (and blocks other tokens selected): EXACT keeps its non-finite value rows from the rows that
-    # cannot see them (_mask_scores), for the re-run after a non-finite accumulator
+    # cannot see them (mask_scores), for the re-run after a non-finite accumulator
     BIG: tl.constexpr = 1 << 30
     o_d = tl.arange(0, D)
     o_j = tl.arange(0, L)
@@ -70,7 +69,7 @@ def _nsa_slc_attend(
         # [M, D] @ [D, L] -> [M, L]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
-        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        b_s, b_v = mask_scores(b_s, b_v, vis, EXACT)
         b_max, b_sum, b_acc = softmax_step(b_s, b_v, b_max, b_sum, b_acc, 1.0, PREC, True, True)
         c = _next_block(b_idx, c, BIG)
     return b_max, b_sum, b_acc
@@ -117,7 +116,7 @@ def nsa_slc_fwd_kernel(
     b_max, b_sum, b_acc = _nsa_slc_attend(
         b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, False
     )
-    if _any_nonfinite(b_acc):
+    if any_nonfinite(b_acc):
         b_max, b_sum, b_acc = _nsa_slc_attend(
             b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, True
         )

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._triton import LOG2E, dot_precision, interpreting, softmax_step, tl, triton
+from .._triton import LOG2E, any_nonfinite, dot_precision, interpreting, mask_scores, softmax_step, tl, triton
 from .reference import swa_decode_ref
-from .swa import _any_nonfinite, _check_triton, _mask_scores, check_index_tensor
+from .swa import _check_triton, check_index_tensor
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _decode_blocks(
     PREC: tl.constexpr,
     EXACT: tl.constexpr = False,
 ):
-    # online softmax of the rows b_q [BR, D] (positions b_qp) over the N cache slots; EXACT: see _mask_scores
+    # online softmax of the rows b_q [BR, D] (positions b_qp) over the N cache slots; EXACT: see mask_scores
     o_d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
     m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
@@ -52,7 +52,7 @@ def _decode_blocks(
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         dist = b_qp[:, None] - b_kp[None, :]
         vis = (b_kp[None, :] >= 0) & (dist >= 0) & ((dist < W) | (b_kp[None, :] < S))
-        b_s, b_v = _mask_scores(b_s, b_v, vis, EXACT)
+        b_s, b_v = mask_scores(b_s, b_v, vis, EXACT)
         m_i, l_i, acc = softmax_step(b_s, b_v, m_i, l_i, acc, qk_scale, PREC, SCALED=True, SAFE=True)
     return acc, m_i, l_i
 
@@ -113,7 +113,7 @@ def _swa_decode_kernel(
     # a NaN / Inf in any V slot reaches every row (p = 0 times NaN); only then are the slots read again, in
     # tiles of 16 (fewer registers than the loop above), keeping non-finite V rows from the queries that cannot
     # see them (empty slots, out of the window)
-    if _any_nonfinite(acc):
+    if any_nonfinite(acc):
         acc, m_i, l_i = _decode_blocks(
             b_q,
             b_qp,

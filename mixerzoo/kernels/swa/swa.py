@@ -13,7 +13,17 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
-from .._triton import LOG2E, LOG2E_JIT, dot_precision, interpreting, softmax_step, tl, triton
+from .._triton import (
+    LOG2E,
+    LOG2E_JIT,
+    any_nonfinite,
+    dot_precision,
+    interpreting,
+    mask_scores,
+    softmax_step,
+    tl,
+    triton,
+)
 from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,27 +149,6 @@ def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr, KEY_ROWS: tl.constexpr)
 
 
 @triton.jit
-def _mask_scores(b_s, b_v, vis, EXACT: tl.constexpr):
-    # scores outside vis -> -inf. EXACT: V rows holding a NaN / Inf are zeroed for the p @ V product (p = 0 times
-    # NaN would reach the queries that cannot see them) and their visible scores set to NaN, so that exactly the
-    # query rows that see such a row come out NaN
-    if EXACT:
-        v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
-        row_ok = tl.min(v_ok.to(tl.int32), 1) != 0  # [BN]
-        b_v = tl.where(v_ok, b_v, 0.0)
-        b_s = tl.where(row_ok[None, :], b_s, float("nan"))
-    return tl.where(vis, b_s, float("-inf")), b_v
-
-
-@triton.jit
-def _any_nonfinite(acc):
-    # block-uniform: does the accumulator hold a NaN / Inf (a NaN score makes its row of p, so of acc, NaN too);
-    # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong
-    r = tl.sum(acc, 1)
-    return tl.min((tl.abs(r) < float("inf")).to(tl.int32), 0) == 0
-
-
-@triton.jit
 def _rows_descriptor(x, n_batch, T, width, stride_b, stride_t, BR: tl.constexpr, D: tl.constexpr):
     # TMA descriptor over x viewed as [B, T, heads * D], blocks [1, BR, D] (one head's rows): a block
     # that runs past T is zero-filled per batch row, never read from the next sequence
@@ -175,7 +164,7 @@ def _fwd_inner(
     D: tl.constexpr = 0, TMA: tl.constexpr = False, EXACT: tl.constexpr = False,
 ):  # fmt: skip
     # key blocks [n_lo, n_hi) of the online softmax. EXACT (MODES 1 and 2): non-finite V rows reach only the
-    # queries that see them (see _mask_scores)
+    # queries that see them (see mask_scores)
     tl.static_assert((not EXACT) or (MODE == 1) or (MODE == 2))
     tl.static_assert((not TMA) or (MODE == 3))
     for n0 in range(n_lo, n_hi, BN):
@@ -187,7 +176,7 @@ def _fwd_inner(
         # [BM, D] @ [D, BN] -> [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         if EXACT:
-            b_s, b_v = _mask_scores(b_s, b_v, _visible(o_m, o_j, m_j, P, W, S, MODE == 2, False), True)
+            b_s, b_v = mask_scores(b_s, b_v, _visible(o_m, o_j, m_j, P, W, S, MODE == 2, False), True)
         else:
             b_s = _mask_block(b_s, float("-inf"), o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
         # fully visible blocks (MODE 0) come after the first window block: every row has a max, no -inf guard
@@ -284,7 +273,7 @@ def _swa_fwd_kernel(
     # on an H200, D = 128). Its tiles have 16 keys, so that it needs fewer registers than the loops above and
     # leaves their allocation alone (wider tiles spilled at D = 256); its rows agree with the fast loops'
     # to rounding, not bit for bit.
-    if _any_nonfinite(acc):
+    if any_nonfinite(acc):
         acc = tl.zeros([BM, D], dtype=tl.float32)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
