@@ -36,10 +36,11 @@ def check_attention_heads(cfg: MixerConfig) -> None:
 
 
 class AttentionMixer(TokenMixer):
-    """Base of the softmax-attention mixers: q, k, v, o projections (no bias), RoPE on q and k at
-    absolute positions, GQA (``num_heads`` query heads HQ, ``num_kv_heads`` key/value heads HKV).
+    """Base of the softmax-attention mixers: q, k, v, o projections, RoPE on q and k at absolute positions, GQA
+    (``num_heads`` query heads HQ, ``num_kv_heads`` key/value heads HKV).
 
-    The config must have ``num_kv_heads``, ``head_dim`` and ``rope_theta`` (see check_attention_heads).
+    The config must have ``num_kv_heads``, ``head_dim`` and ``rope_theta`` (see check_attention_heads); the
+    projections have biases when it has ``bias=True`` (none otherwise).
     """
 
     supports_gqa = True
@@ -52,16 +53,22 @@ class AttentionMixer(TokenMixer):
         self.head_dim = config.head_dim or hidden // config.num_heads
         self.rope_theta = float(config.rope_theta)
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        bias = bool(getattr(config, "bias", False))
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k)."""
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, D] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh], before RoPE."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        return q, k, v
+
+    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k)."""
+        q, k, v = self.project(x)
         return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
 
     def takes_decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:

@@ -19,11 +19,11 @@ from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_deco
 from ..kernels.eviction.reference import final_buffer_members
 from ..kernels.eviction.step import eviction_step, eviction_step_context
 from ..registry.core import register
+from .attention_common import AttentionMixer
 from .base import (
     ENDED,
     MixerConfig,
     State,
-    TokenMixer,
     acc_dtype,
     leading_padding,
     live_pad,
@@ -173,7 +173,7 @@ class EvictionSWAState(State):
 
 
 @register("eviction_swa", config=EvictionSWAConfig, aliases=("lte",))
-class EvictionSWA(TokenMixer):
+class EvictionSWA(AttentionMixer):
     """Sliding-window attention plus a buffer of retained tokens (docs/mixers.md#eviction_swa).
 
     Training (``module.training``, parallel form): query t sees key j iff j <= t and (t - j < W or j
@@ -200,13 +200,9 @@ class EvictionSWA(TokenMixer):
     config: EvictionSWAConfig
 
     def __init__(self, config: EvictionSWAConfig):
-        super().__init__(config)
+        super().__init__(config)  # the q, k, v, o projections (with biases when bias=True)
         c = config
-        HQ, H, D = c.num_heads, c.kv_heads, c.dim
-        self.q_proj = nn.Linear(c.hidden_size, HQ * D, bias=c.bias)
-        self.k_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
-        self.v_proj = nn.Linear(c.hidden_size, H * D, bias=c.bias)
-        self.o_proj = nn.Linear(HQ * D, c.hidden_size, bias=c.bias)
+        H, D = c.kv_heads, c.dim
         self.router = None
         if c.policy == "learned":
             shared = c.router_shared == "layer"
@@ -247,13 +243,6 @@ class EvictionSWA(TokenMixer):
         )
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c = self.config
-        q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, HQ, D]
-        k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, H, D]
-        v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=c.dim)  # [B, T, H, D]
-        return q, k, v
-
     def _raw_scores(self, u: Tensor, k: Tensor, pos: Tensor, dropout: bool) -> Tensor:
         """r for the tokens of u (learned) or k (key norm). u: [B, L, H, 2D], k: [B, L, H, D],
         pos: [B, L] positions (< 0: padding or before the sequence) -> [B, L, H] float32."""
@@ -276,10 +265,10 @@ class EvictionSWA(TokenMixer):
             # positions_and_pad's one check for a mask-less step, without its tensors (host time per step)
             msg = "a real token follows the right padding that ended its row (a hole in the mask)"
             check_values(self.name, state.pad < ENDED, msg)
-            o = self._decode_fused(*self._project(x), state)
-            return self.o_proj(rearrange(o, "b t h d -> b t (h d)")), state
+            o = self._decode_fused(*self.project(x), state)
+            return self.out(o), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         if state is None:
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
@@ -289,7 +278,7 @@ class EvictionSWA(TokenMixer):
         else:
             chunks = [slice(t0, t0 + _PREFILL_CHUNK) for t0 in range(0, x.shape[1], _PREFILL_CHUNK)]
             o = torch.cat([self._prefill_chunk(q[:, c], k[:, c], v[:, c], state) for c in chunks], 1)
-        y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        y = self.out(o)
         return y, state
 
     def _parallel(self, q, k, v, pos, valid, padded: bool) -> Tensor:

@@ -53,7 +53,7 @@ def _run(kwargs, dtype, x, mask=None, prefill=0, device=DEVICE, outputs=True):
         history = []
         for t in range(prefill, T):
             xt = x[:, t : t + 1]
-            q, k, v = m._project(xt)
+            q, k, v = m.project(xt)
             with torch.enable_grad():  # the general step (the fused one runs only without grad mode)
                 o_ref = m._decode_one(q, k, v, ref)
             o = m._decode_fused(q, k, v, out)
@@ -141,7 +141,7 @@ def test_fused_step_issues_few_operations():
     x = torch.randn(2, 1, 32, device=DEVICE)
     with torch.no_grad():
         st = m.init_state(2)
-        q, k, v = m._project(x)
+        q, k, v = m.project(x)
         m._decode_fused(q, k, v, st)  # warm (cached rotary frequencies)
         with _CountOps() as fused:
             m._decode_fused(q, k, v, st)

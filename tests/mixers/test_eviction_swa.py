@@ -43,7 +43,7 @@ def simulate(m, x, valid=None):
     B, T, _ = x.shape
     valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid
     pos = torch.arange(T)[None, :] - (~valid).sum(-1, keepdim=True)
-    q, k, v = m._project(x)
+    q, k, v = m.project(x)
     r = m._raw_scores(torch.cat((k, v), -1), k, pos, False)
     score = m._effective(r, pos)
     q, k = apply_rope(q, pos), apply_rope(k, pos)
@@ -153,7 +153,7 @@ def test_decode_scores_equal_parallel_router():
     x = torch.randn(2, 40, 64)
     W, m_ = m.config.window_size, m.margin
     with torch.no_grad():
-        q, k, v = m._project(x)
+        q, k, v = m.project(x)
         pos = torch.arange(40)[None].expand(2, -1)
         ref = m._effective(m._raw_scores(torch.cat((k, v), -1), k, pos, False), pos)  # [B, T, H]
         _, st = stream(m, x, [1] * 40)
