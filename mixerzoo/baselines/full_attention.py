@@ -12,10 +12,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..kernels._checks import check_values
-from ..kernels.swa.step import attn_decode_step
 from ..mixers.attention_common import AttentionMixer, all_finite, check_attention_heads, masked_attention, visible
-from ..mixers.base import ENDED, MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
+from ..mixers.base import MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
 from ..registry.core import register
 from .backends import BACKENDS, load_backend
 
@@ -132,32 +130,10 @@ class FullAttention(AttentionMixer):
         return self.out(o), state
 
     def _decode_step(self, x: Tensor, state: FullAttentionState) -> Tensor:
-        """One token x [B, 1, D] without a mask or autograd -> [B, 1, D] (capacity checked by the caller), in a few
-        launches: the projections, one kernel for RoPE and the cache write at slot ``seen``, the decode kernel over
-        the slots up to ``seen`` only (window and sinks off), the output projection (``kernels.swa.step``). The
-        results and the cache are those of the general path."""
-        # the mask-less check of positions_and_pad: a row ended by right padding takes no more real tokens
-        msg = "a real token follows the right padding that ended its row (a hole in the mask)"
-        check_values(self.name, state.pad < ENDED, msg)
-        xt = x[:, 0]  # [B, D]
-        L = state.k.shape[1]
-        o = attn_decode_step(
-            self.q_proj(xt),
-            self.k_proj(xt),
-            self.v_proj(xt),
-            state.seen,
-            state.pad,
-            state.k,
-            state.v,
-            state.kpos,
-            theta=self.rope_theta,
-            ring=False,
-            window_size=L + 1,  # beyond any distance in a cache of L slots
-            scale=self.scale,
-            checked=False,  # inputs and state checked by forward, layout by takes_decode_step
-        )  # [B, 1, HQ, Dh]
-        state.seen.add_(1)
-        return self.o_proj(o.view(x.shape[0], 1, -1))
+        """One eager token on CUDA (``takes_decode_step``; capacity checked by the caller): ``cached_step`` over the
+        linear cache, with a window beyond any distance; the slots above ``seen`` are never read."""
+        caches = (state.k, state.v, state.kpos)
+        return self.cached_step(x, state, caches, ring=False, window_size=state.k.shape[1] + 1)
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         """The backend's causal attention, NaN-isolated: q [B, T, HQ, Dh], k and v [B, T, HKV, Dh].

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..kernels.swa.step import attn_step_supported
-from .base import MixerConfig, TokenMixer
+from ..kernels.swa.step import attn_decode_step, attn_step_supported
+from .base import MixerConfig, State, TokenMixer, check_row_open
 from .rope import apply_rope
 
 __all__ = [
@@ -81,6 +81,40 @@ class AttentionMixer(TokenMixer):
             and not torch.compiler.is_compiling()
             and attn_step_supported(x, self.head_dim, k_cache, v_cache, pos_cache)
         )
+
+    def cached_step(
+        self,
+        x: Tensor,
+        state: State,
+        caches: tuple[Tensor, Tensor, Tensor],
+        *,
+        ring: bool,
+        window_size: int,
+        num_sinks: int = 0,
+    ) -> Tensor:
+        """One token x [B, 1, D] that ``takes_decode_step`` accepted -> [B, 1, D], in a few launches: the
+        projections, one kernel for RoPE and the cache write, the decode kernel over the cache, the output
+        projection (``kernels.swa.step``); ``seen`` advances. ``caches``: (keys, values, positions) of the state,
+        a ring of S + W slots (``ring=True``) or a linear cache (``ring=False``, window larger than any distance,
+        slots above ``seen`` never read). The results and the cache are those of the general path."""
+        check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
+        xt = x[:, 0]  # [B, D]
+        o = attn_decode_step(
+            self.q_proj(xt),
+            self.k_proj(xt),
+            self.v_proj(xt),
+            state.seen,
+            state.pad,
+            *caches,
+            theta=self.rope_theta,
+            ring=ring,
+            window_size=window_size,
+            num_sinks=num_sinks,
+            scale=self.scale,
+            checked=False,  # inputs and state checked by forward, layout by takes_decode_step
+        )  # [B, 1, HQ, Dh]
+        state.seen.add_(1)
+        return self.o_proj(o.view(x.shape[0], 1, -1))
 
     def out(self, o: Tensor) -> Tensor:
         """o: [B, T, HQ, Dh] -> [B, T, D]."""

@@ -16,10 +16,11 @@ from ..kernels._checks import check_values
 __all__ = [
     "ENDED",
     "FLOAT_DTYPES",
-    "acc_dtype",
     "MixerConfig",
     "State",
     "TokenMixer",
+    "acc_dtype",
+    "check_row_open",
     "leading_padding",
     "live_pad",
     "positions_and_pad",
@@ -532,7 +533,7 @@ def positions_and_pad(
         return slot, slot[None, :] - lead[:, None], valid
     ended = state.pad >= ENDED  # [B]
     if attention_mask is None:
-        check_values(name, ~ended, "a real token follows the right padding that ended its row (a hole in the mask)")
+        check_row_open(name, state)
         return slot, slot[None, :] - state.pad[:, None], valid
     n = valid.sum(-1)  # [B] real tokens in the chunk
     lead = leading_padding(valid)  # [B]
@@ -545,6 +546,13 @@ def positions_and_pad(
     ends = ~ended & ((n > 0) & (lead + n < T) | (n == 0) & started)
     state.pad.copy_(torch.where(ends, pad + ENDED, pad))
     return slot, slot[None, :] - pad[:, None], valid
+
+
+def check_row_open(name: str, state: State) -> None:
+    """The check a mask-less chunk needs (positions_and_pad, and the decode steps that skip it): no row of the
+    state was ended by right padding, since a real token after that is a hole in the mask. Asynchronous on a GPU."""
+    msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+    check_values(name, state.pad < ENDED, msg)
 
 
 def live_pad(state: State) -> Tensor:

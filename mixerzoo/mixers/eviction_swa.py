@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..kernels._checks import check_values
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
 from ..kernels.eviction.reference import final_buffer_members
@@ -25,6 +24,7 @@ from .base import (
     MixerConfig,
     State,
     acc_dtype,
+    check_row_open,
     leading_padding,
     live_pad,
     positions_and_pad,
@@ -262,9 +262,7 @@ class EvictionSWA(AttentionMixer):
     # -- forward -----------------------------------------------------------------------------------
     def mix(self, x, state, attention_mask):
         if state is not None and attention_mask is None and x.shape[1] == 1 and self._fused(x):
-            # positions_and_pad's one check for a mask-less step, without its tensors (host time per step)
-            msg = "a real token follows the right padding that ended its row (a hole in the mask)"
-            check_values(self.name, state.pad < ENDED, msg)
+            check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
             o = self._decode_fused(*self.project(x), state)
             return self.out(o), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)

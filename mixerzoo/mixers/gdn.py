@@ -10,16 +10,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..kernels._checks import check_values
 from ..kernels.gdn import causal_conv1d, gated_delta_rule
 from ..kernels.gdn.decode_step import gdn_decode_step
 from ..registry.core import register
 from .base import (
-    ENDED,
     MixerConfig,
     State,
     TokenMixer,
     acc_dtype,
+    check_row_open,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -159,9 +158,7 @@ class GatedDeltaNet(TokenMixer):
         T = x.shape[1]
         H, K, V = self.num_heads, self.key_dim, self.value_dim
         if T == 1 and state is not None and attention_mask is None and x.is_cuda and not torch.is_grad_enabled():
-            # positions_and_pad's one check for a mask-less step, without its tensors (host time per step)
-            msg = "a real token follows the right padding that ended its row (a hole in the mask)"
-            check_values(self.name, state.pad < ENDED, msg)
+            check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
             return self._decode_step(x, state), state
         _, _, valid = positions_and_pad(x, state, attention_mask, self.name)  # valid: [B, T]
 

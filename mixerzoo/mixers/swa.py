@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..baselines.backends import load_flash_attn
-from ..kernels._checks import check_values
 from ..kernels.swa import swa_attention, swa_decode
-from ..kernels.swa.step import attn_decode_step
 from ..registry.core import register
 from .attention_common import (
     AttentionMixer,
@@ -25,7 +23,7 @@ from .attention_common import (
     self_diagonal,
     visible,
 )
-from .base import ENDED, MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
+from .base import MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
 
@@ -157,31 +155,9 @@ class SWA(AttentionMixer):
         return self.out(o), state
 
     def _decode_step(self, x: Tensor, state: SWAState) -> Tensor:
-        """One token x [B, 1, D] without a mask or autograd -> [B, 1, D], in a few launches: the projections, one
-        kernel for RoPE and the cache writes, the decode kernel, the output projection (``kernels.swa.step``). The
-        results and the cache are those of the general path (positions_and_pad, qkv, _write, swa_decode)."""
-        # the mask-less check of positions_and_pad: a row ended by right padding takes no more real tokens
-        msg = "a real token follows the right padding that ended its row (a hole in the mask)"
-        check_values(self.name, state.pad < ENDED, msg)
-        xt = x[:, 0]  # [B, D]
-        o = attn_decode_step(
-            self.q_proj(xt),
-            self.k_proj(xt),
-            self.v_proj(xt),
-            state.seen,
-            state.pad,
-            state.k_cache,
-            state.v_cache,
-            state.pos_cache,
-            theta=self.rope_theta,
-            ring=True,
-            window_size=self.window_size,
-            num_sinks=self.num_sinks,
-            scale=self.scale,
-            checked=False,  # inputs and state checked by forward, layout by takes_decode_step
-        )  # [B, 1, HQ, Dh]
-        state.seen.add_(1)
-        return self.o_proj(o.view(x.shape[0], 1, -1))
+        """One eager token on CUDA (``takes_decode_step``): ``cached_step`` over the ring."""
+        caches = (state.k_cache, state.v_cache, state.pos_cache)
+        return self.cached_step(x, state, caches, ring=True, window_size=self.window_size, num_sinks=self.num_sinks)
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kpos: Tensor, pad: Tensor | None) -> Tensor:
         """q: [B, T, HQ, Dh], k, v: [B, T, HKV, Dh], pos/kpos: [B, T], pad: [B] or None -> [B, T, HQ, Dh]."""
