@@ -1,11 +1,16 @@
-"""The one comparison the tests and the conformance suite use: ``assert_close`` and its dtype tolerance table."""
+"""The one comparison the tests and the conformance suite use: ``assert_close`` and its dtype tolerance table; and
+``OpCounter``, which counts the operations a call issues (each one a kernel launch on a GPU)."""
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["assert_close", "tolerance"]
+__all__ = ["OpCounter", "assert_close", "tolerance"]
 
 # dtype -> (max abs error for exact-algebra comparisons in that dtype, relative RMSE for outputs, for gradients).
 # docs/conformance.md#tolerances: float32 differs from a float32 reference only by the reduction order; half
@@ -80,3 +85,32 @@ def assert_close(
     if rel_rmse is not None and not rr <= rel_rmse:
         floor = f", rms(ref) floored at {rms_floor:g}" if rms_floor else ""
         raise AssertionError(f"{msg} (allowed rel RMSE {rel_rmse:.1e}{floor}){where}")
+
+
+_NO_LAUNCH = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.scalar_tensor)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations issued under it in ``ops`` (keyed ``str(func)``, e.g. ``"aten.mm.default"``),
+    except those of Triton's interpreter (the argument copies around an interpreted launch: a compiled launch
+    issues none). ``launches_only=True`` also leaves out views, allocations (the caching allocator, no kernel)
+    and wrapped Python scalars, which launch nothing.
+
+        with OpCounter() as count:
+            mixer(x, state)
+        n = sum(count.ops.values())
+    """
+
+    def __init__(self, *, launches_only: bool = False):
+        super().__init__()
+        self.launches_only = launches_only
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and not frame.f_globals.get("__name__", "").startswith("triton."):
+            frame = frame.f_back
+        free = self.launches_only and (func.is_view or func.overloadpacket in _NO_LAUNCH)
+        if frame is None and not free:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))

@@ -9,18 +9,15 @@ and in both dtypes on the GPU.
 """
 
 import copy
-import sys
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixerzoo import registry
 from mixerzoo.kernels.swa import swa_decode_fwd
 from mixerzoo.kernels.swa.step import attn_step_write
 from mixerzoo.mixers.rope import rope_reference
-from mixerzoo.testing import assert_close
+from mixerzoo.testing import OpCounter, assert_close
 
 pytest.importorskip("triton")
 
@@ -159,23 +156,6 @@ def test_decode_loop_matches_general_path(mode):
         _check_state(mode, st_ref, st, dtype)
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten ops issued under it, except those of Triton's interpreter (the argument copies around an
-    interpreted launch: a compiled launch issues no aten op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame = sys._getframe(1)
-        while frame is not None and not frame.f_globals.get("__name__", "").startswith("triton."):
-            frame = frame.f_back
-        if frame is None:
-            self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_fast_step_issues_few_ops(mode):
     """The fast step issues about twenty aten ops (the general path: 87 to 114), each a launch on a GPU: the
@@ -185,7 +165,7 @@ def test_fast_step_issues_few_ops(mode):
     x = torch.randn(2, 1, 64, device=DEVICE)
     with torch.no_grad():
         m._decode_step(x, st)  # fills the RoPE frequency cache
-        with _CountOps() as count:
+        with OpCounter() as count:
             m._decode_step(x, st)
     n = sum(count.ops.values())
     print(f"{mode}: {n} aten ops {dict(count.ops)}")
@@ -240,7 +220,7 @@ def test_mixer_fast_step_on_cuda(mode, D, dtype):
             y_ref, _ = m_ref(xt.float(), st_ref)
             caches = (st.k_cache, st.v_cache, st.pos_cache) if hasattr(st, "k_cache") else (st.k, st.v, st.kpos)
             assert m.takes_decode_step(xt.cuda(), *caches)
-            with _CountOps() as count:
+            with OpCounter() as count:
                 y, _ = m(xt.cuda(), st)
         n = sum(count.ops.values())
         assert n <= 24, f"{mode}: an eager step on CUDA issued {n} aten ops: {dict(count.ops)}"

@@ -2,14 +2,11 @@
 and every state tensor, step after step (Triton's interpreter on CPU tensors, compiled on a GPU); and the number
 of operations it issues."""
 
-import os
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixerzoo import registry
+from mixerzoo.testing import OpCounter
 
 # Triton's interpreter on the CPU; on a machine with a GPU the same tests run the compiled kernels there
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,30 +106,6 @@ def test_fused_step_bfloat16(case):
     assert (history[-1] >= 0).all()
 
 
-_NO_LAUNCH = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.scalar_tensor)
-
-
-class _CountOps(TorchDispatchMode):
-    """Counts the aten operations issued outside Triton (whose interpreter issues its own on CPU tensors),
-    leaving out views, which launch nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        f = __import__("sys")._getframe(1)
-        while f is not None:
-            if f"{os.sep}triton{os.sep}" in f.f_code.co_filename:
-                return out
-            f = f.f_back
-        # views and allocations (the caching allocator, no kernel) and wrapped Python scalars launch nothing
-        if not (func.is_view or func.overloadpacket in _NO_LAUNCH):
-            self.ops[str(func.overloadpacket)] += 1
-        return out
-
-
 def test_fused_step_issues_few_operations():
     """Besides the projections, the general step issues about 100 operations, the fused one 15: its two kernels
     (which the interpreter runs) are not counted; the router (convolutions, masks, SiLU, sigmoid) and the
@@ -143,9 +116,9 @@ def test_fused_step_issues_few_operations():
         st = m.init_state(2)
         q, k, v = m.project(x)
         m._decode_fused(q, k, v, st)  # warm (cached rotary frequencies)
-        with _CountOps() as fused:
+        with OpCounter(launches_only=True) as fused:
             m._decode_fused(q, k, v, st)
-        with torch.enable_grad(), _CountOps() as general:
+        with torch.enable_grad(), OpCounter(launches_only=True) as general:
             m._decode_one(q, k, v, st)
     n_fused, n_general = sum(fused.ops.values()), sum(general.ops.values())
     print(f"general {n_general} ops, fused {n_fused}: {dict(fused.ops)}")
