@@ -178,15 +178,16 @@ class SWA(AttentionMixer):
         W, S = self.window_size, self.num_sinks
         valid = None if pad is None else kpos >= 0  # [B, T]
         sinks = S > 0 and T > W  # otherwise every sink is inside the window of each query that sees it
-        if all_finite(k, v):  # eager and finite: nothing to isolate
-            o, lse = self.flash_attn(q, k, v, valid, self.scale, window=W, return_lse=sinks)
-            return self._add_sinks(q, k, v, kpos, pad, o, lse) if sinks else o
-        bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
-        k = torch.where(bad[..., None], 0.0, k)
-        v = torch.where(bad[..., None], 0.0, v)
+        isolate = not all_finite(k, v)  # eager and finite: nothing to isolate
+        if isolate:
+            bad = ~(torch.isfinite(k) & torch.isfinite(v)).all(-1)  # [B, T, HKV]
+            k = torch.where(bad[..., None], 0.0, k)
+            v = torch.where(bad[..., None], 0.0, v)
         o, lse = self.flash_attn(q, k, v, valid, self.scale, window=W, return_lse=sinks)
         if sinks:
             o = self._add_sinks(q, k, v, kpos, pad, o, lse)
+        if not isolate:
+            return o
         count = F.pad(bad.int().cumsum(1), (0, 0, 1, 0))  # [B, T + 1, HKV]: bad keys at slots < t
         t = torch.arange(T, device=q.device)
         seen = (count[:, 1:] - count[:, (t + 1 - W).clamp(min=0)]) > 0  # a bad key at slots t - W < j <= t
