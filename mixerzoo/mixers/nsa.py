@@ -41,6 +41,8 @@ from .base import (
 
 __all__ = ["NSA", "NSABlockCompressor", "NSAConfig", "NSAState"]
 
+_SCORE_BYTES = 1 << 28  # the dense scores of a cached chunk are computed in query slices of about this size
+
 COMPRESSORS = ("mean", "mlp")
 
 
@@ -314,11 +316,21 @@ class NSA(AttentionMixer):
                 block_count=self.block_count,
                 num_blocks=-(-N // L),
             )  # [B, T, HKV, n]
-            vis_slc = nsa_selected_mask(sel, qpos, N, L).repeat_interleave(G, dim=1)  # [B, HQ, T, N]
+
+        def vis_slc(a: int, b: int) -> Tensor:  # the selected tokens of queries a..b-1: [B, HQ, b - a, N]
+            return nsa_selected_mask(sel[:, a:b], qpos[:, a:b], N, L).repeat_interleave(G, dim=1)
+
         kf, vf = heads(keys), heads(values)  # [B, HQ, N, Dh]
-        s = (qf @ kf.transpose(-1, -2)) * self.scale  # [B, HQ, T, N]
-        o_slc, _ = masked_attend(s, vis_slc, vf)
-        o_win, _ = masked_attend(s, window_visible(qpos, N, self.window_size)[:, None], vf)
+        # The dense scores take B * HQ * rows * N floats: the chunk's queries go in slices that keep them near
+        # _SCORE_BYTES (a 4K-token chunk over a 128K cache would otherwise need tens of GB).
+        rows = max(1, _SCORE_BYTES // (B * HQ * N * 4))
+        o_slc, o_win = [], []
+        for a in range(0, T, rows):
+            b = min(T, a + rows)
+            s = (qf[:, :, a:b] @ kf.transpose(-1, -2)) * self.scale  # [B, HQ, rows, N]
+            o_slc.append(masked_attend(s, vis_slc(a, b), vf)[0])
+            o_win.append(masked_attend(s, window_visible(qpos[:, a:b], N, self.window_size)[:, None], vf)[0])
+        o_slc, o_win = torch.cat(o_slc, 2), torch.cat(o_win, 2)
         return self._mixed(*(o.transpose(1, 2) for o in (o_cmp, o_slc, o_win)), g)
 
     @torch.no_grad()

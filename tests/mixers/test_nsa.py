@@ -103,6 +103,27 @@ def test_chunked_prefill_then_decode(compressor, chunks):
     assert int(state.seen) == 30
 
 
+def test_chunk_scores_in_query_slices(monkeypatch):
+    """A cached chunk whose dense scores would pass the byte budget runs its queries in slices; the result and the
+    gradients equal those of one slice (a 4K-token chunk over a 128K cache would otherwise need tens of GB)."""
+    import mixerzoo.mixers.nsa as nsa_module
+
+    m = build(num_kv_heads=2).train()
+    x = inputs(2, 30)
+    want, _ = stream(m, x.requires_grad_(), [20, 10])
+    (gw,) = torch.autograd.grad(want.square().sum(), x)
+    # 2 rows * 4 heads * 38 cached positions * 4 bytes per query: a budget of 3 queries gives slices of 3
+    monkeypatch.setattr(nsa_module, "_SCORE_BYTES", 3 * 2 * 4 * 38 * 4)
+    calls = []
+    attend = nsa_module.masked_attend
+    monkeypatch.setattr(nsa_module, "masked_attend", lambda s, *a: calls.append(s.shape[2]) or attend(s, *a))
+    got, _ = stream(m, x, [20, 10])
+    (gg,) = torch.autograd.grad(got.square().sum(), x)
+    assert max(calls) == 20 and 3 in calls  # the compression branch whole, the dense branches in slices of 3
+    assert_close("sliced chunk", want, got, torch.float32)
+    assert_close("sliced chunk dx", gw, gg, torch.float32)
+
+
 def test_float64_decode_is_exact():
     m = build(torch.float64, num_kv_heads=1, compressor="mlp")
     x = inputs(1, 26, dtype=torch.float64)
