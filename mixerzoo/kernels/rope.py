@@ -113,5 +113,9 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
 def rope_cuda(x: Tensor, pos: Tensor, theta: float) -> Tensor:
-    """The op on CUDA tensors: x [B, T, H, D], pos [B, T] integer on x's device (shapes checked by the caller)."""
+    """The op on CUDA tensors: x [B, T, H, D], pos [B, T] integer on x's device (shapes checked by the caller).
+    Eagerly without autograd the launcher runs directly (the custom op's dispatch costs host time in a decode
+    loop); the op is what torch.compile and autograd see."""
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad):
+        return rope_launch(x, pos, float(theta))
     return _rope_op(x, pos, float(theta), False)

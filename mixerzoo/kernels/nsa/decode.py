@@ -524,4 +524,7 @@ def nsa_decode(
     scale = check_scale(_OP, scale, q.shape[-1])
     N = k_cache.shape[1]
     check_values(_OP, (q_pos >= -1) & (q_pos < N), f"q_pos must be in [-1, N) = [-1, {N})")
-    return _nsa_decode_op(q, k_cache, v_cache, k_cmp, v_cmp, q_pos, *gates, block_size, block_count, window_size, scale)
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, q_pos, *gates, block_size, block_count, window_size, scale)
+    if q.is_cuda and not torch.compiler.is_compiling():  # eager: no custom-op dispatch (host time per step)
+        return nsa_decode_fwd(*args)
+    return _nsa_decode_op(*args)
