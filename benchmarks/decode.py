@@ -3,7 +3,7 @@ every registered mixer; and whole-model generation (HybridLM.generate) against a
 of the same size (the pattern ``full_attention*L``).
 
     python benchmarks/decode.py [--mixers a,b] [--B 32] [--seen 4096] [--hidden 2048] [--heads 16]
-                                [--layers 8] [--new-tokens 64] [--skip-generate]
+                                [--layers 8] [--new-tokens 64] [--skip-generate] [--profile N]
 
 Rows: op ``<mixer>_decode_step`` (``decode_ms``: graph replay, ``eager_ms``, ``host_ms``: the eager step's
 host time per call) and op ``generate`` (``tokens_per_s``) in results/<gpu>.json. The eager step is timed
@@ -37,6 +37,25 @@ def host_ms(torch, fn, repeat: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def print_profile(torch, name: str, fn, top: int, calls: int = 200) -> None:
+    """cProfile of ``calls`` eager steps: the ``top`` functions by their own host time (where a step's host
+    time goes: Python, the aten dispatch, the Triton launchers)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    print(f"--- {name}: host profile of {calls} eager steps (own time, top {top})\n{buf.getvalue()}", flush=True)
+
+
 def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
     rows = []
     dt = torch.bfloat16
@@ -50,6 +69,8 @@ def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
             step = functools.partial(mixer, x1, state)
             eager = time_ms(step, repeat=50)
             host = host_ms(torch, step)
+            if args.profile:
+                print_profile(torch, name, step, args.profile)
             replay, _ = cuda_graphed(step)
             graph = time_ms(replay, repeat=50)
         line = (
@@ -133,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=512, help="prompt length of generate (default 512)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print each eager step's N costliest functions (cProfile)"
+    )
     args = p.parse_args(argv)
     if args.layers % 2:
         refuse(f"decode.py: --layers must be even (the hybrid alternates two mixers), got {args.layers}")
