@@ -200,8 +200,9 @@ def card_markdown(doc: dict[str, Any], *, plots: dict[str, str] | None = None, h
             f"(`{worst[0]}` vs {worst[1]}, B={worst[2]} T={worst[3]}), best {best[4]:.2f}x "
             f"(`{best[0]}` vs {best[1]}, B={best[2]} T={best[3]}).",
         ]
-    if doc.get("failures"):
-        lines += ["", "Failed: " + "; ".join(doc["failures"]) + "."]
+    if doc.get("failures"):  # the first sentence of each (the results file keeps the whole message)
+        short = [f.split(". ")[0].rstrip(".")[:200] for f in doc["failures"]]
+        lines += ["", "Failed (the results file has the full messages):"] + [f"- {f}" for f in short]
     if plots:
         lines += [""] + [f"![{title}]({path})" for title, path in plots.items()]
     return "\n".join(lines) + "\n"
