@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -560,19 +561,60 @@ def live_pad(state: State) -> Tensor:
     return torch.where(state.pad >= ENDED, state.pad - ENDED, state.pad)
 
 
-def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
-    """Refuse to write T more tokens into a KV cache of ``capacity`` slots (linear-growth mixers).
+# What the last eager capacity check left in each state's ``seen`` counter: id(seen) -> (weak reference, the
+# version counter expected after the caller's one ``seen.add_(T)``, the value then). A step whose ``seen`` still
+# has that version takes the value from here instead of reading the device (a synchronisation per layer and
+# step in an eager decode loop). Any other in-place change of ``seen`` bumps its version, and a mismatch reads
+# the device again. CUDA-graph replays advance ``seen`` without a version bump: a counter that was ever
+# captured keeps version None and is always read; once torch.compile has traced a check, nothing is recorded.
+_SEEN_HOST: dict[int, tuple[Any, int | None, int]] = {}
+_SEEN_HOST_OFF = False
 
-    Eager, this reads ``state.seen`` on the host and raises ValueError; while compiling or capturing a CUDA
-    graph it is an asynchronous device assert (no host read is possible there)."""
+
+def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:
+    key = id(seen_t)
+    rec = _SEEN_HOST.get(key)
+    if rec is not None and rec[0]() is seen_t:
+        if rec[1] is None:
+            return  # captured once: never recorded again
+        ref = rec[0]
+    else:
+        ref = weakref.ref(seen_t, lambda _ref: _SEEN_HOST.pop(key, None))
+    _SEEN_HOST[key] = (ref, version, value)
+
+
+def _recorded_seen(seen_t: Tensor) -> int | None:
+    rec = _SEEN_HOST.get(id(seen_t))
+    if _SEEN_HOST_OFF or rec is None or rec[0]() is not seen_t or rec[1] is None:
+        return None
+    return rec[2] if rec[1] == seen_t._version else None
+
+
+def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
+    """Refuse to write T more tokens into a KV cache of ``capacity`` slots (linear-growth mixers); the caller
+    then advances ``state.seen`` by T with one ``add_``.
+
+    Eager, this raises ValueError, knowing ``state.seen`` from the previous check when nothing else changed it
+    since (its version counter tells), else reading it on the host; while compiling or capturing a CUDA graph
+    it is an asynchronous device assert (no host read is possible there)."""
+    global _SEEN_HOST_OFF
     seen_t = state.seen
-    if torch.compiler.is_compiling() or (seen_t.is_cuda and torch.cuda.is_current_stream_capturing()):
+    compiling = torch.compiler.is_compiling()
+    if compiling or (seen_t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if compiling:
+            _SEEN_HOST_OFF = True
+        else:
+            _record_seen(seen_t, None, 0)  # replays will advance it unseen
         msg = f"{name}: decoding past max_seqlen={capacity} (the KV cache is full)"
         torch._assert_async(seen_t + T <= capacity, msg)
         return
-    seen = int(seen_t)
+    seen = None if seen_t.is_inference() else _recorded_seen(seen_t)
+    if seen is None:
+        seen = int(seen_t)
     if seen + T > capacity:
         raise ValueError(
             f"{name}: decoding {T} tokens at position {seen} exceeds max_seqlen={capacity} "
             f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
         )
+    if not (_SEEN_HOST_OFF or seen_t.is_inference()):
+        _record_seen(seen_t, seen_t._version + 1, seen + T)
