@@ -4,6 +4,7 @@ same run. Every mode needs a CUDA GPU.
 
     python benchmarks/nsa.py            # check + bench (~3 minutes on an H200)
     python benchmarks/nsa.py --check    # only the correctness check at realistic sizes
+    python benchmarks/nsa.py --sections profile   # device time per kernel of forward+backward (~1 minute)
 
 bf16, D = 64, block size 64, 16 blocks, window 512, 32768 tokens per call, T = 8192 (B = 4) and 32768 (B = 1):
 HQ = 32, HKV = 2 (G = 16): mixerzoo with and without the window, fla's parallel_nsa (window_size = 0 on both
@@ -191,6 +192,32 @@ def section_bench(rows: list[dict], log: list[str]) -> None:
             torch.cuda.empty_cache()
 
 
+def section_profile(rows: list[dict], log: list[str]) -> None:
+    """Where forward+backward time goes: device time per kernel (torch.profiler) of 5 calls at T = 32768, B = 1,
+    window 512, for G = 16, 4 and 1. Printed only; no rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
+        q, k, v, gates = _inputs(1, TOKENS, HQ, HKV, torch.bfloat16)
+        leaves = [x.requires_grad_() for x in (q, k, v, *gates)]
+        do = torch.randn_like(q)
+
+        def step(leaves=leaves, do=do):
+            nsa_attention(*leaves, block_size=L, block_count=N, window_size=W).backward(do)
+
+        for _ in range(2):  # compile and warm up
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        print(f"--- nsa forward+backward, HQ={HQ} HKV={HKV} T={TOKENS}, 5 calls: device time by kernel\n{table}")
+        del q, k, v, gates, leaves, do, step
+        torch.cuda.empty_cache()
+
+
 def _decode_layer(name: str, seen: int, B: int, slack: int):
     """A layer of ``name`` with a state of ``seen`` tokens (random cache contents) and a step function."""
     from mixerzoo import registry
@@ -277,7 +304,11 @@ def section_decode(rows: list[dict], log: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only the correctness check against the reference")
-    ap.add_argument("--sections", default="check,bench,decode", help="comma-separated: check, bench, decode")
+    ap.add_argument(
+        "--sections",
+        default="check,bench,decode",
+        help="comma-separated: check, bench, decode, profile (device time per kernel of forward+backward)",
+    )
     args = ap.parse_args(argv)
     require_gpu("nsa.py", "--check" if args.check else "(bench)", cpu=None)
     if not args.check and missing_packages([FLA]):
@@ -293,7 +324,7 @@ def main(argv=None) -> int:
     if "check" in sections:
         ok = section_check(log)
         print(f"[{time.time() - t0:.0f}s] check done", flush=True)
-    for name, fn in (("bench", section_bench), ("decode", section_decode)):
+    for name, fn in (("bench", section_bench), ("decode", section_decode), ("profile", section_profile)):
         if name in sections:
             try:
                 fn(rows, log)
