@@ -192,6 +192,54 @@ def section_bench(rows: list[dict], log: list[str]) -> None:
             torch.cuda.empty_cache()
 
 
+def section_tiles(rows: list[dict], log: list[str]) -> None:
+    """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 16, the default, against 64) at T = 32768,
+    B = 1, window 512, G = 16, 4 and 1: forward and forward+backward of the Triton launchers, with full causal
+    SDPA at the same shape. Rows ``nsa_slc_rows``."""
+    for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
+        _tiles_shape(rows, HQ, HKV)
+        torch.cuda.empty_cache()
+
+
+def _tiles_shape(rows: list[dict], HQ: int, HKV: int) -> None:
+    from mixerzoo.kernels.nsa.triton_launch import nsa_tiles
+
+    q, k, v, gates = _inputs(1, TOKENS, HQ, HKV, torch.bfloat16)
+    do = torch.randn_like(q)
+    scale = D**-0.5
+    base = {"op": "nsa_slc_rows", "T": TOKENS, "B": 1, "H": HQ, "HKV": HKV, "D": D}
+    for slc_rows in (16, 64):
+        tiles = nsa_tiles(D, HQ // HKV, L, q.dtype, slc_rows=slc_rows)
+
+        def fwd(tiles=tiles):
+            return nsa_fwd(q, k, v, *gates, L, N, W, scale, tiles=tiles)
+
+        def step(tiles=tiles):
+            _, ob, lse, lse_win, idx = fwd(tiles)
+            return nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
+
+        r = dict(base, impl="mixerzoo", slc_rows=slc_rows, fwd_ms=time_ms(fwd, repeat=10))
+        r["fwdbwd_ms"] = time_ms(step, repeat=10)
+        r["note"] = f"Triton launchers, selection tiles of {tiles['BT_slc']} tokens x G heads, window {W}"
+        rows.append(r)
+        print(r, flush=True)
+    qt, kt, vt = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))
+    dot = do.transpose(1, 2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            return sdpa()
+
+    r = dict(base, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10))
+    r["fwdbwd_ms"] = time_ms(lambda: sdpa().backward(dot), repeat=10)
+    r["note"] = "full causal, GQA"
+    rows.append(r)
+    print(r, flush=True)
+
+
 def section_profile(rows: list[dict], log: list[str]) -> None:
     """Where forward+backward time goes: device time per kernel (torch.profiler) of 5 calls at T = 32768, B = 1,
     window 512, for G = 16, 4 and 1. Printed only; no rows."""
@@ -307,7 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--sections",
         default="check,bench,decode",
-        help="comma-separated: check, bench, decode, profile (device time per kernel of forward+backward)",
+        help="comma-separated: check, bench, decode, tiles (selection tile rows 16 vs 64), profile (device time "
+        "per kernel of forward+backward)",
     )
     args = ap.parse_args(argv)
     require_gpu("nsa.py", "--check" if args.check else "(bench)", cpu=None)
@@ -324,7 +373,12 @@ def main(argv=None) -> int:
     if "check" in sections:
         ok = section_check(log)
         print(f"[{time.time() - t0:.0f}s] check done", flush=True)
-    for name, fn in (("bench", section_bench), ("decode", section_decode), ("profile", section_profile)):
+    for name, fn in (
+        ("bench", section_bench),
+        ("decode", section_decode),
+        ("tiles", section_tiles),
+        ("profile", section_profile),
+    ):
         if name in sections:
             try:
                 fn(rows, log)

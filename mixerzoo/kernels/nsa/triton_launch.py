@@ -22,14 +22,17 @@ def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype) -> dict:
+def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 16) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
-    Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two): GPU tiles aim at 64
-    stacked rows (the smallest wgmma tile on sm_90); the interpreter gets narrower key tiles (BC, CH).
+    Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two). The compression
+    kernels aim at 64 stacked rows (the smallest wgmma tile on sm_90). The selection kernels walk the union of
+    their tokens' selected blocks, which grows with the tokens per tile (up to BT * (n - 3) + 3 blocks when the
+    tokens' choices differ), so they take as few tokens as a 16-row tensor-core tile allows (``slc_rows``):
+    one token at G >= 16, 16 // G tokens below. The interpreter gets narrower key tiles (BC, CH).
     ``BT_cmp`` tokens per compression program, ``BC`` compressed blocks per key tile, ``BT_slc`` tokens per
     selection program (divides L), ``BQ`` tokens per step and ``CH`` (block, token) pairs per dK/dV program.
-    Untuned: chosen from the tile shapes, to be swept on the GPU (benchmarks/nsa.py).
+    Chosen from the tile shapes; ``benchmarks/nsa.py --sections tiles`` times the selection rows on the GPU.
     """
     GP = _pow2(G)
     rows = 64
@@ -38,7 +41,7 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype) -> dict:
     return {
         "BT_cmp": bt,
         "BC": 16 if interpreting() else (32 if wide else 64),
-        "BT_slc": min(bt, L),
+        "BT_slc": min(max(slc_rows // GP, 1), L),
         "BQ": bt,
         "CH": 64 if interpreting() else 256,
         "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
