@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
 from ..kernels.eviction.reference import final_buffer_members
+from ..kernels.eviction.router_step import router_step_scores, router_step_supported
 from ..kernels.eviction.step import eviction_step, eviction_step_context
 from ..registry.core import register
 from .attention_common import AttentionMixer
@@ -381,8 +382,10 @@ class EvictionSWA(AttentionMixer):
 
     def _decode_fused(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """``_decode_one`` in few launches (the eager CUDA path; Triton's interpreter runs it on the CPU): one
-        kernel gathers the router's input, the router runs as in ``_decode_one``, and one kernel does the rest
-        (kernels/eviction/step.py). Same results and state; nothing read on the host, so it can be captured."""
+        kernel gathers the router's input, one scores the token whose router context is complete
+        (kernels/eviction/router_step.py; routers deeper than it unrolls run as in ``_decode_one``), and one
+        kernel does the rest (kernels/eviction/step.py). Same results and state up to the float32 summation
+        order of the router; nothing read on the host, so it can be captured."""
         c = self.config
         k0, v0 = k[:, 0], v[:, 0]  # [B, H, D]
         u_ctx = None
@@ -390,7 +393,12 @@ class EvictionSWA(AttentionMixer):
             r = self._raw_scores(None, k, None, False)  # [B, 1, H] float32
         else:
             u_ctx, pos_ctx = eviction_step_context(k0, v0, state.ctx_u, state.seen, state.pad, ended_mark=ENDED)
-            r = self._raw_scores(u_ctx, None, pos_ctx, False)  # [B, 2m + 1, H] float32
+            if router_step_supported(self.router):
+                # eviction_step reads index m only: the one score, broadcast over the context (stride 0)
+                r = router_step_scores(u_ctx, pos_ctx, self.router, c.scoring)[:, None]  # [B, 1, H]
+                r = r.expand(-1, u_ctx.shape[1], -1)  # [B, 2m + 1, H]
+            else:
+                r = self._raw_scores(u_ctx, None, pos_ctx, False)  # [B, 2m + 1, H] float32
         o = eviction_step(
             q[:, 0],
             k0,

@@ -30,7 +30,12 @@ def _states_equal(ref, out, dtype):
             # k with RoPE: the same float32 rotation, rounded once to the state dtype
             tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
-        else:  # positions, counters and scores: the same decisions, the same numbers
+        elif name in ("win_score", "buf_score"):
+            # the fused step's router kernel sums the convs in another order: float32 ulps apart, or in a half dtype
+            # now and then an activation rounded the other way
+            eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+            torch.testing.assert_close(b, a, atol=eps, rtol=2 * eps, msg=lambda m, n=name: f"{n}: {m}")
+        else:  # positions and counters: the same decisions, the same numbers
             torch.testing.assert_close(b, a, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -42,7 +47,8 @@ def _run(kwargs, dtype, x, mask=None, prefill=0, device=DEVICE, outputs=True):
     m = registry.build("eviction_swa", **kwargs).eval().to(device, dtype)
     x = x.to(device, dtype)
     B, T, _ = x.shape
-    with torch.no_grad():
+    # the general step's router convs in float32, not TF32 (cuDNN's default), as the fused step's router kernel
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
         ref = m.init_state(B)
         if prefill:
             m(x[:, :prefill], ref, attention_mask=None if mask is None else mask[:, :prefill].to(device))
