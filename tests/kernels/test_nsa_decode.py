@@ -256,8 +256,9 @@ def test_kernel_on_the_mixer_state_over_decode_steps(heads):
     layer = registry.build(
         "nsa", hidden_size=32, num_heads=HQ, num_kv_heads=HKV, block_size=8, block_count=3, window_size=6
     ).eval()
-    x = torch.randn(2, 26, 32)
-    mask = torch.ones(2, 26, dtype=torch.bool)
+    layer = layer.to(DEVICE)  # the kernel runs on CUDA tensors, or on CPU tensors in the interpreter
+    x = torch.randn(2, 26, 32).to(DEVICE)
+    mask = torch.ones(2, 26, dtype=torch.bool, device=DEVICE)
     mask[1, :5] = False
     y, y_kernel = _stream_with_kernel(layer, x, 16, mask)  # row 0 completes blocks at 23, row 1 at 18
     assert_close(f"mixer step vs kernel {heads}", y, y_kernel, **F32)

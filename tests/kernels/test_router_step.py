@@ -7,6 +7,7 @@ with one it runs compiled. Rows of a batch start at different points of the cont
 sequence hold NaN and Inf, which must never reach a score.
 """
 
+import copy
 import os
 
 import pytest
@@ -59,7 +60,8 @@ def _case(router, B, dtype=torch.float32, device=DEVICE, seed=1):
 
 
 def _reference(u, pos, router, scoring):
-    with torch.no_grad():
+    # cuDNN runs float32 convs in TF32 by default (about 1e-5 off here); the kernel's float32 sums are exact
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
         z = router(u, pos >= 0, False)[:, router.margin].float()  # [B, H]
     return torch.relu(z) if scoring == "relu" else torch.sigmoid(z) - 0.5
 
@@ -138,15 +140,17 @@ def test_masked_neighbours_read_as_zeros():
 def test_half_precision_matches_router(dtype, shared):
     """Half-precision input and weights: float32 sums, each conv's and SiLU's output rounded to the input dtype as
     the module rounds them, so the kernel and the module differ only where a sum lands on the other side of a
-    rounding boundary: within two roundings of z, and equal for nearly every score."""
+    rounding boundary (cuDNN sums in another order): within two roundings of z; and the kernel is as close to the
+    float32 computation (same weights and inputs, no rounding) as the module is."""
     router = _router(2, 16, (3, 3, 3), (2, 2, 2), shared, dtype=dtype)
     u, pos = _case(router, B=8, dtype=dtype)
     r = router_step_scores(u, pos, router, "sigmoid")
     ref = _reference(u, pos, router, "sigmoid")
     eps = torch.finfo(dtype).eps
     assert_close(f"r {dtype}", ref, r, atol=eps, rtol=2 * eps)  # r = sigmoid(z) - 0.5: |dr| <= |dz| / 4
-    apart = (r - ref).abs() > 1e-6  # beyond float32 noise: z rounded the other way
-    assert apart.float().mean() <= 0.1, f"{int(apart.sum())} of {r.numel()} scores differ"
+    exact = _reference(u.float(), pos, copy.deepcopy(router).float(), "sigmoid")
+    err_kernel, err_module = (r - exact).abs().max().item(), (ref - exact).abs().max().item()
+    assert err_kernel <= 1.5 * err_module + 1e-6, (err_kernel, err_module)
 
 
 @pytest.mark.slow
