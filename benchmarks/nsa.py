@@ -193,7 +193,7 @@ def section_bench(rows: list[dict], log: list[str]) -> None:
 
 
 def section_tiles(rows: list[dict], log: list[str]) -> None:
-    """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 16, the default, against 64) at T = 32768,
+    """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 64, the default, against 16) at T = 32768,
     B = 1, window 512, G = 16, 4 and 1: forward and forward+backward of the Triton launchers, with full causal
     SDPA at the same shape. Rows ``nsa_slc_rows``."""
     for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--sections",
         default="check,bench,decode",
-        help="comma-separated: check, bench, decode, tiles (selection tile rows 16 vs 64), profile (device time "
+        help="comma-separated: check, bench, decode, tiles (selection tile rows 64 vs 16), profile (device time "
         "per kernel of forward+backward)",
     )
     args = ap.parse_args(argv)

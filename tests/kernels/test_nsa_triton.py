@@ -127,6 +127,29 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
         assert_close(name, ref, out, **F32)
 
 
+def test_compression_backward_in_spans(monkeypatch):
+    """The compression dK/dV kernel splits the queries into spans (summed afterwards) so that a long sequence's
+    few block tiles do not run on a few programs: several spans, with a batch of two and two KV heads (the span's
+    offset in the partial sums), give the reference's gradients; and one span gives the same numbers."""
+    from mixerzoo.kernels.nsa import triton_launch
+
+    B, T, HQ, HKV, D, L, n, W = 2, 100, 4, 2, 16, 16, 3, 8
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, seed=3)
+    scale = D**-0.5
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale)
+    whole = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+    assert triton_launch._cmp_spans(T, T // L, B * HKV, triton_launch.nsa_tiles(D, 2, L, q.dtype))[0] == 1
+    monkeypatch.setattr(triton_launch, "_SPAN", 16)
+    S, TS = triton_launch._cmp_spans(T, T // L, B * HKV, triton_launch.nsa_tiles(D, 2, L, q.dtype))
+    assert S > 2 and S * TS >= T > (S - 1) * TS
+    spans = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+    _, grads_ref = _ref_grads(q, k, v, gates, do, L, n, W, scale)
+    names = ("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win")
+    for name, ref, one, out in zip(names, grads_ref, whole, spans, strict=True):
+        assert_close(name, ref, out, **F32)
+        assert_close(f"{name} one span vs spans", one, out, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "B, T, HQ, HKV, D, L, n, W",
     [pytest.param(1, 53, 3, 1, 16, 16, 3, 7, id="G3-T53"), pytest.param(2, 40, 2, 2, 16, 16, 3, 9, id="G1-T40-B2")],
@@ -339,7 +362,7 @@ from mixerzoo.kernels.nsa import triton_compress as tc, triton_launch as tl_, tr
 
 INT = {"idx", "pair_tok", "prog_blk", "prog_lo", "prog_hi"}
 FLOAT32 = {"kc", "vc", "lse", "delta", "dq", "dkc", "dvc", "dk", "dv"}
-SCALARS = {"T": "i32", "NC": "i32", "NBS": "i32", "P": "i32", "qk_scale": "fp32", "scale": "fp32"}
+SCALARS = {"T": "i32", "NC": "i32", "TS": "i32", "NBS": "i32", "P": "i32", "qk_scale": "fp32", "scale": "fp32"}
 KERNELS = [
     (tc.nsa_cmp_fwd_kernel, "BT_cmp"), (ts.nsa_slc_fwd_kernel, "BT_slc"), (tc.nsa_cmp_bwd_dq_kernel, "BT_cmp"),
     (tc.nsa_cmp_bwd_dkdv_kernel, "BT_cmp"), (ts.nsa_slc_bwd_dq_kernel, "BT_slc"), (ts.nsa_slc_bwd_dkdv_kernel, None),

@@ -268,10 +268,11 @@ def nsa_cmp_bwd_dkdv_kernel(
     g,  # [B, T, HQ]
     delta,  # [B, T, HQ] float32
     lse,  # [B, T, HQ] float32 (base 2)
-    dkc,  # [B, NC, HKV, D] float32 out
-    dvc,  # [B, NC, HKV, D] float32 out
+    dkc,  # [S, B, NC, HKV, D] float32 out: each span's share, summed by the launcher
+    dvc,  # [S, B, NC, HKV, D] float32 out
     T,
     NC,
+    TS,  # tokens per span (a multiple of BT): program (., ., s) takes the query tiles of [s * TS, s * TS + TS)
     qk_scale,
     scale,
     HQ: tl.constexpr,
@@ -284,20 +285,22 @@ def nsa_cmp_bwd_dkdv_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # one tile of BC compressed blocks against every later query tile (block c is seen from token c*L + L - 1)
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    # one tile of BC compressed blocks against the later query tiles of one span of tokens (block c is seen from
+    # token c*L + L - 1); the spans keep a long sequence's few block tiles from running on a few programs
+    i_c, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     c0 = i_c * BC
     o_c = c0 + tl.arange(0, BC)
     m_c = o_c < NC
     o_d = tl.arange(0, D)
     p_c = i_b.to(tl.int64) * NC * HKV * D + i_h * D + o_c[:, None] * HKV * D + o_d[None, :]
+    p_out = p_c + i_s.to(tl.int64) * (tl.num_programs(1) // HKV) * NC * HKV * D  # span s of [S, B, NC, HKV, D]
     b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
     b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(q.dtype.element_ty)
     b_dk = tl.zeros([BC, D], tl.float32)
     b_dv = tl.zeros([BC, D], tl.float32)
-    t_lo = (c0 * L + L - 1) // BT * BT
-    for t0 in range(t_lo, T, BT):
+    t_lo = tl.maximum((c0 * L + L - 1) // BT * BT, i_s * TS)
+    for t0 in range(t_lo, tl.minimum(T, i_s * TS + TS), BT):
         o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
         o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
         p_row = o_row[:, None] * D + o_d[None, :]
@@ -318,5 +321,5 @@ def nsa_cmp_bwd_dkdv_kernel(
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         # [BC, M] @ [M, D] -> [BC, D]
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    tl.store(dkc + p_c, b_dk * scale, mask=m_c[:, None])
-    tl.store(dvc + p_c, b_dv, mask=m_c[:, None])
+    tl.store(dkc + p_out, b_dk * scale, mask=m_c[:, None])
+    tl.store(dvc + p_out, b_dv, mask=m_c[:, None])

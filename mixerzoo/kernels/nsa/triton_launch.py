@@ -16,23 +16,24 @@ __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
 SUPPORTED_D = (16, 32, 64, 128)
 SUPPORTED_L = (16, 32, 64, 128)
 MAX_BLOCK_COUNT = 64
+_SPAN = 1024  # query tokens per program of the compression dK/dV kernel, at most (see _cmp_spans)
+_MAX_PROGRAMS = 2048
 
 
 def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 16) -> dict:
+def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
-    Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two). The compression
-    kernels aim at 64 stacked rows (the smallest wgmma tile on sm_90). The selection kernels walk the union of
-    their tokens' selected blocks, which grows with the tokens per tile (up to BT * (n - 3) + 3 blocks when the
-    tokens' choices differ), so they take as few tokens as a 16-row tensor-core tile allows (``slc_rows``):
-    one token at G >= 16, 16 // G tokens below. The interpreter gets narrower key tiles (BC, CH).
-    ``BT_cmp`` tokens per compression program, ``BC`` compressed blocks per key tile, ``BT_slc`` tokens per
-    selection program (divides L), ``BQ`` tokens per step and ``CH`` (block, token) pairs per dK/dV program.
-    Chosen from the tile shapes; ``benchmarks/nsa.py --sections tiles`` times the selection rows on the GPU.
+    Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two): GPU tiles aim at 64
+    stacked rows (the smallest wgmma tile on sm_90); the selection kernels take ``slc_rows`` (64 or 16: fewer
+    tokens per tile walk a smaller union of selected blocks, but on smaller tensor-core tiles; on an H200 at
+    T = 32768, 16 rows were no faster at G = 16 and 4 and 16% slower at G = 1, ``benchmarks/nsa.py --sections
+    tiles``). The interpreter gets narrower key tiles (BC, CH). ``BT_cmp`` tokens per compression program, ``BC``
+    compressed blocks per key tile, ``BT_slc`` tokens per selection program (divides L), ``BQ`` tokens per step
+    and ``CH`` (block, token) pairs per dK/dV program.
     """
     GP = _pow2(G)
     rows = 64
@@ -122,6 +123,18 @@ def nsa_fwd(
     return o, ob, lse, lse_win, idx
 
 
+def _cmp_spans(T: int, NC: int, BH: int, cfg: dict) -> tuple[int, int]:
+    """Spans of query tokens for the compression dK/dV kernel: (S spans, TS tokens each, a multiple of BT). One
+    program per tile of BC blocks would leave a long sequence's backward to a few programs (T = 32768, L = 64,
+    two KV heads: 16), each walking every later query; spans give each about ``SPAN`` tokens, while the block
+    tiles times the spans stay below ``MAX_PROGRAMS`` (their [S, B, NC, HKV, D] partial sums are then small)."""
+    BT = cfg["BT_cmp"]
+    tiles = triton.cdiv(NC, cfg["BC"]) * BH
+    S = max(1, min(triton.cdiv(T, _SPAN), _MAX_PROGRAMS // tiles))
+    TS = triton.cdiv(triton.cdiv(T, S), BT) * BT
+    return triton.cdiv(T, TS), TS
+
+
 def _reverse_index(idx: Tensor, T: int, L: int, CH: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """The (block, token) pairs of idx [B, T, HKV, n] sorted by block, and the dK/dV programs' work list: each
     program one block and a chunk [lo, hi) of at most CH of its pairs. Fixed shapes, no host synchronisation.
@@ -190,13 +203,16 @@ def nsa_bwd(
         q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dq=dq, T=T, NC=NC,
         qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
     )  # fmt: skip
-    dkc = torch.empty(B, NC, HKV, D, device=q.device, dtype=torch.float32)
-    dvc = torch.empty_like(dkc)
+    dkc = dvc = torch.zeros(B, NC, HKV, D, device=q.device, dtype=torch.float32)  # (NC = 0: nothing to spread)
     if NC > 0:
-        nsa_cmp_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["BC"]), B * HKV)](
-            q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dkc=dkc, dvc=dvc, T=T, NC=NC,
-            qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
+        S, TS = _cmp_spans(T, NC, B * HKV, cfg)
+        dkc_s = torch.empty(S, B, NC, HKV, D, device=q.device, dtype=torch.float32)
+        dvc_s = torch.empty_like(dkc_s)
+        nsa_cmp_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["BC"]), B * HKV, S)](
+            q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dkc=dkc_s, dvc=dvc_s, T=T, NC=NC,
+            TS=TS, qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
         )  # fmt: skip
+        dkc, dvc = dkc_s.sum(0), dvc_s.sum(0)
 
     # selection branch
     dq_slc = torch.empty_like(dq)
