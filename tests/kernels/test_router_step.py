@@ -299,10 +299,10 @@ for dtype, D, ks, ds, shared in CASES:
     consts = dict(rs._launch_meta(u, router, rs._router_params(router)), SCORING=0)
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     kinds = {"pos_ctx": "*i64", "r": "*fp32"}
-    params = list(inspect.signature(rs._router_step_kernel.fn).parameters)
+    params = list(inspect.signature(rs._eviction_router_step_kernel.fn).parameters)
     sig = {p: "constexpr" if p in consts else ("i32" if p.startswith("stride") else kinds.get(p, data)) for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
-    src = ASTSource(fn=rs._router_step_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    src = ASTSource(fn=rs._eviction_router_step_kernel, signature=sig, constexprs=consts, attrs=attrs)
     shared_mem = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).metadata.shared
     assert shared_mem <= 227 * 1024, (dtype, D, shared_mem)
     print(dtype, f"D={D}", ks, "compiled, shared memory", shared_mem)

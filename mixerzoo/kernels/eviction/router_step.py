@@ -113,7 +113,7 @@ def _router_store(p_s, b_x, CS: tl.constexpr, C: tl.constexpr, BL: tl.constexpr,
 
 
 @triton.jit
-def _router_step_kernel(
+def _eviction_router_step_kernel(
     u_ctx,  # [B, L, HKV, 2D] router input of the context
     pos_ctx,  # [B, L] int64 positions (< 0: padding or before the sequence)
     w0,
@@ -341,7 +341,7 @@ def router_step_scores(u_ctx: Tensor, pos_ctx: Tensor, router, scoring: str) -> 
     HKV, BL, CS = meta["HKV"], meta["BL"], meta["CS"]
     scratch = torch.empty(B * HKV * BL * CS if n > 1 else 1, dtype=u_ctx.dtype, device=u_ctx.device)
     r = torch.empty(B, HKV, dtype=torch.float32, device=u_ctx.device)
-    _router_step_kernel[(B, HKV)](
+    _eviction_router_step_kernel[(B, HKV)](
         u_ctx,
         pos_ctx,
         *w_hidden,
