@@ -20,6 +20,16 @@ __all__ = ["rope_cuda", "rope_launch"]
 
 
 @triton.jit
+def rope_cos_sin(pos, inv_freq, HALF: tl.constexpr, BD: tl.constexpr):
+    # cos and sin [BD] of the rotary angles at the integer position pos: the angle in float64, the rotation's
+    # factors in float32 (as mixerzoo.mixers.rope); lanes from HALF on hold angle 0. Also (lanes, lanes < HALF).
+    o_d = tl.arange(0, BD)
+    m_d = o_d < HALF
+    b_angle = pos.to(tl.float64) * tl.load(inv_freq + o_d, mask=m_d, other=0.0)
+    return tl.cos(b_angle).to(tl.float32), tl.sin(b_angle).to(tl.float32), o_d, m_d
+
+
+@triton.jit
 def _rope_kernel(
     X,
     Y,

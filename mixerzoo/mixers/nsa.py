@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..kernels.nsa.decode import nsa_decode, nsa_decode_ref, nsa_decode_supported
+from ..kernels.nsa.decode import nsa_decode, nsa_decode_fwd, nsa_decode_ref, nsa_decode_supported
 from ..kernels.nsa.ops import nsa_attention
 from ..kernels.nsa.reference import (
     compressed_visible,
@@ -26,6 +26,7 @@ from ..kernels.nsa.reference import (
     nsa_selected_mask,
     window_visible,
 )
+from ..kernels.nsa.step import nsa_step_supported, nsa_step_write
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads
 from .base import (
@@ -33,6 +34,7 @@ from .base import (
     State,
     acc_dtype,
     check_capacity,
+    check_row_open,
     leading_padding,
     positions_and_pad,
     state_dataclass,
@@ -205,6 +207,11 @@ class NSA(AttentionMixer):
         if state is None:
             return self.out(self._parallel(x, attention_mask)), None
         self._check_capacity(state, T)
+        if attention_mask is None and T == 1 and self._fused(x, state):
+            check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
+            o = self._step_fused(x, state)
+            state.seen.add_(1)
+            return self.out(o), state
         _, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.qkv(x, pos)
         g = self.gates(x)
@@ -361,6 +368,44 @@ class NSA(AttentionMixer):
         else:  # the same gathers in PyTorch
             o, _ = nsa_decode_ref(*args, L, n, self.window_size, self.scale)
         return o[:, None]  # [B, 1, HQ, Dh]
+
+    def _fused(self, x: Tensor, state: NSAState) -> bool:
+        """Whether a one-token step of x takes ``_step_fused``: eager CUDA without autograd, the mean compressor,
+        shapes and dtypes that the step and decode kernels take. Metadata only."""
+        return (
+            x.is_cuda
+            and self.k_compressor is None
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and nsa_decode_supported(x, self.block_size, self.block_count)
+            and nsa_step_supported(x, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp)
+        )
+
+    @torch.no_grad()
+    def _step_fused(self, x: Tensor, state: NSAState) -> Tensor:
+        """``_step`` in two launches after the projections (the eager CUDA path; Triton's interpreter runs it on
+        the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
+        ``nsa_decode``. Nothing read on the host, so it can be captured. x [B, 1, D] -> o [B, 1, HQ, Dh]."""
+        xt = x[:, 0]  # [B, D]
+        q_rot, q_pos = nsa_step_write(
+            self.q_proj(xt),
+            self.k_proj(xt),
+            self.v_proj(xt),
+            state.seen,
+            state.pad,
+            state.k_cache,
+            state.v_cache,
+            state.k_cmp,
+            state.v_cmp,
+            theta=self.rope_theta,
+            block_size=self.block_size,
+        )
+        g = torch.sigmoid(self.gate_proj(xt)).view(xt.shape[0], 3, self.num_heads).transpose(0, 1).contiguous()
+        o, _ = nsa_decode_fwd(
+            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, g[0], g[1], g[2],
+            self.block_size, self.block_count, self.window_size, self.scale,
+        )  # fmt: skip
+        return o[:, None]
 
     def _check_capacity(self, state: NSAState, T: int) -> None:
         check_capacity(self.name, state, T, state.k_cache.shape[1])

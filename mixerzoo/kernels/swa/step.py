@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._checks import check_int_arg
 from .._triton import HAS_TRITON, tl, triton
-from ..rope import _inv_freq
+from ..rope import _inv_freq, rope_cos_sin
 from .decode import _decode_launch, swa_decode_fwd
 from .swa import _SUPPORTED_D
 
@@ -67,12 +67,8 @@ def _swa_step_write_kernel(
     HALF: tl.constexpr = D // 2
     b_seen = tl.load(seen)  # int64: slot of this token in the stream (padding included)
     b_pos = b_seen - tl.load(pad + i_b)  # its position among the row's real tokens
-    o_d = tl.arange(0, BD)
-    m_d = o_d < HALF
-    # angles from the integer position in float64, the rotation in float32 (as mixerzoo.mixers.rope)
-    b_angle = b_pos.to(tl.float64) * tl.load(inv_freq + o_d, mask=m_d, other=0.0)  # [BD]
-    b_cos = tl.cos(b_angle).to(tl.float32)[None, :]
-    b_sin = tl.sin(b_angle).to(tl.float32)[None, :]
+    b_cos, b_sin, o_d, m_d = rope_cos_sin(b_pos, inv_freq, HALF, BD)
+    b_cos, b_sin = b_cos[None, :], b_sin[None, :]
     o_h = i_h * BH + tl.arange(0, BH)
 
     # queries -> q_rot [B, 1, HQ, D], positions -> q_pos [B, 1]

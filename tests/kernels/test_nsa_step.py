@@ -1,0 +1,150 @@
+"""The nsa mixer's fused eager decode step (kernels/nsa/step.py, then nsa_decode) against its general step:
+outputs and every state tensor, step after step, across block completions and a left-padded row (Triton's
+interpreter on CPU tensors, compiled on a GPU); the forward's dispatch to it; and the number of operations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixerzoo import registry
+from mixerzoo.testing import OpCounter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = {  # config beyond hidden_size; the caches hold 48 tokens
+    "G4-L8": dict(num_heads=4, num_kv_heads=1, head_dim=16, block_size=8, block_count=3, window_size=6),
+    "G1-L8": dict(num_heads=2, num_kv_heads=2, head_dim=16, block_size=8, block_count=4, window_size=5),
+    "G3-D20-L5": dict(num_heads=6, num_kv_heads=2, head_dim=20, block_size=5, block_count=3, window_size=7),
+}
+
+
+@pytest.fixture(autouse=True)
+def _gpu_dot_bounds(monkeypatch):
+    """The interpreter holds tl.dot to M, N, K >= 16 as the sm_90 build does (nsa_decode's dots)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
+        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
+
+
+def _run(case, dtype, device=DEVICE, T=36, prefill=7):
+    torch.manual_seed(0)
+    m = registry.build("nsa", hidden_size=32, **CASES[case]).eval().to(device, dtype)
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    mask = torch.ones(2, prefill, dtype=torch.bool, device=device)
+    mask[1, :3] = False  # row 1: three padding tokens, so its blocks end at other steps than row 0's
+    general = m._fused
+    m._fused = lambda *a: False  # the general step, on any device
+    completed = 0
+    with torch.no_grad():
+        ref = m.init_state(2, max_seqlen=48)
+        m(x[:, :prefill], ref, attention_mask=mask)
+        out = type(ref)(**{k: v.clone() for k, v in ref.tensors().items()})
+        for t in range(prefill, T):
+            xt = x[:, t : t + 1]
+            y_ref, _ = m(xt, ref)
+            y = m.out(m._step_fused(xt, out))
+            out.seen.add_(1)
+            tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(y, y_ref, **tol, msg=lambda msg, t=t: f"step {t}: {msg}")
+            for name, a in ref.tensors().items():
+                b = out.tensors()[name]
+                exact = name in ("seen", "pad")
+                torch.testing.assert_close(b, a, **(dict(atol=0, rtol=0) if exact else tol), msg=lambda s, n=name: n)
+            completed += int(((ref.seen - 1 - ref.pad) % m.block_size == m.block_size - 1).sum())
+    m._fused = general
+    return completed
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if c == "G4-L8" else pytest.mark.slow) for c in CASES], ids=list(CASES)
+)
+def test_fused_step_equals_general_step(case):
+    assert _run(case, torch.float32) >= 8  # blocks completed along the way, in both rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_step_on_cuda(dtype):
+    assert _run("G4-L8", dtype, device="cuda") >= 8
+
+
+def test_forward_takes_the_fused_step(monkeypatch):
+    """Without a mask and without grad mode, the forward runs _step_fused (on CUDA by itself; here by request),
+    with the same output, state and position counter as the general step."""
+    m = registry.build("nsa", hidden_size=32, **CASES["G4-L8"]).eval().to(DEVICE)
+    x = torch.randn(2, 12, 32, device=DEVICE)
+    with torch.no_grad():
+        ref, out = m.init_state(2, max_seqlen=16), m.init_state(2, max_seqlen=16)
+        m(x[:, :9], ref)
+        m(x[:, :9], out)
+        calls = []
+        fused = m._step_fused
+        monkeypatch.setattr(m, "_step_fused", lambda *a: calls.append(1) or fused(*a))
+        for t in range(9, 12):
+            monkeypatch.setattr(m, "_fused", lambda *a: False)
+            y_ref, _ = m(x[:, t : t + 1], ref)
+            monkeypatch.setattr(m, "_fused", lambda *a: True)
+            y, _ = m(x[:, t : t + 1], out)
+            torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
+    assert calls == [1, 1, 1] and int(out.seen) == int(ref.seen) == 12
+    torch.testing.assert_close(out.k_cmp, ref.k_cmp, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_step_issues_few_operations():
+    """Besides the projections, the general step issues some forty operations, the fused one a handful (its two
+    kernels, which the interpreter runs, are not counted). On a GPU each is a launch."""
+    m = registry.build("nsa", hidden_size=32, **CASES["G4-L8"]).eval().to(DEVICE)
+    x = torch.randn(2, 1, 32, device=DEVICE)
+    with torch.no_grad():
+        st = m.init_state(2, max_seqlen=16)
+        m._step_fused(x, st)  # warm (cached rotary frequencies)
+        with OpCounter(launches_only=True) as fused:
+            m._step_fused(x, st)
+        m._fused = lambda *a: False
+        with OpCounter(launches_only=True) as general:
+            m(x, st)
+    n_fused, n_general = sum(fused.ops.values()), sum(general.ops.values())
+    print(f"general {n_general} ops, fused {n_fused}: {dict(fused.ops)}")
+    assert n_fused <= 12, dict(fused.ops)
+    assert n_general >= 3 * n_fused
+
+
+_SM90_COMPILE = """
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixerzoo.kernels.nsa import step
+
+for dtype, G, D, L in ((torch.bfloat16, 16, 64, 64), (torch.float32, 1, 128, 16), (torch.float16, 3, 80, 20)):
+    BD = triton.next_power_of_2(D // 2)
+    consts = dict(HQ=2 * G, HKV=2, G=G, BG=triton.next_power_of_2(G), D=D, BD=BD, L=L,
+                  BL=triton.next_power_of_2(L))
+    data = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
+    kinds = {"N": "i32", "NB": "i32", "q_pos": "*i64", "seen": "*i64", "pad": "*i64", "inv_freq": "*fp64",
+             "k_cmp": "*fp32", "v_cmp": "*fp32"}
+    params = list(inspect.signature(step._nsa_step_write_kernel.fn).parameters)
+    sig = {p: "constexpr" if p in consts else kinds.get(p, data) for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+    src = ASTSource(fn=step._nsa_step_write_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print(dtype, f"G={G} D={D} L={L}", "compiled, shared", kernel.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90():
+    """The step kernel compiles for sm_90 (bf16 G = 16, float32 G = 1 at head dim 128, float16 with head dim 80
+    and 20-token blocks, neither a power of two). In a child process: the tests' TRITON_INTERPRET=1 makes every
+    kernel an interpreted one, which cannot compile."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 3, run.stdout
