@@ -5,6 +5,7 @@ flash-linear-attention.
     python benchmarks/gdn.py --check    # checks only
     python benchmarks/gdn.py --check --quick-check    # long-T bf16 checks, packed batches (cu_seqlens) and their timing
     python benchmarks/gdn.py --bench    # the benchmark only (needs flash-linear-attention, the anchor)
+    python benchmarks/gdn.py --bench --shapes   # the sweep: H x K x V, T 2048..65536, packed batches, vs fla
     python benchmarks/gdn.py --smoke    # tiny checks; without a GPU on the CPU, in Triton's interpreter
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
@@ -418,6 +419,75 @@ def bench(args):
         print("wrote", path)
 
 
+SWEEP_HKV = ((16, 128, 128), (32, 64, 64), (8, 256, 256), (8, 128, 256))  # (H, K, V)
+SWEEP_T = (2048, 8192, 32768, 65536)
+SWEEP_TOKENS = 65536
+
+
+def _sweep_lens(seed: int = 5) -> list[int]:
+    """Unequal sequence lengths summing to SWEEP_TOKENS, from 64 to 16384 (a packed batch of a data loader)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens, left = [], SWEEP_TOKENS
+    while left > 16384:
+        n = int(2 ** (6 + 8 * torch.rand((), generator=gen).item()))  # log-uniform in [64, 16384)
+        lens.append(n)
+        left -= n
+    return lens + [left]
+
+
+def bench_shapes(args):
+    """The sweep: H x K x V in SWEEP_HKV, T in SWEEP_T at SWEEP_TOKENS tokens per call (B = tokens // T), and a
+    packed batch of unequal lengths (cu_seqlens) per head shape; forward and forward+backward of mixerzoo and
+    flash-linear-attention in the same run, one row per shape (op gdn, keys B, T, H, K, V; varlen rows B = 1 with
+    the number of sequences in the note); then the ratios, worst first."""
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    fla_note = ""
+    if not fla_chunk_o.TRITON_ABOVE_3_7_1:  # as in bench(): timed, its gradients not used
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+        fla_note = "; fla backward guard forced for timing only"
+    impls = {
+        "mixerzoo": lambda cu: lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)[0],
+        "fla": lambda cu: lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)[0],
+    }
+    lens = _sweep_lens()
+    rows, ratios = [], []
+    for H, K, V in SWEEP_HKV:
+        for T in (*SWEEP_T, None):  # None: the packed batch
+            B = 1 if T is None else SWEEP_TOKENS // T
+            q, k, v, g, beta, _ = inputs(B, T or SWEEP_TOKENS, H, K, V, torch.bfloat16, h0=False, seed=21)
+            cu = None
+            if T is None:
+                cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+            xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+            do = torch.randn_like(v)
+            times = {}
+            for name, make in impls.items():
+                fn = make(cu)
+                with torch.no_grad():
+                    fwd = time_ms(partial(fn, q, k, v, g, beta), warmup=3, repeat=args.repeat)
+                fb = time_ms(partial(_fwd_bwd_step, fn, xs, do), warmup=2, repeat=args.repeat)
+                times[name] = (fwd, fb)
+                shape = "packed" if T is None else "fixed"
+                note = f"shape sweep, {shape}" + (f", {len(lens)} sequences of 64 to 16384" if T is None else "")
+                rows.append(
+                    dict(op="gdn", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, fwd_ms=round(fwd, 4),
+                         fwdbwd_ms=round(fb, 4), note=note + (fla_note if name == "fla" else ""))
+                )  # fmt: skip
+            (f_ours, fb_ours), (f_fla, fb_fla) = times["mixerzoo"], times["fla"]
+            where = f"H={H} K={K} V={V} " + ("packed" if T is None else f"B={B} T={T}")
+            ratios.append((fb_fla / fb_ours, f_fla / f_ours, where))
+            print(f"  {ratios[-1][2]:34s} fla/ours fwd {ratios[-1][1]:.2f}x, fwd+bwd {ratios[-1][0]:.2f}x", flush=True)
+            del q, k, v, g, beta, xs, do
+            torch.cuda.empty_cache()
+    path = write_results({"gdn"}, rows)
+    print_table(rows)
+    worst = min(ratios)
+    print(f"worst fwd+bwd ratio {worst[0]:.2f}x at {worst[2]}; worst fwd {min(r[1] for r in ratios):.2f}x")
+    print("wrote", path, flush=True)
+
+
 def main(argv=None) -> int:
     global DEV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,16 +504,23 @@ def main(argv=None) -> int:
         help="only the long-T bf16 checks (packed batches included, then their timing), and fla's errors for scale",
     )
     ap.add_argument("--sweep", action="store_true", help="sweep the sequential kernels' launch settings first")
+    ap.add_argument(
+        "--shapes",
+        action="store_true",
+        help="benchmark the head shapes x lengths sweep (and packed batches) against fla instead (~5 minutes)",
+    )
     ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
     ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
     args = ap.parse_args(argv)
     if args.smoke:
-        extra = [f for f in ("bench", "quick_check", "sweep", "profile", "skip_decode") if getattr(args, f)]
+        extra = [f for f in ("bench", "quick_check", "sweep", "profile", "skip_decode", "shapes") if getattr(args, f)]
         if extra:
             ap.error(f"--smoke runs the tiny checks alone, got also --{' --'.join(e.replace('_', '-') for e in extra)}")
         DEV = "cpu" if interpret_without_gpu("gdn.py") else "cuda"
     else:
-        flags = [f"--{f.replace('_', '-')}" for f in ("check", "quick_check", "bench", "sweep") if getattr(args, f)]
+        flags = [
+            f"--{f.replace('_', '-')}" for f in ("check", "quick_check", "bench", "sweep", "shapes") if getattr(args, f)
+        ]
         require_gpu(
             "gdn.py",
             " ".join(flags) or "(checks, then the benchmark)",
@@ -454,7 +531,7 @@ def main(argv=None) -> int:
     if not args.bench:
         run_checks(args.smoke, args.quick_check)
     if not (args.check or args.smoke):
-        bench(args)
+        bench_shapes(args) if args.shapes else bench(args)
     return 1 if FAILS else 0
 
 
