@@ -127,6 +127,7 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
         assert_close(name, ref, out, **F32)
 
 
+@pytest.mark.slow
 def test_compression_backward_in_spans(monkeypatch):
     """The compression dK/dV kernel splits the queries into spans (summed afterwards) so that a long sequence's
     few block tiles do not run on a few programs: several spans, with a batch of two and two KV heads (the span's
