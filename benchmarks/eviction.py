@@ -10,7 +10,8 @@ tokens seen against SDPA full-attention decode. Rows: op eviction_train / evicti
     python benchmarks/eviction.py resources        # CPU: compile the kernels for sm_90, registers and spills
 
 Parts (CUDA unless said): check (kernels vs the float32 reference), train (training timings against
-FlexAttention, peak memory), decode (decode step against SDPA), quick (check at the benchmark shape, then
+FlexAttention, peak memory), decode (decode step against SDPA), prefill (the layer's cached prefill
+against its parallel forward), quick (check at the benchmark shape, then
 the training timings without FlexAttention), sweep (tile search, kept in memory for the run), resources
 (no GPU needed: ptxas resource usage of every tile candidate, compiled for sm_90 by the installed Triton).
 """
@@ -26,7 +27,7 @@ _HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # benchmarks/common.py and the mixerzoo checkout
 from common import peak_mem_mb, print_table, refuse, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
 
-PARTS = ("check", "train", "decode", "quick", "sweep", "resources")
+PARTS = ("check", "train", "decode", "prefill", "quick", "sweep", "resources")
 DEFAULT_PARTS = ("check", "train", "decode")
 
 
@@ -374,6 +375,40 @@ SWEEP = {
 }
 
 
+@section
+def prefill_bench():
+    """The eviction_swa layer (hidden 2048, 16 heads of 128, its default window and capacity) on a prompt: the
+    cached prefill (``layer(x, state)`` from an empty state, what generate() runs) against the parallel forward
+    of the same layer in eval mode (``layer(x)``), for both prompt semantics. Rows op ``eviction_prefill`` and
+    ``eviction_prefill_final_buffer`` (impls ``mixerzoo``: the cached prefill, ``parallel``; ``tokens_per_s``)."""
+    from mixerzoo import registry
+
+    for prefill in ("exact", "final_buffer"):
+        torch.manual_seed(0)
+        layer = registry.build("eviction_swa", hidden_size=2048, num_heads=16, prefill=prefill)
+        layer = layer.to("cuda", torch.bfloat16).eval()
+        for B, T in ((1, 4096), (1, 16384), (4, 4096)):
+            x = torch.randn(B, T, 2048, device="cuda", dtype=torch.bfloat16)
+
+            def cached(x=x, layer=layer, B=B, T=T):
+                return layer(x, layer.init_state(B, max_seqlen=T))[0]
+
+            def parallel(x=x, layer=layer):
+                return layer(x)[0]
+
+            with torch.no_grad():
+                times = {"mixerzoo": time_ms(cached, warmup=2, repeat=5), "parallel": time_ms(parallel)}
+                err = rel_rmse(parallel().float(), cached().float())
+            op = "eviction_prefill" + ("" if prefill == "exact" else "_final_buffer")
+            note = f"prefill={prefill}; cached prefill vs parallel output rel. RMSE {err:.1e}"
+            for impl, ms in times.items():
+                ROWS.append(
+                    dict(op=op, impl=impl, B=B, T=T, H=16, D=128, fwd_ms=round(ms, 3),
+                         tokens_per_s=round(B * T / ms * 1e3), note=note)
+                )  # fmt: skip
+                print(ROWS[-1], flush=True)
+
+
 def _check_vs_reference(label: str, semantics=(True, False)) -> None:
     """bf16 kernels at the benchmark's head shape vs the float32 reference (T=2048, B=1)."""
     torch.manual_seed(7)
@@ -558,6 +593,8 @@ def main(argv=None) -> int:
         memory_scaling()
     if "decode" in only:
         decode_bench()
+    if "prefill" in only:
+        prefill_bench()
     if ROWS:
         print_table(ROWS)
         print("results:", write_results({r["op"] for r in ROWS}, ROWS))
