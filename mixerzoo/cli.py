@@ -53,7 +53,8 @@ class Progress:
     """A dependency-free progress bar on stderr: ``update(done)`` with the count done so far.
 
     On a terminal it redraws one line in place (at most every ``min_interval`` seconds); elsewhere (a log
-    file, a pipe) it writes the final line only, so logs stay readable.
+    file, a pipe) it writes a line every ``log_interval`` seconds and the final one, so that logs stay short
+    and a run stopped from outside still shows how far it got.
     """
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", file: TextIO | None = None, width: int = 24):
@@ -62,8 +63,9 @@ class Progress:
         self.tty = bool(getattr(self.file, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self.done = 0
-        self._last_draw = 0.0
+        self._last_draw = 0.0 if self.tty else self.start
         self.min_interval = 0.1
+        self.log_interval = 30.0
 
     def render(self) -> str:
         frac = self.done / self.total if self.total else 1.0
@@ -81,6 +83,10 @@ class Progress:
         if self.tty and (now - self._last_draw >= self.min_interval or done >= self.total):
             self._last_draw = now
             self.file.write("\r" + self.render())
+            self.file.flush()
+        elif not self.tty and done < self.total and now - self._last_draw >= self.log_interval:
+            self._last_draw = now
+            self.file.write(self.render() + "\n")
             self.file.flush()
 
     def close(self) -> None:

@@ -102,6 +102,13 @@ def test_progress_bar():
         for i in range(1, 4):
             bar.update(i)
     assert log.getvalue().count("\n") == 1 and "\r" not in log.getvalue() and "3/3" in log.getvalue()
+    log = io.StringIO()  # a long run, not on a terminal: a line every log_interval seconds, then the final one
+    with Progress(3, "x", file=log) as bar:
+        bar.log_interval = 0.0
+        for i in range(1, 4):
+            bar.update(i)
+    lines = log.getvalue().splitlines()
+    assert [line.split("] ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"], lines
 
 
 def test_list_in_process(capsys):
