@@ -7,8 +7,6 @@ position, so one launch covers several positions; cache slots after a row's posi
 yet complete hold NaN, which must never reach an output.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -23,14 +21,7 @@ F32 = dict(atol=2e-4, rel_rmse=2e-5, rms_floor=0.1)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _gpu_dot_bounds(monkeypatch):
-    """In Triton's interpreter, every tl.dot is held to M, N, K >= 16 as on the GPU (the sm_90 build refuses K < 16;
-    the interpreter takes any shape), so that a tile too small for the GPU fails here too."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from triton.runtime import interpreter
-
-        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
+pytestmark = pytest.mark.usefixtures("gpu_dot_bounds")
 
 
 def _case(positions, N, HQ, HKV, D, L, seed=0, dtype=torch.float32, device=DEVICE, kv=None):
@@ -327,17 +318,10 @@ for dtype, G, D, L, n, NC in CASES:
 
 
 @pytest.mark.slow
-def test_default_cuda_tiles_compile_for_sm90():
+def test_default_cuda_tiles_compile_for_sm90(compile_in_child):
     """The kernel compiles for sm_90 at the launcher's CUDA tiles (bf16 G = 16 at 128K tokens: the importance
     vector in registers; float32 G = 1 past one selection tile; bf16 head dim 8 and 8-token blocks, below tl.dot's
     smallest K of 16 unless padded) and fits a Hopper block's shared memory. In a child process: the tests'
     TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "ONE_TILE" in run.stdout and "looped selection" in run.stdout and "D=8 L=8" in run.stdout, run.stdout
+    out = compile_in_child(_SM90_COMPILE)
+    assert "ONE_TILE" in out and "looped selection" in out and "D=8 L=8" in out, out

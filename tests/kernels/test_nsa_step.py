@@ -18,15 +18,7 @@ CASES = {  # config beyond hidden_size; the caches hold 48 tokens
 }
 
 
-@pytest.fixture(autouse=True)
-def _gpu_dot_bounds(monkeypatch):
-    """The interpreter holds tl.dot to M, N, K >= 16 as the sm_90 build does (nsa_decode's dots)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from triton.runtime import interpreter
-
-        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
+pytestmark = pytest.mark.usefixtures("gpu_dot_bounds")
 
 
 def _run(case, dtype, device=DEVICE, T=36, prefill=7):
@@ -135,16 +127,9 @@ for dtype, G, D, L in ((torch.bfloat16, 16, 64, 64), (torch.float32, 1, 128, 16)
 
 
 @pytest.mark.slow
-def test_kernel_compiles_for_sm90():
+def test_kernel_compiles_for_sm90(compile_in_child):
     """The step kernel compiles for sm_90 (bf16 G = 16, float32 G = 1 at head dim 128, float16 with head dim 80
     and 20-token blocks, neither a power of two). In a child process: the tests' TRITON_INTERPRET=1 makes every
     kernel an interpreted one, which cannot compile."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 3, run.stdout
+    out = compile_in_child(_SM90_COMPILE)
+    assert out.count("compiled") == 3, out

@@ -5,7 +5,6 @@ TRITON_INTERPRET=1), in float32 (the interpreter computes bf16 tl.dot wrongly); 
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -28,14 +27,7 @@ F32 = dict(atol=2e-4, rel_rmse=2e-5, rms_floor=0.1)
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _gpu_dot_bounds(monkeypatch):
-    """In Triton's interpreter, every tl.dot is held to M, N, K >= 16 as on the GPU (the sm_90 build refuses K < 16;
-    the interpreter takes any shape), so that a tile too small for the GPU fails here too."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from triton.runtime import interpreter
-
-        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
+pytestmark = pytest.mark.usefixtures("gpu_dot_bounds")
 
 
 def _inputs(B, T, HQ, HKV, D, dtype=torch.float32, device=DEVICE, seed=0):
@@ -393,19 +385,13 @@ for dtype, G, D, L, n in CASES:
 
 
 @pytest.mark.slow
-def test_default_cuda_tiles_compile_for_sm90():
+def test_default_cuda_tiles_compile_for_sm90(compile_in_child):
     """Every NSA kernel compiles for sm_90 at the launcher's CUDA tiles (tl.dot shapes, the split float32 dots of
     half-precision inputs) and fits a Hopper block's shared memory: float32, bf16 and float16 at the conformance's
     shapes (head dim 16, 16-token blocks) or larger (bf16: the paper's G = 16, D = 128, L = 64). In a child process:
     the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("shared") == 24, run.stdout
+    out = compile_in_child(_SM90_COMPILE)
+    assert out.count("shared") == 24, out
 
 
 # ------------------------------------------------------------------------------------------------------

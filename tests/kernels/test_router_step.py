@@ -8,7 +8,6 @@ sequence hold NaN and Inf, which must never reach a score.
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -23,14 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _gpu_dot_bounds(monkeypatch):
-    """In Triton's interpreter, every tl.dot is held to M, N, K >= 16 as on the GPU (the sm_90 build refuses K < 16;
-    the interpreter takes any shape), so that a tile too small for the GPU fails here too."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from triton.runtime import interpreter
-
-        monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (16, 16, 16))
+pytestmark = pytest.mark.usefixtures("gpu_dot_bounds")
 
 
 def _router(H, D, kernel_sizes, dilations, shared, dtype=torch.float32, device=DEVICE, seed=0):
@@ -311,14 +303,9 @@ for dtype, D, ks, ds, shared in CASES:
 
 
 @pytest.mark.slow
-def test_kernel_compiles_for_sm90():
+def test_kernel_compiles_for_sm90(compile_in_child):
     """The kernel compiles for sm_90 at the launcher's constants: head dim 128 (256 -> 128 in chunks, bf16 and
     float32), head dim 8 (no conv wide enough for tl.dot) and 4 layers of 1x1 convs in float16. In a child process:
     the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 4, run.stdout
+    out = compile_in_child(_SM90_COMPILE)
+    assert out.count("compiled") == 4, out
