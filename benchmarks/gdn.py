@@ -203,10 +203,11 @@ def check_op():
 
 def check_fla_yardstick(B, T, H, K, V):
     """flash-linear-attention's own bf16 errors against the same float32 reference, for scale."""
-    import fla.ops.common.chunk_o as fla_chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # fla refuses on Hopper with Triton < 3.7.1; measured, not trusted
+    from mixerzoo.bench.anchors import lift_fla_backward_guard
+
+    lift_fla_backward_guard()  # its errors are measured here, not trusted
     print(f"fla (yardstick) B={B} T={T} H={H} K={K} V={V} bf16")
     q, k, v, g, beta, s0 = inputs(B, T, H, K, V, torch.bfloat16, seed=T + K)
     prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + [s0.requires_grad_()]
@@ -315,15 +316,11 @@ def bench_decode(args, H, K, V):
 
 def bench(args):
     import fla
-    import fla.ops.common.chunk_o as fla_chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    # fla refuses its backward on Hopper with Triton < 3.7.1 (the dqkwg miscompile, fla issue #640);
-    # for timing only, its guard flag is forced. Its gradients are not used here.
-    fla_note = ""
-    if not fla_chunk_o.TRITON_ABOVE_3_7_1:
-        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-        fla_note = "fla backward guard forced (fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True) for timing only"
+    from mixerzoo.bench.anchors import lift_fla_backward_guard
+
+    fla_note = lift_fla_backward_guard().strip(" ()")  # timed only; its gradients are not used here
     print("fla", fla.__version__)
     H, K, V = 16, 128, 128
     rows = []
@@ -440,13 +437,11 @@ def bench_shapes(args):
     packed batch of unequal lengths (cu_seqlens) per head shape; forward and forward+backward of mixerzoo and
     flash-linear-attention in the same run, one row per shape (op gdn, keys B, T, H, K, V; varlen rows B = 1 with
     the number of sequences in the note); then the ratios, worst first."""
-    import fla.ops.common.chunk_o as fla_chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    fla_note = ""
-    if not fla_chunk_o.TRITON_ABOVE_3_7_1:  # as in bench(): timed, its gradients not used
-        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-        fla_note = "; fla backward guard forced for timing only"
+    from mixerzoo.bench.anchors import lift_fla_backward_guard
+
+    fla_note = lift_fla_backward_guard()  # timed only; its gradients are not used
     impls = {
         "mixerzoo": lambda cu: lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)[0],
         "fla": lambda cu: lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)[0],

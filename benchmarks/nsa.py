@@ -171,6 +171,12 @@ def _bench_shape(rows: list[dict], log: list[str], HQ: int, HKV: int, T: int, ha
         except Exception as e:  # an API change in fla: recorded, the other rows still run
             traceback.print_exc()
             log.append(f"fla parallel_nsa failed at T={T}: {type(e).__name__}: {e}")
+    _row(rows, "sdpa", B, T, HQ, HKV, *_sdpa_calls(q, k, v, do), "full causal, GQA")
+
+
+def _sdpa_calls(q, k, v, do):
+    """The anchor: full causal SDPA with the same heads (GQA) on q, k, v [B, T, H, D] -> (forward without grad,
+    forward+backward with the gradient do)."""
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
     dot = do.transpose(1, 2)
 
@@ -181,7 +187,7 @@ def _bench_shape(rows: list[dict], log: list[str], HQ: int, HKV: int, T: int, ha
         with torch.no_grad():
             return sdpa()
 
-    _row(rows, "sdpa", B, T, HQ, HKV, sdpa_fwd, lambda: sdpa().backward(dot), "full causal, GQA")
+    return sdpa_fwd, lambda: sdpa().backward(dot)
 
 
 def section_bench(rows: list[dict], log: list[str]) -> None:
@@ -223,18 +229,8 @@ def _tiles_shape(rows: list[dict], HQ: int, HKV: int) -> None:
         r["note"] = f"Triton launchers, selection tiles of {tiles['BT_slc']} tokens x G heads, window {W}"
         rows.append(r)
         print(r, flush=True)
-    qt, kt, vt = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))
-    dot = do.transpose(1, 2)
-
-    def sdpa():
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-
-    def sdpa_fwd():
-        with torch.no_grad():
-            return sdpa()
-
-    r = dict(base, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10))
-    r["fwdbwd_ms"] = time_ms(lambda: sdpa().backward(dot), repeat=10)
+    sdpa_fwd, sdpa_step = _sdpa_calls(q, k, v, do)
+    r = dict(base, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10), fwdbwd_ms=time_ms(sdpa_step, repeat=10))
     r["note"] = "full causal, GQA"
     rows.append(r)
     print(r, flush=True)

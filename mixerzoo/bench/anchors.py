@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Anchor", "CoreCase", "core_cases", "layer_anchors", "missing_anchor_packages"]
+__all__ = ["Anchor", "CoreCase", "core_cases", "layer_anchors", "lift_fla_backward_guard", "missing_anchor_packages"]
 
 FLA_PIP = "flash-linear-attention"
 
@@ -140,6 +140,20 @@ def layer_anchors(name: str, mixer: nn.Module, T: int, device: torch.device) -> 
     return out
 
 
+def lift_fla_backward_guard() -> str:
+    """flash-linear-attention 0.6 refuses its gated-delta-rule backward on Hopper with Triton < 3.7.1 (a miscompile
+    it guards against). An anchor is timed, never trusted for its values, so the guard is lifted for the process;
+    returns the note its rows carry (empty when there was no guard to lift, or fla is not installed)."""
+    try:
+        from fla.ops.common import chunk_o as fla_chunk_o
+    except ImportError:
+        return ""
+    if getattr(fla_chunk_o, "TRITON_ABOVE_3_7_1", True) is not False:
+        return ""
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return " (its backward guard for Triton < 3.7.1 on Hopper lifted: timed, not used for values)"
+
+
 def missing_anchor_packages(name: str, device: torch.device) -> list[str]:
     """pip names of the optional packages an anchor of ``name`` would need and that are not installed."""
     if name == "gdn" and device.type == "cuda" and importlib.util.find_spec("fla") is None:
@@ -177,16 +191,7 @@ def core_cases(name: str, mixer: nn.Module, device: torch.device, dtype: torch.d
 
     flops = 6 * C * K + 4 * C * V + 6 * K * V + 2 * C * C / 3
     note = f"gated delta rule core, H={H} K={K} V={V}, inputs [B, T, H, K] in {str(dtype).removeprefix('torch.')}"
-    fla_note = f"{note}; fla chunk_gated_delta_rule"
-    # fla 0.6 refuses its backward on Hopper with Triton < 3.7.1 (a miscompile it guards against); an anchor
-    # is timed, never trusted for its values, so the guard is lifted for the run and the row says so.
-    try:
-        from fla.ops.common import chunk_o as fla_chunk_o
-    except ImportError:
-        fla_chunk_o = None
-    if fla_chunk_o is not None and getattr(fla_chunk_o, "TRITON_ABOVE_3_7_1", True) is False:
-        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-        fla_note += " (its backward guard for Triton < 3.7.1 on Hopper lifted: timed, not used for values)"
+    fla_note = f"{note}; fla chunk_gated_delta_rule" + lift_fla_backward_guard()
     return [
         CoreCase("core:gdn", "mixerzoo", lambda B, T: (make_inputs(B, T), ours), note, flops * H),
         CoreCase("core:gdn", "fla", lambda B, T: (make_inputs(B, T), fla), fla_note, flops * H),
