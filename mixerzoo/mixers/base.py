@@ -585,7 +585,7 @@ def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:
 
 def _recorded_seen(seen_t: Tensor) -> int | None:
     rec = _SEEN_HOST.get(id(seen_t))
-    if _SEEN_HOST_OFF or rec is None or rec[0]() is not seen_t or rec[1] is None:
+    if rec is None or rec[0]() is not seen_t or rec[1] is None:
         return None
     return rec[2] if rec[1] == seen_t._version else None
 
@@ -608,7 +608,8 @@ def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
         msg = f"{name}: decoding past max_seqlen={capacity} (the KV cache is full)"
         torch._assert_async(seen_t + T <= capacity, msg)
         return
-    seen = None if seen_t.is_inference() else _recorded_seen(seen_t)
+    kept = not (_SEEN_HOST_OFF or seen_t.is_inference())  # an inference tensor has no version counter
+    seen = _recorded_seen(seen_t) if kept else None
     if seen is None:
         seen = int(seen_t)
     if seen + T > capacity:
@@ -616,5 +617,5 @@ def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
             f"{name}: decoding {T} tokens at position {seen} exceeds max_seqlen={capacity} "
             f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
         )
-    if not (_SEEN_HOST_OFF or seen_t.is_inference()):
+    if kept:
         _record_seen(seen_t, seen_t._version + 1, seen + T)
