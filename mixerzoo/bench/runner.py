@@ -231,7 +231,7 @@ class _Run:
             return None
 
     # -- decode ------------------------------------------------------------------------------------
-    def decode_rows(self, name: str, mixer: torch.nn.Module, linear: bool, bar: Callable[[], None]) -> None:
+    def decode_rows(self, name: str, mixer: torch.nn.Module, linear: bool, bar: Callable[[str], None]) -> None:
         """Decode steps after ``seen`` tokens. The state is made by a real prefill of random tokens of one
         sequence (in chunks of ``prefill_chunk``), then copied to ``decode_batch`` rows with State.select. A
         constant-size state is prefilled once, up to each length in turn; a growing one (a KV cache) anew for
@@ -255,7 +255,7 @@ class _Run:
                     except Exception as e:
                         self.fail(f"{name} decode after {N} tokens", e)
                         state = None
-                    bar()
+                    bar(f"{name} decode after {N}")
         finally:
             del state
             mixer.train()
@@ -323,10 +323,17 @@ def run(settings: Settings, *, log: TextIO | None = None, progress: bool = True)
         run_.say(run_.notes[-1])
     done = 0
     bar = Progress(total, "bench", unit="case", file=log) if progress else None
+    # off a terminal (a log file), one line per case with its seconds: where a slow run spent its time
+    per_case = progress and not bool(getattr(log, "isatty", lambda: False)())
+    last = time.perf_counter()
 
-    def tick() -> None:
-        nonlocal done
+    def tick(what: str) -> None:
+        nonlocal done, last
         done += 1
+        if per_case:
+            now = time.perf_counter()
+            run_.say(f"  {what}: {now - last:.1f}s")
+            last = now
         if bar is not None:
             bar.update(done)
 
@@ -338,11 +345,11 @@ def run(settings: Settings, *, log: TextIO | None = None, progress: bool = True)
         except Exception as e:
             run_.fail(f"{name}: build", e)
             for _ in range(len(s.seqlens) + (len(s.seen) if spec.decode else 0)):
-                tick()
+                tick(f"{name} (not built)")
             continue
         for T in s.seqlens:
             run_.forward_rows(name, mixer, T)
-            tick()
+            tick(f"{name} T={T}")
         if spec.decode:
             run_.decode_rows(name, mixer, spec.state_growth == "linear", tick)
         del mixer
