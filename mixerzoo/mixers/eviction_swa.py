@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
+from ..kernels.eviction.attention import eviction_intervals
 from ..kernels.eviction.reference import final_buffer_members
 from ..kernels.eviction.router_step import router_step_scores, router_step_supported
 from ..kernels.eviction.step import eviction_step, eviction_step_context
@@ -272,6 +273,8 @@ class EvictionSWA(AttentionMixer):
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
+        elif attention_mask is None and self._prefill_whole(x, state):
+            o = self._prefill_empty(q, k, v, state)
         elif self.config.prefill == "final_buffer":
             o = self._prefill_final(q, k, v, state)
         else:
@@ -424,6 +427,70 @@ class EvictionSWA(AttentionMixer):
         )
         state.seen.add_(1)
         return o[:, None]  # [B, 1, HQ, D]
+
+    @staticmethod
+    def _prefill_whole(x: Tensor, state: EvictionSWAState) -> bool:
+        """Whether a prompt of several tokens takes ``_prefill_empty``: eager CUDA and a state that has seen
+        nothing yet (one host read of its counter). Elsewhere the chunked prefill runs."""
+        return (
+            x.shape[1] > 1 and x.is_cuda and HAS_TRITON and not torch.compiler.is_compiling() and int(state.seen) == 0
+        )
+
+    def _prefill_empty(self, q, k, v, state: EvictionSWAState) -> Tensor:
+        """T tokens into a state that has seen nothing, in one pass: the outputs of the parallel eval form (the
+        eviction op: the Triton kernels on CUDA), and the state built from the buffer history the op computes
+        (which token entered the buffer when and which one it evicted), with every slot where token-by-token
+        decode puts it. The same outputs and state as ``_prefill_chunk`` (or ``_prefill_final``) over the
+        same tokens, without their loop over 256-token chunks. No mask (no padding); state.seen == 0."""
+        c = self.config
+        W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
+        B, T = q.shape[:2]
+        dev = q.device
+        pos = torch.arange(T, device=dev)[None, :].expand(B, T)
+        u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
+        score = self._effective(self._raw_scores(u, k, pos, False), pos)  # [B, T, H] float32
+        qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
+        op = dict(window_size=W, capacity=C, num_sinks=c.num_sinks)
+        if c.prefill == "final_buffer":
+            member = final_buffer_members(score, **op)
+            o = eviction_attention(qr, kr, v, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
+            kpos, kend, _ = eviction_intervals(score, **op, training=False)
+        else:
+            o, (kpos, kend, _) = eviction_attention(qr, kr, v, score, **op, training=False, return_intervals=True)
+
+        # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
+        # context is not complete), as in decode.
+        t0 = max(0, T - W)
+        ring = torch.remainder(torch.arange(t0, T, device=dev), W)
+        last = torch.arange(t0, T, device=dev)[None, :, None] >= T - m
+        state.win_k.index_copy_(1, ring, kr[:, t0:].detach())
+        state.win_v.index_copy_(1, ring, v[:, t0:].detach())
+        state.win_score.index_copy_(1, ring, torch.where(last, _NONE, score[:, t0:]))
+        state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, u.shape[1] :])
+
+        # The buffer: the listed keys still in it after the last query (kend == T), each in its decode slot.
+        slot = _entry_slots(kpos, kend, W, C)  # [B, H, T]
+        keep = (kpos < T) & (kend >= T)
+        dest = torch.where(keep, slot, C)  # C: a spill column, cut below
+        p = kpos.long().clamp(max=T - 1)  # [B, H, T] token of each list entry
+        D = kr.shape[-1]
+        for buf, src, fill in (
+            (state.buf_k, kr.detach(), 0.0),
+            (state.buf_v, v.detach(), 0.0),
+        ):
+            rows = src.permute(0, 2, 1, 3).gather(2, p[..., None].expand(-1, -1, -1, D))  # [B, H, T, D]
+            new = torch.full((B, buf.shape[2], C + 1, D), fill, dtype=buf.dtype, device=dev)
+            new.scatter_(2, dest[..., None].expand(-1, -1, -1, D), rows.to(buf.dtype))
+            buf.copy_(new[:, :, :C].permute(0, 2, 1, 3))
+        for buf, src, fill in (
+            (state.buf_score, score.permute(0, 2, 1).gather(2, p), _NONE),
+            (state.buf_pos, p, -1),
+        ):
+            new = torch.full((B, buf.shape[2], C + 1), fill, dtype=buf.dtype, device=dev)
+            new.scatter_(2, dest, src.to(buf.dtype))
+            buf.copy_(new[:, :, :C].permute(0, 2, 1))
+        state.seen.add_(T)
+        return o
 
     def _prefill_final(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """T tokens with the final-buffer semantics (docs/paper.md#prefill): query t sees the keys of its
@@ -641,6 +708,32 @@ def _buffer_end(score: Tensor, pos: Tensor, leave: Tensor, retained: Tensor, cap
     better = retained[:, :, None] & ((si > sj) | ((si == sj) & (pos[:, :, None] < pos[:, None, :])))
     times = torch.where(better, leave[:, :, None], _BIG)  # [B, N (i), N (j), H]
     return torch.topk(times, capacity, dim=1, largest=False).values[:, -1]
+
+
+def _entry_slots(kpos: Tensor, kend: Tensor, window_size: int, capacity: int) -> Tensor:
+    """Buffer slot of each key of the interval list (from an empty buffer), as decode assigns them.
+
+    kpos, kend: [B, H, T] int32 (see kernels/eviction/reference.compact_intervals): the keys that entered the
+    buffer, in the order they entered (ascending positions: key j enters when it leaves the window, at query
+    j + W), and the query at which each dropped out (T: still there). The first C entrants fill slots 0..C-1;
+    a later one takes the slot of the entry it evicts, the one whose interval ends where its own starts
+    (exactly one: one key enters per query, so at most one drops out). Slots follow these chains of evictions
+    by pointer doubling: O(T log T) work, no host reads -> [B, H, T] int64 (meaningful for listed keys).
+    """
+    B, H, T = kpos.shape
+    W, C = window_size, capacity
+    i = torch.arange(T, device=kpos.device).expand(B, H, T)
+    listed = kpos < T
+    start, end = kpos.long() + W, kend.long()
+    # who dropped out at each query: at[b, h, t] = list index of the key whose interval ends at t (T: spill)
+    at = torch.zeros(B, H, T + 1, dtype=torch.long, device=kpos.device)
+    at.scatter_(2, torch.where(listed & (end < T), end, T), i)
+    val = torch.where(i < C, i, -1)
+    nxt = torch.where(listed & (i >= C), at.gather(2, start.clamp(max=T)), i)
+    for _ in range(T.bit_length()):  # a chain of evictions is at most T long (C = 1: every entrant)
+        val = torch.where(val >= 0, val, val.gather(2, nxt))
+        nxt = nxt.gather(2, nxt)
+    return val
 
 
 def _buffer_slots(buf_pos: Tensor, retained: Tensor, leave: Tensor, end: Tensor) -> Tensor:

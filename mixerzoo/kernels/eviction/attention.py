@@ -1005,7 +1005,8 @@ def eviction_attention(
     num_sinks: int,
     training: bool,
     scale: float | None = None,
-) -> Tensor:
+    return_intervals: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """Causal attention over a sliding window plus the retained (``score > 0``) keys, LTE (docs/mixers.md#eviction_swa).
 
     q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (HQ a multiple of HKV), one floating dtype (float64 on the
@@ -1019,6 +1020,10 @@ def eviction_attention(
     window, earlier tokens winning ties. ``score`` gets no gradient. ``scale`` defaults to ``D**-0.5``.
     A NaN or Inf in q, k or v reaches only the queries that see it (a query that sees a non-finite
     value row gets a NaN row).
+
+    ``return_intervals=True`` also returns the keys' buffer intervals the op computed,
+    ``(o, (kpos, kend, kcum))`` as :func:`eviction_intervals` gives them (no gradient): with
+    ``training=False``, the buffer's whole history (when each key entered and left it).
     """
     op = "eviction_attention"
     check_floats(op, q=q, k=k, v=v)
@@ -1047,4 +1052,7 @@ def eviction_attention(
     if not isinstance(training, bool):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__} {training!r}")
     scale = check_scale(op, scale, D)
-    return _fwd_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)[0]
+    if not isinstance(return_intervals, bool):
+        raise TypeError(f"{op}: return_intervals must be a bool, got {type(return_intervals).__name__}")
+    o, _, kpos, kend, kcum = _fwd_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    return (o, (kpos, kend, kcum)) if return_intervals else o

@@ -1,0 +1,137 @@
+"""eviction_swa's one-pass prefill into an empty state (EvictionSWA._prefill_empty, the CUDA path of a prompt): the
+parallel eval form for the outputs, the state built from the eviction op's buffer history. It must give the
+outputs and every state tensor of the chunked prefill (token-by-token decode semantics), in both prompt modes."""
+
+import pytest
+import torch
+
+from mixerzoo import registry
+from mixerzoo.kernels.eviction import eviction_attention
+from mixerzoo.kernels.eviction.attention import eviction_intervals
+from mixerzoo.mixers.eviction_swa import _PREFILL_CHUNK
+
+SMALL = dict(hidden_size=32, num_heads=4, window_size=8, capacity=4, num_sinks=2, dropout=0.0)
+CASES = {
+    "gqa": dict(SMALL, num_kv_heads=2, kernel_sizes=(3,), dilations=(1,)),
+    "default-router": dict(SMALL, num_kv_heads=1, num_sinks=1, window_size=9),  # margin 6: ctx_u of 12 tokens
+    "capacity-1": dict(SMALL, policy="key_norm", num_sinks=0, capacity=1),  # every entrant evicts the last one
+    "margin-0": dict(SMALL, kernel_sizes=(1,), dilations=(1,)),
+    "final-buffer": dict(SMALL, num_kv_heads=2, prefill="final_buffer"),
+    "final-buffer-no-sinks": dict(SMALL, capacity=2, num_sinks=0, prefill="final_buffer"),
+}
+
+
+def _chunked(m, q, k, v, state):
+    if m.config.prefill == "final_buffer":
+        return m._prefill_final(q, k, v, state)
+    T = q.shape[1]
+    chunks = [slice(t, t + _PREFILL_CHUNK) for t in range(0, T, _PREFILL_CHUNK)]
+    return torch.cat([m._prefill_chunk(q[:, c], k[:, c], v[:, c], state) for c in chunks], 1)
+
+
+def _assert_states_equal(a, b):
+    for name, x in a.tensors().items():
+        y = b.tensors()[name]
+        if name in ("win_score", "buf_score"):
+            # float32 router scores: the router runs over the whole prompt here, over chunks there
+            torch.testing.assert_close(x, y, atol=0, rtol=2e-7, msg=lambda m, n=name: f"{n}: {m}")
+        elif x.is_floating_point():
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        else:  # positions, counters: the same decisions, the same slots
+            assert torch.equal(x, y), f"{name}: {x} != {y}"
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("T", [5, 20, 300])  # shorter than the window and the router context; many evictions
+def test_one_pass_prefill_equals_chunked(case, T):
+    torch.manual_seed(0)
+    m = registry.build("eviction_swa", **CASES[case]).eval().double()
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = m.project(x)
+        one, chunked = m.init_state(2), m.init_state(2)
+        o = m._prefill_empty(q, k, v, one)
+        o_ref = _chunked(m, q, k, v, chunked)
+        torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+        _assert_states_equal(one, chunked)
+        if T == 300:
+            assert int((chunked.buf_pos >= 0).sum()) > 0, "nothing was buffered"
+        # decoding on from either state gives the same steps
+        for _ in range(3):
+            xt = torch.randn(2, 1, 32, dtype=torch.float64)
+            torch.testing.assert_close(m(xt, one)[0], m(xt, chunked)[0], atol=1e-12, rtol=1e-12)
+        _assert_states_equal(one, chunked)
+
+
+def test_capacity_one_builds_long_eviction_chains():
+    """With C = 1 every entrant evicts the one before: the slot follows a chain as long as the entrants."""
+    torch.manual_seed(1)
+    m = registry.build("eviction_swa", **CASES["capacity-1"]).eval().double()
+    # key-norm scores rise when the keys shrink: each token that leaves the window beats the buffered one
+    x = torch.randn(1, 1, 32, dtype=torch.float64) * torch.linspace(2, 0.1, 200, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        q, k, v = m.project(x)
+        score = m._effective(m._raw_scores(None, k, torch.arange(200)[None], False), torch.arange(200)[None])
+        kpos, kend, kcum = eviction_intervals(score, window_size=8, capacity=1, num_sinks=0, training=False)
+        assert int(kcum[..., -1].min()) > 150, "expected every token to enter"
+        one, chunked = m.init_state(1), m.init_state(1)
+        m._prefill_empty(q, k, v, one)
+        _chunked(m, q, k, v, chunked)
+    _assert_states_equal(one, chunked)
+
+
+def test_which_prefill_runs():
+    m = registry.build("eviction_swa", **CASES["gqa"]).eval()
+    st = m.init_state(1)
+    assert not m._prefill_whole(torch.zeros(1, 4, 32), st)  # the CPU keeps the chunked prefill
+    if torch.cuda.is_available():
+        st = m.cuda().init_state(1)
+        assert m._prefill_whole(torch.zeros(1, 4, 32, device="cuda"), st)
+        assert not m._prefill_whole(torch.zeros(1, 1, 32, device="cuda"), st)  # one token: the decode step
+        st.seen.fill_(3)
+        assert not m._prefill_whole(torch.zeros(1, 4, 32, device="cuda"), st)  # not empty: chunked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prefill", ["exact", "final_buffer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_prompt_takes_the_one_pass_prefill(prefill, dtype):
+    """On CUDA a prompt into an empty state runs the Triton op once; outputs and state as the chunked prefill."""
+    torch.manual_seed(2)
+    kw = dict(hidden_size=256, num_heads=4, num_kv_heads=2, window_size=64, capacity=32, prefill=prefill)
+    m = registry.build("eviction_swa", **kw).eval().to("cuda", dtype)
+    x = torch.randn(2, 1000, 256, device="cuda", dtype=dtype)
+    calls = []
+    one_pass = m._prefill_empty
+    m._prefill_empty = lambda *a: calls.append(1) or one_pass(*a)
+    with torch.no_grad():
+        one, chunked = m.init_state(2), m.init_state(2)
+        y = m(x, one)[0]
+        assert calls == [1]
+        q, k, v = m.project(x)
+        y_ref = m.out(_chunked(m, q, k, v, chunked))
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    else:  # a bf16 router may round a score the other way over the whole prompt than over chunks
+        rel = ((y.float() - y_ref.float()).pow(2).mean() / y_ref.float().pow(2).mean()).sqrt()
+        assert rel < 2e-2, f"relative RMSE {rel:.3g}"
+    # the same buffer decisions (float32 scores from the same router, bf16 rounding aside): positions compared
+    # as sets per (row, head), slots exactly where they agree
+    same = (one.buf_pos.sort(1).values == chunked.buf_pos.sort(1).values).float().mean()
+    assert same >= (1.0 if dtype == torch.float32 else 0.95), f"{same:.3f} of the buffered positions agree"
+    if dtype == torch.float32:
+        assert torch.equal(one.buf_pos, chunked.buf_pos)
+
+
+def test_return_intervals():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 40, 4, 16), torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+    score = torch.randn(1, 40, 2)
+    kw = dict(window_size=6, capacity=3, num_sinks=1, training=False)
+    o, (kpos, kend, kcum) = eviction_attention(q, k, v, score, **kw, return_intervals=True)
+    torch.testing.assert_close(o, eviction_attention(q, k, v, score, **kw))
+    for a, b in zip((kpos, kend, kcum), eviction_intervals(score, **kw), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="eviction_attention: return_intervals must be a bool, got str"):
+        eviction_attention(q, k, v, score, **kw, return_intervals="yes")
