@@ -273,7 +273,7 @@ class EvictionSWA(AttentionMixer):
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
-        elif attention_mask is None and self._prefill_whole(x, state):
+        elif self._prefill_whole(x, state, attention_mask):
             o = self._prefill_empty(q, k, v, state)
         elif self.config.prefill == "final_buffer":
             o = self._prefill_final(q, k, v, state)
@@ -429,34 +429,46 @@ class EvictionSWA(AttentionMixer):
         return o[:, None]  # [B, 1, HQ, D]
 
     @staticmethod
-    def _prefill_whole(x: Tensor, state: EvictionSWAState) -> bool:
-        """Whether a prompt of several tokens takes ``_prefill_empty``: eager CUDA and a state that has seen
-        nothing yet (one host read of its counter). Elsewhere the chunked prefill runs."""
-        return (
-            x.shape[1] > 1 and x.is_cuda and HAS_TRITON and not torch.compiler.is_compiling() and int(state.seen) == 0
-        )
+    def _prefill_whole(x: Tensor, state: EvictionSWAState, attention_mask: Tensor | None) -> bool:
+        """Whether a prompt of several tokens takes ``_prefill_empty``: eager CUDA, a state that has seen
+        nothing yet, and no padding after a row's last real token (host reads: the counter, the mask's last
+        column). Elsewhere the chunked prefill runs."""
+        if x.shape[1] < 2 or not x.is_cuda or not HAS_TRITON or torch.compiler.is_compiling():
+            return False
+        if int(state.seen) != 0:
+            return False
+        return attention_mask is None or bool(attention_mask[:, -1].all())
 
     def _prefill_empty(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """T tokens into a state that has seen nothing, in one pass: the outputs of the parallel eval form (the
         eviction op: the Triton kernels on CUDA), and the state built from the buffer history the op computes
         (which token entered the buffer when and which one it evicted), with every slot where token-by-token
         decode puts it. The same outputs and state as ``_prefill_chunk`` (or ``_prefill_final``) over the
-        same tokens, without their loop over 256-token chunks. No mask (no padding); state.seen == 0."""
+        same tokens, without their loop over 256-token chunks. Rows may start with padding (``state.pad``, as
+        positions_and_pad set it for this call), not end with it; state.seen == 0."""
         c = self.config
         W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
         B, T = q.shape[:2]
         dev = q.device
-        pos = torch.arange(T, device=dev)[None, :].expand(B, T)
+        pad = live_pad(state)  # [B] leading padding of each row
+        pos = torch.arange(T, device=dev)[None, :] - pad[:, None]  # [B, T]; padding: < 0
+        kp = pos.clamp(min=-1)  # padding reads as outside the sequence
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
-        score = self._effective(self._raw_scores(u, k, pos, False), pos)  # [B, T, H] float32
+        score = self._effective(self._raw_scores(u, k, kp, False), kp)  # [B, T, H] float32
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
+        # The op knows no padding: each row's padding moves to its end (where causality hides it), so that
+        # index i of the op is position i; the row's last query is at n - 1.
+        n = T - pad  # [B] real tokens per row
+        idx = torch.remainder(torch.arange(T, device=dev)[None, :] + pad[:, None], T)  # [B, T]
+        qo, ko, vo, so = (_take(t, idx) for t in (qr, kr, v, score))
         op = dict(window_size=W, capacity=C, num_sinks=c.num_sinks)
         if c.prefill == "final_buffer":
-            member = final_buffer_members(score, **op)
-            o = eviction_attention(qr, kr, v, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
-            kpos, kend, _ = eviction_intervals(score, **op, training=False)
+            member = final_buffer_members(so, **op, lengths=n)
+            o = eviction_attention(qo, ko, vo, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
+            kpos, kend, _ = eviction_intervals(so, **op, training=False)
         else:
-            o, (kpos, kend, _) = eviction_attention(qr, kr, v, score, **op, training=False, return_intervals=True)
+            o, (kpos, kend, _) = eviction_attention(qo, ko, vo, so, **op, training=False, return_intervals=True)
+        o = _take(o, torch.remainder(torch.arange(T, device=dev)[None, :] - pad[:, None], T))
 
         # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
         # context is not complete), as in decode.
@@ -468,22 +480,25 @@ class EvictionSWA(AttentionMixer):
         state.win_score.index_copy_(1, ring, torch.where(last, _NONE, score[:, t0:]))
         state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, u.shape[1] :])
 
-        # The buffer: the listed keys still in it after the last query (kend == T), each in its decode slot.
+        # The buffer: the listed keys that entered by the row's last query and were still in it then, each in
+        # its decode slot (the op's padding queries after n - 1 may list more; those are left out).
         slot = _entry_slots(kpos, kend, W, C)  # [B, H, T]
-        keep = (kpos < T) & (kend >= T)
+        last_q = (n - 1)[:, None, None]
+        keep = (kpos < T) & (kpos + W <= last_q) & (kend > last_q)
         dest = torch.where(keep, slot, C)  # C: a spill column, cut below
-        p = kpos.long().clamp(max=T - 1)  # [B, H, T] token of each list entry
+        p = kpos.long()  # [B, H, T] position of each list entry
+        t = (p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
         D = kr.shape[-1]
         for buf, src, fill in (
             (state.buf_k, kr.detach(), 0.0),
             (state.buf_v, v.detach(), 0.0),
         ):
-            rows = src.permute(0, 2, 1, 3).gather(2, p[..., None].expand(-1, -1, -1, D))  # [B, H, T, D]
+            rows = src.permute(0, 2, 1, 3).gather(2, t[..., None].expand(-1, -1, -1, D))  # [B, H, T, D]
             new = torch.full((B, buf.shape[2], C + 1, D), fill, dtype=buf.dtype, device=dev)
             new.scatter_(2, dest[..., None].expand(-1, -1, -1, D), rows.to(buf.dtype))
             buf.copy_(new[:, :, :C].permute(0, 2, 1, 3))
         for buf, src, fill in (
-            (state.buf_score, score.permute(0, 2, 1).gather(2, p), _NONE),
+            (state.buf_score, score.permute(0, 2, 1).gather(2, t), _NONE),
             (state.buf_pos, p, -1),
         ):
             new = torch.full((B, buf.shape[2], C + 1), fill, dtype=buf.dtype, device=dev)

@@ -41,18 +41,33 @@ def _assert_states_equal(a, b):
             assert torch.equal(x, y), f"{name}: {x} != {y}"
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def _one_pass(m):
+    """m, with every prompt into an empty state taking the one-pass prefill (on the CPU too)."""
+    m._prefill_whole = lambda x, state, mask: x.shape[1] > 1 and int(state.seen) == 0
+    return m
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=() if c in ("gqa", "final-buffer") else pytest.mark.slow) for c in CASES],
+    ids=list(CASES),
+)
 @pytest.mark.parametrize("T", [5, 20, 300])  # shorter than the window and the router context; many evictions
-def test_one_pass_prefill_equals_chunked(case, T):
+@pytest.mark.parametrize("padded", [False, True], ids=["", "left-padded"])
+def test_one_pass_prefill_equals_chunked(case, T, padded):
     torch.manual_seed(0)
     m = registry.build("eviction_swa", **CASES[case]).eval().double()
     x = torch.randn(2, T, 32, dtype=torch.float64)
+    mask = None
+    if padded:  # row 1 starts with padding (a batch of prompts of unequal lengths)
+        mask = torch.ones(2, T, dtype=torch.bool)
+        mask[1, : min(T - 1, 7)] = False
     with torch.no_grad():
-        q, k, v = m.project(x)
         one, chunked = m.init_state(2), m.init_state(2)
-        o = m._prefill_empty(q, k, v, one)
-        o_ref = _chunked(m, q, k, v, chunked)
-        torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+        y_ref = m(x, chunked, attention_mask=mask)[0]  # on the CPU: the chunked prefill
+        y = _one_pass(m)(x, one, attention_mask=mask)[0]
+        real = slice(None) if mask is None else mask
+        torch.testing.assert_close(y[real], y_ref[real], atol=1e-12, rtol=1e-12)
         _assert_states_equal(one, chunked)
         if T == 300:
             assert int((chunked.buf_pos >= 0).sum()) > 0, "nothing was buffered"
@@ -61,6 +76,18 @@ def test_one_pass_prefill_equals_chunked(case, T):
             xt = torch.randn(2, 1, 32, dtype=torch.float64)
             torch.testing.assert_close(m(xt, one)[0], m(xt, chunked)[0], atol=1e-12, rtol=1e-12)
         _assert_states_equal(one, chunked)
+
+
+def test_one_pass_prefill_calls():
+    m = _one_pass(registry.build("eviction_swa", **CASES["gqa"]).eval())
+    calls = []
+    one_pass = m._prefill_empty
+    m._prefill_empty = lambda *a: calls.append(1) or one_pass(*a)
+    with torch.no_grad():
+        st = m.init_state(1)
+        m(torch.randn(1, 30, 32), st)
+        m(torch.randn(1, 30, 32), st)  # the state has seen tokens now: chunked
+    assert calls == [1]
 
 
 def test_capacity_one_builds_long_eviction_chains():
@@ -75,21 +102,24 @@ def test_capacity_one_builds_long_eviction_chains():
         kpos, kend, kcum = eviction_intervals(score, window_size=8, capacity=1, num_sinks=0, training=False)
         assert int(kcum[..., -1].min()) > 150, "expected every token to enter"
         one, chunked = m.init_state(1), m.init_state(1)
-        m._prefill_empty(q, k, v, one)
-        _chunked(m, q, k, v, chunked)
+        m(x, chunked)
+        _one_pass(m)(x, one)
     _assert_states_equal(one, chunked)
 
 
 def test_which_prefill_runs():
     m = registry.build("eviction_swa", **CASES["gqa"]).eval()
     st = m.init_state(1)
-    assert not m._prefill_whole(torch.zeros(1, 4, 32), st)  # the CPU keeps the chunked prefill
+    assert not m._prefill_whole(torch.zeros(1, 4, 32), st, None)  # the CPU keeps the chunked prefill
     if torch.cuda.is_available():
         st = m.cuda().init_state(1)
-        assert m._prefill_whole(torch.zeros(1, 4, 32, device="cuda"), st)
-        assert not m._prefill_whole(torch.zeros(1, 1, 32, device="cuda"), st)  # one token: the decode step
+        x = torch.zeros(1, 4, 32, device="cuda")
+        assert m._prefill_whole(x, st, None)
+        assert m._prefill_whole(x, st, torch.tensor([[False, True, True, True]], device="cuda"))  # left padding
+        assert not m._prefill_whole(x, st, torch.tensor([[True, True, True, False]], device="cuda"))  # right
+        assert not m._prefill_whole(x[:, :1], st, None)  # one token: the decode step
         st.seen.fill_(3)
-        assert not m._prefill_whole(torch.zeros(1, 4, 32, device="cuda"), st)  # not empty: chunked
+        assert not m._prefill_whole(x, st, None)  # not empty: chunked
 
 
 @pytest.mark.gpu
