@@ -91,7 +91,7 @@ def _ref_grads(q, k, v, gates, do, L, n, W, scale):
 # (B, T, HQ, HKV, D, L, n, W): G = 1, 3, 4, 16; T not a multiple of L; n = 3, 4 so that selection matters
 CASES = [
     pytest.param(1, 77, 2, 2, 32, 16, 3, 20, marks=pytest.mark.slow, id="G1-T77-D32-n3"),  # fast: brute force G1
-    pytest.param(1, 85, 6, 2, 16, 16, 4, 24, id="G3-T85-D16-n4"),
+    pytest.param(1, 85, 6, 2, 16, 16, 4, 24, marks=pytest.mark.slow, id="G3-T85-D16-n4"),  # fast: brute force G3
     pytest.param(1, 70, 4, 1, 64, 16, 3, 16, id="G4-T70-D64-n3"),
     pytest.param(1, 72, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T72-D16-n4"),
     pytest.param(2, 90, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T90-B2-slow"),
@@ -191,7 +191,7 @@ def test_no_window_branch():
 @pytest.mark.parametrize(
     "bad, cuda_tiles",
     [
-        pytest.param(float("nan"), True, id="nan-cuda-tiles"),
+        pytest.param(float("nan"), True, marks=pytest.mark.slow, id="nan-cuda-tiles"),
         pytest.param(float("inf"), True, marks=pytest.mark.slow, id="inf-cuda-tiles"),
         pytest.param(float("nan"), False, marks=pytest.mark.slow, id="nan-interpreter-tiles"),
     ],
@@ -220,7 +220,7 @@ def test_nonfinite_token_reaches_only_the_queries_that_see_it(bad, cuda_tiles, m
 @pytest.mark.parametrize(
     "dtype",
     [
-        torch.float16,
+        pytest.param(torch.float16, marks=pytest.mark.slow),
         pytest.param(
             torch.bfloat16,
             marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter's bf16 tl.dot is wrong"),

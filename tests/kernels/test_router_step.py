@@ -220,7 +220,9 @@ SMALL = dict(hidden_size=32, num_heads=4, num_kv_heads=2, window_size=6, capacit
 @pytest.mark.parametrize(
     "extra",
     [
-        dict(router_shared="layer", scoring="relu", kernel_sizes=(3,), dilations=(1,)),
+        pytest.param(
+            dict(router_shared="layer", scoring="relu", kernel_sizes=(3,), dilations=(1,)), marks=pytest.mark.slow
+        ),
         pytest.param(dict(kernel_sizes=(1,) * (MAX_ROUTER_LAYERS + 1), dilations=(1,) * 5), marks=pytest.mark.slow),
     ],
     ids=["shared-relu", "deep-router-fallback"],
