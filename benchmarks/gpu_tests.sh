@@ -32,9 +32,10 @@ groups=(
     "tests/kernels/test_nsa_reference.py tests/kernels/test_nsa_triton.py tests/kernels/test_nsa_decode.py"
     "tests/kernels/test_attn_step.py tests/kernels/test_eviction_step.py"
     "tests/kernels/test_rope.py tests/kernels/test_gdn_decode_step.py"
+    "tests/kernels/test_router_step.py tests/kernels/test_nsa_step.py"
     "tests/mixers/test_swa.py"
     "tests/mixers/test_gdn.py"
-    "tests/mixers/test_eviction_swa.py"
+    "tests/mixers/test_eviction_swa.py tests/mixers/test_eviction_prefill.py tests/mixers/test_capacity_check.py"
     "tests/mixers/test_nsa.py tests/mixers/test_eviction_paper.py tests/mixers/test_reliability.py"
     "tests/baselines tests/models tests/training tests/test_cli.py"
 )
