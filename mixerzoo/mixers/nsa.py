@@ -207,6 +207,11 @@ class NSA(AttentionMixer):
         if state is None:
             return self.out(self._parallel(x, attention_mask)), None
         self._check_capacity(state, T)
+        if self._prefill_whole(x, state, attention_mask):
+            positions_and_pad(x, state, attention_mask, self.name)  # the row's leading padding into state.pad
+            o = self._parallel(x, attention_mask, fill=state)
+            state.seen.add_(T)
+            return self.out(o.to(x.dtype)), state
         if attention_mask is None and T == 1 and self._fused(x, state):
             check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
             o = self._step_fused(x, state)
@@ -223,8 +228,21 @@ class NSA(AttentionMixer):
         state.seen.add_(T)
         return self.out(o.to(x.dtype)), state
 
-    def _parallel(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """x [B, T, D] (padding zeroed) -> o [B, T, HQ, Dh]."""
+    def _prefill_whole(self, x: Tensor, state: NSAState, attention_mask: Tensor | None) -> bool:
+        """Whether a prompt of several tokens runs as the parallel form (the Triton op) and then fills the
+        cache: eager CUDA, the mean compressor, a state that has seen nothing yet, and no padding after a row's
+        last real token (host reads: the counter, the mask's last column). Elsewhere ``_chunk`` runs, which
+        attends densely over the whole cache."""
+        if x.shape[1] < 2 or not x.is_cuda or self.k_compressor is not None or torch.compiler.is_compiling():
+            return False
+        if int(state.seen) != 0:
+            return False
+        return attention_mask is None or bool(attention_mask[:, -1].all())
+
+    def _parallel(self, x: Tensor, attention_mask: Tensor | None, fill: NSAState | None = None) -> Tensor:
+        """x [B, T, D] (padding zeroed) -> o [B, T, HQ, Dh]. With ``fill`` (a state that has seen nothing), the
+        keys and values also go into its cache and the blocks they complete into its compressed cache, as
+        ``_chunk`` leaves them."""
         B, T, _ = x.shape
         t = torch.arange(T, device=x.device)
         lead = None
@@ -260,9 +278,25 @@ class NSA(AttentionMixer):
                 scale=self.scale,
             )
             o = self._mixed(*branches, g).to(q.dtype)
+        if fill is not None:
+            # rows rotated: the real tokens first, at their positions; the padding after them is not written
+            n = T if lead is None else T - lead  # [B, 1] real tokens per row
+            pos = t[None, :].expand(B, T)
+            self._write(k, v, pos, pos < n, fill)
+            self._compress_done(fill, (pos < n).sum(1, keepdim=True) - 1, k.dtype)
         if lead is not None:
             o = o.gather(1, ((t - lead) % T)[..., None, None].expand_as(o))
         return o
+
+    @torch.no_grad()
+    def _compress_done(self, state: NSAState, last: Tensor, dtype: torch.dtype) -> None:
+        """Recompute the compressed cache from the cache, keeping the blocks complete by position ``last``
+        ([B, 1]; -1: none) and what was there for the others."""
+        nb, L = state.k_cmp.shape[1], self.block_size
+        k_cmp, v_cmp = self.compress(state.k_cache.to(dtype), state.v_cache.to(dtype))
+        done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, NB, 1, 1]
+        state.k_cmp.copy_(torch.where(done, k_cmp, state.k_cmp))
+        state.v_cmp.copy_(torch.where(done, v_cmp, state.v_cmp))
 
     def _write(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, state: NSAState) -> Tensor:
         """Write the real tokens of a chunk (k, v [B, T, HKV, Dh], pos/valid [B, T]) into the cache at their

@@ -124,6 +124,37 @@ def test_chunk_scores_in_query_slices(monkeypatch):
     assert_close("sliced chunk dx", gw, gg, torch.float32)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["", "left-padded"])
+def test_one_pass_prefill_equals_chunk(padded):
+    """On CUDA a prompt into an empty state runs the parallel op and fills the cache from it (_prefill_whole);
+    forced here on the CPU: the outputs at real tokens and every state tensor equal the dense cached chunk's,
+    and decoding goes on alike."""
+    m = build(torch.float64, num_kv_heads=2)
+    x = inputs(2, 23, dtype=torch.float64)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 23, dtype=torch.bool)
+        mask[1, :6] = False
+    one_pass = build(torch.float64, num_kv_heads=2)
+    one_pass._prefill_whole = lambda x, state, mask: int(state.seen) == 0 and x.shape[1] > 1
+    calls = []
+    parallel = one_pass._parallel
+    one_pass._parallel = lambda *a, **kw: calls.append(kw.get("fill") is not None) or parallel(*a, **kw)
+    with torch.no_grad():
+        a, b = m.init_state(2, max_seqlen=32, dtype=torch.float64), m.init_state(2, max_seqlen=32, dtype=torch.float64)
+        want = m(x, a, attention_mask=mask)[0]
+        got = one_pass(x, b, attention_mask=mask)[0]
+        assert calls == [True]
+        real = slice(None) if mask is None else mask
+        assert_close("prompt", want[real], got[real], torch.float64)
+        for name, t in a.tensors().items():
+            assert_close(name, t, b.tensors()[name], torch.float64)
+        for _ in range(6):  # over a block boundary
+            xt = inputs(2, 1, dtype=torch.float64, seed=7 + _)
+            assert_close("step", m(xt, a)[0], one_pass(xt, b)[0], torch.float64)
+        assert calls == [True]  # the steps took the decode path
+
+
 def test_float64_decode_is_exact():
     m = build(torch.float64, num_kv_heads=1, compressor="mlp")
     x = inputs(1, 26, dtype=torch.float64)
