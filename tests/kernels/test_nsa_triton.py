@@ -351,14 +351,16 @@ import inspect, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mixerzoo.kernels._triton import dot_precision
-from mixerzoo.kernels.nsa import triton_compress as tc, triton_launch as tl_, triton_select as ts
+from mixerzoo.kernels.nsa import triton_compress as tc, triton_gates as tg, triton_launch as tl_, triton_select as ts
 
 INT = {"idx", "pair_tok", "prog_blk", "prog_lo", "prog_hi"}
-FLOAT32 = {"kc", "vc", "lse", "delta", "dq", "dkc", "dvc", "dk", "dv"}
-SCALARS = {"T": "i32", "NC": "i32", "TS": "i32", "NBS": "i32", "P": "i32", "qk_scale": "fp32", "scale": "fp32"}
+FLOAT32 = {"kc", "vc", "lse", "delta", "dq", "dkc", "dvc", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"}
+SCALARS = {"T": "i32", "NC": "i32", "TS": "i32", "NBS": "i32", "P": "i32", "R": "i32", "qk_scale": "fp32",
+           "scale": "fp32"}
 KERNELS = [
     (tc.nsa_cmp_fwd_kernel, "BT_cmp"), (ts.nsa_slc_fwd_kernel, "BT_slc"), (tc.nsa_cmp_bwd_dq_kernel, "BT_cmp"),
     (tc.nsa_cmp_bwd_dkdv_kernel, "BT_cmp"), (ts.nsa_slc_bwd_dq_kernel, "BT_slc"), (ts.nsa_slc_bwd_dkdv_kernel, None),
+    (tg.nsa_gate_mix_kernel, None), (tg.nsa_gate_grads_kernel, None),
 ]
 # float32 at head dim 128 compiles for two minutes (the exact float32 dots) and takes the same code paths as at 16
 CASES = ((torch.bfloat16, 4, 16, 16, 4), (torch.float32, 4, 16, 16, 4), (torch.bfloat16, 16, 128, 64, 16),
@@ -367,7 +369,8 @@ for dtype, G, D, L, n in CASES:
     cfg = tl_.nsa_tiles(D, G, L, dtype)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     shape = dict(HQ=2 * G, HKV=2, G=G, GP=tl_._pow2(G), D=D, L=L, N=n, NP=max(tl_._pow2(n), 16),
-                 BC=cfg["BC"], BQ=cfg["BQ"], PREC=dot_precision(torch.empty(0, dtype=dtype)))
+                 BC=cfg["BC"], BQ=cfg["BQ"], PREC=dot_precision(torch.empty(0, dtype=dtype)),
+                 BR=tg._ROWS, BD=max(16, triton.next_power_of_2(D)))
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     for fn, bt in KERNELS:
         params = list(inspect.signature(fn.fn).parameters)
@@ -391,7 +394,7 @@ def test_default_cuda_tiles_compile_for_sm90(compile_in_child):
     shapes (head dim 16, 16-token blocks) or larger (bf16: the paper's G = 16, D = 128, L = 64). In a child process:
     the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
     out = compile_in_child(_SM90_COMPILE)
-    assert out.count("shared") == 24, out
+    assert out.count("shared") == 32, out
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from torch import Tensor
 from .._triton import LOG2E, dot_precision, interpreting, triton
 from ..swa import swa_bwd, swa_fwd
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
+from .triton_gates import nsa_gate_grads, nsa_gate_mix
 from .triton_select import nsa_slc_bwd_dkdv_kernel, nsa_slc_bwd_dq_kernel, nsa_slc_fwd_kernel
 
 __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
@@ -118,9 +119,7 @@ def nsa_fwd(
     else:
         ob[2].zero_()
         lse_win = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
-    gates = torch.stack((g_cmp, g_slc, g_win)).float()[..., None]  # [3, B, T, HQ, 1]
-    o = (gates * ob.float()).sum(0).to(q.dtype)
-    return o, ob, lse, lse_win, idx
+    return nsa_gate_mix(ob, g_cmp, g_slc, g_win), ob, lse, lse_win, idx
 
 
 def _cmp_spans(T: int, NC: int, BH: int, cfg: dict) -> tuple[int, int]:
@@ -191,10 +190,9 @@ def nsa_bwd(
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     NC = T // L
-    gates = torch.stack((g_cmp, g_slc, g_win))  # [3, B, T, HQ]
-    dg = (do.float()[None] * ob.float()).sum(-1)  # [3, B, T, HQ]: gradient of each gate
-    delta = gates.float() * dg  # rowsum(do_x * o_x) with do_x = g_x * do
-    g_cmp, g_slc = gates[0], gates[1]
+    gates = (g_cmp, g_slc, g_win)
+    dg, do_win = nsa_gate_grads(do, ob, g_win)  # [3, B, T, HQ]: gradient of each gate; g_win * do
+    delta = torch.stack(gates).float() * dg  # rowsum(do_x * o_x) with do_x = g_x * do
 
     # compression branch: dq, and dk / dv of the pooled blocks spread back over their tokens
     kc, vc = _compress(k, L), _compress(v, L)
@@ -235,7 +233,6 @@ def nsa_bwd(
 
     # window branch
     if window_size > 0:
-        do_win = (gates[2].float()[..., None] * do.float()).to(q.dtype)
         dq_w, dk_w, dv_w = swa_bwd(do_win, q, k, v, ob[2], lse_win, window_size, 0, scale)
         dq += dq_w.float()
         dk += dk_w.float()
