@@ -212,10 +212,9 @@ def nsa_bwd(
         )  # fmt: skip
         dkc, dvc = dkc_s.sum(0), dvc_s.sum(0)
 
-    # selection branch
-    dq_slc = torch.empty_like(dq)
+    # selection branch (its dq is added to the compression's in place)
     nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
-        q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq_slc, T=T,
+        q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
         qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
     )  # fmt: skip
     dk = torch.zeros(B, T, HKV, D, device=q.device, dtype=torch.float32)
@@ -226,7 +225,6 @@ def nsa_bwd(
         prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, T=T, NBS=triton.cdiv(T, L), P=P,
         qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], **common,
     )  # fmt: skip
-    dq += dq_slc
     # [B, NC, HKV, D] -> every token of the block, divided by L (the mean's derivative)
     dk[:, : NC * L] += (dkc / L).repeat_interleave(L, 1)
     dv[:, : NC * L] += (dvc / L).repeat_interleave(L, 1)
@@ -234,9 +232,9 @@ def nsa_bwd(
     # window branch
     if window_size > 0:
         dq_w, dk_w, dv_w = swa_bwd(do_win, q, k, v, ob[2], lse_win, window_size, 0, scale)
-        dq += dq_w.float()
-        dk += dk_w.float()
-        dv += dv_w.float()
+        dq += dq_w  # float32 += the inputs' dtype: one pass, no float32 copy
+        dk += dk_w
+        dv += dv_w
     # each gradient its own tensor: a float32 dg[i] would be a view of dg, and a custom op's outputs may not alias
     # one another (nor its inputs)
     dgs = (dg[i].to(g.dtype, copy=True) for i, g in enumerate(gates))

@@ -136,7 +136,7 @@ def nsa_slc_bwd_dq_kernel(
     g,  # [B, T, HQ] the selection gate
     delta,  # [B, T, HQ] float32: rowsum(do_slc * o_slc), do_slc = g * do
     lse,  # [B, T, HQ] float32 (base 2)
-    dq,  # [B, T, HQ, D] float32 out
+    dq,  # [B, T, HQ, D] float32 in and out: this branch's dq is added to what it holds (the compression's)
     T,
     qk_scale,
     scale,
@@ -151,6 +151,7 @@ def nsa_slc_bwd_dq_kernel(
     BT: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # each program owns its rows of dq (BT tokens x the group's heads): a plain read-add-write, no atomics
     tl.static_assert(L % BT == 0)
     BIG: tl.constexpr = 1 << 30
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -189,7 +190,8 @@ def nsa_slc_bwd_dq_kernel(
         # [M, L] @ [L, D] -> [M, D]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
         c = _next_block(b_idx, c, BIG)
-    tl.store(dq + p_row, b_dq * scale, mask=m_r[:, None])
+    b_dq = b_dq * scale + tl.load(dq + p_row, mask=m_r[:, None], other=0.0)
+    tl.store(dq + p_row, b_dq, mask=m_r[:, None])
 
 
 @triton.jit
