@@ -206,11 +206,17 @@ def test_random_patterns_round_trip(items, data):
 
 
 def refused(pattern: str, match: str) -> PatternError:
-    start = time.perf_counter()
-    with pytest.raises(PatternError, match=match) as e:
-        parse_pattern(pattern)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"refusing a {len(pattern)}-character pattern took {elapsed:.3f} s"
+    """The error parse_pattern raises, which must come fast (milliseconds): the best of two timings is under
+    0.5 s, so that one pause of a busy machine (a garbage collection) is not read as a slow parser."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with pytest.raises(PatternError, match=match) as e:
+            parse_pattern(pattern)
+        times.append(time.perf_counter() - start)
+        if times[-1] < 0.5:
+            break
+    assert min(times) < 0.5, f"refusing a {len(pattern)}-character pattern took {min(times):.3f} s (best of 2)"
     return e.value
 
 
