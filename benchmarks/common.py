@@ -161,7 +161,8 @@ def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) ->
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["op", "impl", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms", "decode_ms", "peak_mem_mb", "note"]
+    cols = ["op", "impl", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms", "decode_ms", "step_ms", "tokens_per_s"]
+    cols += ["peak_mem_mb", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))

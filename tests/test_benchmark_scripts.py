@@ -36,6 +36,7 @@ GPU_MODES = {
     "flash_attn_backend.py": ([], "no mode of it runs on the CPU"),
     "gpu_all.sh": (["backends"], "no part runs on the CPU"),
     "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
+    "train_e2e.py": ([], "'train_e2e.py --smoke' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
 
@@ -221,3 +222,14 @@ def test_pytest_collects_nothing_from_benchmarks(pytestconfig):
     assert pytestconfig.getini("testpaths") == ["tests"]
     found = [p.name for p in BENCH.rglob("*.py") if p.name.startswith("test_") or p.name.endswith("_test.py")]
     assert found == ["test_bench_cpu.py"]
+
+
+@no_gpu
+@pytest.mark.slow
+def test_train_e2e_smoke():
+    """The end-to-end training benchmark's CPU mode: both models train a few steps through the Trainer."""
+    p = subprocess.run(
+        _command("train_e2e.py", ["--smoke"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    assert "(gdn eviction_swa)*6: " in p.stdout and "x the tokens/s of (gdn swa)*6" in p.stdout, p.stdout

@@ -255,7 +255,8 @@ class SparsityController:
         B, T, H = ranked.shape
         at_hi = ranked.gather(1, hi.clamp(max=T - 1).long().expand(B, 1, H))
         at_hi = torch.where(hi < T, at_hi, -1.0)  # a budget as long as the sequence: no excess
-        at_lo = ranked.gather(1, (lo - 1).clamp(min=0).long().expand(B, 1, H))
+        # a band above the sequence's length (a short training sequence, a large capacity): its last token
+        at_lo = ranked.gather(1, (lo - 1).clamp(min=0, max=T - 1).long().expand(B, 1, H))
         at_lo = torch.where(lo >= 1, at_lo, 1.0)
         z_hi, z_lo = (torch.logit(t.double() + 0.5, eps=1e-6) for t in (at_hi, at_lo))  # sentinels +-1: +-13.8
         zm = math.log((0.5 + self.margin) / (0.5 - self.margin))

@@ -107,6 +107,18 @@ def test_penalty_pushes_scores_down_above_the_band_and_up_below_it():
     assert (bias_grad(model, ctrl) < 0).all()
 
 
+def test_band_longer_than_the_sequence():
+    """A capacity above the training length (capacity 64, 20 tokens): the band cannot be reached; every token
+    falls short, the penalty pushes every score up, and the controller's statistics stay finite."""
+    model = two_layers(bias=-5.0, capacity=64)
+    ctrl = SparsityController(model, lambda_init=1.0)
+    forward(model, torch.randn(2, 20, 32))
+    assert all(torch.isfinite(ctrl.violation(i)).all() for i in range(2))
+    assert (bias_grad(model, ctrl) < 0).all()
+    s = ctrl.step()
+    assert torch.isfinite(s["lambda"]).all()
+
+
 def test_lambda_grows_outside_the_band_and_leaks_inside():
     model = two_layers(bias=2.0, capacity=4)
     ctrl = SparsityController(model, update_every=2, ema_decay=0.0, gain=0.2, leak=0.02, lambda_init=0.01)
