@@ -561,6 +561,16 @@ def live_pad(state: State) -> Tensor:
     return torch.where(state.pad >= ENDED, state.pad - ENDED, state.pad)
 
 
+def whole_prompt(x: Tensor, state: State, attention_mask: Tensor | None) -> bool:
+    """Whether a chunk is a whole prompt that a mixer may run as its parallel form and then fill the state from:
+    several tokens, eager (not while torch.compile traces), a state that has seen nothing, and rows that may start
+    with padding but not end with it. Reads the device twice (the counter, the mask's last column): for prompts,
+    not steps (a one-token chunk is refused before any read)."""
+    if x.shape[1] < 2 or torch.compiler.is_compiling() or int(state.seen) != 0:
+        return False
+    return attention_mask is None or bool(attention_mask[:, -1].all())
+
+
 # What the last eager capacity check left in each state's ``seen`` counter: id(seen) -> (weak reference, the
 # version counter expected after the caller's one ``seen.add_(T)``, the value then). A step whose ``seen`` still
 # has that version takes the value from here instead of reading the device (a synchronisation per layer and

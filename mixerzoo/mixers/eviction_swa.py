@@ -32,6 +32,7 @@ from .base import (
     positions_and_pad,
     state_dataclass,
     state_field,
+    whole_prompt,
 )
 from .rope import apply_rope
 from .router import CNNRouter, ValueGate, key_norm_score, router_margin
@@ -430,14 +431,9 @@ class EvictionSWA(AttentionMixer):
 
     @staticmethod
     def _prefill_whole(x: Tensor, state: EvictionSWAState, attention_mask: Tensor | None) -> bool:
-        """Whether a prompt of several tokens takes ``_prefill_empty``: eager CUDA, a state that has seen
-        nothing yet, and no padding after a row's last real token (host reads: the counter, the mask's last
-        column). Elsewhere the chunked prefill runs."""
-        if x.shape[1] < 2 or not x.is_cuda or not HAS_TRITON or torch.compiler.is_compiling():
-            return False
-        if int(state.seen) != 0:
-            return False
-        return attention_mask is None or bool(attention_mask[:, -1].all())
+        """Whether a prompt takes ``_prefill_empty``: eager CUDA, a state that has seen nothing yet, no padding
+        after a row's last real token (base.whole_prompt). Elsewhere the chunked prefill runs."""
+        return x.is_cuda and HAS_TRITON and whole_prompt(x, state, attention_mask)
 
     def _prefill_empty(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """T tokens into a state that has seen nothing, in one pass: the outputs of the parallel eval form (the

@@ -39,6 +39,7 @@ from .base import (
     positions_and_pad,
     state_dataclass,
     state_field,
+    whole_prompt,
 )
 
 __all__ = ["NSA", "NSABlockCompressor", "NSAConfig", "NSAState"]
@@ -229,15 +230,10 @@ class NSA(AttentionMixer):
         return self.out(o.to(x.dtype)), state
 
     def _prefill_whole(self, x: Tensor, state: NSAState, attention_mask: Tensor | None) -> bool:
-        """Whether a prompt of several tokens runs as the parallel form (the Triton op) and then fills the
-        cache: eager CUDA, the mean compressor, a state that has seen nothing yet, and no padding after a row's
-        last real token (host reads: the counter, the mask's last column). Elsewhere ``_chunk`` runs, which
-        attends densely over the whole cache."""
-        if x.shape[1] < 2 or not x.is_cuda or self.k_compressor is not None or torch.compiler.is_compiling():
-            return False
-        if int(state.seen) != 0:
-            return False
-        return attention_mask is None or bool(attention_mask[:, -1].all())
+        """Whether a prompt runs as the parallel form (the Triton op) and then fills the cache: eager CUDA, the
+        mean compressor, a state that has seen nothing yet, no padding after a row's last real token
+        (base.whole_prompt). Elsewhere ``_chunk`` runs, which attends densely over the whole cache."""
+        return x.is_cuda and self.k_compressor is None and whole_prompt(x, state, attention_mask)
 
     def _parallel(self, x: Tensor, attention_mask: Tensor | None, fill: NSAState | None = None) -> Tensor:
         """x [B, T, D] (padding zeroed) -> o [B, T, HQ, Dh]. With ``fill`` (a state that has seen nothing), the

@@ -107,6 +107,20 @@ def test_capacity_one_builds_long_eviction_chains():
     _assert_states_equal(one, chunked)
 
 
+def test_whole_prompt():
+    from mixerzoo.mixers.base import whole_prompt
+
+    st = registry.build("eviction_swa", **CASES["gqa"]).init_state(2)
+    x = torch.zeros(2, 4, 32)
+    left = torch.tensor([[False, True, True, True], [True] * 4])
+    right = torch.tensor([[True, True, True, False], [True] * 4])
+    assert whole_prompt(x, st, None) and whole_prompt(x, st, left)
+    assert not whole_prompt(x, st, right)  # a row that ends: the chunked path marks it
+    assert not whole_prompt(x[:, :1], st, None)  # one token: a step
+    st.seen.fill_(4)
+    assert not whole_prompt(x, st, None)  # the state has seen tokens
+
+
 def test_which_prefill_runs():
     m = registry.build("eviction_swa", **CASES["gqa"]).eval()
     st = m.init_state(1)
