@@ -317,24 +317,31 @@ class NSA(AttentionMixer):
         state: NSAState,
     ) -> Tensor:
         """A chunk of any length, or a step that needs gradients: write it, recompute the compressed blocks from
-        the cache (differentiable in this chunk's keys and values), then attend densely over the N cached
-        positions. O(T * N) time and memory."""
+        the cache (differentiable in this chunk's keys and values), then attend densely over the cached
+        positions: eagerly, a chunk of several tokens attends only over the ``seen + T`` slots filled so far (one
+        host read; the rest are empty and invisible), a step or a compiled chunk over all N. O(T * N) at most."""
         B, T, HQ, D = q.shape
         N, L, HKV = state.k_cache.shape[1], self.block_size, self.num_kv_heads
-        nb, G = N // L, HQ // HKV
+        G = HQ // HKV
         idx = self._write(k, v, pos, valid, state)
-        keys, values = state.k_cache.to(q.dtype), state.v_cache.to(q.dtype)
+        if T > 1 and not torch.compiler.is_compiling():  # a prompt chunk (a grad-mode step keeps one shape)
+            N = min(N, int(state.seen) + T)  # the slots written so far (positions never exceed slots)
+        nb = N // L
+        keys, values = state.k_cache, state.v_cache
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # out-of-place copies carry this chunk's gradient; autograd never saves the cache itself
+            # out-of-place copies carry this chunk's gradient; autograd never saves the cache itself (the whole
+            # cache: a padding token's index, its negative position mod the capacity, may lie past the N used)
             keep = valid[..., None, None]
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
             keys = keys.scatter(1, idx, torch.where(keep, k, keys.gather(1, idx)))
             values = values.scatter(1, idx, torch.where(keep, v, values.gather(1, idx)))
-        k_cmp, v_cmp = self.compress(keys, values)  # [B, NB, HKV, Dh]
+        keys, values = keys[:, :N].to(q.dtype), values[:, :N].to(q.dtype)
+        k_cmp, v_cmp = self.compress(keys, values)  # [B, nb, HKV, Dh]
         with torch.no_grad():
             last = qpos.amax(1)[:, None]  # [B, 1] the row's last real position (-1: none in this chunk)
-            done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, NB, 1, 1]
-            state.k_cmp.copy_(torch.where(done, k_cmp.detach(), state.k_cmp))
-            state.v_cmp.copy_(torch.where(done, v_cmp.detach(), state.v_cmp))
+            done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, nb, 1, 1]
+            for cmp, new in ((state.k_cmp[:, :nb], k_cmp), (state.v_cmp[:, :nb], v_cmp)):
+                cmp.copy_(torch.where(done, new.detach(), cmp))
 
         cd = k_cmp.dtype
         qf = q.to(cd).transpose(1, 2)  # [B, HQ, T, Dh]

@@ -124,6 +124,23 @@ def test_chunk_scores_in_query_slices(monkeypatch):
     assert_close("sliced chunk dx", gw, gg, torch.float32)
 
 
+def test_chunk_attends_over_the_filled_slots_only(monkeypatch):
+    """Eagerly a prompt chunk's dense branches span the seen + T slots written so far, not the whole cache
+    (max_seqlen 200 here); the result is the same as with a cache of exactly that size."""
+    import mixerzoo.mixers.nsa as nsa_module
+
+    m = build(num_kv_heads=2)
+    x = inputs(2, 30)
+    with torch.no_grad():
+        want, _ = stream(m, x, [20, 10], max_seqlen=30)
+        keys = []
+        attend = nsa_module.masked_attend
+        monkeypatch.setattr(nsa_module, "masked_attend", lambda s, *a: keys.append(s.shape[-1]) or attend(s, *a))
+        got, _ = stream(m, x, [20, 10], max_seqlen=200)
+    assert keys == [5, 20, 20, 7, 30, 30]  # per chunk: compressed blocks, then the selection and window branches
+    assert_close("filled slots", want, got, torch.float32)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["", "left-padded"])
 def test_one_pass_prefill_equals_chunk(padded):
     """On CUDA a prompt into an empty state runs the parallel op and fills the cache from it (_prefill_whole);
