@@ -225,6 +225,31 @@ def run_recall(
     return rows
 
 
+def _merged(path: Path, record: dict) -> dict:
+    """``record`` with the rows of an earlier results file at ``path`` kept for the patterns this run did not
+    train, when that run had the same recipe on the same device (the experiment can then run in parts,
+    ``--patterns`` a few at a time); rows in the experiment's pattern order, minutes summed over the runs.
+    Another recipe or device: the earlier file is replaced, and the run says so."""
+    if not path.exists():
+        return record
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    same = old is not None and all(old.get(k) == record[k] for k in ("device", "recipe"))
+    if not same:
+        print(f"recall: {path} holds another recipe or device; it is replaced", flush=True)
+        return record
+    done = {r["pattern"] for r in record["rows"]}
+    kept = [r for r in old.get("rows", []) if r.get("pattern") not in done]
+    if kept:
+        print(f"recall: kept {len(kept)} pattern(s) of the earlier run with this recipe in {path}", flush=True)
+    order = {p: i for i, p in enumerate(DEFAULT_PATTERNS)}
+    rows = sorted(kept + record["rows"], key=lambda r: order.get(r["pattern"], len(order)))
+    minutes = record["minutes"] + (old.get("minutes", 0.0) if kept else 0.0)  # over the runs that made the file
+    return {**record, "rows": rows, "minutes": round(minutes, 2)}
+
+
 def _table(rows: list[dict]) -> str:
     lengths = list(rows[0]["accuracy"]) if rows else []
     head = ["pattern", "params", "KV bytes/layer"] + [f"acc T={L}" for L in lengths] + ["train s"]
@@ -364,16 +389,17 @@ def main_recall(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": json.loads(json.dumps(dataclasses.asdict(recipe))),
         "curriculum": recipe.curriculum(),
         "chance": 1 / ((recipe.vocab - 1) // 2),
         "minutes": round(elapsed / 60, 2),
         "rows": rows,
     }
+    record = _merged(out / f"{stem}.json", record)
     with open(out / f"{stem}.json", "w") as f:
         json.dump(record, f, indent=1)
     print(f"results: {out / (stem + '.json')}")
-    print(_plot(rows, out / f"{stem}.png", f"recall, {slug}, T={recipe.T}, {recipe.steps} steps"))
+    print(_plot(record["rows"], out / f"{stem}.png", f"recall, {slug}, T={recipe.T}, {recipe.steps} steps"))
     if args.calibrate:
         acc = rows[0]["accuracy"][str(recipe.T)]
         verdict = "reaches" if acc >= 0.9 else "does NOT reach"

@@ -120,6 +120,18 @@ def test_recall_command(tmp_path, capsys):
     # a cache that holds 4T tokens against a ring of 8
     assert full["kv_bytes_per_attention_layer"] > 16 * swa["kv_bytes_per_attention_layer"]
     assert main(["recall", "--patterns", "nope*2", "--device", "cpu"]) == 2
+    # in parts: a run of another pattern with the same recipe keeps the earlier rows, in the experiment's order
+    # (its patterns first, others after); another recipe replaces the file
+    args[2] = "gdn*4"
+    assert main(args) == 0
+    assert "kept 2 pattern(s) of the earlier run" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "recall-cpu.json").read_text())
+    assert [r["pattern"] for r in merged["rows"]] == ["gdn*4", full["pattern"], swa["pattern"]]
+    assert merged["rows"][1:] == record["rows"]
+    args[args.index("--steps") + 1] = "4"
+    assert main(args) == 0
+    assert "holds another recipe or device; it is replaced" in capsys.readouterr().out
+    assert [r["pattern"] for r in json.loads((tmp_path / "recall-cpu.json").read_text())["rows"]] == ["gdn*4"]
 
 
 def test_recall_evaluation_through_the_state_matches_the_parallel_form():
