@@ -37,6 +37,7 @@ GPU_MODES = {
     "gpu_all.sh": (["backends"], "no part runs on the CPU"),
     "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
     "train_e2e.py": ([], "'train_e2e.py --smoke' runs on the CPU"),
+    "fsdp2.py": ([], "'fsdp2.py --smoke' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
 
@@ -226,10 +227,13 @@ def test_pytest_collects_nothing_from_benchmarks(pytestconfig):
 
 @no_gpu
 @pytest.mark.slow
-def test_train_e2e_smoke():
-    """The end-to-end training benchmark's CPU mode: both models train a few steps through the Trainer."""
-    p = subprocess.run(
-        _command("train_e2e.py", ["--smoke"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0, p.stderr
-    assert "(gdn eviction_swa)*6: " in p.stdout and "x the tokens/s of (gdn swa)*6" in p.stdout, p.stdout
+def test_training_scripts_smoke():
+    """The CPU modes of the training benchmarks: train_e2e.py trains both models a few steps through the Trainer;
+    fsdp2.py runs the train command in one process and as two gloo ranks, whose losses agree."""
+    runs = _run_all({s: _command(s, ["--smoke"]) for s in ("train_e2e.py", "fsdp2.py")}, _env())
+    e2e, fsdp = runs["train_e2e.py"], runs["fsdp2.py"]
+    assert e2e.returncode == 0, e2e.stderr
+    assert "(gdn eviction_swa)*6: " in e2e.stdout and "x the tokens/s of (gdn swa)*6" in e2e.stdout, e2e.stdout
+    assert fsdp.returncode == 0, fsdp.stderr
+    diff = re.search(r"loss: largest relative difference (\S+) at step", fsdp.stdout)
+    assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
