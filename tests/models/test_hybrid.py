@@ -287,6 +287,7 @@ def _greedy_reference(lm, ids, n, mask=None):
     return seq[:, ids.shape[1] :]
 
 
+@pytest.mark.slow  # an Inductor compile
 def test_generate_greedy_compiled_matches_parallel_without_recompiles():
     lm = _lm(seed=3).eval()
     ids = torch.randint(0, 61, (2, 7))

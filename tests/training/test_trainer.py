@@ -107,6 +107,7 @@ def test_bad_settings_are_refused(capsys):
     assert "train: " in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains three tiny stacks end to end (the fast run keeps test_tiny_recall_run_learns)
 def test_recall_command(tmp_path, capsys):
     args = ["recall", "--patterns", "swa[window_size=4] full_attention; swa[window_size=4]*2", "--T", "64"]
     args += ["--pairs", "3", "--vocab", "32", "--hidden", "32", "--window", "8", "--capacity", "8", "--batch", "8"]
