@@ -549,11 +549,32 @@ def positions_and_pad(
     return slot, slot[None, :] - pad[:, None], valid
 
 
+# Pad counters whose rows were last checked open: id(pad) -> (weak reference, its version then, or None: never
+# skip). Rows end only by an in-place change of ``pad`` (positions_and_pad's copy_, or a user's), which bumps the
+# version: while it stands still, the rows are still open and a decode step need not check again (three
+# operations per layer and step in an eager decode loop). A counter seen while capturing a CUDA graph, an
+# inference tensor (no version counter), or anything while compiling is always checked.
+_PAD_OPEN: dict[int, tuple[Any, int | None]] = {}
+
+
 def check_row_open(name: str, state: State) -> None:
     """The check a mask-less chunk needs (positions_and_pad, and the decode steps that skip it): no row of the
-    state was ended by right padding, since a real token after that is a hole in the mask. Asynchronous on a GPU."""
+    state was ended by right padding, since a real token after that is a hole in the mask. Asynchronous on a GPU;
+    skipped when ``state.pad`` has not changed since it last passed (see _PAD_OPEN)."""
+    pad = state.pad
+    key = id(pad)
+    rec = _PAD_OPEN.get(key)
+    known = rec is not None and rec[0]() is pad
+    capturing = pad.is_cuda and torch.cuda.is_current_stream_capturing()
+    keep = not (torch.compiler.is_compiling() or pad.is_inference() or capturing or (known and rec[1] is None))
+    if keep and known and rec[1] == pad._version:
+        return
     msg = "a real token follows the right padding that ended its row (a hole in the mask)"
-    check_values(name, state.pad < ENDED, msg)
+    check_values(name, pad < ENDED, msg)
+    if torch.compiler.is_compiling() or pad.is_inference():
+        return
+    ref = rec[0] if known else weakref.ref(pad, lambda _ref: _PAD_OPEN.pop(key, None))
+    _PAD_OPEN[key] = (ref, pad._version if keep else None)
 
 
 def live_pad(state: State) -> Tensor:

@@ -1,6 +1,7 @@
-"""The KV-cache capacity check of the linear-growth mixers (full_attention, nsa) in an eager decode loop: it knows
-``seen`` from its previous check while nothing else changed it (no device read per step), and still refuses every
-write past max_seqlen, whatever changed ``seen`` in between."""
+"""The per-step checks of an eager decode loop, which remember what they last found while the checked counter stands
+still: the KV-cache capacity check of the linear-growth mixers (full_attention, nsa) knows ``seen`` from its previous
+check (no device read per step) and still refuses every write past max_seqlen, whatever changed ``seen`` in between;
+the open-rows check runs again only after ``pad`` changes."""
 
 from __future__ import annotations
 
@@ -114,3 +115,30 @@ def test_compiling_a_check_turns_the_record_off():
     assert not base._SEEN_HOST_OFF
     torch.compile(check, backend="eager", fullgraph=True)(S())
     assert base._SEEN_HOST_OFF
+
+
+@pytest.mark.parametrize("name", ["swa", "gdn"])
+def test_row_open_check_runs_again_only_after_pad_changes(monkeypatch, name):
+    """A mask-less step checks that no row was ended by right padding; while ``pad`` stays unchanged the rows stay
+    open, so later steps skip the check. A masked chunk that ends a row, or any in-place change of ``pad``, brings
+    it back, and the step after a row's end still raises."""
+    checks = []
+    real = base.check_values
+    monkeypatch.setattr(base, "check_values", lambda op, ok, msg, **kw: checks.append(msg) or real(op, ok, msg, **kw))
+    m = registry.build(name, hidden_size=32, num_heads=4).eval()
+    st = m.init_state(2)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        m(x, st)
+        first = len(checks)
+        assert first >= 1
+        m(x, st)
+        m(x, st)
+        assert len(checks) == first  # pad unchanged: no more checks
+        m(torch.randn(2, 2, 32), st, attention_mask=torch.tensor([[True, True], [True, False]]))  # row 1 ends
+        with pytest.raises(ValueError, match="hole in the mask"):
+            m(x, st)
+        st.pad.zero_()  # a user reopens the rows: pad changed, checked again, and it passes
+        n = len(checks)
+        m(x, st)
+        assert len(checks) == n + 1
