@@ -562,17 +562,17 @@ def check_row_open(name: str, state: State) -> None:
     state was ended by right padding, since a real token after that is a hole in the mask. Asynchronous on a GPU;
     skipped when ``state.pad`` has not changed since it last passed (see _PAD_OPEN)."""
     pad = state.pad
+    msg = "a real token follows the right padding that ended its row (a hole in the mask)"
+    if torch.compiler.is_compiling() or pad.is_inference():  # nothing host-side is traced (no guard on ids)
+        check_values(name, pad < ENDED, msg)
+        return
     key = id(pad)
     rec = _PAD_OPEN.get(key)
     known = rec is not None and rec[0]() is pad
-    capturing = pad.is_cuda and torch.cuda.is_current_stream_capturing()
-    keep = not (torch.compiler.is_compiling() or pad.is_inference() or capturing or (known and rec[1] is None))
+    keep = not ((pad.is_cuda and torch.cuda.is_current_stream_capturing()) or (known and rec[1] is None))
     if keep and known and rec[1] == pad._version:
         return
-    msg = "a real token follows the right padding that ended its row (a hole in the mask)"
     check_values(name, pad < ENDED, msg)
-    if torch.compiler.is_compiling() or pad.is_inference():
-        return
     ref = rec[0] if known else weakref.ref(pad, lambda _ref: _PAD_OPEN.pop(key, None))
     _PAD_OPEN[key] = (ref, pad._version if keep else None)
 
