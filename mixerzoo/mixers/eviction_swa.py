@@ -286,7 +286,6 @@ class EvictionSWA(AttentionMixer):
 
     def _parallel(self, q, k, v, pos, valid, padded: bool) -> Tensor:
         c = self.config
-        T = q.shape[1]
         kpos = pos.masked_fill(~valid, -1)  # [B, T]: padding on either side reads as outside the sequence
         r = self._raw_scores(torch.cat((k, v), -1), k, kpos, self.training)  # [B, T, H] float32
         score = self._effective(r, kpos)
@@ -301,39 +300,38 @@ class EvictionSWA(AttentionMixer):
         if self.router is not None and c.router_grad == "straight_through":
             v = ValueGate.apply(v, r)
         q, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
-        if padded:
-            # The op knows no padding: move each row's left padding to the right end, where causality
-            # hides it from the real tokens, and the first real tokens become slots 0.. (the sinks).
-            shift = leading_padding(valid)[:, None]  # [B, 1]; right padding already follows the real tokens
-            idx = torch.remainder(torch.arange(T, device=q.device)[None, :] + shift, T)  # [B, T]
-            q, k, v, score = (_take(t, idx) for t in (q, k, v, score))
-        training, num_sinks = self.training, c.num_sinks
-        if not self.training and c.prefill == "final_buffer":
-            # Query t sees its window and the keys j <= t - W of the buffer left at the end: the training
-            # mask with "retained" meaning "in that buffer" (docs/paper.md#prefill).
-            member = final_buffer_members(
-                score,
-                window_size=c.window_size,
-                capacity=c.capacity,
-                num_sinks=c.num_sinks,
-                lengths=valid.sum(-1),
-            )
-            score = torch.where(member, 1.0, -1.0)
-            training, num_sinks = True, 0
-        o = eviction_attention(
-            q,
-            k,
-            v,
-            score,
-            window_size=c.window_size,
-            capacity=c.capacity,
-            num_sinks=num_sinks,
-            training=training,
-        )
-        if padded:
-            back = torch.remainder(torch.arange(T, device=q.device)[None, :] - shift, T)
-            o = _take(o, back)
-        return o
+        # right padding already follows the real tokens: only the left padding needs moving
+        shift = leading_padding(valid) if padded else None
+        return self._attention(q, k, v, score, shift=shift, lengths=valid.sum(-1), training=self.training)
+
+    def _attention(self, q, k, v, score, *, shift, lengths, training: bool, intervals: bool = False):
+        """The eviction op over q, k (with RoPE) and v [B, T, ...] and effective scores [B, T, H], as the parallel
+        form and the one-pass prefill run it. The op knows no padding: with ``shift`` [B] (leading padding per row;
+        None: none) each row's left padding moves to its end, where causality hides it from the real tokens, and
+        its first real tokens become index 0.. (the sinks); ``lengths`` [B] real tokens per row. Eval with the
+        final-buffer prompts: query t sees its window and the keys j <= t - W of the buffer left at the row's
+        end, the training mask with "retained" meaning "in that buffer" (docs/paper.md#prefill).
+        Returns o [B, T, HQ, D]; with ``intervals`` also (kpos, kend, kcum), the inference-semantics buffer
+        intervals at the op's indices (rotated rows)."""
+        c = self.config
+        T = q.shape[1]
+        t = torch.arange(T, device=q.device)[None, :]
+        if shift is not None:
+            q, k, v, score = (_take(x, torch.remainder(t + shift[:, None], T)) for x in (q, k, v, score))
+        op = dict(window_size=c.window_size, capacity=c.capacity, num_sinks=c.num_sinks)
+        iv = None
+        if not training and c.prefill == "final_buffer":
+            member = final_buffer_members(score, **op, lengths=lengths)
+            o = eviction_attention(q, k, v, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
+            if intervals:
+                iv = eviction_intervals(score, **op, training=False)
+        elif intervals:
+            o, iv = eviction_attention(q, k, v, score, **op, training=training, return_intervals=True)
+        else:
+            o = eviction_attention(q, k, v, score, **op, training=training)
+        if shift is not None:
+            o = _take(o, torch.remainder(t - shift[:, None], T))
+        return (o, iv) if intervals else o
 
     # -- streaming ---------------------------------------------------------------------------------
     def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
@@ -444,27 +442,15 @@ class EvictionSWA(AttentionMixer):
         positions_and_pad set it for this call), not end with it; state.seen == 0."""
         c = self.config
         W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
-        B, T = q.shape[:2]
-        dev = q.device
+        T, dev = q.shape[1], q.device
         pad = live_pad(state)  # [B] leading padding of each row
         pos = torch.arange(T, device=dev)[None, :] - pad[:, None]  # [B, T]; padding: < 0
         kp = pos.clamp(min=-1)  # padding reads as outside the sequence
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
         score = self._effective(self._raw_scores(u, k, kp, False), kp)  # [B, T, H] float32
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
-        # The op knows no padding: each row's padding moves to its end (where causality hides it), so that
-        # index i of the op is position i; the row's last query is at n - 1.
-        n = T - pad  # [B] real tokens per row
-        idx = torch.remainder(torch.arange(T, device=dev)[None, :] + pad[:, None], T)  # [B, T]
-        qo, ko, vo, so = (_take(t, idx) for t in (qr, kr, v, score))
-        op = dict(window_size=W, capacity=C, num_sinks=c.num_sinks)
-        if c.prefill == "final_buffer":
-            member = final_buffer_members(so, **op, lengths=n)
-            o = eviction_attention(qo, ko, vo, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
-            kpos, kend, _ = eviction_intervals(so, **op, training=False)
-        else:
-            o, (kpos, kend, _) = eviction_attention(qo, ko, vo, so, **op, training=False, return_intervals=True)
-        o = _take(o, torch.remainder(torch.arange(T, device=dev)[None, :] - pad[:, None], T))
+        n = T - pad  # [B] real tokens per row; the op's rows are rotated, its row ends at index n - 1
+        o, (kpos, kend, _) = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, intervals=True)
 
         # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
         # context is not complete), as in decode.
@@ -481,25 +467,12 @@ class EvictionSWA(AttentionMixer):
         slot = _entry_slots(kpos, kend, W, C)  # [B, H, T]
         last_q = (n - 1)[:, None, None]
         keep = (kpos < T) & (kpos + W <= last_q) & (kend > last_q)
-        dest = torch.where(keep, slot, C)  # C: a spill column, cut below
-        p = kpos.long()  # [B, H, T] position of each list entry
+        dest = torch.where(keep, slot, C)  # [B, H, T]; C: not in the buffer
+        p = kpos.long().permute(0, 2, 1)  # [B, T, H] position of each list entry
         t = (p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
         D = kr.shape[-1]
-        for buf, src, fill in (
-            (state.buf_k, kr.detach(), 0.0),
-            (state.buf_v, v.detach(), 0.0),
-        ):
-            rows = src.permute(0, 2, 1, 3).gather(2, t[..., None].expand(-1, -1, -1, D))  # [B, H, T, D]
-            new = torch.full((B, buf.shape[2], C + 1, D), fill, dtype=buf.dtype, device=dev)
-            new.scatter_(2, dest[..., None].expand(-1, -1, -1, D), rows.to(buf.dtype))
-            buf.copy_(new[:, :, :C].permute(0, 2, 1, 3))
-        for buf, src, fill in (
-            (state.buf_score, score.permute(0, 2, 1).gather(2, t), _NONE),
-            (state.buf_pos, p, -1),
-        ):
-            new = torch.full((B, buf.shape[2], C + 1), fill, dtype=buf.dtype, device=dev)
-            new.scatter_(2, dest, src.to(buf.dtype))
-            buf.copy_(new[:, :, :C].permute(0, 2, 1))
+        rows = [x.gather(1, t[..., None].expand(-1, -1, -1, D)) for x in (kr, v)]  # [B, T, H, D]
+        _write_buffer(state, dest.permute(0, 2, 1), *rows, score.gather(1, t), p)
         state.seen.add_(T)
         return o
 
@@ -604,18 +577,10 @@ class EvictionSWA(AttentionMixer):
         state.win_score.index_copy_(1, ring_new, Es[:, T:])
         t_last = s0 + T - 1
         member = ret & (leave <= t_last) & (end > t_last)  # [B, C + T, H]
-        dest = torch.where(member, _buffer_slots(state.buf_pos, ret, leave, end), C)  # C: spill, cut below
-        ck = torch.cat((state.buf_k, Ek[:, :T]), 1)  # [B, C + T, H, D]
-        cv = torch.cat((state.buf_v, Ev[:, :T]), 1)
-        d4 = dest[..., None].expand(-1, -1, -1, c.dim)
-        for buf, src, fill, idx in (
-            (state.buf_k, ck, 0.0, d4),
-            (state.buf_v, cv, 0.0, d4),
-            (state.buf_score, cs, _NONE, dest),
-            (state.buf_pos, cp, -1, dest),
-        ):
-            new = torch.full((B, C + 1, *buf.shape[2:]), fill, dtype=buf.dtype, device=dev)
-            buf.copy_(new.scatter(1, idx, src.detach().to(buf.dtype))[:, :C])
+        dest = torch.where(member, _buffer_slots(state.buf_pos, ret, leave, end), C)  # C: not in the buffer
+        _write_buffer(
+            state, dest, torch.cat((state.buf_k, Ek[:, :T]), 1), torch.cat((state.buf_v, Ev[:, :T]), 1), cs, cp
+        )
         state.seen.add_(T)
         return o
 
@@ -721,6 +686,30 @@ def _buffer_end(score: Tensor, pos: Tensor, leave: Tensor, retained: Tensor, cap
     return torch.topk(times, capacity, dim=1, largest=False).values[:, -1]
 
 
+def _write_buffer(state: EvictionSWAState, dest: Tensor, k: Tensor, v: Tensor, score: Tensor, pos: Tensor) -> None:
+    """Refill the buffer from N candidates: k, v [B, N, H, D], score, pos [B, N, H], each to its slot dest [B, N, H]
+    (C: not in the buffer); slots no candidate takes are empty (zeros, NONE, -1)."""
+    B, C = dest.shape[0], state.buf_pos.shape[1]
+    d4 = dest[..., None].expand(-1, -1, -1, k.shape[-1])
+    for buf, src, fill, idx in (
+        (state.buf_k, k, 0.0, d4),
+        (state.buf_v, v, 0.0, d4),
+        (state.buf_score, score, _NONE, dest),
+        (state.buf_pos, pos, -1, dest),
+    ):
+        new = torch.full((B, C + 1, *buf.shape[2:]), fill, dtype=buf.dtype, device=buf.device)  # C + 1: a spill slot
+        buf.copy_(new.scatter(1, idx, src.detach().to(buf.dtype))[:, :C])
+
+
+def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:
+    """Pointer doubling: each entry without a value (< 0) takes the value at the end of its chain of pointers
+    ``nxt`` (indices along ``dim``; an entry with a value points to itself), chains of up to 2**steps links."""
+    for _ in range(steps):
+        val = torch.where(val >= 0, val, val.gather(dim, nxt))
+        nxt = nxt.gather(dim, nxt)
+    return val
+
+
 def _entry_slots(kpos: Tensor, kend: Tensor, window_size: int, capacity: int) -> Tensor:
     """Buffer slot of each key of the interval list (from an empty buffer), as decode assigns them.
 
@@ -741,10 +730,7 @@ def _entry_slots(kpos: Tensor, kend: Tensor, window_size: int, capacity: int) ->
     at.scatter_(2, torch.where(listed & (end < T), end, T), i)
     val = torch.where(i < C, i, -1)
     nxt = torch.where(listed & (i >= C), at.gather(2, start.clamp(max=T)), i)
-    for _ in range(T.bit_length()):  # a chain of evictions is at most T long (C = 1: every entrant)
-        val = torch.where(val >= 0, val, val.gather(2, nxt))
-        nxt = nxt.gather(2, nxt)
-    return val
+    return _follow_chains(val, nxt, 2, T.bit_length())  # a chain is at most T long (C = 1: every entrant evicts)
 
 
 def _buffer_slots(buf_pos: Tensor, retained: Tensor, leave: Tensor, end: Tensor) -> Tensor:
@@ -766,7 +752,4 @@ def _buffer_slots(buf_pos: Tensor, retained: Tensor, leave: Tensor, end: Tensor)
     # The entrant k evicts the entry j that drops out of the top C when k leaves the window.
     hit = entered[:, None] & (end[:, None] == leave[:, :, None])  # [B, N (k), N (j), H]
     nxt = torch.where(val >= 0, i, hit.long().argmax(2))  # pointer to the victim, itself when known
-    for _ in range(max(1, (N - C)).bit_length() + 1):  # pointer doubling along chains of evictions
-        val = torch.where(val >= 0, val, val.gather(1, nxt))
-        nxt = nxt.gather(1, nxt)
-    return val
+    return _follow_chains(val, nxt, 1, max(1, (N - C)).bit_length() + 1)
