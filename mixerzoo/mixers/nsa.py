@@ -276,23 +276,25 @@ class NSA(AttentionMixer):
             o = self._mixed(*branches, g).to(q.dtype)
         if fill is not None:
             # rows rotated: the real tokens first, at their positions; the padding after them is not written
-            n = T if lead is None else T - lead  # [B, 1] real tokens per row
             pos = t[None, :].expand(B, T)
-            self._write(k, v, pos, pos < n, fill)
-            self._compress_done(fill, (pos < n).sum(1, keepdim=True) - 1, k.dtype)
+            real = pos < (T if lead is None else T - lead)
+            self._write(k, v, pos, real, fill)
+            with torch.no_grad():
+                dt = k.dtype
+                k_cmp, v_cmp = self.compress(fill.k_cache.to(dt), fill.v_cache.to(dt))
+                self._store_compressed(fill, k_cmp, v_cmp, real.sum(1, keepdim=True) - 1)
         if lead is not None:
             o = o.gather(1, ((t - lead) % T)[..., None, None].expand_as(o))
         return o
 
     @torch.no_grad()
-    def _compress_done(self, state: NSAState, last: Tensor, dtype: torch.dtype) -> None:
-        """Recompute the compressed cache from the cache, keeping the blocks complete by position ``last``
-        ([B, 1]; -1: none) and what was there for the others."""
-        nb, L = state.k_cmp.shape[1], self.block_size
-        k_cmp, v_cmp = self.compress(state.k_cache.to(dtype), state.v_cache.to(dtype))
-        done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, NB, 1, 1]
-        state.k_cmp.copy_(torch.where(done, k_cmp, state.k_cmp))
-        state.v_cmp.copy_(torch.where(done, v_cmp, state.v_cmp))
+    def _store_compressed(self, state: NSAState, k_cmp: Tensor, v_cmp: Tensor, last: Tensor) -> None:
+        """Keep the compressed blocks k_cmp, v_cmp [B, nb, HKV, Dh] (the first nb of the state's) that are complete
+        by position ``last`` ([B, 1]; -1: none) in the state; the others keep what they held."""
+        nb = k_cmp.shape[1]
+        done = compressed_visible(last, nb, self.block_size)[:, 0, :, None, None]  # [B, nb, 1, 1]
+        for cmp, new in ((state.k_cmp[:, :nb], k_cmp), (state.v_cmp[:, :nb], v_cmp)):
+            cmp.copy_(torch.where(done, new.detach(), cmp))
 
     def _write(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, state: NSAState) -> Tensor:
         """Write the real tokens of a chunk (k, v [B, T, HKV, Dh], pos/valid [B, T]) into the cache at their
@@ -337,11 +339,7 @@ class NSA(AttentionMixer):
             values = values.scatter(1, idx, torch.where(keep, v, values.gather(1, idx)))
         keys, values = keys[:, :N].to(q.dtype), values[:, :N].to(q.dtype)
         k_cmp, v_cmp = self.compress(keys, values)  # [B, nb, HKV, Dh]
-        with torch.no_grad():
-            last = qpos.amax(1)[:, None]  # [B, 1] the row's last real position (-1: none in this chunk)
-            done = compressed_visible(last, nb, L)[:, 0, :, None, None]  # [B, nb, 1, 1]
-            for cmp, new in ((state.k_cmp[:, :nb], k_cmp), (state.v_cmp[:, :nb], v_cmp)):
-                cmp.copy_(torch.where(done, new.detach(), cmp))
+        self._store_compressed(state, k_cmp, v_cmp, qpos.amax(1)[:, None])  # the row's last real position (-1: none)
 
         cd = k_cmp.dtype
         qf = q.to(cd).transpose(1, 2)  # [B, HQ, T, Dh]
