@@ -549,12 +549,12 @@ def positions_and_pad(
     return slot, slot[None, :] - pad[:, None], valid
 
 
-# Pad counters whose rows were last checked open: id(pad) -> (weak reference, its version then, or None: never
-# skip). Rows end only by an in-place change of ``pad`` (positions_and_pad's copy_, or a user's), which bumps the
-# version: while it stands still, the rows are still open and a decode step need not check again (three
-# operations per layer and step in an eager decode loop). A counter seen while capturing a CUDA graph, an
-# inference tensor (no version counter), or anything while compiling is always checked.
-_PAD_OPEN: dict[int, tuple[Any, int | None]] = {}
+# Pad counters whose rows were last checked open (_note / _noted, as _SEEN_HOST). Rows end only by an in-place
+# change of ``pad`` (positions_and_pad's copy_, or a user's), which bumps the version: while it stands still, the
+# rows are still open and a decode step need not check again (three operations per layer and step in an eager
+# decode loop). A counter seen while capturing a CUDA graph, an inference tensor (no version counter), or anything
+# while compiling is always checked.
+_PAD_OPEN: dict[int, tuple[Any, int | None, bool]] = {}
 
 
 def check_row_open(name: str, state: State) -> None:
@@ -566,15 +566,11 @@ def check_row_open(name: str, state: State) -> None:
     if torch.compiler.is_compiling() or pad.is_inference():  # nothing host-side is traced (no guard on ids)
         check_values(name, pad < ENDED, msg)
         return
-    key = id(pad)
-    rec = _PAD_OPEN.get(key)
-    known = rec is not None and rec[0]() is pad
-    keep = not ((pad.is_cuda and torch.cuda.is_current_stream_capturing()) or (known and rec[1] is None))
-    if keep and known and rec[1] == pad._version:
+    capturing = pad.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and _noted(_PAD_OPEN, pad):
         return
     check_values(name, pad < ENDED, msg)
-    ref = rec[0] if known else weakref.ref(pad, lambda _ref: _PAD_OPEN.pop(key, None))
-    _PAD_OPEN[key] = (ref, pad._version if keep else None)
+    _note(_PAD_OPEN, pad, None if capturing else pad._version, True)
 
 
 def live_pad(state: State) -> Tensor:
@@ -602,23 +598,34 @@ _SEEN_HOST: dict[int, tuple[Any, int | None, int]] = {}
 _SEEN_HOST_OFF = False
 
 
-def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:
-    key = id(seen_t)
-    rec = _SEEN_HOST.get(key)
-    if rec is not None and rec[0]() is seen_t:
+def _note(table: dict, t: Tensor, version: int | None, value: Any) -> None:
+    """Note ``value`` for tensor t in ``table`` (by identity, while t lives), valid while t's version counter
+    stays ``version``; version None (t was captured in a CUDA graph) makes t's note void for good."""
+    key = id(t)
+    rec = table.get(key)
+    if rec is not None and rec[0]() is t:
         if rec[1] is None:
-            return  # captured once: never recorded again
+            return  # captured once: never noted again
         ref = rec[0]
     else:
-        ref = weakref.ref(seen_t, lambda _ref: _SEEN_HOST.pop(key, None))
-    _SEEN_HOST[key] = (ref, version, value)
+        ref = weakref.ref(t, lambda _ref: table.pop(key, None))
+    table[key] = (ref, version, value)
+
+
+def _noted(table: dict, t: Tensor) -> Any:
+    """The value noted for t in ``table`` if its version has not moved since (else None)."""
+    rec = table.get(id(t))
+    if rec is None or rec[0]() is not t or rec[1] is None:
+        return None
+    return rec[2] if rec[1] == t._version else None
+
+
+def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:
+    _note(_SEEN_HOST, seen_t, version, value)
 
 
 def _recorded_seen(seen_t: Tensor) -> int | None:
-    rec = _SEEN_HOST.get(id(seen_t))
-    if rec is None or rec[0]() is not seen_t or rec[1] is None:
-        return None
-    return rec[2] if rec[1] == seen_t._version else None
+    return _noted(_SEEN_HOST, seen_t)
 
 
 def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
