@@ -38,6 +38,7 @@ GPU_MODES = {
     "gpu_tests.sh": (["{tmp}", "kernels/"], "on the CPU run python -m pytest"),
     "train_e2e.py": ([], "'train_e2e.py --smoke' runs on the CPU"),
     "fsdp2.py": ([], "'fsdp2.py --smoke' runs on the CPU"),
+    "paper_presets.py": ([], "'paper_presets.py --smoke' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
 
@@ -229,9 +230,14 @@ def test_pytest_collects_nothing_from_benchmarks(pytestconfig):
 @pytest.mark.slow
 def test_training_scripts_smoke():
     """The CPU modes of the training benchmarks: train_e2e.py trains both models a few steps through the Trainer;
-    fsdp2.py runs the train command in one process and as two gloo ranks, whose losses agree."""
-    runs = _run_all({s: _command(s, ["--smoke"]) for s in ("train_e2e.py", "fsdp2.py")}, _env())
-    e2e, fsdp = runs["train_e2e.py"], runs["fsdp2.py"]
+    fsdp2.py runs the train command in one process and as two gloo ranks, whose losses agree; paper_presets.py
+    runs generate() and the evaluations on each of the paper's default presets, at hidden 64."""
+    scripts = ("train_e2e.py", "fsdp2.py", "paper_presets.py")
+    runs = _run_all({s: _command(s, ["--smoke"]) for s in scripts}, _env())
+    e2e, fsdp, paper = (runs[s] for s in scripts)
+    assert paper.returncode == 0, paper.stderr
+    for spec in ("lte-0.4b", "lte-0.4b:final_buffer", "lansa-0.4b", "swa-0.4b"):
+        assert f"'impl': '{spec}'" in paper.stdout, paper.stdout
     assert e2e.returncode == 0, e2e.stderr
     assert "(gdn eviction_swa)*6: " in e2e.stdout and "x the tokens/s of (gdn swa)*6" in e2e.stdout, e2e.stdout
     assert fsdp.returncode == 0, fsdp.stderr
