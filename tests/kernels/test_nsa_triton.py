@@ -177,6 +177,23 @@ def test_ties_go_to_the_lower_block():
     assert torch.equal(idx.long().cpu(), idx_ref.cpu())
 
 
+def test_gates_may_be_strided_views():
+    """The mixer's gates are views of one projection ([B, T, 3 HQ] split by branch: strides 3 HQ, 1): outputs and
+    every gradient as with contiguous gates."""
+    q, k, v, gates, do = _inputs(1, 40, 4, 2, 16)
+    packed = torch.stack(gates, 2)  # [B, T, 3, HQ]
+    views = packed.unbind(2)
+    assert not any(g.is_contiguous() for g in views)
+    args = (16, 3, 8, 0.25)
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, *args)
+    o_v, ob_v, lse_v, lse_win_v, idx_v = nsa_fwd(q, k, v, *views, *args)
+    assert torch.equal(o, o_v)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, 16, 8, 0.25)
+    grads_v = nsa_bwd(do, q, k, v, *views, ob_v, lse_v, lse_win_v, idx_v, 16, 8, 0.25)
+    for name, a, b in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads, grads_v, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_no_window_branch():
     # window_size = 0: the window branch is off, its gate gets no gradient
     q, k, v, gates, do = _inputs(1, 40, 4, 2, 16)

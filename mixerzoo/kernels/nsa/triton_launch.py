@@ -182,6 +182,8 @@ def nsa_bwd(
     N = idx.shape[-1]
     check_triton_shapes("nsa_bwd", q, block_size, N)
     do, q, k, v = (x.contiguous() for x in (do, q, k, v))
+    # the kernels index the gates as [B, T, HQ] rows; the mixer's are strided views of one projection
+    g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G, L = HQ // HKV, block_size
