@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 ppl = perplexity(lm, read_tokens(path, "int32"), seq_len=args.ppl_len)
                 needle = needle_retrieval(lm, lengths=args.needle_lengths, depths=(0.5,), trials=1)
-                needle_gen = needle_retrieval(lm, lengths=args.needle_lengths[:1], depths=(0.5,), trials=1, generate=True)
+                first = args.needle_lengths[:1]
+                needle_gen = needle_retrieval(lm, lengths=first, depths=(0.5,), trials=1, generate=True)
             if not math.isfinite(ppl["ppl"]):
                 raise RuntimeError(f"paper_presets.py: {spec}: perplexity is not finite ({ppl})")
             row = dict(
