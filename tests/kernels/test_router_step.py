@@ -176,8 +176,8 @@ def test_errors():
         router_step_scores(u[:, :, :1], pos, router, "relu")
     with pytest.raises(
         TypeError,
-        match=r"router_step_scores: the router's weights are torch.float32 on cpu; they must match u_ctx "
-        r"\(torch.bfloat16",
+        match=rf"router_step_scores: the router's weights are torch.float32 on {router.convs[0].weight.device}; "
+        r"they must match u_ctx \(torch.bfloat16",
     ):
         router_step_scores(u.bfloat16(), pos, router, "relu")
     router_step_scores(u, pos, router, "relu")  # checks the router once, then keeps what it found on it
