@@ -412,7 +412,7 @@ class NSA(AttentionMixer):
             and self.k_compressor is None
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and nsa_decode_supported(x, self.block_size, self.block_count)
+            and nsa_decode_supported(x, self.block_size, self.block_count, head_dim=self.head_dim)
             and nsa_step_supported(x, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp)
         )
 

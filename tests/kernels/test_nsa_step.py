@@ -63,6 +63,20 @@ def test_fused_step_on_cuda(dtype):
     assert _run("G4-L8", dtype, device="cuda") >= 8
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_takes_the_fused_step_at_model_sizes():
+    """Hidden 2048 (wider than any head dim the decode kernel takes): the eager CUDA step is still _step_fused; the
+    head dim decides, not the width of the layer's input."""
+    m = registry.build("nsa", hidden_size=2048, num_heads=16).eval().to("cuda", torch.bfloat16)
+    x = torch.randn(2, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    fused = m._step_fused
+    m._step_fused = lambda *a: calls.append(1) or fused(*a)
+    with torch.no_grad():
+        m(x, m.init_state(2, max_seqlen=256))
+    assert calls == [1]
+
+
 def test_forward_takes_the_fused_step(monkeypatch):
     """Without a mask and without grad mode, the forward runs _step_fused (on CUDA by itself; here by request),
     with the same output, state and position counter as the general step."""

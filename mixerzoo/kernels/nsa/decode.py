@@ -328,14 +328,15 @@ def nsa_decode_tiles(G: int, D: int, L: int, NC: int) -> dict:
     }
 
 
-def nsa_decode_supported(q: Tensor, block_size: int, block_count: int) -> bool:
+def nsa_decode_supported(q: Tensor, block_size: int, block_count: int, head_dim: int | None = None) -> bool:
     """Whether ``nsa_decode_fwd`` takes these arguments: Triton installed, q on CUDA in float16 / bfloat16 /
-    float32, head dim <= 256, block_count <= 128 (any block size). The nsa mixer's step uses the kernel then."""
+    float32, head dim <= 256, block_count <= 128 (any block size). The nsa mixer's step uses the kernel then.
+    ``head_dim``: when q is not laid out by heads (the layer's input x), its head dim (default q's last)."""
     return (
         HAS_TRITON
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and q.shape[-1] <= MAX_HEAD_DIM
+        and (q.shape[-1] if head_dim is None else head_dim) <= MAX_HEAD_DIM
         and block_count <= MAX_BLOCK_COUNT
         and block_size >= 1
     )
