@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..mixers.attention_common import AttentionMixer, all_finite, check_attention_heads, masked_attention, visible
-from ..mixers.base import MixerConfig, State, check_capacity, positions_and_pad, state_dataclass, state_field
+from ..mixers.base import MixerConfig, State, check_capacity, new_seen, positions_and_pad, state_dataclass, state_field
 from ..registry.core import register
 from .backends import BACKENDS, load_backend
 
@@ -88,7 +88,7 @@ class FullAttention(AttentionMixer):
         device, dtype = self.state_device_dtype(device, dtype)
         B, H, D = batch_size, self.num_kv_heads, self.head_dim
         return FullAttentionState(
-            seen=torch.zeros((), dtype=torch.long, device=device),
+            seen=new_seen(device),
             pad=torch.zeros(B, dtype=torch.long, device=device),
             k=torch.zeros(B, L, H, D, dtype=dtype, device=device),
             v=torch.zeros(B, L, H, D, dtype=dtype, device=device),

@@ -581,9 +581,14 @@ def live_pad(state: State) -> Tensor:
 def whole_prompt(x: Tensor, state: State, attention_mask: Tensor | None) -> bool:
     """Whether a chunk is a whole prompt that a mixer may run as its parallel form and then fill the state from:
     several tokens, eager (not while torch.compile traces), a state that has seen nothing, and rows that may start
-    with padding but not end with it. Reads the device twice (the counter, the mask's last column): for prompts,
-    not steps (a one-token chunk is refused before any read)."""
-    if x.shape[1] < 2 or torch.compiler.is_compiling() or int(state.seen) != 0:
+    with padding but not end with it. Reads the device for the mask's last column, and for the counter unless it
+    is known on the host (a fresh state's, see new_seen): for prompts, not steps (a one-token chunk is refused
+    before any read). A read waits for the queued work, which leaves the device idle while the prompt's first
+    operations are issued."""
+    if x.shape[1] < 2 or torch.compiler.is_compiling():
+        return False
+    seen = None if _SEEN_HOST_OFF or state.seen.is_inference() else _recorded_seen(state.seen)
+    if (int(state.seen) if seen is None else seen) != 0:
         return False
     return attention_mask is None or bool(attention_mask[:, -1].all())
 
@@ -618,6 +623,15 @@ def _noted(table: dict, t: Tensor) -> Any:
     if rec is None or rec[0]() is not t or rec[1] is None:
         return None
     return rec[2] if rec[1] == t._version else None
+
+
+def new_seen(device: torch.device | str | None = None) -> Tensor:
+    """A new state's position counter: 0, int64, noted as 0 on the host (see _SEEN_HOST) while nothing changes it,
+    so that the first checks of a state need not read the device."""
+    seen = torch.zeros((), dtype=torch.long, device=device)
+    if not torch.compiler.is_compiling():  # nothing host-side is traced
+        _record_seen(seen, seen._version, 0)
+    return seen
 
 
 def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:

@@ -29,6 +29,7 @@ from .base import (
     check_row_open,
     leading_padding,
     live_pad,
+    new_seen,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -233,7 +234,7 @@ class EvictionSWA(AttentionMixer):
         B, W, C, H, D, m = batch_size, c.window_size, c.capacity, c.kv_heads, c.dim, self.margin
         f32, i64 = torch.float32, torch.long
         return EvictionSWAState(
-            seen=torch.zeros((), dtype=i64, device=device),
+            seen=new_seen(device),
             pad=torch.zeros(B, dtype=i64, device=device),
             win_k=torch.zeros(B, W, H, D, dtype=dtype, device=device),
             win_v=torch.zeros(B, W, H, D, dtype=dtype, device=device),

@@ -36,6 +36,7 @@ from .base import (
     check_capacity,
     check_row_open,
     leading_padding,
+    new_seen,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -166,7 +167,7 @@ class NSA(AttentionMixer):
         device, dtype = self.state_device_dtype(device, dtype)
         B, H, D, NB = batch_size, self.num_kv_heads, self.head_dim, N // self.block_size
         return NSAState(
-            seen=torch.zeros((), dtype=torch.long, device=device),
+            seen=new_seen(device),
             pad=torch.zeros(B, dtype=torch.long, device=device),
             k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),

@@ -23,7 +23,7 @@ from .attention_common import (
     self_diagonal,
     visible,
 )
-from .base import MixerConfig, State, leading_padding, positions_and_pad, state_dataclass, state_field
+from .base import MixerConfig, State, leading_padding, new_seen, positions_and_pad, state_dataclass, state_field
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
 
@@ -130,7 +130,7 @@ class SWA(AttentionMixer):
         device, dtype = self.state_device_dtype(device, dtype)
         B, N, H, D = batch_size, self.num_sinks + self.window_size, self.num_kv_heads, self.head_dim
         return self.state_class(
-            seen=torch.zeros((), dtype=torch.long, device=device),
+            seen=new_seen(device),
             pad=torch.zeros(B, dtype=torch.long, device=device),
             k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),

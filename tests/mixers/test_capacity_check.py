@@ -45,7 +45,7 @@ def test_steps_read_seen_once_and_still_stop_at_capacity(name, monkeypatch):
     with torch.no_grad():
         for _ in range(6):
             m(x, state)
-        assert reads.n == 1  # the first check read the device; the next five knew seen
+        assert reads.n == 0  # a new state's counter is known (new_seen), then each check knows the next value
         with pytest.raises(ValueError, match=f"{name}: decoding 1 tokens at position 6 exceeds max_seqlen=6"):
             m(x, state)
     assert int(state.seen) == 6
@@ -83,10 +83,10 @@ def test_a_selected_or_reset_state_is_read_again(monkeypatch):
         picked = state.select(torch.tensor([1, 0]))  # new tensors: no record, read on the device
         with pytest.raises(ValueError, match="at position 4 exceeds max_seqlen=4"):
             m(x, picked)
-        fresh = m.init_state(2, max_seqlen=4)
+        fresh = m.init_state(2, max_seqlen=4)  # a new counter, noted as 0 (new_seen), never as the old one's 4
         reads = IntReads(monkeypatch)
         m(x, fresh)
-        assert reads.n == 1
+        assert reads.n == 0 and int(fresh.seen) == 1
 
 
 def test_a_captured_counter_is_always_read(monkeypatch):

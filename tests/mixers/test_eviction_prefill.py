@@ -121,6 +121,22 @@ def test_whole_prompt():
     assert not whole_prompt(x, st, None)  # the state has seen tokens
 
 
+def test_whole_prompt_knows_a_fresh_counter(monkeypatch):
+    """A new state's counter is known to be 0 on the host: whole_prompt reads the device only once it may have
+    changed (a read waits for the queued work; before a prompt it leaves the device idle)."""
+    from mixerzoo.mixers import base
+
+    reads, to_int = [], torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or to_int(t))
+    st = registry.build("eviction_swa", **CASES["gqa"]).init_state(2)
+    x = torch.zeros(2, 4, 32)
+    assert base.whole_prompt(x, st, None) and reads == []
+    st.seen.add_(0)  # an in-place change (even of nothing): read again
+    assert base.whole_prompt(x, st, None) and reads == [1]
+    st.seen.fill_(4)
+    assert not base.whole_prompt(x, st, None) and reads == [1, 1]
+
+
 def test_which_prefill_runs():
     m = registry.build("eviction_swa", **CASES["gqa"]).eval()
     st = m.init_state(1)
