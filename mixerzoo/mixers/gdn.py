@@ -174,8 +174,11 @@ class GatedDeltaNet(TokenMixer):
             keep = torch.is_grad_enabled()
             S0 = state.S.clone() if keep else state.S
             conv0 = state.conv.clone() if keep else state.conv
+        # the weight in u's dtype: under autocast the projections give bfloat16 while the parameter stays float32
+        # (what autocast does for a conv); a no-op otherwise
+        w = self.conv_weight.to(u.dtype)
         u, tail = causal_conv1d(
-            u, self.conv_weight, None, initial_state=conv0, output_final_state=state is not None, activation="silu"
+            u, w, None, initial_state=conv0, output_final_state=state is not None, activation="silu"
         )  # [B, T, C], [B, C, W-1] or None
         q, k, v = u.split([H * K, H * K, H * V], dim=-1)
         q = _l2norm(rearrange(q, "b t (h d) -> b t h d", h=H))  # [B, T, H, K]
