@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
+from .._ops import no_autocast
 from .reference import nsa_attention_ref, nsa_compress_ref, nsa_select_ref
 from .triton_launch import nsa_bwd, nsa_fwd
 
@@ -36,6 +37,8 @@ def _dense_branch_bwd(
     """One attention branch, q [B, HQ, T, D], k / v [B, HQ, S, D] (KV heads repeated over the group), vis
     broadcastable to [B, HQ, T, S] bool, do [B, HQ, T, D], gate g [B, HQ, T] ->
     (dq, dk, dv per query head, dgate [B, HQ, T]); rows that see nothing have p = 0 and o = 0."""
+    if k.shape[-2] == 0:  # no key at all (the compression of a sequence shorter than one block)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), do.new_zeros(do.shape[:-1])
     s = torch.where(vis, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
@@ -126,6 +129,7 @@ def _nsa_bwd_dense(
 
 
 @torch.library.custom_op("mixerzoo::nsa_fwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _nsa_fwd_op(
     q: Tensor,
     k: Tensor,
@@ -142,6 +146,7 @@ def _nsa_fwd_op(
 
 
 @_nsa_fwd_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _nsa_fwd_cpu(q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_size, scale):
     if window_size == 0:  # no window branch: the reference's window of one key, gated off
         g_win, window_size = torch.zeros_like(g_win), 1
@@ -179,6 +184,7 @@ def _nsa_fwd_fake(q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_
 
 
 @torch.library.custom_op("mixerzoo::nsa_bwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _nsa_bwd_op(
     do: Tensor,
     q: Tensor,
@@ -199,6 +205,7 @@ def _nsa_bwd_op(
 
 
 @_nsa_bwd_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _nsa_bwd_cpu(do, q, k, v, g_cmp, g_slc, g_win, ob, lse, lse_win, idx, block_size, window_size, scale):
     return _nsa_bwd_dense(do, q, k, v, (g_cmp, g_slc, g_win), idx, block_size, window_size, scale)
 
