@@ -14,6 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ._ops import no_autocast
 from ._triton import tl, triton
 
 __all__ = ["rope_cuda", "rope_launch"]
@@ -99,6 +100,7 @@ def rope_launch(x: Tensor, pos: Tensor, theta: float, inverse: bool = False) -> 
 
 
 @torch.library.custom_op("mixerzoo::rope", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _rope_op(x: Tensor, pos: Tensor, theta: float, inverse: bool) -> Tensor:
     return rope_launch(x, pos, theta, inverse)
 

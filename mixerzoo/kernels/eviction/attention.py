@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
+from .._ops import no_autocast
 from .._triton import LOG2E, LOG2E_JIT, dot_precision, softmax_step, tl, triton
 from .reference import (
     acc_dtype,
@@ -882,6 +883,7 @@ def eviction_attention_bwd(
 
 
 @torch.library.custom_op("mixerzoo::eviction_attention_fwd", mutates_args=(), device_types="cpu")
+@no_autocast("cpu")
 def _fwd_op(
     q: Tensor,
     k: Tensor,
@@ -911,6 +913,7 @@ def _fwd_op(
 
 
 @_fwd_op.register_kernel("cuda")
+@no_autocast("cuda")
 def _fwd_cuda(q, k, v, score, window_size, capacity, num_sinks, training, scale):
     kpos, kend, kcum = eviction_intervals(
         score, window_size=window_size, capacity=capacity, num_sinks=num_sinks, training=training
@@ -930,6 +933,7 @@ def _fwd_fake(q, k, v, score, window_size, capacity, num_sinks, training, scale)
 
 
 @torch.library.custom_op("mixerzoo::eviction_attention_bwd", mutates_args=(), device_types="cpu")
+@no_autocast("cpu")
 def _bwd_op(
     do: Tensor,
     q: Tensor,
@@ -962,6 +966,7 @@ def _bwd_op(
 
 
 @_bwd_op.register_kernel("cuda")
+@no_autocast("cuda")
 def _bwd_cuda(do, q, k, v, score, o, lse, kpos, kend, kcum, window_size, capacity, num_sinks, training, scale):
     return eviction_attention_bwd(
         do, q, k, v, o, lse, kpos, kend, kcum, window_size=window_size, scale=scale, open_ended=training

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_scale
+from .._ops import no_autocast
 from .._triton import LOG2E, dot_precision, softmax_step, tl, triton
 from .reference import acc_dtype
 
@@ -264,6 +265,7 @@ def eviction_decode_attention_ref(
 
 
 @torch.library.custom_op("mixerzoo::eviction_decode", mutates_args=(), device_types="cpu")
+@no_autocast("cpu")
 def _decode_op(
     q: Tensor,
     win_k: Tensor,
@@ -278,6 +280,7 @@ def _decode_op(
 
 
 @_decode_op.register_kernel("cuda")
+@no_autocast("cuda")
 def _decode_cuda(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale):
     return eviction_decode_fwd(q, win_k, win_v, win_ok, buf_k, buf_v, buf_ok, scale=scale)
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_scale, check_values
+from .._ops import no_autocast
 from .conv import causal_conv1d
 from .reference import _f32 as _acc
 from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
@@ -31,6 +32,7 @@ FUSED_RECURRENT_MAX_T = 64
 
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _gdn_fwd(
     q: Tensor,
     k: Tensor,
@@ -58,6 +60,7 @@ def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
 
 
 @_gdn_fwd.register_kernel("cpu")
+@no_autocast("cpu")
 def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale, cu_seqlens):
     o, s = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     # contiguous, as the fake promises; T = 0: s would alias initial_state
@@ -77,6 +80,7 @@ def _(q, k, v, g, beta, initial_state, scale, cu_seqlens):
 
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _gdn_bwd(
     q: Tensor,
     k: Tensor,
@@ -95,6 +99,7 @@ def _gdn_bwd(
 
 
 @_gdn_bwd.register_kernel("cpu")
+@no_autocast("cpu")
 def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
     # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
     primals = [_acc(x) for x in (q, k, v, g, beta)] + ([] if initial_state is None else [_acc(initial_state)])

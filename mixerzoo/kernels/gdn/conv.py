@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
+from .._ops import no_autocast
 from .._triton import tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
@@ -278,6 +279,7 @@ def causal_conv1d_bwd(
 
 
 @torch.library.custom_op("mixerzoo::causal_conv1d_fwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _conv_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, activation: str
 ) -> tuple[Tensor, Tensor]:
@@ -285,6 +287,7 @@ def _conv_fwd(
 
 
 @_conv_fwd.register_kernel("cpu")
+@no_autocast("cpu")
 def _(x, weight, bias, initial_state, activation):
     y, final = causal_conv1d_ref(x, weight, bias, initial_state, activation or None)
     # outputs contiguous, as the fake promises (the reference returns transposed views)
@@ -298,6 +301,7 @@ def _(x, weight, bias, initial_state, activation):
 
 
 @torch.library.custom_op("mixerzoo::causal_conv1d_bwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _conv_bwd(
     x: Tensor,
     weight: Tensor,
@@ -313,6 +317,7 @@ def _conv_bwd(
 
 
 @_conv_bwd.register_kernel("cpu")
+@no_autocast("cpu")
 def _(x, weight, bias, initial_state, dy, dfinal, activation):
     # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
     has_b, has_i = bias is not None, initial_state is not None

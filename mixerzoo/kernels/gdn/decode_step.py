@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._ops import no_autocast
 from .._triton import tl, triton
 
 __all__ = ["gdn_decode_step", "gdn_decode_step_launch", "gdn_decode_step_ref"]
@@ -226,6 +227,7 @@ def gdn_decode_step_ref(
 
 
 @torch.library.custom_op("mixerzoo::gdn_decode_step", mutates_args=("conv_tail", "S"), device_types="cuda")
+@no_autocast("cuda")
 def _gdn_decode_step_op(
     qi: Tensor,
     ki: Tensor,
@@ -248,6 +250,7 @@ def _gdn_decode_step_op(
 
 
 @_gdn_decode_step_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _gdn_decode_step_cpu(
     qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
 ):

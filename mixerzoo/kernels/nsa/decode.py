@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
+from .._ops import no_autocast
 from .._triton import HAS_TRITON, LOG2E, dot_precision, interpreting, softmax_step, tl, triton
 from .reference import compressed_visible, masked_attend, nsa_select_blocks
 
@@ -400,6 +401,7 @@ def nsa_decode_fwd(
 
 
 @torch.library.custom_op("mixerzoo::nsa_decode", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _nsa_decode_op(
     q: Tensor,
     k_cache: Tensor,
@@ -421,6 +423,7 @@ def _nsa_decode_op(
 
 
 @_nsa_decode_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _nsa_decode_cpu(q, k_cache, v_cache, k_cmp, v_cmp, q_pos, g_cmp, g_slc, g_win, block_size, block_count, W, scale):
     o, idx = nsa_decode_ref(
         q, k_cache, v_cache, k_cmp, v_cmp, q_pos, g_cmp, g_slc, g_win, block_size, block_count, W, scale

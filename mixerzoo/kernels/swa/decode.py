@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
+from .._ops import no_autocast
 from .._triton import LOG2E, any_nonfinite, dot_precision, interpreting, mask_scores, softmax_step, tl, triton
 from .reference import swa_decode_ref
 from .swa import _check_triton, check_index_tensor
@@ -248,6 +249,7 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
 
 
 @torch.library.custom_op("mixerzoo::swa_decode", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _swa_decode_op(
     q: Tensor,
     k_cache: Tensor,
@@ -262,6 +264,7 @@ def _swa_decode_op(
 
 
 @_swa_decode_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _swa_decode_cpu(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale):
     return swa_decode_ref(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
 

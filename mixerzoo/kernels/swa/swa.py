@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
+from .._ops import no_autocast
 from .._triton import (
     LOG2E,
     LOG2E_JIT,
@@ -951,6 +952,7 @@ def swa_bwd(
 
 
 @torch.library.custom_op("mixerzoo::swa_fwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _swa_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, window_size: int, num_sinks: int, scale: float, pad: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -958,6 +960,7 @@ def _swa_fwd_op(
 
 
 @_swa_fwd_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _swa_fwd_cpu(q, k, v, window_size, num_sinks, scale, pad):
     return swa_fwd_ref(q, k, v, window_size, num_sinks, scale, pad)
 
@@ -969,6 +972,7 @@ def _swa_fwd_fake(q, k, v, window_size, num_sinks, scale, pad):
 
 
 @torch.library.custom_op("mixerzoo::swa_bwd", mutates_args=(), device_types="cuda")
+@no_autocast("cuda")
 def _swa_bwd_op(
     do: Tensor,
     q: Tensor,
@@ -985,6 +989,7 @@ def _swa_bwd_op(
 
 
 @_swa_bwd_op.register_kernel("cpu")
+@no_autocast("cpu")
 def _swa_bwd_cpu(do, q, k, v, o, lse, window_size, num_sinks, scale, pad):
     return swa_bwd_ref(do, q, k, v, o, lse, window_size, num_sinks, scale, pad)
 
