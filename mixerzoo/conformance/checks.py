@@ -389,6 +389,37 @@ def check_gradients(case: Case) -> None:
             raise AssertionError(f"{case.name}: float64 gradcheck (full Jacobian) failed: {e}") from e
 
 
+def check_autocast(case: Case) -> None:
+    """6b. Training under ``torch.autocast(bfloat16)``, as trainers run it: a float32 mixer whose projections then
+    give bfloat16 (its own ops meet bfloat16 activations and float32 parameters) runs forward and backward, at
+    T = 3 (shorter than a block or a window) and T = ``conformance_seqlen``; the output, dx and every parameter
+    gradient are within the bfloat16 bounds of the same mixer without autocast."""
+    mixer = case.build(train=True, **_no_dropout(case))
+    params = [(n, p) for n, p in mixer.named_parameters() if p.requires_grad]
+    _, rr_out, rr_grad = tolerance(torch.bfloat16)
+    for T in (3, case.seqlen):
+        x = case.input(T=T, seed=5).requires_grad_()
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(x.device)
+        runs = []
+        for amp in (False, True):
+            torch.manual_seed(13)
+            with torch.autocast(torch.device(case.device).type, dtype=torch.bfloat16, enabled=amp):
+                y, _ = mixer(x)
+            grads = torch.autograd.grad(y, [x, *(p for _, p in params)], dy.to(y.dtype), allow_unused=True)
+            runs.append((y, grads))
+        (y32, g32), (y16, g16) = runs
+        if y16.shape != x.shape:
+            raise AssertionError(f"{case.name} under autocast: y is {tuple(y16.shape)}, x is {tuple(x.shape)}")
+        where = f"{case.name} under bfloat16 autocast (T={T})"
+        assert_close(f"{where}: output", y32.detach(), y16.detach().float(), rel_rmse=rr_out, rms_floor=1e-3)
+        for name, a, b in zip(["x", *(n for n, _ in params)], g32, g16, strict=True):
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    raise AssertionError(f"{where}: d{name} is {'missing' if b is None else 'extra'} under autocast")
+                continue
+            assert_close(f"{where}: d{name}", a, b.float(), rel_rmse=rr_grad, rms_floor=1e-3)
+
+
 def _graph_size(t: Tensor) -> int:
     """Autograd nodes reachable from t (0 without history)."""
     seen, todo = set(), [t.grad_fn]
@@ -610,6 +641,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
         "compile": check_compile,
         "compile_inductor": check_compile_inductor,
         "gradients": check_gradients,
+        "autocast": check_autocast,
         "state": check_state,
         "state_autograd": check_state_autograd,
         "bad_input": check_bad_input,
