@@ -126,6 +126,7 @@ def test_whole_prompt_knows_a_fresh_counter(monkeypatch):
     changed (a read waits for the queued work; before a prompt it leaves the device idle)."""
     from mixerzoo.mixers import base
 
+    monkeypatch.setattr(base, "_SEEN_HOST_OFF", False)  # a torch.compile elsewhere in the run turns notes off
     reads, to_int = [], torch.Tensor.__int__
     monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or to_int(t))
     st = registry.build("eviction_swa", **CASES["gqa"]).init_state(2)
