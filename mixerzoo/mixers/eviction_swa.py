@@ -704,11 +704,12 @@ def _write_buffer(state: EvictionSWAState, dest: Tensor, k: Tensor, v: Tensor, s
 
 def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:
     """Pointer doubling: each entry without a value (< 0) takes the value at the end of its chain of pointers
-    ``nxt`` (indices along ``dim``; an entry with a value points to itself), chains of up to 2**steps links."""
+    ``nxt`` (indices along ``dim``; an entry with a value points to itself), chains of up to 2**steps links.
+    The ends point to themselves, so ``steps`` doublings of the pointers alone reach them, and one gather reads
+    their values: one launch per step."""
     for _ in range(steps):
-        val = torch.where(val >= 0, val, val.gather(dim, nxt))
         nxt = nxt.gather(dim, nxt)
-    return val
+    return val.gather(dim, nxt)
 
 
 def _entry_slots(kpos: Tensor, kend: Tensor, window_size: int, capacity: int) -> Tensor:

@@ -204,3 +204,24 @@ def test_return_intervals():
         assert torch.equal(a, b)
     with pytest.raises(TypeError, match="eviction_attention: return_intervals must be a bool, got str"):
         eviction_attention(q, k, v, score, **kw, return_intervals="yes")
+
+
+@pytest.mark.slow  # the full run only: the CPU reference op over 4096 tokens takes seconds
+def test_one_pass_prefill_issues_few_operations():
+    """On a GPU the one-pass prompt is host-bound below some 16K tokens (each operation a launch): besides the
+    parallel form it issues about a hundred operations, and the slot computation one more per doubling of T."""
+    from mixerzoo.testing import OpCounter
+
+    counts = {}
+    for T in (256, 4096):
+        m = _one_pass(registry.build("eviction_swa", hidden_size=64, num_heads=2).eval())
+        x = torch.randn(1, T, 64)
+        with torch.no_grad(), OpCounter(launches_only=True) as one:
+            m(x, m.init_state(1, max_seqlen=T))
+        with torch.no_grad(), OpCounter(launches_only=True) as parallel:
+            m(x)
+        counts[T] = sum(one.ops.values()), sum(parallel.ops.values())
+    (one_s, par_s), (one_l, _) = counts[256], counts[4096]
+    print(counts)
+    assert one_s - par_s <= 110, counts
+    assert one_l - one_s <= 4, counts  # log2(16) doublings more
