@@ -3,18 +3,20 @@ every registered mixer; and whole-model generation (HybridLM.generate) against a
 of the same size (the pattern ``full_attention*L``).
 
     python benchmarks/decode.py [--mixers a,b] [--B 32] [--seen 4096] [--hidden 2048] [--heads 16]
-                                [--layers 8] [--new-tokens 64] [--skip-generate] [--profile N]
+                                [--layers 8] [--new-tokens 64] [--skip-generate] [--profile N] [--rounds 5]
 
 Rows: op ``<mixer>_decode_step`` (``decode_ms``: graph replay, ``eager_ms``, ``host_ms``: the eager step's
 host time per call) and op ``generate`` (``tokens_per_s``) in results/<gpu>.json. The eager step is timed
 two ways: queued back to back with CUDA events (what a decode loop sees; host-bound steps show their host
-time) and by the host clock around each call with the device idle (``host_ms``, the launch overhead).
+time) and by the host clock around each call with the device idle (``host_ms``, the launch overhead), in
+interleaved rounds over the mixers (median of the rounds; ``host_ms_min``: the fastest round).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,45 +59,59 @@ def print_profile(torch, name: str, fn, top: int, calls: int = 200) -> None:
 
 
 def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
-    rows = []
+    """Every mixer's decode step, timed in ``args.rounds`` rounds that visit the mixers in turn: the host time of an
+    eager step varies by up to 2x between runs on a shared machine, and interleaving spreads a slow spell over all
+    mixers instead of one. Each figure is the median over the rounds of the round's median (the rows also keep
+    the fastest round's host time)."""
     dt = torch.bfloat16
+    steps = {}
     for name in args.mixers.split(","):
         mixer = registry.build(name, hidden_size=args.hidden, num_heads=args.heads).to("cuda", dt).eval()
         with torch.no_grad():
             state = mixer.init_state(args.B, device="cuda", dtype=dt, max_seqlen=args.seen + 4096)
             for _ in range(0, args.seen, 1024):
                 mixer(torch.randn(args.B, 1024, args.hidden, device="cuda", dtype=dt), state)
-            x1 = torch.randn(args.B, 1, args.hidden, device="cuda", dtype=dt)
-            step = functools.partial(mixer, x1, state)
-            eager = time_ms(step, repeat=50)
-            host = host_ms(torch, step)
+        x1 = torch.randn(args.B, 1, args.hidden, device="cuda", dtype=dt)
+        steps[name] = (state, functools.partial(mixer, x1, state))
+    eager, host = {n: [] for n in steps}, {n: [] for n in steps}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, (_, step) in steps.items():
+                eager[name].append(time_ms(step, repeat=50))
+                host[name].append(host_ms(torch, step))
+        rows = []
+        for name, (state, step) in steps.items():
             if args.profile:
                 print_profile(torch, name, step, args.profile)
             replay, _ = cuda_graphed(step)
             graph = time_ms(replay, repeat=50)
-        line = (
-            f"{name:16s} decode step B={args.B} hidden={args.hidden}: eager {eager:.4f} ms (host {host:.4f} ms), "
-            f"CUDA graph {graph:.4f} ms"
-        )
-        print(line, flush=True)
-        log.append(line)
-        rows.append(
-            dict(
-                op=f"{name}_decode_step",
-                impl="mixerzoo",
-                T=args.seen,
-                B=args.B,
-                H=args.heads,
-                D=args.hidden // args.heads,
-                decode_ms=round(graph, 4),
-                eager_ms=round(eager, 4),
-                host_ms=round(host, 4),
-                state_bytes=int(state.nbytes()),
-                note=f"one layer's decode step after {args.seen} tokens, bf16, hidden {args.hidden}",
+            e, h = statistics.median(eager[name]), statistics.median(host[name])
+            line = (
+                f"{name:16s} decode step B={args.B} hidden={args.hidden}: eager {e:.4f} ms (host {h:.4f} ms, "
+                f"fastest round {min(host[name]):.4f}), CUDA graph {graph:.4f} ms"
             )
-        )
-        del mixer, state
-        torch.cuda.empty_cache()
+            print(line, flush=True)
+            log.append(line)
+            rows.append(
+                dict(
+                    op=f"{name}_decode_step",
+                    impl="mixerzoo",
+                    T=args.seen,
+                    B=args.B,
+                    H=args.heads,
+                    D=args.hidden // args.heads,
+                    decode_ms=round(graph, 4),
+                    eager_ms=round(e, 4),
+                    host_ms=round(h, 4),
+                    host_ms_min=round(min(host[name]), 4),
+                    rounds=args.rounds,
+                    state_bytes=int(state.nbytes()),
+                    note=f"one layer's decode step after {args.seen} tokens, bf16, hidden {args.hidden}; eager and "
+                    f"host: median of {args.rounds} interleaved rounds",
+                )
+            )
+    del steps
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -154,10 +170,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=512, help="prompt length of generate (default 512)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the mixers (default 5)")
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print each eager step's N costliest functions (cProfile)"
     )
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        refuse(f"decode.py: --rounds must be >= 1, got {args.rounds}")
     if args.layers % 2:
         refuse(f"decode.py: --layers must be even (the hybrid alternates two mixers), got {args.layers}")
     require_gpu("decode.py", "(every mode)", cpu=None)
