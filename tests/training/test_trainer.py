@@ -29,6 +29,20 @@ def test_tiny_recall_run_learns():
     assert acc > 0.4, f"recall accuracy {acc:.3f} after 80 steps; chance is {1 / 15:.3f}"
 
 
+@pytest.mark.slow  # the full run only: the conformance autocast check covers each mixer in the fast run
+def test_bf16_autocast_steps_with_every_mixer():
+    """The Trainer's default on CUDA, bf16 autocast, here on the CPU: a stack of every mixer takes finite steps and
+    the loss falls (a gdn layer once refused the bfloat16 activations its conv met there)."""
+    task = RecallTask("mqar", num_pairs=3, vocab_size=32)
+    cfg = TrainConfig(steps=12, batch_size=8, seq_len=48, lr=3e-3, warmup=2, log_every=0, amp="bf16")
+    pattern = "gdn swa_sink[window_size=4] eviction_swa[window_size=8,capacity=6] nsa[block_size=16] full_attention"
+    trainer = Trainer(_model(pattern), task, cfg, device="cpu")
+    assert trainer.amp
+    losses = [float(trainer.train_step()["loss"]) for _ in range(12)]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert min(losses[-3:]) < losses[0], losses
+
+
 def test_checkpoint_resume_is_bit_exact(tmp_path):
     """Save after 3 steps, run a 4th; a fresh model loading the checkpoint runs the same 4th step: the same
     loss, parameters and controller lambdas, bit for bit (router dropout included)."""
