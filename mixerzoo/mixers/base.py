@@ -587,8 +587,7 @@ def whole_prompt(x: Tensor, state: State, attention_mask: Tensor | None) -> bool
     operations are issued."""
     if x.shape[1] < 2 or torch.compiler.is_compiling():
         return False
-    seen = None if _SEEN_HOST_OFF or state.seen.is_inference() else _recorded_seen(state.seen)
-    if (int(state.seen) if seen is None else seen) != 0:
+    if _host_seen(state.seen) != 0:
         return False
     return attention_mask is None or bool(attention_mask[:, -1].all())
 
@@ -642,6 +641,18 @@ def _recorded_seen(seen_t: Tensor) -> int | None:
     return _noted(_SEEN_HOST, seen_t)
 
 
+def _notes_kept(seen_t: Tensor) -> bool:
+    """Whether ``seen`` values are noted for this counter: not after torch.compile traced a check, and not for
+    an inference tensor (no version counter)."""
+    return not (_SEEN_HOST_OFF or seen_t.is_inference())
+
+
+def _host_seen(seen_t: Tensor) -> int:
+    """The counter's value: noted on the host when its version has not moved since, else read from the device."""
+    seen = _recorded_seen(seen_t) if _notes_kept(seen_t) else None
+    return int(seen_t) if seen is None else seen
+
+
 def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
     """Refuse to write T more tokens into a KV cache of ``capacity`` slots (linear-growth mixers); the caller
     then advances ``state.seen`` by T with one ``add_``.
@@ -660,14 +671,11 @@ def check_capacity(name: str, state: State, T: int, capacity: int) -> None:
         msg = f"{name}: decoding past max_seqlen={capacity} (the KV cache is full)"
         torch._assert_async(seen_t + T <= capacity, msg)
         return
-    kept = not (_SEEN_HOST_OFF or seen_t.is_inference())  # an inference tensor has no version counter
-    seen = _recorded_seen(seen_t) if kept else None
-    if seen is None:
-        seen = int(seen_t)
+    seen = _host_seen(seen_t)
     if seen + T > capacity:
         raise ValueError(
             f"{name}: decoding {T} tokens at position {seen} exceeds max_seqlen={capacity} "
             f"(the KV-cache capacity); pass a larger max_seqlen to init_state"
         )
-    if kept:
+    if _notes_kept(seen_t):
         _record_seen(seen_t, seen_t._version + 1, seen + T)
