@@ -282,7 +282,8 @@ class NSA(AttentionMixer):
             self._write(k, v, pos, real, fill)
             with torch.no_grad():
                 dt = k.dtype
-                k_cmp, v_cmp = self.compress(fill.k_cache.to(dt), fill.v_cache.to(dt))
+                # the prompt's T slots only (positions 0..T-1): the blocks past them are not complete
+                k_cmp, v_cmp = self.compress(fill.k_cache[:, :T].to(dt), fill.v_cache[:, :T].to(dt))
                 self._store_compressed(fill, k_cmp, v_cmp, real.sum(1, keepdim=True) - 1)
         if lead is not None:
             o = o.gather(1, ((t - lead) % T)[..., None, None].expand_as(o))
