@@ -170,6 +170,15 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(_fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
+def finish(op: str, rows: list[dict], smoke: bool) -> int:
+    """The end of a script with a CPU smoke mode: the table, then the rows into results/<gpu>.json unless it was
+    the smoke run (no GPU figures). Returns the exit status 0."""
+    print_table(rows)
+    if not smoke:
+        print("wrote", write_results({op}, rows))
+    return 0
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

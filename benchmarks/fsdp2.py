@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, refuse, require_gpu, write_results  # noqa: E402
+from common import finish, refuse, require_gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--pattern", "(gdn eviction_swa)*2", "--hidden", "32", "--heads", "2", "--vocab", "64", "--pairs", "4"]
@@ -112,10 +112,7 @@ def main(argv=None) -> int:
         dict(op="fsdp2", impl=impl, B=args.batch, T=args.T, tokens_per_s=round(t), note=note)
         for impl, t in (("1 gpu", tps[0]), ("2 gpus", tps[1]))
     ]
-    print_table(rows)
-    if not args.smoke:
-        print("wrote", write_results({"fsdp2"}, rows))
-    return 0
+    return finish("fsdp2", rows, args.smoke)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, refuse, require_gpu, write_results  # noqa: E402
+from common import finish, refuse, require_gpu  # noqa: E402
 
 DEFAULT = "lte-0.4b,lte-0.4b:final_buffer,lansa-0.4b,swa-0.4b"
 SMOKE = dict(prompt=48, new_tokens=4, ppl_len=64, needle_lengths="64,128")
@@ -125,10 +125,7 @@ def main(argv=None) -> int:
             del lm
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print_table(rows)
-    if not args.smoke:
-        print("wrote", write_results({"paper_preset"}, rows))
-    return 0
+    return finish("paper_preset", rows, args.smoke)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_mem_mb, print_table, refuse, require_gpu, time_ms, write_results  # noqa: E402
+from common import finish, peak_mem_mb, refuse, require_gpu, time_ms  # noqa: E402
 
 SMOKE = dict(hidden=64, heads=2, T=64, B=2, vocab=128, steps=2, warmup=1)
 
@@ -136,10 +136,7 @@ def main(argv=None) -> int:
         frac = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         rows[0]["note"] += f"; {frac:.3f}x the tokens/s of {rows[1]['impl']}"
         print(f"{rows[0]['impl']}: {frac:.3f}x the tokens/s of {rows[1]['impl']}", flush=True)
-    print_table(rows)
-    if not args.smoke:
-        print("wrote", write_results({"train_e2e"}, rows))
-    return 0
+    return finish("train_e2e", rows, args.smoke)
 
 
 if __name__ == "__main__":
