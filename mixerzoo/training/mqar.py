@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -14,10 +15,12 @@ __all__ = ["RecallTask", "batch_generator", "mqar_batch", "needle_batch", "recal
 _MASK64 = (1 << 64) - 1
 
 
-def batch_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator whose stream depends only on ``(seed, step, rank)``: a data-parallel rank's batch
+def batch_generator(seed: int, step: int, rank: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator whose stream depends only on ``(seed, step, rank)``: a data-parallel rank's batch
     at a step is the same whatever ran before it (a resumed run draws the same data), and ranks differ.
-    The three integers are mixed with the splitmix64 finaliser, so nearby seeds give unrelated streams."""
+    The three integers are mixed with the splitmix64 finaliser, so nearby seeds give unrelated streams.
+    ``device`` (default the CPU): where it draws; a CUDA generator draws another stream than the CPU's from
+    the same seed."""
     for name, v in (("seed", seed), ("step", step), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"batch_generator: {name} must be an int >= 0, got {v!r}")
@@ -27,7 +30,7 @@ def batch_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
         h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 31
-    return torch.Generator().manual_seed(h & ((1 << 63) - 1))
+    return torch.Generator(device=device or "cpu").manual_seed(h & ((1 << 63) - 1))
 
 
 def mqar_batch(
@@ -56,14 +59,15 @@ def mqar_batch(
             f"2*num_pairs + num_queries <= seq_len; got n={n}, queries={nq}, V={V}, T={T}"
         )
     g = generator
-    keys = torch.rand(B, V // 2 - 1, generator=g).argsort(-1)[:, :n] + 1  # [B, n] distinct
-    vals = torch.randint(V // 2, V, (B, n), generator=g)
-    inputs = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), -100, dtype=torch.long)
+    dev = _draw_device(g)
+    keys = torch.rand(B, V // 2 - 1, generator=g, device=dev).argsort(-1)[:, :n] + 1  # [B, n] distinct
+    vals = torch.randint(V // 2, V, (B, n), generator=g, device=dev)
+    inputs = torch.zeros(B, T, dtype=torch.long, device=dev)
+    targets = torch.full((B, T), -100, dtype=torch.long, device=dev)
     inputs[:, 0 : 2 * n : 2] = keys
     inputs[:, 1 : 2 * n : 2] = vals
-    which = torch.rand(B, n, generator=g).argsort(-1)[:, :nq]  # [B, nq] pairs asked about
-    where = torch.rand(B, T - 2 * n, generator=g).argsort(-1)[:, :nq] + 2 * n  # [B, nq] positions
+    which = torch.rand(B, n, generator=g, device=dev).argsort(-1)[:, :nq]  # [B, nq] pairs asked about
+    where = torch.rand(B, T - 2 * n, generator=g, device=dev).argsort(-1)[:, :nq] + 2 * n  # [B, nq] positions
     inputs.scatter_(1, where, keys.gather(1, which))
     targets.scatter_(1, where, vals.gather(1, which))
     return inputs.to(device), targets.to(device)
@@ -82,10 +86,17 @@ def _vocab_split(where: str, vocab_size: int, noise_vocab: int, need_keys: int) 
     return K, K
 
 
+def _draw_device(g: torch.Generator | None) -> torch.device:
+    """Where a batch is drawn: on its generator's device (a CUDA generator draws on the GPU, with no host
+    work but the launches), else on the CPU; ``device=`` is where the result goes."""
+    return g.device if g is not None else torch.device("cpu")
+
+
 def _filler(B: int, T: int, vocab_size: int, noise_vocab: int, g: torch.Generator | None) -> Tensor:
+    dev = _draw_device(g)
     if noise_vocab == 0:
-        return torch.zeros(B, T, dtype=torch.long)
-    return torch.randint(vocab_size - noise_vocab, vocab_size, (B, T), generator=g)
+        return torch.zeros(B, T, dtype=torch.long, device=dev)
+    return torch.randint(vocab_size - noise_vocab, vocab_size, (B, T), generator=g, device=dev)
 
 
 def _check_ints(where: str, **values: int) -> None:
@@ -133,8 +144,9 @@ def recall_batch(
             f"{d_lo + 10 * n + 2} (the farthest distance is seq_len - 10 * num_pairs - 2)"
         )
     g = generator
+    dev = _draw_device(g)
     # Distances by inverse CDF of the continuous power law on [d_lo, d_hi + 1), floored.
-    u = torch.rand(B, n, generator=g, dtype=torch.float64)
+    u = torch.rand(B, n, generator=g, dtype=torch.float64, device=dev)
     a, b = float(d_lo), float(d_hi + 1)
     if abs(power - 1.0) < 1e-9:
         d = a * (b / a) ** u
@@ -142,22 +154,22 @@ def recall_batch(
         e = 1.0 - power
         d = (a**e + u * (b**e - a**e)) ** (1.0 / e)
     dist = d.floor().long().clamp(d_lo, d_hi).sort(-1, descending=True).values  # [B, n]
-    keys = torch.rand(B, K, generator=g).argsort(-1)[:, :n] + 1  # [B, n] distinct
-    vals = torch.randint(1 + K, 1 + 2 * K, (B, n), generator=g)
+    keys = torch.rand(B, K, generator=g, device=dev).argsort(-1)[:, :n] + 1  # [B, n] distinct
+    vals = torch.randint(1 + K, 1 + 2 * K, (B, n), generator=g, device=dev)
 
     inputs = _filler(B, T, V, noise_vocab, g)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    free = torch.ones(B, T + 1, dtype=torch.bool)  # a spare column so that shifted reads stay in range
+    targets = torch.full((B, T), -100, dtype=torch.long, device=dev)
+    free = torch.ones(B, T + 1, dtype=torch.bool, device=dev)  # a spare column so that shifted reads stay in range
     free[:, T] = False
-    pos = torch.arange(T)
-    rows = torch.arange(B)
+    pos = torch.arange(T, device=dev)
+    rows = torch.arange(B, device=dev)
     for i in range(n):
         di = dist[:, i : i + 1]  # [B, 1]
         # query at q, key at q - d, value at q - d + 1 (d >= 2, so the three differ)
         kpos = (pos[None] - di).clamp(min=0)  # [B, T]
         ok = free[:, :T] & (pos[None] >= di) & free.gather(1, kpos) & free.gather(1, kpos + 1)
         # a uniform choice among the allowed positions (d_hi guarantees one: <= 9 blocked per pair placed)
-        q = torch.where(ok, torch.rand(B, T, generator=g), -1.0).argmax(-1)  # [B]
+        q = torch.where(ok, torch.rand(B, T, generator=g, device=dev), -1.0).argmax(-1)  # [B]
         k = q - di[:, 0]
         free[rows, q] = free[rows, k] = free[rows, k + 1] = False
         inputs[rows, k] = keys[:, i]
@@ -193,13 +205,14 @@ def needle_batch(
     B, T = batch_size, seq_len
     K, _ = _vocab_split(where, vocab_size, noise_vocab, 1)
     g = generator
+    dev = _draw_device(g)
     span = max(1, min(T - 2, int(needle_range * T)))
-    at = torch.randint(0, span, (B,), generator=g)
-    key = torch.randint(1, 1 + K, (B,), generator=g)
-    val = torch.randint(1 + K, 1 + 2 * K, (B,), generator=g)
+    at = torch.randint(0, span, (B,), generator=g, device=dev)
+    key = torch.randint(1, 1 + K, (B,), generator=g, device=dev)
+    val = torch.randint(1 + K, 1 + 2 * K, (B,), generator=g, device=dev)
     inputs = _filler(B, T, vocab_size, noise_vocab, g)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    rows = torch.arange(B)
+    targets = torch.full((B, T), -100, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)
     inputs[rows, at] = key
     inputs[rows, at + 1] = val
     inputs[:, T - 1] = key
@@ -214,8 +227,11 @@ class RecallTask:
     (``needle_batch``).
 
     ``task.batch(batch_size, seq_len, seed=, step=, rank=)`` draws the batch of one data-parallel rank at
-    one step; it depends only on those arguments (``batch_generator``).
+    one step; it depends only on those arguments (``batch_generator``) and on the device type: with
+    ``device=`` a CUDA device it draws there, another stream than the CPU's (the Trainer draws there).
     """
+
+    draws_on_device: ClassVar[bool] = True  # the Trainer passes device= and draws each batch there
 
     kind: str = "mqar"
     num_pairs: int = 32
@@ -241,7 +257,7 @@ class RecallTask:
     ) -> tuple[Tensor, Tensor]:
         """inputs, targets: [batch_size, seq_len] int64 (targets -100 where nothing is asked);
         ``num_pairs`` replaces the task's (a curriculum's stage)."""
-        g = batch_generator(seed, step, rank)
+        g = batch_generator(seed, step, rank, device=device)
         n = self.num_pairs if num_pairs is None else num_pairs
         if self.kind == "mqar":
             return recall_batch(

@@ -221,6 +221,13 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+class _Drawn:
+    """The batch of a step drawn when asked for (``_Prefetch``'s interface)."""
+
+    def __init__(self, make: Callable[[int], Any]):
+        self.get = make
+
+
 class _Prefetch:
     """Draws the batches of the coming steps on a background thread (data generation runs on the CPU while
     the device computes; torch releases the GIL in its kernels)."""
@@ -309,6 +316,10 @@ class Trainer:
         self.shards = shards
         self._log = log if log is not None else (lambda s: print(s, flush=True))
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        # A data source that can draw on the GPU (RecallTask) does so there: on the CPU its [B, T] operations run
+        # in the intra-op thread pool, and in a container whose CPU quota is below the cores it sees, a batch
+        # took 3 s against a 17 ms training step.
+        self._draw_on_device = self.device.type == "cuda" and getattr(data, "draws_on_device", False)
 
         model.to(self.device)
         for block in model.stack.layers:
@@ -340,6 +351,8 @@ class Trainer:
         mine = range(self.rank * self.shards // self.world, (self.rank + 1) * self.shards // self.world)
         seed = self.cfg.seed + (EVAL_SEED_OFFSET if evaluation else 0)
         kw = {"evaluation": True} if evaluation and isinstance(self.data, TokenFileData) else {}
+        if self._draw_on_device:
+            kw["device"] = self.device
         parts = [self.data.batch(per, seq_len, seed=seed, step=step, rank=j, num_pairs=num_pairs, **kw) for j in mine]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -477,7 +490,9 @@ class Trainer:
         stop = cfg.steps if steps is None else steps
         start = self.step
         self.steps_run = 0
-        prefetch = _Prefetch(lambda s: self._local_batch(s, *cfg.stage(s)), start, stop)
+        draw = lambda s: self._local_batch(s, *cfg.stage(s))  # noqa: E731
+        # Drawn on the GPU: the draw is a few hundred launches, queued ahead of the step's.
+        prefetch = _Drawn(draw) if self._draw_on_device else _Prefetch(draw, start, stop)
         t_last, tokens = time.perf_counter(), 0
         while self.step < stop:
             s = self.step + 1  # the step about to run, counted from 1

@@ -84,6 +84,29 @@ def test_streams_depend_only_on_seed_step_rank():
         assert torch.equal(u[0], RecallTask(kind, 4, 64).batch(2, 96, seed=0, step=0)[0])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batches_are_drawn_on_the_device_asked_for(device):
+    """With device=, RecallTask draws there (the Trainer's GPU batches cost launches, not CPU time): the same
+    layout, reproducible; the CPU stream is the default's."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    task = RecallTask("mqar", num_pairs=8, vocab_size=200)
+    x, y = task.batch(16, 300, seed=3, step=1, device=device)
+    assert x.device.type == y.device.type == device
+    x2, y2 = task.batch(16, 300, seed=3, step=1, device=device)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert ((y >= 0).sum(1) == 8).all()
+    d = _distances(x.cpu(), y.cpu())
+    assert d.min() >= 2 and d.max() <= 300 - 10 * 8 - 2
+    if device == "cpu":
+        assert torch.equal(x, task.batch(16, 300, seed=3, step=1)[0]), "device='cpu' is the default stream"
+    for kind in ("needle", "mqar_uniform"):
+        u = RecallTask(kind, 4, 64).batch(2, 96, seed=0, step=0, device=device)
+        assert u[0].device.type == device and torch.equal(
+            u[1], RecallTask(kind, 4, 64).batch(2, 96, seed=0, step=0, device=device)[1]
+        )
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"recall_batch: seq_len=50 is too short for 8 pairs"):
         recall_batch(2, 50, 8, 64)
