@@ -1,5 +1,6 @@
 """The recall experiment: hybrid stacks trained on MQAR with power-law distances (Arora et al. 2023,
-"Zoology"), with the same step budget each, then evaluated at the training length and at 2x and 4x it.
+"Zoology"), with the same step budget each, then evaluated at the training length and at 2x and 4x it, with as
+many more pairs (the same density of facts: a constant-size state must hold 4x as many at 4x the length).
 
 ``python -m mixerzoo recall`` prints a table, writes ``benchmarks/results/recall-<device>.json`` and a
 plot of accuracy against length (matplotlib, optional). ``--calibrate`` trains only
@@ -53,11 +54,17 @@ class RecallRecipe:
     times the CPU runs' batch, five times their steps to 90%). With
     ``short_fraction > 0`` the first ``short_fraction`` of the steps run at ``T // 4`` with ``pairs // 4``
     pairs, the next ``short_fraction`` at ``T // 2`` with ``pairs // 2``.
+
+    Evaluation at ``k * T`` asks ``k * pairs`` pairs (``eval_pairs="scaled"``; "fixed": ``pairs`` at every
+    length). The first run on an H200 (vocabulary 256, fixed pairs) gave every stack, ``gdn*4`` included,
+    100% at T, 2T and 4T: 32 pairs fit in the recurrent state of a hidden-128 gdn stack, so the experiment
+    measured nothing. Scaled, 4T asks 128 pairs, more than a 64-token eviction buffer or a window can hold;
+    the vocabulary is 512 so that 128 distinct keys exist.
     """
 
     T: int = 1024
     pairs: int = 32
-    vocab: int = 256
+    vocab: int = 512
     hidden: int = 128
     heads: int = 2
     mlp_ratio: float = 2.0
@@ -74,6 +81,15 @@ class RecallRecipe:
     seed: int = 0
     eval_batches: int = 4
     eval_batch: int = 32
+    eval_pairs: str = "scaled"
+
+    def __post_init__(self) -> None:
+        if self.eval_pairs not in ("scaled", "fixed"):
+            raise ValueError(f"RecallRecipe: eval_pairs must be 'scaled' or 'fixed', got {self.eval_pairs!r}")
+
+    def pairs_at(self, k: int) -> int:
+        """Pairs asked at ``k`` times the training length."""
+        return self.pairs * k if self.eval_pairs == "scaled" else self.pairs
 
     def curriculum(self) -> tuple[tuple[int, int, int], ...]:
         if self.short_fraction <= 0:
@@ -138,15 +154,17 @@ def evaluate_recall(
     seed: int,
     device: torch.device,
     amp: bool,
+    num_pairs: int | None = None,
 ) -> float:
-    """Accuracy (argmax at the queried positions) on held-out sequences of ``seq_len`` tokens. A stack whose
+    """Accuracy (argmax at the queried positions) on held-out sequences of ``seq_len`` tokens (``num_pairs``
+    replaces the task's). A stack whose
     states are all constant-size reads each sequence through its recurrent state, ``chunk`` tokens at a
     time (what decoding with that memory sees); a stack with a growing cache runs one parallel forward."""
     model.eval()
     constant = all(m.state_growth == "constant" for m in model.stack.mixers)
     hit = total = 0
     for i in range(batches):
-        inputs, targets = task.batch(batch_size, seq_len, seed=seed, step=i, device=device)
+        inputs, targets = task.batch(batch_size, seq_len, seed=seed, step=i, num_pairs=num_pairs, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if constant:
                 states = model.init_state(batch_size, device=device)
@@ -203,6 +221,7 @@ def run_recall(
                 seed=recipe.seed + 12345,
                 device=trainer.device,
                 amp=amp,
+                num_pairs=recipe.pairs_at(k),
             )
         last = history[-1] if history else {}
         row = {
@@ -213,6 +232,7 @@ def run_recall(
             "train_seconds": round(train_s, 1),
             "final_train_loss": last.get("loss"),
             "accuracy": {str(L): a for L, a in acc.items()},
+            "pairs": {str(recipe.T * k): recipe.pairs_at(k) for k in lengths},
         }
         if "retained" in last:
             row["retained"] = last["retained"]
@@ -252,7 +272,9 @@ def _merged(path: Path, record: dict) -> dict:
 
 def _table(rows: list[dict]) -> str:
     lengths = list(rows[0]["accuracy"]) if rows else []
-    head = ["pattern", "params", "KV bytes/layer"] + [f"acc T={L}" for L in lengths] + ["train s"]
+    pairs = rows[0].get("pairs", {}) if rows else {}  # absent in files written before eval_pairs
+    head = ["pattern", "params", "KV bytes/layer"]
+    head += [f"acc T={L}" + (f" ({pairs[L]} pairs)" if L in pairs else "") for L in lengths] + ["train s"]
     body = [
         [r["pattern"], f"{r['params']:,}", f"{r['kv_bytes_per_attention_layer']:,}"]
         + [f"{r['accuracy'][L]:.3f}" for L in lengths]
@@ -323,6 +345,12 @@ def add_recall_parser(sub: argparse._SubParsersAction) -> None:
         help=f"held-out batches per length (default {r.eval_batches})",
     )
     p.add_argument("--eval-batch", type=int, default=r.eval_batch, help=f"sequences per batch (default {r.eval_batch})")
+    p.add_argument(
+        "--eval-pairs",
+        choices=("scaled", "fixed"),
+        default=r.eval_pairs,
+        help="pairs asked at k x T: k x --pairs (scaled, the default) or --pairs (fixed)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", default="off", help="compile each block: off, inductor, or another backend")
     p.add_argument(
@@ -363,15 +391,22 @@ def main_recall(args: argparse.Namespace) -> int:
             seed=args.seed,
             eval_batches=args.eval_batches,
             eval_batch=args.eval_batch,
+            eval_pairs=args.eval_pairs,
         )
-        recipe.task().batch(1, recipe.T, seed=0, step=0)  # the task fits at length T
+        for k in (1, 2, 4):  # the task fits at every length evaluated
+            try:
+                recipe.task().batch(1, recipe.T * k, seed=0, step=0, num_pairs=recipe.pairs_at(k))
+            except ValueError as e:
+                at = "" if k == 1 else f" (evaluation at {k}T = {recipe.T * k} asks {recipe.pairs_at(k)} pairs)"
+                raise ValueError(f"{e}{at}") from None
     except (KeyError, ValueError, TypeError) as e:
         print(f"recall: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     compile_: bool | str = {"off": False, "inductor": True}.get(args.compile, args.compile)
     slug = _device_slug(device)
     print(
-        f"mixerzoo recall on {slug}: T={recipe.T} (curriculum {recipe.curriculum()}), {recipe.pairs} pairs, "
+        f"mixerzoo recall on {slug}: T={recipe.T} (curriculum {recipe.curriculum()}), {recipe.pairs} pairs "
+        f"({recipe.eval_pairs} at 2T and 4T: {recipe.pairs_at(2)}, {recipe.pairs_at(4)}), "
         f"vocab {recipe.vocab}, hidden {recipe.hidden}, {recipe.heads} heads, W={recipe.window}, C={recipe.capacity}, "
         f"batch {recipe.batch}, {recipe.steps} steps, lr {recipe.lr}; chance {1 / ((recipe.vocab - 1) // 2):.4f}",
         flush=True,

@@ -128,13 +128,16 @@ def test_recall_command(tmp_path, capsys):
     args += ["--steps", "3", "--eval-batches", "1", "--eval-batch", "4", "--device", "cpu", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "acc T=256" in out and "KV bytes/layer" in out
+    assert "acc T=256 (12 pairs)" in out and "KV bytes/layer" in out
     record = json.loads((tmp_path / "recall-cpu.json").read_text())
     full, swa = record["rows"]
     assert list(full["accuracy"]) == ["64", "128", "256"]
+    assert full["pairs"] == {"64": 3, "128": 6, "256": 12}, "evaluation asks k times the pairs at k times T"
     # a cache that holds 4T tokens against a ring of 8
     assert full["kv_bytes_per_attention_layer"] > 16 * swa["kv_bytes_per_attention_layer"]
     assert main(["recall", "--patterns", "nope*2", "--device", "cpu"]) == 2
+    assert main([*args[: args.index("--vocab") + 1], "16", *args[args.index("--vocab") + 2 :]]) == 2
+    assert "(evaluation at 4T = 256 asks 12 pairs)" in capsys.readouterr().err
     # in parts: a run of another pattern with the same recipe keeps the earlier rows, in the experiment's order
     # (its patterns first, others after); another recipe replaces the file
     args[2] = "gdn*4"
