@@ -107,7 +107,7 @@ class FullAttention(AttentionMixer):
             if attention_mask is None and self.takes_decode_step(x, state.k, state.v, state.kpos):
                 return self._decode_step(x, state), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
-        q, k, v = self.qkv(x, pos)
+        q, k, v = self.qkv(x, pos, None if state is None else state.k.dtype)
         if state is None:
             return self.out(self._parallel(q, k, v, None if attention_mask is None else valid)), None
 

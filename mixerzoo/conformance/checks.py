@@ -393,7 +393,10 @@ def check_autocast(case: Case) -> None:
     """6b. Training under ``torch.autocast(bfloat16)``, as trainers run it: a float32 mixer whose projections then
     give bfloat16 (its own ops meet bfloat16 activations and float32 parameters) runs forward and backward, at
     T = 3 (shorter than a block or a window) and T = ``conformance_seqlen``; the output, dx and every parameter
-    gradient are within the bfloat16 bounds of the same mixer without autocast."""
+    gradient are within the bfloat16 bounds of the same mixer without autocast. Then inference, as generation
+    under autocast runs it: a state in the mixer's dtype (``init_state``'s default) filled by one prefill, or by
+    uneven chunks, then a decode step; the outputs are within the same bounds of the run without autocast (under
+    ``choice_free_kwargs``: a kept token or selected block that rounding reorders is no error)."""
     mixer = case.build(train=True, **_no_dropout(case))
     params = [(n, p) for n, p in mixer.named_parameters() if p.requires_grad]
     _, rr_out, rr_grad = tolerance(torch.bfloat16)
@@ -418,6 +421,22 @@ def check_autocast(case: Case) -> None:
                     raise AssertionError(f"{where}: d{name} is {'missing' if b is None else 'extra'} under autocast")
                 continue
             assert_close(f"{where}: d{name}", a, b.float(), rel_rmse=rr_grad, rms_floor=1e-3)
+    mixer = case.build(**_no_dropout(case), **case.spec.cls.choice_free_kwargs).eval()
+    x = case.input(seed=7)
+    T = x.shape[1]
+    for chunks in ([T - 1, 1], [T // 2, 1, T - T // 2 - 2, 1]):
+        runs = []
+        for amp in (False, True):
+            state, ys = case.init_state(mixer), []
+            with torch.no_grad(), torch.autocast(torch.device(case.device).type, dtype=torch.bfloat16, enabled=amp):
+                t = 0
+                for n in chunks:
+                    y, state = mixer(x[:, t : t + n], state)
+                    ys.append(y)
+                    t += n
+            runs.append(torch.cat(ys, dim=1).float())
+        where = f"{case.name} under bfloat16 autocast: prefill {chunks[:-1]} + decode with a {mixer_dtype(mixer)} state"
+        assert_close(where, runs[0], runs[1], rel_rmse=rr_out, rms_floor=1e-3)
 
 
 def _graph_size(t: Tensor) -> int:

@@ -59,16 +59,21 @@ class AttentionMixer(TokenMixer):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, T, D] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh], before RoPE."""
+    def project(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, D] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh], before RoPE. ``dtype``: cast to it (a cached
+        path passes its state's dtype: under autocast the projections give bfloat16, and the attention over a
+        float32 cache then runs in float32)."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        if dtype is not None and q.dtype != dtype:
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return q, k, v
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k)."""
-        q, k, v = self.project(x)
+    def qkv(self, x: Tensor, pos: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k); ``dtype`` as
+        for ``project``."""
+        q, k, v = self.project(x, dtype)
         return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
 
     def takes_decode_step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:
@@ -79,7 +84,8 @@ class AttentionMixer(TokenMixer):
             and x.is_cuda
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and attn_step_supported(x, self.head_dim, k_cache, v_cache, pos_cache)
+            # the projections are cast to the cache's dtype (under autocast x's projections are bfloat16)
+            and attn_step_supported(k_cache, self.head_dim, k_cache, v_cache, pos_cache)
         )
 
     def cached_step(
@@ -98,11 +104,11 @@ class AttentionMixer(TokenMixer):
         a ring of S + W slots (``ring=True``) or a linear cache (``ring=False``, window larger than any distance,
         slots above ``seen`` never read). The results and the cache are those of the general path."""
         check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
-        xt = x[:, 0]  # [B, D]
+        xt, dt = x[:, 0], caches[0].dtype  # [B, D]; the projections in the cache's dtype (autocast)
         o = attn_decode_step(
-            self.q_proj(xt),
-            self.k_proj(xt),
-            self.v_proj(xt),
+            self.q_proj(xt).to(dt),
+            self.k_proj(xt).to(dt),
+            self.v_proj(xt).to(dt),
             state.seen,
             state.pad,
             *caches,

@@ -301,6 +301,10 @@ class TokenMixer(nn.Module):
     # Config overrides under which the training gradient is the exact derivative of the forward (the
     # full float64 gradcheck runs with them), for mixers whose default gradient is a surrogate.
     exact_grad_kwargs: ClassVar[dict[str, Any]] = {}
+    # Config overrides (at the conformance settings) under which the mixer makes no discrete choice, so that a
+    # change of precision moves its outputs by rounding only: every token kept, every block selected. The
+    # checks that compare runs at two precisions use them; a flipped choice there is no error.
+    choice_free_kwargs: ClassVar[dict[str, Any]] = {}
 
     config: MixerConfig
 

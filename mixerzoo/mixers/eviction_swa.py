@@ -200,6 +200,9 @@ class EvictionSWA(AttentionMixer):
     conformance_seqlen: ClassVar[int] = 90  # long enough for tokens to leave the window and be evicted
     # The straight-through router gradient is a surrogate; without it the gradient is exact.
     exact_grad_kwargs: ClassVar[dict] = {"router_grad": "none"}
+    # a buffer larger than the conformance sequence: nothing is evicted (a fresh router's scores differ by ~0.005,
+    # which bfloat16 rounding reorders)
+    choice_free_kwargs: ClassVar[dict] = {"capacity": 128}
 
     config: EvictionSWAConfig
 
@@ -267,10 +270,10 @@ class EvictionSWA(AttentionMixer):
     def mix(self, x, state, attention_mask):
         if state is not None and attention_mask is None and x.shape[1] == 1 and self._fused(x):
             check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
-            o = self._decode_fused(*self.project(x), state)
+            o = self._decode_fused(*self.project(x, state.win_k.dtype), state)
             return self.out(o), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, None if state is None else state.win_k.dtype)
         if state is None:
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):

@@ -222,14 +222,14 @@ class GatedDeltaNet(TokenMixer):
         """One token on the GPU without autograd: the projections, one fused kernel for everything between
         them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
         output projection. Same results as the general path to float32 rounding."""
-        xt = x[:, 0]
+        xt, dt = x[:, 0], x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
         o = gdn_decode_step(
-            self.q_proj(xt),
-            self.k_proj(xt),
-            self.v_proj(xt),
-            self.a_proj(xt),
-            self.b_proj(xt),
-            self.g_proj(xt),
+            self.q_proj(xt).to(dt),
+            self.k_proj(xt).to(dt),
+            self.v_proj(xt).to(dt),
+            self.a_proj(xt).to(dt),
+            self.b_proj(xt).to(dt),
+            self.g_proj(xt).to(dt),
             self.conv_weight,
             state.conv,
             self.A_log,

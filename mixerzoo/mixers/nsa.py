@@ -139,6 +139,7 @@ class NSA(AttentionMixer):
     # block 16: the smallest the Triton kernels take; 80 tokens: five blocks, so that selection chooses
     conformance_kwargs = {"block_size": 16, "block_count": 4, "window_size": 8}
     conformance_seqlen = 80
+    choice_free_kwargs = {"block_count": 8}  # every one of the 80 tokens' 5 blocks selected
 
     def __init__(self, config: NSAConfig):
         super().__init__(config)
@@ -220,7 +221,7 @@ class NSA(AttentionMixer):
             state.seen.add_(1)
             return self.out(o), state
         _, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
-        q, k, v = self.qkv(x, pos)
+        q, k, v = self.qkv(x, pos, state.k_cache.dtype)
         g = self.gates(x)
         qpos = pos.masked_fill(~valid, -1)  # [B, T]; a padding query sees nothing
         if T == 1 and not (torch.is_grad_enabled() and q.requires_grad):
@@ -423,11 +424,11 @@ class NSA(AttentionMixer):
         """``_step`` in two launches after the projections (the eager CUDA path; Triton's interpreter runs it on
         the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
         ``nsa_decode``. Nothing read on the host, so it can be captured. x [B, 1, D] -> o [B, 1, HQ, Dh]."""
-        xt = x[:, 0]  # [B, D]
+        xt, dt = x[:, 0], state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
         q_rot, q_pos = nsa_step_write(
-            self.q_proj(xt),
-            self.k_proj(xt),
-            self.v_proj(xt),
+            self.q_proj(xt).to(dt),
+            self.k_proj(xt).to(dt),
+            self.v_proj(xt).to(dt),
             state.seen,
             state.pad,
             state.k_cache,
@@ -437,7 +438,7 @@ class NSA(AttentionMixer):
             theta=self.rope_theta,
             block_size=self.block_size,
         )
-        g = torch.sigmoid(self.gate_proj(xt)).view(xt.shape[0], 3, self.num_heads).transpose(0, 1).contiguous()
+        g = torch.sigmoid(self.gate_proj(xt).to(dt)).view(xt.shape[0], 3, self.num_heads).transpose(0, 1).contiguous()
         o, _ = nsa_decode_fwd(
             q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, g[0], g[1], g[2],
             self.block_size, self.block_count, self.window_size, self.scale,

@@ -143,7 +143,7 @@ class SWA(AttentionMixer):
             if self.takes_decode_step(x, state.k_cache, state.v_cache, state.pos_cache):
                 return self._decode_step(x, state), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
-        q, k, v = self.qkv(x, pos)
+        q, k, v = self.qkv(x, pos, None if state is None else state.k_cache.dtype)
         kpos = pos.masked_fill(~valid, -1)  # [B, T]; padding keys are never visible
         if state is None:
             # Right padding follows every real token, so causality hides it; only the leading padding
