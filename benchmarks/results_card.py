@@ -99,8 +99,34 @@ def _bench_files() -> list[pathlib.Path]:
 
 def _op_files() -> list[pathlib.Path]:
     return sorted(
-        p for p in RESULTS.glob("*.json") if not p.name.endswith("-bench.json") and not p.name.startswith("backends-")
+        p
+        for p in RESULTS.glob("*.json")
+        if not p.name.endswith("-bench.json") and not p.name.startswith(("backends-", "recall-"))
     )
+
+
+def recall_card(doc: dict, rel: str) -> str:
+    """The recall experiment's table (``python -m mixerzoo recall``): accuracy per pattern and length."""
+    rows = doc["rows"]
+    lengths = list(rows[0]["accuracy"]) if rows else []
+    pairs = rows[0].get("pairs", {}) if rows else {}
+    r = doc["recipe"]
+    asked = {L: pairs.get(L, r["pairs"]) for L in lengths}
+    out = [
+        f"### recall (`{rel}`, {doc['device']}, torch {doc['torch']}, {doc['date']})",
+        "",
+        f"T = {r['T']}, vocabulary {r['vocab']}, hidden {r['hidden']}, W = {r['window']}, C = {r['capacity']}, "
+        f"batch {r['batch']}, {r['steps']} steps; chance {doc['chance']:.4f}.",
+        "",
+        "| pattern | KV bytes per attention layer | " + " | ".join(f"T = {L} ({asked[L]} pairs)" for L in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for row in rows:
+        accs = " | ".join(f"{row['accuracy'][L]:.3f}" for L in lengths)
+        out.append(f"| `{row['pattern']}` | {row['kv_bytes_per_attention_layer']:,} | {accs} |")
+    if doc.get("note"):
+        out += ["", doc["note"][0].upper() + doc["note"][1:] + "."]
+    return "\n".join(out) + "\n"
 
 
 def _plots_of(bench: pathlib.Path) -> dict[str, str]:
@@ -130,6 +156,8 @@ def section() -> str:
     for path in _op_files():
         doc = json.loads(path.read_text())
         parts.append(op_level_card(doc, os.path.relpath(path, ROOT)))
+    for path in sorted(RESULTS.glob("recall-*.json")):
+        parts.append(recall_card(json.loads(path.read_text()), os.path.relpath(path, ROOT)))
     if len(parts) == 2:
         parts.append("No results committed yet.\n")
     return "\n".join(parts)
