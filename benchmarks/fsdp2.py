@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--compile", default="inductor", help="compile each block: off, inductor, or a backend")
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of the tokens/s (compiles)")
+    ap.add_argument("--data-device", choices=("auto", "cpu"), default="auto", help="the train command's --data-device")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 CPU processes over gloo")
     args = ap.parse_args(argv)
     if args.batch % 2:
@@ -62,7 +63,7 @@ def _train_args(args, device: str) -> list[str]:
         "--pattern", args.pattern, "--hidden", str(args.hidden), "--heads", str(args.heads), "--vocab",
         str(args.vocab), "--steps", str(args.steps), "--batch", str(args.batch), "--T", str(args.T),
         "--compile", args.compile, "--device", device, "--log-every", "1", "--data-shards", "2", "--seed", "0",
-        "--eval-batches", "1",
+        "--eval-batches", "1", "--data-device", args.data_device,
     ]  # fmt: skip
 
 
@@ -104,9 +105,9 @@ def main(argv=None) -> int:
     print(f"loss: largest relative difference {diffs[worst]:.2e} at step {one_h[worst]['step']}", flush=True)
     print(f"tokens/s: 1 process {tps[0]:,.0f}, 2 processes {tps[1]:,.0f}: {tps[1] / tps[0]:.2f}x", flush=True)
     note = (
-        f"{args.pattern}; python -m mixerzoo train, FSDP2 over 2 ranks vs one process "
-        f"on the same global batches; loss max rel. diff {diffs[worst]:.1e} over {len(diffs)} steps; median tokens/s "
-        f"after step {skip}; 2 / 1: {tps[1] / tps[0]:.2f}x"
+        f"{args.pattern}; python -m mixerzoo train (--data-device {args.data_device}), FSDP2 over 2 ranks vs one "
+        f"process on the same global batches; loss max rel. diff {diffs[worst]:.1e} over {len(diffs)} steps; "
+        f"median tokens/s after step {skip}; 2 / 1: {tps[1] / tps[0]:.2f}x"
     )
     rows = [
         dict(op="fsdp2", impl=impl, B=args.batch, T=args.T, tokens_per_s=round(t), note=note)

@@ -118,7 +118,9 @@ def recall_card(doc: dict, rel: str) -> str:
         f"T = {r['T']}, vocabulary {r['vocab']}, hidden {r['hidden']}, W = {r['window']}, C = {r['capacity']}, "
         f"batch {r['batch']}, {r['steps']} steps; chance {doc['chance']:.4f}.",
         "",
-        "| pattern | KV bytes per attention layer | " + " | ".join(f"T = {L} ({asked[L]} pairs)" for L in lengths) + " |",
+        "| pattern | KV bytes per attention layer | "
+        + " | ".join(f"T = {L} ({asked[L]} pairs)" for L in lengths)
+        + " |",
         "|---|---|" + "---|" * len(lengths),
     ]
     for row in rows:

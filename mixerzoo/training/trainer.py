@@ -53,6 +53,8 @@ class TrainConfig:
                       the draw of its shards, so a run on one process with data_shards=N sees the global
                       batches of an N-rank run.
     amp:              "auto" (bf16 autocast on CUDA, none on the CPU), "bf16" or "none".
+    data_device:      "auto" (a data source that can, RecallTask, draws a CUDA run's batches on the GPU; others
+                      on a background CPU thread) or "cpu" (always the CPU thread; the CPU's streams).
     compile:          torch.compile each block (False, True for Inductor, or a backend name).
     activation_checkpointing: recompute each block in the backward instead of storing its activations.
     log_every, eval_every, eval_batches: progress line and evaluation (0: never) cadence.
@@ -75,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     data_shards: int | None = None
     amp: str = "auto"
+    data_device: str = "auto"
     compile: bool | str = False
     activation_checkpointing: bool = False
     log_every: int = 10
@@ -108,6 +111,7 @@ class TrainConfig:
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0: no clipping)"),
             ("amp", self.amp, self.amp in ("auto", "bf16", "none"), "'auto', 'bf16' or 'none'"),
+            ("data_device", self.data_device, self.data_device in ("auto", "cpu"), "'auto' or 'cpu'"),
         ):
             if not ok:
                 raise ValueError(f"TrainConfig: {name} must be {allowed}, got {v!r}")
@@ -319,7 +323,9 @@ class Trainer:
         # A data source that can draw on the GPU (RecallTask) does so there: on the CPU its [B, T] operations run
         # in the intra-op thread pool, and in a container whose CPU quota is below the cores it sees, a batch
         # took 3 s against a 17 ms training step.
-        self._draw_on_device = self.device.type == "cuda" and getattr(data, "draws_on_device", False)
+        self._draw_on_device = (
+            cfg.data_device == "auto" and self.device.type == "cuda" and getattr(data, "draws_on_device", False)
+        )
 
         model.to(self.device)
         for block in model.stack.layers:
@@ -624,6 +630,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-shards", type=int, default=None, help="draw the global batch in N pieces (default: ranks)")
+    p.add_argument(
+        "--data-device",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: recall data drawn on the GPU in a CUDA run; cpu: on a CPU thread (default auto)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
     p.add_argument("--compile", default="off", help="compile each block: off, inductor, or another backend")
@@ -694,6 +706,7 @@ def main_train(args: argparse.Namespace) -> int:
             grad_clip=args.grad_clip,
             seed=args.seed,
             data_shards=args.data_shards,
+            data_device=args.data_device,
             amp=args.amp,
             compile=compile_,
             activation_checkpointing=args.activation_checkpointing,

@@ -2,6 +2,7 @@
 checkpointing changes nothing, the schedule, the ``train`` command, and refusals of bad settings."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +116,8 @@ def test_bad_settings_are_refused(capsys):
         TrainConfig(lr=-1)
     with pytest.raises(ValueError, match=r"TrainConfig: steps must be an int >= 1, got 0"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match=r"TrainConfig: data_device must be 'auto' or 'cpu', got 'gpu'"):
+        TrainConfig(data_device="gpu")
     with pytest.raises(ValueError, match=r"batch_size \(6\) must split into data_shards \(4\)"):
         Trainer(_model("swa[window_size=4]"), RecallTask(), TrainConfig(batch_size=6, data_shards=4), device="cpu")
     assert main(["train", "--pattern", "nope*2", "--device", "cpu", "--steps", "1"]) == 2
@@ -175,3 +178,16 @@ def test_recall_evaluation_through_the_state_matches_the_parallel_form():
             hits += ((model(x)[0].argmax(-1) == y) & (y >= 0)).sum().item()
             total += (y >= 0).sum().item()
     assert streamed == hits / total
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("data_device", ["auto", "cpu"])
+def test_cuda_run_draws_recall_batches_where_asked(data_device):
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=48, warmup=1, log_every=1, data_device=data_device)
+    trainer = Trainer(_model("swa[window_size=4]*2"), RecallTask("mqar", 4, 32), cfg, device="cuda", log=print)
+    assert trainer._draw_on_device == (data_device == "auto")
+    inputs, _ = trainer._local_batch(0, 48, 4)
+    assert inputs.device.type == ("cuda" if data_device == "auto" else "cpu")
+    history = trainer.fit()
+    assert len(history) >= 1 and all(math.isfinite(h["loss"]) for h in history)
