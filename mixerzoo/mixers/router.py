@@ -31,7 +31,9 @@ class CNNRouter(nn.Module):
         u:    [B, L, H, 2*Dh] router input, concat(k before RoPE, v) per KV head
         mask: [B, L] bool, False where the token is padding or lies before the sequence start; such
               tokens read as zeros at every layer, exactly like the zero padding at the ends
-        z:    [B, L, H] logits (dtype of u)
+        z:    [B, L, H] logits, float32: the 1x1 output conv runs in float32 whatever the dtype of u and
+              autocast say (a fresh router's logits differ by ~0.005 around +0.5, where bfloat16 resolves
+              0.002 to 0.004: bfloat16 logits would rank the tokens by their rounding)
     """
 
     def __init__(
@@ -81,7 +83,8 @@ class CNNRouter(nn.Module):
         h = torch.where(m, rearrange(u, "b l h c -> b (h c) l"), 0.0)  # groups: contiguous channel blocks
         for conv in self.convs:
             h = F.silu(torch.where(m, conv(F.dropout(h, self.dropout, training=dropout)), 0.0))
-        z = self.out(h)  # [B, H, L] ([(B H), 1, L] when shared)
+        with torch.autocast(h.device.type, enabled=False):  # [B, H, L] ([(B H), 1, L] when shared)
+            z = F.conv1d(h.float(), self.out.weight.float(), self.out.bias.float(), groups=self.out.groups)
         if self.shared:
             return rearrange(z, "(b h) 1 l -> b l h", b=B)
         return rearrange(z, "b h l -> b l h")

@@ -7,7 +7,7 @@ import torch
 from mixerzoo import registry
 from mixerzoo.mixers.eviction_swa import EvictionSWA
 from mixerzoo.mixers.rope import apply_rope
-from mixerzoo.mixers.router import ValueGate
+from mixerzoo.mixers.router import CNNRouter, ValueGate
 from mixerzoo.testing import assert_close
 
 SMALL = dict(hidden_size=64, num_heads=4, window_size=16, capacity=8, num_sinks=2)
@@ -164,6 +164,25 @@ def test_decode_scores_equal_parallel_router():
             assert_close(f"score of slot {slot}", ref[:, slot], got, atol=1e-6)
         else:
             assert (got == -1e30).all()
+
+
+@pytest.mark.parametrize("where", ["autocast", "bfloat16 module"])
+def test_router_logits_keep_float32_resolution(where):
+    """A fresh router's logits differ by ~0.005 around +0.5, where bfloat16 resolves 0.002 to 0.004: bfloat16
+    logits would tie most tokens and rank them by rounding. The output conv runs in float32."""
+    torch.manual_seed(0)
+    router = CNNRouter(2, 16, (3, 3, 3), (1, 1, 1), 0.0)
+    u = torch.randn(1, 512, 2, 32)
+    mask = torch.ones(1, 512, dtype=torch.bool)
+    if where == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = router(u, mask, False)
+    else:
+        z = router.to(torch.bfloat16)(u.bfloat16(), mask, False)
+    assert z.dtype == torch.float32
+    assert z.std() < 0.05, "a fresh router's logits lie close together (the case this guards)"
+    distinct = z.flatten().unique().numel() / z.numel()
+    assert distinct > 0.9, f"only {distinct:.2f} of the logits are distinct"
 
 
 def test_router_gets_gradients_and_value_gate_formula():

@@ -9,7 +9,8 @@ conv; ``router_step_scores`` computes the same number in one kernel, one program
   conv, selected (a NaN there never reaches a neighbour), then SiLU;
 - the activations between layers go through a small global scratch buffer (a shifted read crosses the warps'
   share of a block), rounded to the input dtype as the module rounds them;
-- the 1x1 output conv reads the activations of position m only, then the scoring: ``sigmoid(z) - 0.5`` or
+- the 1x1 output conv reads the activations of position m only, in float32 (as the module: its logits are
+  float32), then the scoring: ``sigmoid(z) - 0.5`` or
   ``relu(z)``.
 
 The router's weights are read as they are (conv weight ``[G * c_out, c_in, k]``, bias ``[G * c_out]``; G = 1 when
@@ -211,14 +212,13 @@ def _eviction_router_step_kernel(
             BL, BK3, BN4, DOT3, DOT_F32, PREC, DTYPE,
         )  # fmt: skip
 
-    # the 1x1 out conv at position M only: z = b_out + sum_c w_out[c] * x[M, c], rounded to u's dtype as the module
+    # the 1x1 out conv at position M only: z = b_out + sum_c w_out[c] * x[M, c], in float32 as the module
     o_c = tl.arange(0, BCL)
     m_c = o_c < CL
     b_w = tl.load(w_out + i_g * CL + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BCL]
     # selected, not multiplied: other rows never reach position M's score
     b_xm = tl.sum(tl.where((o_l == M)[:, None], b_x.to(tl.float32), 0.0), 0)  # [BCL]
     b_z = tl.sum(tl.where(m_c, b_xm * b_w, 0.0), 0) + tl.load(bias_out + i_g).to(tl.float32)
-    b_z = _round(b_z, DTYPE).to(tl.float32)
     if SCORING == 0:
         b_r = tl.sigmoid(b_z) - 0.5
     else:
