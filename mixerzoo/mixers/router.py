@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..kernels._triton import HAS_TRITON
+from ..kernels.eviction.router_conv import router_conv
+
 __all__ = ["CNNRouter", "ValueGate", "key_norm_score", "router_margin"]
 
 
@@ -74,6 +77,8 @@ class CNNRouter(nn.Module):
         nn.init.constant_(self.out.bias, 0.5)
 
     def forward(self, u: Tensor, mask: Tensor, dropout: bool) -> Tensor:
+        if _layer_kernels(u):
+            return self._forward_layers(u, mask, dropout)
         B, L, H = u.shape[:3]
         if self.shared:  # every head is a sequence of its own through the one CNN
             u = rearrange(u, "b l h c -> (b h) l 1 c")
@@ -88,6 +93,24 @@ class CNNRouter(nn.Module):
         if self.shared:
             return rearrange(z, "(b h) 1 l -> b l h", b=B)
         return rearrange(z, "b h l -> b l h")
+
+    def _forward_layers(self, u: Tensor, mask: Tensor, dropout: bool) -> Tensor:
+        """``forward`` in the [B, L, H, C] layout of u, one ``router_conv`` op per hidden layer (Triton on CUDA:
+        no layout transposes around cuDNN's grouped convs), then the 1x1 output conv as a float32 dot over the
+        channels. The same function; dropout draws its masks in this layout."""
+        h = torch.where(mask[:, :, None, None], u, 0.0)  # selected, not multiplied (a NaN stays out)
+        for conv in self.convs:
+            h = F.dropout(h, self.dropout, training=dropout)
+            h = router_conv(h, conv.weight, conv.bias, mask, dilation=conv.dilation[0], shared=self.shared)
+        G = 1 if self.shared else self.num_kv_heads
+        w = self.out.weight.float().view(G, -1)  # [G, C]
+        with torch.autocast(h.device.type, enabled=False):
+            return (h.float() * w).sum(-1) + self.out.bias.float()  # [B, L, H]
+
+
+def _layer_kernels(u: Tensor) -> bool:
+    """Whether CNNRouter.forward takes the per-layer kernels: CUDA with Triton."""
+    return u.is_cuda and HAS_TRITON
 
 
 def key_norm_score(k: Tensor, threshold: float) -> Tensor:
