@@ -244,6 +244,20 @@ def _groups(x: Tensor, weight: Tensor, shared: bool) -> tuple[int, int]:
     return G, weight.shape[0] // G
 
 
+def _dz(z: Tensor, mask: Tensor, dy: Tensor) -> Tensor:
+    """dL/dz in float32: silu'(z) = s (1 + z (1 - s)); a masked position's z was selected to 0, so nothing reaches
+    its conv output."""
+    zf = z.float()
+    s = torch.sigmoid(zf)
+    return torch.where(mask[:, :, None, None], dy.float() * s * (1.0 + zf * (1.0 - s)), 0.0)
+
+
+def _dbias(dzf: Tensor, weight: Tensor, shared: bool) -> Tensor:
+    """dbias [G * C_out] from dz [B, L, H, C_out]: summed over the tokens, and over the heads when shared."""
+    db = dzf.sum((0, 1))  # [H, C_out]
+    return (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
+
+
 def router_conv_fwd(
     x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, dilation: int, shared: bool
 ) -> tuple[Tensor, Tensor]:
@@ -274,10 +288,7 @@ def router_conv_bwd(
     B, L, H, CIN = x.shape
     G, COUT = _groups(x, weight, shared)
     K = weight.shape[-1]
-    zf = z.float()
-    s = torch.sigmoid(zf)
-    # silu'(z) = s (1 + z (1 - s)); a masked position's z was selected to 0, so nothing reaches its conv output
-    dzf = torch.where(mask[:, :, None, None], dy.float() * s * (1.0 + zf * (1.0 - s)), 0.0)
+    dzf = _dz(z, mask, dy)
     dz = dzf.to(x.dtype).contiguous()
     w = weight.to(x.dtype).contiguous()
     meta = _meta(x, CIN)
@@ -300,9 +311,7 @@ def router_conv_bwd(
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
     dw = rearrange(dw_parts.sum(0), "g k i o -> (g o) i k").to(weight.dtype).contiguous()
-    db = dzf.sum((0, 1))  # [H, C_out]
-    db = (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
-    return dx, dw, db
+    return dx, dw, _dbias(dzf, weight, shared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,18 +354,13 @@ def _bwd_op(
 def _(x, weight, z, mask, dy, dilation, shared):
     # the op runs below the autograd dispatch key: the conv is linear, so dx and dweight are the vjp of the masked
     # conv (no bias, any point) at dz, which the saved pre-activation gives
-    zf = z.float()
-    s = torch.sigmoid(zf)
-    dzf = torch.where(mask[:, :, None, None], dy.float() * s * (1.0 + zf * (1.0 - s)), 0.0)
+    dzf = _dz(z, mask, dy)
     zero = weight.new_zeros(weight.shape[0], dtype=torch.float32)
     _, vjp = torch.func.vjp(
         lambda x_, w_: _pre_activation_ref(x_, w_, zero, mask, dilation, shared), x.float(), weight.float()
     )
     dx, dw = vjp(dzf)
-    dx, dw = dx.to(x.dtype), dw.to(weight.dtype)
-    db = dzf.sum((0, 1))
-    db = (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
-    return dx.contiguous().clone(), dw.contiguous().clone(), db
+    return dx.to(x.dtype).contiguous().clone(), dw.to(weight.dtype).contiguous().clone(), _dbias(dzf, weight, shared)
 
 
 @_bwd_op.register_fake
