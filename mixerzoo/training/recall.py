@@ -59,7 +59,10 @@ class RecallRecipe:
     length). The first run on an H200 (vocabulary 256, fixed pairs) gave every stack, ``gdn*4`` included,
     100% at T, 2T and 4T: 32 pairs fit in the recurrent state of a hidden-128 gdn stack, so the experiment
     measured nothing. Scaled, 4T asks 128 pairs, more than a 64-token eviction buffer or a window can hold;
-    the vocabulary is 512 so that 128 distinct keys exist.
+    the vocabulary is 512 so that 128 distinct keys exist. On the CPU at reduced scale (hidden 64, T = 256 with 8
+    pairs, W = C = 32, vocabulary 128, batch 16, 400 steps) the scaled pairs spread the stacks apart at every
+    length: ``(gdn full_attention)*2`` 0.949 / 0.881 / 0.772 at T / 2T / 4T, ``(gdn swa)*2`` 0.703 / 0.551 /
+    0.523, ``gdn*4`` 0.566 / 0.473 / 0.428.
     """
 
     T: int = 1024
