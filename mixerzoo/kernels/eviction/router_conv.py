@@ -63,7 +63,7 @@ def router_conv_ref(x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, dilat
 @triton.jit
 def _router_conv_fwd_kernel(
     x,  # [B, L, H, CIN] contiguous
-    w,  # [G * COUT, CIN, K] contiguous, x's dtype
+    w,  # [G, K, CIN, COUT] contiguous, x's dtype (the launcher's copy: rows of output channels are contiguous)
     bias,  # [G * COUT]
     mask,  # [B, L] bool (as uint8)
     z,  # [B, L, H, COUT] out: the masked pre-activation
@@ -72,7 +72,7 @@ def _router_conv_fwd_kernel(
     H,
     CIN,
     COUT,
-    stride_wg,  # COUT * CIN * K per group, 0 when shared
+    stride_wg,  # K * CIN * COUT per group, 0 when shared
     stride_bg,  # COUT, 0 when shared
     K: tl.constexpr,
     DIL: tl.constexpr,
@@ -97,7 +97,9 @@ def _router_conv_fwd_kernel(
             m_ci = o_ci < CIN
             b_x = tl.load(p_x + o_s[:, None] * H * CIN + o_ci[None, :], mask=m_s[:, None] & m_ci[None, :], other=0.0)
             b_w = tl.load(
-                p_w + o_co[None, :] * CIN * K + o_ci[:, None] * K + j, mask=m_ci[:, None] & m_co[None, :], other=0.0
+                p_w + j * CIN * COUT + o_ci[:, None] * COUT + o_co[None, :],
+                mask=m_ci[:, None] & m_co[None, :],
+                other=0.0,
             )  # [BCI, BCO]: weight[g, o, i, j] at (i, o)
             if DOT_F32:
                 b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision=PREC)
@@ -117,7 +119,7 @@ def _router_conv_fwd_kernel(
 @triton.jit
 def _router_conv_bwd_dx_kernel(
     dz,  # [B, L, H, COUT] contiguous, x's dtype
-    w,  # [G * COUT, CIN, K]
+    w,  # [G, K, CIN, COUT] as in the forward
     dx,  # [B, L, H, CIN] out
     L,
     H,
@@ -149,7 +151,7 @@ def _router_conv_bwd_dx_kernel(
         m_r = (o_r >= 0) & (o_r < L)
         b_dz = tl.load(p_dz + o_r[:, None] * H * COUT + o_co[None, :], mask=m_r[:, None] & m_co[None, :], other=0.0)
         b_w = tl.load(
-            p_w + o_co[:, None] * CIN * K + o_ci[None, :] * K + j, mask=m_co[:, None] & m_ci[None, :], other=0.0
+            p_w + j * CIN * COUT + o_ci[None, :] * COUT + o_co[:, None], mask=m_co[:, None] & m_ci[None, :], other=0.0
         )  # [BCO, BCI]
         if DOT_F32:
             b_acc = tl.dot(b_dz.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision=PREC)
@@ -244,6 +246,12 @@ def _groups(x: Tensor, weight: Tensor, shared: bool) -> tuple[int, int]:
     return G, weight.shape[0] // G
 
 
+def _taps(weight: Tensor, dtype: torch.dtype, G: int) -> Tensor:
+    """The conv weight [G * C_out, C_in, K] as [G, K, C_in, C_out] in ``dtype``: a tap's [C_in, C_out] tile is then
+    read in rows of contiguous output channels (a small copy per call, as autocast's cast of a conv weight)."""
+    return rearrange(weight.to(dtype), "(g o) i k -> g k i o", g=G).contiguous()
+
+
 def _dz(z: Tensor, mask: Tensor, dy: Tensor) -> Tensor:
     """dL/dz in float32: silu'(z) = s (1 + z (1 - s)); a masked position's z was selected to 0, so nothing reaches
     its conv output."""
@@ -266,7 +274,7 @@ def router_conv_fwd(
     B, L, H, CIN = x.shape
     G, COUT = _groups(x, weight, shared)
     K = weight.shape[-1]
-    w = weight.to(x.dtype).contiguous()
+    w = _taps(weight, x.dtype, G)
     b = bias.to(torch.float32).contiguous()
     z = x.new_empty(B, L, H, COUT)
     y = torch.empty_like(z)
@@ -274,7 +282,7 @@ def router_conv_fwd(
     grid = (triton.cdiv(L, meta["BT"]), H, B)
     _router_conv_fwd_kernel[grid](
         x, w, b, mask.contiguous().view(torch.uint8), z, y, L, H, CIN, COUT,
-        0 if shared else COUT * CIN * K, 0 if shared else COUT,
+        0 if shared else K * CIN * COUT, 0 if shared else COUT,
         K=K, DIL=dilation, BCO=_pow2(COUT), num_warps=4, **meta,
     )  # fmt: skip
     return y, z
@@ -290,13 +298,13 @@ def router_conv_bwd(
     K = weight.shape[-1]
     dzf = _dz(z, mask, dy)
     dz = dzf.to(x.dtype).contiguous()
-    w = weight.to(x.dtype).contiguous()
+    w = _taps(weight, x.dtype, G)
     meta = _meta(x, CIN)
     BCO = _pow2(COUT)
     dx = torch.empty_like(x)
     n_ci = triton.cdiv(CIN, meta["BCI"])
     _router_conv_bwd_dx_kernel[(triton.cdiv(L, meta["BT"]), H * n_ci, B)](
-        dz, w, dx, L, H, CIN, COUT, 0 if shared else COUT * CIN * K,
+        dz, w, dx, L, H, CIN, COUT, 0 if shared else K * CIN * COUT,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
     # enough programs to fill the GPU: the (group, in-channel block, tap) grid split over the token blocks
