@@ -61,7 +61,7 @@ def router_conv_ref(x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, dilat
 
 
 @triton.jit
-def _router_conv_fwd_kernel(
+def _eviction_router_conv_fwd_kernel(
     x,  # [B, L, H, CIN] contiguous
     w,  # [G, K, CIN, COUT] contiguous, x's dtype (the launcher's copy: rows of output channels are contiguous)
     bias,  # [G * COUT]
@@ -117,7 +117,7 @@ def _router_conv_fwd_kernel(
 
 
 @triton.jit
-def _router_conv_bwd_dx_kernel(
+def _eviction_router_conv_bwd_dx_kernel(
     dz,  # [B, L, H, COUT] contiguous, x's dtype
     w,  # [G, K, CIN, COUT] as in the forward
     dx,  # [B, L, H, CIN] out
@@ -162,7 +162,7 @@ def _router_conv_bwd_dx_kernel(
 
 
 @triton.jit
-def _router_conv_bwd_dw_kernel(
+def _eviction_router_conv_bwd_dw_kernel(
     x,  # [B, L, H, CIN]
     dz,  # [B, L, H, COUT]
     dw,  # [NSPLIT, G, K, CIN, COUT] float32 out: this split's share
@@ -280,7 +280,7 @@ def router_conv_fwd(
     y = torch.empty_like(z)
     meta = _meta(x, CIN)
     grid = (triton.cdiv(L, meta["BT"]), H, B)
-    _router_conv_fwd_kernel[grid](
+    _eviction_router_conv_fwd_kernel[grid](
         x, w, b, mask.contiguous().view(torch.uint8), z, y, L, H, CIN, COUT,
         0 if shared else K * CIN * COUT, 0 if shared else COUT,
         K=K, DIL=dilation, BCO=_pow2(COUT), num_warps=4, **meta,
@@ -303,7 +303,7 @@ def router_conv_bwd(
     BCO = _pow2(COUT)
     dx = torch.empty_like(x)
     n_ci = triton.cdiv(CIN, meta["BCI"])
-    _router_conv_bwd_dx_kernel[(triton.cdiv(L, meta["BT"]), H * n_ci, B)](
+    _eviction_router_conv_bwd_dx_kernel[(triton.cdiv(L, meta["BT"]), H * n_ci, B)](
         dz, w, dx, L, H, CIN, COUT, 0 if shared else K * CIN * COUT,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
@@ -314,7 +314,7 @@ def router_conv_bwd(
     target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3 * base
     nsplit = max(1, min(n_t, triton.cdiv(target, base)))
     dw_parts = x.new_empty(nsplit, G, K, CIN, COUT, dtype=torch.float32)
-    _router_conv_bwd_dw_kernel[(G * n_ci, K, nsplit)](
+    _eviction_router_conv_bwd_dw_kernel[(G * n_ci, K, nsplit)](
         x, dz, dw_parts, B, L, H, CIN, COUT, G, H // G, nsplit,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
