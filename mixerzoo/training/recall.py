@@ -13,8 +13,11 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +28,15 @@ from ..models import HybridLM
 from .mqar import RecallTask
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["DEFAULT_PATTERNS", "RecallRecipe", "add_recall_parser", "evaluate_recall", "main_recall", "run_recall"]
+__all__ = [
+    "DEFAULT_PATTERNS",
+    "RecallRecipe",
+    "add_recall_parser",
+    "evaluate_recall",
+    "main_recall",
+    "run_recall",
+    "run_recall_jobs",
+]
 
 DEFAULT_PATTERNS = (
     "gdn*4",
@@ -357,14 +368,90 @@ def add_recall_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--compile", default="off", help="compile each block: off, inductor, or another backend")
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="patterns trained at once, each in a process of its own; on CUDA spread over the visible GPUs in turn "
+        "(a small model leaves a GPU mostly idle: 2 per GPU is a good start). Default 1",
+    )
+    p.add_argument(
         "--out", default="benchmarks/results", help="folder of the JSON and PNG (default benchmarks/results)"
     )
     p.set_defaults(func=main_recall)
 
 
+def _recipe_args(recipe: RecallRecipe) -> list[str]:
+    """The command-line flags that rebuild ``recipe`` (its other fields keep their defaults)."""
+    flags = {
+        "--T": recipe.T, "--pairs": recipe.pairs, "--vocab": recipe.vocab, "--hidden": recipe.hidden,
+        "--heads": recipe.heads, "--window": recipe.window, "--capacity": recipe.capacity, "--batch": recipe.batch,
+        "--steps": recipe.steps, "--lr": recipe.lr, "--warmup": recipe.warmup,
+        "--short-fraction": recipe.short_fraction, "--seed": recipe.seed, "--eval-batches": recipe.eval_batches,
+        "--eval-batch": recipe.eval_batch, "--eval-pairs": recipe.eval_pairs,
+    }  # fmt: skip
+    return [str(x) for kv in flags.items() for x in kv]
+
+
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them for a child process."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named:
+        return [d.strip() for d in named.split(",") if d.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_recall_jobs(
+    patterns: list[str], recipe: RecallRecipe, *, device: torch.device, compile: str, jobs: int, log=print
+) -> tuple[list[dict], list[str]]:
+    """``run_recall`` with up to ``jobs`` patterns at once, each in a ``python -m mixerzoo recall`` process of its
+    own (on CUDA, pattern i on visible GPU i mod the count). Returns the rows in pattern order and the patterns
+    whose process failed (its output is logged; the others' rows are kept)."""
+    gpus = _visible_gpus() if device.type == "cuda" else []
+    base = [sys.executable, "-m", "mixerzoo", "recall", "--device", device.type, "--compile", compile]
+    base += _recipe_args(recipe)
+    want = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    rows: dict[int, dict] = {}
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pending, running = list(enumerate(patterns)), []
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, pattern = pending.pop(0)
+                env = dict(os.environ)
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+                out = Path(tmp) / str(i)
+                logf = open(Path(tmp) / f"{i}.log", "w")  # noqa: SIM115 (closed when the process ends)
+                cmd = [*base, "--patterns", pattern, "--out", str(out)]
+                proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+                running.append((i, pattern, proc, logf, out))
+                log(f"recall: started {pattern}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
+            time.sleep(0.2)
+            for item in list(running):
+                i, pattern, proc, logf, out = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                logf.close()
+                files = sorted(out.glob("recall-*.json"))
+                record = json.loads(files[0].read_text()) if proc.returncode == 0 and files else None
+                if record is None or record["recipe"] != want:
+                    log(f"recall: {pattern} failed (exit {proc.returncode}); its output:")
+                    log((Path(tmp) / f"{i}.log").read_text())
+                    failed.append(pattern)
+                    continue
+                rows[i] = record["rows"][0]
+                acc = ", ".join(f"T={L}: {a:.3f}" for L, a in rows[i]["accuracy"].items())
+                log(f"   {pattern}: {acc} ({rows[i]['train_seconds']:.0f}s training)")
+    return [rows[i] for i in sorted(rows)], failed
+
+
 def main_recall(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("recall: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"recall: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.calibrate:
@@ -415,8 +502,16 @@ def main_recall(args: argparse.Namespace) -> int:
         flush=True,
     )
     t0 = time.perf_counter()
-    rows = run_recall(patterns, recipe, device=device, compile=compile_, log=lambda s: print(s, flush=True))
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    failed: list[str] = []
+    if args.jobs > 1 and len(patterns) > 1:
+        rows, failed = run_recall_jobs(patterns, recipe, device=device, compile=args.compile, jobs=args.jobs, log=say)
+    else:
+        rows = run_recall(patterns, recipe, device=device, compile=compile_, log=say)
     elapsed = time.perf_counter() - t0
+    if not rows:
+        print(f"recall: every pattern failed: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     print()
     print(_table(rows))
     print(f"\n{len(rows)} pattern(s) in {elapsed / 60:.1f} min")
@@ -442,4 +537,7 @@ def main_recall(args: argparse.Namespace) -> int:
         acc = rows[0]["accuracy"][str(recipe.T)]
         verdict = "reaches" if acc >= 0.9 else "does NOT reach"
         print(f"calibration: {CALIBRATION_PATTERN} {verdict} 90% at T={recipe.T}: {acc:.3f}")
+    if failed:
+        print(f"recall: failed, not in the results: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

@@ -191,3 +191,19 @@ def test_cuda_run_draws_recall_batches_where_asked(data_device):
     assert inputs.device.type == ("cuda" if data_device == "auto" else "cpu")
     history = trainer.fit()
     assert len(history) >= 1 and all(math.isfinite(h["loss"]) for h in history)
+
+
+@pytest.mark.slow  # two child processes, each importing torch and training a tiny stack
+def test_recall_jobs_give_the_rows_of_one_process(tmp_path, capsys):
+    """--jobs 2 trains the patterns in processes of their own; the rows are those of the one-process run."""
+    args = ["recall", "--patterns", "swa[window_size=4]*2; gdn*2", "--T", "64", "--pairs", "3", "--vocab", "32"]
+    args += ["--hidden", "32", "--window", "8", "--capacity", "8", "--batch", "8", "--steps", "3"]
+    args += ["--eval-batches", "1", "--eval-batch", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "recall: started gdn*2" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / d / "recall-cpu.json").read_text()) for d in ("one", "two"))
+    assert one["recipe"] == two["recipe"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert strip(two["rows"]) == strip(one["rows"]) and len(two["rows"]) == 2
+    assert main([*args, "--jobs", "0"]) == 2
