@@ -427,14 +427,8 @@ def check_autocast(case: Case) -> None:
     for chunks in ([T - 1, 1], [T // 2, 1, T - T // 2 - 2, 1]):
         runs = []
         for amp in (False, True):
-            state, ys = case.init_state(mixer), []
             with torch.no_grad(), torch.autocast(torch.device(case.device).type, dtype=torch.bfloat16, enabled=amp):
-                t = 0
-                for n in chunks:
-                    y, state = mixer(x[:, t : t + n], state)
-                    ys.append(y)
-                    t += n
-            runs.append(torch.cat(ys, dim=1).float())
+                runs.append(_stream(mixer, x, case.init_state(mixer), chunks).float())
         where = f"{case.name} under bfloat16 autocast: prefill {chunks[:-1]} + decode with a {mixer_dtype(mixer)} state"
         assert_close(where, runs[0], runs[1], rel_rmse=rr_out, rms_floor=1e-3)
 
