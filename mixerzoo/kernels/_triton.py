@@ -17,6 +17,7 @@ __all__ = [
     "LOG2E",
     "LOG2E_JIT",
     "any_nonfinite",
+    "dot_acc",
     "dot_precision",
     "interpreting",
     "mask_scores",
@@ -79,6 +80,16 @@ def dot_precision(x: torch.Tensor) -> str:
     ("ieee") for float32, so that a float32 kernel meets the float32 tolerances (TF32 misses them by ~1e-3);
     half-precision inputs run bf16 / fp16 tensor cores, where "tf32" only affects float32 operands among them."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # acc + a @ b with input precision PREC. UPCAST: half-precision operands multiplied in float32 instead, exactly
+    # (a bf16 or fp16 product is exact in float32: the same sums, another order), for Triton's interpreter, whose
+    # bfloat16 tl.dot is wrong
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._ops import no_autocast
-from .._triton import dot_precision, interpreting, tl, triton
+from .._triton import dot_acc, dot_precision, interpreting, tl, triton
 
 __all__ = ["router_conv", "router_conv_bwd", "router_conv_fwd", "router_conv_ref"]
 
@@ -101,10 +101,7 @@ def _eviction_router_conv_fwd_kernel(
                 mask=m_ci[:, None] & m_co[None, :],
                 other=0.0,
             )  # [BCI, BCO]: weight[g, o, i, j] at (i, o)
-            if DOT_F32:
-                b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision=PREC)
-            else:
-                b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
+            b_acc = dot_acc(b_x, b_w, b_acc, DOT_F32, PREC)
     b_acc += tl.load(bias + i_h * stride_bg + o_co, mask=m_co, other=0.0).to(tl.float32)[None, :]
     m_t = o_t < L
     b_m = tl.load(mask + i_b.to(tl.int64) * L + o_t, mask=m_t, other=0) != 0
@@ -153,10 +150,7 @@ def _eviction_router_conv_bwd_dx_kernel(
         b_w = tl.load(
             p_w + j * CIN * COUT + o_ci[None, :] * COUT + o_co[:, None], mask=m_co[:, None] & m_ci[None, :], other=0.0
         )  # [BCO, BCI]
-        if DOT_F32:
-            b_acc = tl.dot(b_dz.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision=PREC)
-        else:
-            b_acc = tl.dot(b_dz, b_w, b_acc, input_precision=PREC)
+        b_acc = dot_acc(b_dz, b_w, b_acc, DOT_F32, PREC)
     o_out = i_b.to(tl.int64) * L * H * CIN + o_t[:, None] * H * CIN + i_h * CIN + o_ci[None, :]
     tl.store(dx + o_out, b_acc.to(dx.dtype.element_ty), mask=(o_t < L)[:, None] & m_ci[None, :])
 
@@ -210,10 +204,7 @@ def _eviction_router_conv_bwd_dw_kernel(
                 b_dz = tl.load(
                     p_dz + o_t[:, None] * H * COUT + o_co[None, :], mask=(o_t < L)[:, None] & m_co[None, :], other=0.0
                 )  # [BT, BCO]
-                if DOT_F32:
-                    b_acc = tl.dot(b_xt.to(tl.float32), b_dz.to(tl.float32), b_acc, input_precision=PREC)
-                else:
-                    b_acc = tl.dot(b_xt, b_dz, b_acc, input_precision=PREC)
+                b_acc = dot_acc(b_xt, b_dz, b_acc, DOT_F32, PREC)
         p_xb += L * H * CIN
         p_dzb += L * H * COUT
     o_out = (((i_s * G + i_g) * K + j) * CIN + o_ci[:, None]).to(tl.int64) * COUT + o_co[None, :]

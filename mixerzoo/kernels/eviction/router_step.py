@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import dot_precision, interpreting, tl, triton
+from .._triton import dot_acc, dot_precision, interpreting, tl, triton
 
 __all__ = ["MAX_ROUTER_LAYERS", "router_step_scores", "router_step_supported"]
 
@@ -92,12 +92,8 @@ def _router_conv(
             ).to(DTYPE)
             p_w = w + ((i_g * C_OUT + o_co[None, :]).to(tl.int64) * C_IN + o_ci[:, None]) * K + j
             b_w = tl.load(p_w, mask=m_ci[:, None] & m_co[None, :], other=0.0).to(DTYPE)  # [BCI, BCO]
-            if USE_DOT and DOT_F32:  # bf16 products are exact in float32: the same sums, another order
-                # [BL, BCI] @ [BCI, BCO] -> [BL, BCO]
-                b_acc = tl.dot(b_h.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
-            elif USE_DOT:
-                # [BL, BCI] @ [BCI, BCO] -> [BL, BCO]
-                b_acc = tl.dot(b_h, b_w, b_acc, input_precision=PREC)
+            if USE_DOT:  # [BL, BCI] @ [BCI, BCO] -> [BL, BCO]
+                b_acc = dot_acc(b_h, b_w, b_acc, DOT_F32, PREC)
             else:  # a dim below tl.dot's 16: broadcast products, summed over the input channels
                 b_acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], 1)
     b_acc += tl.load(bias + i_g * C_OUT + o_co, mask=m_co, other=0.0).to(tl.float32)[None, :]
