@@ -435,8 +435,9 @@ def _sweep_lens(seed: int = 5) -> list[int]:
 def bench_shapes(args):
     """The sweep: H x K x V in SWEEP_HKV, T in SWEEP_T at SWEEP_TOKENS tokens per call (B = tokens // T), and a
     packed batch of unequal lengths (cu_seqlens) per head shape; forward and forward+backward of mixerzoo and
-    flash-linear-attention in the same run, one row per shape (op gdn, keys B, T, H, K, V; varlen rows B = 1 with
-    the number of sequences in the note); then the ratios, worst first."""
+    flash-linear-attention in the same run, one row per shape (op gdn_shapes, so that the main run's gdn rows
+    stay; keys B, T, H, K, V; varlen rows B = 1 with the number of sequences in the note); then the ratios,
+    worst first."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     from mixerzoo.bench.anchors import lift_fla_backward_guard
@@ -467,7 +468,7 @@ def bench_shapes(args):
                 shape = "packed" if T is None else "fixed"
                 note = f"shape sweep, {shape}" + (f", {len(lens)} sequences of 64 to 16384" if T is None else "")
                 rows.append(
-                    dict(op="gdn", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, fwd_ms=round(fwd, 4),
+                    dict(op="gdn_shapes", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, fwd_ms=round(fwd, 4),
                          fwdbwd_ms=round(fb, 4), note=note + (fla_note if name == "fla" else ""))
                 )  # fmt: skip
             (f_ours, fb_ours), (f_fla, fb_fla) = times["mixerzoo"], times["fla"]
@@ -476,7 +477,7 @@ def bench_shapes(args):
             print(f"  {ratios[-1][2]:34s} fla/ours fwd {ratios[-1][1]:.2f}x, fwd+bwd {ratios[-1][0]:.2f}x", flush=True)
             del q, k, v, g, beta, xs, do
             torch.cuda.empty_cache()
-    path = write_results({"gdn"}, rows)
+    path = write_results({"gdn_shapes"}, rows)
     print_table(rows)
     worst = min(ratios)
     print(f"worst fwd+bwd ratio {worst[0]:.2f}x at {worst[2]}; worst fwd {min(r[1] for r in ratios):.2f}x")
