@@ -98,10 +98,15 @@ class CNNRouter(nn.Module):
         """``forward`` in the [B, L, H, C] layout of u, one ``router_conv`` op per hidden layer (Triton on CUDA:
         no layout transposes around cuDNN's grouped convs), then the 1x1 output conv as a float32 dot over the
         channels. The same function; dropout draws its masks in this layout."""
-        h = torch.where(mask[:, :, None, None], u, 0.0)  # selected, not multiplied (a NaN stays out)
+        # Under autocast a conv runs in the autocast dtype, weights and input alike; the op is no autocast op, so
+        # the cast is made here, as nn.Conv1d's would be.
+        dev = u.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else u.dtype
+        h = torch.where(mask[:, :, None, None], u, 0.0).to(dt)  # selected, not multiplied (a NaN stays out)
         for conv in self.convs:
             h = F.dropout(h, self.dropout, training=dropout)
-            h = router_conv(h, conv.weight, conv.bias, mask, dilation=conv.dilation[0], shared=self.shared)
+            w, b = conv.weight.to(dt), conv.bias.to(dt)
+            h = router_conv(h, w, b, mask, dilation=conv.dilation[0], shared=self.shared)
         G = 1 if self.shared else self.num_kv_heads
         w = self.out.weight.float().view(G, -1)  # [G, C]
         with torch.autocast(h.device.type, enabled=False):
