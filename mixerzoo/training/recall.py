@@ -205,9 +205,10 @@ def run_recall(
     compile: bool | str = False,
     lengths: tuple[int, ...] = (1, 2, 4),
     log=print,
+    on_row=None,
 ) -> list[dict]:
     """Train each pattern with ``recipe`` and evaluate it at ``recipe.T * k`` for k in ``lengths``; one
-    dict per pattern."""
+    dict per pattern. ``on_row(rows)``, when given, is called with the rows so far as each pattern ends."""
     task = recipe.task()
     rows = []
     for pattern in patterns:
@@ -252,6 +253,8 @@ def run_recall(
             row["retained"] = last["retained"]
             row["band"] = last["band"]
         rows.append(row)
+        if on_row is not None:
+            on_row(list(rows))
         log(f"   {pattern}: " + ", ".join(f"T={L}: {a:.3f}" for L, a in acc.items()) + f" ({train_s:.0f}s training)")
         del trainer, model
         if device.type == "cuda":
@@ -259,24 +262,21 @@ def run_recall(
     return rows
 
 
-def _merged(path: Path, record: dict) -> dict:
-    """``record`` with the rows of an earlier results file at ``path`` kept for the patterns this run did not
-    train, when that run had the same recipe on the same device (the experiment can then run in parts,
-    ``--patterns`` a few at a time); rows in the experiment's pattern order, minutes summed over the runs.
-    Another recipe or device: the earlier file is replaced, and the run says so."""
-    if not path.exists():
+def _merged(record: dict, old: dict | None, path: Path, *, say: bool = True) -> dict:
+    """``record`` with the rows of ``old``, an earlier results file at ``path`` (None: there was none), kept for
+    the patterns this run did not train, when that run had the same recipe on the same device (the experiment
+    can then run in parts, ``--patterns`` a few at a time); rows in the experiment's pattern order, minutes summed
+    over the runs. Another recipe or device: the earlier file is replaced, and the run says so (``say``)."""
+    if old is None:
         return record
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = None
-    same = old is not None and all(old.get(k) == record[k] for k in ("device", "recipe"))
+    same = all(old.get(k) == record[k] for k in ("device", "recipe"))
     if not same:
-        print(f"recall: {path} holds another recipe or device; it is replaced", flush=True)
+        if say:
+            print(f"recall: {path} holds another recipe or device; it is replaced", flush=True)
         return record
     done = {r["pattern"] for r in record["rows"]}
     kept = [r for r in old.get("rows", []) if r.get("pattern") not in done]
-    if kept:
+    if kept and say:
         print(f"recall: kept {len(kept)} pattern(s) of the earlier run with this recipe in {path}", flush=True)
     order = {p: i for i, p in enumerate(DEFAULT_PATTERNS)}
     rows = sorted(kept + record["rows"], key=lambda r: order.get(r["pattern"], len(order)))
@@ -401,11 +401,19 @@ def _visible_gpus() -> list[str]:
 
 
 def run_recall_jobs(
-    patterns: list[str], recipe: RecallRecipe, *, device: torch.device, compile: str, jobs: int, log=print
+    patterns: list[str],
+    recipe: RecallRecipe,
+    *,
+    device: torch.device,
+    compile: str,
+    jobs: int,
+    log=print,
+    on_row=None,
 ) -> tuple[list[dict], list[str]]:
     """``run_recall`` with up to ``jobs`` patterns at once, each in a ``python -m mixerzoo recall`` process of its
     own (on CUDA, pattern i on visible GPU i mod the count). Returns the rows in pattern order and the patterns
-    whose process failed (its output is logged; the others' rows are kept)."""
+    whose process failed (its output is logged; the others' rows are kept). ``on_row(rows)``, when given, is
+    called with the rows so far (in pattern order) as each pattern ends."""
     gpus = _visible_gpus() if device.type == "cuda" else []
     base = [sys.executable, "-m", "mixerzoo", "recall", "--device", device.type, "--compile", compile]
     base += _recipe_args(recipe)
@@ -441,6 +449,8 @@ def run_recall_jobs(
                     failed.append(pattern)
                     continue
                 rows[i] = record["rows"][0]
+                if on_row is not None:
+                    on_row([rows[j] for j in sorted(rows)])
                 acc = ", ".join(f"T={L}: {a:.3f}" for L, a in rows[i]["accuracy"].items())
                 log(f"   {pattern}: {acc} ({rows[i]['train_seconds']:.0f}s training)")
     return [rows[i] for i in sorted(rows)], failed
@@ -503,11 +513,40 @@ def main_recall(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     say = lambda s: print(s, flush=True)  # noqa: E731
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"recall-{slug}" + ("-calibrate" if args.calibrate else "")
+    path = out / f"{stem}.json"
+    try:  # the earlier file, read once: this run rewrites it as each pattern ends
+        earlier = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        earlier = None
+
+    def write(rows: list[dict], final: bool = False) -> dict:
+        """The results file with ``rows`` merged in; written as each pattern ends, so that a run stopped part
+        way keeps the patterns it finished."""
+        record = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "recipe": json.loads(json.dumps(dataclasses.asdict(recipe))),
+            "curriculum": recipe.curriculum(),
+            "chance": 1 / ((recipe.vocab - 1) // 2),
+            "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "rows": rows,
+        }
+        record = _merged(record, earlier, path, say=final)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        return record
+
     failed: list[str] = []
     if args.jobs > 1 and len(patterns) > 1:
-        rows, failed = run_recall_jobs(patterns, recipe, device=device, compile=args.compile, jobs=args.jobs, log=say)
+        rows, failed = run_recall_jobs(
+            patterns, recipe, device=device, compile=args.compile, jobs=args.jobs, log=say, on_row=write
+        )
     else:
-        rows = run_recall(patterns, recipe, device=device, compile=compile_, log=say)
+        rows = run_recall(patterns, recipe, device=device, compile=compile_, log=say, on_row=write)
     elapsed = time.perf_counter() - t0
     if not rows:
         print(f"recall: every pattern failed: {'; '.join(failed)}", file=sys.stderr)
@@ -515,23 +554,8 @@ def main_recall(args: argparse.Namespace) -> int:
     print()
     print(_table(rows))
     print(f"\n{len(rows)} pattern(s) in {elapsed / 60:.1f} min")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"recall-{slug}" + ("-calibrate" if args.calibrate else "")
-    record = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "recipe": json.loads(json.dumps(dataclasses.asdict(recipe))),
-        "curriculum": recipe.curriculum(),
-        "chance": 1 / ((recipe.vocab - 1) // 2),
-        "minutes": round(elapsed / 60, 2),
-        "rows": rows,
-    }
-    record = _merged(out / f"{stem}.json", record)
-    with open(out / f"{stem}.json", "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"results: {out / (stem + '.json')}")
+    record = write(rows, final=True)
+    print(f"results: {path}")
     print(_plot(record["rows"], out / f"{stem}.png", f"recall, {slug}, T={recipe.T}, {recipe.steps} steps"))
     if args.calibrate:
         acc = rows[0]["accuracy"][str(recipe.T)]

@@ -155,6 +155,29 @@ def test_recall_command(tmp_path, capsys):
     assert [r["pattern"] for r in json.loads((tmp_path / "recall-cpu.json").read_text())["rows"]] == ["gdn*4"]
 
 
+def test_recall_run_stopped_part_way_keeps_the_patterns_it_finished(tmp_path, monkeypatch):
+    """The results file is written as each pattern ends: a run stopped during its second pattern (a time limit,
+    Ctrl-C) leaves the first pattern's row on disk."""
+    from mixerzoo.training import recall as recall_mod
+
+    real, calls = recall_mod.Trainer, []
+
+    def trainer(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(recall_mod, "Trainer", trainer)
+    args = ["recall", "--patterns", "swa[window_size=4]*2; gdn*2", "--T", "64", "--pairs", "3", "--vocab", "32"]
+    args += ["--hidden", "32", "--window", "8", "--capacity", "8", "--batch", "8", "--steps", "2"]
+    args += ["--eval-batches", "1", "--eval-batch", "4", "--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    rows = json.loads((tmp_path / "recall-cpu.json").read_text())["rows"]
+    assert [r["pattern"] for r in rows] == ["swa[window_size=4]*2"]
+
+
 def test_recall_evaluation_through_the_state_matches_the_parallel_form():
     """A constant-memory stack is evaluated by reading the sequence through its state, a chunk at a time:
     the same predictions as its parallel eval forward."""
