@@ -670,10 +670,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     qf = rearrange(q.to(acc), "b t (h g) d -> b h g t d", h=H)
     kf = rearrange(k.to(acc), "b n h d -> b h n d")
     vf = rearrange(v.to(acc), "b n h d -> b h n d")
-    logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * D**-0.5
-    logits = torch.where(mask[:, :, None], logits, torch.finfo(acc).min)
-    p = torch.softmax(logits, -1)
-    o = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
+    with torch.autocast(q.device.type, enabled=False):  # float32 as said, under a caller's autocast too
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * D**-0.5
+        logits = torch.where(mask[:, :, None], logits, torch.finfo(acc).min)
+        p = torch.softmax(logits, -1)
+        o = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
     return rearrange(o, "b h g t d -> b t (h g) d").to(q.dtype)
 
 

@@ -289,3 +289,21 @@ def test_config_errors():
         registry.build("eviction_swa", hidden_size=64, num_heads=4, policy="random")
     m = registry.build("eviction_swa", hidden_size=64, num_heads=4, window_size=5, kernel_sizes=(3,), dilations=(1,))
     assert m.margin == 1 and isinstance(m, EvictionSWA)
+
+
+def test_masked_attention_stays_float32_under_autocast():
+    """The state path's attention computes in float32 under a caller's bf16 autocast (the recall evaluation's
+    chunked prefill): the same output as without autocast, and a query that sees nothing stays finite (in bf16
+    the float32 mask value overflows: -inf on the CPU, an error on CUDA)."""
+    from mixerzoo.mixers.eviction_swa import _attend
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 16, generator=g)  # 4 query heads on 2 KV heads
+    k, v = (torch.randn(2, 5, 2, 16, generator=g) for _ in range(2))
+    mask = torch.rand(2, 2, 5, 5, generator=g) > 0.4
+    mask[0, 1, 2] = False  # one query row of KV head 1 sees no key
+    ref = _attend(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _attend(q, k, v, mask)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert_close("attention under autocast", ref, out, torch.float32)
