@@ -132,17 +132,30 @@ def peak_mem_mb(fn) -> float:
     return peak_mem_mb(fn, torch.device("cuda", torch.cuda.current_device()))
 
 
-def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) -> pathlib.Path:
-    """Merge ``rows`` into ``results/<gpu>.json``: rows of ``ops`` from an earlier run are replaced,
-    rows of other ops (written by other scripts) are kept. With $OUT set, this run's rows alone also go
-    to ``$OUT/results-<ops>.json``, for ``merge_file`` in another checkout."""
+def _replaced(row: dict, ops: set[str], new_rows: list[dict], by: Sequence[str] | None) -> bool:
+    """Whether an earlier ``row`` gives way to ``new_rows``: every row of ``ops``, or with ``by`` only those
+    whose values of the keys ``by`` match a new row's (a run of part of a sweep replaces that part)."""
+    if row.get("op") not in ops:
+        return False
+    if not by:
+        return True
+    return any(all(row.get(k) == n.get(k) for k in by) for n in new_rows if n.get("op") == row.get("op"))
+
+
+def write_results(
+    ops: set[str], rows: list[dict], extra: dict | None = None, *, replace_by: Sequence[str] | None = None
+) -> pathlib.Path:
+    """Merge ``rows`` into ``results/<gpu>.json``: rows of ``ops`` from an earlier run are replaced (with
+    ``replace_by``, only those that agree with a new row on those keys), rows of other ops (written by other
+    scripts) are kept. With $OUT set, this run's rows alone also go to ``$OUT/results-<ops>.json``, for
+    ``merge_file`` in another checkout (which replaces rows the same way)."""
     import torch
     import triton
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{gpu_slug()}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    kept = [r for r in old.get("rows", []) if r.get("op") not in ops]
+    kept = [r for r in old.get("rows", []) if not _replaced(r, ops, rows, replace_by)]
     doc = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -156,7 +169,8 @@ def write_results(ops: set[str], rows: list[dict], extra: dict | None = None) ->
     path.write_text(json.dumps(doc, indent=1) + "\n")
     if os.environ.get("OUT"):
         part = pathlib.Path(os.environ["OUT"]) / f"results-{'-'.join(sorted(ops))}.json"
-        part.write_text(json.dumps({**doc, "rows": rows}, indent=1) + "\n")
+        part_doc = {**doc, "rows": rows} | ({"replace_by": list(replace_by)} if replace_by else {})
+        part.write_text(json.dumps(part_doc, indent=1) + "\n")
     return path
 
 
@@ -185,13 +199,14 @@ def _fmt(v) -> str:
 
 def merge_file(returned: str) -> pathlib.Path:
     """Merge a results file written by another checkout (``$OUT/results-*.json``) into ``results/``: its ops
-    replace ours."""
+    replace ours (when it names ``replace_by`` keys, only our rows that agree with one of its rows on them)."""
     new = json.loads(pathlib.Path(returned).read_text())
+    by = new.pop("replace_by", None)
     slug = re.sub(r"[^a-z0-9]+", "-", new["gpu"].lower()).strip("-")
     path = RESULTS / f"{slug}.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
     ops = {r["op"] for r in new["rows"]}
-    old_rows = [r for r in old.get("rows", []) if r.get("op") not in ops]
+    old_rows = [r for r in old.get("rows", []) if not _replaced(r, ops, new["rows"], by)]
     new_rows = [r for r in new["rows"] if r["op"] in ops]
     doc = {**old, **new, "rows": old_rows + new_rows}
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -6,6 +6,7 @@ flash-linear-attention.
     python benchmarks/gdn.py --check --quick-check    # long-T bf16 checks, packed batches (cu_seqlens) and their timing
     python benchmarks/gdn.py --bench    # the benchmark only (needs flash-linear-attention, the anchor)
     python benchmarks/gdn.py --bench --shapes   # the sweep: H x K x V, T 2048..65536, packed batches, vs fla
+    python benchmarks/gdn.py --bench --shapes --hkv 32x64x64,8x256x256   # part of the sweep (~2.5 min a shape)
     python benchmarks/gdn.py --smoke    # tiny checks; without a GPU on the CPU, in Triton's interpreter
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
@@ -419,6 +420,7 @@ def bench(args):
 SWEEP_HKV = ((16, 128, 128), (32, 64, 64), (8, 256, 256), (8, 128, 256))  # (H, K, V)
 SWEEP_T = (2048, 8192, 32768, 65536)
 SWEEP_TOKENS = 65536
+SHAPES_KEYS = ("impl", "B", "T", "H", "K", "V", "packed")  # a sweep row's identity in the results file
 
 
 def _sweep_lens(seed: int = 5) -> list[int]:
@@ -449,7 +451,7 @@ def bench_shapes(args):
     }
     lens = _sweep_lens()
     rows, ratios = [], []
-    for H, K, V in SWEEP_HKV:
+    for H, K, V in args.hkv or SWEEP_HKV:
         for T in (*SWEEP_T, None):  # None: the packed batch
             B = 1 if T is None else SWEEP_TOKENS // T
             q, k, v, g, beta, _ = inputs(B, T or SWEEP_TOKENS, H, K, V, torch.bfloat16, h0=False, seed=21)
@@ -468,8 +470,8 @@ def bench_shapes(args):
                 shape = "packed" if T is None else "fixed"
                 note = f"shape sweep, {shape}" + (f", {len(lens)} sequences of 64 to 16384" if T is None else "")
                 rows.append(
-                    dict(op="gdn_shapes", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, fwd_ms=round(fwd, 4),
-                         fwdbwd_ms=round(fb, 4), note=note + (fla_note if name == "fla" else ""))
+                    dict(op="gdn_shapes", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, packed=T is None,
+                         fwd_ms=round(fwd, 4), fwdbwd_ms=round(fb, 4), note=note + (fla_note if name == "fla" else ""))
                 )  # fmt: skip
             (f_ours, fb_ours), (f_fla, fb_fla) = times["mixerzoo"], times["fla"]
             where = f"H={H} K={K} V={V} " + ("packed" if T is None else f"B={B} T={T}")
@@ -477,11 +479,27 @@ def bench_shapes(args):
             print(f"  {ratios[-1][2]:34s} fla/ours fwd {ratios[-1][1]:.2f}x, fwd+bwd {ratios[-1][0]:.2f}x", flush=True)
             del q, k, v, g, beta, xs, do
             torch.cuda.empty_cache()
-    path = write_results({"gdn_shapes"}, rows)
+            # each point as it is measured: a run stopped by a time limit keeps what it measured, and a run of
+            # part of the sweep (--hkv) replaces only its own points
+            path = write_results({"gdn_shapes"}, rows, replace_by=SHAPES_KEYS)
     print_table(rows)
     worst = min(ratios)
     print(f"worst fwd+bwd ratio {worst[0]:.2f}x at {worst[2]}; worst fwd {min(r[1] for r in ratios):.2f}x")
     print("wrote", path, flush=True)
+
+
+def _hkv_list(text: str) -> list[tuple[int, int, int]]:
+    """``--hkv``: comma-separated H x K x V triples."""
+    out = []
+    for part in text.split(","):
+        try:
+            H, K, V = (int(x) for x in part.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"head shapes are HxKxV triples like 32x64x64, got {part!r}") from None
+        if min(H, K, V) < 1:
+            raise argparse.ArgumentTypeError(f"H, K and V must be >= 1, got {part!r}")
+        out.append((H, K, V))
+    return out
 
 
 def main(argv=None) -> int:
@@ -505,9 +523,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="benchmark the head shapes x lengths sweep (and packed batches) against fla instead (~5 minutes)",
     )
+    ap.add_argument(
+        "--hkv",
+        type=_hkv_list,
+        default=None,
+        metavar="HxKxV,...",
+        help="--shapes: only these head shapes (e.g. 32x64x64,8x256x256; default the whole sweep); other points "
+        "already in the results file are kept",
+    )
     ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
     ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
     args = ap.parse_args(argv)
+    if args.hkv and not args.shapes:
+        ap.error("--hkv chooses the head shapes of --shapes; pass --shapes too")
     if args.smoke:
         extra = [f for f in ("bench", "quick_check", "sweep", "profile", "skip_decode", "shapes") if getattr(args, f)]
         if extra:

@@ -39,7 +39,7 @@ def _bytes(n: int) -> str:
 
 # Keys that name a row's shape: an anchor row is compared with each mixerzoo row of the same op whose shape keys
 # agree (a key only one of the two rows has, such as an attention window, does not separate them).
-SHAPE_KEYS = ("B", "T", "seen", "H", "HKV", "D", "K", "V", "W")
+SHAPE_KEYS = ("B", "T", "seen", "H", "HKV", "D", "K", "V", "W", "packed")
 
 
 def _same_shape(ours: dict, anchor: dict) -> bool:
@@ -49,6 +49,8 @@ def _same_shape(ours: dict, anchor: dict) -> bool:
 def _shape(r: dict) -> str:
     s = f"{r['B']} x {r['T']}" if "T" in r else f"{r['B']}, {r['seen']} seen" if "seen" in r else f"B={r['B']}"
     extra = [f"{k}={r[k]}" for k in ("H", "HKV", "W") if k in r and r["op"].startswith("nsa")]
+    if r["op"] == "gdn_shapes":  # a sweep over head shapes: each row names its own
+        extra = [f"{k}={r[k]}" for k in ("H", "K", "V") if k in r] + (["packed"] if r.get("packed") else [])
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -159,9 +159,10 @@ def test_usage_errors_name_the_value():
         "eviction.py": (["trian"], "unknown part(s) trian; the parts are check, train"),
         "attention.py": (["--sections", "swa,ful"], "unknown section(s) ful; the sections are check"),
         "gdn.py": (["--smoke", "--sweep"], "--smoke runs the tiny checks alone, got also --sweep"),
+        "gdn.py --hkv": (["--hkv", "32x64x64"], "--hkv chooses the head shapes of --shapes; pass --shapes too"),
         "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction"),
     }
-    runs = _run_all({s: _command(s, args) for s, (args, _) in cases.items()}, _env())
+    runs = _run_all({s: _command(s.split()[0], args) for s, (args, _) in cases.items()}, _env())
     for script, (_, message) in cases.items():
         p = runs[script]
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (script, p.stderr)
@@ -243,3 +244,27 @@ def test_training_scripts_smoke():
     assert fsdp.returncode == 0, fsdp.stderr
     diff = re.search(r"loss: largest relative difference (\S+) at step", fsdp.stdout)
     assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
+
+
+def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch):
+    """A results file that names ``replace_by`` keys (a run of part of a sweep) replaces only the earlier rows of
+    its op that agree with one of its rows on them; without them every row of its ops is replaced."""
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    row = lambda op, H, ms: {"op": op, "impl": "mixerzoo", "H": H, "fwd_ms": ms}  # noqa: E731
+    old = {"gpu": "Test GPU", "rows": [row("sweep", 16, 1.0), row("sweep", 32, 2.0), row("other", 16, 3.0)]}
+    (tmp_path / "test-gpu.json").write_text(json.dumps(old))
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"gpu": "Test GPU", "replace_by": ["impl", "H"], "rows": [row("sweep", 32, 0.5)]}))
+    common.merge_file(str(part))
+    doc = json.loads((tmp_path / "test-gpu.json").read_text())
+    assert "replace_by" not in doc
+    assert sorted((r["op"], r["H"], r["fwd_ms"]) for r in doc["rows"]) == [
+        ("other", 16, 3.0), ("sweep", 16, 1.0), ("sweep", 32, 0.5)
+    ]  # fmt: skip
+    part.write_text(json.dumps({"gpu": "Test GPU", "rows": [row("sweep", 8, 0.1)]}))
+    common.merge_file(str(part))
+    doc = json.loads((tmp_path / "test-gpu.json").read_text())
+    assert sorted((r["op"], r["H"]) for r in doc["rows"]) == [("other", 16), ("sweep", 8)]
