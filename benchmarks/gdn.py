@@ -6,7 +6,7 @@ flash-linear-attention.
     python benchmarks/gdn.py --check --quick-check    # long-T bf16 checks, packed batches (cu_seqlens) and their timing
     python benchmarks/gdn.py --bench    # the benchmark only (needs flash-linear-attention, the anchor)
     python benchmarks/gdn.py --bench --shapes   # the sweep: H x K x V, T 2048..65536, packed batches, vs fla
-    python benchmarks/gdn.py --bench --shapes --hkv 32x64x64,8x256x256   # part of the sweep (~2.5 min a shape)
+    python benchmarks/gdn.py --bench --shapes --hkv 32x64x64,8x256x256   # part of the sweep (~3.5 min per head shape)
     python benchmarks/gdn.py --smoke    # tiny checks; without a GPU on the CPU, in Triton's interpreter
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
