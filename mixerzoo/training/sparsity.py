@@ -171,7 +171,9 @@ class SparsityController:
         self.floor, self.lambda_max = floor, lambda_max
         # the paper's lambdas start at 0 and live in float32, as its buffers do
         start, dtype = (0.0, torch.float32) if paper else (float(lambda_init), torch.float64)
-        self.lambdas = [torch.full((m.config.kv_heads,), start, dtype=dtype) for m in self.layers]
+        self.lambdas = [
+            torch.full((m.config.kv_heads,), start, dtype=dtype, device=_device_of(m)) for m in self.layers
+        ]  # on the layers' device: penalty() then copies nothing to the device (a CUDA copy waits for the device)
         self.ema: list[Tensor | None] = [None] * len(self.layers)
         self.gap: list[Tensor | None] = [None] * len(self.layers)  # EMA of violation()
         self.gap_prev: list[Tensor | None] = [None] * len(self.layers)  # self.gap at the last adaptation
@@ -266,31 +268,38 @@ class SparsityController:
         """The regulariser for the last forward, a scalar with gradient to the routers."""
         if self.rule == "paper":  # mean of lambda * relu(r) over layers, batch, counted positions, heads
             terms = []
-            for lam, (r, mask, _) in zip(self.lambdas, self._records(), strict=True):
-                per = r.relu() * mask[..., None] * lam.to(r.device, r.dtype)
+            for i, (r, mask, _) in enumerate(self._records()):
+                per = r.relu() * mask[..., None] * self._lambda_on(i, r.device).to(r.dtype)
                 terms.append(per.sum() / (mask.sum() * r.shape[-1]).clamp(min=1))
             return torch.stack(terms).mean()
         terms = []
-        for i, (lam, (r, mask, _)) in enumerate(zip(self.lambdas, self._records(), strict=True)):
+        for i, (r, mask, _) in enumerate(self._records()):
             excess, shortfall = self.flagged(i)
             d = self.margin
             per = (r + d).relu() * excess + (d - r).relu() * shortfall  # [B, T, H]
-            per = per * lam.to(r.device, r.dtype)
+            per = per * self._lambda_on(i, r.device).to(r.dtype)
             terms.append(per.sum() / (mask.sum() * r.shape[-1]).clamp(min=1))
         return torch.stack(terms).mean()
 
+    def _lambda_on(self, i: int, device: torch.device) -> Tensor:
+        """Layer i's lambda on ``device``, kept there (a model moved after the controller was built, or lambdas
+        loaded from a checkpoint on the CPU, are copied once, not every step)."""
+        if self.lambdas[i].device != device:
+            self.lambdas[i] = self.lambdas[i].to(device)
+        return self.lambdas[i]
+
     def _adapt(self, i: int, lo: float, hi: float) -> Tensor:
-        """One step of the lambda law of layer i -> new lambda [H] float64."""
-        c = self.ema[i].cpu().clamp(min=1e-6)
+        """One step of the lambda law of layer i -> new lambda [H] float64, on the EMA's device (no host sync)."""
+        c = self.ema[i].clamp(min=1e-6)
         outside = (c > hi) | (c < lo)
         a = torch.where(c > hi, (c / hi).log(), (lo / c).log()).clamp(0.0, 1.0)
-        violation = self.gap[i].cpu()
+        violation = self.gap[i]
         if self.gap_prev[i] is not None:
             progress = (self.gap_prev[i] - violation) / self.update_every  # logits per step towards the cut
             a = a * (1.0 - progress / self.speed).clamp(0.0, 1.0)
         self.gap_prev[i] = violation
         rate = torch.where(outside, a, -self.leak)
-        lam = self.lambdas[i].clamp(min=self.floor) * torch.exp(self.gain * self.update_every * rate)
+        lam = self.lambdas[i].to(c.device).clamp(min=self.floor) * torch.exp(self.gain * self.update_every * rate)
         return lam.clamp(self.floor, self.lambda_max)
 
     def _ema(self, old: Tensor | None, new: Tensor) -> Tensor:
@@ -300,7 +309,9 @@ class SparsityController:
     def step(self) -> dict[str, Tensor | list]:
         """Call once per optimiser step. Returns ``retained`` (EMA) and ``count`` (this batch):
         [layers, heads] retained tokens per sequence; ``lambda``: [layers, heads]; ``band``: per layer;
-        ``violation`` (rule "budget" only): [layers, heads]."""
+        ``violation`` (rule "budget" only): [layers, heads]. The tensors stay on the layers' device and the
+        step never waits for it (with ``target_length`` set, the budget rule's band reads the counted length
+        back once per step): a trainer reads them only when it logs, so the host keeps queueing steps."""
         if self.rule == "paper":
             stats = self._step_paper()
         else:
@@ -314,7 +325,7 @@ class SparsityController:
         rate = 2.0 / (1 + k // 2)
         counts = []
         for i, (r, mask, _) in enumerate(self._records()):
-            count = ((r.detach() > 0) & mask[..., None]).sum(1).float().mean(0).cpu()  # [H], sinks not forced
+            count = ((r.detach() > 0) & mask[..., None]).sum(1).float().mean(0)  # [H], sinks not forced
             if self.ema[i] is None:
                 start = float(self.seq_len if self.seq_len is not None else r.shape[1])
                 self.ema[i] = torch.full_like(count, start)
@@ -324,10 +335,11 @@ class SparsityController:
         if self.steps > self.lambda_initial_steps and self.steps % k == 0:
             if dist.is_available() and dist.is_initialized():
                 flat = torch.cat(self.ema)
+                home = flat.device
                 dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
                 flat = flat.to(dev)
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                flat = (flat / dist.get_world_size()).cpu()
+                flat = (flat / dist.get_world_size()).to(home)
                 self.ema = list(flat.split([e.numel() for e in self.ema]))
             first = self.steps // k == self.lambda_initial_steps // k + 1
             for i, (lo, hi) in enumerate(bands):
@@ -342,6 +354,7 @@ class SparsityController:
     def _adapt_paper(self, lam: Tensor, kept: Tensor, lo: float, hi: float, first: bool) -> Tensor:
         """The paper's multiplicative law for one layer: lam, kept [H] -> new lam [H] float32."""
         large, small = kept > lo, kept < hi  # both inside (lo, hi): no change
+        lam = lam.to(kept.device)
         if first:
             return torch.where(large, self.lambda_init, 0.0).float()
         coeff = torch.where(large & ~small, self.alpha_up, torch.where(small & ~large, 1 / self.alpha_down, 1.0))
@@ -368,16 +381,18 @@ class SparsityController:
             flat /= dist.get_world_size()
             parts = flat.split([*(e.numel() for e in self.ema), *(g.numel() for g in self.gap), *(1,) * L])
             self.ema, self.gap, counted = list(parts[:L]), list(parts[L : 2 * L]), list(parts[2 * L :])
-        bands = [self.band_for(i, c.item()) for i, c in enumerate(counted)]
+        # the band scales with the counted length only under target_length: read back only then
+        scaled = self.target_length is not None
+        bands = [self.band_for(i, c.item() if scaled else 1.0) for i, c in enumerate(counted)]
         if adapt:
             for i, (lo, hi) in enumerate(bands):
                 self.lambdas[i] = self._adapt(i, lo, hi)
         return {
-            "retained": torch.stack([e.float().cpu() for e in self.ema]),
-            "count": torch.stack([c.float().cpu() for c in counts]),
+            "retained": torch.stack([e.float() for e in self.ema]),
+            "count": torch.stack([c.float() for c in counts]),
             "lambda": torch.stack(self.lambdas),
             "band": bands,
-            "violation": torch.stack([g.float().cpu() for g in self.gap]),
+            "violation": torch.stack([g.float() for g in self.gap]),
         }
 
     def state_dict(self) -> dict:
@@ -416,3 +431,8 @@ class SparsityController:
         self.gap_prev = [None if t is None else t.clone() for t in sd["violation_prev"]]
         self.steps = sd["steps"]
         self._schedule()
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return torch.device("cpu") if p is None else p.device

@@ -1,11 +1,14 @@
 """The trainer on the CPU: a tiny recall run learns, checkpoints resume bit for bit, activation
 checkpointing changes nothing, the schedule, the ``train`` command, and refusals of bad settings."""
 
+import dataclasses
 import json
 import math
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixerzoo.cli import main
 from mixerzoo.models import HybridLM
@@ -42,6 +45,45 @@ def test_bf16_autocast_steps_with_every_mixer():
     losses = [float(trainer.train_step()["loss"]) for _ in range(12)]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert min(losses[-3:]) < losses[0], losses
+
+
+# aten operations that read a tensor's value back to the host (on CUDA, a synchronisation): a scalar's value, and
+# ops whose output shape depends on the data
+_HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_")
+
+
+class _HostReads(TorchDispatchMode):
+    """Records where host reads happen, except in torch.optim: the optimiser's step counters live on the CPU
+    on every device (AdamW's default), so reading them makes no CUDA device wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(_HOST_READS):
+            stack = traceback.extract_stack()
+            if not any("/torch/optim/" in f.filename for f in stack):
+                self.where.append(f"{func} at " + " <- ".join(f"{f.name}:{f.lineno}" for f in stack[-4:-1][::-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rule", ["budget", "paper"])
+def test_unlogged_step_never_waits_for_the_device(rule):
+    """``train_step(sync=False)`` of a model with an eviction router, its controller included, issues no
+    operation that reads a tensor's value back to the host: a CUDA host can then queue step after step. (The
+    controller once read its band and counts back every step, so every step waited for the one before.)"""
+    task = RecallTask("mqar", num_pairs=3, vocab_size=32)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=40, lr=3e-3, warmup=2, log_every=0)
+    cfg = dataclasses.replace(cfg, controller={"rule": rule, "update_every": 2})
+    trainer = Trainer(_model(EVICT), task, cfg, device="cpu")
+    batches = [trainer._local_batch(s, *cfg.stage(s)) for s in range(4)]
+    trainer.train_step(batches[0], sync=False)  # the first step's set-up (EMAs start) is not the steady state
+    with _HostReads() as reads:
+        for b in batches[1:]:  # an adapting step and two others
+            trainer.train_step(b, sync=False)
+    assert not reads.where, "host reads in unlogged steps:\n" + "\n".join(reads.where[:10])
+    assert trainer.train_step(batches[0])["lambda"], "a logged step still reports the controller"
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path):
@@ -214,6 +256,29 @@ def test_cuda_run_draws_recall_batches_where_asked(data_device):
     assert inputs.device.type == ("cuda" if data_device == "auto" else "cpu")
     history = trainer.fit()
     assert len(history) >= 1 and all(math.isfinite(h["loss"]) for h in history)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rule", ["budget", "paper"])
+def test_cuda_unlogged_steps_do_not_synchronise(rule):
+    """On CUDA, under torch's sync debug mode set to raise: unlogged training steps of an eviction model (bf16
+    autocast, the Triton kernels, the controller adapting) make the host wait for the device nowhere."""
+    task = RecallTask("mqar", num_pairs=3, vocab_size=32)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=48, lr=3e-3, warmup=2, log_every=0)
+    cfg = dataclasses.replace(cfg, controller={"rule": rule, "update_every": 2})
+    trainer = Trainer(_model(EVICT), task, cfg, device="cuda")
+    batches = [trainer._local_batch(s, *cfg.stage(s)) for s in range(4)]
+    assert batches[0][0].is_cuda
+    trainer.train_step(batches[0], sync=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            trainer.train_step(b, sync=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(trainer.train_step(batches[0])["loss"])
 
 
 @pytest.mark.slow  # two child processes, each importing torch and training a tiny stack
