@@ -226,8 +226,8 @@ class SparsityController:
         pos = torch.arange(T, device=r.device)[None, :, None].expand(B, T, H)
         rank = torch.empty_like(order).scatter_(1, order, pos)
         s = self._scale(mask.sum(1).to(torch.float64))  # [B] or 1.0
-        lo = torch.as_tensor(self.band[0] * c.capacity * s, dtype=torch.float64, device=r.device)
-        hi = torch.as_tensor(self.band[1] * c.capacity * s, dtype=torch.float64, device=r.device)
+        # made on the device: a Python number copied there would make the host wait for the device
+        lo, hi = (_float64_on(f * c.capacity * s, r.device) for f in self.band)
         out = (
             rank,
             key.gather(1, order),
@@ -436,3 +436,10 @@ class SparsityController:
 def _device_of(module: torch.nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return torch.device("cpu") if p is None else p.device
+
+
+def _float64_on(x: Tensor | float, device: torch.device) -> Tensor:
+    """x as a float64 tensor on device; a Python number is filled in there, not copied from the host."""
+    if isinstance(x, Tensor):
+        return x.to(device, torch.float64)
+    return torch.full((), x, dtype=torch.float64, device=device)
