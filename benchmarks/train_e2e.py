@@ -4,13 +4,22 @@ autocast on CUDA, AdamW, gradient clipping, and the sparsity controller of the e
 tokens per second, both in the same run on the same random tokens.
 
     python benchmarks/train_e2e.py                  # hidden 2048, 16 heads, T 8192, B 2, vocabulary 32000
+    python benchmarks/train_e2e.py --retained init  # the eviction stack only as initialised (no band row)
     python benchmarks/train_e2e.py --profile 25     # also the device time of one step by kernel, top 25 per model
     python benchmarks/train_e2e.py --smoke          # a tiny run on the CPU: the plumbing, no figures
 
 Each model is timed over --steps optimiser steps queued back to back (CUDA events, median step) after --warmup
 steps. Rows op ``train_e2e`` (impl: the pattern; ``tokens_per_s``, ``step_ms``, ``peak_mem_mb``) go to
-results/<gpu>.json; the first pattern's row notes its tokens/s as a fraction of the second's (the aim for the
-eviction stack: within 10% of the sliding-window one).
+results/<gpu>.json; each row but the last pattern's notes its tokens/s as a fraction of the last's (the aim for
+the eviction stack: within 10% of the sliding-window one).
+
+How many tokens the eviction routers retain sets the training attention's work: every retained key stays visible
+to all later queries, so a router that retains everything makes it causal attention over the whole sequence. A
+fresh router does nearly that (its output bias starts at +0.5); the sparsity controller then holds each layer
+near its band, about ``capacity`` tokens per training sequence. ``--retained`` times a model with eviction
+layers in each of these states: ``init`` as built, ``band`` with each router's output bias shifted so that a
+fraction capacity / T of the benchmark batch's tokens is retained (what training spends most of its steps at),
+or a fraction such as ``0.1``. Rows carry ``retained``, the fraction measured after the timed steps.
 """
 
 from __future__ import annotations
@@ -40,8 +49,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels of a step by device time")
+    ap.add_argument(
+        "--retained",
+        default="init,band",
+        help="comma-separated router states for models with eviction layers: init, band, or a fraction in (0, 1] "
+        "(default init,band)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: hidden 64, 2 heads, T 64, B 2")
     args = ap.parse_args(argv)
+    states = []
+    for item in (x.strip() for x in args.retained.split(",")):
+        if item in ("init", "band"):
+            states.append(item)
+            continue
+        try:
+            frac = float(item)
+        except ValueError:
+            frac = -1.0
+        if not 0.0 < frac <= 1.0:
+            refuse(f"train_e2e.py: --retained takes init, band or a fraction in (0, 1], got {item!r}")
+        states.append(frac)
+    if not states:
+        refuse(f"train_e2e.py: --retained needs at least one state, got {args.retained!r}")
+    args.retained = states
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     if not patterns:
         refuse(f"train_e2e.py: --patterns needs at least one pattern, got {args.patterns!r}")
@@ -67,6 +97,39 @@ def _trainer(torch, pattern: str, args, device):
     return Trainer(lm, None, train, device=device, log=lambda s: None), sum(p.numel() for p in lm.parameters())
 
 
+def _eviction_layers(model) -> list:
+    return [m for m in model.modules() if getattr(m, "router_retained", False) is not False and m.router is not None]
+
+
+def _retain(torch, trainer, inputs, state) -> None:
+    """Shift each eviction router's output bias so that the fraction ``state`` ("band": capacity / T) of the
+    tokens of ``inputs`` is retained (router logit z > 0), layer after layer in order (a layer's input depends on
+    the ones before it), in the training-mode forward the steps run."""
+    model = trainer.model
+    for m in _eviction_layers(model):
+        frac = min(1.0, m.config.capacity / inputs.shape[1]) if state == "band" else float(state)
+        got = {}
+        hook = m.router.register_forward_hook(lambda mod, a, out, got=got: got.__setitem__("z", out.detach().float()))
+        try:
+            with torch.no_grad(), trainer._autocast():
+                model.train()
+                model(inputs)
+        finally:
+            hook.remove()
+        z = got["z"]  # [B, T, H] logits, H = 1 for a shared router
+        per_head = z.flatten(0, 1).T if m.router.out.bias.numel() > 1 else z.reshape(1, -1)  # [G, B*T]
+        cut = torch.quantile(per_head, 1.0 - frac, dim=1)
+        with torch.no_grad():
+            m.router.out.bias -= cut.to(m.router.out.bias.dtype)
+
+
+def _retained_fraction(model) -> float | None:
+    layers = [m for m in _eviction_layers(model) if m.router_retained is not None]
+    if not layers:
+        return None
+    return round(sum(float(m.router_retained.float().mean()) for m in layers) / len(layers), 4)
+
+
 def _profile(torch, name: str, step, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -87,11 +150,19 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.smoke else "cuda")
     rows = []
+    runs = []
     for pattern in args.patterns:
+        trainer, _ = _trainer(torch, pattern, args, device)
+        has_router = bool(_eviction_layers(trainer.model))
+        del trainer
+        runs += [(pattern, state) for state in (args.retained if has_router else [None])]
+    for pattern, state in runs:
         trainer, params = _trainer(torch, pattern, args, device)
         g = torch.Generator().manual_seed(1)
         inputs = torch.randint(0, args.vocab, (args.B, args.T), generator=g).to(device)
         batch = (inputs, torch.roll(inputs, -1, 1))
+        if state not in (None, "init"):
+            _retain(torch, trainer, inputs, state)
 
         def step(trainer=trainer, batch=batch):
             return trainer.train_step(batch, sync=False)
@@ -110,7 +181,7 @@ def main(argv=None) -> int:
             ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
             mem = round(peak_mem_mb(step), 1)
             if args.profile:
-                _profile(torch, pattern, step, args.profile)
+                _profile(torch, f"{pattern} (routers: {state})" if state else pattern, step, args.profile)
         row = dict(
             op="train_e2e",
             impl=pattern,
@@ -125,6 +196,9 @@ def main(argv=None) -> int:
             + ("float32 on the CPU" if args.smoke else "bf16 autocast, AdamW, grad clip 1")
             + "; median step of queued steps",
         )
+        if state is not None:
+            row["routers"] = state if isinstance(state, str) else f"fraction {state}"
+            row["retained"] = _retained_fraction(trainer.model)
         if mem is not None:
             row["peak_mem_mb"] = mem
         rows.append(row)
@@ -132,10 +206,12 @@ def main(argv=None) -> int:
         del trainer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if len(rows) > 1:
-        frac = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-        rows[0]["note"] += f"; {frac:.3f}x the tokens/s of {rows[1]['impl']}"
-        print(f"{rows[0]['impl']}: {frac:.3f}x the tokens/s of {rows[1]['impl']}", flush=True)
+    base = rows[-1]
+    for r in rows[:-1]:
+        frac = r["tokens_per_s"] / base["tokens_per_s"]
+        r["note"] += f"; {frac:.3f}x the tokens/s of {base['impl']}"
+        kept = f" (routers {r['routers']}, {r['retained']:.1%} retained)" if "routers" in r else ""
+        print(f"{r['impl']}{kept}: {frac:.3f}x the tokens/s of {base['impl']}", flush=True)
     return finish("train_e2e", rows, args.smoke)
 
 

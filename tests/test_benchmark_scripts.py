@@ -159,6 +159,7 @@ def test_usage_errors_name_the_value():
         "eviction.py": (["trian"], "unknown part(s) trian; the parts are check, train"),
         "attention.py": (["--sections", "swa,ful"], "unknown section(s) ful; the sections are check"),
         "gdn.py": (["--smoke", "--sweep"], "--smoke runs the tiny checks alone, got also --sweep"),
+        "train_e2e.py": (["--retained", "band,2"], "--retained takes init, band or a fraction in (0, 1], got '2'"),
         "gdn.py --hkv": (["--hkv", "32x64x64"], "--hkv chooses the head shapes of --shapes; pass --shapes too"),
         "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction"),
     }
@@ -240,7 +241,11 @@ def test_training_scripts_smoke():
     for spec in ("lte-0.4b", "lte-0.4b:final_buffer", "lansa-0.4b", "swa-0.4b"):
         assert f"'impl': '{spec}'" in paper.stdout, paper.stdout
     assert e2e.returncode == 0, e2e.stderr
-    assert "(gdn eviction_swa)*6: " in e2e.stdout and "x the tokens/s of (gdn swa)*6" in e2e.stdout, e2e.stdout
+    for state in ("init", "band"):  # the eviction stack as built, and with its routers at their band
+        assert re.search(
+            rf"\(gdn eviction_swa\)\*6 \(routers {state}, [\d.]+% retained\): [\d.]+x the tokens/s of \(gdn swa\)\*6",
+            e2e.stdout,
+        ), e2e.stdout
     assert fsdp.returncode == 0, fsdp.stderr
     diff = re.search(r"loss: largest relative difference (\S+) at step", fsdp.stdout)
     assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
