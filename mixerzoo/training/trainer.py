@@ -58,6 +58,9 @@ class TrainConfig:
     compile:          torch.compile each block (False, True for Inductor, or a backend name).
     activation_checkpointing: recompute each block in the backward instead of storing its activations.
     log_every, eval_every, eval_batches: progress line and evaluation (0: never) cadence.
+    record_every:     also keep the loss and accuracy of every this many steps in the history (0: only logged
+                      steps), without waiting for the device: they are read back at the next logged step (or the
+                      end) all at once, so a per-step loss curve does not stop the host queueing steps.
     checkpoint_dir, checkpoint_every: where and how often to save (0: only at the end; None: never).
     controller:       keyword arguments for SparsityController (used when the model has a learned router).
     curriculum:       ((from_step, seq_len, num_pairs), ...): a recall task's length and pairs change at
@@ -81,6 +84,7 @@ class TrainConfig:
     compile: bool | str = False
     activation_checkpointing: bool = False
     log_every: int = 10
+    record_every: int = 0
     eval_every: int = 0
     eval_batches: int = 4
     checkpoint_dir: str | None = None
@@ -96,6 +100,7 @@ class TrainConfig:
             "warmup": (self.warmup, 0),
             "seed": (self.seed, 0),
             "log_every": (self.log_every, 0),
+            "record_every": (self.record_every, 0),
             "eval_every": (self.eval_every, 0),
             "eval_batches": (self.eval_batches, 1),
             "checkpoint_every": (self.checkpoint_every, 0),
@@ -504,6 +509,14 @@ class Trainer:
             draw = lambda s: tuple(t.pin_memory() for t in cpu_draw(s))  # noqa: E731
         prefetch = _Drawn(draw) if self._draw_on_device else _Prefetch(draw, start, stop)
         t_last, tokens = time.perf_counter(), 0
+        pending: list[dict] = []  # recorded, unlogged steps: loss and accuracy still on the device
+
+        def flush() -> None:
+            for p in pending:
+                p["loss"], p["acc"] = float(p["loss"]), float(p["acc"])
+            self.history.extend(pending)
+            pending.clear()
+
         while self.step < stop:
             s = self.step + 1  # the step about to run, counted from 1
             last = s == stop
@@ -512,7 +525,10 @@ class Trainer:
             stats = self.train_step(prefetch.get(self.step), sync=log)
             tokens += stats["tokens"]
             self.steps_run += 1
+            if not log and cfg.record_every and s % cfg.record_every == 0:
+                pending.append(stats)
             if log:
+                flush()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 now = time.perf_counter()
@@ -527,6 +543,7 @@ class Trainer:
             if cfg.checkpoint_dir is not None and ((cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or last):
                 self.save(Path(cfg.checkpoint_dir) / f"step-{s:07d}")
                 t_last = time.perf_counter()
+        flush()
         return self.history
 
 
@@ -645,6 +662,12 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", default="off", help="compile each block: off, inductor, or another backend")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument(
+        "--record-every",
+        type=int,
+        default=0,
+        help="also keep the loss of every N steps in the history (--json) without waiting for the device (default 0)",
+    )
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--checkpoint-dir", default=None)
@@ -715,6 +738,7 @@ def main_train(args: argparse.Namespace) -> int:
             compile=compile_,
             activation_checkpointing=args.activation_checkpointing,
             log_every=args.log_every,
+            record_every=args.record_every,
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
             checkpoint_dir=args.checkpoint_dir,

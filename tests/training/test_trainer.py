@@ -86,6 +86,24 @@ def test_unlogged_step_never_waits_for_the_device(rule):
     assert trainer.train_step(batches[0])["lambda"], "a logged step still reports the controller"
 
 
+def test_recorded_steps_give_the_logged_run_s_loss_curve():
+    """record_every=1 with a progress line every 4 steps keeps every step's loss in the history, read back at the
+    logged steps: the same curve as logging every step, with tokens/s only on the logged steps."""
+    task = RecallTask("mqar", num_pairs=3, vocab_size=32)
+    runs = []
+    for log_every, record_every in ((1, 0), (4, 1)):
+        cfg = TrainConfig(steps=6, batch_size=4, seq_len=40, lr=3e-3, warmup=2, log_every=log_every, seed=3)
+        cfg = dataclasses.replace(cfg, record_every=record_every)
+        runs.append(Trainer(_model(EVICT), task, cfg, device="cpu").fit())
+    every, recorded = runs
+    assert [h["step"] for h in recorded] == [1, 2, 3, 4, 5, 6] == [h["step"] for h in every]
+    assert [h["loss"] for h in recorded] == [h["loss"] for h in every]
+    assert all(isinstance(h["loss"], float) and isinstance(h["acc"], float) for h in recorded)
+    assert [h["step"] for h in recorded if "tokens_per_s" in h] == [1, 4, 6]
+    with pytest.raises(ValueError, match="record_every"):
+        TrainConfig(record_every=-1)
+
+
 def test_checkpoint_resume_is_bit_exact(tmp_path):
     """Save after 3 steps, run a 4th; a fresh model loading the checkpoint runs the same 4th step: the same
     loss, parameters and controller lambdas, bit for bit (router dropout included)."""
