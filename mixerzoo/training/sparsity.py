@@ -425,10 +425,16 @@ class SparsityController:
                     f"{n} eviction_swa layers with a router"
                 )
         dtype = torch.float32 if self.rule == "paper" else torch.float64
-        self.lambdas = [t.detach().to(dtype).cpu().clone() for t in sd["lambdas"]]
-        self.ema = [None if t is None else t.clone() for t in sd["ema"]]
-        self.gap = [None if t is None else t.clone() for t in sd["violation"]]
-        self.gap_prev = [None if t is None else t.clone() for t in sd["violation_prev"]]
+        devs = [_device_of(m) for m in self.layers]  # where step() computes with them: the layers' device
+
+        def place(ts: list[Tensor | None], cast: torch.dtype | None = None) -> list[Tensor | None]:
+            pairs = zip(ts, devs, strict=True)
+            return [None if t is None else t.detach().to(d, cast or t.dtype).clone() for t, d in pairs]
+
+        self.lambdas = place(sd["lambdas"], dtype)
+        self.ema = place(sd["ema"])
+        self.gap = place(sd["violation"])
+        self.gap_prev = place(sd["violation_prev"])
         self.steps = sd["steps"]
         self._schedule()
 

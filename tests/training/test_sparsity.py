@@ -269,3 +269,22 @@ def test_mqar_batch():
         assert len(asked) == 6 and (asked >= 12).all()
         for p in asked.tolist():
             assert pairs[x[b, p].item()] == y[b, p].item()
+
+
+@pytest.mark.parametrize("rule", ["budget", "paper"])
+def test_statistics_live_on_the_layers_device(rule):
+    """The controller keeps its lambdas, EMAs and gaps on the layers' device, built there or loaded from a state
+    on the CPU (a step then mixes no devices and copies nothing to the device). Shown with the meta device."""
+    model = two_layers()
+    x = torch.randn(2, 40, 32)
+    ctrl = SparsityController(model, rule=rule, update_every=1)
+    forward(model, x)
+    ctrl.step()
+    sd = ctrl.state_dict()
+    assert all(t.device.type == "cpu" for t in sd["lambdas"] + sd["ema"])
+    model.to("meta")
+    built = SparsityController(model, rule=rule)
+    assert {t.device.type for t in built.lambdas} == {"meta"}
+    built.load_state_dict(sd)
+    loaded = [t for t in built.lambdas + built.ema + built.gap + built.gap_prev if t is not None]
+    assert loaded and {t.device.type for t in loaded} == {"meta"}
