@@ -199,9 +199,10 @@ def section_bench(rows: list[dict], log: list[str]) -> None:
 
 
 def section_tiles(rows: list[dict], log: list[str]) -> None:
-    """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 64, the default, against 16) at T = 32768,
-    B = 1, window 512, G = 16, 4 and 1: forward and forward+backward of the Triton launchers, with full causal
-    SDPA at the same shape. Rows ``nsa_slc_rows``."""
+    """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 64, the default, against 16), then the
+    compression forward's top-n kept by a rank count or a bitonic sort (nsa_tiles ``sort``), at T = 32768, B = 1,
+    window 512, G = 16, 4 and 1: forward and forward+backward of the Triton launchers, with full causal SDPA at
+    the same shape. Rows ``nsa_slc_rows`` and ``nsa_topn_merge``."""
     for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
         _tiles_shape(rows, HQ, HKV)
         torch.cuda.empty_cache()
@@ -214,8 +215,10 @@ def _tiles_shape(rows: list[dict], HQ: int, HKV: int) -> None:
     do = torch.randn_like(q)
     scale = D**-0.5
     base = {"op": "nsa_slc_rows", "T": TOKENS, "B": 1, "H": HQ, "HKV": HKV, "D": D}
-    for slc_rows in (16, 64):
-        tiles = nsa_tiles(D, HQ // HKV, L, q.dtype, slc_rows=slc_rows)
+    variants = [(dict(slc_rows=r), dict(slc_rows=r)) for r in (16, 64)]
+    variants += [(dict(op="nsa_topn_merge", merge=m), dict(sort=m == "sort")) for m in ("rank", "sort")]
+    for keys, kwargs in variants:
+        tiles = nsa_tiles(D, HQ // HKV, L, q.dtype, **kwargs)
 
         def fwd(tiles=tiles):
             return nsa_fwd(q, k, v, *gates, L, N, W, scale, tiles=tiles)
@@ -224,16 +227,18 @@ def _tiles_shape(rows: list[dict], HQ: int, HKV: int) -> None:
             _, ob, lse, lse_win, idx = fwd(tiles)
             return nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
 
-        r = dict(base, impl="mixerzoo", slc_rows=slc_rows, fwd_ms=time_ms(fwd, repeat=10))
+        r = dict(base, impl="mixerzoo", **keys, fwd_ms=time_ms(fwd, repeat=10))
         r["fwdbwd_ms"] = time_ms(step, repeat=10)
         r["note"] = f"Triton launchers, selection tiles of {tiles['BT_slc']} tokens x G heads, window {W}"
+        r["note"] += f", top-n by {'sort' if tiles['sort'] else 'rank count'}"
         rows.append(r)
         print(r, flush=True)
     sdpa_fwd, sdpa_step = _sdpa_calls(q, k, v, do)
-    r = dict(base, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10), fwdbwd_ms=time_ms(sdpa_step, repeat=10))
-    r["note"] = "full causal, GQA"
-    rows.append(r)
-    print(r, flush=True)
+    for op in ("nsa_slc_rows", "nsa_topn_merge"):  # the anchor of each comparison
+        r = dict(base, op=op, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10), fwdbwd_ms=time_ms(sdpa_step, repeat=10))
+        r["note"] = "full causal, GQA"
+        rows.append(r)
+        print(r, flush=True)
 
 
 def section_profile(rows: list[dict], log: list[str]) -> None:

@@ -177,6 +177,29 @@ def test_ties_go_to_the_lower_block():
     assert torch.equal(idx.long().cpu(), idx_ref.cpu())
 
 
+@pytest.mark.parametrize("B, T, HQ, HKV, D, L, n", [(1, 90, 2, 2, 16, 16, 4)])  # G = 1, T off the blocks
+def test_sort_merge_selects_what_the_rank_count_does(B, T, HQ, HKV, D, L, n):
+    """nsa_tiles(sort=True): the compression forward's running top-n kept by a bitonic sort gives the reference's
+    blocks (ties to the lower block too) and the same outputs as the rank count, the default."""
+    from mixerzoo.kernels.nsa import triton_launch as tl_
+
+    q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D)
+    scale = D**-0.5
+    runs = [
+        nsa_fwd(q, k, v, *gates, L, n, 24, scale, tiles=tl_.nsa_tiles(D, HQ // HKV, L, q.dtype, sort=s))
+        for s in (False, True)
+    ]
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(k, v, L)[0], block_size=L, block_count=n, scale=scale)
+    for *_, idx in runs:
+        assert torch.equal(idx.long().cpu(), idx_ref.cpu())
+    assert torch.equal(runs[0][0], runs[1][0])
+    kt = k[:, :L].repeat(1, T // L + 1, 1, 1)[:, :T].contiguous()  # every block alike: ties everywhere
+    tiles = tl_.nsa_tiles(D, HQ // HKV, L, q.dtype, sort=True)
+    idx = nsa_fwd(q, kt, v, *gates, L, n, 24, scale, tiles=tiles)[4]
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(kt, v, L)[0], block_size=L, block_count=n, scale=scale)
+    assert torch.equal(idx.long().cpu(), idx_ref.cpu())
+
+
 def test_gates_may_be_strided_views():
     """The mixer's gates are views of one projection ([B, T, 3 HQ] split by branch: strides 3 HQ, 1): outputs and
     every gradient as with contiguous gates."""

@@ -25,7 +25,7 @@ def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64) -> dict:
+def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64, sort: bool | None = None) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
     Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two): GPU tiles aim at 64
@@ -35,17 +35,27 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64)
     tiles``). The interpreter gets narrower key tiles (BC, CH). ``BT_cmp`` tokens per compression program, ``BC``
     compressed blocks per key tile, ``BT_slc`` tokens per selection program (divides L), ``BQ`` tokens per step
     and ``CH`` (block, token) pairs per dK/dV program.
+
+    ``sort``: how the compression forward keeps each token's running top-n, a bitonic sort (``tl.sort``) or a
+    rank count (2n x 2n compares and a 2n x n one-hot sum per token and key chunk). None: the sort when a program
+    holds 16 tokens or more (G <= 4). Compiled for sm_90 at D = 64, L = 64, n = 16 (bf16), the rank count of the
+    64 tokens of a G = 1 program needs 255 registers and a 4,328-byte stack per thread (spills), the sort 151 and
+    none; at G = 4, 255 and 8 bytes against 151; at G = 16 (4 tokens) both fit (184, 180). The sort is not yet
+    timed on a GPU: ``benchmarks/nsa.py --sections tiles`` times both.
     """
     GP = _pow2(G)
     rows = 64
     bt = max(rows // GP, 1)
     wide = D > 64 or dtype == torch.float32
+    if sort is None:
+        sort = bt >= 16
     return {
         "BT_cmp": bt,
         "BC": 16 if interpreting() else (32 if wide else 64),
         "BT_slc": min(max(slc_rows // GP, 1), L),
         "BQ": bt,
         "CH": 64 if interpreting() else 256,
+        "sort": sort,
         "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
         "num_stages": 1 if interpreting() else 2,
     }
@@ -107,7 +117,7 @@ def nsa_fwd(
     common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
-        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
+        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), **common,
     )  # fmt: skip
     nsa_slc_fwd_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
         q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
