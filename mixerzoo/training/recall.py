@@ -75,7 +75,10 @@ class RecallRecipe:
     length: ``(gdn full_attention)*2`` 0.949 / 0.881 / 0.772 at T / 2T / 4T, ``(gdn swa)*2`` 0.703 / 0.551 /
     0.523, ``gdn*4`` 0.566 / 0.473 / 0.428. On two H200s at the full recipe they did not: every stack recalls
     all 32 pairs at T and 0.915 to 0.971 of the 128 at 4T, ``gdn*4`` 0.947 (results/recall-nvidia-h200.json).
-    The CPU runs were short of training, and at hidden 128 the gdn layers' state holds the pairs by itself.
+    The CPU runs were short of training, and at hidden 128 the gdn layers' state holds the pairs by itself. A
+    longer CPU run at hidden 64 (T = 256, 16 / 32 / 64 pairs, W = C = 32, batch 32, 600 steps;
+    results/recall-cpu.json) separates them at 4T: ``gdn*4`` 0.763, ``(gdn swa)*2`` 0.506, ``(gdn swa_sink)*2``
+    0.909, ``(gdn eviction_swa)*2`` 0.919, ``(gdn full_attention)*2`` 0.927.
     """
 
     T: int = 1024
