@@ -98,7 +98,10 @@ def _trainer(torch, pattern: str, args, device):
 
 
 def _eviction_layers(model) -> list:
-    return [m for m in model.modules() if getattr(m, "router_retained", False) is not False and m.router is not None]
+    """The model's eviction_swa layers with a learned router."""
+    from mixerzoo.mixers.eviction_swa import EvictionSWA
+
+    return [m for m in model.modules() if isinstance(m, EvictionSWA) and m.router is not None]
 
 
 def _retain(torch, trainer, inputs, state) -> None:
@@ -150,62 +153,61 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.smoke else "cuda")
     rows = []
-    runs = []
     for pattern in args.patterns:
-        trainer, _ = _trainer(torch, pattern, args, device)
-        has_router = bool(_eviction_layers(trainer.model))
-        del trainer
-        runs += [(pattern, state) for state in (args.retained if has_router else [None])]
-    for pattern, state in runs:
         trainer, params = _trainer(torch, pattern, args, device)
-        g = torch.Generator().manual_seed(1)
-        inputs = torch.randint(0, args.vocab, (args.B, args.T), generator=g).to(device)
-        batch = (inputs, torch.roll(inputs, -1, 1))
-        if state not in (None, "init"):
-            _retain(torch, trainer, inputs, state)
+        # a model with learned eviction routers is timed in each router state, each time freshly built
+        states = args.retained if _eviction_layers(trainer.model) else [None]
+        for n, state in enumerate(states):
+            if n:
+                trainer, params = _trainer(torch, pattern, args, device)
+            g = torch.Generator().manual_seed(1)
+            inputs = torch.randint(0, args.vocab, (args.B, args.T), generator=g).to(device)
+            batch = (inputs, torch.roll(inputs, -1, 1))
+            if state not in (None, "init"):
+                _retain(torch, trainer, inputs, state)
 
-        def step(trainer=trainer, batch=batch):
-            return trainer.train_step(batch, sync=False)
+            def step(trainer=trainer, batch=batch):
+                return trainer.train_step(batch, sync=False)
 
-        if args.smoke:
-            times = []
-            for i in range(args.warmup + args.steps):
-                t0 = time.perf_counter()
-                loss = step()["loss"]
-                if i >= args.warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            if not bool(torch.isfinite(loss)):
-                raise RuntimeError(f"train_e2e.py: {pattern}: the loss is not finite")
-            ms, mem = statistics.median(times), None
-        else:
-            ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
-            mem = round(peak_mem_mb(step), 1)
-            if args.profile:
-                _profile(torch, f"{pattern} (routers: {state})" if state else pattern, step, args.profile)
-        row = dict(
-            op="train_e2e",
-            impl=pattern,
-            B=args.B,
-            T=args.T,
-            H=args.heads,
-            hidden=args.hidden,
-            step_ms=round(ms, 2),
-            tokens_per_s=round(args.B * args.T / ms * 1e3),
-            params=params,
-            note=f"vocabulary {args.vocab}; Trainer: "
-            + ("float32 on the CPU" if args.smoke else "bf16 autocast, AdamW, grad clip 1")
-            + "; median step of queued steps",
-        )
-        if state is not None:
-            row["routers"] = state if isinstance(state, str) else f"fraction {state}"
-            row["retained"] = _retained_fraction(trainer.model)
-        if mem is not None:
-            row["peak_mem_mb"] = mem
-        rows.append(row)
-        print(row, flush=True)
-        del trainer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            if args.smoke:
+                times = []
+                for i in range(args.warmup + args.steps):
+                    t0 = time.perf_counter()
+                    loss = step()["loss"]
+                    if i >= args.warmup:
+                        times.append((time.perf_counter() - t0) * 1e3)
+                if not bool(torch.isfinite(loss)):
+                    raise RuntimeError(f"train_e2e.py: {pattern}: the loss is not finite")
+                ms, mem = statistics.median(times), None
+            else:
+                ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
+                mem = round(peak_mem_mb(step), 1)
+                if args.profile:
+                    _profile(torch, f"{pattern} (routers: {state})" if state else pattern, step, args.profile)
+            row = dict(
+                op="train_e2e",
+                impl=pattern,
+                B=args.B,
+                T=args.T,
+                H=args.heads,
+                hidden=args.hidden,
+                step_ms=round(ms, 2),
+                tokens_per_s=round(args.B * args.T / ms * 1e3),
+                params=params,
+                note=f"vocabulary {args.vocab}; Trainer: "
+                + ("float32 on the CPU" if args.smoke else "bf16 autocast, AdamW, grad clip 1")
+                + "; median step of queued steps",
+            )
+            if state is not None:
+                row["routers"] = state if isinstance(state, str) else f"fraction {state}"
+                row["retained"] = _retained_fraction(trainer.model)
+            if mem is not None:
+                row["peak_mem_mb"] = mem
+            rows.append(row)
+            print(row, flush=True)
+            del trainer, step  # step holds the trainer too: free the model before the next one is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     base = rows[-1]
     for r in rows[:-1]:
         frac = r["tokens_per_s"] / base["tokens_per_s"]
