@@ -502,11 +502,11 @@ class Trainer:
         start = self.step
         self.steps_run = 0
         draw = lambda s: self._local_batch(s, *cfg.stage(s))  # noqa: E731
-        # Drawn on the GPU: the draw is a few hundred launches, queued ahead of the step's.
         if self.device.type == "cuda" and not self._draw_on_device:
             # pinned: the step's non-blocking copy to the device then neither waits for the device nor blocks
             cpu_draw = draw
             draw = lambda s: tuple(t.pin_memory() for t in cpu_draw(s))  # noqa: E731
+        # Drawn on the GPU: the draw is a few hundred launches, queued ahead of the step's.
         prefetch = _Drawn(draw) if self._draw_on_device else _Prefetch(draw, start, stop)
         t_last, tokens = time.perf_counter(), 0
         pending: list[dict] = []  # recorded, unlogged steps: loss and accuracy still on the device
