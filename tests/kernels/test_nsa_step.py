@@ -16,14 +16,27 @@ CASES = {  # config beyond hidden_size; the caches hold 48 tokens
     "G1-L8": dict(num_heads=2, num_kv_heads=2, head_dim=16, block_size=8, block_count=4, window_size=5),
     "G3-D20-L5": dict(num_heads=6, num_kv_heads=2, head_dim=20, block_size=5, block_count=3, window_size=7),
 }
+# On a GPU the prompt runs the Triton forward, which takes block sizes and head dims of 16, 32, 64 or 128: the same
+# groups there with 16-token blocks (head dim 20 -> 32), over more steps so that as many blocks complete
+CUDA_CASES = {
+    "G4-L8": dict(CASES["G4-L8"], block_size=16, window_size=12),
+    "G1-L8": dict(CASES["G1-L8"], block_size=16, window_size=10),
+    "G3-D20-L5": dict(CASES["G3-D20-L5"], head_dim=32, block_size=16, window_size=14),
+}
+
+
+def config(case: str, device: str) -> dict:
+    return (CUDA_CASES if torch.device(device).type == "cuda" else CASES)[case]
 
 
 pytestmark = pytest.mark.usefixtures("gpu_dot_bounds")
 
 
-def _run(case, dtype, device=DEVICE, T=36, prefill=7):
+def _run(case, dtype, device=DEVICE, prefill=7):
     torch.manual_seed(0)
-    m = registry.build("nsa", hidden_size=32, **CASES[case]).eval().to(device, dtype)
+    cuda = torch.device(device).type == "cuda"
+    T, N = (80, 96) if cuda else (36, 48)  # steps to take, cache slots
+    m = registry.build("nsa", hidden_size=32, **config(case, device)).eval().to(device, dtype)
     x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     mask = torch.ones(2, prefill, dtype=torch.bool, device=device)
     mask[1, :3] = False  # row 1: three padding tokens, so its blocks end at other steps than row 0's
@@ -31,7 +44,7 @@ def _run(case, dtype, device=DEVICE, T=36, prefill=7):
     m._fused = lambda *a: False  # the general step, on any device
     completed = 0
     with torch.no_grad():
-        ref = m.init_state(2, max_seqlen=48)
+        ref = m.init_state(2, max_seqlen=N)
         m(x[:, :prefill], ref, attention_mask=mask)
         out = type(ref)(**{k: v.clone() for k, v in ref.tensors().items()})
         for t in range(prefill, T):
@@ -80,7 +93,7 @@ def test_cuda_takes_the_fused_step_at_model_sizes():
 def test_forward_takes_the_fused_step(monkeypatch):
     """Without a mask and without grad mode, the forward runs _step_fused (on CUDA by itself; here by request),
     with the same output, state and position counter as the general step."""
-    m = registry.build("nsa", hidden_size=32, **CASES["G4-L8"]).eval().to(DEVICE)
+    m = registry.build("nsa", hidden_size=32, **config("G4-L8", DEVICE)).eval().to(DEVICE)
     x = torch.randn(2, 12, 32, device=DEVICE)
     with torch.no_grad():
         ref, out = m.init_state(2, max_seqlen=16), m.init_state(2, max_seqlen=16)
@@ -102,7 +115,7 @@ def test_forward_takes_the_fused_step(monkeypatch):
 def test_fused_step_issues_few_operations():
     """Besides the projections, the general step issues some forty operations, the fused one a handful (its two
     kernels, which the interpreter runs, are not counted). On a GPU each is a launch."""
-    m = registry.build("nsa", hidden_size=32, **CASES["G4-L8"]).eval().to(DEVICE)
+    m = registry.build("nsa", hidden_size=32, **config("G4-L8", DEVICE)).eval().to(DEVICE)
     x = torch.randn(2, 1, 32, device=DEVICE)
     with torch.no_grad():
         st = m.init_state(2, max_seqlen=16)

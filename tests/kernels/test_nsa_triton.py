@@ -417,6 +417,8 @@ for dtype, G, D, L, n in CASES:
         consts = {p: v for p, v in shape.items() if p in params}
         if bt is not None:
             consts["BT"] = cfg[bt]
+        if "SORT" in params:  # the top-n merge the launcher picks (a defaulted constexpr is still passed)
+            consts["SORT"] = cfg["sort"]
         sig = {p: "constexpr" if p in consts else SCALARS.get(p) or
                ("*i32" if p in INT else "*fp32" if p in FLOAT32 else data) for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
