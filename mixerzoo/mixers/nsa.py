@@ -423,7 +423,7 @@ class NSA(AttentionMixer):
     def _step_fused(self, x: Tensor, state: NSAState) -> Tensor:
         """``_step`` in two launches after the projections (the eager CUDA path; Triton's interpreter runs it on
         the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
-        ``nsa_decode``. Nothing read on the host, so it can be captured. x [B, 1, D] -> o [B, 1, HQ, Dh]."""
+        ``nsa_decode`` (with the gates' sigmoid). Nothing read on the host, so it can be captured. x [B, 1, D] -> o [B, 1, HQ, Dh]."""
         xt, dt = x[:, 0], state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
         q_rot, q_pos = nsa_step_write(
             self.q_proj(xt).to(dt),
@@ -438,10 +438,13 @@ class NSA(AttentionMixer):
             theta=self.rope_theta,
             block_size=self.block_size,
         )
-        g = torch.sigmoid(self.gate_proj(xt).to(dt)).view(xt.shape[0], 3, self.num_heads).transpose(0, 1).contiguous()
+        # the gate logits [B, 3 * HQ] as "(g h)"; the kernel takes their sigmoid (rounded to dt, as gates() does)
+        # from three strided views, and skips the checks that the state's and this layer's shapes make
+        gl, H = self.gate_proj(xt).to(dt), self.num_heads
         o, _ = nsa_decode_fwd(
-            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, g[0], g[1], g[2],
-            self.block_size, self.block_count, self.window_size, self.scale,
+            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, gl[:, :H], gl[:, H : 2 * H],
+            gl[:, 2 * H :], self.block_size, self.block_count, self.window_size, self.scale, gate_logits=True,
+            checked=True,
         )  # fmt: skip
         return o[:, None]
 

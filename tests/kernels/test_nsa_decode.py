@@ -97,6 +97,24 @@ def test_decode_op_matches_reference_and_spec(name):
     assert_close(f"{name} o vs nsa_attention_ref", o_spec, o, **F32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gate_logits_from_strided_views(dtype):
+    """The mixer's step form: the three gates as logits in one [B, 3 * HQ] tensor, passed as strided views, with
+    the sigmoid taken in the kernel (gate_logits=True) and the checks skipped (checked=True): the same output as
+    contiguous sigmoid gates (torch.sigmoid in the gates' dtype), selected blocks identical."""
+    positions, N, HQ, HKV, D, L, n, W = CASES["G2-N-not-multiple"]
+    q, k, v, k_cmp, v_cmp, pos, _ = _case(positions, N, HQ, HKV, D, L, seed=2, dtype=dtype)
+    logits = (3 * torch.randn(len(positions), 3 * HQ, generator=torch.Generator().manual_seed(3))).to(q)
+    views = [logits[:, i * HQ : (i + 1) * HQ] for i in range(3)]
+    assert not views[1].is_contiguous()
+    gates = [torch.sigmoid(g).contiguous() for g in views]
+    o_ref, idx_ref = nsa_decode_fwd(q, k, v, k_cmp, v_cmp, pos, *gates, L, n, W, D**-0.5)
+    o, idx = nsa_decode_fwd(q, k, v, k_cmp, v_cmp, pos, *views, L, n, W, D**-0.5, gate_logits=True, checked=True)
+    assert torch.equal(idx, idx_ref)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)  # one fp16 ulp
+    torch.testing.assert_close(o, o_ref, **tol)
+
+
 @pytest.mark.slow  # the full run only: the fast run checks the op with all three branches mixed
 def test_each_branch_alone():
     """One gate at 1, the others at 0: each branch matches on its own (a wrong branch cannot hide in the sum)."""
@@ -303,9 +321,11 @@ for dtype, G, D, L, n, NC in CASES:
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     R, DP = dec._decode_rows_cols(G, D)
     consts = dict(HQ=2 * G, HKV=2, G=G, R=R, D=D, DP=DP, L=L, NSEL=n,
-                  NP=dec._pow2(n), PREC="ieee" if dtype == torch.float32 else "tf32", **cfg)
+                  NP=dec._pow2(n), PREC="ieee" if dtype == torch.float32 else "tf32",
+                  GATE_LOGITS=dtype == torch.bfloat16, **cfg)  # the mixer's step passes logits
     data = "*fp32" if dtype == torch.float32 else "*bf16"
-    kinds = {"N": "i32", "NC": "i32", "W": "i32", "qk_scale": "fp32", "q_pos": "*i64", "idx": "*i32"}
+    kinds = {"N": "i32", "NC": "i32", "W": "i32", "qk_scale": "fp32", "g_stride": "i32", "q_pos": "*i64",
+             "idx": "*i32"}
     kinds.update(dict.fromkeys(("k_cmp", "v_cmp", "s_tmp", "imp_tmp"), "*fp32"))
     params = list(inspect.signature(dec.nsa_decode_kernel.fn).parameters)
     sig = {p: "constexpr" if p in consts else kinds.get(p, data) for p in params}

@@ -99,6 +99,14 @@ def _nsa_decode_finish(b_acc, b_sum):
 
 
 @triton.jit
+def _gate(g, p_g, m_r, LOGITS: tl.constexpr):
+    b_g = tl.load(g + p_g, mask=m_r, other=0.0)
+    if LOGITS:  # torch.sigmoid in the gates' dtype: float32 math, one rounding
+        b_g = tl.sigmoid(b_g.to(tl.float32)).to(g.dtype.element_ty)
+    return b_g.to(tl.float32)
+
+
+@triton.jit
 def nsa_decode_kernel(
     q,  # [B, HQ, D]
     k_cache,  # [B, N, HKV, D] slot p holds position p
@@ -106,7 +114,7 @@ def nsa_decode_kernel(
     k_cmp,  # [B, NC, HKV, D] float32 compressed blocks
     v_cmp,  # [B, NC, HKV, D] float32
     q_pos,  # [B] int32 / int64 position of each row's token (negative: padding)
-    g_cmp,  # [B, HQ] gates
+    g_cmp,  # [B, HQ] gates (rows g_stride apart), or their logits (GATE_LOGITS)
     g_slc,
     g_win,
     o,  # [B, HQ, D] out
@@ -117,6 +125,7 @@ def nsa_decode_kernel(
     NC,
     W,
     qk_scale,  # scale * log2(e)
+    g_stride,  # elements between the gates of consecutive rows (HQ when contiguous)
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -134,6 +143,7 @@ def nsa_decode_kernel(
     SUB: tl.constexpr,
     BW: tl.constexpr,  # tokens per tile of the window
     PREC: tl.constexpr,
+    GATE_LOGITS: tl.constexpr = False,  # the gates are logits: sigmoid here, rounded to their dtype (the mixer's)
 ):
     tl.static_assert(R >= G)
     tl.static_assert(BS * SUB >= L)
@@ -277,10 +287,10 @@ def nsa_decode_kernel(
     o_win = _nsa_decode_finish(b_acc, b_sum)
 
     # 6. gated sum, as the mixer's: (g_cmp * o_cmp + g_slc * o_slc) + g_win * o_win in float32
-    p_g = i_b * HQ + i_h * G + o_r
-    b_gc = tl.load(g_cmp + p_g, mask=m_r, other=0.0).to(tl.float32)
-    b_gs = tl.load(g_slc + p_g, mask=m_r, other=0.0).to(tl.float32)
-    b_gw = tl.load(g_win + p_g, mask=m_r, other=0.0).to(tl.float32)
+    p_g = i_b * g_stride + i_h * G + o_r
+    b_gc = _gate(g_cmp, p_g, m_r, GATE_LOGITS)
+    b_gs = _gate(g_slc, p_g, m_r, GATE_LOGITS)
+    b_gw = _gate(g_win, p_g, m_r, GATE_LOGITS)
     b_o = b_gc[:, None] * o_cmp + b_gs[:, None] * o_slc + b_gw[:, None] * o_win
     tl.store(o + p_row, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
 
@@ -359,28 +369,38 @@ def nsa_decode_fwd(
     scale: float,
     *,
     tiles: dict | None = None,
+    gate_logits: bool = False,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Triton decode launcher (shapes as in ``nsa_decode``; q_pos values in [-1, N) are the caller's to
-    check). ``tiles`` overrides ``nsa_decode_tiles``. Returns (o [B, HQ, D] in q's dtype, idx [B, HKV, n]
+    check). ``tiles`` overrides ``nsa_decode_tiles``. ``gate_logits``: the gates are logits, taken through a
+    sigmoid in their dtype (as ``torch.sigmoid``) inside the kernel. The gates may be strided views of one
+    [B, 3 * HQ] tensor (their rows one stride apart, heads contiguous). ``checked``: the caller (the mixer's
+    eager step, whose state shapes are checked) vouches for the arguments and the contiguity of q, the caches
+    and q_pos, and the checks are skipped (host time). Returns (o [B, HQ, D] in q's dtype, idx [B, HKV, n]
     int32)."""
-    op = "nsa_decode_fwd"
-    check_decode_inputs(op, q, k_cache, v_cache, k_cmp, v_cmp, q_pos, (g_cmp, g_slc, g_win), block_size, block_count)
-    check_int_arg(op, "window_size", window_size, minimum=1)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{op}: the Triton kernel takes float16, bfloat16 or float32, got {q.dtype}")
-    if k_cmp.dtype != torch.float32:
-        raise TypeError(f"{op}: the Triton kernel takes float32 k_cmp / v_cmp, got {k_cmp.dtype}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: the Triton kernel takes head dims <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if block_count > MAX_BLOCK_COUNT:
-        raise ValueError(f"{op}: the Triton kernel takes block_count <= {MAX_BLOCK_COUNT}, got {block_count}")
+    if not checked:
+        op = "nsa_decode_fwd"
+        gates = (g_cmp, g_slc, g_win)
+        check_decode_inputs(op, q, k_cache, v_cache, k_cmp, v_cmp, q_pos, gates, block_size, block_count)
+        check_int_arg(op, "window_size", window_size, minimum=1)
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{op}: the Triton kernel takes float16, bfloat16 or float32, got {q.dtype}")
+        if k_cmp.dtype != torch.float32:
+            raise TypeError(f"{op}: the Triton kernel takes float32 k_cmp / v_cmp, got {k_cmp.dtype}")
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"{op}: the Triton kernel takes head dims <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+        if block_count > MAX_BLOCK_COUNT:
+            raise ValueError(f"{op}: the Triton kernel takes block_count <= {MAX_BLOCK_COUNT}, got {block_count}")
+        q, k_cache, v_cache, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cache, v_cache, k_cmp, v_cmp))
+        q_pos = q_pos.contiguous()
+        if not (g_cmp.stride() == g_slc.stride() == g_win.stride() and g_cmp.stride(1) == 1):
+            g_cmp, g_slc, g_win = (x.contiguous() for x in gates)
     B, HQ, D = q.shape
     N, HKV = k_cache.shape[1], k_cache.shape[2]
     NC, G = k_cmp.shape[1], HQ // HKV
     cfg = dict(tiles or nsa_decode_tiles(G, D, block_size, NC))
     R, DP = _decode_rows_cols(G, D)
-    q, k_cache, v_cache, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cache, v_cache, k_cmp, v_cmp))
-    g_cmp, g_slc, g_win, q_pos = (x.contiguous() for x in (g_cmp, g_slc, g_win, q_pos))
     o = torch.empty_like(q)
     idx = torch.empty(B, HKV, block_count, dtype=torch.int32, device=q.device)
     s_tmp = torch.empty(B * HKV, G, max(NC, 1), dtype=torch.float32, device=q.device)
@@ -388,9 +408,9 @@ def nsa_decode_fwd(
     nsa_decode_kernel[(B * HKV,)](
         q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, q_pos=q_pos,
         g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, o=o, idx=idx, s_tmp=s_tmp, imp_tmp=imp_tmp,
-        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E,
+        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, g_stride=g_cmp.stride(0),
         HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP, L=block_size,
-        NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), **cfg,
+        NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), GATE_LOGITS=gate_logits, **cfg,
     )  # fmt: skip
     return o, idx
 
