@@ -423,7 +423,8 @@ class NSA(AttentionMixer):
     def _step_fused(self, x: Tensor, state: NSAState) -> Tensor:
         """``_step`` in two launches after the projections (the eager CUDA path; Triton's interpreter runs it on
         the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
-        ``nsa_decode`` (with the gates' sigmoid). Nothing read on the host, so it can be captured. x [B, 1, D] -> o [B, 1, HQ, Dh]."""
+        ``nsa_decode`` (with the gates' sigmoid). Nothing read on the host, so it can be captured.
+        x [B, 1, D] -> o [B, 1, HQ, Dh]."""
         xt, dt = x[:, 0], state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
         q_rot, q_pos = nsa_step_write(
             self.q_proj(xt).to(dt),
