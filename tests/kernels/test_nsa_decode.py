@@ -262,14 +262,17 @@ def test_kernel_on_the_mixer_state_over_decode_steps(heads):
     """The kernel, run on the state of each step of the mixer (its compressed blocks written by the step, blocks
     completing on the way, a left-padded row), gives the step's output."""
     HQ, HKV = heads
+    # row 0 completes blocks at 23 (CUDA: 31, 47), row 1 at 18 (CUDA: 20, 36); on CUDA the prompt runs the Triton
+    # forward, which takes 16-token blocks and up
+    L, W, T, prefill = (16, 12, 50, 20) if DEVICE == "cuda" else (8, 6, 26, 16)
     layer = registry.build(
-        "nsa", hidden_size=32, num_heads=HQ, num_kv_heads=HKV, block_size=8, block_count=3, window_size=6
+        "nsa", hidden_size=32, num_heads=HQ, num_kv_heads=HKV, block_size=L, block_count=3, window_size=W
     ).eval()
     layer = layer.to(DEVICE)  # the kernel runs on CUDA tensors, or on CPU tensors in the interpreter
-    x = torch.randn(2, 26, 32).to(DEVICE)
-    mask = torch.ones(2, 26, dtype=torch.bool, device=DEVICE)
+    x = torch.randn(2, T, 32).to(DEVICE)
+    mask = torch.ones(2, T, dtype=torch.bool, device=DEVICE)
     mask[1, :5] = False
-    y, y_kernel = _stream_with_kernel(layer, x, 16, mask)  # row 0 completes blocks at 23, row 1 at 18
+    y, y_kernel = _stream_with_kernel(layer, x, prefill, mask)
     assert_close(f"mixer step vs kernel {heads}", y, y_kernel, **F32)
 
 
