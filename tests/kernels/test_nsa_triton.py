@@ -177,10 +177,17 @@ def test_ties_go_to_the_lower_block():
     assert torch.equal(idx.long().cpu(), idx_ref.cpu())
 
 
-@pytest.mark.parametrize("B, T, HQ, HKV, D, L, n", [(1, 90, 2, 2, 16, 16, 4)])  # G = 1, T off the blocks
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, L, n",
+    [
+        pytest.param(1, 90, 2, 2, 16, 16, 4, id="G1"),  # 64 tokens a program, T off the blocks
+        pytest.param(1, 50, 32, 1, 16, 16, 4, id="G32", marks=pytest.mark.slow),  # 2 tokens
+    ],
+)
 def test_sort_merge_selects_what_the_rank_count_does(B, T, HQ, HKV, D, L, n):
     """nsa_tiles(sort=True): the compression forward's running top-n kept by a bitonic sort gives the reference's
-    blocks (ties to the lower block too) and the same outputs as the rank count, the default."""
+    blocks (ties to the lower block too) and the same outputs as the rank count (the interpreter's default; the
+    sort is the GPU's), at 64 and 2 tokens a program."""
     from mixerzoo.kernels.nsa import triton_launch as tl_
 
     q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D)

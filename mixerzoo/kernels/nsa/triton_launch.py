@@ -37,19 +37,19 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64,
     and ``CH`` (block, token) pairs per dK/dV program.
 
     ``sort``: how the compression forward keeps each token's running top-n, a bitonic sort (``tl.sort``) or a
-    rank count (2n x 2n compares and a 2n x n one-hot sum per token and key chunk). None: the sort when a program
-    holds 16 tokens or more (G <= 4), except in Triton's interpreter (slow there; tests ask for it by name).
-    Compiled for sm_90 by Triton 3.9 at D = 64, L = 64, n = 16 (bf16; register allocation differs between Triton
-    versions), the rank count of the 64 tokens of a G = 1 program needs 255 registers and a 4,328-byte stack per
-    thread (spills), the sort 151 and none; at G = 4, 255 and 8 bytes against 151; at G = 16 (4 tokens) both fit
-    (184, 180). The sort is not yet timed on a GPU: ``benchmarks/nsa.py --sections tiles`` times both.
+    rank count (2n x 2n compares and a 2n x n one-hot sum per token and key chunk). None: the sort, except in
+    Triton's interpreter (slow there; tests ask for it by name). Compiled for sm_90 by Triton 3.9 at D = 64,
+    L = 64, n = 16 (bf16), the rank count of the 64 tokens of a G = 1 program needs 255 registers and a 4,328-byte
+    stack per thread (spills), the sort 151 and none; at G = 4, 255 and 8 bytes against 151; at G = 16 (4 tokens)
+    both fit (184, 180). On an H200 (Triton 3.6) at T = 32768, HQ = 16 or 32, the sort's forward took 14.5 / 8.7 /
+    7.7 ms at G = 1 / 4 / 16 against the rank count's 45.7 / 11.3 / 8.4 (``benchmarks/nsa.py --sections tiles``).
     """
     GP = _pow2(G)
     rows = 64
     bt = max(rows // GP, 1)
     wide = D > 64 or dtype == torch.float32
     if sort is None:  # Triton's interpreter runs tl.sort's network slowly: the rank count there
-        sort = bt >= 16 and not interpreting()
+        sort = not interpreting()
     return {
         "BT_cmp": bt,
         "BC": 16 if interpreting() else (32 if wide else 64),
