@@ -279,7 +279,7 @@ class EvictionSWA(AttentionMixer):
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
         elif self._prefill_whole(x, state, attention_mask):
-            o = self._prefill_empty(q, k, v, state)
+            o = self._prefill_empty(q, k, v, state, padded=attention_mask is not None)
         elif self.config.prefill == "final_buffer":
             o = self._prefill_final(q, k, v, state)
         else:
@@ -319,8 +319,8 @@ class EvictionSWA(AttentionMixer):
         intervals at the op's indices (rotated rows)."""
         c = self.config
         T = q.shape[1]
-        t = torch.arange(T, device=q.device)[None, :]
         if shift is not None:
+            t = torch.arange(T, device=q.device)[None, :]
             q, k, v, score = (_take(x, torch.remainder(t + shift[:, None], T)) for x in (q, k, v, score))
         op = dict(window_size=c.window_size, capacity=c.capacity, num_sinks=c.num_sinks)
         iv = None
@@ -437,23 +437,30 @@ class EvictionSWA(AttentionMixer):
         after a row's last real token (base.whole_prompt). Elsewhere the chunked prefill runs."""
         return x.is_cuda and HAS_TRITON and whole_prompt(x, state, attention_mask)
 
-    def _prefill_empty(self, q, k, v, state: EvictionSWAState) -> Tensor:
+    def _prefill_empty(self, q, k, v, state: EvictionSWAState, padded: bool = True) -> Tensor:
         """T tokens into a state that has seen nothing, in one pass: the outputs of the parallel eval form (the
         eviction op: the Triton kernels on CUDA), and the state built from the buffer history the op computes
         (which token entered the buffer when and which one it evicted), with every slot where token-by-token
         decode puts it. The same outputs and state as ``_prefill_chunk`` (or ``_prefill_final``) over the
         same tokens, without their loop over 256-token chunks. Rows may start with padding (``state.pad``, as
-        positions_and_pad set it for this call), not end with it; state.seen == 0."""
+        positions_and_pad set it for this call), not end with it; state.seen == 0. ``padded=False`` (the call
+        had no mask, so state.pad is 0): the rows are not rotated and the padding arithmetic is left out, some
+        twenty operations fewer (each a launch on the GPU, where a prompt of a few thousand tokens is
+        host-bound)."""
         c = self.config
         W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
-        T, dev = q.shape[1], q.device
-        pad = live_pad(state)  # [B] leading padding of each row
-        pos = torch.arange(T, device=dev)[None, :] - pad[:, None]  # [B, T]; padding: < 0
-        kp = pos.clamp(min=-1)  # padding reads as outside the sequence
+        B, T, dev = q.shape[0], q.shape[1], q.device
+        t_all = torch.arange(T, device=dev)[None, :]  # [1, T]
+        if padded:
+            pad = live_pad(state)  # [B] leading padding of each row
+            pos = t_all - pad[:, None]  # [B, T]; padding: < 0
+            kp = pos.clamp(min=-1)  # padding reads as outside the sequence
+            n = T - pad  # [B] real tokens per row; the op's rows are rotated, its row ends at index n - 1
+        else:
+            pad, pos, kp, n = None, t_all.expand(B, T), t_all.expand(B, T), torch.full((B,), T, device=dev)
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
         score = self._effective(self._raw_scores(u, k, kp, False), kp)  # [B, T, H] float32
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
-        n = T - pad  # [B] real tokens per row; the op's rows are rotated, its row ends at index n - 1
         o, (kpos, kend, _) = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, intervals=True)
 
         # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
@@ -464,16 +471,20 @@ class EvictionSWA(AttentionMixer):
         state.win_k.index_copy_(1, ring, kr[:, t0:].detach())
         state.win_v.index_copy_(1, ring, v[:, t0:].detach())
         state.win_score.index_copy_(1, ring, torch.where(last, _NONE, score[:, t0:]))
-        state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, u.shape[1] :])
+        n_ctx = state.ctx_u.shape[1]  # the last 2m inputs; zeros before the prompt's start
+        if T >= n_ctx:
+            state.ctx_u.copy_(u[:, T - n_ctx :].detach())
+        else:
+            state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, T:])
 
         # The buffer: the listed keys that entered by the row's last query and were still in it then, each in
         # its decode slot (the op's padding queries after n - 1 may list more; those are left out).
         slot = _entry_slots(kpos, kend, W, C)  # [B, H, T]
-        last_q = (n - 1)[:, None, None]
-        keep = (kpos < T) & (kpos + W <= last_q) & (kend > last_q)
+        last_q = T - 1 if pad is None else (n - 1)[:, None, None]
+        keep = (kpos <= last_q - W) & (kend > last_q)  # entered by then (so listed: kpos < T) and still there
         dest = torch.where(keep, slot, C)  # [B, H, T]; C: not in the buffer
         p = kpos.long().permute(0, 2, 1)  # [B, T, H] position of each list entry
-        t = (p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
+        t = (p if pad is None else p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
         D = kr.shape[-1]
         rows = [x.gather(1, t[..., None].expand(-1, -1, -1, D)) for x in (kr, v)]  # [B, T, H, D]
         _write_buffer(state, dest.permute(0, 2, 1), *rows, score.gather(1, t), p)

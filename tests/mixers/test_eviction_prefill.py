@@ -82,7 +82,7 @@ def test_one_pass_prefill_calls():
     m = _one_pass(registry.build("eviction_swa", **CASES["gqa"]).eval())
     calls = []
     one_pass = m._prefill_empty
-    m._prefill_empty = lambda *a: calls.append(1) or one_pass(*a)
+    m._prefill_empty = lambda *a, **kw: calls.append(1) or one_pass(*a, **kw)
     with torch.no_grad():
         st = m.init_state(1)
         m(torch.randn(1, 30, 32), st)
@@ -173,7 +173,7 @@ def test_cuda_prompt_takes_the_one_pass_prefill(prefill, dtype):
         m._raw_scores = lambda u, k, pos, dropout: table.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, 2))
     calls = []
     one_pass = m._prefill_empty
-    m._prefill_empty = lambda *a: calls.append(1) or one_pass(*a)
+    m._prefill_empty = lambda *a, **kw: calls.append(1) or one_pass(*a, **kw)
     with torch.no_grad():
         one, chunked = m.init_state(2), m.init_state(2)
         y = m(x, one)[0]
@@ -209,7 +209,9 @@ def test_return_intervals():
 @pytest.mark.slow  # the full run only: the CPU reference op over 4096 tokens takes seconds
 def test_one_pass_prefill_issues_few_operations():
     """On a GPU the one-pass prompt is host-bound below some 16K tokens (each operation a launch): besides the
-    parallel form it issues about a hundred operations, and the slot computation one more per doubling of T."""
+    parallel form (and the 20 operations of init_state, counted here) it issues about sixty operations for an
+    unpadded prompt, and the slot computation one more per doubling of T. (The H200 measured the one-pass prompt
+    1.4 ms behind the parallel form at B = 1, T = 4096, with some 86 more operations then: ~16 us each.)"""
     from mixerzoo.testing import OpCounter
 
     counts = {}
@@ -223,5 +225,5 @@ def test_one_pass_prefill_issues_few_operations():
         counts[T] = sum(one.ops.values()), sum(parallel.ops.values())
     (one_s, par_s), (one_l, _) = counts[256], counts[4096]
     print(counts)
-    assert one_s - par_s <= 110, counts
+    assert one_s - par_s <= 85, counts
     assert one_l - one_s <= 4, counts  # log2(16) doublings more
