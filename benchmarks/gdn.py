@@ -488,6 +488,44 @@ def bench_shapes(args):
     print("wrote", path, flush=True)
 
 
+def profile_kernels(args):
+    """``--kernels HxKxV,...``: where one forward+backward spends its device time, kernel by kernel, ours and
+    flash-linear-attention's at each head shape (B = 2, T = 32768, bf16; three calls under the profiler, times
+    per call): the table to read before tuning a shape where the sweep shows a gap."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from torch.profiler import ProfilerActivity, profile
+
+    from mixerzoo.bench.anchors import lift_fla_backward_guard
+
+    lift_fla_backward_guard()
+    impls = {
+        "mixerzoo": lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta)[0],
+        "fla": lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)[0],
+    }
+    calls = 3
+    for H, K, V in args.kernels:
+        q, k, v, g, beta, _ = inputs(2, 32768, H, K, V, torch.bfloat16, h0=False, seed=21)
+        xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        do = torch.randn_like(v)
+        for name, fn in impls.items():
+            step = partial(_fwd_bwd_step, fn, xs, do)
+            step()  # compiled and tuned before the profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            events.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.self_device_time_total for e in events) / calls / 1e3
+            print(f"--- {name} H={H} K={K} V={V} B=2 T=32768: {total:.3f} ms of device time per forward+backward")
+            for e in events[:14]:
+                ms = e.self_device_time_total / calls / 1e3
+                print(f"  {ms:8.3f} ms  {e.count // calls:3d} x  {e.key[:90]}")
+        del q, k, v, g, beta, xs, do
+        torch.cuda.empty_cache()
+
+
 def _hkv_list(text: str) -> list[tuple[int, int, int]]:
     """``--hkv``: comma-separated H x K x V triples."""
     out = []
@@ -531,19 +569,35 @@ def main(argv=None) -> int:
         help="--shapes: only these head shapes (e.g. 32x64x64,8x256x256; default the whole sweep); other points "
         "already in the results file are kept",
     )
+    ap.add_argument(
+        "--kernels",
+        type=_hkv_list,
+        default=None,
+        metavar="HxKxV,...",
+        help="instead of the benchmark: each kernel's device time in one forward+backward, ours and fla's, at these "
+        "head shapes (B = 2, T = 32768)",
+    )
     ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
     ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
     args = ap.parse_args(argv)
     if args.hkv and not args.shapes:
         ap.error("--hkv chooses the head shapes of --shapes; pass --shapes too")
+    if args.kernels and (args.shapes or args.check or args.smoke):
+        ap.error("--kernels runs alone (with --bench or nothing)")
     if args.smoke:
-        extra = [f for f in ("bench", "quick_check", "sweep", "profile", "skip_decode", "shapes") if getattr(args, f)]
+        extra = [
+            f
+            for f in ("bench", "quick_check", "sweep", "profile", "skip_decode", "shapes", "kernels")
+            if getattr(args, f)
+        ]
         if extra:
             ap.error(f"--smoke runs the tiny checks alone, got also --{' --'.join(e.replace('_', '-') for e in extra)}")
         DEV = "cpu" if interpret_without_gpu("gdn.py") else "cuda"
     else:
         flags = [
-            f"--{f.replace('_', '-')}" for f in ("check", "quick_check", "bench", "sweep", "shapes") if getattr(args, f)
+            f"--{f.replace('_', '-')}"
+            for f in ("check", "quick_check", "bench", "sweep", "shapes", "kernels")
+            if getattr(args, f)
         ]
         require_gpu(
             "gdn.py",
@@ -552,6 +606,9 @@ def main(argv=None) -> int:
             packages=[] if args.check else [FLA],
         )
     _import_torch_and_kernels()
+    if args.kernels:
+        profile_kernels(args)
+        return 0
     if not args.bench:
         run_checks(args.smoke, args.quick_check)
     if not (args.check or args.smoke):
