@@ -491,7 +491,8 @@ def bench_shapes(args):
 def profile_kernels(args):
     """``--kernels HxKxV,...``: where one forward+backward spends its device time, kernel by kernel, ours and
     flash-linear-attention's at each head shape (B = 2, T = 32768, bf16; three calls under the profiler, times
-    per call): the table to read before tuning a shape where the sweep shows a gap."""
+    per call): the table to read before tuning a shape where the sweep shows a gap. Then the forward and backward
+    launchers with the chunk inverse and W, U apart (the default) and fused (fuse_wu)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from torch.profiler import ProfilerActivity, profile
 
@@ -522,6 +523,13 @@ def profile_kernels(args):
             for e in events[:14]:
                 ms = e.self_device_time_total / calls / 1e3
                 print(f"  {ms:8.3f} ms  {e.count // calls:3d} x  {e.key[:90]}")
+        # the chunk inverse and W, U in one kernel (fuse_wu) against two with the inverse in memory between (default)
+        fwd_args, bwd_args = (q, k, v, g, beta, K**-0.5, None), (q, k, v, g, beta, K**-0.5, None, do, None)
+        for fuse in (True, False):
+            f = time_ms(partial(chunk_gdn_fwd, *fwd_args, fuse_wu=fuse), warmup=2, repeat=args.repeat)
+            b = time_ms(partial(chunk_gdn_bwd, *bwd_args, fuse_wu=fuse), warmup=2, repeat=args.repeat)
+            label = "prep+wu fused" if fuse else "prep, wu apart"
+            print(f"  launchers H={H} K={K} V={V} B=2 T=32768, {label}: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
         del q, k, v, g, beta, xs, do
         torch.cuda.empty_cache()
 

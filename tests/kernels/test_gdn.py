@@ -145,6 +145,43 @@ def test_chunk_kernels(case, dtype, doubling):
         assert grads[5].numel() == 0
 
 
+@pytest.mark.parametrize(
+    "B,T,H,K,V,lengths",
+    [(2, 100, 2, 64, 32, None), pytest.param(1, 150, 2, 128, 80, [0, 70, 1, 79], marks=pytest.mark.slow)],
+    ids=["fixed-K64", "packed-K128"],
+)
+def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
+    """fuse_wu=True computes the chunk inverse and W, U in one kernel: gamma and the inverse
+    bit for bit, W, U (through Vn), the chunk states and the non-finite flags as the two-kernel form, with a NaN
+    in a key (row 37, the third 16-row block) and an Inf in a value (row 70, the second chunk's first block): the
+    flags and NaNs land in the same rows, and the rows before them stay finite."""
+    from mixerzoo.kernels.gdn.chunk import _chunking, _forward_intermediates
+
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+    k[0, 37, 1, 5] = float("nan")
+    v[0, 70, 0, 3] = float("inf")
+    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    chunks = _chunking(B, T, cu, k.device)
+    h0 = h0 if lengths is None else torch.randn(len(lengths), H, K, V, device=DEVICE)
+    two = _forward_intermediates(q, k, v, g, beta, h0, chunks, fuse_wu=False)
+    one = _forward_intermediates(q, k, v, g, beta, h0, chunks, fuse_wu=True, need_ai=True)
+    fwd = _forward_intermediates(q, k, v, g, beta, h0, chunks, fuse_wu=True)
+    assert fwd[1] is None and torch.equal(fwd[2].isnan(), one[2].isnan())  # the forward's call keeps no inverse
+    names = ("gamma", "Ai", "w", "hs", "vn", "ht", "flag")
+    rows = chunks[0] if lengths is None else int(chunks[3][-1])  # chunk rows written (packed: spare rows are not)
+    for name, a, b in zip(names, two, one, strict=True):
+        a, b = (a[:, :rows], b[:, :rows]) if name == "hs" else (a, b)
+        if name in ("gamma", "Ai"):
+            assert torch.equal(a, b), name
+        else:
+            assert torch.equal(a.isnan(), b.isnan()), name
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+    flag = one[-1]
+    assert flag[0, 37, 1].isnan() and flag[0, 70, 0].isnan() and flag.isnan().sum() == 2
+    w = one[2][0, :, 1, :64]  # the key block holding the NaN: W is NaN from its row to the chunk's end
+    assert w[:37].isfinite().all() and w[37:64].isnan().all() and w[64:].isfinite().all()
+
+
 @pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 64, 64), (1, 37, 2, 128, 64)], ids=str)
 def test_fused_recurrent(B, T, H, K, V):
     (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
@@ -580,3 +617,33 @@ def test_nan_leaves_earlier_outputs_alone():
             tag = f"{name}, {which}[{t}] = {bad}"
             assert_close(tag, clean[b, :t], o[b, :t], torch.float32, atol=0.0)
             assert not torch.isfinite(o[b, t]).all(), f"{tag}: the output at t does not show it"
+
+
+_SM90_PREP_WU = """
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixerzoo.kernels.gdn import chunk
+
+fn = chunk._gdn_chunk_prep_wu_kernel
+params = list(inspect.signature(fn.fn).parameters)
+for K, V, store in ((64, 64, False), (128, 256, True)):
+    consts = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=V, BT=64, BK=64, BV=64, DOUBLING=True,
+                  STORE_AI=store, PREC="tf32", IS_VARLEN=False)
+    if not store:
+        consts["Ai"] = None
+    sig = {p: "constexpr" if p in consts else "i32" if p == "T" else
+           "*fp32" if p in ("gamma", "Ai", "flag") else "*bf16" for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print(f"K={K} V={V} store_ai={store} shared", kernel.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_fused_prep_wu_compiles_for_sm90(compile_in_child):
+    """The fused prep + wu kernel compiles for sm_90 in bf16 (its 16-row dots, the Ai stores on and off) at two head
+    shapes. In a child process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
+    out = compile_in_child(_SM90_PREP_WU)
+    assert out.count("shared") == 2, out

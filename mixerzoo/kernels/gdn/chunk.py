@@ -9,9 +9,11 @@ Within a chunk of BT = 64 tokens, gamma is the cumulative log decay from the chu
     h' = exp(gamma_last) h + (K * exp(gamma_last - gamma))^T Vn
 
 Forward: prep (gamma, A, Ai) -> wu (W, U) -> h (sequential over chunks: h per chunk, Vn, final state)
--> o. Backward recomputes the forward intermediates, then: dvl (intra-chunk part of dVn) -> dh
-(reverse sequential: dh per chunk, dVn, dh0) -> dqk (dq, the o/state part of dk, dW, dgamma) -> wy
-(through Ai back to dk, dv, dbeta, dgamma; dg as the reverse cumulative sum of dgamma in the chunk).
+-> o; with ``fuse_wu=True`` prep and wu are one kernel that keeps Ai in registers (stored only for the
+backward; not yet timed on a GPU, so not the default). Backward recomputes the forward intermediates, then:
+dvl (intra-chunk part of dVn) -> dh (reverse sequential: dh per chunk, dVn, dh0) -> dqk (dq, the o/state
+part of dk, dW, dgamma) -> wy (through Ai back to dk, dv, dbeta, dgamma; dg as the reverse cumulative sum of
+dgamma in the chunk).
 Every exponent is masked before exp, and no factor is ever divided by a decay, so nothing overflows.
 
 Packed variable-length batches (``cu_seqlens``): every kernel takes the constexpr ``IS_VARLEN``. When it is
@@ -107,29 +109,11 @@ def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _gdn_chunk_prep_kernel(
-    k,
-    g,
-    beta,
-    gamma,
-    Ai,
-    cu_seqlens,
-    chunk_indices,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    DOUBLING: tl.constexpr,
-    PREC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    # gamma = cumsum(g) in the chunk; Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
-    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
-        return
+def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK: tl.constexpr,
+                 DOUBLING: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    # gamma = cumsum(g) in the chunk (stored), and Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise,
+    # kept in registers: returns the chunk's four 16-row blocks of gamma and beta and the ten blocks of Ai on
+    # and below the diagonal (row block first: t10 is rows 16..31, columns 0..15)
     tl.static_assert(BT == 64)  # the chunk is solved as four 16-row blocks
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
@@ -233,6 +217,41 @@ def _gdn_chunk_prep_kernel(
         + tl.dot(b_a32, b_t20, input_precision="ieee"),
         input_precision="ieee",
     )
+    return (b_c0, b_c1, b_c2, b_c3, b_b0, b_b1, b_b2, b_b3,
+            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33)  # fmt: skip
+
+
+@triton.jit
+def _gdn_chunk_prep_kernel(
+    k,
+    g,
+    beta,
+    gamma,
+    Ai,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    DOUBLING: tl.constexpr,
+    PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # gamma and Ai [B, T, H, BT] float32 (the unfused forward: _gdn_chunk_wu_kernel reads Ai)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
+    (_, _, _, _, _, _, _, _, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
+        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC
+    )
+    o_r = tl.arange(0, 16)
+    o_t0 = i_t * BT + o_r
+    o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
     b_z = tl.zeros([16, 16], dtype=tl.float32)
     p_ai = Ai + (bos * H + i_h) * BT + o_r[None, :]
     p0, p1, p2, p3 = (
@@ -257,6 +276,177 @@ def _gdn_chunk_prep_kernel(
     tl.store(p3 + 16, b_t31, mask=m_t3[:, None])
     tl.store(p3 + 32, b_t32, mask=m_t3[:, None])
     tl.store(p3 + 48, b_t33, mask=m_t3[:, None])
+
+
+@triton.jit
+def _blockwise_w(b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, b_x0, b_x1, b_x2, b_x3,
+                 b_f0, b_f1, b_f2, b_f3, PREC: tl.constexpr):  # fmt: skip
+    # Ai @ X by 16-row blocks of the lower-triangular Ai (half-precision operands as _gdn_chunk_wu_kernel's one
+    # [BT, BT] dot) with _causal_dot's non-finite rule: rows of X flagged NaN (b_f*) enter as zeros and their NaN
+    # goes to the rows at and after them, across blocks
+    b_x0 = tl.where(b_f0[:, None] == 0.0, b_x0, 0.0).to(b_t00.dtype)
+    b_x1 = tl.where(b_f1[:, None] == 0.0, b_x1, 0.0).to(b_t00.dtype)
+    b_x2 = tl.where(b_f2[:, None] == 0.0, b_x2, 0.0).to(b_t00.dtype)
+    b_x3 = tl.where(b_f3[:, None] == 0.0, b_x3, 0.0).to(b_t00.dtype)
+    c0 = tl.cumsum(b_f0, 0)
+    c1 = tl.cumsum(b_f1, 0) + tl.sum(b_f0, 0)
+    c2 = tl.cumsum(b_f2, 0) + tl.sum(b_f0, 0) + tl.sum(b_f1, 0)
+    c3 = tl.cumsum(b_f3, 0) + tl.sum(b_f0, 0) + tl.sum(b_f1, 0) + tl.sum(b_f2, 0)
+    b_y0 = tl.dot(b_t00, b_x0, input_precision=PREC)
+    b_y1 = tl.dot(b_t10, b_x0, input_precision=PREC)
+    b_y1 = tl.dot(b_t11, b_x1, b_y1, input_precision=PREC)
+    b_y2 = tl.dot(b_t20, b_x0, input_precision=PREC)
+    b_y2 = tl.dot(b_t21, b_x1, b_y2, input_precision=PREC)
+    b_y2 = tl.dot(b_t22, b_x2, b_y2, input_precision=PREC)
+    b_y3 = tl.dot(b_t30, b_x0, input_precision=PREC)
+    b_y3 = tl.dot(b_t31, b_x1, b_y3, input_precision=PREC)
+    b_y3 = tl.dot(b_t32, b_x2, b_y3, input_precision=PREC)
+    b_y3 = tl.dot(b_t33, b_x3, b_y3, input_precision=PREC)
+    return b_y0 + c0[:, None], b_y1 + c1[:, None], b_y2 + c2[:, None], b_y3 + c3[:, None]
+
+
+@triton.jit
+def _gdn_chunk_prep_wu_kernel(
+    k,
+    v,
+    g,
+    beta,
+    gamma,
+    Ai,
+    w,
+    u,
+    flag,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DOUBLING: tl.constexpr,
+    STORE_AI: tl.constexpr,
+    PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # _gdn_chunk_prep_kernel and _gdn_chunk_wu_kernel in one program: Ai stays in registers (stored only with
+    # STORE_AI, for the backward), and W, U are made from its 16x16 blocks; the same gamma, W, U and flag
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
+    if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
+        return
+    (b_c0, b_c1, b_c2, b_c3, b_b0, b_b1, b_b2, b_b3,
+     b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
+        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC
+    )  # fmt: skip
+    o_r = tl.arange(0, 16)
+    o_t0 = i_t * BT + o_r
+    o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
+    if STORE_AI:
+        b_z = tl.zeros([16, 16], dtype=tl.float32)
+        p_ai = Ai + (bos * H + i_h) * BT + o_r[None, :]
+        p0, p1 = p_ai + o_t0[:, None] * H * BT, p_ai + o_t1[:, None] * H * BT
+        p2, p3 = p_ai + o_t2[:, None] * H * BT, p_ai + o_t3[:, None] * H * BT
+        tl.store(p0, b_t00, mask=m_t0[:, None])
+        tl.store(p0 + 16, b_z, mask=m_t0[:, None])
+        tl.store(p0 + 32, b_z, mask=m_t0[:, None])
+        tl.store(p0 + 48, b_z, mask=m_t0[:, None])
+        tl.store(p1, b_t10, mask=m_t1[:, None])
+        tl.store(p1 + 16, b_t11, mask=m_t1[:, None])
+        tl.store(p1 + 32, b_z, mask=m_t1[:, None])
+        tl.store(p1 + 48, b_z, mask=m_t1[:, None])
+        tl.store(p2, b_t20, mask=m_t2[:, None])
+        tl.store(p2 + 16, b_t21, mask=m_t2[:, None])
+        tl.store(p2 + 32, b_t22, mask=m_t2[:, None])
+        tl.store(p2 + 48, b_z, mask=m_t2[:, None])
+        tl.store(p3, b_t30, mask=m_t3[:, None])
+        tl.store(p3 + 16, b_t31, mask=m_t3[:, None])
+        tl.store(p3 + 32, b_t32, mask=m_t3[:, None])
+        tl.store(p3 + 48, b_t33, mask=m_t3[:, None])
+    # the half-precision Ai blocks of _gdn_chunk_wu_kernel's dots
+    dt = k.dtype.element_ty
+    b_t00, b_t10, b_t11, b_t20, b_t21 = b_t00.to(dt), b_t10.to(dt), b_t11.to(dt), b_t20.to(dt), b_t21.to(dt)
+    b_t22, b_t30, b_t31, b_t32, b_t33 = b_t22.to(dt), b_t30.to(dt), b_t31.to(dt), b_t32.to(dt), b_t33.to(dt)
+    b_s0, b_s1 = b_b0 * tl.exp(b_c0), b_b1 * tl.exp(b_c1)  # beta * exp(gamma), the rows' scale of K
+    b_s2, b_s3 = b_b2 * tl.exp(b_c2), b_b3 * tl.exp(b_c3)
+    b_f0 = tl.zeros([16], dtype=tl.float32)  # flag: NaN for a row whose k or v holds a NaN or Inf
+    b_f1 = tl.zeros([16], dtype=tl.float32)
+    b_f2 = tl.zeros([16], dtype=tl.float32)
+    b_f3 = tl.zeros([16], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = (o_k < K)[None, :]
+        p = (bos * H + i_h) * K + o_k[None, :]
+        r0, r1, r2, r3 = (
+            p + o_t0[:, None] * H * K,
+            p + o_t1[:, None] * H * K,
+            p + o_t2[:, None] * H * K,
+            p + o_t3[:, None] * H * K,
+        )
+        b_k0 = tl.load(k + r0, mask=m_t0[:, None] & m_k, other=0.0).to(tl.float32)
+        b_k1 = tl.load(k + r1, mask=m_t1[:, None] & m_k, other=0.0).to(tl.float32)
+        b_k2 = tl.load(k + r2, mask=m_t2[:, None] & m_k, other=0.0).to(tl.float32)
+        b_k3 = tl.load(k + r3, mask=m_t3[:, None] & m_k, other=0.0).to(tl.float32)
+        b_e0, b_e1, b_e2, b_e3 = (
+            tl.sum(b_k0 * 0.0, 1),
+            tl.sum(b_k1 * 0.0, 1),
+            tl.sum(b_k2 * 0.0, 1),
+            tl.sum(b_k3 * 0.0, 1),
+        )
+        b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3
+        b_x0 = (b_k0 * b_s0[:, None]).to(dt)  # rounded as _gdn_chunk_wu_kernel rounds K diag(beta exp(gamma))
+        b_x1 = (b_k1 * b_s1[:, None]).to(dt)
+        b_x2 = (b_k2 * b_s2[:, None]).to(dt)
+        b_x3 = (b_k3 * b_s3[:, None]).to(dt)
+        b_w0, b_w1, b_w2, b_w3 = _blockwise_w(
+            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, b_x0, b_x1, b_x2, b_x3,
+            b_e0, b_e1, b_e2, b_e3, PREC,
+        )  # fmt: skip
+        tl.store(w + r0, b_w0.to(w.dtype.element_ty), mask=m_t0[:, None] & m_k)
+        tl.store(w + r1, b_w1.to(w.dtype.element_ty), mask=m_t1[:, None] & m_k)
+        tl.store(w + r2, b_w2.to(w.dtype.element_ty), mask=m_t2[:, None] & m_k)
+        tl.store(w + r3, b_w3.to(w.dtype.element_ty), mask=m_t3[:, None] & m_k)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = (o_v < V)[None, :]
+        p = (bos * H + i_h) * V + o_v[None, :]
+        r0, r1, r2, r3 = (
+            p + o_t0[:, None] * H * V,
+            p + o_t1[:, None] * H * V,
+            p + o_t2[:, None] * H * V,
+            p + o_t3[:, None] * H * V,
+        )
+        b_v0 = tl.load(v + r0, mask=m_t0[:, None] & m_v, other=0.0).to(tl.float32)
+        b_v1 = tl.load(v + r1, mask=m_t1[:, None] & m_v, other=0.0).to(tl.float32)
+        b_v2 = tl.load(v + r2, mask=m_t2[:, None] & m_v, other=0.0).to(tl.float32)
+        b_v3 = tl.load(v + r3, mask=m_t3[:, None] & m_v, other=0.0).to(tl.float32)
+        b_e0, b_e1, b_e2, b_e3 = (
+            tl.sum(b_v0 * 0.0, 1),
+            tl.sum(b_v1 * 0.0, 1),
+            tl.sum(b_v2 * 0.0, 1),
+            tl.sum(b_v3 * 0.0, 1),
+        )
+        b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3
+        b_x0 = (b_v0 * b_b0[:, None]).to(v.dtype.element_ty)
+        b_x1 = (b_v1 * b_b1[:, None]).to(v.dtype.element_ty)
+        b_x2 = (b_v2 * b_b2[:, None]).to(v.dtype.element_ty)
+        b_x3 = (b_v3 * b_b3[:, None]).to(v.dtype.element_ty)
+        b_u0, b_u1, b_u2, b_u3 = _blockwise_w(
+            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, b_x0, b_x1, b_x2, b_x3,
+            b_e0, b_e1, b_e2, b_e3, PREC,
+        )  # fmt: skip
+        tl.store(u + r0, b_u0.to(u.dtype.element_ty), mask=m_t0[:, None] & m_v)
+        tl.store(u + r1, b_u1.to(u.dtype.element_ty), mask=m_t1[:, None] & m_v)
+        tl.store(u + r2, b_u2.to(u.dtype.element_ty), mask=m_t2[:, None] & m_v)
+        tl.store(u + r3, b_u3.to(u.dtype.element_ty), mask=m_t3[:, None] & m_v)
+    p_f = flag + bos * H + i_h
+    tl.store(p_f + o_t0 * H, b_f0, mask=m_t0)
+    tl.store(p_f + o_t1 * H, b_f1, mask=m_t1)
+    tl.store(p_f + o_t2 * H, b_f2, mask=m_t2)
+    tl.store(p_f + o_t3 * H, b_f3, mask=m_t3)
 
 
 @triton.jit
@@ -911,7 +1101,10 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     return NT, N, cu, offsets.to(torch.int32), indices.to(torch.int32).contiguous()
 
 
-def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True):
+def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True, fuse_wu=False,
+                           need_ai=False):  # fmt: skip
+    # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai, float32 [B, T, H, BT], only with need_ai (the
+    # backward) or unfused, else None. fuse_wu: prep and wu as one kernel, the inverse kept in registers
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT, N, cu, offsets, indices = chunks
@@ -919,50 +1112,24 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     dev = k.device
     prec = dot_precision(k)
     gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32)
-    _gdn_chunk_prep_kernel[(NT, B * H)](
-        k=k,
-        g=g,
-        beta=beta,
-        gamma=gamma,
-        Ai=Ai,
-        cu_seqlens=cu,
-        chunk_indices=indices,
-        T=T,
-        H=H,
-        K=K,
-        BT=BT,
-        BK=64,
-        DOUBLING=doubling,
-        PREC=prec,
-        IS_VARLEN=varlen,
-        num_warps=4,
-    )
+    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32) if need_ai or not fuse_wu else None
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    _gdn_chunk_wu_kernel[(NT, B * H)](
-        k=k,
-        v=v,
-        beta=beta,
-        gamma=gamma,
-        Ai=Ai,
-        w=w,
-        u=u,
-        flag=flag,
-        cu_seqlens=cu,
-        chunk_indices=indices,
-        T=T,
-        H=H,
-        K=K,
-        V=V,
-        BT=BT,
-        BK=64,
-        BV=64,
-        PREC=prec,
-        IS_VARLEN=varlen,
-        num_warps=4,
-    )
+    common = dict(cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT, BK=64, DOUBLING=doubling, PREC=prec)
+    if fuse_wu:
+        _gdn_chunk_prep_wu_kernel[(NT, B * H)](
+            k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, V=V, BV=64, STORE_AI=Ai is not None,
+            IS_VARLEN=varlen, num_warps=4, **common,
+        )  # fmt: skip
+    else:
+        _gdn_chunk_prep_kernel[(NT, B * H)](
+            k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, IS_VARLEN=varlen, num_warps=4, **common
+        )  # fmt: skip
+        _gdn_chunk_wu_kernel[(NT, B * H)](
+            k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
+            H=H, K=K, V=V, BT=BT, BK=64, BV=64, PREC=prec, IS_VARLEN=varlen, num_warps=4,
+        )  # fmt: skip
     KP = _state_rows(K)
     BV, prefetch, warps = _seq_config(N, H, K, V, seq)
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
@@ -1009,6 +1176,7 @@ def chunk_gdn_fwd(
     cu_seqlens: Tensor | None = None,
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
+    fuse_wu: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
@@ -1016,7 +1184,10 @@ def chunk_gdn_fwd(
     tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
     ``seq`` overrides the (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it).
     ``doubling`` (the default) inverts the 16x16 diagonal blocks by repeated squaring; False uses row
-    substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md)."""
+    substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md).
+    ``fuse_wu=True`` computes the chunk inverse and W, U in one kernel, the inverse never leaving the chip,
+    instead of two kernels with the float32 inverse in memory between them (the same results; not yet timed on
+    a GPU: ``benchmarks/gdn.py --kernels`` times both)."""
     _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -1026,8 +1197,8 @@ def chunk_gdn_fwd(
     V = v.shape[-1]
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, _, cu, _, indices = chunks
-    gamma, Ai, w, hs, vn, ht, flag = _forward_intermediates(
-        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
+    gamma, _, w, hs, vn, ht, flag = _forward_intermediates(
+        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu
     )
     o = torch.empty_like(v)
     BV = _out_cols(V)
@@ -1071,6 +1242,7 @@ def chunk_gdn_bwd(
     cu_seqlens: Tensor | None = None,
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
+    fuse_wu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None.
     With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states."""
@@ -1088,7 +1260,7 @@ def chunk_gdn_bwd(
     dev = k.device
     prec = dot_precision(k)
     gamma, Ai, w, hs, vn, _, _ = _forward_intermediates(
-        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling
+        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu, need_ai=True
     )
 
     dvl = torch.empty_like(v)
