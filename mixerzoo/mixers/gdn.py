@@ -222,7 +222,7 @@ class GatedDeltaNet(TokenMixer):
         """One token on the GPU without autograd: the projections, one fused kernel for everything between
         them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
         output projection. Same results as the general path to float32 rounding."""
-        xt, dt = x[:, 0], x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
+        xt, dt = x.select(1, 0), x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
         o = gdn_decode_step(
             self.q_proj(xt).to(dt),
             self.k_proj(xt).to(dt),
@@ -240,4 +240,4 @@ class GatedDeltaNet(TokenMixer):
             norm_eps=self.config.norm_eps,
         )
         state.seen.add_(1)
-        return self.o_proj(o)[:, None]
+        return self.o_proj(o).unsqueeze(1)

@@ -425,7 +425,8 @@ class NSA(AttentionMixer):
         the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
         ``nsa_decode`` (with the gates' sigmoid). Nothing read on the host, so it can be captured.
         x [B, 1, D] -> o [B, 1, HQ, Dh]."""
-        xt, dt = x[:, 0], state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
+        # method calls rather than indexing here and below: a tensor index costs several times their host time
+        xt, dt = x.select(1, 0), state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
         q_rot, q_pos = nsa_step_write(
             self.q_proj(xt).to(dt),
             self.k_proj(xt).to(dt),
@@ -441,13 +442,12 @@ class NSA(AttentionMixer):
         )
         # the gate logits [B, 3 * HQ] as "(g h)"; the kernel takes their sigmoid (rounded to dt, as gates() does)
         # from three strided views, and skips the checks that the state's and this layer's shapes make
-        gl, H = self.gate_proj(xt).to(dt), self.num_heads
+        g_cmp, g_slc, g_win = self.gate_proj(xt).to(dt).view(-1, 3, self.num_heads).unbind(1)
         o, _ = nsa_decode_fwd(
-            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, gl[:, :H], gl[:, H : 2 * H],
-            gl[:, 2 * H :], self.block_size, self.block_count, self.window_size, self.scale, gate_logits=True,
-            checked=True,
+            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, g_cmp, g_slc, g_win,
+            self.block_size, self.block_count, self.window_size, self.scale, gate_logits=True, checked=True,
         )  # fmt: skip
-        return o[:, None]
+        return o.unsqueeze(1)
 
     def _check_capacity(self, state: NSAState, T: int) -> None:
         check_capacity(self.name, state, T, state.k_cache.shape[1])
