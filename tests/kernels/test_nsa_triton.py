@@ -239,8 +239,7 @@ def test_no_window_branch():
     "bad, cuda_tiles",
     [
         pytest.param(float("nan"), True, marks=pytest.mark.slow, id="nan-cuda-tiles"),
-        pytest.param(float("inf"), True, marks=pytest.mark.slow, id="inf-cuda-tiles"),
-        pytest.param(float("nan"), False, marks=pytest.mark.slow, id="nan-interpreter-tiles"),
+        pytest.param(float("inf"), False, marks=pytest.mark.slow, id="inf-interpreter-tiles"),  # 12 s at GPU tiles
     ],
 )
 def test_nonfinite_token_reaches_only_the_queries_that_see_it(bad, cuda_tiles, monkeypatch):
