@@ -248,6 +248,13 @@ def _gdn_chunk_prep_kernel(
     (_, _, _, _, _, _, _, _, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
         k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC
     )
+    _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H, BT)
+
+
+@triton.jit
+def _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H,
+              BT: tl.constexpr):  # fmt: skip
+    # the chunk's Ai [BT, BT] float32 from its ten blocks on and below the diagonal (zeros above)
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
@@ -306,6 +313,54 @@ def _blockwise_w(b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, 
 
 
 @triton.jit
+def _ai_times_rows(x, y, b_s0, b_s1, b_s2, b_s3, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32,
+                   b_t33, bos, i_h, i_t, T, H, N: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                   PREC: tl.constexpr):  # fmt: skip
+    # Y = Ai diag(s) X for the chunk's rows of x, y [B, T, H, N] (W from K with s = beta exp(gamma), U from V
+    # with s = beta), in column blocks of BN, X rounded to its dtype as _gdn_chunk_wu_kernel rounds it. Returns
+    # the four 16-row blocks of the rows' flags: NaN for a row of x holding a NaN or Inf, else 0
+    o_t0 = i_t * BT + tl.arange(0, 16)
+    o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
+    dt = x.dtype.element_ty
+    b_f0 = tl.zeros([16], dtype=tl.float32)
+    b_f1 = tl.zeros([16], dtype=tl.float32)
+    b_f2 = tl.zeros([16], dtype=tl.float32)
+    b_f3 = tl.zeros([16], dtype=tl.float32)
+    for i_n in range(tl.cdiv(N, BN)):
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_n = (o_n < N)[None, :]
+        p = (bos * H + i_h) * N + o_n[None, :]
+        r0, r1, r2, r3 = (
+            p + o_t0[:, None] * H * N,
+            p + o_t1[:, None] * H * N,
+            p + o_t2[:, None] * H * N,
+            p + o_t3[:, None] * H * N,
+        )
+        b_x0 = tl.load(x + r0, mask=m_t0[:, None] & m_n, other=0.0).to(tl.float32)
+        b_x1 = tl.load(x + r1, mask=m_t1[:, None] & m_n, other=0.0).to(tl.float32)
+        b_x2 = tl.load(x + r2, mask=m_t2[:, None] & m_n, other=0.0).to(tl.float32)
+        b_x3 = tl.load(x + r3, mask=m_t3[:, None] & m_n, other=0.0).to(tl.float32)
+        b_e0, b_e1, b_e2, b_e3 = (
+            tl.sum(b_x0 * 0.0, 1),
+            tl.sum(b_x1 * 0.0, 1),
+            tl.sum(b_x2 * 0.0, 1),
+            tl.sum(b_x3 * 0.0, 1),
+        )
+        b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3
+        b_y0, b_y1, b_y2, b_y3 = _blockwise_w(
+            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33,
+            (b_x0 * b_s0[:, None]).to(dt), (b_x1 * b_s1[:, None]).to(dt), (b_x2 * b_s2[:, None]).to(dt),
+            (b_x3 * b_s3[:, None]).to(dt), b_e0, b_e1, b_e2, b_e3, PREC,
+        )  # fmt: skip
+        tl.store(y + r0, b_y0.to(y.dtype.element_ty), mask=m_t0[:, None] & m_n)
+        tl.store(y + r1, b_y1.to(y.dtype.element_ty), mask=m_t1[:, None] & m_n)
+        tl.store(y + r2, b_y2.to(y.dtype.element_ty), mask=m_t2[:, None] & m_n)
+        tl.store(y + r3, b_y3.to(y.dtype.element_ty), mask=m_t3[:, None] & m_n)
+    return b_f0, b_f1, b_f2, b_f3
+
+
+@triton.jit
 def _gdn_chunk_prep_wu_kernel(
     k,
     v,
@@ -346,102 +401,22 @@ def _gdn_chunk_prep_wu_kernel(
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
     m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
     if STORE_AI:
-        b_z = tl.zeros([16, 16], dtype=tl.float32)
-        p_ai = Ai + (bos * H + i_h) * BT + o_r[None, :]
-        p0, p1 = p_ai + o_t0[:, None] * H * BT, p_ai + o_t1[:, None] * H * BT
-        p2, p3 = p_ai + o_t2[:, None] * H * BT, p_ai + o_t3[:, None] * H * BT
-        tl.store(p0, b_t00, mask=m_t0[:, None])
-        tl.store(p0 + 16, b_z, mask=m_t0[:, None])
-        tl.store(p0 + 32, b_z, mask=m_t0[:, None])
-        tl.store(p0 + 48, b_z, mask=m_t0[:, None])
-        tl.store(p1, b_t10, mask=m_t1[:, None])
-        tl.store(p1 + 16, b_t11, mask=m_t1[:, None])
-        tl.store(p1 + 32, b_z, mask=m_t1[:, None])
-        tl.store(p1 + 48, b_z, mask=m_t1[:, None])
-        tl.store(p2, b_t20, mask=m_t2[:, None])
-        tl.store(p2 + 16, b_t21, mask=m_t2[:, None])
-        tl.store(p2 + 32, b_t22, mask=m_t2[:, None])
-        tl.store(p2 + 48, b_z, mask=m_t2[:, None])
-        tl.store(p3, b_t30, mask=m_t3[:, None])
-        tl.store(p3 + 16, b_t31, mask=m_t3[:, None])
-        tl.store(p3 + 32, b_t32, mask=m_t3[:, None])
-        tl.store(p3 + 48, b_t33, mask=m_t3[:, None])
+        _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H, BT)
     # the half-precision Ai blocks of _gdn_chunk_wu_kernel's dots
     dt = k.dtype.element_ty
     b_t00, b_t10, b_t11, b_t20, b_t21 = b_t00.to(dt), b_t10.to(dt), b_t11.to(dt), b_t20.to(dt), b_t21.to(dt)
     b_t22, b_t30, b_t31, b_t32, b_t33 = b_t22.to(dt), b_t30.to(dt), b_t31.to(dt), b_t32.to(dt), b_t33.to(dt)
     b_s0, b_s1 = b_b0 * tl.exp(b_c0), b_b1 * tl.exp(b_c1)  # beta * exp(gamma), the rows' scale of K
     b_s2, b_s3 = b_b2 * tl.exp(b_c2), b_b3 * tl.exp(b_c3)
-    b_f0 = tl.zeros([16], dtype=tl.float32)  # flag: NaN for a row whose k or v holds a NaN or Inf
-    b_f1 = tl.zeros([16], dtype=tl.float32)
-    b_f2 = tl.zeros([16], dtype=tl.float32)
-    b_f3 = tl.zeros([16], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = (o_k < K)[None, :]
-        p = (bos * H + i_h) * K + o_k[None, :]
-        r0, r1, r2, r3 = (
-            p + o_t0[:, None] * H * K,
-            p + o_t1[:, None] * H * K,
-            p + o_t2[:, None] * H * K,
-            p + o_t3[:, None] * H * K,
-        )
-        b_k0 = tl.load(k + r0, mask=m_t0[:, None] & m_k, other=0.0).to(tl.float32)
-        b_k1 = tl.load(k + r1, mask=m_t1[:, None] & m_k, other=0.0).to(tl.float32)
-        b_k2 = tl.load(k + r2, mask=m_t2[:, None] & m_k, other=0.0).to(tl.float32)
-        b_k3 = tl.load(k + r3, mask=m_t3[:, None] & m_k, other=0.0).to(tl.float32)
-        b_e0, b_e1, b_e2, b_e3 = (
-            tl.sum(b_k0 * 0.0, 1),
-            tl.sum(b_k1 * 0.0, 1),
-            tl.sum(b_k2 * 0.0, 1),
-            tl.sum(b_k3 * 0.0, 1),
-        )
-        b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3
-        b_x0 = (b_k0 * b_s0[:, None]).to(dt)  # rounded as _gdn_chunk_wu_kernel rounds K diag(beta exp(gamma))
-        b_x1 = (b_k1 * b_s1[:, None]).to(dt)
-        b_x2 = (b_k2 * b_s2[:, None]).to(dt)
-        b_x3 = (b_k3 * b_s3[:, None]).to(dt)
-        b_w0, b_w1, b_w2, b_w3 = _blockwise_w(
-            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, b_x0, b_x1, b_x2, b_x3,
-            b_e0, b_e1, b_e2, b_e3, PREC,
-        )  # fmt: skip
-        tl.store(w + r0, b_w0.to(w.dtype.element_ty), mask=m_t0[:, None] & m_k)
-        tl.store(w + r1, b_w1.to(w.dtype.element_ty), mask=m_t1[:, None] & m_k)
-        tl.store(w + r2, b_w2.to(w.dtype.element_ty), mask=m_t2[:, None] & m_k)
-        tl.store(w + r3, b_w3.to(w.dtype.element_ty), mask=m_t3[:, None] & m_k)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = (o_v < V)[None, :]
-        p = (bos * H + i_h) * V + o_v[None, :]
-        r0, r1, r2, r3 = (
-            p + o_t0[:, None] * H * V,
-            p + o_t1[:, None] * H * V,
-            p + o_t2[:, None] * H * V,
-            p + o_t3[:, None] * H * V,
-        )
-        b_v0 = tl.load(v + r0, mask=m_t0[:, None] & m_v, other=0.0).to(tl.float32)
-        b_v1 = tl.load(v + r1, mask=m_t1[:, None] & m_v, other=0.0).to(tl.float32)
-        b_v2 = tl.load(v + r2, mask=m_t2[:, None] & m_v, other=0.0).to(tl.float32)
-        b_v3 = tl.load(v + r3, mask=m_t3[:, None] & m_v, other=0.0).to(tl.float32)
-        b_e0, b_e1, b_e2, b_e3 = (
-            tl.sum(b_v0 * 0.0, 1),
-            tl.sum(b_v1 * 0.0, 1),
-            tl.sum(b_v2 * 0.0, 1),
-            tl.sum(b_v3 * 0.0, 1),
-        )
-        b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3
-        b_x0 = (b_v0 * b_b0[:, None]).to(v.dtype.element_ty)
-        b_x1 = (b_v1 * b_b1[:, None]).to(v.dtype.element_ty)
-        b_x2 = (b_v2 * b_b2[:, None]).to(v.dtype.element_ty)
-        b_x3 = (b_v3 * b_b3[:, None]).to(v.dtype.element_ty)
-        b_u0, b_u1, b_u2, b_u3 = _blockwise_w(
-            b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, b_x0, b_x1, b_x2, b_x3,
-            b_e0, b_e1, b_e2, b_e3, PREC,
-        )  # fmt: skip
-        tl.store(u + r0, b_u0.to(u.dtype.element_ty), mask=m_t0[:, None] & m_v)
-        tl.store(u + r1, b_u1.to(u.dtype.element_ty), mask=m_t1[:, None] & m_v)
-        tl.store(u + r2, b_u2.to(u.dtype.element_ty), mask=m_t2[:, None] & m_v)
-        tl.store(u + r3, b_u3.to(u.dtype.element_ty), mask=m_t3[:, None] & m_v)
+    b_f0, b_f1, b_f2, b_f3 = _ai_times_rows(
+        k, w, b_s0, b_s1, b_s2, b_s3, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33,
+        bos, i_h, i_t, T, H, K, BT, BK, PREC,
+    )  # fmt: skip
+    b_e0, b_e1, b_e2, b_e3 = _ai_times_rows(
+        v, u, b_b0, b_b1, b_b2, b_b3, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33,
+        bos, i_h, i_t, T, H, V, BT, BV, PREC,
+    )  # fmt: skip
+    b_f0, b_f1, b_f2, b_f3 = b_f0 + b_e0, b_f1 + b_e1, b_f2 + b_e2, b_f3 + b_e3  # flag: NaN for a bad k or v row
     p_f = flag + bos * H + i_h
     tl.store(p_f + o_t0 * H, b_f0, mask=m_t0)
     tl.store(p_f + o_t1 * H, b_f1, mask=m_t1)
