@@ -169,6 +169,7 @@ def write_results(
     path.write_text(json.dumps(doc, indent=1) + "\n")
     if os.environ.get("OUT"):
         part = pathlib.Path(os.environ["OUT"]) / f"results-{'-'.join(sorted(ops))}.json"
+        part.parent.mkdir(parents=True, exist_ok=True)  # $OUT may name a folder not yet made (one per script)
         part_doc = {**doc, "rows": rows} | ({"replace_by": list(replace_by)} if replace_by else {})
         part.write_text(json.dumps(part_doc, indent=1) + "\n")
     return path
