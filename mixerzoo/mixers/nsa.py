@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..kernels.nsa.decode import nsa_decode, nsa_decode_fwd, nsa_decode_ref, nsa_decode_supported
+from ..kernels.nsa.decode import nsa_decode, nsa_decode_ref, nsa_decode_supported, nsa_step_decode
 from ..kernels.nsa.ops import nsa_attention
 from ..kernels.nsa.reference import (
     compressed_visible,
@@ -26,7 +26,7 @@ from ..kernels.nsa.reference import (
     nsa_selected_mask,
     window_visible,
 )
-from ..kernels.nsa.step import nsa_step_supported, nsa_step_write
+from ..kernels.nsa.step import nsa_step_supported
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads
 from .base import (
@@ -421,16 +421,17 @@ class NSA(AttentionMixer):
 
     @torch.no_grad()
     def _step_fused(self, x: Tensor, state: NSAState) -> Tensor:
-        """``_step`` in two launches after the projections (the eager CUDA path; Triton's interpreter runs it on
-        the CPU): ``nsa_step_write`` (RoPE, the cache write, the completed block's compression), then
-        ``nsa_decode`` (with the gates' sigmoid). Nothing read on the host, so it can be captured.
+        """``_step`` in one launch after the projections (the eager CUDA path; Triton's interpreter runs it on the
+        CPU): ``nsa_step_decode`` does RoPE, the cache write and the completed block's compression, then the
+        decode with the gates' sigmoid. Nothing read on the host, so it can be captured.
         x [B, 1, D] -> o [B, 1, HQ, Dh]."""
-        # method calls rather than indexing here and below: a tensor index costs several times their host time
+        # method calls rather than indexing: a tensor index costs several times their host time
         xt, dt = x.select(1, 0), state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
-        q_rot, q_pos = nsa_step_write(
+        o = nsa_step_decode(
             self.q_proj(xt).to(dt),
             self.k_proj(xt).to(dt),
             self.v_proj(xt).to(dt),
+            self.gate_proj(xt).to(dt),  # the gate logits [B, 3 * HQ] as "(g h)"; the kernel takes their sigmoid
             state.seen,
             state.pad,
             state.k_cache,
@@ -439,14 +440,10 @@ class NSA(AttentionMixer):
             state.v_cmp,
             theta=self.rope_theta,
             block_size=self.block_size,
+            block_count=self.block_count,
+            window_size=self.window_size,
+            scale=self.scale,
         )
-        # the gate logits [B, 3 * HQ] as "(g h)"; the kernel takes their sigmoid (rounded to dt, as gates() does)
-        # from three strided views, and skips the checks that the state's and this layer's shapes make
-        g_cmp, g_slc, g_win = self.gate_proj(xt).to(dt).view(-1, 3, self.num_heads).unbind(1)
-        o, _ = nsa_decode_fwd(
-            q_rot, state.k_cache, state.v_cache, state.k_cmp, state.v_cmp, q_pos, g_cmp, g_slc, g_win,
-            self.block_size, self.block_count, self.window_size, self.scale, gate_logits=True, checked=True,
-        )  # fmt: skip
         return o.unsqueeze(1)
 
     def _check_capacity(self, state: NSAState, T: int) -> None:

@@ -1,6 +1,7 @@
-"""The nsa mixer's fused eager decode step (kernels/nsa/step.py, then nsa_decode) against its general step:
-outputs and every state tensor, step after step, across block completions and a left-padded row (Triton's
-interpreter on CPU tensors, compiled on a GPU); the forward's dispatch to it; and the number of operations."""
+"""The nsa mixer's fused eager decode step (kernels/nsa/step.py inside the decode kernel: one launch) against its
+general step: outputs and every state tensor, step after step, across block completions and a left-padded row
+(Triton's interpreter on CPU tensors, compiled on a GPU); the forward's dispatch to it; and the number of
+operations."""
 
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def test_forward_takes_the_fused_step(monkeypatch):
 
 
 def test_fused_step_issues_few_operations():
-    """Besides the projections, the general step issues some forty operations, the fused one a handful (its two
-    kernels, which the interpreter runs, are not counted). On a GPU each is a launch."""
+    """Besides the projections, the general step issues some forty operations, the fused one a handful (its one
+    kernel, which the interpreter runs, is not counted). On a GPU each is a launch."""
     m = registry.build("nsa", hidden_size=32, **config("G4-L8", DEVICE)).eval().to(DEVICE)
     x = torch.randn(2, 1, 32, device=DEVICE)
     with torch.no_grad():
@@ -135,28 +136,34 @@ _SM90_COMPILE = """
 import inspect, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mixerzoo.kernels.nsa import step
+from mixerzoo.kernels.nsa import decode as dec
 
-for dtype, G, D, L in ((torch.bfloat16, 16, 64, 64), (torch.float32, 1, 128, 16), (torch.float16, 3, 80, 20)):
-    BD = triton.next_power_of_2(D // 2)
-    consts = dict(HQ=2 * G, HKV=2, G=G, BG=triton.next_power_of_2(G), D=D, BD=BD, L=L,
-                  BL=triton.next_power_of_2(L))
+for dtype, G, D, L, n, NC in ((torch.bfloat16, 16, 64, 64, 16, 2048), (torch.float32, 1, 128, 16, 16, 8192),
+                              (torch.float16, 3, 80, 20, 4, 50)):
+    cfg = dec.nsa_decode_tiles(G, D, L, NC)
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    R, DP = dec._decode_rows_cols(G, D)
+    consts = dict(HQ=2 * G, HKV=2, G=G, R=R, D=D, DP=DP, L=L, NSEL=n, NP=dec._pow2(n),
+                  PREC="ieee" if dtype == torch.float32 else "tf32", GATE_LOGITS=True, STEP=True,
+                  BL=max(dec._pow2(L), 2), q_pos=None, g_slc=None, g_win=None, idx=None, **cfg)
     data = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
-    kinds = {"N": "i32", "NB": "i32", "q_pos": "*i64", "seen": "*i64", "pad": "*i64", "inv_freq": "*fp64",
-             "k_cmp": "*fp32", "v_cmp": "*fp32"}
-    params = list(inspect.signature(step._nsa_step_write_kernel.fn).parameters)
+    kinds = {"N": "i32", "NC": "i32", "W": "i32", "qk_scale": "fp32", "g_stride": "i32", "seen": "*i64",
+             "pad": "*i64", "inv_freq": "*fp64", "k_cmp": "*fp32", "v_cmp": "*fp32", "s_tmp": "*fp32"}
+    params = list(inspect.signature(dec.nsa_decode_kernel.fn).parameters)
     sig = {p: "constexpr" if p in consts else kinds.get(p, data) for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
-    src = ASTSource(fn=step._nsa_step_write_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(dtype, f"G={G} D={D} L={L}", "compiled, shared", kernel.metadata.shared)
+    src = ASTSource(fn=dec.nsa_decode_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+    assert shared <= 227 * 1024, (dtype, shared)
+    print(dtype, f"G={G} D={D} L={L}", "compiled, shared", shared)
 """
 
 
 @pytest.mark.slow
 def test_kernel_compiles_for_sm90(compile_in_child):
-    """The step kernel compiles for sm_90 (bf16 G = 16, float32 G = 1 at head dim 128, float16 with head dim 80
-    and 20-token blocks, neither a power of two). In a child process: the tests' TRITON_INTERPRET=1 makes every
+    """The decode kernel as the mixer's step (STEP: the writes, then the decode) compiles for sm_90 at the
+    launcher's CUDA tiles (bf16 G = 16, float32 G = 1 at head dim 128, float16 G = 3 with head dim 80 and 20-token
+    blocks, neither a power of two). In a child process: the tests' TRITON_INTERPRET=1 makes every
     kernel an interpreted one, which cannot compile."""
     out = compile_in_child(_SM90_COMPILE)
     assert out.count("compiled") == 3, out

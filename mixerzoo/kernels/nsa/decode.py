@@ -8,15 +8,19 @@ Triton, CPU: ``nsa_decode_ref``; inference only, no autograd) and ``nsa_decode``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
 from .._ops import no_autocast
 from .._triton import HAS_TRITON, LOG2E, dot_precision, interpreting, softmax_step, tl, triton
+from ..rope import _inv_freq
 from .reference import compressed_visible, masked_attend, nsa_select_blocks
+from .step import nsa_step_tile
 
-__all__ = ["nsa_decode", "nsa_decode_fwd", "nsa_decode_ref", "nsa_decode_supported"]
+__all__ = ["nsa_decode", "nsa_decode_fwd", "nsa_decode_ref", "nsa_decode_supported", "nsa_step_decode"]
 
 _OP = "nsa_decode"
 MAX_HEAD_DIM = 256
@@ -118,9 +122,13 @@ def nsa_decode_kernel(
     g_slc,
     g_win,
     o,  # [B, HQ, D] out
-    idx,  # [B, HKV, NSEL] int32 out: selected blocks, ascending, -1 padded
-    s_tmp,  # [B * HKV, G, NC] float32 scratch: scaled compression scores (log2 units)
-    imp_tmp,  # [B * HKV, NC] float32 scratch: block importance
+    idx,  # [B, HKV, NSEL] int32 out: selected blocks, ascending, -1 padded (None with STEP: not stored)
+    s_tmp,  # [B * HKV, G + 1, NC] float32 scratch: scaled compression scores (log2 units), then block importance
+    k_new,  # STEP only (else None), nsa_step_tile's: [B, HKV * D] the token's key and value projections,
+    v_new,
+    seen,  # [] int64 the token's slot in the stream, [B] int64 each row's leading padding,
+    pad,
+    inv_freq,  # [D / 2] float64 RoPE frequencies
     N,
     NC,
     W,
@@ -144,6 +152,8 @@ def nsa_decode_kernel(
     BW: tl.constexpr,  # tokens per tile of the window
     PREC: tl.constexpr,
     GATE_LOGITS: tl.constexpr = False,  # the gates are logits: sigmoid here, rounded to their dtype (the mixer's)
+    STEP: tl.constexpr = False,  # the mixer's eager step: q holds the projections, the step's writes come first
+    BL: tl.constexpr = 2,  # STEP: L rounded up to a power of two, >= 2
 ):
     tl.static_assert(R >= G)
     tl.static_assert(BS * SUB >= L)
@@ -160,14 +170,21 @@ def nsa_decode_kernel(
     m_r = o_r < G
     o_d = tl.arange(0, DP)
     m_d = o_d < D
-    t = tl.load(q_pos + i_b).to(tl.int32)
     p_row = (i_b * HQ + i_h * G + o_r)[:, None] * D + o_d[None, :]  # [R, DP] offsets into q and o
-    b_q = tl.load(q + p_row, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [R, DP]
+    if STEP:  # RoPE, the cache write and the completed block's mean first, then attend with the rotated queries
+        b_q, t = nsa_step_tile(
+            q, k_new, v_new, seen, pad, inv_freq, k_cache, v_cache, k_cmp, v_cmp, i_b, i_h, o_r, m_r, N, NC,
+            HQ, HKV, G, D, DP, L, BL,
+        )  # fmt: skip
+        t = t.to(tl.int32)
+    else:
+        t = tl.load(q_pos + i_b).to(tl.int32)
+        b_q = tl.load(q + p_row, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [R, DP]
     b_qf = b_q.to(tl.float32)
 
     # 1. compression branch over the blocks complete at t, online softmax; the scores go to scratch
     cmp_base = i_b * NC * HKV * D + i_h * D
-    s_base = s_tmp + i_bh * G * NC
+    s_base = s_tmp + i_bh * (G + 1) * NC
     n_vis = tl.minimum(tl.maximum(t + 1, 0) // L, NC)
     o_bc = tl.arange(0, BC)
     b_max = tl.full([R], float("-inf"), tl.float32)
@@ -190,7 +207,7 @@ def nsa_decode_kernel(
     tl.debug_barrier()  # the scores written above are read back by other threads
 
     # 2. importance of block i: its probabilities summed over the G heads
-    imp_base = imp_tmp + i_bh * NC
+    imp_base = s_base + G * NC
     o_bi = tl.arange(0, BI)
     for c0 in range(0, n_vis, BI):
         o_c = c0 + o_bi
@@ -243,7 +260,8 @@ def nsa_decode_kernel(
     b_rank = tl.sum((b_key[None, :] < b_key[:, None]).to(tl.int32), 1)  # [NP]
     b_sel = tl.sum(tl.where(b_rank[:, None] == o_s[None, :], b_key[:, None], 0), 0)
     b_sel = tl.where(b_sel >= BIG, -1, b_sel)
-    tl.store(idx + i_bh * NSEL + o_s, b_sel, mask=o_s < NSEL)
+    if not STEP:
+        tl.store(idx + i_bh * NSEL + o_s, b_sel, mask=o_s < NSEL)
     n_sel = tl.sum((b_sel >= 0).to(tl.int32), 0)
 
     # 4. selected blocks: their tokens j <= t, BS at a time
@@ -288,9 +306,14 @@ def nsa_decode_kernel(
 
     # 6. gated sum, as the mixer's: (g_cmp * o_cmp + g_slc * o_slc) + g_win * o_win in float32
     p_g = i_b * g_stride + i_h * G + o_r
-    b_gc = _gate(g_cmp, p_g, m_r, GATE_LOGITS)
-    b_gs = _gate(g_slc, p_g, m_r, GATE_LOGITS)
-    b_gw = _gate(g_win, p_g, m_r, GATE_LOGITS)
+    if STEP:  # g_cmp: the gate projection's logits [B, 3 * HQ] laid out as "(g h)"
+        b_gc = _gate(g_cmp, p_g, m_r, True)
+        b_gs = _gate(g_cmp, p_g + HQ, m_r, True)
+        b_gw = _gate(g_cmp, p_g + 2 * HQ, m_r, True)
+    else:
+        b_gc = _gate(g_cmp, p_g, m_r, GATE_LOGITS)
+        b_gs = _gate(g_slc, p_g, m_r, GATE_LOGITS)
+        b_gw = _gate(g_win, p_g, m_r, GATE_LOGITS)
     b_o = b_gc[:, None] * o_cmp + b_gs[:, None] * o_slc + b_gw[:, None] * o_win
     tl.store(o + p_row, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
 
@@ -319,8 +342,13 @@ def nsa_decode_tiles(G: int, D: int, L: int, NC: int) -> dict:
     ``BW`` per window tile. The interpreter gets small tiles, so that the tests cover every loop with several
     iterations. Untuned: to be swept on the GPU (benchmarks/nsa.py, decode section).
     """
+    return dict(_decode_tiles(G, D, L, NC, interpreting()))  # a copy: the cached one is shared
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_tiles(G: int, D: int, L: int, NC: int, interp: bool) -> dict:
+    # nsa_decode_tiles, computed once per shape (the eager decode step asks every time); read-only
     R, DP = _decode_rows_cols(G, D)
-    interp = interpreting()
     BC = 16 if interp else (64 if DP <= 64 else 32)
     BI = 16 if interp else max(16, 4096 // R)
     cap = 32 if interp else 4096
@@ -399,20 +427,73 @@ def nsa_decode_fwd(
     B, HQ, D = q.shape
     N, HKV = k_cache.shape[1], k_cache.shape[2]
     NC, G = k_cmp.shape[1], HQ // HKV
-    cfg = dict(tiles or nsa_decode_tiles(G, D, block_size, NC))
+    cfg = tiles or nsa_decode_tiles(G, D, block_size, NC)
     R, DP = _decode_rows_cols(G, D)
     o = torch.empty_like(q)
     idx = torch.empty(B, HKV, block_count, dtype=torch.int32, device=q.device)
-    s_tmp = torch.empty(B * HKV, G, max(NC, 1), dtype=torch.float32, device=q.device)
-    imp_tmp = torch.empty(B * HKV, max(NC, 1), dtype=torch.float32, device=q.device)
+    s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
     nsa_decode_kernel[(B * HKV,)](
         q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, q_pos=q_pos,
-        g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, o=o, idx=idx, s_tmp=s_tmp, imp_tmp=imp_tmp,
+        g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, o=o, idx=idx, s_tmp=s_tmp,
+        k_new=None, v_new=None, seen=None, pad=None, inv_freq=None,
         N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, g_stride=g_cmp.stride(0),
         HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP, L=block_size,
         NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), GATE_LOGITS=gate_logits, **cfg,
     )  # fmt: skip
     return o, idx
+
+
+def nsa_step_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate_logits: Tensor,
+    seen: Tensor,
+    pad: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    *,
+    theta: float,
+    block_size: int,
+    block_count: int,
+    window_size: int,
+    scale: float,
+) -> Tensor:
+    """The nsa mixer's whole eager decode step after its projections, in one launch (in place on the caches):
+    ``nsa_step_tile`` (RoPE, the cache write, the completed block's mean), then the decode over the caches with
+    the gates' sigmoid.
+
+    Args:
+      q: [B, HQ * D] query projections (before RoPE); k, v: [B, HKV * D]; in the caches' dtype.
+      gate_logits: [B, 3 * HQ] the gate projection "(g h)" (g_cmp, g_slc, g_win), in the caches' dtype.
+      seen: [] int64, the token's slot in the stream; pad: [B] int64 leading padding (position = seen - pad[b],
+        a real token in every row: the mixer checked that no row ended).
+      k_cache, v_cache: [B, N, HKV, D] contiguous (slot = position mod N); k_cmp, v_cmp: [B, N // L, HKV, D]
+        contiguous float32 (block i: the mean of positions i*L .. i*L + L - 1, written when position i*L + L - 1
+        arrives).
+      theta: the RoPE base; block_size, block_count, window_size, scale: as ``nsa_decode``.
+    Returns o [B, HQ, D] in q's dtype. The caller (the mixer, whose state shapes are checked) has checked
+    ``nsa_step_supported`` and ``nsa_decode_supported``; nothing is checked here (host time).
+    """
+    B, N, HKV, D = k_cache.shape
+    HQ = q.shape[1] // D
+    NC, G = k_cmp.shape[1], HQ // HKV
+    q, k, v, gate_logits = q.contiguous(), k.contiguous(), v.contiguous(), gate_logits.contiguous()
+    R, DP = _decode_rows_cols(G, D)
+    o = q.new_empty(B, HQ, D)
+    s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
+    nsa_decode_kernel[(B * HKV,)](
+        q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, q_pos=None,
+        g_cmp=gate_logits, g_slc=None, g_win=None, o=o, idx=None, s_tmp=s_tmp,
+        k_new=k, v_new=v, seen=seen, pad=pad, inv_freq=_inv_freq(D, float(theta), q.device),
+        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, g_stride=3 * HQ,
+        HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP, L=block_size,
+        NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), GATE_LOGITS=True, STEP=True,
+        BL=max(_pow2(block_size), 2), **_decode_tiles(G, D, block_size, NC, interpreting()),
+    )  # fmt: skip
+    return o
 
 
 # ---------------------------------------------------------------------------------------------------
