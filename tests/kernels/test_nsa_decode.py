@@ -265,8 +265,9 @@ def test_kernel_on_the_mixer_state_over_decode_steps(heads):
     # row 0 completes blocks at 23 (CUDA: 31, 47), row 1 at 18 (CUDA: 20, 36); on CUDA the prompt runs the Triton
     # forward, which takes 16-token blocks and up
     L, W, T, prefill = (16, 12, 50, 20) if DEVICE == "cuda" else (8, 6, 26, 16)
+    cuda = {"head_dim": 16} if DEVICE == "cuda" else {}  # the Triton forward takes head dims of 16 and up
     layer = registry.build(
-        "nsa", hidden_size=32, num_heads=HQ, num_kv_heads=HKV, block_size=L, block_count=3, window_size=W
+        "nsa", hidden_size=32, num_heads=HQ, num_kv_heads=HKV, block_size=L, block_count=3, window_size=W, **cuda
     ).eval()
     layer = layer.to(DEVICE)  # the kernel runs on CUDA tensors, or on CPU tensors in the interpreter
     x = torch.randn(2, T, 32).to(DEVICE)
