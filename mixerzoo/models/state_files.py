@@ -192,7 +192,11 @@ def load_states(
                 parts = key.split(".")
                 if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= n:
                     raise ValueError(f"{where}: {name}: unexpected tensor {key!r} (expected layers.{{i}}.{{field}})")
-                by_layer[int(parts[1])][parts[2]] = f.get_tensor(key)
+                t = f.get_tensor(key)
+                # on the CPU, a copy of its own: a tensor read here may be a view into the file's buffer at an
+                # offset that is not 64-byte aligned, and vectorised CPU kernels can round such input
+                # differently, so that a loaded state would not decode bit for bit as the saved one
+                by_layer[int(parts[1])][parts[2]] = t.clone() if t.device.type == "cpu" else t
     except ValueError:
         raise
     except Exception as e:  # a truncated file or a damaged header: safetensors' own error types
