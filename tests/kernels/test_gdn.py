@@ -182,6 +182,51 @@ def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
     assert w[:37].isfinite().all() and w[37:64].isnan().all() and w[64:].isfinite().all()
 
 
+@pytest.mark.parametrize(
+    "lengths,fuse_wu",
+    _slow_unless(  # ~5 s each in the interpreter: the fast run keeps the op's path (fixed length, two kernels)
+        {"None-False"}, (None, False), (None, True), ([70, 0, 150, 5], False), ([70, 0, 150, 5], True)
+    ),
+)
+def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
+    """chunk_gdn_bwd given the forward's gamma and Ai (chunk_gdn_fwd(return_intermediates=True)) runs no prep kernel,
+    and its gradients equal those of the backward that recomputes them (fuse_wu=False: the same wu and h kernels)
+    bit for bit, whether the forward's inverse came from the prep kernel or the fused one (STORE_AI). Asking for
+    the intermediates leaves the forward's o and final state as they were. Two chunks and a ragged tail per
+    sequence; packed: an empty sequence and one shorter than a 16-row block too."""
+    from mixerzoo.kernels.gdn import chunk
+
+    if lengths is None:
+        B, T, H, K, V = 2, 150, 2, 16, 16
+        (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+        cu, dht = None, torch.randn(B, H, K, V, device=DEVICE)
+    else:
+        K, V = 32, 16
+        (q, k, v, g, beta), h0 = varlen_inputs(lengths, K, V, torch.float32)
+        cu, dht = cu_of(lengths), None
+    do = torch.randn(v.shape, device=DEVICE)
+    xs, scale = (q, k, v, g, beta), K**-0.5
+    o, ht, gamma, Ai = chunk_gdn_fwd(*xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu, return_intermediates=True)
+    B, T, H = g.shape
+    assert gamma.shape == (B, T, H) and Ai.shape == (B, T, H, 64) and gamma.dtype == Ai.dtype == torch.float32
+    o_plain, ht_plain = chunk_gdn_fwd(*xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu)
+    assert torch.equal(o, o_plain) and torch.equal(ht, ht_plain)
+    preps = []  # the launchers that make gamma and Ai, counted
+    for name in ("_prep", "_prep_wu_fused"):
+        fn = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, fn=fn, name=name, **kw: preps.append(name) or fn(*a, **kw))
+    kept = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, fuse_wu=fuse_wu, gamma=gamma, Ai=Ai)
+    assert preps == []
+    again = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu)
+    assert preps == ["_prep"]
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, again, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with pytest.raises(ValueError, match="gamma and Ai come together"):
+        chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, Ai=Ai)
+    with pytest.raises(ValueError, match=r"Ai must be float32 \[.*, 64\], got torch.float32 \[.*, 32\]"):
+        chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai[..., :32])
+
+
 @pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 64, 64), (1, 37, 2, 128, 64)], ids=str)
 def test_fused_recurrent(B, T, H, K, V):
     (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
@@ -382,6 +427,56 @@ def test_op_matches_brute_force_with_grads():
     assert_close("final_state", s_bf, s, torch.float32, **F32)
     for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=False):
         assert_close(name, r, d, torch.float32, **F32)
+
+
+def test_op_grads_through_one_output():
+    """Gradients through o alone and through the final state alone (autograd hands the backward None for the
+    other output: its zeros are made there), against the reference; and the forward op under opcheck (schema,
+    fake, autograd registration; the gamma and Ai outputs included)."""
+    (q, k, v, g, beta), h0 = make_inputs(1, 9, 2, 8, 8, torch.float32, device="cpu")
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_ref, s_ref = gated_delta_rule_recurrent(*xs[:5], 0.3, xs[5])
+    o, s = gated_delta_rule(*xs[:5], scale=0.3, initial_state=xs[5], output_final_state=True)
+    for tag, out, ref in (("o", o, o_ref), ("final_state", s, s_ref)):
+        w = torch.randn_like(ref)
+        want = torch.autograd.grad((ref * w).sum(), xs, retain_graph=True, materialize_grads=True)  # S_T: no dq
+        got = torch.autograd.grad((out * w).sum(), xs, retain_graph=True)
+        for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], want, got, strict=True):
+            assert_close(f"{tag}: {name}", r, d, torch.float32, **F32)
+    torch.library.opcheck(torch.ops.mixerzoo.gated_delta_rule_fwd.default, (*xs, 0.3, None))
+
+
+def test_cuda_op_bodies_hand_over_intermediates(monkeypatch):
+    """The CUDA bodies of the two ops, called directly (on the CPU their kernels run in the interpreter): the forward
+    returns the chunked kernels' gamma and Ai with the shapes its fake gives (on meta tensors), and the backward
+    given them runs no prep kernel and returns the recomputing backward's gradients bit for bit. Short inputs (the
+    fused recurrence) and the CPU kernel return empty ones, which the backward takes as "recompute"."""
+    from mixerzoo.kernels.gdn import _gdn_bwd, _gdn_fwd, chunk
+
+    fwd, bwd = (getattr(op, "_init_fn", None) for op in (_gdn_fwd, _gdn_bwd))
+    if fwd is None or bwd is None:
+        pytest.skip("this torch keeps a custom op's function under another name")
+    op = torch.ops.mixerzoo.gated_delta_rule_fwd
+    (q, k, v, g, beta), h0 = make_inputs(1, 130, 2, 16, 16, torch.float32)
+    xs = (q, k, v, g, beta, h0)
+    out = fwd(*xs, 0.25, None)
+    fake = op(*(x.to("meta") for x in xs), 0.25, None)
+    assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in fake]
+    assert out[2].shape == (1, 130, 2) and out[3].shape == (1, 130, 2, 64)
+    do, dht = torch.randn_like(v), torch.randn_like(out[1])
+    empty = q.new_empty(0)
+    preps = []
+    monkeypatch.setattr(chunk, "_prep", lambda *a, fn=chunk._prep, **kw: preps.append(1) or fn(*a, **kw))
+    kept = bwd(*xs, do, dht, out[2], out[3], 0.25, None)
+    assert preps == []
+    again = bwd(*xs, do, dht, empty, empty, 0.25, None)
+    assert preps == [1]
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, again, strict=True):
+        assert torch.equal(a, b), name
+    short = [x[:, :10] for x in xs[:5]]
+    for got in (fwd(*short, h0, 0.25, None), op(*(x.to("meta") for x in short), h0.to("meta"), 0.25, None)):
+        assert got[2].shape == got[3].shape == (0,)
+    assert all(t.shape == (0,) for t in op(*(x.cpu() for x in xs), 0.25, None)[2:])
 
 
 def test_op_final_state_none_and_errors():

@@ -31,6 +31,11 @@ FUSED_RECURRENT_MAX_T = 64
 # --------------------------------------------------------------------------------------------------
 
 
+def _fused_recurrent(T: int, cu_seqlens: Tensor | None) -> bool:
+    # the CUDA forward's choice, from shapes only (the fake makes the same one)
+    return T <= FUSED_RECURRENT_MAX_T or (cu_seqlens is not None and T <= cu_seqlens.shape[0] - 1)
+
+
 @torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", mutates_args=(), device_types="cuda")
 @no_autocast("cuda")
 def _gdn_fwd(
@@ -42,15 +47,28 @@ def _gdn_fwd(
     initial_state: Tensor | None,
     scale: float,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o [B, T, H, V] in v's dtype, final state [B or N, H, K, V] float32, gamma, Ai).
+
+    gamma float32 [B, T, H] and Ai float32 [B, T, H, 64] are the chunked forward's in-chunk cumulative log decay
+    and chunk inverses (I + A)^-1, kept for the backward, which then runs no prep kernel of its own. That keeps a
+    float32 [B, T, H, 64] tensor alive from forward to backward (as flash-linear-attention keeps its inverse) in
+    exchange for one prep kernel less in the backward. Empty ([0]) where there are none: the fused recurrence
+    (short inputs) and the CPU reference; the backward then recomputes what it needs."""
     T = q.shape[1]
-    if T <= FUSED_RECURRENT_MAX_T or (cu_seqlens is not None and T <= cu_seqlens.shape[0] - 1):
+    if _fused_recurrent(T, cu_seqlens):
         from .fused_recurrent import fused_recurrent_gdn_fwd
 
-        return fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
+        o, ht = fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
+        return o, ht, *_no_intermediates(q)
     from .chunk import chunk_gdn_fwd
 
-    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
+    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, return_intermediates=True)
+
+
+def _no_intermediates(q: Tensor) -> tuple[Tensor, Tensor]:
+    # the forward's gamma and Ai where it keeps none
+    return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
 
 
 def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
@@ -63,8 +81,9 @@ def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
 @no_autocast("cpu")
 def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale, cu_seqlens):
     o, s = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    # contiguous, as the fake promises; T = 0: s would alias initial_state
-    return o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous())
+    # contiguous, as the fake promises; T = 0: s would alias initial_state. No intermediates: the CPU backward
+    # differentiates the reference
+    return o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous()), *_no_intermediates(q)
 
 
 def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
@@ -76,7 +95,10 @@ def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
 def _(q, k, v, g, beta, initial_state, scale, cu_seqlens):
     B, T, H, K = k.shape
     V = v.shape[-1]
-    return v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
+    o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
+    if q.device.type == "cpu" or _fused_recurrent(T, cu_seqlens):
+        return o, s, *_no_intermediates(q)
+    return o, s, q.new_empty(B, T, H, dtype=torch.float32), q.new_empty(B, T, H, 64, dtype=torch.float32)
 
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
@@ -90,17 +112,22 @@ def _gdn_bwd(
     initial_state: Tensor | None,
     do: Tensor,
     dht: Tensor | None,
+    gamma: Tensor,
+    Ai: Tensor,
     scale: float,
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dg, dbeta, dh0); dh0 empty without initial_state. gamma and Ai: the forward's (``_gdn_fwd``),
+    reused when not empty, else recomputed."""
     from .chunk import chunk_gdn_bwd
 
-    return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens=cu_seqlens)
+    kept = dict(gamma=gamma, Ai=Ai) if Ai.numel() > 0 else {}
+    return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens=cu_seqlens, **kept)
 
 
 @_gdn_bwd.register_kernel("cpu")
 @no_autocast("cpu")
-def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
+def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, scale, cu_seqlens):
     # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
     primals = [_acc(x) for x in (q, k, v, g, beta)] + ([] if initial_state is None else [_acc(initial_state)])
 
@@ -117,20 +144,29 @@ def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
 
 
 @_gdn_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, do, dht, scale, cu_seqlens):
+def _(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, scale, cu_seqlens):
     dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta)) + (dh0,)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, initial_state, scale, cu_seqlens = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    _, _, gamma, Ai = output
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, gamma, Ai)
     ctx.scale = scale
+    # gamma and Ai are for the backward only: no gradient flows into them, and with materialize_grads off autograd
+    # passes None for them instead of filling zeros as large as Ai on every backward
+    ctx.mark_non_differentiable(gamma, Ai)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, ctx.scale, cu_seqlens)
+def _backward(ctx, do, dht, _dgamma, _dai):
+    q, k, v, g, beta, initial_state, cu_seqlens, gamma, Ai = ctx.saved_tensors
+    # zeros where o got no gradient; a final state that got none stays None (the backward then starts from a
+    # zero state gradient without reading one)
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, ctx.scale, cu_seqlens)
     return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None
 
 
@@ -177,12 +213,14 @@ def gated_delta_rule(
     Returns:
         (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
         ``initial_state``. The recurrence is causal: a NaN or Inf at token t leaves every output before t
-        finite.
+        finite. Where the chunked CUDA kernels run (T > 64, and more tokens than sequences of a packed
+        batch), a call that records gradients keeps the chunk inverses (float32 [B, T, H, 64]) until its
+        backward, which then does not recompute them.
     """
     scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if initial_state is not None:
         initial_state = initial_state.to(_acc(v).dtype)  # a float32 state under float64 inputs is widened
-    o, final_state = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+    o, final_state, _, _ = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens)  # the rest: for the backward
     return o, (final_state if output_final_state else None)
 
 

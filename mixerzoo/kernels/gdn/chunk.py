@@ -10,7 +10,8 @@ Within a chunk of BT = 64 tokens, gamma is the cumulative log decay from the chu
 
 Forward: prep (gamma, A, Ai) -> wu (W, U) -> h (sequential over chunks: h per chunk, Vn, final state)
 -> o; with ``fuse_wu=True`` prep and wu are one kernel that keeps Ai in registers (stored only for the
-backward; not yet timed on a GPU, so not the default). Backward recomputes the forward intermediates, then:
+backward; not yet timed on a GPU, so not the default). Backward recomputes the forward intermediates (given
+the forward's gamma and Ai, only wu and h: no second prep), then:
 dvl (intra-chunk part of dVn) -> dh (reverse sequential: dh per chunk, dVn, dh0) -> dqk (dq, the o/state
 part of dk, dW, dgamma) -> wy (through Ai back to dk, dv, dbeta, dgamma; dg as the reverse cumulative sum of
 dgamma in the chunk).
@@ -1076,39 +1077,65 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     return NT, N, cu, offsets.to(torch.int32), indices.to(torch.int32).contiguous()
 
 
-def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True, fuse_wu=False,
-                           need_ai=False):  # fmt: skip
-    # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai, float32 [B, T, H, BT], only with need_ai (the
-    # backward) or unfused, else None. fuse_wu: prep and wu as one kernel, the inverse kept in registers
+def _prep(k, g, beta, chunks, *, doubling=True):
+    # the two-kernel form's first kernel: (gamma float32 [B, T, H], Ai float32 [B, T, H, BT])
     B, T, H, K = k.shape
-    V = v.shape[-1]
-    NT, N, cu, offsets, indices = chunks
-    varlen = cu is not None
+    NT, _, cu, _, indices = chunks
+    gamma = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
+    Ai = torch.empty(B, T, H, BT, device=k.device, dtype=torch.float32)
+    _gdn_chunk_prep_kernel[(NT, B * H)](
+        k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT, BK=64,
+        DOUBLING=doubling, PREC=dot_precision(k), IS_VARLEN=cu is not None, num_warps=4,
+    )  # fmt: skip
+    return gamma, Ai
+
+
+def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=True, store_ai=False):
+    # prep and wu as one kernel, the inverse kept in registers: (gamma, Ai or None, W, U, flag); Ai float32
+    # [B, T, H, BT] only with store_ai
+    B, T, H, K = k.shape
+    NT, _, cu, _, indices = chunks
     dev = k.device
-    prec = dot_precision(k)
     gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32) if need_ai or not fuse_wu else None
+    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32) if store_ai else None
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    common = dict(cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT, BK=64, DOUBLING=doubling, PREC=prec)
-    if fuse_wu:
-        _gdn_chunk_prep_wu_kernel[(NT, B * H)](
-            k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, V=V, BV=64, STORE_AI=Ai is not None,
-            IS_VARLEN=varlen, num_warps=4, **common,
-        )  # fmt: skip
-    else:
-        _gdn_chunk_prep_kernel[(NT, B * H)](
-            k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, IS_VARLEN=varlen, num_warps=4, **common
-        )  # fmt: skip
-        _gdn_chunk_wu_kernel[(NT, B * H)](
-            k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
-            H=H, K=K, V=V, BT=BT, BK=64, BV=64, PREC=prec, IS_VARLEN=varlen, num_warps=4,
-        )  # fmt: skip
+    _gdn_chunk_prep_wu_kernel[(NT, B * H)](
+        k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
+        H=H, K=K, V=v.shape[-1], BT=BT, BK=64, BV=64, DOUBLING=doubling, STORE_AI=store_ai, PREC=dot_precision(k),
+        IS_VARLEN=cu is not None, num_warps=4,
+    )  # fmt: skip
+    return gamma, Ai, w, u, flag
+
+
+def _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, *, seq=None):
+    # everything after prep: W, U from gamma and Ai (_gdn_chunk_wu_kernel), then the state walk.
+    # (W, hs, Vn, final state, non-finite flags)
+    B, T, H, K = k.shape
+    NT, _, cu, _, indices = chunks
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    flag = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
+    _gdn_chunk_wu_kernel[(NT, B * H)](
+        k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
+        H=H, K=K, V=v.shape[-1], BT=BT, BK=64, BV=64, PREC=dot_precision(k), IS_VARLEN=cu is not None, num_warps=4,
+    )  # fmt: skip
+    hs, vn, ht = _states(k, w, u, gamma, initial_state, chunks, seq=seq)
+    return w, hs, vn, ht, flag
+
+
+def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
+    # the forward walk over the chunks (_gdn_chunk_h_kernel): (hs, Vn, final state float32 [N, H, K, V])
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NT, N, cu, offsets, _ = chunks
+    varlen = cu is not None
+    dev = k.device
     KP = _state_rows(K)
     BV, prefetch, warps = _seq_config(N, H, K, V, seq)
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
-    vn = torch.empty_like(v)
+    vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     _gdn_chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
         k=k,
@@ -1131,12 +1158,36 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
         BV=BV,
         HAS_H0=initial_state is not None,
         PREFETCH=prefetch,
-        PREC=prec,
+        PREC=dot_precision(k),
         IS_VARLEN=varlen,
         num_warps=warps,
         num_stages=1 if prefetch else 2,
     )
-    return gamma, Ai, w, hs, vn, ht, flag
+    return hs, vn, ht
+
+
+def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True, fuse_wu=False,
+                           need_ai=False):  # fmt: skip
+    # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai, float32 [B, T, H, BT], only with need_ai (the
+    # backward) or unfused, else None. fuse_wu: prep and wu as one kernel, the inverse kept in registers.
+    # Unfused, the part after prep (_wu_states) also runs alone: the backward given the forward's gamma and Ai
+    if fuse_wu:
+        gamma, Ai, w, u, flag = _prep_wu_fused(k, v, g, beta, chunks, doubling=doubling, store_ai=need_ai)
+        hs, vn, ht = _states(k, w, u, gamma, initial_state, chunks, seq=seq)
+        return gamma, Ai, w, hs, vn, ht, flag
+    gamma, Ai = _prep(k, g, beta, chunks, doubling=doubling)
+    return (gamma, Ai) + _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
+
+
+def _check_intermediates(gamma, Ai, B, T, H) -> None:
+    # the backward's reused forward intermediates: both or neither, float32, the forward's shapes
+    if (gamma is None) != (Ai is None):
+        raise ValueError("chunk_gdn_bwd: gamma and Ai come together (the forward's), got only one of them")
+    if Ai is None:
+        return
+    for name, x, shape in (("gamma", gamma, (B, T, H)), ("Ai", Ai, (B, T, H, BT))):
+        if x.dtype != torch.float32 or x.shape != shape:
+            raise ValueError(f"chunk_gdn_bwd: {name} must be float32 {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
 def chunk_gdn_fwd(
@@ -1152,7 +1203,8 @@ def chunk_gdn_fwd(
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
     fuse_wu: bool = False,
-) -> tuple[Tensor, Tensor]:
+    return_intermediates: bool = False,
+) -> tuple[Tensor, ...]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (int32 or int64, 0 = c_0 <= ... <= c_N = T, on q's device) the batch is packed: B = 1, sequence n is
@@ -1162,7 +1214,11 @@ def chunk_gdn_fwd(
     substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md).
     ``fuse_wu=True`` computes the chunk inverse and W, U in one kernel, the inverse never leaving the chip,
     instead of two kernels with the float32 inverse in memory between them (the same results; not yet timed on
-    a GPU: ``benchmarks/gdn.py --kernels`` times both)."""
+    a GPU: ``benchmarks/gdn.py --kernels`` times both).
+    ``return_intermediates=True`` returns (o, final state, gamma, Ai): gamma float32 [B, T, H], the cumulative
+    log decay from each chunk's start, and Ai float32 [B, T, H, 64], token t's row of its chunk's (I + A)^-1
+    (zeros above the diagonal), for ``chunk_gdn_bwd`` to reuse instead of running the prep kernel again. With
+    ``fuse_wu=True`` the fused kernel then also stores Ai."""
     _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -1172,9 +1228,10 @@ def chunk_gdn_fwd(
     V = v.shape[-1]
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, _, cu, _, indices = chunks
-    gamma, _, w, hs, vn, ht, flag = _forward_intermediates(
-        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu
-    )
+    gamma, Ai, w, hs, vn, ht, flag = _forward_intermediates(
+        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu,
+        need_ai=return_intermediates,
+    )  # fmt: skip
     o = torch.empty_like(v)
     BV = _out_cols(V)
     _gdn_chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
@@ -1200,7 +1257,7 @@ def chunk_gdn_fwd(
         IS_VARLEN=cu is not None,
         num_warps=8 if BV > 64 else 4,
     )
-    return o, ht
+    return (o, ht, gamma, Ai) if return_intermediates else (o, ht)
 
 
 def chunk_gdn_bwd(
@@ -1218,9 +1275,18 @@ def chunk_gdn_bwd(
     seq: tuple[int, bool, int] | None = None,
     doubling: bool = True,
     fuse_wu: bool = False,
+    gamma: Tensor | None = None,
+    Ai: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None.
-    With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states."""
+    With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states.
+
+    ``gamma`` (float32 [B, T, H]) and ``Ai`` (float32 [B, T, H, 64]), both or neither: the forward's, from
+    ``chunk_gdn_fwd(..., return_intermediates=True)`` on the same inputs. Given, the backward skips the prep
+    kernel and recomputes only W, U (the wu kernel) and the chunk states from them; the gradients are then
+    bit for bit those of the recomputing path with ``fuse_wu=False`` (the same kernels on the same values:
+    the fused kernel's gamma and Ai equal the prep kernel's), and ``fuse_wu`` and ``doubling`` are not used.
+    Without them, prep (and wu) run again as in the forward."""
     _check_floats("chunk_gdn_bwd", q, k, v, g, beta, initial_state, do=do, dht=dht)
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
@@ -1229,14 +1295,19 @@ def chunk_gdn_bwd(
         initial_state = initial_state.contiguous()
     B, T, H, K = k.shape
     V = v.shape[-1]
+    _check_intermediates(gamma, Ai, B, T, H)
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, N, cu, offsets, indices = chunks
     varlen = cu is not None
     dev = k.device
     prec = dot_precision(k)
-    gamma, Ai, w, hs, vn, _, _ = _forward_intermediates(
-        q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu, need_ai=True
-    )
+    if Ai is None:
+        gamma, Ai, w, hs, vn, _, _ = _forward_intermediates(
+            q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu, need_ai=True
+        )
+    else:
+        gamma, Ai = gamma.contiguous(), Ai.contiguous()
+        w, hs, vn, _, _ = _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
