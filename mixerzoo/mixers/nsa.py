@@ -27,6 +27,7 @@ from ..kernels.nsa.reference import (
     window_visible,
 )
 from ..kernels.nsa.step import nsa_step_supported
+from ..kernels.nsa.triton_launch import MAX_BLOCK_COUNT, SUPPORTED_D, SUPPORTED_L
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads
 from .base import (
@@ -252,6 +253,8 @@ class NSA(AttentionMixer):
         q, k, v = self.qkv(x, t)
         g = self.gates(x)
         if self.k_compressor is None:
+            if x.is_cuda:
+                self.check_kernel_shapes()
             o = nsa_attention(
                 q,
                 k,
@@ -289,6 +292,25 @@ class NSA(AttentionMixer):
         if lead is not None:
             o = o.gather(1, ((t - lead) % T)[..., None, None].expand_as(o))
         return o
+
+    def check_kernel_shapes(self) -> None:
+        """Refuse, naming this layer's fields, a config whose prompts the Triton kernels cannot run (on CUDA the
+        parallel form and a whole prompt run them; the decode step and the CPU take any head dim and block
+        size)."""
+        for field, value, allowed in (
+            ("head_dim", self.head_dim, SUPPORTED_D),
+            ("block_size", self.block_size, SUPPORTED_L),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"{self.name}: {field}={value}: on CUDA the prompt's Triton kernels take {field} in "
+                    f"{allowed}; choose one of those (the CPU reference takes any)"
+                )
+        if self.block_count > MAX_BLOCK_COUNT:
+            raise ValueError(
+                f"{self.name}: block_count={self.block_count}: on CUDA the prompt's Triton kernels take "
+                f"block_count <= {MAX_BLOCK_COUNT} (the CPU reference takes any)"
+            )
 
     @torch.no_grad()
     def _store_compressed(self, state: NSAState, k_cmp: Tensor, v_cmp: Tensor, last: Tensor) -> None:
