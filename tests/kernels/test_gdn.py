@@ -190,10 +190,12 @@ def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
 )
 def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
     """chunk_gdn_bwd given the forward's gamma and Ai (chunk_gdn_fwd(return_intermediates=True)) runs no prep kernel,
-    and its gradients equal those of the backward that recomputes them (fuse_wu=False: the same wu and h kernels)
-    bit for bit, whether the forward's inverse came from the prep kernel or the fused one (STORE_AI). Asking for
-    the intermediates leaves the forward's o and final state as they were. Two chunks and a ragged tail per
-    sequence; packed: an empty sequence and one shorter than a 16-row block too."""
+    given its W, hs and Vn as well (keep_states=True) neither the wu nor the h kernel. Its gradients equal those of
+    the backward that recomputes them bit for bit: given Ai, that with fuse_wu=False (the same wu and h kernels);
+    given the states too, that with the forward's fuse_wu (the same W, hs, Vn); whether the forward's inverse came
+    from the prep kernel or the fused one (STORE_AI). Asking for the intermediates leaves the forward's o and final
+    state as they were. Two chunks and a ragged tail per sequence; packed: an empty sequence and one shorter than
+    a 16-row block too."""
     from mixerzoo.kernels.gdn import chunk
 
     if lengths is None:
@@ -206,21 +208,34 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
         cu, dht = cu_of(lengths), None
     do = torch.randn(v.shape, device=DEVICE)
     xs, scale = (q, k, v, g, beta), K**-0.5
-    o, ht, gamma, Ai = chunk_gdn_fwd(*xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu, return_intermediates=True)
+    o, ht, gamma, Ai, *states = chunk_gdn_fwd(
+        *xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu, return_intermediates=True, keep_states=True
+    )
     B, T, H = g.shape
     assert gamma.shape == (B, T, H) and Ai.shape == (B, T, H, 64) and gamma.dtype == Ai.dtype == torch.float32
+    NT = chunk._chunking(B, T, cu, q.device)[0]
+    assert [x.shape for x in states] == [k.shape, (B, NT, H, K, V), v.shape]
     o_plain, ht_plain = chunk_gdn_fwd(*xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu)
     assert torch.equal(o, o_plain) and torch.equal(ht, ht_plain)
-    preps = []  # the launchers that make gamma and Ai, counted
-    for name in ("_prep", "_prep_wu_fused"):
+    calls = []  # the launchers that make gamma and Ai, and W with the states, counted
+    for name in ("_prep", "_prep_wu_fused", "_wu_states"):
         fn = getattr(chunk, name)
-        monkeypatch.setattr(chunk, name, lambda *a, fn=fn, name=name, **kw: preps.append(name) or fn(*a, **kw))
+        monkeypatch.setattr(chunk, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
     kept = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, fuse_wu=fuse_wu, gamma=gamma, Ai=Ai)
-    assert preps == []
+    assert calls == ["_wu_states"]
+    with_states = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai, states=states)
+    assert calls == ["_wu_states"]  # neither prep nor wu nor h again
     again = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu)
-    assert preps == ["_prep"]
-    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, again, strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert calls == ["_wu_states", "_prep", "_wu_states"]
+    # the kept states are the forward's own: with fuse_wu, W and U from the fused kernel (equal to the wu kernel's
+    # to rounding), so they match the backward that recomputes with the same kernel
+    same = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, fuse_wu=fuse_wu)
+    for name, a, b, c, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, with_states, again, same, strict=True):
+        assert a.dtype == b.dtype == c.dtype and torch.equal(a, c) and torch.equal(b, d), name
+    with pytest.raises(ValueError, match=r"states \(W, hs, Vn\) come with the forward's gamma and Ai"):
+        chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, states=states)
+    with pytest.raises(ValueError, match=r"hs must be torch.float32 \["):
+        chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai, states=(states[0], v, states[2]))
     with pytest.raises(ValueError, match="gamma and Ai come together"):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, Ai=Ai)
     with pytest.raises(ValueError, match=r"Ai must be float32 \[.*, 64\], got torch.float32 \[.*, 32\]"):
@@ -443,13 +458,14 @@ def test_op_grads_through_one_output():
         got = torch.autograd.grad((out * w).sum(), xs, retain_graph=True)
         for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], want, got, strict=True):
             assert_close(f"{tag}: {name}", r, d, torch.float32, **F32)
-    torch.library.opcheck(torch.ops.mixerzoo.gated_delta_rule_fwd.default, (*xs, 0.3, None))
+    torch.library.opcheck(torch.ops.mixerzoo.gated_delta_rule_fwd.default, (*xs, 0.3, None, True))
 
 
 def test_cuda_op_bodies_hand_over_intermediates(monkeypatch):
     """The CUDA bodies of the two ops, called directly (on the CPU their kernels run in the interpreter): the forward
-    returns the chunked kernels' gamma and Ai with the shapes its fake gives (on meta tensors), and the backward
-    given them runs no prep kernel and returns the recomputing backward's gradients bit for bit. Short inputs (the
+    returns the chunked kernels' gamma and Ai, and with keep_states W, hs and Vn, with the shapes its fake gives (on
+    meta tensors); the backward given them runs no prep kernel (with the states neither wu nor h) and returns the
+    recomputing backward's gradients bit for bit. Short inputs (the
     fused recurrence) and the CPU kernel return empty ones, which the backward takes as "recompute"."""
     from mixerzoo.kernels.gdn import _gdn_bwd, _gdn_fwd, chunk
 
@@ -459,24 +475,33 @@ def test_cuda_op_bodies_hand_over_intermediates(monkeypatch):
     op = torch.ops.mixerzoo.gated_delta_rule_fwd
     (q, k, v, g, beta), h0 = make_inputs(1, 130, 2, 16, 16, torch.float32)
     xs = (q, k, v, g, beta, h0)
-    out = fwd(*xs, 0.25, None)
-    fake = op(*(x.to("meta") for x in xs), 0.25, None)
+    out = fwd(*xs, 0.25, None, True)
+    fake = op(*(x.to("meta") for x in xs), 0.25, None, True)
     assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in fake]
-    assert out[2].shape == (1, 130, 2) and out[3].shape == (1, 130, 2, 64)
+    assert out[2].shape == (1, 130, 2) and out[3].shape == (1, 130, 2, 64) and out[5].shape == (1, 3, 2, 16, 16)
+    inverse_only = fwd(*xs, 0.25, None, False)
+    fake = op(*(x.to("meta") for x in xs), 0.25, None, False)
+    assert [(t.shape, t.dtype) for t in inverse_only] == [(t.shape, t.dtype) for t in fake]
+    assert all(t.shape == (0,) for t in inverse_only[4:])
     do, dht = torch.randn_like(v), torch.randn_like(out[1])
     empty = q.new_empty(0)
-    preps = []
-    monkeypatch.setattr(chunk, "_prep", lambda *a, fn=chunk._prep, **kw: preps.append(1) or fn(*a, **kw))
-    kept = bwd(*xs, do, dht, out[2], out[3], 0.25, None)
-    assert preps == []
-    again = bwd(*xs, do, dht, empty, empty, 0.25, None)
-    assert preps == [1]
-    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, again, strict=True):
-        assert torch.equal(a, b), name
+    calls = []
+    for name in ("_prep", "_wu_states"):
+        fn = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
+    kept = bwd(*xs, do, dht, *out[2:], 0.25, None)
+    assert calls == []
+    inverse = bwd(*xs, do, dht, *inverse_only[2:], 0.25, None)
+    assert calls == ["_wu_states"]
+    again = bwd(*xs, do, dht, *[empty] * 5, 0.25, None)
+    assert calls == ["_wu_states", "_prep", "_wu_states"]
+    for name, a, b, c in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, inverse, again, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c), name
     short = [x[:, :10] for x in xs[:5]]
-    for got in (fwd(*short, h0, 0.25, None), op(*(x.to("meta") for x in short), h0.to("meta"), 0.25, None)):
-        assert got[2].shape == got[3].shape == (0,)
-    assert all(t.shape == (0,) for t in op(*(x.cpu() for x in xs), 0.25, None)[2:])
+    meta = [x.to("meta") for x in short]
+    for got in (fwd(*short, h0, 0.25, None, True), op(*meta, h0.to("meta"), 0.25, None, True)):
+        assert all(t.shape == (0,) for t in got[2:])
+    assert all(t.shape == (0,) for t in op(*(x.cpu() for x in xs), 0.25, None, True)[2:])
 
 
 def test_op_final_state_none_and_errors():

@@ -47,28 +47,41 @@ def _gdn_fwd(
     initial_state: Tensor | None,
     scale: float,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(o [B, T, H, V] in v's dtype, final state [B or N, H, K, V] float32, gamma, Ai).
+    keep_states: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o [B, T, H, V] in v's dtype, final state [B or N, H, K, V] float32, gamma, Ai, W, hs, Vn).
 
     gamma float32 [B, T, H] and Ai float32 [B, T, H, 64] are the chunked forward's in-chunk cumulative log decay
     and chunk inverses (I + A)^-1, kept for the backward, which then runs no prep kernel of its own. That keeps a
     float32 [B, T, H, 64] tensor alive from forward to backward (as flash-linear-attention keeps its inverse) in
-    exchange for one prep kernel less in the backward. Empty ([0]) where there are none: the fused recurrence
-    (short inputs) and the CPU reference; the backward then recomputes what it needs."""
+    exchange for one prep kernel less in the backward. With ``keep_states`` also W [B, T, H, K], the states at
+    the chunk starts hs [B, NT, H, K, V] and Vn [B, T, H, V] (v's dtype), so that the backward runs neither wu
+    nor h again: about three more tensors of k's size kept until the backward, for two kernels fewer. Empty
+    ([0]) where there are none: the fused recurrence (short inputs), the CPU reference, the states without
+    ``keep_states``; the backward then recomputes what it needs."""
     T = q.shape[1]
     if _fused_recurrent(T, cu_seqlens):
         from .fused_recurrent import fused_recurrent_gdn_fwd
 
         o, ht = fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
-        return o, ht, *_no_intermediates(q)
+        return o, ht, *_no_intermediates(q), *_no_states(v)
     from .chunk import chunk_gdn_fwd
 
-    return chunk_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, return_intermediates=True)
+    out = chunk_gdn_fwd(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, return_intermediates=True,
+        keep_states=keep_states,
+    )  # fmt: skip
+    return out if keep_states else (*out, *_no_states(v))
 
 
 def _no_intermediates(q: Tensor) -> tuple[Tensor, Tensor]:
     # the forward's gamma and Ai where it keeps none
     return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+
+
+def _no_states(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # the forward's W, hs and Vn where it keeps none
+    return v.new_empty(0), v.new_empty(0), v.new_empty(0)
 
 
 def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
@@ -79,11 +92,12 @@ def _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens):
 
 @_gdn_fwd.register_kernel("cpu")
 @no_autocast("cpu")
-def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale, cu_seqlens):
+def _gdn_fwd_cpu(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     o, s = _ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     # contiguous, as the fake promises; T = 0: s would alias initial_state. No intermediates: the CPU backward
     # differentiates the reference
-    return o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous()), *_no_intermediates(q)
+    o, s = o.to(v.dtype).contiguous(), (s.clone() if q.shape[1] == 0 else s.contiguous())
+    return o, s, *_no_intermediates(q), *_no_states(v)
 
 
 def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
@@ -92,13 +106,18 @@ def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
 
 
 @_gdn_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, scale, cu_seqlens):
+def _(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     B, T, H, K = k.shape
     V = v.shape[-1]
     o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
     if q.device.type == "cpu" or _fused_recurrent(T, cu_seqlens):
-        return o, s, *_no_intermediates(q)
-    return o, s, q.new_empty(B, T, H, dtype=torch.float32), q.new_empty(B, T, H, 64, dtype=torch.float32)
+        return o, s, *_no_intermediates(q), *_no_states(v)
+    gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), q.new_empty(B, T, H, 64, dtype=torch.float32)
+    if not keep_states:
+        return o, s, gamma, Ai, *_no_states(v)
+    # the chunk grid's rows: cdiv(T, 64) per sequence, or a packed batch's worst case (chunk._chunking)
+    NT = -(-T // 64) if cu_seqlens is None else (T + 63 * (cu_seqlens.shape[0] - 1)) // 64
+    return o, s, gamma, Ai, v.new_empty(B, T, H, K), v.new_empty(B, NT, H, K, V), v.new_empty(B, T, H, V)
 
 
 @torch.library.custom_op("mixerzoo::gated_delta_rule_bwd", mutates_args=(), device_types="cuda")
@@ -114,20 +133,25 @@ def _gdn_bwd(
     dht: Tensor | None,
     gamma: Tensor,
     Ai: Tensor,
+    w: Tensor,
+    hs: Tensor,
+    vn: Tensor,
     scale: float,
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dg, dbeta, dh0); dh0 empty without initial_state. gamma and Ai: the forward's (``_gdn_fwd``),
-    reused when not empty, else recomputed."""
+    """(dq, dk, dv, dg, dbeta, dh0); dh0 empty without initial_state. gamma, Ai, w, hs, vn: the forward's
+    (``_gdn_fwd``), reused when not empty, else recomputed."""
     from .chunk import chunk_gdn_bwd
 
     kept = dict(gamma=gamma, Ai=Ai) if Ai.numel() > 0 else {}
+    if kept and hs.numel() > 0:
+        kept["states"] = (w, hs, vn)
     return chunk_gdn_bwd(q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens=cu_seqlens, **kept)
 
 
 @_gdn_bwd.register_kernel("cpu")
 @no_autocast("cpu")
-def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, scale, cu_seqlens):
+def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, w, hs, vn, scale, cu_seqlens):
     # the op runs below the autograd dispatch key, so the reference is differentiated with torch.func
     primals = [_acc(x) for x in (q, k, v, g, beta)] + ([] if initial_state is None else [_acc(initial_state)])
 
@@ -144,30 +168,30 @@ def _gdn_bwd_cpu(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, scale, cu_
 
 
 @_gdn_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, scale, cu_seqlens):
+def _(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, w, hs, vn, scale, cu_seqlens):
     dh0 = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta)) + (dh0,)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, scale, cu_seqlens = inputs
-    _, _, gamma, Ai = output
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, gamma, Ai)
+    q, k, v, g, beta, initial_state, scale, cu_seqlens, _ = inputs
+    kept = output[2:]  # gamma, Ai, W, hs, Vn
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *kept)
     ctx.scale = scale
-    # gamma and Ai are for the backward only: no gradient flows into them, and with materialize_grads off autograd
-    # passes None for them instead of filling zeros as large as Ai on every backward
-    ctx.mark_non_differentiable(gamma, Ai)
+    # these are for the backward only: no gradient flows into them, and with materialize_grads off autograd
+    # passes None for them instead of filling zeros as large as Ai and the states on every backward
+    ctx.mark_non_differentiable(*kept)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, _dgamma, _dai):
-    q, k, v, g, beta, initial_state, cu_seqlens, gamma, Ai = ctx.saved_tensors
+def _backward(ctx, do, dht, *_d_kept):
+    q, k, v, g, beta, initial_state, cu_seqlens, *kept = ctx.saved_tensors
     # zeros where o got no gradient; a final state that got none stays None (the backward then starts from a
     # zero state gradient without reading one)
     if do is None:
         do = torch.zeros_like(v)
-    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, gamma, Ai, ctx.scale, cu_seqlens)
-    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None
+    dq, dk, dv, dg, dbeta, dh0 = _gdn_bwd(q, k, v, g, beta, initial_state, do, dht, *kept, ctx.scale, cu_seqlens)
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None
 
 
 _gdn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -189,6 +213,7 @@ def gated_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    keep_states: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated delta rule: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = scale * S_t^T q_t.
@@ -209,6 +234,10 @@ def gated_delta_rule(
             0 = c_0 <= c_1 <= ... <= c_N = T (empty sequences allowed) and B = 1. Sequence n is tokens
             c_n ... c_{n+1} - 1; it starts from initial_state[n] and ends in final_state[n], and no state
             crosses a boundary. Its values are checked as g's.
+        keep_states: where the chunked CUDA kernels run, keep the forward's chunk states for the backward (W,
+            the state at each chunk start, Vn: about three more tensors of k's size), so that the backward
+            does not recompute them; False recomputes them there (less memory, two more kernels), as
+            flash-linear-attention does.
 
     Returns:
         (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
@@ -220,7 +249,8 @@ def gated_delta_rule(
     scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if initial_state is not None:
         initial_state = initial_state.to(_acc(v).dtype)  # a float32 state under float64 inputs is widened
-    o, final_state, _, _ = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens)  # the rest: for the backward
+    # the rest of the outputs: for the backward
+    o, final_state, *_ = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens, bool(keep_states))
     return o, (final_state if output_final_state else None)
 
 

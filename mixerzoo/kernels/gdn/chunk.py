@@ -1190,6 +1190,19 @@ def _check_intermediates(gamma, Ai, B, T, H) -> None:
             raise ValueError(f"chunk_gdn_bwd: {name} must be float32 {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
+def _check_states(states, Ai, k, v, NT) -> None:
+    # the backward's kept forward states: with gamma and Ai, in v's dtype, the forward's shapes
+    if states is None:
+        return
+    if Ai is None:
+        raise ValueError("chunk_gdn_bwd: states (W, hs, Vn) come with the forward's gamma and Ai, got neither")
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    for name, x, shape in zip(("W", "hs", "Vn"), states, ((B, T, H, K), (B, NT, H, K, V), (B, T, H, V)), strict=True):
+        if x.dtype != v.dtype or x.shape != shape:
+            raise ValueError(f"chunk_gdn_bwd: {name} must be {v.dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
+
+
 def chunk_gdn_fwd(
     q: Tensor,
     k: Tensor,
@@ -1204,6 +1217,7 @@ def chunk_gdn_fwd(
     doubling: bool = True,
     fuse_wu: bool = False,
     return_intermediates: bool = False,
+    keep_states: bool = False,
 ) -> tuple[Tensor, ...]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
@@ -1218,7 +1232,10 @@ def chunk_gdn_fwd(
     ``return_intermediates=True`` returns (o, final state, gamma, Ai): gamma float32 [B, T, H], the cumulative
     log decay from each chunk's start, and Ai float32 [B, T, H, 64], token t's row of its chunk's (I + A)^-1
     (zeros above the diagonal), for ``chunk_gdn_bwd`` to reuse instead of running the prep kernel again. With
-    ``fuse_wu=True`` the fused kernel then also stores Ai."""
+    ``fuse_wu=True`` the fused kernel then also stores Ai. With ``keep_states=True`` as well, it returns
+    (o, final state, gamma, Ai, W, hs, Vn): W [B, T, H, K] and Vn [B, T, H, V] in v's dtype, hs [B, NT, H, K, V]
+    the state at each chunk's start in v's dtype (NT: the chunk grid's rows), for the backward to skip the wu
+    and h kernels as well."""
     _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -1257,7 +1274,9 @@ def chunk_gdn_fwd(
         IS_VARLEN=cu is not None,
         num_warps=8 if BV > 64 else 4,
     )
-    return (o, ht, gamma, Ai) if return_intermediates else (o, ht)
+    if not return_intermediates:
+        return o, ht
+    return (o, ht, gamma, Ai) + ((w, hs, vn) if keep_states else ())
 
 
 def chunk_gdn_bwd(
@@ -1277,6 +1296,7 @@ def chunk_gdn_bwd(
     fuse_wu: bool = False,
     gamma: Tensor | None = None,
     Ai: Tensor | None = None,
+    states: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``chunk_gdn_fwd``: (dq, dk, dv, dg, dbeta, dh0); dh0 is empty when initial_state is None.
     With ``cu_seqlens``, dht and dh0 are [N, H, K, V] like the states.
@@ -1286,7 +1306,9 @@ def chunk_gdn_bwd(
     kernel and recomputes only W, U (the wu kernel) and the chunk states from them; the gradients are then
     bit for bit those of the recomputing path with ``fuse_wu=False`` (the same kernels on the same values:
     the fused kernel's gamma and Ai equal the prep kernel's), and ``fuse_wu`` and ``doubling`` are not used.
-    Without them, prep (and wu) run again as in the forward."""
+    Without them, prep (and wu) run again as in the forward. ``states`` (W, hs, Vn), with gamma and Ai: the
+    forward's from ``keep_states=True``; then neither wu nor h runs again (the same values, so the same
+    gradients bit for bit)."""
     _check_floats("chunk_gdn_bwd", q, k, v, g, beta, initial_state, do=do, dht=dht)
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
@@ -1298,6 +1320,7 @@ def chunk_gdn_bwd(
     _check_intermediates(gamma, Ai, B, T, H)
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, N, cu, offsets, indices = chunks
+    _check_states(states, Ai, k, v, NT)
     varlen = cu is not None
     dev = k.device
     prec = dot_precision(k)
@@ -1307,7 +1330,10 @@ def chunk_gdn_bwd(
         )
     else:
         gamma, Ai = gamma.contiguous(), Ai.contiguous()
-        w, hs, vn, _, _ = _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
+        if states is None:
+            w, hs, vn, _, _ = _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
+        else:
+            w, hs, vn = (x.contiguous() for x in states)
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
