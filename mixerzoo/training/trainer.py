@@ -794,5 +794,6 @@ def main_train(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump({"config": _config_json(model, cfg), "history": history, "final": final}, f, indent=1)
     if _is_dist():
+        dist.barrier()  # every rank done with its collectives before any closes its connections
         dist.destroy_process_group()
     return 0

@@ -38,6 +38,9 @@ def main() -> None:
     }
     (out / f"rank{trainer.rank}-of-{trainer.world}.json").write_text(json.dumps(record))
     if trainer.world > 1:
+        # both ranks past their last collective before either closes its connections: a rank that tore down
+        # while its peer was still finishing had the peer's gloo threads abort it (once in CI, SIGABRT)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
