@@ -21,6 +21,18 @@ __all__ = ["rope_cuda", "rope_launch"]
 
 
 @triton.jit
+def rope_rotate_half(x, x_p, pos, inv_freq, o_d, m_d, HALF: tl.constexpr):
+    # rotate-half RoPE of x [..., BD] (float32, whole head dims in the lanes o_d) at integer position pos;
+    # x_p[d] = x[(d + HALF) % D], the rotation partner. Angles in float64, rotation in float32, as
+    # mixerzoo.mixers.rope: (x1 cos - x2 sin, x2 cos + x1 sin)
+    angle = pos.to(tl.float64) * tl.load(inv_freq + o_d % HALF, mask=m_d, other=0.0)
+    cos = tl.cos(angle).to(tl.float32)
+    sin = tl.sin(angle).to(tl.float32)
+    sign = tl.where(o_d < HALF, -1.0, 1.0)
+    return x * cos + (x_p * sign) * sin
+
+
+@triton.jit
 def rope_cos_sin(pos, inv_freq, HALF: tl.constexpr, BD: tl.constexpr):
     # cos and sin [BD] of the rotary angles at the integer position pos: the angle in float64, the rotation's
     # factors in float32 (as mixerzoo.mixers.rope); lanes from HALF on hold angle 0. Also (lanes, lanes < HALF).

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._triton import LOG2E, dot_precision, tl, triton
-from ..rope import _inv_freq
+from ..rope import _inv_freq, rope_rotate_half
 from .decode import _decode_block
 
 __all__ = ["eviction_step", "eviction_step_context"]
@@ -76,17 +76,6 @@ def _eviction_step_context_kernel(
     s, lead = _eviction_step_pos(seen, pad, i_b, ENDED_MARK)
     if i_h == 0:
         tl.store(pos_ctx + i_b * (M2 + 1) + o_r, s - M2 + o_r - lead, mask=o_r <= M2)
-
-
-@triton.jit
-def _eviction_step_rope(x, x_p, pos, inv_freq, o_d, m_d, HALF: tl.constexpr):
-    # rotate-half RoPE of x [..., BD] (float32) at integer position pos; x_p[d] = x[(d + HALF) % D]. Angles in
-    # float64, rotation in float32, as mixers/rope.py: (x1 cos - x2 sin, x2 cos + x1 sin)
-    angle = pos.to(tl.float64) * tl.load(inv_freq + o_d % HALF, mask=m_d, other=0.0)
-    cos = tl.cos(angle).to(tl.float32)
-    sin = tl.sin(angle).to(tl.float32)
-    sign = tl.where(o_d < HALF, -1.0, 1.0)
-    return x * cos + (x_p * sign) * sin
 
 
 @triton.jit
@@ -151,12 +140,12 @@ def _eviction_step_kernel(
     p_q = q + (i_b.to(tl.int64) * HQ + i_hk * G + o_g[:, None]) * D
     b_q = tl.load(p_q + o_d[None, :], mask=m_gd, other=0.0).to(tl.float32)
     b_qp = tl.load(p_q + o_dp[None, :], mask=m_gd, other=0.0).to(tl.float32)
-    b_q = _eviction_step_rope(b_q, b_qp, pos, inv_freq, o_d[None, :], m_d[None, :], HALF)
+    b_q = rope_rotate_half(b_q, b_qp, pos, inv_freq, o_d[None, :], m_d[None, :], HALF)
     b_q = b_q.to(q.dtype.element_ty)  # rounded as apply_rope's output
     p_kv = (i_b.to(tl.int64) * HKV + i_hk) * D
     b_k = tl.load(k + p_kv + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_kp = tl.load(k + p_kv + o_dp, mask=m_d, other=0.0).to(tl.float32)
-    b_kr = _eviction_step_rope(b_k, b_kp, pos, inv_freq, o_d, m_d, HALF).to(win_k.dtype.element_ty)
+    b_kr = rope_rotate_half(b_k, b_kp, pos, inv_freq, o_d, m_d, HALF).to(win_k.dtype.element_ty)
     b_v = tl.load(v + p_kv + o_d, mask=m_d, other=0.0).to(win_v.dtype.element_ty)
 
     # the score of token s - M (its router context is complete): sinks SINK, padding and before the start NONE

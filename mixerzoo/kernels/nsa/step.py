@@ -18,19 +18,11 @@ import torch
 from torch import Tensor
 
 from .._triton import HAS_TRITON, tl, triton
+from ..rope import rope_rotate_half
 
 __all__ = ["nsa_step_supported", "nsa_step_tile"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _rotate(x, p_x, p_pair, m, b_cos, b_sin):
-    # RoPE of the rows at x + p_x (their rotation partners, the other half of each head, at x + p_pair), float32:
-    # first half x1 cos - x2 sin, second half x2 cos + x1 sin (b_sin carries the first half's minus sign)
-    b_x = tl.load(x + p_x, mask=m, other=0.0).to(tl.float32)
-    b_p = tl.load(x + p_pair, mask=m, other=0.0).to(tl.float32)
-    return b_x * b_cos + b_p * b_sin
 
 
 @triton.jit
@@ -72,23 +64,20 @@ def nsa_step_tile(
     b_pos = tl.load(seen) - tl.load(pad + i_b)  # the token's position among the row's real tokens
     o_d = tl.arange(0, DP)
     m_d = o_d < D
-    first = o_d < HALF
-    o_pair = tl.where(first, o_d + HALF, o_d - HALF)  # the rotation partner of each column
-    # the angle in float64, the rotation's factors in float32 (as mixerzoo.mixers.rope)
-    b_angle = b_pos.to(tl.float64) * tl.load(inv_freq + tl.where(first, o_d, o_d - HALF), mask=m_d, other=0.0)
-    b_cos = tl.cos(b_angle).to(tl.float32)
-    b_sin = tl.sin(b_angle).to(tl.float32)
-    b_sin = tl.where(first, -b_sin, b_sin)
+    o_dp = (o_d + HALF) % D  # the rotation partner of each channel
 
     # the group's queries, rotated, rounded to q's dtype (as the general step's rotated projections)
-    p_q = (i_b * HQ + i_h * G + o_r)[:, None] * D
+    p_q = q + (i_b * HQ + i_h * G + o_r)[:, None] * D
     m_q = m_r[:, None] & m_d[None, :]
-    b_q = _rotate(q, p_q + o_d[None, :], p_q + o_pair[None, :], m_q, b_cos[None, :], b_sin[None, :])
-    b_q = b_q.to(q.dtype.element_ty)
+    b_q = tl.load(p_q + o_d[None, :], mask=m_q, other=0.0).to(tl.float32)
+    b_qp = tl.load(p_q + o_dp[None, :], mask=m_q, other=0.0).to(tl.float32)
+    b_q = rope_rotate_half(b_q, b_qp, b_pos, inv_freq, o_d[None, :], m_d[None, :], HALF).to(q.dtype.element_ty)
 
     # the rotated key and the value -> cache slot (position mod N), rounded to the cache's dtype
     p_kv = i_b * HKV * D + i_h * D
-    b_k = _rotate(k, p_kv + o_d, p_kv + o_pair, m_d, b_cos, b_sin).to(k_cache.dtype.element_ty)
+    b_k = tl.load(k + p_kv + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_kp = tl.load(k + p_kv + o_dp, mask=m_d, other=0.0).to(tl.float32)
+    b_k = rope_rotate_half(b_k, b_kp, b_pos, inv_freq, o_d, m_d, HALF).to(k_cache.dtype.element_ty)
     b_v = tl.load(v + p_kv + o_d, mask=m_d, other=0.0).to(v_cache.dtype.element_ty)
     p_slot = ((i_b * N + b_pos % N) * HKV + i_h) * D + o_d
     tl.store(k_cache + p_slot, b_k, mask=m_d)
