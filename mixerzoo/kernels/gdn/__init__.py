@@ -115,8 +115,9 @@ def _(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), q.new_empty(B, T, H, 64, dtype=torch.float32)
     if not keep_states:
         return o, s, gamma, Ai, *_no_states(v)
-    # the chunk grid's rows: cdiv(T, 64) per sequence, or a packed batch's worst case (chunk._chunking)
-    NT = -(-T // 64) if cu_seqlens is None else (T + 63 * (cu_seqlens.shape[0] - 1)) // 64
+    from .chunk import chunk_rows
+
+    NT = chunk_rows(T, None if cu_seqlens is None else cu_seqlens.shape[0] - 1)
     return o, s, gamma, Ai, v.new_empty(B, T, H, K), v.new_empty(B, NT, H, K, V), v.new_empty(B, T, H, V)
 
 

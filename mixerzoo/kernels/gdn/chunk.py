@@ -1053,6 +1053,12 @@ def _seq_config(B, H, K, V, seq):
     return 64, False, 4
 
 
+def chunk_rows(T: int, num_seqs: int | None) -> int:
+    """Rows of the chunk grid: cdiv(T, 64) chunks per sequence (num_seqs None: fixed length), or a packed batch's
+    worst case (T + 63 N) // 64 for N sequences (see _chunking). Shapes only, so fakes can size hs."""
+    return -(-T // BT) if num_seqs is None else (T + (BT - 1) * num_seqs) // BT
+
+
 def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     """How the chunk grid maps onto the batch: (NT, N, cu, offsets, indices).
 
@@ -1064,12 +1070,12 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     most N idle programs per kernel.
     """
     if cu_seqlens is None:
-        return triton.cdiv(T, BT), B, None, None, None
+        return chunk_rows(T, None), B, None, None, None
     cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
     N = cu.numel() - 1
     n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT  # [N]
     offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])  # [N + 1]
-    NT = (T + (BT - 1) * N) // BT
+    NT = chunk_rows(T, N)
     rows = torch.arange(NT, device=device, dtype=offsets.dtype)
     seq = torch.searchsorted(offsets[1:], rows, right=True)  # n with offsets[n] <= row < offsets[n + 1]
     seq_in = seq.clamp(max=N - 1)
@@ -1179,28 +1185,25 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
     return (gamma, Ai) + _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
 
 
-def _check_intermediates(gamma, Ai, B, T, H) -> None:
-    # the backward's reused forward intermediates: both or neither, float32, the forward's shapes
+def _check_kept(gamma, Ai, states, k, v, NT) -> None:
+    # the backward's reused forward intermediates: gamma and Ai both or neither (float32), the states (W, hs, Vn,
+    # in v's dtype) only with them; each with the forward's shape
     if (gamma is None) != (Ai is None):
         raise ValueError("chunk_gdn_bwd: gamma and Ai come together (the forward's), got only one of them")
-    if Ai is None:
-        return
-    for name, x, shape in (("gamma", gamma, (B, T, H)), ("Ai", Ai, (B, T, H, BT))):
-        if x.dtype != torch.float32 or x.shape != shape:
-            raise ValueError(f"chunk_gdn_bwd: {name} must be float32 {list(shape)}, got {x.dtype} {list(x.shape)}")
-
-
-def _check_states(states, Ai, k, v, NT) -> None:
-    # the backward's kept forward states: with gamma and Ai, in v's dtype, the forward's shapes
-    if states is None:
-        return
-    if Ai is None:
+    if states is not None and Ai is None:
         raise ValueError("chunk_gdn_bwd: states (W, hs, Vn) come with the forward's gamma and Ai, got neither")
+    if Ai is None:
+        return
     B, T, H, K = k.shape
     V = v.shape[-1]
-    for name, x, shape in zip(("W", "hs", "Vn"), states, ((B, T, H, K), (B, NT, H, K, V), (B, T, H, V)), strict=True):
-        if x.dtype != v.dtype or x.shape != shape:
-            raise ValueError(f"chunk_gdn_bwd: {name} must be {v.dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
+    want = {"gamma": (gamma, torch.float32, (B, T, H)), "Ai": (Ai, torch.float32, (B, T, H, BT))}
+    if states is not None:
+        W, hs, vn = states
+        want.update(W=(W, v.dtype, (B, T, H, K)), hs=(hs, v.dtype, (B, NT, H, K, V)), Vn=(vn, v.dtype, (B, T, H, V)))
+    for name, (x, dtype, shape) in want.items():
+        if x.dtype != dtype or x.shape != shape:
+            label = "float32" if name in ("gamma", "Ai") else dtype
+            raise ValueError(f"chunk_gdn_bwd: {name} must be {label} {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
 def chunk_gdn_fwd(
@@ -1317,10 +1320,9 @@ def chunk_gdn_bwd(
         initial_state = initial_state.contiguous()
     B, T, H, K = k.shape
     V = v.shape[-1]
-    _check_intermediates(gamma, Ai, B, T, H)
     chunks = _chunking(B, T, cu_seqlens, k.device)
     NT, N, cu, offsets, indices = chunks
-    _check_states(states, Ai, k, v, NT)
+    _check_kept(gamma, Ai, states, k, v, NT)
     varlen = cu is not None
     dev = k.device
     prec = dot_precision(k)
