@@ -425,22 +425,29 @@ def nsa_decode_fwd(
         if not (g_cmp.stride() == g_slc.stride() == g_win.stride() and g_cmp.stride(1) == 1):
             g_cmp, g_slc, g_win = (x.contiguous() for x in gates)
     B, HQ, D = q.shape
-    N, HKV = k_cache.shape[1], k_cache.shape[2]
-    NC, G = k_cmp.shape[1], HQ // HKV
-    cfg = tiles or nsa_decode_tiles(G, D, block_size, NC)
-    R, DP = _decode_rows_cols(G, D)
     o = torch.empty_like(q)
-    idx = torch.empty(B, HKV, block_count, dtype=torch.int32, device=q.device)
-    s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
-    nsa_decode_kernel[(B * HKV,)](
-        q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, q_pos=q_pos,
-        g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, o=o, idx=idx, s_tmp=s_tmp,
-        k_new=None, v_new=None, seen=None, pad=None, inv_freq=None,
-        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, g_stride=g_cmp.stride(0),
-        HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP, L=block_size,
-        NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), GATE_LOGITS=gate_logits, **cfg,
+    idx = torch.empty(B, k_cache.shape[2], block_count, dtype=torch.int32, device=q.device)
+    _launch(
+        q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, tiles,
+        q_pos=q_pos, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, idx=idx, k_new=None, v_new=None, seen=None, pad=None,
+        inv_freq=None, g_stride=g_cmp.stride(0), GATE_LOGITS=gate_logits,
     )  # fmt: skip
     return o, idx
+
+
+def _launch(q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, tiles, **mode):
+    # nsa_decode_kernel over the caches, one program per (row, KV head), into o; ``mode``: the arguments that
+    # differ between the decode (q_pos, three gate tensors, idx) and the mixer's step (STEP: the projections)
+    B, N, HKV, D = k_cache.shape
+    NC, G = k_cmp.shape[1], HQ // HKV
+    R, DP = _decode_rows_cols(G, D)
+    s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
+    nsa_decode_kernel[(B * HKV,)](
+        q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, o=o, s_tmp=s_tmp,
+        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP,
+        L=block_size, NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q),
+        **(tiles or _decode_tiles(G, D, block_size, NC, interpreting())), **mode,
+    )  # fmt: skip
 
 
 def nsa_step_decode(
@@ -477,21 +484,15 @@ def nsa_step_decode(
     Returns o [B, HQ, D] in q's dtype. The caller (the mixer, whose state shapes are checked) has checked
     ``nsa_step_supported`` and ``nsa_decode_supported``; nothing is checked here (host time).
     """
-    B, N, HKV, D = k_cache.shape
+    B, D = q.shape[0], k_cache.shape[3]
     HQ = q.shape[1] // D
-    NC, G = k_cmp.shape[1], HQ // HKV
     q, k, v, gate_logits = q.contiguous(), k.contiguous(), v.contiguous(), gate_logits.contiguous()
-    R, DP = _decode_rows_cols(G, D)
     o = q.new_empty(B, HQ, D)
-    s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
-    nsa_decode_kernel[(B * HKV,)](
-        q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, q_pos=None,
-        g_cmp=gate_logits, g_slc=None, g_win=None, o=o, idx=None, s_tmp=s_tmp,
-        k_new=k, v_new=v, seen=seen, pad=pad, inv_freq=_inv_freq(D, float(theta), q.device),
-        N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, g_stride=3 * HQ,
-        HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP, L=block_size,
-        NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q), GATE_LOGITS=True, STEP=True,
-        BL=max(_pow2(block_size), 2), **_decode_tiles(G, D, block_size, NC, interpreting()),
+    _launch(
+        q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, None,
+        q_pos=None, g_cmp=gate_logits, g_slc=None, g_win=None, idx=None, k_new=k, v_new=v, seen=seen, pad=pad,
+        inv_freq=_inv_freq(D, float(theta), q.device), g_stride=3 * HQ, GATE_LOGITS=True, STEP=True,
+        BL=max(_pow2(block_size), 2),
     )  # fmt: skip
     return o
 
