@@ -315,6 +315,14 @@ def bench_decode(args, H, K, V):
     return rows
 
 
+# (BV, prefetch, num_warps, num_stages) of the sequential kernels for --sweep: the earlier sweep's five, and
+# without prefetch at 2 / 4 warps with the compiler's pipelining at 2 to 4 stages
+SEQ_SWEEP = (
+    (32, False, 4, 2), (64, False, 4, 2), (32, True, 4, 1), (64, True, 4, 1), (32, True, 8, 1),
+    (32, False, 2, 3), (32, False, 4, 3), (64, False, 4, 3), (32, False, 4, 4), (64, False, 2, 3),
+)  # fmt: skip
+
+
 def bench(args):
     import fla
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -327,29 +335,29 @@ def bench(args):
     rows = []
     chosen = {}
     if args.sweep:
-        # launch settings of the sequential kernels, (BV, prefetch, num_warps), at each benchmark shape
+        # launch settings of the sequential kernels, (BV, prefetch, num_warps, num_stages), at each benchmark shape
+        # (head shape: the first of --hkv, else the benchmark's)
         import mixerzoo.kernels.gdn.chunk as chunk_mod
 
+        sH, sK, sV = args.hkv[0] if args.hkv else (H, K, V)
         for B, T in ((16, 2048), (1, 32768)):
-            q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=11)
+            q, k, v, g, beta, _ = inputs(B, T, sH, sK, sV, torch.bfloat16, h0=False, seed=11)
             do = torch.randn_like(v)
             best = None
-            fwd_args, bwd_args = (q, k, v, g, beta, K**-0.5, None), (q, k, v, g, beta, K**-0.5, None, do, None)
-            for seq in ((32, False, 4), (64, False, 4), (32, True, 4), (64, True, 4), (32, True, 8)):
+            fwd_args, bwd_args = (q, k, v, g, beta, sK**-0.5, None), (q, k, v, g, beta, sK**-0.5, None, do, None)
+            for seq in SEQ_SWEEP:
                 f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=seq), warmup=2, repeat=10)
                 b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=seq), warmup=2, repeat=10)
-                print(f"  sweep B={B} T={T} seq={seq}: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
+                print(f"  sweep H={sH} K={sK} V={sV} B={B} T={T} seq={seq}: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
                 if best is None or f + b < best[0]:
                     best = (f + b, seq)
             chosen[B] = best[1]
-            # the other 16x16 inverse (row substitution; the default is doubling) at the chosen settings
-            f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=best[1], doubling=False), warmup=2, repeat=10)
-            b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=best[1], doubling=False), warmup=2, repeat=10)
-            print(f"  sweep B={B} T={T} seq={best[1]} substitution inverse: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
+            # the other 16x16 inverse (doubling; the default is row substitution) at the chosen settings
+            f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
+            b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
+            print(f"  sweep B={B} T={T} seq={best[1]} doubling inverse: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
         default = chunk_mod._seq_config
-        chunk_mod._seq_config = lambda B_, H_, K_, V_, seq: (
-            seq if seq is not None else chosen.get(B_) or default(B_, H_, K_, V_, None)
-        )
+        chunk_mod._seq_config = lambda B_, H_, K_, V_, seq: default(B_, H_, K_, V_, seq or chosen.get(B_))
         print("chosen", chosen, flush=True)
     for B, T in ((16, 2048), (1, 32768)):
         q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=11)
@@ -575,7 +583,7 @@ def main(argv=None) -> int:
         default=None,
         metavar="HxKxV,...",
         help="--shapes: only these head shapes (e.g. 32x64x64,8x256x256; default the whole sweep); other points "
-        "already in the results file are kept",
+        "already in the results file are kept. --sweep: its head shape (the first)",
     )
     ap.add_argument(
         "--kernels",
@@ -588,8 +596,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
     ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
     args = ap.parse_args(argv)
-    if args.hkv and not args.shapes:
-        ap.error("--hkv chooses the head shapes of --shapes; pass --shapes too")
+    if args.hkv and not (args.shapes or args.sweep):
+        ap.error("--hkv chooses the head shapes of --shapes or --sweep; pass one of them too")
     if args.kernels and (args.shapes or args.check or args.smoke):
         ap.error("--kernels runs alone (with --bench or nothing)")
     if args.smoke:

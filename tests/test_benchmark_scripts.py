@@ -31,6 +31,7 @@ GPU_MODES = {
     "check_backends.py": ([], "'check_backends.py --device cpu --small --backends sdpa' runs on the CPU"),
     "check_head_dims.py": ([], "'check_head_dims.py --device cpu' runs on the CPU"),
     "gdn_mixer_check.py": (["--device", "cuda"], "'gdn_mixer_check.py --device cpu' runs on the CPU"),
+    "gdn_prep.py": ([], "no mode of it runs on the CPU"),
     "decode.py": ([], "no mode of it runs on the CPU"),
     "nsa.py": (["--check"], "no mode of it runs on the CPU"),
     "flash_attn_backend.py": ([], "no mode of it runs on the CPU"),
@@ -160,7 +161,10 @@ def test_usage_errors_name_the_value():
         "attention.py": (["--sections", "swa,ful"], "unknown section(s) ful; the sections are check"),
         "gdn.py": (["--smoke", "--sweep"], "--smoke runs the tiny checks alone, got also --sweep"),
         "train_e2e.py": (["--retained", "band,2"], "--retained takes init, band or a fraction in (0, 1], got '2'"),
-        "gdn.py --hkv": (["--hkv", "32x64x64"], "--hkv chooses the head shapes of --shapes; pass --shapes too"),
+        "gdn.py --hkv": (
+            ["--hkv", "32x64x64"],
+            "--hkv chooses the head shapes of --shapes or --sweep; pass one of them too",
+        ),
         "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction"),
     }
     runs = _run_all({s: _command(s.split()[0], args) for s, (args, _) in cases.items()}, _env())

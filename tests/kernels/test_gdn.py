@@ -212,7 +212,8 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
         *xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu, return_intermediates=True, keep_states=True
     )
     B, T, H = g.shape
-    assert gamma.shape == (B, T, H) and Ai.shape == (B, T, H, 64) and gamma.dtype == Ai.dtype == torch.float32
+    assert gamma.shape == (B, T, H) and Ai.shape == (B, T, H, 64) and gamma.dtype == torch.float32
+    assert Ai.dtype == k.dtype
     NT = chunk._chunking(B, T, cu, q.device)[0]
     assert [x.shape for x in states] == [k.shape, (B, NT, H, K, V), v.shape]
     o_plain, ht_plain = chunk_gdn_fwd(*xs, scale, h0, cu_seqlens=cu, fuse_wu=fuse_wu)
@@ -238,7 +239,7 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai, states=(states[0], v, states[2]))
     with pytest.raises(ValueError, match="gamma and Ai come together"):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, Ai=Ai)
-    with pytest.raises(ValueError, match=r"Ai must be float32 \[.*, 64\], got torch.float32 \[.*, 32\]"):
+    with pytest.raises(ValueError, match=r"Ai must be torch.float32 \[.*, 64\], got torch.float32 \[.*, 32\]"):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai[..., :32])
 
 
@@ -745,25 +746,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mixerzoo.kernels.gdn import chunk
 
-fn = chunk._gdn_chunk_prep_wu_kernel
-params = list(inspect.signature(fn.fn).parameters)
-for K, V, store in ((64, 64, False), (128, 256, True)):
-    consts = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=V, BT=64, BK=64, BV=64, DOUBLING=True,
-                  STORE_AI=store, PREC="tf32", IS_VARLEN=False)
-    if not store:
-        consts["Ai"] = None
-    sig = {p: "constexpr" if p in consts else "i32" if p == "T" else
-           "*fp32" if p in ("gamma", "Ai", "flag") else "*bf16" for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(f"K={K} V={V} store_ai={store} shared", kernel.metadata.shared)
+for fn in (chunk._gdn_chunk_prep_kernel, chunk._gdn_chunk_prep_wu_kernel):
+    params = list(inspect.signature(fn.fn).parameters)
+    for K, V, store in ((64, 64, False), (128, 256, True)):
+        consts = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=V, BT=64, BK=64, BV=64, DOUBLING=True,
+                      STORE_AI=store, PREC="tf32", INV_PREC="tf32x3", IS_VARLEN=False)
+        consts = {p: c for p, c in consts.items() if p in params}
+        if not store and "STORE_AI" in params:
+            consts["Ai"] = None
+        sig = {p: "constexpr" if p in consts else "i32" if p == "T" else
+               "*fp32" if p in ("gamma", "flag") else "*bf16" for p in params}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print(f"{fn.fn.__name__} K={K} V={V} store_ai={store} shared", kernel.metadata.shared)
 """
 
 
 @pytest.mark.slow
 def test_fused_prep_wu_compiles_for_sm90(compile_in_child):
-    """The fused prep + wu kernel compiles for sm_90 in bf16 (its 16-row dots, the Ai stores on and off) at two head
-    shapes. In a child process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
+    """The prep kernel, alone and fused with wu, compiles for sm_90 in bf16 (its 16-row dots, the inverse's tf32x3
+    products, Ai stored in bf16, on and off) at two head shapes. In a child process: the tests' TRITON_INTERPRET=1
+    makes every kernel an interpreted one."""
     out = compile_in_child(_SM90_PREP_WU)
-    assert out.count("shared") == 2, out
+    assert out.count("shared") == 4, out

@@ -51,9 +51,9 @@ def _gdn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o [B, T, H, V] in v's dtype, final state [B or N, H, K, V] float32, gamma, Ai, W, hs, Vn).
 
-    gamma float32 [B, T, H] and Ai float32 [B, T, H, 64] are the chunked forward's in-chunk cumulative log decay
-    and chunk inverses (I + A)^-1, kept for the backward, which then runs no prep kernel of its own. That keeps a
-    float32 [B, T, H, 64] tensor alive from forward to backward (as flash-linear-attention keeps its inverse) in
+    gamma float32 [B, T, H] and Ai [B, T, H, 64] (k's dtype) are the chunked forward's in-chunk cumulative log
+    decay and chunk inverses (I + A)^-1, kept for the backward, which then runs no prep kernel of its own. That
+    keeps a [B, T, H, 64] tensor alive from forward to backward (as flash-linear-attention keeps its inverse) in
     exchange for one prep kernel less in the backward. With ``keep_states`` also W [B, T, H, K], the states at
     the chunk starts hs [B, NT, H, K, V] and Vn [B, T, H, V] (v's dtype), so that the backward runs neither wu
     nor h again: about three more tensors of k's size kept until the backward, for two kernels fewer. Empty
@@ -112,7 +112,7 @@ def _(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
     if q.device.type == "cpu" or _fused_recurrent(T, cu_seqlens):
         return o, s, *_no_intermediates(q), *_no_states(v)
-    gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), q.new_empty(B, T, H, 64, dtype=torch.float32)
+    gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), k.new_empty(B, T, H, 64)
     if not keep_states:
         return o, s, gamma, Ai, *_no_states(v)
     from .chunk import chunk_rows
@@ -244,7 +244,7 @@ def gated_delta_rule(
         (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in every input and
         ``initial_state``. The recurrence is causal: a NaN or Inf at token t leaves every output before t
         finite. Where the chunked CUDA kernels run (T > 64, and more tokens than sequences of a packed
-        batch), a call that records gradients keeps the chunk inverses (float32 [B, T, H, 64]) until its
+        batch), a call that records gradients keeps the chunk inverses ([B, T, H, 64] in k's dtype) until its
         backward, which then does not recompute them.
     """
     scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)

@@ -2,7 +2,7 @@
 
 Within a chunk of BT = 64 tokens, gamma is the cumulative log decay from the chunk start and
 
-    A  = strictly_lower(beta_i k_i.k_j exp(gamma_i - gamma_j)),   Ai = (I + A)^-1  (float32)
+    A  = strictly_lower(beta_i k_i.k_j exp(gamma_i - gamma_j)),   Ai = (I + A)^-1  (float32; stored in k's dtype)
     W  = Ai diag(beta) (K * exp(gamma)),   U = Ai diag(beta) V
     Vn = U - W h                                        (the chunk's "new values")
     o  = scale (Q * exp(gamma)) h + scale causal(Q K^T * exp(gamma_i - gamma_j)) Vn
@@ -46,31 +46,32 @@ BT = 64  # chunk size
 
 @triton.jit
 def _inv_unit_lower16(b_a):
-    # (I + a)^-1 for a strictly lower [16, 16] block, by forward substitution, one row per step
-    # no tl.trans of a dot result anywhere in these kernels: on Hopper, Triton 3.4-3.7.0 miscompiles
-    # transposes of MMA-layout tensors (fla issue #640); vectors change axis through a diagonal mask
+    # (I + a)^-1 for a strictly lower [16, 16] block by forward substitution in registers, one row per step:
+    # with t = (I + a)^-1 - I (strictly lower), (I + a)(I + t) = I gives t_i = -a_i - sum_{j < i} a_ij t_j,
+    # and rows 0 and 1 of t are -a's. No tl.trans anywhere in these kernels: on Hopper, Triton 3.4-3.7.0
+    # miscompiles transposes of MMA-layout tensors fed to tl.dot (fla issue #640); here a row only becomes a
+    # column vector (row[:, None]) for the broadcast product
     o_r = tl.arange(0, 16)
-    b_ti = (o_r[:, None] == o_r[None, :]).to(tl.float32)
-    for i in range(1, 16):
-        b_ar = tl.sum(tl.where(o_r[:, None] == i, b_a, 0.0), 0)  # a[i, :] along columns
-        b_ai = tl.sum(tl.where(o_r[:, None] == o_r[None, :], b_ar[None, :], 0.0), 1)  # a[i, :] along rows
-        b_row = tl.sum(b_ai[:, None] * b_ti, 0)  # sum_j a[i, j] ti[j, :]
-        b_ti = tl.where(o_r[:, None] == i, b_ti - b_row[None, :], b_ti)
-    return b_ti
+    b_t = -b_a
+    for i in range(2, 16):
+        b_row = -tl.sum(tl.where(o_r[:, None] == i, b_a, 0.0), 0)  # -a[i, :] along columns (zero from i on)
+        b_row += tl.sum(b_row[:, None] * b_t, 0)  # - sum_j a[i, j] t[j, :], rows j < i final
+        b_t = tl.where(o_r[:, None] == i, b_row[None, :], b_t)
+    return b_t + (o_r[:, None] == o_r[None, :]).to(tl.float32)
 
 
 @triton.jit
-def _inv_unit_lower16_doubling(b_a):
+def _inv_unit_lower16_doubling(b_a, PREC: tl.constexpr):
     # (I + a)^-1 = sum_{n < 16} (-a)^n = (I - a)(I + a^2)(I + a^4)(I + a^8), since a^16 = 0:
-    # six float32 16x16 products instead of fifteen dependent row steps
+    # six float32 16x16 products instead of fifteen dependent row steps (PREC: see _prep_blocks)
     o_r = tl.arange(0, 16)
     b_i = (o_r[:, None] == o_r[None, :]).to(tl.float32)
-    b_a2 = tl.dot(b_a, b_a, input_precision="ieee")
-    b_a4 = tl.dot(b_a2, b_a2, input_precision="ieee")
-    b_a8 = tl.dot(b_a4, b_a4, input_precision="ieee")
-    b_t = tl.dot(b_i - b_a, b_i + b_a2, input_precision="ieee")
-    b_t = tl.dot(b_t, b_i + b_a4, input_precision="ieee")
-    return tl.dot(b_t, b_i + b_a8, input_precision="ieee")
+    b_a2 = tl.dot(b_a, b_a, input_precision=PREC)
+    b_a4 = tl.dot(b_a2, b_a2, input_precision=PREC)
+    b_a8 = tl.dot(b_a4, b_a4, input_precision=PREC)
+    b_t = tl.dot(b_i - b_a, b_i + b_a2, input_precision=PREC)
+    b_t = tl.dot(b_t, b_i + b_a4, input_precision=PREC)
+    return tl.dot(b_t, b_i + b_a8, input_precision=PREC)
 
 
 @triton.jit
@@ -111,7 +112,7 @@ def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                 DOUBLING: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                 DOUBLING: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):  # fmt: skip
     # gamma = cumsum(g) in the chunk (stored), and Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise,
     # kept in registers: returns the chunk's four 16-row blocks of gamma and beta and the ten blocks of Ai on
     # and below the diagonal (row block first: t10 is rows 16..31, columns 0..15)
@@ -188,35 +189,36 @@ def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK
     b_a30, b_a31, b_a32, b_a33 = _finite16(b_a30), _finite16(b_a31), _finite16(b_a32), _finite16(b_a33)
 
     if DOUBLING:
-        b_t00 = _inv_unit_lower16_doubling(b_a00)
-        b_t11 = _inv_unit_lower16_doubling(b_a11)
-        b_t22 = _inv_unit_lower16_doubling(b_a22)
-        b_t33 = _inv_unit_lower16_doubling(b_a33)
+        b_t00 = _inv_unit_lower16_doubling(b_a00, INV_PREC)
+        b_t11 = _inv_unit_lower16_doubling(b_a11, INV_PREC)
+        b_t22 = _inv_unit_lower16_doubling(b_a22, INV_PREC)
+        b_t33 = _inv_unit_lower16_doubling(b_a33, INV_PREC)
     else:
         b_t00 = _inv_unit_lower16(b_a00)
         b_t11 = _inv_unit_lower16(b_a11)
         b_t22 = _inv_unit_lower16(b_a22)
         b_t33 = _inv_unit_lower16(b_a33)
-    # Ai_ij = -Ai_ii sum_{j <= l < i} A_il Ai_lj; float32 products ("ieee"): the solve is where precision matters
-    b_t10 = -tl.dot(b_t11, tl.dot(b_a10, b_t00, input_precision="ieee"), input_precision="ieee")
-    b_t21 = -tl.dot(b_t22, tl.dot(b_a21, b_t11, input_precision="ieee"), input_precision="ieee")
-    b_t32 = -tl.dot(b_t33, tl.dot(b_a32, b_t22, input_precision="ieee"), input_precision="ieee")
+    # Ai_ij = -Ai_ii sum_{j <= l < i} A_il Ai_lj. INV_PREC: the float32 products of the solve ("tf32" for bf16 inputs,
+    # whose later kernels read Ai rounded to bf16, else "ieee": see _prep_config)
+    b_t10 = -tl.dot(b_t11, tl.dot(b_a10, b_t00, input_precision=INV_PREC), input_precision=INV_PREC)
+    b_t21 = -tl.dot(b_t22, tl.dot(b_a21, b_t11, input_precision=INV_PREC), input_precision=INV_PREC)
+    b_t32 = -tl.dot(b_t33, tl.dot(b_a32, b_t22, input_precision=INV_PREC), input_precision=INV_PREC)
     b_t20 = -tl.dot(
         b_t22,
-        tl.dot(b_a20, b_t00, input_precision="ieee") + tl.dot(b_a21, b_t10, input_precision="ieee"),
-        input_precision="ieee",
+        tl.dot(b_a20, b_t00, input_precision=INV_PREC) + tl.dot(b_a21, b_t10, input_precision=INV_PREC),
+        input_precision=INV_PREC,
     )
     b_t31 = -tl.dot(
         b_t33,
-        tl.dot(b_a31, b_t11, input_precision="ieee") + tl.dot(b_a32, b_t21, input_precision="ieee"),
-        input_precision="ieee",
+        tl.dot(b_a31, b_t11, input_precision=INV_PREC) + tl.dot(b_a32, b_t21, input_precision=INV_PREC),
+        input_precision=INV_PREC,
     )
     b_t30 = -tl.dot(
         b_t33,
-        tl.dot(b_a30, b_t00, input_precision="ieee")
-        + tl.dot(b_a31, b_t10, input_precision="ieee")
-        + tl.dot(b_a32, b_t20, input_precision="ieee"),
-        input_precision="ieee",
+        tl.dot(b_a30, b_t00, input_precision=INV_PREC)
+        + tl.dot(b_a31, b_t10, input_precision=INV_PREC)
+        + tl.dot(b_a32, b_t20, input_precision=INV_PREC),
+        input_precision=INV_PREC,
     )
     return (b_c0, b_c1, b_c2, b_c3, b_b0, b_b1, b_b2, b_b3,
             b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33)  # fmt: skip
@@ -238,16 +240,17 @@ def _gdn_chunk_prep_kernel(
     BK: tl.constexpr,
     DOUBLING: tl.constexpr,
     PREC: tl.constexpr,
+    INV_PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    # gamma and Ai [B, T, H, BT] float32 (the unfused forward: _gdn_chunk_wu_kernel reads Ai)
+    # gamma [B, T, H] float32 and Ai [B, T, H, BT] in k's dtype (the unfused forward: _gdn_chunk_wu_kernel reads Ai)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_t, bos, T = _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN)
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
     (_, _, _, _, _, _, _, _, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
-        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC
+        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC
     )
     _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H, BT)
 
@@ -255,12 +258,14 @@ def _gdn_chunk_prep_kernel(
 @triton.jit
 def _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H,
               BT: tl.constexpr):  # fmt: skip
-    # the chunk's Ai [BT, BT] float32 from its ten blocks on and below the diagonal (zeros above)
+    # the chunk's Ai [BT, BT] (float32 blocks, stored in Ai's dtype) from its ten blocks on and below the diagonal
+    # (zeros above)
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
     o_t1, o_t2, o_t3 = o_t0 + 16, o_t0 + 32, o_t0 + 48
     m_t0, m_t1, m_t2, m_t3 = o_t0 < T, o_t1 < T, o_t2 < T, o_t3 < T
-    b_z = tl.zeros([16, 16], dtype=tl.float32)
+    dt = Ai.dtype.element_ty
+    b_z = tl.zeros([16, 16], dtype=dt)
     p_ai = Ai + (bos * H + i_h) * BT + o_r[None, :]
     p0, p1, p2, p3 = (
         p_ai + o_t0[:, None] * H * BT,
@@ -268,22 +273,22 @@ def _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32,
         p_ai + o_t2[:, None] * H * BT,
         p_ai + o_t3[:, None] * H * BT,
     )
-    tl.store(p0, b_t00, mask=m_t0[:, None])
+    tl.store(p0, b_t00.to(dt), mask=m_t0[:, None])
     tl.store(p0 + 16, b_z, mask=m_t0[:, None])
     tl.store(p0 + 32, b_z, mask=m_t0[:, None])
     tl.store(p0 + 48, b_z, mask=m_t0[:, None])
-    tl.store(p1, b_t10, mask=m_t1[:, None])
-    tl.store(p1 + 16, b_t11, mask=m_t1[:, None])
+    tl.store(p1, b_t10.to(dt), mask=m_t1[:, None])
+    tl.store(p1 + 16, b_t11.to(dt), mask=m_t1[:, None])
     tl.store(p1 + 32, b_z, mask=m_t1[:, None])
     tl.store(p1 + 48, b_z, mask=m_t1[:, None])
-    tl.store(p2, b_t20, mask=m_t2[:, None])
-    tl.store(p2 + 16, b_t21, mask=m_t2[:, None])
-    tl.store(p2 + 32, b_t22, mask=m_t2[:, None])
+    tl.store(p2, b_t20.to(dt), mask=m_t2[:, None])
+    tl.store(p2 + 16, b_t21.to(dt), mask=m_t2[:, None])
+    tl.store(p2 + 32, b_t22.to(dt), mask=m_t2[:, None])
     tl.store(p2 + 48, b_z, mask=m_t2[:, None])
-    tl.store(p3, b_t30, mask=m_t3[:, None])
-    tl.store(p3 + 16, b_t31, mask=m_t3[:, None])
-    tl.store(p3 + 32, b_t32, mask=m_t3[:, None])
-    tl.store(p3 + 48, b_t33, mask=m_t3[:, None])
+    tl.store(p3, b_t30.to(dt), mask=m_t3[:, None])
+    tl.store(p3 + 16, b_t31.to(dt), mask=m_t3[:, None])
+    tl.store(p3 + 32, b_t32.to(dt), mask=m_t3[:, None])
+    tl.store(p3 + 48, b_t33.to(dt), mask=m_t3[:, None])
 
 
 @triton.jit
@@ -384,6 +389,7 @@ def _gdn_chunk_prep_wu_kernel(
     DOUBLING: tl.constexpr,
     STORE_AI: tl.constexpr,
     PREC: tl.constexpr,
+    INV_PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     # _gdn_chunk_prep_kernel and _gdn_chunk_wu_kernel in one program: Ai stays in registers (stored only with
@@ -395,7 +401,7 @@ def _gdn_chunk_prep_wu_kernel(
         return
     (b_c0, b_c1, b_c2, b_c3, b_b0, b_b1, b_b2, b_b3,
      b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
-        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC
+        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC
     )  # fmt: skip
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
@@ -1039,18 +1045,22 @@ def _out_cols(V: int) -> int:
 
 
 def _seq_config(B, H, K, V, seq):
-    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps).
+    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps, num_stages).
     # Swept on an H200 (NOTES-gdn.md): with few programs (B=1, H=16, V=128: 64 of them) the walk is
     # latency-bound, and narrow value blocks plus prefetching the next chunk's tiles at 8 warps win;
     # with many programs (B=16) wide blocks without prefetch win. Prefetching holds a second chunk of
-    # q/k/w tiles in registers, so only while K <= 128.
-    if seq is not None:
-        return seq
-    if _state_rows(K) > 128:
-        return 32, False, 4
-    if B * H * triton.cdiv(V, 64) < 256:
-        return 32, True, 8
-    return 64, False, 4
+    # q/k/w tiles in registers, so only while K <= 128, and leaves nothing for the compiler's pipelining
+    # (one stage). ``seq``: (BV, prefetch, num_warps) or with num_stages as well (benchmarks sweep them).
+    if seq is None:
+        if _state_rows(K) > 128:
+            seq = 32, False, 4
+        elif B * H * triton.cdiv(V, 64) < 256:
+            seq = 32, True, 8
+        else:
+            seq = 64, False, 4
+    if len(seq) == 3:
+        seq = (*seq, 1 if seq[1] else 2)
+    return tuple(seq)
 
 
 def chunk_rows(T: int, num_seqs: int | None) -> int:
@@ -1083,50 +1093,90 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     return NT, N, cu, offsets.to(torch.int32), indices.to(torch.int32).contiguous()
 
 
-def _prep(k, g, beta, chunks, *, doubling=True):
-    # the two-kernel form's first kernel: (gamma float32 [B, T, H], Ai float32 [B, T, H, BT])
+_PREP_KEYS = ("BK", "num_warps", "INV_PREC", "DOUBLING")
+
+
+def _prep_config(k: Tensor, config: dict | None = None, doubling: bool | None = None) -> dict:
+    """Launch settings of the prep kernels (alone or fused with wu): the K tile of A = K K^T, the warps, the
+    precision of the inverse's float32 16x16 products, and how its diagonal blocks are inverted (DOUBLING: by
+    repeated squaring, six products each; else row substitution in registers). Defaults from the sweep of
+    benchmarks/gdn_prep.py on an H200 (NOTES-gdn.md): one warp per chunk and row substitution, fastest at every
+    head shape among the variants accurate enough. The merge's products are "tf32" tensor-core products for
+    bf16 inputs (every later kernel reads Ai rounded to bf16, and the solve's own error stays a quarter of that
+    rounding's) and "ieee" for float16 (whose rounding is four times finer, as small as tf32's error) and float32
+    inputs. ``config`` overrides any of them, ``doubling`` (not None) DOUBLING."""
+    cfg = dict(BK=64, num_warps=1, INV_PREC="tf32" if k.dtype == torch.bfloat16 else "ieee", DOUBLING=False)
+    unknown = sorted(set(config or {}) - set(_PREP_KEYS))
+    if unknown:
+        raise ValueError(f"gdn prep: unknown config keys {unknown}; a config takes {_PREP_KEYS}")
+    cfg.update(config or {})
+    if doubling is not None:
+        cfg["DOUBLING"] = doubling
+    return cfg
+
+
+def _prep(k, g, beta, chunks, *, doubling=None, config=None):
+    # the two-kernel form's first kernel: (gamma float32 [B, T, H], Ai [B, T, H, BT] in k's dtype, which is the
+    # precision every later kernel reads it in)
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     gamma = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    Ai = torch.empty(B, T, H, BT, device=k.device, dtype=torch.float32)
+    Ai = torch.empty(B, T, H, BT, device=k.device, dtype=k.dtype)
     _gdn_chunk_prep_kernel[(NT, B * H)](
-        k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT, BK=64,
-        DOUBLING=doubling, PREC=dot_precision(k), IS_VARLEN=cu is not None, num_warps=4,
+        k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT,
+        PREC=dot_precision(k), IS_VARLEN=cu is not None, **_prep_config(k, config, doubling),
     )  # fmt: skip
     return gamma, Ai
 
 
-def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=True, store_ai=False):
-    # prep and wu as one kernel, the inverse kept in registers: (gamma, Ai or None, W, U, flag); Ai float32
-    # [B, T, H, BT] only with store_ai
+def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, config=None):
+    # prep and wu as one kernel, the inverse kept in registers: (gamma, Ai or None, W, U, flag); Ai [B, T, H, BT]
+    # in k's dtype only with store_ai
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     dev = k.device
     gamma = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    Ai = torch.empty(B, T, H, BT, device=dev, dtype=torch.float32) if store_ai else None
+    Ai = torch.empty(B, T, H, BT, device=dev, dtype=k.dtype) if store_ai else None
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+    cfg = _prep_config(k, config, doubling)
+    if "num_warps" not in (config or {}):
+        cfg["num_warps"] = 4  # one warp suits the inverse alone, not the W, U products that follow it here
     _gdn_chunk_prep_wu_kernel[(NT, B * H)](
         k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
-        H=H, K=K, V=v.shape[-1], BT=BT, BK=64, BV=64, DOUBLING=doubling, STORE_AI=store_ai, PREC=dot_precision(k),
-        IS_VARLEN=cu is not None, num_warps=4,
+        H=H, K=K, V=v.shape[-1], BT=BT, BV=64, STORE_AI=store_ai, PREC=dot_precision(k),
+        IS_VARLEN=cu is not None, **cfg,
     )  # fmt: skip
     return gamma, Ai, w, u, flag
 
 
-def _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, *, seq=None):
-    # everything after prep: W, U from gamma and Ai (_gdn_chunk_wu_kernel), then the state walk.
-    # (W, hs, Vn, final state, non-finite flags)
+_WU_KEYS = ("BK", "BV", "num_warps", "num_stages")
+
+
+def _wu(k, v, beta, gamma, Ai, chunks, *, config=None):
+    # W, U from gamma and Ai (_gdn_chunk_wu_kernel): (W, U, non-finite flags); ``config`` overrides the launch
+    # settings (benchmarks/gdn_prep.py)
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
+    cfg = dict(BK=64, BV=64, num_warps=4)
+    unknown = sorted(set(config or {}) - set(_WU_KEYS))
+    if unknown:
+        raise ValueError(f"gdn wu: unknown config keys {unknown}; a config takes {_WU_KEYS}")
+    cfg.update(config or {})
     _gdn_chunk_wu_kernel[(NT, B * H)](
         k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
-        H=H, K=K, V=v.shape[-1], BT=BT, BK=64, BV=64, PREC=dot_precision(k), IS_VARLEN=cu is not None, num_warps=4,
+        H=H, K=K, V=v.shape[-1], BT=BT, PREC=dot_precision(k), IS_VARLEN=cu is not None, **cfg,
     )  # fmt: skip
+    return w, u, flag
+
+
+def _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, *, seq=None):
+    # everything after prep: W, U from gamma and Ai, then the state walk. (W, hs, Vn, final state, non-finite flags)
+    w, u, flag = _wu(k, v, beta, gamma, Ai, chunks)
     hs, vn, ht = _states(k, w, u, gamma, initial_state, chunks, seq=seq)
     return w, hs, vn, ht, flag
 
@@ -1139,7 +1189,7 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     varlen = cu is not None
     dev = k.device
     KP = _state_rows(K)
-    BV, prefetch, warps = _seq_config(N, H, K, V, seq)
+    BV, prefetch, warps, stages = _seq_config(N, H, K, V, seq)
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
@@ -1167,14 +1217,14 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
         PREC=dot_precision(k),
         IS_VARLEN=varlen,
         num_warps=warps,
-        num_stages=1 if prefetch else 2,
+        num_stages=stages,
     )
     return hs, vn, ht
 
 
-def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=True, fuse_wu=False,
+def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=None, fuse_wu=False,
                            need_ai=False):  # fmt: skip
-    # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai, float32 [B, T, H, BT], only with need_ai (the
+    # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai [B, T, H, BT] in k's dtype, only with need_ai (the
     # backward) or unfused, else None. fuse_wu: prep and wu as one kernel, the inverse kept in registers.
     # Unfused, the part after prep (_wu_states) also runs alone: the backward given the forward's gamma and Ai
     if fuse_wu:
@@ -1186,8 +1236,8 @@ def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None,
 
 
 def _check_kept(gamma, Ai, states, k, v, NT) -> None:
-    # the backward's reused forward intermediates: gamma and Ai both or neither (float32), the states (W, hs, Vn,
-    # in v's dtype) only with them; each with the forward's shape
+    # the backward's reused forward intermediates: gamma (float32) and Ai (k's dtype) both or neither, the states
+    # (W, hs, Vn, in v's dtype) only with them; each with the forward's shape
     if (gamma is None) != (Ai is None):
         raise ValueError("chunk_gdn_bwd: gamma and Ai come together (the forward's), got only one of them")
     if states is not None and Ai is None:
@@ -1196,13 +1246,13 @@ def _check_kept(gamma, Ai, states, k, v, NT) -> None:
         return
     B, T, H, K = k.shape
     V = v.shape[-1]
-    want = {"gamma": (gamma, torch.float32, (B, T, H)), "Ai": (Ai, torch.float32, (B, T, H, BT))}
+    want = {"gamma": (gamma, torch.float32, (B, T, H)), "Ai": (Ai, k.dtype, (B, T, H, BT))}
     if states is not None:
         W, hs, vn = states
         want.update(W=(W, v.dtype, (B, T, H, K)), hs=(hs, v.dtype, (B, NT, H, K, V)), Vn=(vn, v.dtype, (B, T, H, V)))
     for name, (x, dtype, shape) in want.items():
         if x.dtype != dtype or x.shape != shape:
-            label = "float32" if name in ("gamma", "Ai") else dtype
+            label = "float32" if name == "gamma" else dtype
             raise ValueError(f"chunk_gdn_bwd: {name} must be {label} {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
@@ -1216,8 +1266,8 @@ def chunk_gdn_fwd(
     initial_state: Tensor | None,
     *,
     cu_seqlens: Tensor | None = None,
-    seq: tuple[int, bool, int] | None = None,
-    doubling: bool = True,
+    seq: tuple | None = None,
+    doubling: bool | None = None,
     fuse_wu: bool = False,
     return_intermediates: bool = False,
     keep_states: bool = False,
@@ -1226,14 +1276,14 @@ def chunk_gdn_fwd(
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (int32 or int64, 0 = c_0 <= ... <= c_N = T, on q's device) the batch is packed: B = 1, sequence n is
     tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
-    ``seq`` overrides the (BV, prefetch, num_warps) of the sequential kernels (benchmarks sweep it).
-    ``doubling`` (the default) inverts the 16x16 diagonal blocks by repeated squaring; False uses row
-    substitution, kept for the benchmark sweep (doubling was the faster of the two on an H200, NOTES-gdn.md).
+    ``seq`` overrides the (BV, prefetch, num_warps[, num_stages]) of the sequential kernels (benchmarks sweep it).
+    ``doubling`` True inverts the 16x16 diagonal blocks by repeated squaring, False by row substitution; None
+    (the default) takes the prep kernel's launch settings' choice (``_prep_config``).
     ``fuse_wu=True`` computes the chunk inverse and W, U in one kernel, the inverse never leaving the chip,
-    instead of two kernels with the float32 inverse in memory between them (the same results; not yet timed on
-    a GPU: ``benchmarks/gdn.py --kernels`` times both).
+    instead of two kernels with the inverse in memory between them (the same results; on an H200 no faster,
+    NOTES-gdn.md, so not the default).
     ``return_intermediates=True`` returns (o, final state, gamma, Ai): gamma float32 [B, T, H], the cumulative
-    log decay from each chunk's start, and Ai float32 [B, T, H, 64], token t's row of its chunk's (I + A)^-1
+    log decay from each chunk's start, and Ai [B, T, H, 64] in k's dtype, token t's row of its chunk's (I + A)^-1
     (zeros above the diagonal), for ``chunk_gdn_bwd`` to reuse instead of running the prep kernel again. With
     ``fuse_wu=True`` the fused kernel then also stores Ai. With ``keep_states=True`` as well, it returns
     (o, final state, gamma, Ai, W, hs, Vn): W [B, T, H, K] and Vn [B, T, H, V] in v's dtype, hs [B, NT, H, K, V]
@@ -1294,8 +1344,8 @@ def chunk_gdn_bwd(
     dht: Tensor | None,
     *,
     cu_seqlens: Tensor | None = None,
-    seq: tuple[int, bool, int] | None = None,
-    doubling: bool = True,
+    seq: tuple | None = None,
+    doubling: bool | None = None,
     fuse_wu: bool = False,
     gamma: Tensor | None = None,
     Ai: Tensor | None = None,
@@ -1360,7 +1410,7 @@ def chunk_gdn_bwd(
         num_warps=8 if BV > 64 else 4,
     )
     KP = _state_rows(K)
-    BVh, prefetch, warps = _seq_config(N, H, K, V, seq)
+    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq)
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
     dh0 = (
@@ -1396,7 +1446,7 @@ def chunk_gdn_bwd(
         PREC=prec,
         IS_VARLEN=varlen,
         num_warps=warps,
-        num_stages=1 if prefetch else 2,
+        num_stages=stages,
     )
     BK = 64
     NK = triton.cdiv(K, BK)
