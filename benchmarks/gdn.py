@@ -45,12 +45,12 @@ def _import_torch_and_kernels() -> None:
     refusal stay fast; a smoke run sets TRITON_INTERPRET before Triton is imported)."""
     global torch, F, gated_delta_rule, chunk_gdn_bwd, chunk_gdn_fwd, causal_conv1d_bwd, causal_conv1d_fwd
     global fused_recurrent_gdn_fwd, causal_conv1d_ref, gated_delta_rule_chunked, gated_delta_rule_recurrent
-    global gated_delta_rule_varlen_ref
+    global gated_delta_rule_varlen_ref, _prep_config
     import torch
     import torch.nn.functional as F
 
     from mixerzoo.kernels.gdn import gated_delta_rule
-    from mixerzoo.kernels.gdn.chunk import chunk_gdn_bwd, chunk_gdn_fwd
+    from mixerzoo.kernels.gdn.chunk import _prep_config, chunk_gdn_bwd, chunk_gdn_fwd
     from mixerzoo.kernels.gdn.conv import causal_conv1d_bwd, causal_conv1d_fwd
     from mixerzoo.kernels.gdn.fused_recurrent import fused_recurrent_gdn_fwd
     from mixerzoo.kernels.gdn.reference import (
@@ -87,7 +87,7 @@ def report(name, ref, out, tol):
         FAILS.append(name)
 
 
-def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=True, doubling=True):
+def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=True, doubling=None):
     print(f"chunk B={B} T={T} H={H} K={K} V={V} {dtype} h0={with_h0} dht={with_dht} doubling={doubling}")
     q, k, v, g, beta, s0 = inputs(B, T, H, K, V, dtype, h0=with_h0, seed=T + K)
     scale = K**-0.5
@@ -238,8 +238,13 @@ def run_checks(smoke=False, quick=False):
         check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
         check_chunk(1, 300, 2, 256, 256, torch.bfloat16, 1e-2, 2e-2)
         check_chunk(2, 200, 2, 64, 64, torch.float32, 1e-4, 1e-4)
-        check_chunk(1, 4096, 16, 128, 128, torch.bfloat16, 1e-2, 2e-2, doubling=False)  # the substitution inverse
-        check_chunk(2, 200, 2, 64, 64, torch.float32, 1e-4, 1e-4, doubling=False)
+        # the other diagonal inverse than the dtype's default (doubling / substitution), its errors beside the default's
+        for dtype, shape, tol in (
+            (torch.bfloat16, (1, 4096, 16, 128, 128), 1e-2),
+            (torch.float32, (2, 200, 2, 64, 64), 1e-4),
+        ):
+            default = _prep_config(torch.empty(0, dtype=dtype))["DOUBLING"]
+            check_chunk(*shape, dtype, tol, 2 * tol if dtype == torch.bfloat16 else tol, doubling=not default)
         check_chunk(2, 80, 4, 16, 16, torch.bfloat16, 1e-2, 2e-2)  # the mixer's conformance heads
         # packed batches: lengths around the chunk size, empty sequences, long ones, and 200 short ones
         check_varlen([1, 63, 64, 65, 0, 1000, 4096, 2500, 0], 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)

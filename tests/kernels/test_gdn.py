@@ -121,7 +121,8 @@ _FAST_CHUNK = {
         _FAST_CHUNK,
         *[(c, torch.float32, True) for c in CASES],
         *[(c, d, True) for c, d in HALF_CASES],
-        (CASES[2], torch.float32, False),  # doubling=False: the row-substitution inverse
+        (CASES[2], torch.float32, False),  # doubling=False: the row-substitution inverse (float32's default)
+        (*HALF_CASES[0], False),  # and in half precision (float16 in the interpreter: its default too)
     ),
 )
 def test_chunk_kernels(case, dtype, doubling):

@@ -198,8 +198,7 @@ def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK
         b_t11 = _inv_unit_lower16(b_a11)
         b_t22 = _inv_unit_lower16(b_a22)
         b_t33 = _inv_unit_lower16(b_a33)
-    # Ai_ij = -Ai_ii sum_{j <= l < i} A_il Ai_lj. INV_PREC: the float32 products of the solve ("tf32" for bf16 inputs,
-    # whose later kernels read Ai rounded to bf16, else "ieee": see _prep_config)
+    # Ai_ij = -Ai_ii sum_{j <= l < i} A_il Ai_lj. INV_PREC: the float32 products of the solve (see _prep_config)
     b_t10 = -tl.dot(b_t11, tl.dot(b_a10, b_t00, input_precision=INV_PREC), input_precision=INV_PREC)
     b_t21 = -tl.dot(b_t22, tl.dot(b_a21, b_t11, input_precision=INV_PREC), input_precision=INV_PREC)
     b_t32 = -tl.dot(b_t33, tl.dot(b_a32, b_t22, input_precision=INV_PREC), input_precision=INV_PREC)
@@ -1100,12 +1099,17 @@ def _prep_config(k: Tensor, config: dict | None = None, doubling: bool | None = 
     """Launch settings of the prep kernels (alone or fused with wu): the K tile of A = K K^T, the warps, the
     precision of the inverse's float32 16x16 products, and how its diagonal blocks are inverted (DOUBLING: by
     repeated squaring, six products each; else row substitution in registers). Defaults from the sweep of
-    benchmarks/gdn_prep.py on an H200 (NOTES-gdn.md): one warp per chunk and row substitution, fastest at every
-    head shape among the variants accurate enough. The merge's products are "tf32" tensor-core products for
-    bf16 inputs (every later kernel reads Ai rounded to bf16, and the solve's own error stays a quarter of that
-    rounding's) and "ieee" for float16 (whose rounding is four times finer, as small as tf32's error) and float32
-    inputs. ``config`` overrides any of them, ``doubling`` (not None) DOUBLING."""
-    cfg = dict(BK=64, num_warps=1, INV_PREC="tf32" if k.dtype == torch.bfloat16 else "ieee", DOUBLING=False)
+    benchmarks/gdn_prep.py on an H200 (NOTES-gdn.md), one warp per chunk at every head shape:
+    - bf16: doubling with "tf32" tensor-core products, the fastest variant (half the time of substitution with
+      tf32 products). Its Ai is within the bf16 rounding that every later kernel's read of Ai makes (float32
+      Ai's error half the rounding's), and the op's outputs and gradients against the float32 reference are as
+      accurate as with substitution (o 3.73e-3 against 3.72e-3, gradients within 7% either way, at H = 16,
+      K = V = 128, T = 4096).
+    - float16 (rounding four times finer than bf16's, as fine as tf32's error) and float32: "ieee" products,
+      with which substitution is the faster.
+    ``config`` overrides any of them, ``doubling`` (not None) DOUBLING."""
+    bf16 = k.dtype == torch.bfloat16
+    cfg = dict(BK=64, num_warps=1, INV_PREC="tf32" if bf16 else "ieee", DOUBLING=bf16)
     unknown = sorted(set(config or {}) - set(_PREP_KEYS))
     if unknown:
         raise ValueError(f"gdn prep: unknown config keys {unknown}; a config takes {_PREP_KEYS}")
@@ -1278,7 +1282,7 @@ def chunk_gdn_fwd(
     tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
     ``seq`` overrides the (BV, prefetch, num_warps[, num_stages]) of the sequential kernels (benchmarks sweep it).
     ``doubling`` True inverts the 16x16 diagonal blocks by repeated squaring, False by row substitution; None
-    (the default) takes the prep kernel's launch settings' choice (``_prep_config``).
+    (the default) takes the prep kernel's launch settings' choice (``_prep_config``: doubling for bf16).
     ``fuse_wu=True`` computes the chunk inverse and W, U in one kernel, the inverse never leaving the chip,
     instead of two kernels with the inverse in memory between them (the same results; on an H200 no faster,
     NOTES-gdn.md, so not the default).
