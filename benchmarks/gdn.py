@@ -243,7 +243,7 @@ def run_checks(smoke=False, quick=False):
             (torch.bfloat16, (1, 4096, 16, 128, 128), 1e-2),
             (torch.float32, (2, 200, 2, 64, 64), 1e-4),
         ):
-            default = _prep_config(torch.empty(0, dtype=dtype))["DOUBLING"]
+            default = _prep_config(dtype)["DOUBLING"]
             check_chunk(*shape, dtype, tol, 2 * tol if dtype == torch.bfloat16 else tol, doubling=not default)
         check_chunk(2, 80, 4, 16, 16, torch.bfloat16, 1e-2, 2e-2)  # the mixer's conformance heads
         # packed batches: lengths around the chunk size, empty sequences, long ones, and 200 short ones

@@ -82,6 +82,15 @@ def dot_precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def launch_config(kernel: str, defaults: dict, keys: tuple[str, ...], config: dict | None) -> dict:
+    """``defaults`` with ``config``'s overrides of a launcher's settings; keys outside ``keys`` are refused (they
+    would reach the kernel launch as keyword arguments), the message naming ``kernel``."""
+    unknown = sorted(set(config or {}) - set(keys))
+    if unknown:
+        raise ValueError(f"{kernel}: unknown config keys {unknown}; a config takes {keys}")
+    return {**defaults, **(config or {})}
+
+
 @triton.jit
 def dot_acc(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
     # acc + a @ b with input precision PREC. UPCAST: half-precision operands multiplied in float32 instead, exactly

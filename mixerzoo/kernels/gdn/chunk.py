@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import dot_precision, tl, triton
+from .._triton import dot_precision, launch_config, tl, triton
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 
@@ -1095,7 +1095,7 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
 _PREP_KEYS = ("BK", "num_warps", "INV_PREC", "DOUBLING")
 
 
-def _prep_config(k: Tensor, config: dict | None = None, doubling: bool | None = None) -> dict:
+def _prep_config(dtype: torch.dtype, config: dict | None = None, doubling: bool | None = None) -> dict:
     """Launch settings of the prep kernels (alone or fused with wu): the K tile of A = K K^T, the warps, the
     precision of the inverse's float32 16x16 products, and how its diagonal blocks are inverted (DOUBLING: by
     repeated squaring, six products each; else row substitution in registers). Defaults from the sweep of
@@ -1107,28 +1107,27 @@ def _prep_config(k: Tensor, config: dict | None = None, doubling: bool | None = 
       K = V = 128, T = 4096).
     - float16 (rounding four times finer than bf16's, as fine as tf32's error) and float32: "ieee" products,
       with which substitution is the faster.
-    ``config`` overrides any of them, ``doubling`` (not None) DOUBLING."""
-    bf16 = k.dtype == torch.bfloat16
-    cfg = dict(BK=64, num_warps=1, INV_PREC="tf32" if bf16 else "ieee", DOUBLING=bf16)
-    unknown = sorted(set(config or {}) - set(_PREP_KEYS))
-    if unknown:
-        raise ValueError(f"gdn prep: unknown config keys {unknown}; a config takes {_PREP_KEYS}")
-    cfg.update(config or {})
+    ``dtype``: k's. ``config`` overrides any of them, ``doubling`` (not None) DOUBLING."""
+    bf16 = dtype == torch.bfloat16
+    cfg = launch_config(
+        "gdn prep", dict(BK=64, num_warps=1, INV_PREC="tf32" if bf16 else "ieee", DOUBLING=bf16), _PREP_KEYS, config
+    )
     if doubling is not None:
         cfg["DOUBLING"] = doubling
     return cfg
 
 
-def _prep(k, g, beta, chunks, *, doubling=None, config=None):
+def _prep(k, g, beta, chunks, *, doubling=None, config=None, ai_dtype=None):
     # the two-kernel form's first kernel: (gamma float32 [B, T, H], Ai [B, T, H, BT] in k's dtype, which is the
-    # precision every later kernel reads it in)
+    # precision every later kernel reads it in; ``ai_dtype`` another, for benchmarks/gdn_prep.py's error of the
+    # solve itself in float32)
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     gamma = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    Ai = torch.empty(B, T, H, BT, device=k.device, dtype=k.dtype)
+    Ai = torch.empty(B, T, H, BT, device=k.device, dtype=ai_dtype or k.dtype)
     _gdn_chunk_prep_kernel[(NT, B * H)](
         k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT,
-        PREC=dot_precision(k), IS_VARLEN=cu is not None, **_prep_config(k, config, doubling),
+        PREC=dot_precision(k), IS_VARLEN=cu is not None, **_prep_config(k.dtype, config, doubling),
     )  # fmt: skip
     return gamma, Ai
 
@@ -1144,7 +1143,7 @@ def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, conf
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    cfg = _prep_config(k, config, doubling)
+    cfg = _prep_config(k.dtype, config, doubling)
     if "num_warps" not in (config or {}):
         cfg["num_warps"] = 4  # one warp suits the inverse alone, not the W, U products that follow it here
     _gdn_chunk_prep_wu_kernel[(NT, B * H)](
@@ -1166,11 +1165,7 @@ def _wu(k, v, beta, gamma, Ai, chunks, *, config=None):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    cfg = dict(BK=64, BV=64, num_warps=4)
-    unknown = sorted(set(config or {}) - set(_WU_KEYS))
-    if unknown:
-        raise ValueError(f"gdn wu: unknown config keys {unknown}; a config takes {_WU_KEYS}")
-    cfg.update(config or {})
+    cfg = launch_config("gdn wu", dict(BK=64, BV=64, num_warps=4), _WU_KEYS, config)
     _gdn_chunk_wu_kernel[(NT, B * H)](
         k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
         H=H, K=K, V=v.shape[-1], BT=BT, PREC=dot_precision(k), IS_VARLEN=cu is not None, **cfg,

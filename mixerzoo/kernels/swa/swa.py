@@ -20,6 +20,7 @@ from .._triton import (
     any_nonfinite,
     dot_precision,
     interpreting,
+    launch_config,
     mask_scores,
     softmax_step,
     tl,
@@ -604,9 +605,7 @@ def _loop_flags(cfg: dict, kernel: str) -> dict:
     and BN,
     and refuses keys the launchers do not know (they would reach the kernel launch as kwargs)."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
-    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"{kernel}: unknown config keys {unknown}; a config takes {_CONFIG_KEYS}")
+    launch_config(kernel, {}, _CONFIG_KEYS, cfg)
     if flags["TMA"] and not flags["ONE_LOOP"]:
         raise ValueError(
             f"{kernel}: TMA=True loads tiles by tensor descriptors in the one-loop path only, got ONE_LOOP=False; "
