@@ -518,9 +518,23 @@ def test_op_final_state_none_and_errors():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the limit is the CUDA kernels' shared memory")
 def test_op_refuses_huge_heads_on_cuda():
-    (q, k, v, g, beta), _ = make_inputs(1, 2, 1, 2048, 8, torch.bfloat16)
-    with pytest.raises(ValueError, match="K of q and k must be <= 1024.*got K=2048"):
+    (q, k, v, g, beta), _ = make_inputs(1, 2, 1, 512, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="K of q and k must be <= 256.*got K=512"):
         gated_delta_rule(q, k, v, g, beta)
+
+
+def test_sequential_kernel_settings_and_refusal():
+    """The state walks' default launch settings (blocks of 32 with three stages when few programs walk, 64 when
+    many, two stages at K = 256) and the refusal of one stage without prefetch, which faulted on an H200."""
+    from mixerzoo.kernels.gdn.chunk import _seq_config
+
+    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3)
+    assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3)
+    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2)
+    assert _seq_config(1, 8, 64, 64, (32, True, 8)) == (32, True, 8, 1)
+    assert _seq_config(1, 8, 64, 64, (64, False, 4)) == (64, False, 4, 2)
+    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1\) without prefetch needs num_stages >= 2, got 1"):
+        _seq_config(1, 8, 64, 64, (32, False, 4, 1))
 
 
 def test_op_compiles_fullgraph():
@@ -764,6 +778,41 @@ for fn, K, V, store, warps in ((chunk._gdn_chunk_prep_kernel, 64, 64, True, 1),
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     print(f"{fn.fn.__name__} K={K} V={V} store_ai={store} shared", kernel.metadata.shared)
 """
+
+
+_SM90_STATE_WALKS = """
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixerzoo.kernels.gdn import chunk
+
+# the forward and backward state walks at their default settings, few and many programs, K = 64 to 256
+for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
+    for B, H, K, V in ((1, 16, 64, 64), (32, 16, 128, 128), (1, 8, 128, 256), (32, 8, 256, 256)):
+        BV, prefetch, warps, stages = chunk._seq_config(B, H, K, V, None)
+        params = list(inspect.signature(fn.fn).parameters)
+        consts = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, H=H, K=K, V=V, BT=64,
+                      KP=chunk._state_rows(K), BV=BV, HAS_H0=False, HAS_DHT=False, PREFETCH=prefetch, PREC="tf32",
+                      IS_VARLEN=False)
+        consts = {p: c for p, c in consts.items() if p in params}
+        sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "fp32" if p == "scale" else
+               "*fp32" if p in ("gamma", "ht") else "*bf16" for p in params}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": warps, "num_stages": stages}
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        print(fn.fn.__name__, B, H, K, V, "shared", kernel.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_state_walks_fit_hopper_shared_memory(compile_in_child):
+    """The h and dh kernels at their default settings compile for sm_90 in bf16 within an H100's 227 KB of shared
+    memory per block (at K = 256 the dh kernel's two stages take 220 KB); the launch would refuse more."""
+    out = compile_in_child(_SM90_STATE_WALKS)
+    sizes = [int(line.split()[-1]) for line in out.splitlines() if " shared " in line]
+    assert len(sizes) == 8, out
+    assert max(sizes) <= 232448, out
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ def gated_delta_rule(
     o_t = scale * S_t^T q_t.
 
     Args:
-        q, k: [B, T, H, K] (used as given; the mixer L2-normalises them). Any K >= 1; on CUDA K <= 1024.
+        q, k: [B, T, H, K] (used as given; the mixer L2-normalises them). Any K >= 1; on CUDA K <= 256.
         v: [B, T, H, V]. q, k, v share one floating dtype: float16, bfloat16 or float32, or float64 on the
             CPU, where it is computed in float64.
         g: [B, T, H] log decay, finite and <= 0. beta: [B, T, H] in [0, 1]. Each in q's dtype or float32.
@@ -287,10 +287,11 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
                 f"{_OP}: initial_state must be [{what}, H, K, V] = [{S}, {H}, {K}, {v.shape[-1]}], "
                 f"got {tuple(initial_state.shape)}"
             )
-    if k.is_cuda and K > 1024:
+    if k.is_cuda and K > 256:
         raise ValueError(
-            f"{_OP}: on CUDA the head dim K of q and k must be <= 1024 (the chunked kernels stage K rows "
-            f"of the state in shared memory: ~200 KB at K = 1024), got K={K}"
+            f"{_OP}: on CUDA the head dim K of q and k must be <= 256 (the chunked kernels stage each chunk's "
+            f"[64, K] tiles and K rows of the state in shared memory: 220 KB of an H100's 227 KB at K = 256), "
+            f"got K={K}"
         )
     tensors = (q, k, v, g, beta) + tuple(x for x in (initial_state, cu_seqlens) if x is not None)
     devices = {x.device for x in tensors}

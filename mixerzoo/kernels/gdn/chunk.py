@@ -586,10 +586,12 @@ def _gdn_chunk_h_kernel(
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
-        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)).to(dt)  # [BT, K] @ [K, BV]
-        tl.store(vn + p_v, b_vn, mask=m_t[:, None] & m_v[None, :])
-        b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)  # [K, BT] @ [BT, BV]
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(dt), input_precision=PREC)  # [BT, K] @ [K, BV]
+        tl.store(vn + p_v, b_vn.to(dt), mask=m_t[:, None] & m_v[None, :])
+        # the decay from each row to the chunk's end scales the [BT, BV] rows of Vn, not the [BT, K] rows of k:
+        # k then goes to the product as loaded (no register pass over a K-wide tile)
+        b_vd = (b_vn * tl.exp(b_gl - b_gam)[:, None]).to(dt)
+        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vd, input_precision=PREC)  # [K, BT] @ [BT, BV]
         if PREFETCH:
             b_w, b_u, b_k, b_gam, b_gl = n_w, n_u, n_k, n_gam, n_gl
     tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
@@ -812,11 +814,13 @@ def _gdn_chunk_dh_kernel(
         m_t = o_t < T
         p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_dv = (b_dvl.to(tl.float32) + tl.dot(b_kd, b_dh.to(dt), input_precision=PREC)).to(dt)  # [BT, K] @ [K, BV]
+        # the row scales (decays) act on the [BT, BV] side of each product, never on a [BT, K] tile: q, k and w
+        # go to the products as loaded
+        b_kdh = tl.dot(b_k, b_dh.to(dt), input_precision=PREC)  # [BT, K] @ [K, BV]
+        b_dv = (b_dvl.to(tl.float32) + b_kdh * tl.exp(b_gl - b_gam)[:, None]).to(dt)
         tl.store(dvn + p_v, b_dv, mask=m_tv)
-        b_qg = (b_q.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(dt)
-        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)  # [K, BT] @ [BT, BV]
+        b_dog = (b_do.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(dt)
+        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_q), b_dog, input_precision=PREC)  # [K, BT] @ [BT, BV]
         b_dh -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
         if PREFETCH:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl
@@ -1045,20 +1049,25 @@ def _out_cols(V: int) -> int:
 
 def _seq_config(B, H, K, V, seq):
     # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps, num_stages).
-    # Swept on an H200 (NOTES-gdn.md): with few programs (B=1, H=16, V=128: 64 of them) the walk is
-    # latency-bound, and narrow value blocks plus prefetching the next chunk's tiles at 8 warps win;
-    # with many programs (B=16) wide blocks without prefetch win. Prefetching holds a second chunk of
-    # q/k/w tiles in registers, so only while K <= 128, and leaves nothing for the compiler's pipelining
-    # (one stage). ``seq``: (BV, prefetch, num_warps) or with num_stages as well (benchmarks sweep them).
+    # Swept on an H200 (NOTES-gdn.md, benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining
+    # stages when few programs walk (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is
+    # latency-bound; blocks of 64 with three stages when many do. K = 256 takes blocks of 32 with two stages,
+    # the only setting whose staged tiles fit in shared memory (dh: 220 KB of the 227 KB). Prefetching the next
+    # chunk's tiles into registers (one stage) was the best with few programs before the decays moved onto the
+    # [BT, BV] side of the products; it stays for sweeps. ``seq``: (BV, prefetch, num_warps) or with num_stages
+    # as well (benchmarks sweep them). Without prefetch, one stage is refused: under Triton 3.6 on an H200 both
+    # kernels then made illegal memory accesses at every shape tried.
     if seq is None:
         if _state_rows(K) > 128:
-            seq = 32, False, 4
+            seq = 32, False, 4, 2
         elif B * H * triton.cdiv(V, 64) < 256:
-            seq = 32, True, 8
+            seq = 32, False, 4, 3
         else:
-            seq = 64, False, 4
+            seq = 64, False, 4, 3
     if len(seq) == 3:
         seq = (*seq, 1 if seq[1] else 2)
+    if not seq[1] and seq[3] < 2:
+        raise ValueError(f"gdn chunk kernels: seq={tuple(seq)} without prefetch needs num_stages >= 2, got {seq[3]}")
     return tuple(seq)
 
 
