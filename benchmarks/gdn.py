@@ -7,6 +7,7 @@ flash-linear-attention.
     python benchmarks/gdn.py --bench    # the benchmark only (needs flash-linear-attention, the anchor)
     python benchmarks/gdn.py --bench --shapes   # the sweep: H x K x V, T 2048..65536, packed batches, vs fla
     python benchmarks/gdn.py --bench --shapes --hkv 32x64x64,8x256x256   # part of the sweep (~3.5 min per head shape)
+    python benchmarks/gdn.py --sweep --hkv 8x256x256   # the state walks' launch settings (~40 s per head shape)
     python benchmarks/gdn.py --smoke    # tiny checks; without a GPU on the CPU, in Triton's interpreter
 
 bf16, H = 16, K = V = 128, 32768 tokens per call (B = 16 x T = 2048 and B = 1 x T = 32768), forward and
@@ -320,12 +321,57 @@ def bench_decode(args, H, K, V):
     return rows
 
 
-# (BV, prefetch, num_warps, num_stages) of the sequential kernels for --sweep: the earlier sweep's five, and
-# without prefetch at 2 / 4 warps with the compiler's pipelining at 2 to 4 stages
+# (BV, prefetch, num_warps, num_stages) of the state walks for --sweep: without prefetch 2 or 3 pipelining stages
+# (one stage without prefetch is refused, see _seq_config), with the next chunk's tiles prefetched into registers one
 SEQ_SWEEP = (
-    (32, False, 4, 2), (64, False, 4, 2), (32, True, 4, 1), (64, True, 4, 1), (32, True, 8, 1),
-    (32, False, 2, 3), (32, False, 4, 3), (64, False, 4, 3), (32, False, 4, 4), (64, False, 2, 3),
+    (32, False, 4, 2), (32, False, 4, 3), (64, False, 4, 2), (64, False, 4, 3), (64, False, 8, 2), (128, False, 8, 2),
+    (32, True, 8, 1), (64, True, 8, 1), (32, True, 4, 1),
 )  # fmt: skip
+WALK_SHAPES = ((16, 128, 128), (32, 64, 64), (8, 256, 256), (8, 128, 256), (4, 128, 128))  # --sweep's default
+WALK_BT = ((32, 2048), (1, 65536))  # --sweep's (B, T): many sequences, one long one
+
+
+def sweep_walks(args):
+    """``--sweep``: the launch settings (SEQ_SWEEP) of the two kernels that walk the chunks in order, at each head
+    shape of --hkv (default WALK_SHAPES) with many sequences (B = 32, T = 2048) and one long one (B = 1,
+    T = 65536): the forward walk h alone and the backward launcher given the forward's kept intermediates (so
+    that only the dh walk changes with the setting), ms per call; then each shape's best and the default's. A
+    setting whose tiles do not fit in shared memory is reported and skipped."""
+    from mixerzoo.kernels.gdn import chunk as chunk_mod
+
+    for H, K, V in args.hkv or WALK_SHAPES:
+        for B, T in WALK_BT:
+            q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=21)
+            do = torch.randn_like(v)
+            chunks = chunk_mod._chunking(B, T, None, k.device)
+            gamma, Ai = chunk_mod._prep(k, g, beta, chunks)
+            w, u, _ = chunk_mod._wu(k, v, beta, gamma, Ai, chunks)
+            default = chunk_mod._seq_config(B, H, K, V, None)
+            where = f"H={H} K={K} V={V} B={B} T={T}"
+            times = {}
+            for seq in dict.fromkeys((default, *SEQ_SWEEP)):  # the default first
+                hs = vn = None
+                try:
+                    hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks, seq=seq)
+                    h_ms = time_ms(partial(chunk_mod._states, k, w, u, gamma, None, chunks, seq=seq), warmup=2,
+                                   repeat=args.repeat)  # fmt: skip
+                    bwd = partial(chunk_gdn_bwd, q, k, v, g, beta, K**-0.5, None, do, None, seq=seq, gamma=gamma,
+                                  Ai=Ai, states=(w, hs, vn))  # fmt: skip
+                    times[seq] = (h_ms, time_ms(bwd, warmup=2, repeat=args.repeat))
+                    print(f"  {where} seq={seq}: h {times[seq][0]:.3f} ms, bwd {times[seq][1]:.3f} ms", flush=True)
+                except (ValueError, RuntimeError) as e:  # triton's OutOfResources is a RuntimeError
+                    print(f"  {where} seq={seq}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            if times:
+                best_h = min(times, key=lambda c: times[c][0])
+                best_b = min(times, key=lambda c: times[c][1])
+                d = times.get(default, (float("nan"), float("nan")))
+                print(
+                    f"{where}: default {default} h {d[0]:.3f} / bwd {d[1]:.3f} ms; best h {best_h} "
+                    f"{times[best_h][0]:.3f}, best bwd {best_b} {times[best_b][1]:.3f}",
+                    flush=True,
+                )
+            del q, k, v, g, beta, do, w, u, gamma, Ai
+            torch.cuda.empty_cache()
 
 
 def bench(args):
@@ -338,32 +384,6 @@ def bench(args):
     print("fla", fla.__version__)
     H, K, V = 16, 128, 128
     rows = []
-    chosen = {}
-    if args.sweep:
-        # launch settings of the sequential kernels, (BV, prefetch, num_warps, num_stages), at each benchmark shape
-        # (head shape: the first of --hkv, else the benchmark's)
-        import mixerzoo.kernels.gdn.chunk as chunk_mod
-
-        sH, sK, sV = args.hkv[0] if args.hkv else (H, K, V)
-        for B, T in ((16, 2048), (1, 32768)):
-            q, k, v, g, beta, _ = inputs(B, T, sH, sK, sV, torch.bfloat16, h0=False, seed=11)
-            do = torch.randn_like(v)
-            best = None
-            fwd_args, bwd_args = (q, k, v, g, beta, sK**-0.5, None), (q, k, v, g, beta, sK**-0.5, None, do, None)
-            for seq in SEQ_SWEEP:
-                f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=seq), warmup=2, repeat=10)
-                b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=seq), warmup=2, repeat=10)
-                print(f"  sweep H={sH} K={sK} V={sV} B={B} T={T} seq={seq}: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
-                if best is None or f + b < best[0]:
-                    best = (f + b, seq)
-            chosen[B] = best[1]
-            # the other 16x16 inverse (doubling; the default is row substitution) at the chosen settings
-            f = time_ms(partial(chunk_gdn_fwd, *fwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
-            b = time_ms(partial(chunk_gdn_bwd, *bwd_args, seq=best[1], doubling=True), warmup=2, repeat=10)
-            print(f"  sweep B={B} T={T} seq={best[1]} doubling inverse: fwd {f:.3f} ms, bwd {b:.3f} ms", flush=True)
-        default = chunk_mod._seq_config
-        chunk_mod._seq_config = lambda B_, H_, K_, V_, seq: default(B_, H_, K_, V_, seq or chosen.get(B_))
-        print("chosen", chosen, flush=True)
     for B, T in ((16, 2048), (1, 32768)):
         q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=11)
         xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
@@ -380,11 +400,7 @@ def bench(args):
             step = partial(_fwd_bwd_step, fn, xs, do)
             fb = time_ms(step, warmup=3, repeat=args.repeat)
             mem = peak_mem_mb(step)
-            note = (
-                fla_note
-                if name == "fla"
-                else (f"sequential kernels (BV, prefetch, warps) = {chosen[B]}" if B in chosen else "")
-            )
+            note = fla_note if name == "fla" else ""
             rows.append(
                 dict(
                     op="gdn",
@@ -576,7 +592,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="only the long-T bf16 checks (packed batches included, then their timing), and fla's errors for scale",
     )
-    ap.add_argument("--sweep", action="store_true", help="sweep the sequential kernels' launch settings first")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the benchmark: the state walks' launch settings (h alone, the backward given the kept "
+        "intermediates) at the --hkv head shapes, B x T = 32 x 2048 and 1 x 65536 (no fla needed)",
+    )
     ap.add_argument(
         "--shapes",
         action="store_true",
@@ -588,7 +609,8 @@ def main(argv=None) -> int:
         default=None,
         metavar="HxKxV,...",
         help="--shapes: only these head shapes (e.g. 32x64x64,8x256x256; default the whole sweep); other points "
-        "already in the results file are kept. --sweep: its head shape (the first)",
+        "already in the results file are kept. --sweep: its head shapes (default 16x128x128, 32x64x64, 8x256x256, "
+        "8x128x256, 4x128x128)",
     )
     ap.add_argument(
         "--kernels",
@@ -605,6 +627,8 @@ def main(argv=None) -> int:
         ap.error("--hkv chooses the head shapes of --shapes or --sweep; pass one of them too")
     if args.kernels and (args.shapes or args.check or args.smoke):
         ap.error("--kernels runs alone (with --bench or nothing)")
+    if args.sweep and (args.shapes or args.check or args.kernels):
+        ap.error("--sweep runs alone (with --bench or nothing)")
     if args.smoke:
         extra = [
             f
@@ -624,11 +648,14 @@ def main(argv=None) -> int:
             "gdn.py",
             " ".join(flags) or "(checks, then the benchmark)",
             cpu="gdn.py --smoke",
-            packages=[] if args.check else [FLA],
+            packages=[] if args.check or args.sweep else [FLA],
         )
     _import_torch_and_kernels()
     if args.kernels:
         profile_kernels(args)
+        return 0
+    if args.sweep:
+        sweep_walks(args)
         return 0
     if not args.bench:
         run_checks(args.smoke, args.quick_check)
