@@ -32,7 +32,7 @@ __all__ = ["GDNConfig", "GDNState", "GatedDeltaNet"]
 class GDNConfig(MixerConfig):
     """Gated DeltaNet settings (docs/mixers.md#gdn).
 
-    head_dim:   query/key head dim K (None: hidden_size // num_heads).
+    head_dim:   query/key head dim K (None: hidden_size // num_heads); on CUDA at most 256.
     head_v_dim: value head dim V (None: head_dim).
     conv_size:  kernel of the short causal depthwise convolution on q, k and v.
     norm_eps:   epsilon of the gated output RMSNorm.
