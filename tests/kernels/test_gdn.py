@@ -528,13 +528,16 @@ def test_sequential_kernel_settings_and_refusal():
     many, two stages at K = 256) and the refusal of one stage without prefetch, which faulted on an H200."""
     from mixerzoo.kernels.gdn.chunk import _seq_config
 
-    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3)
-    assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3)
-    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2)
-    assert _seq_config(1, 8, 64, 64, (32, True, 8)) == (32, True, 8, 1)
-    assert _seq_config(1, 8, 64, 64, (64, False, 4)) == (64, False, 4, 2)
-    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1\) without prefetch needs num_stages >= 2, got 1"):
+    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3, False)
+    assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3, False)
+    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2, False)
+    assert _seq_config(1, 8, 64, 64, (32, True, 8)) == (32, True, 8, 1, False)
+    assert _seq_config(1, 8, 64, 64, (64, False, 4)) == (64, False, 4, 2, False)
+    assert _seq_config(1, 8, 256, 64, (32, False, 4, 1, True)) == (32, False, 4, 1, True)
+    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1, False\) without prefetch needs num_stages >= 2"):
         _seq_config(1, 8, 64, 64, (32, False, 4, 1))
+    with pytest.raises(ValueError, match=r"kblock takes no prefetch and K <= 256, got K=64"):
+        _seq_config(1, 8, 64, 64, (32, True, 8, 1, True))
 
 
 def test_op_compiles_fullgraph():
@@ -554,6 +557,43 @@ def test_op_compiles_fullgraph():
 
 
 # -- short causal conv ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lens,B,H,K,V",
+    _slow_unless(
+        {"None-2-2-96-64"},
+        (None, 2, 2, 96, 64),  # two blocks of K, the second partly masked
+        (None, 1, 1, 256, 32),  # four blocks
+        ((0, 5, 70, 1), 1, 2, 64, 64),  # one block, a packed batch with empty sequences
+    ),
+)
+def test_kblock_forward_walk(lens, B, H, K, V):
+    """seq's kblock: the forward walk with K in blocks of 64 (_gdn_chunk_h_kblock_kernel), one stage, against the
+    float32 recurrence: output, final state and every gradient (the backward recomputes the states with it),
+    with an initial state and a final-state gradient; fixed length and packed."""
+    dtype = torch.float32
+    if lens is None:
+        (q, k, v, g, beta), h0 = make_inputs(B, 70 if K > 128 else 130, H, K, V, dtype)
+        cu = None
+    else:
+        (q, k, v, g, beta), h0 = varlen_inputs(list(lens), K, V, dtype)
+        cu = cu_of(list(lens))
+    scale = K**-0.5
+    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + [h0.clone().requires_grad_()]
+    if cu is None:
+        o_ref, s_ref = gated_delta_rule_recurrent(*prims[:5], scale, prims[5])
+    else:
+        o_ref, s_ref = per_sequence(prims[:5], scale, list(lens), prims[5])
+    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    torch.autograd.backward([o_ref, s_ref], [do, dht])
+    seq = (32, False, 4, 1, True)
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, h0, cu_seqlens=cu, seq=seq)
+    assert_close("o", o_ref, o, dtype, rel_rmse=TOL[dtype][0])
+    assert_close("final_state", s_ref, s, dtype, rel_rmse=TOL[dtype][0])
+    grads = chunk_gdn_bwd(q, k, v, g, beta, scale, h0, do, dht, cu_seqlens=cu, seq=seq)
+    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=True):
+        assert_close(name, x.grad, d, dtype, rel_rmse=TOL[dtype][1])
 
 
 @pytest.mark.parametrize("T", [1, 2, 70], ids=lambda t: f"T{t}")
@@ -789,7 +829,7 @@ from mixerzoo.kernels.gdn import chunk
 # the forward and backward state walks at their default settings, few and many programs, K = 64 to 256
 for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
     for B, H, K, V in ((1, 16, 64, 64), (32, 16, 128, 128), (1, 8, 128, 256), (32, 8, 256, 256)):
-        BV, prefetch, warps, stages = chunk._seq_config(B, H, K, V, None)
+        BV, prefetch, warps, stages, _ = chunk._seq_config(B, H, K, V, None)
         params = list(inspect.signature(fn.fn).parameters)
         consts = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, H=H, K=K, V=V, BT=64,
                       KP=chunk._state_rows(K), BV=BV, HAS_H0=False, HAS_DHT=False, PREFETCH=prefetch, PREC="tf32",
@@ -802,17 +842,31 @@ for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
         opts = {"num_warps": warps, "num_stages": stages}
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         print(fn.fn.__name__, B, H, K, V, "shared", kernel.metadata.shared)
+# and the K-blocked forward walk at K = 256, one stage (a setting for sweeps)
+fn = chunk._gdn_chunk_h_kblock_kernel
+params = list(inspect.signature(fn.fn).parameters)
+consts = dict(cu_seqlens=None, chunk_offsets=None, h0=None, H=8, K=256, V=256, BT=64, NKB=4, BV=32, HAS_H0=False,
+              PREC="tf32", IS_VARLEN=False)
+sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "*fp32" if p in ("gamma", "ht") else "*bf16"
+       for p in params}
+attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+print(fn.fn.__name__, "kblock shared", kernel.metadata.shared)
 """
 
 
 @pytest.mark.slow
 def test_state_walks_fit_hopper_shared_memory(compile_in_child):
     """The h and dh kernels at their default settings compile for sm_90 in bf16 within an H100's 227 KB of shared
-    memory per block (at K = 256 the dh kernel's two stages take 220 KB); the launch would refuse more."""
+    memory per block (at K = 256 the dh kernel's two stages take 220 KB); the launch would refuse more. The
+    K-blocked forward walk with one stage compiles too, in under a third of that (its point: several programs
+    per SM)."""
     out = compile_in_child(_SM90_STATE_WALKS)
     sizes = [int(line.split()[-1]) for line in out.splitlines() if " shared " in line]
-    assert len(sizes) == 8, out
+    assert len(sizes) == 9, out
     assert max(sizes) <= 232448, out
+    assert sizes[-1] <= 232448 // 3, out
 
 
 @pytest.mark.slow
