@@ -321,11 +321,15 @@ def bench_decode(args, H, K, V):
     return rows
 
 
-# (BV, prefetch, num_warps, num_stages) of the state walks for --sweep: without prefetch 2 or 3 pipelining stages
-# (one stage without prefetch is refused, see _seq_config), with the next chunk's tiles prefetched into registers one
+# (BV, prefetch, num_warps, num_stages[, kblock]) of the state walks for --sweep: without prefetch 2 or 3 pipelining
+# stages (one stage without prefetch is refused, see _seq_config), with the next chunk's tiles prefetched into
+# registers one; last, the forward walk with K in blocks of 64 (kblock; the backward walk ignores it), one stage
+# (25 KB of shared memory at K = 256 against 156 KB for the default, compiled for sm_90) or two
 SEQ_SWEEP = (
     (32, False, 4, 2), (32, False, 4, 3), (64, False, 4, 2), (64, False, 4, 3), (64, False, 8, 2), (128, False, 8, 2),
     (32, True, 8, 1), (64, True, 8, 1), (32, True, 4, 1),
+    (32, False, 4, 1, True), (32, False, 8, 1, True), (64, False, 4, 1, True), (64, False, 8, 1, True),
+    (32, False, 4, 2, True),
 )  # fmt: skip
 WALK_SHAPES = ((16, 128, 128), (32, 64, 64), (8, 256, 256), (8, 128, 256), (4, 128, 128))  # --sweep's default
 WALK_BT = ((32, 2048), (1, 65536))  # --sweep's (B, T): many sequences, one long one
@@ -349,7 +353,7 @@ def sweep_walks(args):
             default = chunk_mod._seq_config(B, H, K, V, None)
             where = f"H={H} K={K} V={V} B={B} T={T}"
             times = {}
-            for seq in dict.fromkeys((default, *SEQ_SWEEP)):  # the default first
+            for seq in dict.fromkeys((default, *(c + (False,) * (5 - len(c)) for c in SEQ_SWEEP))):  # default first
                 hs = vn = None
                 try:
                     hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks, seq=seq)
@@ -359,8 +363,12 @@ def sweep_walks(args):
                                   Ai=Ai, states=(w, hs, vn))  # fmt: skip
                     times[seq] = (h_ms, time_ms(bwd, warmup=2, repeat=args.repeat))
                     print(f"  {where} seq={seq}: h {times[seq][0]:.3f} ms, bwd {times[seq][1]:.3f} ms", flush=True)
-                except (ValueError, RuntimeError) as e:  # triton's OutOfResources is a RuntimeError
+                except Exception as e:  # a refused setting, triton's OutOfResources, a CUDA fault
                     print(f"  {where} seq={seq}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                    if "illegal memory access" in str(e):  # the CUDA context is lost: nothing after this can run
+                        print(f"stopped: seq={seq} made an illegal memory access at {where}; later settings and "
+                              "shapes were not timed", flush=True)  # fmt: skip
+                        return
             if times:
                 best_h = min(times, key=lambda c: times[c][0])
                 best_b = min(times, key=lambda c: times[c][1])
