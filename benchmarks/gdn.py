@@ -88,8 +88,9 @@ def report(name, ref, out, tol):
         FAILS.append(name)
 
 
-def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=True, doubling=None):
-    print(f"chunk B={B} T={T} H={H} K={K} V={V} {dtype} h0={with_h0} dht={with_dht} doubling={doubling}")
+def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=True, doubling=None, seq=None):
+    print(f"chunk B={B} T={T} H={H} K={K} V={V} {dtype} h0={with_h0} dht={with_dht} doubling={doubling}" +
+          (f" seq={seq}" if seq else ""))  # fmt: skip
     q, k, v, g, beta, s0 = inputs(B, T, H, K, V, dtype, h0=with_h0, seed=T + K)
     scale = K**-0.5
     prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + ([s0.requires_grad_()] if with_h0 else [])
@@ -97,11 +98,11 @@ def check_chunk(B, T, H, K, V, dtype, tol_o, tol_g, *, with_h0=True, with_dht=Tr
     do = torch.randn_like(o_ref)
     dht = torch.randn_like(s_ref) if with_dht else None
     torch.autograd.backward([o_ref, s_ref] if with_dht else [o_ref], [do, dht] if with_dht else [do])
-    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, s0.detach() if with_h0 else None, doubling=doubling)
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, s0.detach() if with_h0 else None, doubling=doubling, seq=seq)
     report("o", o_ref, o, tol_o)
     report("final_state", s_ref, s, tol_o)
     grads = chunk_gdn_bwd(
-        q, k, v, g, beta, scale, s0.detach() if with_h0 else None, do.to(dtype), dht, doubling=doubling
+        q, k, v, g, beta, scale, s0.detach() if with_h0 else None, do.to(dtype), dht, doubling=doubling, seq=seq
     )
     for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=False):
         report(name, x.grad, d, tol_g)
@@ -251,6 +252,9 @@ def run_checks(smoke=False, quick=False):
         check_varlen([1, 63, 64, 65, 0, 1000, 4096, 2500, 0], 16, 128, 128, torch.bfloat16, 1e-2, 2e-2)
         check_varlen([1, 63, 64, 65, 0, 130], 4, 64, 64, torch.float32, 1e-4, 1e-4)
         check_varlen([(7 * i) % 50 for i in range(200)], 4, 128, 128, torch.bfloat16, 1e-2, 2e-2)
+        # last (a fault would end the run): the K-blocked forward walk with one stage, a setting for sweeps
+        for shape in ((1, 300, 2, 256, 256), (1, 4096, 16, 128, 128)):
+            check_chunk(*shape, torch.bfloat16, 1e-2, 2e-2, seq=(32, False, 4, 1, True))
         print("CHECKS:", "all passed" if not FAILS else f"FAILED {FAILS}", flush=True)
         if DEV == "cuda":
             bench_varlen()
