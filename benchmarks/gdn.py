@@ -357,9 +357,12 @@ def sweep_walks(args):
             default = chunk_mod._seq_config(B, H, K, V, None)
             where = f"H={H} K={K} V={V} B={B} T={T}"
             times = {}
-            for seq in dict.fromkeys((default, *(c + (False,) * (5 - len(c)) for c in SEQ_SWEEP))):  # default first
-                hs = vn = None
+            for setting in (default, *SEQ_SWEEP):  # the default first
+                seq = setting
                 try:
+                    seq = chunk_mod._seq_config(B, H, K, V, setting)  # the full tuple; refuses what it does not take
+                    if seq in times:
+                        continue
                     hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks, seq=seq)
                     h_ms = time_ms(partial(chunk_mod._states, k, w, u, gamma, None, chunks, seq=seq), warmup=2,
                                    repeat=args.repeat)  # fmt: skip

@@ -826,33 +826,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mixerzoo.kernels.gdn import chunk
 
-# the forward and backward state walks at their default settings, few and many programs, K = 64 to 256
+# the forward and backward state walks at their default settings, few and many programs, K = 64 to 256; last the
+# K-blocked forward walk at K = 256 with one stage (a setting for sweeps)
+base = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, BT=64, HAS_H0=False, HAS_DHT=False,
+            PREC="tf32", IS_VARLEN=False)
+builds = []
 for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
     for B, H, K, V in ((1, 16, 64, 64), (32, 16, 128, 128), (1, 8, 128, 256), (32, 8, 256, 256)):
         BV, prefetch, warps, stages, _ = chunk._seq_config(B, H, K, V, None)
-        params = list(inspect.signature(fn.fn).parameters)
-        consts = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, H=H, K=K, V=V, BT=64,
-                      KP=chunk._state_rows(K), BV=BV, HAS_H0=False, HAS_DHT=False, PREFETCH=prefetch, PREC="tf32",
-                      IS_VARLEN=False)
-        consts = {p: c for p, c in consts.items() if p in params}
-        sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "fp32" if p == "scale" else
-               "*fp32" if p in ("gamma", "ht") else "*bf16" for p in params}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        opts = {"num_warps": warps, "num_stages": stages}
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        print(fn.fn.__name__, B, H, K, V, "shared", kernel.metadata.shared)
-# and the K-blocked forward walk at K = 256, one stage (a setting for sweeps)
-fn = chunk._gdn_chunk_h_kblock_kernel
-params = list(inspect.signature(fn.fn).parameters)
-consts = dict(cu_seqlens=None, chunk_offsets=None, h0=None, H=8, K=256, V=256, BT=64, NKB=4, BV=32, HAS_H0=False,
-              PREC="tf32", IS_VARLEN=False)
-sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "*fp32" if p in ("gamma", "ht") else "*bf16"
-       for p in params}
-attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
-src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
-print(fn.fn.__name__, "kblock shared", kernel.metadata.shared)
+        consts = dict(base, H=H, K=K, V=V, KP=chunk._state_rows(K), BV=BV, PREFETCH=prefetch)
+        builds.append((fn, f"{B} {H} {K} {V}", consts, warps, stages))
+builds.append((chunk._gdn_chunk_h_kblock_kernel, "kblock", dict(base, H=8, K=256, V=256, NKB=4, BV=32), 4, 1))
+for fn, label, consts, warps, stages in builds:
+    params = list(inspect.signature(fn.fn).parameters)
+    consts = {p: c for p, c in consts.items() if p in params}
+    sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "fp32" if p == "scale" else
+           "*fp32" if p in ("gamma", "ht") else "*bf16" for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    opts = {"num_warps": warps, "num_stages": stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    print(fn.fn.__name__, label, "shared", kernel.metadata.shared)
 """
 
 

@@ -490,6 +490,13 @@ def _gdn_chunk_wu_kernel(
 
 
 @triton.jit
+def _state_ptrs(x, row, o_k, o_v, K: tl.constexpr, V: tl.constexpr):
+    # pointers to rows o_k, columns o_v of state `row` in x [.., K, V] (initial, kept or final states, and their
+    # gradients)
+    return x + row * K * V + o_k[:, None] * V + o_v[None, :]
+
+
+@triton.jit
 def _walk_span(cu_seqlens, chunk_offsets, i_b, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     # what a program of the walks over the chunks covers: (first token, tokens, chunks, first row in hs) of
     # sequence i_b; packed, one program per (value block, sequence, head): that sequence's chunks, its own states
@@ -572,13 +579,13 @@ def _gdn_chunk_h_kernel(
     dt = k.dtype.element_ty
     b_h = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_H0:
-        b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
+        b_h += tl.load(_state_ptrs(h0, i_bh, o_k, o_v, K, V), mask=m_h, other=0.0)
     if PREFETCH:
         b_w, b_u, b_k, b_gam, b_gl = _h_step_loads(
             k, w, u, gamma, bos, i_h, 0, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
         )
     for i_t in range(NT):
-        tl.store(hs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(dt), mask=m_h)
+        tl.store(_state_ptrs(hs, (i_c0 + i_t) * H + i_h, o_k, o_v, K, V), b_h.to(dt), mask=m_h)
         if PREFETCH:
             n_w, n_u, n_k, n_gam, n_gl = _h_step_loads(
                 k, w, u, gamma, bos, i_h, i_t + 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
@@ -598,14 +605,7 @@ def _gdn_chunk_h_kernel(
         b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vd, input_precision=PREC)  # [K, BT] @ [BT, BV]
         if PREFETCH:
             b_w, b_u, b_k, b_gam, b_gl = n_w, n_u, n_k, n_gam, n_gl
-    tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
-
-
-@triton.jit
-def _state_block(x, row, kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
-    # pointers and mask of rows kb * 64 ... kb * 64 + 63 (a block of K) of state `row` ([K, V] each), columns o_v
-    o_k = kb * 64 + tl.arange(0, 64)
-    return x + row * K * V + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & m_v[None, :]
+    tl.store(_state_ptrs(ht, i_bh, o_k, o_v, K, V), b_h, mask=m_h)
 
 
 @triton.jit
@@ -624,15 +624,15 @@ def _h_block_start(h0, i_bh, kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BV:
     # a block of the initial state in float32, zeros without one
     b_h = tl.zeros([64, BV], dtype=tl.float32)
     if HAS_H0:
-        p, m = _state_block(h0, i_bh, kb, o_v, m_v, K, V)
-        b_h += tl.load(p, mask=m, other=0.0)
+        o_k = kb * 64 + tl.arange(0, 64)  # block kb of K
+        b_h += tl.load(_state_ptrs(h0, i_bh, o_k, o_v, K, V), mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
     return b_h
 
 
 @triton.jit
 def _h_block_store(x, b_h, row, kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
-    p, m = _state_block(x, row, kb, o_v, m_v, K, V)
-    tl.store(p, b_h.to(x.dtype.element_ty), mask=m)
+    o_k = kb * 64 + tl.arange(0, 64)  # block kb of K
+    tl.store(_state_ptrs(x, row, o_k, o_v, K, V), b_h.to(x.dtype.element_ty), mask=(o_k < K)[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -909,14 +909,14 @@ def _gdn_chunk_dh_kernel(
     dt = q.dtype.element_ty
     b_dh = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_DHT:
-        b_dh += tl.load(dht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.0)
+        b_dh += tl.load(_state_ptrs(dht, i_bh, o_k, o_v, K, V), mask=m_h, other=0.0)
     if PREFETCH:
         b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = _dh_step_loads(
             q, k, w, do, dvl, gamma, bos, i_h, NT - 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
         )
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        tl.store(dhs + ((i_c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dt), mask=m_h)
+        tl.store(_state_ptrs(dhs, (i_c0 + i_t) * H + i_h, o_k, o_v, K, V), b_dh.to(dt), mask=m_h)
         if PREFETCH:  # chunk -1 loads nothing: every row is masked
             n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl = _dh_step_loads(
                 q, k, w, do, dvl, gamma, bos, i_h, i_t - 1, T, o_k, m_k, o_v, m_v, H, K, V, BT, IS_VARLEN
@@ -940,7 +940,7 @@ def _gdn_chunk_dh_kernel(
         if PREFETCH:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl
     if HAS_H0:
-        tl.store(dh0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
+        tl.store(_state_ptrs(dh0, i_bh, o_k, o_v, K, V), b_dh, mask=m_h)
 
 
 @triton.jit
