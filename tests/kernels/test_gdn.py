@@ -152,8 +152,9 @@ def test_chunk_kernels(case, dtype, doubling):
     ids=["fixed-K64", "packed-K128"],
 )
 def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
-    """fuse_wu=True computes the chunk inverse and W, U in one kernel: gamma and the inverse
-    bit for bit, W, U (through Vn), the chunk states and the non-finite flags as the two-kernel form, with a NaN
+    """fuse_wu=True computes the chunk inverse and W, U in one kernel: gamma bit for bit, the inverse bit for bit in
+    the interpreter (compiled, the two kernels' float32 products may differ in the last bit: on an H200 they did),
+    W, U (through Vn), the chunk states and the non-finite flags as the two-kernel form, with a NaN
     in a key (row 37, the third 16-row block) and an Inf in a value (row 70, the second chunk's first block): the
     flags and NaNs land in the same rows, and the rows before them stay finite."""
     from mixerzoo.kernels.gdn.chunk import _chunking, _forward_intermediates
@@ -172,8 +173,10 @@ def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
     rows = chunks[0] if lengths is None else int(chunks[3][-1])  # chunk rows written (packed: spare rows are not)
     for name, a, b in zip(names, two, one, strict=True):
         a, b = (a[:, :rows], b[:, :rows]) if name == "hs" else (a, b)
-        if name in ("gamma", "Ai"):
+        if name == "gamma" or (name == "Ai" and DEVICE == "cpu"):
             assert torch.equal(a, b), name
+        elif name == "Ai":
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(a.isnan(), b.isnan()), name
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
@@ -194,9 +197,10 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
     given its W, hs and Vn as well (keep_states=True) neither the wu nor the h kernel. Its gradients equal those of
     the backward that recomputes them bit for bit: given Ai, that with fuse_wu=False (the same wu and h kernels);
     given the states too, that with the forward's fuse_wu (the same W, hs, Vn); whether the forward's inverse came
-    from the prep kernel or the fused one (STORE_AI). Asking for the intermediates leaves the forward's o and final
-    state as they were. Two chunks and a ragged tail per sequence; packed: an empty sequence and one shorter than
-    a 16-row block too."""
+    from the prep kernel or the fused one (STORE_AI) in the interpreter; compiled, the fused kernel's inverse may
+    differ from the prep kernel's in the last bit, and the gradients given it to rounding. Asking for the
+    intermediates leaves the forward's o and final state as they were. Two chunks and a ragged tail per sequence;
+    packed: an empty sequence and one shorter than a 16-row block too."""
     from mixerzoo.kernels.gdn import chunk
 
     if lengths is None:
@@ -233,7 +237,11 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
     # to rounding), so they match the backward that recomputes with the same kernel
     same = chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, fuse_wu=fuse_wu)
     for name, a, b, c, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], kept, with_states, again, same, strict=True):
-        assert a.dtype == b.dtype == c.dtype and torch.equal(a, c) and torch.equal(b, d), name
+        assert a.dtype == b.dtype == c.dtype and torch.equal(b, d), name
+        if fuse_wu and DEVICE == "cuda":  # Ai from the fused kernel against the prep kernel's
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, c), name
     with pytest.raises(ValueError, match=r"states \(W, hs, Vn\) come with the forward's gamma and Ai"):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, states=states)
     with pytest.raises(ValueError, match=r"hs must be torch.float32 \["):
@@ -525,19 +533,23 @@ def test_op_refuses_huge_heads_on_cuda():
 
 def test_sequential_kernel_settings_and_refusal():
     """The state walks' default launch settings (blocks of 32 with three stages when few programs walk, 64 when
-    many, two stages at K = 256) and the refusal of one stage without prefetch, which faulted on an H200."""
+    many, two stages at K = 256; float32 inputs, whose staged tiles are twice the bytes: blocks of 32 with two
+    stages from K = 128 on, 16 at K = 256) and the refusal of one stage without prefetch, which faulted on an
+    H200."""
     from mixerzoo.kernels.gdn.chunk import _seq_config
 
-    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3, False)
-    assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3, False)
-    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2, False)
-    assert _seq_config(1, 8, 64, 64, (32, True, 8)) == (32, True, 8, 1, False)
-    assert _seq_config(1, 8, 64, 64, (64, False, 4)) == (64, False, 4, 2, False)
-    assert _seq_config(1, 8, 256, 64, (32, False, 4, 1, True)) == (32, False, 4, 1, True)
-    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1, False\) without prefetch needs num_stages >= 2"):
+    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3)
+    assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3)
+    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2)
+    assert _seq_config(32, 16, 64, 64, None, 4) == (64, False, 4, 3)
+    assert _seq_config(32, 16, 128, 128, None, 4) == (32, False, 4, 2)
+    assert _seq_config(1, 8, 256, 256, None, 4) == (16, False, 4, 2)
+    assert _seq_config(1, 8, 64, 64, (32, True, 8)) == (32, True, 8, 1)
+    assert _seq_config(1, 8, 64, 64, (64, False, 4)) == (64, False, 4, 2)
+    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1\) without prefetch needs num_stages >= 2"):
         _seq_config(1, 8, 64, 64, (32, False, 4, 1))
-    with pytest.raises(ValueError, match=r"kblock takes no prefetch and K <= 256, got K=64"):
-        _seq_config(1, 8, 64, 64, (32, True, 8, 1, True))
+    with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1, True\): \(BV, prefetch, num_warps\[, num_stages\]\)"):
+        _seq_config(1, 8, 64, 64, (32, False, 4, 1, True))
 
 
 def test_op_compiles_fullgraph():
@@ -557,43 +569,6 @@ def test_op_compiles_fullgraph():
 
 
 # -- short causal conv ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "lens,B,H,K,V",
-    _slow_unless(
-        {"None-2-2-96-64"},
-        (None, 2, 2, 96, 64),  # two blocks of K, the second partly masked
-        (None, 1, 1, 256, 32),  # four blocks
-        ((0, 5, 70, 1), 1, 2, 64, 64),  # one block, a packed batch with empty sequences
-    ),
-)
-def test_kblock_forward_walk(lens, B, H, K, V):
-    """seq's kblock: the forward walk with K in blocks of 64 (_gdn_chunk_h_kblock_kernel), one stage, against the
-    float32 recurrence: output, final state and every gradient (the backward recomputes the states with it),
-    with an initial state and a final-state gradient; fixed length and packed."""
-    dtype = torch.float32
-    if lens is None:
-        (q, k, v, g, beta), h0 = make_inputs(B, 70 if K > 128 else 130, H, K, V, dtype)
-        cu = None
-    else:
-        (q, k, v, g, beta), h0 = varlen_inputs(list(lens), K, V, dtype)
-        cu = cu_of(list(lens))
-    scale = K**-0.5
-    prims = [x.float().requires_grad_() for x in (q, k, v, g, beta)] + [h0.clone().requires_grad_()]
-    if cu is None:
-        o_ref, s_ref = gated_delta_rule_recurrent(*prims[:5], scale, prims[5])
-    else:
-        o_ref, s_ref = per_sequence(prims[:5], scale, list(lens), prims[5])
-    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
-    torch.autograd.backward([o_ref, s_ref], [do, dht])
-    seq = (32, False, 4, 1, True)
-    o, s = chunk_gdn_fwd(q, k, v, g, beta, scale, h0, cu_seqlens=cu, seq=seq)
-    assert_close("o", o_ref, o, dtype, rel_rmse=TOL[dtype][0])
-    assert_close("final_state", s_ref, s, dtype, rel_rmse=TOL[dtype][0])
-    grads = chunk_gdn_bwd(q, k, v, g, beta, scale, h0, do, dht, cu_seqlens=cu, seq=seq)
-    for name, d, x in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, prims, strict=True):
-        assert_close(name, x.grad, d, dtype, rel_rmse=TOL[dtype][1])
 
 
 @pytest.mark.parametrize("T", [1, 2, 70], ids=lambda t: f"T{t}")
@@ -827,21 +802,24 @@ from triton.compiler import ASTSource
 from mixerzoo.kernels.gdn import chunk
 
 # the forward and backward state walks at their default settings, few and many programs, K = 64 to 256; last the
-# K-blocked forward walk at K = 256 with one stage (a setting for sweeps)
+# backward walk (the larger) in float32 at K = 128 and 256, whose defaults stage half as many value columns
 base = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, BT=64, HAS_H0=False, HAS_DHT=False,
             PREC="tf32", IS_VARLEN=False)
 builds = []
 for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
     for B, H, K, V in ((1, 16, 64, 64), (32, 16, 128, 128), (1, 8, 128, 256), (32, 8, 256, 256)):
-        BV, prefetch, warps, stages, _ = chunk._seq_config(B, H, K, V, None)
+        BV, prefetch, warps, stages = chunk._seq_config(B, H, K, V, None)
         consts = dict(base, H=H, K=K, V=V, KP=chunk._state_rows(K), BV=BV, PREFETCH=prefetch)
-        builds.append((fn, f"{B} {H} {K} {V}", consts, warps, stages))
-builds.append((chunk._gdn_chunk_h_kblock_kernel, "kblock", dict(base, H=8, K=256, V=256, NKB=4, BV=32), 4, 1))
-for fn, label, consts, warps, stages in builds:
+        builds.append((fn, f"{B} {H} {K} {V}", consts, warps, stages, "bf16"))
+for K in (128, 256):
+    BV, prefetch, warps, stages = chunk._seq_config(32, 16, K, 128, None, 4)
+    consts = dict(base, H=16, K=K, V=128, KP=chunk._state_rows(K), BV=BV, PREFETCH=prefetch, PREC="ieee")
+    builds.append((chunk._gdn_chunk_dh_kernel, f"32 16 {K} 128 float32", consts, warps, stages, "fp32"))
+for fn, label, consts, warps, stages, dt in builds:
     params = list(inspect.signature(fn.fn).parameters)
     consts = {p: c for p, c in consts.items() if p in params}
     sig = {p: "constexpr" if p in consts else "i32" if p in ("T", "NT") else "fp32" if p == "scale" else
-           "*fp32" if p in ("gamma", "ht") else "*bf16" for p in params}
+           "*fp32" if p in ("gamma", "ht") else f"*{dt}" for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": warps, "num_stages": stages}
@@ -852,15 +830,15 @@ for fn, label, consts, warps, stages in builds:
 
 @pytest.mark.slow
 def test_state_walks_fit_hopper_shared_memory(compile_in_child):
-    """The h and dh kernels at their default settings compile for sm_90 in bf16 within an H100's 227 KB of shared
-    memory per block (at K = 256 the dh kernel's two stages take 220 KB); the launch would refuse more. The
-    K-blocked forward walk with one stage compiles too, in under a third of that (its point: several programs
-    per SM)."""
+    """The h and dh kernels at their default settings compile for sm_90 within an H100's 227 KB of shared memory
+    per block, in bf16 (at K = 256 the dh kernel's two stages take 220 KB) and in float32 (the dh kernel at
+    K = 128 and 256, where the half-precision settings took 241 KB at K = 128 with few programs, 289 KB with
+    many, 241 KB at K = 256); the launch would refuse more (on an H200 it did, before float32 had settings of its
+    own)."""
     out = compile_in_child(_SM90_STATE_WALKS)
     sizes = [int(line.split()[-1]) for line in out.splitlines() if " shared " in line]
-    assert len(sizes) == 9, out
+    assert len(sizes) == 10, out
     assert max(sizes) <= 232448, out
-    assert sizes[-1] <= 232448 // 3, out
 
 
 @pytest.mark.slow

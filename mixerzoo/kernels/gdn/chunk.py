@@ -602,121 +602,19 @@ def _gdn_chunk_h_kernel(
         # the decay from each row to the chunk's end scales the [BT, BV] rows of Vn, not the [BT, K] rows of k:
         # k then goes to the product as loaded (no register pass over a K-wide tile)
         b_vd = (b_vn * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_h = b_h * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vd, input_precision=PREC)  # [K, BT] @ [BT, BV]
+        if PREFETCH:
+            b_kt = tl.trans(b_k)
+        else:  # k read again, transposed by its pointers: transposing the loaded tile faulted under Triton 3.6 on
+            # an H200 (an illegal address in a walk of one chunk with an initial state, K = 64, 16-bit inputs)
+            b_kt = tl.load(
+                k + (bos * H + i_h) * K + o_t[None, :] * H * K + o_k[:, None],
+                mask=m_k[:, None] & m_t[None, :],
+                other=0.0,
+            )
+        b_h = b_h * tl.exp(b_gl) + tl.dot(b_kt, b_vd, input_precision=PREC)  # [K, BT] @ [BT, BV]
         if PREFETCH:
             b_w, b_u, b_k, b_gam, b_gl = n_w, n_u, n_k, n_gam, n_gl
     tl.store(_state_ptrs(ht, i_bh, o_k, o_v, K, V), b_h, mask=m_h)
-
-
-@triton.jit
-def _chunk_cols(x, bos, i_h, o_t, m_t, kb, H: tl.constexpr, K: tl.constexpr, TRANS: tl.constexpr):
-    # a [BT, 64] tile of x [.., T, H, K] (chunk rows o_t, columns kb * 64 ...), or with TRANS the [64, BT] tile of
-    # its transpose, loaded transposed from memory
-    o_k = kb * 64 + tl.arange(0, 64)
-    base = x + (bos * H + i_h) * K
-    if TRANS:
-        return tl.load(base + o_t[None, :] * H * K + o_k[:, None], mask=m_t[None, :] & (o_k < K)[:, None], other=0.0)
-    return tl.load(base + o_t[:, None] * H * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _h_block_start(h0, i_bh, kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
-    # a block of the initial state in float32, zeros without one
-    b_h = tl.zeros([64, BV], dtype=tl.float32)
-    if HAS_H0:
-        o_k = kb * 64 + tl.arange(0, 64)  # block kb of K
-        b_h += tl.load(_state_ptrs(h0, i_bh, o_k, o_v, K, V), mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
-    return b_h
-
-
-@triton.jit
-def _h_block_store(x, b_h, row, kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
-    o_k = kb * 64 + tl.arange(0, 64)  # block kb of K
-    tl.store(_state_ptrs(x, row, o_k, o_v, K, V), b_h.to(x.dtype.element_ty), mask=(o_k < K)[:, None] & m_v[None, :])
-
-
-@triton.jit
-def _gdn_chunk_h_kblock_kernel(
-    k,
-    w,
-    u,
-    gamma,
-    h0,
-    hs,
-    vn,
-    ht,
-    cu_seqlens,
-    chunk_offsets,
-    T,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    NKB: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    PREC: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    # the forward walk of _gdn_chunk_h_kernel with the state's K rows in NKB <= 4 blocks of 64, each its own
-    # [64, BV] tile, w read one [BT, 64] block per product and k one transposed [64, BT] block (no transpose on
-    # chip): the same values up to the order of the K sum, in fewer staged bytes per block. A setting for sweeps
-    # (seq's kblock), not a default until timed
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, T, NT, i_c0 = _walk_span(cu_seqlens, chunk_offsets, i_b, T, NT, BT, IS_VARLEN)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    dt = k.dtype.element_ty
-    b_h0 = _h_block_start(h0, i_bh, 0, o_v, m_v, K, V, BV, HAS_H0)
-    if NKB > 1:
-        b_h1 = _h_block_start(h0, i_bh, 1, o_v, m_v, K, V, BV, HAS_H0)
-    if NKB > 2:
-        b_h2 = _h_block_start(h0, i_bh, 2, o_v, m_v, K, V, BV, HAS_H0)
-    if NKB > 3:
-        b_h3 = _h_block_start(h0, i_bh, 3, o_v, m_v, K, V, BV, HAS_H0)
-    for i_t in range(NT):
-        row = (i_c0 + i_t) * H + i_h
-        _h_block_store(hs, b_h0, row, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            _h_block_store(hs, b_h1, row, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            _h_block_store(hs, b_h2, row, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            _h_block_store(hs, b_h3, row, 3, o_v, m_v, K, V)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        # Vn = U - W S, the K sum block by block
-        b_ws = tl.dot(_chunk_cols(w, bos, i_h, o_t, m_t, 0, H, K, False), b_h0.to(dt), input_precision=PREC)
-        if NKB > 1:
-            b_ws += tl.dot(_chunk_cols(w, bos, i_h, o_t, m_t, 1, H, K, False), b_h1.to(dt), input_precision=PREC)
-        if NKB > 2:
-            b_ws += tl.dot(_chunk_cols(w, bos, i_h, o_t, m_t, 2, H, K, False), b_h2.to(dt), input_precision=PREC)
-        if NKB > 3:
-            b_ws += tl.dot(_chunk_cols(w, bos, i_h, o_t, m_t, 3, H, K, False), b_h3.to(dt), input_precision=PREC)
-        p_v = (bos * H + i_h) * V + o_t[:, None] * H * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - b_ws
-        tl.store(vn + p_v, b_vn.to(dt), mask=m_tv)
-        b_gam = tl.load(gamma + bos * H + i_h + o_t * H, mask=m_t, other=0.0)
-        b_gl = tl.load(gamma + bos * H + i_h + (tl.minimum(i_t * BT + BT, T) - 1) * H)
-        b_vd = (b_vn * tl.exp(b_gl - b_gam)[:, None]).to(dt)
-        b_dec = tl.exp(b_gl)
-        b_h0 = b_h0 * b_dec + tl.dot(_chunk_cols(k, bos, i_h, o_t, m_t, 0, H, K, True), b_vd, input_precision=PREC)
-        if NKB > 1:
-            b_h1 = b_h1 * b_dec + tl.dot(_chunk_cols(k, bos, i_h, o_t, m_t, 1, H, K, True), b_vd, input_precision=PREC)
-        if NKB > 2:
-            b_h2 = b_h2 * b_dec + tl.dot(_chunk_cols(k, bos, i_h, o_t, m_t, 2, H, K, True), b_vd, input_precision=PREC)
-        if NKB > 3:
-            b_h3 = b_h3 * b_dec + tl.dot(_chunk_cols(k, bos, i_h, o_t, m_t, 3, H, K, True), b_vd, input_precision=PREC)
-    _h_block_store(ht, b_h0, i_bh, 0, o_v, m_v, K, V)
-    if NKB > 1:
-        _h_block_store(ht, b_h1, i_bh, 1, o_v, m_v, K, V)
-    if NKB > 2:
-        _h_block_store(ht, b_h2, i_bh, 2, o_v, m_v, K, V)
-    if NKB > 3:
-        _h_block_store(ht, b_h3, i_bh, 3, o_v, m_v, K, V)
 
 
 @triton.jit
@@ -1162,20 +1060,23 @@ def _out_cols(V: int) -> int:
     return min(max(triton.next_power_of_2(V), 64), 128)
 
 
-def _seq_config(B, H, K, V, seq):
-    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps, num_stages,
-    # kblock). Swept on an H200 (NOTES-gdn.md, benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining
-    # stages when few programs walk (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is
-    # latency-bound; blocks of 64 with three stages when many do. K = 256 takes blocks of 32 with two stages,
-    # the only setting whose staged tiles fit in shared memory (dh: 220 KB of the 227 KB). Prefetching the next
-    # chunk's tiles into registers (one stage) was the best with few programs before the decays moved onto the
-    # [BT, BV] side of the products; it stays for sweeps, as does kblock (the forward walk with K in blocks of 64,
-    # _gdn_chunk_h_kblock_kernel; K <= 256, no prefetch; the backward walk ignores it), not yet timed. ``seq``:
-    # (BV, prefetch, num_warps), with num_stages, or with kblock as well (benchmarks sweep them). Without prefetch
-    # or kblock, one stage is refused: under Triton 3.6 on an H200 the kernels made an illegal memory access at
-    # every shape tried.
+def _seq_config(B, H, K, V, seq, itemsize=2):
+    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps, num_stages).
+    # Swept on an H200 (NOTES-gdn.md, benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining stages
+    # when few programs walk (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is
+    # latency-bound; blocks of 64 with three stages when many do. K = 256 takes blocks of 32 with two stages, the
+    # only setting whose staged tiles fit in shared memory (dh: 220 KB of the 227 KB). float32 inputs
+    # (itemsize 4) stage twice the bytes: K <= 64 as in half precision; K <= 128 blocks of 32 with two stages
+    # (dh 129 KB; three stages took 241 KB); K = 256 blocks of 16 with two stages (dh 217 KB). Prefetching the
+    # next chunk's tiles into registers (one stage) was the best with few programs before the decays moved onto
+    # the [BT, BV] side of the products; it stays for sweeps. ``seq``: (BV, prefetch, num_warps), with num_stages
+    # or not (benchmarks sweep them). Without prefetch, one stage is refused: under Triton 3.6 on an H200 the
+    # kernels made an illegal memory access at every shape tried.
     if seq is None:
-        if _state_rows(K) > 128:
+        rows = _state_rows(K)
+        if itemsize > 2 and rows > 64:
+            seq = 32 if rows <= 128 else 16, False, 4, 2
+        elif rows > 128:
             seq = 32, False, 4, 2
         elif B * H * triton.cdiv(V, 64) < 256:
             seq = 32, False, 4, 3
@@ -1183,12 +1084,10 @@ def _seq_config(B, H, K, V, seq):
             seq = 64, False, 4, 3
     if len(seq) == 3:
         seq = (*seq, 1 if seq[1] else 2)
-    if len(seq) == 4:
-        seq = (*seq, False)
-    BV, prefetch, warps, stages, kblock = seq
-    if kblock and (prefetch or K > 256):
-        raise ValueError(f"gdn chunk kernels: seq={tuple(seq)}: kblock takes no prefetch and K <= 256, got K={K}")
-    if not prefetch and not kblock and stages < 2:
+    if len(seq) != 4:
+        raise ValueError(f"gdn chunk kernels: seq={tuple(seq)}: (BV, prefetch, num_warps[, num_stages]) expected")
+    BV, prefetch, warps, stages = seq
+    if not prefetch and stages < 2:
         raise ValueError(f"gdn chunk kernels: seq={tuple(seq)} without prefetch needs num_stages >= 2, got {stages}")
     return tuple(seq)
 
@@ -1319,17 +1218,10 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     varlen = cu is not None
     dev = k.device
     KP = _state_rows(K)
-    BV, prefetch, warps, stages, kblock = _seq_config(N, H, K, V, seq)
+    BV, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size())
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    if kblock:
-        _gdn_chunk_h_kblock_kernel[(triton.cdiv(V, BV), N * H)](
-            k=k, w=w, u=u, gamma=gamma, h0=initial_state, hs=hs, vn=vn, ht=ht, cu_seqlens=cu, chunk_offsets=offsets,
-            T=T, NT=NT, H=H, K=K, V=V, BT=BT, NKB=triton.cdiv(K, 64), BV=BV, HAS_H0=initial_state is not None,
-            PREC=dot_precision(k), IS_VARLEN=varlen, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        return hs, vn, ht
     _gdn_chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
         k=k,
         w=w,
@@ -1413,8 +1305,7 @@ def chunk_gdn_fwd(
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (int32 or int64, 0 = c_0 <= ... <= c_N = T, on q's device) the batch is packed: B = 1, sequence n is
     tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
-    ``seq`` overrides the (BV, prefetch, num_warps[, num_stages[, kblock]]) of the sequential kernels (benchmarks
-    sweep it; kblock: the forward walk with K in blocks of 64).
+    ``seq`` overrides the (BV, prefetch, num_warps[, num_stages]) of the sequential kernels (benchmarks sweep it).
     ``doubling`` True inverts the 16x16 diagonal blocks by repeated squaring, False by row substitution; None
     (the default) takes the prep kernel's launch settings' choice (``_prep_config``: doubling for bf16).
     ``fuse_wu=True`` computes the chunk inverse and W, U in one kernel, the inverse never leaving the chip,
@@ -1548,7 +1439,7 @@ def chunk_gdn_bwd(
         num_warps=8 if BV > 64 else 4,
     )
     KP = _state_rows(K)
-    BVh, prefetch, warps, stages, _ = _seq_config(N, H, K, V, seq)  # (the backward walk has no kblock form)
+    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size())
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
     dh0 = (
