@@ -5,6 +5,7 @@ same run. Every mode needs a CUDA GPU.
     python benchmarks/nsa.py            # check + bench (~3 minutes on an H200)
     python benchmarks/nsa.py --check    # only the correctness check at realistic sizes
     python benchmarks/nsa.py --sections profile   # device time per kernel of forward+backward (~1 minute)
+    python benchmarks/nsa.py --sections check,major   # the selection branch token-major vs block-major
 
 bf16, D = 64, block size 64, 16 blocks, window 512, 32768 tokens per call, T = 8192 (B = 4) and 32768 (B = 1):
 HQ = 32, HKV = 2 (G = 16): mixerzoo with and without the window, fla's parallel_nsa (window_size = 0 on both
@@ -101,11 +102,14 @@ def section_check(log: list[str]) -> bool:
     same = (idx.long() == idx_ref).all(-1).float().mean().item()
     log.append(f"check float32 selection G=16 T=4096: {same:.6f} of the rows equal to the reference's")
     ok &= same == 1.0
-    for HQ, HKV, T in ((32, 2, 2048), (16, 4, 2048), (16, 16, 1024)):
+    from mixerzoo.kernels.nsa.triton_launch import nsa_tiles
+
+    for (HQ, HKV, T), blocks in [(c, b) for c in ((32, 2, 2048), (16, 4, 2048), (16, 16, 1024)) for b in (0, 1)]:
         q, k, v, gates = _inputs(1, T, HQ, HKV, torch.bfloat16)
         do = torch.randn_like(q)
-        o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, N, W, scale)
-        grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale)
+        tiles = nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=bool(blocks))
+        o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, N, W, scale, tiles=tiles)
+        grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
         leaves = [x.detach().float().requires_grad_() for x in (q, k, v, *gates)]
         o_ref = _reference(*leaves[:3], leaves[3:], idx, scale, W)
         grads_ref = torch.autograd.grad(o_ref, leaves, do.float())
@@ -115,7 +119,7 @@ def section_check(log: list[str]) -> bool:
         bad = errs["o"] > 1e-2 or any(e > 2e-2 for n, e in errs.items() if n != "o")
         ok &= not bad
         log.append(
-            f"check bf16 HQ={HQ} HKV={HKV} T={T}: "
+            f"check bf16 HQ={HQ} HKV={HKV} T={T} selection {'block' if blocks else 'token'}-major: "
             + ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
             + (" FAILED" if bad else " ok")
         )
@@ -198,43 +202,68 @@ def section_bench(rows: list[dict], log: list[str]) -> None:
             torch.cuda.empty_cache()
 
 
+def _time_launchers(q, k, v, gates, do, scale, tiles) -> dict:
+    # forward and forward+backward of the Triton launchers with these tiles, ms (10 queued calls each)
+    def fwd():
+        return nsa_fwd(q, k, v, *gates, L, N, W, scale, tiles=tiles)
+
+    def step():
+        _, ob, lse, lse_win, idx = fwd()
+        return nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
+
+    return {"fwd_ms": time_ms(fwd, repeat=10), "fwdbwd_ms": time_ms(step, repeat=10)}
+
+
 def section_tiles(rows: list[dict], log: list[str]) -> None:
     """The selection kernels' rows per tile (nsa_tiles ``slc_rows``: 64, the default, against 16), then the
     compression forward's top-n kept by a rank count or a bitonic sort (nsa_tiles ``sort``), at T = 32768, B = 1,
     window 512, G = 16, 4 and 1: forward and forward+backward of the Triton launchers, with full causal SDPA at
     the same shape. Rows ``nsa_slc_rows`` and ``nsa_topn_merge``."""
+
+    def note(tiles):
+        return (
+            f"Triton launchers, selection tiles of {tiles['BT_slc']} tokens x G heads, window {W}, "
+            f"top-n by {'sort' if tiles['sort'] else 'rank count'}"
+        )
+
+    variants = [(dict(op="nsa_slc_rows", slc_rows=r), dict(slc_rows=r)) for r in (16, 64)]
+    variants += [(dict(op="nsa_topn_merge", merge=m), dict(sort=m == "sort")) for m in ("rank", "sort")]
     for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
-        _tiles_shape(rows, HQ, HKV)
+        _variants_shape(rows, HQ, HKV, variants, note)
         torch.cuda.empty_cache()
 
 
-def _tiles_shape(rows: list[dict], HQ: int, HKV: int) -> None:
+def section_major(rows: list[dict], log: list[str]) -> None:
+    """The selection branch token-major (the default: a tile of tokens walks the union of their selected blocks)
+    against block-major (nsa_tiles ``slc_blocks``: a program per selected block and the gathered tokens that chose
+    it), at T = 32768, B = 1, window 512, G = 1, 4 and 16: forward and forward+backward of the Triton launchers,
+    with full causal SDPA at the same shape. Rows ``nsa_slc_major``."""
+
+    def note(tiles):
+        return f"Triton launchers, selection {'block' if tiles['slc_blocks'] else 'token'}-major, window {W}"
+
+    variants = [(dict(op="nsa_slc_major", major=m), dict(slc_blocks=m == "block")) for m in ("token", "block")]
+    for HQ, HKV in ((16, 16), (16, 4), (32, 2)):
+        _variants_shape(rows, HQ, HKV, variants, note)
+        torch.cuda.empty_cache()
+
+
+def _variants_shape(rows: list[dict], HQ: int, HKV: int, variants: list, note) -> None:
+    # each variant (row keys with its op, nsa_tiles keywords) timed at one head shape, then SDPA once per op
     from mixerzoo.kernels.nsa.triton_launch import nsa_tiles
 
     q, k, v, gates = _inputs(1, TOKENS, HQ, HKV, torch.bfloat16)
     do = torch.randn_like(q)
     scale = D**-0.5
-    base = {"op": "nsa_slc_rows", "T": TOKENS, "B": 1, "H": HQ, "HKV": HKV, "D": D}
-    variants = [(dict(slc_rows=r), dict(slc_rows=r)) for r in (16, 64)]
-    variants += [(dict(op="nsa_topn_merge", merge=m), dict(sort=m == "sort")) for m in ("rank", "sort")]
+    base = {"T": TOKENS, "B": 1, "H": HQ, "HKV": HKV, "D": D}
     for keys, kwargs in variants:
         tiles = nsa_tiles(D, HQ // HKV, L, q.dtype, **kwargs)
-
-        def fwd(tiles=tiles):
-            return nsa_fwd(q, k, v, *gates, L, N, W, scale, tiles=tiles)
-
-        def step(tiles=tiles):
-            _, ob, lse, lse_win, idx = fwd(tiles)
-            return nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
-
-        r = dict(base, impl="mixerzoo", **keys, fwd_ms=time_ms(fwd, repeat=10))
-        r["fwdbwd_ms"] = time_ms(step, repeat=10)
-        r["note"] = f"Triton launchers, selection tiles of {tiles['BT_slc']} tokens x G heads, window {W}"
-        r["note"] += f", top-n by {'sort' if tiles['sort'] else 'rank count'}"
+        r = dict(base, impl="mixerzoo", **keys, **_time_launchers(q, k, v, gates, do, scale, tiles))
+        r["note"] = note(tiles)
         rows.append(r)
         print(r, flush=True)
     sdpa_fwd, sdpa_step = _sdpa_calls(q, k, v, do)
-    for op in ("nsa_slc_rows", "nsa_topn_merge"):  # the anchor of each comparison
+    for op in dict.fromkeys(keys["op"] for keys, _ in variants):  # the anchor of each comparison
         r = dict(base, op=op, impl="sdpa", fwd_ms=time_ms(sdpa_fwd, repeat=10), fwdbwd_ms=time_ms(sdpa_step, repeat=10))
         r["note"] = "full causal, GQA"
         rows.append(r)
@@ -356,8 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--sections",
         default="check,bench,decode",
-        help="comma-separated: check, bench, decode, tiles (selection tile rows 64 vs 16), profile (device time "
-        "per kernel of forward+backward)",
+        help="comma-separated: check, bench, decode, tiles (selection tile rows 64 vs 16), major (selection "
+        "token-major vs block-major), profile (device time per kernel of forward+backward)",
     )
     args = ap.parse_args(argv)
     require_gpu("nsa.py", "--check" if args.check else "(bench)", cpu=None)
@@ -378,6 +407,7 @@ def main(argv=None) -> int:
         ("bench", section_bench),
         ("decode", section_decode),
         ("tiles", section_tiles),
+        ("major", section_major),
         ("profile", section_profile),
     ):
         if name in sections:

@@ -119,6 +119,55 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
         assert_close(name, ref, out, **F32)
 
 
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, L, n, W",
+    [
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, id="G1-T77-D32-n3"),
+        pytest.param(2, 85, 6, 2, 16, 16, 4, 24, marks=pytest.mark.slow, id="G3-T85-B2-n4"),
+        pytest.param(1, 72, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T72-D16-n4"),
+    ],
+)
+def test_block_major_selection(B, T, HQ, HKV, D, L, n, W):
+    """nsa_tiles(slc_blocks=True): the selection branch block-major (a program per selected block and chunk of the
+    tokens that chose it, pairs merged by the combine kernel, dQ by atomics in the dK/dV kernel) gives the
+    reference's branch output and the token-major log-sum-exp, and every gradient; with a batch of two and GQA
+    groups of 1, 3 and 16 (the group's padded heads masked in the gathered rows)."""
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, seed=5)
+    scale = D**-0.5
+    tiles = triton_launch.nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=True)
+    o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale, tiles=tiles)
+    lse_tok = nsa_fwd(q, k, v, *gates, L, n, W, scale)[2]
+    k_cmp, v_cmp = nsa_compress_ref(k, v, L)
+    o_slc = nsa_branches_ref(q, k, v, k_cmp, v_cmp, block_size=L, block_count=n, window_size=W, scale=scale)[1]
+    assert_close("o_slc", o_slc, ob[1], **F32)
+    torch.testing.assert_close(lse[1], lse_tok[1], rtol=1e-5, atol=1e-5)
+    o_ref, grads_ref = _ref_grads(q, k, v, gates, do, L, n, W, scale)
+    assert_close("o", o_ref, o, **F32)
+    grads = nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, scale, tiles=tiles)
+    for name, ref, out in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out, **F32)
+
+
+def test_block_major_selection_nonfinite_values():
+    """Block-major selection with a NaN in one value row: exactly the (token, head) rows whose selected keys
+    include that row come out NaN (as the token-major kernel's exact path gives), every other row finite and equal
+    to the token-major output."""
+    B, T, HQ, HKV, D, L, n, W = 1, 64, 2, 1, 16, 16, 2, 0
+    q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D, seed=6)
+    v[0, 20, 0, 3] = float("nan")  # in block 1 (keys 16..31), seen by the tokens t >= 20 that select block 1
+    scale = D**-0.5
+    tiles = triton_launch.nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=True)
+    ob, _, idx = (nsa_fwd(q, k, v, *gates, L, n, W, scale, tiles=tiles)[i] for i in (1, 2, 4))
+    ob_tok = nsa_fwd(q, k, v, *gates, L, n, W, scale)[1]
+    t = torch.arange(T, device=idx.device)
+    sees = ((idx[0, :, 0] == 1).any(-1) & (t >= 20)).cpu()  # [T]
+    bad = ob[1, 0].isnan().any(-1).cpu()  # [T, HQ]
+    assert sees.any() and (~sees).any()
+    assert torch.equal(bad, sees[:, None].expand(T, HQ))
+    assert torch.equal(ob_tok[1, 0].isnan().any(-1).cpu(), bad)
+    assert_close("o_slc finite rows", ob_tok[1, 0][~bad], ob[1, 0][~bad], **F32)
+
+
 @pytest.mark.slow
 def test_compression_backward_in_spans(monkeypatch):
     """The compression dK/dV kernel splits the queries into spans (summed afterwards) so that a long sequence's

@@ -10,7 +10,13 @@ from .._triton import LOG2E, dot_precision, interpreting, triton
 from ..swa import swa_bwd, swa_fwd
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
-from .triton_select import nsa_slc_bwd_dkdv_kernel, nsa_slc_bwd_dq_kernel, nsa_slc_fwd_kernel
+from .triton_select import (
+    nsa_slc_bwd_dkdv_kernel,
+    nsa_slc_bwd_dq_kernel,
+    nsa_slc_combine_kernel,
+    nsa_slc_fwd_blocks_kernel,
+    nsa_slc_fwd_kernel,
+)
 
 __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
 
@@ -25,7 +31,16 @@ def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64, sort: bool | None = None) -> dict:
+def nsa_tiles(
+    D: int,
+    G: int,
+    L: int,
+    dtype: torch.dtype,
+    *,
+    slc_rows: int = 64,
+    sort: bool | None = None,
+    slc_blocks: bool = False,
+) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
     Rows of a query tile are BT tokens x GP heads (GP = G rounded up to a power of two): GPU tiles aim at 64
@@ -43,6 +58,11 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64,
     stack per thread (spills), the sort 151 and none; at G = 4, 255 and 8 bytes against 151; at G = 16 (4 tokens)
     both fit (184, 180). On an H200 (Triton 3.6) at T = 32768, HQ = 16 or 32, the sort's forward took 14.5 / 8.7 /
     7.7 ms at G = 1 / 4 / 16 against the rank count's 45.7 / 11.3 / 8.4 (``benchmarks/nsa.py --sections tiles``).
+
+    ``slc_blocks``: the selection branch block-major (``triton_select.py``): each program one selected block and
+    the gathered queries of the tokens that chose it, the pairs merged by a combine kernel, dQ added with atomics
+    in the dK/dV kernel; instead of token tiles that walk the union of their tokens' blocks (at G = 1 nearly every
+    visible block). Tested against the reference; not the default until timed.
     """
     GP = _pow2(G)
     rows = 64
@@ -59,6 +79,7 @@ def nsa_tiles(D: int, G: int, L: int, dtype: torch.dtype, *, slc_rows: int = 64,
         "sort": sort,
         "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
         "num_stages": 1 if interpreting() else 2,
+        "slc_blocks": slc_blocks,
     }
 
 
@@ -120,10 +141,23 @@ def nsa_fwd(
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), **common,
     )  # fmt: skip
-    nsa_slc_fwd_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
-        q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
-        N=N, NP=NP, BT=cfg["BT_slc"], **common,
-    )  # fmt: skip
+    if cfg.get("slc_blocks"):
+        _, prog_blk, prog_lo, prog_hi, P, pair_u = _reverse_index(idx, T, L, cfg["CH"], slots=True)
+        po = q.new_empty(B, T, HQ, N, D)
+        plse = torch.empty(B, T, HQ, N, device=q.device, dtype=torch.float32)
+        nsa_slc_fwd_blocks_kernel[(P, B * HKV)](
+            q=q, k=k, v=v, pair_u=pair_u, prog_blk=prog_blk, prog_lo=prog_lo, prog_hi=prog_hi, po=po, plse=plse,
+            T=T, NBS=triton.cdiv(T, L), P=P, qk_scale=scale * LOG2E, N=N, BQ=cfg["BQ"], **common,
+        )  # fmt: skip
+        nsa_slc_combine_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+            idx=idx, po=po, plse=plse, o=ob[1], lse=lse[1], T=T, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, N=N,
+            BT=cfg["BT_cmp"], **launch,
+        )  # fmt: skip
+    else:
+        nsa_slc_fwd_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+            q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
+            N=N, NP=NP, BT=cfg["BT_slc"], **common,
+        )  # fmt: skip
     if window_size > 0:
         o_win, lse_win = swa_fwd(q, k, v, window_size, 0, scale)
         ob[2] = o_win
@@ -145,15 +179,16 @@ def _cmp_spans(T: int, NC: int, BH: int, cfg: dict) -> tuple[int, int]:
     return triton.cdiv(T, TS), TS
 
 
-def _reverse_index(idx: Tensor, T: int, L: int, CH: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _reverse_index(idx: Tensor, T: int, L: int, CH: int, *, slots: bool = False) -> tuple:
     """The (block, token) pairs of idx [B, T, HKV, n] sorted by block, and the dK/dV programs' work list: each
     program one block and a chunk [lo, hi) of at most CH of its pairs. Fixed shapes, no host synchronisation.
-    Returns (pair_tok [B*HKV, T*n], prog_blk, prog_lo, prog_hi [B*HKV, P] int32, P)."""
+    Returns (pair_tok [B*HKV, T*n], prog_blk, prog_lo, prog_hi [B*HKV, P] int32, P), and with ``slots`` also
+    pair_u [B*HKV, T*n] int32, each pair's t * n + s (s: its slot in idx)."""
     B, _, HKV, N = idx.shape
     NBS = triton.cdiv(T, L)  # selection blocks, the last one possibly incomplete; NBS marks an unused slot
     blk = torch.where(idx < 0, NBS, idx).permute(0, 2, 1, 3).reshape(B * HKV, T * N).long()
     tok = torch.arange(T, device=idx.device).repeat_interleave(N)  # [T * N]
-    key = torch.sort(blk * T + tok).values  # [BH, T * N]
+    key, order = torch.sort(blk * T + tok)  # [BH, T * N]; order: the pair's index t * n + s before sorting
     pair_tok = (key % T).to(torch.int32)
     bounds = torch.arange(NBS + 1, device=idx.device) * T
     start = torch.searchsorted(key, bounds.expand(B * HKV, -1).contiguous())  # [BH, NBS + 1]
@@ -167,7 +202,8 @@ def _reverse_index(idx: Tensor, T: int, L: int, CH: int) -> tuple[Tensor, Tensor
     first = end.gather(1, cc) - chunks.gather(1, cc)  # the block's first program
     lo = start.gather(1, cc) + (p - first) * CH
     hi = torch.minimum(lo + CH, start.gather(1, cc + 1))
-    return pair_tok, c.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), P
+    out = pair_tok, c.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), P
+    return (*out, order.to(torch.int32)) if slots else out
 
 
 def nsa_bwd(
@@ -225,18 +261,20 @@ def nsa_bwd(
         )  # fmt: skip
         dkc, dvc = dkc_s.sum(0), dvc_s.sum(0)
 
-    # selection branch (its dq is added to the compression's in place)
-    nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
-        q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
-        qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
-    )  # fmt: skip
+    # selection branch (its dq is added to the compression's in place; block-major: by the dK/dV kernel)
+    blocks = bool(cfg.get("slc_blocks"))
+    if not blocks:
+        nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+            q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
+            qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
+        )  # fmt: skip
     dk = torch.zeros(B, T, HKV, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     pair_tok, prog_blk, prog_lo, prog_hi, P = _reverse_index(idx, T, L, cfg["CH"])
     nsa_slc_bwd_dkdv_kernel[(P, B * HKV)](
         q=q, k=k, v=v, do=do, g=g_slc, delta=delta[1], lse=lse[1], pair_tok=pair_tok, prog_blk=prog_blk,
-        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, T=T, NBS=triton.cdiv(T, L), P=P,
-        qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], **common,
+        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if blocks else None, T=T, NBS=triton.cdiv(T, L),
+        P=P, qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], DQ=blocks, **common,
     )  # fmt: skip
     # [B, NC, HKV, D] -> every token of the block, divided by L (the mean's derivative)
     dk[:, : NC * L] += (dkc / L).repeat_interleave(L, 1)

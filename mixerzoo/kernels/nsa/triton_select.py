@@ -9,6 +9,13 @@ dK/dV: a reverse index (the (block, token) pairs sorted by block, built with tor
 shapes) gives each program one selected block and a chunk of at most CH of the tokens that selected it; a
 program accumulates the block's dK / dV over its chunk and adds them with float32 atomics, so a block chosen by
 every token (block 0) is spread over many programs instead of one.
+
+Block-major form (``nsa_tiles(slc_blocks=True)``), for small groups: at G = 1 a tile of 64 tokens walks nearly
+every visible block (their choices differ), dense work. Instead the forward runs over the same reverse index:
+a program loads one selected block once and attends to it from the gathered query rows of the tokens that chose
+it (BQ tokens x the group's heads per step, a full tensor-core tile at any G); each (token, slot) pair keeps its
+normalised output and log-sum-exp, and a combine kernel merges a token's n pairs. The backward adds each pair's
+dQ (dS K) with float32 atomics in the dK/dV kernel, so no kernel walks a token's union of blocks.
 """
 
 from __future__ import annotations
@@ -195,6 +202,133 @@ def nsa_slc_bwd_dq_kernel(
 
 
 @triton.jit
+def _block_program(prog_blk, prog_lo, prog_hi, P, HKV: tl.constexpr):
+    # a block-major program's (batch row, KV head, block, first and end pair); block >= NBS: nothing to do (lo, hi
+    # then unread)
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    p_tab = i_bh.to(tl.int64) * P + i_p
+    return i_bh // HKV, i_bh % HKV, tl.load(prog_blk + p_tab), prog_lo + p_tab, prog_hi + p_tab
+
+
+@triton.jit
+def _block_kv(k, v, i_b, i_h, c, T, HKV: tl.constexpr, D: tl.constexpr, L: tl.constexpr):
+    # block c's keys and values [L, D] of KV head i_h, with their positions and offsets
+    o_jc = c * L + tl.arange(0, L)
+    m_j = o_jc < T
+    p_kv = i_b.to(tl.int64) * T * HKV * D + i_h * D + o_jc[:, None] * HKV * D + tl.arange(0, D)[None, :]
+    b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
+    return o_jc, m_j, p_kv, b_k, b_v
+
+
+@triton.jit
+def nsa_slc_fwd_blocks_kernel(
+    q,  # [B, T, HQ, D]
+    k,  # [B, T, HKV, D]
+    v,  # [B, T, HKV, D]
+    pair_u,  # [B * HKV, T * N] int32: the (token, slot) t * N + s of the (block, token) pairs, sorted by block
+    prog_blk,  # [B * HKV, P] int32: each program's block (>= NBS: nothing to do)
+    prog_lo,  # [B * HKV, P] int32: its chunk of pairs [lo, hi)
+    prog_hi,  # [B * HKV, P] int32
+    po,  # [B, T, HQ, N, D] out: each pair's attention over its block, normalised, in q's dtype
+    plse,  # [B, T, HQ, N] float32 out: its log-sum-exp (base 2; -inf: no key visible)
+    T,
+    NBS,
+    P,
+    qk_scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    N: tl.constexpr,
+    BQ: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # one block per program, softmax within the block only (the combine kernel merges a token's blocks)
+    i_b, i_h, c, p_lo, p_hi = _block_program(prog_blk, prog_lo, prog_hi, P, HKV)
+    if c < NBS:
+        lo, hi = tl.load(p_lo), tl.load(p_hi)
+        o_d = tl.arange(0, D)
+        o_jc, m_j, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, L)  # once for the block's pairs here
+        # value rows holding a NaN / Inf: zeroed for p @ V and their visible scores NaN, so that exactly the rows
+        # that see them come out NaN (mask_scores' exact form; the block is loaded once, so always on)
+        v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
+        row_ok = tl.min(v_ok.to(tl.int32), 1) != 0  # [L]
+        b_v = tl.where(v_ok, b_v, 0.0)
+        o_r = tl.arange(0, BQ * GP)
+        o_g = o_r % GP
+        pair_base = pair_u + (i_b * HKV + i_h).to(tl.int64) * T * N
+        for p0 in range(lo, hi, BQ):
+            o_pr = p0 + o_r // GP  # [M] pair of each row
+            m_r = (o_pr < hi) & (o_g < G)
+            o_u = tl.load(pair_base + o_pr, mask=m_r, other=0)
+            o_t = o_u // N
+            o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + i_h * G + o_g
+            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.0)  # [M, D] gathered
+            # [M, D] @ [D, L] -> [M, L]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+            b_s = tl.where(row_ok[None, :], b_s, float("nan"))
+            b_s = tl.where((o_jc[None, :] <= o_t[:, None]) & m_r[:, None], b_s, float("-inf"))
+            b_m = tl.max(b_s, 1)
+            b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+            b_p = tl.math.exp2(b_s - b_m[:, None])
+            b_l = tl.sum(b_p, 1)
+            # [M, L] @ [L, D] -> [M, D]
+            b_o = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC) / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+            o_out = o_row * N + o_u % N  # the pair's (token, head, slot)
+            tl.store(po + o_out[:, None] * D + o_d[None, :], b_o.to(po.dtype.element_ty), mask=m_r[:, None])
+            empty = b_l == 0.0  # no key visible (padding rows)
+            tl.store(
+                plse + o_out, tl.where(empty, float("-inf"), b_m + tl.math.log2(tl.where(empty, 1.0, b_l))), mask=m_r
+            )
+
+
+@triton.jit
+def nsa_slc_combine_kernel(
+    idx,  # [B, T, HKV, N] int32 selected blocks, -1 padded
+    po,  # [B, T, HQ, N, D] each pair's normalised output
+    plse,  # [B, T, HQ, N] float32 its log-sum-exp (base 2)
+    o,  # [B, T, HQ, D] out
+    lse,  # [B, T, HQ] float32 out (base 2)
+    T,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    BT: tl.constexpr,
+):
+    # a token's n pairs merged by their log-sum-exps: o = sum_s 2^(lse_s - lse) o_s, lse = log2 sum_s 2^lse_s
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_t, o_hq, m_r = nsa_rows(i_t * BT, i_h, T, G, GP, BT, HQ)
+    o_d = tl.arange(0, D)
+    o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
+    p_idx = ((i_b.to(tl.int64) * T + o_t) * HKV + i_h) * N
+    b_max = tl.full([BT * GP], float("-inf"), tl.float32)
+    b_sum = tl.zeros([BT * GP], tl.float32)
+    b_acc = tl.zeros([BT * GP, D], tl.float32)
+    for s in range(N):
+        ok = m_r & (tl.load(idx + p_idx + s, mask=m_r, other=-1) >= 0)
+        b_l = tl.load(plse + o_row * N + s, mask=ok, other=float("-inf"))
+        b_new = tl.maximum(b_max, b_l)
+        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+        b_r = tl.math.exp2(b_max - b_ref)
+        b_w = tl.math.exp2(b_l - b_ref)
+        b_o = tl.load(po + (o_row * N + s)[:, None] * D + o_d[None, :], mask=ok[:, None], other=0.0)
+        b_acc = b_acc * b_r[:, None] + b_w[:, None] * b_o.to(tl.float32)
+        b_sum = b_sum * b_r + b_w
+        b_max = b_new
+    empty = b_sum == 0.0  # padding rows only
+    b_sum = tl.where(empty, 1.0, b_sum)
+    tl.store(o + o_row[:, None] * D + o_d[None, :], (b_acc / b_sum[:, None]).to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(lse + o_row, b_max + tl.math.log2(b_sum), mask=m_r)
+
+
+@triton.jit
 def nsa_slc_bwd_dkdv_kernel(
     q,  # [B, T, HQ, D]
     k,  # [B, T, HKV, D]
@@ -209,6 +343,7 @@ def nsa_slc_bwd_dkdv_kernel(
     prog_hi,  # [B * HKV, P] int32
     dk,  # [B, T, HKV, D] float32, zero-filled, accumulated with atomics
     dv,  # [B, T, HKV, D] float32, idem
+    dq,  # [B, T, HQ, D] float32, added to with atomics (DQ: the block-major form) or None
     T,
     NBS,
     P,
@@ -223,20 +358,14 @@ def nsa_slc_bwd_dkdv_kernel(
     N: tl.constexpr,
     BQ: tl.constexpr,
     PREC: tl.constexpr,
+    DQ: tl.constexpr,
 ):
-    i_p, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    p_tab = i_bh.to(tl.int64) * P + i_p
-    c = tl.load(prog_blk + p_tab)
+    i_b, i_h, c, p_lo, p_hi = _block_program(prog_blk, prog_lo, prog_hi, P, HKV)
+    i_bh = i_b * HKV + i_h
     if c < NBS:
-        lo = tl.load(prog_lo + p_tab)
-        hi = tl.load(prog_hi + p_tab)
+        lo, hi = tl.load(p_lo), tl.load(p_hi)
         o_d = tl.arange(0, D)
-        o_jc = c * L + tl.arange(0, L)
-        m_j = o_jc < T
-        p_kv = i_b.to(tl.int64) * T * HKV * D + i_h * D + o_jc[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)  # [L, D]
-        b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
+        o_jc, m_j, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, L)
         b_dk = tl.zeros([L, D], tl.float32)
         b_dv = tl.zeros([L, D], tl.float32)
         o_r = tl.arange(0, BQ * GP)
@@ -266,5 +395,8 @@ def nsa_slc_bwd_dkdv_kernel(
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             # [L, M] @ [M, D] -> [L, D]
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+            if DQ:  # the pairs' dQ rows: [M, L] @ [L, D] -> [M, D]
+                b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PREC) * scale
+                tl.atomic_add(dq + p_row, b_dq, mask=m_r[:, None], sem="relaxed")
         tl.atomic_add(dk + p_kv, b_dk * scale, mask=m_j[:, None], sem="relaxed")
         tl.atomic_add(dv + p_kv, b_dv, mask=m_j[:, None], sem="relaxed")
