@@ -5,10 +5,11 @@
 # Usage (repo root): bash benchmarks/gpu_tests.sh [LOGDIR [WORD...]]   exit status 1 if any group failed
 #   WORDs: run only the groups whose line contains one of them (several runs can then share the GPU);
 #   the output goes to LOGDIR/tests.log, or LOGDIR/tests-WORD.log for the first WORD.
-#   Needs a CUDA GPU (exit status 2 without one); without one, `python -m pytest` runs the CPU tests.
+#   Every test of a group runs, the slow ones too. Needs a CUDA GPU (exit status 2 without one); without one,
+#   `python -m pytest` runs the CPU tests.
 set -uo pipefail
 case ${1:-} in
--h | --help) sed -n '2,8s/^# \{0,1\}//p' "$0" && exit 0 ;;
+-h | --help) sed -n '2,9s/^# \{0,1\}//p' "$0" && exit 0 ;;
 esac
 log=${1:-${OUT:-/tmp}}
 shift || true
@@ -49,7 +50,7 @@ for g in "${groups[@]}"; do
     files=${g%% -k *}
     if [[ $g == *" -k "* ]]; then sel=(-k "${g#* -k }"); else sel=(); fi
     # shellcheck disable=SC2086
-    out=$(python3 -m pytest -q -p no:cacheprovider $files "${sel[@]}" 2>&1)
+    out=$(python3 -m pytest -q -p no:cacheprovider -m "" $files "${sel[@]}" 2>&1)  # -m "": the slow tests too
     status=$?
     echo "$out" >>"$logfile"
     printf '%-70s %s\n' "$g" "$(echo "$out" | tail -n 1)"

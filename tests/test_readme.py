@@ -16,5 +16,5 @@ def test_quick_start_runs():
 def test_readme_names_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text()
     text = README.read_text()
-    for cmd in ('pip install -e ".[test]"', "python -m mixerzoo demo", "python -m pytest"):
+    for cmd in ('pip install -e ".[test]"', "python -m mixerzoo demo", "python -m pytest", "python -m pytest -m slow"):
         assert cmd in text and cmd in ci, cmd

@@ -64,7 +64,7 @@ def _values(case):
     return case.values if hasattr(case, "values") else case
 
 
-STREAM_CASES = [  # T, W, C, S, HQ, HKV; the T = 130 cases run in the full run only (-m "not slow" leaves them out)
+STREAM_CASES = [  # T, W, C, S, HQ, HKV; the T = 130 cases are marked slow (-m slow)
     (1, 3, 2, 0, 2, 1),
     (63, 5, 4, 2, 2, 1),
     pytest.param(130, 7, 5, 0, 4, 2, marks=pytest.mark.slow),
@@ -104,7 +104,7 @@ def test_sinks_as_inf_scores_and_padding_scores():
     assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float32, **F32)
 
 
-KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training; the fast run (-m "not slow"): T = 1, B = 2, D = 80
+KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training; the default run (not slow): T = 1, B = 2, D = 80
     (1, 1, 2, 1, 64, 3, 2, 0, True),
     (2, 63, 2, 1, 64, 5, 4, 2, False),
     pytest.param(1, 130, 4, 2, 32, 17, 6, 2, True, marks=pytest.mark.slow),

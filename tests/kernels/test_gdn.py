@@ -99,7 +99,7 @@ HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(c, 
 
 
 def _slow_unless(fast, *cases):
-    """pytest.params with str ids; those not in ``fast`` (ids) are marked slow: left out by -m "not slow"."""
+    """pytest.params with str ids; those not in ``fast`` (ids) are marked slow: left out of the default run."""
     out = []
     for values in cases:
         id_ = "-".join(map(str, values))
@@ -273,7 +273,7 @@ def _guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "dtype",
-    [  # the full run only (-m "not slow" leaves them out: 15 s; the chunk-kernel cases cover each kernel)
+    [  # marked slow (15 s; the chunk-kernel cases cover each kernel)
         pytest.param(torch.float32, marks=pytest.mark.slow),
         pytest.param(torch.float16 if DEVICE == "cpu" else torch.bfloat16, marks=pytest.mark.slow),
     ],

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # compiles or long loops: run by default, left out by -m "not slow"
+pytestmark = pytest.mark.slow  # compiles or long loops: left out of the default run, run by -m slow
 
 triton = pytest.importorskip("triton")
 

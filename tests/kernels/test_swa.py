@@ -104,7 +104,7 @@ def _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops):
         assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
-# the fast run (-m "not slow") keeps every case with the default loops but the three largest, and one-loop on one
+# the default run (not slow) keeps every case with the default loops but the three largest, and one-loop on one
 # small case (GQA, no sinks); the full run takes them all
 _SLOW_CASES = {"T130-W40-S4-gqa4", "T130-W200-S0", "T130-W1-S4-gqa4"}
 _FAST_ONE_LOOP = {"T63-W16-S0-gqa4"}

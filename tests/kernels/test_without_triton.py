@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.slow  # compiles or long loops: run by default, left out by -m "not slow"
+pytestmark = pytest.mark.slow  # compiles or long loops: left out of the default run, run by -m slow
 
 SCRIPT = textwrap.dedent(
     """
