@@ -833,8 +833,16 @@ def _gdn_chunk_dh_kernel(
         b_dv = (b_dvl.to(tl.float32) + b_kdh * tl.exp(b_gl - b_gam)[:, None]).to(dt)
         tl.store(dvn + p_v, b_dv, mask=m_tv)
         b_dog = (b_do.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(dt)
-        b_dh = b_dh * tl.exp(b_gl) + tl.dot(tl.trans(b_q), b_dog, input_precision=PREC)  # [K, BT] @ [BT, BV]
-        b_dh -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+        if PREFETCH:
+            b_qt, b_wt = tl.trans(b_q), tl.trans(b_w)
+        else:  # q and w read transposed by their pointers, as k in the forward walk (the [BT, K] loads are then
+            # dead): transposing the loaded tiles faulted under Triton 3.6 on an H200 in one-chunk walks
+            p_kt = (bos * H + i_h) * K + o_t[None, :] * H * K + o_k[:, None]
+            m_kt = m_k[:, None] & m_t[None, :]
+            b_qt = tl.load(q + p_kt, mask=m_kt, other=0.0)
+            b_wt = tl.load(w + p_kt, mask=m_kt, other=0.0)
+        b_dh = b_dh * tl.exp(b_gl) + tl.dot(b_qt, b_dog, input_precision=PREC)  # [K, BT] @ [BT, BV]
+        b_dh -= tl.dot(b_wt, b_dv, input_precision=PREC)
         if PREFETCH:
             b_q, b_k, b_w, b_do, b_dvl, b_gam, b_gl = n_q, n_k, n_w, n_do, n_dvl, n_gam, n_gl
     if HAS_H0:
