@@ -39,7 +39,7 @@ def nsa_tiles(
     *,
     slc_rows: int = 64,
     sort: bool | None = None,
-    slc_blocks: bool = False,
+    slc_blocks: bool = True,
 ) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
@@ -59,10 +59,12 @@ def nsa_tiles(
     both fit (184, 180). On an H200 (Triton 3.6) at T = 32768, HQ = 16 or 32, the sort's forward took 14.5 / 8.7 /
     7.7 ms at G = 1 / 4 / 16 against the rank count's 45.7 / 11.3 / 8.4 (``benchmarks/nsa.py --sections tiles``).
 
-    ``slc_blocks``: the selection branch block-major (``triton_select.py``): each program one selected block and
-    the gathered queries of the tokens that chose it, the pairs merged by a combine kernel, dQ added with atomics
-    in the dK/dV kernel; instead of token tiles that walk the union of their tokens' blocks (at G = 1 nearly every
-    visible block). Tested against the reference; not the default until timed.
+    ``slc_blocks``: the selection branch block-major (``triton_select.py``, the default): each program one selected
+    block and the gathered queries of the tokens that chose it, the pairs merged by a combine kernel, dQ added
+    with float32 atomics in the dK/dV kernel. False: token-major, token tiles that walk the union of their tokens'
+    selected blocks (at G = 1 nearly every visible block) and a token-major dQ kernel. On an H200 (Triton 3.6) at
+    T = 32768, HQ = 16 or 32, window 512, forward+backward of the launchers took 13.1 / 9.6 / 15.8 ms block-major
+    at G = 1 / 4 / 16 against 30.0 / 17.8 / 18.3 token-major (``benchmarks/nsa.py --sections major``).
     """
     GP = _pow2(G)
     rows = 64

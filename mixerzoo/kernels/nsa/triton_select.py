@@ -10,12 +10,12 @@ shapes) gives each program one selected block and a chunk of at most CH of the t
 program accumulates the block's dK / dV over its chunk and adds them with float32 atomics, so a block chosen by
 every token (block 0) is spread over many programs instead of one.
 
-Block-major form (``nsa_tiles(slc_blocks=True)``), for small groups: at G = 1 a tile of 64 tokens walks nearly
-every visible block (their choices differ), dense work. Instead the forward runs over the same reverse index:
-a program loads one selected block once and attends to it from the gathered query rows of the tokens that chose
-it (BQ tokens x the group's heads per step, a full tensor-core tile at any G); each (token, slot) pair keeps its
-normalised output and log-sum-exp, and a combine kernel merges a token's n pairs. The backward adds each pair's
-dQ (dS K) with float32 atomics in the dK/dV kernel, so no kernel walks a token's union of blocks.
+Block-major form (``nsa_tiles(slc_blocks=True)``, the default; the token-major form above is ``slc_blocks=False``):
+at G = 1 a token tile walks nearly every visible block (their choices differ). Instead the forward runs over the
+same reverse index: a program loads one selected block once and attends to it from the gathered query rows of the
+tokens that chose it (BQ tokens x the group's heads per step, a full tensor-core tile at any G); each (token, slot)
+pair keeps its normalised output and log-sum-exp, and a combine kernel merges a token's n pairs. The backward adds
+each pair's dQ (dS K) with float32 atomics in the dK/dV kernel, so no kernel walks a token's union of blocks.
 """
 
 from __future__ import annotations
