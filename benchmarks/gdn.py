@@ -18,6 +18,7 @@ forward+backward; decode step at B = 32 against fla's fused_recurrent_gated_delt
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 from functools import partial
@@ -352,39 +353,41 @@ def sweep_walks(args):
             chunks = chunk_mod._chunking(B, T, None, k.device)
             gamma, Ai = chunk_mod._prep(k, g, beta, chunks)
             w, u, _ = chunk_mod._wu(k, v, beta, gamma, Ai, chunks)
-            default = chunk_mod._seq_config(B, H, K, V, None)
+            defaults = {walk: chunk_mod._seq_config(B, H, K, V, None, walk=walk) for walk in ("h", "dh")}
+            hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks)  # the same values at every setting
             where = f"H={H} K={K} V={V} B={B} T={T}"
-            times = {}
-            for setting in (default, *(args.seq or SEQ_SWEEP)):  # the default first
-                seq = setting
+            times = {}  # setting -> [h ms, bwd ms], nan where it did not run
+            for setting in (*dict.fromkeys(defaults.values()), *(args.seq or SEQ_SWEEP)):  # the defaults first
                 try:
                     seq = chunk_mod._seq_config(B, H, K, V, setting)  # the full tuple; refuses what it does not take
-                    if seq in times:
-                        continue
-                    hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks, seq=seq)
-                    h_ms = time_ms(partial(chunk_mod._states, k, w, u, gamma, None, chunks, seq=seq), warmup=2,
-                                   repeat=args.repeat)  # fmt: skip
-                    bwd = partial(chunk_gdn_bwd, q, k, v, g, beta, K**-0.5, None, do, None, seq=seq, gamma=gamma,
-                                  Ai=Ai, states=(w, hs, vn))  # fmt: skip
-                    times[seq] = (h_ms, time_ms(bwd, warmup=2, repeat=args.repeat))
-                    print(f"  {where} seq={seq}: h {times[seq][0]:.3f} ms, bwd {times[seq][1]:.3f} ms", flush=True)
-                except Exception as e:  # a refused setting, triton's OutOfResources, a CUDA fault
-                    print(f"  {where} seq={seq}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
-                    if "illegal memory access" in str(e):  # the CUDA context is lost: nothing after this can run
-                        print(f"stopped: seq={seq} made an illegal memory access at {where}; later settings and "
-                              "shapes were not timed", flush=True)  # fmt: skip
-                        return
+                except ValueError as e:
+                    print(f"  {where} seq={setting}: refused: {e}", flush=True)
+                    continue
+                if seq in times:
+                    continue
+                times[seq] = [float("nan")] * 2
+                bwd = partial(chunk_gdn_bwd, q, k, v, g, beta, K**-0.5, None, do, None, seq=seq, gamma=gamma, Ai=Ai,
+                              states=(w, hs, vn))  # fmt: skip
+                walks = (partial(chunk_mod._states, k, w, u, gamma, None, chunks, seq=seq), bwd)
+                for i, (name, fn) in enumerate(zip(("h", "bwd"), walks, strict=True)):
+                    try:  # each walk on its own: a setting may fit the forward's shared memory, not the backward's
+                        times[seq][i] = time_ms(fn, warmup=2, repeat=args.repeat)
+                    except Exception as e:  # triton's OutOfResources, a CUDA fault
+                        print(f"  {where} seq={seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                        if "illegal memory access" in str(e):  # the CUDA context is lost: nothing after this can run
+                            print(f"stopped: seq={seq} made an illegal memory access at {where}; later settings and "
+                                  "shapes were not timed", flush=True)  # fmt: skip
+                            return
+                print(f"  {where} seq={seq}: h {times[seq][0]:.3f} ms, bwd {times[seq][1]:.3f} ms", flush=True)
             if times:
-                best_h = min(times, key=lambda c: times[c][0])
-                best_b = min(times, key=lambda c: times[c][1])
-                d = times.get(default, (float("nan"), float("nan")))
+                best_h = min(times, key=lambda c: (math.isnan(times[c][0]), times[c][0]))
+                best_b = min(times, key=lambda c: (math.isnan(times[c][1]), times[c][1]))
                 print(
-                    f"{where}: default {default} h {d[0]:.3f} / bwd {d[1]:.3f} ms; best h {best_h} "
-                    f"{times[best_h][0]:.3f}, best bwd {best_b} {times[best_b][1]:.3f}",
+                    f"{where}: default h {defaults['h']} {times[defaults['h']][0]:.3f} ms, default dh {defaults['dh']} "
+                    f"bwd {times[defaults['dh']][1]:.3f} ms; best h {best_h} {times[best_h][0]:.3f}, best bwd {best_b} "
+                    f"{times[best_b][1]:.3f}",
                     flush=True,
                 )
-            del q, k, v, g, beta, do, w, u, gamma, Ai
-            torch.cuda.empty_cache()
 
 
 def bench(args):

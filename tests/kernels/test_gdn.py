@@ -533,14 +533,17 @@ def test_op_refuses_huge_heads_on_cuda():
 
 def test_sequential_kernel_settings_and_refusal():
     """The state walks' default launch settings (blocks of 32 with three stages when few programs walk, 64 when
-    many, two stages at K = 256; float32 inputs, whose staged tiles are twice the bytes: blocks of 32 with two
-    stages from K = 128 on, 16 at K = 256) and the refusal of one stage without prefetch, which faulted on an
-    H200."""
+    many; two stages at K = 256, where the backward walk keeps blocks of 32 to fit in shared memory; float32
+    inputs, whose staged tiles are twice the bytes: blocks of 32 with two stages from K = 128 on, 16 at K = 256)
+    and the refusal of one stage without prefetch, which faulted on an H200."""
     from mixerzoo.kernels.gdn.chunk import _seq_config
 
     assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3)
     assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3)
-    assert _seq_config(32, 8, 256, 256, None) == (32, False, 4, 2)
+    assert _seq_config(32, 8, 256, 256, None) == (64, False, 4, 2)  # the forward walk, many programs
+    assert _seq_config(32, 8, 256, 256, None, walk="dh") == (32, False, 4, 2)  # the backward's must fit
+    assert _seq_config(2, 8, 256, 256, None) == (32, False, 4, 2)  # few programs
+    assert _seq_config(32, 8, 256, 256, None, 4, walk="dh") == (16, False, 4, 2)
     assert _seq_config(32, 16, 64, 64, None, 4) == (64, False, 4, 3)
     assert _seq_config(32, 16, 128, 128, None, 4) == (32, False, 4, 2)
     assert _seq_config(1, 8, 256, 256, None, 4) == (16, False, 4, 2)
@@ -550,6 +553,8 @@ def test_sequential_kernel_settings_and_refusal():
         _seq_config(1, 8, 64, 64, (32, False, 4, 1))
     with pytest.raises(ValueError, match=r"seq=\(32, False, 4, 1, True\): \(BV, prefetch, num_warps\[, num_stages\]\)"):
         _seq_config(1, 8, 64, 64, (32, False, 4, 1, True))
+    with pytest.raises(ValueError, match="walk='w'"):
+        _seq_config(1, 8, 64, 64, None, walk="w")
 
 
 def test_op_compiles_fullgraph():
@@ -808,11 +813,12 @@ base = dict(cu_seqlens=None, chunk_offsets=None, h0=None, dh0=None, dht=None, BT
 builds = []
 for fn in (chunk._gdn_chunk_h_kernel, chunk._gdn_chunk_dh_kernel):
     for B, H, K, V in ((1, 16, 64, 64), (32, 16, 128, 128), (1, 8, 128, 256), (32, 8, 256, 256)):
-        BV, prefetch, warps, stages = chunk._seq_config(B, H, K, V, None)
+        walk = "h" if fn is chunk._gdn_chunk_h_kernel else "dh"
+        BV, prefetch, warps, stages = chunk._seq_config(B, H, K, V, None, walk=walk)
         consts = dict(base, H=H, K=K, V=V, KP=chunk._state_rows(K), BV=BV, PREFETCH=prefetch)
         builds.append((fn, f"{B} {H} {K} {V}", consts, warps, stages, "bf16"))
 for K in (128, 256):
-    BV, prefetch, warps, stages = chunk._seq_config(32, 16, K, 128, None, 4)
+    BV, prefetch, warps, stages = chunk._seq_config(32, 16, K, 128, None, 4, walk="dh")
     consts = dict(base, H=16, K=K, V=128, KP=chunk._state_rows(K), BV=BV, PREFETCH=prefetch, PREC="ieee")
     builds.append((chunk._gdn_chunk_dh_kernel, f"32 16 {K} 128 float32", consts, warps, stages, "fp32"))
 for fn, label, consts, warps, stages, dt in builds:

@@ -1068,25 +1068,30 @@ def _out_cols(V: int) -> int:
     return min(max(triton.next_power_of_2(V), 64), 128)
 
 
-def _seq_config(B, H, K, V, seq, itemsize=2):
-    # launch settings of the two kernels that walk the chunks in order: (BV, prefetch, num_warps, num_stages).
-    # Swept on an H200 (NOTES-gdn.md, benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining stages
-    # when few programs walk (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is
-    # latency-bound; blocks of 64 with three stages when many do. K = 256 takes blocks of 32 with two stages, the
-    # only setting whose staged tiles fit in shared memory (dh: 220 KB of the 227 KB). float32 inputs
-    # (itemsize 4) stage twice the bytes: K <= 64 as in half precision; K <= 128 blocks of 32 with two stages
+def _seq_config(B, H, K, V, seq, itemsize=2, *, walk="h"):
+    # launch settings of the two kernels that walk the chunks in order, the forward's h (walk "h") and the
+    # backward's dh (walk "dh"): (BV, prefetch, num_warps, num_stages). Swept on an H200 (NOTES-gdn.md,
+    # benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining stages when few programs walk
+    # (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is latency-bound; blocks of 64 with three
+    # stages when many do. K = 256 takes two stages: the dh walk blocks of 32, the only setting whose staged tiles
+    # fit in shared memory (220 KB of the 227 KB); the h walk, smaller, blocks of 64 when many programs walk (at
+    # H = 8, K = V = 256, B = 32 x T = 2048 the forward took 1.74 instead of 2.10 ms) and 32 when few do. float32
+    # inputs (itemsize 4) stage twice the bytes: K <= 64 as in half precision; K <= 128 blocks of 32 with two stages
     # (dh 129 KB; three stages took 241 KB); K = 256 blocks of 16 with two stages (dh 217 KB). Prefetching the
     # next chunk's tiles into registers (one stage) was the best with few programs before the decays moved onto
     # the [BT, BV] side of the products; it stays for sweeps. ``seq``: (BV, prefetch, num_warps), with num_stages
     # or not (benchmarks sweep them). Without prefetch, one stage is refused: under Triton 3.6 on an H200 the
     # kernels made an illegal memory access at every shape tried.
+    if walk not in ("h", "dh"):
+        raise ValueError(f"gdn chunk kernels: walk={walk!r}: 'h' or 'dh' expected")
     if seq is None:
         rows = _state_rows(K)
+        few = B * H * triton.cdiv(V, 64) < 256
         if itemsize > 2 and rows > 64:
             seq = 32 if rows <= 128 else 16, False, 4, 2
         elif rows > 128:
-            seq = 32, False, 4, 2
-        elif B * H * triton.cdiv(V, 64) < 256:
+            seq = 32 if few or walk == "dh" else 64, False, 4, 2
+        elif few:
             seq = 32, False, 4, 3
         else:
             seq = 64, False, 4, 3
@@ -1447,7 +1452,7 @@ def chunk_gdn_bwd(
         num_warps=8 if BV > 64 else 4,
     )
     KP = _state_rows(K)
-    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size())
+    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size(), walk="dh")
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
     dh0 = (
