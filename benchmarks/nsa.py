@@ -234,15 +234,22 @@ def section_tiles(rows: list[dict], log: list[str]) -> None:
 
 
 def section_major(rows: list[dict], log: list[str]) -> None:
-    """The selection branch token-major (the default: a tile of tokens walks the union of their selected blocks)
-    against block-major (nsa_tiles ``slc_blocks``: a program per selected block and the gathered tokens that chose
-    it), at T = 32768, B = 1, window 512, G = 1, 4 and 16: forward and forward+backward of the Triton launchers,
-    with full causal SDPA at the same shape. Rows ``nsa_slc_major``."""
+    """The selection branch token-major (a tile of tokens walks the union of their selected blocks) against
+    block-major (nsa_tiles ``slc_blocks``, the default: a program per selected block and the gathered tokens that
+    chose it), and block-major with the token-major dQ kernel instead of dQ atomics (``slc_dq_atomics=False``), at
+    T = 32768, B = 1, window 512, G = 1, 4 and 16: forward and forward+backward of the Triton launchers, with full
+    causal SDPA at the same shape. Rows ``nsa_slc_major``."""
 
     def note(tiles):
-        return f"Triton launchers, selection {'block' if tiles['slc_blocks'] else 'token'}-major, window {W}"
+        dq = "dQ by atomics" if tiles["slc_dq_atomics"] else "dQ kernel token-major"
+        return f"Triton launchers, selection {'block' if tiles['slc_blocks'] else 'token'}-major, {dq}, window {W}"
 
-    variants = [(dict(op="nsa_slc_major", major=m), dict(slc_blocks=m == "block")) for m in ("token", "block")]
+    forms = {
+        "token": dict(slc_blocks=False),
+        "block": dict(slc_blocks=True),
+        "block-token-dq": dict(slc_blocks=True, slc_dq_atomics=False),  # no dQ atomics (G x D per pair and step)
+    }
+    variants = [(dict(op="nsa_slc_major", major=m), kw) for m, kw in forms.items()]
     for HQ, HKV in ((16, 16), (16, 4), (32, 2)):
         _variants_shape(rows, HQ, HKV, variants, note)
         torch.cuda.empty_cache()

@@ -120,23 +120,26 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
 
 
 @pytest.mark.parametrize(
-    "B, T, HQ, HKV, D, L, n, W, blocks",
+    "B, T, HQ, HKV, D, L, n, W, blocks, atomics",
     [
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, id="block-G1-T77-D32-n3"),
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, id="token-G1-T77-D32-n3"),
-        pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, marks=pytest.mark.slow, id="block-G3-T85-B2-n4"),
-        pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, marks=pytest.mark.slow, id="block-G16-T72-D16-n4"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, None, id="block-G1-T77-D32-n3"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, None, id="token-G1-T77-D32-n3"),
+        pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, id="block-tokendq-G4-T77-D32-n3"),
+        pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, None, marks=pytest.mark.slow, id="block-G3-T85-B2-n4"),
+        pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, None, marks=pytest.mark.slow, id="block-G16-T72-D16-n4"),
     ],
 )
-def test_selection_forms(B, T, HQ, HKV, D, L, n, W, blocks):
+def test_selection_forms(B, T, HQ, HKV, D, L, n, W, blocks, atomics):
     """Both forms of the selection branch. Block-major (nsa_tiles(slc_blocks=True), the default: a program per
     selected block and chunk of the tokens that chose it, pairs merged by the combine kernel, dQ by atomics in the
     dK/dV kernel) and token-major (slc_blocks=False: token tiles walk the union of their selected blocks, a dQ
     kernel) each give the reference's branch output, the other form's log-sum-exp, and every gradient; with a
-    batch of two and GQA groups of 1, 3 and 16 (the group's padded heads masked in the gathered rows)."""
+    batch of two and GQA groups of 1, 3 and 16 (the group's padded heads masked in the gathered rows). And the
+    block-major forward with the token-major dQ kernel (slc_dq_atomics=False)."""
     q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, seed=5)
     scale = D**-0.5
-    tiles = triton_launch.nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=blocks)
+    tiles = triton_launch.nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=blocks, slc_dq_atomics=atomics)
+    assert tiles["slc_dq_atomics"] == (blocks if atomics is None else atomics)
     other = triton_launch.nsa_tiles(D, HQ // HKV, L, q.dtype, slc_blocks=not blocks)
     o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, L, n, W, scale, tiles=tiles)
     lse_other = nsa_fwd(q, k, v, *gates, L, n, W, scale, tiles=other)[2]

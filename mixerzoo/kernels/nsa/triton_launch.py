@@ -40,6 +40,7 @@ def nsa_tiles(
     slc_rows: int = 64,
     sort: bool | None = None,
     slc_blocks: bool = True,
+    slc_dq_atomics: bool | None = None,
 ) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
@@ -65,6 +66,10 @@ def nsa_tiles(
     selected blocks (at G = 1 nearly every visible block) and a token-major dQ kernel. On an H200 (Triton 3.6) at
     T = 32768, HQ = 16 or 32, window 512, forward+backward of the launchers took 13.1 / 9.6 / 15.8 ms block-major
     at G = 1 / 4 / 16 against 30.0 / 17.8 / 18.3 token-major (``benchmarks/nsa.py --sections major``).
+
+    ``slc_dq_atomics``: how the backward gets the selection branch's dQ, added with float32 atomics by the
+    block-major dK/dV kernel (True) or by the token-major dQ kernel, which needs no atomics (False); None: as
+    ``slc_blocks``. Either backward takes either forward (both need only the merged log-sum-exp).
     """
     GP = _pow2(G)
     rows = 64
@@ -82,6 +87,7 @@ def nsa_tiles(
         "num_warps": 4 if GP * bt <= 64 and not (wide and L > 64) else 8,
         "num_stages": 1 if interpreting() else 2,
         "slc_blocks": slc_blocks,
+        "slc_dq_atomics": slc_blocks if slc_dq_atomics is None else slc_dq_atomics,
     }
 
 
@@ -188,11 +194,13 @@ def _reverse_index(idx: Tensor, T: int, L: int, CH: int, *, slots: bool = False)
     pair_u [B*HKV, T*n] int32, each pair's t * n + s (s: its slot in idx)."""
     B, _, HKV, N = idx.shape
     NBS = triton.cdiv(T, L)  # selection blocks, the last one possibly incomplete; NBS marks an unused slot
-    blk = torch.where(idx < 0, NBS, idx).permute(0, 2, 1, 3).reshape(B * HKV, T * N).long()
-    tok = torch.arange(T, device=idx.device).repeat_interleave(N)  # [T * N]
+    # 32-bit sort keys where block * T + token fits (a radix sort then makes half the passes of 64-bit keys)
+    kd = torch.int32 if (NBS + 1) * T < 2**31 else torch.int64
+    blk = torch.where(idx < 0, NBS, idx).permute(0, 2, 1, 3).reshape(B * HKV, T * N).to(kd)
+    tok = torch.arange(T, device=idx.device, dtype=kd).repeat_interleave(N)  # [T * N]
     key, order = torch.sort(blk * T + tok)  # [BH, T * N]; order: the pair's index t * n + s before sorting
     pair_tok = (key % T).to(torch.int32)
-    bounds = torch.arange(NBS + 1, device=idx.device) * T
+    bounds = torch.arange(NBS + 1, device=idx.device, dtype=kd) * T
     start = torch.searchsorted(key, bounds.expand(B * HKV, -1).contiguous())  # [BH, NBS + 1]
     count = start[:, 1:] - start[:, :-1]
     chunks = (count + CH - 1) // CH  # [BH, NBS]
@@ -263,9 +271,9 @@ def nsa_bwd(
         )  # fmt: skip
         dkc, dvc = dkc_s.sum(0), dvc_s.sum(0)
 
-    # selection branch (its dq is added to the compression's in place; block-major: by the dK/dV kernel)
-    blocks = bool(cfg.get("slc_blocks"))
-    if not blocks:
+    # selection branch (its dq is added to the compression's in place; with slc_dq_atomics by the dK/dV kernel)
+    atomic_dq = bool(cfg.get("slc_dq_atomics", cfg.get("slc_blocks")))  # dQ by the dK/dV kernel's atomics
+    if not atomic_dq:
         nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
             q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
             qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
@@ -275,8 +283,8 @@ def nsa_bwd(
     pair_tok, prog_blk, prog_lo, prog_hi, P = _reverse_index(idx, T, L, cfg["CH"])
     nsa_slc_bwd_dkdv_kernel[(P, B * HKV)](
         q=q, k=k, v=v, do=do, g=g_slc, delta=delta[1], lse=lse[1], pair_tok=pair_tok, prog_blk=prog_blk,
-        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if blocks else None, T=T, NBS=triton.cdiv(T, L),
-        P=P, qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], DQ=blocks, **common,
+        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if atomic_dq else None, T=T, NBS=triton.cdiv(T, L),
+        P=P, qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], DQ=atomic_dq, **common,
     )  # fmt: skip
     # [B, NC, HKV, D] -> every token of the block, divided by L (the mean's derivative)
     dk[:, : NC * L] += (dkc / L).repeat_interleave(L, 1)
