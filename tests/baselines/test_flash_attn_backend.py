@@ -293,6 +293,7 @@ def _wheel(folder, name: str, files: dict[str, str]) -> None:
             z.writestr(f, text)
 
 
+@pytest.mark.slow  # runs the install script on built wheels
 def test_install_wheels_joins_the_parts(tmp_path):
     _wheel(tmp_path / ".whl/fa4/small", "fa4_standin", {"fa4_standin/__init__.py": "X = 4\n"})
     tree = tmp_path / "tree"

@@ -58,7 +58,7 @@ def padded_input(B: int = 2, T: int = 37, pads: tuple[int, ...] = (0, 6)):
 
 
 # Backends that run on this machine's CPU, and the grad mode they run in (FlexAttention has no CPU backward).
-CPU_BACKENDS = [pytest.param("sdpa", True, id="sdpa"), pytest.param("flex", False, id="flex")]
+CPU_BACKENDS = [pytest.param("sdpa", True, id="sdpa"), pytest.param("flex", False, marks=pytest.mark.slow, id="flex")]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -139,6 +139,7 @@ def test_capacity():
         m.init_state(1, max_seqlen=0)
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_decode_and_capacity_assert():
     torch._dynamo.reset()
     m = build(max_seqlen=24)

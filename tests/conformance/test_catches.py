@@ -78,6 +78,7 @@ class ToyMean(TokenMixer):
 register("_toy_mean", config=ToyConfig)(ToyMean)
 
 
+@pytest.mark.slow  # 4 s: every check on the toy; the tests below run the one each bug must fail
 def test_toy_passes():
     conformance.check("_toy_mean", device="cpu", checks=[c for c in conformance.CHECKS if c != "compile_inductor"])
 

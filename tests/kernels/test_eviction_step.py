@@ -113,7 +113,9 @@ def _evictions(history):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=() if c == "gqa" else pytest.mark.slow) for c in CASES], ids=list(CASES)
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=list(CASES),  # 8 s and more each
 )
 def test_fused_step_equals_general_step(case):
     kwargs = CASES[case]
@@ -123,7 +125,7 @@ def test_fused_step_equals_general_step(case):
     assert _evictions(history) > 0, "no entry was ever evicted"
 
 
-@pytest.mark.slow  # the full run only: the fast run keeps one fused-vs-general case (gqa)
+@pytest.mark.slow  # the full run only
 def test_fused_step_ties_and_left_padding():
     """Repeated tokens give equal scores (the latest among the lowest is evicted, the first empty slot filled);
     row 1 was left-padded in a masked prefill, so its positions lag its slots."""
@@ -136,7 +138,7 @@ def test_fused_step_ties_and_left_padding():
     assert _evictions(history) > 0
 
 
-@pytest.mark.slow  # the full run only: the fast run keeps the float32 gqa case
+@pytest.mark.slow  # the full run only
 @pytest.mark.parametrize("case", ["gqa", "default-router"])
 def test_fused_step_bfloat16(case):
     """bfloat16 states (RoPE, scores, buffer decisions). Triton's interpreter gets bfloat16 tl.dot wrong (the

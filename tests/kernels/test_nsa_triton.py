@@ -122,9 +122,9 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
 @pytest.mark.parametrize(
     "B, T, HQ, HKV, D, L, n, W, blocks, atomics",
     [
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, None, id="block-G1-T77-D32-n3"),
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, None, id="token-G1-T77-D32-n3"),
-        pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, id="block-tokendq-G4-T77-D32-n3"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, None, marks=pytest.mark.slow, id="block-G1-T77-D32-n3"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, None, marks=pytest.mark.slow, id="token-G1-T77-D32-n3"),
+        pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, marks=pytest.mark.slow, id="block-tokendq-G4-T77-D32-n3"),
         pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, None, marks=pytest.mark.slow, id="block-G3-T85-B2-n4"),
         pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, None, marks=pytest.mark.slow, id="block-G16-T72-D16-n4"),
     ],
@@ -154,6 +154,7 @@ def test_selection_forms(B, T, HQ, HKV, D, L, n, W, blocks, atomics):
         assert_close(name, ref, out, **F32)
 
 
+@pytest.mark.slow
 def test_block_major_selection_nonfinite_values():
     """Block-major selection with a NaN in one value row: exactly the (token, head) rows whose selected keys
     include that row come out NaN (as the token-major kernel's exact path gives), every other row finite and equal
@@ -201,7 +202,10 @@ def test_compression_backward_in_spans(monkeypatch):
 
 @pytest.mark.parametrize(
     "B, T, HQ, HKV, D, L, n, W",
-    [pytest.param(1, 53, 3, 1, 16, 16, 3, 7, id="G3-T53"), pytest.param(2, 40, 2, 2, 16, 16, 3, 9, id="G1-T40-B2")],
+    [
+        pytest.param(1, 53, 3, 1, 16, 16, 3, 7, id="G3-T53"),
+        pytest.param(2, 40, 2, 2, 16, 16, 3, 9, marks=pytest.mark.slow, id="G1-T40-B2"),
+    ],
 )
 def test_kernels_match_brute_force(B, T, HQ, HKV, D, L, n, W):
     q, k, v, gates, do = _inputs(B, T, HQ, HKV, D, device="cpu", seed=1)
@@ -220,6 +224,7 @@ def test_kernels_match_brute_force(B, T, HQ, HKV, D, L, n, W):
         assert_close(name, ref, out, **F32)
 
 
+@pytest.mark.slow
 def test_ties_go_to_the_lower_block():
     # every block holds the same keys, so every compressed key and every importance is equal: the free slots
     # go to the lowest visible blocks after the forced ones
@@ -236,7 +241,7 @@ def test_ties_go_to_the_lower_block():
 @pytest.mark.parametrize(
     "B, T, HQ, HKV, D, L, n",
     [
-        pytest.param(1, 70, 2, 2, 16, 16, 4, id="G1"),  # 64 tokens a program, T off the blocks
+        pytest.param(1, 70, 2, 2, 16, 16, 4, id="G1", marks=pytest.mark.slow),  # 64 tokens a program, T off blocks
         pytest.param(1, 36, 32, 1, 16, 16, 4, id="G32", marks=pytest.mark.slow),  # 2 tokens
     ],
 )
@@ -263,6 +268,7 @@ def test_sort_merge_selects_what_the_rank_count_does(B, T, HQ, HKV, D, L, n):
     assert torch.equal(idx.long().cpu(), idx_ref.cpu())
 
 
+@pytest.mark.slow
 def test_gates_may_be_strided_views():
     """The mixer's gates are views of one projection ([B, T, 3 HQ] split by branch: strides 3 HQ, 1): outputs and
     every gradient as with contiguous gates (dQ to float32 rounding: the block-major selection adds its share with
@@ -367,6 +373,7 @@ def _storages(xs) -> list[int]:
     return [x.untyped_storage().data_ptr() for x in xs]
 
 
+@pytest.mark.slow
 def test_launcher_outputs_alias_nothing():
     """The CUDA implementations of mixerzoo::nsa_fwd and nsa_bwd return the launchers' outputs, and torch refuses a
     custom op whose outputs alias its inputs or one another. float32: the dtype casts at the end are no copies."""

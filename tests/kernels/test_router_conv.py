@@ -42,7 +42,7 @@ def _reference(x, w, b, mask, dy, d, shared):
     return y.detach(), xs.grad, ws.grad, bs.grad
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c == "shared" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_kernels_match_the_reference(case):
     x, w, b, mask, dy, d, shared = _inputs(case)
     y_ref, dx_ref, dw_ref, db_ref = _reference(x, w, b, mask, dy, d, shared)
@@ -56,6 +56,7 @@ def test_kernels_match_the_reference(case):
     assert_close(f"{case} dbias", db_ref.float(), db, torch.float32, grad=True)
 
 
+@pytest.mark.slow  # 2 s each in the interpreter
 @pytest.mark.parametrize("case", ["head-d2", "shared"])
 def test_bfloat16_within_bounds(case):
     x, w, b, mask, dy, d, shared = _inputs(case, dtype=torch.bfloat16)

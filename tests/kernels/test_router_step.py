@@ -102,6 +102,7 @@ def test_float32_matches_router(name, D, shared, scoring):
     assert len(set(ref.flatten().tolist())) >= 3, "the case scores rows and heads alike"
 
 
+@pytest.mark.slow  # 2 s in the interpreter
 def test_masked_neighbours_read_as_zeros():
     """A position before the sequence reads as exactly zero at every layer: replacing what it holds (NaN) by zeros,
     or by anything else, gives the same score, bit for bit."""
@@ -124,7 +125,7 @@ def test_masked_neighbours_read_as_zeros():
 @pytest.mark.parametrize(
     "dtype,shared",
     [
-        pytest.param(torch.bfloat16, False, id="grouped-bf16"),
+        pytest.param(torch.bfloat16, False, marks=pytest.mark.slow, id="grouped-bf16"),
         pytest.param(torch.float16, False, marks=pytest.mark.slow, id="grouped-fp16"),
         pytest.param(torch.bfloat16, True, marks=pytest.mark.slow, id="shared-bf16"),
         pytest.param(torch.float16, True, marks=pytest.mark.slow, id="shared-fp16"),

@@ -130,7 +130,7 @@ def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
 TMA = dict(ONE_LOOP=True, TMA=True)
 TMA_CASES = [
     pytest.param(2, 1, 2, 2, 64, 8, 4, None, id="T1-B2-W8-S4", marks=pytest.mark.slow),
-    pytest.param(2, 63, 4, 1, 64, 16, 0, None, id="T63-B2-W16-S0-gqa4"),
+    pytest.param(2, 63, 4, 1, 64, 16, 0, None, id="T63-B2-W16-S0-gqa4", marks=pytest.mark.slow),
     pytest.param(2, 130, 4, 2, 64, 40, 4, None, id="T130-B2-W40-S4-gqa2", marks=pytest.mark.slow),
     pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad", marks=pytest.mark.slow),
 ]
@@ -162,7 +162,8 @@ def test_swa_tma_batch_rows_isolated():
         assert_close(name, ref, out[:1], dtype, **TOL[dtype][1])
 
 
-@pytest.mark.parametrize("loops", [LOOPS[0], pytest.param(*LOOPS[1].values, id=LOOPS[1].id, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 2 s and more in the interpreter; the float32 launcher cases stay in the fast run
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)
 def test_swa_launchers_half(dtype, loops):
     # one batch row: the float32 cases cover B = 2, whose batch offsets do not depend on the dtype

@@ -309,6 +309,7 @@ def test_generate_greedy_compiled_matches_parallel_without_recompiles():
     assert torch.equal(lm.generate(ids, 24, attention_mask=mask, compile=False), ref)
 
 
+@pytest.mark.slow  # 2 s: compiles the decode step
 def test_generate_restores_mode_and_caches_default_step():
     lm = _lm(seed=4, pattern="_hy_attn _hy_mean").train()
     ids = torch.randint(0, 61, (1, 5))
