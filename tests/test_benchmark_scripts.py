@@ -165,7 +165,7 @@ def test_usage_errors_name_the_value():
             ["--hkv", "32x64x64"],
             "--hkv chooses the head shapes of --shapes or --sweep; pass one of them too",
         ),
-        "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction"),
+        "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa"),
     }
     runs = _run_all({s: _command(s.split()[0], args) for s, (args, _) in cases.items()}, _env())
     for script, (_, message) in cases.items():
