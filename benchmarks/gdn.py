@@ -373,7 +373,8 @@ def sweep_walks(args):
                     try:  # each walk on its own: a setting may fit the forward's shared memory, not the backward's
                         times[seq][i] = time_ms(fn, warmup=2, repeat=args.repeat)
                     except Exception as e:  # triton's OutOfResources, a CUDA fault
-                        print(f"  {where} seq={seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                        print(f"  {where} seq={seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}",
+                              flush=True)  # fmt: skip
                         if "illegal memory access" in str(e):  # the CUDA context is lost: nothing after this can run
                             print(f"stopped: seq={seq} made an illegal memory access at {where}; later settings and "
                                   "shapes were not timed", flush=True)  # fmt: skip
@@ -388,6 +389,8 @@ def sweep_walks(args):
                     f"{times[best_b][1]:.3f}",
                     flush=True,
                 )
+            del q, k, v, g, beta, do, w, u, gamma, Ai, hs, vn
+            torch.cuda.empty_cache()
 
 
 def bench(args):

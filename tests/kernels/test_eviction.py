@@ -155,15 +155,13 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 
 
 def _split_cases():
-    # all in the slow set (2 to 3 s each in the interpreter; test_triton_matches_reference keeps the default form)
-    fast = set()
-    for i, c in enumerate(SPLIT_CASES):
+    for c in SPLIT_CASES:
         for split in (True, False):
             id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
-            marks = [] if (i, split) in fast else [pytest.mark.slow]
-            yield pytest.param(*c, split, id=f"{id_}-{'split' if split else 'one-loop'}", marks=marks)
+            yield pytest.param(*c, split, id=f"{id_}-{'split' if split else 'one-loop'}")
 
 
+@pytest.mark.slow  # 2 to 3 s each in the interpreter; test_triton_matches_reference keeps the default form
 @pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split", list(_split_cases()))
 def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split):
     # both forms of every kernel (masked edges + unmasked interior, or one masked loop), with tiles

@@ -112,11 +112,8 @@ def _evictions(history):
     return int(gone.sum())
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.slow) for c in CASES],
-    ids=list(CASES),  # 8 s and more each
-)
+@pytest.mark.slow  # 8 s and more each in the interpreter
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_step_equals_general_step(case):
     kwargs = CASES[case]
     x = torch.randn(2, 20, kwargs["hidden_size"], generator=torch.Generator().manual_seed(1))

@@ -142,12 +142,10 @@ def test_chunk_kernels(case, dtype, doubling):
         assert grads[5].numel() == 0
 
 
+@pytest.mark.slow  # 10 s and more each in the interpreter (fuse_wu is not the default)
 @pytest.mark.parametrize(
     "B,T,H,K,V,lengths",
-    [
-        pytest.param(2, 100, 2, 64, 32, None, marks=pytest.mark.slow),
-        pytest.param(1, 150, 2, 128, 80, [0, 70, 1, 79], marks=pytest.mark.slow),
-    ],
+    [(2, 100, 2, 64, 32, None), (1, 150, 2, 128, 80, [0, 70, 1, 79])],
     ids=["fixed-K64", "packed-K128"],
 )
 def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
@@ -185,11 +183,11 @@ def test_fused_prep_wu_matches_two_kernels(B, T, H, K, V, lengths):
     assert w[:37].isfinite().all() and w[37:64].isnan().all() and w[64:].isfinite().all()
 
 
+@pytest.mark.slow  # 16 to 24 s each in the interpreter
 @pytest.mark.parametrize(
     "lengths,fuse_wu",
-    _slow_unless(  # 16 to 24 s each in the interpreter: all in the slow set
-        set(), (None, False), (None, True), ([70, 0, 150, 5], False), ([70, 0, 150, 5], True)
-    ),
+    [(None, False), (None, True), ([70, 0, 150, 5], False), ([70, 0, 150, 5], True)],
+    ids=lambda x: str(x),
 )
 def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
     """chunk_gdn_bwd given the forward's gamma and Ai (chunk_gdn_fwd(return_intermediates=True)) runs no prep kernel,

@@ -259,7 +259,8 @@ def _stream_with_kernel(layer, x, prefill, mask=None):
     return torch.cat(ys, 1), torch.cat(ks, 1)
 
 
-@pytest.mark.parametrize("heads", [pytest.param(h, marks=pytest.mark.slow) for h in ((4, 1), (4, 4))], ids=["G4", "G1"])
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", [(4, 1), (4, 4)], ids=["G4", "G1"])
 def test_kernel_on_the_mixer_state_over_decode_steps(heads):
     """The kernel, run on the state of each step of the mixer (its compressed blocks written by the step, blocks
     completing on the way, a left-padded row), gives the step's output."""

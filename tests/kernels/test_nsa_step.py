@@ -64,11 +64,8 @@ def _run(case, dtype, device=DEVICE, prefill=7):
     return completed
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.slow) for c in CASES],
-    ids=list(CASES),  # 6 s and more each
-)
+@pytest.mark.slow  # 6 s and more each in the interpreter
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_step_equals_general_step(case):
     assert _run(case, torch.float32) >= 8  # blocks completed along the way, in both rows
 

@@ -119,14 +119,15 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
         assert_close(name, ref, out, **F32)
 
 
+@pytest.mark.slow  # 2.5 s and more each in the interpreter; test_kernels_match_reference runs the default form
 @pytest.mark.parametrize(
     "B, T, HQ, HKV, D, L, n, W, blocks, atomics",
     [
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, None, marks=pytest.mark.slow, id="block-G1-T77-D32-n3"),
-        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, None, marks=pytest.mark.slow, id="token-G1-T77-D32-n3"),
-        pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, marks=pytest.mark.slow, id="block-tokendq-G4-T77-D32-n3"),
-        pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, None, marks=pytest.mark.slow, id="block-G3-T85-B2-n4"),
-        pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, None, marks=pytest.mark.slow, id="block-G16-T72-D16-n4"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, True, None, id="block-G1-T77-D32-n3"),
+        pytest.param(1, 77, 2, 2, 32, 16, 3, 20, False, None, id="token-G1-T77-D32-n3"),
+        pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, id="block-tokendq-G4-T77-D32-n3"),
+        pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, None, id="block-G3-T85-B2-n4"),
+        pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, None, id="block-G16-T72-D16-n4"),
     ],
 )
 def test_selection_forms(B, T, HQ, HKV, D, L, n, W, blocks, atomics):
