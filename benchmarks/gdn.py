@@ -328,11 +328,12 @@ def bench_decode(args, H, K, V):
     return rows
 
 
-# (BV, prefetch, num_warps, num_stages) of the state walks for --sweep: without prefetch 2 or 3 pipelining stages
-# (one stage without prefetch is refused, see _seq_config), with the next chunk's tiles prefetched into registers one
+# (BV, prefetch, num_warps, num_stages) of the state walks for --sweep: 2 or 3 pipelining stages (one stage without
+# prefetch is refused, see _seq_config). No prefetch settings: the dh walk refuses them (they made an illegal memory
+# access under Triton 3.6 on an H200); the h walk still takes them through --seq
 SEQ_SWEEP = (
     (32, False, 4, 2), (32, False, 4, 3), (64, False, 4, 2), (64, False, 4, 3), (64, False, 8, 2), (128, False, 8, 2),
-    (32, True, 8, 1), (64, True, 8, 1), (32, True, 4, 1),
+    (16, False, 4, 2), (16, False, 4, 3),
 )  # fmt: skip
 WALK_SHAPES = ((16, 128, 128), (32, 64, 64), (8, 256, 256), (8, 128, 256), (4, 128, 128))  # --sweep's default
 WALK_BT = ((32, 2048), (1, 65536))  # --sweep's (B, T): many sequences, one long one
@@ -500,7 +501,7 @@ def bench_shapes(args):
     lens = _sweep_lens()
     rows, ratios = [], []
     for H, K, V in args.hkv or SWEEP_HKV:
-        for T in (*SWEEP_T, None):  # None: the packed batch
+        for T in args.points or (*SWEEP_T, None):  # None: the packed batch
             B = 1 if T is None else SWEEP_TOKENS // T
             q, k, v, g, beta, _ = inputs(B, T or SWEEP_TOKENS, H, K, V, torch.bfloat16, h0=False, seed=21)
             cu = None
@@ -582,6 +583,19 @@ def profile_kernels(args):
         torch.cuda.empty_cache()
 
 
+def _points_list(text: str) -> list[int | None]:
+    """``--points``: comma-separated lengths of SWEEP_T and ``packed`` (None: the packed batch)."""
+    out = []
+    for part in text.split(","):
+        if part == "packed":
+            out.append(None)
+        elif part.isdigit() and int(part) in SWEEP_T:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"a point is one of {SWEEP_T} or 'packed', got {part!r}")
+    return out
+
+
 def _hkv_list(text: str) -> list[tuple[int, int, int]]:
     """``--hkv``: comma-separated H x K x V triples."""
     out = []
@@ -648,6 +662,14 @@ def main(argv=None) -> int:
         help="--shapes: only these head shapes (e.g. 32x64x64,8x256x256; default the whole sweep); other points "
         "already in the results file are kept. --sweep: its head shapes (default 16x128x128, 32x64x64, 8x256x256, "
         "8x128x256, 4x128x128)",
+    )
+    ap.add_argument(
+        "--points",
+        type=_points_list,
+        default=None,
+        metavar="T|packed,...",
+        help="--shapes: only these points of each head shape (lengths among 2048, 8192, 32768, 65536, and 'packed'; "
+        "default all); other points already in the results file are kept",
     )
     ap.add_argument(
         "--seq",

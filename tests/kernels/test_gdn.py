@@ -93,6 +93,8 @@ CASES = [
     (2, 80, 4, 16, 16, False, False),  # the mixer's conformance heads (hidden 64, 4 heads)
     (1, 70, 3, 8, 24, True, True),  # heads below 16 and not a power of two
 ]
+if DEVICE == "cuda":  # K = 256 with many programs (B * H * V / 64 >= 256): the forward walk's value blocks of 64
+    CASES.append((32, 70, 8, 256, 256, True, True))  # (_seq_config); far too slow for the interpreter
 # half inputs: every case on the GPU (bf16); in the interpreter two fp16 cases (it cannot dot bf16, and
 # each case costs seconds there)
 HALF_CASES = [(c, torch.bfloat16) for c in CASES] if DEVICE == "cuda" else [(c, torch.float16) for c in CASES[4:]]
@@ -530,14 +532,18 @@ def test_op_refuses_huge_heads_on_cuda():
 
 
 def test_sequential_kernel_settings_and_refusal():
-    """The state walks' default launch settings (blocks of 32 with three stages when few programs walk, 64 when
+    """The state walks' default launch settings (blocks of 16 / 32 with three stages when few programs walk, 64 when
     many; two stages at K = 256, where the backward walk keeps blocks of 32 to fit in shared memory; float32
     inputs, whose staged tiles are twice the bytes: blocks of 32 with two stages from K = 128 on, 16 at K = 256)
     and the refusal of one stage without prefetch, which faulted on an H200."""
     from mixerzoo.kernels.gdn.chunk import _seq_config
 
-    assert _seq_config(1, 16, 128, 128, None) == (32, False, 4, 3)
+    assert _seq_config(1, 16, 128, 128, None) == (16, False, 4, 3)  # 32 programs
+    assert _seq_config(4, 16, 128, 128, None) == (32, False, 4, 3)  # 128
+    assert _seq_config(1, 16, 64, 64, None, 4) == (32, False, 4, 3)  # float32: no blocks of 16
     assert _seq_config(32, 16, 128, 128, None) == (64, False, 4, 3)
+    assert _seq_config(16, 16, 128, 128, None, varlen=True) == (32, False, 4, 3)  # a packed batch counts a quarter
+    assert _seq_config(11, 8, 256, 256, None, varlen=True) == (32, False, 4, 2)
     assert _seq_config(32, 8, 256, 256, None) == (64, False, 4, 2)  # the forward walk, many programs
     assert _seq_config(32, 8, 256, 256, None, walk="dh") == (32, False, 4, 2)  # the backward's must fit
     assert _seq_config(2, 8, 256, 256, None) == (32, False, 4, 2)  # few programs
@@ -553,6 +559,8 @@ def test_sequential_kernel_settings_and_refusal():
         _seq_config(1, 8, 64, 64, (32, False, 4, 1, True))
     with pytest.raises(ValueError, match="walk='w'"):
         _seq_config(1, 8, 64, 64, None, walk="w")
+    with pytest.raises(ValueError, match=r"seq=\(32, True, 8, 1\): the dh walk does not take prefetch"):
+        _seq_config(1, 8, 64, 64, (32, True, 8), walk="dh")
 
 
 def test_op_compiles_fullgraph():

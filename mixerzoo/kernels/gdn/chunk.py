@@ -1068,38 +1068,48 @@ def _out_cols(V: int) -> int:
     return min(max(triton.next_power_of_2(V), 64), 128)
 
 
-def _seq_config(B, H, K, V, seq, itemsize=2, *, walk="h"):
+def _seq_config(B, H, K, V, seq, itemsize=2, *, walk="h", varlen=False):
     # launch settings of the two kernels that walk the chunks in order, the forward's h (walk "h") and the
     # backward's dh (walk "dh"): (BV, prefetch, num_warps, num_stages). Swept on an H200 (NOTES-gdn.md,
-    # benchmarks/gdn.py --sweep): value blocks of 32 with three pipelining stages when few programs walk
-    # (B * H * V / 64 < 256: B = 1, H = 16, V = 128 has 32), where the walk is latency-bound; blocks of 64 with three
-    # stages when many do. K = 256 takes two stages: the dh walk blocks of 32, the only setting whose staged tiles
-    # fit in shared memory (220 KB of the 227 KB); the h walk, smaller, blocks of 64 when many programs walk (at
-    # H = 8, K = V = 256, B = 32 x T = 2048 the forward took 1.74 instead of 2.10 ms) and 32 when few do. float32
-    # inputs (itemsize 4) stage twice the bytes: K <= 64 as in half precision; K <= 128 blocks of 32 with two stages
-    # (dh 129 KB; three stages took 241 KB); K = 256 blocks of 16 with two stages (dh 217 KB). Prefetching the
-    # next chunk's tiles into registers (one stage) was the best with few programs before the decays moved onto
-    # the [BT, BV] side of the products; it stays for sweeps. ``seq``: (BV, prefetch, num_warps), with num_stages
-    # or not (benchmarks sweep them). Without prefetch, one stage is refused: under Triton 3.6 on an H200 the
-    # kernels made an illegal memory access at every shape tried.
+    # benchmarks/gdn.py --sweep), by the programs P = B * H * V / 64 (B: sequences): when few walk, the walk is
+    # latency-bound and narrower value blocks shorten each program's steps: blocks of 16 when P < 64 (at B = 1,
+    # T = 65536, H = 32, K = V = 64 and H = 16, K = V = 128, the h walk took 0.72 / 0.98 ms instead of 0.80 / 1.15
+    # with blocks of 32, the backward 3.80 / 3.87 instead of 4.02 / 4.18), 32 when P < 256, 64 from there (B = 32 x
+    # T = 2048: 0.36 ms against 0.42 with 32), three pipelining stages (blocks of 16 in half precision only: float32
+    # keeps 32, the setting its GPU checks ran). A packed batch (``varlen``) counts a quarter
+    # of its sequences: its longest sequence bounds the walk (at H = 8, K = V = 256, 11 sequences of 64 to 16384, the
+    # forward took 2.30 ms with blocks of 32 and 2.56 with 64). K = 256 takes two stages: the dh walk blocks of 32,
+    # the only setting whose staged tiles fit in shared memory (220 KB of the 227 KB); the h walk, smaller, blocks of
+    # 64 when many programs walk (at H = 8, K = V = 256, B = 32 x T = 2048 the forward took 1.79 instead of 2.15 ms)
+    # and 32 when few do. float32 inputs (itemsize 4) stage twice the bytes: K <= 64 as in half precision; K <= 128
+    # blocks of 32 with two stages (dh 129 KB; three stages took 241 KB); K = 256 blocks of 16 with two stages
+    # (dh 217 KB). Prefetching the next chunk's tiles into registers (one stage) was the best with few programs
+    # before the decays moved onto the [BT, BV] side of the products; it stays for sweeps of the h walk (the dh walk
+    # refuses it). ``seq``: (BV, prefetch, num_warps), with num_stages or not (benchmarks sweep them). Without
+    # prefetch, one stage is refused: under Triton 3.6 on an H200 the kernels made an illegal memory access at every
+    # shape tried.
     if walk not in ("h", "dh"):
         raise ValueError(f"gdn chunk kernels: walk={walk!r}: 'h' or 'dh' expected")
     if seq is None:
         rows = _state_rows(K)
-        few = B * H * triton.cdiv(V, 64) < 256
+        programs = B * H * triton.cdiv(V, 64) // (4 if varlen else 1)
+        few = programs < 256
         if itemsize > 2 and rows > 64:
             seq = 32 if rows <= 128 else 16, False, 4, 2
         elif rows > 128:
             seq = 32 if few or walk == "dh" else 64, False, 4, 2
-        elif few:
-            seq = 32, False, 4, 3
         else:
-            seq = 64, False, 4, 3
+            seq = 16 if programs < 64 and itemsize == 2 else 32 if few else 64, False, 4, 3
     if len(seq) == 3:
         seq = (*seq, 1 if seq[1] else 2)
     if len(seq) != 4:
         raise ValueError(f"gdn chunk kernels: seq={tuple(seq)}: (BV, prefetch, num_warps[, num_stages]) expected")
     BV, prefetch, warps, stages = seq
+    if prefetch and walk == "dh":
+        raise ValueError(
+            f"gdn chunk kernels: seq={tuple(seq)}: the dh walk does not take prefetch (under Triton 3.6 on an H200 "
+            "it made an illegal memory access); (BV, False, num_warps, num_stages >= 2) expected"
+        )
     if not prefetch and stages < 2:
         raise ValueError(f"gdn chunk kernels: seq={tuple(seq)} without prefetch needs num_stages >= 2, got {stages}")
     return tuple(seq)
@@ -1231,7 +1241,7 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     varlen = cu is not None
     dev = k.device
     KP = _state_rows(K)
-    BV, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size())
+    BV, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size(), varlen=varlen)
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
@@ -1452,7 +1462,7 @@ def chunk_gdn_bwd(
         num_warps=8 if BV > 64 else 4,
     )
     KP = _state_rows(K)
-    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size(), walk="dh")
+    BVh, prefetch, warps, stages = _seq_config(N, H, K, V, seq, k.element_size(), walk="dh", varlen=varlen)
     dhs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)
     dvn = torch.empty_like(v)
     dh0 = (
