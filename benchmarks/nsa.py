@@ -10,7 +10,9 @@ same run. Every mode needs a CUDA GPU.
 bf16, D = 64, block size 64, 16 blocks, window 512, 32768 tokens per call, T = 8192 (B = 4) and 32768 (B = 1):
 HQ = 32, HKV = 2 (G = 16): mixerzoo with and without the window, fla's parallel_nsa (window_size = 0 on both
 sides; skipped with a note when fla is not installed), SDPA; HQ = 16 with HKV = 4 (G = 4) and 16 (G = 1):
-mixerzoo and SDPA. Decode (op ``nsa_decode``): one step of the nsa layer against one step of a full_attention
+mixerzoo and SDPA. SDPA is timed three times (rows keyed ``backend``): as torch picks its backend, and with only
+the flash backend (FlashAttention 2) or only cuDNN allowed (a backend that does not take the shape is noted).
+Decode (op ``nsa_decode``): one step of the nsa layer against one step of a full_attention
 layer (SDPA over the whole KV cache) with the same heads (HQ = 32, HKV = 2, D = 64, hidden 2048), B = 32, at 4K,
 32K and 128K tokens seen, eager and as a CUDA-graph replay; the caches are filled with random keys and values
 (a step's cost does not depend on their values). The nsa rows also time the nsa_decode kernel alone (graph
@@ -132,8 +134,8 @@ def _fla():
     return parallel_nsa
 
 
-def _row(rows, impl, B, T, HQ, HKV, fwd, step, note=""):
-    r = {"op": "nsa", "impl": impl, "T": T, "B": B, "H": HQ, "HKV": HKV, "D": D}
+def _row(rows, impl, B, T, HQ, HKV, fwd, step, note="", **keys):
+    r = {"op": "nsa", "impl": impl, "T": T, "B": B, "H": HQ, "HKV": HKV, "D": D, **keys}
     r["fwd_ms"] = time_ms(fwd, repeat=10)
     r["fwdbwd_ms"] = time_ms(step, repeat=10)
     r["peak_mem_mb"] = peak_mem_mb(step)
@@ -156,7 +158,7 @@ def _bench_shape(rows: list[dict], log: list[str], HQ: int, HKV: int, T: int, ha
         def step(win=win):
             nsa_attention(*leaves, block_size=L, block_count=N, window_size=win).backward(do)
 
-        _row(rows, "mixerzoo", B, T, HQ, HKV, fwd, step, f"block {L}, {N} blocks, window {win}")
+        _row(rows, "mixerzoo", B, T, HQ, HKV, fwd, step, f"block {L}, {N} blocks, window {win}", W=win)
     if has_fla and HKV == 2:
         try:
             parallel_nsa = _fla()
@@ -175,17 +177,37 @@ def _bench_shape(rows: list[dict], log: list[str], HQ: int, HKV: int, T: int, ha
         except Exception as e:  # an API change in fla: recorded, the other rows still run
             traceback.print_exc()
             log.append(f"fla parallel_nsa failed at T={T}: {type(e).__name__}: {e}")
-    _row(rows, "sdpa", B, T, HQ, HKV, *_sdpa_calls(q, k, v, do), "full causal, GQA")
+    # the anchor, once as torch picks its backend and once per backend named (the design's anchor is the flash
+    # backend; torch's own pick, cuDNN where it takes the shape, is faster on Hopper): rows keyed by "backend"
+    for backend in ("default", "flash", "cudnn"):
+        try:
+            calls = _sdpa_calls(q, k, v, do, backend)
+            _row(rows, "sdpa", B, T, HQ, HKV, *calls, f"full causal, GQA, {backend} backend", backend=backend)
+        except RuntimeError as e:  # a backend that does not take this shape: noted, the other rows stay
+            log.append(f"SDPA {backend} backend at HQ={HQ} HKV={HKV} T={T}: {str(e).splitlines()[0][:200]}")
+            print(log[-1], flush=True)
 
 
-def _sdpa_calls(q, k, v, do):
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def _sdpa_calls(q, k, v, do, backend: str = "default"):
     """The anchor: full causal SDPA with the same heads (GQA) on q, k, v [B, T, H, D] -> (forward without grad,
-    forward+backward with the gradient do)."""
+    forward+backward with the gradient do); ``backend`` "default" (torch's pick) or one of _SDPA_BACKENDS, which
+    is then the only one allowed (a RuntimeError on the first call when it does not take the shape)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
     dot = do.transpose(1, 2)
+    only = None if backend == "default" else getattr(SDPBackend, _SDPA_BACKENDS[backend])
 
     def sdpa():
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        with nullcontext() if only is None else sdpa_kernel(only):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    sdpa().backward(dot)  # a backend that does not take the shape raises here, before the timing
 
     def sdpa_fwd():
         with torch.no_grad():

@@ -79,10 +79,11 @@ def op_level_card(doc: dict, source: str) -> str:
                 continue
             ratio = r[metric] / o[metric]
             shape = _shape(o)
-            ratios.append((ratio, r["op"], r["impl"], shape))
+            anchor = r["impl"] + (f" ({r['backend']})" if "backend" in r else "")  # e.g. sdpa (flash)
+            ratios.append((ratio, r["op"], anchor, shape))
             state = _bytes(o["state_bytes"]) if "state_bytes" in o else "-"
             lines.append(
-                f"| `{r['op']}` | {shape} | {metric.removesuffix('_ms')} | {_ms(o[metric])} | {r['impl']} | "
+                f"| `{r['op']}` | {shape} | {metric.removesuffix('_ms')} | {_ms(o[metric])} | {anchor} | "
                 f"{_ms(r[metric])} | {ratio:.2f}x | {_ms(o.get('peak_mem_mb'))} | {state} |"
             )
     if ratios:
