@@ -192,12 +192,22 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
 
 
 @pytest.mark.parametrize(
-    "T,W,C,S",
-    [(1, 3, 2, 0), (63, 5, 4, 2), pytest.param(130, 7, 5, 0, marks=pytest.mark.slow), (130, 2, 9, 2), (70, 4, 0, 0)],
+    "T,W,C,S,frac",
+    [
+        (1, 3, 2, 0, 0.6),
+        (63, 5, 4, 2, 0.6),
+        pytest.param(130, 7, 5, 0, 0.6, marks=pytest.mark.slow),
+        (130, 2, 9, 2, 0.6),
+        (70, 4, 0, 0, 0.6),
+        (160, 5, 17, 1, 0.95),  # nearly all retained: blocks of ranks stop scanning at different list indices
+        (100, 3, 300, 0, 1.0),  # capacity above the list: nothing is ever evicted
+    ],
 )
-def test_triton_eviction_end(T, W, C, S):
+def test_triton_eviction_end(T, W, C, S, frac):
+    """The kernel (a sort by priority, then each block of ranks scans the list for its C-th entry above) gives the
+    reference's interval ends exactly, ties in the scores included."""
     torch.manual_seed(T + C)
-    score = make_scores(2, T, 2, ties=True, frac=0.6, device=DEVICE)
+    score = make_scores(2, T, 2, ties=True, frac=frac, device=DEVICE)
     ref = visibility_end(score, window_size=W, capacity=C, num_sinks=S, training=False)
     out = eviction_end(score, window_size=W, capacity=C, num_sinks=S)
     assert torch.equal(out.long(), ref), (out.long() - ref).abs().max()

@@ -38,8 +38,9 @@ __all__ = [
 
 @triton.jit
 def _eviction_end_kernel(
+    ranked,  # [B*HKV, T] int32: list index of each priority rank (score descending, then index ascending)
+    rank,  # [B*HKV, T] int32: priority rank of each list entry (the inverse of ranked)
     rpos,  # [B*HKV, T] int32: positions of the retained tokens, ascending (padding T)
-    rscore,  # [B*HKV, T] float32: their scores (+inf for sinks)
     rcum,  # [B*HKV, T] int32: running count of retained tokens; the last entry is the list length
     end,  # [B*HKV, T] int32 out: buffer-interval end of each listed token
     T,
@@ -48,38 +49,38 @@ def _eviction_end_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
 ):
-    # inference semantics: entry i enters the buffer iff fewer than C earlier retained tokens score
-    # >= s_i, and leaves when the (C - that count)-th later token with a strictly greater score does
+    # inference semantics: the buffer holds the top C (by priority rank) of the retained tokens that have left the
+    # window, so entry x of rank r stays until the C-th of the r entries ranked above it leaves the window: f, the
+    # C-th smallest list index among ranks < r. f < x: C of them came first and x never enters; r < C: never
+    # evicted. A program takes BR consecutive ranks, whose f are close (f shrinks as r grows: about C n / r), and
+    # scans the list only until each of its rows has found its f: ~ C n log(n / C) compares per (batch, head)
+    # instead of n^2
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     base = i_bh.to(tl.int64) * T
     n = tl.load(rcum + base + T - 1)
-    o_r = i_r * BR + tl.arange(0, BR)
+    o_r = i_r * BR + tl.arange(0, BR)  # ranks
     m_r = o_r < n
-    b_s = tl.load(rscore + base + o_r, mask=m_r, other=0.0)
-    b_p = tl.load(rpos + base + o_r, mask=m_r, other=0)
-    b_a = tl.zeros([BR], dtype=tl.int32)
-    for c0 in range(0, tl.minimum(i_r * BR + BR, n), BC):
+    b_x = tl.load(ranked + base + o_r, mask=m_r, other=0)  # their list indices
+    b_p = tl.load(rpos + base + b_x, mask=m_r, other=0)
+    b_cnt = tl.zeros([BR], dtype=tl.int32)  # entries ranked above, among the list indices scanned
+    b_f = tl.zeros([BR], dtype=tl.int32) + T
+    b_done = (o_r < C) | (C <= 0) | ~m_r
+    c0 = tl.where(tl.min(b_done.to(tl.int32)) > 0, n, 0)
+    while c0 < n:
         o_c = c0 + tl.arange(0, BC)
         m_c = o_c < n
-        b_cs = tl.load(rscore + base + o_c, mask=m_c, other=float("-inf"))
-        m_ge = (o_c[None, :] < o_r[:, None]) & m_c[None, :] & (b_cs[None, :] >= b_s[:, None])
-        b_a += tl.sum(m_ge.to(tl.int32), axis=1)
-    b_need = C - b_a
-    b_cnt = tl.zeros([BR], dtype=tl.int32)
-    b_first = tl.zeros([BR], dtype=tl.int32) + T
-    for c0 in range(i_r * BR, n, BC):
-        o_c = c0 + tl.arange(0, BC)
-        m_c = o_c < n
-        b_cs = tl.load(rscore + base + o_c, mask=m_c, other=float("-inf"))
-        b_cp = tl.load(rpos + base + o_c, mask=m_c, other=0)
-        m_gt = (o_c[None, :] > o_r[:, None]) & m_c[None, :] & (b_cs[None, :] > b_s[:, None])
+        b_rc = tl.load(rank + base + o_c, mask=m_c, other=T)
+        m_gt = (b_rc[None, :] < o_r[:, None]) & m_c[None, :]  # ranked above the row's entry
         b_run = b_cnt[:, None] + tl.cumsum(m_gt.to(tl.int32), axis=1)
-        m_hit = m_gt & (b_run == b_need[:, None])
-        b_first = tl.minimum(b_first, tl.min(tl.where(m_hit, b_cp[None, :], T), axis=1))
+        m_hit = m_gt & (b_run == C)
+        b_f = tl.minimum(b_f, tl.min(tl.where(m_hit, o_c[None, :], T), axis=1))
         b_cnt += tl.sum(m_gt.to(tl.int32), axis=1)
-    b_e = tl.where(b_first < T, b_first + W, T)
-    b_e = tl.where(b_a >= C, b_p + W, b_e)
-    tl.store(end + base + o_r, tl.minimum(b_e, T), mask=m_r)
+        b_done = b_done | (b_cnt >= C)
+        c0 = tl.where(tl.min(b_done.to(tl.int32)) > 0, n, c0 + BC)
+    b_fp = tl.load(rpos + base + b_f, mask=m_r & (b_f < n), other=0)
+    b_e = tl.where(b_f < n, b_fp + W, T)  # evicted when entry f enters the buffer; never: T
+    b_e = tl.where((b_f < b_x) | (C <= 0), b_p + W, b_e)  # never entered: visible in its window only
+    tl.store(end + base + b_x, tl.minimum(b_e, T), mask=m_r)
 
 
 @triton.jit
@@ -700,7 +701,9 @@ def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size:
 def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: int) -> Tensor:
     """Triton form of :func:`reference.visibility_end` for the inference semantics.
 
-    score: [B, T, HKV] -> end: [B, T, HKV] int32. Work ~ retained^2 per (batch, head), memory ~ T.
+    score: [B, T, HKV] -> end: [B, T, HKV] int32. Work ~ C n log(n / C) per (batch, head) for n retained tokens
+    (a sort by priority, then each block of ranks scans the list until it has found its C-th entry above),
+    memory ~ T.
     """
     check_floats("eviction_end", score=score)
     B, T, H = score.shape
@@ -714,11 +717,16 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rpos.scatter_(-1, dest, j)
     rscore.scatter_(-1, dest, s.contiguous())
     rpos, rscore = rpos[..., :T].contiguous(), rscore[..., :T].contiguous()
+    # priority: score descending, ties to the earlier token (a stable sort); the list padding (score -inf) last
+    key = torch.where(torch.arange(T, device=score.device) < rcum[..., -1:], rscore, float("-inf"))
+    ranked = key.sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
     _eviction_end_kernel[(triton.cdiv(T, BR), B * H)](
+        ranked=ranked.contiguous(),
+        rank=rank.contiguous(),
         rpos=rpos,
-        rscore=rscore,
         rcum=rcum,
         end=end_c,
         T=T,
