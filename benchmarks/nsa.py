@@ -6,6 +6,7 @@ same run. Every mode needs a CUDA GPU.
     python benchmarks/nsa.py --check    # only the correctness check at realistic sizes
     python benchmarks/nsa.py --sections profile   # device time per kernel of forward+backward (~1 minute)
     python benchmarks/nsa.py --sections check,major   # the selection branch token-major vs block-major
+    python benchmarks/nsa.py --sections split   # the compression forward's blocks scored per step (cmp_split)
 
 bf16, D = 64, block size 64, 16 blocks, window 512, 32768 tokens per call, T = 8192 (B = 4) and 32768 (B = 1):
 HQ = 32, HKV = 2 (G = 16): mixerzoo with and without the window, fla's parallel_nsa (window_size = 0 on both
@@ -277,6 +278,20 @@ def section_major(rows: list[dict], log: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
+def section_split(rows: list[dict], log: list[str]) -> None:
+    """The compression forward's second pass scoring 16, 32 or 64 compressed blocks per step (nsa_tiles
+    ``cmp_split`` 1, 2, 4; the same selection), at T = 32768, B = 1, window 512, G = 1, 4 and 16: forward and
+    forward+backward of the Triton launchers, with full causal SDPA at the same shape. Rows ``nsa_cmp_split``."""
+
+    def note(tiles):
+        return f"Triton launchers, compression forward scoring {16 * tiles['cmp_split']} blocks a step, window {W}"
+
+    variants = [(dict(op="nsa_cmp_split", split=c), dict(cmp_split=c)) for c in (1, 2, 4)]
+    for HQ, HKV in ((32, 2), (16, 4), (16, 16)):
+        _variants_shape(rows, HQ, HKV, variants, note)
+        torch.cuda.empty_cache()
+
+
 def _variants_shape(rows: list[dict], HQ: int, HKV: int, variants: list, note) -> None:
     # each variant (row keys with its op, nsa_tiles keywords) timed at one head shape, then SDPA once per op
     from mixerzoo.kernels.nsa.triton_launch import nsa_tiles
@@ -415,7 +430,8 @@ def main(argv=None) -> int:
         "--sections",
         default="check,bench,decode",
         help="comma-separated: check, bench, decode, tiles (selection tile rows 64 vs 16), major (selection "
-        "token-major vs block-major), profile (device time per kernel of forward+backward)",
+        "token-major vs block-major), split (compression forward: 16, 32 or 64 blocks scored a step), profile "
+        "(device time per kernel of forward+backward)",
     )
     args = ap.parse_args(argv)
     require_gpu("nsa.py", "--check" if args.check else "(bench)", cpu=None)
@@ -437,6 +453,7 @@ def main(argv=None) -> int:
         ("decode", section_decode),
         ("tiles", section_tiles),
         ("major", section_major),
+        ("split", section_split),
         ("profile", section_profile),
     ):
         if name in sections:

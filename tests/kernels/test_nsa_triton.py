@@ -270,6 +270,33 @@ def test_sort_merge_selects_what_the_rank_count_does(B, T, HQ, HKV, D, L, n):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, L, n",
+    [
+        pytest.param(1, 100, 4, 1, 16, 16, 3, id="G4-one-step", marks=pytest.mark.slow),  # 6 blocks: one step each
+        pytest.param(1, 1090, 4, 1, 16, 16, 5, id="G4-steps", marks=pytest.mark.slow),  # 68 blocks: 2 to 5 steps
+    ],
+)
+def test_wide_scoring_steps_select_the_same(B, T, HQ, HKV, D, L, n):
+    """nsa_tiles(cmp_split=2 or 4): the compression forward's second pass scores 32 or 64 blocks per step and
+    merges them 16 at a time; the selection is the reference's and every output is the one of a split of 1."""
+    from mixerzoo.kernels.nsa import triton_launch as tl_
+
+    q, k, v, gates, _ = _inputs(B, T, HQ, HKV, D)
+    scale = D**-0.5
+    runs = [
+        nsa_fwd(q, k, v, *gates, L, n, 0, scale, tiles=tl_.nsa_tiles(D, HQ // HKV, L, q.dtype, cmp_split=c))
+        for c in (1, 2, 4)
+    ]
+    idx_ref = nsa_select_ref(q, nsa_compress_ref(k, v, L)[0], block_size=L, block_count=n, scale=scale)
+    for run in runs:
+        assert torch.equal(run[4].long().cpu(), idx_ref.cpu())
+        for a, b in zip(runs[0][:4], run[:4], strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="nsa: cmp_split must be 1, 2 or 4, got 3"):
+        tl_.nsa_tiles(D, 4, L, q.dtype, cmp_split=3)
+
+
 def test_gates_may_be_strided_views():
     """The mixer's gates are views of one projection ([B, T, 3 HQ] split by branch: strides 3 HQ, 1): outputs and
     every gradient as with contiguous gates (dQ to float32 rounding: the block-major selection adds its share with

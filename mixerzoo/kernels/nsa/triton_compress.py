@@ -133,8 +133,10 @@ def nsa_cmp_fwd_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
     SORT: tl.constexpr = False,  # _merge_top's bitonic form (nsa_tiles' "sort")
+    SPLIT: tl.constexpr = 1,  # pass 2 scores SPLIT * NP blocks a step, merged NP at a time (nsa_tiles "cmp_split")
 ):
     tl.static_assert(NP >= N)
+    tl.static_assert(SPLIT == 1 or SPLIT == 2 or SPLIT == 4)
     # selection keys (int64): forced blocks above every importance, then the importance's float32 bits (>= 0, so
     # their integer order is the float order), then the inverted block index so that ties go to the lower index
     IDX_BITS: tl.constexpr = 24
@@ -182,8 +184,8 @@ def nsa_cmp_fwd_kernel(
     b_top = tl.where((o_s[None, :] == 1) & (f1[:, None] >= 0), FORCED_KEY + IDX_MASK - f1[:, None], b_top)
     b_top = tl.where((o_s[None, :] == 2) & (f2[:, None] >= 0), FORCED_KEY + IDX_MASK - f2[:, None], b_top)
     n_vis_t = (o_tt + 1) // L  # [BT]
-    o_n = tl.arange(0, NP)
-    for c0 in range(0, n_hi, NP):
+    o_n = tl.arange(0, NP * SPLIT)
+    for c0 in range(0, n_hi, NP * SPLIT):
         o_cn = c0 + o_n
         m_c = o_cn < n_hi
         p_c = kv_base + o_cn[:, None] * HKV * D + o_d[None, :]
@@ -192,12 +194,25 @@ def nsa_cmp_fwd_kernel(
         b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = (o_cn[None, :] < n_vis[:, None]) & m_r[:, None]
         b_p = tl.where(vis, tl.math.exp2(b_s - b_lse_safe[:, None]), 0.0)
-        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, NP]), 1)  # [BT, NP]
+        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, NP * SPLIT]), 1)  # [BT, NP * SPLIT]
         cand = (o_cn[None, :] < n_vis_t[:, None]) & (o_cn[None, :] != 0)
         cand = cand & (o_cn[None, :] != f1[:, None]) & (o_cn[None, :] != f2[:, None])
         bits = b_imp.to(tl.int32, bitcast=True).to(tl.int64)
         b_key = tl.where(cand, (bits << IDX_BITS) + (IDX_MASK - o_cn[None, :]), -1)
-        b_top = _merge_top(b_top, b_key, BT, NP, SORT)
+        # the running top-NP takes the step's keys NP at a time (which slice first does not matter: the keys
+        # are distinct, the result is the NP largest of the union)
+        if SPLIT == 1:
+            b_top = _merge_top(b_top, b_key, BT, NP, SORT)
+        elif SPLIT == 2:
+            b_ka, b_kb = tl.split(tl.permute(tl.reshape(b_key, [BT, 2, NP]), (0, 2, 1)))
+            b_top = _merge_top(_merge_top(b_top, b_ka, BT, NP, SORT), b_kb, BT, NP, SORT)
+        else:
+            b_k4 = tl.permute(tl.reshape(b_key, [BT, 2, 2, NP]), (0, 3, 1, 2))  # [BT, NP, 2, 2]
+            b_kab, b_kcd = tl.split(b_k4)
+            b_ka, b_kb = tl.split(b_kab)
+            b_kc, b_kd = tl.split(b_kcd)
+            b_top = _merge_top(_merge_top(b_top, b_ka, BT, NP, SORT), b_kb, BT, NP, SORT)
+            b_top = _merge_top(_merge_top(b_top, b_kc, BT, NP, SORT), b_kd, BT, NP, SORT)
     # b_top is sorted descending: its first N valid keys are the selection; write them in ascending block order
     ok = (o_s[None, :] < N) & (b_top >= 0)
     blk = tl.where(ok, IDX_MASK - (b_top & IDX_MASK), IDX_MASK + 1 + o_s[None, :])  # unused slots: distinct, last

@@ -41,6 +41,7 @@ def nsa_tiles(
     sort: bool | None = None,
     slc_blocks: bool = True,
     slc_dq_atomics: bool | None = None,
+    cmp_split: int = 1,
 ) -> dict:
     """Tile sizes for head dim D, group G and block size L.
 
@@ -70,6 +71,11 @@ def nsa_tiles(
     ``slc_dq_atomics``: how the backward gets the selection branch's dQ, added with float32 atomics by the
     block-major dK/dV kernel (True) or by the token-major dQ kernel, which needs no atomics (False); None: as
     ``slc_blocks``. Either backward takes either forward (both need only the merged log-sum-exp).
+
+    ``cmp_split``: the compression forward's second pass (importances and the running top-n) scores
+    ``cmp_split * NP`` compressed blocks per step (NP: block_count rounded up to a power of two), on wider
+    tensor-core tiles, and merges them NP at a time: 1, 2 or 4, capped at 64 blocks per step. The same selection
+    whatever the setting; 1 (the default) until timed (``benchmarks/nsa.py --sections split``).
     """
     GP = _pow2(G)
     rows = 64
@@ -77,6 +83,8 @@ def nsa_tiles(
     wide = D > 64 or dtype == torch.float32
     if sort is None:  # Triton's interpreter runs tl.sort's network slowly: the rank count there
         sort = not interpreting()
+    if cmp_split not in (1, 2, 4):
+        raise ValueError(f"nsa: cmp_split must be 1, 2 or 4, got {cmp_split!r}")
     return {
         "BT_cmp": bt,
         "BC": 16 if interpreting() else (32 if wide else 64),
@@ -88,6 +96,7 @@ def nsa_tiles(
         "num_stages": 1 if interpreting() else 2,
         "slc_blocks": slc_blocks,
         "slc_dq_atomics": slc_blocks if slc_dq_atomics is None else slc_dq_atomics,
+        "cmp_split": cmp_split,
     }
 
 
@@ -147,7 +156,8 @@ def nsa_fwd(
     common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
-        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), **common,
+        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False),
+        SPLIT=max(min(cfg.get("cmp_split", 1), 64 // NP), 1), **common,
     )  # fmt: skip
     if cfg.get("slc_blocks"):
         _, prog_blk, prog_lo, prog_hi, P, pair_u = _reverse_index(idx, T, L, cfg["CH"], slots=True)
