@@ -213,6 +213,18 @@ def test_triton_eviction_end(T, W, C, S, frac):
     assert torch.equal(out.long(), ref), (out.long() - ref).abs().max()
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a GPU-sized list: each block of ranks stops at its own list index")
+@pytest.mark.parametrize("frac", [0.97, 0.15])
+def test_triton_eviction_end_long_list(frac):
+    """At T = 4096 with C = 512 and W = 769 (nearly every token retained, as fresh routers do, and 15%): the
+    kernel's ends equal the reference's."""
+    torch.manual_seed(3)
+    score = make_scores(2, 4096, 2, ties=True, frac=frac, device=DEVICE)
+    ref = visibility_end(score, window_size=769, capacity=512, num_sinks=4, training=False)
+    out = eviction_end(score, window_size=769, capacity=512, num_sinks=4)
+    assert torch.equal(out.long(), ref), (out.long() - ref).abs().max()
+
+
 @pytest.mark.parametrize("B,HQ,HKV,D,W,C", [(2, 4, 2, 64, 7, 5), (1, 2, 2, 128, 40, 33), (3, 1, 1, 16, 1, 0)])
 def test_triton_decode(B, HQ, HKV, D, W, C):
     torch.manual_seed(W + C)
