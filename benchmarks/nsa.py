@@ -189,7 +189,7 @@ def _bench_shape(rows: list[dict], log: list[str], HQ: int, HKV: int, T: int, ha
             print(log[-1], flush=True)
 
 
-_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 
 
 def _sdpa_calls(q, k, v, do, backend: str = "default"):

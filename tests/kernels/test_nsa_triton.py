@@ -525,7 +525,7 @@ for dtype, G, D, L, n in CASES:
         if "SORT" in params:  # the top-n merge the launcher picks (a defaulted constexpr is still passed)
             consts["SORT"] = cfg["sort"]
         if "SPLIT" in params:  # the compression forward's blocks scored a step, in NP (the launcher's cap)
-            consts["SPLIT"] = max(min(cfg["cmp_split"], 64 // shape["NP"]), 1)
+            consts["SPLIT"] = tl_.cmp_split_for(cfg, shape["NP"])
         sig = {p: "constexpr" if p in consts else SCALARS.get(p) or
                ("*i32" if p in INT else "*fp32" if p in FLOAT32 else data) for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}

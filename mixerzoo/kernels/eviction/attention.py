@@ -713,19 +713,18 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     dest = torch.where(ret, rcum - 1, T).long()  # non-retained go to a spill column, cut below
     j = torch.arange(T, device=score.device, dtype=torch.int32).expand(B, H, T).contiguous()
     rpos = torch.full((B, H, T + 1), T, dtype=torch.int32, device=score.device)
-    rscore = torch.zeros((B, H, T + 1), dtype=torch.float32, device=score.device)
+    rscore = torch.full((B, H, T + 1), float("-inf"), dtype=torch.float32, device=score.device)  # padding: -inf
     rpos.scatter_(-1, dest, j)
     rscore.scatter_(-1, dest, s.contiguous())
-    rpos, rscore = rpos[..., :T].contiguous(), rscore[..., :T].contiguous()
-    # priority: score descending, ties to the earlier token (a stable sort); the list padding (score -inf) last
-    key = torch.where(torch.arange(T, device=score.device) < rcum[..., -1:], rscore, float("-inf"))
-    ranked = key.sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    rpos = rpos[..., :T].contiguous()
+    # priority: score descending, ties to the earlier token (a stable sort); the list padding (-inf) last
+    ranked = rscore[..., :T].sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
     rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
     _eviction_end_kernel[(triton.cdiv(T, BR), B * H)](
-        ranked=ranked.contiguous(),
-        rank=rank.contiguous(),
+        ranked=ranked,
+        rank=rank,
         rpos=rpos,
         rcum=rcum,
         end=end_c,

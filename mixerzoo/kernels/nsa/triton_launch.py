@@ -100,6 +100,12 @@ def nsa_tiles(
     }
 
 
+def cmp_split_for(cfg: dict, NP: int) -> int:
+    """The compression forward's SPLIT for tiles ``cfg`` and NP (block_count rounded up): ``cmp_split`` capped at
+    64 blocks scored a step."""
+    return max(min(cfg.get("cmp_split", 1), 64 // NP), 1)
+
+
 def check_triton_shapes(op: str, q: Tensor, block_size: int, block_count: int) -> None:
     """Refuse what the kernels do not take, naming the op, the argument and the allowed values."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -156,8 +162,7 @@ def nsa_fwd(
     common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
     nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
-        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False),
-        SPLIT=max(min(cfg.get("cmp_split", 1), 64 // NP), 1), **common,
+        N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), SPLIT=cmp_split_for(cfg, NP), **common,
     )  # fmt: skip
     if cfg.get("slc_blocks"):
         _, prog_blk, prog_lo, prog_hi, P, pair_u = _reverse_index(idx, T, L, cfg["CH"], slots=True)
