@@ -485,9 +485,7 @@ class EvictionSWA(AttentionMixer):
         dest = torch.where(keep, slot, C)  # [B, H, T]; C: not in the buffer
         p = kpos.long().permute(0, 2, 1)  # [B, T, H] position of each list entry
         t = (p if pad is None else p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
-        D = kr.shape[-1]
-        rows = [x.gather(1, t[..., None].expand(-1, -1, -1, D)) for x in (kr, v)]  # [B, T, H, D]
-        _write_buffer(state, dest.permute(0, 2, 1), *rows, score.gather(1, t), p)
+        _write_buffer(state, dest.permute(0, 2, 1), kr, v, score, p, rows=t)
         state.seen.add_(T)
         return o
 
@@ -702,19 +700,30 @@ def _buffer_end(score: Tensor, pos: Tensor, leave: Tensor, retained: Tensor, cap
     return torch.topk(times, capacity, dim=1, largest=False).values[:, -1]
 
 
-def _write_buffer(state: EvictionSWAState, dest: Tensor, k: Tensor, v: Tensor, score: Tensor, pos: Tensor) -> None:
-    """Refill the buffer from N candidates: k, v [B, N, H, D], score, pos [B, N, H], each to its slot dest [B, N, H]
-    (C: not in the buffer); slots no candidate takes are empty (zeros, NONE, -1)."""
-    B, C = dest.shape[0], state.buf_pos.shape[1]
-    d4 = dest[..., None].expand(-1, -1, -1, k.shape[-1])
-    for buf, src, fill, idx in (
-        (state.buf_k, k, 0.0, d4),
-        (state.buf_v, v, 0.0, d4),
-        (state.buf_score, score, _NONE, dest),
-        (state.buf_pos, pos, -1, dest),
+def _write_buffer(
+    state: EvictionSWAState, dest: Tensor, k: Tensor, v: Tensor, score: Tensor, pos: Tensor, rows: Tensor | None = None
+) -> None:
+    """Refill the buffer from N candidates, each to its slot dest [B, N, H] (C: not in the buffer; a slot < C is
+    taken by at most one): pos [B, N, H] per candidate; k, v [B, R, H, D] and score [B, R, H] per row, candidate
+    n's at row rows[b, n, h] (rows: [B, N, H]; None: row n). Slots no candidate takes are empty (zeros, NONE, -1).
+    dest is inverted first (which candidate fills each slot), so only the C buffered rows are read."""
+    B, N, H = dest.shape
+    C = state.buf_pos.shape[1]
+    n = torch.arange(N, device=dest.device)[None, :, None].expand(B, N, H)
+    src = torch.full((B, C + 1, H), N, dtype=torch.long, device=dest.device)  # N: empty; C + 1: a spill slot
+    src = src.scatter_(1, dest, n)[:, :C]  # [B, C, H] the candidate in each slot
+    empty = src == N
+    src = src.clamp(max=N - 1)  # empty slots read any candidate, then are filled
+    row = src if rows is None else rows.gather(1, src)  # [B, C, H] its row of k, v, score
+    row4, empty4 = row[..., None].expand(-1, -1, -1, k.shape[-1]), empty[..., None]
+    for buf, x, idx, mask, fill in (
+        (state.buf_k, k, row4, empty4, 0.0),
+        (state.buf_v, v, row4, empty4, 0.0),
+        (state.buf_score, score, row, empty, _NONE),
+        (state.buf_pos, pos, src, empty, -1),
     ):
-        new = torch.full((B, C + 1, *buf.shape[2:]), fill, dtype=buf.dtype, device=buf.device)  # C + 1: a spill slot
-        buf.copy_(new.scatter(1, idx, src.detach().to(buf.dtype))[:, :C])
+        buf.copy_(x.detach().gather(1, idx))
+        buf.masked_fill_(mask, fill)
 
 
 def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:
