@@ -860,3 +860,49 @@ def test_fused_prep_wu_compiles_for_sm90(compile_in_child):
     process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
     out = compile_in_child(_SM90_PREP_WU)
     assert out.count("shared") == 3, out
+
+
+def test_gate_check_kernel_flags_each_bad_value():
+    # the one-program value check that replaces ten torch launches for small CUDA inputs (decode steps)
+    from mixerzoo.kernels.gdn.fused_recurrent import GATE_CHECK_MAX, gate_check
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float32, torch.bfloat16):
+        g = -torch.rand(3, 1100, 2, device=dev).to(dtype)  # 6600 elements: seven blocks of the loop
+        beta = torch.rand(3, 1100, 2, device=dev).to(dtype)
+        g[0, 0, 0], beta[0, 0, 0] = 0.0, 1.0  # the bounds are allowed
+        assert gate_check(g, beta).tolist() == [1, 1]
+        for bad in (0.25, float("inf"), float("-inf"), float("nan")):
+            gb = g.clone()
+            gb[2, 1099, 1] = bad  # the last element
+            assert gate_check(gb, beta).tolist() == [0, 1], bad
+        for bad in (-0.01, 1.5, float("nan")):
+            bb = beta.clone()
+            bb[1, 517, 0] = bad
+            assert gate_check(g, bb).tolist() == [1, 0], bad
+        assert gate_check(g[:, ::2], beta[:, ::2]).tolist() == [1, 1]  # strided views are read as given
+    with pytest.raises(ValueError, match=f"gate_check: g and beta of at most {GATE_CHECK_MAX} elements"):
+        gate_check(torch.zeros(GATE_CHECK_MAX + 1), torch.zeros(GATE_CHECK_MAX + 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decode_value_checks_stop_the_program():
+    # on a GPU a small call's value checks are device asserts from gate_check: a bad g or beta stops the
+    # program at the next synchronisation (run in a child: the CUDA context dies)
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from mixerzoo.kernels.gdn import gated_delta_rule
+q, v = torch.randn(2, 1, 4, 16, device="cuda"), torch.randn(2, 1, 4, 16, device="cuda")
+g, beta = -torch.rand(2, 1, 4, device="cuda"), torch.rand(2, 1, 4, device="cuda")
+gated_delta_rule(q, q, v, g, beta); torch.cuda.synchronize(); print("valid ok", flush=True)
+{bad}
+gated_delta_rule(q, q, v, g, beta); torch.cuda.synchronize()
+"""
+    for bad, msg in (("g[1, 0, 3] = 0.5", "g must be finite and <= 0"), ("beta[0, 0, 0] = 2.0", "beta must be in")):
+        r = subprocess.run([sys.executable, "-c", code.format(bad=bad)], capture_output=True, text=True, timeout=300)
+        assert "valid ok" in r.stdout, r.stderr[-2000:]
+        assert r.returncode != 0, r.stdout
+        assert msg in r.stderr or "device-side assert" in r.stderr, r.stderr[-2000:]

@@ -15,6 +15,7 @@ from torch import Tensor
 from .._checks import check_floats, check_scale, check_values
 from .._ops import no_autocast
 from .conv import causal_conv1d
+from .fused_recurrent import GATE_CHECK_MAX, gate_check
 from .reference import _f32 as _acc
 from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
@@ -303,8 +304,14 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
         )
     scale = check_scale(_OP, scale, K)
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
-    check_values(_OP, torch.isfinite(g) & (g <= 0), "g must be finite and <= 0 (log of a decay in (0, 1])")
-    check_values(_OP, (beta >= 0) & (beta <= 1), "beta must be in [0, 1]")
+    g_msg, b_msg = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
+    if g.is_cuda and g.numel() <= GATE_CHECK_MAX and not torch.compiler.is_compiling():
+        ok = gate_check(g, beta)  # a decode step: one launch and two asserts instead of ten launches
+        torch._assert_async(ok[0], f"{_OP}: {g_msg}")
+        torch._assert_async(ok[1], f"{_OP}: {b_msg}")
+        return scale
+    check_values(_OP, torch.isfinite(g) & (g <= 0), g_msg)
+    check_values(_OP, (beta >= 0) & (beta <= 1), b_msg)
     return scale
 
 
