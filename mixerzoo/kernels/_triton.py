@@ -17,10 +17,12 @@ __all__ = [
     "LOG2E",
     "LOG2E_JIT",
     "any_nonfinite",
+    "cdiv",
     "dot_acc",
     "dot_precision",
     "interpreting",
     "mask_scores",
+    "next_pow2",
     "softmax_step",
     "tl",
     "triton",
@@ -67,6 +69,19 @@ except ImportError:  # not silent: every use of a kernel raises with the hint ab
 # natural-log LSE converts with * or / LOG2E_JIT (kernel side: @triton.jit code may read only constexpr globals)
 LOG2E = 1.4426950408889634
 LOG2E_JIT = tl.constexpr(LOG2E) if HAS_TRITON else LOG2E
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grids. Plain Python: ``triton.cdiv`` is a constexpr function whose call
+    costs a few microseconds of host time (Triton 3.6), several times per launch of a decode step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0), as ``triton.next_power_of_2`` gives, without its host cost."""
+    if not isinstance(n, int):  # a symbolic size (torch.compile's fake tensors)
+        return triton.next_power_of_2(n)
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def interpreting() -> bool:

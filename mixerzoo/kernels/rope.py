@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._ops import no_autocast
-from ._triton import tl, triton
+from ._triton import cdiv, next_pow2, tl, triton
 
 __all__ = ["rope_cuda", "rope_launch"]
 
@@ -90,9 +90,9 @@ def rope_launch(x: Tensor, pos: Tensor, theta: float, inverse: bool = False) -> 
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    BD = triton.next_power_of_2(D // 2)
-    BH = max(1, min(triton.next_power_of_2(H), 4096 // BD))
-    _rope_kernel[(B * T, triton.cdiv(H, BH))](
+    BD = next_pow2(D // 2)
+    BH = max(1, min(next_pow2(H), 4096 // BD))
+    _rope_kernel[(B * T, cdiv(H, BH))](
         x,
         y,
         pos,

@@ -108,10 +108,13 @@ class AttentionMixer(TokenMixer):
         slots above ``seen`` never read). The results and the cache are those of the general path."""
         check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
         xt, dt = x.select(1, 0), caches[0].dtype  # [B, D]; the projections in the cache's dtype (autocast)
+        q, k, v = self.q_proj(xt), self.k_proj(xt), self.v_proj(xt)
+        if q.dtype != dt:  # a no-op .to() still costs microseconds of host time
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         o = attn_decode_step(
-            self.q_proj(xt).to(dt),
-            self.k_proj(xt).to(dt),
-            self.v_proj(xt).to(dt),
+            q,
+            k,
+            v,
             state.seen,
             state.pad,
             *caches,

@@ -313,7 +313,7 @@ class TokenMixer(nn.Module):
         self.config = config
         # (batch size, capacity, dtype) -> field shapes and dtypes of this config's state; filled by
         # _check_state_shapes
-        self._state_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        self._state_shapes: dict[tuple, tuple[tuple[str, torch.Size, torch.dtype], ...]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -412,7 +412,23 @@ class TokenMixer(nn.Module):
         return m
 
     def _param_like(self) -> Tensor | None:
-        return next(iter(self.parameters()), None)
+        """The first parameter, read where it was found last time (by submodule path, so a replaced submodule or
+        parameter is seen); else found by a walk over the submodules (tens of microseconds: a decode step's
+        check_inputs calls this every token)."""
+        at = self.__dict__.get("_param_at")
+        if at is not None:
+            try:
+                p = self.get_submodule(at[0])._parameters.get(at[1])
+            except AttributeError:
+                p = None
+            if p is not None:
+                return p
+        for path, mod in self.named_modules():
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    self.__dict__["_param_at"] = (path, name)  # not a submodule or buffer: a plain attribute
+                    return p
+        return None
 
     def check_inputs(self, x: Tensor, state: State | None, attention_mask: Tensor | None) -> None:
         """Raise a clear error for input this mixer cannot take. Shape checks only: no device sync."""
@@ -473,13 +489,15 @@ class TokenMixer(nn.Module):
         want = self._state_shapes.get(key)
         if want is None:  # the config is frozen, so the layout depends on the key only: built once per key
             made = self.init_state(key[0], device="meta", max_seqlen=key[1], dtype=dtype)
-            want = self._state_shapes[key] = {k: (tuple(t.shape), t.dtype) for k, t in made.tensors().items()}
-        for k, t in state.tensors().items():
-            shape, want_dtype = want[k]
-            if tuple(t.shape) != shape:
+            want = self._state_shapes[key] = tuple((k, t.shape, t.dtype) for k, t in made.tensors().items())
+        for k, shape, want_dtype in want:
+            t = getattr(state, k)
+            if t.shape == shape and t.dtype == want_dtype:
+                continue
+            if t.shape != shape:
                 raise ValueError(
                     f"{self.name}: state field '{k}' has shape {tuple(t.shape)}, this mixer's config needs "
-                    f"{shape}: the state was made by a mixer with another config"
+                    f"{tuple(shape)}: the state was made by a mixer with another config"
                 )
             if t.dtype != want_dtype:
                 raise TypeError(

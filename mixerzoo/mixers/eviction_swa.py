@@ -393,7 +393,10 @@ class EvictionSWA(AttentionMixer):
         kernel does the rest (kernels/eviction/step.py). Same results and state up to the float32 summation
         order of the router; nothing read on the host, so it can be captured."""
         c = self.config
-        k0, v0 = k[:, 0], v[:, 0]  # [B, H, D]
+        k0, v0 = (
+            k.select(1, 0),
+            v.select(1, 0),
+        )  # [B, H, D]; method calls: a tensor index costs several times more host time
         u_ctx = None
         if self.router is None:
             r = self._raw_scores(None, k, None, False)  # [B, 1, H] float32
@@ -401,12 +404,12 @@ class EvictionSWA(AttentionMixer):
             u_ctx, pos_ctx = eviction_step_context(k0, v0, state.ctx_u, state.seen, state.pad, ended_mark=ENDED)
             if router_step_supported(self.router):
                 # eviction_step reads index m only: the one score, broadcast over the context (stride 0)
-                r = router_step_scores(u_ctx, pos_ctx, self.router, c.scoring)[:, None]  # [B, 1, H]
+                r = router_step_scores(u_ctx, pos_ctx, self.router, c.scoring).unsqueeze(1)  # [B, 1, H]
                 r = r.expand(-1, u_ctx.shape[1], -1)  # [B, 2m + 1, H]
             else:
                 r = self._raw_scores(u_ctx, None, pos_ctx, False)  # [B, 2m + 1, H] float32
         o = eviction_step(
-            q[:, 0],
+            q.select(1, 0),
             k0,
             v0,
             r,
@@ -429,7 +432,7 @@ class EvictionSWA(AttentionMixer):
             none_score=_NONE,
         )
         state.seen.add_(1)
-        return o[:, None]  # [B, 1, HQ, D]
+        return o.unsqueeze(1)  # [B, 1, HQ, D]
 
     @staticmethod
     def _prefill_whole(x: Tensor, state: EvictionSWAState, attention_mask: Tensor | None) -> bool:

@@ -223,13 +223,11 @@ class GatedDeltaNet(TokenMixer):
         them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
         output projection. Same results as the general path to float32 rounding."""
         xt, dt = x.select(1, 0), x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
+        p = [proj(xt) for proj in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)]
+        if p[0].dtype != dt:  # a no-op .to() still costs microseconds of host time
+            p = [t.to(dt) for t in p]
         o = gdn_decode_step(
-            self.q_proj(xt).to(dt),
-            self.k_proj(xt).to(dt),
-            self.v_proj(xt).to(dt),
-            self.a_proj(xt).to(dt),
-            self.b_proj(xt).to(dt),
-            self.g_proj(xt).to(dt),
+            *p,
             self.conv_weight,
             state.conv,
             self.A_log,

@@ -449,11 +449,12 @@ class NSA(AttentionMixer):
         x [B, 1, D] -> o [B, 1, HQ, Dh]."""
         # method calls rather than indexing: a tensor index costs several times their host time
         xt, dt = x.select(1, 0), state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
+        # the gate logits [B, 3 * HQ] as "(g h)" last; the kernel takes their sigmoid
+        p = [proj(xt) for proj in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj)]
+        if p[0].dtype != dt:  # a no-op .to() still costs microseconds of host time
+            p = [t.to(dt) for t in p]
         o = nsa_step_decode(
-            self.q_proj(xt).to(dt),
-            self.k_proj(xt).to(dt),
-            self.v_proj(xt).to(dt),
-            self.gate_proj(xt).to(dt),  # the gate logits [B, 3 * HQ] as "(g h)"; the kernel takes their sigmoid
+            *p,
             state.seen,
             state.pad,
             state.k_cache,

@@ -42,3 +42,14 @@ def test_kernel_names_are_unique_and_name_their_op():
         if not name.lstrip("_").startswith((f"{op}_", *_EXTRA_PREFIXES.get(op, ()))):
             unnamed.append(f"{module}.{name}")
     assert not unnamed, f"kernels whose name does not start with their op's: {unnamed}"
+
+
+def test_launch_arithmetic_matches_triton():
+    # the launchers' plain-Python cdiv and next_pow2 give Triton's own results (without its per-call host cost)
+    triton = pytest.importorskip("triton")
+    from mixerzoo.kernels._triton import cdiv, next_pow2
+
+    for n in range(0, 1100):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -144,3 +144,17 @@ def test_non_finite_config_values_refused(name):
 def test_mlp_ratio_checked(ratio):
     with pytest.raises(ValueError, match="mlp_ratio must be a finite number"):
         mixerzoo.build_stack("swa", hidden_size=32, num_heads=2, mlp_ratio=ratio)
+
+
+def test_input_checks_see_a_replaced_submodule():
+    # check_inputs reads the first parameter where it found it last time (a decode step's host time): a
+    # projection replaced after a call is what the next call checks against, not the old one
+    m = registry.build("swa", hidden_size=32, num_heads=2, window_size=4)
+    x = torch.randn(1, 3, 32)
+    m(x)
+    first = next(n for n, _ in m.named_parameters()).rsplit(".", 1)[0]  # the submodule holding it
+    setattr(m, first, torch.nn.Linear(32, 32, bias=False, dtype=torch.float64))
+    with pytest.raises(TypeError, match="swa: x has dtype torch.float32 but the mixer's parameters are torch.float64"):
+        m(x)
+    m.double()
+    assert m(x.double())[0].dtype == torch.float64

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast
-from .._triton import LOG2E, LOG2E_JIT, dot_precision, softmax_step, tl, triton
+from .._triton import LOG2E, LOG2E_JIT, cdiv, dot_precision, next_pow2, softmax_step, tl, triton
 from .reference import (
     acc_dtype,
     compact_intervals,
@@ -678,10 +678,10 @@ def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size:
     vflag = torch.empty((B, T, H), dtype=torch.float32, device=v.device)
     R = B * T * H
     BR, BT = (64, 64) if v.device.type == "cuda" else (16, 16)
-    BD = min(128, triton.next_power_of_2(D))
-    _eviction_value_flags_kernel[(triton.cdiv(R, BR),)](v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
+    BD = min(128, next_pow2(D))
+    _eviction_value_flags_kernel[(cdiv(R, BR),)](v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
     vseen = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
-    _eviction_seen_kernel[(B * H, triton.cdiv(T, BT))](
+    _eviction_seen_kernel[(B * H, cdiv(T, BT))](
         vflag=vflag,
         vseen=vseen,
         kpos=kpos,
@@ -722,7 +722,7 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
-    _eviction_end_kernel[(triton.cdiv(T, BR), B * H)](
+    _eviction_end_kernel[(cdiv(T, BR), B * H)](
         ranked=ranked,
         rank=rank,
         rpos=rpos,
@@ -785,7 +785,7 @@ def eviction_attention_fwd(
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     vflag, vseen = _nan_flags(v, kpos, kend, kcum, window_size, open_ended)
-    _eviction_fwd_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
+    _eviction_fwd_kernel[(B * HQ, cdiv(T, cfg["BT"]))](
         q=q,
         k=k,
         v=v,
@@ -802,7 +802,7 @@ def eviction_attention_fwd(
         HQ=HQ,
         HKV=HKV,
         D=D,
-        BD=max(16, triton.next_power_of_2(D)),
+        BD=max(16, next_pow2(D)),
         PREC=dot_precision(q),
         OPEN_ENDED=open_ended,
         **cfg,
@@ -835,12 +835,12 @@ def eviction_attention_bwd(
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     _check_sizes(T, HQ, D)
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_pow2(D))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
     cfg = _tiles(q, "dq", tiles)
-    _eviction_bwd_dq_kernel[(B * HQ, triton.cdiv(T, cfg["BT"]))](
+    _eviction_bwd_dq_kernel[(B * HQ, cdiv(T, cfg["BT"]))](
         q=q,
         k=k,
         v=v,
@@ -861,7 +861,7 @@ def eviction_attention_bwd(
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
         cfg = _tiles(q, "listed" if listed else "dkdv", tiles)
-        _eviction_bwd_dkdv_kernel[(B * HKV, triton.cdiv(T, cfg["BS"]))](
+        _eviction_bwd_dkdv_kernel[(B * HKV, cdiv(T, cfg["BS"]))](
             q=q,
             k=k,
             v=v,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_scale
 from .._ops import no_autocast
-from .._triton import LOG2E, dot_precision, softmax_step, tl, triton
+from .._triton import LOG2E, cdiv, dot_precision, next_pow2, softmax_step, tl, triton
 from .reference import acc_dtype
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
@@ -201,9 +201,9 @@ def eviction_decode_fwd(
     BL = 64 if cuda else 16
     # enough programs to cover the chip: split the W + C slots when batch x heads alone is too few
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 1
-    ns = max(1, min(triton.cdiv(W + C, 4 * BL), triton.cdiv(2 * sms, B * HKV)))
-    split = triton.cdiv(triton.cdiv(W + C, ns), BL) * BL
-    ns = triton.cdiv(W + C, split)
+    ns = max(1, min(cdiv(W + C, 4 * BL), cdiv(2 * sms, B * HKV)))
+    split = cdiv(cdiv(W + C, ns), BL) * BL
+    ns = cdiv(W + C, split)
     acc = torch.empty((B, HQ, ns, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((B, HQ, ns, 2), dtype=torch.float32, device=q.device)
     _eviction_decode_kernel[(B * HKV, ns)](
@@ -224,9 +224,9 @@ def eviction_decode_fwd(
         D=D,
         NS=ns,
         SPLIT=split,
-        BG=max(16, triton.next_power_of_2(G)),
+        BG=max(16, next_pow2(G)),
         BL=BL,
-        BD=max(16, triton.next_power_of_2(D)),
+        BD=max(16, next_pow2(D)),
         PREC=dot_precision(q),
         num_warps=4,
     )

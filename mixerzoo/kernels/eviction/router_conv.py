@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._ops import no_autocast
-from .._triton import dot_acc, dot_precision, interpreting, tl, triton
+from .._triton import cdiv, dot_acc, dot_precision, interpreting, next_pow2, tl, triton
 
 __all__ = ["router_conv", "router_conv_bwd", "router_conv_fwd", "router_conv_ref"]
 
@@ -217,7 +217,7 @@ def _eviction_router_conv_bwd_dw_kernel(
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 def _meta(x: Tensor, C: int) -> dict:
@@ -270,7 +270,7 @@ def router_conv_fwd(
     z = x.new_empty(B, L, H, COUT)
     y = torch.empty_like(z)
     meta = _meta(x, CIN)
-    grid = (triton.cdiv(L, meta["BT"]), H, B)
+    grid = (cdiv(L, meta["BT"]), H, B)
     _eviction_router_conv_fwd_kernel[grid](
         x, w, b, mask.contiguous().view(torch.uint8), z, y, L, H, CIN, COUT,
         0 if shared else K * CIN * COUT, 0 if shared else COUT,
@@ -293,17 +293,17 @@ def router_conv_bwd(
     meta = _meta(x, CIN)
     BCO = _pow2(COUT)
     dx = torch.empty_like(x)
-    n_ci = triton.cdiv(CIN, meta["BCI"])
-    _eviction_router_conv_bwd_dx_kernel[(triton.cdiv(L, meta["BT"]), H * n_ci, B)](
+    n_ci = cdiv(CIN, meta["BCI"])
+    _eviction_router_conv_bwd_dx_kernel[(cdiv(L, meta["BT"]), H * n_ci, B)](
         dz, w, dx, L, H, CIN, COUT, 0 if shared else K * CIN * COUT,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
     # enough programs to fill the GPU: the (group, in-channel block, tap) grid split over the token blocks
     base = G * n_ci * K
-    n_t = triton.cdiv(L, meta["BT"])
+    n_t = cdiv(L, meta["BT"])
     # (in the interpreter: three splits, so that the tests sum split shares)
     target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3 * base
-    nsplit = max(1, min(n_t, triton.cdiv(target, base)))
+    nsplit = max(1, min(n_t, cdiv(target, base)))
     dw_parts = x.new_empty(nsplit, G, K, CIN, COUT, dtype=torch.float32)
     _eviction_router_conv_bwd_dw_kernel[(G * n_ci, K, nsplit)](
         x, dz, dw_parts, B, L, H, CIN, COUT, G, H // G, nsplit,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, dot_precision, tl, triton
+from .._triton import LOG2E, dot_precision, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_rotate_half
 from .decode import _decode_block
 
@@ -231,7 +231,7 @@ def _eviction_step_kernel(
 
 
 def _pow2(n: int, low: int = 1) -> int:
-    return max(low, triton.next_power_of_2(n))
+    return max(low, next_pow2(n))
 
 
 def eviction_step_context(

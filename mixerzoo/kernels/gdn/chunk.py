@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import dot_precision, launch_config, tl, triton
+from .._triton import cdiv, dot_precision, launch_config, next_pow2, tl, triton
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 
@@ -1060,12 +1060,12 @@ def _state_rows(K: int) -> int:
     # tl.dot needs a reduction dim >= 16 (K = 8 does not compile), and the bf16 mixer with K = V = 16 hit
     # an illegal memory access on an H200 where 16-wide tiles were the only shapes no GPU check had run.
     # With the floor, small heads run the tile shapes of K = 64, which the checks cover; masks drop the padding
-    return max(triton.next_power_of_2(K), 64)
+    return max(next_pow2(K), 64)
 
 
 def _out_cols(V: int) -> int:
     # BV of the o and dvl kernels: 64 or 128, for the same reason (V = 16 gave 16-wide wgmma tiles)
-    return min(max(triton.next_power_of_2(V), 64), 128)
+    return min(max(next_pow2(V), 64), 128)
 
 
 def _seq_config(B, H, K, V, seq, itemsize=2, *, walk="h", varlen=False):
@@ -1092,7 +1092,7 @@ def _seq_config(B, H, K, V, seq, itemsize=2, *, walk="h", varlen=False):
         raise ValueError(f"gdn chunk kernels: walk={walk!r}: 'h' or 'dh' expected")
     if seq is None:
         rows = _state_rows(K)
-        programs = B * H * triton.cdiv(V, 64) // (4 if varlen else 1)
+        programs = B * H * cdiv(V, 64) // (4 if varlen else 1)
         few = programs < 256
         if itemsize > 2 and rows > 64:
             seq = 32 if rows <= 128 else 16, False, 4, 2
@@ -1245,7 +1245,7 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    _gdn_chunk_h_kernel[(triton.cdiv(V, BV), N * H)](
+    _gdn_chunk_h_kernel[(cdiv(V, BV), N * H)](
         k=k,
         w=w,
         u=u,
@@ -1356,7 +1356,7 @@ def chunk_gdn_fwd(
     )  # fmt: skip
     o = torch.empty_like(v)
     BV = _out_cols(V)
-    _gdn_chunk_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
+    _gdn_chunk_o_kernel[(cdiv(V, BV), NT, B * H)](
         q=q,
         k=k,
         vn=vn,
@@ -1441,7 +1441,7 @@ def chunk_gdn_bwd(
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
-    _gdn_chunk_dvl_kernel[(triton.cdiv(V, BV), NT, B * H)](
+    _gdn_chunk_dvl_kernel[(cdiv(V, BV), NT, B * H)](
         q=q,
         k=k,
         do=do,
@@ -1470,7 +1470,7 @@ def chunk_gdn_bwd(
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
-    _gdn_chunk_dh_kernel[(triton.cdiv(V, BVh), N * H)](
+    _gdn_chunk_dh_kernel[(cdiv(V, BVh), N * H)](
         q=q,
         k=k,
         w=w,
@@ -1501,7 +1501,7 @@ def chunk_gdn_bwd(
         num_stages=stages,
     )
     BK = 64
-    NK = triton.cdiv(K, BK)
+    NK = cdiv(K, BK)
     dq = torch.empty_like(q)
     dkp = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = torch.empty_like(k)

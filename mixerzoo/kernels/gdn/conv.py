@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._ops import no_autocast
-from .._triton import tl, triton
+from .._triton import cdiv, tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
 
@@ -184,7 +184,7 @@ def causal_conv1d_fwd(
     x, weight = x.contiguous(), weight.contiguous()
     init = initial_state.contiguous() if initial_state is not None else None
     y = torch.empty_like(x)
-    grid = (triton.cdiv(T, _BT), triton.cdiv(C, _BC), B)
+    grid = (cdiv(T, _BT), cdiv(C, _BC), B)
     _causal_conv1d_fwd_kernel[grid](
         x=x,
         weight=weight,
@@ -229,11 +229,11 @@ def causal_conv1d_bwd(
     W = weight.shape[1]
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
     init = initial_state.contiguous() if initial_state is not None else None
-    NTB = triton.cdiv(T, _BT)
+    NTB = cdiv(T, _BT)
     dz = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
     dw = torch.empty(B * NTB, C, W, device=x.device, dtype=torch.float32)
     db = torch.empty(B * NTB, C, device=x.device, dtype=torch.float32)
-    grid = (NTB, triton.cdiv(C, _BC), B)
+    grid = (NTB, cdiv(C, _BC), B)
     _causal_conv1d_bwd_dz_kernel[grid](
         x=x,
         weight=weight,
@@ -254,7 +254,7 @@ def causal_conv1d_bwd(
         SILU=activation == "silu",
     )
     dxe = torch.empty(B, T + W - 1, C, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(T + W - 1, _BT), triton.cdiv(C, _BC), B)
+    grid = (cdiv(T + W - 1, _BT), cdiv(C, _BC), B)
     _causal_conv1d_bwd_dx_kernel[grid](
         dz=dz,
         weight=weight,

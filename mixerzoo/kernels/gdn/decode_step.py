@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ops import no_autocast
-from .._triton import tl, triton
+from .._triton import next_pow2, tl, triton
 
 __all__ = ["gdn_decode_step", "gdn_decode_step_launch", "gdn_decode_step_ref"]
 
@@ -144,8 +144,8 @@ def gdn_decode_step_launch(
     CW = conv_weight.shape[1]
     o32 = torch.empty(B, H, V, dtype=torch.float32, device=S.device)
     o = torch.empty(B, H * V, dtype=gi.dtype, device=S.device)
-    BK = triton.next_power_of_2(K)
-    BV = max(16, min(triton.next_power_of_2(V), 8192 // BK))
+    BK = next_pow2(K)
+    BV = max(16, min(next_pow2(V), 8192 // BK))
     _gdn_decode_step_kernel[(B, H)](
         qi,
         ki,
@@ -169,7 +169,7 @@ def gdn_decode_step_launch(
         CW=CW,
         BK=BK,
         BV=BV,
-        BVA=triton.next_power_of_2(V),
+        BVA=next_pow2(V),
         num_warps=4,
     )
     return o

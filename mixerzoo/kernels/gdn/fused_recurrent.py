@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import tl, triton
+from .._triton import cdiv, next_pow2, tl, triton
 
 __all__ = ["GATE_CHECK_MAX", "fused_recurrent_gdn_fwd", "gate_check"]
 
@@ -133,12 +133,12 @@ def fused_recurrent_gdn_fwd(
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     cu = None if cu_seqlens is None else cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous()
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    BK = triton.next_power_of_2(K)
+    BK = next_pow2(K)
     # the [BK, BV] state slice lives in registers: keep it at 8K floats or fewer per program
-    BV = min(triton.next_power_of_2(V), max(8192 // BK, 16), 32)
+    BV = min(next_pow2(V), max(8192 // BK, 16), 32)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = (cdiv(V, BV), N * H)
     _gdn_fused_recurrent_fwd_kernel[grid](
         q=q,
         k=k,

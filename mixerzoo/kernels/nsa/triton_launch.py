@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, dot_precision, interpreting, triton
+from .._triton import LOG2E, cdiv, dot_precision, interpreting
 from ..swa import swa_bwd, swa_fwd
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
@@ -160,7 +160,7 @@ def nsa_fwd(
     lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
     common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
-    nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+    nsa_cmp_fwd_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), SPLIT=cmp_split_for(cfg, NP), **common,
     )  # fmt: skip
@@ -170,14 +170,14 @@ def nsa_fwd(
         plse = torch.empty(B, T, HQ, N, device=q.device, dtype=torch.float32)
         nsa_slc_fwd_blocks_kernel[(P, B * HKV)](
             q=q, k=k, v=v, pair_u=pair_u, prog_blk=prog_blk, prog_lo=prog_lo, prog_hi=prog_hi, po=po, plse=plse,
-            T=T, NBS=triton.cdiv(T, L), P=P, qk_scale=scale * LOG2E, N=N, BQ=cfg["BQ"], **common,
+            T=T, NBS=cdiv(T, L), P=P, qk_scale=scale * LOG2E, N=N, BQ=cfg["BQ"], **common,
         )  # fmt: skip
-        nsa_slc_combine_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+        nsa_slc_combine_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
             idx=idx, po=po, plse=plse, o=ob[1], lse=lse[1], T=T, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, N=N,
             BT=cfg["BT_cmp"], **launch,
         )  # fmt: skip
     else:
-        nsa_slc_fwd_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+        nsa_slc_fwd_kernel[(cdiv(T, cfg["BT_slc"]), B * HKV)](
             q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
             N=N, NP=NP, BT=cfg["BT_slc"], **common,
         )  # fmt: skip
@@ -196,10 +196,10 @@ def _cmp_spans(T: int, NC: int, BH: int, cfg: dict) -> tuple[int, int]:
     two KV heads: 16), each walking every later query; spans give each about ``SPAN`` tokens, while the block
     tiles times the spans stay below ``MAX_PROGRAMS`` (their [S, B, NC, HKV, D] partial sums are then small)."""
     BT = cfg["BT_cmp"]
-    tiles = triton.cdiv(NC, cfg["BC"]) * BH
-    S = max(1, min(triton.cdiv(T, _SPAN), _MAX_PROGRAMS // tiles))
-    TS = triton.cdiv(triton.cdiv(T, S), BT) * BT
-    return triton.cdiv(T, TS), TS
+    tiles = cdiv(NC, cfg["BC"]) * BH
+    S = max(1, min(cdiv(T, _SPAN), _MAX_PROGRAMS // tiles))
+    TS = cdiv(cdiv(T, S), BT) * BT
+    return cdiv(T, TS), TS
 
 
 def _reverse_index(idx: Tensor, T: int, L: int, CH: int, *, slots: bool = False) -> tuple:
@@ -208,7 +208,7 @@ def _reverse_index(idx: Tensor, T: int, L: int, CH: int, *, slots: bool = False)
     Returns (pair_tok [B*HKV, T*n], prog_blk, prog_lo, prog_hi [B*HKV, P] int32, P), and with ``slots`` also
     pair_u [B*HKV, T*n] int32, each pair's t * n + s (s: its slot in idx)."""
     B, _, HKV, N = idx.shape
-    NBS = triton.cdiv(T, L)  # selection blocks, the last one possibly incomplete; NBS marks an unused slot
+    NBS = cdiv(T, L)  # selection blocks, the last one possibly incomplete; NBS marks an unused slot
     # 32-bit sort keys where block * T + token fits (a radix sort then makes half the passes of 64-bit keys)
     kd = torch.int32 if (NBS + 1) * T < 2**31 else torch.int64
     blk = torch.where(idx < 0, NBS, idx).permute(0, 2, 1, 3).reshape(B * HKV, T * N).to(kd)
@@ -220,7 +220,7 @@ def _reverse_index(idx: Tensor, T: int, L: int, CH: int, *, slots: bool = False)
     count = start[:, 1:] - start[:, :-1]
     chunks = (count + CH - 1) // CH  # [BH, NBS]
     end = torch.cumsum(chunks, 1)
-    P = triton.cdiv(T * N, CH) + NBS  # at least sum(chunks)
+    P = cdiv(T * N, CH) + NBS  # at least sum(chunks)
     p = torch.arange(P, device=idx.device).expand(B * HKV, -1).contiguous()
     c = torch.searchsorted(end, p, right=True)  # [BH, P]: the block of program p, NBS past the last
     cc = c.clamp(max=NBS - 1)
@@ -271,7 +271,7 @@ def nsa_bwd(
     # compression branch: dq, and dk / dv of the pooled blocks spread back over their tokens
     kc, vc = _compress(k, L), _compress(v, L)
     dq = torch.empty(B, T, HQ, D, device=q.device, dtype=torch.float32)
-    nsa_cmp_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_cmp"]), B * HKV)](
+    nsa_cmp_bwd_dq_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
         q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dq=dq, T=T, NC=NC,
         qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
     )  # fmt: skip
@@ -280,7 +280,7 @@ def nsa_bwd(
         S, TS = _cmp_spans(T, NC, B * HKV, cfg)
         dkc_s = torch.empty(S, B, NC, HKV, D, device=q.device, dtype=torch.float32)
         dvc_s = torch.empty_like(dkc_s)
-        nsa_cmp_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["BC"]), B * HKV, S)](
+        nsa_cmp_bwd_dkdv_kernel[(cdiv(NC, cfg["BC"]), B * HKV, S)](
             q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dkc=dkc_s, dvc=dvc_s, T=T, NC=NC,
             TS=TS, qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
         )  # fmt: skip
@@ -289,7 +289,7 @@ def nsa_bwd(
     # selection branch (its dq is added to the compression's in place; with slc_dq_atomics by the dK/dV kernel)
     atomic_dq = bool(cfg.get("slc_dq_atomics", cfg.get("slc_blocks")))  # dQ by the dK/dV kernel's atomics
     if not atomic_dq:
-        nsa_slc_bwd_dq_kernel[(triton.cdiv(T, cfg["BT_slc"]), B * HKV)](
+        nsa_slc_bwd_dq_kernel[(cdiv(T, cfg["BT_slc"]), B * HKV)](
             q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
             qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
         )  # fmt: skip
@@ -298,7 +298,7 @@ def nsa_bwd(
     pair_tok, prog_blk, prog_lo, prog_hi, P = _reverse_index(idx, T, L, cfg["CH"])
     nsa_slc_bwd_dkdv_kernel[(P, B * HKV)](
         q=q, k=k, v=v, do=do, g=g_slc, delta=delta[1], lse=lse[1], pair_tok=pair_tok, prog_blk=prog_blk,
-        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if atomic_dq else None, T=T, NBS=triton.cdiv(T, L),
+        prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if atomic_dq else None, T=T, NBS=cdiv(T, L),
         P=P, qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], DQ=atomic_dq, **common,
     )  # fmt: skip
     # [B, NC, HKV, D] -> every token of the block, divided by L (the mean's derivative)

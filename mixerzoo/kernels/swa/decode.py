@@ -13,7 +13,17 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast
-from .._triton import LOG2E, any_nonfinite, dot_precision, interpreting, mask_scores, softmax_step, tl, triton
+from .._triton import (
+    LOG2E,
+    any_nonfinite,
+    dot_precision,
+    interpreting,
+    mask_scores,
+    next_pow2,
+    softmax_step,
+    tl,
+    triton,
+)
 from .reference import swa_decode_ref
 from .swa import _check_triton, check_index_tensor
 
@@ -206,7 +216,7 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
     o = torch.empty_like(q)
-    BR = max(16, triton.next_power_of_2(G * TQ))
+    BR = max(16, next_pow2(G * TQ))
     interp = interpreting()
     BN = 64 if (interp or BR * D > 64 * 128) else 128
     if q.element_size() == 4:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int_arg
-from .._triton import HAS_TRITON, tl, triton
+from .._triton import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_cos_sin
 from .decode import _decode_launch, swa_decode_fwd
 from .swa import _SUPPORTED_D
@@ -203,9 +203,9 @@ def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, 
     q, k, v, seen, pad = q.contiguous(), k.contiguous(), v.contiguous(), seen.contiguous(), pad.contiguous()
     q_rot = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
     q_pos = torch.empty(B, 1, dtype=torch.int64, device=q.device)
-    BD = triton.next_power_of_2(D // 2)
-    BH = max(1, min(triton.next_power_of_2(HQ), 2048 // BD))
-    _swa_step_write_kernel[(B, triton.cdiv(HQ, BH))](
+    BD = next_pow2(D // 2)
+    BH = max(1, min(next_pow2(HQ), 2048 // BD))
+    _swa_step_write_kernel[(B, cdiv(HQ, BH))](
         q=q,
         k=k,
         v=v,

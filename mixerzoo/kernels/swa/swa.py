@@ -18,10 +18,12 @@ from .._triton import (
     LOG2E,
     LOG2E_JIT,
     any_nonfinite,
+    cdiv,
     dot_precision,
     interpreting,
     launch_config,
     mask_scores,
+    next_pow2,
     softmax_step,
     tl,
     triton,
@@ -636,7 +638,7 @@ def _tma_operands(*xs: Tensor) -> tuple[Tensor, ...]:
 
 
 def _sink_block(S: int) -> int:
-    return max(16, triton.next_power_of_2(max(S, 1)))
+    return max(16, next_pow2(max(S, 1)))
 
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -753,7 +755,7 @@ def swa_fwd(
     loops = _loop_flags(cfg, "swa_fwd")
     if loops["TMA"]:
         k, v = _tma_operands(k, v)
-    grid = (triton.cdiv(T, BM), B * HQ)
+    grid = (cdiv(T, BM), B * HQ)
     _swa_fwd_kernel[grid](
         q=q,
         k=k,
@@ -828,7 +830,7 @@ def swa_bwd(
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     BMp = 64
     strides = _strides(q, k)
-    _swa_bwd_preprocess_kernel[(triton.cdiv(T, BMp), B * HQ)](
+    _swa_bwd_preprocess_kernel[(cdiv(T, BMp), B * HQ)](
         o=o,
         do=do,
         delta=delta,
@@ -843,7 +845,7 @@ def swa_bwd(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
-    _swa_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+    _swa_bwd_dkdv_kernel[(cdiv(T, BN), B * HKV)](
         q=q_dkdv,
         k=k,
         v=v,
@@ -872,7 +874,7 @@ def swa_bwd(
     if S > 0 and T > W:
         BS = _sink_block(S)
         chunk = max(BM, 1024 // BM * BM)
-        n_chunks = triton.cdiv(T, chunk)
+        n_chunks = cdiv(T, chunk)
         dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
         _swa_bwd_dkdv_sink_kernel[(n_chunks, B * HKV)](
@@ -916,7 +918,7 @@ def swa_bwd(
     dq = torch.empty_like(q)
     cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
     k_dq, v_dq = _tma_operands(k, v) if loops["TMA"] else (k, v)
-    _swa_bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+    _swa_bwd_dq_kernel[(cdiv(T, BM), B * HQ)](
         q=q,
         k=k_dq,
         v=v_dq,
