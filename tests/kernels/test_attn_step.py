@@ -136,7 +136,10 @@ def test_step_matches_general_path(mode, HQ, HKV, D, dtype):
     _check_state(mode, st_ref, st, dtype)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    [MODES[0], *(pytest.param(m, marks=pytest.mark.slow) for m in MODES[1:])],  # one by default: the same step
+)
 def test_decode_loop_matches_general_path(mode):
     """Six fast steps, each on the state the previous fast step left, against the general path step by step:
     rows start at positions 0, 1 and 3, cross the sinks and wrap the ring (seen 3 -> 9 > S + W = 6)."""

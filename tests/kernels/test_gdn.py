@@ -73,6 +73,7 @@ def test_reference_forms(T):
         assert_close(name, ref, out, torch.float32, **F32)
 
 
+@pytest.mark.slow  # float64 gradchecks of both reference forms
 def test_reference_gradients_gradcheck():
     (q, k, v, g, beta), h0 = make_inputs(1, 7, 1, 4, 3, torch.float64, device="cpu")
     args = [x.requires_grad_() for x in (q, k, v, g, beta, h0.double())]
@@ -392,6 +393,7 @@ def test_varlen_fused_recurrent(lens):
         assert_close("final_state", s_ref, s, torch.float32, **F32)
 
 
+@pytest.mark.slow  # a compile; test_op_compiles_fullgraph compiles the fixed-length op by default
 def test_varlen_op_with_grads_and_compile():
     lens = [2, 0, 67, 1]
     (q, k, v, g, beta), h0 = varlen_inputs(lens, 8, 8, torch.float32, device="cpu")
