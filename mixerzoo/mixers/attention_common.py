@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.swa.step import attn_decode_step, attn_step_supported
-from .base import MixerConfig, State, TokenMixer, check_row_open
+from .base import MixerConfig, State, TokenMixer, cast_all, check_row_open
 from .rope import apply_rope
 
 __all__ = [
@@ -69,9 +69,7 @@ class AttentionMixer(TokenMixer):
             self.k_proj(x).unflatten(-1, heads),
             self.v_proj(x).unflatten(-1, heads),
         )
-        if dtype is not None and q.dtype != dtype:
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return q, k, v
+        return (q, k, v) if dtype is None else cast_all(dtype, q, k, v)
 
     def qkv(self, x: Tensor, pos: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, D], pos: [B, T] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh] (RoPE on q and k); ``dtype`` as
@@ -108,13 +106,8 @@ class AttentionMixer(TokenMixer):
         slots above ``seen`` never read). The results and the cache are those of the general path."""
         check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
         xt, dt = x.select(1, 0), caches[0].dtype  # [B, D]; the projections in the cache's dtype (autocast)
-        q, k, v = self.q_proj(xt), self.k_proj(xt), self.v_proj(xt)
-        if q.dtype != dt:  # a no-op .to() still costs microseconds of host time
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         o = attn_decode_step(
-            q,
-            k,
-            v,
+            *cast_all(dt, self.q_proj(xt), self.k_proj(xt), self.v_proj(xt)),
             state.seen,
             state.pad,
             *caches,

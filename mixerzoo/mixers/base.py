@@ -519,6 +519,12 @@ class TokenMixer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def cast_all(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` (one dtype) in ``dtype``; as given when they already are, without calling ``.to()``, whose no-op
+    still costs microseconds of host time (a decode step's projections, every token)."""
+    return tensors if tensors[0].dtype == dtype else tuple(t.to(dtype) for t in tensors)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype for inputs of ``dtype``: float32, or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -393,10 +393,8 @@ class EvictionSWA(AttentionMixer):
         kernel does the rest (kernels/eviction/step.py). Same results and state up to the float32 summation
         order of the router; nothing read on the host, so it can be captured."""
         c = self.config
-        k0, v0 = (
-            k.select(1, 0),
-            v.select(1, 0),
-        )  # [B, H, D]; method calls: a tensor index costs several times more host time
+        # method calls rather than indexing: a tensor index costs several times their host time
+        k0, v0 = k.select(1, 0), v.select(1, 0)  # [B, H, D]
         u_ctx = None
         if self.router is None:
             r = self._raw_scores(None, k, None, False)  # [B, 1, H] float32

@@ -18,6 +18,7 @@ from .base import (
     State,
     TokenMixer,
     acc_dtype,
+    cast_all,
     check_row_open,
     new_seen,
     positions_and_pad,
@@ -223,11 +224,9 @@ class GatedDeltaNet(TokenMixer):
         them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
         output projection. Same results as the general path to float32 rounding."""
         xt, dt = x.select(1, 0), x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
-        p = [proj(xt) for proj in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)]
-        if p[0].dtype != dt:  # a no-op .to() still costs microseconds of host time
-            p = [t.to(dt) for t in p]
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)
         o = gdn_decode_step(
-            *p,
+            *cast_all(dt, *(proj(xt) for proj in projs)),
             self.conv_weight,
             state.conv,
             self.A_log,

@@ -34,6 +34,7 @@ from .base import (
     MixerConfig,
     State,
     acc_dtype,
+    cast_all,
     check_capacity,
     check_row_open,
     leading_padding,
@@ -450,11 +451,9 @@ class NSA(AttentionMixer):
         # method calls rather than indexing: a tensor index costs several times their host time
         xt, dt = x.select(1, 0), state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
         # the gate logits [B, 3 * HQ] as "(g h)" last; the kernel takes their sigmoid
-        p = [proj(xt) for proj in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj)]
-        if p[0].dtype != dt:  # a no-op .to() still costs microseconds of host time
-            p = [t.to(dt) for t in p]
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj)
         o = nsa_step_decode(
-            *p,
+            *cast_all(dt, *(proj(xt) for proj in projs)),
             state.seen,
             state.pad,
             state.k_cache,
