@@ -264,6 +264,30 @@ def test_fused_recurrent(B, T, H, K, V):
     assert_close("o (no h0)", o_ref, o, torch.float32, **F32)
 
 
+
+def test_fused_recurrent_checks_gates_into_its_flag():
+    # the op's direct path (eager CUDA decode steps) has the kernel check g and beta: ok[0] goes to 0 on a bad
+    # value, stays as it was otherwise; fixed-length and packed programs each check the tokens they walk
+    (q, k, v, g, beta), h0 = make_inputs(2, 5, 2, 16, 16, torch.float32)
+    g, beta = -g.abs(), beta.clamp(0, 1)
+    g[0, 0, 0], beta[1, 4, 1] = 0.0, 1.0  # the bounds are allowed
+    cases = [(None, (0, 3, 1)), (cu_of([3, 0, 7], q.device).long(), (0, 8, 1))]
+    for cu, at in cases:
+        qq, kk, vv, gg, bb = ((x if cu is None else x.reshape(1, 10, *x.shape[2:])) for x in (q, k, v, g, beta))
+        ok = torch.ones(1, dtype=torch.int32, device=q.device)
+        o, s = fused_recurrent_gdn_fwd(qq, kk, vv, gg, bb, 0.25, None, cu_seqlens=cu, ok=ok)
+        assert ok.item() == 1
+        o_ref, _ = fused_recurrent_gdn_fwd(qq, kk, vv, gg, bb, 0.25, None, cu_seqlens=cu)
+        assert torch.equal(o, o_ref)  # the check changes nothing else
+        for name, bad in (("g", 0.25), ("g", float("inf")), ("g", float("nan")), ("beta", -0.01), ("beta", 1.5),
+                          ("beta", float("nan"))):  # fmt: skip
+            g2, b2 = gg.clone(), bb.clone()
+            (g2 if name == "g" else b2)[at] = bad
+            ok.fill_(1)
+            fused_recurrent_gdn_fwd(qq, kk, vv, g2, b2, 0.25, None, cu_seqlens=cu, ok=ok)
+            assert ok.item() == 0, (name, bad, cu)
+
+
 def _guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
     """A contiguous copy of x inside a NaN-filled buffer: a kernel that reads past x gets NaN."""
     buf = torch.full((x.numel() + 2 * pad,), float("nan"), dtype=x.dtype, device=x.device)

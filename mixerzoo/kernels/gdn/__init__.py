@@ -15,7 +15,7 @@ from torch import Tensor
 from .._checks import check_floats, check_scale, check_values
 from .._ops import no_autocast
 from .conv import causal_conv1d
-from .fused_recurrent import GATE_CHECK_MAX, gate_check
+from .fused_recurrent import GATE_CHECK_MAX, fused_recurrent_gdn_fwd, gate_check
 from .reference import _f32 as _acc
 from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
@@ -75,6 +75,11 @@ def _gdn_fwd(
     return out if keep_states else (*out, *_no_states(v))
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    # the dtype _acc(x) has (float32, float64 for float64), without converting x
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _no_intermediates(q: Tensor) -> tuple[Tensor, Tensor]:
     # the forward's gamma and Ai where it keeps none
     return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
@@ -110,7 +115,7 @@ def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
 def _(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     B, T, H, K = k.shape
     V = v.shape[-1]
-    o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc(v).dtype)
+    o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc_dtype(v))
     if q.device.type == "cpu" or _fused_recurrent(T, cu_seqlens):
         return o, s, *_no_intermediates(q), *_no_states(v)
     gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), k.new_empty(B, T, H, 64)
@@ -248,20 +253,56 @@ def gated_delta_rule(
         batch), a call that records gradients keeps the chunk inverses ([B, T, H, 64] in k's dtype) until its
         backward, which then does not recompute them.
     """
-    scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    T = q.shape[1]
+    # eager CUDA decode steps and short prompts that record no gradient: the fused recurrence without the
+    # custom op's dispatch, its kernel checking g and beta on the way (one launch, one assert)
+    flag = _direct_flag(q, k, v, g, beta, initial_state, T, cu_seqlens)
+    scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, gates=flag is None)
     if initial_state is not None:
-        initial_state = initial_state.to(_acc(v).dtype)  # a float32 state under float64 inputs is widened
+        initial_state = initial_state.to(_acc_dtype(v))  # a float32 state under float64 inputs is widened
+    if flag is not None:
+        o, final_state = fused_recurrent_gdn_fwd(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flag, checked=True
+        )
+        torch._assert_async(flag, _GATES_MSG)
+        return o, (final_state if output_final_state else None)
     # the rest of the outputs: for the backward
     o, final_state, *_ = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens, bool(keep_states))
     return o, (final_state if output_final_state else None)
 
 
+# One int32 flag per CUDA device, 1 until a direct call's kernel meets a bad g or beta and stores 0, at which the
+# assert after it stops the program (the CUDA context does not survive a device assert, so the flag is never
+# reset). Made outside any CUDA-graph capture; captured calls then keep checking through it.
+_GATE_FLAGS: dict[torch.device, Tensor] = {}
+
+
+def _direct_flag(q, k, v, g, beta, initial_state, T, cu_seqlens) -> Tensor | None:
+    """The device's gate flag when this call takes the direct path (eager CUDA, the fused recurrence's shapes,
+    no gradient to record), else None."""
+    if not q.is_cuda or not _fused_recurrent(T, cu_seqlens) or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
+    ):  # fmt: skip
+        return None
+    flag = _GATE_FLAGS.get(q.device)
+    if flag is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # not made inside a capture: the graph's memory pool would own it
+        flag = _GATE_FLAGS[q.device] = torch.ones(1, dtype=torch.int32, device=q.device)
+    return flag
+
+
 _OP = "gated_delta_rule"
+_G_MSG, _B_MSG = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
+_GATES_MSG = f"{_OP}: {_G_MSG} and {_B_MSG}; a value of this call is not"
 
 
-def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens) -> float:
+def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, *, gates=True) -> float:
     """Every argument checked before any launch; returns the scale. Shapes, dtypes and Python values
-    raise at once; tensor values go through ``check_values`` (no host sync)."""
+    raise at once; tensor values go through ``check_values`` (no host sync); ``gates=False``: g and beta are
+    checked by the kernel (the direct path)."""
     check_floats(_OP, q=q, k=k, v=v)
     for name, x in (("g", g), ("beta", beta)):
         check_floats(_OP, **{name: x})
@@ -280,7 +321,7 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     S, what = (B, "B") if cu_seqlens is None else (cu_seqlens.shape[0] - 1, "N")
     if initial_state is not None:
         check_floats(_OP, initial_state=initial_state)
-        if initial_state.dtype not in (torch.float32, _acc(v).dtype):
+        if initial_state.dtype not in (torch.float32, _acc_dtype(v)):
             allowed = "float32" if v.dtype != torch.float64 else "float32 or float64"
             raise TypeError(f"{_OP}: initial_state has dtype {initial_state.dtype}; allowed: {allowed}")
         if initial_state.shape != (S, H, K, v.shape[-1]):
@@ -303,8 +344,10 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
             f"{_OP}: output_final_state must be a bool, got {type(output_final_state).__name__} {output_final_state!r}"
         )
     scale = check_scale(_OP, scale, K)
+    if not gates:
+        return scale
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
-    g_msg, b_msg = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
+    g_msg, b_msg = _G_MSG, _B_MSG
     if g.is_cuda and g.numel() <= GATE_CHECK_MAX and not torch.compiler.is_compiling():
         ok = gate_check(g, beta)  # a decode step: one launch and two asserts instead of ten launches
         torch._assert_async(ok[0], f"{_OP}: {g_msg}")

@@ -31,6 +31,7 @@ def _gdn_fused_recurrent_fwd_kernel(
     o,
     ht,
     cu_seqlens,
+    ok,
     scale,
     T,
     H: tl.constexpr,
@@ -40,8 +41,11 @@ def _gdn_fused_recurrent_fwd_kernel(
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
-    # IS_VARLEN is a compile-time flag: with False the kernel is the fixed-length one, unchanged
+    # IS_VARLEN is a compile-time flag: with False the kernel is the fixed-length one, unchanged. CHECK: each
+    # program also checks the g and beta it reads (finite g <= 0, beta in [0, 1]; NaN fails) and stores 0 into
+    # ok[0] if one is not
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H  # i_b: the sequence (of the packed batch, with IS_VARLEN)
     if IS_VARLEN:
@@ -63,12 +67,15 @@ def _gdn_fused_recurrent_fwd_kernel(
     p_o = o + (bos * H + i_h) * V + o_v
     p_g = g + bos * H + i_h
     p_beta = beta + bos * H + i_h
+    n_bad = 0
     for _ in range(T):
         b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
         b_g = tl.load(p_g).to(tl.float32)
         b_beta = tl.load(p_beta).to(tl.float32)
+        if CHECK:  # x - x is 0 exactly when x is finite
+            n_bad += tl.where((b_g - b_g == 0.0) & (b_g <= 0.0) & (b_beta >= 0.0) & (b_beta <= 1.0), 0, 1)
         b_h *= tl.exp(b_g)
         b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))  # [BV]
         b_h += b_k[:, None] * b_u[None, :]
@@ -81,6 +88,8 @@ def _gdn_fused_recurrent_fwd_kernel(
         p_g += H
         p_beta += H
     tl.store(ht + p_h, b_h, mask=m_h)
+    if CHECK:
+        tl.store(ok, 0, mask=n_bad > 0)
 
 
 @triton.jit
@@ -120,14 +129,21 @@ def fused_recurrent_gdn_fwd(
     initial_state: Tensor | None,
     *,
     cu_seqlens: Tensor | None = None,
+    ok: Tensor | None = None,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (0 = c_0 <= ... <= c_N = T, on q's device; not validated here) the batch is packed: B = 1, sequence n
-    is tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]."""
-    check_floats("fused_recurrent_gdn_fwd", q=q, k=k, v=v)
-    for name, x in (("g", g), ("beta", beta), ("initial_state", initial_state)):
-        check_floats("fused_recurrent_gdn_fwd", **{name: x})
+    is tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V].
+
+    ``ok``: None, or an int32 tensor on q's device into whose first element the kernel stores 0 when a g is
+    not finite or > 0 or a beta is outside [0, 1] (NaN included); left as it is otherwise (the op's value
+    check of a decode step without launches of its own). ``checked``: the caller checked the dtypes (the op)."""
+    if not checked:
+        check_floats("fused_recurrent_gdn_fwd", q=q, k=k, v=v)
+        for name, x in (("g", g), ("beta", beta), ("initial_state", initial_state)):
+            check_floats("fused_recurrent_gdn_fwd", **{name: x})
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -149,6 +165,7 @@ def fused_recurrent_gdn_fwd(
         o=o,
         ht=ht,
         cu_seqlens=cu,
+        ok=ok,
         scale=scale,
         T=T,
         H=H,
@@ -158,6 +175,7 @@ def fused_recurrent_gdn_fwd(
         BV=BV,
         HAS_H0=initial_state is not None,
         IS_VARLEN=cu is not None,
+        CHECK=ok is not None,
         num_warps=4 if BK * BV <= 4096 else 8,
     )
     return o, ht
