@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.swa.step import attn_decode_step, attn_step_supported
-from .base import MixerConfig, State, TokenMixer, cast_all, check_row_open
+from .base import MixerConfig, State, TokenMixer, cast_all, check_row_open, step_projections
 from .rope import apply_rope
 
 __all__ = [
@@ -57,6 +57,9 @@ class AttentionMixer(TokenMixer):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        # the decode steps' one q, k, v matmul (step_projections): its columns per projection, its heads per projection
+        self._qkv_sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+        self._qkv_heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
 
     def project(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, D] -> q [B, T, HQ, Dh], k and v [B, T, HKV, Dh], before RoPE. ``dtype``: cast to it (a cached
@@ -105,9 +108,10 @@ class AttentionMixer(TokenMixer):
         a ring of S + W slots (``ring=True``) or a linear cache (``ring=False``, window larger than any distance,
         slots above ``seen`` never read). The results and the cache are those of the general path."""
         check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
-        xt, dt = x.select(1, 0), caches[0].dtype  # [B, D]; the projections in the cache's dtype (autocast)
+        # [B, (HQ + 2 HKV) Dh]: q, k, v from one matmul, in the cache's dtype (under autocast they are bfloat16)
+        qkv = step_projections(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x.select(1, 0), caches[0].dtype)
         o = attn_decode_step(
-            *cast_all(dt, self.q_proj(xt), self.k_proj(xt), self.v_proj(xt)),
+            *qkv.split(self._qkv_sizes, -1),
             state.seen,
             state.pad,
             *caches,

@@ -9,6 +9,7 @@ import weakref
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
@@ -333,6 +334,12 @@ class TokenMixer(nn.Module):
     def name(self) -> str:
         return type(self.config).mixer_name
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() ... give the parameters new tensors: forget the decode steps' packed projection
+        # weights (step_projections), which would otherwise keep the old ones alive
+        self.__dict__.pop("_step_packs", None)
+        return super()._apply(fn, recurse)
+
     def _check_init_args(self, batch_size: Any, device: Any, dtype: Any, max_seqlen: Any) -> None:
         name = self.name
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -517,6 +524,79 @@ class TokenMixer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Helpers shared by the mixers
 # --------------------------------------------------------------------------------------------------
+
+
+def step_projections(
+    owner: nn.Module, key: str, linears: tuple[nn.Linear, ...], x: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """x [B, D] through ``linears`` (one input size) as one matmul: [B, sum of their out_features] in ``dtype``,
+    each linear's output at its columns, in order. For the eager decode steps (no autograd), where each matmul
+    costs as much host time as the step's kernels.
+
+    The first call packs the weights: one tensor holds them all, and each ``weight`` (and bias) becomes a view of
+    its rows (``param.data``; the Parameter objects, their values and ``requires_grad`` stay, so optimizers,
+    state dicts and training see no difference, and no memory is added). Later calls check, from the data
+    pointers, that the weights are still those views, and pack again otherwise (after ``.to()``, a loaded state
+    dict with ``assign=True``, a replaced parameter). Linears of another class (a wrapped or parametrized
+    projection) or parameters of a tensor subclass are not packed: their outputs are concatenated instead."""
+    if torch.compiler.is_compiling():  # traced (a compiled decode step): the plain matmuls, which Inductor may fuse
+        y = torch.cat([m(x) for m in linears], -1)
+        return y if y.dtype == dtype else y.to(dtype)
+    packs = owner.__dict__.get("_step_packs")
+    rec = None if packs is None else packs.get(key)
+    if rec is not None:
+        w, b, ptrs = rec
+        if _data_ptrs(linears, b is not None) == ptrs:
+            y = F.linear(x, w, b)
+            return y if y.dtype == dtype else y.to(dtype)
+    # never packed inside a CUDA-graph capture: the weights would move into the graph's private memory pool
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    rec = None if capturing else _pack_linears(linears)
+    if rec is None:
+        y = torch.cat([m(x) for m in linears], -1)
+    else:
+        if packs is None:
+            packs = owner.__dict__["_step_packs"] = {}  # a plain attribute: neither a buffer nor in state dicts
+        packs[key] = rec
+        y = F.linear(x, rec[0], rec[1])
+    return y if y.dtype == dtype else y.to(dtype)
+
+
+def _pack_linears(linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None, tuple[int, ...]] | None:
+    """(weights, biases or None, data pointers of the parameters) after making the parameters views of them, or
+    None when the linears cannot be packed (see step_projections)."""
+    ws = [m.weight for m in linears]
+    w0 = ws[0]
+    if not all(
+        type(m) is nn.Linear
+        and m.weight.shape[1] == w0.shape[1]
+        and all(type(p) is nn.Parameter and p.dtype == w0.dtype and p.device == w0.device
+                for p in (m.weight, m.bias) if p is not None)
+        for m in linears
+    ):  # fmt: skip
+        return None
+    has_bias = any(m.bias is not None for m in linears)
+    # normal tensors even under inference_mode: a parameter must stay usable for training afterwards
+    with torch.no_grad(), torch.inference_mode(False):
+        w = torch.cat([p.detach() for p in ws])
+        b = None
+        if has_bias:
+            b = torch.cat([m.bias.detach() if m.bias is not None else w0.new_zeros(m.out_features) for m in linears])
+        row = 0
+        for m in linears:
+            n = m.out_features
+            m.weight.data = w[row : row + n]
+            if m.bias is not None:
+                m.bias.data = b[row : row + n]
+            row += n
+    return w, b, _data_ptrs(linears, b is not None)
+
+
+def _data_ptrs(linears: tuple[nn.Linear, ...], biases: bool) -> tuple[int, ...]:
+    # where each weight (and bias: 0 for None) lives now
+    if not biases:
+        return tuple(m.weight.data_ptr() for m in linears)
+    return tuple(p.data_ptr() if p is not None else 0 for m in linears for p in (m.weight, m.bias))
 
 
 def cast_all(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:

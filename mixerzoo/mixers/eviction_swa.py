@@ -33,6 +33,7 @@ from .base import (
     positions_and_pad,
     state_dataclass,
     state_field,
+    step_projections,
     whole_prompt,
 )
 from .rope import apply_rope
@@ -270,8 +271,11 @@ class EvictionSWA(AttentionMixer):
     def mix(self, x, state, attention_mask):
         if state is not None and attention_mask is None and x.shape[1] == 1 and self._fused(x):
             check_row_open(self.name, state)  # positions_and_pad's one check for a mask-less step
-            o = self._decode_fused(*self.project(x, state.win_k.dtype), state)
-            return self.out(o), state
+            # q, k, v from one matmul (step_projections), in the state's dtype, as [B, heads, D] views
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            qkv = step_projections(self, "qkv", projs, x.select(1, 0), state.win_k.dtype)
+            q, k, v = qkv.view(x.shape[0], -1, self.head_dim).split(self._qkv_heads, 1)
+            return self.out(self._decode_fused(q, k, v, state).unsqueeze(1)), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.project(x, None if state is None else state.win_k.dtype)
         if state is None:
@@ -341,7 +345,7 @@ class EvictionSWA(AttentionMixer):
     def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
         """One token with the inference semantics, O(W + C) work. q: [B, 1, HQ, D], k, v: [B, 1, H, D]."""
         if self._fused(q):
-            return self._decode_fused(q, k, v, state)
+            return self._decode_fused(q.select(1, 0), k.select(1, 0), v.select(1, 0), state).unsqueeze(1)
         c = self.config
         W, m = c.window_size, self.margin
         s, pad = state.seen, live_pad(state)
@@ -391,15 +395,14 @@ class EvictionSWA(AttentionMixer):
         kernel gathers the router's input, one scores the token whose router context is complete
         (kernels/eviction/router_step.py; routers deeper than it unrolls run as in ``_decode_one``), and one
         kernel does the rest (kernels/eviction/step.py). Same results and state up to the float32 summation
-        order of the router; nothing read on the host, so it can be captured."""
+        order of the router; nothing read on the host, so it can be captured. q: [B, HQ, D], k, v: [B, H, D]
+        (views of one projection output are read in place) -> o [B, HQ, D]."""
         c = self.config
-        # method calls rather than indexing: a tensor index costs several times their host time
-        k0, v0 = k.select(1, 0), v.select(1, 0)  # [B, H, D]
         u_ctx = None
         if self.router is None:
-            r = self._raw_scores(None, k, None, False)  # [B, 1, H] float32
+            r = self._raw_scores(None, k.unsqueeze(1), None, False)  # [B, 1, H] float32
         else:
-            u_ctx, pos_ctx = eviction_step_context(k0, v0, state.ctx_u, state.seen, state.pad, ended_mark=ENDED)
+            u_ctx, pos_ctx = eviction_step_context(k, v, state.ctx_u, state.seen, state.pad, ended_mark=ENDED)
             if router_step_supported(self.router):
                 # eviction_step reads index m only: the one score, broadcast over the context (stride 0)
                 r = router_step_scores(u_ctx, pos_ctx, self.router, c.scoring).unsqueeze(1)  # [B, 1, H]
@@ -407,9 +410,9 @@ class EvictionSWA(AttentionMixer):
             else:
                 r = self._raw_scores(u_ctx, None, pos_ctx, False)  # [B, 2m + 1, H] float32
         o = eviction_step(
-            q.select(1, 0),
-            k0,
-            v0,
+            q,
+            k,
+            v,
             r,
             u_ctx,
             seen=state.seen,
@@ -430,7 +433,7 @@ class EvictionSWA(AttentionMixer):
             none_score=_NONE,
         )
         state.seen.add_(1)
-        return o.unsqueeze(1)  # [B, 1, HQ, D]
+        return o  # [B, HQ, D]
 
     @staticmethod
     def _prefill_whole(x: Tensor, state: EvictionSWAState, attention_mask: Tensor | None) -> bool:

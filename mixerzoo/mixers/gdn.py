@@ -18,12 +18,12 @@ from .base import (
     State,
     TokenMixer,
     acc_dtype,
-    cast_all,
     check_row_open,
     new_seen,
     positions_and_pad,
     state_dataclass,
     state_field,
+    step_projections,
 )
 
 __all__ = ["GDNConfig", "GDNState", "GatedDeltaNet"]
@@ -223,10 +223,11 @@ class GatedDeltaNet(TokenMixer):
         """One token on the GPU without autograd: the projections, one fused kernel for everything between
         them (``kernels.gdn.decode_step``: conv, norms, gates, the delta-rule update of S in place), the
         output projection. Same results as the general path to float32 rounding."""
-        xt, dt = x.select(1, 0), x.dtype  # the projections in x's (the state's) dtype: autocast gives them bfloat16
+        # the six projections [q | k | v | a | b | g] from one matmul (step_projections), in x's (the state's) dtype:
+        # autocast gives them bfloat16
         projs = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)
         o = gdn_decode_step(
-            *cast_all(dt, *(proj(xt) for proj in projs)),
+            step_projections(self, "in", projs, x.select(1, 0), x.dtype),
             self.conv_weight,
             state.conv,
             self.A_log,

@@ -34,7 +34,6 @@ from .base import (
     MixerConfig,
     State,
     acc_dtype,
-    cast_all,
     check_capacity,
     check_row_open,
     leading_padding,
@@ -42,6 +41,7 @@ from .base import (
     positions_and_pad,
     state_dataclass,
     state_field,
+    step_projections,
     whole_prompt,
 )
 
@@ -448,12 +448,11 @@ class NSA(AttentionMixer):
         CPU): ``nsa_step_decode`` does RoPE, the cache write and the completed block's compression, then the
         decode with the gates' sigmoid. Nothing read on the host, so it can be captured.
         x [B, 1, D] -> o [B, 1, HQ, Dh]."""
-        # method calls rather than indexing: a tensor index costs several times their host time
-        xt, dt = x.select(1, 0), state.k_cache.dtype  # [B, D]; the projections in the cache's dtype (autocast)
-        # the gate logits [B, 3 * HQ] as "(g h)" last; the kernel takes their sigmoid
+        # q, k, v and the gate logits [B, 3 * HQ] ("(g h)"; the kernel takes their sigmoid) from one matmul
+        # (step_projections), in the cache's dtype (under autocast the projections are bfloat16)
         projs = (self.q_proj, self.k_proj, self.v_proj, self.gate_proj)
         o = nsa_step_decode(
-            *cast_all(dt, *(proj(xt) for proj in projs)),
+            step_projections(self, "step", projs, x.select(1, 0), state.k_cache.dtype),
             state.seen,
             state.pad,
             state.k_cache,

@@ -12,13 +12,11 @@ def _inputs(B, H, K, V, CW, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     C = 2 * H * K + H * V
+    # the projections [q | k | v | a | b | g] as the mixer's one matmul gives them: a column slice of a wider
+    # output (rows strided), here with 3 spare columns after them
+    x = r(B, C + 2 * H + H * V + 3).to(dtype)[:, : C + 2 * H + H * V]
     return dict(
-        qi=r(B, H * K).to(dtype),
-        ki=r(B, H * K).to(dtype),
-        vi=r(B, H * V).to(dtype),
-        ai=r(B, H).to(dtype),
-        bi=r(B, H).to(dtype),
-        gi=r(B, H * V).to(dtype),
+        x=x,
         conv_weight=r(C, CW) * 0.5,
         conv_tail=r(B, C, CW - 1).to(dtype),
         A_log=torch.rand(H, generator=g) * 2,
@@ -32,8 +30,10 @@ def _inputs(B, H, K, V, CW, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("B,H,K,V,CW", [(2, 3, 8, 16, 4), (1, 2, 16, 8, 2), (3, 1, 12, 40, 3)])
 def test_kernel_matches_reference(B, H, K, V, CW):
     a = _inputs(B, H, K, V, CW)
-    a["ai"][0, 0] = float("nan")  # a non-finite decay: no-op token with NaN in v
+    C = 2 * H * K + H * V
+    a["x"][0, C] = float("nan")  # a non-finite decay input a (row 0, head 0): no-op token with NaN in v
     b = {k: v.clone() for k, v in a.items()}
+    b["x"] = a["x"]  # read only: the strided view itself
     o_ref = gdn_decode_step_ref(**a, scale=K**-0.5, norm_eps=1e-5)
     o = gdn_decode_step_launch(**b, scale=K**-0.5, norm_eps=1e-5)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-5, equal_nan=True)
@@ -53,9 +53,9 @@ def test_reference_is_the_layer_step():
         st2 = st.clone() if hasattr(st, "clone") else type(st)(**{k: v.clone() for k, v in st.tensors().items()})
         y, _ = m(x[:, 5:], st)
         xt = x[:, 5]
+        projs = (m.q_proj, m.k_proj, m.v_proj, m.a_proj, m.b_proj, m.g_proj)
         o = gdn_decode_step_ref(
-            m.q_proj(xt), m.k_proj(xt), m.v_proj(xt), m.a_proj(xt), m.b_proj(xt), m.g_proj(xt),
-            m.conv_weight, st2.conv, m.A_log, m.dt_bias, m.norm_weight, st2.S,
+            torch.cat([p(xt) for p in projs], -1), m.conv_weight, st2.conv, m.A_log, m.dt_bias, m.norm_weight, st2.S,
             scale=m.key_dim**-0.5, norm_eps=m.config.norm_eps,
         )  # fmt: skip
         y2 = m.o_proj(o)

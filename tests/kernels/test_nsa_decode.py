@@ -334,7 +334,7 @@ for dtype, G, D, L, n, NC in CASES:
     kinds = {"N": "i32", "NC": "i32", "W": "i32", "qk_scale": "fp32", "g_stride": "i32", "q_pos": "*i64",
              "idx": "*i32"}
     kinds.update(dict.fromkeys(("k_cmp", "v_cmp", "s_tmp"), "*fp32"))
-    consts.update(dict.fromkeys(("k_new", "v_new", "seen", "pad", "inv_freq")), STEP=False, BL=2)  # the step's
+    consts.update(dict.fromkeys(("seen", "pad", "inv_freq")), STEP=False, BL=2)  # the step's
     params = list(inspect.signature(dec.nsa_decode_kernel.fn).parameters)
     sig = {p: "constexpr" if p in consts else kinds.get(p, data) for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}

@@ -45,8 +45,9 @@ def _eviction_step_pos(seen, pad, i_b, ENDED_MARK: tl.constexpr):
 @triton.jit
 def _eviction_step_context_kernel(
     k,
-    v,  # [B, HKV, D] this token (k before RoPE)
+    v,  # [B, HKV, D] this token (k before RoPE), rows stride_kv apart
     ctx_u,  # [B, M2, HKV, 2D] router inputs of the last M2 tokens
+    stride_kv,
     seen,
     pad,
     u_ctx,  # [B, M2 + 1, HKV, 2D] out: ctx_u then this token
@@ -70,7 +71,7 @@ def _eviction_step_context_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     p_new = u_ctx + ((i_b.to(tl.int64) * (M2 + 1) + M2) * HKV + i_h) * (2 * D) + o_d
-    o_kv = (i_b.to(tl.int64) * HKV + i_h) * D + o_d
+    o_kv = i_b.to(tl.int64) * stride_kv + i_h * D + o_d
     tl.store(p_new, tl.load(k + o_kv, mask=m_d, other=0.0), mask=m_d)
     tl.store(p_new + D, tl.load(v + o_kv, mask=m_d, other=0.0), mask=m_d)
     s, lead = _eviction_step_pos(seen, pad, i_b, ENDED_MARK)
@@ -80,9 +81,9 @@ def _eviction_step_context_kernel(
 
 @triton.jit
 def _eviction_step_kernel(
-    q,  # [B, HQ, D]
+    q,  # [B, HQ, D], rows stride_q apart
     k,
-    v,  # [B, HKV, D] (k before RoPE)
+    v,  # [B, HKV, D] (k before RoPE), rows stride_kv apart
     r,  # [B, L, HKV] float32 router scores (any strides); index M is the token s - M, whose context is complete
     u_ctx,  # [B, M2 + 1, HKV, 2D] (HAS_CTX): the router's input; rows 1.. become ctx_u
     seen,
@@ -104,6 +105,8 @@ def _eviction_step_kernel(
     stride_rb,
     stride_rl,
     stride_rh,
+    stride_q,
+    stride_kv,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -137,12 +140,12 @@ def _eviction_step_kernel(
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     m_gd = m_g[:, None] & m_d[None, :]
-    p_q = q + (i_b.to(tl.int64) * HQ + i_hk * G + o_g[:, None]) * D
+    p_q = q + i_b.to(tl.int64) * stride_q + (i_hk * G + o_g[:, None]) * D
     b_q = tl.load(p_q + o_d[None, :], mask=m_gd, other=0.0).to(tl.float32)
     b_qp = tl.load(p_q + o_dp[None, :], mask=m_gd, other=0.0).to(tl.float32)
     b_q = rope_rotate_half(b_q, b_qp, pos, inv_freq, o_d[None, :], m_d[None, :], HALF)
     b_q = b_q.to(q.dtype.element_ty)  # rounded as apply_rope's output
-    p_kv = (i_b.to(tl.int64) * HKV + i_hk) * D
+    p_kv = i_b.to(tl.int64) * stride_kv + i_hk * D
     b_k = tl.load(k + p_kv + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_kp = tl.load(k + p_kv + o_dp, mask=m_d, other=0.0).to(tl.float32)
     b_kr = rope_rotate_half(b_k, b_kp, pos, inv_freq, o_d, m_d, HALF).to(win_k.dtype.element_ty)
@@ -234,6 +237,15 @@ def _pow2(n: int, low: int = 1) -> int:
     return max(low, next_pow2(n))
 
 
+def _rows(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    # k and v [B, HKV, D] as the kernels read them: heads of D contiguous elements, one row stride for both (views
+    # of one projection output are taken as they are)
+    D = k.shape[2]
+    if k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != D or v.stride(1) != D or k.stride(0) != v.stride(0):
+        return k.contiguous(), v.contiguous()
+    return k, v
+
+
 def eviction_step_context(
     k: Tensor, v: Tensor, ctx_u: Tensor, seen: Tensor, pad: Tensor, *, ended_mark: int
 ) -> tuple[Tensor, Tensor]:
@@ -246,13 +258,15 @@ def eviction_step_context(
     """
     B, HKV, D = k.shape
     M2 = ctx_u.shape[1]
-    k, v, ctx_u = k.contiguous(), v.contiguous(), ctx_u.contiguous()
+    k, v = _rows(k, v)
+    ctx_u = ctx_u.contiguous()
     u_ctx = torch.empty(B, M2 + 1, HKV, 2 * D, dtype=ctx_u.dtype, device=k.device)
     pos_ctx = torch.empty(B, M2 + 1, dtype=torch.int64, device=k.device)
     _eviction_step_context_kernel[(B, HKV)](
         k=k,
         v=v,
         ctx_u=ctx_u,
+        stride_kv=k.stride(0),
         seen=seen,
         pad=pad,
         u_ctx=u_ctx,
@@ -296,7 +310,8 @@ def eviction_step(
 ) -> Tensor:
     """Everything of one eviction_swa decode step after the router, in one launch; the state in place.
 
-    q: [B, HQ, D]; k, v: [B, HKV, D] this token's projections (k before RoPE); r: [B, L, HKV] float32 raw
+    q: [B, HQ, D]; k, v: [B, HKV, D] this token's projections (k before RoPE; rows may be strided, as views of one
+    projection output, with one row stride for k and v); r: [B, L, HKV] float32 raw
     router scores of the router context (index ``margin``: the token s - margin, scored now); u_ctx: [B, 2m + 1,
     HKV, 2D] from :func:`eviction_step_context` (rows 1.. become ctx_u), or None when ctx_u is empty. The state
     tensors as eviction_swa's (docs/mixers.md#eviction_swa): seen [] and pad [B] (plus ``ended_mark`` in rows
@@ -312,8 +327,10 @@ def eviction_step(
     M2 = ctx_u.shape[1]
     if M2 > 0 and u_ctx is None:
         raise ValueError(f"eviction_step: u_ctx is needed when ctx_u holds {M2} tokens, got None")
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    o = torch.empty_like(q)
+    if q.stride(2) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    k, v = _rows(k, v)
+    o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
     cuda = q.device.type == "cuda"
     _eviction_step_kernel[(B, HKV)](
         q=q,
@@ -340,6 +357,8 @@ def eviction_step(
         stride_rb=r.stride(0),
         stride_rl=r.stride(1),
         stride_rh=r.stride(2),
+        stride_q=q.stride(0),
+        stride_kv=k.stride(0),
         HQ=HQ,
         HKV=HKV,
         D=D,

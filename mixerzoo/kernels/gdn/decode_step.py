@@ -46,12 +46,8 @@ def _gdn_tail_shift(U, TAIL, c, m, CW: tl.constexpr):
 
 @triton.jit
 def _gdn_decode_step_kernel(
-    QI,
-    KI,
-    VI,
-    AI,
-    BI,
-    GI,
+    X,
+    stride_x,
     CONV_W,
     CONV_TAIL,
     A_LOG,
@@ -72,18 +68,19 @@ def _gdn_decode_step_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    C = 2 * H * K + H * V  # conv channels: [q | k | v]
+    C: tl.constexpr = 2 * H * K + H * V  # conv channels: [q | k | v], the row's first C projections
+    x = X + b.to(tl.int64) * stride_x  # this row's projections [q | k | v | a | b | g]
     tail = CONV_TAIL + b.to(tl.int64) * C * (CW - 1)
     ok = tl.arange(0, BK)
     mk = ok < K
-    q = _gdn_conv_step(QI + b * H * K, CONV_W, tail, h * K + ok, mk, CW)
-    k = _gdn_conv_step(KI + b * H * K - H * K, CONV_W, tail, H * K + h * K + ok, mk, CW)
+    q = _gdn_conv_step(x, CONV_W, tail, h * K + ok, mk, CW)
+    k = _gdn_conv_step(x, CONV_W, tail, H * K + h * K + ok, mk, CW)
     q = q * tl.rsqrt(tl.sum(q * q) + 1e-6)
     k = k * tl.rsqrt(tl.sum(k * k) + 1e-6)
-    a = tl.load(AI + b * H + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+    a = tl.load(x + C + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
     softplus = tl.where(a > 20.0, a, tl.where(a < -15.0, tl.exp(a), tl.log(1.0 + tl.exp(a))))
     g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus
-    beta = tl.sigmoid(tl.load(BI + b * H + h).to(tl.float32))
+    beta = tl.sigmoid(tl.load(x + C + H + h).to(tl.float32))
     # a non-finite decay or beta: g = 0, beta = 0 and a NaN in v, as the layer's general path does
     bad = (g != g) | (beta != beta) | (tl.abs(g) == float("inf"))
     g = tl.where(bad, 0.0, g)
@@ -95,7 +92,7 @@ def _gdn_decode_step_kernel(
     for v0 in tl.range(0, V, BV):
         ov = v0 + tl.arange(0, BV)
         mv = ov < V
-        v = _gdn_conv_step(VI + b * H * V - 2 * H * K, CONV_W, tail, 2 * H * K + h * V + ov, mv, CW)
+        v = _gdn_conv_step(x, CONV_W, tail, 2 * H * K + h * V + ov, mv, CW)
         v = tl.where(bad, float("nan"), v)
         ms = mk[:, None] & mv[None, :]
         p_s = s_base + ok[:, None] * V + ov[None, :]
@@ -109,27 +106,22 @@ def _gdn_decode_step_kernel(
         sumsq += tl.sum(o * o)
         tl.store(o_base + ov, o, mask=mv)
     tl.debug_barrier()  # the program's own writes of O32 above, read back whole below; every tail read done
-    _gdn_tail_shift(QI + b * H * K, tail, h * K + ok, mk, CW)
-    _gdn_tail_shift(KI + b * H * K - H * K, tail, H * K + h * K + ok, mk, CW)
+    _gdn_tail_shift(x, tail, h * K + ok, mk, CW)
+    _gdn_tail_shift(x, tail, H * K + h * K + ok, mk, CW)
     for v0 in tl.range(0, V, BV):
         ov = v0 + tl.arange(0, BV)
-        _gdn_tail_shift(VI + b * H * V - 2 * H * K, tail, 2 * H * K + h * V + ov, ov < V, CW)
+        _gdn_tail_shift(x, tail, 2 * H * K + h * V + ov, ov < V, CW)
     oa = tl.arange(0, BVA)
     ma = oa < V
     o = tl.load(o_base + oa, mask=ma, other=0.0)
     o = o * tl.rsqrt(sumsq / V + norm_eps) * tl.load(NORM_W + oa, mask=ma, other=0.0).to(tl.float32)
-    gate = tl.load(GI + (b * H + h) * V + oa, mask=ma, other=0.0).to(tl.float32)
+    gate = tl.load(x + C + 2 * H + h * V + oa, mask=ma, other=0.0).to(tl.float32)
     o = o * gate * tl.sigmoid(gate)
     tl.store(O + (b * H + h) * V + oa, o.to(O.dtype.element_ty), mask=ma)
 
 
 def gdn_decode_step_launch(
-    qi: Tensor,
-    ki: Tensor,
-    vi: Tensor,
-    ai: Tensor,
-    bi: Tensor,
-    gi: Tensor,
+    x: Tensor,
     conv_weight: Tensor,
     conv_tail: Tensor,
     A_log: Tensor,
@@ -142,17 +134,15 @@ def gdn_decode_step_launch(
     """Launch the kernel (shapes as in ``gdn_decode_step_ref``); writes conv_tail and S in place."""
     B, H, K, V = S.shape
     CW = conv_weight.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
     o32 = torch.empty(B, H, V, dtype=torch.float32, device=S.device)
-    o = torch.empty(B, H * V, dtype=gi.dtype, device=S.device)
+    o = torch.empty(B, H * V, dtype=x.dtype, device=S.device)
     BK = next_pow2(K)
     BV = max(16, min(next_pow2(V), 8192 // BK))
     _gdn_decode_step_kernel[(B, H)](
-        qi,
-        ki,
-        vi,
-        ai,
-        bi,
-        gi,
+        x,
+        x.stride(0),
         conv_weight,
         conv_tail,
         A_log,
@@ -176,12 +166,7 @@ def gdn_decode_step_launch(
 
 
 def gdn_decode_step_ref(
-    qi: Tensor,
-    ki: Tensor,
-    vi: Tensor,
-    ai: Tensor,
-    bi: Tensor,
-    gi: Tensor,
+    x: Tensor,
     conv_weight: Tensor,
     conv_tail: Tensor,
     A_log: Tensor,
@@ -193,14 +178,18 @@ def gdn_decode_step_ref(
 ) -> Tensor:
     """The step in PyTorch, in float32; writes conv_tail and S in place.
 
-    qi, ki: [B, H*K], vi, gi: [B, H*V], ai, bi: [B, H] (projections of the token); conv_weight [C, CW] with
-    C = 2*H*K + H*V; conv_tail [B, C, CW-1] (the last CW-1 conv inputs, oldest first); A_log, dt_bias [H];
-    norm_weight [V]; S [B, H, K, V] float32. Returns o [B, H*V] in gi's dtype: the gated RMSNorm of the
-    delta-rule output, ready for the output projection.
+    x: [B, 2*H*K + 2*H*V + 2*H] the token's projections side by side, [q | k | v | a | b | g] with q, k of H*K,
+    v and the output gate g of H*V, the decay input a and beta's logit b of H (rows may be strided: a slice of a
+    larger projection output); conv_weight [C, CW] with C = 2*H*K + H*V (the q, k, v channels); conv_tail
+    [B, C, CW-1] (the last CW-1 conv inputs, oldest first); A_log, dt_bias [H]; norm_weight [V]; S [B, H, K, V]
+    float32. Returns o [B, H*V] in x's dtype: the gated RMSNorm of the delta-rule output, ready for the output
+    projection.
     """
     B, H, K, V = S.shape
     f = torch.float32
-    u = torch.cat([qi, ki, vi], -1).to(f)  # [B, C]
+    C = 2 * H * K + H * V
+    u, ai, bi, gi = x.split([C, H, H, H * V], -1)
+    u = u.to(f)  # [B, C]
     xe = torch.cat([conv_tail.to(f), u[..., None]], -1)  # [B, C, CW]
     y = (xe * conv_weight.to(f)).sum(-1)
     y = y * torch.sigmoid(y)
@@ -222,19 +211,14 @@ def gdn_decode_step_ref(
     S.copy_(s)
     o = scale * torch.einsum("bhk,bhkv->bhv", q, s)
     o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + norm_eps) * norm_weight.to(f)
-    gate = gi.to(f).view(B, H, V)
-    return (o * F.silu(gate)).reshape(B, H * V).to(gi.dtype)
+    gate = gi.to(f).reshape(B, H, V)
+    return (o * F.silu(gate)).reshape(B, H * V).to(x.dtype)
 
 
 @torch.library.custom_op("mixerzoo::gdn_decode_step", mutates_args=("conv_tail", "S"), device_types="cuda")
 @no_autocast("cuda")
 def _gdn_decode_step_op(
-    qi: Tensor,
-    ki: Tensor,
-    vi: Tensor,
-    ai: Tensor,
-    bi: Tensor,
-    gi: Tensor,
+    x: Tensor,
     conv_weight: Tensor,
     conv_tail: Tensor,
     A_log: Tensor,
@@ -244,35 +228,23 @@ def _gdn_decode_step_op(
     scale: float,
     norm_eps: float,
 ) -> Tensor:
-    return gdn_decode_step_launch(
-        qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-    )
+    return gdn_decode_step_launch(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps)
 
 
 @_gdn_decode_step_op.register_kernel("cpu")
 @no_autocast("cpu")
-def _gdn_decode_step_cpu(
-    qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-):
-    return gdn_decode_step_ref(
-        qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-    )
+def _gdn_decode_step_cpu(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps):
+    return gdn_decode_step_ref(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps)
 
 
 @_gdn_decode_step_op.register_fake
-def _gdn_decode_step_fake(
-    qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-):
-    return gi.new_empty(gi.shape)
+def _gdn_decode_step_fake(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps):
+    B, H, _, V = S.shape
+    return x.new_empty(B, H * V)
 
 
 def gdn_decode_step(
-    qi: Tensor,
-    ki: Tensor,
-    vi: Tensor,
-    ai: Tensor,
-    bi: Tensor,
-    gi: Tensor,
+    x: Tensor,
     conv_weight: Tensor,
     conv_tail: Tensor,
     A_log: Tensor,
@@ -284,13 +256,9 @@ def gdn_decode_step(
     norm_eps: float,
 ) -> Tensor:
     """One gdn decode step between the projections (no autograd; the mixer's inference path). Shapes and
-    semantics as in ``gdn_decode_step_ref``; all inputs contiguous on one device. conv_tail and S are
+    semantics as in ``gdn_decode_step_ref``; on one device, contiguous but for x's rows. conv_tail and S are
     updated in place. Eagerly on CUDA the launcher runs directly (the custom op's dispatch costs host time
     in a decode loop); the op is what torch.compile and the CPU see."""
-    if qi.is_cuda and not torch.compiler.is_compiling():
-        return gdn_decode_step_launch(
-            qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-        )
-    return _gdn_decode_step_op(
-        qi, ki, vi, ai, bi, gi, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps
-    )
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return gdn_decode_step_launch(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps)
+    return _gdn_decode_step_op(x, conv_weight, conv_tail, A_log, dt_bias, norm_weight, S, scale, norm_eps)

@@ -112,7 +112,7 @@ def _gate(g, p_g, m_r, LOGITS: tl.constexpr):
 
 @triton.jit
 def nsa_decode_kernel(
-    q,  # [B, HQ, D]
+    q,  # [B, HQ, D]; STEP: [B, (HQ + 2 HKV) D + 3 HQ] the projections q | k | v | gate logits, rows g_stride apart
     k_cache,  # [B, N, HKV, D] slot p holds position p
     v_cache,  # [B, N, HKV, D]
     k_cmp,  # [B, NC, HKV, D] float32 compressed blocks
@@ -124,8 +124,6 @@ def nsa_decode_kernel(
     o,  # [B, HQ, D] out
     idx,  # [B, HKV, NSEL] int32 out: selected blocks, ascending, -1 padded (None with STEP: not stored)
     s_tmp,  # [B * HKV, G + 1, NC] float32 scratch: scaled compression scores (log2 units), then block importance
-    k_new,  # STEP only (else None), nsa_step_tile's: [B, HKV * D] the token's key and value projections,
-    v_new,
     seen,  # [] int64 the token's slot in the stream, [B] int64 each row's leading padding,
     pad,
     inv_freq,  # [D / 2] float64 RoPE frequencies
@@ -133,7 +131,8 @@ def nsa_decode_kernel(
     NC,
     W,
     qk_scale,  # scale * log2(e)
-    g_stride,  # elements between the gates of consecutive rows (HQ when contiguous)
+    g_stride,  # elements between the gates of consecutive rows (HQ when contiguous); STEP: also between the rows of
+    # the projections (STEP)
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -173,8 +172,8 @@ def nsa_decode_kernel(
     p_row = (i_b * HQ + i_h * G + o_r)[:, None] * D + o_d[None, :]  # [R, DP] offsets into q and o
     if STEP:  # RoPE, the cache write and the completed block's mean first, then attend with the rotated queries
         b_q, t = nsa_step_tile(
-            q, k_new, v_new, seen, pad, inv_freq, k_cache, v_cache, k_cmp, v_cmp, i_b, i_h, o_r, m_r, N, NC,
-            HQ, HKV, G, D, DP, L, BL,
+            q, q + HQ * D, q + (HQ + HKV) * D, g_stride, seen, pad, inv_freq, k_cache, v_cache, k_cmp, v_cmp,
+            i_b, i_h, o_r, m_r, N, NC, HQ, HKV, G, D, DP, L, BL,
         )  # fmt: skip
         t = t.to(tl.int32)
     else:
@@ -306,10 +305,11 @@ def nsa_decode_kernel(
 
     # 6. gated sum, as the mixer's: (g_cmp * o_cmp + g_slc * o_slc) + g_win * o_win in float32
     p_g = i_b * g_stride + i_h * G + o_r
-    if STEP:  # g_cmp: the gate projection's logits [B, 3 * HQ] laid out as "(g h)"
-        b_gc = _gate(g_cmp, p_g, m_r, True)
-        b_gs = _gate(g_cmp, p_g + HQ, m_r, True)
-        b_gw = _gate(g_cmp, p_g + 2 * HQ, m_r, True)
+    if STEP:  # the gate projection's logits [B, 3 * HQ] laid out as "(g h)", after q, k and v in q's rows
+        g_all = q + (HQ + 2 * HKV) * D
+        b_gc = _gate(g_all, p_g, m_r, True)
+        b_gs = _gate(g_all, p_g + HQ, m_r, True)
+        b_gw = _gate(g_all, p_g + 2 * HQ, m_r, True)
     else:
         b_gc = _gate(g_cmp, p_g, m_r, GATE_LOGITS)
         b_gs = _gate(g_slc, p_g, m_r, GATE_LOGITS)
@@ -429,7 +429,7 @@ def nsa_decode_fwd(
     idx = torch.empty(B, k_cache.shape[2], block_count, dtype=torch.int32, device=q.device)
     _launch(
         q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, tiles,
-        q_pos=q_pos, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, idx=idx, k_new=None, v_new=None, seen=None, pad=None,
+        q_pos=q_pos, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win, idx=idx, seen=None, pad=None,
         inv_freq=None, g_stride=g_cmp.stride(0), GATE_LOGITS=gate_logits,
     )  # fmt: skip
     return o, idx
@@ -451,10 +451,7 @@ def _launch(q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, w
 
 
 def nsa_step_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate_logits: Tensor,
+    x: Tensor,
     seen: Tensor,
     pad: Tensor,
     k_cache: Tensor,
@@ -473,25 +470,27 @@ def nsa_step_decode(
     the gates' sigmoid.
 
     Args:
-      q: [B, HQ * D] query projections (before RoPE); k, v: [B, HKV * D]; in the caches' dtype.
-      gate_logits: [B, 3 * HQ] the gate projection "(g h)" (g_cmp, g_slc, g_win), in the caches' dtype.
+      x: [B, HQ * D + 2 * HKV * D + 3 * HQ] the token's projections side by side, in the caches' dtype: the
+        queries (before RoPE), the key, the value, then the gate logits "(g h)" (g_cmp, g_slc, g_win); rows may
+        be strided (a slice of a larger output), columns contiguous.
       seen: [] int64, the token's slot in the stream; pad: [B] int64 leading padding (position = seen - pad[b],
         a real token in every row: the mixer checked that no row ended).
       k_cache, v_cache: [B, N, HKV, D] contiguous (slot = position mod N); k_cmp, v_cmp: [B, N // L, HKV, D]
         contiguous float32 (block i: the mean of positions i*L .. i*L + L - 1, written when position i*L + L - 1
         arrives).
       theta: the RoPE base; block_size, block_count, window_size, scale: as ``nsa_decode``.
-    Returns o [B, HQ, D] in q's dtype. The caller (the mixer, whose state shapes are checked) has checked
+    Returns o [B, HQ, D] in x's dtype. The caller (the mixer, whose state shapes are checked) has checked
     ``nsa_step_supported`` and ``nsa_decode_supported``; nothing is checked here (host time).
     """
-    B, D = q.shape[0], k_cache.shape[3]
-    HQ = q.shape[1] // D
-    q, k, v, gate_logits = q.contiguous(), k.contiguous(), v.contiguous(), gate_logits.contiguous()
-    o = q.new_empty(B, HQ, D)
+    B, HKV, D = x.shape[0], k_cache.shape[2], k_cache.shape[3]
+    HQ = (x.shape[1] - 2 * HKV * D) // (D + 3)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    o = x.new_empty(B, HQ, D)
     _launch(
-        q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, None,
-        q_pos=None, g_cmp=gate_logits, g_slc=None, g_win=None, idx=None, k_new=k, v_new=v, seen=seen, pad=pad,
-        inv_freq=_inv_freq(D, float(theta), q.device), g_stride=3 * HQ, GATE_LOGITS=True, STEP=True,
+        x, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, window_size, scale, None,
+        q_pos=None, g_cmp=None, g_slc=None, g_win=None, idx=None, seen=seen, pad=pad,
+        inv_freq=_inv_freq(D, float(theta), x.device), g_stride=x.stride(0), GATE_LOGITS=True, STEP=True,
         BL=max(_pow2(block_size), 2),
     )  # fmt: skip
     return o

@@ -34,9 +34,10 @@ def _block_mean(cache, cmp, b_new, p_prev, p_blk, m_l, m_d, L: tl.constexpr):
 
 @triton.jit
 def nsa_step_tile(
-    q,  # [B, HQ * D] query projections (before RoPE)
-    k,  # [B, HKV * D]
-    v,  # [B, HKV * D]
+    q,  # [B, HQ * D] query projections (before RoPE), rows x_stride apart
+    k,  # [B, HKV * D], rows x_stride apart
+    v,  # [B, HKV * D], rows x_stride apart
+    x_stride,
     seen,  # [] int64: slot of this token in the stream
     pad,  # [B] int64: leading padding of each row
     inv_freq,  # [D / 2] float64
@@ -67,14 +68,14 @@ def nsa_step_tile(
     o_dp = (o_d + HALF) % D  # the rotation partner of each channel
 
     # the group's queries, rotated, rounded to q's dtype (as the general step's rotated projections)
-    p_q = q + (i_b * HQ + i_h * G + o_r)[:, None] * D
+    p_q = q + i_b * x_stride + (i_h * G + o_r)[:, None] * D
     m_q = m_r[:, None] & m_d[None, :]
     b_q = tl.load(p_q + o_d[None, :], mask=m_q, other=0.0).to(tl.float32)
     b_qp = tl.load(p_q + o_dp[None, :], mask=m_q, other=0.0).to(tl.float32)
     b_q = rope_rotate_half(b_q, b_qp, b_pos, inv_freq, o_d[None, :], m_d[None, :], HALF).to(q.dtype.element_ty)
 
     # the rotated key and the value -> cache slot (position mod N), rounded to the cache's dtype
-    p_kv = i_b * HKV * D + i_h * D
+    p_kv = i_b * x_stride + i_h * D
     b_k = tl.load(k + p_kv + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_kp = tl.load(k + p_kv + o_dp, mask=m_d, other=0.0).to(tl.float32)
     b_k = rope_rotate_half(b_k, b_kp, b_pos, inv_freq, o_d, m_d, HALF).to(k_cache.dtype.element_ty)

@@ -1,13 +1,14 @@
-"""One eager decode step of the softmax-attention mixers (swa, swa_sink, full_attention) in two Triton launches.
+"""One eager decode step of the softmax-attention mixers (swa, swa_sink, full_attention) in one Triton launch.
 
 Between the projections and the output projection, the general path of a one-token step is some twenty to
 fifty small operations (positions, RoPE on q and k, the cache writes, the masks); eagerly, each costs a launch
-of host time. Here one kernel takes the raw projections, the state's ``seen`` and ``pad`` (read on the device,
-never on the host), applies RoPE at the token's position, writes the rotated key, the value and the position
-into the cache slot and returns the rotated queries with their positions; the decode kernel
-(``swa_decode_fwd``) then attends over the cache. Cache layouts: the ring of ``SWAState`` (``ring=True``:
-S sink slots, then W ring slots) or the linear cache of ``FullAttentionState`` (``ring=False``: slot =
-``seen``, read only up to the live slots). See docs/kernels.md.
+of host time. Here one kernel (``attn_decode_step``), one program per (row, KV head), takes the raw
+projections and the state's ``seen`` and ``pad`` (read on the device, never on the host), applies RoPE at the
+token's position, writes the rotated key, the value and the position into the cache slot, and attends with the
+rotated queries over the cache as the decode kernel (``swa_decode_fwd``) does. ``attn_step_write`` is the
+write alone (returning the rotated queries with their positions). Cache layouts: the ring of ``SWAState``
+(``ring=True``: S sink slots, then W ring slots) or the linear cache of ``FullAttentionState`` (``ring=False``:
+slot = ``seen``, read only up to the live slots). See docs/kernels.md.
 
 No custom op: the mixers take this path eagerly only (``torch.compile`` traces their general path), and an
 op's dispatch would cost the host time this saves.
@@ -18,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_int_arg
-from .._triton import HAS_TRITON, cdiv, next_pow2, tl, triton
-from ..rope import _inv_freq, rope_cos_sin
-from .decode import _decode_launch, swa_decode_fwd
+from .._checks import check_int_arg, check_scale
+from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, interpreting, next_pow2, tl, triton
+from ..rope import _inv_freq, rope_cos_sin, rope_rotate_half
+from .decode import _decode_blocks
 from .swa import _SUPPORTED_D
 
 __all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
@@ -45,6 +46,8 @@ def _swa_step_write_kernel(
     N,
     W,
     S,
+    stride_q,
+    stride_x,
     stride_kb,
     stride_kn,
     stride_kh,
@@ -60,7 +63,8 @@ def _swa_step_write_kernel(
     RING: tl.constexpr,
 ):
     # one program per (batch row, block of BH heads): query heads i_h * BH.. and, where they exist, the key/value
-    # heads with the same indices (HKV <= HQ); rows of q [B, HQ * D], k and v [B, HKV * D] (contiguous)
+    # heads with the same indices (HKV <= HQ); rows of q [B, HQ * D] stride_q apart, of k and v [B, HKV * D]
+    # stride_x apart (views of one projection output, or contiguous)
     tl.static_assert(BD * 2 >= D)
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -74,8 +78,9 @@ def _swa_step_write_kernel(
     # queries -> q_rot [B, 1, HQ, D], positions -> q_pos [B, 1]
     m_q = (o_h < HQ)[:, None] & m_d[None, :]
     o_q = i_b * HQ * D + o_h[:, None] * D + o_d[None, :]
-    b_x1 = tl.load(q + o_q, mask=m_q, other=0.0).to(tl.float32)
-    b_x2 = tl.load(q + o_q + HALF, mask=m_q, other=0.0).to(tl.float32)
+    p_q = q + i_b * stride_q + o_h[:, None] * D + o_d[None, :]
+    b_x1 = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+    b_x2 = tl.load(p_q + HALF, mask=m_q, other=0.0).to(tl.float32)
     tl.store(q_rot + o_q, (b_x1 * b_cos - b_x2 * b_sin).to(q_rot.dtype.element_ty), mask=m_q)
     tl.store(q_rot + o_q + HALF, (b_x2 * b_cos + b_x1 * b_sin).to(q_rot.dtype.element_ty), mask=m_q)
     tl.store(q_pos + i_b, b_pos, mask=i_h == 0)
@@ -93,7 +98,7 @@ def _swa_step_write_kernel(
         m_slot = b_seen < N  # never past the capacity (the mixer refuses that step before)
     n_kv = tl.where(m_slot, HKV, 0)
     m_kv = (o_h < n_kv)[:, None] & m_d[None, :]
-    o_kv = i_b * HKV * D + o_h[:, None] * D + o_d[None, :]
+    o_kv = i_b * stride_x + o_h[:, None] * D + o_d[None, :]
     b_k1 = tl.load(k + o_kv, mask=m_kv, other=0.0).to(tl.float32)
     b_k2 = tl.load(k + o_kv + HALF, mask=m_kv, other=0.0).to(tl.float32)
     b_r1 = (b_k1 * b_cos - b_k2 * b_sin).to(k_cache.dtype.element_ty)
@@ -117,6 +122,110 @@ def _swa_step_write_kernel(
         tl.store(p_v + i_sink * stride_vn, b_v1, mask=m_s)
         tl.store(p_v + i_sink * stride_vn + HALF, b_v2, mask=m_s)
         tl.store(pos_cache + i_b * stride_pb + i_sink, b_pos, mask=(i_h == 0) & m_sink)
+
+
+@triton.jit
+def _swa_attn_step_kernel(
+    q,
+    k,
+    v,
+    o,
+    seen,
+    pad,
+    inv_freq,
+    k_cache,
+    v_cache,
+    pos_cache,
+    N,
+    W,
+    S,
+    qk_scale,
+    stride_q,
+    stride_x,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_pb,
+    G: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+    BN: tl.constexpr,
+    PREC: tl.constexpr,
+    RING: tl.constexpr,
+):
+    # the whole step in one program per (batch row, KV head): the writes of _swa_step_write_kernel for this head
+    # (RoPE of its G queries and of the key, the key, value and position into the cache slot), then, after a
+    # barrier, _swa_decode_kernel's attention of the G rotated queries over the cache. Every program of a row
+    # writes the slot's position (the same value), so that each reads its own write back; keys and values are
+    # per head. Rows of q [B, HQ * D] stride_q apart, of k and v [B, HKV * D] stride_x apart; o [B, 1, HQ, D].
+    HALF: tl.constexpr = D // 2
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    b_seen = tl.load(seen)  # int64: slot of this token in the stream (padding included)
+    b_pos = b_seen - tl.load(pad + i_b)  # its position among the row's real tokens
+    o_d = tl.arange(0, D)
+    m_d = o_d < D
+    o_dp = (o_d + HALF) % D  # the rotation partner of each channel
+    o_r = tl.arange(0, BR)
+    m_r = o_r < G
+
+    # the group's queries, rotated and rounded to q's dtype (as the write kernel stores them)
+    p_q = q + i_b * stride_q + (i_hk * G + o_r)[:, None] * D
+    b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_qp = tl.load(p_q + o_dp[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q = rope_rotate_half(b_q, b_qp, b_pos, inv_freq, o_d[None, :], m_d[None, :], HALF).to(q.dtype.element_ty)
+
+    # the key (rotated), the value and the position -> the cache slot; a scalar condition enters a block mask
+    # through the lane bound (see _swa_step_write_kernel)
+    p_x = i_b * stride_x + i_hk * D
+    b_k = tl.load(k + p_x + o_d).to(tl.float32)
+    b_kp = tl.load(k + p_x + o_dp).to(tl.float32)
+    b_kr = rope_rotate_half(b_k, b_kp, b_pos, inv_freq, o_d, m_d, HALF).to(k_cache.dtype.element_ty)
+    b_v = tl.load(v + p_x + o_d).to(v_cache.dtype.element_ty)
+    if RING:
+        i_slot = S + b_seen % W
+        slot_pos = tl.where(b_pos < S, -1, b_pos)  # a sink lives in its sink slot only
+        m_slot = b_seen >= 0
+        n_end = N
+    else:
+        i_slot = b_seen
+        slot_pos = b_pos
+        m_slot = b_seen < N  # never past the capacity (the mixer refuses that step before)
+        n_end = tl.minimum(b_seen + 1, N).to(tl.int32)  # the slots written so far, this one included
+    k_row = k_cache + i_b * stride_kb + i_hk * stride_kh
+    v_row = v_cache + i_b * stride_vb + i_hk * stride_vh
+    pos_row = pos_cache + i_b * stride_pb
+    m_w = o_d < tl.where(m_slot, D, 0)
+    tl.store(k_row + i_slot * stride_kn + o_d, b_kr, mask=m_w)
+    tl.store(v_row + i_slot * stride_vn + o_d, b_v, mask=m_w)
+    tl.store(pos_row + i_slot, slot_pos, mask=m_slot)
+    if RING:
+        # one of the first S real tokens: also its sink slot (slot = position)
+        m_sink = (b_pos >= 0) & (b_pos < S)
+        i_sink = tl.where(m_sink, b_pos, 0)
+        m_s = o_d < tl.where(m_sink, D, 0)
+        tl.store(k_row + i_sink * stride_kn + o_d, b_kr, mask=m_s)
+        tl.store(v_row + i_sink * stride_vn + o_d, b_v, mask=m_s)
+        tl.store(pos_row + i_sink, b_pos, mask=m_sink)
+    tl.debug_barrier()  # the slot written above is read back below, by the program's other threads
+
+    # the attention over the cache, as _swa_decode_kernel's (a non-finite value read again exactly)
+    b_qpos = tl.zeros([BR], dtype=tl.int64) + b_pos
+    acc, m_i, l_i = _decode_blocks(
+        b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
+    )
+    if any_nonfinite(acc):
+        acc, m_i, l_i = _decode_blocks(
+            b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, 16, PREC,
+            EXACT=True,
+        )  # fmt: skip
+    b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    p_o = o + ((i_b * HKV + i_hk) * G + o_r)[:, None] * D + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
 def attn_step_supported(x: Tensor, head_dim: int, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:
@@ -154,7 +263,8 @@ def attn_step_write(
     """RoPE at the token's position, the key, value and position written into the cache (in place).
 
     Args:
-      q: [B, HQ * D] query projection of the token (before RoPE); k, v: [B, HKV * D]; one float dtype.
+      q: [B, HQ * D] query projection of the token (before RoPE); k, v: [B, HKV * D]; one float dtype. Their rows
+        may be strided (column slices of one projection output: k and v with one row stride).
       seen: [] int64, the token's slot in the stream; pad: [B] int64 leading padding (position = seen - pad[b]).
       k_cache, v_cache: [B, N, HKV, D] in q's dtype (last dim contiguous); pos_cache: [B, N] int64.
       theta: the RoPE base. ring: True for the SWAState layout (N = S + W: the token goes to ring slot
@@ -164,12 +274,20 @@ def attn_step_write(
     Returns:
       q_rot: [B, 1, HQ, D] the rotated queries; q_pos: [B, 1] int64 their positions.
     """
-    op = "attn_step_write"
+    _step_checks("attn_step_write", q, k, v, seen, pad, k_cache, v_cache, pos_cache, ring, window_size, num_sinks)
+    return _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks)
+
+
+def _step_checks(op, q, k, v, seen, pad, k_cache, v_cache, pos_cache, ring, window_size, num_sinks) -> None:
+    """The shapes, dtypes and ring arguments of a step (``attn_step_write``, ``attn_decode_step``)."""
     B, N, HKV, D = k_cache.shape
-    if D % 2 or q.dim() != 2 or q.shape[0] != B or q.shape[1] % D or k.shape != (B, HKV * D) or v.shape != k.shape:
+    if (
+        D % 2 or q.dim() != 2 or q.shape[0] != B or q.shape[1] % (D * HKV) or k.shape != (B, HKV * D)
+        or v.shape != k.shape
+    ):  # fmt: skip
         raise ValueError(
-            f"{op}: expected q [B, HQ * D], k and v [B, HKV * D] for caches [B, N, HKV, D] = {list(k_cache.shape)} "
-            f"(D even), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+            f"{op}: expected q [B, HQ * D] (HQ a multiple of HKV), k and v [B, HKV * D] for caches [B, N, HKV, D] = "
+            f"{list(k_cache.shape)} (D even), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
         )
     if v_cache.shape != k_cache.shape or pos_cache.shape != (B, N):
         raise ValueError(
@@ -187,20 +305,24 @@ def attn_step_write(
             f"contiguous head dims and int64 positions; got q {q.dtype}, caches {k_cache.dtype} / {v_cache.dtype}, "
             f"D = {D}, pos_cache {pos_cache.dtype}"
         )
+    check_int_arg(op, "window_size", window_size, minimum=1)
     if ring:
-        check_int_arg(op, "window_size", window_size, minimum=1)
         check_int_arg(op, "num_sinks", num_sinks)
         if num_sinks + window_size != N:
             raise ValueError(f"{op}: a ring cache has N = num_sinks + window_size slots, got N = {N}, "
                              f"num_sinks = {num_sinks}, window_size = {window_size}")  # fmt: skip
-    return _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks)
 
 
 def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks):
     """``attn_step_write`` after its checks (callers that validated their inputs once call this per step)."""
     B, N, HKV, D = k_cache.shape
     HQ = q.shape[1] // D
-    q, k, v, seen, pad = q.contiguous(), k.contiguous(), v.contiguous(), seen.contiguous(), pad.contiguous()
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    if k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
+    if pad.stride(0) != 1:
+        pad = pad.contiguous()
     q_rot = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
     q_pos = torch.empty(B, 1, dtype=torch.int64, device=q.device)
     BD = next_pow2(D // 2)
@@ -220,6 +342,8 @@ def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, 
         N=N,
         W=window_size,
         S=num_sinks if ring else 0,
+        stride_q=q.stride(0),
+        stride_x=k.stride(0),
         stride_kb=k_cache.stride(0),
         stride_kn=k_cache.stride(1),
         stride_kh=k_cache.stride(2),
@@ -236,6 +360,60 @@ def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, 
         num_warps=4 if BH * BD >= 1024 else 1,
     )
     return q_rot, q_pos
+
+
+def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks, scale):
+    """``attn_decode_step`` after its checks, in one launch (``_swa_attn_step_kernel``); a float scale."""
+    B, N, HKV, D = k_cache.shape
+    HQ = q.shape[1] // D
+    G = HQ // HKV
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    if k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
+    if pad.stride(0) != 1:
+        pad = pad.contiguous()
+    o = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
+    BR = max(16, next_pow2(G))
+    interp = interpreting()
+    BN = 64 if (interp or BR * D > 64 * 128) else 128
+    if q.element_size() == 4:
+        BN = min(BN, 8192 // D)  # float32 tiles: as _decode_launch
+    _swa_attn_step_kernel[(B * HKV,)](
+        q,
+        k,
+        v,
+        o,
+        seen,
+        pad,
+        _inv_freq(D, float(theta), q.device),
+        k_cache,
+        v_cache,
+        pos_cache,
+        N,
+        window_size,
+        num_sinks if ring else 0,
+        scale * LOG2E,
+        q.stride(0),
+        k.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        pos_cache.stride(0),
+        G=G,
+        HKV=HKV,
+        D=D,
+        BR=BR,
+        BN=BN,
+        PREC=dot_precision(q),
+        RING=ring,
+        num_warps=4,
+        num_stages=1 if interp else 3,
+    )
+    return o
 
 
 def attn_decode_step(
@@ -255,42 +433,18 @@ def attn_decode_step(
     scale: float | None = None,
     checked: bool = True,
 ) -> Tensor:
-    """One decode step: ``attn_step_write``, then ``swa_decode_fwd`` over the cache (no host read of seen or pad;
-    ``seen`` is not advanced). Arguments as in ``attn_step_write``; ``ring=False`` (full attention) takes a
-    window larger than any distance (e.g. N + 1) and no sinks, and reads the slots below ``seen + 1`` only.
-    ``checked=False`` skips the argument checks (a mixer whose inputs and state were checked, with a float
-    ``scale``): the host time of a decode loop.
+    """One decode step in one launch: what ``attn_step_write`` writes, then what ``swa_decode_fwd`` computes over
+    the cache, by one program per (row, KV head) (no host read of seen or pad; ``seen`` is not advanced).
+    Arguments as in ``attn_step_write``; ``ring=False`` (full attention) takes a window larger than any distance
+    (e.g. N + 1) and no sinks, and reads the slots below ``seen + 1`` only. ``checked=False`` skips the argument
+    checks (a mixer whose inputs and state were checked, with a float ``scale``): the host time of a decode loop.
 
     Returns o: [B, 1, HQ, D] in q's dtype; a query sees slot i iff ``0 <= pos_cache[i] <= q_pos`` and
     (``q_pos - pos_cache[i] < W`` or ``pos_cache[i] < S``).
     """
-    if not checked:
-        caches = (k_cache, v_cache, pos_cache)
-        q_rot, q_pos = _write_launch(q, k, v, seen, pad, *caches, theta, ring, window_size, num_sinks)
-        live = None if ring else seen
-        return _decode_launch(q_rot, k_cache, v_cache, pos_cache, q_pos, window_size, num_sinks, scale, live)
-    q_rot, q_pos = attn_step_write(
-        q,
-        k,
-        v,
-        seen,
-        pad,
-        k_cache,
-        v_cache,
-        pos_cache,
-        theta=theta,
-        ring=ring,
-        window_size=window_size,
-        num_sinks=num_sinks,
-    )
-    return swa_decode_fwd(
-        q_rot,
-        k_cache,
-        v_cache,
-        pos_cache,
-        q_pos,
-        window_size,
-        num_sinks,
-        scale,
-        live=None if ring else seen,
-    )
+    if checked:
+        _, _, _, D = k_cache.shape
+        _step_checks("attn_decode_step", q, k, v, seen, pad, k_cache, v_cache, pos_cache, ring, window_size, num_sinks)
+        scale = check_scale("attn_decode_step", scale, D)
+    caches = (k_cache, v_cache, pos_cache)
+    return _step_launch(q, k, v, seen, pad, *caches, theta, ring, window_size, num_sinks, scale)
