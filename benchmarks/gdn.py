@@ -347,20 +347,30 @@ def sweep_walks(args):
     setting whose tiles do not fit in shared memory is reported and skipped."""
     from mixerzoo.kernels.gdn import chunk as chunk_mod
 
+    points = WALK_BT
+    if args.points:  # --points: SWEEP_T lengths at SWEEP_TOKENS tokens per call, None the packed batch
+        points = tuple((1, None) if T is None else (SWEEP_TOKENS // T, T) for T in args.points)
+    lens = _sweep_lens()
     for H, K, V in args.hkv or WALK_SHAPES:
-        for B, T in WALK_BT:
-            q, k, v, g, beta, _ = inputs(B, T, H, K, V, torch.bfloat16, h0=False, seed=21)
+        for B, T in points:
+            cu = None
+            if T is None:
+                cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+            q, k, v, g, beta, _ = inputs(B, T or SWEEP_TOKENS, H, K, V, torch.bfloat16, h0=False, seed=21)
             do = torch.randn_like(v)
-            chunks = chunk_mod._chunking(B, T, None, k.device)
+            chunks = chunk_mod._chunking(B, T or SWEEP_TOKENS, cu, k.device)
+            N = B if cu is None else len(lens)
             gamma, Ai = chunk_mod._prep(k, g, beta, chunks)
             w, u, _ = chunk_mod._wu(k, v, beta, gamma, Ai, chunks)
-            defaults = {walk: chunk_mod._seq_config(B, H, K, V, None, walk=walk) for walk in ("h", "dh")}
+            defaults = {
+                walk: chunk_mod._seq_config(N, H, K, V, None, walk=walk, varlen=cu is not None) for walk in ("h", "dh")
+            }
             hs, vn, _ = chunk_mod._states(k, w, u, gamma, None, chunks)  # the same values at every setting
-            where = f"H={H} K={K} V={V} B={B} T={T}"
+            where = f"H={H} K={K} V={V} " + (f"B={B} T={T}" if T else f"packed ({len(lens)} sequences)")
             times = {}  # setting -> [h ms, bwd ms], nan where it did not run
             for setting in (*dict.fromkeys(defaults.values()), *(args.seq or SEQ_SWEEP)):  # the defaults first
                 try:
-                    seq = chunk_mod._seq_config(B, H, K, V, setting)  # the full tuple; refuses what it does not take
+                    seq = chunk_mod._seq_config(N, H, K, V, setting)  # the full tuple; refuses what it does not take
                 except ValueError as e:
                     print(f"  {where} seq={setting}: refused: {e}", flush=True)
                     continue
@@ -368,7 +378,7 @@ def sweep_walks(args):
                     continue
                 times[seq] = [float("nan")] * 2
                 bwd = partial(chunk_gdn_bwd, q, k, v, g, beta, K**-0.5, None, do, None, seq=seq, gamma=gamma, Ai=Ai,
-                              states=(w, hs, vn))  # fmt: skip
+                              states=(w, hs, vn), cu_seqlens=cu)  # fmt: skip
                 walks = (partial(chunk_mod._states, k, w, u, gamma, None, chunks, seq=seq), bwd)
                 for i, (name, fn) in enumerate(zip(("h", "bwd"), walks, strict=True)):
                     try:  # each walk on its own: a setting may fit the forward's shared memory, not the backward's
@@ -669,7 +679,8 @@ def main(argv=None) -> int:
         default=None,
         metavar="T|packed,...",
         help="--shapes: only these points of each head shape (lengths among 2048, 8192, 32768, 65536, and 'packed'; "
-        "default all); other points already in the results file are kept",
+        "default all); other points already in the results file are kept. --sweep: time the walks at these points "
+        "(default B = 32 x T = 2048 and B = 1 x T = 65536)",
     )
     ap.add_argument(
         "--seq",
@@ -692,6 +703,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.hkv and not (args.shapes or args.sweep):
         ap.error("--hkv chooses the head shapes of --shapes or --sweep; pass one of them too")
+    if args.points and not (args.shapes or args.sweep):
+        ap.error("--points chooses the points of --shapes or --sweep; pass one of them too")
     if args.seq and not args.sweep:
         ap.error("--seq chooses the settings of --sweep; pass --sweep too")
     if args.kernels and (args.shapes or args.check or args.smoke):
