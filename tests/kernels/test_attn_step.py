@@ -117,9 +117,13 @@ def test_write_matches_general_path(mode, HQ, HKV, D):
     _check_state(mode, st_ref, st, dtype)
 
 
+# the step's groups by default: G = 1 and G = 4 (a tile of 16 rows, one or four of them real); G = 2 in the full run
+STEP_HEADS = [HEADS[0], pytest.param(4, 2, id="g2", marks=pytest.mark.slow), HEADS[2]]
+
+
 @pytest.mark.parametrize("dtype", ATTEND_DTYPES, ids=[str(d).removeprefix("torch.") for d in ATTEND_DTYPES])
 @pytest.mark.parametrize("D", [16, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
-@pytest.mark.parametrize("HQ,HKV", HEADS)
+@pytest.mark.parametrize("HQ,HKV", STEP_HEADS)
 @pytest.mark.parametrize("mode", MODES)
 def test_step_matches_general_path(mode, HQ, HKV, D, dtype):
     """The mixer's fast step (write kernel + decode kernel): output and state equal the general path's;

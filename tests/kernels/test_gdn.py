@@ -252,7 +252,11 @@ def test_bwd_reuses_forward_intermediates(lengths, fuse_wu, monkeypatch):
         chunk_gdn_bwd(*xs, scale, h0, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai[..., :32])
 
 
-@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 64, 64), (1, 37, 2, 128, 64)], ids=str)
+@pytest.mark.parametrize(
+    "B,T,H,K,V",
+    [(2, 1, 2, 64, 64), pytest.param(1, 37, 2, 128, 64, marks=pytest.mark.slow)],  # slow: the packed tests walk T > 1
+    ids=str,
+)
 def test_fused_recurrent(B, T, H, K, V):
     (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
     o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, K**-0.5, h0)
@@ -262,7 +266,6 @@ def test_fused_recurrent(B, T, H, K, V):
     o, s = fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, None)
     o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, K**-0.5, None)
     assert_close("o (no h0)", o_ref, o, torch.float32, **F32)
-
 
 
 def test_fused_recurrent_checks_gates_into_its_flag():
@@ -279,8 +282,10 @@ def test_fused_recurrent_checks_gates_into_its_flag():
         assert ok.item() == 1
         o_ref, _ = fused_recurrent_gdn_fwd(qq, kk, vv, gg, bb, 0.25, None, cu_seqlens=cu)
         assert torch.equal(o, o_ref)  # the check changes nothing else
-        for name, bad in (("g", 0.25), ("g", float("inf")), ("g", float("nan")), ("beta", -0.01), ("beta", 1.5),
-                          ("beta", float("nan"))):  # fmt: skip
+        # each bad kind once across the two layouts
+        bads = ((("g", 0.25), ("g", float("nan")), ("beta", 1.5)) if cu is None
+                else (("g", float("inf")), ("beta", -0.01), ("beta", float("nan"))))  # fmt: skip
+        for name, bad in bads:
             g2, b2 = gg.clone(), bb.clone()
             (g2 if name == "g" else b2)[at] = bad
             ok.fill_(1)
@@ -479,6 +484,7 @@ def test_op_matches_brute_force_with_grads():
         assert_close(name, r, d, torch.float32, **F32)
 
 
+@pytest.mark.slow  # the reference's gradients on the CPU and an opcheck (2 s); test_op_gradcheck opchecks by default
 def test_op_grads_through_one_output():
     """Gradients through o alone and through the final state alone (autograd hands the backward None for the
     other output: its zeros are made there), against the reference; and the forward op under opcheck (schema,
@@ -608,9 +614,17 @@ def test_op_compiles_fullgraph():
 # -- short causal conv ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("T", [1, 2, 70], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("has_init", [False, True], ids=["no_init", "init"])
-@pytest.mark.parametrize("activation", ["silu", None], ids=["silu", "none"])
+# by default three of the twelve cases, which take each of T = 1, 2, 70, with and without an initial state, with
+# and without SiLU; the rest in the slow set
+_CONV_DEFAULT = {(70, True, "silu"), (1, False, "silu"), (2, True, None)}
+_CONV_CASES = [
+    pytest.param(T, init, act, id=f"{act or 'none'}-{'init' if init else 'no_init'}-T{T}",
+                 marks=() if (T, init, act) in _CONV_DEFAULT else pytest.mark.slow)
+    for act in ("silu", None) for init in (False, True) for T in (1, 2, 70)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("T,has_init,activation", _CONV_CASES)
 def test_conv_kernels(T, has_init, activation):
     B, C, W = 2, 40, 4
     gen = torch.Generator().manual_seed(T)

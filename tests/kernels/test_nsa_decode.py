@@ -178,6 +178,7 @@ def test_padding_query_sees_nothing_and_nan_stays_where_it_is_seen():
     assert_close("rows without NaN", o_ref[:2], o[:2], **F32)
 
 
+@pytest.mark.slow  # half precision, as for the other kernels; the default run checks the kernel in float32
 def test_float16():
     positions, N, HQ, HKV, D, L, n, W = [7, 33, 63, 70], 72, 8, 2, 32, 16, 4, 20
     q, k, v, k_cmp, v_cmp, pos, gates = _case(positions, N, HQ, HKV, D, L, seed=5, dtype=torch.float16)
@@ -203,6 +204,7 @@ def test_selection_over_several_tiles():
         assert_close(f"o tiles={cfg}", o_ref, o, **F32)
 
 
+@pytest.mark.slow  # argument checks, opcheck and a compile (1.2 s); the decode op's values are checked by default
 def test_public_op_checks_and_compiles():
     positions, N, HQ, HKV, D, L, n, W = [3, 20], 32, 4, 2, 16, 8, 3, 6
     q, k, v, k_cmp, v_cmp, pos, gates = _case(positions, N, HQ, HKV, D, L, device="cpu")

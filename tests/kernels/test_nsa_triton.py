@@ -92,7 +92,8 @@ def _ref_grads(q, k, v, gates, do, L, n, W, scale):
 CASES = [
     pytest.param(1, 77, 2, 2, 32, 16, 3, 20, marks=pytest.mark.slow, id="G1-T77-D32-n3"),  # fast: brute force G1
     pytest.param(1, 85, 6, 2, 16, 16, 4, 24, marks=pytest.mark.slow, id="G3-T85-D16-n4"),  # fast: brute force G3
-    pytest.param(1, 70, 4, 1, 64, 16, 3, 16, id="G4-T70-D64-n3"),
+    # slow: the brute-force test (G3, T = 53) covers full and partial blocks in the default run, T5 no full block
+    pytest.param(1, 70, 4, 1, 64, 16, 3, 16, marks=pytest.mark.slow, id="G4-T70-D64-n3"),
     pytest.param(1, 72, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T72-D16-n4"),
     pytest.param(2, 90, 16, 1, 16, 16, 4, 33, marks=pytest.mark.slow, id="G16-T90-B2-slow"),
     pytest.param(1, 5, 4, 1, 16, 16, 3, 2, id="G4-T5-noblock"),
@@ -297,6 +298,7 @@ def test_wide_scoring_steps_select_the_same(B, T, HQ, HKV, D, L, n):
         tl_.nsa_tiles(D, 4, L, q.dtype, cmp_split=3)
 
 
+@pytest.mark.slow  # 3 s (two forwards and backwards); nsa_fwd / nsa_bwd make the gates contiguous for the kernels
 def test_gates_may_be_strided_views():
     """The mixer's gates are views of one projection ([B, T, 3 HQ] split by branch: strides 3 HQ, 1): outputs and
     every gradient as with contiguous gates (dQ to float32 rounding: the block-major selection adds its share with
@@ -319,8 +321,8 @@ def test_gates_may_be_strided_views():
 
 
 def test_no_window_branch():
-    # window_size = 0: the window branch is off, its gate gets no gradient
-    q, k, v, gates, do = _inputs(1, 40, 4, 2, 16)
+    # window_size = 0: the window branch is off, its gate gets no gradient (T = 20: one full block and a partial one)
+    q, k, v, gates, do = _inputs(1, 20, 4, 2, 16)
     o, ob, lse, lse_win, idx = nsa_fwd(q, k, v, *gates, 16, 3, 0, 0.25)
     g_off = [gates[0], gates[1], torch.zeros_like(gates[2])]
     o_ref = nsa_attention_ref(q, k, v, *g_off, block_size=16, block_count=3, window_size=1, scale=0.25)
@@ -448,6 +450,7 @@ def test_op_gradcheck_float64():
     )
 
 
+@pytest.mark.slow  # opcheck and a compile (1.5 s); the nsa conformance compiles the mixer by default
 def test_op_opcheck_and_compile():
     q, k, v, gates, do = _inputs(1, 24, 4, 2, 16, device="cpu")
     args = (q, k, v, *gates, 8, 3, 6, 0.25)

@@ -16,6 +16,8 @@ CASES = {
     "shared": (2, 29, 3, 24, 12, 3, 1, True),
     "k5-narrow": (1, 40, 2, 8, 4, 5, 1, False),
     "long-dil": (1, 70, 1, 16, 8, 3, 4, False),
+    # the default run's case: "shared" with two heads and 20 tokens (still two tiles of 16, the second partial)
+    "shared-small": (2, 20, 2, 24, 12, 3, 1, True),
 }
 
 
@@ -42,7 +44,7 @@ def _reference(x, w, b, mask, dy, d, shared):
     return y.detach(), xs.grad, ws.grad, bs.grad
 
 
-@pytest.mark.parametrize("case", [c if c == "shared" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+@pytest.mark.parametrize("case", [c if c == "shared-small" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_kernels_match_the_reference(case):
     x, w, b, mask, dy, d, shared = _inputs(case)
     y_ref, dx_ref, dw_ref, db_ref = _reference(x, w, b, mask, dy, d, shared)

@@ -181,9 +181,7 @@ def repeated(children):
 TREE = st.recursive(leaf(), lambda children: st.one_of(group(children), repeated(children)), max_leaves=12)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(TREE, min_size=1, max_size=4), st.data())
-def test_random_patterns_round_trip(items, data):
+def _check_round_trip(items, data):
     text = items[0][0]
     expected = list(items[0][1])
     for t, l, _ in items[1:]:
@@ -198,6 +196,19 @@ def test_random_patterns_round_trip(items, data):
         for k, v in e.overrides.items():
             w = g.overrides[k]
             assert type(w) is type(v) and (w == v or (isinstance(v, float) and math.isclose(w, v))), (k, v, w)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(TREE, min_size=1, max_size=4), st.data())
+def test_random_patterns_round_trip(items, data):
+    _check_round_trip(items, data)
+
+
+@pytest.mark.slow  # 60 examples (3 s); the default run draws 15
+@settings(max_examples=60, deadline=None)
+@given(st.lists(TREE, min_size=1, max_size=4), st.data())
+def test_random_patterns_round_trip_60_examples(items, data):
+    _check_round_trip(items, data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,9 +409,7 @@ TOKENS = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(CHARS, TOKENS))
-def test_fuzz_parses_or_raises_pattern_error(text):
+def _check_fuzz(text):
     start = time.perf_counter()
     try:
         layers = parse_pattern(text)
@@ -413,3 +422,16 @@ def test_fuzz_parses_or_raises_pattern_error(text):
     # no input makes the parser blow up (a pathological one would take minutes); the bound leaves room for a
     # loaded machine: 0.5 s failed once there on an input that parses in microseconds
     assert time.perf_counter() - start < 5.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(CHARS, TOKENS))
+def test_fuzz_parses_or_raises_pattern_error(text):
+    _check_fuzz(text)
+
+
+@pytest.mark.slow  # 300 examples; the default run draws 100
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(CHARS, TOKENS))
+def test_fuzz_parses_or_raises_pattern_error_300_examples(text):
+    _check_fuzz(text)

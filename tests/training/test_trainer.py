@@ -22,6 +22,7 @@ def _model(pattern: str, vocab: int = 32, seed: int = 0) -> HybridLM:
     return HybridLM(vocab, pattern, hidden_size=32, num_heads=2, mlp_ratio=2.0)
 
 
+@pytest.mark.slow  # 80 training steps (2.4 s); the default run checks the steps themselves (resume, recorded losses)
 def test_tiny_recall_run_learns():
     """A 2-layer stack with attention (a 4-token window to pair each value with its key, then full
     attention) learns power-law MQAR far above chance in 80 steps (0.68 when written)."""
