@@ -595,6 +595,7 @@ def test_sequential_kernel_settings_and_refusal():
         _seq_config(1, 8, 64, 64, (32, True, 8), walk="dh")
 
 
+@pytest.mark.slow  # a compile with autograd (2 s), as the conformance's compile checks
 def test_op_compiles_fullgraph():
     (q, k, v, g, beta), h0 = make_inputs(1, 3, 2, 8, 8, torch.float32, device="cpu")
     q.requires_grad_()
@@ -659,6 +660,7 @@ def test_conv_op_decode_matches_parallel():
     assert torch.isfinite(xs.grad).all()
 
 
+@pytest.mark.slow  # a compile, as the conformance's compile checks
 def test_ops_return_contiguous_outputs_under_compile():
     # the fakes promise contiguous outputs; a view after the op must hold in the compiled graph
     x = torch.randn(2, 12, 3 * 8).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous [2, 12, 24]
