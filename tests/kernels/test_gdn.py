@@ -268,13 +268,14 @@ def test_fused_recurrent(B, T, H, K, V):
     assert_close("o (no h0)", o_ref, o, torch.float32, **F32)
 
 
-def test_fused_recurrent_checks_gates_into_its_flag():
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fixed", "packed"])
+def test_fused_recurrent_checks_gates_into_its_flag(packed):
     # the op's direct path (eager CUDA decode steps) has the kernel check g and beta: ok[0] goes to 0 on a bad
     # value, stays as it was otherwise; fixed-length and packed programs each check the tokens they walk
     (q, k, v, g, beta), h0 = make_inputs(2, 5, 2, 16, 16, torch.float32)
     g, beta = -g.abs(), beta.clamp(0, 1)
     g[0, 0, 0], beta[1, 4, 1] = 0.0, 1.0  # the bounds are allowed
-    cases = [(None, (0, 3, 1)), (cu_of([3, 0, 7], q.device).long(), (0, 8, 1))]
+    cases = [(cu_of([3, 0, 7], q.device).long(), (0, 8, 1))] if packed else [(None, (0, 3, 1))]
     for cu, at in cases:
         qq, kk, vv, gg, bb = ((x if cu is None else x.reshape(1, 10, *x.shape[2:])) for x in (q, k, v, g, beta))
         ok = torch.ones(1, dtype=torch.int32, device=q.device)
@@ -283,8 +284,11 @@ def test_fused_recurrent_checks_gates_into_its_flag():
         o_ref, _ = fused_recurrent_gdn_fwd(qq, kk, vv, gg, bb, 0.25, None, cu_seqlens=cu)
         assert torch.equal(o, o_ref)  # the check changes nothing else
         # each bad kind once across the two layouts
-        bads = ((("g", 0.25), ("g", float("nan")), ("beta", 1.5)) if cu is None
-                else (("g", float("inf")), ("beta", -0.01), ("beta", float("nan"))))  # fmt: skip
+        bads = (
+            (("g", 0.25), ("g", float("nan")), ("beta", 1.5))
+            if cu is None
+            else (("g", float("inf")), ("beta", -0.01), ("beta", float("nan")))
+        )
         for name, bad in bads:
             g2, b2 = gg.clone(), bb.clone()
             (g2 if name == "g" else b2)[at] = bad
