@@ -540,26 +540,27 @@ def step_projections(
     dict with ``assign=True``, a replaced parameter). Linears of another class (a wrapped or parametrized
     projection) or parameters of a tensor subclass are not packed: their outputs are concatenated instead."""
     if torch.compiler.is_compiling():  # traced (a compiled decode step): the plain matmuls, which Inductor may fuse
-        y = torch.cat([m(x) for m in linears], -1)
-        return y if y.dtype == dtype else y.to(dtype)
+        return cast_all(dtype, torch.cat([m(x) for m in linears], -1))[0]
+    return cast_all(dtype, _packed_matmul(owner, key, linears, x))[0]
+
+
+def _packed_matmul(owner: nn.Module, key: str, linears: tuple[nn.Linear, ...], x: Tensor) -> Tensor:
+    """step_projections' matmul in the linears' dtype: through the pack ``owner`` keeps under ``key`` while the
+    parameters are still its views, else packing them again (or concatenating the linears' outputs where they
+    cannot be packed)."""
     packs = owner.__dict__.get("_step_packs")
     rec = None if packs is None else packs.get(key)
-    if rec is not None:
-        w, b, ptrs = rec
-        if _data_ptrs(linears, b is not None) == ptrs:
-            y = F.linear(x, w, b)
-            return y if y.dtype == dtype else y.to(dtype)
+    if rec is not None and _data_ptrs(linears, rec[1] is not None) == rec[2]:
+        return F.linear(x, rec[0], rec[1])
     # never packed inside a CUDA-graph capture: the weights would move into the graph's private memory pool
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     rec = None if capturing else _pack_linears(linears)
     if rec is None:
-        y = torch.cat([m(x) for m in linears], -1)
-    else:
-        if packs is None:
-            packs = owner.__dict__["_step_packs"] = {}  # a plain attribute: neither a buffer nor in state dicts
-        packs[key] = rec
-        y = F.linear(x, rec[0], rec[1])
-    return y if y.dtype == dtype else y.to(dtype)
+        return torch.cat([m(x) for m in linears], -1)
+    if packs is None:
+        packs = owner.__dict__["_step_packs"] = {}  # a plain attribute: neither a buffer nor in state dicts
+    packs[key] = rec
+    return F.linear(x, rec[0], rec[1])
 
 
 def _pack_linears(linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None, tuple[int, ...]] | None:

@@ -238,3 +238,38 @@ def test_mixer_fast_step_on_cuda(mode, D, dtype):
         assert n <= 24, f"{mode}: an eager step on CUDA issued {n} aten ops: {dict(count.ops)}"
         assert_close(f"{mode} step {t}", y_ref.float(), y.float(), dtype)
         _check_state(mode, st_ref, st, dtype)
+
+
+_SM90_COMPILE = """
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mixerzoo.kernels.swa import step as st
+from mixerzoo.kernels.swa.decode import _decode_tiles
+from mixerzoo.kernels._triton import dot_precision
+
+for dtype, G, D, ring in ((torch.bfloat16, 1, 128, True), (torch.bfloat16, 4, 64, False), (torch.float32, 8, 128, True),
+                          (torch.float16, 2, 256, False)):
+    BR, BN, _ = _decode_tiles(G, D, torch.empty(0, dtype=dtype).element_size())
+    consts = dict(G=G, HKV=2, D=D, BR=BR, BN=BN, PREC=dot_precision(torch.empty(0, dtype=dtype)), RING=ring)
+    data = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
+    kinds = {"seen": "*i64", "pad": "*i64", "inv_freq": "*fp64", "pos_cache": "*i64", "qk_scale": "fp32"}
+    params = list(inspect.signature(st._swa_attn_step_kernel.fn).parameters)
+    sig = {p: "constexpr" if p in consts else kinds.get(p, "i32" if p in ("N", "W", "S") or p.startswith("stride")
+                                                  else data) for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+    src = ASTSource(fn=st._swa_attn_step_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=4, num_stages=3)
+    shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+    assert shared <= 227 * 1024, (dtype, shared)
+    print(dtype, f"G={G} D={D} ring={ring}", "step compiled, shared", shared)
+"""
+
+
+@pytest.mark.slow
+def test_step_kernel_compiles_for_sm90(compile_in_child):
+    """The one-launch step kernel compiles for sm_90 at the launcher's tiles (bf16, float32 and float16; G = 1 to 8;
+    head dims 64 to 256; ring and linear caches) within an H100 / H200 block's shared memory. In a child process:
+    the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
+    out = compile_in_child(_SM90_COMPILE)
+    assert out.count("step compiled") == 4, out

@@ -17,7 +17,7 @@ from .._ops import no_autocast
 from .conv import causal_conv1d
 from .fused_recurrent import GATE_CHECK_MAX, fused_recurrent_gdn_fwd, gate_check
 from .reference import _f32 as _acc
-from .reference import gated_delta_rule_ref, gated_delta_rule_varlen_ref
+from .reference import _f32_dtype, gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
 __all__ = ["causal_conv1d", "gated_delta_rule"]
 
@@ -75,11 +75,6 @@ def _gdn_fwd(
     return out if keep_states else (*out, *_no_states(v))
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    # the dtype _acc(x) has (float32, float64 for float64), without converting x
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _no_intermediates(q: Tensor) -> tuple[Tensor, Tensor]:
     # the forward's gamma and Ai where it keeps none
     return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
@@ -115,7 +110,7 @@ def _num_states(k: Tensor, cu_seqlens: Tensor | None) -> int:
 def _(q, k, v, g, beta, initial_state, scale, cu_seqlens, keep_states):
     B, T, H, K = k.shape
     V = v.shape[-1]
-    o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_acc_dtype(v))
+    o, s = v.new_empty(B, T, H, V), v.new_empty(_num_states(k, cu_seqlens), H, K, V, dtype=_f32_dtype(v.dtype))
     if q.device.type == "cpu" or _fused_recurrent(T, cu_seqlens):
         return o, s, *_no_intermediates(q), *_no_states(v)
     gamma, Ai = q.new_empty(B, T, H, dtype=torch.float32), k.new_empty(B, T, H, 64)
@@ -259,7 +254,7 @@ def gated_delta_rule(
     flag = _direct_flag(q, k, v, g, beta, initial_state, T, cu_seqlens)
     scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, gates=flag is None)
     if initial_state is not None:
-        initial_state = initial_state.to(_acc_dtype(v))  # a float32 state under float64 inputs is widened
+        initial_state = initial_state.to(_f32_dtype(v.dtype))  # a float32 state under float64 inputs is widened
     if flag is not None:
         o, final_state = fused_recurrent_gdn_fwd(
             q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flag, checked=True
@@ -321,7 +316,7 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     S, what = (B, "B") if cu_seqlens is None else (cu_seqlens.shape[0] - 1, "N")
     if initial_state is not None:
         check_floats(_OP, initial_state=initial_state)
-        if initial_state.dtype not in (torch.float32, _acc_dtype(v)):
+        if initial_state.dtype not in (torch.float32, _f32_dtype(v.dtype)):
             allowed = "float32" if v.dtype != torch.float64 else "float32 or float64"
             raise TypeError(f"{_OP}: initial_state has dtype {initial_state.dtype}; allowed: {allowed}")
         if initial_state.shape != (S, H, K, v.shape[-1]):
@@ -347,14 +342,13 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     if not gates:
         return scale
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
-    g_msg, b_msg = _G_MSG, _B_MSG
     if g.is_cuda and g.numel() <= GATE_CHECK_MAX and not torch.compiler.is_compiling():
         ok = gate_check(g, beta)  # a decode step: one launch and two asserts instead of ten launches
-        torch._assert_async(ok[0], f"{_OP}: {g_msg}")
-        torch._assert_async(ok[1], f"{_OP}: {b_msg}")
+        torch._assert_async(ok[0], f"{_OP}: {_G_MSG}")
+        torch._assert_async(ok[1], f"{_OP}: {_B_MSG}")
         return scale
-    check_values(_OP, torch.isfinite(g) & (g <= 0), g_msg)
-    check_values(_OP, (beta >= 0) & (beta <= 1), b_msg)
+    check_values(_OP, torch.isfinite(g) & (g <= 0), _G_MSG)
+    check_values(_OP, (beta >= 0) & (beta <= 1), _B_MSG)
     return scale
 
 

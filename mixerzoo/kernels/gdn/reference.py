@@ -28,9 +28,13 @@ __all__ = [
 ]
 
 
-def _f32(x: Tensor) -> Tensor:
+def _f32_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 at least; float64 stays float64 so that gradcheck can run on the reference
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.to(_f32_dtype(x.dtype))
 
 
 def _common(*xs: Tensor | None) -> list[Tensor | None]:

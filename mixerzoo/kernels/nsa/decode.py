@@ -131,8 +131,7 @@ def nsa_decode_kernel(
     NC,
     W,
     qk_scale,  # scale * log2(e)
-    g_stride,  # elements between the gates of consecutive rows (HQ when contiguous); STEP: also between the rows of
-    # the projections (STEP)
+    g_stride,  # elements between the gates of consecutive rows (HQ when contiguous); STEP: between the rows of q
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,

@@ -205,6 +205,19 @@ def swa_decode_fwd(
     return _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale, live)
 
 
+def _decode_tiles(rows: int, D: int, itemsize: int) -> tuple[int, int, bool]:
+    """(BR, BN, interpreting) of a decode program over ``rows`` query rows (a group's heads x queries): rows padded
+    to a tile of at least 16 (tl.dot's smallest M), cache slots per tile."""
+    BR = max(16, next_pow2(rows))
+    interp = interpreting()
+    BN = 64 if (interp or BR * D > 64 * 128) else 128
+    if itemsize == 4:
+        # float32 K and V tiles of 128 slots in 3 stages need 280 KiB of shared memory at D = 128 (an H100 / H200
+        # block may use 227 KiB): at most 8192 / D slots per tile, about 140 KiB (compiled for sm_90)
+        BN = min(BN, 8192 // D)
+    return BR, BN, interp
+
+
 def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale, live):
     """``swa_decode_fwd`` after its checks, with a float scale (callers that validated their inputs once call this
     per step)."""
@@ -216,13 +229,7 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
     o = torch.empty_like(q)
-    BR = max(16, next_pow2(G * TQ))
-    interp = interpreting()
-    BN = 64 if (interp or BR * D > 64 * 128) else 128
-    if q.element_size() == 4:
-        # float32 K and V tiles of 128 slots in 3 stages need 280 KiB of shared memory at D = 128 (an H100 / H200
-        # block may use 227 KiB): at most 8192 / D slots per tile, about 140 KiB (compiled for sm_90)
-        BN = min(BN, 8192 // D)
+    BR, BN, interp = _decode_tiles(G * TQ, D, q.element_size())
     _swa_decode_kernel[(B * HKV,)](
         q=q,
         k=k_cache,

@@ -20,14 +20,30 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int_arg, check_scale
-from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, interpreting, next_pow2, tl, triton
+from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_cos_sin, rope_rotate_half
-from .decode import _decode_blocks
+from .decode import _decode_blocks, _decode_tiles
 from .swa import _SUPPORTED_D
 
 __all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
 
 _STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _step_slot(b_seen, b_pos, N, W, S, RING: tl.constexpr):
+    # where the token at stream slot b_seen (position b_pos) goes: (cache slot, the position stored there, whether
+    # it is written). RING: the SWAState ring, slot S + seen % W, a sink's position -1 there (a sink lives in its
+    # sink slot only); else the linear cache, slot seen, never past the capacity (the mixer refuses that step)
+    if RING:
+        i_slot = S + b_seen % W
+        slot_pos = tl.where(b_pos < S, -1, b_pos)
+        m_slot = b_seen >= 0
+    else:
+        i_slot = b_seen
+        slot_pos = b_pos
+        m_slot = b_seen < N
+    return i_slot, slot_pos, m_slot
 
 
 @triton.jit
@@ -88,14 +104,7 @@ def _swa_step_write_kernel(
     # the key (rotated), the value and the position -> the cache slot
     # a scalar condition enters a block mask through the head bound: Triton 3.9's interpreter turns
     # (bool block & bool scalar) into int32, which tl.store refuses as a mask
-    if RING:
-        i_slot = S + b_seen % W
-        b_kp = tl.where(b_pos < S, -1, b_pos)  # a sink lives in its sink slot only
-        m_slot = b_seen >= 0
-    else:
-        i_slot = b_seen
-        b_kp = b_pos
-        m_slot = b_seen < N  # never past the capacity (the mixer refuses that step before)
+    i_slot, b_kp, m_slot = _step_slot(b_seen, b_pos, N, W, S, RING)
     n_kv = tl.where(m_slot, HKV, 0)
     m_kv = (o_h < n_kv)[:, None] & m_d[None, :]
     o_kv = i_b * stride_x + o_h[:, None] * D + o_d[None, :]
@@ -186,15 +195,10 @@ def _swa_attn_step_kernel(
     b_kp = tl.load(k + p_x + o_dp).to(tl.float32)
     b_kr = rope_rotate_half(b_k, b_kp, b_pos, inv_freq, o_d, m_d, HALF).to(k_cache.dtype.element_ty)
     b_v = tl.load(v + p_x + o_d).to(v_cache.dtype.element_ty)
+    i_slot, slot_pos, m_slot = _step_slot(b_seen, b_pos, N, W, S, RING)
     if RING:
-        i_slot = S + b_seen % W
-        slot_pos = tl.where(b_pos < S, -1, b_pos)  # a sink lives in its sink slot only
-        m_slot = b_seen >= 0
         n_end = N
     else:
-        i_slot = b_seen
-        slot_pos = b_pos
-        m_slot = b_seen < N  # never past the capacity (the mixer refuses that step before)
         n_end = tl.minimum(b_seen + 1, N).to(tl.int32)  # the slots written so far, this one included
     k_row = k_cache + i_b * stride_kb + i_hk * stride_kh
     v_row = v_cache + i_b * stride_vb + i_hk * stride_vh
@@ -313,16 +317,23 @@ def _step_checks(op, q, k, v, seen, pad, k_cache, v_cache, pos_cache, ring, wind
                              f"num_sinks = {num_sinks}, window_size = {window_size}")  # fmt: skip
 
 
-def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks):
-    """``attn_step_write`` after its checks (callers that validated their inputs once call this per step)."""
-    B, N, HKV, D = k_cache.shape
-    HQ = q.shape[1] // D
+def _step_inputs(q: Tensor, k: Tensor, v: Tensor, pad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v and pad as the step kernels read them: columns contiguous, k and v rows one stride apart (column
+    slices of one projection output are taken as they are), pad contiguous."""
     if q.stride(1) != 1:
         q = q.contiguous()
     if k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0):
         k, v = k.contiguous(), v.contiguous()
     if pad.stride(0) != 1:
         pad = pad.contiguous()
+    return q, k, v, pad
+
+
+def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, window_size, num_sinks):
+    """``attn_step_write`` after its checks (callers that validated their inputs once call this per step)."""
+    B, N, HKV, D = k_cache.shape
+    HQ = q.shape[1] // D
+    q, k, v, pad = _step_inputs(q, k, v, pad)
     q_rot = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
     q_pos = torch.empty(B, 1, dtype=torch.int64, device=q.device)
     BD = next_pow2(D // 2)
@@ -367,18 +378,9 @@ def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, w
     B, N, HKV, D = k_cache.shape
     HQ = q.shape[1] // D
     G = HQ // HKV
-    if q.stride(1) != 1:
-        q = q.contiguous()
-    if k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0):
-        k, v = k.contiguous(), v.contiguous()
-    if pad.stride(0) != 1:
-        pad = pad.contiguous()
+    q, k, v, pad = _step_inputs(q, k, v, pad)
     o = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
-    BR = max(16, next_pow2(G))
-    interp = interpreting()
-    BN = 64 if (interp or BR * D > 64 * 128) else 128
-    if q.element_size() == 4:
-        BN = min(BN, 8192 // D)  # float32 tiles: as _decode_launch
+    BR, BN, interp = _decode_tiles(G, D, q.element_size())
     _swa_attn_step_kernel[(B * HKV,)](
         q,
         k,
