@@ -839,11 +839,11 @@ for fn, K, V, store, warps in ((chunk._gdn_chunk_prep_kernel, 64, 64, True, 1),
                                (chunk._gdn_chunk_prep_wu_kernel, 128, 256, True, 4)):
     params = list(inspect.signature(fn.fn).parameters)
     consts = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=V, BT=64, BK=64, BV=64, DOUBLING=True,
-                  STORE_AI=store, PREC="tf32", INV_PREC="tf32", IS_VARLEN=False)
+                  STORE_AI=store, PREC="tf32", INV_PREC="tf32", IS_VARLEN=False, CHECK=True)
     consts = {p: c for p, c in consts.items() if p in params}
     if not store:
         consts["Ai"] = None
-    sig = {p: "constexpr" if p in consts else "i32" if p == "T" else
+    sig = {p: "constexpr" if p in consts else "i32" if p == "T" else "*i32" if p == "ok" else
            "*fp32" if p in ("gamma", "flag") else "*bf16" for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
@@ -908,47 +908,118 @@ def test_fused_prep_wu_compiles_for_sm90(compile_in_child):
     assert out.count("shared") == 3, out
 
 
-def test_gate_check_kernel_flags_each_bad_value():
-    # the one-program value check that replaces ten torch launches for small CUDA inputs (decode steps)
-    from mixerzoo.kernels.gdn.fused_recurrent import GATE_CHECK_MAX, gate_check
+def _chunk_tables_by_torch(cu, T):
+    """The packed batch's chunk tables as the definition gives them: (offsets, indices), spare rows (-1, 0)."""
+    from mixerzoo.kernels.gdn.chunk import chunk_rows
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for dtype in (torch.float32, torch.bfloat16):
-        g = -torch.rand(3, 1100, 2, device=dev).to(dtype)  # 6600 elements: seven blocks of the loop
-        beta = torch.rand(3, 1100, 2, device=dev).to(dtype)
-        g[0, 0, 0], beta[0, 0, 0] = 0.0, 1.0  # the bounds are allowed
-        assert gate_check(g, beta).tolist() == [1, 1]
-        for bad in (0.25, float("inf"), float("-inf"), float("nan")):
-            gb = g.clone()
-            gb[2, 1099, 1] = bad  # the last element
-            assert gate_check(gb, beta).tolist() == [0, 1], bad
-        for bad in (-0.01, 1.5, float("nan")):
-            bb = beta.clone()
-            bb[1, 517, 0] = bad
-            assert gate_check(g, bb).tolist() == [1, 0], bad
-        assert gate_check(g[:, ::2], beta[:, ::2]).tolist() == [1, 1]  # strided views are read as given
-    with pytest.raises(ValueError, match=f"gate_check: g and beta of at most {GATE_CHECK_MAX} elements"):
-        gate_check(torch.zeros(GATE_CHECK_MAX + 1), torch.zeros(GATE_CHECK_MAX + 1))
+    c = cu.long().tolist()
+    N, rows, offsets = len(c) - 1, [], [0]
+    for n in range(N):
+        chunks = -(-(c[n + 1] - c[n]) // 64)
+        rows += [(n, j) for j in range(chunks)]
+        offsets.append(offsets[-1] + chunks)
+    NT = chunk_rows(T, N)
+    rows += [(-1, 0)] * (NT - len(rows))
+    return torch.tensor(offsets, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32).reshape(NT, 2)
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [[5], [64, 0, 65, 1, 0, 128], [0, 0, 0, 300], [1] * 40 + [700] + [63, 129] * 30],
+    ids=["one", "mixed", "empty-first", "many"],
+)
+def test_chunk_tables_and_their_check(lens):
+    # one program builds the packed batch's tables (int32 cu, offsets, the (sequence, chunk) of each row, spare rows
+    # -1) and checks cu_seqlens into ok[1]; a bad cu_seqlens leaves every sequence empty in the tables (nothing is
+    # then read out of bounds before the op's assert); 1,100 entries in "many": more than one block of the scans
+    from mixerzoo.kernels.gdn.chunk import _chunking
+
+    T = sum(lens)
+    for dtype in (torch.int32, torch.int64):
+        cu = cu_of(lens).to(dtype)
+        ok = torch.ones(2, dtype=torch.int32, device=DEVICE)
+        NT, N, cu32, offsets, indices = _chunking(1, T, cu, cu.device, ok)
+        offsets_ref, indices_ref = _chunk_tables_by_torch(cu, T)
+        assert ok.tolist() == [1, 1] and N == len(lens) and cu32.dtype == torch.int32
+        assert torch.equal(cu32.cpu(), cu.int().cpu()) and torch.equal(offsets.cpu(), offsets_ref)
+        assert torch.equal(indices.cpu(), indices_ref)
+    bads = [[1, *cu_of(lens)[1:].tolist()], [*cu_of(lens)[:-1].tolist(), T + 1]]
+    if len(lens) > 2:
+        c = cu_of(lens).tolist()
+        c[2] = c[1] - 1  # a decrease
+        bads.append(c)
+    for bad in bads:
+        ok = torch.ones(2, dtype=torch.int32, device=DEVICE)
+        NT, _, cu32, offsets, indices = _chunking(1, T, torch.tensor(bad, device=DEVICE), DEVICE, ok)
+        assert ok.tolist() == [1, 0], bad
+        assert (cu32 == 0).all() and (offsets == 0).all() and (indices[:, 0] == -1).all(), bad
+        _chunking(1, T, torch.tensor(bad, device=DEVICE), DEVICE)  # without ok: the same tables, nothing stored
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fixed", "packed"])
+def test_chunked_forward_checks_gates_into_its_flag(packed):
+    # the op's chunked CUDA path has the prep kernel check the g and beta it reads: ok[0] goes to 0 on a bad value
+    # (one in the last, partial chunk too), stays as it was otherwise, and the outputs are those of an unchecked call
+    from mixerzoo.kernels.gdn.chunk import _chunking, _prep
+
+    lens = [70, 0, 9]
+    (q, k, v, g, beta), _ = make_inputs(1, 79, 1, 16, 16, torch.float32)  # one head: the interpreter is slow
+    g, beta = -g.abs(), beta.clamp(0, 1)
+    g[0, 0, 0], beta[0, 78, 0] = 0.0, 1.0  # the bounds are allowed
+    cu = cu_of(lens) if packed else None
+    ok = torch.ones(2, dtype=torch.int32, device=q.device)
+    o, s = chunk_gdn_fwd(q, k, v, g, beta, 0.25, None, cu_seqlens=cu, ok=ok)
+    assert ok.tolist() == [1, 1]
+    o_ref, s_ref = chunk_gdn_fwd(q, k, v, g, beta, 0.25, None, cu_seqlens=cu)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)  # the check changes nothing else
+    bads = [("g", 0.25, (0, 3, 0)), ("g", float("-inf"), (0, 77, 0)), ("g", float("nan"), (0, 64, 0))]
+    bads += [("beta", 1.5, (0, 78, 0)), ("beta", -0.01, (0, 40, 0)), ("beta", float("nan"), (0, 70, 0))]
+    chunks = _chunking(*g.shape[:2], cu, q.device)
+    for name, bad, at in bads:  # the prep kernel alone: the one that checks
+        g2, b2 = g.clone(), beta.clone()
+        (g2 if name == "g" else b2)[at] = bad
+        ok.fill_(1)
+        _prep(k, g2, b2, chunks, ok=ok)
+        assert ok.tolist() == [0, 1], (name, bad, at)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_decode_value_checks_stop_the_program():
-    # on a GPU a small call's value checks are device asserts from gate_check: a bad g or beta stops the
-    # program at the next synchronisation (run in a child: the CUDA context dies)
+def test_gpu_value_checks_stop_the_program():
+    # on a GPU the kernels check g, beta and (chunked) cu_seqlens as they read them, and the op's device asserts
+    # stop the program at the next synchronisation (run in a child: the CUDA context dies): a decode step (the
+    # fused recurrence), a fixed-length chunked call and a packed chunked call
     import subprocess
     import sys
 
     code = """
 import torch
 from mixerzoo.kernels.gdn import gated_delta_rule
-q, v = torch.randn(2, 1, 4, 16, device="cuda"), torch.randn(2, 1, 4, 16, device="cuda")
-g, beta = -torch.rand(2, 1, 4, device="cuda"), torch.rand(2, 1, 4, device="cuda")
-gated_delta_rule(q, q, v, g, beta); torch.cuda.synchronize(); print("valid ok", flush=True)
+T, B = {T}, {B}
+q, v = torch.randn(B, T, 4, 16, device="cuda"), torch.randn(B, T, 4, 16, device="cuda")
+g, beta = -torch.rand(B, T, 4, device="cuda"), torch.rand(B, T, 4, device="cuda")
+cu = {cu}
+gated_delta_rule(q, q, v, g, beta, cu_seqlens=cu); torch.cuda.synchronize(); print("valid ok", flush=True)
 {bad}
-gated_delta_rule(q, q, v, g, beta); torch.cuda.synchronize()
+gated_delta_rule(q, q, v, g, beta, cu_seqlens=cu); torch.cuda.synchronize()
 """
-    for bad, msg in (("g[1, 0, 3] = 0.5", "g must be finite and <= 0"), ("beta[0, 0, 0] = 2.0", "beta must be in")):
-        r = subprocess.run([sys.executable, "-c", code.format(bad=bad)], capture_output=True, text=True, timeout=300)
-        assert "valid ok" in r.stdout, r.stderr[-2000:]
-        assert r.returncode != 0, r.stdout
-        assert msg in r.stderr or "device-side assert" in r.stderr, r.stderr[-2000:]
+    shapes = {
+        "step": (1, 2, None),
+        "chunked": (100, 2, None),
+        "packed": (100, 1, "torch.tensor([0, 30, 100], device='cuda')"),
+    }
+    cases = [
+        ("step", "g[1, 0, 3] = 0.5", "g must be finite and <= 0"),
+        ("step", "beta[0, 0, 0] = 2.0", "beta must be in"),
+    ]
+    cases += [
+        ("chunked", "g[1, 99, 3] = float('nan')", "g must be finite"),
+        ("chunked", "beta[0, 70, 1] = -1.0", "beta"),
+    ]
+    cases += [("packed", "cu[1] = 120", "cu_seqlens must start at 0, never decrease")]
+    for shape, bad, msg in cases:
+        T, B, cu = shapes[shape]
+        src = code.format(T=T, B=B, cu=cu, bad=bad)
+        r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=300)
+        assert "valid ok" in r.stdout, (shape, r.stderr[-2000:])
+        assert r.returncode != 0, (shape, bad, r.stdout)
+        assert msg in r.stderr or "device-side assert" in r.stderr, (shape, r.stderr[-2000:])

@@ -15,7 +15,7 @@ from torch import Tensor
 from .._checks import check_floats, check_scale, check_values
 from .._ops import no_autocast
 from .conv import causal_conv1d
-from .fused_recurrent import GATE_CHECK_MAX, fused_recurrent_gdn_fwd, gate_check
+from .fused_recurrent import fused_recurrent_gdn_fwd
 from .reference import _f32 as _acc
 from .reference import _f32_dtype, gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
@@ -61,17 +61,23 @@ def _gdn_fwd(
     ([0]) where there are none: the fused recurrence (short inputs), the CPU reference, the states without
     ``keep_states``; the backward then recomputes what it needs."""
     T = q.shape[1]
+    # g, beta and (chunked) cu_seqlens are checked by the kernels that read them, into the device's flags
+    flags, gates_ok, cu_ok = _device_flags(q.device)
     if _fused_recurrent(T, cu_seqlens):
-        from .fused_recurrent import fused_recurrent_gdn_fwd
-
-        o, ht = fused_recurrent_gdn_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens)
+        o, ht = fused_recurrent_gdn_fwd(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
+        )
+        torch._assert_async(gates_ok, _GATES_MSG)
         return o, ht, *_no_intermediates(q), *_no_states(v)
     from .chunk import chunk_gdn_fwd
 
     out = chunk_gdn_fwd(
         q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, return_intermediates=True,
-        keep_states=keep_states,
+        keep_states=keep_states, ok=flags,
     )  # fmt: skip
+    if cu_seqlens is not None:
+        torch._assert_async(cu_ok, f"{_OP}: {_CU_MSG}")
+    torch._assert_async(gates_ok, _GATES_MSG)
     return out if keep_states else (*out, *_no_states(v))
 
 
@@ -249,55 +255,63 @@ def gated_delta_rule(
         backward, which then does not recompute them.
     """
     T = q.shape[1]
-    # eager CUDA decode steps and short prompts that record no gradient: the fused recurrence without the
-    # custom op's dispatch, its kernel checking g and beta on the way (one launch, one assert)
-    flag = _direct_flag(q, k, v, g, beta, initial_state, T, cu_seqlens)
-    scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, gates=flag is None)
+    scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if initial_state is not None:
         initial_state = initial_state.to(_f32_dtype(v.dtype))  # a float32 state under float64 inputs is widened
-    if flag is not None:
+    if _direct(q, k, v, g, beta, initial_state, T, cu_seqlens):
+        # eager CUDA decode steps and short prompts that record no gradient: the fused recurrence without the
+        # custom op's dispatch, its kernel checking g and beta on the way (one launch, one assert)
+        flags, gates_ok, _ = _device_flags(q.device)
         o, final_state = fused_recurrent_gdn_fwd(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flag, checked=True
+            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
         )
-        torch._assert_async(flag, _GATES_MSG)
+        torch._assert_async(gates_ok, _GATES_MSG)
         return o, (final_state if output_final_state else None)
     # the rest of the outputs: for the backward
     o, final_state, *_ = _gdn_fwd(q, k, v, g, beta, initial_state, scale, cu_seqlens, bool(keep_states))
     return o, (final_state if output_final_state else None)
 
 
-# One int32 flag per CUDA device, 1 until a direct call's kernel meets a bad g or beta and stores 0, at which the
-# assert after it stops the program (the CUDA context does not survive a device assert, so the flag is never
-# reset). Made outside any CUDA-graph capture; captured calls then keep checking through it.
-_GATE_FLAGS: dict[torch.device, Tensor] = {}
+# Two int32 flags per CUDA device, [g and beta valid, cu_seqlens valid]: 1 until a kernel that reads those values
+# meets a bad one and stores 0, at which the assert after it stops the program (the CUDA context does not survive
+# a device assert, so the flags are never reset). Made outside any CUDA-graph capture (a capture that finds none
+# uses fresh ones, filled inside the graph); kept with their two element views, so that a call takes no
+# indexing op to assert on them.
+_FLAGS: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _direct_flag(q, k, v, g, beta, initial_state, T, cu_seqlens) -> Tensor | None:
-    """The device's gate flag when this call takes the direct path (eager CUDA, the fused recurrence's shapes,
-    no gradient to record), else None."""
+def _device_flags(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(flags int32 [2], flags[0], flags[1]) of the device."""
+    flags = _FLAGS.get(device)
+    if flags is None:
+        t = torch.ones(2, dtype=torch.int32, device=device)
+        flags = (t, t[0], t[1])
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # else the graph's pool owns them
+            _FLAGS[device] = flags
+    return flags
+
+
+def _direct(q, k, v, g, beta, initial_state, T, cu_seqlens) -> bool:
+    """Whether this call takes the direct path: eager CUDA, the fused recurrence's shapes, no gradient to
+    record."""
     if not q.is_cuda or not _fused_recurrent(T, cu_seqlens) or torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled() and any(
+        return False
+    return not torch.is_grad_enabled() or not any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)
-    ):  # fmt: skip
-        return None
-    flag = _GATE_FLAGS.get(q.device)
-    if flag is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # not made inside a capture: the graph's memory pool would own it
-        flag = _GATE_FLAGS[q.device] = torch.ones(1, dtype=torch.int32, device=q.device)
-    return flag
+    )
 
 
 _OP = "gated_delta_rule"
 _G_MSG, _B_MSG = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
 _GATES_MSG = f"{_OP}: {_G_MSG} and {_B_MSG}; a value of this call is not"
+_CU_MSG = "cu_seqlens must start at 0, never decrease and end at T"
 
 
-def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, *, gates=True) -> float:
+def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens) -> float:
     """Every argument checked before any launch; returns the scale. Shapes, dtypes and Python values
-    raise at once; tensor values go through ``check_values`` (no host sync); ``gates=False``: g and beta are
-    checked by the kernel (the direct path)."""
+    raise at once. Tensor values: on CUDA the kernels check g, beta and a chunked call's cu_seqlens as they
+    read them (into ``_device_flags``, then one device assert each); elsewhere, and for a packed batch that
+    takes the fused recurrence, they go through ``check_values`` (no host sync on a GPU)."""
     check_floats(_OP, q=q, k=k, v=v)
     for name, x in (("g", g), ("beta", beta)):
         check_floats(_OP, **{name: x})
@@ -312,7 +326,7 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
         if x.shape != (B, T, H):
             raise ValueError(f"{_OP}: {name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        _check_cu_seqlens(cu_seqlens, B, T, values=not (k.is_cuda and not _fused_recurrent(T, cu_seqlens)))
     S, what = (B, "B") if cu_seqlens is None else (cu_seqlens.shape[0] - 1, "N")
     if initial_state is not None:
         check_floats(_OP, initial_state=initial_state)
@@ -339,20 +353,15 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
             f"{_OP}: output_final_state must be a bool, got {type(output_final_state).__name__} {output_final_state!r}"
         )
     scale = check_scale(_OP, scale, K)
-    if not gates:
+    if g.is_cuda:
         return scale
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
-    if g.is_cuda and g.numel() <= GATE_CHECK_MAX and not torch.compiler.is_compiling():
-        ok = gate_check(g, beta)  # a decode step: one launch and two asserts instead of ten launches
-        torch._assert_async(ok[0], f"{_OP}: {_G_MSG}")
-        torch._assert_async(ok[1], f"{_OP}: {_B_MSG}")
-        return scale
     check_values(_OP, torch.isfinite(g) & (g <= 0), _G_MSG)
     check_values(_OP, (beta >= 0) & (beta <= 1), _B_MSG)
     return scale
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
+def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, *, values: bool = True) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{_OP}: cu_seqlens must be a 1-D int32 or int64 tensor [N + 1] with N >= 1, got "
@@ -363,7 +372,9 @@ def _check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> None:
             f"{_OP}: with cu_seqlens the sequences are packed along T, so the batch size must be 1 "
             f"(q, k, v [1, T_total, H, .]), got B={B}"
         )
-    msg = f"cu_seqlens must start at 0, never decrease and end at T = {T}"
+    if not values:
+        return  # the chunk-table kernel checks them
+    msg = f"{_CU_MSG} = {T}"
     ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() >= 0).all()
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(ok):
         c = cu_seqlens.tolist()  # on the CPU the values can go into the message at no cost

@@ -111,11 +111,20 @@ def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                 DOUBLING: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):  # fmt: skip
+def _bad_gates(b_g, b_b):
+    # how many of a block's (g, beta) pairs fail the op's rule: g finite and <= 0, beta in [0, 1] (NaN fails;
+    # x - x is 0 exactly when x is finite)
+    good = (b_g - b_g == 0.0) & (b_g <= 0.0) & (b_b >= 0.0) & (b_b <= 1.0)
+    return tl.sum(tl.where(good, 0, 1), 0)
+
+
+@triton.jit
+def _prep_blocks(k, g, beta, gamma, ok, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK: tl.constexpr,
+                 DOUBLING: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
     # gamma = cumsum(g) in the chunk (stored), and Ai = (I + A)^-1 from 16x16 diagonal inverses merged blockwise,
     # kept in registers: returns the chunk's four 16-row blocks of gamma and beta and the ten blocks of Ai on
-    # and below the diagonal (row block first: t10 is rows 16..31, columns 0..15)
+    # and below the diagonal (row block first: t10 is rows 16..31, columns 0..15). CHECK: the op's value check
+    # of the g and beta read here (finite g <= 0, beta in [0, 1], NaN failing), 0 stored into ok[0] on a bad one
     tl.static_assert(BT == 64)  # the chunk is solved as four 16-row blocks
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
@@ -140,6 +149,9 @@ def _prep_blocks(k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT: tl.constexpr, BK
     b_b1 = tl.load(p_beta + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
     b_b2 = tl.load(p_beta + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
     b_b3 = tl.load(p_beta + o_t3 * H, mask=m_t3, other=0.0).to(tl.float32)
+    if CHECK:  # masked rows read 0.0, which passes
+        n_bad = _bad_gates(b_g0, b_b0) + _bad_gates(b_g1, b_b1) + _bad_gates(b_g2, b_b2) + _bad_gates(b_g3, b_b3)
+        tl.store(ok, 0, mask=n_bad > 0)
 
     # k_a k_b^T for the ten blocks on and below the diagonal, accumulated over K
     b_a00 = tl.zeros([16, 16], dtype=tl.float32)
@@ -230,6 +242,7 @@ def _gdn_chunk_prep_kernel(
     beta,
     gamma,
     Ai,
+    ok,
     cu_seqlens,
     chunk_indices,
     T,
@@ -241,6 +254,7 @@ def _gdn_chunk_prep_kernel(
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
     # gamma [B, T, H] float32 and Ai [B, T, H, BT] in k's dtype (the unfused forward: _gdn_chunk_wu_kernel reads Ai)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -249,7 +263,7 @@ def _gdn_chunk_prep_kernel(
     if IS_VARLEN and i_n < 0:  # a spare row of the packed batch's worst-case grid
         return
     (_, _, _, _, _, _, _, _, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
-        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC
+        k, g, beta, gamma, ok, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC, CHECK
     )
     _store_ai(Ai, b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33, bos, i_h, i_t, T, H, BT)
 
@@ -376,6 +390,7 @@ def _gdn_chunk_prep_wu_kernel(
     w,
     u,
     flag,
+    ok,
     cu_seqlens,
     chunk_indices,
     T,
@@ -390,6 +405,7 @@ def _gdn_chunk_prep_wu_kernel(
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
     # _gdn_chunk_prep_kernel and _gdn_chunk_wu_kernel in one program: Ai stays in registers (stored only with
     # STORE_AI, for the backward), and W, U are made from its 16x16 blocks; the same gamma, W, U and flag
@@ -400,7 +416,7 @@ def _gdn_chunk_prep_wu_kernel(
         return
     (b_c0, b_c1, b_c2, b_c3, b_b0, b_b1, b_b2, b_b3,
      b_t00, b_t10, b_t11, b_t20, b_t21, b_t22, b_t30, b_t31, b_t32, b_t33) = _prep_blocks(
-        k, g, beta, gamma, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC
+        k, g, beta, gamma, ok, bos, i_h, i_t, T, H, K, BT, BK, DOUBLING, PREC, INV_PREC, CHECK
     )  # fmt: skip
     o_r = tl.arange(0, 16)
     o_t0 = i_t * BT + o_r
@@ -1121,7 +1137,54 @@ def chunk_rows(T: int, num_seqs: int | None) -> int:
     return -(-T // BT) if num_seqs is None else (T + (BT - 1) * num_seqs) // BT
 
 
-def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
+@triton.jit
+def _gdn_chunk_table_kernel(cu_in, cu, offsets, indices, ok, N, T, NT, STEPS, BT: tl.constexpr, BLOCK: tl.constexpr,
+                        CHECK: tl.constexpr):  # fmt: skip
+    # one program builds a packed batch's chunk tables (see _chunking) from cu_in [N + 1] (int32 or int64):
+    # 1. is cu_in valid (0 = c_0 <= c_1 <= ... <= c_N = T)? With CHECK, 0 into ok[1] if not;
+    # 2. cu = cu_in as int32, or all zeros when it is not valid (every sequence empty: every later kernel then
+    #    reads nothing out of bounds before the op's assert stops the program); offsets [N + 1], the exclusive
+    #    running sum of cdiv(L_n, BT);
+    # 3. indices [NT, 2]: row r holds (n, r - offsets[n]) for the last n with offsets[n] <= r (a binary search
+    #    of STEPS halvings), or (-1, 0) past offsets[N] (spare rows)
+    n_bad = 0
+    for start in range(0, N + 1, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o <= N
+        c = tl.load(cu_in + o, mask=m, other=0)
+        prev = tl.load(cu_in + o - 1, mask=m & (o > 0), other=0)
+        bad = m & ((c < prev) | ((o == 0) & (c != 0)) | ((o == N) & (c != T)))
+        n_bad += tl.sum(bad.to(tl.int32), 0)
+    if CHECK:
+        tl.store(ok + 1, 0, mask=n_bad > 0)
+    valid = n_bad == 0
+    tl.store(offsets, 0)
+    carry = 0
+    for start in range(0, N + 1, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        c = tl.where(valid, tl.load(cu_in + o, mask=o <= N, other=0), 0).to(tl.int32)
+        tl.store(cu + o, c, mask=o <= N)
+        nxt = tl.where(valid, tl.load(cu_in + o + 1, mask=o < N, other=0), 0).to(tl.int32)
+        n_chunks = tl.where(o < N, (nxt - c + BT - 1) // BT, 0)
+        tl.store(offsets + o + 1, carry + tl.cumsum(n_chunks, 0), mask=o < N)
+        carry += tl.sum(n_chunks, 0)
+    tl.debug_barrier()  # the offsets above are read back by other threads of this program
+    for start in range(0, NT, BLOCK):
+        r = start + tl.arange(0, BLOCK)
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = tl.zeros([BLOCK], dtype=tl.int32) + N
+        for _ in range(STEPS):  # invariant: offsets[lo] <= r, and the answer is <= hi
+            mid = (lo + hi + 1) // 2
+            up = tl.load(offsets + mid) <= r
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid - 1)
+        spare = lo >= N
+        first = tl.load(offsets + lo)
+        tl.store(indices + 2 * r, tl.where(spare, -1, lo), mask=r < NT)
+        tl.store(indices + 2 * r + 1, tl.where(spare, 0, r - first), mask=r < NT)
+
+
+def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device, ok: Tensor | None = None):
     """How the chunk grid maps onto the batch: (NT, N, cu, offsets, indices).
 
     Fixed length: NT = cdiv(T, 64) chunks per sequence, N = B sequences, no tables. Packed batch (B = 1):
@@ -1129,20 +1192,23 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device):
     (and in hs / dhs); indices [NT, 2] int32, (sequence, chunk in it) per row, sequence -1 on spare rows.
     The grid is the worst case, NT = (T + 63 N) // 64 >= sum_n cdiv(L_n, 64), and spare programs exit at
     once: no device-to-host sync, so a varlen call stays asynchronous and CUDA-graph capturable, for at
-    most N idle programs per kernel.
+    most N idle programs per kernel. One launch (``_gdn_chunk_table_kernel``) builds the tables and checks
+    cu_seqlens' values: with ``ok`` (int32 [2]) it stores 0 into ok[1] when they are not valid, and then
+    every sequence is empty in the tables, so the kernels that follow read nothing out of bounds.
     """
     if cu_seqlens is None:
         return chunk_rows(T, None), B, None, None, None
-    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
-    N = cu.numel() - 1
-    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT  # [N]
-    offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])  # [N + 1]
+    cu_in = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
+    N = cu_in.numel() - 1
     NT = chunk_rows(T, N)
-    rows = torch.arange(NT, device=device, dtype=offsets.dtype)
-    seq = torch.searchsorted(offsets[1:], rows, right=True)  # n with offsets[n] <= row < offsets[n + 1]
-    seq_in = seq.clamp(max=N - 1)
-    indices = torch.stack([torch.where(seq < N, seq_in, -1), rows - offsets[seq_in]], dim=1)  # [NT, 2]
-    return NT, N, cu, offsets.to(torch.int32), indices.to(torch.int32).contiguous()
+    cu = torch.empty(N + 1, device=device, dtype=torch.int32)
+    offsets = torch.empty(N + 1, device=device, dtype=torch.int32)
+    indices = torch.empty(NT, 2, device=device, dtype=torch.int32)
+    _gdn_chunk_table_kernel[(1,)](
+        cu_in, cu, offsets, indices, ok, N, T, NT, N.bit_length(), BT=BT, BLOCK=1024, CHECK=ok is not None,
+        num_warps=8,
+    )  # fmt: skip
+    return NT, N, cu, offsets, indices
 
 
 _PREP_KEYS = ("BK", "num_warps", "INV_PREC", "DOUBLING")
@@ -1170,24 +1236,25 @@ def _prep_config(dtype: torch.dtype, config: dict | None = None, doubling: bool 
     return cfg
 
 
-def _prep(k, g, beta, chunks, *, doubling=None, config=None, ai_dtype=None):
+def _prep(k, g, beta, chunks, *, doubling=None, config=None, ai_dtype=None, ok=None):
     # the two-kernel form's first kernel: (gamma float32 [B, T, H], Ai [B, T, H, BT] in k's dtype, which is the
     # precision every later kernel reads it in; ``ai_dtype`` another, for benchmarks/gdn_prep.py's error of the
-    # solve itself in float32)
+    # solve itself in float32). ``ok``: int32 [>= 1] into whose ok[0] a bad g or beta stores 0 (the op's check)
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     gamma = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     Ai = torch.empty(B, T, H, BT, device=k.device, dtype=ai_dtype or k.dtype)
     _gdn_chunk_prep_kernel[(NT, B * H)](
-        k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K, BT=BT,
-        PREC=dot_precision(k), IS_VARLEN=cu is not None, **_prep_config(k.dtype, config, doubling),
+        k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, ok=ok, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K,
+        BT=BT, PREC=dot_precision(k), IS_VARLEN=cu is not None, CHECK=ok is not None,
+        **_prep_config(k.dtype, config, doubling),
     )  # fmt: skip
     return gamma, Ai
 
 
-def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, config=None):
+def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, config=None, ok=None):
     # prep and wu as one kernel, the inverse kept in registers: (gamma, Ai or None, W, U, flag); Ai [B, T, H, BT]
-    # in k's dtype only with store_ai
+    # in k's dtype only with store_ai; ``ok`` as _prep's
     B, T, H, K = k.shape
     NT, _, cu, _, indices = chunks
     dev = k.device
@@ -1200,9 +1267,9 @@ def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, conf
     if "num_warps" not in (config or {}):
         cfg["num_warps"] = 4  # one warp suits the inverse alone, not the W, U products that follow it here
     _gdn_chunk_prep_wu_kernel[(NT, B * H)](
-        k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
-        H=H, K=K, V=v.shape[-1], BT=BT, BV=64, STORE_AI=store_ai, PREC=dot_precision(k),
-        IS_VARLEN=cu is not None, **cfg,
+        k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, ok=ok, cu_seqlens=cu,
+        chunk_indices=indices, T=T, H=H, K=K, V=v.shape[-1], BT=BT, BV=64, STORE_AI=store_ai, PREC=dot_precision(k),
+        IS_VARLEN=cu is not None, CHECK=ok is not None, **cfg,
     )  # fmt: skip
     return gamma, Ai, w, u, flag
 
@@ -1275,15 +1342,16 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
 
 
 def _forward_intermediates(q, k, v, g, beta, initial_state, chunks, *, seq=None, doubling=None, fuse_wu=False,
-                           need_ai=False):  # fmt: skip
+                           need_ai=False, ok=None):  # fmt: skip
     # (gamma, Ai, W, hs, Vn, final state, non-finite flags); Ai [B, T, H, BT] in k's dtype, only with need_ai (the
     # backward) or unfused, else None. fuse_wu: prep and wu as one kernel, the inverse kept in registers.
-    # Unfused, the part after prep (_wu_states) also runs alone: the backward given the forward's gamma and Ai
+    # Unfused, the part after prep (_wu_states) also runs alone: the backward given the forward's gamma and Ai.
+    # ``ok``: the gate check's flag (_prep)
     if fuse_wu:
-        gamma, Ai, w, u, flag = _prep_wu_fused(k, v, g, beta, chunks, doubling=doubling, store_ai=need_ai)
+        gamma, Ai, w, u, flag = _prep_wu_fused(k, v, g, beta, chunks, doubling=doubling, store_ai=need_ai, ok=ok)
         hs, vn, ht = _states(k, w, u, gamma, initial_state, chunks, seq=seq)
         return gamma, Ai, w, hs, vn, ht, flag
-    gamma, Ai = _prep(k, g, beta, chunks, doubling=doubling)
+    gamma, Ai = _prep(k, g, beta, chunks, doubling=doubling, ok=ok)
     return (gamma, Ai) + _wu_states(k, v, beta, gamma, Ai, initial_state, chunks, seq=seq)
 
 
@@ -1323,11 +1391,15 @@ def chunk_gdn_fwd(
     fuse_wu: bool = False,
     return_intermediates: bool = False,
     keep_states: bool = False,
+    ok: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). With ``cu_seqlens`` [N + 1]
     (int32 or int64, 0 = c_0 <= ... <= c_N = T, on q's device) the batch is packed: B = 1, sequence n is
-    tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]; values are not validated here.
+    tokens c_n ... c_{n+1} - 1, and the states are [N, H, K, V]. ``ok``: None (values not validated), or an
+    int32 tensor [2] on q's device into which the kernels store 0 at ok[0] when a g is not finite or > 0 or a
+    beta is outside [0, 1] (NaN included), and at ok[1] when cu_seqlens is not as above (the tables then hold
+    every sequence empty); left as it is otherwise: the op's value checks, made without launches of their own.
     ``seq`` overrides the (BV, prefetch, num_warps[, num_stages]) of the sequential kernels (benchmarks sweep it).
     ``doubling`` True inverts the 16x16 diagonal blocks by repeated squaring, False by row substitution; None
     (the default) takes the prep kernel's launch settings' choice (``_prep_config``: doubling for bf16).
@@ -1348,11 +1420,11 @@ def chunk_gdn_fwd(
         initial_state = initial_state.contiguous()
     B, T, H, K = k.shape
     V = v.shape[-1]
-    chunks = _chunking(B, T, cu_seqlens, k.device)
+    chunks = _chunking(B, T, cu_seqlens, k.device, ok)
     NT, _, cu, _, indices = chunks
     gamma, Ai, w, hs, vn, ht, flag = _forward_intermediates(
         q, k, v, g, beta, initial_state, chunks, seq=seq, doubling=doubling, fuse_wu=fuse_wu,
-        need_ai=return_intermediates,
+        need_ai=return_intermediates, ok=ok,
     )  # fmt: skip
     o = torch.empty_like(v)
     BV = _out_cols(V)

@@ -13,11 +13,7 @@ from torch import Tensor
 from .._checks import check_floats
 from .._triton import cdiv, next_pow2, tl, triton
 
-__all__ = ["GATE_CHECK_MAX", "fused_recurrent_gdn_fwd", "gate_check"]
-
-# gate_check's single program reads up to this many elements of g (decode steps and short prompts: a few
-# microseconds); larger inputs are checked by torch ops, whose launches no longer matter there
-GATE_CHECK_MAX = 1 << 16
+__all__ = ["fused_recurrent_gdn_fwd"]
 
 
 @triton.jit
@@ -90,33 +86,6 @@ def _gdn_fused_recurrent_fwd_kernel(
     tl.store(ht + p_h, b_h, mask=m_h)
     if CHECK:
         tl.store(ok, 0, mask=n_bad > 0)
-
-
-@triton.jit
-def _gdn_gate_check_kernel(g, beta, ok, N, BLOCK: tl.constexpr):
-    # one program: ok[0] = every g finite and <= 0, ok[1] = every beta in [0, 1] (NaN fails both)
-    bad_g = tl.zeros([BLOCK], dtype=tl.int32)
-    bad_b = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < N
-        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
-        b_b = tl.load(beta + offs, mask=m, other=0.0).to(tl.float32)
-        bad_g += tl.where((b_g - b_g == 0.0) & (b_g <= 0.0), 0, 1)  # x - x is 0 exactly when x is finite
-        bad_b += tl.where((b_b >= 0.0) & (b_b <= 1.0), 0, 1)
-    tl.store(ok, (tl.sum(bad_g, 0) == 0).to(tl.int32))
-    tl.store(ok + 1, (tl.sum(bad_b, 0) == 0).to(tl.int32))
-
-
-def gate_check(g: Tensor, beta: Tensor) -> Tensor:
-    """int32 [2] on g's device: [every g finite and <= 0, every beta in [0, 1]] (1: holds), for inputs of at most
-    GATE_CHECK_MAX elements. One launch and no host sync, for the op's value checks where a few torch ops
-    per check would cost more than the step they guard (a decode step)."""
-    if g.numel() > GATE_CHECK_MAX or beta.numel() != g.numel():
-        raise ValueError(f"gate_check: g and beta of at most {GATE_CHECK_MAX} elements each, got {g.numel()}")
-    ok = torch.empty(2, dtype=torch.int32, device=g.device)
-    _gdn_gate_check_kernel[(1,)](g.contiguous(), beta.contiguous(), ok, g.numel(), BLOCK=1024)
-    return ok
 
 
 def fused_recurrent_gdn_fwd(
