@@ -519,15 +519,20 @@ def bench_shapes(args):
                 cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
             xs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
             do = torch.randn_like(v)
+            fns = {name: make(cu) for name, make in impls.items()}
+            runs = {name: ([], []) for name in impls}
+            for _ in range(args.rounds):  # the two implementations in turn, so that a drift of the clocks hits both
+                for name, fn in fns.items():
+                    with torch.no_grad():
+                        runs[name][0].append(time_ms(partial(fn, q, k, v, g, beta), warmup=3, repeat=args.repeat))
+                    runs[name][1].append(time_ms(partial(_fwd_bwd_step, fn, xs, do), warmup=2, repeat=args.repeat))
             times = {}
-            for name, make in impls.items():
-                fn = make(cu)
-                with torch.no_grad():
-                    fwd = time_ms(partial(fn, q, k, v, g, beta), warmup=3, repeat=args.repeat)
-                fb = time_ms(partial(_fwd_bwd_step, fn, xs, do), warmup=2, repeat=args.repeat)
+            for name in impls:
+                fwd, fb = (sorted(r)[len(r) // 2] for r in runs[name])  # the median round
                 times[name] = (fwd, fb)
                 shape = "packed" if T is None else "fixed"
                 note = f"shape sweep, {shape}" + (f", {len(lens)} sequences of 64 to 16384" if T is None else "")
+                note += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
                 rows.append(
                     dict(op="gdn_shapes", impl=name, T=T or SWEEP_TOKENS, B=B, H=H, K=K, V=V, D=K, packed=T is None,
                          fwd_ms=round(fwd, 4), fwdbwd_ms=round(fb, 4), note=note + (fla_note if name == "fla" else ""))
@@ -536,6 +541,10 @@ def bench_shapes(args):
             where = f"H={H} K={K} V={V} " + ("packed" if T is None else f"B={B} T={T}")
             ratios.append((fb_fla / fb_ours, f_fla / f_ours, where))
             print(f"  {ratios[-1][2]:34s} fla/ours fwd {ratios[-1][1]:.2f}x, fwd+bwd {ratios[-1][0]:.2f}x", flush=True)
+            if args.rounds > 1:  # each round's figures, to show the spread behind the medians
+                print("    rounds (fwd ms, fwd+bwd ms): " + "; ".join(
+                    f"{name} " + " ".join(f"{f:.3f}/{b:.3f}" for f, b in zip(*runs[name], strict=True)) for name in runs
+                ), flush=True)  # fmt: skip
             del q, k, v, g, beta, xs, do
             torch.cuda.empty_cache()
             # each point as it is measured: a run stopped by a time limit keeps what it measured, and a run of
@@ -700,11 +709,19 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--skip-decode", action="store_true", help="benchmark: leave out the decode step")
     ap.add_argument("--repeat", type=int, default=20, help="benchmark: timed calls per figure (default 20)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--shapes: rounds per point, mixerzoo and fla timed in turn; each figure the median round (default 3)",
+    )
     args = ap.parse_args(argv)
     if args.hkv and not (args.shapes or args.sweep):
         ap.error("--hkv chooses the head shapes of --shapes or --sweep; pass one of them too")
     if args.points and not (args.shapes or args.sweep):
         ap.error("--points chooses the points of --shapes or --sweep; pass one of them too")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.seq and not args.sweep:
         ap.error("--seq chooses the settings of --sweep; pass --sweep too")
     if args.kernels and (args.shapes or args.check or args.smoke):
