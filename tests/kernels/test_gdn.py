@@ -488,6 +488,59 @@ def test_op_matches_brute_force_with_grads():
         assert_close(name, r, d, torch.float32, **F32)
 
 
+@pytest.mark.parametrize("lengths", [None, pytest.param([5, 0, 66], marks=pytest.mark.slow)], ids=["fixed", "packed"])
+def test_eager_function_matches_the_op(lengths):
+    """Eager CUDA calls that record gradients run the op's two CUDA bodies under a plain autograd function
+    (_EagerGatedDeltaRule), without the custom op's dispatch. Its bodies run here in the interpreter, against the
+    op on the CPU (the reference): output, final state and every gradient, the initial state's included, and the
+    kept intermediates marked non-differentiable; through the final state alone too (o gets no gradient)."""
+    from mixerzoo.kernels.gdn import _EagerGatedDeltaRule
+
+    if lengths is None:
+        (q, k, v, g, beta), h0 = make_inputs(1, 70, 1, 16, 16, torch.float32, device="cpu")
+        cu = None
+    else:
+        (q, k, v, g, beta), h0 = varlen_inputs(lengths, 16, 16, torch.float32, device="cpu")
+        cu = cu_of(lengths, "cpu")
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    ys = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_ref, s_ref = gated_delta_rule(*xs[:5], scale=0.25, initial_state=xs[5], output_final_state=True, cu_seqlens=cu)
+    o, s, *kept = _EagerGatedDeltaRule.apply(*ys, 0.25, cu, True)
+    assert len(kept) == 5 and not any(t.requires_grad for t in kept)
+    do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    assert_close("o", o_ref, o, torch.float32, **F32)
+    assert_close("final_state", s_ref, s, torch.float32, **F32)
+    ref = torch.autograd.grad([o_ref, s_ref], xs, [do, dht], retain_graph=True)
+    got = torch.autograd.grad([o, s], ys, [do, dht], retain_graph=True)
+    for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=True):
+        assert_close(name, r, d, torch.float32, **F32)
+    ref = torch.autograd.grad(s_ref, xs, dht, allow_unused=True)
+    got = torch.autograd.grad(s, ys, dht, allow_unused=True)
+    for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=True):
+        assert_close(f"state only {name}", r if r is not None else torch.zeros_like(d), d, torch.float32, **F32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerGatedDeltaRule, none through the forward body alone (no custom-op
+    # dispatch either way); the results are the custom op's (bit for bit: the same kernels)
+    from mixerzoo.kernels import gdn as G
+
+    (q, k, v, g, beta), h0 = make_inputs(1, 130, 2, 64, 64, torch.float32)
+    calls = []
+    apply, body = G._EagerGatedDeltaRule.apply, G._fwd_cuda
+    monkeypatch.setattr(G._EagerGatedDeltaRule, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(G, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o, _ = gated_delta_rule(*xs)
+    assert calls == ["function", "body"]  # the function's forward is the body
+    with torch.no_grad():
+        o2, _ = gated_delta_rule(q, k, v, g, beta)
+    assert calls == ["function", "body", "body"]
+    o3 = G._gdn_fwd(q, k, v, g, beta, None, 64**-0.5, None, True)[0]
+    assert torch.equal(o.detach(), o3) and torch.equal(o2, o3)
+
+
 @pytest.mark.slow  # the reference's gradients on the CPU and an opcheck (2 s); test_op_gradcheck opchecks by default
 def test_op_grads_through_one_output():
     """Gradients through o alone and through the final state alone (autograd hands the backward None for the
