@@ -60,16 +60,13 @@ def _fwd_cuda(
     ([0]) where there are none: the fused recurrence (short inputs), the CPU reference, the states without
     ``keep_states``; the backward then recomputes what it needs."""
     T = q.shape[1]
-    # g, beta and (chunked) cu_seqlens are checked by the kernels that read them, into the device's flags
-    flags, gates_ok, cu_ok = _device_flags(q.device)
     if _fused_recurrent(T, cu_seqlens):
-        o, ht = fused_recurrent_gdn_fwd(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
-        )
-        torch._assert_async(gates_ok, _GATES_MSG)
+        o, ht = _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens)
         return o, ht, *_no_intermediates(q), *_no_states(v)
     from .chunk import chunk_gdn_fwd
 
+    # g, beta and cu_seqlens are checked by the kernels that read them, into the device's flags
+    flags, gates_ok, cu_ok = _device_flags(q.device)
     out = chunk_gdn_fwd(
         q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, return_intermediates=True,
         keep_states=keep_states, ok=flags,
@@ -81,6 +78,16 @@ def _fwd_cuda(
 
 
 _gdn_fwd = torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", _fwd_cuda, mutates_args=(), device_types="cuda")
+
+
+def _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens) -> tuple[Tensor, Tensor]:
+    # the fused recurrence, its kernel checking g and beta into the device's flag, then the assert: (o, final state)
+    flags, gates_ok, _ = _device_flags(q.device)
+    o, ht = fused_recurrent_gdn_fwd(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
+    )
+    torch._assert_async(gates_ok, _GATES_MSG)
+    return o, ht
 
 
 def _no_intermediates(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,24 +286,16 @@ def gated_delta_rule(
     scale = _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if initial_state is not None:
         initial_state = initial_state.to(_f32_dtype(v.dtype))  # a float32 state under float64 inputs is widened
-    if _direct(q, k, v, g, beta, initial_state, T, cu_seqlens):
-        # eager CUDA decode steps and short prompts that record no gradient: the fused recurrence without the
-        # custom op's dispatch, its kernel checking g and beta on the way (one launch, one assert)
-        flags, gates_ok, _ = _device_flags(q.device)
-        o, final_state = fused_recurrent_gdn_fwd(
-            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
-        )
-        torch._assert_async(gates_ok, _GATES_MSG)
-        return o, (final_state if output_final_state else None)
-    # the rest of the outputs: for the backward
+    # eager CUDA calls skip the custom op's dispatch; the outputs after o and the state are for the backward
     args = (q, k, v, g, beta, initial_state, scale, cu_seqlens, bool(keep_states))
-    if q.is_cuda and not torch.compiler.is_compiling():  # eager: the bodies without the custom op's dispatch
-        if _records_grad(q, k, v, g, beta, initial_state):
-            o, final_state, *_ = _EagerGatedDeltaRule.apply(*args)
-        else:
-            o, final_state, *_ = _fwd_cuda(*args[:-1], False)
-    else:
+    if not q.is_cuda or torch.compiler.is_compiling():
         o, final_state, *_ = _gdn_fwd(*args)
+    elif _records_grad(q, k, v, g, beta, initial_state):
+        o, final_state, *_ = _EagerGatedDeltaRule.apply(*args)
+    elif _fused_recurrent(T, cu_seqlens):  # decode steps, short prompts: the launcher itself (one launch, one assert)
+        o, final_state = _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    else:
+        o, final_state, *_ = _fwd_cuda(*args[:-1], False)
     return o, (final_state if output_final_state else None)
 
 
@@ -321,14 +320,6 @@ def _device_flags(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 def _records_grad(*xs: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
-
-
-def _direct(q, k, v, g, beta, initial_state, T, cu_seqlens) -> bool:
-    """Whether this call takes the direct path: eager CUDA, the fused recurrence's shapes, no gradient to
-    record."""
-    if not q.is_cuda or not _fused_recurrent(T, cu_seqlens) or torch.compiler.is_compiling():
-        return False
-    return not _records_grad(q, k, v, g, beta, initial_state)
 
 
 _OP = "gated_delta_rule"

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._triton import cdiv, dot_precision, launch_config, next_pow2, tl, triton
+from .fused_recurrent import gates_ok
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 
@@ -112,10 +113,8 @@ def _chunk_of(chunk_indices, cu_seqlens, i_b, i_t, T, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _bad_gates(b_g, b_b):
-    # how many of a block's (g, beta) pairs fail the op's rule: g finite and <= 0, beta in [0, 1] (NaN fails;
-    # x - x is 0 exactly when x is finite)
-    good = (b_g - b_g == 0.0) & (b_g <= 0.0) & (b_b >= 0.0) & (b_b <= 1.0)
-    return tl.sum(tl.where(good, 0, 1), 0)
+    # how many of a block's (g, beta) pairs fail the op's rule (gates_ok)
+    return tl.sum(tl.where(gates_ok(b_g, b_b), 0, 1), 0)
 
 
 @triton.jit
@@ -1198,7 +1197,7 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device, o
     """
     if cu_seqlens is None:
         return chunk_rows(T, None), B, None, None, None
-    cu_in = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
+    cu_in = cu_seqlens.to(device).contiguous()  # no copy when it is already there and contiguous
     N = cu_in.numel() - 1
     NT = chunk_rows(T, N)
     cu = torch.empty(N + 1, device=device, dtype=torch.int32)

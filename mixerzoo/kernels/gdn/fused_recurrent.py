@@ -17,6 +17,13 @@ __all__ = ["fused_recurrent_gdn_fwd"]
 
 
 @triton.jit
+def gates_ok(b_g, b_b):
+    # the op's rule for its gate values, elementwise: g finite and <= 0, beta in [0, 1]; NaN fails (x - x is 0 exactly
+    # when x is finite). The kernels that read g and beta check them with it (this one and the chunked prep)
+    return (b_g - b_g == 0.0) & (b_g <= 0.0) & (b_b >= 0.0) & (b_b <= 1.0)
+
+
+@triton.jit
 def _gdn_fused_recurrent_fwd_kernel(
     q,
     k,
@@ -70,8 +77,8 @@ def _gdn_fused_recurrent_fwd_kernel(
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
         b_g = tl.load(p_g).to(tl.float32)
         b_beta = tl.load(p_beta).to(tl.float32)
-        if CHECK:  # x - x is 0 exactly when x is finite
-            n_bad += tl.where((b_g - b_g == 0.0) & (b_g <= 0.0) & (b_beta >= 0.0) & (b_beta <= 1.0), 0, 1)
+        if CHECK:
+            n_bad += tl.where(gates_ok(b_g, b_beta), 0, 1)
         b_h *= tl.exp(b_g)
         b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))  # [BV]
         b_h += b_k[:, None] * b_u[None, :]
