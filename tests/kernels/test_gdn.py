@@ -491,9 +491,10 @@ def test_op_matches_brute_force_with_grads():
 @pytest.mark.parametrize("lengths", [None, pytest.param([5, 0, 66], marks=pytest.mark.slow)], ids=["fixed", "packed"])
 def test_eager_function_matches_the_op(lengths):
     """Eager CUDA calls that record gradients run the op's two CUDA bodies under a plain autograd function
-    (_EagerGatedDeltaRule), without the custom op's dispatch. Its bodies run here in the interpreter, against the
-    op on the CPU (the reference): output, final state and every gradient, the initial state's included, and the
-    kept intermediates marked non-differentiable; through the final state alone too (o gets no gradient)."""
+    (_EagerGatedDeltaRule), without the custom op's dispatch. Its bodies run here on DEVICE (the kernels on a GPU,
+    the interpreter on the CPU), against the op on the CPU (the reference): output, final state and every gradient,
+    the initial state's included, and the kept intermediates marked non-differentiable; through the final state
+    alone too (o gets no gradient)."""
     from mixerzoo.kernels.gdn import _EagerGatedDeltaRule
 
     if lengths is None:
@@ -503,19 +504,19 @@ def test_eager_function_matches_the_op(lengths):
         (q, k, v, g, beta), h0 = varlen_inputs(lengths, 16, 16, torch.float32, device="cpu")
         cu = cu_of(lengths, "cpu")
     xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-    ys = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    ys = [x.to(DEVICE).requires_grad_() for x in (q, k, v, g, beta, h0)]
     o_ref, s_ref = gated_delta_rule(*xs[:5], scale=0.25, initial_state=xs[5], output_final_state=True, cu_seqlens=cu)
-    o, s, *kept = _EagerGatedDeltaRule.apply(*ys, 0.25, cu, True)
+    o, s, *kept = _EagerGatedDeltaRule.apply(*ys, 0.25, None if cu is None else cu.to(DEVICE), True)
     assert len(kept) == 5 and not any(t.requires_grad for t in kept)
     do, dht = torch.randn_like(o_ref), torch.randn_like(s_ref)
     assert_close("o", o_ref, o, torch.float32, **F32)
     assert_close("final_state", s_ref, s, torch.float32, **F32)
     ref = torch.autograd.grad([o_ref, s_ref], xs, [do, dht], retain_graph=True)
-    got = torch.autograd.grad([o, s], ys, [do, dht], retain_graph=True)
+    got = torch.autograd.grad([o, s], ys, [do.to(DEVICE), dht.to(DEVICE)], retain_graph=True)
     for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=True):
         assert_close(name, r, d, torch.float32, **F32)
     ref = torch.autograd.grad(s_ref, xs, dht, allow_unused=True)
-    got = torch.autograd.grad(s, ys, dht, allow_unused=True)
+    got = torch.autograd.grad(s, ys, dht.to(DEVICE), allow_unused=True)
     for name, r, d in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], ref, got, strict=True):
         assert_close(f"state only {name}", r if r is not None else torch.zeros_like(d), d, torch.float32, **F32)
 
