@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
-from ..kernels.eviction.attention import eviction_intervals
 from ..kernels.eviction.reference import final_buffer_members
 from ..kernels.eviction.router_step import router_step_scores, router_step_supported
 from ..kernels.eviction.step import eviction_step, eviction_step_context
@@ -160,8 +159,9 @@ class EvictionSWAState(State):
     win_k, win_v: [B, W, H, D] ring buffer of the last W tokens (slot s at index s % W), k with RoPE
     win_score:    [B, W, H] float32, their scores (NONE = -1e30 until the router context is complete)
     buf_k, buf_v: [B, C, H, D] the buffer (sinks included); slots fill from 0 up, then an entering
-                  token takes the slot of the entry it evicts; empty slots are zeros. Prefill computes
-                  the same slots as decode, so the state does not depend on how the input was chunked
+                  token takes the slot of the entry it evicts; empty slots are zeros. The chunked prefill
+                  computes the same slots as decode; a one-pass prompt the same set in position order
+                  (decode picks victims by score and position and attends over the buffer as a set)
     buf_score:    [B, C, H] float32, NONE when empty (sinks: SINK = 1e30)
     buf_pos:      [B, C, H] int64 positions, -1 when empty
     ctx_u:        [B, 2m, H, 2D] router inputs concat(k before RoPE, v) of the last 2m tokens
@@ -312,34 +312,33 @@ class EvictionSWA(AttentionMixer):
         shift = leading_padding(valid) if padded else None
         return self._attention(q, k, v, score, shift=shift, lengths=valid.sum(-1), training=self.training)
 
-    def _attention(self, q, k, v, score, *, shift, lengths, training: bool, intervals: bool = False):
+    def _attention(self, q, k, v, score, *, shift, lengths, training: bool, buffer: bool = False):
         """The eviction op over q, k (with RoPE) and v [B, T, ...] and effective scores [B, T, H], as the parallel
         form and the one-pass prefill run it. The op knows no padding: with ``shift`` [B] (leading padding per row;
         None: none) each row's left padding moves to its end, where causality hides it from the real tokens, and
-        its first real tokens become index 0.. (the sinks); ``lengths`` [B] real tokens per row. Eval with the
-        final-buffer prompts: query t sees its window and the keys j <= t - W of the buffer left at the row's
-        end, the training mask with "retained" meaning "in that buffer" (docs/paper.md#prefill).
-        Returns o [B, T, HQ, D]; with ``intervals`` also (kpos, kend, kcum), the inference-semantics buffer
-        intervals at the op's indices (rotated rows)."""
+        its first real tokens become index 0.. (the sinks); ``lengths`` [B] real tokens per row (None: T). Eval
+        with the final-buffer prompts: query t sees its window and the keys j <= t - W of the buffer left at the
+        row's end, the training mask with "retained" meaning "in that buffer" (docs/paper.md#prefill).
+        Returns o [B, T, HQ, D]; with ``buffer`` also what the one-pass prefill builds the buffer from, at the
+        op's indices (rotated rows: index = position): the inference-semantics intervals (kpos, kend, kcum), or
+        with the final-buffer prompts the members of that final buffer [B, T, H] bool (no intervals computed)."""
         c = self.config
         T = q.shape[1]
         if shift is not None:
             t = torch.arange(T, device=q.device)[None, :]
             q, k, v, score = (_take(x, torch.remainder(t + shift[:, None], T)) for x in (q, k, v, score))
         op = dict(window_size=c.window_size, capacity=c.capacity, num_sinks=c.num_sinks)
-        iv = None
+        held = None
         if not training and c.prefill == "final_buffer":
-            member = final_buffer_members(score, **op, lengths=lengths)
-            o = eviction_attention(q, k, v, torch.where(member, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
-            if intervals:
-                iv = eviction_intervals(score, **op, training=False)
-        elif intervals:
-            o, iv = eviction_attention(q, k, v, score, **op, training=training, return_intervals=True)
+            held = final_buffer_members(score, **op, lengths=lengths)
+            o = eviction_attention(q, k, v, torch.where(held, 1.0, -1.0), **{**op, "num_sinks": 0}, training=True)
+        elif buffer:
+            o, held = eviction_attention(q, k, v, score, **op, training=training, return_intervals=True)
         else:
             o = eviction_attention(q, k, v, score, **op, training=training)
         if shift is not None:
             o = _take(o, torch.remainder(t - shift[:, None], T))
-        return (o, iv) if intervals else o
+        return (o, held) if buffer else o
 
     # -- streaming ---------------------------------------------------------------------------------
     def _decode_one(self, q, k, v, state: EvictionSWAState) -> Tensor:
@@ -443,53 +442,71 @@ class EvictionSWA(AttentionMixer):
 
     def _prefill_empty(self, q, k, v, state: EvictionSWAState, padded: bool = True) -> Tensor:
         """T tokens into a state that has seen nothing, in one pass: the outputs of the parallel eval form (the
-        eviction op: the Triton kernels on CUDA), and the state built from the buffer history the op computes
-        (which token entered the buffer when and which one it evicted), with every slot where token-by-token
-        decode puts it. The same outputs and state as ``_prefill_chunk`` (or ``_prefill_final``) over the
-        same tokens, without their loop over 256-token chunks. Rows may start with padding (``state.pad``, as
-        positions_and_pad set it for this call), not end with it; state.seen == 0. ``padded=False`` (the call
-        had no mask, so state.pad is 0): the rows are not rotated and the padding arithmetic is left out, some
-        twenty operations fewer (each a launch on the GPU, where a prompt of a few thousand tokens is
-        host-bound)."""
+        eviction op: the Triton kernels on CUDA), and the state from what the op computes anyway: the buffer's
+        history (exact prompts) or the final buffer (final-buffer prompts). The same outputs and state as
+        ``_prefill_chunk`` (or ``_prefill_final``) over the same tokens, without their loop over 256-token chunks,
+        except for the buffer's slot order: the buffer holds the keys token-by-token decode holds (the same k, v,
+        score and position per key) in position order, slot i the i-th by position, then the empty slots. Decode
+        picks a victim by score and position, never by slot, and attends over the buffer as a set, so the order
+        changes nothing but the float summation order; it takes one sort, where decode's slots would take a walk
+        along the chains of evictions. Rows may start with padding (``state.pad``, as positions_and_pad set it
+        for this call), not end with it; state.seen == 0. ``padded=False`` (the call had no mask, so state.pad is
+        0): the rows are not rotated and the padding arithmetic is left out, some twenty operations fewer (each a
+        launch on the GPU, where a prompt of a few thousand tokens is host-bound)."""
         c = self.config
         W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
         B, T, dev = q.shape[0], q.shape[1], q.device
+        final = c.prefill == "final_buffer"
         t_all = torch.arange(T, device=dev)[None, :]  # [1, T]
         if padded:
             pad = live_pad(state)  # [B] leading padding of each row
             pos = t_all - pad[:, None]  # [B, T]; padding: < 0
             kp = pos.clamp(min=-1)  # padding reads as outside the sequence
-            n = T - pad  # [B] real tokens per row; the op's rows are rotated, its row ends at index n - 1
         else:
-            pad, pos, kp, n = None, t_all.expand(B, T), t_all.expand(B, T), torch.full((B,), T, device=dev)
+            pad, pos, kp = None, t_all.expand(B, T), t_all.expand(B, T)
+        # real tokens per row (the op's rows are rotated: row b ends at index n_b - 1); only the final buffer reads it
+        n = T - pad if final and padded else None
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
         score = self._effective(self._raw_scores(u, k, kp, False), kp)  # [B, T, H] float32
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
-        o, (kpos, kend, _) = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, intervals=True)
+        o, held = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, buffer=True)
 
         # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
         # context is not complete), as in decode.
         t0 = max(0, T - W)
         ring = torch.remainder(torch.arange(t0, T, device=dev), W)
-        last = torch.arange(t0, T, device=dev)[None, :, None] >= T - m
         state.win_k.index_copy_(1, ring, kr[:, t0:].detach())
         state.win_v.index_copy_(1, ring, v[:, t0:].detach())
-        state.win_score.index_copy_(1, ring, torch.where(last, _NONE, score[:, t0:]))
+        state.win_score.index_copy_(1, ring, score[:, t0:])
+        if m:
+            state.win_score.index_fill_(1, ring[max(0, T - m - t0) :], _NONE)
         n_ctx = state.ctx_u.shape[1]  # the last 2m inputs; zeros before the prompt's start
         if T >= n_ctx:
             state.ctx_u.copy_(u[:, T - n_ctx :].detach())
         else:
             state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, T:])
 
-        # The buffer: the listed keys that entered by the row's last query and were still in it then, each in
-        # its decode slot (the op's padding queries after n - 1 may list more; those are left out).
-        slot = _entry_slots(kpos, kend, W, C)  # [B, H, T]
-        last_q = T - 1 if pad is None else (n - 1)[:, None, None]
-        keep = (kpos <= last_q - W) & (kend > last_q)  # entered by then (so listed: kpos < T) and still there
-        dest = torch.where(keep, slot, C)  # [B, H, T]; C: not in the buffer
-        p = kpos.long().permute(0, 2, 1)  # [B, T, H] position of each list entry
-        t = (p if pad is None else p + pad[:, None, None]).clamp(max=T - 1)  # its index in the prompt
-        _write_buffer(state, dest.permute(0, 2, 1), kr, v, score, p, rows=t)
+        # The buffer after the last query, in position order: a stable sort of the "not in it" flags puts its
+        # members first, in the order of the op's indices, which ascend with the position.
+        if final:
+            # the final buffer is decode's buffer after the last query (the same top-C rule), at index = position
+            empty, p = _first_slots(~held, 1, C)  # [B, C, H]
+            rows = p if pad is None else (p + pad[:, None, None]).clamp(max=T - 1)  # index in the prompt
+        else:
+            # the listed keys (in position order) that entered by the row's last query and were still in it then
+            # (the op's padding queries after it may list more; those are left out)
+            kpos, kend, _ = held  # [B, H, T]
+            if pad is None:  # a listed key enters before its interval ends (kpos + W < kend): still there at T - 1
+                out = kend < T  # means entered by then
+            else:
+                last = (T - 1 - pad)[:, None, None]  # the row's last query
+                out = (kpos > last - W) | (kend <= last)
+            empty, i = _first_slots(out, 2, C)  # [B, H, C]
+            p = kpos.gather(2, i)  # int32; unlisted: T
+            # the index in the prompt, int64 for the gathers (the minimum with an int64 tensor casts too)
+            rows = torch.minimum(p, t_all[:, -1:]) if pad is None else (p + pad[:, None, None]).clamp(max=T - 1)
+            empty, p, rows = empty.permute(0, 2, 1), p.permute(0, 2, 1), rows.permute(0, 2, 1)  # [B, C, H]
+        _fill_buffer(state, rows, empty, kr, v, score, p)  # an empty slot reads any row, then is cleared
         state.seen.add_(T)
         return o
 
@@ -718,16 +735,36 @@ def _write_buffer(
     src = src.scatter_(1, dest, n)[:, :C]  # [B, C, H] the candidate in each slot
     empty = src == N
     src = src.clamp(max=N - 1)  # empty slots read any candidate, then are filled
-    row = src if rows is None else rows.gather(1, src)  # [B, C, H] its row of k, v, score
-    row4, empty4 = row[..., None].expand(-1, -1, -1, k.shape[-1]), empty[..., None]
+    _fill_buffer(state, src if rows is None else rows.gather(1, src), empty, k, v, score, pos.gather(1, src))
+
+
+def _fill_buffer(
+    state: EvictionSWAState, rows: Tensor, empty: Tensor, k: Tensor, v: Tensor, score: Tensor, pos: Tensor
+) -> None:
+    """Write the buffer slot by slot: rows [B, C, H] the row of k, v [B, R, H, D] and score [B, R, H] that each slot
+    reads, pos [B, C, H] its position; slots where empty [B, C, H] is set become empty (zeros, NONE, -1). The
+    gathers write into the state (no copies: each operation is a launch)."""
+    rows4, empty4 = rows[..., None].expand(-1, -1, -1, k.shape[-1]), empty[..., None]
     for buf, x, idx, mask, fill in (
-        (state.buf_k, k, row4, empty4, 0.0),
-        (state.buf_v, v, row4, empty4, 0.0),
-        (state.buf_score, score, row, empty, _NONE),
-        (state.buf_pos, pos, src, empty, -1),
+        (state.buf_k, k, rows4, empty4, 0.0),
+        (state.buf_v, v, rows4, empty4, 0.0),
+        (state.buf_score, score, rows, empty, _NONE),
     ):
-        buf.copy_(x.detach().gather(1, idx))
+        torch.gather(x.detach(), 1, idx, out=buf)
         buf.masked_fill_(mask, fill)
+    state.buf_pos.copy_(pos).masked_fill_(empty, -1)
+
+
+def _first_slots(out: Tensor, dim: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """The first ``capacity`` entries along ``dim`` that ``out`` does not flag, in their order, then the flagged
+    ones: (flags, indices), both ``capacity`` long along ``dim`` (past the end: flagged, index 0). A stable
+    sort: one operation however many entries there are."""
+    flags, idx = torch.sort(out, dim=dim, stable=True)
+    short = capacity - out.shape[dim]
+    if short <= 0:
+        return flags.narrow(dim, 0, capacity), idx.narrow(dim, 0, capacity)
+    pad = [0, 0] * (out.dim() - 1 - dim) + [0, short]
+    return F.pad(flags, pad, value=True), F.pad(idx, pad)
 
 
 def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:
@@ -738,29 +775,6 @@ def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:
     for _ in range(steps):
         nxt = nxt.gather(dim, nxt)
     return val.gather(dim, nxt)
-
-
-def _entry_slots(kpos: Tensor, kend: Tensor, window_size: int, capacity: int) -> Tensor:
-    """Buffer slot of each key of the interval list (from an empty buffer), as decode assigns them.
-
-    kpos, kend: [B, H, T] int32 (see kernels/eviction/reference.compact_intervals): the keys that entered the
-    buffer, in the order they entered (ascending positions: key j enters when it leaves the window, at query
-    j + W), and the query at which each dropped out (T: still there). The first C entrants fill slots 0..C-1;
-    a later one takes the slot of the entry it evicts, the one whose interval ends where its own starts
-    (exactly one: one key enters per query, so at most one drops out). Slots follow these chains of evictions
-    by pointer doubling: O(T log T) work, no host reads -> [B, H, T] int64 (meaningful for listed keys).
-    """
-    B, H, T = kpos.shape
-    W, C = window_size, capacity
-    i = torch.arange(T, device=kpos.device).expand(B, H, T)
-    listed = kpos < T
-    start, end = kpos.long() + W, kend.long()
-    # who dropped out at each query: at[b, h, t] = list index of the key whose interval ends at t (T: spill)
-    at = torch.zeros(B, H, T + 1, dtype=torch.long, device=kpos.device)
-    at.scatter_(2, torch.where(listed & (end < T), end, T), i)
-    val = torch.where(i < C, i, -1)
-    nxt = torch.where(listed & (i >= C), at.gather(2, start.clamp(max=T)), i)
-    return _follow_chains(val, nxt, 2, T.bit_length())  # a chain is at most T long (C = 1: every entrant evicts)
 
 
 def _buffer_slots(buf_pos: Tensor, retained: Tensor, leave: Tensor, end: Tensor) -> Tensor:
