@@ -742,6 +742,15 @@ def new_seen(device: torch.device | str | None = None) -> Tensor:
     return seen
 
 
+def new_pad(batch_size: int, device: torch.device | str | None = None) -> Tensor:
+    """A new state's leading-padding counters: zeros, int64 [B], noted as open rows (see _PAD_OPEN), so that the
+    first chunk's check_row_open issues nothing (a check and an assert per layer, launches in a host-bound prompt)."""
+    pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if not torch.compiler.is_compiling():  # nothing host-side is traced
+        _note(_PAD_OPEN, pad, pad._version, True)
+    return pad
+
+
 def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:
     _note(_SEEN_HOST, seen_t, version, value)
 

@@ -28,6 +28,7 @@ from .base import (
     check_row_open,
     leading_padding,
     live_pad,
+    new_pad,
     new_seen,
     positions_and_pad,
     state_dataclass,
@@ -239,7 +240,7 @@ class EvictionSWA(AttentionMixer):
         f32, i64 = torch.float32, torch.long
         return EvictionSWAState(
             seen=new_seen(device),
-            pad=torch.zeros(B, dtype=i64, device=device),
+            pad=new_pad(B, device),
             win_k=torch.zeros(B, W, H, D, dtype=dtype, device=device),
             win_v=torch.zeros(B, W, H, D, dtype=dtype, device=device),
             win_score=torch.full((B, W, H), _NONE, dtype=f32, device=device),

@@ -19,6 +19,7 @@ from .base import (
     TokenMixer,
     acc_dtype,
     check_row_open,
+    new_pad,
     new_seen,
     positions_and_pad,
     state_dataclass,
@@ -151,7 +152,7 @@ class GatedDeltaNet(TokenMixer):
         H, K, V = self.num_heads, self.key_dim, self.value_dim
         return GDNState(
             seen=new_seen(device),
-            pad=torch.zeros(batch_size, dtype=torch.long, device=device),
+            pad=new_pad(batch_size, device),
             S=torch.zeros(batch_size, H, K, V, dtype=acc_dtype(dtype), device=device),
             conv=torch.zeros(batch_size, self.conv_channels, self.config.conv_size - 1, dtype=dtype, device=device),
         )

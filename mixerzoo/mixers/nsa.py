@@ -37,6 +37,7 @@ from .base import (
     check_capacity,
     check_row_open,
     leading_padding,
+    new_pad,
     new_seen,
     positions_and_pad,
     state_dataclass,
@@ -171,7 +172,7 @@ class NSA(AttentionMixer):
         B, H, D, NB = batch_size, self.num_kv_heads, self.head_dim, N // self.block_size
         return NSAState(
             seen=new_seen(device),
-            pad=torch.zeros(B, dtype=torch.long, device=device),
+            pad=new_pad(B, device),
             k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             k_cmp=torch.zeros(B, NB, H, D, dtype=acc_dtype(dtype), device=device),

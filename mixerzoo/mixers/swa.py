@@ -23,7 +23,16 @@ from .attention_common import (
     self_diagonal,
     visible,
 )
-from .base import MixerConfig, State, leading_padding, new_seen, positions_and_pad, state_dataclass, state_field
+from .base import (
+    MixerConfig,
+    State,
+    leading_padding,
+    new_pad,
+    new_seen,
+    positions_and_pad,
+    state_dataclass,
+    state_field,
+)
 
 __all__ = ["SWA", "SWAConfig", "SWASink", "SWASinkConfig", "SWASinkState", "SWAState"]
 
@@ -131,7 +140,7 @@ class SWA(AttentionMixer):
         B, N, H, D = batch_size, self.num_sinks + self.window_size, self.num_kv_heads, self.head_dim
         return self.state_class(
             seen=new_seen(device),
-            pad=torch.zeros(B, dtype=torch.long, device=device),
+            pad=new_pad(B, device),
             k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             pos_cache=torch.full((B, N), -1, dtype=torch.long, device=device),
