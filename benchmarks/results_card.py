@@ -54,10 +54,43 @@ def _shape(r: dict) -> str:
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
+# benchmarks/sweep.py's ops (swa_sweep, ...): many points each, summed up by sweep_lines instead of a line per row
+SWEEP_SUFFIX = "_sweep"
+# a sweep row's point (sweep.REPLACE_BY): an anchor row is compared with the mixerzoo row of the same op and point
+SWEEP_KEYS = ("B", "T", "HQ", "HKV", "D", "W", "S", "frac")
+
+
+def sweep_lines(rows: list[dict]) -> list[str]:
+    """The shape sweep's rows as one line per (op, anchor): the worst and best anchor / mixerzoo fwd+bwd ratio over
+    the points measured, with the point; nothing when there are no sweep rows with both figures."""
+    rows = [r for r in rows if r["op"].endswith(SWEEP_SUFFIX) and "fwdbwd_ms" in r]
+    ours = {(r["op"], *(r.get(k) for k in SWEEP_KEYS)): r for r in rows if r["impl"] == "mixerzoo"}
+    ratios: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for r in rows:
+        o = ours.get((r["op"], *(r.get(k) for k in SWEEP_KEYS)))
+        if r["impl"] != "mixerzoo" and o is not None:
+            ratios.setdefault((r["op"], r["impl"]), []).append((r["fwdbwd_ms"] / o["fwdbwd_ms"], r.get("point", "?")))
+    if not ratios:
+        return []
+    lines = [
+        "",
+        "Shape sweep (`benchmarks/sweep.py`): anchor fwd+bwd time over mixerzoo's, the worst and the best over the "
+        "points measured (> 1: mixerzoo faster).",
+        "",
+        "| op | anchor | points | worst | best |",
+        "|---|---|---|---|---|",
+    ]
+    for (op, anchor), rs in sorted(ratios.items()):
+        (w, wp), (b, bp) = min(rs), max(rs)
+        lines.append(f"| `{op}` | {anchor} | {len(rs)} | {w:.2f}x (`{wp}`) | {b:.2f}x (`{bp}`) |")
+    return lines
+
+
 def op_level_card(doc: dict, source: str) -> str:
     """Each op of an op-level results file against the anchors of the same shape: fwd+bwd times (decode times
-    for decode ops), the anchor's time over mixerzoo's, mixerzoo's peak memory and state size."""
-    rows = doc["rows"]
+    for decode ops), the anchor's time over mixerzoo's, mixerzoo's peak memory and state size; the shape sweep's
+    ops summed up (sweep_lines)."""
+    rows = [r for r in doc["rows"] if not r["op"].endswith(SWEEP_SUFFIX)]
     ours = [r for r in rows if r["impl"] == "mixerzoo"]
     lines = [
         f"### {doc.get('gpu', '?')}: kernels against their anchors (`{source}`)",
@@ -93,6 +126,7 @@ def op_level_card(doc: dict, source: str) -> str:
             f"Anchor time over mixerzoo's (> 1: mixerzoo faster): worst {worst[0]:.2f}x (`{worst[1]}` vs {worst[2]}, "
             f"{worst[3]}), best {best[0]:.2f}x (`{best[1]}` vs {best[2]}, {best[3]}).",
         ]
+    lines += sweep_lines(doc["rows"])
     return "\n".join(lines) + "\n"
 
 

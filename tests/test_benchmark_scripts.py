@@ -40,6 +40,7 @@ GPU_MODES = {
     "train_e2e.py": ([], "'train_e2e.py --smoke' runs on the CPU"),
     "fsdp2.py": ([], "'fsdp2.py --smoke' runs on the CPU"),
     "paper_presets.py": ([], "'paper_presets.py --smoke' runs on the CPU"),
+    "sweep.py": (["--points", "base"], "'sweep.py --smoke' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
 
@@ -173,6 +174,8 @@ def test_usage_errors_name_the_value():
             "--hkv chooses the head shapes of --shapes or --sweep; pass one of them too",
         ),
         "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa"),
+        "sweep.py": (["--points", "base,D64-X2"], "--points: unknown point 'D64-X2'; a point is 'base' or axis"),
+        "sweep.py --ops": (["--ops", "swa,eviction"], "--ops: unknown op(s) eviction; the ops are swa, swa_sink"),
     }
     runs = _run_scripts({s: (s.split()[0], args) for s, (args, _) in cases.items()}, _env())
     for script, (_, message) in cases.items():
@@ -284,3 +287,96 @@ def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch)
     common.merge_file(str(part))
     doc = json.loads((tmp_path / "test-gpu.json").read_text())
     assert sorted((r["op"], r["H"]) for r in doc["rows"]) == [("other", 16), ("sweep", 8)]
+
+
+def test_sweep_list(monkeypatch):
+    """sweep.py --list prints the grid and every named point, without a GPU (nor torch)."""
+    spec = importlib.util.spec_from_file_location("bench_sweep", BENCH / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_sweep", sweep)  # its dataclass looks its module up there
+    spec.loader.exec_module(sweep)
+    p = _run_scripts({"list": ("sweep.py", ["--list"])}, _env())["list"]
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("grid: D in {64, 128, 256}; G in {1, 2, 8}; W in {256, 512, 4096}; T in {2048,")
+    listed = [line.split()[0] for line in p.stdout.splitlines()[4:]]
+    names = [pt.name for pt in sweep.named_points()]
+    assert listed == names and len(names) == len(set(names))
+    assert {"base", "D64", "D256", "G8", "W4096", "T65536", "frac0.02", "D64-G8-W4096-T65536"} <= set(names)
+    base = next(line for line in p.stdout.splitlines() if line.startswith("base "))
+    assert base.split()[1:] == ["128", "1", "16", "512", "8192", "8", "0.10", "all"]  # D G HKV W T B frac ops
+
+
+@no_gpu
+@pytest.mark.slow  # about 17 s: the kernels in Triton's interpreter
+def test_sweep_smoke(tmp_path):
+    """sweep.py --smoke on the CPU: every (point, op) guarded and timed, rows with the shape keys for each impl,
+    the worst-ratio table; rows of a point measured again are replaced, others kept. With --max-seconds it stops
+    after the first point and says how to resume."""
+    out = tmp_path / "sweep.json"
+    keys = ("op", "impl", "point", "B", "T", "HQ", "HKV", "D", "W", "S", "fwd_ms", "note")
+    shape = dict(B=2, T=64, HQ=2, HKV=2, D=32, W=16, S=0)  # smoke-a of swa: replaced by the run
+    old = [dict(op="swa_sweep", impl="old", point="smoke-a", **shape, fwd_ms=9.0), dict(op="swa_sweep", impl="old",
+           point="elsewhere", **{**shape, "T": 32}, fwd_ms=9.0)]  # fmt: skip
+    out.write_text(json.dumps({"rows": old}))
+    budget = tmp_path / "budget.json"
+    runs = _run_all(
+        {
+            "smoke": _command("sweep.py", ["--smoke", "--json", str(out)]),
+            "budget": _command("sweep.py", ["--smoke", "--ops", "swa", "--max-seconds", "0.01", "--json", str(budget)]),
+        },
+        _env(),
+    )
+    p = runs["smoke"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("sweep.py: no CUDA device; Triton kernels run in Triton's interpreter")
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [r["point"] for r in rows if r["impl"] == "old"] == ["elsewhere"]
+    rows = [r for r in rows if r["impl"] != "old"]
+    ops = ("swa_sweep", "swa_sink_sweep", "eviction_train_sweep")
+    assert sorted((r["op"], r["point"], r["impl"]) for r in rows) == sorted(
+        (op, pt, impl) for op in ops for pt in ("smoke-a", "smoke-b") for impl in ("mixerzoo", "flex")
+    )
+    for r in rows:
+        assert all(k in r for k in keys), r
+        assert ("frac" in r) == (r["op"] == "eviction_train_sweep"), r
+        assert r["S"] == (0 if r["op"] == "swa_sweep" else 4) and r["HQ"] % r["HKV"] == 0
+        if r["impl"] == "mixerzoo":  # the guard's error is in the note; the launchers ran fwd and fwd+bwd
+            err = float(re.search(r"guard: rel RMSE vs flex ([\d.e+-]+)", r["note"]).group(1))
+            assert err <= 1e-2 and r["fwdbwd_ms"] > 0
+        else:
+            assert "fwdbwd_ms" not in r and "eager, forward only" in r["note"]  # no flex backward on the CPU
+    assert any("no raw flash-attn 4 call for sinks" in n for n in doc["sweep_notes"])
+    table = p.stdout[p.stdout.index("anchor time / mixerzoo's") :].splitlines()
+    assert table[1].split() == ["op", "anchor", "points", "worst", "fwd+bwd", "best", "fwd+bwd", "worst", "fwd", "best",
+                                "fwd"]  # fmt: skip
+    for line, op in zip(table[2:5], ("swa", "swa_sink", "eviction_train"), strict=True):
+        assert re.match(rf"{op}\s+flex\s+2\s+-\s+-\s+[\d.]+x \(smoke-[ab]\)\s+[\d.]+x \(smoke-[ab]\)$", line), line
+
+    p = runs["budget"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "budget: stopped after" in p.stdout and "resume with: --points smoke-b --ops swa" in p.stdout
+    assert {r["point"] for r in json.loads(budget.read_text())["rows"]} == {"smoke-a"}
+
+
+def test_results_card_sums_up_sweep_rows():
+    """The README's card gives sweep.py's rows as the worst and best anchor / mixerzoo fwd+bwd ratio per (op,
+    anchor) with the point, not a line per row, and nothing at all where there are no sweep rows."""
+    spec = importlib.util.spec_from_file_location("results_card", BENCH / "results_card.py")
+    card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card)
+    base = dict(B=8, T=8192, HQ=16, HKV=16, D=128, W=512, S=4, frac=0.1)
+
+    def row(impl, point, ms, **shape):
+        return dict(op="eviction_train_sweep", impl=impl, point=point, **{**base, **shape}, fwd_ms=ms, fwdbwd_ms=ms)
+
+    rows = [row("mixerzoo", "base", 2.0), row("flex", "base", 3.0), row("mixerzoo", "frac0.30", 4.0, frac=0.3)]
+    rows += [row("flex", "frac0.30", 3.0, frac=0.3), row("mixerzoo", "D64", 1.0, D=64)]  # D64: no anchor
+    other = [
+        dict(op="swa", impl="mixerzoo", B=1, T=2, fwdbwd_ms=1.0),
+        dict(op="swa", impl="flex", B=1, T=2, fwdbwd_ms=2.0),
+    ]
+    assert card.sweep_lines(other) == []
+    plain, summed = (card.op_level_card({"rows": rs}, "x.json") for rs in (other, other + rows))
+    assert summed == plain[:-1] + "\n" + "\n".join(card.sweep_lines(rows)) + "\n"  # only the summary is added
+    assert card.sweep_lines(rows)[-1] == "| `eviction_train_sweep` | flex | 2 | 0.75x (`frac0.30`) | 1.50x (`base`) |"
