@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
+from ..kernels.eviction.prefill import prompt_state_write
 from ..kernels.eviction.reference import final_buffer_members
 from ..kernels.eviction.router_step import router_step_scores, router_step_supported
 from ..kernels.eviction.step import eviction_step, eviction_step_context
@@ -472,27 +473,14 @@ class EvictionSWA(AttentionMixer):
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
         o, held = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, buffer=True)
 
-        # The window: the last W tokens at ring index slot % W; the last m have no score yet (their router
-        # context is not complete), as in decode.
-        t0 = max(0, T - W)
-        ring = torch.remainder(torch.arange(t0, T, device=dev), W)
-        state.win_k.index_copy_(1, ring, kr[:, t0:].detach())
-        state.win_v.index_copy_(1, ring, v[:, t0:].detach())
-        state.win_score.index_copy_(1, ring, score[:, t0:])
-        if m:
-            state.win_score.index_fill_(1, ring[max(0, T - m - t0) :], _NONE)
-        n_ctx = state.ctx_u.shape[1]  # the last 2m inputs; zeros before the prompt's start
-        if T >= n_ctx:
-            state.ctx_u.copy_(u[:, T - n_ctx :].detach())
-        else:
-            state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, T:])
-
         # The buffer after the last query, in position order: a stable sort of the "not in it" flags puts its
-        # members first, in the order of the op's indices, which ascend with the position.
+        # members first, in the order of the op's indices, which ascend with the position. Then one kernel writes
+        # the buffer, the ring of the last W tokens (the last m without a score yet: their router context is not
+        # complete, as in decode) and the router's context (kernels/eviction/prefill.py).
         if final:
             # the final buffer is decode's buffer after the last query (the same top-C rule), at index = position
-            empty, p = _first_slots(~held, 1, C)  # [B, C, H]
-            rows = p if pad is None else (p + pad[:, None, None]).clamp(max=T - 1)  # index in the prompt
+            empty, slot = _first_slots(~held, 1, C)  # [B, C, H] the positions themselves
+            kpos = None
         else:
             # the listed keys (in position order) that entered by the row's last query and were still in it then
             # (the op's padding queries after it may list more; those are left out)
@@ -502,12 +490,9 @@ class EvictionSWA(AttentionMixer):
             else:
                 last = (T - 1 - pad)[:, None, None]  # the row's last query
                 out = (kpos > last - W) | (kend <= last)
-            empty, i = _first_slots(out, 2, C)  # [B, H, C]
-            p = kpos.gather(2, i)  # int32; unlisted: T
-            # the index in the prompt, int64 for the gathers (the minimum with an int64 tensor casts too)
-            rows = torch.minimum(p, t_all[:, -1:]) if pad is None else (p + pad[:, None, None]).clamp(max=T - 1)
-            empty, p, rows = empty.permute(0, 2, 1), p.permute(0, 2, 1), rows.permute(0, 2, 1)  # [B, C, H]
-        _fill_buffer(state, rows, empty, kr, v, score, p)  # an empty slot reads any row, then is cleared
+            empty, slot = (x.permute(0, 2, 1) for x in _first_slots(out, 2, C))  # [B, C, H] indices into kpos
+        kv = (kr.detach(), v.detach(), u.detach())
+        prompt_state_write(state, *kv, score, slot, empty, kpos=kpos, pad=pad, margin=m, none_score=_NONE)
         state.seen.add_(T)
         return o
 

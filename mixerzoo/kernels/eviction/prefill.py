@@ -1,0 +1,211 @@
+"""The state a one-pass eviction_swa prompt leaves, written in one Triton launch (docs/mixers.md#eviction_swa).
+
+After a prompt into an empty state (``EvictionSWA._prefill_empty``) the state takes the buffer's members in
+position order, the ring of the last W tokens and the router's context; written with torch ops that is some
+fifteen gathers, copies and fills, each a launch on the GPU, where a prompt of a few thousand tokens is
+host-bound. Here each program copies a block of rows (buffer slots, ring slots or context rows) of one (sequence,
+KV head). The mixer's ``_fill_buffer`` (the chunked prefill's buffer write) is the specification of the buffer
+part; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._triton import cdiv, next_pow2, tl, triton
+
+__all__ = ["prompt_state_write"]
+
+
+@triton.jit
+def _eviction_prompt_state_kernel(
+    kr,
+    v,
+    u,
+    score,
+    slot,
+    empty,
+    kpos,
+    pad,
+    win_k,
+    win_v,
+    win_score,
+    buf_k,
+    buf_v,
+    buf_score,
+    buf_pos,
+    ctx_u,
+    s_kr_b,
+    s_kr_t,
+    s_v_b,
+    s_v_t,
+    s_u_b,
+    s_u_t,
+    s_slot_b,
+    s_slot_c,
+    s_slot_h,
+    s_empty_b,
+    s_empty_c,
+    s_empty_h,
+    T,
+    t0,
+    n_ring,
+    n_ctx,
+    nb_buf,
+    nb_ring,
+    none_score,
+    H: tl.constexpr,
+    C: tl.constexpr,
+    W: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BR: tl.constexpr,
+    FROM_LIST: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    # Program (i, b * H + h) writes BR rows of one part: the first nb_buf blocks the buffer's slots, the next
+    # nb_ring the ring slots of tokens t0 .. T - 1, the rest the router context's rows. kr, v: [B, T, H, D],
+    # u: [B, T, H, 2D] with batch and row strides (heads D or 2D apart, elements contiguous); score: [B, T, H]
+    # float32 and the state's tensors contiguous.
+    i = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    if i < nb_buf:
+        # slots c: entry slot[b, c, h] of the sorted order, with FROM_LIST an index into kpos[b, h, :] (the listed
+        # keys' positions), else the position itself; empty slots are cleared
+        c = i * BR + tl.arange(0, BR)
+        m_c = c < C
+        e = tl.load(slot + i_b * s_slot_b + c * s_slot_c + i_h * s_slot_h, mask=m_c, other=0).to(tl.int64)
+        if FROM_LIST:
+            p = tl.load(kpos + (i_b * H + i_h) * T + e, mask=m_c, other=0).to(tl.int64)
+        else:
+            p = e
+        gone = tl.load(empty + i_b * s_empty_b + c * s_empty_c + i_h * s_empty_h, mask=m_c, other=1).to(tl.int32)
+        is_empty = gone != 0
+        row = p
+        if HAS_PAD:
+            row += tl.load(pad + i_b)
+        row = tl.minimum(row, T - 1)  # unlisted entries point past the end: an empty slot reads a real row, cleared
+        m2 = m_c[:, None] & m_d[None, :]
+        dst = (i_b * C + c) * H + i_h  # [BR]
+        b_k = tl.load(kr + i_b * s_kr_b + row[:, None] * s_kr_t + i_h * D + o_d[None, :], mask=m2, other=0.0)
+        b_v = tl.load(v + i_b * s_v_b + row[:, None] * s_v_t + i_h * D + o_d[None, :], mask=m2, other=0.0)
+        tl.store(buf_k + dst[:, None] * D + o_d[None, :], tl.where(is_empty[:, None], 0.0, b_k).to(b_k.dtype), mask=m2)
+        tl.store(buf_v + dst[:, None] * D + o_d[None, :], tl.where(is_empty[:, None], 0.0, b_v).to(b_v.dtype), mask=m2)
+        sc = tl.load(score + (i_b * T + row) * H + i_h, mask=m_c, other=0.0)
+        tl.store(buf_score + dst, tl.where(is_empty, none_score, sc), mask=m_c)
+        tl.store(buf_pos + dst, tl.where(is_empty, -1, p), mask=m_c)
+    elif i < nb_buf + nb_ring:
+        # the window: token t at ring index t % W; the last M tokens have no score yet (their router context is
+        # not complete), as in decode
+        t = t0 + ((i - nb_buf) * BR + tl.arange(0, BR)).to(tl.int64)
+        m_t = t < T
+        m_w = m_t[:, None] & m_d[None, :]
+        dst_w = (i_b * W + t % W) * H + i_h
+        w_k = tl.load(kr + i_b * s_kr_b + t[:, None] * s_kr_t + i_h * D + o_d[None, :], mask=m_w)
+        w_v = tl.load(v + i_b * s_v_b + t[:, None] * s_v_t + i_h * D + o_d[None, :], mask=m_w)
+        tl.store(win_k + dst_w[:, None] * D + o_d[None, :], w_k, mask=m_w)
+        tl.store(win_v + dst_w[:, None] * D + o_d[None, :], w_v, mask=m_w)
+        sc_w = tl.load(score + (i_b * T + t) * H + i_h, mask=m_t, other=0.0)
+        tl.store(win_score + dst_w, tl.where(t >= T - M, none_score, sc_w), mask=m_t)
+    else:
+        # the router's context: the inputs concat(k, v) of the last n_ctx tokens, 2D wide
+        r = (i - nb_buf - nb_ring) * BR + tl.arange(0, BR)
+        m_r = r < n_ctx
+        t_u = (T - n_ctx + r).to(tl.int64)
+        o2 = tl.arange(0, 2 * BD)
+        m_u = m_r[:, None] & (o2 < 2 * D)[None, :]
+        dst_u = (i_b * n_ctx + r) * H + i_h
+        b_u = tl.load(u + i_b * s_u_b + t_u[:, None] * s_u_t + i_h * (2 * D) + o2[None, :], mask=m_u)
+        tl.store(ctx_u + dst_u[:, None] * (2 * D) + o2[None, :], b_u, mask=m_u)
+
+
+def _rows_ok(x: Tensor, width: int) -> bool:
+    # [B, T, H, width] with heads width apart and contiguous elements (row and batch strides free)
+    return x.stride(3) == 1 and x.stride(2) == width
+
+
+def prompt_state_write(
+    state,
+    kr: Tensor,
+    v: Tensor,
+    u: Tensor,
+    score: Tensor,
+    slot: Tensor,
+    empty: Tensor,
+    *,
+    kpos: Tensor | None,
+    pad: Tensor | None,
+    margin: int,
+    none_score: float,
+) -> None:
+    """Write a one-pass prompt's state in place (one launch): the buffer, the ring and the router's context.
+
+    state: an EvictionSWAState that has seen nothing, its tensors contiguous; kr (k with RoPE), v: [B, T, H, D];
+    u: [B, T, H, 2D] the router's inputs; score: [B, T, H] float32 effective scores. Buffer slot c of row b,
+    head h takes entry ``slot[b, c, h]``: with ``kpos`` ([B, H, T] int32, the listed keys' positions) the index
+    of a listed key, else the key's position; ``empty[b, c, h]`` (bool) marks slots left empty (zeros, score
+    ``none_score``, position -1). ``pad`` [B] int64 (None: no padding): row b's prompt index of position p is
+    p + pad[b]. The ring gets the last min(T, W) tokens at index t % W, the last ``margin`` with score
+    ``none_score``; the context the last 2 * margin tokens' inputs (zeros before the prompt's start). slot, empty
+    [B, C, H]: any strides. Not differentiable (states record no history)."""
+    B, T, H, D = kr.shape
+    C, W, n_ctx = state.buf_k.shape[1], state.win_k.shape[1], state.ctx_u.shape[1]
+    if T < n_ctx:  # a prompt shorter than the router's context (a dozen tokens): the old rows move up
+        state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, T:])
+        n_ctx = 0
+    kr, v, u = (x if _rows_ok(x, w) else x.contiguous() for x, w in ((kr, D), (v, D), (u, 2 * D)))
+    score = score.contiguous()
+    t0 = max(0, T - W)
+    n_ring = T - t0
+    # rows per program: 16 on the GPU (a [16, D] tile per tensor); the interpreter pays per program, not per row
+    BR = 16 if kr.is_cuda else 64
+    nb_buf, nb_ring, nb_ctx = cdiv(C, BR), cdiv(n_ring, BR), cdiv(n_ctx, BR)
+    _eviction_prompt_state_kernel[(nb_buf + nb_ring + nb_ctx, B * H)](
+        kr,
+        v,
+        u,
+        score,
+        slot,
+        empty,
+        kpos,
+        pad,
+        state.win_k,
+        state.win_v,
+        state.win_score,
+        state.buf_k,
+        state.buf_v,
+        state.buf_score,
+        state.buf_pos,
+        state.ctx_u,
+        kr.stride(0),
+        kr.stride(1),
+        v.stride(0),
+        v.stride(1),
+        u.stride(0),
+        u.stride(1),
+        *slot.stride(),
+        *empty.stride(),
+        T,
+        t0,
+        n_ring,
+        n_ctx,
+        nb_buf,
+        nb_ring,
+        none_score,
+        H=H,
+        C=C,
+        W=W,
+        M=margin,
+        D=D,
+        BD=max(16, next_pow2(D)),
+        BR=BR,
+        FROM_LIST=kpos is not None,
+        HAS_PAD=pad is not None,
+        num_warps=2 if D <= 64 else 4,
+    )
