@@ -4,20 +4,21 @@
 #   backends   full_attention's backends against a float32 reference (benchmarks/check_backends.py)
 #   attention  swa / swa_sink / full_attention: checks, tile sweep, op vs launchers, timings, decode
 #   gdn        long-T and varlen checks, then the timings against fla
-#   eviction   checks, training timings against FlexAttention, memory, decode
+#   eviction   checks, training timings against FlexAttention, memory, decode, the cached prefill
 #   nsa        checks, timings against fla and SDPA, decode, the selection forms (block- / token-major)
+#   sweep      the attention kernels across the shape grid against FlexAttention and flash-attn 4, nine minutes
 # Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all, in the order above)
 # Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
 # xformers, the CUDA 12 runtime, flash-attn 4) go to /tmp/site first (benchmarks/install_wheels.sh). The
 # benchmarks write benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another
 # checkout with `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
-all=(tests backends attention gdn eviction nsa)
+usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
+all=(tests backends attention gdn eviction nsa sweep)
 for arg in "$@"; do
     case $arg in
     -h | --help) usage && exit 0 ;;
-    tests | backends | attention | gdn | eviction | nsa) ;;
+    tests | backends | attention | gdn | eviction | nsa | sweep) ;;
     *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]}" >&2 && exit 2 ;;
     esac
 done
@@ -54,10 +55,13 @@ for part in "${parts[@]}"; do
         python3 benchmarks/gdn.py --check --quick-check 2>&1 | tee "$OUT/gdn-check.log" | tail -n 20 || rc=1
         python3 benchmarks/gdn.py --bench 2>&1 | tee "$OUT/gdn.log" | tail -n 30 || rc=1
         ;;
-    eviction) python3 benchmarks/eviction.py 2>&1 | tee "$OUT/eviction.log" | tail -n 30 || rc=1 ;;
+    eviction)
+        python3 benchmarks/eviction.py check train decode prefill 2>&1 | tee "$OUT/eviction.log" | tail -n 30 || rc=1
+        ;;
     nsa)
         python3 benchmarks/nsa.py --sections check,bench,decode,major 2>&1 | tee "$OUT/nsa.log" | tail -n 40 || rc=1
         ;;
+    sweep) python3 benchmarks/sweep.py --max-seconds 540 2>&1 | tee "$OUT/sweep.log" | tail -n 40 || rc=1 ;;
     esac
 done
 exit $rc
