@@ -1,40 +1,30 @@
-"""The one-pass eviction prompt's state kernel (kernels/eviction/prefill.py) against the same writes in torch ops:
-the buffer (slots from the listed keys or from positions, empty slots cleared, left padding), the ring and the
-router's context, for strided inputs and slot tensors; and its sm_90 compile. The mixer's tests
-(tests/mixers/test_eviction_prefill.py) run it inside whole prompts against the chunked prefill."""
+"""The one-pass eviction prompt's state kernel (kernels/eviction/prefill.py) against the same writes in torch ops
+(the buffer through the chunked prefill's _fill_buffer: slots from the listed keys or from positions, empty slots
+cleared, left padding; the ring and the router's context row by row), for strided inputs and slot tensors; and its
+sm_90 compile. The mixer's tests (tests/mixers/test_eviction_prefill.py) run it inside whole prompts against the
+chunked prefill."""
 
 import pytest
 import torch
 
 from mixerzoo import registry
 from mixerzoo.kernels.eviction.prefill import prompt_state_write
-from mixerzoo.mixers.eviction_swa import _NONE
+from mixerzoo.mixers.eviction_swa import _NONE, _fill_buffer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _expected(st, kr, v, u, score, slot, empty, kpos, pad, margin):
-    """The same state, written slot by slot with torch ops (the specification)."""
-    B, T, H, _ = kr.shape
-    W, n_ctx = st.win_k.shape[1], st.ctx_u.shape[1]
-    b = torch.arange(B)[:, None, None]
-    h = torch.arange(H)[None, None, :]
-    p = kpos.long()[b, h, slot] if kpos is not None else slot  # [B, C, H] positions
-    row = (p + (0 if pad is None else pad[:, None, None])).clamp(max=T - 1)
-    e4 = empty[..., None]
-    out = {
-        "buf_k": kr[b, row, h].masked_fill(e4, 0),
-        "buf_v": v[b, row, h].masked_fill(e4, 0),
-        "buf_score": score[b, row, h].masked_fill(empty, _NONE),
-        "buf_pos": p.masked_fill(empty, -1),
-    }
-    win_k, win_v, win_score = st.win_k.clone(), st.win_v.clone(), st.win_score.clone()
+def _write_expected(st, kr, v, u, score, slot, empty, kpos, pad, margin):
+    """The same state written with torch ops (the specification): the buffer by the chunked prefill's own
+    _fill_buffer, the ring and the router's context row by row."""
+    T, W = kr.shape[1], st.win_k.shape[1]
+    p = kpos.long().permute(0, 2, 1).gather(1, slot) if kpos is not None else slot  # [B, C, H] positions
+    rows = (p + (0 if pad is None else pad[:, None, None])).clamp(max=T - 1)
+    _fill_buffer(st, rows, empty, kr, v, score, p)
     for t in range(max(0, T - W), T):
-        win_k[:, t % W], win_v[:, t % W] = kr[:, t], v[:, t]
-        win_score[:, t % W] = _NONE if t >= T - margin else score[:, t]
-    ctx = torch.cat((st.ctx_u, u), 1)[:, T:]
-    out.update(win_k=win_k, win_v=win_v, win_score=win_score, ctx_u=ctx[:, ctx.shape[1] - n_ctx :])
-    return out
+        st.win_k[:, t % W], st.win_v[:, t % W] = kr[:, t], v[:, t]
+        st.win_score[:, t % W] = _NONE if t >= T - margin else score[:, t]
+    st.ctx_u.copy_(torch.cat((st.ctx_u, u), 1)[:, T:])
 
 
 @pytest.mark.parametrize("T", [5, 40, 300], ids=lambda t: f"T{t}")  # shorter than the context, the window, C
@@ -60,10 +50,11 @@ def test_prompt_state_write_matches_torch(T, from_list, padded):
         slot = torch.randint(0, T, (B, C, H), device=DEVICE)
     empty = (torch.rand(B, H, C, device=DEVICE) < 0.3).permute(0, 2, 1)
     pad = torch.tensor([0, min(3, T - 1)], device=DEVICE) if padded else None
-    want = _expected(st, kr, v, u, score, slot, empty, kpos, pad, margin)
+    want = m.init_state(B, device=DEVICE, dtype=torch.float32)
+    _write_expected(want, kr, v, u, score, slot, empty, kpos, pad, margin)
     prompt_state_write(st, kr, v, u, score, slot, empty, kpos=kpos, pad=pad, margin=margin, none_score=_NONE)
-    for name, x in want.items():
-        assert torch.equal(getattr(st, name), x), name
+    for name, x in want.tensors().items():
+        assert torch.equal(st.tensors()[name], x), name
 
 
 _SM90_PROMPT_STATE = """
