@@ -87,3 +87,16 @@ def test_prompt_state_kernel_compiles_for_sm90(compile_in_child):
     every kernel an interpreted one."""
     out = compile_in_child(_SM90_PROMPT_STATE)
     assert out.count("shared") == 3, out
+
+
+def test_prompt_state_write_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    # where Triton compiles for a GPU, CPU tensors cannot reach the kernel: a clear error before the launch
+    import mixerzoo.kernels.eviction.prefill as prefill
+
+    monkeypatch.setattr(prefill, "interpreting", lambda: False)
+    m = registry.build("eviction_swa", hidden_size=48, num_heads=4, num_kv_heads=2, window_size=16, capacity=24)
+    st = m.init_state(1)
+    x = torch.zeros(1, 3, 2, 12)
+    with pytest.raises(RuntimeError, match="prompt_state_write: a Triton kernel; kr is on cpu"):
+        prompt_state_write(st, x, x, torch.zeros(1, 3, 2, 24), torch.zeros(1, 3, 2), torch.zeros(1, 24, 2).long(),
+                           torch.zeros(1, 24, 2).bool(), kpos=None, pad=None, margin=2, none_score=_NONE)  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, next_pow2, tl, triton
+from .._triton import cdiv, interpreting, next_pow2, tl, triton
 
 __all__ = ["prompt_state_write"]
 
@@ -154,6 +154,11 @@ def prompt_state_write(
     p + pad[b]. The ring gets the last min(T, W) tokens at index t % W, the last ``margin`` with score
     ``none_score``; the context the last 2 * margin tokens' inputs (zeros before the prompt's start). slot, empty
     [B, C, H]: any strides. Not differentiable (states record no history)."""
+    if not kr.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"prompt_state_write: a Triton kernel; kr is on {kr.device}, which needs Triton's interpreter "
+            "(TRITON_INTERPRET=1); CPU prompts take eviction_swa's chunked prefill"
+        )
     B, T, H, D = kr.shape
     C, W, n_ctx = state.buf_k.shape[1], state.win_k.shape[1], state.ctx_u.shape[1]
     if T < n_ctx:  # a prompt shorter than the router's context (a dozen tokens): the old rows move up
