@@ -295,6 +295,27 @@ def test_fused_recurrent_checks_gates_into_its_flag(packed):
             ok.fill_(1)
             fused_recurrent_gdn_fwd(qq, kk, vv, g2, b2, 0.25, None, cu_seqlens=cu, ok=ok)
             assert ok.item() == 0, (name, bad, cu)
+        if DEVICE == "cuda":  # the device-assert form (the op's on a GPU): valid gates change nothing either
+            o2, s2 = fused_recurrent_gdn_fwd(qq, kk, vv, gg, bb, 0.25, None, cu_seqlens=cu, assert_gates=True)
+            torch.cuda.synchronize()
+            assert torch.equal(o2, o_ref) and torch.equal(s2, s)
+
+
+def test_fused_recurrent_assert_gates_form():
+    # the device assert's message is the op's, word for word; the assert form takes no flag, and the interpreter
+    # (which skips device asserts) refuses it rather than checking nothing
+    from mixerzoo.kernels.gdn import _GATES_MSG
+    from mixerzoo.kernels.gdn.fused_recurrent import GATES_ASSERT_MSG
+
+    assert GATES_ASSERT_MSG.value == _GATES_MSG
+    (q, k, v, g, beta), _ = make_inputs(1, 2, 2, 16, 16, torch.float32)
+    g, beta = -g.abs(), beta.clamp(0, 1)
+    ok = torch.ones(1, dtype=torch.int32, device=q.device)
+    with pytest.raises(ValueError, match="fused_recurrent_gdn_fwd: assert_gates=True takes no ok flag"):
+        fused_recurrent_gdn_fwd(q, k, v, g, beta, 0.25, None, ok=ok, assert_gates=True)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="interpreting=True"):
+            fused_recurrent_gdn_fwd(q, k, v, g, beta, 0.25, None, assert_gates=True)
 
 
 def _guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:

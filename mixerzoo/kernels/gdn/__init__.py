@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_scale, check_values
 from .._ops import no_autocast
+from .._triton import interpreting
 from .conv import causal_conv1d
 from .fused_recurrent import fused_recurrent_gdn_fwd
 from .reference import _f32 as _acc
@@ -81,7 +82,13 @@ _gdn_fwd = torch.library.custom_op("mixerzoo::gated_delta_rule_fwd", _fwd_cuda, 
 
 
 def _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens) -> tuple[Tensor, Tensor]:
-    # the fused recurrence, its kernel checking g and beta into the device's flag, then the assert: (o, final state)
+    # the fused recurrence checking g and beta by a device assert in its kernel (one launch: a decode step's
+    # graph holds the kernel alone); in Triton's interpreter, which skips device asserts, into the device's flag
+    # with the assert after it. (o, final state)
+    if not interpreting():
+        return fused_recurrent_gdn_fwd(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, assert_gates=True, checked=True
+        )
     flags, gates_ok, _ = _device_flags(q.device)
     o, ht = fused_recurrent_gdn_fwd(
         q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True

@@ -11,9 +11,15 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import cdiv, next_pow2, tl, triton
+from .._triton import cdiv, interpreting, next_pow2, tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
+
+# the device assert's message (CHECK == 2), the op's message for such a value (test_gdn checks they agree)
+GATES_ASSERT_MSG = tl.constexpr(
+    "gated_delta_rule: g must be finite and <= 0 (log of a decay in (0, 1]) and beta must be in [0, 1]; a value of "
+    "this call is not"
+)
 
 
 @triton.jit
@@ -47,8 +53,9 @@ def _gdn_fused_recurrent_fwd_kernel(
     CHECK: tl.constexpr,
 ):
     # IS_VARLEN is a compile-time flag: with False the kernel is the fixed-length one, unchanged. CHECK: each
-    # program also checks the g and beta it reads (finite g <= 0, beta in [0, 1]; NaN fails) and stores 0 into
-    # ok[0] if one is not
+    # program also checks the g and beta it reads (finite g <= 0, beta in [0, 1]; NaN fails); CHECK == 1 stores 0
+    # into ok[0] if one is not, CHECK == 2 fails a device assert after its loop (launched with debug=True, so that
+    # the assert is compiled in, and sanitize_overflow=False, so that debug adds no overflow checks to the loop)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H  # i_b: the sequence (of the packed batch, with IS_VARLEN)
     if IS_VARLEN:
@@ -91,8 +98,10 @@ def _gdn_fused_recurrent_fwd_kernel(
         p_g += H
         p_beta += H
     tl.store(ht + p_h, b_h, mask=m_h)
-    if CHECK:
+    if CHECK == 1:
         tl.store(ok, 0, mask=n_bad > 0)
+    if CHECK == 2:
+        tl.device_assert(n_bad == 0, GATES_ASSERT_MSG)
 
 
 def _num_warps(BK: int, BV: int, T: int) -> int:
@@ -115,6 +124,7 @@ def fused_recurrent_gdn_fwd(
     *,
     cu_seqlens: Tensor | None = None,
     ok: Tensor | None = None,
+    assert_gates: bool = False,
     checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [B, H, K, V] float32 or None.
@@ -124,11 +134,22 @@ def fused_recurrent_gdn_fwd(
 
     ``ok``: None, or an int32 tensor on q's device into whose first element the kernel stores 0 when a g is
     not finite or > 0 or a beta is outside [0, 1] (NaN included); left as it is otherwise (the op's value
-    check of a decode step without launches of its own). ``checked``: the caller checked the dtypes (the op)."""
+    check of a decode step without launches of its own). ``assert_gates`` (compiled kernels only, not with ``ok``):
+    the kernel itself fails a device-side assert on such a value, as ``torch._assert_async`` on the flag would,
+    without the assert's launch after the kernel (about 2 us of an 11 us decode step in a CUDA graph); Triton's
+    interpreter skips device asserts, so there it is an error to ask for it. ``checked``: the caller checked the
+    dtypes (the op)."""
     if not checked:
         check_floats("fused_recurrent_gdn_fwd", q=q, k=k, v=v)
         for name, x in (("g", g), ("beta", beta), ("initial_state", initial_state)):
             check_floats("fused_recurrent_gdn_fwd", **{name: x})
+    if assert_gates and (ok is not None or interpreting()):
+        raise ValueError(
+            "fused_recurrent_gdn_fwd: assert_gates=True takes no ok flag and needs compiled kernels (Triton's "
+            f"interpreter skips device asserts), got ok={'a tensor' if ok is not None else None}, "
+            f"interpreting={interpreting()}"
+        )
+    check = 2 if assert_gates else int(ok is not None)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -160,7 +181,8 @@ def fused_recurrent_gdn_fwd(
         BV=BV,
         HAS_H0=initial_state is not None,
         IS_VARLEN=cu is not None,
-        CHECK=ok is not None,
+        CHECK=check,
         num_warps=_num_warps(BK, BV, T),
+        **(dict(debug=True, sanitize_overflow=False) if assert_gates else {}),
     )
     return o, ht
