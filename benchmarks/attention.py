@@ -275,6 +275,13 @@ def _loops_name(cfg: dict) -> str:
     return ("one+tma" if cfg.get("TMA") else "one") if cfg.get("ONE_LOOP") else "three"
 
 
+def check_errors(kernel: str, out, o_ref, g_ref) -> list[float]:
+    """Relative RMSEs of a tile variant's results: [o] for the forward ("fwd"), [dq, dk, dv] for the backward."""
+    if kernel == "fwd":
+        return [rel_rmse(o_ref, out[0])]
+    return [rel_rmse(r, x) for r, x in zip(g_ref, out, strict=True)]
+
+
 def section_loops(log: list[str]) -> dict[str, dict]:
     """Three key loops per kernel against ONE_LOOP over tile sizes, and ONE_LOOP with TMA tile loads at
     the D = 128 default tiles, at T = 32768, B = 1, S = 0: the forward launcher alone (fwd rows), the
@@ -304,11 +311,7 @@ def section_loops(log: list[str]) -> dict[str, dict]:
         line = f"{kernel:6s} {_loops_name(cfg):7s} {tiles} "
         try:
             out = fn()
-            errs = (
-                [rel_rmse(o_ref, out[0])]
-                if kernel == "fwd"
-                else [rel_rmse(r, x) for r, x in zip(g_ref, out, strict=True)]
-            )
+            errs = check_errors(kernel, out, o_ref, g_ref)
             err_txt = " / ".join(f"{e:.2e}" for e in errs)
             if all(math.isfinite(e) and e <= BWD_CHECK_BOUND for e in errs):
                 ms = time_ms(fn)

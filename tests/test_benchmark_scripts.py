@@ -41,6 +41,7 @@ GPU_MODES = {
     "fsdp2.py": ([], "'fsdp2.py --smoke' runs on the CPU"),
     "paper_presets.py": ([], "'paper_presets.py --smoke' runs on the CPU"),
     "sweep.py": (["--points", "base"], "'sweep.py --smoke' runs on the CPU"),
+    "swa_tune.py": ([], "'swa_tune.py --list or --smoke' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
 
@@ -380,3 +381,32 @@ def test_results_card_sums_up_sweep_rows():
     plain, summed = (card.op_level_card({"rows": rs}, "x.json") for rs in (other, other + rows))
     assert summed == plain[:-1] + "\n" + "\n".join(card.sweep_lines(rows)) + "\n"  # only the summary is added
     assert card.sweep_lines(rows)[-1] == "| `eviction_train_sweep` | flex | 2 | 0.75x (`frac0.30`) | 1.50x (`base`) |"
+
+
+def test_swa_tune_list():
+    """swa_tune.py --list: the cells (worst cases first) and the candidates, without a GPU."""
+    p = _run_scripts({"list": ("swa_tune.py", ["--list", "--D", "256"])}, _env())["list"]
+    assert p.returncode == 0, p.stderr
+    cells = [line for line in p.stdout.splitlines() if line.startswith("cell ")]
+    assert cells[0] == "cell D=256 G=1 W=4096: stands for G in (1, 1), W in (1537, 1073741824)"
+    assert len(cells) == 6 and all("D=256" in c for c in cells)
+    p = _run_scripts({"bad": ("swa_tune.py", ["--D", "96"])}, _env())["bad"]
+    assert p.returncode == 2 and "no cell has D in [96]" in p.stderr
+
+
+@no_gpu
+@pytest.mark.slow  # about 25 s: the kernels in Triton's interpreter
+def test_swa_tune_smoke(tmp_path):
+    """swa_tune.py --smoke: a tiny cell checked and timed per kernel, its rules merged into the given table (a rule
+    of another cell kept), a file the launchers' table loader accepts."""
+    table = tmp_path / "table.json"
+    other = dict(kernel="fwd", D=64, G=[1, 1], W=[1, 384], config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
+    table.write_text(json.dumps({"sm90": [other]}))
+    p = _run_scripts({"smoke": ("swa_tune.py", ["--smoke", "--table", str(table)])}, _env())["smoke"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    rules = json.loads(table.read_text())["sm90"]
+    assert other in rules
+    mine = [r for r in rules if r["D"] == 32]
+    assert sorted(r["kernel"] for r in mine) == ["dkdv", "dq", "fwd"]
+    assert all(r["G"] == [2, 64] and r["W"] == [1, 384] for r in mine)
+    assert re.search(r"^  fwd  default .* ms", p.stdout, re.MULTILINE), p.stdout

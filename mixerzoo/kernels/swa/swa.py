@@ -29,6 +29,7 @@ from .._triton import (
     triton,
 )
 from .reference import compute_dtype, swa_bwd_ref, swa_fwd_ref
+from .tuned import tuned_config
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -750,7 +751,9 @@ def swa_fwd(
     window_size, num_sinks = min(window_size, max(T, 1)), min(num_sinks, T)
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    cfg = dict(config or _fit_dtype(_fwd_config(D), q.dtype, D))
+    cfg = dict(
+        config or tuned_config("fwd", q.device, q.dtype, D, G, window_size) or _fit_dtype(_fwd_config(D), q.dtype, D)
+    )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_fwd")
     if loops["TMA"]:
@@ -805,18 +808,25 @@ def swa_bwd(
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
     TMA, see ``_loop_flags``), for tuning."""
-    cfg = dict(dkdv_config or _fit_dtype(_dkdv_config(q.shape[-1]), q.dtype, q.shape[-1]))
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    dq_cfg = dict(dq_config or _fit_dtype(_dq_config(q.shape[-1]), q.dtype, q.shape[-1]))
-    dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
         raise ValueError(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
+    # tiles: the caller's, else the tile table's for (head dim, GQA group, window as the kernels see it), else
+    # the head dim's default
+    D, Gk, Wk = q.shape[-1], q.shape[2] // k.shape[2], min(window_size, max(q.shape[1], 1))
+    cfg = dict(
+        dkdv_config or tuned_config("dkdv", q.device, q.dtype, D, Gk, Wk) or _fit_dtype(_dkdv_config(D), q.dtype, D)
+    )
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
+    dq_cfg = dict(
+        dq_config or tuned_config("dq", q.device, q.dtype, D, Gk, Wk) or _fit_dtype(_dq_config(D), q.dtype, D)
+    )
+    dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
+    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
     _check_triton("swa_bwd", q)
     scale = check_scale("swa_bwd", scale, q.shape[-1])
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))

@@ -1,0 +1,256 @@
+"""Tile tuning of the sliding-window kernels by shape: for each cell (head dim D, GQA group G, window W), time every
+candidate tile config of the forward, dK/dV and dQ kernels on the GPU, keep the fastest that agrees with the head
+dim's default config, and write the winners as a tile table (mixerzoo/kernels/swa/tuned.py's file form), which the
+launchers then take for calls of that cell's class.
+
+    python benchmarks/swa_tune.py --list                       # the cells and candidates (no GPU needed)
+    python benchmarks/swa_tune.py                              # every cell; table into benchmarks/results/
+    python benchmarks/swa_tune.py --D 256 --table PATH         # some cells; rules merged into PATH
+    MIXERZOO_SWA_CONFIGS=PATH python benchmarks/sweep.py ...   # the sweep with that table
+
+A cell is measured at T = 8192 with 65536 tokens per call (B = 8), HQ = 16, bf16, no sinks (S is a run-time
+argument: the sink variant runs the same compiled kernels) and stands for its class: G = 1 or G >= 2; W up to 384,
+385 to 1536, or longer. Each candidate: (1) the check: the forward's output (fwd) or the whole backward's dq, dk,
+dv (dkdv, dq: the other kernel at its default) against the default config's, bf16 relative RMSE <= 5e-3 (the tiles
+change the summation order only); (2) time_ms of the forward launcher or of the whole backward; (3) the compiled
+kernel's registers and spills where Triton reports them. The table's rule for a kernel in a cell is the fastest
+candidate, only when it beats the default by more than 3% (else the cell keeps the default: no rule). The
+default's time and the winner's are printed and written as rows ``swa_tune`` (impl ``default`` / ``tuned``,
+fwd_ms for fwd, bwd_ms for the backward kernels). ``--max-seconds`` stops between cells; the table is written
+after every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]
+from common import require_gpu, time_ms, write_results  # noqa: E402
+
+HQ, TOKENS, T_CELL = 16, 65536, 8192
+CHECK = 5e-3
+MIN_GAIN = 0.03
+# the class bounds a cell stands for (inclusive)
+G_CLASSES = {1: (1, 1), 8: (2, 64)}
+W_CLASSES = {256: (1, 384), 512: (385, 1536), 4096: (1537, 1 << 30)}
+
+
+def _c(BM, BN, warps, stages, one=True):
+    return dict(BM=BM, BN=BN, num_warps=warps, num_stages=stages, **({"ONE_LOOP": True} if one else {}))
+
+
+# candidates per (kernel, D); fwd and dq: BM query rows, BN keys per step (BM % BN == 0); dkdv: BN keys held, BM
+# queries per step (BN % BM == 0). The head dim's default is timed first, in the same run.
+# fmt: off
+CANDIDATES = {
+    ("fwd", 64): [_c(128, 64, 8, 3), _c(128, 128, 8, 2), _c(64, 64, 4, 3), _c(128, 64, 4, 3), _c(128, 32, 4, 3)],
+    ("fwd", 128): [_c(128, 64, 8, 3), _c(128, 128, 8, 2), _c(64, 32, 4, 3), _c(128, 32, 8, 3)],
+    ("fwd", 256): [_c(64, 32, 4, 2), _c(64, 64, 4, 2), _c(64, 32, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2),
+                   _c(128, 32, 8, 2)],
+    ("dkdv", 64): [_c(64, 64, 4, 3), _c(32, 128, 8, 2), _c(64, 128, 8, 2), _c(16, 64, 4, 3), _c(32, 64, 4, 2)],
+    ("dkdv", 128): [_c(64, 64, 8, 2), _c(32, 128, 8, 2), _c(16, 64, 4, 3), _c(64, 128, 8, 2), _c(32, 64, 8, 3)],
+    ("dkdv", 256): [_c(32, 64, 4, 2), _c(32, 64, 8, 2), _c(32, 32, 4, 2), _c(32, 32, 8, 2), _c(16, 32, 4, 2),
+                    _c(64, 64, 8, 2)],
+    ("dq", 64): [_c(64, 64, 4, 3), _c(128, 128, 8, 2), _c(64, 32, 4, 3), _c(128, 32, 8, 3), _c(128, 64, 4, 3)],
+    ("dq", 128): [_c(64, 64, 4, 3), _c(128, 128, 8, 2), _c(64, 32, 4, 3), _c(128, 32, 8, 3)],
+    ("dq", 256): [_c(64, 32, 4, 2), _c(64, 32, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2), _c(32, 32, 4, 2)],
+}
+# fmt: on
+KERNELS = ("fwd", "dkdv", "dq")
+SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
+# the worst cases first (D = 256 and 64, long windows), so that a run cut short has measured them
+CELLS = [(D, G, W) for D in (256, 64, 128) for W in (4096, 256, 512) for G in (1, 8)]
+
+
+def defaults(D: int) -> dict:
+    from mixerzoo.kernels.swa import swa
+
+    return {"fwd": swa._fwd_config(D), "dkdv": swa._dkdv_config(D), "dq": swa._dq_config(D)}
+
+
+_SEEN: dict[str, set] = {}
+
+
+def _spills(kernel_fn, seen: set) -> str:
+    """registers / spills of the kernels compiled since the last call (Triton's cache of the JIT function)."""
+    out = []
+    try:
+        for cache in kernel_fn.device_caches.values():
+            for key, k in cache[0].items():
+                if key in seen:
+                    continue
+                seen.add(key)
+                k._init_handles()
+                out.append(f"{k.n_regs} regs, {k.n_spills} spills")
+    except Exception as e:  # the cache layout is Triton's internal: report, do not fail the tuning
+        return f"n/a ({type(e).__name__})"
+    return "; ".join(out) or "cached"
+
+
+def tune_cell(D: int, G: int, W: int, log, *, smoke: bool = False) -> tuple[dict, list[dict]]:
+    """(winning config per kernel, beating the default by MIN_GAIN; rows). ``smoke``: a tiny cell on the CPU in
+    Triton's interpreter (float32, T = 64, the interpreter's default tiles against two candidates): the script's
+    path, not its figures."""
+    import attention
+    import torch
+
+    from mixerzoo.kernels.swa import swa
+    from mixerzoo.kernels.swa.swa import swa_bwd, swa_fwd
+
+    torch.manual_seed(0)
+    T, dev, dt = (64, "cpu", torch.float32) if smoke else (T_CELL, "cuda", torch.bfloat16)
+    B, HKV = (2 if smoke else TOKENS // T_CELL), HQ // G
+    q = torch.randn(B, T, HQ, D, device=dev, dtype=dt)
+    k, v = (torch.randn(B, T, HKV, D, device=dev, dtype=dt) for _ in range(2))
+    do = torch.randn_like(q)
+    dflt = defaults(D)
+    o_ref, lse = swa_fwd(q, k, v, W, 0, config=dflt["fwd"])
+    g_ref = swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=dflt["dq"])
+    calls = {
+        "fwd": lambda c: lambda: swa_fwd(q, k, v, W, 0, config=c),
+        "dkdv": lambda c: lambda: swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=c, dq_config=dflt["dq"]),
+        "dq": lambda c: lambda: swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=c),
+    }
+    jit = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
+    wins, rows = {}, []
+    for kernel in KERNELS:
+        seen = _SEEN.setdefault(kernel, set())  # compiled kernels reported already (in this cell or before)
+        results = []
+        cands = SMOKE_CANDIDATES[kernel] if smoke else CANDIDATES[(kernel, D)]
+        for i, cfg in enumerate([dflt[kernel]] + [c for c in cands if c != dflt[kernel]]):
+            fn = calls[kernel](dict(cfg))
+            name = "default" if i == 0 else "candidate"
+            try:
+                out = fn()
+                errs = attention.check_errors(kernel, out, o_ref, g_ref)
+                regs = _spills(jit[kernel], seen)
+                if max(errs) > CHECK:
+                    log(f"  {kernel:4s} {name:9s} {cfg}: differs from the default ({max(errs):.1e}), not timed")
+                    continue
+                ms = _time_cpu(fn) if smoke else time_ms(fn)
+                results.append((ms, cfg))
+                log(f"  {kernel:4s} {name:9s} {ms:8.3f} ms  {cfg}  [{regs}]")
+            except Exception as e:  # shared memory or registers out of bounds: report, go on
+                log(f"  {kernel:4s} {name:9s} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
+            torch.cuda.empty_cache()
+        if not results or results[0][1] != dflt[kernel]:
+            continue
+        base_ms = results[0][0]
+        # the smoke run takes its fastest candidate whatever the default's time, to go through the rules' path
+        best_ms, best = min(results[1:] if smoke and len(results) > 1 else results, key=lambda r: r[0])
+        gain = base_ms / best_ms - 1
+        chosen = best if best is not dflt[kernel] and (gain > MIN_GAIN or smoke) else None
+        log(
+            f"  {kernel}: default {base_ms:.3f} ms, best {best_ms:.3f} ms ({gain:+.1%})"
+            + (" -> rule" if chosen else "")
+        )
+        if chosen:
+            wins[kernel] = chosen
+        key = "fwd_ms" if kernel == "fwd" else "bwd_ms"
+        for impl, ms, cfg in (("default", base_ms, dflt[kernel]), ("tuned", best_ms if chosen else base_ms,
+                                                                   chosen or dflt[kernel])):  # fmt: skip
+            rows.append(dict(op="swa_tune", impl=impl, kernel=kernel, B=B, T=T, HQ=HQ, HKV=HKV, D=D, W=W,
+                             **{key: round(ms, 4)}, config=json.dumps(cfg, sort_keys=True)))  # fmt: skip
+    return wins, rows
+
+
+def _time_cpu(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def merge_rules(table: dict, arch: str, D: int, G: int, W: int, wins: dict) -> dict:
+    """The table with this cell's rules replaced (a cell's old rules go even where it now keeps the default)."""
+    g, w = list(G_CLASSES[G]), list(W_CLASSES[W])
+    rules = [r for r in table.get(arch, []) if not (r["D"] == D and r["G"] == g and r["W"] == w)]
+    rules += [dict(kernel=kn, D=D, G=g, W=w, config=cfg) for kn, cfg in wins.items()]
+    rules.sort(key=lambda r: (r["kernel"], r["D"], r["G"], r["W"]))
+    return {**table, arch: rules}
+
+
+def smoke(table_path: pathlib.Path) -> int:
+    from common import interpret_without_gpu
+
+    if not interpret_without_gpu("swa_tune.py --smoke"):
+        print("swa_tune.py --smoke: runs the kernels in Triton's interpreter, on a machine without a CUDA device")
+        return 2
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    wins, rows = tune_cell(32, 2, 24, lambda s: print(s, flush=True), smoke=True)
+    table = merge_rules(table, "sm90", 32, 8, 256, wins)
+    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    from mixerzoo.kernels.swa import tuned
+
+    tuned.load_table(table_path)  # the file the launchers would read
+    print(f"smoke: {len(rows)} rows, rules {wins}; table {table_path}")
+    return 0 if len(rows) == 2 * len(KERNELS) else 1
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the cells and candidates and exit (no GPU needed)")
+    ap.add_argument("--D", type=int, nargs="*", help="only these head dims")
+    ap.add_argument("--G", type=int, nargs="*", help="only these groups (1, 8)")
+    ap.add_argument("--W", type=int, nargs="*", help="only these windows (256, 512, 4096)")
+    ap.add_argument("--table", type=pathlib.Path, help="the tile table to merge the rules into "
+                    "(default: mixerzoo/kernels/swa/tuned_configs.json)")  # fmt: skip
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop between cells past this many seconds")
+    ap.add_argument("--smoke", action="store_true", help="one tiny cell (D = 32) on the CPU in Triton's interpreter, "
+                    "table into --table (required); exercises the script, its figures mean nothing")  # fmt: skip
+    args = ap.parse_args(argv)
+    cells = [c for c in CELLS if (not args.D or c[0] in args.D) and (not args.G or c[1] in args.G)
+             and (not args.W or c[2] in args.W)]  # fmt: skip
+    if not cells:
+        ap.error(f"no cell has D in {args.D}, G in {args.G}, W in {args.W}; the cells: {CELLS}")
+    args.cells = cells
+    if args.smoke and not args.table:
+        ap.error("--smoke writes its table into --table PATH, never into the package's table")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for D, G, W in args.cells:
+            print(f"cell D={D} G={G} W={W}: stands for G in {G_CLASSES[G]}, W in {W_CLASSES[W]}")
+        for (kernel, D), cands in CANDIDATES.items():
+            print(f"{kernel:4s} D={D}: {len(cands)} candidates besides the default: {cands}")
+        return 0
+    if args.smoke:
+        return smoke(args.table)
+    require_gpu("swa_tune.py", "tuning", cpu="swa_tune.py --list or --smoke")
+    import torch
+
+    from mixerzoo.kernels.swa import tuned
+
+    table_path = args.table or pathlib.Path(tuned.__file__).with_name("tuned_configs.json")
+    table = tuned.load_table(table_path) if table_path.exists() else {}
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm{major}{minor}"
+    print(torch.cuda.get_device_name(), torch.__version__, arch, flush=True)
+    t0, rows, spent = time.time(), [], []
+    for D, G, W in args.cells:
+        if args.max_seconds and spent and time.time() - t0 + max(spent) > args.max_seconds:
+            left = [c for c in args.cells if c not in [(r["D"], HQ // r["HKV"], r["W"]) for r in rows]]
+            print(f"stopping: {time.time() - t0:.0f} s spent; not measured: {left}", flush=True)
+            break
+        start = time.time()
+        print(f"cell D={D} G={G} W={W} (B={TOKENS // T_CELL}, T={T_CELL}, HQ={HQ}, HKV={HQ // G})", flush=True)
+        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True))
+        rows += cell_rows
+        table = merge_rules(table, arch, D, G, W, wins)
+        table_path.write_text(json.dumps(table, indent=1) + "\n")
+        spent.append(time.time() - start)
+        print(f"  rules: {wins or 'none (the defaults stay)'}; table {table_path}; {spent[-1]:.0f} s", flush=True)
+    if rows:
+        print("results:", write_results({"swa_tune"}, rows, replace_by=("kernel", "D", "HKV", "W")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
