@@ -739,7 +739,8 @@ def swa_fwd(
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
-    structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning."""
+    structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning. Without it the tiles are
+    the tile table's for this GPU, head dim, group and window (``tuned.py``), else the head dim's default."""
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
@@ -807,7 +808,7 @@ def swa_bwd(
     atomics lost to this at every tile on an H200, see benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
-    TMA, see ``_loop_flags``), for tuning."""
+    TMA, see ``_loop_flags``), for tuning; without them, the tile table's (``tuned.py``) or the defaults."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
