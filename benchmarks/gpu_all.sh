@@ -7,19 +7,21 @@
 #   eviction   checks, training timings against FlexAttention, memory, decode, the cached prefill
 #   nsa        checks, timings against fla and SDPA, decode, the selection forms (block- / token-major)
 #   sweep      the attention kernels across the shape grid against FlexAttention and flash-attn 4, nine minutes
-# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all, in the order above)
+#   tune       the swa kernels' tile table (benchmarks/swa_tune.py, every cell, about five minutes; rewrites
+#              mixerzoo/kernels/swa/tuned_configs.json, to commit with its log)
+# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all but tune, in the order above)
 # Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
 # xformers, the CUDA 12 runtime, flash-attn 4) go to /tmp/site first (benchmarks/install_wheels.sh). The
 # benchmarks write benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another
 # checkout with `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
-all=(tests backends attention gdn eviction nsa sweep)
+usage() { sed -n '2,16s/^# \{0,1\}//p' "$0"; }
+all=(tests backends attention gdn eviction nsa sweep)  # tune runs only when named
 for arg in "$@"; do
     case $arg in
     -h | --help) usage && exit 0 ;;
-    tests | backends | attention | gdn | eviction | nsa | sweep) ;;
-    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]}" >&2 && exit 2 ;;
+    tests | backends | attention | gdn | eviction | nsa | sweep | tune) ;;
+    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]} tune" >&2 && exit 2 ;;
     esac
 done
 parts=("$@")
@@ -62,6 +64,7 @@ for part in "${parts[@]}"; do
         python3 benchmarks/nsa.py --sections check,bench,decode,major 2>&1 | tee "$OUT/nsa.log" | tail -n 40 || rc=1
         ;;
     sweep) python3 benchmarks/sweep.py --max-seconds 540 2>&1 | tee "$OUT/sweep.log" | tail -n 40 || rc=1 ;;
+    tune) python3 benchmarks/swa_tune.py --max-seconds 540 2>&1 | tee "$OUT/swa-tune.log" | grep -v '^  [fdk]' || rc=1 ;;
     esac
 done
 exit $rc
