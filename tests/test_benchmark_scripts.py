@@ -174,7 +174,10 @@ def test_usage_errors_name_the_value():
             ["--hkv", "32x64x64"],
             "--hkv chooses the head shapes of --shapes or --sweep; pass one of them too",
         ),
-        "gpu_all.sh": (["gdm"], "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa sweep tune"),
+        "gpu_all.sh": (
+            ["gdm"],
+            "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa sweep tune",
+        ),
         "sweep.py": (["--points", "base,D64-X2"], "--points: unknown point 'D64-X2'; a point is 'base' or axis"),
         "sweep.py --ops": (["--ops", "swa,eviction"], "--ops: unknown op(s) eviction; the ops are swa, swa_sink"),
     }

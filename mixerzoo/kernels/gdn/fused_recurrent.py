@@ -11,15 +11,17 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import cdiv, interpreting, next_pow2, tl, triton
+from .._triton import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 
-# the device assert's message (CHECK == 2), the op's message for such a value (test_gdn checks they agree)
-GATES_ASSERT_MSG = tl.constexpr(
+# the device assert's message (CHECK == 2), the op's message for such a value (test_gdn checks they agree); a
+# constexpr for the kernel, a plain string where Triton is not installed (the CPU paths import this module too)
+_GATES_TEXT = (
     "gated_delta_rule: g must be finite and <= 0 (log of a decay in (0, 1]) and beta must be in [0, 1]; a value of "
     "this call is not"
 )
+GATES_ASSERT_MSG = tl.constexpr(_GATES_TEXT) if HAS_TRITON else _GATES_TEXT
 
 
 @triton.jit
