@@ -1,12 +1,16 @@
-"""Tile tuning of the sliding-window kernels by shape: for each cell (head dim D, GQA group G, window W), time every
-candidate tile config of the forward, dK/dV and dQ kernels on the GPU, keep the fastest that agrees with the head
-dim's default config, and write the winners as a tile table (mixerzoo/kernels/swa/tuned.py's file form), which the
-launchers then take for calls of that cell's class.
+"""Tile tuning of the attention kernels by shape: for each cell (head dim D, GQA group G, window W), time every
+candidate tile config of the sliding-window kernels (forward, dK/dV, dQ; ``--op swa``, the default) or of the
+eviction kernels (forward, dQ, dK/dV window pass and listed pass; ``--op eviction``, training semantics, 10% of
+the keys retained) on the GPU, keep the fastest that agrees with the head dim's default config, and write the
+winners as the op's tile table (mixerzoo/kernels/_tile_table.py's file form), which the launchers then take for
+calls of that cell's class.
 
     python benchmarks/swa_tune.py --list                       # the cells and candidates (no GPU needed)
-    python benchmarks/swa_tune.py                              # every cell; table into benchmarks/results/
-    python benchmarks/swa_tune.py --D 256 --table PATH         # some cells; rules merged into PATH
-    MIXERZOO_SWA_CONFIGS=PATH python benchmarks/sweep.py ...   # the sweep with that table
+    python benchmarks/swa_tune.py                              # every cell; the package's swa table rewritten
+    python benchmarks/swa_tune.py --op eviction --D 256        # some cells of the eviction table
+    python benchmarks/swa_tune.py --D 256 --table PATH         # rules merged into PATH instead
+    MIXERZOO_SWA_CONFIGS=PATH python benchmarks/sweep.py ...   # the sweep with that table (eviction:
+                                                               # MIXERZOO_EVICTION_CONFIGS)
 
 A cell is measured at T = 8192 with 65536 tokens per call (B = 8), HQ = 16, bf16, no sinks (S is a run-time
 argument: the sink variant runs the same compiled kernels) and stands for its class: G = 1 or G >= 2; W up to 384,
@@ -15,9 +19,9 @@ dv (dkdv, dq: the other kernel at its default) against the default config's, bf1
 change the summation order only); (2) time_ms of the forward launcher or of the whole backward; (3) the compiled
 kernel's registers and spills where Triton reports them. The table's rule for a kernel in a cell is the fastest
 candidate, only when it beats the default by more than 3% (else the cell keeps the default: no rule). The
-default's time and the winner's are printed and written as rows ``swa_tune`` (impl ``default`` / ``tuned``,
-fwd_ms for fwd, bwd_ms for the backward kernels). ``--max-seconds`` stops between cells; the table is written
-after every cell.
+default's time and the winner's are printed and written as rows ``swa_tune`` or ``eviction_tune`` (impl
+``default`` / ``tuned``, fwd_ms for fwd, bwd_ms for the backward kernels). ``--max-seconds`` stops between cells;
+the table is written after every cell.
 """
 
 from __future__ import annotations
@@ -61,16 +65,109 @@ CANDIDATES = {
     ("dq", 256): [_c(64, 32, 4, 2), _c(64, 32, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2), _c(32, 32, 4, 2)],
 }
 # fmt: on
-KERNELS = ("fwd", "dkdv", "dq")
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
+
+
+def _q(BT, BS, BC, split, warps, stages):  # the eviction forward and dQ: BT query rows, BS window keys, BC listed
+    return dict(BT=BT, BS=BS, BC=BC, SPLIT=split, num_warps=warps, num_stages=stages)
+
+
+def _k(BT, BS, split, warps, stages):  # the eviction dK/dV passes: BS key rows (list entries), BT query rows a step
+    return dict(BT=BT, BS=BS, SPLIT=split, num_warps=warps, num_stages=stages)
+
+
+# fmt: off
+_EV_KV = {64: [_k(64, 64, True, 8, 2), _k(64, 64, False, 8, 2), _k(64, 64, False, 8, 3), _k(128, 64, False, 8, 2),
+               _k(64, 128, False, 8, 2)],
+          256: [_k(32, 64, False, 4, 2), _k(64, 64, False, 8, 2), _k(32, 32, False, 4, 2), _k(64, 32, False, 4, 2),
+                _k(32, 64, False, 8, 2)]}
+_EV_KV[128] = _EV_KV[64]
+EV_CANDIDATES = {
+    ("fwd", 64): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, True, 8, 3), _q(64, 64, 64, True, 4, 3),
+                  _q(128, 128, 128, False, 8, 2)],
+    ("fwd", 128): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, False, 8, 2), _q(128, 64, 64, True, 8, 3),
+                   _q(64, 64, 64, True, 4, 3)],
+    ("fwd", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(128, 64, 64, True, 8, 2),
+                   _q(128, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2)],
+    ("dq", 64): [_q(128, 64, 64, False, 8, 2), _q(64, 64, 64, True, 4, 3), _q(128, 32, 32, True, 8, 2),
+                 _q(64, 32, 32, True, 4, 2)],
+    ("dq", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2),
+                  _q(32, 32, 32, True, 4, 2)],
+    **{(kn, D): _EV_KV[D] for kn in ("dkdv", "listed") for D in (64, 128, 256)},
+}
+EV_CANDIDATES[("dq", 128)] = EV_CANDIDATES[("dq", 64)]
+# fmt: on
+EV_SMOKE_CANDIDATES = {
+    "fwd": [_q(32, 16, 16, False, 4, 1)],
+    "dq": [_q(32, 16, 16, False, 4, 1)],
+    "dkdv": [_k(32, 16, False, 4, 1)],
+    "listed": [_k(16, 32, True, 4, 1)],
+}  # fmt: skip
+EV_FRAC, EV_SINKS = 0.10, 4
 # the worst cases first (D = 256 and 64, long windows), so that a run cut short has measured them
 CELLS = [(D, G, W) for D in (256, 64, 128) for W in (4096, 256, 512) for G in (1, 8)]
 
 
-def defaults(D: int) -> dict:
+def swa_spec(D, G, W, q, k, v, do):
+    """(kernels, defaults, calls, jit functions, reference results) of the swa kernels at one cell."""
     from mixerzoo.kernels.swa import swa
 
-    return {"fwd": swa._fwd_config(D), "dkdv": swa._dkdv_config(D), "dq": swa._dq_config(D)}
+    dflt = {"fwd": swa._fwd_config(D), "dkdv": swa._dkdv_config(D), "dq": swa._dq_config(D)}
+    o, lse = swa.swa_fwd(q, k, v, W, 0, config=dflt["fwd"])
+    g = swa.swa_bwd(do, q, k, v, o, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=dflt["dq"])
+    calls = {
+        "fwd": lambda c: lambda: swa.swa_fwd(q, k, v, W, 0, config=c),
+        "dkdv": lambda c: lambda: swa.swa_bwd(do, q, k, v, o, lse, W, 0, dkdv_config=c, dq_config=dflt["dq"]),
+        "dq": lambda c: lambda: swa.swa_bwd(do, q, k, v, o, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=c),
+    }
+    jit = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
+    return ("fwd", "dkdv", "dq"), dflt, calls, jit, (o, g)
+
+
+def eviction_spec(D, G, W, q, k, v, do):
+    """The same for the eviction kernels (training semantics: the window and the retained keys, EV_FRAC of them)."""
+    import eviction
+
+    from mixerzoo.kernels.eviction import attention as att
+
+    kernels = ("fwd", "dq", "dkdv", "listed")
+    dflt = {kn: att.default_tiles(q, kn) for kn in kernels}
+    eviction._import_torch_and_kernels()
+    eviction.DEV = q.device.type
+    score = eviction.scores(q.shape[0], q.shape[1], k.shape[2], EV_FRAC)
+    lists = att.eviction_intervals(score, window_size=W, capacity=512, num_sinks=EV_SINKS, training=True)
+    kw = dict(window_size=W, scale=D**-0.5, open_ended=True)
+    o, lse = att.eviction_attention_fwd(q, k, v, *lists, **kw, tiles=dflt)
+    g = att.eviction_attention_bwd(do, q, k, v, o, lse, *lists, **kw, tiles=dflt)
+
+    def bwd(kernel):
+        return lambda c: (
+            lambda: att.eviction_attention_bwd(do, q, k, v, o, lse, *lists, **kw, tiles={**dflt, kernel: c})
+        )
+
+    calls = {"fwd": lambda c: lambda: att.eviction_attention_fwd(q, k, v, *lists, **kw, tiles={"fwd": c})}
+    calls.update({kn: bwd(kn) for kn in kernels[1:]})
+    dkdv = att._eviction_bwd_dkdv_kernel
+    jit = {"fwd": att._eviction_fwd_kernel, "dq": att._eviction_bwd_dq_kernel, "dkdv": dkdv, "listed": dkdv}
+    return kernels, dflt, calls, jit, (o, g)
+
+
+OPS = {
+    "swa": dict(spec=swa_spec, candidates=CANDIDATES, smoke=SMOKE_CANDIDATES, row="swa_tune", smoke_D=32),
+    "eviction": dict(
+        spec=eviction_spec, candidates=EV_CANDIDATES, smoke=EV_SMOKE_CANDIDATES, row="eviction_tune", smoke_D=16
+    ),  # fmt: skip
+}
+
+
+def _table(op: str):
+    if op == "swa":
+        from mixerzoo.kernels.swa.tuned import SWA_TABLE
+
+        return SWA_TABLE
+    from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE
+
+    return EVICTION_TABLE
 
 
 _SEEN: dict[str, set] = {}
@@ -92,51 +189,42 @@ def _spills(kernel_fn, seen: set) -> str:
     return "; ".join(out) or "cached"
 
 
-def tune_cell(D: int, G: int, W: int, log, *, smoke: bool = False) -> tuple[dict, list[dict]]:
+def tune_cell(D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = False) -> tuple[dict, list[dict]]:
     """(winning config per kernel, beating the default by MIN_GAIN; rows). ``smoke``: a tiny cell on the CPU in
-    Triton's interpreter (float32, T = 64, the interpreter's default tiles against two candidates): the script's
-    path, not its figures."""
+    Triton's interpreter (float32, T = 64, the interpreter's default tiles against one candidate each): the
+    script's path, not its figures."""
     import attention
     import torch
 
-    from mixerzoo.kernels.swa import swa
-    from mixerzoo.kernels.swa.swa import swa_bwd, swa_fwd
-
     torch.manual_seed(0)
     T, dev, dt = (64, "cpu", torch.float32) if smoke else (T_CELL, "cuda", torch.bfloat16)
-    B, HKV = (2 if smoke else TOKENS // T_CELL), HQ // G
-    q = torch.randn(B, T, HQ, D, device=dev, dtype=dt)
+    B, Hq = (1, 4) if smoke else (TOKENS // T_CELL, HQ)  # the smoke run: fewer programs for the interpreter
+    HKV = Hq // G
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=dt)
     k, v = (torch.randn(B, T, HKV, D, device=dev, dtype=dt) for _ in range(2))
     do = torch.randn_like(q)
-    dflt = defaults(D)
-    o_ref, lse = swa_fwd(q, k, v, W, 0, config=dflt["fwd"])
-    g_ref = swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=dflt["dq"])
-    calls = {
-        "fwd": lambda c: lambda: swa_fwd(q, k, v, W, 0, config=c),
-        "dkdv": lambda c: lambda: swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=c, dq_config=dflt["dq"]),
-        "dq": lambda c: lambda: swa_bwd(do, q, k, v, o_ref, lse, W, 0, dkdv_config=dflt["dkdv"], dq_config=c),
-    }
-    jit = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
+    spec = OPS[op]
+    kernels, dflt, calls, jit, (o_ref, g_ref) = spec["spec"](D, G, W, q, k, v, do)
     wins, rows = {}, []
-    for kernel in KERNELS:
-        seen = _SEEN.setdefault(kernel, set())  # compiled kernels reported already (in this cell or before)
+    for kernel in kernels:
+        seen = _SEEN.setdefault(id(jit[kernel]), set())  # compiled kernels reported already (this cell or before)
         results = []
-        cands = SMOKE_CANDIDATES[kernel] if smoke else CANDIDATES[(kernel, D)]
+        cands = spec["smoke"][kernel] if smoke else spec["candidates"][(kernel, D)]
         for i, cfg in enumerate([dflt[kernel]] + [c for c in cands if c != dflt[kernel]]):
             fn = calls[kernel](dict(cfg))
             name = "default" if i == 0 else "candidate"
             try:
                 out = fn()
-                errs = attention.check_errors(kernel, out, o_ref, g_ref)
+                errs = attention.check_errors("fwd" if kernel == "fwd" else "bwd", out, o_ref, g_ref)
                 regs = _spills(jit[kernel], seen)
                 if max(errs) > CHECK:
-                    log(f"  {kernel:4s} {name:9s} {cfg}: differs from the default ({max(errs):.1e}), not timed")
+                    log(f"  {kernel:6s} {name:9s} {cfg}: differs from the default ({max(errs):.1e}), not timed")
                     continue
                 ms = _time_cpu(fn) if smoke else time_ms(fn)
                 results.append((ms, cfg))
-                log(f"  {kernel:4s} {name:9s} {ms:8.3f} ms  {cfg}  [{regs}]")
+                log(f"  {kernel:6s} {name:9s} {ms:8.3f} ms  {cfg}  [{regs}]")
             except Exception as e:  # shared memory or registers out of bounds: report, go on
-                log(f"  {kernel:4s} {name:9s} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
+                log(f"  {kernel:6s} {name:9s} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
             torch.cuda.empty_cache()
         if not results or results[0][1] != dflt[kernel]:
             continue
@@ -154,7 +242,7 @@ def tune_cell(D: int, G: int, W: int, log, *, smoke: bool = False) -> tuple[dict
         key = "fwd_ms" if kernel == "fwd" else "bwd_ms"
         for impl, ms, cfg in (("default", base_ms, dflt[kernel]), ("tuned", best_ms if chosen else base_ms,
                                                                    chosen or dflt[kernel])):  # fmt: skip
-            rows.append(dict(op="swa_tune", impl=impl, kernel=kernel, B=B, T=T, HQ=HQ, HKV=HKV, D=D, W=W,
+            rows.append(dict(op=spec["row"], impl=impl, kernel=kernel, B=B, T=T, HQ=Hq, HKV=HKV, D=D, W=W,
                              **{key: round(ms, 4)}, config=json.dumps(cfg, sort_keys=True)))  # fmt: skip
     return wins, rows
 
@@ -174,31 +262,31 @@ def merge_rules(table: dict, arch: str, D: int, G: int, W: int, wins: dict) -> d
     return {**table, arch: rules}
 
 
-def smoke(table_path: pathlib.Path) -> int:
+def smoke(op: str, table_path: pathlib.Path) -> int:
     from common import interpret_without_gpu
 
     if not interpret_without_gpu("swa_tune.py --smoke"):
         print("swa_tune.py --smoke: runs the kernels in Triton's interpreter, on a machine without a CUDA device")
         return 2
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
-    wins, rows = tune_cell(32, 2, 24, lambda s: print(s, flush=True), smoke=True)
-    table = merge_rules(table, "sm90", 32, 8, 256, wins)
+    D = OPS[op]["smoke_D"]
+    wins, rows = tune_cell(D, 2, 24, lambda s: print(s, flush=True), op=op, smoke=True)
+    table = merge_rules(table, "sm90", D, 8, 256, wins)
     table_path.write_text(json.dumps(table, indent=1) + "\n")
-    from mixerzoo.kernels.swa import tuned
-
-    tuned.load_table(table_path)  # the file the launchers would read
+    _table(op).load(table_path)  # the file the launchers would read
     print(f"smoke: {len(rows)} rows, rules {wins}; table {table_path}")
-    return 0 if len(rows) == 2 * len(KERNELS) else 1
+    return 0 if len(rows) == 2 * len(OPS[op]["smoke"]) else 1
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the cells and candidates and exit (no GPU needed)")
+    ap.add_argument("--op", choices=list(OPS), default="swa", help="whose kernels: swa (default) or eviction")
     ap.add_argument("--D", type=int, nargs="*", help="only these head dims")
     ap.add_argument("--G", type=int, nargs="*", help="only these groups (1, 8)")
     ap.add_argument("--W", type=int, nargs="*", help="only these windows (256, 512, 4096)")
-    ap.add_argument("--table", type=pathlib.Path, help="the tile table to merge the rules into "
-                    "(default: mixerzoo/kernels/swa/tuned_configs.json)")  # fmt: skip
+    ap.add_argument("--table", type=pathlib.Path, help="the tile table to merge the rules into (default: the "
+                    "package's, mixerzoo/kernels/<op>/tuned_configs.json)")  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=None, help="stop between cells past this many seconds")
     ap.add_argument("--smoke", action="store_true", help="one tiny cell (D = 32) on the CPU in Triton's interpreter, "
                     "table into --table (required); exercises the script, its figures mean nothing")  # fmt: skip
@@ -218,18 +306,17 @@ def main(argv=None) -> int:
     if args.list:
         for D, G, W in args.cells:
             print(f"cell D={D} G={G} W={W}: stands for G in {G_CLASSES[G]}, W in {W_CLASSES[W]}")
-        for (kernel, D), cands in CANDIDATES.items():
-            print(f"{kernel:4s} D={D}: {len(cands)} candidates besides the default: {cands}")
+        for (kernel, D), cands in OPS[args.op]["candidates"].items():
+            print(f"{kernel:6s} D={D}: {len(cands)} candidates besides the default: {cands}")
         return 0
     if args.smoke:
-        return smoke(args.table)
+        return smoke(args.op, args.table)
     require_gpu("swa_tune.py", "tuning", cpu="swa_tune.py --list or --smoke")
     import torch
 
-    from mixerzoo.kernels.swa import tuned
-
-    table_path = args.table or pathlib.Path(tuned.__file__).with_name("tuned_configs.json")
-    table = tuned.load_table(table_path) if table_path.exists() else {}
+    tiles = _table(args.op)
+    table_path = args.table or tiles.default_file
+    table = tiles.load(table_path) if table_path.exists() else {}
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm{major}{minor}"
     print(torch.cuda.get_device_name(), torch.__version__, arch, flush=True)
@@ -240,15 +327,17 @@ def main(argv=None) -> int:
             print(f"stopping: {time.time() - t0:.0f} s spent; not measured: {left}", flush=True)
             break
         start = time.time()
-        print(f"cell D={D} G={G} W={W} (B={TOKENS // T_CELL}, T={T_CELL}, HQ={HQ}, HKV={HQ // G})", flush=True)
-        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True))
+        print(
+            f"{args.op} cell D={D} G={G} W={W} (B={TOKENS // T_CELL}, T={T_CELL}, HQ={HQ}, HKV={HQ // G})", flush=True
+        )
+        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True), op=args.op)
         rows += cell_rows
         table = merge_rules(table, arch, D, G, W, wins)
         table_path.write_text(json.dumps(table, indent=1) + "\n")
         spent.append(time.time() - start)
         print(f"  rules: {wins or 'none (the defaults stay)'}; table {table_path}; {spent[-1]:.0f} s", flush=True)
     if rows:
-        print("results:", write_results({"swa_tune"}, rows, replace_by=("kernel", "D", "HKV", "W")))
+        print("results:", write_results({OPS[args.op]["row"]}, rows, replace_by=("kernel", "D", "HKV", "W")))
     return 0
 
 

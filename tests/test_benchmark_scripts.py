@@ -400,16 +400,25 @@ def test_swa_tune_list():
 @no_gpu
 @pytest.mark.slow  # about 25 s: the kernels in Triton's interpreter
 def test_swa_tune_smoke(tmp_path):
-    """swa_tune.py --smoke: a tiny cell checked and timed per kernel, its rules merged into the given table (a rule
-    of another cell kept), a file the launchers' table loader accepts."""
+    """swa_tune.py --smoke, swa and eviction: a tiny cell checked and timed per kernel, its rules merged into the
+    given table (a rule of another cell kept), a file the launchers' table loader accepts."""
     table = tmp_path / "table.json"
     other = dict(kernel="fwd", D=64, G=[1, 1], W=[1, 384], config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
     table.write_text(json.dumps({"sm90": [other]}))
-    p = _run_scripts({"smoke": ("swa_tune.py", ["--smoke", "--table", str(table)])}, _env())["smoke"]
-    assert p.returncode == 0, p.stdout + p.stderr
-    rules = json.loads(table.read_text())["sm90"]
-    assert other in rules
-    mine = [r for r in rules if r["D"] == 32]
-    assert sorted(r["kernel"] for r in mine) == ["dkdv", "dq", "fwd"]
-    assert all(r["G"] == [2, 64] and r["W"] == [1, 384] for r in mine)
-    assert re.search(r"^  fwd  default .* ms", p.stdout, re.MULTILINE), p.stdout
+    ev_table = tmp_path / "ev.json"
+    runs = _run_scripts(
+        {
+            "swa": ("swa_tune.py", ["--smoke", "--table", str(table)]),
+            "eviction": ("swa_tune.py", ["--smoke", "--op", "eviction", "--table", str(ev_table)]),
+        },
+        _env(),
+    )
+    for op, kernels in (("swa", ["dkdv", "dq", "fwd"]), ("eviction", ["dkdv", "dq", "fwd", "listed"])):
+        p = runs[op]
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert re.search(r"^  fwd    default .* ms", p.stdout, re.MULTILINE), p.stdout
+        rules = json.loads((table if op == "swa" else ev_table).read_text())["sm90"]
+        mine = [r for r in rules if r["D"] == (32 if op == "swa" else 16)]
+        assert sorted(r["kernel"] for r in mine) == kernels
+        assert all(r["G"] == [2, 64] and r["W"] == [1, 384] for r in mine)
+    assert other in json.loads(table.read_text())["sm90"]

@@ -86,10 +86,11 @@ def _swa_kernels(dtype: torch.dtype, D: int):
 def _swa_table_kernels(dtype: torch.dtype, D: int):
     """Every sm90 rule of the shipped swa tile table at head dim D (its group range's lower end), and for a dK/dV
     rule the sink kernel, which runs with the dK/dV tiles."""
-    from mixerzoo.kernels.swa import swa, tuned
+    from mixerzoo.kernels.swa import swa
+    from mixerzoo.kernels.swa.tuned import SWA_TABLE
 
     fns = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
-    for i, rule in enumerate(tuned.load_table(tuned._DEFAULT_FILE).get("sm90", [])):
+    for i, rule in enumerate(SWA_TABLE.load(SWA_TABLE.default_file).get("sm90", [])):
         if rule["D"] != D:
             continue
         cfg = dict(rule["config"])
@@ -115,14 +116,37 @@ def _eviction_kernels(dtype: torch.dtype, D: int):
         ("dkdv", ev._eviction_bwd_dkdv_kernel),
         ("listed", ev._eviction_bwd_dkdv_kernel),
     ):
-        consts = {**shape, **ev._tiles(_OnCuda(dtype, D), name, None)}
+        consts = {**shape, **ev.default_tiles(_OnCuda(dtype, D), name)}
         if fn is ev._eviction_bwd_dkdv_kernel:
             consts["LISTED"] = name == "listed"
         yield f"eviction {name}", fn, consts
 
 
+def _eviction_table_kernels(dtype: torch.dtype, D: int):
+    """Every sm90 rule of the eviction tile table at head dim D, when the package has one."""
+    from mixerzoo.kernels._triton import dot_precision
+    from mixerzoo.kernels.eviction import attention as ev
+    from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE
+
+    if not EVICTION_TABLE.default_file.exists():
+        return
+    fns = {"fwd": ev._eviction_fwd_kernel, "dq": ev._eviction_bwd_dq_kernel, "dkdv": ev._eviction_bwd_dkdv_kernel}
+    fns["listed"] = ev._eviction_bwd_dkdv_kernel
+    for i, rule in enumerate(EVICTION_TABLE.load(EVICTION_TABLE.default_file).get("sm90", [])):
+        if rule["D"] != D:
+            continue
+        HQ = 16
+        shape = dict(HQ=HQ, HKV=HQ // rule["G"][0], D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=dtype)),
+                     OPEN_ENDED=True)  # fmt: skip
+        consts = {**shape, **rule["config"]}
+        if fns[rule["kernel"]] is ev._eviction_bwd_dkdv_kernel:
+            consts["LISTED"] = rule["kernel"] == "listed"
+        yield f"eviction table rule {i} {rule['kernel']}", fns[rule["kernel"]], consts
+
+
 def _too_big(family: str, dtype: torch.dtype, D: int) -> list[str]:
-    families = {"swa": _swa_kernels, "swa-table": _swa_table_kernels, "eviction": _eviction_kernels}
+    families = {"swa": _swa_kernels, "swa-table": _swa_table_kernels, "eviction": _eviction_kernels,
+                "eviction-table": _eviction_table_kernels}  # fmt: skip
     kernels = families[family](dtype, D)
     out = []
     for name, fn, consts in kernels:
@@ -150,9 +174,14 @@ TABLE_CASES = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256
 
 
 @pytest.mark.parametrize("dtype,D", TABLE_CASES, ids=[f"D{D}" for _, D in TABLE_CASES])
-def test_swa_tile_table_fits_hopper_shared_memory(dtype, D):
-    # the measured rules ran on an H200, but not with every kernel that takes their tiles (the sink kernel)
-    test_default_tiles_fit_hopper_shared_memory("swa-table", dtype, D)
+@pytest.mark.parametrize("op", ["swa", "eviction"])
+def test_tile_tables_fit_hopper_shared_memory(op, dtype, D):
+    # the measured rules ran on an H200, but not with every kernel that takes their tiles (swa's sink kernel)
+    from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE
+
+    if op == "eviction" and not EVICTION_TABLE.default_file.exists():
+        pytest.skip("no eviction tile table measured yet")
+    test_default_tiles_fit_hopper_shared_memory(f"{op}-table", dtype, D)
 
 
 if __name__ == "__main__":  # the child: python test_sm90_fit.py FAMILY DTYPE D -> JSON list of misfits

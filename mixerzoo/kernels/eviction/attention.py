@@ -22,6 +22,7 @@ from .reference import (
     eviction_attention_ref_bwd,
     visibility_end,
 )
+from .tuned import EVICTION_TABLE
 
 __all__ = [
     "eviction_attention",
@@ -647,9 +648,17 @@ CUDA_TILES = {
 _INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, SPLIT=True, num_warps=4, num_stages=1)
 
 
-def _tiles(x: Tensor, kernel: str, tiles: dict | None) -> dict:
+def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
+    """A launch's tiles: the caller's, else the tile table's for (head dim, group G, window W) on this GPU
+    (``tuned.py``), else the defaults."""
     if tiles is not None and kernel in tiles:
         return tiles[kernel]
+    tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
+    return tuned if tuned is not None else default_tiles(x, kernel)
+
+
+def default_tiles(x: Tensor, kernel: str) -> dict:
+    """The tiles without a table: CUDA_TILES, cut for float32 and D = 256; small tiles in the interpreter."""
     if x.device.type != "cuda":
         return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
     cfg = CUDA_TILES[kernel]
@@ -781,7 +790,7 @@ def eviction_attention_fwd(
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     _check_sizes(T, HQ, D)
-    cfg = _tiles(q, "fwd", tiles)
+    cfg = _tiles(q, "fwd", tiles, HQ // HKV, window_size)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     vflag, vseen = _nan_flags(v, kpos, kend, kcum, window_size, open_ended)
@@ -839,7 +848,7 @@ def eviction_attention_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
-    cfg = _tiles(q, "dq", tiles)
+    cfg = _tiles(q, "dq", tiles, HQ // HKV, window_size)
     _eviction_bwd_dq_kernel[(B * HQ, cdiv(T, cfg["BT"]))](
         q=q,
         k=k,
@@ -860,7 +869,7 @@ def eviction_attention_bwd(
         **cfg,
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
-        cfg = _tiles(q, "listed" if listed else "dkdv", tiles)
+        cfg = _tiles(q, "listed" if listed else "dkdv", tiles, HQ // HKV, window_size)
         _eviction_bwd_dkdv_kernel[(B * HKV, cdiv(T, cfg["BS"]))](
             q=q,
             k=k,
