@@ -304,10 +304,10 @@ def test_fused_recurrent_checks_gates_into_its_flag(packed):
 def test_fused_recurrent_assert_gates_form():
     # the device assert's message is the op's, word for word; the assert form takes no flag, and the interpreter
     # (which skips device asserts) refuses it rather than checking nothing
-    from mixerzoo.kernels.gdn import _GATES_MSG
+    from mixerzoo.kernels.gdn import GATES_MSG
     from mixerzoo.kernels.gdn.fused_recurrent import GATES_ASSERT_MSG
 
-    assert getattr(GATES_ASSERT_MSG, "value", GATES_ASSERT_MSG) == _GATES_MSG
+    assert getattr(GATES_ASSERT_MSG, "value", GATES_ASSERT_MSG) == GATES_MSG
     (q, k, v, g, beta), _ = make_inputs(1, 2, 2, 16, 16, torch.float32)
     g, beta = -g.abs(), beta.clamp(0, 1)
     ok = torch.ones(1, dtype=torch.int32, device=q.device)

@@ -16,7 +16,7 @@ from .._checks import check_floats, check_scale, check_values
 from .._ops import no_autocast
 from .._triton import interpreting
 from .conv import causal_conv1d
-from .fused_recurrent import fused_recurrent_gdn_fwd
+from .fused_recurrent import B_MSG, G_MSG, GATES_MSG, fused_recurrent_gdn_fwd
 from .reference import _f32 as _acc
 from .reference import _f32_dtype, gated_delta_rule_ref, gated_delta_rule_varlen_ref
 
@@ -74,7 +74,7 @@ def _fwd_cuda(
     )  # fmt: skip
     if cu_seqlens is not None:
         torch._assert_async(cu_ok, f"{_OP}: {_CU_MSG}")
-    torch._assert_async(gates_ok, _GATES_MSG)
+    torch._assert_async(gates_ok, GATES_MSG)
     return out if keep_states else (*out, *_no_states(v))
 
 
@@ -93,7 +93,7 @@ def _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens) -> tuple[
     o, ht = fused_recurrent_gdn_fwd(
         q, k, v, g, beta, scale, initial_state, cu_seqlens=cu_seqlens, ok=flags, checked=True
     )
-    torch._assert_async(gates_ok, _GATES_MSG)
+    torch._assert_async(gates_ok, GATES_MSG)
     return o, ht
 
 
@@ -330,8 +330,6 @@ def _records_grad(*xs: Tensor | None) -> bool:
 
 
 _OP = "gated_delta_rule"
-_G_MSG, _B_MSG = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
-_GATES_MSG = f"{_OP}: {_G_MSG} and {_B_MSG}; a value of this call is not"
 _CU_MSG = "cu_seqlens must start at 0, never decrease and end at T"
 
 
@@ -384,8 +382,8 @@ def _check(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
     if g.is_cuda:
         return scale
     # g = -inf or NaN, or g > 0, turns the chunked form's decay ratios into NaN or overflow
-    check_values(_OP, torch.isfinite(g) & (g <= 0), _G_MSG)
-    check_values(_OP, (beta >= 0) & (beta <= 1), _B_MSG)
+    check_values(_OP, torch.isfinite(g) & (g <= 0), G_MSG)
+    check_values(_OP, (beta >= 0) & (beta <= 1), B_MSG)
     return scale
 
 

@@ -15,13 +15,12 @@ from .._triton import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 
-# the device assert's message (CHECK == 2), the op's message for such a value (test_gdn checks they agree); a
-# constexpr for the kernel, a plain string where Triton is not installed (the CPU paths import this module too)
-_GATES_TEXT = (
-    "gated_delta_rule: g must be finite and <= 0 (log of a decay in (0, 1]) and beta must be in [0, 1]; a value of "
-    "this call is not"
-)
-GATES_ASSERT_MSG = tl.constexpr(_GATES_TEXT) if HAS_TRITON else _GATES_TEXT
+# The op's rules for its gate values and its message for a call that breaks one (the op, gdn/__init__.py, imports
+# them from here), which the device assert (CHECK == 2) prints: a constexpr for the kernel, a plain string where
+# Triton is not installed (the CPU paths import this module too)
+G_MSG, B_MSG = "g must be finite and <= 0 (log of a decay in (0, 1])", "beta must be in [0, 1]"
+GATES_MSG = f"gated_delta_rule: {G_MSG} and {B_MSG}; a value of this call is not"
+GATES_ASSERT_MSG = tl.constexpr(GATES_MSG) if HAS_TRITON else GATES_MSG
 
 
 @triton.jit
