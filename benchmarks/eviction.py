@@ -11,7 +11,8 @@ tokens seen against SDPA full-attention decode. Rows: op eviction_train / evicti
 
 Parts (CUDA unless said): check (kernels vs the float32 reference), train (training timings against
 FlexAttention, peak memory), decode (decode step against SDPA), prefill (the layer's cached prefill
-against its parallel forward), quick (check at the benchmark shape, then
+against its parallel forward), prefill-profile (where the cached prefill's extra time goes: device time by
+kernel, launches and host time of one call of each), quick (check at the benchmark shape, then
 the training timings without FlexAttention), sweep (tile search, kept in memory for the run), resources
 (no GPU needed: ptxas resource usage of every tile candidate, compiled for sm_90 by the installed Triton).
 """
@@ -21,13 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 _HERE = __import__("pathlib").Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # benchmarks/common.py and the mixerzoo checkout
 from common import peak_mem_mb, print_table, refuse, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
 
-PARTS = ("check", "train", "decode", "prefill", "quick", "sweep", "resources")
+PARTS = ("check", "train", "decode", "prefill", "prefill-profile", "quick", "sweep", "resources")
 DEFAULT_PARTS = ("check", "train", "decode")
 
 
@@ -422,6 +424,48 @@ def prefill_bench():
                 print(ROWS[-1], flush=True)
 
 
+def prefill_profile():
+    """One cached prefill and one parallel forward of prefill_bench's layer under the profiler, per prompt
+    semantics and size: kernel launches, device time and host time of each call, then the kernels whose device
+    time differs most between the two (where the cached prefill's extra time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mixerzoo import registry
+
+    def kernels(fn):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            host = (time.perf_counter() - t0) * 1e3
+            torch.cuda.synchronize()
+        ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        return host, {e.key: (e.self_device_time_total / 1e3, e.count) for e in ev}
+
+    for prefill in ("exact", "final_buffer"):
+        torch.manual_seed(0)
+        layer = registry.build("eviction_swa", hidden_size=2048, num_heads=16, prefill=prefill)
+        layer = layer.to("cuda", torch.bfloat16).eval()
+        for B, T in ((1, 4096), (1, 16384)):
+            x = torch.randn(B, T, 2048, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                got = {
+                    "cached": kernels(lambda x=x, m=layer, B=B, T=T: m(x, m.init_state(B, max_seqlen=T))[0]),
+                    "parallel": kernels(lambda x=x, m=layer: m(x)[0]),
+                }
+            print(f"== prefill={prefill} B={B} T={T}")
+            for name, (host, ks) in got.items():
+                dev = sum(t for t, _ in ks.values())
+                print(f"  {name:8s}: {sum(n for _, n in ks.values())} kernels, device {dev:.3f} ms, host {host:.3f} ms")
+            (_, a), (_, b) = got["cached"][1], got["parallel"][1]
+            diff = {k: a.get(k, (0.0, 0))[0] - b.get(k, (0.0, 0))[0] for k in set(a) | set(b)}
+            print(f"  {'ms diff':>9} {'cached':>8} {'calls':>5} {'parallel':>8} {'calls':>5}  kernel")
+            for k in sorted(diff, key=lambda k: -abs(diff[k]))[:15]:
+                (ta, na), (tb, nb) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
+                print(f"  {diff[k]:+9.3f} {ta:8.3f} {na:5d} {tb:8.3f} {nb:5d}  {k[:80]}")
+
+
 def _check_vs_reference(label: str, semantics=(True, False)) -> None:
     """bf16 kernels at the benchmark's head shape vs the float32 reference (T=2048, B=1)."""
     torch.manual_seed(7)
@@ -608,6 +652,8 @@ def main(argv=None) -> int:
         decode_bench()
     if "prefill" in only:
         prefill_bench()
+    if "prefill-profile" in only:
+        prefill_profile()
     if ROWS:
         print_table(ROWS)
         print("results:", write_results({r["op"] for r in ROWS}, ROWS))

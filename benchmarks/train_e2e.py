@@ -5,7 +5,8 @@ tokens per second, both in the same run on the same random tokens.
 
     python benchmarks/train_e2e.py                  # hidden 2048, 16 heads, T 8192, B 2, vocabulary 32000
     python benchmarks/train_e2e.py --retained init  # the eviction stack only as initialised (no band row)
-    python benchmarks/train_e2e.py --profile 25     # also the device time of one step by kernel, top 25 per model
+    python benchmarks/train_e2e.py --profile 25     # also the device time of one step by kernel, top 25 per model,
+                                                    # and the 25 kernels whose time differs most from the last model's
     python benchmarks/train_e2e.py --smoke          # a tiny run on the CPU: the plumbing, no figures
 
 Each model is timed over --steps optimiser steps queued back to back (CUDA events, median step) after --warmup
@@ -133,7 +134,8 @@ def _retained_fraction(model) -> float | None:
     return round(sum(float(m.router_retained.float().mean()) for m in layers) / len(layers), 4)
 
 
-def _profile(torch, name: str, step, top: int) -> None:
+def _profile(torch, name: str, step, top: int) -> dict[str, tuple[float, int]]:
+    """Print the ``top`` kernels of one step by device time; return every kernel's (ms, calls) by name."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -141,8 +143,24 @@ def _profile(torch, name: str, step, top: int) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
     print(f"--- {name}: device time of one training step by kernel (top {top})\n{table}", flush=True)
+    # self_device_time_total is in microseconds; kernels only (no host-side operator rows)
+    return {e.key: (e.self_device_time_total / 1e3, e.count) for e in events if e.self_device_time_total > 0}
+
+
+def _profile_diff(name: str, mine: dict, base_name: str, base: dict, top: int) -> None:
+    """The kernels whose device time in one step differs most between two models, largest difference first:
+    where a model's extra time goes (a kernel only one model runs shows 0 on the other side)."""
+    diff = {k: mine.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0] for k in set(mine) | set(base)}
+    total = sum(t for t, _ in mine.values()) - sum(t for t, _ in base.values())
+    print(f"--- {name} against {base_name}: {total:+.2f} ms of device time per step; by kernel (top {top})")
+    print(f"{'ms diff':>9} {'ms':>8} {'calls':>6} {'base ms':>8} {'calls':>6}  kernel")
+    for k in sorted(diff, key=lambda k: -abs(diff[k]))[:top]:
+        (a, na), (b, nb) = mine.get(k, (0.0, 0)), base.get(k, (0.0, 0))
+        print(f"{diff[k]:+9.3f} {a:8.3f} {na:6d} {b:8.3f} {nb:6d}  {k[:90]}")
+    print(flush=True)
 
 
 def main(argv=None) -> int:
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    rows = []
+    rows, profiles = [], []
     for pattern in args.patterns:
         trainer, params = _trainer(torch, pattern, args, device)
         # a model with learned eviction routers is timed in each router state, each time freshly built
@@ -183,7 +201,8 @@ def main(argv=None) -> int:
                 ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
                 mem = round(peak_mem_mb(step), 1)
                 if args.profile:
-                    _profile(torch, f"{pattern} (routers: {state})" if state else pattern, step, args.profile)
+                    label = f"{pattern} (routers: {state})" if state else pattern
+                    profiles.append((label, _profile(torch, label, step, args.profile)))
             row = dict(
                 op="train_e2e",
                 impl=pattern,
@@ -214,6 +233,8 @@ def main(argv=None) -> int:
         r["note"] += f"; {frac:.3f}x the tokens/s of {base['impl']}"
         kept = f" (routers {r['routers']}, {r['retained']:.1%} retained)" if "routers" in r else ""
         print(f"{r['impl']}{kept}: {frac:.3f}x the tokens/s of {base['impl']}", flush=True)
+    for label, prof in profiles[:-1]:
+        _profile_diff(label, prof, *profiles[-1], args.profile)
     return finish("train_e2e", rows, args.smoke)
 
 
