@@ -458,7 +458,7 @@ def prefill_profile():
             for name, (host, ks) in got.items():
                 dev = sum(t for t, _ in ks.values())
                 print(f"  {name:8s}: {sum(n for _, n in ks.values())} kernels, device {dev:.3f} ms, host {host:.3f} ms")
-            (_, a), (_, b) = got["cached"][1], got["parallel"][1]
+            a, b = got["cached"][1], got["parallel"][1]
             diff = {k: a.get(k, (0.0, 0))[0] - b.get(k, (0.0, 0))[0] for k in set(a) | set(b)}
             print(f"  {'ms diff':>9} {'cached':>8} {'calls':>5} {'parallel':>8} {'calls':>5}  kernel")
             for k in sorted(diff, key=lambda k: -abs(diff[k]))[:15]:

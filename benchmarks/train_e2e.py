@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import finish, peak_mem_mb, refuse, require_gpu, time_ms  # noqa: E402
 
 SMOKE = dict(hidden=64, heads=2, T=64, B=2, vocab=128, steps=2, warmup=1)

@@ -19,6 +19,10 @@ from mixerzoo.kernels.swa.reference import swa_fwd_ref  # noqa: E402
 from mixerzoo.kernels.swa.tuned import SWA_TABLE  # noqa: E402
 
 TABLES = {"swa": SWA_TABLE, "eviction": EVICTION_TABLE}
+# the launchers' questions run where the kernels run: CPU tensors in Triton's interpreter, CUDA tensors where Triton
+# compiles for the GPU (the compiled kernels cannot read CPU tensors); there float32 dots take tf32
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+TOL = dict(atol=2e-5, rtol=2e-5) if DEV == "cpu" else dict(atol=5e-3, rtol=5e-3)
 
 
 def _rule(kernel="fwd", D=128, G=(1, 1), W=(1, 384), **cfg):
@@ -126,13 +130,13 @@ def test_swa_launchers_ask_the_table(monkeypatch):
     monkeypatch.setattr(swa, "tuned_config", fake)
     torch.manual_seed(0)
     B, T, HQ, HKV, D, W = 1, 40, 4, 2, 32, 100  # W past T: clamped to 40
-    q = torch.randn(B, T, HQ, D)
-    k, v = torch.randn(B, T, HKV, D), torch.randn(B, T, HKV, D)
+    q = torch.randn(B, T, HQ, D, device=DEV)
+    k, v = torch.randn(B, T, HKV, D, device=DEV), torch.randn(B, T, HKV, D, device=DEV)
     o, lse = swa.swa_fwd(q, k, v, W)
     swa.swa_bwd(torch.randn_like(q), q, k, v, o, lse, W)
     assert asked == [("fwd", D, 2, 40), ("dkdv", D, 2, 40), ("dq", D, 2, 40)]
     o_ref, _ = swa_fwd_ref(q, k, v, W, 0, D**-0.5, None)
-    torch.testing.assert_close(o, o_ref.to(o.dtype), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(o, o_ref.to(o.dtype), **TOL)
     # a config given by the caller wins over the table: no lookup
     asked.clear()
     swa.swa_fwd(q, k, v, W, config=dict(BM=64, BN=32, num_warps=4, num_stages=1))
@@ -151,8 +155,9 @@ def test_eviction_launchers_ask_the_table(monkeypatch):
     monkeypatch.setattr(EVICTION_TABLE, "config", fake)
     torch.manual_seed(1)
     B, T, HQ, HKV, D, W = 1, 70, 4, 2, 16, 9
-    q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, HKV, D), torch.randn(B, T, HKV, D)
-    score = torch.randn(B, T, HKV)
+    q = torch.randn(B, T, HQ, D, device=DEV)
+    k, v = torch.randn(B, T, HKV, D, device=DEV), torch.randn(B, T, HKV, D, device=DEV)
+    score = torch.randn(B, T, HKV, device=DEV)
     kw = dict(window_size=W, capacity=8, num_sinks=2, training=True)
     lists = ev.eviction_intervals(score, **kw)
     o, lse = ev.eviction_attention_fwd(q, k, v, *lists, window_size=W, scale=D**-0.5, open_ended=True)
@@ -160,4 +165,4 @@ def test_eviction_launchers_ask_the_table(monkeypatch):
                               open_ended=True)  # fmt: skip
     assert asked == [("fwd", D, 2, W), ("dq", D, 2, W), ("dkdv", D, 2, W), ("listed", D, 2, W)]
     o_ref, _ = eviction_attention_ref(q, k, v, score, **kw)
-    torch.testing.assert_close(o, o_ref.to(o.dtype), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(o, o_ref.to(o.dtype), **TOL)
