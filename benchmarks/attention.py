@@ -106,9 +106,8 @@ def banded_reference(q, k, v, do, window: int, sinks: int, chunk: int = 2048):
     return o.detach(), dq, dk, dv
 
 
-def _fa4_attn(window: int | None, log: list[str]):
-    """flash-attn 4's causal (window ``(W - 1, 0)``: keys t - W < j <= t) attention on [B, T, H, D], or None
-    (noted in the log) when flash_attn.cute does not import."""
+def _fa4_func(log: list[str]):
+    """``flash_attn.cute.flash_attn_func``, or None (noted once in the log) when flash-attn 4 does not import."""
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as e:
@@ -116,12 +115,151 @@ def _fa4_attn(window: int | None, log: list[str]):
         if note not in log:
             log.append(note)
         return None
+    return flash_attn_func
+
+
+def _fa4_attn(window: int | None, log: list[str]):
+    """flash-attn 4's causal (window ``(W - 1, 0)``: keys t - W < j <= t) attention on [B, T, H, D], or None
+    (noted in the log) when flash_attn.cute does not import."""
+    flash_attn_func = _fa4_func(log)
+    if flash_attn_func is None:
+        return None
     left = None if window is None else window - 1
 
     def attn(q, k, v):
         return flash_attn_func(q, k, v, causal=True, window_size=(left, 0))[0]
 
     return attn
+
+
+def fa4_sparse_block(D: int) -> tuple[int, int] | None:
+    """(query rows, keys) of one block of flash-attn 4's block sparsity for head dim D on this GPU, or None where
+    the wheel has none with a backward (sm80 has no backward, sm120 no block-sparse one).
+
+    The blocks must match the kernels' tiles: on sm90 the forward tile is 128 query rows (the D = 64 tile of 192
+    drops to 128 for sparse blocks of 128) and the backward takes 128-row sparse blocks over its 64- or 128-row
+    tiles; keys 128 for D <= 128, 64 for D = 256 (the forward tile of 80 keys shrinks to the sparse block, the
+    backward's sparse D = 256 tile is 64 x 64). On sm100 the forward runs two 128-row query tiles per block (q
+    stage 2), so blocks of 256 rows."""
+    major = torch.cuda.get_device_capability()[0]
+    if major == 9:
+        return (128, 128 if D <= 128 else 64)
+    if major in (10, 11):
+        return (256, 128)
+    return None
+
+
+def _import_cute() -> None:
+    """The CuTe DSL modules the mask_mods below use, as module globals (imported once flash-attn 4 imports)."""
+    global cutlass, cute, fa4_utils
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils as fa4_utils
+
+
+def _fa4_mask_mods(op: str, W: int, S: int, G: int, retained=None):
+    """The op's mask twice: as flash-attn 4's ``mask_mod`` (CuTe DSL, called on TensorSSA indices of shape (1,):
+    batch, query head, query, key, the sequence info and the aux tensors) and as a FlexAttention mask_mod on
+    torch tensors (for the block sparsity). swa_sink: key ki visible to query qi iff ki <= qi and (qi - ki < W or
+    ki < S); eviction_train: ki <= qi and (qi - ki < W or retained[b, h // G, ki]), where FA4 reads the flags
+    from its first aux tensor (int32 [B, HKV, T]). W, S and G are compile-time constants of the CuTe function:
+    flash-attn 4 keys its compile cache on the function's source and closure values."""
+    _import_cute()
+    if op == "swa_sink":
+
+        @cute.jit
+        def sink_mask(b, h, qi, ki, seqlen_info, aux_tensors):
+            window = fa4_utils.scalar_to_ssa(W, cutlass.Int32)
+            sinks = fa4_utils.scalar_to_ssa(S, cutlass.Int32)
+            return (ki <= qi) & ((qi - ki < window) | (ki < sinks))
+
+        return sink_mask, lambda b, h, qi, ki: (ki <= qi) & ((qi - ki < W) | (ki < S))
+
+    @cute.jit
+    def retained_mask(b, h, qi, ki, seqlen_info, aux_tensors):
+        flags = aux_tensors[0]
+        window = fa4_utils.scalar_to_ssa(W, cutlass.Int32)
+        kv_head = h // fa4_utils.scalar_to_ssa(G, cutlass.Int32)
+        kept = fa4_utils.scalar_to_ssa(flags[b[0], kv_head[0], ki[0]], cutlass.Int32)
+        zero = fa4_utils.scalar_to_ssa(0, cutlass.Int32)
+        return (ki <= qi) & ((qi - ki < window) | (kept != zero))
+
+    return retained_mask, lambda b, h, qi, ki: (ki <= qi) & ((qi - ki < W) | retained[b, h // G, ki])
+
+
+def _fa4_masked(op: str, T: int, D: int, W: int, S: int, G: int, retained, log: list[str], *, block_sparse=True):
+    """flash-attn 4 with op's mask (swa_sink: window W and S sinks; eviction_train: window W and the keys flagged
+    in ``retained``, bool [B, HKV, T], G query heads per KV head) on [B, T, HQ, D] inputs of length T, as
+    ``(attn, how)``: attn(q, k, v) -> o, differentiable, and a line for the results' note; or None (noted in the
+    log) when flash_attn.cute does not import.
+
+    The mask goes in as a ``mask_mod`` (flash-attn 4 then drops its own causal and window pruning, so causality is
+    part of the mask). With ``block_sparse`` (and a GPU where the wheel has a block-sparse backward) the blocks
+    come from torch's create_block_mask on the same mask, built here once: the forward gets the key-direction
+    lists, the backward the query-direction ones; blocks with no visible pair are skipped, blocks visible
+    throughout run without the mask_mod, the rest call it per element. Without, every (query, key) block of the
+    T x T square is computed with the mask_mod."""
+    flash_attn_func = _fa4_func(log)
+    if flash_attn_func is None:
+        return None
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if op not in ("swa_sink", "eviction_train"):
+        raise ValueError(f"no flash-attn 4 mask for op {op!r}")
+    mask_mod, flex_mask = _fa4_mask_mods(op, W, S, G, retained)
+    aux = None
+    if op == "eviction_train":
+        B, HKV, T_flags = retained.shape
+        if T_flags != T:
+            raise ValueError(f"retained has {T_flags} keys, T = {T}")
+        flags = retained.to(torch.int32).contiguous()
+        flags.__leading_dim__ = 2  # keys contiguous: FA4 keeps that stride static
+        aux = [flags]
+    block = fa4_sparse_block(D) if block_sparse else None
+    fwd_sparse = bwd_sparse = None
+    if block is None:
+        how = "mask_mod over every block of the T x T square (no block sparsity"
+        how += ")" if not block_sparse else f" on sm{torch.cuda.get_device_capability()[0]}x)"
+    else:
+        torch._dynamo.reset()  # a fresh compile of the block mask, clear of dynamo's recompile limit
+        Bm, Hm = (B, HKV * G) if op == "eviction_train" else (None, None)  # the swa_sink mask: one for all
+        bm = create_block_mask(flex_mask, Bm, Hm, T, T, device="cuda", BLOCK_SIZE=block, _compile=True)
+        fwd_sparse = BlockSparseTensorsTorch(
+            mask_block_cnt=bm.kv_num_blocks,
+            mask_block_idx=bm.kv_indices,
+            full_block_cnt=bm.full_kv_num_blocks,
+            full_block_idx=bm.full_kv_indices,
+            block_size=block,
+        )
+        how = f"block sparsity {block[0]}x{block[1]} from create_block_mask (empty blocks skipped, full ones unmasked)"
+        if torch.cuda.get_device_capability()[0] in (10, 11) and D == 256:
+            how += "; backward over every block (the sm100 D = 256 backward has no block sparsity)"
+        else:
+            bwd_sparse = BlockSparseTensorsTorch(
+                mask_block_cnt=bm.q_num_blocks,
+                mask_block_idx=bm.q_indices,
+                full_block_cnt=bm.full_q_num_blocks,
+                full_block_idx=bm.full_q_indices,
+                block_size=block,
+            )
+    how = f"flash_attn.cute.flash_attn_func with mask_mod (the flex mask), {how}"
+    if aux is not None:
+        how += "; retained flags as an int32 aux tensor"
+
+    def attn(q, k, v):
+        return flash_attn_func(
+            q,
+            k,
+            v,
+            causal=False,  # causality is in the mask_mod (the forward ignores causal under one, the backward not)
+            mask_mod=mask_mod,
+            aux_tensors=aux,
+            block_sparse_tensors=fwd_sparse,
+            block_sparse_tensors_bwd=bwd_sparse,
+        )[0]
+
+    return attn, how
 
 
 def make_qkv(B, T, HQ=H, HKV=H, Dh=D, grad=False):

@@ -1,6 +1,7 @@
 """Shape sweep of the attention kernels on the GPU: mixerzoo's Triton kernels against FlexAttention (same mask,
-compiled, block mask built outside the timing) and flash-attn 4 (``flash_attn.cute.flash_attn_func``, plain
-sliding window only), every anchor timed in the same run on the same inputs, forward and forward+backward.
+compiled, block mask built outside the timing) and flash-attn 4 (``flash_attn.cute.flash_attn_func``: its sliding
+window for swa, a mask_mod with the same mask as flex plus block sparsity for swa_sink and eviction_train), every
+anchor timed in the same run on the same inputs, forward and forward+backward.
 
     python benchmarks/sweep.py --list                          # the grid and the named points (no GPU needed)
     python benchmarks/sweep.py                                 # every named point, every op
@@ -12,7 +13,11 @@ Ops (rows written under the sweep's own op names, so that the rows of attention.
 swa (rows ``swa_sweep``: window W, no sinks), swa_sink (rows ``swa_sink_sweep``: window W and S = 4 sinks),
 eviction_train (rows ``eviction_train_sweep``: ``eviction_attention(..., training=True)``, window W plus the
 retained keys, visible to every later query; iid retained fraction ``frac``, S = 4 sinks; capacity plays no
-part in training). flash-attn 4 has no raw call here for sinks or retained keys: only swa gets flash_attn rows.
+part in training). flash_attn rows: swa through FA4's causal window (``window_size=(W - 1, 0)``); swa_sink and
+eviction_train through a ``mask_mod`` with flex's mask (the retained flags as an aux tensor) and FA4's block sparsity
+from torch's create_block_mask on that mask, built outside the timing: empty blocks skipped, fully visible blocks
+unmasked, forward and backward (``attention._fa4_masked``; ``benchmarks/fa4_mask_check.py`` checks these calls
+against a float32 reference).
 
 The grid: bf16, HQ = 16 query heads, head dim D in {64, 128, 256}, G = HQ / HKV in {1, 2, 8}, window W in
 {256, 512, 4096}, T in {2048, 8192, 32768, 65536} at a fixed number of tokens per call (B = tokens // T,
@@ -186,6 +191,13 @@ def _import_torch_and_kernels() -> None:
     eviction._import_torch_and_kernels()
 
 
+def retained_keys(score):
+    """eviction_train's keys visible past the window, bool [B, HKV, T]: score > 0, the first SINKS always."""
+    retained = (score > 0).permute(0, 2, 1).contiguous()
+    retained[:, :, :SINKS] = True
+    return retained
+
+
 class Sweep:
     def __init__(self, args, device: str):
         self.args, self.device = args, device
@@ -196,6 +208,7 @@ class Sweep:
         self.notes: list[str] = []  # said once each, written with the results
         self.failures: list[str] = []
         self.ratios: dict[tuple[str, str], list[tuple[float | None, float, str]]] = {}
+        self.fa4_how = ""  # how the current point's flash_attn anchor calls flash-attn 4 (its rows' note)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -263,8 +276,7 @@ class Sweep:
 
         W, G = p.W, p.G
         if op == "eviction_train":
-            retained = (score > 0).permute(0, 2, 1).contiguous()  # [B, HKV, T]
-            retained[:, :, :SINKS] = True
+            retained = retained_keys(score)
 
             def mask_mod(b, h, qi, ki):
                 return (ki <= qi) & ((qi - ki < W) | retained[b, h // G, ki])
@@ -300,16 +312,20 @@ class Sweep:
         return (lambda: attn(qd, kd, vd)), None
 
     def flash_attn(self, op: str, p: Point, q, k, v, do, score):
-        if op != "swa":
-            self.note(
-                f"no flash_attn rows for {op}: this script has no raw flash-attn 4 call for "
-                f"{'sinks' if op == 'swa_sink' else 'retained keys'} yet"
-            )
-            return None
+        """flash-attn 4 on the GPU (None, noted, on the CPU or when it does not import): swa as its causal window
+        (W - 1, 0); swa_sink and eviction_train as a mask_mod with flex's mask and block sparsity, the block lists
+        built here, outside the timing. Sets ``self.fa4_how``, the row note's account of the call."""
         if not self.cuda:
             self.note("no flash_attn rows: flash-attn 4 needs a CUDA GPU")
             return None
-        fa4 = attention._fa4_attn(p.W, self.notes)  # window (W - 1, 0), causal; None noted when it does not import
+        if op == "swa":
+            fa4 = attention._fa4_attn(p.W, self.notes)
+            self.fa4_how = "flash_attn.cute.flash_attn_func causal, window_size=(W - 1, 0)"
+        else:
+            retained = retained_keys(score) if op == "eviction_train" else None
+            T, D = q.shape[1], q.shape[3]
+            built = attention._fa4_masked(op, T, D, p.W, SINKS, p.G, retained, self.notes)
+            fa4, self.fa4_how = built or (None, None)
         return None if fa4 is None else attention.fwd_bwd_fns(fa4, q, k, v, do)
 
     # timing -----------------------------------------------------------------------------------------------
@@ -407,8 +423,7 @@ class Sweep:
                 how = "compiled, block mask built outside the timing" if self.cuda else "eager, forward only (CPU)"
                 note = f"FlexAttention, same mask, {how}{rounds}"
             else:
-                note = "flash_attn.cute.flash_attn_func causal, window_size=(W - 1, 0); rel RMSE vs mixerzoo "
-                note += f"{errs[name]:.1e}{rounds}"
+                note = f"{self.fa4_how}; rel RMSE vs mixerzoo {errs[name]:.1e}{rounds}"
             rows.append(dict(row, note=note))
         return rows
 

@@ -27,6 +27,7 @@ SCRIPTS = sorted(
 GPU_MODES = {
     "attention.py": (["--sections", "check"], "no mode of it runs on the CPU"),
     "eviction.py": (["train"], "'eviction.py resources' runs on the CPU"),
+    "fa4_mask_check.py": ([], "no mode of it runs on the CPU"),
     "gdn.py": (["--bench"], "'gdn.py --smoke' runs on the CPU"),
     "check_backends.py": ([], "'check_backends.py --device cpu --small --backends sdpa' runs on the CPU"),
     "check_head_dims.py": ([], "'check_head_dims.py --device cpu' runs on the CPU"),
@@ -350,7 +351,7 @@ def test_sweep_smoke(tmp_path):
             assert err <= 1e-2 and r["fwdbwd_ms"] > 0
         else:
             assert "fwdbwd_ms" not in r and "eager, forward only" in r["note"]  # no flex backward on the CPU
-    assert any("no raw flash-attn 4 call for sinks" in n for n in doc["sweep_notes"])
+    assert any("no flash_attn rows: flash-attn 4 needs a CUDA GPU" in n for n in doc["sweep_notes"])
     table = p.stdout[p.stdout.index("anchor time / mixerzoo's") :].splitlines()
     assert table[1].split() == ["op", "anchor", "points", "worst", "fwd+bwd", "best", "fwd+bwd", "worst", "fwd", "best",
                                 "fwd"]  # fmt: skip
