@@ -384,7 +384,9 @@ def prefill_bench():
     cached prefill (``layer(x, state)`` from an empty state, what generate() runs) against the parallel forward
     of the same layer in eval mode (``layer(x)``), for both prompt semantics, timed in turn over PREFILL_ROUNDS
     rounds (each figure the median round; every round's figures in the note). Rows op ``eviction_prefill`` and
-    ``eviction_prefill_final_buffer`` (impls ``mixerzoo``: the cached prefill, ``parallel``; ``tokens_per_s``)."""
+    ``eviction_prefill_final_buffer`` (impls ``mixerzoo``: the cached prefill with init_state in the timed call,
+    ``mixerzoo_allocated``: the same prefill into a state allocated beforehand, as a server holds its cache,
+    ``parallel``; ``tokens_per_s``)."""
     from mixerzoo import registry
 
     for prefill in ("exact", "final_buffer"):
@@ -397,15 +399,23 @@ def prefill_bench():
             def cached(x=x, layer=layer, B=B, T=T):
                 return layer(x, layer.init_state(B, max_seqlen=T))[0]
 
+            states = []  # the prefill into states allocated beforehand, one per call (as a server holds its cache)
+
+            def prefilled(x=x, layer=layer, states=states):
+                return layer(x, states.pop())[0]
+
             def parallel(x=x, layer=layer):
                 return layer(x)[0]
 
             with torch.no_grad():
-                # the two in turn over PREFILL_ROUNDS rounds, each figure its median round: host-bound points
+                # the three in turn over PREFILL_ROUNDS rounds, each figure its median round: host-bound points
                 # (4K tokens) moved by a tenth between single runs
-                runs = {"mixerzoo": [], "parallel": []}
+                runs = {"mixerzoo": [], "mixerzoo_allocated": [], "parallel": []}
                 for _ in range(PREFILL_ROUNDS):
                     runs["mixerzoo"].append(time_ms(cached, warmup=2, repeat=10))
+                    states[:] = [layer.init_state(B, max_seqlen=T) for _ in range(12)]
+                    torch.cuda.synchronize()
+                    runs["mixerzoo_allocated"].append(time_ms(prefilled, warmup=2, repeat=10))
                     runs["parallel"].append(time_ms(parallel, warmup=2, repeat=10))
                 times = {impl: sorted(r)[len(r) // 2] for impl, r in runs.items()}
                 err = rel_rmse(parallel().float(), cached().float())
