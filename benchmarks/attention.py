@@ -225,24 +225,22 @@ def _fa4_masked(op: str, T: int, D: int, W: int, S: int, G: int, retained, log: 
         torch._dynamo.reset()  # a fresh compile of the block mask, clear of dynamo's recompile limit
         Bm, Hm = (B, HKV * G) if op == "eviction_train" else (None, None)  # the swa_sink mask: one for all
         bm = create_block_mask(flex_mask, Bm, Hm, T, T, device="cuda", BLOCK_SIZE=block, _compile=True)
-        fwd_sparse = BlockSparseTensorsTorch(
-            mask_block_cnt=bm.kv_num_blocks,
-            mask_block_idx=bm.kv_indices,
-            full_block_cnt=bm.full_kv_num_blocks,
-            full_block_idx=bm.full_kv_indices,
-            block_size=block,
-        )
+
+        def lists(by: str):  # "kv": each query block's key blocks (forward); "q": each key block's query blocks
+            return BlockSparseTensorsTorch(
+                mask_block_cnt=getattr(bm, f"{by}_num_blocks"),
+                mask_block_idx=getattr(bm, f"{by}_indices"),
+                full_block_cnt=getattr(bm, f"full_{by}_num_blocks"),
+                full_block_idx=getattr(bm, f"full_{by}_indices"),
+                block_size=block,
+            )
+
+        fwd_sparse = lists("kv")
         how = f"block sparsity {block[0]}x{block[1]} from create_block_mask (empty blocks skipped, full ones unmasked)"
         if torch.cuda.get_device_capability()[0] in (10, 11) and D == 256:
             how += "; backward over every block (the sm100 D = 256 backward has no block sparsity)"
         else:
-            bwd_sparse = BlockSparseTensorsTorch(
-                mask_block_cnt=bm.q_num_blocks,
-                mask_block_idx=bm.q_indices,
-                full_block_cnt=bm.full_q_num_blocks,
-                full_block_idx=bm.full_q_indices,
-                block_size=block,
-            )
+            bwd_sparse = lists("q")
     how = f"flash_attn.cute.flash_attn_func with mask_mod (the flex mask), {how}"
     if aux is not None:
         how += "; retained flags as an int32 aux tensor"
