@@ -385,8 +385,8 @@ def prefill_bench():
     of the same layer in eval mode (``layer(x)``), for both prompt semantics, timed in turn over PREFILL_ROUNDS
     rounds (each figure the median round; every round's figures in the note). Rows op ``eviction_prefill`` and
     ``eviction_prefill_final_buffer`` (impls ``mixerzoo``: the cached prefill with init_state in the timed call,
-    ``mixerzoo_allocated``: the same prefill into a state allocated beforehand, as a server holds its cache,
-    ``parallel``; ``tokens_per_s``)."""
+    ``parallel``; ``tokens_per_s``), and the same ops with ``_allocated``, whose ``mixerzoo`` row is the prefill
+    into a state allocated beforehand (as a server holds its cache) and whose ``parallel`` row the same figure."""
     from mixerzoo import registry
 
     for prefill in ("exact", "final_buffer"):
@@ -426,12 +426,30 @@ def prefill_bench():
                 + "; ".join(f"{impl} " + " ".join(f"{t:.3f}" for t in r) for impl, r in runs.items())
                 + " ms)"
             )
-            for impl, ms in times.items():
+            # op: the prefill with init_state against the parallel form; op + "_allocated": the prefill into a
+            # state allocated beforehand against the same parallel figure (one measurement, in both pairs)
+            pairs = (
+                (op, "mixerzoo", "mixerzoo"),
+                (op, "parallel", "parallel"),
+                (op + "_allocated", "mixerzoo", "mixerzoo_allocated"),
+                (op + "_allocated", "parallel", "parallel"),
+            )
+            for row_op, impl, run in pairs:
+                ms = times[run]
                 ROWS.append(
-                    dict(op=op, impl=impl, B=B, T=T, H=16, D=128, fwd_ms=round(ms, 3),
-                         tokens_per_s=round(B * T / ms * 1e3), note=note)
-                )  # fmt: skip
-                print(ROWS[-1], flush=True)
+                    dict(
+                        op=row_op,
+                        impl=impl,
+                        B=B,
+                        T=T,
+                        H=16,
+                        D=128,
+                        fwd_ms=round(ms, 3),
+                        tokens_per_s=round(B * T / ms * 1e3),
+                        note=note,
+                    )
+                )
+                print(ROWS[-1], flush=True)  # fmt: skip
 
 
 def prefill_profile():
