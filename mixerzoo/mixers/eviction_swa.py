@@ -253,15 +253,16 @@ class EvictionSWA(AttentionMixer):
         )
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _raw_scores(self, u: Tensor, k: Tensor, pos: Tensor, dropout: bool) -> Tensor:
+    def _raw_scores(self, u: Tensor, k: Tensor, pos: Tensor, dropout: bool, all_valid: bool = False) -> Tensor:
         """r for the tokens of u (learned) or k (key norm). u: [B, L, H, 2D], k: [B, L, H, D],
-        pos: [B, L] positions (< 0: padding or before the sequence) -> [B, L, H] float32."""
+        pos: [B, L] positions (< 0: padding or before the sequence) -> [B, L, H] float32. ``all_valid``: the caller
+        knows every pos >= 0 (a call without padding), which spares the router a masked copy of u."""
         c = self.config
         if self.router is None:
             return key_norm_score(k, c.key_norm_threshold)
         if not c.router_input_grad or not self.router_enabled:
             u = u.detach()
-        z = self.router(u, pos >= 0, dropout).float()
+        z = self.router(u, pos >= 0, dropout, all_valid=all_valid).float()
         return torch.relu(z) if c.scoring == "relu" else torch.sigmoid(z) - 0.5
 
     def _effective(self, r: Tensor, pos: Tensor) -> Tensor:
@@ -297,7 +298,7 @@ class EvictionSWA(AttentionMixer):
     def _parallel(self, q, k, v, pos, valid, padded: bool) -> Tensor:
         c = self.config
         kpos = pos.masked_fill(~valid, -1)  # [B, T]: padding on either side reads as outside the sequence
-        r = self._raw_scores(torch.cat((k, v), -1), k, kpos, self.training)  # [B, T, H] float32
+        r = self._raw_scores(torch.cat((k, v), -1), k, kpos, self.training, not padded)  # [B, T, H] float32
         score = self._effective(r, kpos)
         if self.training and not self.router_enabled:
             p = kpos[..., None]
@@ -469,7 +470,7 @@ class EvictionSWA(AttentionMixer):
         # real tokens per row (the op's rows are rotated: row b ends at index n_b - 1); only the final buffer reads it
         n = T - pad if final and padded else None
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
-        score = self._effective(self._raw_scores(u, k, kp, False), kp)  # [B, T, H] float32
+        score = self._effective(self._raw_scores(u, k, kp, False, not padded), kp)  # [B, T, H] float32
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
         o, held = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, buffer=True)
 

@@ -53,7 +53,7 @@ def _table_scores(m, B, T, H, device):
     def lookup(pos):  # [B, L] positions -> [B, L, H]; < 0 reads position 0 (_effective masks those)
         return table.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, H).long())
 
-    m._raw_scores = lambda u, k, pos, dropout: lookup(pos)
+    m._raw_scores = lambda u, k, pos, dropout, all_valid=False: lookup(pos)
 
     def middle(u_ctx, pos_ctx, router, scoring):  # the score of the context's middle token, [B, H]
         return lookup(pos_ctx)[:, m.margin]

@@ -190,3 +190,29 @@ def test_router_layer_path_under_autocast(monkeypatch, udtype):
     assert_close("du", du0.float(), du1.float(), torch.bfloat16, grad=True)
     for (name, _), a, b in zip(r.named_parameters(), g0, g1, strict=True):
         assert_close(f"d{name}", a, b, torch.bfloat16, grad=True)
+
+
+@pytest.mark.parametrize("udtype", [torch.float32, torch.bfloat16])
+def test_router_all_valid_skips_only_the_selection(monkeypatch, udtype):
+    """all_valid=True (a call without padding) leaves out the masked copy of the input, and nothing else: with every
+    token valid the logits and every gradient equal the masked path's exactly, on the per-layer path (what CUDA
+    takes) and on the module path (which ignores the flag)."""
+    from mixerzoo.mixers import router as router_mod
+
+    torch.manual_seed(0)
+    r = router_mod.CNNRouter(2, 16, (3, 3), (1, 2), 0.0, init="paper")
+    u = torch.randn(2, 40, 2, 32).to(udtype)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    for layers in (True, False):
+        monkeypatch.setattr(router_mod, "_layer_kernels", lambda u, layers=layers: layers)
+        runs = []
+        for all_valid in (False, True):
+            ui = u.clone().requires_grad_()
+            r.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=udtype == torch.bfloat16):
+                z = r(ui, mask, False, all_valid=all_valid)
+            z.backward(torch.ones_like(z))
+            runs.append((z.detach(), ui.grad, [p.grad.clone() for p in r.parameters()]))
+        (z0, du0, g0), (z1, du1, g1) = runs
+        assert torch.equal(z0, z1) and torch.equal(du0, du1)
+        assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))

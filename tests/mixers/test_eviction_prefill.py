@@ -157,7 +157,9 @@ def test_one_pass_prefill_with_tied_scores(prefill, capacity, sinks, T):
     kw = dict(TIES, capacity=capacity, num_sinks=sinks, prefill=prefill)
     m = registry.build("eviction_swa", **kw).eval().double()
     table = torch.tensor([-0.25, 0.125, 0.375])[torch.randint(3, (2, T + 4, 2))]  # by position: the same bits
-    m._raw_scores = lambda u, k, pos, dropout: table.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, 2))
+    m._raw_scores = lambda u, k, pos, dropout, all_valid=False: table.gather(
+        1, pos.clamp(min=0)[..., None].expand(-1, -1, 2)
+    )
     one_pass = _one_pass(copy.deepcopy(m))
     x = torch.randn(2, T, 32, dtype=torch.float64)
     for mask in (None, torch.arange(T)[None, :] >= torch.tensor([[0], [T // 3]])):
@@ -277,7 +279,9 @@ def test_cuda_prompt_takes_the_one_pass_prefill(prefill, dtype):
     x = torch.randn(2, 1000, 256, device="cuda", dtype=dtype)
     if dtype == torch.float32:
         table = torch.randn(2, 1000, 2, generator=torch.Generator().manual_seed(3)).mul(0.1).cuda()
-        m._raw_scores = lambda u, k, pos, dropout: table.gather(1, pos.clamp(min=0)[..., None].expand(-1, -1, 2))
+        m._raw_scores = lambda u, k, pos, dropout, all_valid=False: table.gather(
+            1, pos.clamp(min=0)[..., None].expand(-1, -1, 2)
+        )
     calls = []
     one_pass = m._prefill_empty
     m._prefill_empty = lambda *a, **kw: calls.append(1) or one_pass(*a, **kw)
