@@ -455,7 +455,8 @@ def prefill_bench():
 def prefill_profile():
     """One cached prefill and one parallel forward of prefill_bench's layer under the profiler, per prompt
     semantics and size: kernel launches, device time and host time of each call, then the kernels whose device
-    time differs most between the two (where the cached prefill's extra time goes)."""
+    time differs most between the two (where the cached prefill's extra time goes); at 4K tokens, where both are
+    host-bound, also where the host's time goes (cProfile, by Python function)."""
     from torch.profiler import ProfilerActivity, profile
 
     from mixerzoo import registry
@@ -492,6 +493,38 @@ def prefill_profile():
             for k in sorted(diff, key=lambda k: -abs(diff[k]))[:15]:
                 (ta, na), (tb, nb) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
                 print(f"  {diff[k]:+9.3f} {ta:8.3f} {na:5d} {tb:8.3f} {nb:5d}  {k[:80]}")
+            if T == 4096:  # host-bound here: where the host's time goes, by Python function
+                for name, fn in (
+                    ("cached", lambda x=x, m=layer, B=B, T=T: m(x, m.init_state(B, max_seqlen=T))[0]),
+                    ("parallel", lambda x=x, m=layer: m(x)[0]),
+                ):
+                    _host_profile(f"prefill={prefill} {name} B={B} T={T}", fn)
+
+
+def _host_profile(label: str, fn, calls: int = 20, top: int = 18) -> None:
+    """cProfile over ``calls`` calls of fn (queued, one synchronisation at the end): the Python functions that
+    take the host's time, by their own time, per call."""
+    import cProfile
+    import io
+    import pstats
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    print(f"  host profile of {label}: {stats.total_tt / calls * 1e3:.3f} ms per call; by own time:")
+    stats.sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    for ln in lines[start : start + top + 1]:
+        print("   ", ln[:160])
 
 
 def _check_vs_reference(label: str, semantics=(True, False)) -> None:
