@@ -7,6 +7,9 @@ tokens per second, both in the same run on the same random tokens.
     python benchmarks/train_e2e.py --retained init  # the eviction stack only as initialised (no band row)
     python benchmarks/train_e2e.py --profile 25     # also the device time of one step by kernel, top 25 per model,
                                                     # and the 25 kernels whose time differs most from the last model's
+    python benchmarks/train_e2e.py --profile-sites 40  # the device time of a step by (operator, call site): the
+                                                    # mixerzoo line or autograd node that launched it, each model
+                                                    # against the last (the CPU time in a --smoke run)
     python benchmarks/train_e2e.py --smoke          # a tiny run on the CPU: the plumbing, no figures
 
 Each model is timed over --steps optimiser steps queued back to back (CUDA events, median step) after --warmup
@@ -51,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels of a step by device time")
     ap.add_argument(
+        "--profile-sites",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N (operator, call site) pairs whose device time in a step differs most from the last model's",
+    )
+    ap.add_argument(
         "--retained",
         default="init,band",
         help="comma-separated router states for models with eviction layers: init, band, or a fraction in (0, 1] "
@@ -93,7 +103,7 @@ def _trainer(torch, pattern: str, args, device):
     torch.manual_seed(0)
     cfg = HybridLMConfig(pattern=pattern, vocab_size=args.vocab, hidden_size=args.hidden, num_heads=args.heads)
     lm = HybridLM.from_config(cfg)
-    steps = args.warmup + 3 * args.steps + 2  # timing, peak memory and the profile all take steps
+    steps = args.warmup + 3 * args.steps + 4  # timing, peak memory and the profiles all take steps
     train = TrainConfig(steps=steps, batch_size=args.B, seq_len=args.T, warmup=1, log_every=0)
     return Trainer(lm, None, train, device=device, log=lambda s: None), sum(p.numel() for p in lm.parameters())
 
@@ -150,13 +160,46 @@ def _profile(torch, name: str, step, top: int) -> dict[str, tuple[float, int]]:
     return {e.key: (e.self_device_time_total / 1e3, e.count) for e in events if e.self_device_time_total > 0}
 
 
-def _profile_diff(name: str, mine: dict, base_name: str, base: dict, top: int) -> None:
+def _sites(torch, step, cuda: bool) -> dict[str, tuple[float, int]]:
+    """One step under the profiler with Python stacks: the time of the kernels each operator launched itself
+    (device time; CPU time on the CPU), summed by (operator, call site), the call site being the innermost mixerzoo
+    source line above it, or the autograd node that ran it in the backward (which has no Python stack)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts, with_stack=True) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU or "::" not in e.name:  # operators, not Python frames
+            continue
+        ms = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        if ms <= 0:
+            continue
+        site, p = "(no mixerzoo frame)", e.cpu_parent
+        while p is not None:
+            if "mixerzoo/" in p.name or p.name.startswith("autograd::engine::evaluate_function"):
+                site = p.name.split("mixerzoo/")[-1].removeprefix("autograd::engine::evaluate_function: ")
+                break
+            p = p.cpu_parent
+        key = f"{e.name} @ {site}"
+        t, n = out.get(key, (0.0, 0))
+        out[key] = (t + ms, n + 1)
+    return out
+
+
+def _profile_diff(name: str, mine: dict, base_name: str, base: dict, top: int, what: str = "kernel") -> None:
     """The kernels whose device time in one step differs most between two models, largest difference first:
     where a model's extra time goes (a kernel only one model runs shows 0 on the other side)."""
     diff = {k: mine.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0] for k in set(mine) | set(base)}
     total = sum(t for t, _ in mine.values()) - sum(t for t, _ in base.values())
-    print(f"--- {name} against {base_name}: {total:+.2f} ms of device time per step; by kernel (top {top})")
-    print(f"{'ms diff':>9} {'ms':>8} {'calls':>6} {'base ms':>8} {'calls':>6}  kernel")
+    print(f"--- {name} against {base_name}: {total:+.2f} ms of device time per step; by {what} (top {top})")
+    print(f"{'ms diff':>9} {'ms':>8} {'calls':>6} {'base ms':>8} {'calls':>6}  {what}")
     for k in sorted(diff, key=lambda k: -abs(diff[k]))[:top]:
         (a, na), (b, nb) = mine.get(k, (0.0, 0)), base.get(k, (0.0, 0))
         print(f"{diff[k]:+9.3f} {a:8.3f} {na:6d} {b:8.3f} {nb:6d}  {k[:90]}")
@@ -170,7 +213,7 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    rows, profiles = [], []
+    rows, profiles, site_profiles = [], [], []
     for pattern in args.patterns:
         trainer, params = _trainer(torch, pattern, args, device)
         # a model with learned eviction routers is timed in each router state, each time freshly built
@@ -197,12 +240,18 @@ def main(argv=None) -> int:
                 if not bool(torch.isfinite(loss)):
                     raise RuntimeError(f"train_e2e.py: {pattern}: the loss is not finite")
                 ms, mem = statistics.median(times), None
+                if args.profile_sites:
+                    label = f"{pattern} (routers: {state})" if state else pattern
+                    site_profiles.append((label, _sites(torch, step, cuda=False)))
             else:
                 ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
                 mem = round(peak_mem_mb(step), 1)
                 if args.profile:
                     label = f"{pattern} (routers: {state})" if state else pattern
                     profiles.append((label, _profile(torch, label, step, args.profile)))
+                if args.profile_sites:
+                    label = f"{pattern} (routers: {state})" if state else pattern
+                    site_profiles.append((label, _sites(torch, step, cuda=True)))
             row = dict(
                 op="train_e2e",
                 impl=pattern,
@@ -235,6 +284,8 @@ def main(argv=None) -> int:
         print(f"{r['impl']}{kept}: {frac:.3f}x the tokens/s of {base['impl']}", flush=True)
     for label, prof in profiles[:-1]:
         _profile_diff(label, prof, *profiles[-1], args.profile)
+    for label, prof in site_profiles[:-1]:
+        _profile_diff(label, prof, *site_profiles[-1], args.profile_sites, what="operator @ call site")
     return finish("train_e2e", rows, args.smoke)
 
 

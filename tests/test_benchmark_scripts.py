@@ -254,7 +254,8 @@ def test_training_scripts_smoke():
     fsdp2.py runs the train command in one process and as two gloo ranks, whose losses agree; paper_presets.py
     runs generate() and the evaluations on each of the paper's default presets, at hidden 64."""
     scripts = ("train_e2e.py", "fsdp2.py", "paper_presets.py")
-    runs = _run_all({s: _command(s, ["--smoke"]) for s in scripts}, _env())
+    args = {"train_e2e.py": ["--smoke", "--profile-sites", "8"]}  # the profile by call site too
+    runs = _run_all({s: _command(s, args.get(s, ["--smoke"])) for s in scripts}, _env())
     e2e, fsdp, paper = (runs[s] for s in scripts)
     assert paper.returncode == 0, paper.stderr
     for spec in ("lte-0.4b", "lte-0.4b:final_buffer", "lansa-0.4b", "swa-0.4b"):
@@ -265,6 +266,11 @@ def test_training_scripts_smoke():
             rf"\(gdn eviction_swa\)\*6 \(routers {state}, [\d.]+% retained\): [\d.]+x the tokens/s of \(gdn swa\)\*6",
             e2e.stdout,
         ), e2e.stdout
+    # the call-site profile: each eviction model's time against (gdn swa)*6's, by operator @ mixerzoo line or
+    # autograd node
+    head = r"--- \(gdn eviction_swa\)\*6 \(routers: (init|band)\) against \(gdn swa\)\*6: .* by operator @ call site"
+    assert re.findall(head, e2e.stdout) == ["init", "band"], e2e.stdout
+    assert re.search(r"^ +[+-][\d.]+ +[\d.]+ +\d+ +[\d.]+ +\d+  aten::\S+ @ ", e2e.stdout, re.M), e2e.stdout
     assert fsdp.returncode == 0, fsdp.stderr
     diff = re.search(r"loss: largest relative difference (\S+) at step", fsdp.stdout)
     assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
