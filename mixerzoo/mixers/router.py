@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction.router_conv import router_conv
+from ..kernels.eviction.value_gate import value_gate_grad
 
 __all__ = ["CNNRouter", "ValueGate", "key_norm_score", "router_margin"]
 
@@ -142,7 +143,8 @@ class ValueGate(torch.autograd.Function):
     evaluated at the gate: ``dL/dg = sum_d dv * v``, which is passed to the score r (straight-through).
 
     forward(v, r) -> v;  v: [B, T, H, Dh], r: [B, T, H]
-    backward: (dv, sum_d dv * v) in r's dtype.
+    backward: (dv, sum_d dv * v) in r's dtype, the sum over float32 products (kernels/eviction/value_gate.py:
+    one pass over dv and v on the GPU).
     """
 
     @staticmethod
@@ -154,5 +156,5 @@ class ValueGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dv: Tensor) -> tuple[Tensor, Tensor]:
         (v,) = ctx.saved_tensors
-        dr = (dv.float() * v.float()).sum(-1).to(ctx.r_dtype)
+        dr = value_gate_grad(dv, v).to(ctx.r_dtype)
         return dv, dr
