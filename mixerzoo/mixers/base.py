@@ -641,10 +641,10 @@ def positions_and_pad(
             leading_padding(valid) if attention_mask is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         )
         return slot, slot[None, :] - lead[:, None], valid
-    ended = state.pad >= ENDED  # [B]
     if attention_mask is None:
         check_row_open(name, state)
         return slot, slot[None, :] - state.pad[:, None], valid
+    ended = state.pad >= ENDED  # [B]
     n = valid.sum(-1)  # [B] real tokens in the chunk
     lead = leading_padding(valid)  # [B]
     started = (start - state.pad) > 0  # the row has real tokens already

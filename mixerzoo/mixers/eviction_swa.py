@@ -279,14 +279,21 @@ class EvictionSWA(AttentionMixer):
             qkv = step_projections(self, "qkv", projs, x.select(1, 0), state.win_k.dtype)
             q, k, v = qkv.view(x.shape[0], -1, self.head_dim).split(self._qkv_heads, 1)
             return self.out(self._decode_fused(q, k, v, state).unsqueeze(1)), state
+        # asked once (it may read the device): a whole prompt without a mask takes positions_and_pad's one check,
+        # not its positions (the one-pass prefill makes its own), some launches fewer in a host-bound prompt
+        whole = state is not None and attention_mask is None and self._prefill_whole(x, state, None)
+        if whole:
+            check_row_open(self.name, state)
+            q, k, v = self.project(x, state.win_k.dtype)
+            return self.out(self._prefill_empty(q, k, v, state, padded=False)), state
         slot, pos, valid = positions_and_pad(x, state, attention_mask, self.name)
         q, k, v = self.project(x, None if state is None else state.win_k.dtype)
         if state is None:
             o = self._parallel(q, k, v, pos, valid, attention_mask is not None)
         elif x.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
             o = self._decode_one(q, k, v, state)
-        elif self._prefill_whole(x, state, attention_mask):
-            o = self._prefill_empty(q, k, v, state, padded=attention_mask is not None)
+        elif attention_mask is not None and self._prefill_whole(x, state, attention_mask):
+            o = self._prefill_empty(q, k, v, state, padded=True)
         elif self.config.prefill == "final_buffer":
             o = self._prefill_final(q, k, v, state)
         else:
