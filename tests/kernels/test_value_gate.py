@@ -57,6 +57,8 @@ def test_op_and_value_gate_gradient():
     assert torch.equal(gv, dv)
     torch.testing.assert_close(gr, (dv.double() * v.double()).sum(-1).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.ops.mixerzoo.value_gate_grad(dv, v.detach()), gr)
+    # a device the op has no implementation for takes the PyTorch form (here the meta device: shapes only)
+    assert vg.value_gate_grad(dv.to("meta"), v.detach().to("meta")).shape == (2, 9, 3)
 
 
 def test_shape_errors_name_the_op():

@@ -7,7 +7,7 @@ and a reduction, about seven tensor-sized passes over memory per eviction layer 
 dv and v once each, in their own dtype and strides (the head dim contiguous), and writes dr.
 
 ``value_gate_grad(dv, v)``: dv, v ``[B, T, H, D]`` floating, the same shape -> dr ``[B, T, H]`` float32. CUDA
-tensors run the kernel (with Triton), CPU tensors the PyTorch form.
+tensors run the kernel (with Triton), tensors on any other device the PyTorch form.
 """
 
 from __future__ import annotations
@@ -85,4 +85,6 @@ def value_gate_grad(dv: Tensor, v: Tensor) -> Tensor:
         raise ValueError(
             f"value_gate_grad: dv and v must be [B, T, H, D] alike, got {list(dv.shape)} and {list(v.shape)}"
         )
+    if v.device.type not in ("cuda", "cpu"):  # the op has CUDA and CPU implementations; elsewhere the PyTorch form
+        return value_gate_grad_ref(dv, v)
     return _op(dv, v)
