@@ -411,12 +411,13 @@ def prefill_bench():
                 # the three in turn over PREFILL_ROUNDS rounds, each figure its median round: host-bound points
                 # (4K tokens) moved by a tenth between single runs
                 runs = {"mixerzoo": [], "mixerzoo_allocated": [], "parallel": []}
+                calls = dict(warmup=2, repeat=10)
                 for _ in range(PREFILL_ROUNDS):
-                    runs["mixerzoo"].append(time_ms(cached, warmup=2, repeat=10))
-                    states[:] = [layer.init_state(B, max_seqlen=T) for _ in range(12)]
+                    runs["mixerzoo"].append(time_ms(cached, **calls))
+                    states[:] = [layer.init_state(B, max_seqlen=T) for _ in range(sum(calls.values()))]
                     torch.cuda.synchronize()
-                    runs["mixerzoo_allocated"].append(time_ms(prefilled, warmup=2, repeat=10))
-                    runs["parallel"].append(time_ms(parallel, warmup=2, repeat=10))
+                    runs["mixerzoo_allocated"].append(time_ms(prefilled, **calls))
+                    runs["parallel"].append(time_ms(parallel, **calls))
                 times = {impl: sorted(r)[len(r) // 2] for impl, r in runs.items()}
                 err = rel_rmse(parallel().float(), cached().float())
             op = "eviction_prefill" + ("" if prefill == "exact" else "_final_buffer")
@@ -449,7 +450,7 @@ def prefill_bench():
                         note=note,
                     )
                 )
-                print(ROWS[-1], flush=True)  # fmt: skip
+                print(ROWS[-1], flush=True)
 
 
 def prefill_profile():
@@ -478,11 +479,12 @@ def prefill_profile():
         layer = layer.to("cuda", torch.bfloat16).eval()
         for B, T in ((1, 4096), (1, 16384)):
             x = torch.randn(B, T, 2048, device="cuda", dtype=torch.bfloat16)
+            forms = {
+                "cached": lambda x=x, m=layer, B=B, T=T: m(x, m.init_state(B, max_seqlen=T))[0],
+                "parallel": lambda x=x, m=layer: m(x)[0],
+            }
             with torch.no_grad():
-                got = {
-                    "cached": kernels(lambda x=x, m=layer, B=B, T=T: m(x, m.init_state(B, max_seqlen=T))[0]),
-                    "parallel": kernels(lambda x=x, m=layer: m(x)[0]),
-                }
+                got = {name: kernels(fn) for name, fn in forms.items()}
             print(f"== prefill={prefill} B={B} T={T}")
             for name, (host, ks) in got.items():
                 dev = sum(t for t, _ in ks.values())
@@ -494,10 +496,7 @@ def prefill_profile():
                 (ta, na), (tb, nb) = a.get(k, (0.0, 0)), b.get(k, (0.0, 0))
                 print(f"  {diff[k]:+9.3f} {ta:8.3f} {na:5d} {tb:8.3f} {nb:5d}  {k[:80]}")
             if T == 4096:  # host-bound here: where the host's time goes, by Python function
-                for name, fn in (
-                    ("cached", lambda x=x, m=layer, B=B, T=T: m(x, m.init_state(B, max_seqlen=T))[0]),
-                    ("parallel", lambda x=x, m=layer: m(x)[0]),
-                ):
+                for name, fn in forms.items():
                     _host_profile(f"prefill={prefill} {name} B={B} T={T}", fn)
 
 

@@ -194,8 +194,8 @@ def _sites(torch, step, cuda: bool) -> dict[str, tuple[float, int]]:
 
 
 def _profile_diff(name: str, mine: dict, base_name: str, base: dict, top: int, what: str = "kernel") -> None:
-    """The kernels whose device time in one step differs most between two models, largest difference first:
-    where a model's extra time goes (a kernel only one model runs shows 0 on the other side)."""
+    """The entries (kernels, or operators by call site) whose time in one step differs most between two models,
+    largest difference first: where a model's extra time goes (an entry only one model has shows 0 on the other)."""
     diff = {k: mine.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0] for k in set(mine) | set(base)}
     total = sum(t for t, _ in mine.values()) - sum(t for t, _ in base.values())
     print(f"--- {name} against {base_name}: {total:+.2f} ms of device time per step; by {what} (top {top})")
@@ -240,18 +240,14 @@ def main(argv=None) -> int:
                 if not bool(torch.isfinite(loss)):
                     raise RuntimeError(f"train_e2e.py: {pattern}: the loss is not finite")
                 ms, mem = statistics.median(times), None
-                if args.profile_sites:
-                    label = f"{pattern} (routers: {state})" if state else pattern
-                    site_profiles.append((label, _sites(torch, step, cuda=False)))
             else:
                 ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
                 mem = round(peak_mem_mb(step), 1)
-                if args.profile:
-                    label = f"{pattern} (routers: {state})" if state else pattern
-                    profiles.append((label, _profile(torch, label, step, args.profile)))
-                if args.profile_sites:
-                    label = f"{pattern} (routers: {state})" if state else pattern
-                    site_profiles.append((label, _sites(torch, step, cuda=True)))
+            label = f"{pattern} (routers: {state})" if state else pattern
+            if args.profile and not args.smoke:
+                profiles.append((label, _profile(torch, label, step, args.profile)))
+            if args.profile_sites:
+                site_profiles.append((label, _sites(torch, step, cuda=not args.smoke)))
             row = dict(
                 op="train_e2e",
                 impl=pattern,
