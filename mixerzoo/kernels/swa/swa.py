@@ -815,26 +815,23 @@ def swa_bwd(
         raise ValueError(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
-    # tiles: the caller's, else the tile table's for (head dim, GQA group, window as the kernels see it), else
-    # the head dim's default
-    D, Gk, Wk = q.shape[-1], q.shape[2] // k.shape[2], min(window_size, max(q.shape[1], 1))
-    cfg = dict(
-        dkdv_config or tuned_config("dkdv", q.device, q.dtype, D, Gk, Wk) or _fit_dtype(_dkdv_config(D), q.dtype, D)
-    )
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    dq_cfg = dict(
-        dq_config or tuned_config("dq", q.device, q.dtype, D, Gk, Wk) or _fit_dtype(_dq_config(D), q.dtype, D)
-    )
-    dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
-    _check_triton("swa_bwd", q)
-    scale = check_scale("swa_bwd", scale, q.shape[-1])
-    do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
     S, W = min(num_sinks, T), min(window_size, max(T, 1))  # as in swa_fwd
+    # tiles: the caller's, else the tile table's for (head dim, GQA group, window as the kernels see it), else
+    # the head dim's default
+    cfg = dict(
+        dkdv_config or tuned_config("dkdv", q.device, q.dtype, D, G, W) or _fit_dtype(_dkdv_config(D), q.dtype, D)
+    )
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
+    dq_cfg = dict(dq_config or tuned_config("dq", q.device, q.dtype, D, G, W) or _fit_dtype(_dq_config(D), q.dtype, D))
+    dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
+    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
+    _check_triton("swa_bwd", q)
+    scale = check_scale("swa_bwd", scale, D)
+    do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     has_pad = pad is not None
     pad_t = _pad_arg(pad, q)
 
