@@ -9,14 +9,12 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from mixerzoo.kernels.eviction import attention as ev  # noqa: E402
-from mixerzoo.kernels.eviction.reference import eviction_attention_ref  # noqa: E402
-from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE  # noqa: E402
-from mixerzoo.kernels.swa import swa  # noqa: E402
-from mixerzoo.kernels.swa.reference import swa_fwd_ref  # noqa: E402
-from mixerzoo.kernels.swa.tuned import SWA_TABLE  # noqa: E402
+from mixerzoo.kernels.eviction import attention as ev
+from mixerzoo.kernels.eviction.reference import eviction_attention_ref
+from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE
+from mixerzoo.kernels.swa import swa
+from mixerzoo.kernels.swa.reference import swa_fwd_ref
+from mixerzoo.kernels.swa.tuned import SWA_TABLE
 
 TABLES = {"swa": SWA_TABLE, "eviction": EVICTION_TABLE}
 # the launchers' questions run where the kernels run: CPU tensors in Triton's interpreter, CUDA tensors where Triton

@@ -8,10 +8,8 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from mixerzoo.kernels.eviction import value_gate as vg  # noqa: E402
-from mixerzoo.mixers.router import ValueGate  # noqa: E402
+from mixerzoo.kernels.eviction import value_gate as vg
+from mixerzoo.mixers.router import ValueGate
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
