@@ -86,6 +86,28 @@ def test_op_autograd_on_the_cpu(case):
         assert_close(f"{case} op {name}", ref.float(), got, torch.float32, grad=True)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("dydtype", [torch.bfloat16, torch.float32])
+def test_dz_pass_matches_its_pytorch_form(shared, dydtype):
+    """The backward's first pass (dz = dy * silu'(z), zero at masked rows, rounded to z's dtype; dbias = its float32
+    sum over the tokens, and the heads when shared) against the PyTorch form, with rows and columns off the tiles
+    and a transposed dy (as autograd may hand it over)."""
+    from mixerzoo.kernels.eviction.router_conv import _dbias, _dz, _dz_and_dbias
+
+    B, L, H, C = 2, 37, 3, 20
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(B, L, H, C, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    dy = torch.randn(B, H, L, C, generator=g).to(dydtype).to(DEVICE).transpose(1, 2)
+    mask = (torch.rand(B, L, generator=g) > 0.2).to(DEVICE)
+    weight = torch.empty((1 if shared else H) * C, 8, 3, device=DEVICE)
+    dz, db = _dz_and_dbias(z, mask, dy, weight, shared)
+    dzf = _dz(z, mask, dy)
+    assert dz.dtype == z.dtype and db.dtype == weight.dtype and db.shape == (weight.shape[0],)
+    assert (dz[~mask] == 0).all()
+    assert_close("dz", dzf, dz.float(), torch.bfloat16, grad=True)  # rounded once, to z's dtype
+    assert_close("dbias", _dbias(dzf, weight, shared), db, torch.float32, grad=True)
+
+
 def test_opcheck():
     x, w, b, mask, dy, d, shared = _inputs("head-d2", device="cpu")
     torch.library.opcheck(torch.ops.mixerzoo.router_conv_fwd.default, (x, w, b, mask, d, shared))

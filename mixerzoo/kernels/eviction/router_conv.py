@@ -7,8 +7,9 @@ the sequence, its bias, the padding mask and SiLU, in the ``[B, L, H, C]`` layou
 with g = h (one CNN per KV head, grouped convs) or g = 0 (``shared``: one CNN for every head). The module form
 (``mixers/router.py``) runs ``nn.Conv1d`` in the ``[B, H * C, L]`` layout, and on the GPU cuDNN's grouped
 convolutions then cost layout transposes on both sides of every layer (7.8 ms of a 317 ms training step at hidden
-2048, T = 8192, B = 2, besides 15.3 ms of the convolutions). Here each layer is one Triton kernel forward and two
-backward (dx, and dweight split over the tokens), with tensor-core dots of [tokens x in-channels] x [in x out].
+2048, T = 8192, B = 2, besides 15.3 ms of the convolutions). Here each layer is one Triton kernel forward and three
+backward (dz and the bias gradient's shares in one elementwise pass, then dx, and dweight split over the tokens),
+with tensor-core dots of [tokens x in-channels] x [in x out].
 
 ``router_conv(x, weight, bias, mask, dilation=, shared=)``: x ``[B, L, H, C_in]`` (already zero at masked
 positions, as the previous layer leaves it), weight ``[G * C_out, C_in, K]`` and bias ``[G * C_out]`` in the
@@ -111,6 +112,35 @@ def _eviction_router_conv_fwd_kernel(
     m_out = m_t[:, None] & m_co[None, :]
     tl.store(z + o_out, b_z, mask=m_out)
     tl.store(y + o_out, (b_zf * tl.sigmoid(b_zf)).to(y.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _eviction_router_conv_bwd_dz_kernel(
+    z,  # [N, HC] contiguous: the forward's masked pre-activation, N = B * L rows, HC = H * COUT
+    dy,  # [N, HC] contiguous: dL/dy
+    mask,  # [N] bool (as uint8)
+    dz,  # [N, HC] out, z's dtype: dL/dz rounded as the conv backward reads it
+    db,  # [cdiv(N, BR), HC] float32 out: this row block's sum of the float32 dL/dz (the bias gradient's share)
+    N,
+    HC,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    # dz = dy * silu'(z) = dy * s * (1 + z (1 - s)), s = sigmoid(z), in float32; 0 at a masked row (its conv
+    # output was selected away)
+    i_r, i_c = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_r, m_c = o_r < N, o_c < HC
+    m = m_r[:, None] & m_c[None, :]
+    o = o_r.to(tl.int64)[:, None] * HC + o_c[None, :]
+    b_z = tl.load(z + o, mask=m, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy + o, mask=m, other=0.0).to(tl.float32)
+    b_m = tl.load(mask + o_r, mask=m_r, other=0) != 0
+    b_s = tl.sigmoid(b_z)
+    b_dz = tl.where(b_m[:, None], b_dy * b_s * (1.0 + b_z * (1.0 - b_s)), 0.0)
+    tl.store(dz + o, b_dz.to(dz.dtype.element_ty), mask=m)
+    tl.store(db + i_r.to(tl.int64) * HC + o_c, tl.sum(b_dz, axis=0), mask=m_c)
 
 
 @triton.jit
@@ -257,6 +287,22 @@ def _dbias(dzf: Tensor, weight: Tensor, shared: bool) -> Tensor:
     return (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
 
 
+def _dz_and_dbias(z: Tensor, mask: Tensor, dy: Tensor, weight: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
+    """(dz in z's dtype, dbias): ``_dz`` and ``_dbias`` in one pass over z and dy (one kernel and a sum of the row
+    blocks' shares, instead of float32 copies of both, their products and a reduction)."""
+    B, L, H, COUT = z.shape
+    N, HC = B * L, H * COUT
+    BR, BC = (64, 128) if z.is_cuda else (16, 32)
+    dz = torch.empty_like(z)
+    parts = z.new_empty(cdiv(N, BR), HC, dtype=torch.float32)
+    _eviction_router_conv_bwd_dz_kernel[(cdiv(N, BR), cdiv(HC, BC))](
+        z.contiguous(), dy.contiguous(), mask.contiguous().view(torch.uint8), dz, parts, N, HC,
+        BR=BR, BC=BC, num_warps=4,
+    )  # fmt: skip
+    db = parts.sum(0).view(H, COUT)
+    return dz, (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
+
+
 def router_conv_fwd(
     x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, dilation: int, shared: bool
 ) -> tuple[Tensor, Tensor]:
@@ -287,8 +333,7 @@ def router_conv_bwd(
     B, L, H, CIN = x.shape
     G, COUT = _groups(x, weight, shared)
     K = weight.shape[-1]
-    dzf = _dz(z, mask, dy)
-    dz = dzf.to(x.dtype).contiguous()
+    dz, db = _dz_and_dbias(z, mask, dy, weight, shared)
     w = _taps(weight, x.dtype, G)
     meta = _meta(x, CIN)
     BCO = _pow2(COUT)
@@ -310,7 +355,7 @@ def router_conv_bwd(
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
     dw = rearrange(dw_parts.sum(0), "g k i o -> (g o) i k").to(weight.dtype).contiguous()
-    return dx, dw, _dbias(dzf, weight, shared)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------------
