@@ -13,9 +13,12 @@ tokens per second, both in the same run on the same random tokens.
     python benchmarks/train_e2e.py --smoke          # a tiny run on the CPU: the plumbing, no figures
 
 Each model is timed over --steps optimiser steps queued back to back (CUDA events, median step) after --warmup
-steps. Rows op ``train_e2e`` (impl: the pattern; ``tokens_per_s``, ``step_ms``, ``peak_mem_mb``) go to
-results/<gpu>.json; each row but the last pattern's notes its tokens/s as a fraction of the last's (the aim for
-the eviction stack: within 10% of the sliding-window one).
+steps, in --rounds rounds that take every model in turn (every model is built first; the order reverses every
+other round), so that the GPU's clocks drifting over the run (seen: the same GEMMs 5-10% apart in two runs) reach
+every model alike; the figure is the median round, and rows list every round's (``rounds_ms``). Rows op
+``train_e2e`` (impl: the pattern; ``tokens_per_s``, ``step_ms``, ``peak_mem_mb``) go to results/<gpu>.json; each
+row but the last pattern's notes its tokens/s as a fraction of the last's (the aim for the eviction stack: within
+10% of the sliding-window one).
 
 How many tokens the eviction routers retain sets the training attention's work: every retained key stays visible
 to all later queries, so a router that retains everything makes it causal attention over the whole sequence. A
@@ -44,7 +47,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import finish, peak_mem_mb, refuse, require_gpu, time_ms  # noqa: E402
 
-SMOKE = dict(hidden=64, heads=2, T=64, B=2, vocab=128, steps=2, warmup=1)
+SMOKE = dict(hidden=64, heads=2, T=64, B=2, vocab=128, steps=2, warmup=1, rounds=2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timing rounds, each over every model in turn; the figure is the median round (default 3)",
+    )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels of a step by device time")
     ap.add_argument(
         "--profile-sites",
@@ -100,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not patterns:
         refuse(f"train_e2e.py: --patterns needs at least one pattern, got {args.patterns!r}")
     args.patterns = patterns
-    for name in ("hidden", "heads", "T", "B", "vocab", "steps"):
+    for name in ("hidden", "heads", "T", "B", "vocab", "steps", "rounds"):
         if getattr(args, name) < 1:
             refuse(f"train_e2e.py: --{name} must be >= 1, got {getattr(args, name)}")
     if args.smoke:
@@ -116,7 +125,7 @@ def _trainer(torch, pattern: str, args, device):
     torch.manual_seed(0)
     cfg = HybridLMConfig(pattern=pattern, vocab_size=args.vocab, hidden_size=args.hidden, num_heads=args.heads)
     lm = HybridLM.from_config(cfg)
-    steps = args.warmup + 3 * args.steps + 4  # timing, peak memory and the profiles all take steps
+    steps = args.rounds * (args.warmup + args.steps) + 8  # timing, peak memory and the profiles take steps
     train = TrainConfig(steps=steps, batch_size=args.B, seq_len=args.T, warmup=1, log_every=0, lr=args.lr)
     return Trainer(lm, None, train, device=device, log=lambda s: None), sum(p.numel() for p in lm.parameters())
 
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    rows, profiles, site_profiles = [], [], []
+    runs = []  # every (model, router state), built before any is timed, so that the rounds alternate them
     for pattern in args.patterns:
         trainer, params = _trainer(torch, pattern, args, device)
         # a model with learned eviction routers is timed in each router state, each time freshly built
@@ -247,6 +256,14 @@ def main(argv=None) -> int:
             def step(trainer=trainer, batch=batch):
                 return trainer.train_step(batch, sync=False)
 
+            label = f"{pattern} (routers: {state})" if state else pattern
+            runs.append(dict(pattern=pattern, state=state, label=label, trainer=trainer, params=params, step=step,
+                             start=start, times=[]))  # fmt: skip
+    # rounds: each times every run in turn (in reverse order every other round), so that a drift of the GPU's
+    # clocks over the run reaches every model alike; the figure is the median over the rounds
+    for r in range(args.rounds):
+        for run in runs if r % 2 == 0 else runs[::-1]:
+            step = run["step"]
             if args.smoke:
                 times = []
                 for i in range(args.warmup + args.steps):
@@ -255,42 +272,46 @@ def main(argv=None) -> int:
                     if i >= args.warmup:
                         times.append((time.perf_counter() - t0) * 1e3)
                 if not bool(torch.isfinite(loss)):
-                    raise RuntimeError(f"train_e2e.py: {pattern}: the loss is not finite")
-                ms, mem = statistics.median(times), None
+                    raise RuntimeError(f"train_e2e.py: {run['pattern']}: the loss is not finite")
+                run["times"].append(statistics.median(times))
             else:
-                ms = time_ms(step, warmup=args.warmup, repeat=args.steps)
-                mem = round(peak_mem_mb(step), 1)
-            label = f"{pattern} (routers: {state})" if state else pattern
-            if args.profile and not args.smoke:
-                profiles.append((label, _profile(torch, label, step, args.profile)))
-            if args.profile_sites:
-                site_profiles.append((label, _sites(torch, step, cuda=not args.smoke)))
-            row = dict(
-                op="train_e2e",
-                impl=pattern,
-                B=args.B,
-                T=args.T,
-                H=args.heads,
-                hidden=args.hidden,
-                step_ms=round(ms, 2),
-                tokens_per_s=round(args.B * args.T / ms * 1e3),
-                params=params,
-                note=f"vocabulary {args.vocab}; Trainer: "
-                + ("float32 on the CPU" if args.smoke else "bf16 autocast, AdamW, grad clip 1")
-                + f", learning rate {args.lr:g}; median step of queued steps",
-            )
-            if state is not None:
-                row["routers"] = state if isinstance(state, str) else f"fraction {state}"
-                row["retained"] = _retained_fraction(trainer.model)
-                if start is not None:
-                    row["retained_start"] = start
-            if mem is not None:
-                row["peak_mem_mb"] = mem
-            rows.append(row)
-            print(row, flush=True)
-            del trainer, step  # step holds the trainer too: free the model before the next one is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                run["times"].append(time_ms(step, warmup=args.warmup, repeat=args.steps))
+    rows, profiles, site_profiles = [], [], []
+    for run in runs:
+        step, trainer, state, label = run["step"], run["trainer"], run["state"], run["label"]
+        ms = statistics.median(run["times"])
+        mem = None if args.smoke else round(peak_mem_mb(step), 1)
+        if args.profile and not args.smoke:
+            profiles.append((label, _profile(torch, label, step, args.profile)))
+        if args.profile_sites:
+            site_profiles.append((label, _sites(torch, step, cuda=not args.smoke)))
+        row = dict(
+            op="train_e2e",
+            impl=run["pattern"],
+            B=args.B,
+            T=args.T,
+            H=args.heads,
+            hidden=args.hidden,
+            step_ms=round(ms, 2),
+            tokens_per_s=round(args.B * args.T / ms * 1e3),
+            params=run["params"],
+            note=f"vocabulary {args.vocab}; Trainer: "
+            + ("float32 on the CPU" if args.smoke else "bf16 autocast, AdamW, grad clip 1")
+            + f", learning rate {args.lr:g}; median of {args.rounds} rounds (each the median step of queued steps)",
+            rounds_ms=[round(t, 2) for t in run["times"]],
+        )
+        if state is not None:
+            row["routers"] = state if isinstance(state, str) else f"fraction {state}"
+            row["retained"] = _retained_fraction(trainer.model)
+            if run["start"] is not None:
+                row["retained_start"] = run["start"]
+        if mem is not None:
+            row["peak_mem_mb"] = mem
+        rows.append(row)
+        print(row, flush=True)
+        del run["trainer"], run["step"], trainer, step  # free the model (step holds it too)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = rows[-1]
     for r in rows[:-1]:
         frac = r["tokens_per_s"] / base["tokens_per_s"]
