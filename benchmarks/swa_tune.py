@@ -1,9 +1,9 @@
 """Tile tuning of the attention kernels by shape: for each cell (head dim D, GQA group G, window W), time every
 candidate tile config of the sliding-window kernels (forward, dK/dV, dQ; ``--op swa``, the default) or of the
 eviction kernels (forward, dQ, dK/dV window pass and listed pass; ``--op eviction``, training semantics, 10% of
-the keys retained) on the GPU, keep the fastest that agrees with the head dim's default config, and write the
-winners as the op's tile table (mixerzoo/kernels/_tile_table.py's file form), which the launchers then take for
-calls of that cell's class.
+the keys retained, ``--frac``) on the GPU, keep the fastest that agrees with the head dim's default config, and
+write the winners as the op's tile table (mixerzoo/kernels/_tile_table.py's file form), which the launchers then
+take for calls of that cell's class.
 
     python benchmarks/swa_tune.py --list                       # the cells and candidates (no GPU needed)
     python benchmarks/swa_tune.py                              # every cell; the package's swa table rewritten
@@ -12,16 +12,16 @@ calls of that cell's class.
     MIXERZOO_SWA_CONFIGS=PATH python benchmarks/sweep.py ...   # the sweep with that table (eviction:
                                                                # MIXERZOO_EVICTION_CONFIGS)
 
-A cell is measured at T = 8192 with 65536 tokens per call (B = 8), HQ = 16, bf16, no sinks (S is a run-time
-argument: the sink variant runs the same compiled kernels) and stands for its class: G = 1 or G >= 2; W up to 384,
-385 to 1536, or longer. Each candidate: (1) the check: the forward's output (fwd) or the whole backward's dq, dk,
-dv (dkdv, dq: the other kernel at its default) against the default config's, bf16 relative RMSE <= 5e-3 (the tiles
-change the summation order only); (2) time_ms of the forward launcher or of the whole backward; (3) the compiled
-kernel's registers and spills where Triton reports them. The table's rule for a kernel in a cell is the fastest
-candidate, only when it beats the default by more than 3% (else the cell keeps the default: no rule). The
-default's time and the winner's are printed and written as rows ``swa_tune`` or ``eviction_tune`` (impl
-``default`` / ``tuned``, fwd_ms for fwd, bwd_ms for the backward kernels). ``--max-seconds`` stops between cells;
-the table is written after every cell.
+A cell is measured at T = 8192 with 65536 tokens per call (B = 8; ``--tokens``), HQ = 16, bf16, no sinks (S is a
+run-time argument: the sink variant runs the same compiled kernels) and stands for its class: G = 1 or G >= 2; W
+up to 384, 385 to 1536, or longer (whatever B: the rule measured at one batch size serves them all). Each candidate:
+(1) the check: the forward's output (fwd) or the whole backward's dq, dk, dv (dkdv, dq: the other kernel at its
+default) against the default config's, bf16 relative RMSE <= 5e-3 (the tiles change the summation order only); (2)
+time_ms of the forward launcher or of the whole backward; (3) the compiled kernel's registers and spills where
+Triton reports them. The table's rule for a kernel in a cell is the fastest candidate, only when it beats the
+default by more than 3% (else the cell keeps the default: no rule). The default's time and the winner's are printed
+and written as rows ``swa_tune`` or ``eviction_tune`` (impl ``default`` / ``tuned``, fwd_ms for fwd, bwd_ms for the
+backward kernels). ``--max-seconds`` stops between cells; the table is written after every cell.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _k(BT, BS, split, warps, stages):  # the eviction dK/dV passes: BS key rows 
 
 # fmt: off
 _EV_KV = {64: [_k(64, 64, True, 8, 2), _k(64, 64, False, 8, 2), _k(64, 64, False, 8, 3), _k(128, 64, False, 8, 2),
-               _k(64, 128, False, 8, 2)],
+               _k(64, 128, False, 8, 2), _k(64, 32, False, 4, 2), _k(64, 16, False, 4, 2), _k(128, 32, False, 8, 2)],
           256: [_k(32, 64, False, 4, 2), _k(64, 64, False, 8, 2), _k(32, 32, False, 4, 2), _k(64, 32, False, 4, 2),
                 _k(32, 64, False, 8, 2)]}
 _EV_KV[128] = _EV_KV[64]
@@ -90,7 +90,7 @@ EV_CANDIDATES = {
     ("fwd", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(128, 64, 64, True, 8, 2),
                    _q(128, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2)],
     ("dq", 64): [_q(128, 64, 64, False, 8, 2), _q(64, 64, 64, True, 4, 3), _q(128, 32, 32, True, 8, 2),
-                 _q(64, 32, 32, True, 4, 2)],
+                 _q(64, 32, 32, True, 4, 2), _q(64, 64, 32, True, 4, 2), _q(64, 32, 16, True, 4, 2)],
     ("dq", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2),
                   _q(32, 32, 32, True, 4, 2)],
     **{(kn, D): _EV_KV[D] for kn in ("dkdv", "listed") for D in (64, 128, 256)},
@@ -243,6 +243,7 @@ def tune_cell(D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = Fal
         for impl, ms, cfg in (("default", base_ms, dflt[kernel]), ("tuned", best_ms if chosen else base_ms,
                                                                    chosen or dflt[kernel])):  # fmt: skip
             rows.append(dict(op=spec["row"], impl=impl, kernel=kernel, B=B, T=T, HQ=Hq, HKV=HKV, D=D, W=W,
+                             **({"frac": EV_FRAC} if op == "eviction" else {}),
                              **{key: round(ms, 4)}, config=json.dumps(cfg, sort_keys=True)))  # fmt: skip
     return wins, rows
 
@@ -285,6 +286,10 @@ def parse_args(argv=None):
     ap.add_argument("--D", type=int, nargs="*", help="only these head dims")
     ap.add_argument("--G", type=int, nargs="*", help="only these groups (1, 8)")
     ap.add_argument("--W", type=int, nargs="*", help="only these windows (256, 512, 4096)")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help=f"tokens per call, B = tokens // {T_CELL} (default "
+                    f"{TOKENS}); one rule per cell whatever B: tune at the batch you run")  # fmt: skip
+    ap.add_argument("--frac", type=float, default=EV_FRAC, help=f"--op eviction: the fraction of keys retained "
+                    f"(default {EV_FRAC})")  # fmt: skip
     ap.add_argument("--table", type=pathlib.Path, help="the tile table to merge the rules into (default: the "
                     "package's, mixerzoo/kernels/<op>/tuned_configs.json)")  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=None, help="stop between cells past this many seconds")
@@ -296,13 +301,17 @@ def parse_args(argv=None):
     if not cells:
         ap.error(f"no cell has D in {args.D}, G in {args.G}, W in {args.W}; the cells: {CELLS}")
     args.cells = cells
+    if args.tokens < T_CELL or not 0.0 <= args.frac <= 1.0:
+        ap.error(f"--tokens must be >= {T_CELL} and --frac in [0, 1], got {args.tokens} and {args.frac}")
     if args.smoke and not args.table:
         ap.error("--smoke writes its table into --table PATH, never into the package's table")
     return args
 
 
 def main(argv=None) -> int:
+    global TOKENS, EV_FRAC
     args = parse_args(argv)
+    TOKENS, EV_FRAC = args.tokens, args.frac
     if args.list:
         for D, G, W in args.cells:
             print(f"cell D={D} G={G} W={W}: stands for G in {G_CLASSES[G]}, W in {W_CLASSES[W]}")
@@ -337,7 +346,7 @@ def main(argv=None) -> int:
         spent.append(time.time() - start)
         print(f"  rules: {wins or 'none (the defaults stay)'}; table {table_path}; {spent[-1]:.0f} s", flush=True)
     if rows:
-        print("results:", write_results({OPS[args.op]["row"]}, rows, replace_by=("kernel", "D", "HKV", "W")))
+        print("results:", write_results({OPS[args.op]["row"]}, rows, replace_by=("kernel", "B", "D", "HKV", "W")))
     return 0
 
 
