@@ -4,6 +4,7 @@ The scripts run as a user runs them, with TRITON_INTERPRET removed from their en
 sets it): a CPU mode has to set it itself. The processes of a group run in parallel.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -266,6 +267,11 @@ def test_training_scripts_smoke():
             rf"\(gdn eviction_swa\)\*6 \(routers {state}, [\d.]+% retained\): [\d.]+x the tokens/s of \(gdn swa\)\*6",
             e2e.stdout,
         ), e2e.stdout
+    # every model timed in each of the smoke run's two rounds, the weights held, the band's fraction as set
+    rows = [ast.literal_eval(line) for line in e2e.stdout.splitlines() if line.startswith("{'op': 'train_e2e'")]
+    assert [r.get("routers") for r in rows] == ["init", "band", None], e2e.stdout
+    assert all(len(r["rounds_ms"]) == 2 and "learning rate 1e-12" in r["note"] for r in rows), rows
+    assert 0.0 < rows[1]["retained_start"] <= 1.0 and "retained_start" not in rows[0], rows
     # the call-site profile: each eviction model's time against (gdn swa)*6's, by operator @ mixerzoo line or
     # autograd node
     head = r"--- \(gdn eviction_swa\)\*6 \(routers: (init|band)\) against \(gdn swa\)\*6: .* by operator @ call site"
