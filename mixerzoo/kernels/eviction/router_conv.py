@@ -281,9 +281,9 @@ def _dz(z: Tensor, mask: Tensor, dy: Tensor) -> Tensor:
     return torch.where(mask[:, :, None, None], dy.float() * s * (1.0 + zf * (1.0 - s)), 0.0)
 
 
-def _dbias(dzf: Tensor, weight: Tensor, shared: bool) -> Tensor:
-    """dbias [G * C_out] from dz [B, L, H, C_out]: summed over the tokens, and over the heads when shared."""
-    db = dzf.sum((0, 1))  # [H, C_out]
+def _dbias(db: Tensor, weight: Tensor, shared: bool) -> Tensor:
+    """dbias [G * C_out] from dz's float32 sums over the tokens per head, db [H, C_out]: summed over the heads
+    when shared."""
     return (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
 
 
@@ -299,8 +299,7 @@ def _dz_and_dbias(z: Tensor, mask: Tensor, dy: Tensor, weight: Tensor, shared: b
         z.contiguous(), dy.contiguous(), mask.contiguous().view(torch.uint8), dz, parts, N, HC,
         BR=BR, BC=BC, num_warps=4,
     )  # fmt: skip
-    db = parts.sum(0).view(H, COUT)
-    return dz, (db.sum(0) if shared else db.reshape(-1)).to(weight.dtype)
+    return dz, _dbias(parts.sum(0).view(H, COUT), weight, shared)
 
 
 def router_conv_fwd(
@@ -404,7 +403,8 @@ def _(x, weight, z, mask, dy, dilation, shared):
         lambda x_, w_: _pre_activation_ref(x_, w_, zero, mask, dilation, shared), x.float(), weight.float()
     )
     dx, dw = vjp(dzf)
-    return dx.to(x.dtype).contiguous().clone(), dw.to(weight.dtype).contiguous().clone(), _dbias(dzf, weight, shared)
+    db = _dbias(dzf.sum((0, 1)), weight, shared)
+    return dx.to(x.dtype).contiguous().clone(), dw.to(weight.dtype).contiguous().clone(), db
 
 
 @_bwd_op.register_fake
