@@ -238,3 +238,46 @@ def test_router_all_valid_skips_only_the_selection(monkeypatch, udtype):
         (z0, du0, g0), (z1, du1, g1) = runs
         assert torch.equal(z0, z1) and torch.equal(du0, du1)
         assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+def test_eager_function_matches_the_op():
+    """Eager CUDA calls that record gradients run the ops' CUDA bodies under a plain autograd function
+    (_EagerRouterConv), without the custom ops' dispatch. Its bodies run here on DEVICE (the kernels on a GPU, the
+    interpreter on the CPU) against the op on the CPU: output, dx, dweight and dbias."""
+    from mixerzoo.kernels.eviction.router_conv import _EagerRouterConv
+
+    x, w, b, mask, dy, d, shared = _inputs("shared-small", device="cpu")
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    y_ref = router_conv(*xs, mask, dilation=d, shared=shared)
+    ys = [t.to(DEVICE).requires_grad_() for t in (x, w, b)]
+    y, z = _EagerRouterConv.apply(*ys, mask.to(DEVICE), d, shared)
+    assert y.requires_grad and not z.requires_grad
+    ref = torch.autograd.grad(y_ref, xs, dy)
+    got = torch.autograd.grad(y, ys, dy.to(DEVICE))
+    assert_close("y", y_ref, y.cpu(), torch.float32)
+    for name, r, g in zip(("dx", "dweight", "dbias"), ref, got, strict=True):
+        assert_close(name, r, g.cpu(), torch.float32, grad=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerRouterConv, none through the forward body alone; bit for bit the op's
+    from mixerzoo.kernels.eviction import router_conv as M
+
+    x, w, b, mask, dy, d, shared = _inputs("head-d2", dtype=torch.bfloat16)
+    w, b = w.bfloat16(), b.bfloat16()
+    calls = []
+    apply, body = M._EagerRouterConv.apply, M._fwd_cuda
+    monkeypatch.setattr(M._EagerRouterConv, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = router_conv(*xs, mask, dilation=d, shared=shared)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        y2 = router_conv(x, w, b, mask, dilation=d, shared=shared)
+    assert calls == ["function", "body", "body"]
+    ys = [t.clone().requires_grad_() for t in (x, w, b)]
+    y3, _ = M._fwd_op(*ys, mask, d, shared)
+    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
+    for g1, g2 in zip(torch.autograd.grad(y, xs, dy), torch.autograd.grad(y3, ys, dy), strict=True):
+        assert torch.equal(g1, g2)

@@ -212,6 +212,51 @@ def test_swa_op_autograd_and_compile():
             assert_close(name, ref, out, torch.float32, **TOL[torch.float32][0])
 
 
+def test_swa_eager_function_matches_the_op():
+    """Eager CUDA calls that record gradients run the two ops' CUDA bodies under a plain autograd function
+    (_EagerSWA), without the custom ops' dispatch. Its bodies run here on DEVICE (the kernels on a GPU, the
+    interpreter on the CPU) against the op on the CPU (the reference): output and every gradient, with sinks,
+    GQA and padding; lse comes back without gradient."""
+    from mixerzoo.kernels.swa.swa import _EagerSWA
+
+    B, T, HQ, HKV, D, W, S = 2, 45, 4, 2, 16, 8, 2
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")
+    pad = torch.tensor([3, 0])
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = swa_attention(*xs, window_size=W, num_sinks=S, pad=pad)
+    ys = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
+    o, lse = _EagerSWA.apply(*ys, W, S, D**-0.5, pad.to(DEVICE))
+    assert o.requires_grad and not lse.requires_grad
+    ref = torch.autograd.grad(o_ref, xs, do)
+    got = torch.autograd.grad(o, ys, do.to(DEVICE))
+    for name, r, x in zip(("o", "dq", "dk", "dv"), (o_ref, *ref), (o, *got), strict=True):
+        assert_close(name, r, x.cpu(), torch.float32, **TOL[torch.float32][0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_swa_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerSWA, none through the forward body alone (no custom-op dispatch either
+    # way); the results are the custom op's, bit for bit (the same kernels)
+    from mixerzoo.kernels.swa import swa as M
+
+    q, k, v, do = _inputs(1, 130, 4, 2, 64, torch.bfloat16, DEVICE)
+    calls = []
+    apply, body = M._EagerSWA.apply, M._swa_fwd_cuda
+    monkeypatch.setattr(M._EagerSWA, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_swa_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = swa_attention(*xs, window_size=33, num_sinks=2)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        o2 = swa_attention(q, k, v, window_size=33, num_sinks=2)
+    assert calls == ["function", "body", "body"]
+    ys = [x.clone().requires_grad_() for x in (q, k, v)]
+    o3, _ = M._swa_fwd_op(*ys, 33, 2, 64**-0.5, None)
+    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
+    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, ys, do), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_swa_opcheck():
     B, T, HQ, HKV, D = 1, 20, 2, 1, 16
     q, k, v, _ = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")

@@ -1035,6 +1035,38 @@ def _swa_backward(ctx, do, dlse):
 
 _swa_fwd_op.register_autograd(_swa_backward, setup_context=_swa_setup_context)
 
+_swa_fwd_cuda, _swa_bwd_cuda = no_autocast("cuda")(swa_fwd), no_autocast("cuda")(swa_bwd)
+
+
+class _EagerSWA(torch.autograd.Function):
+    """The two ops' CUDA bodies as a plain autograd function, for eager CUDA calls that record gradients: the same
+    kernels and gradients, without the custom ops' dispatch (host time, where a step is host-bound).
+    ``torch.compile`` traces the custom ops instead."""
+
+    @staticmethod
+    def forward(q, k, v, window_size, num_sinks, scale, pad):
+        return _swa_fwd_cuda(q, k, v, window_size, num_sinks, scale, pad)
+
+    setup_context = staticmethod(_swa_setup_context)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        if do is None:
+            return None, None, None, None, None, None, None
+        q, k, v, o, lse, pad = ctx.saved_tensors
+        dq, dk, dv = _swa_bwd_cuda(do.contiguous(), q, k, v, o, lse, *ctx.args, pad)
+        return dq, dk, dv, None, None, None, None
+
+
+def _swa_op(q, k, v, window_size, num_sinks, scale, pad) -> tuple[Tensor, Tensor]:
+    """``_swa_fwd_op``, its dispatch skipped eagerly on CUDA (:class:`_EagerSWA` where the call records gradients,
+    else the CUDA body); the CPU and ``torch.compile`` take the op."""
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return _swa_fwd_op(q, k, v, window_size, num_sinks, scale, pad)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerSWA.apply(q, k, v, window_size, num_sinks, scale, pad)
+    return _swa_fwd_cuda(q, k, v, window_size, num_sinks, scale, pad)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Public function
@@ -1073,5 +1105,5 @@ def swa_attention(
     scale = check_scale(op, scale, q.shape[-1])
     if pad is not None:
         check_pad_values(op, pad, q.shape[1])
-    o, _ = _swa_fwd_op(q, k, v, window_size, num_sinks, scale, pad)
+    o, _ = _swa_op(q, k, v, window_size, num_sinks, scale, pad)
     return o
