@@ -82,17 +82,19 @@ _EV_KV = {64: [_k(64, 64, True, 8, 2), _k(64, 64, False, 8, 2), _k(64, 64, False
           256: [_k(32, 64, False, 4, 2), _k(64, 64, False, 8, 2), _k(32, 32, False, 4, 2), _k(64, 32, False, 4, 2),
                 _k(32, 64, False, 8, 2)]}
 _EV_KV[128] = _EV_KV[64]
+# SPLIT=2: one loop per band (list, window) that masks only the blocks outside the fully visible range
 EV_CANDIDATES = {
     ("fwd", 64): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, True, 8, 3), _q(64, 64, 64, True, 4, 3),
-                  _q(128, 128, 128, False, 8, 2)],
+                  _q(128, 128, 128, False, 8, 2), _q(64, 64, 64, 2, 4, 3), _q(128, 64, 64, 2, 8, 3)],
     ("fwd", 128): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, False, 8, 2), _q(128, 64, 64, True, 8, 3),
-                   _q(64, 64, 64, True, 4, 3)],
+                   _q(64, 64, 64, True, 4, 3), _q(64, 64, 64, 2, 4, 3), _q(64, 32, 32, 2, 4, 3)],
     ("fwd", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(128, 64, 64, True, 8, 2),
-                   _q(128, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2)],
+                   _q(128, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2), _q(64, 32, 32, 2, 4, 2)],
     ("dq", 64): [_q(128, 64, 64, False, 8, 2), _q(64, 64, 64, True, 4, 3), _q(128, 32, 32, True, 8, 2),
-                 _q(64, 32, 32, True, 4, 2), _q(64, 64, 32, True, 4, 2), _q(64, 32, 16, True, 4, 2)],
+                 _q(64, 32, 32, True, 4, 2), _q(64, 64, 32, True, 4, 2), _q(64, 32, 16, True, 4, 2),
+                 _q(64, 32, 32, 2, 4, 2), _q(128, 64, 64, 2, 8, 3)],
     ("dq", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2),
-                  _q(32, 32, 32, True, 4, 2)],
+                  _q(32, 32, 32, True, 4, 2), _q(64, 32, 32, 2, 4, 2)],
     **{(kn, D): _EV_KV[D] for kn in ("dkdv", "listed") for D in (64, 128, 256)},
 }
 EV_CANDIDATES[("dq", 128)] = EV_CANDIDATES[("dq", 64)]
@@ -189,10 +191,12 @@ def _spills(kernel_fn, seen: set) -> str:
     return "; ".join(out) or "cached"
 
 
-def tune_cell(D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = False) -> tuple[dict, list[dict]]:
+def tune_cell(
+    D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = False, only=None
+) -> tuple[dict, list[dict]]:
     """(winning config per kernel, beating the default by MIN_GAIN; rows). ``smoke``: a tiny cell on the CPU in
     Triton's interpreter (float32, T = 64, the interpreter's default tiles against one candidate each): the
-    script's path, not its figures."""
+    script's path, not its figures. ``only``: these kernels alone."""
     import attention
     import torch
 
@@ -206,7 +210,7 @@ def tune_cell(D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = Fal
     spec = OPS[op]
     kernels, dflt, calls, jit, (o_ref, g_ref) = spec["spec"](D, G, W, q, k, v, do)
     wins, rows = {}, []
-    for kernel in kernels:
+    for kernel in kernels if only is None else [kn for kn in kernels if kn in only]:
         seen = _SEEN.setdefault(id(jit[kernel]), set())  # compiled kernels reported already (this cell or before)
         results = []
         cands = spec["smoke"][kernel] if smoke else spec["candidates"][(kernel, D)]
@@ -254,10 +258,15 @@ def _time_cpu(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def merge_rules(table: dict, arch: str, D: int, G: int, W: int, wins: dict) -> dict:
-    """The table with this cell's rules replaced (a cell's old rules go even where it now keeps the default)."""
+def merge_rules(table: dict, arch: str, D: int, G: int, W: int, wins: dict, kernels=None) -> dict:
+    """The table with this cell's rules replaced (a cell's old rules go even where it now keeps the default); with
+    ``kernels``, only the rules of those kernels (the others were not tuned)."""
     g, w = list(G_CLASSES[G]), list(W_CLASSES[W])
-    rules = [r for r in table.get(arch, []) if not (r["D"] == D and r["G"] == g and r["W"] == w)]
+    rules = [
+        r
+        for r in table.get(arch, [])
+        if not (r["D"] == D and r["G"] == g and r["W"] == w and (kernels is None or r["kernel"] in kernels))
+    ]
     rules += [dict(kernel=kn, D=D, G=g, W=w, config=cfg) for kn, cfg in wins.items()]
     rules.sort(key=lambda r: (r["kernel"], r["D"], r["G"], r["W"]))
     return {**table, arch: rules}
@@ -286,6 +295,8 @@ def parse_args(argv=None):
     ap.add_argument("--D", type=int, nargs="*", help="only these head dims")
     ap.add_argument("--G", type=int, nargs="*", help="only these groups (1, 8)")
     ap.add_argument("--W", type=int, nargs="*", help="only these windows (256, 512, 4096)")
+    ap.add_argument("--kernels", nargs="*", help="only these kernels (swa: fwd dkdv dq; eviction: fwd dq dkdv "
+                    "listed); the other kernels' rules in the table stay as they are")  # fmt: skip
     ap.add_argument("--tokens", type=int, default=TOKENS, help=f"tokens per call, B = tokens // {T_CELL} (default "
                     f"{TOKENS}); one rule per cell whatever B: tune at the batch you run")  # fmt: skip
     ap.add_argument("--frac", type=float, default=EV_FRAC, help=f"--op eviction: the fraction of keys retained "
@@ -301,6 +312,9 @@ def parse_args(argv=None):
     if not cells:
         ap.error(f"no cell has D in {args.D}, G in {args.G}, W in {args.W}; the cells: {CELLS}")
     args.cells = cells
+    known = ("fwd", "dkdv", "dq") if args.op == "swa" else ("fwd", "dq", "dkdv", "listed")
+    if args.kernels is not None and (not args.kernels or set(args.kernels) - set(known)):
+        ap.error(f"--kernels: the {args.op} kernels are {', '.join(known)}, got {' '.join(args.kernels) or 'none'}")
     if args.tokens < T_CELL or not 0.0 <= args.frac <= 1.0:
         ap.error(f"--tokens must be >= {T_CELL} and --frac in [0, 1], got {args.tokens} and {args.frac}")
     if args.smoke and not args.table:
@@ -339,9 +353,9 @@ def main(argv=None) -> int:
         print(
             f"{args.op} cell D={D} G={G} W={W} (B={TOKENS // T_CELL}, T={T_CELL}, HQ={HQ}, HKV={HQ // G})", flush=True
         )
-        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True), op=args.op)
+        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True), op=args.op, only=args.kernels)
         rows += cell_rows
-        table = merge_rules(table, arch, D, G, W, wins)
+        table = merge_rules(table, arch, D, G, W, wins, args.kernels)
         table_path.write_text(json.dumps(table, indent=1) + "\n")
         spent.append(time.time() - start)
         print(f"  rules: {wins or 'none (the defaults stay)'}; table {table_path}; {spent[-1]:.0f} s", flush=True)

@@ -410,6 +410,23 @@ def test_swa_tune_list():
     assert p.returncode == 2 and "no cell has D in [96]" in p.stderr
 
 
+def test_swa_tune_kernels_filter(monkeypatch):
+    """--kernels: only those kernels are tuned, and a cell's rules of the other kernels stay in the table."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_swa_tune", BENCH / "swa_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    cell = dict(D=128, G=[1, 1], W=[385, 1536])
+    old = [dict(kernel=kn, **cell, config=dict(BT=64, BS=64, num_warps=4, num_stages=2)) for kn in ("dkdv", "fwd")]
+    new = dict(BT=64, BS=32, num_warps=4, num_stages=2)
+    table = {"sm90": old}
+    got = tune.merge_rules(table, "sm90", 128, 1, 512, {"fwd": new}, ["fwd", "dq"])["sm90"]
+    assert got == [old[0], dict(kernel="fwd", **cell, config=new)]
+    assert tune.merge_rules(table, "sm90", 128, 1, 512, {}, None)["sm90"] == []  # the whole cell re-tuned
+    p = _run_scripts({"bad": ("swa_tune.py", ["--op", "eviction", "--kernels", "fwd", "dkv"])}, _env())["bad"]
+    assert p.returncode == 2 and "--kernels: the eviction kernels are fwd, dq, dkdv, listed, got fwd dkv" in p.stderr
+
+
 @no_gpu
 @pytest.mark.slow  # about 25 s: the kernels in Triton's interpreter
 def test_swa_tune_smoke(tmp_path):

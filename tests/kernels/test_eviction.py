@@ -158,17 +158,20 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 
 
 def _split_cases():
-    for c in SPLIT_CASES:
-        for split in (True, False):
+    for i, c in enumerate(SPLIT_CASES):
+        for split in (True, False, 2):
             id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
-            yield pytest.param(*c, split, id=f"{id_}-{'split' if split else 'one-loop'}")
+            form = {True: "split", False: "one-loop", 2: "one-loop-edges"}[split]
+            # one case of the edge-masking loop in the default run (2 to 3 s in the interpreter)
+            marks = () if (i, split) == (0, 2) else (pytest.mark.slow,)
+            yield pytest.param(*c, split, id=f"{id_}-{form}", marks=marks)
 
 
-@pytest.mark.slow  # 2 to 3 s each in the interpreter; test_triton_matches_reference keeps the default form
 @pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split", list(_split_cases()))
 def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split):
-    # both forms of every kernel (masked edges + unmasked interior, or one masked loop), with tiles
-    # whose query and key blocks differ in size, so the block-aligned range ends do not coincide
+    # every form of every kernel (masked edges + unmasked interior, one masked loop, or for the forward and dq one
+    # loop masking the blocks outside the unmasked range, dk/dv then in three loops), with tiles whose query and key
+    # blocks differ in size, so the block-aligned range ends do not coincide
     torch.manual_seed(T + W)
     dtype = torch.float32
     q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=dtype) for h in (HQ, HKV, HKV))
@@ -179,12 +182,14 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
     o_ref, _ = eviction_attention_ref(qr, kr, vr, score, **kw)
     o_ref.backward(do)
 
-    launch = dict(SPLIT=split, num_warps=4, num_stages=1)
+    # the edge-masking loop's cases also take the grid with the blocks first (program ids read the other way round)
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split == 2)
+    kv_launch = dict(launch, SPLIT=bool(split))  # dk/dv: three loops or one masked loop
     tiles = {
         "fwd": dict(BT=BT, BS=BS, BC=BS, **launch),
         "dq": dict(BT=BT, BS=BS, BC=BS, **launch),
-        "dkdv": dict(BT=BT, BS=BS, **launch),
-        "listed": dict(BT=BT, BS=BS, **launch),
+        "dkdv": dict(BT=BT, BS=BS, **kv_launch),
+        "listed": dict(BT=BT, BS=BS, **kv_launch),
     }
     kpos, kend, kcum = eviction_intervals(score, **kw)
     args = dict(window_size=W, scale=D**-0.5, open_ended=training, tiles=tiles)
@@ -299,6 +304,86 @@ def test_custom_op_compiles_and_backward():
         (x[:, 0, :, :], x, x, x[..., 0] > -1, x, x, x[..., 0] > 0, 0.25),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_eager_function_matches_the_op():
+    """Eager CUDA calls that record gradients run the op's two CUDA bodies under a plain autograd function
+    (_EagerEvictionAttention), without the custom op's dispatch. Its bodies run here on DEVICE (the kernels on a GPU,
+    the interpreter on the CPU) against the op on the CPU (the reference): output and every gradient, with both
+    semantics; lse and the intervals come back without gradient."""
+    from mixerzoo.kernels.eviction.attention import _EagerEvictionAttention
+
+    torch.manual_seed(3)
+    B, T, HQ, HKV, D, W, C, S = 1, 45, 4, 2, 16, 6, 3, 1
+    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV)
+    do = torch.randn(B, T, HQ, D)
+    for training in (True, False):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o_ref = eviction_attention(*xs, score, window_size=W, capacity=C, num_sinks=S, training=training)
+        ys = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
+        o, *rest = _EagerEvictionAttention.apply(*ys, score.to(DEVICE), W, C, S, training, D**-0.5)
+        assert o.requires_grad and not any(t.requires_grad for t in rest)
+        ref = torch.autograd.grad(o_ref, xs, do)
+        got = torch.autograd.grad(o, ys, do.to(DEVICE))
+        for name, r, x in zip(("o", "dq", "dk", "dv"), (o_ref, *ref), (o, *got), strict=True):
+            assert_close(f"{'train' if training else 'eval'} {name}", r, x.cpu(), torch.float32, **F32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerEvictionAttention, none through the forward body alone (no custom-op
+    # dispatch either way); the results are the custom op's, bit for bit (the same kernels)
+    from mixerzoo.kernels.eviction import attention as M
+
+    torch.manual_seed(0)
+    B, T, HQ, HKV, D = 1, 300, 4, 2, 64
+    q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
+    score = make_scores(B, T, HKV, device=DEVICE)
+    do = torch.randn_like(q)
+    kw = dict(window_size=33, capacity=16, num_sinks=2, training=True)
+    calls = []
+    apply, body = M._EagerEvictionAttention.apply, M._fwd_cuda
+    monkeypatch.setattr(M._EagerEvictionAttention, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = eviction_attention(*xs, score, **kw)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        o2 = eviction_attention(q, k, v, score, **kw)
+    assert calls == ["function", "body", "body"]
+    ys = [x.clone().requires_grad_() for x in (q, k, v)]
+    o3 = M._fwd_op(*ys, score, 33, 16, 2, True, D**-0.5)[0]
+    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
+    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, ys, do), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_split_value_refused_where_not_built():
+    # SPLIT=2 (one loop masking the edges) is built for the forward and dq only; a dk/dv tile asking for it, or any
+    # other value, is refused before a launch, naming the kernel and the value
+    from mixerzoo.kernels.eviction.attention import _tiles
+
+    x = torch.empty(1, 4, 1, 16)
+    for kernel in ("dkdv", "listed"):
+        with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]\['SPLIT'\] must be True or False, got 2"):
+            _tiles(x, kernel, {kernel: dict(BT=16, BS=16, SPLIT=2)}, 1, 8)
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False or 2, got 3"):
+        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=3)}, 1, 8)
+    assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, SPLIT=2)}, 1, 8)["SPLIT"] == 2
+
+
+def test_grid_order():
+    # BLOCKS_FIRST puts the blocks along T on the grid's first axis (the kernel's default where a config does not
+    # say); the second axis holds at most 65535 programs, so with more (batch x head) programs the heads stay first
+    from mixerzoo.kernels.eviction.attention import _grid
+
+    cfg = dict(BT=64, BS=64)
+    assert _grid(cfg, 32, 100, False) == ({**cfg, "BLOCKS_FIRST": False}, (32, 100))
+    assert _grid(cfg, 32, 100, True) == ({**cfg, "BLOCKS_FIRST": True}, (100, 32))
+    assert _grid({**cfg, "BLOCKS_FIRST": True}, 32, 100, False) == ({**cfg, "BLOCKS_FIRST": True}, (100, 32))
+    assert _grid({**cfg, "BLOCKS_FIRST": False}, 32, 100, True) == ({**cfg, "BLOCKS_FIRST": False}, (32, 100))
+    assert _grid(cfg, 65536, 3, True) == ({**cfg, "BLOCKS_FIRST": False}, (65536, 3))
 
 
 def test_bad_inputs():
@@ -475,6 +560,8 @@ NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked in
     pytest.param(70, 9, 4, 1, False, 16, 16, False, marks=pytest.mark.slow),
     pytest.param(70, 40, 6, 2, True, 16, 16, True, marks=pytest.mark.slow),
     pytest.param(67, 20, 3, 0, False, 32, 16, True, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, 2, marks=pytest.mark.slow),
+    pytest.param(67, 20, 3, 0, False, 32, 16, 2, marks=pytest.mark.slow),
 ]
 
 
@@ -482,7 +569,8 @@ NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked in
     "T,W,C,S,training,BT,BS,split",
     NAN_CASES,
     ids=[
-        f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-{'split' if c[7] else 'one-loop'}"
+        f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-"
+        + {True: "split", False: "one-loop", 2: "one-loop-edges"}[c[7]]
         for c in map(_values, NAN_CASES)
     ],
 )
@@ -522,6 +610,7 @@ def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, 
         for b, (which, t, bad) in enumerate(cases):
             tag = f"{name} {which}[{t}] = {bad}"
             assert torch.equal(~torch.isfinite(out[b]).all(-1), seen[b]), f"{tag}: non-finite rows != rows that see it"
+            assert torch.isnan(out[b][seen[b]]).all(), f"{tag}: a row that sees it is not NaN whole"
             assert_close(tag, ref[b][~seen[b]], out[b][~seen[b]], torch.float32, **F32)
 
 

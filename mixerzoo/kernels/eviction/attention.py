@@ -107,11 +107,24 @@ def _eviction_value_flags_kernel(v, flags, R, D: tl.constexpr, BR: tl.constexpr,
 
 
 @triton.jit
-def _query_block(T, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _query_block(
+    T,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BLOCKS_FIRST: tl.constexpr,
+):
     # the query block of this program (fwd, dq): batch, query head, its KV head, first row, rows, head-dim lanes.
-    # Heads vary fastest and the last query blocks (the longest list prefixes) start first.
+    # The last query blocks (the longest list prefixes) start first; heads vary fastest (grid [B * HQ, blocks]), or
+    # with BLOCKS_FIRST the query blocks of one head (grid [blocks, B * HQ]: neighbours share their window's tiles
+    # in L2)
     G: tl.constexpr = HQ // HKV
-    i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+    if BLOCKS_FIRST:
+        i_bh, i_t = tl.program_id(1), tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        i_bh, i_t = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
     i_hk = i_hq // G
     t0 = i_t * BT
@@ -189,15 +202,19 @@ def _split_walk(
     LISTED: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    # the blocks [lo, hi) of a band, BK at a time, through RANGE (_fwd_range, _dq_range or _dkdv_range). SPLIT:
-    # masked edges [lo, a) and [c, hi), unmasked interior [full_lo, full_hi): no mask math on most blocks, three
-    # pipelined loops. Else one masked loop: one pipeline prologue, fewer live ranges.
-    if SPLIT:
-        st = RANGE(st, b_in, ctx, lo, a, H, D, BK, PREC, LISTED, True)
-        st = RANGE(st, b_in, ctx, full_lo, full_hi, H, D, BK, PREC, LISTED, False)
-        st = RANGE(st, b_in, ctx, c, hi, H, D, BK, PREC, LISTED, True)
+    # the blocks [lo, hi) of a band, BK at a time, through RANGE (_fwd_range, _dq_range or _dkdv_range). SPLIT 1
+    # (True): masked edges [lo, a) and [c, hi), unmasked interior [full_lo, full_hi): no mask math on most blocks,
+    # three pipelined loops. 2 (forward and dq): one loop that masks only the blocks outside [full_lo, full_hi),
+    # under a branch on the block's first row (one pipeline prologue, no mask math inside). 0 (False): one loop
+    # that masks every block: one pipeline prologue, fewer live ranges.
+    if SPLIT == 2:
+        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 2, full_lo, full_hi)
+    elif SPLIT:
+        st = RANGE(st, b_in, ctx, lo, a, H, D, BK, PREC, LISTED, 1)
+        st = RANGE(st, b_in, ctx, full_lo, full_hi, H, D, BK, PREC, LISTED, 0)
+        st = RANGE(st, b_in, ctx, c, hi, H, D, BK, PREC, LISTED, 1)
     else:
-        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, True)
+        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 1)
     return st
 
 
@@ -222,9 +239,13 @@ def _query_walk(
 ):
     # every key the query block [t0, t_last] sees, through RANGE (_fwd_range or _dq_range): (a) the list prefix
     # [0, n) of _list_prefix, its unmasked whole blocks [0, n_full) first, BC entries at a time; (b) the window
-    # band, keys t - W < j <= t, BS rows at a time
-    st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, False)
-    st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, True)
+    # band, keys t - W < j <= t, BS rows at a time. SPLIT 2: each of the two in one loop, masking only the blocks
+    # outside the unmasked range
+    if SPLIT == 2:
+        st = RANGE(st, b_in, ctx, 0, n, HKV, D, BC, PREC, True, 2, 0, n_full)
+    else:
+        st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, 0)
+        st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, 1)
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
     return _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
 
@@ -249,70 +270,6 @@ def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr):
 
 
 @triton.jit
-def _seen_range(
-    b_seen,
-    vflag,
-    kpos,
-    kend,
-    lo,
-    hi,
-    o_t,
-    W,
-    HKV: tl.constexpr,
-    BK: tl.constexpr,
-    LISTED: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    # adds NaN to the query rows that see a flagged value row among the keys [lo, hi), whose visibility
-    # is that of _fwd_range: per pair of query and key where masked, for all rows at once where not
-    for c0 in range(lo, hi, BK):
-        o_c, o_j, m_c = _key_rows(c0, hi, kpos, hi, BK, LISTED)
-        b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)
-        if MASKED:
-            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
-            b_seen += tl.sum(tl.where(m_vis, b_bad[None, :], 0.0), axis=1)
-        else:
-            b_seen += tl.sum(b_bad, axis=0)
-    return b_seen
-
-
-@triton.jit
-def _eviction_seen_kernel(
-    vflag,  # [B, T, HKV] float32, from _eviction_value_flags_kernel
-    vseen,  # [B, HKV, T] float32 out: NaN where query t of KV head h sees a flagged value row, else 0
-    kpos,
-    kend,
-    kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
-    T,
-    W,
-    HKV: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    OPEN_ENDED: tl.constexpr,
-):
-    # the walk of _eviction_fwd_kernel (listed keys, then the window band) over the flags alone: no dots; the
-    # ranges seen by every row go by blocks of 8 BK (a scalar sum each)
-    BU: tl.constexpr = 8 * BK
-    i_bh, i_t = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
-    t_last = tl.minimum(t0 + BT, T) - 1
-    f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
-    l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
-    n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BK, OPEN_ENDED)
-    lk, le = kpos + l_bh, kend + l_bh
-    b_seen = tl.zeros([BT], dtype=tl.float32)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, 0, n_full, o_t, W, HKV, BU, True, False)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, n_full, n, o_t, W, HKV, BK, True, True)
-    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BK)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, lo, a, o_t, W, HKV, BK, False, True)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, full_lo, full_hi, o_t, W, HKV, BU, False, False)
-    b_seen = _seen_range(b_seen, f_bh, lk, le, c, t_last + 1, o_t, W, HKV, BK, False, True)
-    tl.store(vseen + l_bh + o_t, b_seen, mask=o_t < T)
-
-
-@triton.jit
 def _fwd_range(
     st,
     b_in,
@@ -325,27 +282,37 @@ def _fwd_range(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     MASKED: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
 ):
     # online softmax (st: acc, row max, row sum) over the key blocks [lo, hi) of _query_walk's walk; b_in: q and
-    # vflag at this batch and head.
+    # vflag at this batch and head. MASKED 0: every block fully visible; 1: every block masked; 2: the blocks
+    # outside [F_LO, F_HI) masked (a branch per block).
     # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
-    # a NaN or Inf (vflag NaN) loads as zeros; the query rows that do see it are set NaN afterwards (see
-    # _eviction_fwd_kernel). In unmasked blocks every query row sees every key: the NaN may flow.
+    # a NaN or Inf (vflag NaN) loads as zeros and its visible scores become NaN: exactly the query rows that see
+    # it come out NaN. In unmasked blocks every query row sees every key: the NaN or Inf may flow (see
+    # _eviction_fwd_kernel for the Inf).
     k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
     b_q, vflag = b_in
     b_acc, b_m, b_l = st
     for c0 in range(lo, hi, BK):
         o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
-        if MASKED:
+        if MASKED == 1:
             m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
         b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
         m_v = m_c
-        if MASKED:
-            m_v = m_c & (tl.load(vflag + o_j * HKV, mask=m_c, other=0.0) == 0.0)
+        if MASKED == 1:
+            b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)  # NaN where the value row is not finite, else 0
+            m_v = m_c & (b_bad == 0.0)
         b_v = _tile(v, o_j, m_v, o_d, m_d, HKV, D)
         b_s = _scores(b_q, b_k, scale_log2, PREC)
-        if MASKED:
-            b_s = tl.where(m_vis, b_s, float("-inf"))
+        if MASKED == 1:
+            b_s = tl.where(m_vis, b_s + b_bad[None, :], float("-inf"))
+        if MASKED == 2:
+            if (c0 < F_LO) | (c0 >= F_HI):
+                b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)
+                b_v = tl.where(b_bad[:, None] == 0.0, b_v, 0.0)
+                b_s = tl.where(_visible(o_t, o_c, o_j, m_c, kend, W, LISTED), b_s + b_bad[None, :], float("-inf"))
         # rows with nothing visible yet keep max -inf (SAFE)
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
     return b_acc, b_m, b_l
@@ -359,7 +326,6 @@ def _eviction_fwd_kernel(
     o,
     lse,  # q, o: [B, T, HQ, D]; k, v: [B, T, HKV, D]; lse: [B, HQ, T] float32
     vflag,  # [B, T, HKV] float32: NaN where the row of v holds a NaN or Inf, else 0 (_eviction_value_flags_kernel)
-    vseen,  # [B, HKV, T] float32: NaN where the query row sees such a value row, else 0 (_eviction_seen_kernel)
     kpos,
     kend,
     kcum,  # [B, HKV, T] int32 (see reference.compact_intervals)
@@ -375,10 +341,11 @@ def _eviction_fwd_kernel(
     BD: tl.constexpr,
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,  # every listed key stays visible to the end (training semantics)
-    SPLIT: tl.constexpr,  # window band as masked edges + unmasked interior, else one masked loop
+    SPLIT: tl.constexpr,  # 1: masked edges + unmasked interior; 2: one loop masking the edges; 0: one masked loop
+    BLOCKS_FIRST: tl.constexpr,  # grid [query blocks, B * HQ], else [B * HQ, query blocks] (see _query_block)
 ):
     tl.static_assert(HQ % HKV == 0)
-    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD)
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
     q, o = q + q_bh, o + q_bh
     b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
@@ -397,9 +364,10 @@ def _eviction_fwd_kernel(
     st = _query_walk(_fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT)
     b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
-    # the rows that see a non-finite value row are NaN (the masked blocks kept it out of the product)
-    b_seen = tl.load(vseen + l_bh + o_t, mask=m_t, other=0.0)
-    b_o = b_acc / b_l[:, None] + b_seen[:, None]
+    b_o = b_acc / b_l[:, None]
+    # an Inf value row that an unmasked block let through leaves Inf (or NaN) in the rows that see it: such a row
+    # is NaN whole (x * 0 is 0 for finite x only)
+    b_o += tl.sum(b_o * 0.0, axis=1)[:, None]
     p_o = o + (o_t[:, None] * (HQ * D) + o_d[None, :])
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
     b_lse = (b_m + tl.log2(b_l)) / LOG2E_JIT
@@ -419,20 +387,26 @@ def _dq_range(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     MASKED: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
 ):
-    # dq (st) over the key blocks [lo, hi) of _query_walk's walk; b_in: q, do, lse (log2 units), delta
+    # dq (st) over the key blocks [lo, hi) of _query_walk's walk; b_in: q, do, lse (log2 units), delta. MASKED as
+    # in _fwd_range
     k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
     b_q, b_do, b_lse2, b_delta = b_in
     b_dq = st
     for c0 in range(lo, hi, BK):
         o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
-        if MASKED:
+        if MASKED == 1:
             m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
         b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
         b_v = _tile(v, o_j, m_c, o_d, m_d, HKV, D)
         b_p = tl.exp2(_scores(b_q, b_k, scale_log2, PREC) - b_lse2[:, None])
-        if MASKED:
+        if MASKED == 1:
             b_p = tl.where(m_vis, b_p, 0.0)
+        if MASKED == 2:
+            if (c0 < F_LO) | (c0 >= F_HI):
+                b_p = tl.where(_visible(o_t, o_c, o_j, m_c, kend, W, LISTED), b_p, 0.0)
         b_ds = _dscores(b_p, b_do, b_v, b_delta[:, None], PREC)
         # [BT, BK] @ [BK, BD] -> [BT, BD]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
@@ -466,9 +440,10 @@ def _eviction_bwd_dq_kernel(
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,
     SPLIT: tl.constexpr,
+    BLOCKS_FIRST: tl.constexpr,
 ):
     # the walk of _eviction_fwd_kernel, with the forward's lse
-    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD)
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
     q, o, do, dq = q + q_bh, o + q_bh, do + q_bh, dq + q_bh
     b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
@@ -557,15 +532,20 @@ def _eviction_bwd_dkdv_kernel(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     OPEN_ENDED: tl.constexpr,
-    SPLIT: tl.constexpr,  # query range as masked edges + unmasked interior, else one masked loop
+    SPLIT: tl.constexpr,  # query range as masked edges + unmasked interior, else one masked loop (2: not here)
+    BLOCKS_FIRST: tl.constexpr,  # grid [key blocks (list chunks), B * HKV], else [B * HKV, key blocks]
 ):
     # LISTED=False: program i owns key rows [i*BS, i*BS + BS) and their window band of queries, and
     #   writes dk, dv there. LISTED=True: program i owns entries [i*BS, i*BS + BS) of the compacted
     #   list, walks the queries of their intervals, and adds into dk, dv at their positions; it runs
     #   after the window launch, and positions in one list are distinct, so no atomics.
     G: tl.constexpr = HQ // HKV
-    # heads vary fastest: the first list chunks, which walk the most queries, start first
-    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    # the first list chunks, which walk the most queries, start first; heads vary fastest, or with BLOCKS_FIRST the
+    # blocks of one head (neighbours share the query tiles of their band in L2)
+    if BLOCKS_FIRST:
+        i_bh, i_s = tl.program_id(1), tl.program_id(0)
+    else:
+        i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -635,8 +615,10 @@ def _eviction_bwd_dkdv_kernel(
 
 # Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
 # key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
-# interior in three loops, else one masked loop. The winners of `python benchmarks/eviction.py sweep` on
-# an H200 at T=32768, D=128 (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms); one loop
+# interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
+# list and the window) that masks only the blocks outside the fully visible range; BLOCKS_FIRST: the grid's
+# order (see _grid). The winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
+# (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms); one loop
 # wins for dk/dv (one pipeline prologue instead of three per program), three for the forward and dq.
 CUDA_TILES = {
     "fwd": dict(BT=128, BS=128, BC=128, SPLIT=True, num_warps=8, num_stages=2),
@@ -652,6 +634,10 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
     """A launch's tiles: the caller's, else the tile table's for (head dim, group G, window W) on this GPU
     (``tuned.py``), else the defaults."""
     if tiles is not None and kernel in tiles:
+        split = tiles[kernel].get("SPLIT", True)
+        if split not in ((True, False, 0, 1, 2) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
+            allowed = "True, False or 2" if kernel in ("fwd", "dq") else "True or False"
+            raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)
@@ -673,38 +659,33 @@ def default_tiles(x: Tensor, kernel: str) -> dict:
     return cfg
 
 
+def _grid(cfg: dict, heads: int, blocks: int, first: bool) -> tuple[dict, tuple[int, int]]:
+    """(launch settings, grid) of a kernel over ``heads`` (batch x head) and ``blocks`` along T: the config key
+    BLOCKS_FIRST (default ``first``) puts the blocks on the grid's first axis, where neighbouring programs run
+    together (the second axis holds at most 65535 programs: above that the heads stay first). Blocks first: the
+    forward and dq by default (5-36% faster on an H200 at D = 64 to 256, none slower by more than the noise); heads
+    first: the dK/dV passes (the listed pass up to 10% slower with the blocks first; benchmarks/NOTES-eviction.md)."""
+    first = bool(cfg.get("BLOCKS_FIRST", first)) and heads <= 65535
+    cfg = {**cfg, "BLOCKS_FIRST": first}
+    return cfg, ((blocks, heads) if first else (heads, blocks))
+
+
 def _check_sizes(T: int, H: int, D: int) -> None:
     # the kernels offset one sequence's rows with 32-bit integers (64-bit bases per batch and head)
     if T * H * D >= 2**31:
         raise ValueError(f"eviction_attention: T * heads * head_dim must be < 2**31 per sequence, got {T}*{H}*{D}")
 
 
-def _nan_flags(v: Tensor, kpos: Tensor, kend: Tensor, kcum: Tensor, window_size: int, open_ended: bool):
-    """The forward's NaN isolation: (vflag [B, T, HKV], vseen [B, HKV, T]) float32, NaN where the row of v
-    holds a NaN or Inf, and where the query row sees such a row; 0 elsewhere. One pass over v and one
-    walk over the flags (no dots), so that the forward's masked blocks need not inspect their value tiles."""
+def _value_flags(v: Tensor) -> Tensor:
+    """The forward's NaN isolation: vflag [B, T, HKV] float32, NaN where the row of v holds a NaN or Inf, else 0;
+    one pass over v, so that the forward's masked blocks need not inspect their value tiles."""
     B, T, H, D = v.shape
     vflag = torch.empty((B, T, H), dtype=torch.float32, device=v.device)
     R = B * T * H
-    BR, BT = (64, 64) if v.device.type == "cuda" else (16, 16)
+    BR = 64 if v.device.type == "cuda" else 16
     BD = min(128, next_pow2(D))
     _eviction_value_flags_kernel[(cdiv(R, BR),)](v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
-    vseen = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
-    _eviction_seen_kernel[(B * H, cdiv(T, BT))](
-        vflag=vflag,
-        vseen=vseen,
-        kpos=kpos,
-        kend=kend,
-        kcum=kcum,
-        T=T,
-        W=window_size,
-        HKV=H,
-        BT=BT,
-        BK=BT,
-        OPEN_ENDED=open_ended,
-        num_warps=4,
-    )
-    return vflag, vseen
+    return vflag
 
 
 def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: int) -> Tensor:
@@ -793,15 +774,15 @@ def eviction_attention_fwd(
     cfg = _tiles(q, "fwd", tiles, HQ // HKV, window_size)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    vflag, vseen = _nan_flags(v, kpos, kend, kcum, window_size, open_ended)
-    _eviction_fwd_kernel[(B * HQ, cdiv(T, cfg["BT"]))](
+    vflag = _value_flags(v)
+    cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
+    _eviction_fwd_kernel[grid](
         q=q,
         k=k,
         v=v,
         o=o,
         lse=lse,
         vflag=vflag,
-        vseen=vseen,
         kpos=kpos,
         kend=kend,
         kcum=kcum,
@@ -849,7 +830,8 @@ def eviction_attention_bwd(
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
     cfg = _tiles(q, "dq", tiles, HQ // HKV, window_size)
-    _eviction_bwd_dq_kernel[(B * HQ, cdiv(T, cfg["BT"]))](
+    cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
+    _eviction_bwd_dq_kernel[grid](
         q=q,
         k=k,
         v=v,
@@ -870,7 +852,8 @@ def eviction_attention_bwd(
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
         cfg = _tiles(q, "listed" if listed else "dkdv", tiles, HQ // HKV, window_size)
-        _eviction_bwd_dkdv_kernel[(B * HKV, cdiv(T, cfg["BS"]))](
+        cfg, grid = _grid(cfg, B * HKV, cdiv(T, cfg["BS"]), False)
+        _eviction_bwd_dkdv_kernel[grid](
             q=q,
             k=k,
             v=v,
@@ -1010,6 +993,42 @@ def _backward(ctx, do, _dlse, _dkpos, _dkend, _dkcum):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerEvictionAttention(torch.autograd.Function):
+    """The op's two CUDA bodies as a plain autograd function, for eager CUDA calls that record gradients: the same
+    kernels and gradients as the custom op, without its dispatch, whose Python layers cost host time where a layer
+    is host-bound (a prompt of a few thousand tokens: about 0.5 ms per forward on an H200 host, against 0.9 ms for
+    the body itself). ``torch.compile`` traces the custom op instead."""
+
+    @staticmethod
+    def forward(q, k, v, score, window_size, capacity, num_sinks, training, scale):
+        return _fwd_cuda(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])  # lse and the intervals: for the backward only
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, *_unused):
+        if do is None:  # no gradient reached o (autograd hands None with materialize_grads off)
+            return (None,) * 9
+        q, k, v, score, o, lse, kpos, kend, kcum = ctx.saved_tensors
+        dq, dk, dv = _bwd_cuda(do, q, k, v, score, o, lse, kpos, kend, kcum, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _eviction_op(*args) -> tuple[Tensor, ...]:
+    """``_fwd_op(*args)``, the custom op's dispatch skipped eagerly on CUDA: a call that records gradients runs
+    :class:`_EagerEvictionAttention`, one that does not the CUDA body. The CPU and ``torch.compile`` take the op."""
+    q, k, v = args[:3]
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return _fwd_op(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerEvictionAttention.apply(*args)
+    return _fwd_cuda(*args)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
@@ -1075,5 +1094,5 @@ def eviction_attention(
     scale = check_scale(op, scale, D)
     if not isinstance(return_intervals, bool):
         raise TypeError(f"{op}: return_intervals must be a bool, got {type(return_intervals).__name__}")
-    o, _, kpos, kend, kcum = _fwd_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    o, _, kpos, kend, kcum = _eviction_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)
     return (o, (kpos, kend, kcum)) if return_intervals else o
