@@ -663,8 +663,9 @@ def _grid(cfg: dict, heads: int, blocks: int, first: bool) -> tuple[dict, tuple[
     """(launch settings, grid) of a kernel over ``heads`` (batch x head) and ``blocks`` along T: the config key
     BLOCKS_FIRST (default ``first``) puts the blocks on the grid's first axis, where neighbouring programs run
     together (the second axis holds at most 65535 programs: above that the heads stay first). Blocks first: the
-    forward and dq by default (5-36% faster on an H200 at D = 64 to 256, none slower by more than the noise); heads
-    first: the dK/dV passes (the listed pass up to 10% slower with the blocks first; benchmarks/NOTES-eviction.md)."""
+    forward and dq by default (on an H200 the forward up to 36% faster, dq up to 17%; where slower, within the
+    run-to-run noise of about 5%); heads first: the dK/dV passes (the listed pass up to 10% slower with the blocks
+    first; benchmarks/NOTES-eviction.md)."""
     first = bool(cfg.get("BLOCKS_FIRST", first)) and heads <= 65535
     cfg = {**cfg, "BLOCKS_FIRST": first}
     return cfg, ((blocks, heads) if first else (heads, blocks))
