@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import LOG2E, LOG2E_JIT, cdiv, dot_precision, next_pow2, softmax_step, tl, triton
 from .reference import (
     acc_dtype,
@@ -1019,17 +1019,6 @@ class _EagerEvictionAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _eviction_op(*args) -> tuple[Tensor, ...]:
-    """``_fwd_op(*args)``, the custom op's dispatch skipped eagerly on CUDA: a call that records gradients runs
-    :class:`_EagerEvictionAttention`, one that does not the CUDA body. The CPU and ``torch.compile`` take the op."""
-    q, k, v = args[:3]
-    if not q.is_cuda or torch.compiler.is_compiling():
-        return _fwd_op(*args)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerEvictionAttention.apply(*args)
-    return _fwd_cuda(*args)
-
-
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
@@ -1095,5 +1084,6 @@ def eviction_attention(
     scale = check_scale(op, scale, D)
     if not isinstance(return_intervals, bool):
         raise TypeError(f"{op}: return_intervals must be a bool, got {type(return_intervals).__name__}")
-    o, _, kpos, kend, kcum = _eviction_op(q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    args = (q, k, v, score, window_size, capacity, num_sinks, training, scale)
+    o, _, kpos, kend, kcum = run_op(_fwd_op, _EagerEvictionAttention, _fwd_cuda, args, (q, k, v))
     return (o, (kpos, kend, kcum)) if return_intervals else o

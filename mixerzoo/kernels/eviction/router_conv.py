@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .._checks import check_floats
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import cdiv, dot_acc, dot_precision, interpreting, next_pow2, tl, triton
 
 __all__ = ["router_conv", "router_conv_bwd", "router_conv_fwd", "router_conv_ref"]
@@ -477,11 +477,5 @@ def router_conv(x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, *, dilati
     if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
         raise ValueError(f"{op}: mask must be bool [B, L] = {list(x.shape[:2])}, got {mask.dtype} {list(mask.shape)}")
     args = (x, weight, bias, mask, int(dilation), bool(shared))
-    # eagerly on CUDA the custom op's dispatch is skipped: the autograd function where gradients are recorded
-    if not x.is_cuda or torch.compiler.is_compiling():
-        y, _ = _fwd_op(*args)
-    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        y, _ = _EagerRouterConv.apply(*args)
-    else:
-        y, _ = _fwd_cuda(*args)
+    y, _ = run_op(_fwd_op, _EagerRouterConv, _fwd_cuda, args, (x, weight, bias))
     return y

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_scale, check_values
-from .._ops import no_autocast
+from .._ops import no_autocast, records_grad
 from .._triton import interpreting
 from .conv import causal_conv1d
 from .fused_recurrent import B_MSG, G_MSG, GATES_MSG, fused_recurrent_gdn_fwd
@@ -297,7 +297,7 @@ def gated_delta_rule(
     args = (q, k, v, g, beta, initial_state, scale, cu_seqlens, bool(keep_states))
     if not q.is_cuda or torch.compiler.is_compiling():
         o, final_state, *_ = _gdn_fwd(*args)
-    elif _records_grad(q, k, v, g, beta, initial_state):
+    elif records_grad(q, k, v, g, beta, initial_state):
         o, final_state, *_ = _EagerGatedDeltaRule.apply(*args)
     elif _fused_recurrent(T, cu_seqlens):  # decode steps, short prompts: the launcher itself (one launch, one assert)
         o, final_state = _fused_checked(q, k, v, g, beta, scale, initial_state, cu_seqlens)
@@ -323,10 +323,6 @@ def _device_flags(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # else the graph's pool owns them
             _FLAGS[device] = flags
     return flags
-
-
-def _records_grad(*xs: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 _OP = "gated_delta_rule"

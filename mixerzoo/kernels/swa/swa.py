@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import (
     LOG2E,
     LOG2E_JIT,
@@ -1058,16 +1058,6 @@ class _EagerSWA(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _swa_op(q, k, v, window_size, num_sinks, scale, pad) -> tuple[Tensor, Tensor]:
-    """``_swa_fwd_op``, its dispatch skipped eagerly on CUDA (:class:`_EagerSWA` where the call records gradients,
-    else the CUDA body); the CPU and ``torch.compile`` take the op."""
-    if not q.is_cuda or torch.compiler.is_compiling():
-        return _swa_fwd_op(q, k, v, window_size, num_sinks, scale, pad)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerSWA.apply(q, k, v, window_size, num_sinks, scale, pad)
-    return _swa_fwd_cuda(q, k, v, window_size, num_sinks, scale, pad)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------------
@@ -1105,5 +1095,6 @@ def swa_attention(
     scale = check_scale(op, scale, q.shape[-1])
     if pad is not None:
         check_pad_values(op, pad, q.shape[1])
-    o, _ = _swa_op(q, k, v, window_size, num_sinks, scale, pad)
+    args = (q, k, v, window_size, num_sinks, scale, pad)
+    o, _ = run_op(_swa_fwd_op, _EagerSWA, _swa_fwd_cuda, args, (q, k, v))
     return o
