@@ -282,6 +282,37 @@ def test_training_scripts_smoke():
     assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
 
 
+def test_cpu_call_sites_match_the_profilers_event_tree():
+    """train_e2e.py's one-pass nesting of the profiler's raw CPU events gives the operators, call sites and self
+    times of the profiler's own event tree (prof.events(), ~10x slower); only the call counts may differ, where an
+    operator nested in one of its own name counts once in ours."""
+    spec = importlib.util.spec_from_file_location("bench_train_e2e", BENCH / "train_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    from torch.profiler import ProfilerActivity, profile
+
+    from mixerzoo import registry
+
+    mixer = registry.build("eviction_swa", hidden_size=32, num_heads=2, window_size=8)
+    x = torch.randn(1, 20, 32, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        mixer(x)[0].sum().backward()
+    ours = e2e._cpu_sites(torch, prof)
+    tree: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU or "::" not in e.name or e.self_cpu_time_total <= 0:
+            continue
+        site, p = "(no mixerzoo frame)", e.cpu_parent
+        while p is not None and not e2e._is_site(p.name):
+            p = p.cpu_parent
+        key = f"{e.name} @ {e2e._site_name(p.name) if p is not None else site}"
+        tree[key] = tree.get(key, 0.0) + e.self_cpu_time_total / 1e3
+    assert set(ours) == set(tree)
+    assert any("mixers/eviction_swa.py" in k for k in ours) and any("Backward" in k for k in ours), sorted(ours)
+    for key, ms in tree.items():
+        assert ours[key][0] == pytest.approx(ms, rel=1e-6, abs=1e-6), key
+
+
 def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch):
     """A results file that names ``replace_by`` keys (a run of part of a sweep) replaces only the earlier rows of
     its op that agree with one of its rows on them; without them every row of its ops is replaced."""
