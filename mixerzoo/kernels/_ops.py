@@ -43,11 +43,14 @@ def records_grad(*xs: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
-def run_op(op: Callable, function: type[torch.autograd.Function], body: Callable, args: tuple, grad_inputs: tuple):
+def run_op(
+    op: Callable, function: type[torch.autograd.Function] | None, body: Callable, args: tuple, grad_inputs: tuple
+):
     """``op(*args)`` on the CPU and under ``torch.compile``. Eagerly on CUDA (``args[0]`` a CUDA tensor) the custom
     op's dispatch is skipped, whose Python layers cost as much host time as the op's body on an H200 host: a call
     that records gradients through ``grad_inputs`` runs ``function.apply(*args)`` (the op's CUDA bodies under a
-    plain autograd function), one that does not the forward body, ``body(*args)``."""
+    plain autograd function), one that does not the forward body, ``body(*args)``. An op without gradients passes
+    no ``grad_inputs`` and ``function=None``."""
     if not args[0].is_cuda or torch.compiler.is_compiling():
         return op(*args)
     if records_grad(*grad_inputs):

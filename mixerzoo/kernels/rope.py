@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._ops import no_autocast
+from ._ops import no_autocast, run_op
 from ._triton import cdiv, next_pow2, tl, triton
 
 __all__ = ["rope_cuda", "rope_launch"]
@@ -136,10 +136,28 @@ def _rope_backward(ctx, grad):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
+_rope_cuda_body = no_autocast("cuda")(rope_launch)
+
+
+class _EagerRope(torch.autograd.Function):
+    """The op's CUDA body as a plain autograd function, for eager CUDA calls that record gradients (the backward
+    rotates the gradient back: the inverse rotation, through this function again, so it is differentiable too),
+    without the custom op's dispatch (``kernels/_ops.run_op``)."""
+
+    @staticmethod
+    def forward(x, pos, theta, inverse):
+        return _rope_cuda_body(x, pos, theta, inverse)
+
+    setup_context = staticmethod(_rope_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pos,) = ctx.saved_tensors
+        return _EagerRope.apply(grad, pos, ctx.theta, not ctx.inverse), None, None, None
+
+
 def rope_cuda(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """The op on CUDA tensors: x [B, T, H, D], pos [B, T] integer on x's device (shapes checked by the caller).
-    Eagerly without autograd the launcher runs directly (the custom op's dispatch costs host time in a decode
-    loop); the op is what torch.compile and autograd see."""
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad):
-        return rope_launch(x, pos, float(theta))
-    return _rope_op(x, pos, float(theta), False)
+    Eagerly the custom op's dispatch is skipped (it costs host time in a decode loop and in a host-bound prompt):
+    without autograd the launcher runs directly, with it ``_EagerRope``; the op is what torch.compile sees."""
+    return run_op(_rope_op, _EagerRope, _rope_cuda_body, (x, pos, float(theta), False), (x,))

@@ -248,6 +248,21 @@ def test_triton_decode(B, HQ, HKV, D, W, C):
     assert_close("out", ref, eviction_decode_fwd(q, wk, wv, wok, bk, bv, bok, scale=0.1), torch.float32, **F32)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA path")
+def test_decode_gpu_op_paths(monkeypatch):
+    # eager CUDA: the launcher without the op's dispatch, bit for bit the op's result
+    from mixerzoo.kernels.eviction import decode as M
+
+    calls, body = [], M._decode_cuda
+    monkeypatch.setattr(M, "_decode_cuda", lambda *a: calls.append("body") or body(*a))
+    q = torch.randn(2, 4, 64, device=DEVICE)
+    wk, wv, bk, bv = (torch.randn(2, 9, 2, 64, device=DEVICE) for _ in range(4))
+    wok, bok = (torch.rand(2, 9, 2, device=DEVICE) > 0.3 for _ in range(2))
+    out = eviction_decode(q, wk, wv, wok, bk, bv, bok, scale=0.1)
+    assert calls == ["body"]
+    assert torch.equal(out, M._decode_op(q, wk, wv, wok, bk, bv, bok, 0.1))
+
+
 @pytest.mark.parametrize("S", [0, 2])
 def test_decode_stream_equals_parallel_eval(S):
     # ring + buffer_insert_ + eviction_decode, one token at a time == the parallel eval form

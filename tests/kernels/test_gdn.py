@@ -724,6 +724,62 @@ def test_conv_kernels(T, has_init, activation):
         assert_close(name, t.grad, d, torch.float32, **F32)
 
 
+@pytest.mark.parametrize("has_b_init", [False, True], ids=["plain", "bias-init"])
+def test_conv_eager_function_matches_the_op(has_b_init):
+    """Eager CUDA calls that record gradients run the two conv ops' CUDA bodies under a plain autograd function
+    (_EagerConv), without the custom ops' dispatch. Its bodies run here on DEVICE (the kernels on a GPU, the
+    interpreter on the CPU) against the op on the CPU (the reference): y, the final state and every gradient,
+    through both outputs and through y alone (autograd hands the backward zeros for the final state)."""
+    from mixerzoo.kernels.gdn.conv import _EagerConv
+
+    B, T, C, W = 2, 19, 24, 4
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(B, T, C, generator=gen), torch.randn(C, W, generator=gen)
+    b = torch.randn(C, generator=gen) if has_b_init else None
+    init = torch.randn(B, C, W - 1, generator=gen) if has_b_init else None
+    prims = [t for t in (x, w, b, init) if t is not None]
+    xs = [t.clone().requires_grad_() for t in prims]
+    ys = [t.to(DEVICE).requires_grad_() for t in prims]
+
+    def split(ts):
+        return ts[0], ts[1], ts[2] if has_b_init else None, ts[3] if has_b_init else None
+
+    y_ref, f_ref = causal_conv1d(*split(xs)[:3], initial_state=split(xs)[3], output_final_state=True)
+    y, f = _EagerConv.apply(*split(ys), "silu")
+    assert_close("y", y_ref, y, torch.float32, **F32)
+    assert_close("final_state", f_ref, f, torch.float32, **F32)
+    dy, df = torch.randn_like(y_ref), torch.randn_like(f_ref)
+    for tag, outs_ref, outs, grads in (("both", [y_ref, f_ref], [y, f], [dy, df]), ("y", [y_ref], [y], [dy])):
+        ref = torch.autograd.grad(outs_ref, xs, grads, retain_graph=True)
+        got = torch.autograd.grad(outs, ys, [g.to(DEVICE) for g in grads], retain_graph=True)
+        for name, r, d in zip(["dx", "dw", "db", "dinit"], ref, got, strict=False):
+            assert_close(f"{tag}: {name}", r, d, torch.float32, **F32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_conv_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerConv, none through the forward body alone; bit for bit the op's results
+    from mixerzoo.kernels.gdn import conv as M
+
+    x, w, b = torch.randn(2, 130, 64, device=DEVICE), torch.randn(64, 4, device=DEVICE), torch.randn(64, device=DEVICE)
+    calls = []
+    apply, body = M._EagerConv.apply, M._conv_fwd_cuda
+    monkeypatch.setattr(M._EagerConv, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_conv_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    y, _ = causal_conv1d(*xs)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        y2, _ = causal_conv1d(x, w, b)
+    assert calls == ["function", "body", "body"]
+    zs = [t.clone().requires_grad_() for t in (x, w, b)]
+    y3, _ = M._conv_fwd(*zs, None, "silu")
+    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
+    dy = torch.randn_like(y)
+    for a, c in zip(torch.autograd.grad(y, xs, dy), torch.autograd.grad(y3, zs, dy), strict=True):
+        assert torch.equal(a, c)
+
+
 def test_conv_op_decode_matches_parallel():
     B, T, C, W = 2, 9, 12, 4
     x, w, b = torch.randn(B, T, C), torch.randn(C, W), torch.randn(C)

@@ -438,6 +438,49 @@ def test_op_cpu_gradients_match_reference_autograd(dtype):
         assert_close(name, ref, out, **tol)
 
 
+def test_eager_function_matches_the_op():
+    """Eager CUDA calls that record gradients run the two ops' CUDA bodies under a plain autograd function
+    (_EagerNSA), without the custom ops' dispatch. Its bodies run here on DEVICE (the kernels on a GPU, the
+    interpreter on the CPU) against the op on the CPU (the reference): the output and every gradient; the
+    backward's intermediates come back without gradient."""
+    from mixerzoo.kernels.nsa.ops import _EagerNSA
+
+    q, k, v, gates, do = _inputs(1, 40, 4, 2, 16, device="cpu")
+    xs = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    o_ref = nsa_attention(*xs, block_size=16, block_count=3, window_size=12)
+    ys = [x.to(DEVICE).requires_grad_() for x in (q, k, v, *gates)]
+    o, *kept = _EagerNSA.apply(*ys, 16, 3, 12, 16**-0.5)
+    assert o.requires_grad and not any(t.requires_grad for t in kept)
+    assert_close("o", o_ref, o, **F32)
+    ref = torch.autograd.grad(o_ref, xs, do)
+    got = torch.autograd.grad(o, ys, do.to(DEVICE))
+    for name, r, d in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), ref, got, strict=True):
+        assert_close(name, r, d, **F32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
+def test_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerNSA, none through the forward body alone; bit for bit the op's results
+    from mixerzoo.kernels.nsa import ops as M
+
+    q, k, v, gates, do = _inputs(1, 130, 4, 2, 64, dtype=torch.bfloat16)
+    calls = []
+    apply, body = M._EagerNSA.apply, M._nsa_fwd_cuda
+    monkeypatch.setattr(M._EagerNSA, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_nsa_fwd_cuda", lambda *a: calls.append("body") or body(*a))
+    xs = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    o = nsa_attention(*xs, block_size=16, block_count=3, window_size=32)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        o2 = nsa_attention(q, k, v, *gates, block_size=16, block_count=3, window_size=32)
+    assert calls == ["function", "body", "body"]
+    zs = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    o3 = M._nsa_fwd_op(*zs, 16, 3, 32, 64**-0.5)[0]
+    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
+    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, zs, do), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_op_gradcheck_float64():
     q, k, v, gates, _ = _inputs(1, 18, 2, 1, 4, dtype=torch.float64, device="cpu")
     leaves = [x.requires_grad_() for x in (q, k, v, *gates)]

@@ -6,9 +6,11 @@ import torch
 from mixerzoo.kernels.rope import rope_launch
 from mixerzoo.mixers.rope import rope_reference
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
+# the kernel on CPU tensors (the interpreter); with a GPU the CUDA tests below run instead
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors)")
 
 
+@interpreter
 @pytest.mark.parametrize("shape", [(2, 5, 3, 8), (1, 1, 4, 6), (1, 3, 9, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_kernel_matches_reference(shape, dtype):
@@ -22,6 +24,7 @@ def test_rope_kernel_matches_reference(shape, dtype):
     torch.testing.assert_close(out, ref, atol=atol, rtol=0 if dtype == torch.float32 else 1e-2)
 
 
+@interpreter
 def test_rope_kernel_expanded_positions_and_inverse():
     x = torch.randn(3, 7, 2, 16)
     pos = torch.arange(100, 107)[None, :].expand(3, -1)  # stride 0 over the batch
@@ -31,6 +34,7 @@ def test_rope_kernel_expanded_positions_and_inverse():
     torch.testing.assert_close(rope_launch(y, pos, 500000.0, inverse=True), x, atol=1e-5, rtol=0)
 
 
+@interpreter
 def test_rope_inverse_is_the_gradient():
     """d/dx <R x, g> = R^T g: the reference's autograd gradient equals the inverse rotation of g."""
     x = torch.randn(2, 4, 3, 8, requires_grad=True)
@@ -38,6 +42,53 @@ def test_rope_inverse_is_the_gradient():
     g = torch.randn(2, 4, 3, 8)
     (gx,) = torch.autograd.grad(rope_reference(x, pos), x, g)
     torch.testing.assert_close(rope_launch(g, pos, 10000.0, inverse=True), gx, atol=1e-6, rtol=0)
+
+
+@interpreter
+def test_eager_rope_function_matches_the_reference():
+    """Eager CUDA calls that record gradients run the op's CUDA body under a plain autograd function (_EagerRope),
+    without the custom op's dispatch; its body runs here in the interpreter: the output, the gradient (the inverse
+    rotation) and the gradient's own gradient (a backward built with create_graph: the rotation again)."""
+    from mixerzoo.kernels.rope import _EagerRope
+
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    pos = torch.randint(-3, 2**20, (2, 5))
+    xr = x.detach().clone().requires_grad_()
+    y = _EagerRope.apply(x, pos, 10000.0, False)
+    ref = rope_reference(xr, pos)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    g = torch.randn_like(ref, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    (gref,) = torch.autograd.grad(ref, xr, g.detach())
+    torch.testing.assert_close(gx, gref, atol=1e-5, rtol=0)
+    h = torch.randn_like(gx)
+    (gg,) = torch.autograd.grad(gx, g, h)  # d/dg <R^T g, h> = R h
+    torch.testing.assert_close(gg, rope_reference(h, pos), atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rope_gpu_op_paths(monkeypatch):
+    # eager CUDA: gradients through _EagerRope, none through the launcher alone; bit for bit the op's results
+    from mixerzoo.kernels import rope as M
+    from mixerzoo.mixers.rope import apply_rope
+
+    x, pos = torch.randn(2, 33, 4, 64, device="cuda"), torch.randint(0, 5000, (2, 33), device="cuda")
+    calls = []
+    apply, body = M._EagerRope.apply, M._rope_cuda_body
+    monkeypatch.setattr(M._EagerRope, "apply", lambda *a: calls.append("function") or apply(*a))
+    monkeypatch.setattr(M, "_rope_cuda_body", lambda *a: calls.append("body") or body(*a))
+    xs = x.clone().requires_grad_()
+    y = apply_rope(xs, pos)
+    assert calls == ["function", "body"]
+    with torch.no_grad():
+        y2 = apply_rope(x, pos)
+    assert calls == ["function", "body", "body"]
+    zs = x.clone().requires_grad_()
+    y3 = M._rope_op(zs, pos, 10000.0, False)
+    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
+    g = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y3, zs, g)[0])
 
 
 @pytest.mark.gpu

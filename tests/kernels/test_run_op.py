@@ -1,6 +1,6 @@
 """kernels/_ops.run_op: which of the three paths a call takes (the op, the autograd function, the forward body). The
 decision reads only ``is_cuda``, ``requires_grad`` and the grad mode, so stand-ins for CUDA tensors check it on any
-machine; tests/kernels/test_{swa,eviction,router_conv}.py check the real paths on a GPU."""
+machine; the `op_paths` tests beside each op (`pytest tests/kernels -k op_paths`) check the real paths on a GPU."""
 
 from types import SimpleNamespace
 
@@ -43,3 +43,13 @@ def test_run_op_paths():
     assert not records_grad(None, cuda) and records_grad(None, cuda_grad)
     with torch.no_grad():
         assert not records_grad(cuda_grad)
+
+
+def test_run_op_without_gradients():
+    # an op without gradients (function None, no grad_inputs): the body on CUDA whatever the grad mode, the op on
+    # the CPU
+    calls, op, _, body = _paths()
+    cuda, cpu = SimpleNamespace(is_cuda=True, requires_grad=True), torch.zeros(1)
+    run_op(op, None, body, (cuda, 1), ())
+    run_op(op, None, body, (cpu, 1), ())
+    assert calls == ["body", "op"]

@@ -257,6 +257,22 @@ def test_swa_gpu_op_paths(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA path")
+def test_swa_decode_gpu_op_paths(monkeypatch):
+    # eager CUDA: the launcher without the op's dispatch, bit for bit the op's result
+    from mixerzoo.kernels.swa import decode as M
+
+    calls, body = [], M._swa_decode_cuda
+    monkeypatch.setattr(M, "_swa_decode_cuda", lambda *a: calls.append("body") or body(*a))
+    q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=torch.bfloat16)
+    kc, vc = (torch.randn(2, 20, 2, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    cache_pos = torch.arange(20, device=DEVICE)[None].expand(2, -1).contiguous()
+    q_pos = torch.full((2, 1), 19, device=DEVICE)
+    out = swa_decode(q, kc, vc, cache_pos, q_pos, window_size=16, num_sinks=2)
+    assert calls == ["body"]
+    assert torch.equal(out, M._swa_decode_op(q, kc, vc, cache_pos, q_pos, 16, 2, 64**-0.5))
+
+
 def test_swa_opcheck():
     B, T, HQ, HKV, D = 1, 20, 2, 1, 16
     q, k, v, _ = _inputs(B, T, HQ, HKV, D, torch.float32, "cpu")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import HAS_TRITON, cdiv, next_pow2, tl, triton
 
 __all__ = ["value_gate_grad", "value_gate_grad_launch", "value_gate_grad_ref"]
@@ -62,10 +62,15 @@ def value_gate_grad_launch(dv: Tensor, v: Tensor) -> Tensor:
     return dr
 
 
+@no_autocast("cuda")
+def _cuda_body(dv: Tensor, v: Tensor) -> Tensor:
+    return value_gate_grad_launch(dv, v) if HAS_TRITON else value_gate_grad_ref(dv, v)
+
+
 @torch.library.custom_op("mixerzoo::value_gate_grad", mutates_args=(), device_types="cuda")
 @no_autocast("cuda")
 def _op(dv: Tensor, v: Tensor) -> Tensor:
-    return value_gate_grad_launch(dv, v) if HAS_TRITON else value_gate_grad_ref(dv, v)
+    return _cuda_body(dv, v)
 
 
 @_op.register_kernel("cpu")
@@ -87,4 +92,5 @@ def value_gate_grad(dv: Tensor, v: Tensor) -> Tensor:
         )
     if v.device.type not in ("cuda", "cpu"):  # the op has CUDA and CPU implementations; elsewhere the PyTorch form
         return value_gate_grad_ref(dv, v)
-    return _op(dv, v)
+    # eagerly on CUDA the launcher runs without the op's dispatch (it runs inside the router's backward)
+    return run_op(_op, None, _cuda_body, (dv, v), ())

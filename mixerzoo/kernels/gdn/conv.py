@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import cdiv, tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
@@ -365,6 +365,33 @@ def _conv_backward(ctx, dy, dfinal):
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
+@no_autocast("cuda")
+def _conv_fwd_cuda(x, weight, bias, initial_state, activation):
+    return causal_conv1d_fwd(x, weight, bias, initial_state, activation or None)
+
+
+@no_autocast("cuda")
+def _conv_bwd_cuda(x, weight, bias, initial_state, dy, dfinal, activation):
+    return causal_conv1d_bwd(x, weight, bias, initial_state, dy, dfinal, activation or None)
+
+
+class _EagerConv(torch.autograd.Function):
+    """The two ops' CUDA bodies as a plain autograd function, for eager CUDA calls that record gradients: the same
+    kernels and gradients, without the custom ops' dispatch (``kernels/_ops.run_op``)."""
+
+    @staticmethod
+    def forward(x, weight, bias, initial_state, activation):
+        return _conv_fwd_cuda(x, weight, bias, initial_state, activation)
+
+    setup_context = staticmethod(_conv_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, weight, bias, initial_state = ctx.saved_tensors
+        dx, dw, db, dinit = _conv_bwd_cuda(x, weight, bias, initial_state, dy, dfinal, ctx.activation)
+        return dx, dw, db, dinit, None
+
+
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
@@ -419,5 +446,6 @@ def causal_conv1d(
                 f"{op}: initial_state must be [B, C, W-1] = [{x.shape[0]}, {x.shape[2]}, {W - 1}], "
                 f"got {tuple(initial_state.shape)}"
             )
-    y, final_state = _conv_fwd(x, weight, bias, initial_state, activation or "")
+    args = (x, weight, bias, initial_state, activation or "")
+    y, final_state = run_op(_conv_fwd, _EagerConv, _conv_fwd_cuda, args, (x, weight, bias, initial_state))
     return y, (final_state if output_final_state else None)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .reference import nsa_attention_ref, nsa_compress_ref, nsa_select_ref
 from .triton_launch import nsa_bwd, nsa_fwd
 
@@ -233,6 +233,26 @@ def _backward(ctx, do, _dob, _dlse, _dlse_win, _didx):
 
 _nsa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+_nsa_fwd_cuda, _nsa_bwd_cuda = no_autocast("cuda")(nsa_fwd), no_autocast("cuda")(nsa_bwd)
+
+
+class _EagerNSA(torch.autograd.Function):
+    """The two ops' CUDA bodies as a plain autograd function, for eager CUDA calls that record gradients: the same
+    kernels and gradients, without the custom ops' dispatch (``kernels/_ops.run_op``)."""
+
+    @staticmethod
+    def forward(q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_size, scale):
+        return _nsa_fwd_cuda(q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_size, scale)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, do, _dob, _dlse, _dlse_win, _didx):
+        if do is None:
+            return (None,) * 10
+        grads = _nsa_bwd_cuda(do.contiguous(), *ctx.saved_tensors, *ctx.args)
+        return *grads, None, None, None, None
+
 
 # ---------------------------------------------------------------------------------------------------
 # Public function
@@ -305,4 +325,5 @@ def nsa_attention(
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
     check_nsa_inputs(_OP, q, k, v, gates, block_size, block_count, window_size)
     scale = check_scale(_OP, scale, q.shape[-1])
-    return _nsa_fwd_op(q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_size, scale)[0]
+    args = (q, k, v, g_cmp, g_slc, g_win, block_size, block_count, window_size, scale)
+    return run_op(_nsa_fwd_op, _EagerNSA, _nsa_fwd_cuda, args, (q, k, v, g_cmp, g_slc, g_win))[0]

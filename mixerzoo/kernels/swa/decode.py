@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
-from .._ops import no_autocast
+from .._ops import no_autocast, run_op
 from .._triton import (
     LOG2E,
     any_nonfinite,
@@ -280,6 +280,9 @@ def _swa_decode_op(
     return swa_decode_fwd(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
 
 
+_swa_decode_cuda = no_autocast("cuda")(swa_decode_fwd)
+
+
 @_swa_decode_op.register_kernel("cpu")
 @no_autocast("cpu")
 def _swa_decode_cpu(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale):
@@ -321,4 +324,6 @@ def swa_decode(
     op = "swa_decode"
     check_decode_inputs(op, q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks)
     scale = check_scale(op, scale, q.shape[-1])
-    return _swa_decode_op(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
+    # eagerly on CUDA the kernel's launcher without the op's dispatch (host time in every step)
+    args = (q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks, scale)
+    return run_op(_swa_decode_op, None, _swa_decode_cuda, args, ())
