@@ -3,8 +3,9 @@
 Each kernel is compiled for sm_90 on this machine, with the tile sizes its launcher picks by default,
 in bf16 and float32, at head dims 64, 128 and 256, and its shared memory must stay within the 227 KiB a
 Hopper block may use: a tile that needs more fails at launch only, on the GPU (it happened twice: the
-float32 dQ of swa at D = 128, the bf16 dq of eviction at D = 256). Spills and speed are the benchmarks'
-business, not this test's. The compiles run in a child process: the tests' TRITON_INTERPRET=1 turns
+float32 dQ of swa at D = 128, the bf16 dq of eviction at D = 256). Speed is the benchmarks' business; one
+pattern that costs it is visible in the SASS, and checked here: an eviction loop that copies a tile it loaded
+into a second shared-memory buffer. The compiles run in a child process: the tests' TRITON_INTERPRET=1 turns
 every @triton.jit function into an interpreted one, which cannot be compiled.
 """
 
@@ -12,6 +13,7 @@ import inspect
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -31,7 +33,7 @@ INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
 FLOAT32_POINTERS = {"lse", "delta"}
 
 
-def _shared_bytes(fn, constexprs: dict, dtype: torch.dtype) -> int:
+def _compile(fn, constexprs: dict, dtype: torch.dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -55,7 +57,36 @@ def _shared_bytes(fn, constexprs: dict, dtype: torch.dtype) -> int:
     # what the JIT specialises on the GPU: 16-byte aligned pointers (the tile loads are then pipelined)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params) if signature[name].startswith("*")}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _shared_bytes(fn, constexprs: dict, dtype: torch.dtype) -> int:
+    return _compile(fn, constexprs, dtype).metadata.shared
+
+
+def _loop_stores(kernel) -> list[str]:
+    """The plain shared-memory stores (STS*, not the async copies LDGSTS) inside the loops of a compiled kernel's
+    SASS that issue wgmma (HGMMA): a loop that stores into shared memory copies a tile through registers. From
+    nvdisasm, which Triton's wheel carries."""
+    nvdisasm = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    cubin = pathlib.Path(os.environ["SM90_SCRATCH"]) / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    text = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ops, labels = [], {}
+    for line in text.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+        elif instr := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(\S+)(.*?);", line):
+            ops.append((instr.group(1), instr.group(2)))
+    found = []
+    for i, (op, rest) in enumerate(ops):
+        target = re.search(r"`\((\.L_x_\d+)\)", rest) if op.startswith("BRA") else None
+        if target and labels.get(target.group(1), i + 1) <= i:  # a backward branch closes a loop
+            body = [o for o, _ in ops[labels[target.group(1)] : i + 1]]
+            if any(o.startswith("HGMMA") for o in body):
+                found += [o for o in body if o.startswith("STS")]
+    return found
 
 
 class _OnCuda:
@@ -184,6 +215,51 @@ def test_tile_tables_fit_hopper_shared_memory(op, dtype, D):
     test_default_tiles_fit_hopper_shared_memory(f"{op}-table", dtype, D)
 
 
-if __name__ == "__main__":  # the child: python test_sm90_fit.py FAMILY DTYPE D -> JSON list of misfits
-    family, dtype, D = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
-    print(json.dumps(_too_big(family, dtype, D)))
+def _eviction_walk_kernels(D: int):
+    """The eviction forward and dQ kernels at head dim D: the tile table's rules and the one-loop walks (SPLIT=2)
+    of the tuner's candidates."""
+    from mixerzoo.kernels._triton import dot_precision
+    from mixerzoo.kernels.eviction import attention as ev
+
+    table = [(n, fn, c) for n, fn, c in _eviction_table_kernels(torch.bfloat16, D) if n.endswith(("fwd", "dq"))]
+    shape = dict(HQ=16, HKV=16, D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=torch.bfloat16)), OPEN_ENDED=True)
+    tiles = dict(BT=64, BS=64, BC=64, SPLIT=2, num_warps=4, num_stages=3 if D < 256 else 2)
+    one_loop = [(f"eviction {name} SPLIT=2", fn, {**shape, **tiles})
+                for name, fn in (("fwd", ev._eviction_fwd_kernel), ("dq", ev._eviction_bwd_dq_kernel))]  # fmt: skip
+    return table + one_loop
+
+
+def _tile_copies(D: int) -> list[str]:
+    out = []
+    for name, fn, consts in _eviction_walk_kernels(D):
+        stores = _loop_stores(_compile(fn, consts, torch.bfloat16))
+        if stores:
+            tiles = {k: v for k, v in consts.items() if k in ("BT", "BS", "BC", "SPLIT", "num_stages")}
+            out.append(f"{name} D={D} {tiles}: {len(stores)} stores ({', '.join(sorted(set(stores)))})")
+    return out
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_eviction_walks_keep_their_tiles_in_shared_memory(D, tmp_path):
+    """The eviction forward and dQ loops hand the wgmma operands it loads (K, V tiles) straight from shared memory:
+    no loop stores into shared memory itself. A where() on a loaded tile inside a branch of the loop (how the
+    one-loop forward once zeroed non-finite value rows in its masked blocks) makes the compiler copy that tile
+    through registers into a second buffer in every iteration (8 LDS.128 and 8 STS.128 per thread, a fence, 32 KiB
+    more shared memory at 64 x 128 tiles); compiled for sm_90 here, checked in the SASS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    env["SM90_SCRATCH"] = str(tmp_path)
+    done = subprocess.run([sys.executable, __file__, "copies", str(D)], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    copies = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not copies, f"loops that copy a tile into shared memory: {copies}"
+
+
+if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits; or copies D -> tiles copied
+    if sys.argv[1] == "copies":
+        print(json.dumps(_tile_copies(int(sys.argv[2]))))
+    else:
+        family, dtype, D = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
+        print(json.dumps(_too_big(family, dtype, D)))

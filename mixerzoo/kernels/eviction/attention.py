@@ -172,11 +172,21 @@ def _key_rows(c0, hi, kpos, T, BK: tl.constexpr, LISTED: tl.constexpr):
 
 
 @triton.jit
-def _visible(o_t, o_c, o_j, m_c, kend, W, LISTED: tl.constexpr):
-    # [BT, BK]: which query rows o_t see the keys of _key_rows' block. A listed key from j + W until the end
-    # of its interval (kend at this batch and head), a window key from j until j + W
+def _key_ends(kend, o_c, m_c, LISTED: tl.constexpr):
+    # the ends of the intervals of _key_rows' block (kend at this batch and head) for _visible: listed keys only
+    # (a window key's end follows from its row: o_c stands in). Loaded in every block of a walk that masks only
+    # some, so that the load is pipelined with the tiles instead of waited for inside the branch
     if LISTED:
-        b_end = tl.load(kend + o_c, mask=m_c, other=0)
+        return tl.load(kend + o_c, mask=m_c, other=0)
+    else:
+        return o_c
+
+
+@triton.jit
+def _visible(o_t, o_j, b_end, W, LISTED: tl.constexpr):
+    # [BT, BK]: which query rows o_t see the keys of _key_rows' block. A listed key from j + W until the end
+    # of its interval (b_end, _key_ends), a window key from j until j + W
+    if LISTED:
         m_vis = (o_t[:, None] >= o_j[None, :] + W) & (o_t[:, None] < b_end[None, :])
     else:
         m_vis = (o_j[None, :] <= o_t[:, None]) & (o_t[:, None] - o_j[None, :] < W)
@@ -291,17 +301,23 @@ def _fwd_range(
     # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
     # a NaN or Inf (vflag NaN) loads as zeros and its visible scores become NaN: exactly the query rows that see
     # it come out NaN. In unmasked blocks every query row sees every key: the NaN or Inf may flow (see
-    # _eviction_fwd_kernel for the Inf).
+    # _eviction_fwd_kernel for the Inf). MASKED 2 treats every block as a masked one does (a flagged row loads as
+    # zeros, its scores NaN; in an unmasked block every row sees it, so every row comes out NaN as it would have):
+    # the value tile is then loaded the same way in both kinds of block, and stays in shared memory for the
+    # p @ V product. Zeroing it inside the branch instead made every block copy the tile through registers
+    # back into shared memory (8 LDS.128, 8 STS.128 and a fence per block and thread at 64 x 128, sm_90).
     k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
     b_q, vflag = b_in
     b_acc, b_m, b_l = st
     for c0 in range(lo, hi, BK):
         o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
+        if MASKED != 0:
+            b_end = _key_ends(kend, o_c, m_c, LISTED)
         if MASKED == 1:
-            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
+            m_vis = _visible(o_t, o_j, b_end, W, LISTED)
         b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
         m_v = m_c
-        if MASKED == 1:
+        if MASKED != 0:
             b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)  # NaN where the value row is not finite, else 0
             m_v = m_c & (b_bad == 0.0)
         b_v = _tile(v, o_j, m_v, o_d, m_d, HKV, D)
@@ -309,10 +325,9 @@ def _fwd_range(
         if MASKED == 1:
             b_s = tl.where(m_vis, b_s + b_bad[None, :], float("-inf"))
         if MASKED == 2:
+            b_s += b_bad[None, :]
             if (c0 < F_LO) | (c0 >= F_HI):
-                b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)
-                b_v = tl.where(b_bad[:, None] == 0.0, b_v, 0.0)
-                b_s = tl.where(_visible(o_t, o_c, o_j, m_c, kend, W, LISTED), b_s + b_bad[None, :], float("-inf"))
+                b_s = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_s, float("-inf"))
         # rows with nothing visible yet keep max -inf (SAFE)
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
     return b_acc, b_m, b_l
@@ -397,8 +412,10 @@ def _dq_range(
     b_dq = st
     for c0 in range(lo, hi, BK):
         o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
+        if MASKED != 0:
+            b_end = _key_ends(kend, o_c, m_c, LISTED)
         if MASKED == 1:
-            m_vis = _visible(o_t, o_c, o_j, m_c, kend, W, LISTED)
+            m_vis = _visible(o_t, o_j, b_end, W, LISTED)
         b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
         b_v = _tile(v, o_j, m_c, o_d, m_d, HKV, D)
         b_p = tl.exp2(_scores(b_q, b_k, scale_log2, PREC) - b_lse2[:, None])
@@ -406,7 +423,7 @@ def _dq_range(
             b_p = tl.where(m_vis, b_p, 0.0)
         if MASKED == 2:
             if (c0 < F_LO) | (c0 >= F_HI):
-                b_p = tl.where(_visible(o_t, o_c, o_j, m_c, kend, W, LISTED), b_p, 0.0)
+                b_p = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_p, 0.0)
         b_ds = _dscores(b_p, b_do, b_v, b_delta[:, None], PREC)
         # [BT, BK] @ [BK, BD] -> [BT, BD]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
