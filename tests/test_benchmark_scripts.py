@@ -45,7 +45,7 @@ GPU_MODES = {
     "sweep.py": (["--points", "base"], "'sweep.py --smoke' runs on the CPU"),
     "swa_tune.py": ([], "'swa_tune.py --list or --smoke' runs on the CPU"),
 }
-CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py"}
+CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py", "sass_report.py"}
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
 
@@ -483,3 +483,22 @@ def test_swa_tune_smoke(tmp_path):
         assert sorted(r["kernel"] for r in mine) == kernels
         assert all(r["G"] == [2, 64] and r["W"] == [1, 384] for r in mine)
     assert other in json.loads(table.read_text())["sm90"]
+
+
+@pytest.mark.slow  # a compile for sm_90 (about 10 s)
+def test_sass_report_one_config():
+    """sass_report.py compiles one eviction forward tile for sm_90 on this machine (TRITON_INTERPRET set, as in this
+    test session: the script drops it) and prints its row: shared memory, registers, spills, the serialisation flag,
+    the tile copies; and refuses a config without its kernel."""
+    config = '{"BT": 64, "BS": 64, "BC": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 2}'
+    args = ["--op", "eviction", "--kernel", "fwd", "--D", "64", "--config", config]
+    p = subprocess.run(_command("sass_report.py", args), cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    row = re.search(r"^eviction +fwd +64 +1-1 +- +(\d+) +(\d+) +(\d+) +(yes|-) +(\d+)  \{", p.stdout, re.M)
+    assert row, p.stdout
+    kib, regs, spills, _, copies = row.groups()
+    assert 0 < int(kib) <= 227 and 0 < int(regs) <= 255 and int(copies) == 0, p.stdout
+    bad = subprocess.run(_command("sass_report.py", ["--op", "eviction", "--config", config]), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--kernel and --config go together" in bad.stderr, bad.stderr

@@ -13,7 +13,6 @@ import inspect
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -27,43 +26,12 @@ triton = pytest.importorskip("triton")
 HOPPER_SMEM = 227 * 1024
 # float32 at D = 256 compiles slowly (the exact-float32 dots spill) and shares its tiles with D = 128
 CASES = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128)]
-SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
-SCALARS.update(scale="fp32", scale_log2="fp32")
-INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
-FLOAT32_POINTERS = {"lse", "delta"}
 
 
 def _compile(fn, constexprs: dict, dtype: torch.dtype):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mixerzoo.kernels._sm90 import compile_sm90
 
-    consts = dict(constexprs)
-    options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
-    params = list(inspect.signature(fn.fn).parameters)
-    data = "*fp32" if dtype == torch.float32 else "*bf16"
-
-    def kind(name: str) -> str:
-        if name in consts:
-            return "constexpr"
-        if name in SCALARS:
-            return SCALARS[name]
-        if name.startswith("stride"):
-            return "i32"
-        if name in INDEX_POINTERS:
-            return INDEX_POINTERS[name]
-        return "*fp32" if name in FLOAT32_POINTERS else data
-
-    signature = {name: kind(name) for name in params}
-    # what the JIT specialises on the GPU: 16-byte aligned pointers and integer arguments divisible by 16 (the strides
-    # of contiguous [B, T, H, D] tensors whose H * D is a multiple of 16). Without them the tile loads compile to
-    # 2-byte scalar loads that are not pipelined, and swa's forward needed 49 KiB of shared memory instead of 112
-    attrs = {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(params)
-        if signature[name].startswith("*") or name.startswith("stride")
-    }
-    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_sm90(fn, constexprs, dtype)
 
 
 def _shared_bytes(fn, constexprs: dict, dtype: torch.dtype) -> int:
@@ -71,28 +39,9 @@ def _shared_bytes(fn, constexprs: dict, dtype: torch.dtype) -> int:
 
 
 def _loop_stores(kernel) -> list[str]:
-    """The plain shared-memory stores (STS*, not the async copies LDGSTS) inside the loops of a compiled kernel's
-    SASS that issue wgmma (HGMMA): a loop that stores into shared memory copies a tile through registers. From
-    nvdisasm, which Triton's wheel carries."""
-    nvdisasm = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin = pathlib.Path(os.environ["SM90_SCRATCH"]) / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    text = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    ops, labels = [], {}
-    for line in text.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(ops)
-        elif instr := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(\S+)(.*?);", line):
-            ops.append((instr.group(1), instr.group(2)))
-    found = []
-    for i, (op, rest) in enumerate(ops):
-        target = re.search(r"`\((\.L_x_\d+)\)", rest) if op.startswith("BRA") else None
-        if target and labels.get(target.group(1), i + 1) <= i:  # a backward branch closes a loop
-            body = [o for o, _ in ops[labels[target.group(1)] : i + 1]]
-            if any(o.startswith("HGMMA") for o in body):
-                found += [o for o in body if o.startswith("STS")]
-    return found
+    from mixerzoo.kernels._sm90 import report
+
+    return report(kernel).loop_stores
 
 
 class _OnCuda:
@@ -246,7 +195,7 @@ def _tile_copies(D: int) -> list[str]:
 
 
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_eviction_walks_keep_their_tiles_in_shared_memory(D, tmp_path):
+def test_eviction_walks_keep_their_tiles_in_shared_memory(D):
     """The eviction forward and dQ loops hand the wgmma operands it loads (K, V tiles) straight from shared memory:
     no loop stores into shared memory itself. A where() on a loaded tile inside a branch of the loop (how the
     one-loop forward once zeroed non-finite value rows in its masked blocks) makes the compiler copy that tile
@@ -255,7 +204,6 @@ def test_eviction_walks_keep_their_tiles_in_shared_memory(D, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-    env["SM90_SCRATCH"] = str(tmp_path)
     done = subprocess.run([sys.executable, __file__, "copies", str(D)], env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

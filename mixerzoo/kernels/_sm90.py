@@ -1,0 +1,122 @@
+"""Compile a kernel for Hopper (sm_90) without a GPU and read what the compiler made of it: shared memory, registers,
+spills, whether ptxas serialised its wgmma, and whether a wgmma loop copies a tile into shared memory.
+
+For the tests (``tests/kernels/test_sm90_fit.py``) and ``benchmarks/sass_report.py``. Triton's wheel carries ptxas and
+nvdisasm; nothing here needs a CUDA device or driver. ``TRITON_INTERPRET=1`` must be unset before Triton loads (an
+interpreted @triton.jit function cannot be compiled)."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SASSReport", "compile_sm90", "report"]
+
+_SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+_SCALARS.update(scale="fp32", scale_log2="fp32")
+_INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
+_FLOAT32_POINTERS = {"lse", "delta", "vflag"}
+
+
+def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
+    """``fn`` (a @triton.jit kernel) compiled for sm_90 with ``constexprs`` (num_warps and num_stages among them) and
+    its data pointers of ``dtype``, as the JIT specialises a launch on the GPU: 16-byte aligned pointers and
+    integer strides divisible by 16 (contiguous [B, T, H, D] tensors whose H * D is a multiple of 16). Without
+    those the tile loads compile to 2-byte scalar loads without a pipeline (swa's forward: 49 KiB of shared memory
+    instead of its 112)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(constexprs)
+    options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
+    params = list(inspect.signature(fn.fn).parameters)
+    data = "*fp32" if dtype == torch.float32 else "*bf16"
+
+    def kind(name: str) -> str:
+        if name in consts:
+            return "constexpr"
+        if name in _SCALARS:
+            return _SCALARS[name]
+        if name.startswith("stride"):
+            return "i32"
+        if name in _INDEX_POINTERS:
+            return _INDEX_POINTERS[name]
+        return "*fp32" if name in _FLOAT32_POINTERS else data
+
+    signature = {name: kind(name) for name in params}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(params)
+        if signature[name].startswith("*") or name.startswith("stride")
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@dataclass
+class SASSReport:
+    shared: int  # bytes of shared memory per block
+    registers: int
+    spills: int  # bytes of spill stores
+    serialized: bool  # ptxas C7515: every wgmma waits for the one before
+    loop_stores: list[str]  # plain shared-memory stores (STS*) inside loops that issue wgmma: a tile copied
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _loop_stores(sass: str) -> list[str]:
+    ops, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+        elif instr := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(\S+)(.*?);", line):
+            ops.append((instr.group(1), instr.group(2)))
+    found = []
+    for i, (op, rest) in enumerate(ops):
+        target = re.search(r"`\((\.L_x_\d+)\)", rest) if op.startswith("BRA") else None
+        if target and labels.get(target.group(1), i + 1) <= i:  # a backward branch closes a loop
+            body = [o for o, _ in ops[labels[target.group(1)] : i + 1]]
+            if any(o.startswith("HGMMA") for o in body):
+                found += [o for o in body if o.startswith("STS")]
+    return found
+
+
+def report(kernel) -> SASSReport:
+    """What ptxas and the SASS of a ``compile_sm90`` result say."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = pathlib.Path(tmp, "k.ptx"), pathlib.Path(tmp, "k.cubin")
+        ptx.write_text(kernel.asm["ptx"])
+        cubin.write_bytes(kernel.asm["cubin"])
+        # the kernel's own cubin is what runs; ptxas -v on its PTX gives the figures and the warnings (the wheel's
+        # ptxas, or the newer one it carries beside it where its PTX version is newer than the first knows)
+        info = ""
+        for name in ("ptxas", "ptxas-blackwell"):
+            args = [_tool(name), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(pathlib.Path(tmp, "v.cubin"))]
+            if not pathlib.Path(args[0]).exists():
+                continue
+            done = subprocess.run(args, capture_output=True, text=True)
+            info = done.stderr
+            if done.returncode == 0:
+                break
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return SASSReport(
+        shared=kernel.metadata.shared,
+        registers=int(regs.group(1)) if regs else -1,
+        spills=int(spills.group(1)) if spills else -1,
+        serialized="C7515" in info,
+        loop_stores=_loop_stores(sass),
+    )
