@@ -1,8 +1,10 @@
 """What the compiler makes of each attention kernel's tiles on Hopper, read on any machine (no GPU): every sm90 rule of
 the swa and eviction tile tables (or one tile given on the command line), compiled for sm_90 as the JIT compiles a
 launch, with its shared memory, registers, spills, whether ptxas serialised its wgmma (C7515: each wgmma then
-waits for the one before, nothing overlaps) and whether a wgmma loop copies a tile into shared memory (plain STS
-stores inside it). A guide for choosing tuner candidates before a GPU run; the GPU's timings decide.
+waits for the one before, nothing overlaps) and how many plain shared-memory stores (STS) its wgmma loops hold: a
+tile copied through registers, where the loop is a hot one (swa's forward counts some in its loops for non-finite
+values and sinks, which finite inputs do not run). A guide for choosing tuner candidates before a GPU run; the
+GPU's timings decide.
 
     python benchmarks/sass_report.py                        # both tables (a few minutes on 2 cores)
     python benchmarks/sass_report.py --op eviction --D 128  # one op, one head dim
