@@ -82,20 +82,23 @@ _EV_KV = {64: [_k(64, 64, True, 8, 2), _k(64, 64, False, 8, 2), _k(64, 64, False
           256: [_k(32, 64, False, 4, 2), _k(64, 64, False, 8, 2), _k(32, 32, False, 4, 2), _k(64, 32, False, 4, 2),
                 _k(32, 64, False, 8, 2)]}
 _EV_KV[128] = _EV_KV[64]
-# SPLIT=2: one loop per band (list, window) that masks only the blocks outside the fully visible range. The 64-row
-# forward tiles with 3 stages compile with serialised wgmma (ptxas C7515, sm_90); their 2-stage forms do not
+# SPLIT=2: one loop per band (list, window) that masks only the blocks outside the fully visible range; SPLIT=3: the
+# list so, the window in three loops. The 64-row forward tiles with 3 stages and three loops per band compile with
+# serialised wgmma (ptxas C7515, sm_90, Triton 3.6); their 2-stage forms and SPLIT=3 do not
 EV_CANDIDATES = {
     ("fwd", 64): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, True, 8, 3), _q(64, 64, 64, True, 4, 3),
                   _q(128, 128, 128, False, 8, 2), _q(64, 64, 64, 2, 4, 3), _q(128, 64, 64, 2, 8, 3),
-                  _q(64, 64, 64, True, 4, 2), _q(64, 64, 64, 2, 4, 2), _q(128, 64, 64, 2, 8, 2)],
+                  _q(64, 64, 64, True, 4, 2), _q(64, 64, 64, 2, 4, 2), _q(128, 64, 64, 2, 8, 2),
+                  _q(64, 64, 64, 3, 4, 3)],
     ("fwd", 128): [_q(128, 64, 64, True, 8, 2), _q(128, 64, 64, False, 8, 2), _q(128, 64, 64, True, 8, 3),
                    _q(64, 64, 64, True, 4, 3), _q(64, 64, 64, 2, 4, 3), _q(64, 32, 32, 2, 4, 3),
-                   _q(64, 64, 64, True, 4, 2), _q(64, 64, 64, 2, 4, 2), _q(128, 64, 64, 2, 8, 2)],
+                   _q(64, 64, 64, True, 4, 2), _q(64, 64, 64, 2, 4, 2), _q(128, 64, 64, 2, 8, 2),
+                   _q(64, 64, 64, 3, 4, 3)],
     ("fwd", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(128, 64, 64, True, 8, 2),
                    _q(128, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2), _q(64, 32, 32, 2, 4, 2)],
     ("dq", 64): [_q(128, 64, 64, False, 8, 2), _q(64, 64, 64, True, 4, 3), _q(128, 32, 32, True, 8, 2),
                  _q(64, 32, 32, True, 4, 2), _q(64, 64, 32, True, 4, 2), _q(64, 32, 16, True, 4, 2),
-                 _q(64, 32, 32, 2, 4, 2), _q(128, 64, 64, 2, 8, 3)],
+                 _q(64, 32, 32, 2, 4, 2), _q(128, 64, 64, 2, 8, 3), _q(64, 64, 64, 3, 4, 3)],
     ("dq", 256): [_q(64, 32, 32, True, 4, 2), _q(64, 32, 32, True, 8, 2), _q(64, 64, 64, True, 4, 2),
                   _q(32, 32, 32, True, 4, 2), _q(64, 32, 32, 2, 4, 2)],
     **{(kn, D): _EV_KV[D] for kn in ("dkdv", "listed") for D in (64, 128, 256)},

@@ -159,9 +159,9 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 
 def _split_cases():
     for i, c in enumerate(SPLIT_CASES):
-        for split in (True, False, 2):
+        for split in (True, False, 2, 3):
             id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
-            form = {True: "split", False: "one-loop", 2: "one-loop-edges"}[split]
+            form = {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[split]
             # one case of the edge-masking loop in the default run (2 to 3 s in the interpreter)
             marks = () if (i, split) == (0, 2) else (pytest.mark.slow,)
             yield pytest.param(*c, split, id=f"{id_}-{form}", marks=marks)
@@ -183,7 +183,7 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
     o_ref.backward(do)
 
     # the edge-masking loop's cases also take the grid with the blocks first (program ids read the other way round)
-    launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split == 2)
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split in (2, 3))
     kv_launch = dict(launch, SPLIT=bool(split))  # dk/dv: three loops or one masked loop
     tiles = {
         "fwd": dict(BT=BT, BS=BS, BC=BS, **launch),
@@ -383,8 +383,8 @@ def test_split_value_refused_where_not_built():
     for kernel in ("dkdv", "listed"):
         with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]\['SPLIT'\] must be True or False, got 2"):
             _tiles(x, kernel, {kernel: dict(BT=16, BS=16, SPLIT=2)}, 1, 8)
-    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False or 2, got 3"):
-        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=3)}, 1, 8)
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False, 2 or 3, got 4"):
+        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4)}, 1, 8)
     assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, SPLIT=2)}, 1, 8)["SPLIT"] == 2
 
 
@@ -577,6 +577,7 @@ NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked in
     pytest.param(67, 20, 3, 0, False, 32, 16, True, marks=pytest.mark.slow),
     pytest.param(70, 40, 6, 2, True, 16, 16, 2, marks=pytest.mark.slow),
     pytest.param(67, 20, 3, 0, False, 32, 16, 2, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, 3, marks=pytest.mark.slow),
 ]
 
 
@@ -585,7 +586,7 @@ NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked in
     NAN_CASES,
     ids=[
         f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-"
-        + {True: "split", False: "one-loop", 2: "one-loop-edges"}[c[7]]
+        + {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[c[7]]
         for c in map(_values, NAN_CASES)
     ],
 )

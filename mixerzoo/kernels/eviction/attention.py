@@ -250,8 +250,10 @@ def _query_walk(
     # every key the query block [t0, t_last] sees, through RANGE (_fwd_range or _dq_range): (a) the list prefix
     # [0, n) of _list_prefix, its unmasked whole blocks [0, n_full) first, BC entries at a time; (b) the window
     # band, keys t - W < j <= t, BS rows at a time. SPLIT 2: each of the two in one loop, masking only the blocks
-    # outside the unmasked range
-    if SPLIT == 2:
+    # outside the unmasked range. SPLIT 3: the list in one loop so (its unmasked loop, then a masked one, compiled
+    # with Triton 3.6 for sm_90 serialised every wgmma of the 64-row, 3-stage tiles: the peeled first block's
+    # wgmma was still in flight where the loop's zero-trip edge wrote its accumulator), the window in three
+    if SPLIT >= 2:
         st = RANGE(st, b_in, ctx, 0, n, HKV, D, BC, PREC, True, 2, 0, n_full)
     else:
         st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, 0)
@@ -356,7 +358,8 @@ def _eviction_fwd_kernel(
     BD: tl.constexpr,
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,  # every listed key stays visible to the end (training semantics)
-    SPLIT: tl.constexpr,  # 1: masked edges + unmasked interior; 2: one loop masking the edges; 0: one masked loop
+    SPLIT: tl.constexpr,  # 1: masked edges + unmasked interior; 2: one loop masking the edges; 0: one masked loop;
+    # 3: the list as 2, the window as 1
     BLOCKS_FIRST: tl.constexpr,  # grid [query blocks, B * HQ], else [B * HQ, query blocks] (see _query_block)
 ):
     tl.static_assert(HQ % HKV == 0)
@@ -633,7 +636,8 @@ def _eviction_bwd_dkdv_kernel(
 # Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
 # key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
 # interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
-# list and the window) that masks only the blocks outside the fully visible range; BLOCKS_FIRST: the grid's
+# list and the window) that masks only the blocks outside the fully visible range, and SPLIT=3, the list so and
+# the window in three loops; BLOCKS_FIRST: the grid's
 # order (see _grid). The winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
 # (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms); one loop
 # wins for dk/dv (one pipeline prologue instead of three per program), three for the forward and dq.
@@ -652,8 +656,8 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
     (``tuned.py``), else the defaults."""
     if tiles is not None and kernel in tiles:
         split = tiles[kernel].get("SPLIT", True)
-        if split not in ((True, False, 0, 1, 2) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
-            allowed = "True, False or 2" if kernel in ("fwd", "dq") else "True or False"
+        if split not in ((True, False, 0, 1, 2, 3) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
+            allowed = "True, False, 2 or 3" if kernel in ("fwd", "dq") else "True or False"
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
