@@ -64,48 +64,13 @@ def _eviction_rules(args):
     return EVICTION_TABLE.load(EVICTION_TABLE.default_file).get("sm90", [])
 
 
-def _swa_kernel(rule):
-    import inspect
-
-    from mixerzoo.kernels.swa import swa
-
-    fns = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
-    if rule["kernel"] not in fns:
-        raise SystemExit(f"sass_report.py: swa kernels are {sorted(fns)}, got {rule['kernel']!r}")
-    cfg = dict(rule["config"])
-    flags = swa._loop_flags(cfg, rule["kernel"])
-    consts = dict(HQ=16, G=rule["G"][0], D=rule["D"], pad=None, HAS_PAD=False, PREC="tf32", **cfg, **flags)
-    if "BS" in inspect.signature(fns[rule["kernel"]].fn).parameters:
-        consts["BS"] = swa._sink_block(4)
-    return fns[rule["kernel"]], consts
-
-
-def _eviction_kernel(rule):
-    from mixerzoo.kernels.eviction import attention as ev
-
-    fns = {"fwd": ev._eviction_fwd_kernel, "dq": ev._eviction_bwd_dq_kernel}
-    fns.update(dkdv=ev._eviction_bwd_dkdv_kernel, listed=ev._eviction_bwd_dkdv_kernel)
-    if rule["kernel"] not in fns:
-        raise SystemExit(f"sass_report.py: eviction kernels are {sorted(fns)}, got {rule['kernel']!r}")
-    shape = dict(HQ=16, HKV=16 // rule["G"][0], D=rule["D"], BD=rule["D"], PREC="tf32", OPEN_ENDED=True)
-    cfg = dict(rule["config"])
-    cfg.setdefault("SPLIT", rule["kernel"] in ("fwd", "dq"))
-    if rule["kernel"] in ("fwd", "dq"):
-        cfg.setdefault("BC", cfg["BS"])
-        cfg.setdefault("BLOCKS_FIRST", True)
-    else:
-        cfg.setdefault("BLOCKS_FIRST", False)
-        shape["LISTED"] = rule["kernel"] == "listed"
-    return fns[rule["kernel"]], {**shape, **cfg}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # an interpreted @triton.jit function cannot be compiled
     import torch
     import triton
 
-    from mixerzoo.kernels._sm90 import compile_sm90, report
+    from mixerzoo.kernels._sm90 import compile_sm90, eviction_kernel, report, swa_kernel
 
     ops = ("swa", "eviction") if args.op == "all" else (args.op,)
     print(f"sm_90, Triton {triton.__version__}, bf16, 16 query heads", flush=True)
@@ -113,12 +78,15 @@ def main(argv=None) -> int:
     print(" ".join(f"{n:<{w}}" if w > 0 else f"{n:>{-w}}" for n, w in cols), "serial copies  config")
     rows = 0
     for op in ops:
-        rules, build = (_swa_rules, _swa_kernel) if op == "swa" else (_eviction_rules, _eviction_kernel)
+        rules, build = (_swa_rules, swa_kernel) if op == "swa" else (_eviction_rules, eviction_kernel)
         for rule in rules(args):
             if args.D and rule["D"] not in args.D:
                 continue
-            fn, consts = build(rule)
-            r = report(compile_sm90(fn, consts, torch.bfloat16))
+            try:
+                fn, consts = build(rule["kernel"], rule["D"], rule["G"][0], rule["config"])
+                r = report(compile_sm90(fn, consts, torch.bfloat16))
+            except ValueError as e:  # a kernel or config it does not take, named
+                raise SystemExit(f"sass_report.py: {e}") from None
             G = f"{rule['G'][0]}-{rule['G'][1]}"
             lo, hi = rule["W"]
             W = "-" if args.config is not None else f"{lo}-{hi if hi < 2**30 else ''}"

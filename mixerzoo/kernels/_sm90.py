@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SASSReport", "compile_sm90", "report"]
+__all__ = ["SASSReport", "compile_sm90", "eviction_kernel", "report", "swa_kernel"]
 
 _SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
 _SCALARS.update(scale="fp32", scale_log2="fp32")
@@ -37,6 +37,10 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     consts = dict(constexprs)
     options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
     params = list(inspect.signature(fn.fn).parameters)
+    # a constexpr left out would compile as a data pointer (a different kernel), not fail
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts and p.default is inspect._empty]
+    if missing:
+        raise ValueError(f"compile_sm90: {fn.fn.__name__} needs its constexprs {missing}, got {sorted(consts)}")
     data = "*fp32" if dtype == torch.float32 else "*bf16"
 
     def kind(name: str) -> str:
@@ -58,6 +62,43 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):
+    """(kernel function, constexprs) that swa's launcher runs for ``kernel`` ("fwd", "dq", "dkdv") at head dim D,
+    group G, 16 query heads, no padding, with tile config ``cfg`` (as in a tile table)."""
+    from ._triton import dot_precision
+    from .swa import swa
+
+    fns = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
+    if kernel not in fns:
+        raise ValueError(f"swa_kernel: kernel must be one of {sorted(fns)}, got {kernel!r}")
+    cfg = dict(cfg)
+    flags = swa._loop_flags(cfg, kernel)  # pops ONE_LOOP and TMA
+    consts = dict(HQ=16, G=G, D=D, pad=None, HAS_PAD=False, PREC=dot_precision(torch.empty(0, dtype=dtype)))
+    consts.update(cfg, **flags)
+    if "BS" in inspect.signature(fns[kernel].fn).parameters:
+        consts["BS"] = swa._sink_block(4)
+    return fns[kernel], consts
+
+
+def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):
+    """(kernel function, constexprs) that the eviction launchers run for ``kernel`` ("fwd", "dq", "dkdv", "listed")
+    at head dim D, group G, 16 query heads, training semantics, with tile config ``cfg``; the grid order defaults as
+    the launchers default it (``attention._grid``)."""
+    from ._triton import dot_precision, next_pow2
+    from .eviction import attention as ev
+
+    fns = {"fwd": ev._eviction_fwd_kernel, "dq": ev._eviction_bwd_dq_kernel}
+    fns.update(dkdv=ev._eviction_bwd_dkdv_kernel, listed=ev._eviction_bwd_dkdv_kernel)
+    if kernel not in fns:
+        raise ValueError(f"eviction_kernel: kernel must be one of {sorted(fns)}, got {kernel!r}")
+    cfg, _ = ev._grid(dict(cfg), 16, 1, kernel in ("fwd", "dq"))
+    consts = dict(HQ=16, HKV=16 // G, D=D, BD=max(16, next_pow2(D)), OPEN_ENDED=True)
+    consts.update(PREC=dot_precision(torch.empty(0, dtype=dtype)), **cfg)
+    if fns[kernel] is ev._eviction_bwd_dkdv_kernel:
+        consts["LISTED"] = kernel == "listed"
+    return fns[kernel], consts
 
 
 @dataclass

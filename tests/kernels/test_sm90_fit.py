@@ -9,7 +9,6 @@ into a second shared-memory buffer. The compiles run in a child process: the tes
 every @triton.jit function into an interpreted one, which cannot be compiled.
 """
 
-import inspect
 import json
 import os
 import pathlib
@@ -52,82 +51,49 @@ class _OnCuda:
 
 
 def _swa_kernels(dtype: torch.dtype, D: int):
+    from mixerzoo.kernels._sm90 import swa_kernel
     from mixerzoo.kernels.swa import swa
 
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    shape = dict(HQ=16, G=1, D=D, pad=None, HAS_PAD=False, PREC=prec)  # no padding: pad is None, as launched
-    for name, fn, config in (
-        ("fwd", swa._swa_fwd_kernel, swa._fwd_config),
-        ("dkdv", swa._swa_bwd_dkdv_kernel, swa._dkdv_config),
-        ("dq", swa._swa_bwd_dq_kernel, swa._dq_config),
-    ):
-        cfg = swa._fit_dtype(config(D), dtype, D)
-        flags = swa._loop_flags(cfg, name)  # pops ONE_LOOP
-        consts = {**shape, **cfg, **flags}
-        if "BS" in inspect.signature(fn.fn).parameters:
-            consts["BS"] = swa._sink_block(4)
-        yield f"swa {name}", fn, consts
+    for name, config in (("fwd", swa._fwd_config), ("dkdv", swa._dkdv_config), ("dq", swa._dq_config)):
+        yield f"swa {name}", *swa_kernel(name, D, 1, swa._fit_dtype(config(D), dtype, D), dtype)
 
 
 def _swa_table_kernels(dtype: torch.dtype, D: int):
     """Every sm90 rule of the shipped swa tile table at head dim D (its group range's lower end), and for a dK/dV
     rule the sink kernel, which runs with the dK/dV tiles."""
+    from mixerzoo.kernels._sm90 import swa_kernel
     from mixerzoo.kernels.swa import swa
     from mixerzoo.kernels.swa.tuned import SWA_TABLE
 
-    fns = {"fwd": swa._swa_fwd_kernel, "dkdv": swa._swa_bwd_dkdv_kernel, "dq": swa._swa_bwd_dq_kernel}
     for i, rule in enumerate(SWA_TABLE.load(SWA_TABLE.default_file).get("sm90", [])):
         if rule["D"] != D:
             continue
-        cfg = dict(rule["config"])
-        flags = swa._loop_flags(cfg, rule["kernel"])
-        shape = dict(HQ=16, G=rule["G"][0], D=D, pad=None, HAS_PAD=False, PREC="tf32")
-        consts = {**shape, **cfg, **flags}
-        if "BS" in inspect.signature(fns[rule["kernel"]].fn).parameters:
-            consts["BS"] = swa._sink_block(4)
-        yield f"swa table rule {i} {rule['kernel']}", fns[rule["kernel"]], consts
+        fn, consts = swa_kernel(rule["kernel"], D, rule["G"][0], rule["config"], dtype)
+        yield f"swa table rule {i} {rule['kernel']}", fn, consts
         if rule["kernel"] == "dkdv":
             sink = {k: v for k, v in consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
             yield f"swa table rule {i} dkdv sink", swa._swa_bwd_dkdv_sink_kernel, {**sink, "BS": swa._sink_block(4)}
 
 
 def _eviction_kernels(dtype: torch.dtype, D: int):
-    from mixerzoo.kernels._triton import dot_precision
+    from mixerzoo.kernels._sm90 import eviction_kernel
     from mixerzoo.kernels.eviction import attention as ev
 
-    shape = dict(HQ=16, HKV=16, D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=dtype)), OPEN_ENDED=True)
-    for name, fn in (
-        ("fwd", ev._eviction_fwd_kernel),
-        ("dq", ev._eviction_bwd_dq_kernel),
-        ("dkdv", ev._eviction_bwd_dkdv_kernel),
-        ("listed", ev._eviction_bwd_dkdv_kernel),
-    ):
-        consts = {**shape, **ev.default_tiles(_OnCuda(dtype, D), name)}
-        if fn is ev._eviction_bwd_dkdv_kernel:
-            consts["LISTED"] = name == "listed"
-        yield f"eviction {name}", fn, consts
+    for name in ("fwd", "dq", "dkdv", "listed"):
+        yield f"eviction {name}", *eviction_kernel(name, D, 1, ev.default_tiles(_OnCuda(dtype, D), name), dtype)
 
 
 def _eviction_table_kernels(dtype: torch.dtype, D: int):
     """Every sm90 rule of the eviction tile table at head dim D, when the package has one."""
-    from mixerzoo.kernels._triton import dot_precision
-    from mixerzoo.kernels.eviction import attention as ev
+    from mixerzoo.kernels._sm90 import eviction_kernel
     from mixerzoo.kernels.eviction.tuned import EVICTION_TABLE
 
     if not EVICTION_TABLE.default_file.exists():
         return
-    fns = {"fwd": ev._eviction_fwd_kernel, "dq": ev._eviction_bwd_dq_kernel, "dkdv": ev._eviction_bwd_dkdv_kernel}
-    fns["listed"] = ev._eviction_bwd_dkdv_kernel
     for i, rule in enumerate(EVICTION_TABLE.load(EVICTION_TABLE.default_file).get("sm90", [])):
-        if rule["D"] != D:
-            continue
-        HQ = 16
-        shape = dict(HQ=HQ, HKV=HQ // rule["G"][0], D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=dtype)),
-                     OPEN_ENDED=True)  # fmt: skip
-        consts = {**shape, **rule["config"]}
-        if fns[rule["kernel"]] is ev._eviction_bwd_dkdv_kernel:
-            consts["LISTED"] = rule["kernel"] == "listed"
-        yield f"eviction table rule {i} {rule['kernel']}", fns[rule["kernel"]], consts
+        if rule["D"] == D:
+            fn, consts = eviction_kernel(rule["kernel"], D, rule["G"][0], rule["config"], dtype)
+            yield f"eviction table rule {i} {rule['kernel']}", fn, consts
 
 
 def _too_big(family: str, dtype: torch.dtype, D: int) -> list[str]:
@@ -143,16 +109,21 @@ def _too_big(family: str, dtype: torch.dtype, D: int) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("dtype,D", CASES, ids=[f"{str(d).removeprefix('torch.')}-D{D}" for d, D in CASES])
-@pytest.mark.parametrize("family", ["swa", "eviction"])
-def test_default_tiles_fit_hopper_shared_memory(family, dtype, D):
+def _child(*args: str, timeout: float):
+    """This file run as a child process with ``args`` (see the end of the file), without TRITON_INTERPRET and with
+    the repository on its path -> the JSON it prints last."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-    args = [sys.executable, __file__, family, str(dtype).removeprefix("torch."), str(D)]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    too_big = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype,D", CASES, ids=[f"{str(d).removeprefix('torch.')}-D{D}" for d, D in CASES])
+@pytest.mark.parametrize("family", ["swa", "eviction"])
+def test_default_tiles_fit_hopper_shared_memory(family, dtype, D):
+    too_big = _child(family, str(dtype).removeprefix("torch."), str(D), timeout=600)
     assert not too_big, f"default tiles over {HOPPER_SMEM // 1024} KiB of shared memory: {too_big}"
 
 
@@ -173,15 +144,11 @@ def test_tile_tables_fit_hopper_shared_memory(op, dtype, D):
 def _eviction_walk_kernels(D: int):
     """The eviction forward and dQ kernels at head dim D: the tile table's rules and the one-loop walks (SPLIT=2)
     of the tuner's candidates."""
-    from mixerzoo.kernels._triton import dot_precision
-    from mixerzoo.kernels.eviction import attention as ev
+    from mixerzoo.kernels._sm90 import eviction_kernel
 
     table = [(n, fn, c) for n, fn, c in _eviction_table_kernels(torch.bfloat16, D) if n.endswith(("fwd", "dq"))]
-    shape = dict(HQ=16, HKV=16, D=D, BD=D, PREC=dot_precision(torch.empty(0, dtype=torch.bfloat16)), OPEN_ENDED=True)
     tiles = dict(BT=64, BS=64, BC=64, SPLIT=2, num_warps=4, num_stages=3 if D < 256 else 2)
-    one_loop = [(f"eviction {name} SPLIT=2", fn, {**shape, **tiles})
-                for name, fn in (("fwd", ev._eviction_fwd_kernel), ("dq", ev._eviction_bwd_dq_kernel))]  # fmt: skip
-    return table + one_loop
+    return table + [(f"eviction {name} SPLIT=2", *eviction_kernel(name, D, 1, tiles)) for name in ("fwd", "dq")]
 
 
 def _tile_copies(D: int) -> list[str]:
@@ -201,13 +168,7 @@ def test_eviction_walks_keep_their_tiles_in_shared_memory(D):
     one-loop forward once zeroed non-finite value rows in its masked blocks) makes the compiler copy that tile
     through registers into a second buffer in every iteration (8 LDS.128 and 8 STS.128 per thread, a fence, 32 KiB
     more shared memory at 64 x 128 tiles); compiled for sm_90 here, checked in the SASS."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
-    done = subprocess.run([sys.executable, __file__, "copies", str(D)], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    copies = json.loads(done.stdout.strip().splitlines()[-1])
+    copies = _child("copies", str(D), timeout=900)
     assert not copies, f"loops that copy a tile into shared memory: {copies}"
 
 
