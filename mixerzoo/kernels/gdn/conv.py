@@ -278,12 +278,15 @@ def causal_conv1d_bwd(
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mixerzoo::causal_conv1d_fwd", mutates_args=(), device_types="cuda")
 @no_autocast("cuda")
-def _conv_fwd(
+def _conv_fwd_cuda(
     x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, activation: str
 ) -> tuple[Tensor, Tensor]:
     return causal_conv1d_fwd(x, weight, bias, initial_state, activation or None)
+
+
+# the op's CUDA body is _conv_fwd_cuda, which eager calls run without the op (run_op)
+_conv_fwd = torch.library.custom_op("mixerzoo::causal_conv1d_fwd", _conv_fwd_cuda, mutates_args=(), device_types="cuda")
 
 
 @_conv_fwd.register_kernel("cpu")
@@ -363,11 +366,6 @@ def _conv_backward(ctx, dy, dfinal):
 
 
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
-
-
-@no_autocast("cuda")
-def _conv_fwd_cuda(x, weight, bias, initial_state, activation):
-    return causal_conv1d_fwd(x, weight, bias, initial_state, activation or None)
 
 
 @no_autocast("cuda")
