@@ -1,12 +1,13 @@
-"""Fixtures of the kernel tests: the GPU's tl.dot bounds in Triton's interpreter, and compiling for sm_90 in a
+"""Fixtures of the kernel tests: the GPU's tl.dot bounds in Triton's interpreter, compiling for sm_90 in a
 child process (the tests' TRITON_INTERPRET=1 makes every @triton.jit function an interpreted one, which cannot
-be compiled)."""
+be compiled), and the check that an op's eager CUDA calls skip its custom-op dispatch."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -32,3 +33,44 @@ def compile_in_child():
         return done.stdout
 
     return run
+
+
+@pytest.fixture
+def eager_paths(monkeypatch):
+    """check(module, body, call, op, inputs, *, function=None, grad_out=None): an op's eager CUDA call skips the
+    custom-op dispatch and gives the op's results bit for bit.
+
+    ``module.<body>`` is the CUDA body the op is built from and ``function`` (when the op has gradients) the
+    ``torch.autograd.Function`` over it that eager calls record gradients through. ``call(*inputs)`` is the public
+    entry point, ``op(*inputs)`` the custom op itself, both returning the output tensor; ``inputs`` are the
+    tensors gradients flow to. With ``function``: a call recording gradients goes through the function and its
+    body, one without through the body alone, and (with ``grad_out``) every input's gradient equals the op's. Without
+    it: the body alone, its output equal to the op's."""
+
+    def check(module, body, call, op, inputs, *, function=None, grad_out=None):
+        calls = []
+        run_body = getattr(module, body)
+        monkeypatch.setattr(module, body, lambda *a: calls.append("body") or run_body(*a))
+        if function is None:
+            out = call(*inputs)
+            assert calls == ["body"]
+            assert torch.equal(out, op(*inputs))
+            return
+        apply = function.apply
+        monkeypatch.setattr(function, "apply", lambda *a: calls.append("function") or apply(*a))
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = call(*xs)
+        assert calls == ["function", "body"]  # the function's forward is the body
+        with torch.no_grad():
+            out_nograd = call(*inputs)
+        assert calls == ["function", "body", "body"]
+        ys = [x.clone().requires_grad_() for x in inputs]
+        out_op = op(*ys)
+        assert torch.equal(out.detach(), out_op.detach()) and torch.equal(out_nograd, out_op.detach())
+        if grad_out is not None:
+            for a, b in zip(
+                torch.autograd.grad(out, xs, grad_out), torch.autograd.grad(out_op, ys, grad_out), strict=True
+            ):
+                assert torch.equal(a, b)
+
+    return check

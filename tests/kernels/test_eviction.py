@@ -249,18 +249,15 @@ def test_triton_decode(B, HQ, HKV, D, W, C):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA path")
-def test_decode_gpu_op_paths(monkeypatch):
+def test_decode_gpu_op_paths(eager_paths):
     # eager CUDA: the launcher without the op's dispatch, bit for bit the op's result
     from mixerzoo.kernels.eviction import decode as M
 
-    calls, body = [], M._decode_cuda
-    monkeypatch.setattr(M, "_decode_cuda", lambda *a: calls.append("body") or body(*a))
     q = torch.randn(2, 4, 64, device=DEVICE)
     wk, wv, bk, bv = (torch.randn(2, 9, 2, 64, device=DEVICE) for _ in range(4))
     wok, bok = (torch.rand(2, 9, 2, device=DEVICE) > 0.3 for _ in range(2))
-    out = eviction_decode(q, wk, wv, wok, bk, bv, bok, scale=0.1)
-    assert calls == ["body"]
-    assert torch.equal(out, M._decode_op(q, wk, wv, wok, bk, bv, bok, 0.1))
+    args = (q, wk, wv, wok, bk, bv, bok)
+    eager_paths(M, "_decode_cuda", lambda *x: eviction_decode(*x, scale=0.1), lambda *x: M._decode_op(*x, 0.1), args)
 
 
 @pytest.mark.parametrize("S", [0, 2])
@@ -346,7 +343,7 @@ def test_eager_function_matches_the_op():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_gpu_op_paths(monkeypatch):
+def test_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerEvictionAttention, none through the forward body alone (no custom-op
     # dispatch either way); the results are the custom op's, bit for bit (the same kernels)
     from mixerzoo.kernels.eviction import attention as M
@@ -355,23 +352,12 @@ def test_gpu_op_paths(monkeypatch):
     B, T, HQ, HKV, D = 1, 300, 4, 2, 64
     q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
     score = make_scores(B, T, HKV, device=DEVICE)
-    do = torch.randn_like(q)
     kw = dict(window_size=33, capacity=16, num_sinks=2, training=True)
-    calls = []
-    apply, body = M._EagerEvictionAttention.apply, M._fwd_cuda
-    monkeypatch.setattr(M._EagerEvictionAttention, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = eviction_attention(*xs, score, **kw)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        o2 = eviction_attention(q, k, v, score, **kw)
-    assert calls == ["function", "body", "body"]
-    ys = [x.clone().requires_grad_() for x in (q, k, v)]
-    o3 = M._fwd_op(*ys, score, 33, 16, 2, True, D**-0.5)[0]
-    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
-    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, ys, do), strict=True):
-        assert torch.equal(a, b)
+    eager_paths(
+        M, "_fwd_cuda", lambda *x: eviction_attention(*x, score, **kw),
+        lambda *x: M._fwd_op(*x, score, 33, 16, 2, True, D**-0.5)[0], (q, k, v),
+        function=M._EagerEvictionAttention, grad_out=torch.randn_like(q),
+    )  # fmt: skip
 
 
 def test_split_value_refused_where_not_built():

@@ -543,24 +543,16 @@ def test_eager_function_matches_the_op(lengths):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_gpu_op_paths(monkeypatch):
+def test_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerGatedDeltaRule, none through the forward body alone (no custom-op
     # dispatch either way); the results are the custom op's (bit for bit: the same kernels)
     from mixerzoo.kernels import gdn as G
 
     (q, k, v, g, beta), h0 = make_inputs(1, 130, 2, 64, 64, torch.float32)
-    calls = []
-    apply, body = G._EagerGatedDeltaRule.apply, G._fwd_cuda
-    monkeypatch.setattr(G._EagerGatedDeltaRule, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(G, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-    o, _ = gated_delta_rule(*xs)
-    assert calls == ["function", "body"]  # the function's forward is the body
-    with torch.no_grad():
-        o2, _ = gated_delta_rule(q, k, v, g, beta)
-    assert calls == ["function", "body", "body"]
-    o3 = G._gdn_fwd(q, k, v, g, beta, None, 64**-0.5, None, True)[0]
-    assert torch.equal(o.detach(), o3) and torch.equal(o2, o3)
+    eager_paths(
+        G, "_fwd_cuda", lambda *x: gated_delta_rule(*x)[0],
+        lambda *x: G._gdn_fwd(*x, None, 64**-0.5, None, True)[0], (q, k, v, g, beta), function=G._EagerGatedDeltaRule,
+    )  # fmt: skip
 
 
 @pytest.mark.slow  # the reference's gradients on the CPU and an opcheck (2 s); test_op_gradcheck opchecks by default
@@ -757,27 +749,15 @@ def test_conv_eager_function_matches_the_op(has_b_init):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_conv_gpu_op_paths(monkeypatch):
+def test_conv_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerConv, none through the forward body alone; bit for bit the op's results
     from mixerzoo.kernels.gdn import conv as M
 
     x, w, b = torch.randn(2, 130, 64, device=DEVICE), torch.randn(64, 4, device=DEVICE), torch.randn(64, device=DEVICE)
-    calls = []
-    apply, body = M._EagerConv.apply, M._conv_fwd_cuda
-    monkeypatch.setattr(M._EagerConv, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_conv_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [t.clone().requires_grad_() for t in (x, w, b)]
-    y, _ = causal_conv1d(*xs)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        y2, _ = causal_conv1d(x, w, b)
-    assert calls == ["function", "body", "body"]
-    zs = [t.clone().requires_grad_() for t in (x, w, b)]
-    y3, _ = M._conv_fwd(*zs, None, "silu")
-    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
-    dy = torch.randn_like(y)
-    for a, c in zip(torch.autograd.grad(y, xs, dy), torch.autograd.grad(y3, zs, dy), strict=True):
-        assert torch.equal(a, c)
+    eager_paths(
+        M, "_conv_fwd_cuda", lambda *t: causal_conv1d(*t)[0], lambda *t: M._conv_fwd(*t, None, "silu")[0], (x, w, b),
+        function=M._EagerConv, grad_out=torch.randn_like(x),
+    )  # fmt: skip
 
 
 def test_conv_op_decode_matches_parallel():

@@ -459,26 +459,15 @@ def test_eager_function_matches_the_op():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_gpu_op_paths(monkeypatch):
+def test_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerNSA, none through the forward body alone; bit for bit the op's results
     from mixerzoo.kernels.nsa import ops as M
 
     q, k, v, gates, do = _inputs(1, 130, 4, 2, 64, dtype=torch.bfloat16)
-    calls = []
-    apply, body = M._EagerNSA.apply, M._nsa_fwd_cuda
-    monkeypatch.setattr(M._EagerNSA, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_nsa_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
-    o = nsa_attention(*xs, block_size=16, block_count=3, window_size=32)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        o2 = nsa_attention(q, k, v, *gates, block_size=16, block_count=3, window_size=32)
-    assert calls == ["function", "body", "body"]
-    zs = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
-    o3 = M._nsa_fwd_op(*zs, 16, 3, 32, 64**-0.5)[0]
-    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
-    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, zs, do), strict=True):
-        assert torch.equal(a, b)
+    eager_paths(
+        M, "_nsa_fwd_cuda", lambda *x: nsa_attention(*x, block_size=16, block_count=3, window_size=32),
+        lambda *x: M._nsa_fwd_op(*x, 16, 3, 32, 64**-0.5)[0], (q, k, v, *gates), function=M._EagerNSA, grad_out=do,
+    )  # fmt: skip
 
 
 def test_op_gradcheck_float64():

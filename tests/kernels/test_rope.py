@@ -68,27 +68,16 @@ def test_eager_rope_function_matches_the_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_rope_gpu_op_paths(monkeypatch):
+def test_rope_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerRope, none through the launcher alone; bit for bit the op's results
     from mixerzoo.kernels import rope as M
     from mixerzoo.mixers.rope import apply_rope
 
     x, pos = torch.randn(2, 33, 4, 64, device="cuda"), torch.randint(0, 5000, (2, 33), device="cuda")
-    calls = []
-    apply, body = M._EagerRope.apply, M._rope_cuda_body
-    monkeypatch.setattr(M._EagerRope, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_rope_cuda_body", lambda *a: calls.append("body") or body(*a))
-    xs = x.clone().requires_grad_()
-    y = apply_rope(xs, pos)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        y2 = apply_rope(x, pos)
-    assert calls == ["function", "body", "body"]
-    zs = x.clone().requires_grad_()
-    y3 = M._rope_op(zs, pos, 10000.0, False)
-    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
-    g = torch.randn_like(y)
-    assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y3, zs, g)[0])
+    eager_paths(
+        M, "_rope_cuda_body", lambda t: apply_rope(t, pos), lambda t: M._rope_op(t, pos, 10000.0, False), (x,),
+        function=M._EagerRope, grad_out=torch.randn_like(x),
+    )  # fmt: skip
 
 
 @pytest.mark.gpu

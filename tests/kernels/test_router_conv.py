@@ -260,24 +260,13 @@ def test_eager_function_matches_the_op():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_gpu_op_paths(monkeypatch):
+def test_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerRouterConv, none through the forward body alone; bit for bit the op's
     from mixerzoo.kernels.eviction import router_conv as M
 
     x, w, b, mask, dy, d, shared = _inputs("head-d2", dtype=torch.bfloat16)
-    w, b = w.bfloat16(), b.bfloat16()
-    calls = []
-    apply, body = M._EagerRouterConv.apply, M._fwd_cuda
-    monkeypatch.setattr(M._EagerRouterConv, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = router_conv(*xs, mask, dilation=d, shared=shared)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        y2 = router_conv(x, w, b, mask, dilation=d, shared=shared)
-    assert calls == ["function", "body", "body"]
-    ys = [t.clone().requires_grad_() for t in (x, w, b)]
-    y3, _ = M._fwd_op(*ys, mask, d, shared)
-    assert torch.equal(y.detach(), y3.detach()) and torch.equal(y2, y3.detach())
-    for g1, g2 in zip(torch.autograd.grad(y, xs, dy), torch.autograd.grad(y3, ys, dy), strict=True):
-        assert torch.equal(g1, g2)
+    eager_paths(
+        M, "_fwd_cuda", lambda *t: router_conv(*t, mask, dilation=d, shared=shared),
+        lambda *t: M._fwd_op(*t, mask, d, shared)[0], (x, w.bfloat16(), b.bfloat16()), function=M._EagerRouterConv,
+        grad_out=dy,
+    )  # fmt: skip

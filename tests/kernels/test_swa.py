@@ -234,43 +234,31 @@ def test_swa_eager_function_matches_the_op():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA paths")
-def test_swa_gpu_op_paths(monkeypatch):
+def test_swa_gpu_op_paths(eager_paths):
     # eager CUDA: gradients through _EagerSWA, none through the forward body alone (no custom-op dispatch either
     # way); the results are the custom op's, bit for bit (the same kernels)
     from mixerzoo.kernels.swa import swa as M
 
     q, k, v, do = _inputs(1, 130, 4, 2, 64, torch.bfloat16, DEVICE)
-    calls = []
-    apply, body = M._EagerSWA.apply, M._swa_fwd_cuda
-    monkeypatch.setattr(M._EagerSWA, "apply", lambda *a: calls.append("function") or apply(*a))
-    monkeypatch.setattr(M, "_swa_fwd_cuda", lambda *a: calls.append("body") or body(*a))
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = swa_attention(*xs, window_size=33, num_sinks=2)
-    assert calls == ["function", "body"]
-    with torch.no_grad():
-        o2 = swa_attention(q, k, v, window_size=33, num_sinks=2)
-    assert calls == ["function", "body", "body"]
-    ys = [x.clone().requires_grad_() for x in (q, k, v)]
-    o3, _ = M._swa_fwd_op(*ys, 33, 2, 64**-0.5, None)
-    assert torch.equal(o.detach(), o3.detach()) and torch.equal(o2, o3.detach())
-    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o3, ys, do), strict=True):
-        assert torch.equal(a, b)
+    eager_paths(
+        M, "_swa_fwd_cuda", lambda *x: swa_attention(*x, window_size=33, num_sinks=2),
+        lambda *x: M._swa_fwd_op(*x, 33, 2, 64**-0.5, None)[0], (q, k, v), function=M._EagerSWA, grad_out=do,
+    )  # fmt: skip
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA path")
-def test_swa_decode_gpu_op_paths(monkeypatch):
+def test_swa_decode_gpu_op_paths(eager_paths):
     # eager CUDA: the launcher without the op's dispatch, bit for bit the op's result
     from mixerzoo.kernels.swa import decode as M
 
-    calls, body = [], M._swa_decode_cuda
-    monkeypatch.setattr(M, "_swa_decode_cuda", lambda *a: calls.append("body") or body(*a))
     q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=torch.bfloat16)
     kc, vc = (torch.randn(2, 20, 2, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     cache_pos = torch.arange(20, device=DEVICE)[None].expand(2, -1).contiguous()
     q_pos = torch.full((2, 1), 19, device=DEVICE)
-    out = swa_decode(q, kc, vc, cache_pos, q_pos, window_size=16, num_sinks=2)
-    assert calls == ["body"]
-    assert torch.equal(out, M._swa_decode_op(q, kc, vc, cache_pos, q_pos, 16, 2, 64**-0.5))
+    eager_paths(
+        M, "_swa_decode_cuda", lambda *x: swa_decode(*x, cache_pos, q_pos, window_size=16, num_sinks=2),
+        lambda *x: M._swa_decode_op(*x, cache_pos, q_pos, 16, 2, 64**-0.5), (q, kc, vc),
+    )  # fmt: skip
 
 
 def test_swa_opcheck():
