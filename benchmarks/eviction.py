@@ -345,7 +345,7 @@ def _cands(rows, keys):
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
-# candidates; first entry of each list: the current default (attention.CUDA_TILES). SPLIT: masked edges
+# candidates; first entry of each list: the default when this sweep chose CUDA_TILES (run 4). SPLIT: masked edges
 # + unmasked interior in three loops, or one masked loop (dk/dv: over the whole query range; fwd, dq:
 # over the window band). ptxas figures per candidate: `python benchmarks/eviction.py resources`.
 _Q = ("BT", "BS", "BC", "SPLIT", "num_warps", "num_stages")

@@ -638,11 +638,14 @@ def _eviction_bwd_dkdv_kernel(
 # interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
 # list and the window) that masks only the blocks outside the fully visible range, and SPLIT=3, the list so and
 # the window in three loops; BLOCKS_FIRST: the grid's
-# order (see _grid). The winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
-# (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms); one loop
-# wins for dk/dv (one pipeline prologue instead of three per program), three for the forward and dq.
+# order (see _grid). The defaults where the tile table has no rule (another GPU, another head dim): the winners of
+# `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128 (benchmarks/NOTES-eviction.md, run 4: fwd+bwd
+# 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue instead of three per program, three for the
+# forward and dq), but for the forward: 64-row tiles with 4 warps, which every D = 64 and 128 cell of the H200's
+# table chose over the earlier 128 x 128 x 128 default (that one spilled registers at both head dims; 2 stages, 3 at
+# D <= 64 as the table's cells there; stop 42 in the notes).
 CUDA_TILES = {
-    "fwd": dict(BT=128, BS=128, BC=128, SPLIT=True, num_warps=8, num_stages=2),
+    "fwd": dict(BT=64, BS=64, BC=64, SPLIT=True, num_warps=4, num_stages=2),
     "dq": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
     "dkdv": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
     "listed": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
@@ -677,6 +680,8 @@ def default_tiles(x: Tensor, kernel: str) -> dict:
         return {**cfg, **{key: small[key] for key in small if key in cfg}, "num_warps": 8, "num_stages": 1}
     if x.shape[-1] > 128:  # D = 256: 128-row tiles overflow shared memory (dq 128x64: 256 KiB of 227)
         cfg = {**cfg, **{key: 64 for key in ("BT", "BS", "BC") if cfg.get(key, 0) > 64}}
+    if kernel == "fwd" and x.shape[-1] <= 64:  # the forward's third stage pays at small head dims (H200 table)
+        cfg = {**cfg, "num_stages": 3}
     return cfg
 
 
