@@ -148,7 +148,9 @@ def write_results(
     """Merge ``rows`` into ``results/<gpu>.json``: rows of ``ops`` from an earlier run are replaced (with
     ``replace_by``, only those that agree with a new row on those keys), rows of other ops (written by other
     scripts) are kept. With $OUT set, this run's rows alone also go to ``$OUT/results-<ops>.json``, for
-    ``merge_file`` in another checkout (which replaces rows the same way)."""
+    ``merge_file`` in another checkout (which replaces rows the same way); a run of part of a sweep (``replace_by``)
+    adds its rows to those an earlier run of the same command wrote there (a script run once per cell in one
+    command), replacing the ones it measured again."""
     import torch
     import triton
 
@@ -170,7 +172,11 @@ def write_results(
     if os.environ.get("OUT"):
         part = pathlib.Path(os.environ["OUT"]) / f"results-{'-'.join(sorted(ops))}.json"
         part.parent.mkdir(parents=True, exist_ok=True)  # $OUT may name a folder not yet made (one per script)
-        part_doc = {**doc, "rows": rows} | ({"replace_by": list(replace_by)} if replace_by else {})
+        earlier = json.loads(part.read_text()) if replace_by and part.exists() else {}
+        if earlier.get("replace_by") != (list(replace_by) if replace_by else None):
+            earlier = {}  # a whole run of these ops, or an earlier one that replaced by other keys: ours alone
+        part_rows = [r for r in earlier.get("rows", []) if not _replaced(r, ops, rows, replace_by)] + rows
+        part_doc = {**doc, "rows": part_rows} | ({"replace_by": list(replace_by)} if replace_by else {})
         part.write_text(json.dumps(part_doc, indent=1) + "\n")
     return path
 

@@ -337,6 +337,29 @@ def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch)
     assert sorted((r["op"], r["H"]) for r in doc["rows"]) == [("other", 16), ("sweep", 8)]
 
 
+def test_partial_runs_add_up_in_out(tmp_path, monkeypatch):
+    """Runs of part of a sweep in one command (swa_tune.py once per cell) leave all their rows in $OUT's part
+    file, a cell measured again replacing its rows; a whole run of the ops leaves its own rows alone."""
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "gpu_slug", lambda: "test-gpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    row = lambda W, ms: {"op": "tune", "impl": "default", "W": W, "fwd_ms": ms}  # noqa: E731
+    part = tmp_path / "out" / "results-tune.json"
+    common.write_results({"tune"}, [row(512, 1.0)], replace_by=["W"])
+    common.write_results({"tune"}, [row(4096, 2.0)], replace_by=["W"])
+    assert [(r["W"], r["fwd_ms"]) for r in json.loads(part.read_text())["rows"]] == [(512, 1.0), (4096, 2.0)]
+    common.write_results({"tune"}, [row(512, 0.5)], replace_by=["W"])
+    doc = json.loads(part.read_text())
+    assert doc["replace_by"] == ["W"] and [(r["W"], r["fwd_ms"]) for r in doc["rows"]] == [(4096, 2.0), (512, 0.5)]
+    common.write_results({"tune"}, [row(256, 3.0)])  # a whole run: its rows only, as in results/<gpu>.json
+    assert [r["W"] for r in json.loads(part.read_text())["rows"]] == [256]
+    assert [r["W"] for r in json.loads((tmp_path / "results" / "test-gpu.json").read_text())["rows"]] == [256]
+
+
 def test_sweep_list(monkeypatch):
     """sweep.py --list prints the grid and every named point, without a GPU (nor torch)."""
     spec = importlib.util.spec_from_file_location("bench_sweep", BENCH / "sweep.py")
