@@ -172,11 +172,12 @@ def write_results(
     if os.environ.get("OUT"):
         part = pathlib.Path(os.environ["OUT"]) / f"results-{'-'.join(sorted(ops))}.json"
         part.parent.mkdir(parents=True, exist_ok=True)  # $OUT may name a folder not yet made (one per script)
-        earlier = json.loads(part.read_text()) if replace_by and part.exists() else {}
-        if earlier.get("replace_by") != (list(replace_by) if replace_by else None):
-            earlier = {}  # a whole run of these ops, or an earlier one that replaced by other keys: ours alone
-        part_rows = [r for r in earlier.get("rows", []) if not _replaced(r, ops, rows, replace_by)] + rows
-        part_doc = {**doc, "rows": part_rows} | ({"replace_by": list(replace_by)} if replace_by else {})
+        by = list(replace_by) if replace_by else None
+        earlier = json.loads(part.read_text()) if by and part.exists() else {}
+        if earlier.get("replace_by") != by:
+            earlier = {}  # an earlier run that replaced by other keys: ours alone (a whole run: always ours alone)
+        part_rows = [r for r in earlier.get("rows", []) if not _replaced(r, ops, rows, by)] + rows
+        part_doc = {**doc, "rows": part_rows} | ({"replace_by": by} if by else {})
         part.write_text(json.dumps(part_doc, indent=1) + "\n")
     return path
 

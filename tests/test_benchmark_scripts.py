@@ -282,13 +282,22 @@ def test_training_scripts_smoke():
     assert diff and float(diff.group(1)) < 1e-4, fsdp.stdout
 
 
+def _bench_module(script: str, monkeypatch=None):
+    """benchmarks/<script> imported as a module (the folder is not a package); with ``monkeypatch`` also put in
+    sys.modules for the test, where a dataclass of the script looks its module up."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script.removesuffix('.py')}", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_cpu_call_sites_match_the_profilers_event_tree():
     """train_e2e.py's one-pass nesting of the profiler's raw CPU events gives the operators, call sites and self
     times of the profiler's own event tree (prof.events(), ~10x slower); only the call counts may differ, where an
     operator nested in one of its own name counts once in ours."""
-    spec = importlib.util.spec_from_file_location("bench_train_e2e", BENCH / "train_e2e.py")
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = _bench_module("train_e2e.py")
     from torch.profiler import ProfilerActivity, profile
 
     from mixerzoo import registry
@@ -316,9 +325,7 @@ def test_cpu_call_sites_match_the_profilers_event_tree():
 def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch):
     """A results file that names ``replace_by`` keys (a run of part of a sweep) replaces only the earlier rows of
     its op that agree with one of its rows on them; without them every row of its ops is replaced."""
-    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = _bench_module("common.py")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     row = lambda op, H, ms: {"op": op, "impl": "mixerzoo", "H": H, "fwd_ms": ms}  # noqa: E731
     old = {"gpu": "Test GPU", "rows": [row("sweep", 16, 1.0), row("sweep", 32, 2.0), row("other", 16, 3.0)]}
@@ -340,9 +347,7 @@ def test_merge_replaces_only_the_rows_a_partial_run_names(tmp_path, monkeypatch)
 def test_partial_runs_add_up_in_out(tmp_path, monkeypatch):
     """Runs of part of a sweep in one command (swa_tune.py once per cell) leave all their rows in $OUT's part
     file, a cell measured again replacing its rows; a whole run of the ops leaves its own rows alone."""
-    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = _bench_module("common.py")
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(common, "gpu_slug", lambda: "test-gpu")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
@@ -362,10 +367,7 @@ def test_partial_runs_add_up_in_out(tmp_path, monkeypatch):
 
 def test_sweep_list(monkeypatch):
     """sweep.py --list prints the grid and every named point, without a GPU (nor torch)."""
-    spec = importlib.util.spec_from_file_location("bench_sweep", BENCH / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_sweep", sweep)  # its dataclass looks its module up there
-    spec.loader.exec_module(sweep)
+    sweep = _bench_module("sweep.py", monkeypatch)
     p = _run_scripts({"list": ("sweep.py", ["--list"])}, _env())["list"]
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert p.stdout.startswith("grid: D in {64, 128, 256}; G in {1, 2, 8}; W in {256, 512, 4096}; T in {2048,")
@@ -433,9 +435,7 @@ def test_sweep_smoke(tmp_path):
 def test_results_card_sums_up_sweep_rows():
     """The README's card gives sweep.py's rows as the worst and best anchor / mixerzoo fwd+bwd ratio per (op,
     anchor) with the point, not a line per row, and nothing at all where there are no sweep rows."""
-    spec = importlib.util.spec_from_file_location("results_card", BENCH / "results_card.py")
-    card = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(card)
+    card = _bench_module("results_card.py")
     base = dict(B=8, T=8192, HQ=16, HKV=16, D=128, W=512, S=4, frac=0.1)
 
     def row(impl, point, ms, **shape):
@@ -467,9 +467,7 @@ def test_swa_tune_list():
 def test_swa_tune_kernels_filter(monkeypatch):
     """--kernels: only those kernels are tuned, and a cell's rules of the other kernels stay in the table."""
     monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_swa_tune", BENCH / "swa_tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = _bench_module("swa_tune.py")
     cell = dict(D=128, G=[1, 1], W=[385, 1536])
     old = [dict(kernel=kn, **cell, config=dict(BT=64, BS=64, num_warps=4, num_stages=2)) for kn in ("dkdv", "fwd")]
     new = dict(BT=64, BS=32, num_warps=4, num_stages=2)

@@ -638,12 +638,12 @@ def _eviction_bwd_dkdv_kernel(
 # interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
 # list and the window) that masks only the blocks outside the fully visible range, and SPLIT=3, the list so and
 # the window in three loops; BLOCKS_FIRST: the grid's
-# order (see _grid). The defaults where the tile table has no rule (another GPU, another head dim): the winners of
-# `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128 (benchmarks/NOTES-eviction.md, run 4: fwd+bwd
-# 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue instead of three per program, three for the
-# forward and dq), but for the forward: 64-row tiles with 4 warps, which every D = 64 and 128 cell of the H200's
-# table chose over the earlier 128 x 128 x 128 default (that one spilled registers at both head dims; 2 stages, 3 at
-# D <= 64 as the table's cells there; stop 42 in the notes).
+# order (see _grid). These are the defaults where the tile table has no rule (another GPU, another head dim).
+# dq, dkdv, listed: the winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
+# (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue
+# instead of three per program, three for dq). fwd: the 64-row, 4-warp tile every D = 64 and 128 cell of the H200's
+# table chose over the 128 x 128 x 128 one, which spilled registers at both head dims (default_tiles gives it a
+# third stage at D <= 64, as the table's cells there; the notes' stop 42).
 CUDA_TILES = {
     "fwd": dict(BT=64, BS=64, BC=64, SPLIT=True, num_warps=4, num_stages=2),
     "dq": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
