@@ -300,6 +300,7 @@ def main(argv=None) -> int:
                 return trainer.train_step(batch, sync=False)
 
             label = f"{pattern} (routers: {state})" if state else pattern
+            print(f"built {label}: {params:,} parameters", flush=True)
             runs.append(dict(pattern=pattern, state=state, label=label, trainer=trainer, params=params, step=step,
                              start=start, times=[]))  # fmt: skip
     # rounds: each times every run in turn (in reverse order every other round), so that a drift of the GPU's
@@ -319,6 +320,7 @@ def main(argv=None) -> int:
                 run["times"].append(statistics.median(times))
             else:
                 run["times"].append(time_ms(step, warmup=args.warmup, repeat=args.steps))
+            print(f"round {r + 1}/{args.rounds}: {run['label']} {run['times'][-1]:.2f} ms per step", flush=True)
     rows, profiles, site_profiles = [], [], []
     for run in runs:
         step, trainer, state, label = run["step"], run["trainer"], run["state"], run["label"]

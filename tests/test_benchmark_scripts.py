@@ -60,10 +60,20 @@ def _command(script: str, args: list[str]) -> list[str]:
     return [*runner, str(BENCH / script), *args]
 
 
-def _run_all(commands: dict, env: dict, timeout: float = 300) -> dict:
-    def run(cmd):
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _run_all(commands: dict, env: dict, timeout: float = 300, parallel: bool = True) -> dict:
+    """{key: command} -> {key: CompletedProcess}, all at once or (``parallel=False``) one after the other. A command
+    that outlives ``timeout`` fails the test with what it had printed, so that a stall shows where it was."""
 
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+            pytest.fail(f"{' '.join(cmd[1:])} ran past {timeout:.0f} s\n--- stdout:\n{out[-4000:]}\n--- stderr:\n"
+                        f"{err[-4000:]}")  # fmt: skip
+
+    if not parallel:
+        return {key: run(cmd) for key, cmd in commands.items()}
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         return dict(zip(commands, pool.map(run, commands.values()), strict=True))
 
@@ -256,7 +266,10 @@ def test_training_scripts_smoke():
     runs generate() and the evaluations on each of the paper's default presets, at hidden 64."""
     scripts = ("train_e2e.py", "fsdp2.py", "paper_presets.py")
     args = {"train_e2e.py": ["--smoke", "--profile-sites", "8"]}  # the profile by call site too
-    runs = _run_all({s: _command(s, args.get(s, ["--smoke"])) for s in scripts}, _env())
+    # one after the other: each trains with the machine's every core (in CI two, where three training processes at
+    # once, one of them two gloo ranks, once left train_e2e.py without a line of output after 300 s; alone it takes
+    # about 30 s), and the time-out only guards against a hang
+    runs = _run_all({s: _command(s, args.get(s, ["--smoke"])) for s in scripts}, _env(), timeout=900, parallel=False)
     e2e, fsdp, paper = (runs[s] for s in scripts)
     assert paper.returncode == 0, paper.stderr
     for spec in ("lte-0.4b", "lte-0.4b:final_buffer", "lansa-0.4b", "swa-0.4b"):
