@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels._triton import HAS_TRITON
 from ..kernels.eviction import buffer_insert_, eviction_attention, eviction_decode
-from ..kernels.eviction.prefill import prompt_state_write
+from ..kernels.eviction.prefill import prompt_buffer_slots, prompt_state_write
 from ..kernels.eviction.reference import final_buffer_members
 from ..kernels.eviction.router_step import router_step_scores, router_step_supported
 from ..kernels.eviction.step import eviction_step, eviction_step_context
@@ -481,24 +481,20 @@ class EvictionSWA(AttentionMixer):
         qr, kr = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
         o, held = self._attention(qr, kr, v, score, shift=pad, lengths=n, training=False, buffer=True)
 
-        # The buffer after the last query, in position order: a stable sort of the "not in it" flags puts its
-        # members first, in the order of the op's indices, which ascend with the position. Then one kernel writes
-        # the buffer, the ring of the last W tokens (the last m without a score yet: their router context is not
-        # complete, as in decode) and the router's context (kernels/eviction/prefill.py).
+        # The buffer after the last query, in position order: one kernel takes its members in the order of the
+        # op's indices, which ascend with the position (a stream compaction, kernels/eviction/prefill.py). Then
+        # one kernel writes the buffer, the ring of the last W tokens (the last m without a score yet: their
+        # router context is not complete, as in decode) and the router's context.
         if final:
             # the final buffer is decode's buffer after the last query (the same top-C rule), at index = position
-            empty, slot = _first_slots(~held, 1, C)  # [B, C, H] the positions themselves
+            slot, empty = prompt_buffer_slots(T, C, members=held)  # [B, C, H] the positions themselves
             kpos = None
         else:
             # the listed keys (in position order) that entered by the row's last query and were still in it then
-            # (the op's padding queries after it may list more; those are left out)
+            # (the op's padding queries after it may list more; those are left out). Without padding a listed
+            # key enters before its interval ends (kpos + W < kend), so one still there at T - 1 had entered.
             kpos, kend, _ = held  # [B, H, T]
-            if pad is None:  # a listed key enters before its interval ends (kpos + W < kend): still there at T - 1
-                out = kend < T  # means entered by then
-            else:
-                last = (T - 1 - pad)[:, None, None]  # the row's last query
-                out = (kpos > last - W) | (kend <= last)
-            empty, slot = (x.permute(0, 2, 1) for x in _first_slots(out, 2, C))  # [B, C, H] indices into kpos
+            slot, empty = prompt_buffer_slots(T, C, kpos=kpos, kend=kend, window_size=W, pad=pad)  # into kpos
         kv = (kr.detach(), v.detach(), u.detach())
         prompt_state_write(state, *kv, score, slot, empty, kpos=kpos, pad=pad, margin=m, none_score=_NONE)
         state.seen.add_(T)
@@ -747,18 +743,6 @@ def _fill_buffer(
         torch.gather(x.detach(), 1, idx, out=buf)
         buf.masked_fill_(mask, fill)
     state.buf_pos.copy_(pos).masked_fill_(empty, -1)
-
-
-def _first_slots(out: Tensor, dim: int, capacity: int) -> tuple[Tensor, Tensor]:
-    """The first ``capacity`` entries along ``dim`` that ``out`` does not flag, in their order, then the flagged
-    ones: (flags, indices), both ``capacity`` long along ``dim`` (past the end: flagged, index 0). A stable
-    sort: one operation however many entries there are."""
-    flags, idx = torch.sort(out, dim=dim, stable=True)
-    short = capacity - out.shape[dim]
-    if short <= 0:
-        return flags.narrow(dim, 0, capacity), idx.narrow(dim, 0, capacity)
-    pad = [0, 0] * (out.dim() - 1 - dim) + [0, short]
-    return F.pad(flags, pad, value=True), F.pad(idx, pad)
 
 
 def _follow_chains(val: Tensor, nxt: Tensor, dim: int, steps: int) -> Tensor:

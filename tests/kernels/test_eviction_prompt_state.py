@@ -1,14 +1,15 @@
-"""The one-pass eviction prompt's state kernel (kernels/eviction/prefill.py) against the same writes in torch ops
-(the buffer through the chunked prefill's _fill_buffer: slots from the listed keys or from positions, empty slots
-cleared, left padding; the ring and the router's context row by row), for strided inputs and slot tensors; and its
-sm_90 compile. The mixer's tests (tests/mixers/test_eviction_prefill.py) run it inside whole prompts against the
-chunked prefill."""
+"""The one-pass eviction prompt's kernels (kernels/eviction/prefill.py): the buffer's slots against a stable sort of
+the members' flags, and the state against the same writes in torch ops (the buffer through the chunked prefill's
+_fill_buffer: slots from the listed keys or from positions, empty slots cleared, left padding; the ring and the
+router's context row by row), for strided inputs and slot tensors; and their sm_90 compile. The mixer's tests
+(tests/mixers/test_eviction_prefill.py) run them inside whole prompts against the chunked prefill."""
 
 import pytest
 import torch
+from torch import Tensor
 
 from mixerzoo import registry
-from mixerzoo.kernels.eviction.prefill import prompt_state_write
+from mixerzoo.kernels.eviction.prefill import prompt_buffer_slots, prompt_state_write
 from mixerzoo.mixers.eviction_swa import _NONE, _fill_buffer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +58,46 @@ def test_prompt_state_write_matches_torch(T, from_list, padded):
         assert torch.equal(st.tensors()[name], x), name
 
 
+def _first_members(keep: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """The specification of prompt_buffer_slots: keep [B, H, N] -> the first ``capacity`` members along N in their
+    order, then the rest (a stable sort of the "not a member" flags): slot, empty [B, C, H] (past N: empty, slot 0)."""
+    flags, idx = torch.sort(~keep, dim=-1, stable=True)
+    short = capacity - keep.shape[-1]
+    flags = torch.nn.functional.pad(flags, (0, max(0, short)), value=True)[..., :capacity]
+    idx = torch.nn.functional.pad(idx, (0, max(0, short)))[..., :capacity].masked_fill(flags, 0)
+    return idx.permute(0, 2, 1), flags.permute(0, 2, 1)
+
+
+@pytest.mark.parametrize(("T", "C"), [(5, 24), (300, 12), (300, 7), (40, 40), (3000, 100)], ids=str)
+@pytest.mark.parametrize("mode", ["members", "listed", "listed-padded"])
+def test_prompt_buffer_slots_are_the_first_members(T, C, mode):
+    """Members in entry order, the first C of them (the walk stops there), then empty slots: for the final buffer's
+    flags (strided, [B, T, H]) and for the op's lists, whose members are the keys still in the buffer after the
+    row's last query (and, with left padding, entered by then), 10% of the entries members. T >= 300 fills the buffer
+    (at T = 3000 after about 1,000 entries: the walk of 256-entry steps stops early), the shorter cases do not."""
+    torch.manual_seed(T + C)
+    B, H, W = 2, 3, 16
+    kpos = kend = pad = members = None
+    if mode == "members":
+        members = (torch.rand(B, H, T, device=DEVICE) < 0.1).permute(0, 2, 1)  # [B, T, H], strided
+        keep = members.permute(0, 2, 1)
+    else:
+        kpos = torch.randint(0, T + 1, (B, H, T), device=DEVICE, dtype=torch.int32)
+        gone = torch.rand(B, H, T, device=DEVICE) < 0.9  # 10% of the entries still in the buffer at T - 1
+        kend = torch.where(gone, torch.randint(0, T, (B, H, T), device=DEVICE), T).to(torch.int32)
+        last = torch.full((B, 1, 1), T - 1, device=DEVICE)
+        if mode == "listed-padded":
+            pad = torch.tensor([0, min(3, T - 1)], device=DEVICE)
+            last = last - pad[:, None, None]
+        keep = (kend > last) & ((kpos <= last - W) if pad is not None else True)
+    slot, empty = prompt_buffer_slots(T, C, members=members, kpos=kpos, kend=kend, window_size=W, pad=pad)
+    want_slot, want_empty = _first_members(keep, C)
+    assert torch.equal(empty, want_empty)
+    assert torch.equal(slot.long(), want_slot)
+    full, some = bool((~empty).all()), bool((~empty).any())
+    assert full == (T >= 300) and (some or T == 5), (full, some)
+
+
 _SM90_PROMPT_STATE = """
 import inspect, triton
 from triton.backends.compiler import GPUTarget
@@ -77,16 +118,27 @@ for dt, D, from_list, has_pad in (("bf16", 128, True, False), ("bf16", 64, False
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if D <= 64 else 4})
     print(dt, D, "shared", kernel.metadata.shared)
+fn = prefill._eviction_buffer_slots_kernel
+params = list(inspect.signature(fn.fn).parameters)
+for mode in (0, 1, 2):
+    consts = dict(H=16, C=512, BN=1024, BC=512, MODE=mode, **({} if mode == 1 else {"pad": None}))
+    consts.update({"kend": None} if mode == 2 else {})
+    kinds = dict(src="i1" if mode == 2 else "i32", kend="i32", pad="i64", slot="i32", empty="i1")
+    sig = {p: "constexpr" if p in consts else "*" + kinds[p] if p in kinds else "i32" for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print("slots", mode, "shared", kernel.metadata.shared)
 """
 
 
 @pytest.mark.slow
 def test_prompt_state_kernel_compiles_for_sm90(compile_in_child):
-    """The kernel compiles for sm_90 at the launcher's settings (bf16 and float32, D = 64 to 256, from the listed
-    keys or from positions, with and without padding). In a child process: the tests' TRITON_INTERPRET=1 makes
-    every kernel an interpreted one."""
+    """The state kernel compiles for sm_90 at the launcher's settings (bf16 and float32, D = 64 to 256, from the
+    listed keys or from positions, with and without padding), and the slots kernel in its three modes. In a child
+    process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
     out = compile_in_child(_SM90_PROMPT_STATE)
-    assert out.count("shared") == 3, out
+    assert out.count("shared") == 6, out
 
 
 def test_prompt_state_write_refuses_cpu_tensors_without_the_interpreter(monkeypatch):

@@ -1,11 +1,14 @@
-"""The state a one-pass eviction_swa prompt leaves, written in one Triton launch (docs/mixers.md#eviction_swa).
+"""The state a one-pass eviction_swa prompt leaves, written in two Triton launches (docs/mixers.md#eviction_swa).
 
 After a prompt into an empty state (``EvictionSWA._prefill_empty``) the state takes the buffer's members in
-position order, the ring of the last W tokens and the router's context; written with torch ops that is some
-fifteen gathers, copies and fills, each a launch on the GPU, where a prompt of a few thousand tokens is
-host-bound. Here each program copies a block of rows (buffer slots, ring slots or context rows) of one (sequence,
-KV head). The mixer's ``_fill_buffer`` (the chunked prefill's buffer write) is the specification of the buffer
-part; the tests compare the two.
+position order, the ring of the last W tokens and the router's context; written with torch ops that is a sort
+and some fifteen gathers, copies and fills, each a launch on the GPU (the sort several), where a prompt of a
+few thousand tokens is host-bound. Here ``prompt_buffer_slots`` finds the members' slots (one program per
+sequence and KV head walks the entries in order, a running count giving each member its slot: a stable sort of
+the "not a member" flags, which the tests use as its specification), then ``prompt_state_write``'s programs each
+copy a block of rows (buffer slots, ring slots or context rows) of one (sequence, KV head). The mixer's
+``_fill_buffer`` (the chunked prefill's buffer write) is the specification of the buffer part; the tests compare
+the two.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import Tensor
 
 from .._triton import cdiv, interpreting, next_pow2, tl, triton
 
-__all__ = ["prompt_state_write"]
+__all__ = ["prompt_buffer_slots", "prompt_state_write"]
 
 
 @triton.jit
@@ -123,6 +126,113 @@ def _eviction_prompt_state_kernel(
         dst_u = (i_b * n_ctx + r) * H + i_h
         b_u = tl.load(u + i_b * s_u_b + t_u[:, None] * s_u_t + i_h * (2 * D) + o2[None, :], mask=m_u)
         tl.store(ctx_u + dst_u[:, None] * (2 * D) + o2[None, :], b_u, mask=m_u)
+
+
+@triton.jit
+def _eviction_buffer_slots_kernel(
+    src,
+    kend,
+    pad,
+    slot,
+    empty,
+    s_src_b,
+    s_src_e,
+    s_src_h,
+    T,
+    W,
+    H: tl.constexpr,
+    C: tl.constexpr,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    # Program b * H + h: the buffer's members among the entries e = 0 .. T - 1 of one (sequence, KV head), the
+    # first C in entry order, each written to slot[b, rank, h]; then the slots past the members marked empty.
+    # MODE 0: src is the list's kpos (entries: listed keys), a member is still in the buffer after the prompt's
+    # last query (kend >= T); MODE 1: the same with left padding pad[b], the row's last query T - 1 - pad[b]
+    # (members entered by then, kpos <= last - W, and still there, kend > last); MODE 2: src is the members
+    # flags [B, T, H] themselves (entries: positions). kpos, kend [B, H, T] int32; slot [B, C, H] int32, empty
+    # [B, C, H] bool, contiguous. The walk stops once C members are found.
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    base = i_b * s_src_b + i_h * s_src_h
+    last = T - 1
+    if MODE == 1:
+        last = T - 1 - tl.load(pad + i_b).to(tl.int32)
+    count = tl.zeros((), dtype=tl.int32)
+    e0 = tl.zeros((), dtype=tl.int32)
+    while (e0 < T) & (count < C):
+        e = e0 + tl.arange(0, BN)
+        m = e < T
+        if MODE == 2:
+            keep = tl.load(src + base + e * s_src_e, mask=m, other=0).to(tl.int32) != 0
+        else:
+            ke = tl.load(kend + base + e * s_src_e, mask=m, other=0)
+            keep = ke > last
+            if MODE == 1:
+                keep = keep & (tl.load(src + base + e * s_src_e, mask=m, other=T) <= last - W)
+        keep = keep & m
+        k32 = keep.to(tl.int32)
+        rank = count + tl.cumsum(k32, 0) - 1
+        tl.store(slot + (i_b * C + rank) * H + i_h, e, mask=keep & (rank < C))
+        count += tl.sum(k32, 0)
+        e0 += BN
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        m_c = c < C
+        gone = c >= count
+        tl.store(empty + (i_b * C + c) * H + i_h, gone, mask=m_c)
+        tl.store(slot + (i_b * C + c) * H + i_h, tl.zeros_like(c), mask=m_c & gone)
+
+
+def prompt_buffer_slots(
+    T: int,
+    capacity: int,
+    *,
+    members: Tensor | None = None,
+    kpos: Tensor | None = None,
+    kend: Tensor | None = None,
+    window_size: int | None = None,
+    pad: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The buffer a one-pass prompt leaves, in entry order, as :func:`prompt_state_write` takes it (one launch).
+
+    Either ``members`` [B, T, H] bool (the final buffer's members; entries are positions), or the buffer's history
+    as the eviction op lists it, ``kpos``, ``kend`` [B, H, T] int32 (entries are list indices; a member is a
+    listed key still in the buffer after the row's last query, T - 1 - pad[b]; with ``pad`` [B] int64 also one
+    that had entered by then, kpos <= last - window_size). Returns slot [B, C, H] int32, the first ``capacity``
+    members in entry order, and empty [B, C, H] bool for the slots past them (slot 0 there)."""
+    if members is not None:
+        B, _, H = members.shape
+        src, strides, mode, dev = members, (members.stride(0), members.stride(1), members.stride(2)), 2, members.device
+    else:
+        B, H, _ = kpos.shape
+        kend = kend.contiguous()
+        src, mode, dev = kpos.contiguous(), 0 if pad is None else 1, kpos.device
+        strides = (src.stride(0), src.stride(2), src.stride(1))
+    slot = torch.empty((B, capacity, H), dtype=torch.int32, device=dev)
+    empty = torch.empty((B, capacity, H), dtype=torch.bool, device=dev)
+    # entries per step: 1024 on the GPU (four steps for a 4K list), 256 in the interpreter (the tests' walks take
+    # several steps)
+    BN = 1024 if dev.type == "cuda" else 256
+    _eviction_buffer_slots_kernel[(B * H,)](
+        src,
+        kend,
+        pad,
+        slot,
+        empty,
+        *strides,
+        T,
+        window_size or 0,
+        H=H,
+        C=capacity,
+        BN=BN,
+        BC=min(1024, next_pow2(capacity)),
+        MODE=mode,
+        num_warps=4,
+    )
+    return slot, empty
 
 
 def _rows_ok(x: Tensor, width: int) -> bool:
