@@ -53,6 +53,7 @@ def test_prompt_state_write_matches_torch(T, from_list, padded):
     pad = torch.tensor([0, min(3, T - 1)], device=DEVICE) if padded else None
     want = m.init_state(B, device=DEVICE, dtype=torch.float32)
     _write_expected(want, kr, v, u, score, slot, empty, kpos, pad, margin)
+    slot = slot.int() if from_list else slot  # int32 as prompt_buffer_slots gives them (strides kept), or int64
     prompt_state_write(st, kr, v, u, score, slot, empty, kpos=kpos, pad=pad, margin=margin, none_score=_NONE)
     for name, x in want.tensors().items():
         assert torch.equal(st.tensors()[name], x), name
@@ -110,7 +111,7 @@ ints = {"T", "t0", "n_ring", "n_ctx", "nb_buf", "nb_ring"} | {p for p in params 
 for dt, D, from_list, has_pad in (("bf16", 128, True, False), ("bf16", 64, False, True), ("fp32", 256, True, True)):
     consts = dict(H=16, C=512, W=769, M=6, D=D, BD=D, BR=16, FROM_LIST=from_list, HAS_PAD=has_pad)
     consts.update({} if from_list else {"kpos": None}, **({} if has_pad else {"pad": None}))
-    kinds = dict(score="fp32", win_score="fp32", buf_score="fp32", buf_pos="i64", pad="i64", slot="i64", empty="i1",
+    kinds = dict(score="fp32", win_score="fp32", buf_score="fp32", buf_pos="i64", pad="i64", slot="i32", empty="i1",
                  kpos="i32")
     sig = {p: "constexpr" if p in consts else "i32" if p in ints else "fp32" if p == "none_score" else
            "*" + kinds.get(p, dt) for p in params}
