@@ -205,12 +205,12 @@ def prompt_buffer_slots(
     members in entry order, and empty [B, C, H] bool for the slots past them (slot 0 there)."""
     if members is not None:
         B, _, H = members.shape
-        src, strides, mode, dev = members, (members.stride(0), members.stride(1), members.stride(2)), 2, members.device
+        src, strides, mode, dev = members, members.stride(), 2, members.device  # (batch, entry, head) strides
     else:
         B, H, _ = kpos.shape
         kend = kend.contiguous()
         src, mode, dev = kpos.contiguous(), 0 if pad is None else 1, kpos.device
-        strides = (src.stride(0), src.stride(2), src.stride(1))
+        strides = (src.stride(0), src.stride(2), src.stride(1))  # [B, H, T]: (batch, entry, head) as the kernel's
     slot = torch.empty((B, capacity, H), dtype=torch.int32, device=dev)
     empty = torch.empty((B, capacity, H), dtype=torch.bool, device=dev)
     # entries per step: 1024 on the GPU (four steps for a 4K list), 256 in the interpreter (the tests' walks take
