@@ -43,6 +43,8 @@ def test_prompt_state_write_matches_torch(T, from_list, padded):
     v = proj[..., H * D : 2 * H * D].view(B, T, H, D)
     u = torch.cat((torch.randn_like(kr), v), -1)
     score = torch.randn(B, T, H, device=DEVICE)
+    if padded:  # strided as the router's scores reach the kernel ([B, H, T] storage), contiguous otherwise
+        score = torch.randn(B, H, T, device=DEVICE).permute(0, 2, 1)
     kpos = None
     if from_list:
         kpos = torch.randint(0, T + 1, (B, H, T), device=DEVICE, dtype=torch.int32)  # T: an unlisted entry

@@ -328,7 +328,7 @@ def test_one_pass_prefill_issues_few_operations(prefill):
     the counter does not see), the counter, and no eviction times beyond the op's own. (Written with torch ops the
     state took some twenty operations; with decode's slots some sixty, one more per doubling of T, and the
     final-buffer prompts computed the eviction times too; with a stable sort for the slots, its flags, narrows and
-    pads, 22-25. The H200 measured the exact one-pass prompt with the twenty some 0.4 ms behind the parallel form at
+    pads, 22-25; with a copy of the scores for the state kernel, one more than now. The H200 measured the exact one-pass prompt with the twenty some 0.4 ms behind the parallel form at
     B = 1, T = 4096.)"""
     from mixerzoo.testing import OpCounter
 
@@ -342,6 +342,6 @@ def test_one_pass_prefill_issues_few_operations(prefill):
             m(x)
         counts[T] = sum(one.ops.values()), sum(parallel.ops.values())
     (one_s, par_s), (one_l, par_l) = counts[256], counts[4096]
-    print(counts)  # exact {256: (86, 71), 4096: (86, 71)}, final_buffer {256: (103, 87), 4096: (103, 87)}
-    assert one_s - par_s <= (16 if prefill == "exact" else 17), counts
+    print(counts)  # exact {256: (85, 71), 4096: (85, 71)}, final_buffer {256: (102, 87), 4096: (102, 87)}
+    assert one_s - par_s <= (15 if prefill == "exact" else 16), counts
     assert one_l - par_l <= one_s - par_s, counts  # nothing grows with T

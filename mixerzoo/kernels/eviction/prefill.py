@@ -51,6 +51,9 @@ def _eviction_prompt_state_kernel(
     s_empty_b,
     s_empty_c,
     s_empty_h,
+    s_sc_b,
+    s_sc_t,
+    s_sc_h,
     T,
     t0,
     n_ring,
@@ -71,7 +74,7 @@ def _eviction_prompt_state_kernel(
     # Program (i, b * H + h) writes BR rows of one part: the first nb_buf blocks the buffer's slots, the next
     # nb_ring the ring slots of tokens t0 .. T - 1, the rest the router context's rows. kr, v: [B, T, H, D],
     # u: [B, T, H, 2D] with batch and row strides (heads D or 2D apart, elements contiguous); score: [B, T, H]
-    # float32 and the state's tensors contiguous.
+    # float32 with any strides; the state's tensors contiguous.
     i = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -100,7 +103,7 @@ def _eviction_prompt_state_kernel(
         b_v = tl.load(v + i_b * s_v_b + row[:, None] * s_v_t + i_h * D + o_d[None, :], mask=m2, other=0.0)
         tl.store(buf_k + dst[:, None] * D + o_d[None, :], tl.where(is_empty[:, None], 0.0, b_k).to(b_k.dtype), mask=m2)
         tl.store(buf_v + dst[:, None] * D + o_d[None, :], tl.where(is_empty[:, None], 0.0, b_v).to(b_v.dtype), mask=m2)
-        sc = tl.load(score + (i_b * T + row) * H + i_h, mask=m_c, other=0.0)
+        sc = tl.load(score + i_b * s_sc_b + row * s_sc_t + i_h * s_sc_h, mask=m_c, other=0.0)
         tl.store(buf_score + dst, tl.where(is_empty, none_score, sc), mask=m_c)
         tl.store(buf_pos + dst, tl.where(is_empty, -1, p), mask=m_c)
     elif i < nb_buf + nb_ring:
@@ -114,7 +117,7 @@ def _eviction_prompt_state_kernel(
         w_v = tl.load(v + i_b * s_v_b + t[:, None] * s_v_t + i_h * D + o_d[None, :], mask=m_w)
         tl.store(win_k + dst_w[:, None] * D + o_d[None, :], w_k, mask=m_w)
         tl.store(win_v + dst_w[:, None] * D + o_d[None, :], w_v, mask=m_w)
-        sc_w = tl.load(score + (i_b * T + t) * H + i_h, mask=m_t, other=0.0)
+        sc_w = tl.load(score + i_b * s_sc_b + t * s_sc_t + i_h * s_sc_h, mask=m_t, other=0.0)
         tl.store(win_score + dst_w, tl.where(t >= T - M, none_score, sc_w), mask=m_t)
     else:
         # the router's context: the inputs concat(k, v) of the last n_ctx tokens, 2D wide
@@ -257,8 +260,8 @@ def prompt_state_write(
     """Write a one-pass prompt's state in place (one launch): the buffer, the ring and the router's context.
 
     state: an EvictionSWAState that has seen nothing, its tensors contiguous; kr (k with RoPE), v: [B, T, H, D];
-    u: [B, T, H, 2D] the router's inputs; score: [B, T, H] float32 effective scores. Buffer slot c of row b,
-    head h takes entry ``slot[b, c, h]``: with ``kpos`` ([B, H, T] int32, the listed keys' positions) the index
+    u: [B, T, H, 2D] the router's inputs; score: [B, T, H] float32 effective scores, any strides. Buffer slot c of
+    row b, head h takes entry ``slot[b, c, h]``: with ``kpos`` ([B, H, T] int32, the listed keys' positions) the index
     of a listed key, else the key's position; ``empty[b, c, h]`` (bool) marks slots left empty (zeros, score
     ``none_score``, position -1). ``pad`` [B] int64 (None: no padding): row b's prompt index of position p is
     p + pad[b]. The ring gets the last min(T, W) tokens at index t % W, the last ``margin`` with score
@@ -275,7 +278,6 @@ def prompt_state_write(
         state.ctx_u.copy_(torch.cat((state.ctx_u, u.detach()), 1)[:, T:])
         n_ctx = 0
     kr, v, u = (x if _rows_ok(x, w) else x.contiguous() for x, w in ((kr, D), (v, D), (u, 2 * D)))
-    score = score.contiguous()
     t0 = max(0, T - W)
     n_ring = T - t0
     # rows per program: 16 on the GPU (a [16, D] tile per tensor); the interpreter pays per program, not per row
@@ -306,6 +308,7 @@ def prompt_state_write(
         u.stride(1),
         *slot.stride(),
         *empty.stride(),
+        *score.stride(),
         T,
         t0,
         n_ring,
