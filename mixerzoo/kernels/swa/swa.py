@@ -303,20 +303,6 @@ def _swa_fwd_kernel(
 
 
 @triton.jit
-def _swa_bwd_preprocess_kernel(
-    o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr
-):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
-    i_b, i_h = i_bh // HQ, i_bh % HQ
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    m_m = (o_m < T)[:, None]
-    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m, other=0.0)
-    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m, other=0.0)
-    tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=o_m < T)
-
-
-@triton.jit
 def _dkdv_inner(
     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
     BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
@@ -484,7 +470,7 @@ def _dq_inner(
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq, pad,
+    q, k, v, do, o, lse, delta, dq, pad,
     T, W, S, qk_scale, sm_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
@@ -503,7 +489,11 @@ def _swa_bwd_dq_kernel(
     b_q = tl.load(_rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
     b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
-    b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
+    # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
+    # this one (no separate pass reading dO and O)
+    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + i_bh * T + o_m, b_delta, mask=m_m)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
@@ -803,8 +793,9 @@ def swa_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: (dq [B, T, HQ, D], dk [B, T, HKV, D], dv [B, T, HKV, D]) in the inputs' dtype.
 
-    A dK/dV kernel (per key block) and a dQ kernel (per query block) that computes QK^T and dO V^T a
-    second time (7 matmuls per tile pair); deterministic. (A fused dK/dV kernel adding dQ with float32
+    A dQ kernel (per query block; it also writes delta = rowsum(dO * O) from the dO rows it holds, so no pass of
+    its own reads dO and O for it), then a dK/dV kernel (per key block) that computes QK^T and dO V^T a second time
+    (7 matmuls per tile pair); deterministic. (A fused dK/dV kernel adding dQ with float32
     atomics lost to this at every tile on an H200, see benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
@@ -835,20 +826,37 @@ def swa_bwd(
     has_pad = pad is not None
     pad_t = _pad_arg(pad, q)
 
+    # the dQ kernel first: it also computes delta = rowsum(dO * O), which the dK/dV kernels read
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    BMp = 64
     strides = _strides(q, k)
-    _swa_bwd_preprocess_kernel[(cdiv(T, BMp), B * HQ)](
-        o=o,
+    dq = torch.empty_like(q)
+    k_dq, v_dq = _tma_operands(k, v) if dq_loops["TMA"] else (k, v)
+    _swa_bwd_dq_kernel[(cdiv(T, dq_BM), B * HQ)](
+        q=q,
+        k=k_dq,
+        v=v_dq,
         do=do,
+        o=o,
+        lse=lse,
         delta=delta,
+        dq=dq,
+        pad=pad_t,
         T=T,
-        stride_qb=strides["stride_qb"],
-        stride_qt=strides["stride_qt"],
-        stride_qh=strides["stride_qh"],
+        W=W,
+        S=S,
+        qk_scale=scale * LOG2E,
+        sm_scale=scale,
+        **strides,
         HQ=HQ,
+        G=G,
         D=D,
-        BM=BMp,
+        BM=dq_BM,
+        BN=dq_BN,
+        BS=_sink_block(S),
+        HAS_PAD=has_pad,
+        **dq_loops,
+        **dq_cfg,
+        PREC=dot_precision(q),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -923,35 +931,6 @@ def swa_bwd(
             add = part.sum(2)[:, :, :n].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
             cur = g.gather(1, gidx).float()
             g.scatter_(1, gidx, (cur + add).to(g.dtype))
-    dq = torch.empty_like(q)
-    cfg, BM, BN, loops = dq_cfg, dq_BM, dq_BN, dq_loops
-    k_dq, v_dq = _tma_operands(k, v) if loops["TMA"] else (k, v)
-    _swa_bwd_dq_kernel[(cdiv(T, BM), B * HQ)](
-        q=q,
-        k=k_dq,
-        v=v_dq,
-        do=do,
-        lse=lse,
-        delta=delta,
-        dq=dq,
-        pad=pad_t,
-        T=T,
-        W=W,
-        S=S,
-        qk_scale=scale * LOG2E,
-        sm_scale=scale,
-        **strides,
-        HQ=HQ,
-        G=G,
-        D=D,
-        BM=BM,
-        BN=BN,
-        BS=_sink_block(S),
-        HAS_PAD=has_pad,
-        **loops,
-        **cfg,
-        PREC=dot_precision(q),
-    )
     return dq, dk, dv
 
 
