@@ -220,6 +220,7 @@ def tune_cell(
     k, v = (torch.randn(B, T, HKV, D, device=dev, dtype=dt) for _ in range(2))
     do = torch.randn_like(q)
     spec = OPS[op]
+    timed = _time_cpu if smoke else time_ms  # ms of one call in the interpreter, else CUDA-event timing
     kernels, dflt, calls, jit, (o_ref, g_ref) = spec["spec"](D, G, W, q, k, v, do)
     wins, rows = {}, []
     for kernel in kernels if only is None else [kn for kn in kernels if kn in only]:
@@ -236,7 +237,7 @@ def tune_cell(
                 if max(errs) > CHECK:
                     log(f"  {kernel:6s} {name:9s} {cfg}: differs from the default ({max(errs):.1e}), not timed")
                     continue
-                ms = _time_cpu(fn) if smoke else time_ms(fn)
+                ms = timed(fn)
                 results.append((ms, cfg))
                 log(f"  {kernel:6s} {name:9s} {ms:8.3f} ms  {cfg}  [{regs}]")
             except Exception as e:  # shared memory or registers out of bounds: report, go on
@@ -247,8 +248,7 @@ def tune_cell(
         if len(results) > 1:
             # the default timed again after the candidates, its faster figure kept: one slow timing of the default
             # (an outlier of the machine) would otherwise make every candidate look a gain and write a rule
-            fn = calls[kernel](dict(dflt[kernel]))
-            again = _time_cpu(fn) if smoke else time_ms(fn)
+            again = timed(calls[kernel](dict(dflt[kernel])))
             log(f"  {kernel:6s} default   {again:8.3f} ms  again, after the candidates")
             results[0] = (min(results[0][0], again), results[0][1])
         base_ms = results[0][0]
@@ -257,8 +257,7 @@ def tune_cell(
         if best is not dflt[kernel] and (base_ms / best_ms - 1 > MIN_GAIN or smoke):
             # a would-be rule's tiles timed again, the slower figure kept: a rule must win in both timings (one fast
             # timing of a candidate, or a gain within the runs' drift of 3-4%, would otherwise flip rules between runs)
-            fn = calls[kernel](dict(best))
-            again = _time_cpu(fn) if smoke else time_ms(fn)
+            again = timed(calls[kernel](dict(best)))
             log(f"  {kernel:6s} best      {again:8.3f} ms  again  {best}")
             best_ms = max(best_ms, again)
         gain = base_ms / best_ms - 1
