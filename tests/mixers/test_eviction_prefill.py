@@ -328,8 +328,8 @@ def test_one_pass_prefill_issues_few_operations(prefill):
     the counter does not see), the counter, and no eviction times beyond the op's own. (Written with torch ops the
     state took some twenty operations; with decode's slots some sixty, one more per doubling of T, and the
     final-buffer prompts computed the eviction times too; with a stable sort for the slots, its flags, narrows and
-    pads, 22-25; with a copy of the scores for the state kernel, one more than now. The H200 measured the exact one-pass prompt with the twenty some 0.4 ms behind the parallel form at
-    B = 1, T = 4096.)"""
+    pads, 22-25; with a copy of the scores for the state kernel, one more than now. The H200 measured the exact
+    one-pass prompt with the twenty some 0.4 ms behind the parallel form at B = 1, T = 4096.)"""
     from mixerzoo.testing import OpCounter
 
     counts = {}
