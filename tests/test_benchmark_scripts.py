@@ -44,6 +44,7 @@ GPU_MODES = {
     "paper_presets.py": ([], "'paper_presets.py --smoke' runs on the CPU"),
     "sweep.py": (["--points", "base"], "'sweep.py --smoke' runs on the CPU"),
     "swa_tune.py": ([], "'swa_tune.py --list or --smoke' runs on the CPU"),
+    "swa_five_matmul.py": ([], "'swa_five_matmul.py --check' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py", "sass_report.py"}
 
@@ -517,6 +518,17 @@ def test_swa_tune_smoke(tmp_path):
         assert sorted(r["kernel"] for r in mine) == kernels
         assert all(r["G"] == [2, 64] and r["W"] == [1, 384] for r in mine)
     assert other in json.loads(table.read_text())["sm90"]
+
+
+@pytest.mark.slow  # about 10 s: the kernels in Triton's interpreter
+def test_swa_five_matmul_check():
+    """The five-matmul backward experiment (benchmarks/NOTES-swa.md) still matches the reference, so that its
+    committed timings stay reproducible."""
+    p = subprocess.run(
+        _command("swa_five_matmul.py", ["--check"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("dq, dk, dv rel. error") == 2, p.stdout
 
 
 @pytest.mark.slow  # a compile for sm_90 (about 10 s)
