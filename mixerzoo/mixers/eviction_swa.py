@@ -31,6 +31,7 @@ from .base import (
     live_pad,
     new_pad,
     new_seen,
+    new_zeros,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -239,18 +240,14 @@ class EvictionSWA(AttentionMixer):
         dtype = dtype if dtype is not None else p.dtype
         B, W, C, H, D, m = batch_size, c.window_size, c.capacity, c.kv_heads, c.dim, self.margin
         f32, i64 = torch.float32, torch.long
-        # the five tensors of zeros in one fill (one launch on the GPU instead of five: init_state's host time
-        # counts in a prompt of a few thousand tokens, which is host-bound)
         shapes = dict(win_k=(W, H, D), win_v=(W, H, D), buf_k=(C, H, D), buf_v=(C, H, D), ctx_u=(2 * m, H, 2 * D))
-        zeros = {name: torch.empty(B, *shape, dtype=dtype, device=device) for name, shape in shapes.items()}
-        torch._foreach_zero_(list(zeros.values()))
         return EvictionSWAState(
             seen=new_seen(device),
             pad=new_pad(B, device),
             win_score=torch.full((B, W, H), _NONE, dtype=f32, device=device),
             buf_score=torch.full((B, C, H), _NONE, dtype=f32, device=device),
             buf_pos=torch.full((B, C, H), -1, dtype=i64, device=device),
-            **zeros,
+            **new_zeros(B, device, dtype, **shapes),
         )
 
     # -- pieces ------------------------------------------------------------------------------------

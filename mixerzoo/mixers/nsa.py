@@ -39,6 +39,7 @@ from .base import (
     leading_padding,
     new_pad,
     new_seen,
+    new_zeros,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -173,10 +174,8 @@ class NSA(AttentionMixer):
         return NSAState(
             seen=new_seen(device),
             pad=new_pad(B, device),
-            k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
-            v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
-            k_cmp=torch.zeros(B, NB, H, D, dtype=acc_dtype(dtype), device=device),
-            v_cmp=torch.zeros(B, NB, H, D, dtype=acc_dtype(dtype), device=device),
+            **new_zeros(B, device, dtype, k_cache=(N, H, D), v_cache=(N, H, D)),
+            **new_zeros(B, device, acc_dtype(dtype), k_cmp=(NB, H, D), v_cmp=(NB, H, D)),
         )
 
     def _state_capacity(self, state: NSAState) -> int:

@@ -29,6 +29,7 @@ from .base import (
     leading_padding,
     new_pad,
     new_seen,
+    new_zeros,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -141,9 +142,8 @@ class SWA(AttentionMixer):
         return self.state_class(
             seen=new_seen(device),
             pad=new_pad(B, device),
-            k_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
-            v_cache=torch.zeros(B, N, H, D, dtype=dtype, device=device),
             pos_cache=torch.full((B, N), -1, dtype=torch.long, device=device),
+            **new_zeros(B, device, dtype, k_cache=(N, H, D), v_cache=(N, H, D)),
         )
 
     # -- forward ---------------------------------------------------------------------------------
