@@ -182,10 +182,13 @@ def write_results(
     return path
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = ["op", "impl", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms", "decode_ms", "step_ms", "tokens_per_s"]
-    cols += ["peak_mem_mb", "note"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+def print_table(rows: list[dict], cols: Sequence[str] | None = None) -> None:
+    """The rows as a table; ``cols``: the columns (a row without one shows ""), else the usual ones that any row
+    has."""
+    if cols is None:
+        cols = ["op", "impl", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms", "decode_ms", "step_ms", "tokens_per_s"]
+        cols += ["peak_mem_mb", "note"]
+        cols = [c for c in cols if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:

@@ -26,7 +26,7 @@ from functools import partial
 
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
-from common import interpret_without_gpu, require_gpu, time_ms, write_results  # noqa: E402
+from common import interpret_without_gpu, print_table, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
 
 OP = "swa_bwd_five_matmul"
 SHAPES = {  # point: (B, T, HQ, HKV, D, W), the sweep's token count (65536 per call)
@@ -168,7 +168,8 @@ def _build() -> None:
 
 
 def rel_err(want, got) -> float:
-    return max(((a.float() - b.float()).norm() / a.float().norm()).item() for a, b in zip(want, got, strict=True))
+    """The largest relative RMSE of dq, dk, dv."""
+    return max(rel_rmse(a, b) for a, b in zip(want, got, strict=True))
 
 
 def check() -> int:
@@ -224,15 +225,6 @@ def timing(points: list[str]) -> list[dict]:
     return rows
 
 
-def print_rows(rows: list[dict]) -> None:
-    """The table: per point and form, the whole backward, its main kernel alone and the package's time over it."""
-    cols = ("point", "impl", "tile", "bwd_ms", "main_kernel_ms", "vs_package")
-    cells = [[str(r.get(c, "-")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    for line in [list(cols), *cells]:
-        print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
@@ -248,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     require_gpu("swa_five_matmul.py", "timing", cpu="swa_five_matmul.py --check")
     _build()
     rows = timing(args.points.split(","))
-    print_rows(rows)
+    print_table(rows, ("point", "impl", "tile", "bwd_ms", "main_kernel_ms", "vs_package"))
     print("results:", write_results({OP}, rows))
     return 0
 
