@@ -21,6 +21,7 @@ __all__ = [
     "dot_acc",
     "dot_precision",
     "interpreting",
+    "launch",
     "mask_scores",
     "next_pow2",
     "softmax_step",
@@ -95,6 +96,81 @@ def dot_precision(x: torch.Tensor) -> str:
     ("ieee") for float32, so that a float32 kernel meets the float32 tolerances (TF32 misses them by ~1e-3);
     half-precision inputs run bf16 / fp16 tensor cores, where "tf32" only affects float32 operands among them."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+# Triton's launch path that ``launch`` shortens, as Triton 3.6 has it: JITFunction.device_caches[device] =
+# (kernels, keys, target, backend, binder); binder(*args, **kwargs) -> (bound arguments, specialization, options);
+# a CompiledKernel's launcher ``run``, ``function`` and ``packed_metadata``. Other versions launch as they are.
+_FAST_VERSIONS = ((3, 6),)
+_FAST_LAUNCH = (
+    HAS_TRITON
+    and tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) in _FAST_VERSIONS
+    and os.environ.get("MIXERZOO_FAST_LAUNCH", "1") != "0"
+)
+if _FAST_LAUNCH:
+    from triton import knobs as _knobs
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+
+def _hooks_idle() -> bool:
+    # no launch hook installed (a profiler such as proton adds one): the direct launch passes none
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with less host work per launch.
+
+    Triton's ``JITFunction.run`` binds and specialises the arguments (the pointers' 16-byte alignment, the
+    integers equal to 1 or divisible by 16), looks the compiled kernel up, builds the launch metadata for the
+    launch hooks and launches: some 15-50 us of host time per launch on an H200's host (Triton 3.6), which a
+    host-bound prompt or decode step pays for every kernel. Here the same binder (Triton's own, so the same
+    specialisation) keys a table of the compiled kernels this function has launched, and a hit calls the
+    compiled kernel's launcher directly: the launch-metadata dictionary, the cache key's string of the options,
+    the globals check and the empty hook chains are left out. A miss, a new device, an installed launch hook,
+    torch.compile tracing, Triton's interpreter, a kernel that is not a plain ``JITFunction`` (a wrapper) or a
+    Triton version other than those in ``_FAST_VERSIONS`` take ``kernel[grid]`` itself.
+    ``MIXERZOO_FAST_LAUNCH=0`` turns the shortcut off."""
+    if not _FAST_LAUNCH or type(kernel) is not _JITFunction or torch.compiler.is_compiling() or not _hooks_idle():
+        kernel[grid](*args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    caches = kernel.device_caches.get(device)  # a defaultdict: .get creates nothing
+    if caches is None:  # the kernel's first launch on this device: Triton makes the binder
+        kernel[grid](*args, **kwargs)
+        return
+    # the options Triton's run adds before binding (they enter its cache key)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or _knobs.runtime.debug
+    kwargs["instrumentation_mode"] = _knobs.compilation.instrumentation_mode
+    bound, spec, options = caches[4](*args, **kwargs)
+    # on the kernel object: {(device, specialization, options): (launcher, function, packed metadata)}
+    table = kernel.__dict__.get("_mixerzoo_launches")
+    if table is None:
+        table = kernel._mixerzoo_launches = {}
+    key = (device, tuple(spec), tuple(options.items()))
+    entry = table.get(key)
+    if entry is None:  # compiled (or looked up) and launched by Triton; its compiled kernel kept for next time
+        compiled = kernel[grid](*args, **kwargs)
+        table[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+        return
+    run, function, packed = entry
+    if callable(grid):
+        grid = grid(bound)
+    n = len(grid)
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    run(
+        grid[0],
+        grid[1] if n > 1 else 1,
+        grid[2] if n > 2 else 1,
+        stream,
+        function,
+        packed,
+        None,
+        None,
+        None,
+        *bound.values(),
+    )
+    return None
 
 
 def launch_config(kernel: str, defaults: dict, keys: tuple[str, ...], config: dict | None) -> dict:
