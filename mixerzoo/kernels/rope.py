@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._ops import no_autocast, run_op
-from ._triton import cdiv, next_pow2, tl, triton
+from ._triton import cdiv, launch, next_pow2, tl, triton
 
 __all__ = ["rope_cuda", "rope_launch"]
 
@@ -92,7 +92,9 @@ def rope_launch(x: Tensor, pos: Tensor, theta: float, inverse: bool = False) -> 
         return y
     BD = next_pow2(D // 2)
     BH = max(1, min(next_pow2(H), 4096 // BD))
-    _rope_kernel[(B * T, cdiv(H, BH))](
+    launch(
+        _rope_kernel,
+        (B * T, cdiv(H, BH)),
         x,
         y,
         pos,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast, run_op
-from .._triton import LOG2E, LOG2E_JIT, cdiv, dot_precision, next_pow2, softmax_step, tl, triton
+from .._triton import LOG2E, LOG2E_JIT, cdiv, dot_precision, launch, next_pow2, softmax_step, tl, triton
 from .reference import (
     acc_dtype,
     compact_intervals,
@@ -711,7 +711,7 @@ def _value_flags(v: Tensor) -> Tensor:
     R = B * T * H
     BR = 64 if v.device.type == "cuda" else 16
     BD = min(128, next_pow2(D))
-    _eviction_value_flags_kernel[(cdiv(R, BR),)](v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
+    launch(_eviction_value_flags_kernel, (cdiv(R, BR),), v=v, flags=vflag, R=R, D=D, BR=BR, BD=BD, num_warps=4)
     return vflag
 
 
@@ -739,7 +739,9 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
-    _eviction_end_kernel[(cdiv(T, BR), B * H)](
+    launch(
+        _eviction_end_kernel,
+        (cdiv(T, BR), B * H),
         ranked=ranked,
         rank=rank,
         rpos=rpos,
@@ -803,7 +805,9 @@ def eviction_attention_fwd(
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
     vflag = _value_flags(v)
     cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
-    _eviction_fwd_kernel[grid](
+    launch(
+        _eviction_fwd_kernel,
+        grid,
         q=q,
         k=k,
         v=v,
@@ -858,7 +862,9 @@ def eviction_attention_bwd(
     common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
     cfg = _tiles(q, "dq", tiles, HQ // HKV, window_size)
     cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
-    _eviction_bwd_dq_kernel[grid](
+    launch(
+        _eviction_bwd_dq_kernel,
+        grid,
         q=q,
         k=k,
         v=v,
@@ -880,7 +886,9 @@ def eviction_attention_bwd(
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
         cfg = _tiles(q, "listed" if listed else "dkdv", tiles, HQ // HKV, window_size)
         cfg, grid = _grid(cfg, B * HKV, cdiv(T, cfg["BS"]), False)
-        _eviction_bwd_dkdv_kernel[grid](
+        launch(
+            _eviction_bwd_dkdv_kernel,
+            grid,
             q=q,
             k=k,
             v=v,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_scale
 from .._ops import no_autocast, run_op
-from .._triton import LOG2E, cdiv, dot_precision, next_pow2, softmax_step, tl, triton
+from .._triton import LOG2E, cdiv, dot_precision, launch, next_pow2, softmax_step, tl, triton
 from .reference import acc_dtype
 
 __all__ = ["buffer_insert_", "eviction_decode", "eviction_decode_attention_ref", "eviction_decode_fwd"]
@@ -206,7 +206,9 @@ def eviction_decode_fwd(
     ns = cdiv(W + C, split)
     acc = torch.empty((B, HQ, ns, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((B, HQ, ns, 2), dtype=torch.float32, device=q.device)
-    _eviction_decode_kernel[(B * HKV, ns)](
+    launch(
+        _eviction_decode_kernel,
+        (B * HKV, ns),
         q=q,
         win_k=win_k,
         win_v=win_v,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, interpreting, next_pow2, tl, triton
+from .._triton import cdiv, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["prompt_buffer_slots", "prompt_state_write"]
 
@@ -219,7 +219,9 @@ def prompt_buffer_slots(
     # entries per step: 1024 on the GPU (four steps for a 4K list), 256 in the interpreter (the tests' walks take
     # several steps)
     BN = 1024 if dev.type == "cuda" else 256
-    _eviction_buffer_slots_kernel[(B * H,)](
+    launch(
+        _eviction_buffer_slots_kernel,
+        (B * H,),
         src,
         kend,
         pad,
@@ -283,7 +285,9 @@ def prompt_state_write(
     # rows per program: 16 on the GPU (a [16, D] tile per tensor); the interpreter pays per program, not per row
     BR = 16 if kr.is_cuda else 64
     nb_buf, nb_ring, nb_ctx = cdiv(C, BR), cdiv(n_ring, BR), cdiv(n_ctx, BR)
-    _eviction_prompt_state_kernel[(nb_buf + nb_ring + nb_ctx, B * H)](
+    launch(
+        _eviction_prompt_state_kernel,
+        (nb_buf + nb_ring + nb_ctx, B * H),
         kr,
         v,
         u,

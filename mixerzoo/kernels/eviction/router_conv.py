@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._ops import no_autocast, run_op
-from .._triton import cdiv, dot_acc, dot_precision, interpreting, next_pow2, tl, triton
+from .._triton import cdiv, dot_acc, dot_precision, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["router_conv", "router_conv_bwd", "router_conv_fwd", "router_conv_ref"]
 
@@ -295,7 +295,7 @@ def _dz_and_dbias(z: Tensor, mask: Tensor, dy: Tensor, weight: Tensor, shared: b
     BR, BC = (64, 128) if z.is_cuda else (16, 32)
     dz = torch.empty_like(z)
     parts = z.new_empty(cdiv(N, BR), HC, dtype=torch.float32)
-    _eviction_router_conv_bwd_dz_kernel[(cdiv(N, BR), cdiv(HC, BC))](
+    launch(_eviction_router_conv_bwd_dz_kernel, (cdiv(N, BR), cdiv(HC, BC)),
         z.contiguous(), dy.contiguous(), mask.contiguous().view(torch.uint8), dz, parts, N, HC,
         BR=BR, BC=BC, num_warps=4,
     )  # fmt: skip
@@ -316,7 +316,7 @@ def router_conv_fwd(
     y = torch.empty_like(z)
     meta = _meta(x, CIN)
     grid = (cdiv(L, meta["BT"]), H, B)
-    _eviction_router_conv_fwd_kernel[grid](
+    launch(_eviction_router_conv_fwd_kernel, grid,
         x, w, b, mask.contiguous().view(torch.uint8), z, y, L, H, CIN, COUT,
         0 if shared else K * CIN * COUT, 0 if shared else COUT,
         K=K, DIL=dilation, BCO=_pow2(COUT), num_warps=4, **meta,
@@ -338,7 +338,7 @@ def router_conv_bwd(
     BCO = _pow2(COUT)
     dx = torch.empty_like(x)
     n_ci = cdiv(CIN, meta["BCI"])
-    _eviction_router_conv_bwd_dx_kernel[(cdiv(L, meta["BT"]), H * n_ci, B)](
+    launch(_eviction_router_conv_bwd_dx_kernel, (cdiv(L, meta["BT"]), H * n_ci, B),
         dz, w, dx, L, H, CIN, COUT, 0 if shared else K * CIN * COUT,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip
@@ -349,7 +349,7 @@ def router_conv_bwd(
     target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3 * base
     nsplit = max(1, min(n_t, cdiv(target, base)))
     dw_parts = x.new_empty(nsplit, G, K, CIN, COUT, dtype=torch.float32)
-    _eviction_router_conv_bwd_dw_kernel[(G * n_ci, K, nsplit)](
+    launch(_eviction_router_conv_bwd_dw_kernel, (G * n_ci, K, nsplit),
         x, dz, dw_parts, B, L, H, CIN, COUT, G, H // G, nsplit,
         K=K, DIL=dilation, BCO=BCO, num_warps=4, **meta,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import dot_acc, dot_precision, interpreting, tl, triton
+from .._triton import dot_acc, dot_precision, interpreting, launch, tl, triton
 
 __all__ = ["MAX_ROUTER_LAYERS", "router_step_scores", "router_step_supported"]
 
@@ -337,7 +337,9 @@ def router_step_scores(u_ctx: Tensor, pos_ctx: Tensor, router, scoring: str) -> 
     HKV, BL, CS = meta["HKV"], meta["BL"], meta["CS"]
     scratch = torch.empty(B * HKV * BL * CS if n > 1 else 1, dtype=u_ctx.dtype, device=u_ctx.device)
     r = torch.empty(B, HKV, dtype=torch.float32, device=u_ctx.device)
-    _eviction_router_step_kernel[(B, HKV)](
+    launch(
+        _eviction_router_step_kernel,
+        (B, HKV),
         u_ctx,
         pos_ctx,
         *w_hidden,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, dot_precision, next_pow2, tl, triton
+from .._triton import LOG2E, dot_precision, launch, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_rotate_half
 from .decode import _decode_block
 
@@ -262,7 +262,9 @@ def eviction_step_context(
     ctx_u = ctx_u.contiguous()
     u_ctx = torch.empty(B, M2 + 1, HKV, 2 * D, dtype=ctx_u.dtype, device=k.device)
     pos_ctx = torch.empty(B, M2 + 1, dtype=torch.int64, device=k.device)
-    _eviction_step_context_kernel[(B, HKV)](
+    launch(
+        _eviction_step_context_kernel,
+        (B, HKV),
         k=k,
         v=v,
         ctx_u=ctx_u,
@@ -332,7 +334,9 @@ def eviction_step(
     k, v = _rows(k, v)
     o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
     cuda = q.device.type == "cuda"
-    _eviction_step_kernel[(B, HKV)](
+    launch(
+        _eviction_step_kernel,
+        (B, HKV),
         q=q,
         k=k,
         v=v,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._ops import no_autocast, run_op
-from .._triton import HAS_TRITON, cdiv, next_pow2, tl, triton
+from .._triton import HAS_TRITON, cdiv, launch, next_pow2, tl, triton
 
 __all__ = ["value_gate_grad", "value_gate_grad_launch", "value_gate_grad_ref"]
 
@@ -56,8 +56,21 @@ def value_gate_grad_launch(dv: Tensor, v: Tensor) -> Tensor:
     BD = next_pow2(D)
     BR = max(1, min(64, 4096 // BD))  # a [BR, BD] tile per tensor: 4096 elements
     if N:
-        _eviction_value_gate_grad_kernel[(cdiv(N, BR),)](
-            dv, v, dr, N, T, H, *dv.stride()[:3], *v.stride()[:3], D=D, BD=BD, BR=BR, num_warps=4
+        launch(
+            _eviction_value_gate_grad_kernel,
+            (cdiv(N, BR),),
+            dv,
+            v,
+            dr,
+            N,
+            T,
+            H,
+            *dv.stride()[:3],
+            *v.stride()[:3],
+            D=D,
+            BD=BD,
+            BR=BR,
+            num_warps=4,
         )
     return dr
 

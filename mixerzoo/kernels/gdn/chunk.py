@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import cdiv, dot_precision, launch_config, next_pow2, tl, triton
+from .._triton import cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
 from .fused_recurrent import gates_ok
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
@@ -1203,7 +1203,7 @@ def _chunking(B: int, T: int, cu_seqlens: Tensor | None, device: torch.device, o
     cu = torch.empty(N + 1, device=device, dtype=torch.int32)
     offsets = torch.empty(N + 1, device=device, dtype=torch.int32)
     indices = torch.empty(NT, 2, device=device, dtype=torch.int32)
-    _gdn_chunk_table_kernel[(1,)](
+    launch(_gdn_chunk_table_kernel, (1,),
         cu_in, cu, offsets, indices, ok, N, T, NT, N.bit_length(), BT=BT, BLOCK=1024, CHECK=ok is not None,
         num_warps=8,
     )  # fmt: skip
@@ -1243,7 +1243,7 @@ def _prep(k, g, beta, chunks, *, doubling=None, config=None, ai_dtype=None, ok=N
     NT, _, cu, _, indices = chunks
     gamma = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     Ai = torch.empty(B, T, H, BT, device=k.device, dtype=ai_dtype or k.dtype)
-    _gdn_chunk_prep_kernel[(NT, B * H)](
+    launch(_gdn_chunk_prep_kernel, (NT, B * H),
         k=k, g=g, beta=beta, gamma=gamma, Ai=Ai, ok=ok, cu_seqlens=cu, chunk_indices=indices, T=T, H=H, K=K,
         BT=BT, PREC=dot_precision(k), IS_VARLEN=cu is not None, CHECK=ok is not None,
         **_prep_config(k.dtype, config, doubling),
@@ -1265,7 +1265,7 @@ def _prep_wu_fused(k, v, g, beta, chunks, *, doubling=None, store_ai=False, conf
     cfg = _prep_config(k.dtype, config, doubling)
     if "num_warps" not in (config or {}):
         cfg["num_warps"] = 4  # one warp suits the inverse alone, not the W, U products that follow it here
-    _gdn_chunk_prep_wu_kernel[(NT, B * H)](
+    launch(_gdn_chunk_prep_wu_kernel, (NT, B * H),
         k=k, v=v, g=g, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, ok=ok, cu_seqlens=cu,
         chunk_indices=indices, T=T, H=H, K=K, V=v.shape[-1], BT=BT, BV=64, STORE_AI=store_ai, PREC=dot_precision(k),
         IS_VARLEN=cu is not None, CHECK=ok is not None, **cfg,
@@ -1285,7 +1285,7 @@ def _wu(k, v, beta, gamma, Ai, chunks, *, config=None):
     u = torch.empty_like(v)
     flag = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     cfg = launch_config("gdn wu", dict(BK=64, BV=64, num_warps=4), _WU_KEYS, config)
-    _gdn_chunk_wu_kernel[(NT, B * H)](
+    launch(_gdn_chunk_wu_kernel, (NT, B * H),
         k=k, v=v, beta=beta, gamma=gamma, Ai=Ai, w=w, u=u, flag=flag, cu_seqlens=cu, chunk_indices=indices, T=T,
         H=H, K=K, V=v.shape[-1], BT=BT, PREC=dot_precision(k), IS_VARLEN=cu is not None, **cfg,
     )  # fmt: skip
@@ -1311,7 +1311,9 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    _gdn_chunk_h_kernel[(cdiv(V, BV), N * H)](
+    launch(
+        _gdn_chunk_h_kernel,
+        (cdiv(V, BV), N * H),
         k=k,
         w=w,
         u=u,
@@ -1427,7 +1429,9 @@ def chunk_gdn_fwd(
     )  # fmt: skip
     o = torch.empty_like(v)
     BV = _out_cols(V)
-    _gdn_chunk_o_kernel[(cdiv(V, BV), NT, B * H)](
+    launch(
+        _gdn_chunk_o_kernel,
+        (cdiv(V, BV), NT, B * H),
         q=q,
         k=k,
         vn=vn,
@@ -1512,7 +1516,9 @@ def chunk_gdn_bwd(
 
     dvl = torch.empty_like(v)
     BV = _out_cols(V)
-    _gdn_chunk_dvl_kernel[(cdiv(V, BV), NT, B * H)](
+    launch(
+        _gdn_chunk_dvl_kernel,
+        (cdiv(V, BV), NT, B * H),
         q=q,
         k=k,
         do=do,
@@ -1541,7 +1547,9 @@ def chunk_gdn_bwd(
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
-    _gdn_chunk_dh_kernel[(cdiv(V, BVh), N * H)](
+    launch(
+        _gdn_chunk_dh_kernel,
+        (cdiv(V, BVh), N * H),
         q=q,
         k=k,
         w=w,
@@ -1577,7 +1585,9 @@ def chunk_gdn_bwd(
     dkp = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = torch.empty_like(k)
     dgp = torch.empty(NK, B, T, H, device=dev, dtype=torch.float32)
-    _gdn_chunk_dqk_kernel[(NK, NT, B * H)](
+    launch(
+        _gdn_chunk_dqk_kernel,
+        (NK, NT, B * H),
         q=q,
         k=k,
         vn=vn,
@@ -1610,7 +1620,9 @@ def chunk_gdn_bwd(
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _gdn_chunk_wy_bwd_kernel[(NT, B * H)](
+    launch(
+        _gdn_chunk_wy_bwd_kernel,
+        (NT, B * H),
         k=k,
         v=v,
         beta=beta,

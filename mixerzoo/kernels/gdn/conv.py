@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import check_floats
 from .._ops import no_autocast, run_op
-from .._triton import cdiv, tl, triton
+from .._triton import cdiv, launch, tl, triton
 from .reference import _f32 as _acc
 from .reference import causal_conv1d_ref
 
@@ -185,7 +185,9 @@ def causal_conv1d_fwd(
     init = initial_state.contiguous() if initial_state is not None else None
     y = torch.empty_like(x)
     grid = (cdiv(T, _BT), cdiv(C, _BC), B)
-    _causal_conv1d_fwd_kernel[grid](
+    launch(
+        _causal_conv1d_fwd_kernel,
+        grid,
         x=x,
         weight=weight,
         bias=bias,
@@ -234,7 +236,9 @@ def causal_conv1d_bwd(
     dw = torch.empty(B * NTB, C, W, device=x.device, dtype=torch.float32)
     db = torch.empty(B * NTB, C, device=x.device, dtype=torch.float32)
     grid = (NTB, cdiv(C, _BC), B)
-    _causal_conv1d_bwd_dz_kernel[grid](
+    launch(
+        _causal_conv1d_bwd_dz_kernel,
+        grid,
         x=x,
         weight=weight,
         bias=bias,
@@ -255,7 +259,9 @@ def causal_conv1d_bwd(
     )
     dxe = torch.empty(B, T + W - 1, C, device=x.device, dtype=torch.float32)
     grid = (cdiv(T + W - 1, _BT), cdiv(C, _BC), B)
-    _causal_conv1d_bwd_dx_kernel[grid](
+    launch(
+        _causal_conv1d_bwd_dx_kernel,
+        grid,
         dz=dz,
         weight=weight,
         dfinal=dfinal.contiguous() if dfinal is not None else None,

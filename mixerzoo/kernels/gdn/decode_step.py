@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._ops import no_autocast
-from .._triton import next_pow2, tl, triton
+from .._triton import launch, next_pow2, tl, triton
 
 __all__ = ["gdn_decode_step", "gdn_decode_step_launch", "gdn_decode_step_ref"]
 
@@ -140,7 +140,9 @@ def gdn_decode_step_launch(
     o = torch.empty(B, H * V, dtype=x.dtype, device=S.device)
     BK = next_pow2(K)
     BV = max(16, min(next_pow2(V), 8192 // BK))
-    _gdn_decode_step_kernel[(B, H)](
+    launch(
+        _gdn_decode_step_kernel,
+        (B, H),
         x,
         x.stride(0),
         conv_weight,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_floats
-from .._triton import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
+from .._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 
@@ -162,7 +162,9 @@ def fused_recurrent_gdn_fwd(
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
     grid = (cdiv(V, BV), N * H)
-    _gdn_fused_recurrent_fwd_kernel[grid](
+    launch(
+        _gdn_fused_recurrent_fwd_kernel,
+        grid,
         q=q,
         k=k,
         v=v,

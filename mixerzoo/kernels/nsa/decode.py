@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
 from .._ops import no_autocast
-from .._triton import HAS_TRITON, LOG2E, dot_precision, interpreting, softmax_step, tl, triton
+from .._triton import HAS_TRITON, LOG2E, dot_precision, interpreting, launch, softmax_step, tl, triton
 from ..rope import _inv_freq
 from .reference import compressed_visible, masked_attend, nsa_select_blocks
 from .step import nsa_step_tile
@@ -441,7 +441,7 @@ def _launch(q, k_cache, v_cache, k_cmp, v_cmp, o, HQ, block_size, block_count, w
     NC, G = k_cmp.shape[1], HQ // HKV
     R, DP = _decode_rows_cols(G, D)
     s_tmp = torch.empty(B * HKV, G + 1, max(NC, 1), dtype=torch.float32, device=q.device)
-    nsa_decode_kernel[(B * HKV,)](
+    launch(nsa_decode_kernel, (B * HKV,),
         q=q, k_cache=k_cache, v_cache=v_cache, k_cmp=k_cmp, v_cmp=v_cmp, o=o, s_tmp=s_tmp,
         N=N, NC=NC, W=min(window_size, N), qk_scale=scale * LOG2E, HQ=HQ, HKV=HKV, G=G, R=R, D=D, DP=DP,
         L=block_size, NSEL=block_count, NP=_pow2(block_count), PREC=dot_precision(q),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import cdiv, next_pow2, tl, triton
+from .._triton import cdiv, launch, next_pow2, tl, triton
 
 __all__ = ["nsa_gate_grads", "nsa_gate_mix"]
 
@@ -71,7 +71,7 @@ def nsa_gate_mix(ob: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor) -> Ten
     o = ob.new_empty(ob.shape[1:])
     R, D, BD = _rows(o)
     g = [x.contiguous() for x in (g_cmp, g_slc, g_win)]
-    nsa_gate_mix_kernel[(cdiv(R, _ROWS),)](*ob.unbind(0), *g, o, R, D, BR=_ROWS, BD=BD, num_warps=4)
+    launch(nsa_gate_mix_kernel, (cdiv(R, _ROWS),), *ob.unbind(0), *g, o, R, D, BR=_ROWS, BD=BD, num_warps=4)
     return o
 
 
@@ -82,7 +82,18 @@ def nsa_gate_grads(do: Tensor, ob: Tensor, g_win: Tensor) -> tuple[Tensor, Tenso
     R, D, BD = _rows(do)
     dg = torch.empty((3, *do.shape[:-1]), device=do.device, dtype=torch.float32)
     do_win = torch.empty_like(do)
-    nsa_gate_grads_kernel[(cdiv(R, _ROWS),)](
-        do, *ob.unbind(0), g_win.contiguous(), *dg.unbind(0), do_win, R, D, BR=_ROWS, BD=BD, num_warps=4
+    launch(
+        nsa_gate_grads_kernel,
+        (cdiv(R, _ROWS),),
+        do,
+        *ob.unbind(0),
+        g_win.contiguous(),
+        *dg.unbind(0),
+        do_win,
+        R,
+        D,
+        BR=_ROWS,
+        BD=BD,
+        num_warps=4,
     )
     return dg, do_win

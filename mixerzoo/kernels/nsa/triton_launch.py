@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, cdiv, dot_precision, interpreting
+from .._triton import LOG2E, cdiv, dot_precision, interpreting, launch
 from ..swa import swa_bwd, swa_fwd
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
@@ -153,14 +153,14 @@ def nsa_fwd(
     G, L, N = HQ // HKV, block_size, block_count
     GP, NP = _pow2(G), max(_pow2(N), 16)
     cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    warps = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     NC = T // L
     kc, vc = _compress(k, L), _compress(v, L)
     ob = q.new_empty(3, B, T, HQ, D)
     lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
-    nsa_cmp_fwd_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **warps)
+    launch(nsa_cmp_fwd_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), SPLIT=cmp_split_for(cfg, NP), **common,
     )  # fmt: skip
@@ -168,16 +168,16 @@ def nsa_fwd(
         _, prog_blk, prog_lo, prog_hi, P, pair_u = _reverse_index(idx, T, L, cfg["CH"], slots=True)
         po = q.new_empty(B, T, HQ, N, D)
         plse = torch.empty(B, T, HQ, N, device=q.device, dtype=torch.float32)
-        nsa_slc_fwd_blocks_kernel[(P, B * HKV)](
+        launch(nsa_slc_fwd_blocks_kernel, (P, B * HKV),
             q=q, k=k, v=v, pair_u=pair_u, prog_blk=prog_blk, prog_lo=prog_lo, prog_hi=prog_hi, po=po, plse=plse,
             T=T, NBS=cdiv(T, L), P=P, qk_scale=scale * LOG2E, N=N, BQ=cfg["BQ"], **common,
         )  # fmt: skip
-        nsa_slc_combine_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
+        launch(nsa_slc_combine_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
             idx=idx, po=po, plse=plse, o=ob[1], lse=lse[1], T=T, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, N=N,
-            BT=cfg["BT_cmp"], **launch,
+            BT=cfg["BT_cmp"], **warps,
         )  # fmt: skip
     else:
-        nsa_slc_fwd_kernel[(cdiv(T, cfg["BT_slc"]), B * HKV)](
+        launch(nsa_slc_fwd_kernel, (cdiv(T, cfg["BT_slc"]), B * HKV),
             q=q, k=k, v=v, idx=idx, o=ob[1], lse=lse[1], T=T, qk_scale=scale * LOG2E,
             N=N, NP=NP, BT=cfg["BT_slc"], **common,
         )  # fmt: skip
@@ -261,8 +261,8 @@ def nsa_bwd(
     G, L = HQ // HKV, block_size
     GP, NP = _pow2(G), max(_pow2(N), 16)
     cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **launch)
+    warps = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **warps)
     NC = T // L
     gates = (g_cmp, g_slc, g_win)
     dg, do_win = nsa_gate_grads(do, ob, g_win)  # [3, B, T, HQ]: gradient of each gate; g_win * do
@@ -271,7 +271,7 @@ def nsa_bwd(
     # compression branch: dq, and dk / dv of the pooled blocks spread back over their tokens
     kc, vc = _compress(k, L), _compress(v, L)
     dq = torch.empty(B, T, HQ, D, device=q.device, dtype=torch.float32)
-    nsa_cmp_bwd_dq_kernel[(cdiv(T, cfg["BT_cmp"]), B * HKV)](
+    launch(nsa_cmp_bwd_dq_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
         q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dq=dq, T=T, NC=NC,
         qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
     )  # fmt: skip
@@ -280,7 +280,7 @@ def nsa_bwd(
         S, TS = _cmp_spans(T, NC, B * HKV, cfg)
         dkc_s = torch.empty(S, B, NC, HKV, D, device=q.device, dtype=torch.float32)
         dvc_s = torch.empty_like(dkc_s)
-        nsa_cmp_bwd_dkdv_kernel[(cdiv(NC, cfg["BC"]), B * HKV, S)](
+        launch(nsa_cmp_bwd_dkdv_kernel, (cdiv(NC, cfg["BC"]), B * HKV, S),
             q=q, kc=kc, vc=vc, do=do, g=g_cmp, delta=delta[0], lse=lse[0], dkc=dkc_s, dvc=dvc_s, T=T, NC=NC,
             TS=TS, qk_scale=scale * LOG2E, scale=scale, BT=cfg["BT_cmp"], BC=cfg["BC"], **common,
         )  # fmt: skip
@@ -289,14 +289,14 @@ def nsa_bwd(
     # selection branch (its dq is added to the compression's in place; with slc_dq_atomics by the dK/dV kernel)
     atomic_dq = bool(cfg.get("slc_dq_atomics", cfg.get("slc_blocks")))  # dQ by the dK/dV kernel's atomics
     if not atomic_dq:
-        nsa_slc_bwd_dq_kernel[(cdiv(T, cfg["BT_slc"]), B * HKV)](
+        launch(nsa_slc_bwd_dq_kernel, (cdiv(T, cfg["BT_slc"]), B * HKV),
             q=q, k=k, v=v, idx=idx, do=do, g=g_slc, delta=delta[1], lse=lse[1], dq=dq, T=T,
             qk_scale=scale * LOG2E, scale=scale, N=N, NP=NP, BT=cfg["BT_slc"], **common,
         )  # fmt: skip
     dk = torch.zeros(B, T, HKV, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     pair_tok, prog_blk, prog_lo, prog_hi, P = _reverse_index(idx, T, L, cfg["CH"])
-    nsa_slc_bwd_dkdv_kernel[(P, B * HKV)](
+    launch(nsa_slc_bwd_dkdv_kernel, (P, B * HKV),
         q=q, k=k, v=v, do=do, g=g_slc, delta=delta[1], lse=lse[1], pair_tok=pair_tok, prog_blk=prog_blk,
         prog_lo=prog_lo, prog_hi=prog_hi, dk=dk, dv=dv, dq=dq if atomic_dq else None, T=T, NBS=cdiv(T, L),
         P=P, qk_scale=scale * LOG2E, scale=scale, N=N, BQ=cfg["BQ"], DQ=atomic_dq, **common,

@@ -18,6 +18,7 @@ from .._triton import (
     any_nonfinite,
     dot_precision,
     interpreting,
+    launch,
     mask_scores,
     next_pow2,
     softmax_step,
@@ -230,7 +231,9 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
     cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
     o = torch.empty_like(q)
     BR, BN, interp = _decode_tiles(G * TQ, D, q.element_size())
-    _swa_decode_kernel[(B * HKV,)](
+    launch(
+        _swa_decode_kernel,
+        (B * HKV,),
         q=q,
         k=k_cache,
         v=v_cache,

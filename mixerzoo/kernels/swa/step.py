@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int_arg, check_scale
-from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, next_pow2, tl, triton
+from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, launch, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_cos_sin, rope_rotate_half
 from .decode import _decode_blocks, _decode_tiles
 from .swa import _SUPPORTED_D
@@ -338,7 +338,9 @@ def _write_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, 
     q_pos = torch.empty(B, 1, dtype=torch.int64, device=q.device)
     BD = next_pow2(D // 2)
     BH = max(1, min(next_pow2(HQ), 2048 // BD))
-    _swa_step_write_kernel[(B, cdiv(HQ, BH))](
+    launch(
+        _swa_step_write_kernel,
+        (B, cdiv(HQ, BH)),
         q=q,
         k=k,
         v=v,
@@ -381,7 +383,9 @@ def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, w
     q, k, v, pad = _step_inputs(q, k, v, pad)
     o = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
     BR, BN, interp = _decode_tiles(G, D, q.element_size())
-    _swa_attn_step_kernel[(B * HKV,)](
+    launch(
+        _swa_attn_step_kernel,
+        (B * HKV,),
         q,
         k,
         v,

@@ -21,6 +21,7 @@ from .._triton import (
     cdiv,
     dot_precision,
     interpreting,
+    launch,
     launch_config,
     mask_scores,
     next_pow2,
@@ -750,7 +751,9 @@ def swa_fwd(
     if loops["TMA"]:
         k, v = _tma_operands(k, v)
     grid = (cdiv(T, BM), B * HQ)
-    _swa_fwd_kernel[grid](
+    launch(
+        _swa_fwd_kernel,
+        grid,
         q=q,
         k=k,
         v=v,
@@ -831,7 +834,9 @@ def swa_bwd(
     strides = _strides(q, k)
     dq = torch.empty_like(q)
     k_dq, v_dq = _tma_operands(k, v) if dq_loops["TMA"] else (k, v)
-    _swa_bwd_dq_kernel[(cdiv(T, dq_BM), B * HQ)](
+    launch(
+        _swa_bwd_dq_kernel,
+        (cdiv(T, dq_BM), B * HQ),
         q=q,
         k=k_dq,
         v=v_dq,
@@ -861,7 +866,9 @@ def swa_bwd(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
-    _swa_bwd_dkdv_kernel[(cdiv(T, BN), B * HKV)](
+    launch(
+        _swa_bwd_dkdv_kernel,
+        (cdiv(T, BN), B * HKV),
         q=q_dkdv,
         k=k,
         v=v,
@@ -893,7 +900,9 @@ def swa_bwd(
         n_chunks = cdiv(T, chunk)
         dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
-        _swa_bwd_dkdv_sink_kernel[(n_chunks, B * HKV)](
+        launch(
+            _swa_bwd_dkdv_sink_kernel,
+            (n_chunks, B * HKV),
             q=q,
             k=k,
             v=v,
