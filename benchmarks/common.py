@@ -123,6 +123,23 @@ def cuda_graphed(fn):
     return cuda_graphed(fn, warmup=3)
 
 
+def host_ms(fn, repeat: int = 30) -> float:
+    """Median host time of one call of ``fn`` with the device idle before it (the launch overhead of an eager
+    decode step), in milliseconds."""
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def peak_mem_mb(fn) -> float:
     """Peak CUDA memory allocated while running ``fn()`` once, in MiB, above what was allocated before."""
     import torch

@@ -22,21 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graphed, refuse, require_gpu, time_ms, write_results  # noqa: E402
+from common import cuda_graphed, host_ms, refuse, require_gpu, time_ms, write_results  # noqa: E402
 
 DEFAULT_MIXERS = "gdn,swa,swa_sink,eviction_swa,full_attention,nsa"
-
-
-def host_ms(torch, fn, repeat: int = 30) -> float:
-    """Median host time of one call with the device idle before it (the launch overhead of an eager step)."""
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
 
 
 def print_profile(torch, name: str, fn, top: int, calls: int = 200) -> None:
@@ -78,7 +66,7 @@ def mixer_rows(torch, registry, args, log: list[str]) -> list[dict]:
         for _ in range(args.rounds):
             for name, (_, step) in steps.items():
                 eager[name].append(time_ms(step, repeat=50))
-                host[name].append(host_ms(torch, step))
+                host[name].append(host_ms(step))
         rows = []
         for name, (state, step) in steps.items():
             if args.profile:

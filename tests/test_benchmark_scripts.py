@@ -45,6 +45,7 @@ GPU_MODES = {
     "sweep.py": (["--points", "base"], "'sweep.py --smoke' runs on the CPU"),
     "swa_tune.py": ([], "'swa_tune.py --list or --smoke' runs on the CPU"),
     "swa_five_matmul.py": ([], "'swa_five_matmul.py --check' runs on the CPU"),
+    "launch_overhead.py": ([], "no mode of it runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py", "sass_report.py"}
 
