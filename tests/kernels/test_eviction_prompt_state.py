@@ -123,25 +123,26 @@ for dt, D, from_list, has_pad in (("bf16", 128, True, False), ("bf16", 64, False
     print(dt, D, "shared", kernel.metadata.shared)
 fn = prefill._eviction_buffer_slots_kernel
 params = list(inspect.signature(fn.fn).parameters)
-for mode in (0, 1, 2):
-    consts = dict(H=16, C=512, BN=1024, BC=512, MODE=mode, **({} if mode == 1 else {"pad": None}))
+for mode, BN in ((0, 1024), (1, 4096), (2, 4096), (2, 2048)):
+    consts = dict(H=16, C=512, BN=BN, BC=512, MODE=mode, **({} if mode == 1 else {"pad": None}))
     consts.update({"kend": None} if mode == 2 else {})
     kinds = dict(src="i1" if mode == 2 else "i32", kend="i32", pad="i64", slot="i32", empty="i1")
     sig = {p: "constexpr" if p in consts else "*" + kinds[p] if p in kinds else "i32" for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print("slots", mode, "shared", kernel.metadata.shared)
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if BN >= 4096 else 4})
+    print("slots", mode, BN, "shared", kernel.metadata.shared)
 """
 
 
 @pytest.mark.slow
 def test_prompt_state_kernel_compiles_for_sm90(compile_in_child):
     """The state kernel compiles for sm_90 at the launcher's settings (bf16 and float32, D = 64 to 256, from the
-    listed keys or from positions, with and without padding), and the slots kernel in its three modes. In a child
+    listed keys or from positions, with and without padding), and the slots kernel in its three modes and step
+    sizes (1,024 to 4,096 entries). In a child
     process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
     out = compile_in_child(_SM90_PROMPT_STATE)
-    assert out.count("shared") == 6, out
+    assert out.count("shared") == 7, out
 
 
 def test_prompt_state_write_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
