@@ -123,15 +123,21 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     Triton's ``JITFunction.run`` binds and specialises the arguments (the pointers' 16-byte alignment, the
     integers equal to 1 or divisible by 16), looks the compiled kernel up, builds the launch metadata for the
-    launch hooks and launches: some 15-50 us of host time per launch on an H200's host (Triton 3.6), which a
+    launch hooks and launches: 14 to 49 us of host time per launch on an H200's host (Triton 3.6), which a
     host-bound prompt or decode step pays for every kernel. Here the same binder (Triton's own, so the same
     specialisation) keys a table of the compiled kernels this function has launched, and a hit calls the
     compiled kernel's launcher directly: the launch-metadata dictionary, the cache key's string of the options,
-    the globals check and the empty hook chains are left out. A miss, a new device, an installed launch hook,
-    torch.compile tracing, Triton's interpreter, a kernel that is not a plain ``JITFunction`` (a wrapper) or a
-    Triton version other than those in ``_FAST_VERSIONS`` take ``kernel[grid]`` itself.
+    the globals check and the empty hook chains are left out. A miss, a new device, an installed launch hook or
+    pre-run hook, torch.compile tracing, Triton's interpreter, a kernel that is not a plain ``JITFunction`` (a
+    wrapper) or a Triton version other than those in ``_FAST_VERSIONS`` take ``kernel[grid]`` itself.
     ``MIXERZOO_FAST_LAUNCH=0`` turns the shortcut off."""
-    if not _FAST_LAUNCH or type(kernel) is not _JITFunction or torch.compiler.is_compiling() or not _hooks_idle():
+    if (
+        not _FAST_LAUNCH
+        or type(kernel) is not _JITFunction
+        or kernel.pre_run_hooks
+        or torch.compiler.is_compiling()
+        or not _hooks_idle()
+    ):
         kernel[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
