@@ -151,3 +151,19 @@ def test_launch_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, x[:1000] * 3.0, rtol=0, atol=0)
+
+
+@cuda
+def test_pre_run_hook_takes_triton_run(jit_runs):
+    """A kernel given a pre-run hook (JITFunction.add_pre_run_hook) launches through Triton's run, which calls it."""
+    x = torch.randn(4096, device="cuda")
+    for _ in range(3):
+        _run(x, 600, 1)
+    seen = []
+    _strided_scale_kernel.add_pre_run_hook(lambda *args, **kwargs: seen.append(1))
+    try:
+        before = len(jit_runs)
+        torch.testing.assert_close(_run(x, 600, 1), _expect(x, 600, 1), rtol=0, atol=0)
+        assert len(jit_runs) == before + 1 and seen == [1]
+    finally:
+        _strided_scale_kernel.pre_run_hooks.clear()
