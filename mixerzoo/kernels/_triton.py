@@ -176,7 +176,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         None,
         *bound.values(),
     )
-    return None
 
 
 def launch_config(kernel: str, defaults: dict, keys: tuple[str, ...], config: dict | None) -> dict:

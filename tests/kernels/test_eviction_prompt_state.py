@@ -139,8 +139,8 @@ for mode, BN in ((0, 1024), (1, 4096), (2, 4096), (2, 2048)):
 def test_prompt_state_kernel_compiles_for_sm90(compile_in_child):
     """The state kernel compiles for sm_90 at the launcher's settings (bf16 and float32, D = 64 to 256, from the
     listed keys or from positions, with and without padding), and the slots kernel in its three modes and step
-    sizes (1,024 to 4,096 entries). In a child
-    process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one."""
+    sizes (1,024 to 4,096 entries). In a child process: the tests' TRITON_INTERPRET=1 makes every kernel an
+    interpreted one."""
     out = compile_in_child(_SM90_PROMPT_STATE)
     assert out.count("shared") == 7, out
 

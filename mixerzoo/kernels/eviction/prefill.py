@@ -216,9 +216,9 @@ def prompt_buffer_slots(
         strides = (src.stride(0), src.stride(2), src.stride(1))  # [B, H, T]: (batch, entry, head) as the kernel's
     slot = torch.empty((B, capacity, H), dtype=torch.int32, device=dev)
     empty = torch.empty((B, capacity, H), dtype=torch.bool, device=dev)
-    # entries per step: on the GPU the list up to 4,096 entries per step (each step is a load's latency, one
-    # program per (row, head): a 16K-token prompt's walk took 22 us in 1,024-entry steps), 256 in the
-    # interpreter (the tests' walks take several steps)
+    # entries per step: on the GPU the whole list up to 4,096 (one program per (row, head), each step a load's
+    # latency: a 16K-token prompt's walk took 22 us in 1,024-entry steps), 256 in the interpreter (the tests'
+    # walks take several steps)
     BN = min(4096, max(1024, next_pow2(T))) if dev.type == "cuda" else 256
     launch(
         _eviction_buffer_slots_kernel,
