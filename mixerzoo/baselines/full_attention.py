@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..mixers.attention_common import AttentionMixer, all_finite, check_attention_heads, masked_attention, visible
-from ..mixers.base import MixerConfig, State, check_capacity, new_seen, positions_and_pad, state_dataclass, state_field
+from ..mixers.base import MixerConfig, State, check_capacity, new_state, positions_and_pad, state_dataclass, state_field
 from ..registry.core import register
 from .backends import BACKENDS, load_backend
 
@@ -87,13 +87,8 @@ class FullAttention(AttentionMixer):
             raise ValueError(f"{self.name}: max_seqlen must be an int >= 1, got {L!r}")
         device, dtype = self.state_device_dtype(device, dtype)
         B, H, D = batch_size, self.num_kv_heads, self.head_dim
-        return FullAttentionState(
-            seen=new_seen(device),
-            pad=torch.zeros(B, dtype=torch.long, device=device),
-            k=torch.zeros(B, L, H, D, dtype=dtype, device=device),
-            v=torch.zeros(B, L, H, D, dtype=dtype, device=device),
-            kpos=torch.full((B, L), -1, dtype=torch.long, device=device),
-        )
+        kv = ((L, H, D), dtype)
+        return new_state(FullAttentionState, B, device, k=kv, v=kv, kpos=((L,), torch.long))
 
     def _state_capacity(self, state: FullAttentionState) -> int:
         return state.k.shape[1]

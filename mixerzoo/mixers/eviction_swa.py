@@ -29,9 +29,7 @@ from .base import (
     check_row_open,
     leading_padding,
     live_pad,
-    new_pad,
-    new_seen,
-    new_zeros,
+    new_state,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -240,14 +238,18 @@ class EvictionSWA(AttentionMixer):
         dtype = dtype if dtype is not None else p.dtype
         B, W, C, H, D, m = batch_size, c.window_size, c.capacity, c.kv_heads, c.dim, self.margin
         f32, i64 = torch.float32, torch.long
-        shapes = dict(win_k=(W, H, D), win_v=(W, H, D), buf_k=(C, H, D), buf_v=(C, H, D), ctx_u=(2 * m, H, 2 * D))
-        return EvictionSWAState(
-            seen=new_seen(device),
-            pad=new_pad(B, device),
-            win_score=torch.full((B, W, H), _NONE, dtype=f32, device=device),
-            buf_score=torch.full((B, C, H), _NONE, dtype=f32, device=device),
-            buf_pos=torch.full((B, C, H), -1, dtype=i64, device=device),
-            **new_zeros(B, device, dtype, **shapes),
+        return new_state(
+            EvictionSWAState,
+            B,
+            device,
+            win_k=((W, H, D), dtype),
+            win_v=((W, H, D), dtype),
+            win_score=((W, H), f32),
+            buf_k=((C, H, D), dtype),
+            buf_v=((C, H, D), dtype),
+            buf_score=((C, H), f32),
+            buf_pos=((C, H), i64),
+            ctx_u=((2 * m, H, 2 * D), dtype),
         )
 
     # -- pieces ------------------------------------------------------------------------------------

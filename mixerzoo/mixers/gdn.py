@@ -19,8 +19,7 @@ from .base import (
     TokenMixer,
     acc_dtype,
     check_row_open,
-    new_pad,
-    new_seen,
+    new_state,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -150,12 +149,8 @@ class GatedDeltaNet(TokenMixer):
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
         H, K, V = self.num_heads, self.key_dim, self.value_dim
-        return GDNState(
-            seen=new_seen(device),
-            pad=new_pad(batch_size, device),
-            S=torch.zeros(batch_size, H, K, V, dtype=acc_dtype(dtype), device=device),
-            conv=torch.zeros(batch_size, self.conv_channels, self.config.conv_size - 1, dtype=dtype, device=device),
-        )
+        conv = (self.conv_channels, self.config.conv_size - 1)
+        return new_state(GDNState, batch_size, device, S=((H, K, V), acc_dtype(dtype)), conv=(conv, dtype))
 
     def mix(self, x: Tensor, state: GDNState | None, attention_mask: Tensor | None) -> tuple[Tensor, GDNState | None]:
         T = x.shape[1]

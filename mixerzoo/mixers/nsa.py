@@ -37,9 +37,7 @@ from .base import (
     check_capacity,
     check_row_open,
     leading_padding,
-    new_pad,
-    new_seen,
-    new_zeros,
+    new_state,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -171,11 +169,15 @@ class NSA(AttentionMixer):
         N = self.config.max_seqlen if max_seqlen is None else max_seqlen
         device, dtype = self.state_device_dtype(device, dtype)
         B, H, D, NB = batch_size, self.num_kv_heads, self.head_dim, N // self.block_size
-        return NSAState(
-            seen=new_seen(device),
-            pad=new_pad(B, device),
-            **new_zeros(B, device, dtype, k_cache=(N, H, D), v_cache=(N, H, D)),
-            **new_zeros(B, device, acc_dtype(dtype), k_cmp=(NB, H, D), v_cmp=(NB, H, D)),
+        acc = acc_dtype(dtype)
+        return new_state(
+            NSAState,
+            B,
+            device,
+            k_cache=((N, H, D), dtype),
+            v_cache=((N, H, D), dtype),
+            k_cmp=((NB, H, D), acc),
+            v_cmp=((NB, H, D), acc),
         )
 
     def _state_capacity(self, state: NSAState) -> int:

@@ -27,9 +27,7 @@ from .base import (
     MixerConfig,
     State,
     leading_padding,
-    new_pad,
-    new_seen,
-    new_zeros,
+    new_state,
     positions_and_pad,
     state_dataclass,
     state_field,
@@ -139,12 +137,8 @@ class SWA(AttentionMixer):
         """A state for ``batch_size`` empty sequences; ``max_seqlen`` is ignored (constant size)."""
         device, dtype = self.state_device_dtype(device, dtype)
         B, N, H, D = batch_size, self.num_sinks + self.window_size, self.num_kv_heads, self.head_dim
-        return self.state_class(
-            seen=new_seen(device),
-            pad=new_pad(B, device),
-            pos_cache=torch.full((B, N), -1, dtype=torch.long, device=device),
-            **new_zeros(B, device, dtype, k_cache=(N, H, D), v_cache=(N, H, D)),
-        )
+        kv = ((N, H, D), dtype)
+        return new_state(self.state_class, B, device, k_cache=kv, v_cache=kv, pos_cache=((N,), torch.long))
 
     # -- forward ---------------------------------------------------------------------------------
     def mix(self, x: Tensor, state: SWAState | None, attention_mask: Tensor | None) -> tuple[Tensor, SWAState | None]:

@@ -322,15 +322,16 @@ def test_return_intervals():
 @pytest.mark.parametrize("prefill", ["exact", "final_buffer"])
 def test_one_pass_prefill_issues_few_operations(prefill):
     """On a GPU the one-pass prompt is host-bound below some 16K tokens (each operation a launch): besides the
-    parallel form and the 12 operations of init_state counted here (six fills: five tensors of zeros in one, and on
-    a layer's first state six on the meta device for the shape check), an unpadded prompt issues a handful, whatever
-    T: two kernels (the buffer's slots, then the buffer, the ring and the router context:
-    kernels/eviction/prefill.py; Triton launches, which the counter does not see), the counter, and no eviction
-    times beyond the op's own. (Written with torch ops the state took some twenty operations; with decode's slots
-    some sixty, one more per doubling of T, and the final-buffer prompts computed the eviction times too; with a
-    stable sort for the slots, its flags, narrows and pads, 22-25; with a copy of the scores for the state kernel,
-    one more than now; with ten fills in init_state, eight more. The H200 measured the exact one-pass prompt with
-    the twenty some 0.4 ms behind the parallel form at B = 1, T = 4096.)"""
+    parallel form and the operations of init_state counted here (on the CPU four fills: the tensors of zeros in one,
+    then the three others, and on a layer's first state as many on the meta device for the shape check; on the GPU
+    one launch, kernels/state_fill.py), an unpadded prompt issues a handful, whatever T: two kernels (the buffer's
+    slots, then the buffer, the ring and the router context: kernels/eviction/prefill.py; Triton launches, which the
+    counter does not see), the counter, and no eviction times beyond the op's own. (Written with torch ops the state
+    took some twenty operations; with decode's slots some sixty, one more per doubling of T, and the final-buffer
+    prompts computed the eviction times too; with a stable sort for the slots, its flags, narrows and pads, 22-25;
+    with a copy of the scores for the state kernel, one more than now; with ten fills in init_state eight more, with
+    six four more. The H200 measured the exact one-pass prompt with the twenty some 0.4 ms behind the parallel form
+    at B = 1, T = 4096.)"""
     from mixerzoo.testing import OpCounter
 
     counts = {}
@@ -343,6 +344,6 @@ def test_one_pass_prefill_issues_few_operations(prefill):
             m(x)
         counts[T] = sum(one.ops.values()), sum(parallel.ops.values())
     (one_s, par_s), (one_l, par_l) = counts[256], counts[4096]
-    print(counts)  # exact {256: (77, 71), 4096: (77, 71)}, final_buffer {256: (94, 87), 4096: (94, 87)}
-    assert one_s - par_s <= (7 if prefill == "exact" else 8), counts
+    print(counts)  # exact {256: (73, 71), 4096: (73, 71)}, final_buffer {256: (90, 87), 4096: (90, 87)}
+    assert one_s - par_s <= (2 if prefill == "exact" else 3), counts
     assert one_l - par_l <= one_s - par_s, counts  # nothing grows with T
