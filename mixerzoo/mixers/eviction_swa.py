@@ -467,13 +467,14 @@ class EvictionSWA(AttentionMixer):
         W, C, m, theta = c.window_size, c.capacity, self.margin, c.rope_theta
         B, T, dev = q.shape[0], q.shape[1], q.device
         final = c.prefill == "final_buffer"
-        t_all = torch.arange(T, device=dev)[None, :]  # [1, T]
+        t_all = torch.arange(T, device=dev)  # [T]
         if padded:
             pad = live_pad(state)  # [B] leading padding of each row
             pos = t_all - pad[:, None]  # [B, T]; padding: < 0
             kp = pos.clamp(min=-1)  # padding reads as outside the sequence
         else:
-            pad, pos, kp = None, t_all.expand(B, T), t_all.expand(B, T)
+            pad = None
+            pos = kp = t_all.expand(B, T)
         # real tokens per row (the op's rows are rotated: row b ends at index n_b - 1); only the final buffer reads it
         n = T - pad if final and padded else None
         u = torch.cat((k, v), -1)  # [B, T, H, 2D] the router's input
@@ -495,8 +496,8 @@ class EvictionSWA(AttentionMixer):
             # key enters before its interval ends (kpos + W < kend), so one still there at T - 1 had entered.
             kpos, kend, _ = held  # [B, H, T]
             slot, empty = prompt_buffer_slots(T, C, kpos=kpos, kend=kend, window_size=W, pad=pad)  # into kpos
-        kv = (kr.detach(), v.detach(), u.detach())
-        prompt_state_write(state, *kv, score, slot, empty, kpos=kpos, pad=pad, margin=m, none_score=_NONE)
+        # the kernel writes the state in place, outside autograd (no detach needed: three ops fewer on the host)
+        prompt_state_write(state, kr, v, u, score, slot, empty, kpos=kpos, pad=pad, margin=m, none_score=_NONE)
         state.seen.add_(T)
         return o
 
