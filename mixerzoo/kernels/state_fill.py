@@ -69,10 +69,10 @@ def _exact_in_float32(value: float) -> bool:
 def fill_(tensors: list[Tensor], values: list[float]) -> None:
     """``tensors[i].fill_(values[i])`` for every i, in one launch where all are contiguous CUDA tensors of the
     kernel's dtypes (float32, bfloat16, float16, int64, int32, bool) on one device, at most MAX_TENSORS of them,
-    every value exact in float32 (it reaches the kernel as one, then is cast to the tensor's dtype, as
-    ``fill_`` would cast it); otherwise one ``_foreach_zero_`` for the zeros and one ``fill_`` per other tensor.
-    Not differentiable; the kernel's fills do not advance the tensors' version counters (callers fill tensors they
-    have just allocated)."""
+    each value a float32 number unless its tensor is float32 (a value reaches the kernel as a float32, rounded as
+    ``fill_`` rounds it for a float32 tensor, then is cast to the tensor's dtype); otherwise one ``_foreach_zero_``
+    for the zeros and one ``fill_`` per other tensor. Not differentiable; the kernel's fills do not advance the
+    tensors' version counters (callers fill tensors they have just allocated)."""
     if len(tensors) != len(values):
         raise ValueError(f"state_fill: {len(tensors)} tensors but {len(values)} values")
     if _kernel_ok(tensors, values):
@@ -105,6 +105,6 @@ def _kernel_ok(tensors: list[Tensor], values: list[float]) -> bool:
     for t, v in zip(tensors, values, strict=True):
         if t.device != dev or t.dtype not in _KERNEL_DTYPES or not t.is_contiguous() or t.numel() == 0:
             return False
-        if not _exact_in_float32(float(v)):
+        if t.dtype != torch.float32 and not _exact_in_float32(float(v)):
             return False
     return True

@@ -61,7 +61,12 @@ def test_fill_falls_back_where_the_kernel_does_not_apply():
     state_fill.fill_(odd, [0.1, 2.0, 3.0])
     assert torch.equal(odd[0], torch.full((3,), 0.1, dtype=torch.float64, device=DEV))
     assert torch.equal(odd[1], torch.full((4, 3), 2.0, device=DEV))
-    assert not state_fill._kernel_ok([torch.zeros(2, device=DEV)], [0.1])  # 0.1 is not a float32 value
+    # 0.1 is not a float32 number: the kernel would fill a bfloat16 tensor with a twice-rounded value; a float32
+    # tensor takes it (the kernel's argument is the float32 that fill_ writes)
+    if torch.cuda.is_available():
+        bf16, f32 = torch.zeros(2, dtype=torch.bfloat16, device="cuda"), torch.zeros(2, device="cuda")
+        assert not state_fill._kernel_ok([bf16], [0.1]) and state_fill._kernel_ok([f32], [0.1])
+        assert state_fill._kernel_ok([f32, bf16], [-1e30, 0.0])
 
 
 def test_fill_checks_its_arguments():
@@ -80,13 +85,17 @@ MIXERS = [
 
 
 @pytest.mark.parametrize("name,kw", MIXERS, ids=[m for m, _ in MIXERS])
-def test_new_state_holds_the_declared_fills(name, kw):
-    """init_state of every mixer (on the GPU: the one launch) holds each field's declared fill, as reset_ leaves it,
-    with the shapes and dtypes of its fields; a state dirtied and reset_ equals a new one."""
+def test_new_state_holds_the_declared_fills(name, kw, monkeypatch):
+    """init_state of every mixer (on the GPU: the one launch, counted) holds each field's declared fill, as reset_
+    leaves it, with the shapes and dtypes of its fields; a state dirtied and reset_ equals a new one."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     m = registry.build(name, hidden_size=64, num_heads=4, **kw).to(DEV, dtype)
+    launches = []
+    real = state_fill._launch
+    monkeypatch.setattr(state_fill, "_launch", lambda *a: launches.append(1) or real(*a))
     state = m.init_state(3)
+    assert len(launches) == (1 if DEV == "cuda" else 0)
     fills = _field_fills(type(state))
     for field, t in state.tensors().items():
         assert t.device.type == torch.device(DEV).type
