@@ -107,10 +107,12 @@ class CNNRouter(nn.Module):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else u.dtype
         # selected, not multiplied (a NaN stays out); with every token valid, nothing to select: a pass over u (and
         # one over its gradient) fewer, as a training step without padding runs
-        h = u.to(dt) if all_valid else torch.where(mask[:, :, None, None], u, 0.0).to(dt)
+        h = u if all_valid else torch.where(mask[:, :, None, None], u, 0.0)
+        h = h if h.dtype == dt else h.to(dt)
         for conv in self.convs:
-            h = F.dropout(h, self.dropout, training=dropout)
-            w, b = conv.weight.to(dt), conv.bias.to(dt)
+            if dropout:  # (F.dropout without training returns its input: a dispatch of host time per layer)
+                h = F.dropout(h, self.dropout, training=True)
+            w, b = (p if p.dtype == dt else p.to(dt) for p in (conv.weight, conv.bias))
             h = router_conv(h, w, b, mask, dilation=conv.dilation[0], shared=self.shared)
         G = 1 if self.shared else self.num_kv_heads
         w = self.out.weight.float().view(G, -1)  # [G, C]

@@ -269,8 +269,15 @@ def _groups(x: Tensor, weight: Tensor, shared: bool) -> tuple[int, int]:
 
 def _taps(weight: Tensor, dtype: torch.dtype, G: int) -> Tensor:
     """The conv weight [G * C_out, C_in, K] as [G, K, C_in, C_out] in ``dtype``: a tap's [C_in, C_out] tile is then
-    read in rows of contiguous output channels (a small copy per call, as autocast's cast of a conv weight)."""
-    return rearrange(weight.to(dtype), "(g o) i k -> g k i o", g=G).contiguous()
+    read in rows of contiguous output channels (a small copy per call, as autocast's cast of a conv weight). Torch
+    views, not einops: three operations of host time, in a prompt that is host-bound below some 16K tokens."""
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    return w.view(G, -1, *w.shape[1:]).permute(0, 3, 2, 1).contiguous()
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    """t itself when it is contiguous (asked without a dispatch), else a contiguous copy."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _dz(z: Tensor, mask: Tensor, dy: Tensor) -> Tensor:
@@ -306,18 +313,18 @@ def router_conv_fwd(
     x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, dilation: int, shared: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, z): the layer's output and its masked pre-activation (kept for the backward), [B, L, H, C_out] each."""
-    x = x.contiguous()
+    x = _contiguous(x)
     B, L, H, CIN = x.shape
     G, COUT = _groups(x, weight, shared)
     K = weight.shape[-1]
     w = _taps(weight, x.dtype, G)
-    b = bias.to(torch.float32).contiguous()
+    b = _contiguous(bias)  # the kernel casts it to float32
     z = x.new_empty(B, L, H, COUT)
     y = torch.empty_like(z)
     meta = _meta(x, CIN)
     grid = (cdiv(L, meta["BT"]), H, B)
     launch(_eviction_router_conv_fwd_kernel, grid,
-        x, w, b, mask.contiguous().view(torch.uint8), z, y, L, H, CIN, COUT,
+        x, w, b, _contiguous(mask).view(torch.uint8), z, y, L, H, CIN, COUT,
         0 if shared else K * CIN * COUT, 0 if shared else COUT,
         K=K, DIL=dilation, BCO=_pow2(COUT), num_warps=4, **meta,
     )  # fmt: skip
