@@ -3,9 +3,9 @@
 A state is a handful of tensors of three dtypes (the cache in the model's dtype, float32 scores, int64 positions
 and counters), each filled with one value (zeros, an "empty" score, position -1). Filled one at a time that is one
 launch each, and a prompt of a few thousand tokens is host-bound on the GPU, so ``init_state``'s host time shows in
-a cached prefill (one eviction_swa layer: six fills, 0.08-0.14 ms of host time). ``fill_`` takes them all in one
-launch on CUDA; elsewhere (the CPU, Triton's interpreter, while torch.compile traces) it runs one ``fill_`` per
-tensor.
+a cached prefill (one eviction_swa layer's state took six fill launches). ``fill_`` takes them all in one launch on
+CUDA; elsewhere (the CPU, while torch.compile traces) one ``_foreach_zero_`` for the zeros and one ``fill_`` per
+other tensor.
 """
 
 from __future__ import annotations
