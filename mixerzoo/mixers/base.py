@@ -692,7 +692,7 @@ def whole_prompt(x: Tensor, state: State, attention_mask: Tensor | None) -> bool
     """Whether a chunk is a whole prompt that a mixer may run as its parallel form and then fill the state from:
     several tokens, eager (not while torch.compile traces), a state that has seen nothing, and rows that may start
     with padding but not end with it. Reads the device for the mask's last column, and for the counter unless it
-    is known on the host (a fresh state's, see new_seen): for prompts, not steps (a one-token chunk is refused
+    is known on the host (a fresh state's, see new_state): for prompts, not steps (a one-token chunk is refused
     before any read). A read waits for the queued work, which leaves the device idle while the prompt's first
     operations are issued."""
     if x.shape[1] < 2 or torch.compiler.is_compiling():
@@ -734,49 +734,27 @@ def _noted(table: dict, t: Tensor) -> Any:
     return rec[2] if rec[1] == t._version else None
 
 
-def new_seen(device: torch.device | str | None = None) -> Tensor:
-    """A new state's position counter: 0, int64, noted as 0 on the host (see _SEEN_HOST) while nothing changes it,
-    so that the first checks of a state need not read the device."""
-    seen = torch.zeros((), dtype=torch.long, device=device)
-    _note_new(seen, None)
-    return seen
-
-
-def new_pad(batch_size: int, device: torch.device | str | None = None) -> Tensor:
-    """A new state's leading-padding counters: zeros, int64 [B], noted as open rows (see _PAD_OPEN), so that the
-    first chunk's check_row_open issues nothing (a check and an assert per layer, launches in a host-bound prompt)."""
-    pad = torch.zeros(batch_size, dtype=torch.long, device=device)
-    _note_new(None, pad)
-    return pad
-
-
 def new_state(cls: type[State], batch_size: int, device, **fields: tuple[tuple[int, ...], torch.dtype]) -> State:
-    """A new state of ``cls``: ``seen`` and ``pad`` as new_seen and new_pad make them, and each other field
-    ``name=(shape, dtype)`` a ``[batch_size, *shape]`` tensor holding its declared fill (state_field; what reset_
-    leaves). On the GPU one launch fills them all (kernels.state_fill; one per tensor was six launches for an
-    eviction_swa state, whose host time counts in a host-bound prompt)."""
+    """A new state of ``cls``: each field ``name=(shape, dtype)`` a ``[batch_size, *shape]`` tensor holding its
+    declared fill (state_field; what reset_ leaves), and the counters zero. On the GPU one launch fills them all
+    (kernels.state_fill; one per tensor was six launches for an eviction_swa state, whose host time counts in a
+    host-bound prompt). ``seen`` is noted as 0 on the host (see _SEEN_HOST) and ``pad`` as open rows (see
+    _PAD_OPEN) while nothing changes them, so that the first checks of a state read nothing from the device and the
+    first chunk's check_row_open issues nothing (a check and an assert per layer)."""
     seen = torch.empty((), dtype=torch.long, device=device)
     pad = torch.empty(batch_size, dtype=torch.long, device=device)
     made = {name: torch.empty(batch_size, *shape, dtype=dt, device=device) for name, (shape, dt) in fields.items()}
     fills = _field_fills(cls)
     state_fill.fill_([seen, pad, *made.values()], [0, 0, *(fills[name] for name in made)])
-    _note_new(seen, pad)
+    if not torch.compiler.is_compiling():  # nothing host-side is traced
+        _record_seen(seen, seen._version, 0)
+        _note(_PAD_OPEN, pad, pad._version, True)
     return cls(seen=seen, pad=pad, **made)
 
 
 @functools.cache
 def _field_fills(cls: type[State]) -> dict[str, float]:
     return {f.name: f.metadata.get("fill", 0.0) for f in dataclasses.fields(cls)}
-
-
-def _note_new(seen: Tensor | None, pad: Tensor | None) -> None:
-    """Note a new state's counters as zero (seen) and open rows (pad), as long as nothing changes them."""
-    if torch.compiler.is_compiling():  # nothing host-side is traced
-        return
-    if seen is not None:
-        _record_seen(seen, seen._version, 0)
-    if pad is not None:
-        _note(_PAD_OPEN, pad, pad._version, True)
 
 
 def _record_seen(seen_t: Tensor, version: int | None, value: int) -> None:

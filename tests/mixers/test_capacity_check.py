@@ -45,7 +45,7 @@ def test_steps_read_seen_once_and_still_stop_at_capacity(name, monkeypatch):
     with torch.no_grad():
         for _ in range(6):
             m(x, state)
-        assert reads.n == 0  # a new state's counter is known (new_seen), then each check knows the next value
+        assert reads.n == 0  # a new state's counter is known (new_state), then each check knows the next value
         with pytest.raises(ValueError, match=f"{name}: decoding 1 tokens at position 6 exceeds max_seqlen=6"):
             m(x, state)
     assert int(state.seen) == 6
@@ -83,7 +83,7 @@ def test_a_selected_or_reset_state_is_read_again(monkeypatch):
         picked = state.select(torch.tensor([1, 0]))  # new tensors: no record, read on the device
         with pytest.raises(ValueError, match="at position 4 exceeds max_seqlen=4"):
             m(x, picked)
-        fresh = m.init_state(2, max_seqlen=4)  # a new counter, noted as 0 (new_seen), never as the old one's 4
+        fresh = m.init_state(2, max_seqlen=4)  # a new counter, noted as 0 (new_state), never as the old one's 4
         reads = IntReads(monkeypatch)
         m(x, fresh)
         assert reads.n == 0 and int(fresh.seen) == 1
@@ -120,7 +120,7 @@ def test_compiling_a_check_turns_the_record_off():
 @pytest.mark.parametrize("name", ["swa", "gdn"])
 def test_row_open_check_runs_again_only_after_pad_changes(monkeypatch, name):
     """A mask-less step checks that no row was ended by right padding; while ``pad`` stays unchanged the rows stay
-    open, so later steps skip the check, and a new state's rows are known open (new_pad), so its first steps issue
+    open, so later steps skip the check, and a new state's rows are known open (new_state), so its first steps issue
     none. A masked chunk that ends a row, or any in-place change of ``pad``, brings it back, and the step after a
     row's end still raises."""
     checks = []
