@@ -35,9 +35,10 @@ def _fill_one(p, n, value, BLOCK: tl.constexpr):
 def _state_fill_kernel(
     p0, n0, v0, p1, n1, v1, p2, n2, v2, p3, n3, v3, p4, n4, v4,
     p5, n5, v5, p6, n6, v6, p7, n7, v7, p8, n8, v8, p9, n9, v9,
-    COUNT: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # program (i, j): block i of tensor j; slots j >= COUNT are not launched
+    # program (i, j): block i of tensor j; the grid's second axis is the number of tensors, so unused slots are never
+    # reached
     j = tl.program_id(1)
     if j == 0:
         _fill_one(p0, n0, v0, BLOCK)
@@ -49,17 +50,16 @@ def _state_fill_kernel(
         _fill_one(p3, n3, v3, BLOCK)
     elif j == 4:
         _fill_one(p4, n4, v4, BLOCK)
-    elif COUNT > 5:
-        if j == 5:
-            _fill_one(p5, n5, v5, BLOCK)
-        elif j == 6:
-            _fill_one(p6, n6, v6, BLOCK)
-        elif j == 7:
-            _fill_one(p7, n7, v7, BLOCK)
-        elif j == 8:
-            _fill_one(p8, n8, v8, BLOCK)
-        elif j == 9:
-            _fill_one(p9, n9, v9, BLOCK)
+    elif j == 5:
+        _fill_one(p5, n5, v5, BLOCK)
+    elif j == 6:
+        _fill_one(p6, n6, v6, BLOCK)
+    elif j == 7:
+        _fill_one(p7, n7, v7, BLOCK)
+    elif j == 8:
+        _fill_one(p8, n8, v8, BLOCK)
+    elif j == 9:
+        _fill_one(p9, n9, v9, BLOCK)
 
 
 def _exact_in_float32(value: float) -> bool:
@@ -91,9 +91,9 @@ def _launch(tensors: list[Tensor], values: list[float]) -> None:
     args: list = []
     for t, v in zip(tensors, values, strict=True):
         args += (t, t.numel(), float(v))
-    args += (tensors[0], 0, 0.0) * (MAX_TENSORS - len(tensors))  # unused slots: never reached (COUNT)
+    args += (tensors[0], 0, 0.0) * (MAX_TENSORS - len(tensors))  # unused slots: beyond the grid
     blocks = cdiv(max(t.numel() for t in tensors), _BLOCK)
-    launch(_state_fill_kernel, (blocks, len(tensors)), *args, COUNT=len(tensors), BLOCK=_BLOCK, num_warps=4)
+    launch(_state_fill_kernel, (blocks, len(tensors)), *args, BLOCK=_BLOCK, num_warps=4)
 
 
 def _kernel_ok(tensors: list[Tensor], values: list[float]) -> bool:

@@ -38,7 +38,7 @@ def _filled(n, seed=0):
 @pytest.mark.parametrize("n", [1, 3, 5, 6, 10])
 def test_one_launch_fills_as_torch_does(n):
     """The kernel's launch (the interpreter on the CPU) leaves each tensor as torch's fill_ does, bit for bit, for
-    1 to 10 tensors (the kernel's two branch groups) of every dtype it takes."""
+    1 to 10 tensors (the kernel's first and last slots) of every dtype it takes."""
     tensors, values = _filled(n)
     want = [t.clone().fill_(v) for t, v in zip(tensors, values, strict=True)]
     state_fill._launch(tensors, values)
@@ -119,8 +119,9 @@ params = list(inspect.signature(fn.fn).parameters)
 # eviction_swa's state (seen, pad, the bf16 cache, float32 scores, int64 positions) and gdn's (four tensors)
 EVICTION = ["i64", "i64", "bf16", "bf16", "fp32", "bf16", "bf16", "fp32", "i64", "bf16"]
 for kinds in (EVICTION, ["i64", "i64", "fp32", "fp16"]):
-    consts = dict(COUNT=len(kinds), BLOCK=state_fill._BLOCK)
-    kinds = kinds + [kinds[0]] * (10 - len(kinds))  # unused slots: the first tensor again
+    consts = dict(BLOCK=state_fill._BLOCK)
+    n = len(kinds)
+    kinds = kinds + [kinds[0]] * (10 - n)  # unused slots: the first tensor again
     sig = {}
     for p in params:
         if p in consts:
@@ -130,7 +131,7 @@ for kinds in (EVICTION, ["i64", "i64", "fp32", "fp16"]):
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(consts["COUNT"], "shared", kernel.metadata.shared)
+    print(n, "shared", kernel.metadata.shared)
 """
 
 
