@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (shape, dtype, value): a 0-dim counter, a row of int64 counters, odd and multi-block sizes, every kernel dtype
-SPECS = [
+CASES = [
     ((), torch.long, 0),
     ((3,), torch.long, -1),
     ((2, 5, 3), torch.float32, -1e30),
@@ -31,8 +31,8 @@ SPECS = [
 
 def _filled(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tensors = [torch.randint(-9, 9, shape, generator=g).to(dt).to(DEV) for shape, dt, _ in SPECS[:n]]
-    return tensors, [v for _, _, v in SPECS[:n]]
+    tensors = [torch.randint(-9, 9, shape, generator=g).to(dt).to(DEV) for shape, dt, _ in CASES[:n]]
+    return tensors, [v for _, _, v in CASES[:n]]
 
 
 @pytest.mark.parametrize("n", [1, 3, 5, 6, 10])
@@ -42,7 +42,7 @@ def test_one_launch_fills_as_torch_does(n):
     tensors, values = _filled(n)
     want = [t.clone().fill_(v) for t, v in zip(tensors, values, strict=True)]
     state_fill._launch(tensors, values)
-    for t, w, (shape, dt, v) in zip(tensors, want, SPECS, strict=False):
+    for t, w, (shape, dt, v) in zip(tensors, want, CASES, strict=False):
         assert t.dtype == dt and t.shape == shape
         assert torch.equal(t, w), (dt, v)
 
