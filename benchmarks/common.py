@@ -221,6 +221,41 @@ def finish(op: str, rows: list[dict], smoke: bool) -> int:
     return 0
 
 
+def experiment_main(
+    argv: Sequence[str] | None,
+    *,
+    script: str,
+    doc: str,
+    points: Sequence[str],
+    build,
+    check,
+    timing,
+    op: str,
+    columns: Sequence[str],
+) -> int:
+    """The command line of a one-question kernel experiment (``swa_five_matmul.py``, ``swa_warp_specialized.py``):
+    ``--check`` runs ``check()`` in Triton's interpreter on the CPU, else ``timing(points)`` on the GPU prints the
+    table of ``columns`` and writes the rows of ``op``; ``--points`` picks among ``points``. ``build()`` defines the
+    kernels once the interpreter flag is settled. Returns the exit status."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
+    ap.add_argument("--points", default=",".join(points), help=f"comma-separated, of {', '.join(points)}")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.points.split(",")) - set(points))
+    if unknown:
+        ap.error(f"--points: unknown point(s) {', '.join(unknown)}; choose from {', '.join(points)}")
+    if args.check:
+        interpret_without_gpu(script)
+        build()
+        return check()
+    require_gpu(script, "timing", cpu=f"{script} --check")
+    build()
+    rows = timing(args.points.split(","))
+    print_table(rows, columns)
+    print("results:", write_results({op}, rows))
+    return 0
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -19,15 +19,15 @@ calls), after checking its dq, dk, dv against ``swa_bwd``'s (bf16 relative RMSE 
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from functools import partial
 
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
-from common import interpret_without_gpu, print_table, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
+from common import experiment_main, rel_rmse, time_ms  # noqa: E402
 
+COLUMNS = ("point", "impl", "tile", "bwd_ms", "main_kernel_ms", "vs_package")  # of the printed table
 OP = "swa_bwd_five_matmul"
 SHAPES = {  # point: (B, T, HQ, HKV, D, W), the sweep's token count (65536 per call)
     "base": (8, 8192, 16, 16, 128, 512),
@@ -226,23 +226,17 @@ def timing(points: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
-    ap.add_argument("--points", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    args = ap.parse_args(argv)
-    unknown = sorted(set(args.points.split(",")) - set(SHAPES))
-    if unknown:
-        ap.error(f"--points: unknown point(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    if args.check:
-        interpret_without_gpu("swa_five_matmul.py")
-        _build()
-        return check()
-    require_gpu("swa_five_matmul.py", "timing", cpu="swa_five_matmul.py --check")
-    _build()
-    rows = timing(args.points.split(","))
-    print_table(rows, ("point", "impl", "tile", "bwd_ms", "main_kernel_ms", "vs_package"))
-    print("results:", write_results({OP}, rows))
-    return 0
+    return experiment_main(
+        argv,
+        script="swa_five_matmul.py",
+        doc=__doc__,
+        points=list(SHAPES),
+        build=_build,
+        check=check,
+        timing=timing,
+        op=OP,
+        columns=COLUMNS,
+    )
 
 
 if __name__ == "__main__":

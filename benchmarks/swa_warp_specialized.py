@@ -15,22 +15,23 @@ sequence's rows, masked out here, which is only right for finite inputs.
     python benchmarks/swa_warp_specialized.py --check   # on the CPU: both kernels against the reference
     python benchmarks/swa_warp_specialized.py           # on the GPU: the timing table, rows swa_warp_specialized
 
-The GPU run times, per shape, the package's forward and its dK/dV kernel alone (the dQ kernel skipped, delta left
-as the previous call wrote it), then each warp-specialised tile (time_ms, median of 20 queued calls); every row
-records the tile's relative error against the package's output and whether the compiled kernel has the partition.
+The GPU run times, per shape, the package's forward and its dK/dV kernel alone (the dQ kernel skipped, so delta is
+left unwritten: its values do not change the kernel's work), then each warp-specialised tile (time_ms, median of 20
+queued calls); every row records the tile's relative error against the package's output and whether the compiled
+kernel has the partition.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from functools import partial
 
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
-from common import interpret_without_gpu, print_table, rel_rmse, require_gpu, time_ms, write_results  # noqa: E402
+from common import experiment_main, rel_rmse, time_ms  # noqa: E402
 
+COLUMNS = ("point", "kernel", "impl", "tile", "ms", "vs_package", "rel_err", "partitioned")  # of the printed table
 OP = "swa_warp_specialized"
 SHAPES = {  # point: (B, T, HQ, HKV, D, W), the sweep's token count (65536 per call)
     "base": (8, 8192, 16, 16, 128, 512),
@@ -257,23 +258,17 @@ def timing(points: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
-    ap.add_argument("--points", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    args = ap.parse_args(argv)
-    unknown = sorted(set(args.points.split(",")) - set(SHAPES))
-    if unknown:
-        ap.error(f"--points: unknown point(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    if args.check:
-        interpret_without_gpu("swa_warp_specialized.py")
-        _build()
-        return check()
-    require_gpu("swa_warp_specialized.py", "timing", cpu="swa_warp_specialized.py --check")
-    _build()
-    rows = timing(args.points.split(","))
-    print_table(rows, ("point", "kernel", "impl", "tile", "ms", "vs_package", "rel_err", "partitioned"))
-    print("results:", write_results({OP}, rows))
-    return 0
+    return experiment_main(
+        argv,
+        script="swa_warp_specialized.py",
+        doc=__doc__,
+        points=list(SHAPES),
+        build=_build,
+        check=check,
+        timing=timing,
+        op=OP,
+        columns=COLUMNS,
+    )
 
 
 if __name__ == "__main__":
