@@ -221,6 +221,18 @@ def finish(op: str, rows: list[dict], smoke: bool) -> int:
     return 0
 
 
+def swa_point_inputs(point: Sequence[int]):
+    """(shape keys, q, k, v) of a kernel experiment's point (B, T, HQ, HKV, D, W): bf16 CUDA tensors drawn with seed
+    0, q [B, T, HQ, D], k and v [B, T, HKV, D]."""
+    import torch
+
+    B, T, HQ, HKV, D, W = point
+    torch.manual_seed(0)
+    q = torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return dict(B=B, T=T, HQ=HQ, HKV=HKV, D=D, W=W), q, k, v
+
+
 def experiment_main(
     argv: Sequence[str] | None,
     *,
@@ -232,11 +244,13 @@ def experiment_main(
     timing,
     op: str,
     columns: Sequence[str],
+    interpret: bool = True,
 ) -> int:
-    """The command line of a one-question kernel experiment (``swa_five_matmul.py``, ``swa_warp_specialized.py``):
-    ``--check`` runs ``check()`` in Triton's interpreter on the CPU, else ``timing(points)`` on the GPU prints the
-    table of ``columns`` and writes the rows of ``op``; ``--points`` picks among ``points``. ``build()`` defines the
-    kernels once the interpreter flag is settled. Returns the exit status."""
+    """The command line of a one-question kernel experiment (``swa_five_matmul.py``, ``swa_warp_specialized.py``,
+    ``swa_gluon.py``): ``--check`` runs ``check()`` on the CPU (in Triton's interpreter, or with ``interpret=False``
+    with the interpreter flag cleared, for a check that compiles kernels), else ``timing(points)`` on the GPU prints
+    the table of ``columns`` and writes the rows of ``op``; ``--points`` picks among ``points``. ``build()`` defines
+    the kernels once the interpreter flag is settled. Returns the exit status."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
     ap.add_argument("--points", default=",".join(points), help=f"comma-separated, of {', '.join(points)}")
@@ -245,7 +259,10 @@ def experiment_main(
     if unknown:
         ap.error(f"--points: unknown point(s) {', '.join(unknown)}; choose from {', '.join(points)}")
     if args.check:
-        interpret_without_gpu(script)
+        if interpret:
+            interpret_without_gpu(script)
+        elif os.environ.pop("TRITON_INTERPRET", None) is not None and "triton" in sys.modules:
+            raise RuntimeError(f"{script}: triton was imported before TRITON_INTERPRET could be cleared")
         build()
         return check()
     require_gpu(script, "timing", cpu=f"{script} --check")

@@ -29,7 +29,7 @@ from functools import partial
 
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
-from common import experiment_main, rel_rmse, time_ms  # noqa: E402
+from common import experiment_main, rel_rmse, swa_point_inputs, time_ms  # noqa: E402
 
 COLUMNS = ("point", "kernel", "impl", "tile", "ms", "vs_package", "rel_err", "partitioned")  # of the printed table
 OP = "swa_warp_specialized"
@@ -227,11 +227,8 @@ def _row(point, shape, kernel, impl, tile, ms, base, err, compiled) -> dict:
 def timing(points: list[str]) -> list[dict]:
     rows = []
     for point in points:
-        B, T, HQ, HKV, D, W = SHAPES[point]
-        shape = dict(B=B, T=T, HQ=HQ, HKV=HKV, D=D, W=W)
-        torch.manual_seed(0)
-        q = torch.randn(B, T, HQ, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        shape, q, k, v = swa_point_inputs(SHAPES[point])
+        D, W = shape["D"], shape["W"]
         do = torch.randn_like(q)
         o, lse = S.swa_fwd(q, k, v, W)
         base = time_ms(partial(S.swa_fwd, q, k, v, W), warmup=3, repeat=20)
