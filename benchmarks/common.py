@@ -233,26 +233,19 @@ def swa_point_inputs(point: Sequence[int]):
     return dict(B=B, T=T, HQ=HQ, HKV=HKV, D=D, W=W), q, k, v
 
 
-def experiment_main(
-    argv: Sequence[str] | None,
-    *,
-    script: str,
-    doc: str,
-    points: Sequence[str],
-    build,
-    check,
-    timing,
-    op: str,
-    columns: Sequence[str],
-    interpret: bool = True,
-) -> int:
+def experiment_main(argv: Sequence[str] | None, experiment, *, interpret: bool = True) -> int:
     """The command line of a one-question kernel experiment (``swa_five_matmul.py``, ``swa_warp_specialized.py``,
-    ``swa_gluon.py``): ``--check`` runs ``check()`` on the CPU (in Triton's interpreter, or with ``interpret=False``
+    ``swa_gluon.py``), ``experiment`` being the script's module: its ``SHAPES`` (point: shape), ``OP`` and
+    ``COLUMNS``, ``_build()`` (defines the kernels once the interpreter flag is settled), ``check()`` and
+    ``timing(points)``. ``--check`` runs ``check()`` on the CPU (in Triton's interpreter, or with ``interpret=False``
     with the interpreter flag cleared, for a check that compiles kernels), else ``timing(points)`` on the GPU prints
-    the table of ``columns`` and writes the rows of ``op``; ``--points`` picks among ``points``. ``build()`` defines
-    the kernels once the interpreter flag is settled. Returns the exit status."""
+    the table of ``COLUMNS`` and writes the rows of ``OP``; ``--points`` picks among the points. Returns the exit
+    status."""
+    script, doc, points = pathlib.Path(experiment.__file__).name, experiment.__doc__, list(experiment.SHAPES)
+    build, check, timing = experiment._build, experiment.check, experiment.timing
+    check_help = "the CPU check (Triton's interpreter)" if interpret else "the CPU check (compiles for sm_90)"
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="the CPU check (Triton's interpreter) instead of timing")
+    ap.add_argument("--check", action="store_true", help=f"{check_help} instead of timing")
     ap.add_argument("--points", default=",".join(points), help=f"comma-separated, of {', '.join(points)}")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.points.split(",")) - set(points))
@@ -268,8 +261,8 @@ def experiment_main(
     require_gpu(script, "timing", cpu=f"{script} --check")
     build()
     rows = timing(args.points.split(","))
-    print_table(rows, columns)
-    print("results:", write_results({op}, rows))
+    print_table(rows, experiment.COLUMNS)
+    print("results:", write_results({experiment.OP}, rows))
     return 0
 
 

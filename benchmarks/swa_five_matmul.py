@@ -226,17 +226,7 @@ def timing(points: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return experiment_main(
-        argv,
-        script="swa_five_matmul.py",
-        doc=__doc__,
-        points=list(SHAPES),
-        build=_build,
-        check=check,
-        timing=timing,
-        op=OP,
-        columns=COLUMNS,
-    )
+    return experiment_main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":

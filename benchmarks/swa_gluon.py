@@ -427,8 +427,7 @@ def timing(points: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     # the CPU check compiles (Gluon has no interpreter mode), so the interpreter flag is cleared, not set
-    steps = dict(build=_build, check=check, timing=timing, interpret=False, points=list(SHAPES))
-    return experiment_main(argv, script="swa_gluon.py", doc=__doc__, op=OP, columns=COLUMNS, **steps)
+    return experiment_main(argv, sys.modules[__name__], interpret=False)
 
 
 if __name__ == "__main__":
