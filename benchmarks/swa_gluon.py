@@ -328,7 +328,8 @@ def gluon_fwd(kernel: str, q, k, v, W: int, tile):
         )
     else:
         BN, NS, pingpong = tile
-        # 12 warps x 168 registers fill the register file; the consumers keep 168, the producer drops to 24
+        # 12 warps x 168 registers fill the register file (the 24 the producer asks for is not granted: Triton emits
+        # no reallocation when the default partition is a consumer, so every warp keeps 168)
         pingpong_kernel[(triton.cdiv(T, 128), B * HQ)](
             *_descriptors(q, k, v, 64, BN), o, lse, **args, BN=BN, NS=NS, PINGPONG=pingpong, num_warps=4, maxnreg=168
         )
