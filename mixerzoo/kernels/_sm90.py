@@ -19,7 +19,7 @@ import torch
 __all__ = ["SASSReport", "compile_sm90", "eviction_kernel", "report", "swa_kernel"]
 
 _SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
-_SCALARS.update(scale="fp32", scale_log2="fp32")
+_SCALARS.update(scale="fp32", scale_log2="fp32", n_batch="i32", KV0="i32", NB="i32", HEAD_STRIDE="i32")
 _INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
 _FLOAT32_POINTERS = {"lse", "delta", "vflag"}
 
@@ -41,6 +41,9 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts and p.default is inspect._empty]
     if missing:
         raise ValueError(f"compile_sm90: {fn.fn.__name__} needs its constexprs {missing}, got {sorted(consts)}")
+    # a constexpr with a default the launch leaves out takes that default, as the JIT does
+    consts.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts
+                   and p.default is not inspect._empty})  # fmt: skip
     data = "*fp32" if dtype == torch.float32 else "*bf16"
 
     def kind(name: str) -> str:
@@ -64,9 +67,11 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):
+def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16, *, stash_bq: int = 0):
     """(kernel function, constexprs) that swa's launcher runs for ``kernel`` ("fwd", "dq", "dkdv") at head dim D,
-    group G, 16 query heads, no padding, with tile config ``cfg`` (as in a tile table)."""
+    group G, 16 query heads, no padding, with tile config ``cfg`` (as in a tile table). A dq config with STASH=True
+    gives the stash dQ kernel; ``stash_bq`` > 0 gives the dK/dV kernel storing its score gradients for a stash dQ
+    kernel of that many query rows."""
     from ._triton import dot_precision
     from .swa import swa
 
@@ -74,12 +79,16 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
     if kernel not in fns:
         raise ValueError(f"swa_kernel: kernel must be one of {sorted(fns)}, got {kernel!r}")
     cfg = dict(cfg)
+    fn = swa._swa_bwd_dq_stash_kernel if kernel == "dq" and cfg.pop("STASH", False) else fns[kernel]
     flags = swa._loop_flags(cfg, kernel)  # pops ONE_LOOP and TMA
     consts = dict(HQ=16, G=G, D=D, pad=None, HAS_PAD=False, PREC=dot_precision(torch.empty(0, dtype=dtype)))
     consts.update(cfg, **flags)
-    if "BS" in inspect.signature(fns[kernel].fn).parameters:
+    if kernel == "dkdv" and stash_bq:
+        consts.update(BQ=stash_bq, STASH=True)
+    params = inspect.signature(fn.fn).parameters
+    if "BS" in params:
         consts["BS"] = swa._sink_block(4)
-    return fns[kernel], consts
+    return fn, {k: v for k, v in consts.items() if k in params or k in ("num_warps", "num_stages")}
 
 
 def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):

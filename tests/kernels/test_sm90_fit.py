@@ -59,8 +59,9 @@ def _swa_kernels(dtype: torch.dtype, D: int):
 
 
 def _swa_table_kernels(dtype: torch.dtype, D: int):
-    """Every sm90 rule of the shipped swa tile table at head dim D (its group range's lower end), and for a dK/dV
-    rule the sink kernel, which runs with the dK/dV tiles."""
+    """Every sm90 rule of the shipped swa tile table at head dim D (its group range's lower end), for a dK/dV
+    rule the sink kernel, which runs with the dK/dV tiles, and for a STASH dq rule the dK/dV kernel that stores
+    for it (the table's dK/dV tiles at the rule's lower ends, or the default)."""
     from mixerzoo.kernels._sm90 import swa_kernel
     from mixerzoo.kernels.swa import swa
     from mixerzoo.kernels.swa.tuned import SWA_TABLE
@@ -73,6 +74,11 @@ def _swa_table_kernels(dtype: torch.dtype, D: int):
         if rule["kernel"] == "dkdv":
             sink = {k: v for k, v in consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
             yield f"swa table rule {i} dkdv sink", swa._swa_bwd_dkdv_sink_kernel, {**sink, "BS": swa._sink_block(4)}
+        if rule["config"].get("STASH"):
+            path, (G, W) = str(SWA_TABLE.default_file), (rule["G"][0], rule["W"][0])
+            dkdv = SWA_TABLE.lookup(path, "sm90", "dkdv", D, G, W) or swa._dkdv_config(D)
+            fn, consts = swa_kernel("dkdv", D, G, dkdv, dtype, stash_bq=rule["config"]["BM"])
+            yield f"swa table rule {i} dkdv storing for it", fn, consts
 
 
 def _eviction_kernels(dtype: torch.dtype, D: int):

@@ -164,6 +164,88 @@ def test_swa_tma_batch_rows_isolated():
         assert_close(name, ref, out[:1], dtype, **TOL[dtype][1])
 
 
+# STASH=True: the dK/dV kernel stores its score gradients and the dQ kernel reads them (five matmuls); with the
+# default dK/dV tiles, a dQ tile of 64 query rows over the dK/dV kernel's key blocks. "chunked": a buffer budget of
+# one kv head's query heads, so the kv heads run one per chunk; "fallback": a budget below that, so the launcher
+# takes the recomputing dQ kernel
+_FAST_STASH = {"T63-W100-S4", "T100-W17-S4-pad", "T130-W40-S4-gqa4"}
+
+
+@pytest.mark.parametrize("budget", ["one-chunk", "chunked", "fallback"])
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, W, S, pad",
+    [pytest.param(*c.values, id=c.id, marks=[] if c.id in _FAST_STASH else [pytest.mark.slow]) for c in CASES],
+)
+def test_swa_bwd_stash(B, T, HQ, HKV, D, W, S, pad, budget, monkeypatch):
+    from mixerzoo.kernels.swa import swa
+
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    G, BN = HQ // HKV, _dkdv_config(D)["BN"]
+    probe = torch.empty(B, T, HQ, D, device=DEVICE, dtype=dtype)
+    _, head, _ = swa._stash_plan(probe, T, G, min(W, T), 64, BN)
+    per_kv = G * head * probe.element_size()
+    if budget != "one-chunk":
+        monkeypatch.setattr(swa, "_stash_budget", lambda q: per_kv if budget == "chunked" else per_kv - 1)
+    plan = swa._stash_plan(probe, T, G, min(W, T), 64, BN)
+    if budget == "fallback":
+        assert plan is None
+    elif budget == "chunked" and plan is not None:  # None: too few key blocks for a chunk of one kv head (T = 1)
+        assert plan[2] == 1
+    calls = []
+    monkeypatch.setattr(swa, "_stash_backward", lambda *a, f=swa._stash_backward: calls.append(1) or f(*a))
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
+    scale = D**-0.5
+    o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
+    grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
+    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
+    dkdv = _dkdv_config(D)
+    grads = swa_bwd(
+        do, q, k, v, o, lse, W, S, scale, pad_t, dkdv_config=dkdv,
+        dq_config=dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True),
+    )  # fmt: skip
+    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+        assert out.dtype == dtype
+        assert_close(name, ref, out, dtype, **TOL[dtype][1])
+    assert len(calls) == (plan is not None)
+
+
+@pytest.mark.parametrize("dkdv_BN", [64, 32], ids=["fits", "caller-tiles-differ"])
+def test_swa_bwd_stash_from_the_table(dkdv_BN, monkeypatch):
+    """A table's STASH dq rule runs the stash backward with the table's (or default) dK/dV tiles; with a caller's
+    dK/dV tiles it does not fit, the launcher takes the recomputing dQ kernel instead of failing."""
+    from mixerzoo.kernels.swa import swa
+
+    B, T, HQ, HKV, D, W = 1, 100, 2, 1, 64, 40
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    stash_rule = dict(BM=64, BN=64, num_warps=4, num_stages=2, STASH=True)
+    monkeypatch.setattr(swa, "tuned_config", lambda kernel, *a: dict(stash_rule) if kernel == "dq" else None)
+    calls = []
+    monkeypatch.setattr(swa, "_stash_backward", lambda *a, f=swa._stash_backward: calls.append(1) or f(*a))
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    o, lse = swa_fwd(q, k, v, W)
+    o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, 0, D**-0.5, None)
+    grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, 0, D**-0.5, None)
+    dkdv = dict(BM=32, BN=dkdv_BN, num_warps=4, num_stages=1)
+    grads = swa_bwd(do, q, k, v, o, lse, W, dkdv_config=dkdv)
+    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+        assert_close(name, ref, out, dtype, **TOL[dtype][1])
+    assert len(calls) == (dkdv_BN == 64)
+
+
+def test_swa_bwd_stash_tiles_refused():
+    q = torch.randn(1, 8, 2, 64, device=DEVICE)
+    k = torch.randn(1, 8, 1, 64, device=DEVICE)
+    dkdv = dict(BM=32, BN=64, num_warps=4, num_stages=1)
+    for dq, match in (
+        (dict(BM=64, BN=32, STASH=True), r"BN must equal dkdv_config's BN \(64, .*got 32"),
+        (dict(BM=48, BN=64, STASH=True), r"BM must be a multiple of dkdv_config's BM \(32\), got 48"),
+        (dict(BM=64, BN=64, STASH=True, ONE_LOOP=True, TMA=True), "TMA=True is not taken"),
+    ):
+        with pytest.raises(ValueError, match="swa_bwd dq_config with STASH=True: " + match):
+            swa_bwd(q, q, k, k, q, q[..., 0].transpose(1, 2), 4, dkdv_config=dkdv, dq_config=dict(dq, num_warps=4))
+
+
 @pytest.mark.slow  # 2 s and more in the interpreter; the float32 launcher cases stay in the fast run
 @pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:], ids=str)

@@ -42,12 +42,32 @@ def test_shipped_tables_are_valid(op):
         assert c["num_warps"] in (1, 2, 4, 8, 16) and c["num_stages"] >= 1, r
         if op == "swa":  # fwd / dq hold BM queries and step BN keys; dK/dV holds BN keys and steps BM queries
             assert (c["BN"] % c["BM"] == 0) if r["kernel"] == "dkdv" else (c["BM"] % c["BN"] == 0), r
-            swa._loop_flags(dict(c), "test")  # keys the launchers accept
+            stash = c.get("STASH", False)
+            assert not stash or r["kernel"] == "dq", r  # STASH is a dQ rule's key (swa_bwd reads it there only)
+            swa._loop_flags({k: v for k, v in c.items() if k != "STASH"}, "test")  # keys the launchers accept
+            if stash:
+                _check_stash_rule(table, r)
     # no two rules of one kernel and head dim overlap: the first match would hide the second
     for a in rules:
         for b in rules:
             if a is not b and a["kernel"] == b["kernel"] and a["D"] == b["D"]:
                 assert not all(a[x][0] <= b[x][1] and b[x][0] <= a[x][1] for x in ("G", "W")), (a, b)
+
+
+def _check_stash_rule(table, r):
+    """A STASH dq rule's tiles must fit the dK/dV tiles of every call it serves (the launcher refuses others): the
+    dK/dV rule (or the head dim's default) at both ends of the rule's G and W ranges and at every dK/dV rule's
+    bounds inside them."""
+    Gs, Ws = set(r["G"]), set(r["W"])
+    for d in table.load(table.default_file)["sm90"]:
+        if d["kernel"] == "dkdv" and d["D"] == r["D"]:
+            Gs |= {g for g in d["G"] if r["G"][0] <= g <= r["G"][1]}
+            Ws |= {w for w in d["W"] if r["W"][0] <= w <= r["W"][1]}
+    for G in Gs:
+        for W in Ws:
+            dkdv = table.lookup(str(table.default_file), "sm90", "dkdv", r["D"], G, W) or swa._dkdv_config(r["D"])
+            c = r["config"]
+            swa._check_stash_tiles(c["BM"], c["BN"], {"TMA": c.get("TMA", False)}, dkdv["BM"], dkdv["BN"])
 
 
 def test_lookup_first_match_and_bounds(tmp_path):

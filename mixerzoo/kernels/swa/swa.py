@@ -1,7 +1,7 @@
 """Sliding-window attention (window W, optional S attention sinks, GQA) in Triton: FA2-style forward,
-dK/dV and dQ backward kernels; only key blocks that intersect a query block's window (or hold sinks)
-are ever loaded. Sinks as in StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
-with Attention Sinks").
+dK/dV and dQ backward kernels (the dQ kernel recomputing the scores, or reading the score gradients the dK/dV
+kernel stored); only key blocks that intersect a query block's window (or hold sinks) are ever loaded. Sinks as in
+StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks").
 
 Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo::swa_fwd`` /
 ``mixerzoo::swa_bwd`` custom ops (CUDA: Triton, CPU: reference.py), and ``swa_attention``.
@@ -307,9 +307,13 @@ def _swa_fwd_kernel(
 def _dkdv_inner(
     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
     BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
-    D: tl.constexpr = 0, TMA: tl.constexpr = False,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False, p_ds=None, i_n=0, NB=0, BQ: tl.constexpr = 0,
+    STASH: tl.constexpr = False,
 ):  # fmt: skip
-    # query blocks [m_lo, m_hi) of the key block o_n, keys on rows (the transposed walk of _dq_inner)
+    # query blocks [m_lo, m_hi) of the key block o_n, keys on rows (the transposed walk of _dq_inner).
+    # STASH: each score-gradient block is also stored for the dQ pass (_swa_bwd_dq_stash_kernel): p_ds is this
+    # query head's [cdiv(T, BQ), NB, BQ, BN] buffer, the block of key block i_n for query block m0 // BQ sits in
+    # slot i_n - (first key block of that query block's band), its rows at m0 % BQ
     tl.static_assert((not TMA) or (MODE == 3))
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
@@ -328,6 +332,12 @@ def _dkdv_inner(
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
         b_dst = _dscores(b_pt, b_v, b_do, b_delta, PREC, True).to(b_q.dtype)
+        if STASH:
+            BN: tl.constexpr = b_k.shape[0]
+            i_q = m0 // BQ
+            slot = i_n - tl.maximum(i_q * BQ - W + 1, 0) // BN
+            row = (i_q * NB + slot).to(tl.int64) * BQ + (m0 - i_q * BQ)
+            tl.store(p_ds + row * BN + o_mb[None, :] * BN + tl.arange(0, BN)[:, None], b_dst)
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
     return b_dk, b_dv
@@ -335,16 +345,19 @@ def _dkdv_inner(
 
 @triton.jit
 def _swa_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, pad,
-    T, W, S, qk_scale, sm_scale,
+    q, k, v, do, lse, delta, dk, dv, pad, ds,
+    T, W, S, qk_scale, sm_scale, n_batch, KV0, NB, HEAD_STRIDE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+    BQ: tl.constexpr = 0, STASH: tl.constexpr = False,
 ):  # fmt: skip
     # one program per (key block, kv head): loops over the G query heads of its group and over the
-    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel
+    # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
+    # The grid's kv heads are rows KV0 + program_id(1) of [B * HKV] (a chunk of them with STASH, which stores
+    # the score gradients of the chunk's query heads in ds, HEAD_STRIDE elements per head)
     tl.static_assert(BN % BM == 0)
-    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64) + KV0
     HKV: tl.constexpr = HQ // G
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     P = tl.load(pad + i_b) if HAS_PAD else 0
@@ -364,8 +377,8 @@ def _swa_bwd_dkdv_kernel(
     if Q_TMA:
         # Q / dO tiles by TMA, descriptors over [B, T, HQ * D] (see _swa_fwd_kernel); lse / delta (one
         # float per query) keep their masked loads
-        d_q = _rows_descriptor(q, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
-        d_do = _rows_descriptor(do, tl.num_programs(1) // HKV, T, HQ * D, stride_qb, stride_qt, BM, D)
+        d_q = _rows_descriptor(q, n_batch, T, HQ * D, stride_qb, stride_qt, BM, D)
+        d_do = _rows_descriptor(do, n_batch, T, HQ * D, stride_qb, stride_qt, BM, D)
     if (not HAS_PAD) or (n0 + BN > P):  # a block entirely before the padding end is seen by nobody
         for i_g in range(G):
             i_h = i_hk * G + i_g
@@ -376,28 +389,32 @@ def _swa_bwd_dkdv_kernel(
                 p_do = _rows(do + i_b * stride_qb + i_h * stride_qh, o_mb, o_d, stride_qt)
             p_lse = lse + (i_b * HQ + i_h) * T + o_mb
             p_delta = delta + (i_b * HQ + i_h) * T + o_mb
+            p_ds = ds
+            if STASH:
+                p_ds = ds + ((i_bh - KV0) * G + i_g) * HEAD_STRIDE
             if HAS_PAD:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
-                    stride_qt, BM, 1, PREC,
+                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
                 )  # fmt: skip
             elif ONE_LOOP:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
                     stride_qt, BM, 3, PREC, n0 + BN, e, i_b.to(tl.int32), (i_h * D).to(tl.int32), D, TMA,
+                    p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
                 )  # fmt: skip
             else:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, tl.minimum(n0 + BN, hi), P, T,
-                    W, S, qk_scale, stride_qt, BM, 1, PREC,
+                    W, S, qk_scale, stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
                 )  # fmt: skip
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0 + BN, e, P, T, W, S, qk_scale,
-                    stride_qt, BM, 0, PREC,
+                    stride_qt, BM, 0, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
                 )  # fmt: skip
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, e, hi, P, T, W, S, qk_scale,
-                    stride_qt, BM, 1, PREC,
+                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
                 )  # fmt: skip
 
     b_dk = b_dk * sm_scale
@@ -470,6 +487,36 @@ def _dq_inner(
 
 
 @triton.jit
+def _query_block(i_m, i_bh, pad, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, HAS_PAD: tl.constexpr):  # fmt: skip
+    # a dQ program's indices: batch row, query head, kv head, padding end, its query block's first slot, query
+    # slots, key offsets within a block, head-dim offsets, valid query rows
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    P = tl.load(pad + i_b) if HAS_PAD else 0
+    m0 = i_m * BM
+    o_m = m0 + tl.arange(0, BM)
+    return i_b, i_h, i_h // G, P, m0, o_m, tl.arange(0, BN), tl.arange(0, D), o_m < T
+
+
+@triton.jit
+def _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale, stride_kt,
+              BS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    # b_dq plus the sink tile's part: the sink keys seen by queries past their window (visibility as in _fwd_sinks)
+    o_s = tl.arange(0, BS)
+    p_ks = _rows(k_base, o_s, o_d, stride_kt)
+    p_vs = _rows(v_base, o_s, o_d, stride_kt)
+    return _dq_inner(
+        b_dq, b_q, b_do, b_lse, b_delta, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, BS, 2, PREC
+    )
+
+
+@triton.jit
+def _store_dq(base, b_dq, o_m, o_d, m_m, stride_t):
+    # the [BM, D] rows o_m (valid where m_m) of one head of dq, base: its first element in the batch row
+    tl.store(_rows(base, o_m, o_d, stride_t), b_dq.to(base.dtype.element_ty), mask=m_m[:, None])
+
+
+@triton.jit
 def _swa_bwd_dq_kernel(
     q, k, v, do, o, lse, delta, dq, pad,
     T, W, S, qk_scale, sm_scale,
@@ -479,14 +526,7 @@ def _swa_bwd_dq_kernel(
 ):  # fmt: skip
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
-    i_b, i_h = i_bh // HQ, i_bh % HQ
-    i_hk = i_h // G
-    P = tl.load(pad + i_b) if HAS_PAD else 0
-    m0 = i_m * BM
-    o_m = m0 + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_m = o_m < T
+    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
     b_q = tl.load(_rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
     b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
@@ -527,19 +567,72 @@ def _swa_bwd_dq_kernel(
         )
     if S > 0:
         if m0 + BM - 1 - P >= W:  # sink tile, as in _fwd_sinks
-            o_s = tl.arange(0, BS)
-            p_ks = _rows(k_base, o_s, o_d, stride_kt)
-            p_vs = _rows(v_base, o_s, o_d, stride_kt)
-            b_dq = _dq_inner(
-                b_dq, b_q, b_do, b_lse, b_delta, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt,
-                BS, 2, PREC,
-            )  # fmt: skip
-    b_dq = b_dq * sm_scale
-    tl.store(
-        _rows(dq + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt),
-        b_dq.to(dq.dtype.element_ty),
-        mask=m_m[:, None],
-    )
+            b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
+                             stride_kt, BS, PREC)  # fmt: skip
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt)
+
+
+@triton.jit
+def _swa_bwd_delta_kernel(
+    o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr
+):
+    # delta = rowsum(dO * O) of BM query rows: the stash backward's dK/dV kernel reads it before any dQ kernel runs
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = o_m < T
+    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=m_m)
+
+
+@triton.jit
+def _swa_bwd_dq_stash_kernel(
+    q, k, v, do, lse, delta, ds, dq, pad,
+    T, W, S, qk_scale, sm_scale, KV0, NB, HEAD_STRIDE,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # dQ from the score gradients the dK/dV kernel stored (STASH): one matmul per key block, dQ += dS K, instead of
+    # recomputing QK^T and dO V^T. Query rows KV0 * G + program_id(1) of [B * HQ]; the slots of the block's band
+    # that the dK/dV walk never wrote (queries before the key block, past its window, a key block before the padding
+    # end) read as zeros. The sink tile (queries past the window of the sink keys) is recomputed as in the dQ kernel
+    i_m, i_l = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_bh = KV0 * G + i_l
+    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
+    k_base = k + i_b * stride_kb + i_hk * stride_kh
+    p_k = _rows(k_base, o_n, o_d, stride_kt)
+    p_ds = ds + i_l * HEAD_STRIDE + (i_m * NB).to(tl.int64) * BM * BN + tl.arange(0, BM)[:, None] * BN + o_n[None, :]
+    k_lo = tl.maximum(m0 - W + 1, 0) // BN
+    k_hi = (tl.minimum(m0 + BM, T) - 1) // BN + 1
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    for i_n in range(k_lo, k_hi):
+        n0 = i_n * BN
+        o_j = n0 + o_n
+        m_j = o_j < T
+        if HAS_PAD:
+            m_j = m_j & (o_j >= P)
+        b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
+        r_lo = n0
+        if HAS_PAD:  # the dK/dV kernel skips a key block entirely before the padding end
+            r_lo = tl.where(n0 + BN > P, n0, T)
+        m_s = (o_m >= r_lo) & (o_m < tl.minimum(n0 + BN - 1 + W, T))
+        b_ds = tl.load(p_ds + (i_n - k_lo) * BM * BN, mask=m_s[:, None], other=0.0)
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        b_dq += tl.dot(b_ds, b_k, input_precision=PREC)
+    if S > 0:
+        if m0 + BM - 1 - P >= W:  # sink tile, as in _swa_bwd_dq_kernel
+            off = i_b * stride_qb + i_h * stride_qh
+            b_q = tl.load(_rows(q + off, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+            b_do = tl.load(_rows(do + off, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+            b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
+            b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
+            v_base = v + i_b * stride_kb + i_hk * stride_kh
+            b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
+                             stride_kt, BS, PREC)  # fmt: skip
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -779,6 +872,67 @@ def swa_fwd(
     return o, lse
 
 
+# the score-gradient buffer of the stash backward holds at most this many bytes, or twice q's size where that is more
+# (the backward allocates dq, dk and dv anyway): more kv heads than fit run in chunks
+_STASH_BYTES = 512 << 20
+
+
+def _stash_budget(q: Tensor) -> int:
+    return max(_STASH_BYTES, 2 * q.numel() * q.element_size())
+
+
+def _stash_plan(q: Tensor, T: int, G: int, W: int, BQ: int, BN: int) -> tuple[int, int, int] | None:
+    """(NB key blocks per query block, elements per query head, kv heads per chunk) of the stash backward's buffer,
+    or None where it would not pay: one kv head's buffer over the budget (``_STASH_BYTES`` or twice q's bytes; a long
+    window on a long sequence), or
+    chunks so small that a dK/dV launch has fewer programs than two per SM (many query heads per kv head and a long
+    window: measured 0.66x of the recomputing backward at G = 8, W = 4096)."""
+    NB = min((BQ + W - 2) // BN + 2, cdiv(T, BN))
+    head = cdiv(T, BQ) * NB * BQ * BN
+    per_kv = G * head * q.element_size()
+    budget = _stash_budget(q)
+    if per_kv > budget:
+        return None
+    chunk = min(q.shape[0] * (q.shape[2] // G), budget // per_kv)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    if chunk < q.shape[0] * (q.shape[2] // G) and cdiv(T, BN) * chunk < 2 * sms:
+        return None
+    return NB, head, chunk
+
+
+def _check_stash_tiles(dq_BM: int, dq_BN: int, dq_loops: dict, BM: int, BN: int) -> None:
+    """The stash dQ kernel reads the dK/dV kernel's blocks: its key blocks are the dK/dV kernel's BN, and each dK/dV
+    step of BM query rows must lie in one of its BM-row query blocks."""
+    where = "swa_bwd dq_config with STASH=True"
+    if dq_BN != BN:
+        raise ValueError(f"{where}: BN must equal dkdv_config's BN ({BN}, the stored blocks' keys), got {dq_BN}")
+    if dq_BM % BM:
+        raise ValueError(f"{where}: BM must be a multiple of dkdv_config's BM ({BM}), got {dq_BM}")
+    if dq_loops["TMA"]:
+        raise ValueError(f"{where}: TMA=True is not taken (the stash kernel loads by pointers); drop TMA")
+
+
+def _stash_backward(plan, dkdv_args, common, BQ, dq_cfg, q, k, v, do, o, dq) -> None:
+    """The backward with five matmuls per tile pair (``STASH=True`` in the dQ config): a delta pass, the dK/dV kernel
+    storing each score-gradient block dS (inputs' dtype, the value its dK matmul takes), then a dQ kernel doing
+    dQ += dS K only. The buffer holds, per query head, the band of BQ-row query blocks: NB key blocks each, about
+    (W + BQ + BN) * T elements; kv heads (with their G query heads) run in chunks that keep it within the budget
+    (``plan``: ``_stash_plan``'s)."""
+    B, T, HQ, D = q.shape
+    G, BN = common["G"], dkdv_args["BN"]
+    launch(_swa_bwd_delta_kernel, (cdiv(T, 64), B * HQ), o=o, do=do, delta=common["delta"], T=T,
+           stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), HQ=HQ, D=D, BM=64)  # fmt: skip
+    NB, head, chunk = plan
+    n_kv = B * (HQ // G)
+    ds = torch.empty(chunk * G * head, device=q.device, dtype=q.dtype)
+    for kv0 in range(0, n_kv, chunk):
+        n = min(chunk, n_kv - kv0)
+        stash = dict(ds=ds, KV0=kv0, NB=NB, HEAD_STRIDE=head)
+        launch(_swa_bwd_dkdv_kernel, (cdiv(T, BN), n), **stash, BQ=BQ, STASH=True, **dkdv_args)
+        launch(_swa_bwd_dq_stash_kernel, (cdiv(T, BQ), n * G), q=q, k=k, v=v, do=do, dq=dq, **stash, BM=BQ, BN=BN,
+               BS=_sink_block(common["S"]), **dq_cfg, **common)  # fmt: skip
+
+
 def swa_bwd(
     do: Tensor,
     q: Tensor,
@@ -798,11 +952,16 @@ def swa_bwd(
 
     A dQ kernel (per query block; it also writes delta = rowsum(dO * O) from the dO rows it holds, so no pass of
     its own reads dO and O for it), then a dK/dV kernel (per key block) that computes QK^T and dO V^T a second time
-    (7 matmuls per tile pair); deterministic. (A fused dK/dV kernel adding dQ with float32
-    atomics lost to this at every tile on an H200, see benchmarks/NOTES-swa.md.)
+    (7 matmuls per tile pair). With ``STASH=True`` in the dQ config, the stash backward instead (``_stash_backward``:
+    the dK/dV kernel stores its score gradients, the dQ kernel reads them; 5 matmuls per tile pair, a buffer of about
+    2 (W + 128) bytes per query and head, run in chunks); its dQ tile takes the dK/dV kernel's BN, and where the
+    buffer would not pay (``_stash_plan``) the recomputing dQ kernel runs at the head dim's default tiles. Both are
+    deterministic. (A fused dK/dV kernel adding dQ with float32 atomics lost to these at every tile on an H200, see
+    benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
-    TMA, see ``_loop_flags``), for tuning; without them, the tile table's (``tuned.py``) or the defaults."""
+    TMA, see ``_loop_flags``; STASH in ``dq_config``), for tuning; without them, the tile table's (``tuned.py``) or
+    the defaults."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
@@ -821,113 +980,51 @@ def swa_bwd(
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config")
     dq_cfg = dict(dq_config or tuned_config("dq", q.device, q.dtype, D, G, W) or _fit_dtype(_dq_config(D), q.dtype, D))
+    stash = bool(dq_cfg.pop("STASH", False))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
     dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
+    plan = None
+    if stash:
+        if dq_config is not None:  # the caller's tiles must fit; a table's rule meets a caller's dK/dV tiles
+            _check_stash_tiles(dq_BM, dq_BN, dq_loops, BM, BN)
+        fits = dq_BN == BN and dq_BM % BM == 0
+        plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
+        if plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's dK/dV
+            # tiles): the recomputing dQ kernel, at the head dim's default tiles
+            dq_cfg = _fit_dtype(_dq_config(D), q.dtype, D)
+            dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
+            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
     _check_triton("swa_bwd", q)
     scale = check_scale("swa_bwd", scale, D)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     has_pad = pad is not None
     pad_t = _pad_arg(pad, q)
 
-    # the dQ kernel first: it also computes delta = rowsum(dO * O), which the dK/dV kernels read
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    strides = _strides(q, k)
     dq = torch.empty_like(q)
-    k_dq, v_dq = _tma_operands(k, v) if dq_loops["TMA"] else (k, v)
-    launch(
-        _swa_bwd_dq_kernel,
-        (cdiv(T, dq_BM), B * HQ),
-        q=q,
-        k=k_dq,
-        v=v_dq,
-        do=do,
-        o=o,
-        lse=lse,
-        delta=delta,
-        dq=dq,
-        pad=pad_t,
-        T=T,
-        W=W,
-        S=S,
-        qk_scale=scale * LOG2E,
-        sm_scale=scale,
-        **strides,
-        HQ=HQ,
-        G=G,
-        D=D,
-        BM=dq_BM,
-        BN=dq_BN,
-        BS=_sink_block(S),
-        HAS_PAD=has_pad,
-        **dq_loops,
-        **dq_cfg,
-        PREC=dot_precision(q),
-    )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    # the arguments every backward kernel takes alike
+    common = dict(lse=lse, delta=delta, pad=pad_t, T=T, W=W, S=S, qk_scale=scale * LOG2E, sm_scale=scale,
+                  **_strides(q, k), HQ=HQ, G=G, D=D, HAS_PAD=has_pad, PREC=dot_precision(q))  # fmt: skip
     q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
-    launch(
-        _swa_bwd_dkdv_kernel,
-        (cdiv(T, BN), B * HKV),
-        q=q_dkdv,
-        k=k,
-        v=v,
-        do=do_dkdv,
-        lse=lse,
-        delta=delta,
-        dk=dk,
-        dv=dv,
-        pad=pad_t,
-        T=T,
-        W=W,
-        S=S,
-        qk_scale=scale * LOG2E,
-        sm_scale=scale,
-        **strides,
-        HQ=HQ,
-        G=G,
-        D=D,
-        BM=BM,
-        BN=BN,
-        HAS_PAD=has_pad,
-        **loops,
-        **cfg,
-        PREC=dot_precision(q),
-    )
+    dkdv_args = dict(q=q_dkdv, k=k, v=v, do=do_dkdv, dk=dk, dv=dv, n_batch=B, BM=BM, BN=BN, **loops, **cfg, **common)
+    if plan is not None:
+        _stash_backward(plan, dkdv_args, common, dq_BM, dq_cfg, q, k, v, do, o, dq)
+    else:
+        # the dQ kernel first: it also computes delta = rowsum(dO * O), which the dK/dV kernels read
+        k_dq, v_dq = _tma_operands(k, v) if dq_loops["TMA"] else (k, v)
+        launch(_swa_bwd_dq_kernel, (cdiv(T, dq_BM), B * HQ), q=q, k=k_dq, v=v_dq, do=do, o=o, dq=dq, BM=dq_BM,
+               BN=dq_BN, BS=_sink_block(S), **dq_loops, **dq_cfg, **common)  # fmt: skip
+        launch(_swa_bwd_dkdv_kernel, (cdiv(T, BN), B * HKV), ds=None, KV0=0, NB=0, HEAD_STRIDE=0, **dkdv_args)
     if S > 0 and T > W:
         BS = _sink_block(S)
         chunk = max(BM, 1024 // BM * BM)
         n_chunks = cdiv(T, chunk)
         dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
-        launch(
-            _swa_bwd_dkdv_sink_kernel,
-            (n_chunks, B * HKV),
-            q=q,
-            k=k,
-            v=v,
-            do=do,
-            lse=lse,
-            delta=delta,
-            dk_part=dk_part,
-            dv_part=dv_part,
-            pad=pad_t,
-            T=T,
-            W=W,
-            S=S,
-            qk_scale=scale * LOG2E,
-            sm_scale=scale,
-            CHUNK=chunk,
-            **strides,
-            HQ=HQ,
-            G=G,
-            D=D,
-            BM=BM,
-            BS=BS,
-            HAS_PAD=has_pad,
-            **cfg,
-            PREC=dot_precision(q),
-        )
+        launch(_swa_bwd_dkdv_sink_kernel, (n_chunks, B * HKV), q=q, k=k, v=v, do=do, dk_part=dk_part,
+               dv_part=dv_part, CHUNK=chunk, BM=BM, BS=BS, **cfg, **common)  # fmt: skip
         # add the sink keys' far-query parts: key slot pad[b] + s for s < min(S, T - pad[b])
         n = min(S, BS)
         idx = torch.arange(n, device=q.device).expand(B, n)  # [B, n]
