@@ -47,6 +47,7 @@ GPU_MODES = {
     "swa_five_matmul.py": ([], "'swa_five_matmul.py --check' runs on the CPU"),
     "swa_warp_specialized.py": ([], "'swa_warp_specialized.py --check' runs on the CPU"),
     "swa_gluon.py": ([], "'swa_gluon.py --check' runs on the CPU"),
+    "swa_stash.py": ([], "'swa_stash.py --check' runs on the CPU"),
     "launch_overhead.py": ([], "no mode of it runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py", "sass_report.py"}
@@ -544,6 +545,16 @@ def test_swa_warp_specialized_check():
     )  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("o, lse, dk, dv rel. error") == 3, p.stdout
+
+
+def test_swa_stash_check():
+    """The stash backward experiment (benchmarks/NOTES-swa.md) runs the package's stash path against the reference at
+    three small shapes (sinks, GQA, padding), so that its committed timings stay reproducible (about 6 s)."""
+    p = subprocess.run(
+        _command("swa_stash.py", ["--check"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count(": rel RMSE dq ") == 3 and "worst" in p.stdout and "ok" in p.stdout, p.stdout
 
 
 @pytest.mark.slow  # about 20 s: four compiles for sm_90
