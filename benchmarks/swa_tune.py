@@ -70,6 +70,11 @@ CANDIDATES = {
     ("dq", 256): [_c(64, 32, 4, 2), _c(64, 32, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2), _c(32, 32, 4, 2),
                   _c(64, 32, 4, 2, one=False)],
 }
+# the stash backward's dQ (STASH: reads the score gradients the dK/dV kernel stored; its key block is the dK/dV
+# kernel's, 64 in every head dim's default, which the dq candidates are timed with), the winners of
+# benchmarks/swa_stash.py
+for _D, _tiles in ((128, ((4, 3), (4, 2))), (256, ((4, 2), (8, 2)))):
+    CANDIDATES[("dq", _D)] += [dict(_c(64, 64, w, st, one=False), STASH=True) for w, st in _tiles]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 
@@ -284,14 +289,15 @@ def _time_cpu(fn) -> float:
 
 
 def merge_rules(table: dict, arch: str, D: int, G: int, W: int, wins: dict, kernels=None) -> dict:
-    """The table with this cell's rules replaced (a cell's old rules go even where it now keeps the default); with
-    ``kernels``, only the rules of those kernels (the others were not tuned)."""
+    """The table with this cell's rules replaced (a cell's old rules, and rules that split its class by hand, go even
+    where it now keeps the default); with ``kernels``, only the rules of those kernels (the others were not tuned)."""
     g, w = list(G_CLASSES[G]), list(W_CLASSES[W])
-    rules = [
-        r
-        for r in table.get(arch, [])
-        if not (r["D"] == D and r["G"] == g and r["W"] == w and (kernels is None or r["kernel"] in kernels))
-    ]
+
+    def tuned(r):  # a rule of a tuned kernel in this cell's class, or one that splits it (its ranges meet the class's)
+        meets = all(r[x][0] <= c[1] and c[0] <= r[x][1] for x, c in (("G", g), ("W", w)))
+        return r["D"] == D and meets and (kernels is None or r["kernel"] in kernels)
+
+    rules = [r for r in table.get(arch, []) if not tuned(r)]
     rules += [dict(kernel=kn, D=D, G=g, W=w, config=cfg) for kn, cfg in wins.items()]
     rules.sort(key=lambda r: (r["kernel"], r["D"], r["G"], r["W"]))
     return {**table, arch: rules}
