@@ -233,6 +233,32 @@ def test_swa_bwd_stash_from_the_table(dkdv_BN, monkeypatch):
     assert len(calls) == (dkdv_BN == 64)
 
 
+@pytest.mark.parametrize("value", ["0", "1", "4096", "-1", "half"])
+def test_swa_bwd_stash_budget_from_the_environment(value, monkeypatch):
+    """MIXERZOO_SWA_STASH_MB sets the stash buffer's budget in MiB (0: never stash); a value that is not a whole
+    number >= 0 is an error naming the variable and the value."""
+    from mixerzoo.kernels.swa import swa
+
+    B, T, HQ, HKV, D, W = 1, 100, 2, 1, 64, 40
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    monkeypatch.setenv(swa.STASH_ENV, value)
+    calls = []
+    monkeypatch.setattr(swa, "_stash_backward", lambda *a, f=swa._stash_backward: calls.append(1) or f(*a))
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    o, lse = swa_fwd(q, k, v, W)
+    tiles = dict(dkdv_config=_dkdv_config(D), dq_config=dict(BM=64, BN=64, num_warps=4, num_stages=1, STASH=True))
+    if value in ("-1", "half"):
+        with pytest.raises(ValueError, match=f"{swa.STASH_ENV} must be a whole number of MiB >= 0 .* got '{value}'"):
+            swa_bwd(do, q, k, v, o, lse, W, **tiles)
+        return
+    grads = swa_bwd(do, q, k, v, o, lse, W, **tiles)
+    ref = swa_bwd(do, q, k, v, o, lse, W, dkdv_config=_dkdv_config(D), dq_config=_dq_config(D))
+    for name, r, g in zip(("dq", "dk", "dv"), ref, grads, strict=True):
+        assert_close(name, r, g, dtype, **TOL[dtype][1])
+    # 1 MiB holds this call's buffer (2 query heads x 2 query blocks x 2 key blocks of 64 x 64: 128 KiB in float32)
+    assert len(calls) == (value != "0")
+
+
 def test_swa_bwd_stash_tiles_refused():
     q = torch.randn(1, 8, 2, 64, device=DEVICE)
     k = torch.randn(1, 8, 1, 64, device=DEVICE)

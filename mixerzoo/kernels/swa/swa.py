@@ -9,6 +9,8 @@ Four layers: Triton kernels, ``swa_fwd`` / ``swa_bwd`` launchers, the ``mixerzoo
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -875,18 +877,30 @@ def swa_fwd(
 # the score-gradient buffer of the stash backward holds at most this many bytes, or twice q's size where that is more
 # (the backward allocates dq, dk and dv anyway): more kv heads than fit run in chunks
 _STASH_BYTES = 512 << 20
+STASH_ENV = "MIXERZOO_SWA_STASH_MB"
 
 
 def _stash_budget(q: Tensor) -> int:
-    return max(_STASH_BYTES, 2 * q.numel() * q.element_size())
+    """Bytes the stash backward's buffer may take: ``MIXERZOO_SWA_STASH_MB`` MiB when set (0: never stash, the
+    recomputing dQ kernel always), else max(512 MiB, twice q's bytes)."""
+    value = os.environ.get(STASH_ENV)
+    if value is None:
+        return max(_STASH_BYTES, 2 * q.numel() * q.element_size())
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(f"swa_bwd: {STASH_ENV} must be a whole number of MiB >= 0 (0 turns the stash backward off), "
+                         f"got {value!r}")  # fmt: skip
+    return mib << 20
 
 
 def _stash_plan(q: Tensor, T: int, G: int, W: int, BQ: int, BN: int) -> tuple[int, int, int] | None:
     """(NB key blocks per query block, elements per query head, kv heads per chunk) of the stash backward's buffer,
-    or None where it would not pay: one kv head's buffer over the budget (``_STASH_BYTES`` or twice q's bytes; a long
-    window on a long sequence), or
-    chunks so small that a dK/dV launch has fewer programs than two per SM (many query heads per kv head and a long
-    window: measured 0.66x of the recomputing backward at G = 8, W = 4096)."""
+    or None where it would not pay: one kv head's buffer over the budget (``_stash_budget``; a long window on a long
+    sequence, or a budget of 0), or chunks so small that a dK/dV launch has fewer programs than two per SM (many
+    query heads per kv head and a long window: 0.68x of the recomputing backward at G = 8, W = 4096)."""
     NB = min((BQ + W - 2) // BN + 2, cdiv(T, BN))
     head = cdiv(T, BQ) * NB * BQ * BN
     per_kv = G * head * q.element_size()
