@@ -160,18 +160,22 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 def _split_cases():
     for i, c in enumerate(SPLIT_CASES):
         for split in (True, False, 2, 3):
-            id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
-            form = {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[split]
-            # one case of the edge-masking loop in the default run (2 to 3 s in the interpreter)
-            marks = () if (i, split) == (0, 2) else (pytest.mark.slow,)
-            yield pytest.param(*c, split, id=f"{id_}-{form}", marks=marks)
+            for window_first in (False, True):
+                id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
+                form = {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[split]
+                form += "-window-first" if window_first else ""
+                # in the default run (2 to 3 s each in the interpreter): one case of the edge-masking loop, one of
+                # the window walked first
+                marks = () if (i, split, window_first) in ((0, 2, False), (0, True, True)) else (pytest.mark.slow,)
+                yield pytest.param(*c, split, window_first, id=f"{id_}-{form}", marks=marks)
 
 
-@pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split", list(_split_cases()))
-def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split):
+@pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split,window_first", list(_split_cases()))
+def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split, window_first):
     # every form of every kernel (masked edges + unmasked interior, one masked loop, or for the forward and dq one
-    # loop masking the blocks outside the unmasked range, dk/dv then in three loops), with tiles whose query and key
-    # blocks differ in size, so the block-aligned range ends do not coincide
+    # loop masking the blocks outside the unmasked range, dk/dv then in three loops; the forward and dq walking the
+    # list or the window first), with tiles whose query and key blocks differ in size, so the block-aligned range
+    # ends do not coincide
     torch.manual_seed(T + W)
     dtype = torch.float32
     q, k, v = (torch.randn(B, T, h, D, device=DEVICE, dtype=dtype) for h in (HQ, HKV, HKV))
@@ -186,8 +190,8 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
     launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split in (2, 3))
     kv_launch = dict(launch, SPLIT=bool(split))  # dk/dv: three loops or one masked loop
     tiles = {
-        "fwd": dict(BT=BT, BS=BS, BC=BS, **launch),
-        "dq": dict(BT=BT, BS=BS, BC=BS, **launch),
+        "fwd": dict(BT=BT, BS=BS, BC=BS, **launch, WINDOW_FIRST=window_first),
+        "dq": dict(BT=BT, BS=BS, BC=BS, **launch, WINDOW_FIRST=window_first),
         "dkdv": dict(BT=BT, BS=BS, **kv_launch),
         "listed": dict(BT=BT, BS=BS, **kv_launch),
     }
@@ -372,6 +376,12 @@ def test_split_value_refused_where_not_built():
     with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False, 2 or 3, got 4"):
         _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4)}, 1, 8)
     assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, SPLIT=2)}, 1, 8)["SPLIT"] == 2
+    # WINDOW_FIRST: the forward and dq only, True or False
+    with pytest.raises(ValueError, match=r"tiles\['dkdv'\] takes no 'WINDOW_FIRST'.*got True"):
+        _tiles(x, "dkdv", {"dkdv": dict(BT=16, BS=16, WINDOW_FIRST=True)}, 1, 8)
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['WINDOW_FIRST'\] must be True or False, got 'yes'"):
+        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, WINDOW_FIRST="yes")}, 1, 8)
+    assert _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, WINDOW_FIRST=True)}, 1, 8)["WINDOW_FIRST"] is True
 
 
 def test_grid_order():

@@ -246,20 +246,27 @@ def _query_walk(
     BC: tl.constexpr,
     PREC: tl.constexpr,
     SPLIT: tl.constexpr,
+    WINDOW_FIRST: tl.constexpr = False,
 ):
     # every key the query block [t0, t_last] sees, through RANGE (_fwd_range or _dq_range): (a) the list prefix
     # [0, n) of _list_prefix, its unmasked whole blocks [0, n_full) first, BC entries at a time; (b) the window
     # band, keys t - W < j <= t, BS rows at a time. SPLIT 2: each of the two in one loop, masking only the blocks
     # outside the unmasked range. SPLIT 3: the list in one loop so (its unmasked loop, then a masked one, compiled
     # with Triton 3.6 for sm_90 serialised every wgmma of the 64-row, 3-stage tiles: the peeled first block's
-    # wgmma was still in flight where the loop's zero-trip edge wrote its accumulator), the window in three
+    # wgmma was still in flight where the loop's zero-trip edge wrote its accumulator), the window in three.
+    # WINDOW_FIRST: (b) before (a); the window's loops then come first, and the 3-stage tiles of the list-first
+    # order that compile with serialised wgmma do not (sm_90, Triton 3.6; the sum is the same up to rounding)
+    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
+    if WINDOW_FIRST:
+        st = _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
     if SPLIT >= 2:
         st = RANGE(st, b_in, ctx, 0, n, HKV, D, BC, PREC, True, 2, 0, n_full)
     else:
         st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, 0)
         st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, 1)
-    lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
-    return _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
+    if not WINDOW_FIRST:
+        st = _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
+    return st
 
 
 @triton.jit
@@ -361,6 +368,7 @@ def _eviction_fwd_kernel(
     SPLIT: tl.constexpr,  # 1: masked edges + unmasked interior; 2: one loop masking the edges; 0: one masked loop;
     # 3: the list as 2, the window as 1
     BLOCKS_FIRST: tl.constexpr,  # grid [query blocks, B * HQ], else [B * HQ, query blocks] (see _query_block)
+    WINDOW_FIRST: tl.constexpr = False,  # walk the window band before the list
 ):
     tl.static_assert(HQ % HKV == 0)
     i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
@@ -379,7 +387,9 @@ def _eviction_fwd_kernel(
     n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
     ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
     st = (b_acc, b_m, b_l)
-    st = _query_walk(_fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT)
+    st = _query_walk(
+        _fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST
+    )
     b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
     b_o = b_acc / b_l[:, None]
@@ -461,6 +471,7 @@ def _eviction_bwd_dq_kernel(
     OPEN_ENDED: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCKS_FIRST: tl.constexpr,
+    WINDOW_FIRST: tl.constexpr = False,
 ):
     # the walk of _eviction_fwd_kernel, with the forward's lse
     i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
@@ -481,7 +492,9 @@ def _eviction_bwd_dq_kernel(
     n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
     ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
     b_in = (b_q, b_do, b_lse2, b_delta)
-    b_dq = _query_walk(_dq_range, b_dq, b_in, ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT)
+    b_dq = _query_walk(
+        _dq_range, b_dq, b_in, ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST
+    )
     p_dq = dq + (o_t[:, None] * (HQ * D) + o_d[None, :])
     tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
@@ -637,8 +650,9 @@ def _eviction_bwd_dkdv_kernel(
 # key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
 # interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
 # list and the window) that masks only the blocks outside the fully visible range, and SPLIT=3, the list so and
-# the window in three loops; BLOCKS_FIRST: the grid's
-# order (see _grid). These are the defaults where the tile table has no rule (another GPU, another head dim).
+# the window in three loops, and WINDOW_FIRST (default False), the window band walked before the list;
+# BLOCKS_FIRST: the grid's order (see _grid). These are the defaults where the tile table has no rule (another
+# GPU, another head dim).
 # dq, dkdv, listed: the winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
 # (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue
 # instead of three per program, three for dq). fwd: the 64-row, 4-warp tile every D = 64 and 128 cell of the H200's
@@ -662,6 +676,17 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
         if split not in ((True, False, 0, 1, 2, 3) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
             allowed = "True, False, 2 or 3" if kernel in ("fwd", "dq") else "True or False"
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
+        if "WINDOW_FIRST" in tiles[kernel]:
+            first = tiles[kernel]["WINDOW_FIRST"]
+            if kernel not in ("fwd", "dq"):
+                raise ValueError(
+                    f"eviction_attention: tiles[{kernel!r}] takes no 'WINDOW_FIRST' (the forward and dq walk a list "
+                    f"and a window; the dk/dv passes one band each), got {first!r}"
+                )
+            if first not in (True, False):
+                raise ValueError(
+                    f"eviction_attention: tiles[{kernel!r}]['WINDOW_FIRST'] must be True or False, got {first!r}"
+                )
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)
