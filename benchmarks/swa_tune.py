@@ -116,10 +116,9 @@ EV_CANDIDATES = {
                   _q(32, 32, 32, True, 4, 2), _q(64, 32, 32, 2, 4, 2)],
     **{(kn, D): _EV_KV[D] for kn in ("dkdv", "listed") for D in (64, 128, 256)},
 }
-EV_CANDIDATES[("dq", 128)] = EV_CANDIDATES[("dq", 64)]
 # the window band walked first (WINDOW_FIRST): at D = 128 on an H200 the table's forward tile so was 1.5% to 5% faster
-# at W <= 512 and the 128 x 64 3-stage one 4.5% at W = 4096, level at G = 8; at D = 64 the table's tile lost 11-14%
-# (NOTES-eviction, stop 51), so D = 64 has no such forward candidate
+# at W <= 512 and the 128 x 64 3-stage one 4.5% at W = 4096 (in one of two timings), level at G = 8; at D = 64 the
+# table's tile lost 11-14% (NOTES-eviction, stop 51), so D = 64 has no such forward candidate
 EV_CANDIDATES[("fwd", 128)] += [_q(64, 64, 64, True, 4, 2, True), _q(128, 64, 64, True, 8, 3, True)]
 EV_CANDIDATES[("fwd", 256)] += [_q(128, 64, 64, True, 8, 2, True)]
 EV_CANDIDATES[("dq", 128)] = EV_CANDIDATES[("dq", 64)] + [_q(64, 32, 32, True, 4, 2, True),
