@@ -158,23 +158,26 @@ SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key 
 
 
 def _split_cases():
+    forms = [(split, first, False) for split in (True, False, 2, 3, 4) for first in (False, True)]
+    forms += [(split, first, True) for split in (True, 4) for first in (False, True)]  # the forward's RECHECK
     for i, c in enumerate(SPLIT_CASES):
-        for split in (True, False, 2, 3):
-            for window_first in (False, True):
-                id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
-                form = {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[split]
-                form += "-window-first" if window_first else ""
-                # in the default run (2 to 3 s each in the interpreter): one case of the edge-masking loop, one of
-                # the window walked first
-                marks = () if (i, split, window_first) in ((0, 2, False), (0, True, True)) else (pytest.mark.slow,)
-                yield pytest.param(*c, split, window_first, id=f"{id_}-{form}", marks=marks)
+        for split, window_first, recheck in forms:
+            id_ = f"T{c[1]}-G{c[2] // c[3]}-W{c[5]}-{'train' if c[8] else 'eval'}-{c[9]}x{c[10]}"
+            form = {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop", 4: "window-one-loop"}
+            form = form[split] + ("-window-first" if window_first else "") + ("-recheck" if recheck else "")
+            # in the default run (2 to 3 s each in the interpreter): one case of the edge-masking loop, one of the
+            # window walked first, and the GPU's default forward (SPLIT 4, the window first, RECHECK)
+            default = ((0, 2, False, False), (0, True, True, False), (1, 4, True, True))
+            marks = () if (i, split, window_first, recheck) in default else (pytest.mark.slow,)
+            yield pytest.param(*c, split, window_first, recheck, id=f"{id_}-{form}", marks=marks)
 
 
-@pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split,window_first", list(_split_cases()))
-def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split, window_first):
+@pytest.mark.parametrize("B,T,HQ,HKV,D,W,C,S,training,BT,BS,split,window_first,recheck", list(_split_cases()))
+def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, split, window_first, recheck):
     # every form of every kernel (masked edges + unmasked interior, one masked loop, or for the forward and dq one
-    # loop masking the blocks outside the unmasked range, dk/dv then in three loops; the forward and dq walking the
-    # list or the window first), with tiles whose query and key blocks differ in size, so the block-aligned range
+    # loop masking the blocks outside the unmasked range, dk/dv then in three loops, or the list in one loop and the
+    # window in three, or the other way round; the forward and dq walking the list or the window first; the forward
+    # with or without value flags), with tiles whose query and key blocks differ in size, so the block-aligned range
     # ends do not coincide
     torch.manual_seed(T + W)
     dtype = torch.float32
@@ -187,10 +190,10 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
     o_ref.backward(do)
 
     # the edge-masking loop's cases also take the grid with the blocks first (program ids read the other way round)
-    launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split in (2, 3))
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1, BLOCKS_FIRST=split in (2, 3, 4))
     kv_launch = dict(launch, SPLIT=bool(split))  # dk/dv: three loops or one masked loop
     tiles = {
-        "fwd": dict(BT=BT, BS=BS, BC=BS, **launch, WINDOW_FIRST=window_first),
+        "fwd": dict(BT=BT, BS=BS, BC=BS, **launch, WINDOW_FIRST=window_first, RECHECK=recheck),
         "dq": dict(BT=BT, BS=BS, BC=BS, **launch, WINDOW_FIRST=window_first),
         "dkdv": dict(BT=BT, BS=BS, **kv_launch),
         "listed": dict(BT=BT, BS=BS, **kv_launch),
@@ -373,8 +376,8 @@ def test_split_value_refused_where_not_built():
     for kernel in ("dkdv", "listed"):
         with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]\['SPLIT'\] must be True or False, got 2"):
             _tiles(x, kernel, {kernel: dict(BT=16, BS=16, SPLIT=2)}, 1, 8)
-    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False, 2 or 3, got 4"):
-        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4)}, 1, 8)
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT'\] must be True, False, 2, 3 or 4, got 5"):
+        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=5)}, 1, 8)
     assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, SPLIT=2)}, 1, 8)["SPLIT"] == 2
     # WINDOW_FIRST: the forward and dq only, True or False
     with pytest.raises(ValueError, match=r"tiles\['dkdv'\] takes no 'WINDOW_FIRST'.*got True"):
@@ -382,6 +385,13 @@ def test_split_value_refused_where_not_built():
     with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['WINDOW_FIRST'\] must be True or False, got 'yes'"):
         _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, WINDOW_FIRST="yes")}, 1, 8)
     assert _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, WINDOW_FIRST=True)}, 1, 8)["WINDOW_FIRST"] is True
+    # RECHECK: the forward only, True or False
+    for kernel in ("dq", "dkdv", "listed"):
+        with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\] takes no 'RECHECK'.*got True"):
+            _tiles(x, kernel, {kernel: dict(BT=16, BS=16, RECHECK=True)}, 1, 8)
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['RECHECK'\] must be True or False, got 1.5"):
+        _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, RECHECK=1.5)}, 1, 8)
+    assert _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4, RECHECK=True)}, 1, 8)["RECHECK"] is True
 
 
 def test_grid_order():
@@ -566,27 +576,33 @@ def test_decode_and_insert_arguments_refused():
 # -- NaN isolation ------------------------------------------------------------------------------------
 
 
-NAN_CASES = [  # T, W, C, S, training, BT, BS, split: masked edges + unmasked interior, or one masked loop
-    pytest.param(70, 9, 4, 1, False, 16, 16, True, marks=pytest.mark.slow),
-    pytest.param(70, 9, 4, 1, False, 16, 16, False, marks=pytest.mark.slow),
-    pytest.param(70, 40, 6, 2, True, 16, 16, True, marks=pytest.mark.slow),
-    pytest.param(67, 20, 3, 0, False, 32, 16, True, marks=pytest.mark.slow),
-    pytest.param(70, 40, 6, 2, True, 16, 16, 2, marks=pytest.mark.slow),
-    pytest.param(67, 20, 3, 0, False, 32, 16, 2, marks=pytest.mark.slow),
-    pytest.param(70, 40, 6, 2, True, 16, 16, 3, marks=pytest.mark.slow),
+NAN_CASES = [  # T, W, C, S, training, BT, BS, split (as the forward's SPLIT), recheck (the forward's RECHECK)
+    pytest.param(70, 9, 4, 1, False, 16, 16, True, False, marks=pytest.mark.slow),
+    pytest.param(70, 9, 4, 1, False, 16, 16, False, False, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, True, False, marks=pytest.mark.slow),
+    pytest.param(67, 20, 3, 0, False, 32, 16, True, False, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, 2, False, marks=pytest.mark.slow),
+    pytest.param(67, 20, 3, 0, False, 32, 16, 2, False, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, 3, False, marks=pytest.mark.slow),
+    # without value flags, the non-finite blocks walked again (the GPU's default forward: SPLIT 4, RECHECK)
+    (70, 40, 6, 2, True, 16, 16, 4, True),
+    pytest.param(67, 20, 3, 0, False, 32, 16, 4, True, marks=pytest.mark.slow),
+    pytest.param(70, 9, 4, 1, False, 16, 16, True, True, marks=pytest.mark.slow),
+    pytest.param(70, 40, 6, 2, True, 16, 16, 2, True, marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize(
-    "T,W,C,S,training,BT,BS,split",
+    "T,W,C,S,training,BT,BS,split,recheck",
     NAN_CASES,
     ids=[
         f"T{c[0]}-W{c[1]}-{'train' if c[4] else 'eval'}-{c[5]}x{c[6]}-"
-        + {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop"}[c[7]]
+        + {True: "split", False: "one-loop", 2: "one-loop-edges", 3: "list-one-loop", 4: "window-one-loop"}[c[7]]
+        + ("-recheck" if c[8] else "")
         for c in map(_values, NAN_CASES)
     ],
 )
-def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, split):
+def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, split, recheck):
     # a NaN or Inf in q, k or v at token t (one case per batch row): every output row that does not see it
     # equals the output of clean inputs; a row that sees it is NaN. The reference and the Triton forward
     # (masked blocks, where probabilities of 0 once met the NaN in the product, and unmasked ones)
@@ -598,7 +614,7 @@ def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, 
     score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
     kw = dict(window_size=W, capacity=C, num_sinks=S, training=training)
     mask = simulate_mask(score.cpu(), W, C, S, training).repeat_interleave(HQ // HKV, 1)  # [B, HQ, T, T]
-    launch = dict(SPLIT=split, num_warps=4, num_stages=1)
+    launch = dict(SPLIT=split, num_warps=4, num_stages=1, RECHECK=recheck)
     tiles = {"fwd": dict(BT=BT, BS=BS, BC=BS, **launch)}
     kpos, kend, kcum = eviction_intervals(score, **kw)
 

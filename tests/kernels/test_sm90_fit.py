@@ -158,9 +158,13 @@ def _eviction_walk_kernels(D: int):
 
 
 def _tile_copies(D: int) -> list[str]:
+    # a tile copied through registers shows as vector stores (STS.64 / STS.128: 8 STS.128 per thread at 64 x 128);
+    # a few scalar stores are a row vector changing layout, as in the forward's exact re-walk (RECHECK), which
+    # reduces each value tile to row flags (2 STS.U16 per iteration at its 16-key tiles) and runs only for a
+    # block whose accumulator came out non-finite
     out = []
     for name, fn, consts in _eviction_walk_kernels(D):
-        stores = _loop_stores(_compile(fn, consts, torch.bfloat16))
+        stores = [s for s in _loop_stores(_compile(fn, consts, torch.bfloat16)) if s.startswith(("STS.64", "STS.128"))]
         if stores:
             tiles = {k: v for k, v in consts.items() if k in ("BT", "BS", "BC", "SPLIT", "num_stages")}
             out.append(f"{name} D={D} {tiles}: {len(stores)} stores ({', '.join(sorted(set(stores)))})")
@@ -170,7 +174,7 @@ def _tile_copies(D: int) -> list[str]:
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_eviction_walks_keep_their_tiles_in_shared_memory(D):
     """The eviction forward and dQ loops hand the wgmma operands it loads (K, V tiles) straight from shared memory:
-    no loop stores into shared memory itself. A where() on a loaded tile inside a branch of the loop (how the
+    no loop stores a tile into shared memory itself. A where() on a loaded tile inside a branch of the loop (how the
     one-loop forward once zeroed non-finite value rows in its masked blocks) makes the compiler copy that tile
     through registers into a second buffer in every iteration (8 LDS.128 and 8 STS.128 per thread, a fence, 32 KiB
     more shared memory at 64 x 128 tiles); compiled for sm_90 here, checked in the SASS."""

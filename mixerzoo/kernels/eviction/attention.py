@@ -13,7 +13,18 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast, run_op
-from .._triton import LOG2E, LOG2E_JIT, cdiv, dot_precision, launch, next_pow2, softmax_step, tl, triton
+from .._triton import (
+    LOG2E,
+    LOG2E_JIT,
+    any_nonfinite,
+    cdiv,
+    dot_precision,
+    launch,
+    next_pow2,
+    softmax_step,
+    tl,
+    triton,
+)
 from .reference import (
     acc_dtype,
     compact_intervals,
@@ -211,20 +222,21 @@ def _split_walk(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     SPLIT: tl.constexpr,
+    FLAGS: tl.constexpr = 1,
 ):
     # the blocks [lo, hi) of a band, BK at a time, through RANGE (_fwd_range, _dq_range or _dkdv_range). SPLIT 1
     # (True): masked edges [lo, a) and [c, hi), unmasked interior [full_lo, full_hi): no mask math on most blocks,
     # three pipelined loops. 2 (forward and dq): one loop that masks only the blocks outside [full_lo, full_hi),
     # under a branch on the block's first row (one pipeline prologue, no mask math inside). 0 (False): one loop
     # that masks every block: one pipeline prologue, fewer live ranges.
-    if SPLIT == 2:
-        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 2, full_lo, full_hi)
+    if (SPLIT == 2) or (SPLIT == 4):
+        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 2, full_lo, full_hi, FLAGS)
     elif SPLIT:
-        st = RANGE(st, b_in, ctx, lo, a, H, D, BK, PREC, LISTED, 1)
-        st = RANGE(st, b_in, ctx, full_lo, full_hi, H, D, BK, PREC, LISTED, 0)
-        st = RANGE(st, b_in, ctx, c, hi, H, D, BK, PREC, LISTED, 1)
+        st = RANGE(st, b_in, ctx, lo, a, H, D, BK, PREC, LISTED, 1, 0, 0, FLAGS)
+        st = RANGE(st, b_in, ctx, full_lo, full_hi, H, D, BK, PREC, LISTED, 0, 0, 0, FLAGS)
+        st = RANGE(st, b_in, ctx, c, hi, H, D, BK, PREC, LISTED, 1, 0, 0, FLAGS)
     else:
-        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 1)
+        st = RANGE(st, b_in, ctx, lo, hi, H, D, BK, PREC, LISTED, 1, 0, 0, FLAGS)
     return st
 
 
@@ -247,6 +259,7 @@ def _query_walk(
     PREC: tl.constexpr,
     SPLIT: tl.constexpr,
     WINDOW_FIRST: tl.constexpr = False,
+    FLAGS: tl.constexpr = 1,
 ):
     # every key the query block [t0, t_last] sees, through RANGE (_fwd_range or _dq_range): (a) the list prefix
     # [0, n) of _list_prefix, its unmasked whole blocks [0, n_full) first, BC entries at a time; (b) the window
@@ -254,18 +267,25 @@ def _query_walk(
     # outside the unmasked range. SPLIT 3: the list in one loop so (its unmasked loop, then a masked one, compiled
     # with Triton 3.6 for sm_90 serialised every wgmma of the 64-row, 3-stage tiles: the peeled first block's
     # wgmma was still in flight where the loop's zero-trip edge wrote its accumulator), the window in three.
+    # SPLIT 4: the list in two loops (its unmasked blocks, then the masked ones), the window in one (the
+    # forward's fastest form on an H200 once its blocks do no value-flag work: one loop over a long list with a
+    # branch per block lost up to 20% at T = 64K).
     # WINDOW_FIRST: (b) before (a); the window's loops then come first, and the 3-stage tiles of the list-first
     # order that compile with serialised wgmma do not (sm_90, Triton 3.6; the sum is the same up to rounding)
     lo, a, full_lo, full_hi, c = _window_split(t0, t_last, W, BT, BS)
     if WINDOW_FIRST:
-        st = _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
-    if SPLIT >= 2:
-        st = RANGE(st, b_in, ctx, 0, n, HKV, D, BC, PREC, True, 2, 0, n_full)
+        st = _split_walk(
+            RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT, FLAGS
+        )
+    if (SPLIT == 2) or (SPLIT == 3):
+        st = RANGE(st, b_in, ctx, 0, n, HKV, D, BC, PREC, True, 2, 0, n_full, FLAGS)
     else:
-        st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, 0)
-        st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, 1)
+        st = RANGE(st, b_in, ctx, 0, n_full, HKV, D, BC, PREC, True, 0, 0, 0, FLAGS)
+        st = RANGE(st, b_in, ctx, n_full, n, HKV, D, BC, PREC, True, 1, 0, 0, FLAGS)
     if not WINDOW_FIRST:
-        st = _split_walk(RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT)
+        st = _split_walk(
+            RANGE, st, b_in, ctx, lo, a, full_lo, full_hi, c, t_last + 1, HKV, D, BS, PREC, False, SPLIT, FLAGS
+        )
     return st
 
 
@@ -303,10 +323,12 @@ def _fwd_range(
     MASKED: tl.constexpr,
     F_LO=0,
     F_HI=0,
+    FLAGS: tl.constexpr = 1,
 ):
     # online softmax (st: acc, row max, row sum) over the key blocks [lo, hi) of _query_walk's walk; b_in: q and
     # vflag at this batch and head. MASKED 0: every block fully visible; 1: every block masked; 2: the blocks
-    # outside [F_LO, F_HI) masked (a branch per block).
+    # outside [F_LO, F_HI) masked (a branch per block). FLAGS 1: the value flags as below; 0 and 2: see RECHECK
+    # in _eviction_fwd_kernel.
     # NaN isolation: a masked key gets p = 0, but 0 * NaN is NaN, so in masked blocks a value row holding
     # a NaN or Inf (vflag NaN) loads as zeros and its visible scores become NaN: exactly the query rows that see
     # it come out NaN. In unmasked blocks every query row sees every key: the NaN or Inf may flow (see
@@ -318,6 +340,7 @@ def _fwd_range(
     k, v, kpos, kend, o_t, T, W, scale_log2, o_d, m_d = ctx
     b_q, vflag = b_in
     b_acc, b_m, b_l = st
+    tl.static_assert((FLAGS != 2) or (MASKED != 2))
     for c0 in range(lo, hi, BK):
         o_c, o_j, m_c = _key_rows(c0, hi, kpos, T, BK, LISTED)
         if MASKED != 0:
@@ -325,20 +348,38 @@ def _fwd_range(
         if MASKED == 1:
             m_vis = _visible(o_t, o_j, b_end, W, LISTED)
         b_k = _tile(k, o_j, m_c, o_d, m_d, HKV, D)
-        m_v = m_c
-        if MASKED != 0:
-            b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)  # NaN where the value row is not finite, else 0
-            m_v = m_c & (b_bad == 0.0)
-        b_v = _tile(v, o_j, m_v, o_d, m_d, HKV, D)
-        b_s = _scores(b_q, b_k, scale_log2, PREC)
-        if MASKED == 1:
-            b_s = tl.where(m_vis, b_s + b_bad[None, :], float("-inf"))
-        if MASKED == 2:
-            b_s += b_bad[None, :]
-            if (c0 < F_LO) | (c0 >= F_HI):
-                b_s = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_s, float("-inf"))
-        # rows with nothing visible yet keep max -inf (SAFE)
-        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
+        if FLAGS == 1:
+            m_v = m_c
+            if MASKED != 0:
+                b_bad = tl.load(vflag + o_j * HKV, mask=m_c, other=0.0)  # NaN where the value row is not finite, else 0
+                m_v = m_c & (b_bad == 0.0)
+            b_v = _tile(v, o_j, m_v, o_d, m_d, HKV, D)
+            b_s = _scores(b_q, b_k, scale_log2, PREC)
+            if MASKED == 1:
+                b_s = tl.where(m_vis, b_s + b_bad[None, :], float("-inf"))
+            if MASKED == 2:
+                b_s += b_bad[None, :]
+                if (c0 < F_LO) | (c0 >= F_HI):
+                    b_s = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_s, float("-inf"))
+            # rows with nothing visible yet keep max -inf (SAFE)
+            b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=True, SAFE=True)
+        else:
+            # raw scores, the scale inside exp2's FMA. FLAGS 0: a non-finite value row may reach every query row of
+            # the block (the kernel then walks it again); 2 (MASKED 1 only): the flags of FLAGS 1 from the tile
+            # itself, the tile loaded again with such rows as zeros (a second load, not a where() on the tile:
+            # that would copy it through registers into shared memory, see tests/kernels/test_sm90_fit.py)
+            b_v = _tile(v, o_j, m_c, o_d, m_d, HKV, D)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            if MASKED == 1:
+                if FLAGS == 2:
+                    m_ok = tl.min((tl.abs(b_v.to(tl.float32)) < float("inf")).to(tl.int32), 1) != 0
+                    b_v = _tile(v, o_j, m_c & m_ok, o_d, m_d, HKV, D)
+                    b_s = tl.where(m_ok[None, :], b_s, float("nan"))
+                b_s = tl.where(m_vis, b_s, float("-inf"))
+            if MASKED == 2:
+                if (c0 < F_LO) | (c0 >= F_HI):
+                    b_s = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_s, float("-inf"))
+            b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, scale_log2, PREC, SCALED=False, SAFE=True)
     return b_acc, b_m, b_l
 
 
@@ -366,10 +407,18 @@ def _eviction_fwd_kernel(
     PREC: tl.constexpr,
     OPEN_ENDED: tl.constexpr,  # every listed key stays visible to the end (training semantics)
     SPLIT: tl.constexpr,  # 1: masked edges + unmasked interior; 2: one loop masking the edges; 0: one masked loop;
-    # 3: the list as 2, the window as 1
+    # 3: the list as 2, the window as 1; 4: the list as 1, the window as 2
     BLOCKS_FIRST: tl.constexpr,  # grid [query blocks, B * HQ], else [B * HQ, query blocks] (see _query_block)
     WINDOW_FIRST: tl.constexpr = False,  # walk the window band before the list
+    RECHECK: tl.constexpr = False,  # no value flags in the walk; a non-finite block is walked again exactly
 ):
+    # RECHECK: the walk reads no value flags (vflag is not read) and its blocks do no flag work: a NaN / Inf value
+    # row may then reach every row of its block, also rows that cannot see it. It shows in the accumulator (a NaN
+    # score or product makes its row NaN), and only then is the block walked again, every key block masked,
+    # 16 keys at a time (few registers beside the walk's), each value tile checked for non-finite rows as it is
+    # loaded (_fwd_range, FLAGS 2). Finite inputs never take that branch; its rows agree with the fast walk's to
+    # rounding. On an H200 the walk without flag work, its window in one loop (SPLIT 4) and 3 stages made the
+    # forward 1.07x-1.29x faster at D = 128 (benchmarks/NOTES-eviction.md, stop 52)
     tl.static_assert(HQ % HKV == 0)
     i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
@@ -387,10 +436,21 @@ def _eviction_fwd_kernel(
     n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
     ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
     st = (b_acc, b_m, b_l)
+    flags: tl.constexpr = 0 if RECHECK else 1
     st = _query_walk(
-        _fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST
+        _fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST, flags
     )
     b_acc, b_m, b_l = st
+    if RECHECK:
+        if any_nonfinite(b_acc):
+            b_m = tl.zeros([BT], dtype=tl.float32) + float("-inf")
+            b_l = tl.zeros([BT], dtype=tl.float32)
+            b_acc = tl.zeros([BT, BD], dtype=tl.float32)
+            st = _query_walk(
+                _fwd_range, (b_acc, b_m, b_l), (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, 16, 16,
+                PREC, 0, False, 2,
+            )  # fmt: skip
+            b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
     b_o = b_acc / b_l[:, None]
     # an Inf value row that an unmasked block let through leaves Inf (or NaN) in the rows that see it: such a row
@@ -417,6 +477,7 @@ def _dq_range(
     MASKED: tl.constexpr,
     F_LO=0,
     F_HI=0,
+    FLAGS: tl.constexpr = 1,
 ):
     # dq (st) over the key blocks [lo, hi) of _query_walk's walk; b_in: q, do, lse (log2 units), delta. MASKED as
     # in _fwd_range
@@ -512,6 +573,9 @@ def _dkdv_range(
     PREC: tl.constexpr,
     LISTED: tl.constexpr,
     MASKED: tl.constexpr,
+    F_LO=0,
+    F_HI=0,
+    FLAGS: tl.constexpr = 1,
 ):
     # dk, dv (st) of one key block (b_in: its k, v) from the query blocks [lo, hi) of one query head (q, do,
     # lse, delta in ctx at that batch and head); key row i is visible to queries [b_start[i], b_end[i]), for
@@ -649,17 +713,19 @@ def _eviction_bwd_dkdv_kernel(
 # Tile sizes and launch settings per kernel on the GPU: BT query rows, BS window key rows (for dkdv:
 # key rows, or list entries in the listed pass), BC list entries; SPLIT: masked edges + unmasked
 # interior in three loops, else one masked loop; the forward and dq also take SPLIT=2, one loop per band (the
-# list and the window) that masks only the blocks outside the fully visible range, and SPLIT=3, the list so and
-# the window in three loops, and WINDOW_FIRST (default False), the window band walked before the list;
-# BLOCKS_FIRST: the grid's order (see _grid). These are the defaults where the tile table has no rule (another
-# GPU, another head dim).
+# list and the window) that masks only the blocks outside the fully visible range, SPLIT=3, the list so and
+# the window in three loops, and SPLIT=4, the list in two loops (its unmasked blocks, then the masked ones) and the
+# window in one, and WINDOW_FIRST (default False), the window band walked before the list; the forward takes
+# RECHECK (default False): no value flags in its walk, a block whose accumulator comes out non-finite walked again
+# exactly (see _eviction_fwd_kernel); BLOCKS_FIRST: the grid's order (see _grid). These are the defaults where the
+# tile table has no rule (another GPU, another head dim).
 # dq, dkdv, listed: the winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
 # (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue
-# instead of three per program, three for dq). fwd: the 64-row, 4-warp tile every D = 64 and 128 cell of the H200's
-# table chose over the 128 x 128 x 128 one, which spilled registers at both head dims (default_tiles gives it a
-# third stage at D <= 64, as the table's cells there; the notes' stop 42).
+# instead of three per program, three for dq). fwd: the form every point of the H200's D = 128 runs chose (the notes'
+# stop 52: 1.07x-1.29x over the table's earlier tile at W 256 to 4096, G 1 and 8, 2% to 30% retained, T up to 64K;
+# 0.97x-1.03x at D = 64), 3 stages (default_tiles gives D = 256 two: three overflow shared memory there).
 CUDA_TILES = {
-    "fwd": dict(BT=64, BS=64, BC=64, SPLIT=True, num_warps=4, num_stages=2),
+    "fwd": dict(BT=64, BS=64, BC=64, SPLIT=4, num_warps=4, num_stages=3, WINDOW_FIRST=True, RECHECK=True),
     "dq": dict(BT=128, BS=64, BC=64, SPLIT=True, num_warps=8, num_stages=2),
     "dkdv": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
     "listed": dict(BT=64, BS=64, SPLIT=False, num_warps=4, num_stages=2),
@@ -673,8 +739,8 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
     (``tuned.py``), else the defaults."""
     if tiles is not None and kernel in tiles:
         split = tiles[kernel].get("SPLIT", True)
-        if split not in ((True, False, 0, 1, 2, 3) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
-            allowed = "True, False, 2 or 3" if kernel in ("fwd", "dq") else "True or False"
+        if split not in ((True, False, 0, 1, 2, 3, 4) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
+            allowed = "True, False, 2, 3 or 4" if kernel in ("fwd", "dq") else "True or False"
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
         if "WINDOW_FIRST" in tiles[kernel]:
             first = tiles[kernel]["WINDOW_FIRST"]
@@ -687,6 +753,15 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
                 raise ValueError(
                     f"eviction_attention: tiles[{kernel!r}]['WINDOW_FIRST'] must be True or False, got {first!r}"
                 )
+        if "RECHECK" in tiles[kernel]:
+            recheck = tiles[kernel]["RECHECK"]
+            if kernel != "fwd":
+                raise ValueError(
+                    f"eviction_attention: tiles[{kernel!r}] takes no 'RECHECK' (the forward's value flags; the "
+                    f"backward reads none), got {recheck!r}"
+                )
+            if recheck not in (True, False):
+                raise ValueError(f"eviction_attention: tiles['fwd']['RECHECK'] must be True or False, got {recheck!r}")
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)
@@ -695,7 +770,10 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
 def default_tiles(x: Tensor, kernel: str) -> dict:
     """The tiles without a table: CUDA_TILES, cut for float32 and D = 256; small tiles in the interpreter."""
     if x.device.type != "cuda":
-        return {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
+        cfg = {k: v for k, v in _INTERPRETER_TILES.items() if k in CUDA_TILES[kernel]}
+        if kernel == "fwd":  # the GPU's loop forms, with the small tiles
+            cfg.update({k: CUDA_TILES["fwd"][k] for k in ("SPLIT", "WINDOW_FIRST", "RECHECK")})
+        return cfg
     cfg = CUDA_TILES[kernel]
     if x.dtype == torch.float32:
         # exact float32 products ("ieee") are for checks, not speed. The bf16 tiles do not fit: the 128x128
@@ -705,8 +783,7 @@ def default_tiles(x: Tensor, kernel: str) -> dict:
         return {**cfg, **{key: small[key] for key in small if key in cfg}, "num_warps": 8, "num_stages": 1}
     if x.shape[-1] > 128:  # D = 256: 128-row tiles overflow shared memory (dq 128x64: 256 KiB of 227)
         cfg = {**cfg, **{key: 64 for key in ("BT", "BS", "BC") if cfg.get(key, 0) > 64}}
-    if kernel == "fwd" and x.shape[-1] <= 64:  # the forward's third stage pays at small head dims (H200 table)
-        cfg = {**cfg, "num_stages": 3}
+        cfg = {**cfg, "num_stages": min(cfg["num_stages"], 2)}  # the forward's third stage: 224 KiB at 64 x 64
     return cfg
 
 
@@ -828,7 +905,8 @@ def eviction_attention_fwd(
     cfg = _tiles(q, "fwd", tiles, HQ // HKV, window_size)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    vflag = _value_flags(v)
+    # RECHECK reads no value flags (lse stands in for the pointer)
+    vflag = lse if cfg.get("RECHECK", False) else _value_flags(v)
     cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
     launch(
         _eviction_fwd_kernel,
