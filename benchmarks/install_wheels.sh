@@ -9,9 +9,11 @@
 # flash-attn 4 is installed only when its small wheels and every part are there (a partial install would not import).
 # Usage (repo root): eval "$(bash benchmarks/install_wheels.sh [SITE])"     SITE: default /tmp/site
 #   prints the export lines (PYTHONPATH, LD_LIBRARY_PATH) on stdout, progress on stderr; exit status 1 on a failure.
+#   FA4_PARTS must reach the script: eval "$(FA4_PARTS='DIR ...' bash benchmarks/install_wheels.sh)", or export it
+#   (FA4_PARTS=... eval "$(...)" sets it for eval only, after the script has run).
 set -uo pipefail
 case ${1:-} in
--h | --help) sed -n '2,12s/^# \{0,1\}//p' "$0" && exit 0 ;;
+-h | --help) sed -n '2,14s/^# \{0,1\}//p' "$0" && exit 0 ;;
 esac
 site=${1:-/tmp/site}
 say() { echo "install_wheels.sh: $*" >&2; }
