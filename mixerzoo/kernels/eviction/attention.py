@@ -435,21 +435,34 @@ def _eviction_fwd_kernel(
     # (a) the listed keys whose interval can start inside this block, (b) the window band
     n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
     ctx = (k_bh, v_bh, kpos + l_bh, kend + l_bh, o_t, T, W, scale_log2, o_d, m_d)
-    st = (b_acc, b_m, b_l)
+    st0 = (b_acc, b_m, b_l)
     flags: tl.constexpr = 0 if RECHECK else 1
     st = _query_walk(
-        _fwd_range, st, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST, flags
+        _fwd_range,
+        st0,
+        (b_q, f_bh),
+        ctx,
+        n,
+        n_full,
+        t0,
+        t_last,
+        W,
+        HKV,
+        D,
+        BT,
+        BS,
+        BC,
+        PREC,
+        SPLIT,
+        WINDOW_FIRST,
+        flags,
     )
     b_acc, b_m, b_l = st
     if RECHECK:
-        if any_nonfinite(b_acc):
-            b_m = tl.zeros([BT], dtype=tl.float32) + float("-inf")
-            b_l = tl.zeros([BT], dtype=tl.float32)
-            b_acc = tl.zeros([BT, BD], dtype=tl.float32)
+        if any_nonfinite(b_acc):  # the walk again from the empty state st0
             st = _query_walk(
-                _fwd_range, (b_acc, b_m, b_l), (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, 16, 16,
-                PREC, 0, False, 2,
-            )  # fmt: skip
+                _fwd_range, st0, (b_q, f_bh), ctx, n, n_full, t0, t_last, W, HKV, D, BT, 16, 16, PREC, 0, False, 2
+            )
             b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
     b_o = b_acc / b_l[:, None]
@@ -742,29 +755,22 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
         if split not in ((True, False, 0, 1, 2, 3, 4) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
             allowed = "True, False, 2, 3 or 4" if kernel in ("fwd", "dq") else "True or False"
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
-        if "WINDOW_FIRST" in tiles[kernel]:
-            first = tiles[kernel]["WINDOW_FIRST"]
-            if kernel not in ("fwd", "dq"):
-                raise ValueError(
-                    f"eviction_attention: tiles[{kernel!r}] takes no 'WINDOW_FIRST' (the forward and dq walk a list "
-                    f"and a window; the dk/dv passes one band each), got {first!r}"
-                )
-            if first not in (True, False):
-                raise ValueError(
-                    f"eviction_attention: tiles[{kernel!r}]['WINDOW_FIRST'] must be True or False, got {first!r}"
-                )
-        if "RECHECK" in tiles[kernel]:
-            recheck = tiles[kernel]["RECHECK"]
-            if kernel != "fwd":
-                raise ValueError(
-                    f"eviction_attention: tiles[{kernel!r}] takes no 'RECHECK' (the forward's value flags; the "
-                    f"backward reads none), got {recheck!r}"
-                )
-            if recheck not in (True, False):
-                raise ValueError(f"eviction_attention: tiles['fwd']['RECHECK'] must be True or False, got {recheck!r}")
+        _check_flag(tiles, kernel, "WINDOW_FIRST", ("fwd", "dq"), "the dk/dv passes walk one band each, no list")
+        _check_flag(tiles, kernel, "RECHECK", ("fwd",), "the forward's value flags; the backward reads none")
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)
+
+
+def _check_flag(tiles: dict, kernel: str, key: str, kernels: tuple[str, ...], why: str) -> None:
+    """A boolean tile key of some kernels only (WINDOW_FIRST, RECHECK): refused elsewhere, and unless True or False."""
+    if key not in tiles[kernel]:
+        return
+    value = tiles[kernel][key]
+    if kernel not in kernels:
+        raise ValueError(f"eviction_attention: tiles[{kernel!r}] takes no {key!r} ({why}), got {value!r}")
+    if value not in (True, False):
+        raise ValueError(f"eviction_attention: tiles[{kernel!r}][{key!r}] must be True or False, got {value!r}")
 
 
 def default_tiles(x: Tensor, kernel: str) -> dict:
