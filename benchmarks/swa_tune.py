@@ -75,6 +75,9 @@ CANDIDATES = {
 # benchmarks/swa_stash.py
 for _D, _tiles in ((128, ((4, 3), (4, 2))), (256, ((4, 2), (8, 2)))):
     CANDIDATES[("dq", _D)] += [dict(_c(64, 64, w, st, one=False), STASH=True) for w, st in _tiles]
+# the D = 64 dK/dV default capped at 168 registers per thread (maxnreg): 196 without, two 4-warp programs per SM where
+# its shared memory allows five; 168 with 4 bytes spilled, three (sm_90, Triton 3.6; NOTES-eviction, stop 53)
+CANDIDATES[("dkdv", 64)] += [dict(_c(32, 64, 4, 3), maxnreg=168)]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 
@@ -133,6 +136,12 @@ EV_CANDIDATES[("fwd", 64)] += [_q(64, 64, 64, 4, 4, 3, True, True), _q(128, 64, 
                                _q(64, 32, 32, 4, 4, 3, False, True), _q(128, 64, 64, 4, 4, 3, False, True)]
 EV_CANDIDATES[("fwd", 256)] += [_q(128, 64, 64, True, 8, 2, False, True), _q(128, 64, 64, 4, 8, 2, False, True),
                                 _q(64, 32, 32, True, 4, 2, False, True)]
+# a cap on the registers per thread (maxnreg): at D = 64 the forward without value flags (216 and 198 registers) and
+# the dK/dV passes (187, 204) run two 4-warp programs per SM where their shared memory allows four; capped at 168,
+# three, the forwards without spills, the dK/dV passes with 48 and 84 bytes (sm_90, Triton 3.6; NOTES-eviction, stop 53)
+EV_CANDIDATES[("fwd", 64)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "maxnreg": 168},
+                               {**_q(64, 64, 64, True, 4, 3, False, True), "maxnreg": 168}]
+EV_CANDIDATES[("dkdv", 64)] = EV_CANDIDATES[("listed", 64)] = _EV_KV[64] + [{**_k(64, 64, False, 4, 2), "maxnreg": 168}]
 # fmt: on
 EV_SMOKE_CANDIDATES = {
     "fwd": [_q(32, 16, 16, False, 4, 1)],

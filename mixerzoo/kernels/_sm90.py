@@ -25,17 +25,17 @@ _FLOAT32_POINTERS = {"lse", "delta", "vflag"}
 
 
 def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
-    """``fn`` (a @triton.jit kernel) compiled for sm_90 with ``constexprs`` (num_warps and num_stages among them) and
-    its data pointers of ``dtype``, as the JIT specialises a launch on the GPU: 16-byte aligned pointers and
-    integer strides divisible by 16 (contiguous [B, T, H, D] tensors whose H * D is a multiple of 16). Without
-    those the tile loads compile to 2-byte scalar loads without a pipeline (swa's forward: 49 KiB of shared memory
-    instead of its 112)."""
+    """``fn`` (a @triton.jit kernel) compiled for sm_90 with ``constexprs`` (num_warps, num_stages and optionally
+    maxnreg among them) and its data pointers of ``dtype``, as the JIT specialises a launch on the GPU: 16-byte
+    aligned pointers and integer strides divisible by 16 (contiguous [B, T, H, D] tensors whose H * D is a multiple of
+    16). Without those the tile loads compile to 2-byte scalar loads without a pipeline (swa's forward: 49 KiB of
+    shared memory instead of its 112)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     consts = dict(constexprs)
-    options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
+    options = {key: consts.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in consts}
     params = list(inspect.signature(fn.fn).parameters)
     # a constexpr left out would compile as a data pointer (a different kernel), not fail
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts and p.default is inspect._empty]
@@ -88,7 +88,7 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
     params = inspect.signature(fn.fn).parameters
     if "BS" in params:
         consts["BS"] = swa._sink_block(4)
-    return fn, {k: v for k, v in consts.items() if k in params or k in ("num_warps", "num_stages")}
+    return fn, {k: v for k, v in consts.items() if k in params or k in ("num_warps", "num_stages", "maxnreg")}
 
 
 def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):

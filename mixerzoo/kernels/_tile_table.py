@@ -21,7 +21,24 @@ import pathlib
 
 import torch
 
-__all__ = ["TileTable"]
+__all__ = ["MAXNREG", "TileTable", "check_maxnreg"]
+
+# the registers per thread a config's ``maxnreg`` may ask of ptxas (Hopper allocates at most 255)
+MAXNREG = (32, 255)
+
+
+def check_maxnreg(where: str, cfg: dict) -> None:
+    """A config's optional launch option ``maxnreg`` (a cap on the registers per thread, passed to ptxas: fewer
+    registers can let more programs share an SM, at the risk of spills): an int in ``MAXNREG``."""
+    if "maxnreg" not in cfg:
+        return
+    value = cfg["maxnreg"]
+    lo, hi = MAXNREG
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(
+            f"{where}: 'maxnreg' (registers per thread, a limit for ptxas) must be an int from {lo} to {hi}, "
+            f"got {value!r}"
+        )
 
 
 class TileTable:
@@ -71,6 +88,7 @@ class TileTable:
                 f"{where}: 'config' must hold {', '.join(self.required)} (optional {', '.join(self.optional)}), "
                 f"got {cfg!r}"
             )
+        check_maxnreg(where, cfg)
 
     def table(self, path: str) -> dict[str, list[dict]]:
         """The rules of ``path`` (read once): the package's own file may be absent (no rules), another may not."""

@@ -392,6 +392,33 @@ def test_split_value_refused_where_not_built():
     with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['RECHECK'\] must be True or False, got 1.5"):
         _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, RECHECK=1.5)}, 1, 8)
     assert _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4, RECHECK=True)}, 1, 8)["RECHECK"] is True
+    # maxnreg: a cap on the registers per thread, any kernel, an int from 32 to 255
+    for kernel in ("fwd", "dq", "dkdv", "listed"):
+        with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]: 'maxnreg' .* from 32 to 255, got 256"):
+            _tiles(x, kernel, {kernel: dict(BT=16, BS=16, maxnreg=256)}, 1, 8)
+        assert _tiles(x, kernel, {kernel: dict(BT=16, BS=16, maxnreg=168)}, 1, 8)["maxnreg"] == 168
+
+
+def test_maxnreg_reaches_the_launch():
+    # a tile config's maxnreg is a launch option (a cap on the registers per thread, for ptxas): it goes with the
+    # launch of every kernel, which then computes what it computes without it (Triton's interpreter takes the option
+    # and ignores it; tests/kernels/test_sm90_fit.py checks that the compiled kernel keeps to the cap)
+    torch.manual_seed(3)
+    B, T, HQ, HKV, D, W = 1, 70, 2, 1, 16, 20
+    q, k, v, do = (torch.randn(B, T, h, D, device=DEVICE) for h in (HQ, HKV, HKV, HQ))
+    score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
+    kpos, kend, kcum = eviction_intervals(score, window_size=W, capacity=8, num_sinks=2, training=True)
+    base = dict(BT=16, BS=16, BC=16, SPLIT=True, num_warps=4, num_stages=1)
+    runs = []
+    for extra in ({}, {"maxnreg": 168}):
+        tiles = {kn: dict(base, **extra) for kn in ("fwd", "dq", "dkdv", "listed")}
+        for kn in ("dkdv", "listed"):
+            del tiles[kn]["BC"]
+        args = dict(window_size=W, scale=D**-0.5, open_ended=True, tiles=tiles)
+        o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, **args)
+        runs.append((o, lse, *eviction_attention_bwd(do, q, k, v, o, lse, kpos, kend, kcum, **args)))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_grid_order():

@@ -182,9 +182,40 @@ def test_eviction_walks_keep_their_tiles_in_shared_memory(D):
     assert not copies, f"loops that copy a tile into shared memory: {copies}"
 
 
+def _registers_capped() -> list[list]:
+    # [name, registers without a cap, the cap asked (two steps of 8 below), registers with it, spill bytes with it]
+    from mixerzoo.kernels._sm90 import eviction_kernel, report, swa_kernel
+
+    out = []
+    for name, make in (
+        ("eviction fwd", lambda **c: eviction_kernel("fwd", 64, 1, dict(_EV_FWD, **c))),
+        ("swa dkdv", lambda **c: swa_kernel("dkdv", 64, 1, dict(BM=32, BN=64, num_warps=4, num_stages=3, **c))),
+    ):
+        free = report(_compile(*make(), torch.bfloat16)).registers
+        cap = (free // 8 - 2) * 8
+        capped = report(_compile(*make(maxnreg=cap), torch.bfloat16))
+        out.append([name, free, cap, capped.registers, capped.spills])
+    return out
+
+
+# the D = 64 eviction forward without value flags, which needs more registers than three programs per SM allow
+_EV_FWD = dict(BT=64, BS=64, BC=64, SPLIT=4, num_warps=4, num_stages=3, WINDOW_FIRST=True, RECHECK=True)
+
+
+def test_maxnreg_reaches_ptxas():
+    """A config's ``maxnreg`` caps the registers per thread of the compiled kernel (ptxas then spills rather than
+    exceed it): 16 below what each kernel takes without a cap, it takes at most that many. Compiled so with Triton 3.6,
+    the D = 64 eviction forward without value flags took 216 registers (two programs of 128 threads per SM, where its
+    shared memory allows four) and 168 under a cap of 168 with no spill (benchmarks/NOTES-eviction.md, stop 53)."""
+    for name, free, cap, capped, _spills in _child("maxnreg", timeout=900):
+        assert capped <= cap < free, (name, free, cap, capped)
+
+
 if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits; or copies D -> tiles copied
     if sys.argv[1] == "copies":
         print(json.dumps(_tile_copies(int(sys.argv[2]))))
+    elif sys.argv[1] == "maxnreg":
+        print(json.dumps(_registers_capped()))
     else:
         family, dtype, D = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
         print(json.dumps(_too_big(family, dtype, D)))

@@ -404,6 +404,22 @@ def test_swa_decode_kernel(TQ):
     )
 
 
+def test_swa_maxnreg_reaches_the_launch():
+    # a config's maxnreg (a cap on the registers per thread, for ptxas) goes with the launches of the forward, dQ,
+    # dK/dV and sink kernels, which compute what they compute without it (Triton's interpreter ignores the option;
+    # tests/kernels/test_sm90_fit.py checks the compiled kernel keeps to the cap)
+    torch.manual_seed(5)
+    q, k, v, do = _inputs(1, 80, 4, 2, 16, torch.float32)
+    runs = []
+    for extra in ({}, {"maxnreg": 168}):
+        o, lse = swa_fwd(q, k, v, 24, 2, config=dict(_fwd_config(16), **extra))
+        grads = swa_bwd(do, q, k, v, o, lse, 24, 2, dkdv_config=dict(_dkdv_config(16), **extra),
+                        dq_config=dict(_dq_config(16), **extra))  # fmt: skip
+        runs.append((o, lse, *grads))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_swa_bad_inputs():
     q, k, v, _ = _inputs(1, 8, 4, 2, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -418,6 +434,10 @@ def test_swa_bad_inputs():
         swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, ONE_LOOP=True, MASK_ALL=True))
     with pytest.raises(ValueError, match=r"swa_bwd dq_config: unknown config keys \['num_warp'\]"):
         swa_bwd(q, q, k, v, q, q[..., 0], 4, dq_config=dict(BM=64, BN=32, num_warp=4))
+    with pytest.raises(ValueError, match=r"swa_fwd: 'maxnreg' \(registers per thread.* from 32 to 255, got True"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, maxnreg=True))
+    with pytest.raises(ValueError, match=r"swa_bwd dkdv_config: 'maxnreg' .* from 32 to 255, got 16"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, dkdv_config=dict(BM=32, BN=64, maxnreg=16))
     with pytest.raises(ValueError, match="swa_fwd: TMA=True .* got ONE_LOOP=False; add ONE_LOOP=True"):
         swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, TMA=True))
     with pytest.raises(ValueError, match="swa_bwd dkdv_config: TMA=True .* got ONE_LOOP=False"):

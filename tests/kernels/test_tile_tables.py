@@ -106,6 +106,11 @@ def test_no_table_for_float32_or_cpu():
         (json.dumps({"sm90": [{**_rule(), "config": {"BM": 64}}]}), "'config' must hold BM, BN, num_warps"),
         (json.dumps({"sm90": [_rule(), {**_rule(), "config": {**_rule()["config"], "BK": 1}}]}), "rule 1 of"),
         ("{not json", "cannot read it as JSON"),
+        (
+            json.dumps({"sm90": [_rule(maxnreg=300)]}),
+            "'maxnreg' (registers per thread, a limit for ptxas) must be an int from 32 to 255, got 300",
+        ),
+        (json.dumps({"sm90": [_rule(maxnreg=True)]}), "'maxnreg' (registers per thread, a limit for ptxas) must be"),
     ],
 )
 def test_malformed_tables_are_errors(tmp_path, doc, message):
@@ -122,6 +127,9 @@ def test_eviction_rules_take_its_own_keys(tmp_path):
                                                                        num_stages=2))  # fmt: skip
     path.write_text(json.dumps({"sm90": [rule]}))
     assert EVICTION_TABLE.load(path)["sm90"][0]["config"]["BT"] == 64
+    rule["config"]["maxnreg"] = 168  # a cap on the registers per thread, a key of both tables
+    path.write_text(json.dumps({"sm90": [rule]}))
+    assert EVICTION_TABLE.load(path)["sm90"][0]["config"]["maxnreg"] == 168
     path.write_text(json.dumps({"sm90": [_rule(kernel="dq")]}))  # swa's keys
     with pytest.raises(ValueError, match="eviction tile table .*'config' must hold BT, BS, num_warps, num_stages"):
         EVICTION_TABLE.load(path)

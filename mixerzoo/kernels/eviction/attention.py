@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast, run_op
+from .._tile_table import check_maxnreg
 from .._triton import (
     LOG2E,
     LOG2E_JIT,
@@ -757,6 +758,7 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
         _check_flag(tiles, kernel, "WINDOW_FIRST", ("fwd", "dq"), "the dk/dv passes walk one band each, no list")
         _check_flag(tiles, kernel, "RECHECK", ("fwd",), "the forward's value flags; the backward reads none")
+        check_maxnreg(f"eviction_attention: tiles[{kernel!r}]", tiles[kernel])
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)

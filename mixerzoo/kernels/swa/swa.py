@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._checks import check_floats, check_int_arg, check_scale, check_values
 from .._ops import no_autocast, run_op
+from .._tile_table import check_maxnreg
 from .._triton import (
     LOG2E,
     LOG2E_JIT,
@@ -672,7 +673,7 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "maxnreg")
 
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
@@ -692,9 +693,11 @@ def _loop_flags(cfg: dict, kernel: str) -> dict:
     loop loads its K / V tiles (forward, dQ) or Q / dO tiles (dK/dV) through tensor descriptors: TMA bulk
     copies on Hopper; default False; needs ONE_LOOP; with padding the masked pointer loads stay) after BM
     and BN,
-    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs)."""
+    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs) and a ``maxnreg`` (a
+    cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
     launch_config(kernel, {}, _CONFIG_KEYS, cfg)
+    check_maxnreg(kernel, cfg)
     if flags["TMA"] and not flags["ONE_LOOP"]:
         raise ValueError(
             f"{kernel}: TMA=True loads tiles by tensor descriptors in the one-loop path only, got ONE_LOOP=False; "
