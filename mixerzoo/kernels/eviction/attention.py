@@ -731,8 +731,9 @@ def _eviction_bwd_dkdv_kernel(
 # the window in three loops, and SPLIT=4, the list in two loops (its unmasked blocks, then the masked ones) and the
 # window in one, and WINDOW_FIRST (default False), the window band walked before the list; the forward takes
 # RECHECK (default False): no value flags in its walk, a block whose accumulator comes out non-finite walked again
-# exactly (see _eviction_fwd_kernel); BLOCKS_FIRST: the grid's order (see _grid). These are the defaults where the
-# tile table has no rule (another GPU, another head dim).
+# exactly (see _eviction_fwd_kernel); BLOCKS_FIRST: the grid's order (see _grid); maxnreg (optional, any kernel): a
+# cap on the registers per thread for ptxas (_tile_table.check_maxnreg). These are the defaults where the tile table
+# has no rule (another GPU, another head dim).
 # dq, dkdv, listed: the winners of `python benchmarks/eviction.py sweep` on an H200 at T=32768, D=128
 # (benchmarks/NOTES-eviction.md, run 4: fwd+bwd 11.54 -> 7.91 ms; one loop wins for dk/dv, one pipeline prologue
 # instead of three per program, three for dq). fwd: the form every point of the H200's D = 128 runs chose (the notes'
