@@ -22,6 +22,7 @@ _SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp3
 _SCALARS.update(scale="fp32", scale_log2="fp32", n_batch="i32", KV0="i32", NB="i32", HEAD_STRIDE="i32")
 _INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
 _FLOAT32_POINTERS = {"lse", "delta", "vflag"}
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compile options, not constexprs, among a launch's keys
 
 
 def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
@@ -35,7 +36,7 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     from triton.compiler import ASTSource
 
     consts = dict(constexprs)
-    options = {key: consts.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in consts}
+    options = {key: consts.pop(key) for key in _OPTIONS if key in consts}
     params = list(inspect.signature(fn.fn).parameters)
     # a constexpr left out would compile as a data pointer (a different kernel), not fail
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts and p.default is inspect._empty]
@@ -88,7 +89,7 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
     params = inspect.signature(fn.fn).parameters
     if "BS" in params:
         consts["BS"] = swa._sink_block(4)
-    return fn, {k: v for k, v in consts.items() if k in params or k in ("num_warps", "num_stages", "maxnreg")}
+    return fn, {k: v for k, v in consts.items() if k in params or k in _OPTIONS}
 
 
 def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):
