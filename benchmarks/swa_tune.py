@@ -78,6 +78,8 @@ for _D, _tiles in ((128, ((4, 3), (4, 2))), (256, ((4, 2), (8, 2)))):
 # the D = 64 dK/dV default capped at 168 registers per thread (maxnreg): 196 without, two 4-warp programs per SM where
 # its shared memory allows five; 168 with 4 bytes spilled, three (sm_90, Triton 3.6; NOTES-eviction, stop 53)
 CANDIDATES[("dkdv", 64)] += [dict(_c(32, 64, 4, 3), maxnreg=168)]
+# the D = 128 stash dQ capped so: 245 registers without, 168 with 200 bytes spilled (three programs per SM, not two)
+CANDIDATES[("dq", 128)] += [dict(_c(64, 64, 4, 3, one=False), STASH=True, maxnreg=168)]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 
@@ -142,6 +144,9 @@ EV_CANDIDATES[("fwd", 256)] += [_q(128, 64, 64, True, 8, 2, False, True), _q(128
 EV_CANDIDATES[("fwd", 64)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "maxnreg": 168},
                                {**_q(64, 64, 64, True, 4, 3, False, True), "maxnreg": 168}]
 EV_CANDIDATES[("dkdv", 64)] = EV_CANDIDATES[("listed", 64)] = _EV_KV[64] + [{**_k(64, 64, False, 4, 2), "maxnreg": 168}]
+# the D = 128 dQ table tile (64 x 32, 2 stages): 175 registers, two programs per SM where its 64 KiB of shared memory
+# allows three; capped at 168, three, with 8 bytes spilled (sm_90, Triton 3.6)
+EV_CANDIDATES[("dq", 128)] += [{**_q(64, 32, 32, True, 4, 2), "maxnreg": 168}]
 # fmt: on
 EV_SMOKE_CANDIDATES = {
     "fwd": [_q(32, 16, 16, False, 4, 1)],
