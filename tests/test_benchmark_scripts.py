@@ -575,16 +575,27 @@ def test_swa_gluon_check():
 def test_sass_report_one_config():
     """sass_report.py compiles one eviction forward tile for sm_90 on this machine (TRITON_INTERPRET set, as in this
     test session: the script drops it) and prints its row: shared memory, registers, spills, the serialisation flag,
-    the tile copies; and refuses a config without its kernel."""
+    the tile copies, programs per SM by registers / by shared memory and the register cap that adds one; and refuses a
+    config without its kernel."""
+    from mixerzoo.kernels._sm90 import programs_per_sm
+
     config = '{"BT": 64, "BS": 64, "BC": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 2}'
     args = ["--op", "eviction", "--kernel", "fwd", "--D", "64", "--config", config]
     p = subprocess.run(_command("sass_report.py", args), cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    row = re.search(r"^eviction +fwd +64 +1-1 +- +(\d+) +(\d+) +(\d+) +(yes|-) +(\d+)  \{", p.stdout, re.M)
+    pattern = r"^eviction +fwd +64 +1-1 +- +(\d+) +(\d+) +(\d+) +(yes|-) +(\d+) +(\d+)/(\d+) +(\d+|-)  \{"
+    row = re.search(pattern, p.stdout, re.M)
     assert row, p.stdout
-    kib, regs, spills, _, copies = row.groups()
+    kib, regs, spills, _, copies, by_regs, by_shared, cap = row.groups()
     assert 0 < int(kib) <= 227 and 0 < int(regs) <= 255 and int(copies) == 0, p.stdout
+    # programs per SM by registers (4 warps) / by shared memory, and a cap only where registers bind
+    assert int(by_regs) == programs_per_sm(int(regs), 0, 4)[0], p.stdout
+    shared = int(kib) * 1024  # floored to KiB in the row
+    assert int(by_shared) in (programs_per_sm(32, shared, 4)[1], programs_per_sm(32, shared + 1023, 4)[1]), p.stdout
+    assert (cap == "-") == (int(by_regs) >= int(by_shared)), p.stdout
+    if cap != "-":
+        assert programs_per_sm(int(cap), 0, 4)[0] >= int(by_regs) + 1, p.stdout
     bad = subprocess.run(_command("sass_report.py", ["--op", "eviction", "--config", config]), cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "--kernel and --config go together" in bad.stderr, bad.stderr

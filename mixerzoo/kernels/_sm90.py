@@ -1,5 +1,6 @@
 """Compile a kernel for Hopper (sm_90) without a GPU and read what the compiler made of it: shared memory, registers,
-spills, whether ptxas serialised its wgmma, and whether a wgmma loop copies a tile into shared memory.
+spills, whether ptxas serialised its wgmma, and whether a wgmma loop copies a tile into shared memory; and how many
+programs of a kernel one SM holds by its registers and by its shared memory (``programs_per_sm``, ``register_cap``).
 
 For the tests (``tests/kernels/test_sm90_fit.py``) and ``benchmarks/sass_report.py``. Triton's wheel carries ptxas and
 nvdisasm; nothing here needs a CUDA device or driver. ``TRITON_INTERPRET=1`` must be unset before Triton loads (an
@@ -16,13 +17,34 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SASSReport", "compile_sm90", "eviction_kernel", "report", "swa_kernel"]
+__all__ = ["SASSReport", "compile_sm90", "eviction_kernel", "programs_per_sm", "register_cap", "report", "swa_kernel"]
 
 _SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
 _SCALARS.update(scale="fp32", scale_log2="fp32", n_batch="i32", KV0="i32", NB="i32", HEAD_STRIDE="i32")
 _INDEX_POINTERS = {"pad": "*i64", "kpos": "*i32", "kend": "*i32", "kcum": "*i32"}
 _FLOAT32_POINTERS = {"lse", "delta", "vflag"}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compile options, not constexprs, among a launch's keys
+
+# one Hopper SM: 64K 32-bit registers, allocated per warp in units of 256 (8 per thread); 228 KiB of shared memory, of
+# which each resident block takes 1 KiB more than its own; at most 64 resident warps
+_SM_REGISTERS, _SM_SHARED, _SM_WARPS = 65536, 228 * 1024, 64
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> tuple[int, int]:
+    """(by registers, by shared memory): how many programs of ``num_warps`` warps, each thread holding ``registers``
+    registers and the program ``shared`` bytes of shared memory, one sm_90 SM can hold at once as each resource
+    counts; the smaller is what runs. Where registers bind and shared memory allows more, ``register_cap`` gives the
+    cap (``maxnreg``) that would add a program."""
+    per_warp = -(-registers // 8) * 8 * 32
+    by_registers = min(_SM_REGISTERS // (per_warp * num_warps), _SM_WARPS // num_warps)
+    return by_registers, _SM_SHARED // (shared + 1024)
+
+
+def register_cap(num_warps: int, programs: int) -> int:
+    """The most registers per thread (a multiple of 8, at most 255) at which ``programs`` programs of ``num_warps``
+    warps fit one sm_90 SM's registers; 0 where fewer than 32 would be left (no cap can)."""
+    cap = _SM_REGISTERS // (programs * num_warps * 32) // 8 * 8
+    return min(cap, 255) if cap >= 32 else 0
 
 
 def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
