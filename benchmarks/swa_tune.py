@@ -80,6 +80,11 @@ for _D, _tiles in ((128, ((4, 3), (4, 2))), (256, ((4, 2), (8, 2)))):
 CANDIDATES[("dkdv", 64)] += [dict(_c(32, 64, 4, 3), maxnreg=168)]
 # the D = 128 stash dQ capped so: 245 registers without, 168 with 200 bytes spilled (three programs per SM, not two)
 CANDIDATES[("dq", 128)] += [dict(_c(64, 64, 4, 3, one=False), STASH=True, maxnreg=168)]
+# caps that add a program per SM where shared memory allows it (benchmarks/sass_report.py --try-caps, sm_90, Triton
+# 3.6): the D = 64 forward rule (144 registers, three programs) at 128 without a spill, four; the D = 64 dQ rule at W <=
+# 384 (120, four) at 96 with 4 bytes spilled, five
+CANDIDATES[("fwd", 64)] += [dict(_c(64, 64, 4, 3), maxnreg=128)]
+CANDIDATES[("dq", 64)] += [dict(_c(64, 32, 4, 3), maxnreg=96)]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 
@@ -147,6 +152,8 @@ EV_CANDIDATES[("dkdv", 64)] = EV_CANDIDATES[("listed", 64)] = _EV_KV[64] + [{**_
 # the D = 128 dQ table tile (64 x 32, 2 stages): 175 registers, two programs per SM where its 64 KiB of shared memory
 # allows three; capped at 168, three, with 8 bytes spilled (sm_90, Triton 3.6)
 EV_CANDIDATES[("dq", 128)] += [{**_q(64, 32, 32, True, 4, 2), "maxnreg": 168}]
+# the D = 64 dQ rule (127 registers, four programs where shared memory allows six) at 96, five, 12 bytes spilled
+EV_CANDIDATES[("dq", 64)] += [{**_q(64, 32, 32, True, 4, 2), "maxnreg": 96}]
 # fmt: on
 EV_SMOKE_CANDIDATES = {
     "fwd": [_q(32, 16, 16, False, 4, 1)],
