@@ -322,6 +322,10 @@ def test_cpu_call_sites_match_the_profilers_event_tree():
 
     mixer = registry.build("eviction_swa", hidden_size=32, num_heads=2, window_size=8)
     x = torch.randn(1, 20, 32, requires_grad=True)
+    # one step before the profiled one: a module imported lazily inside a profiled region can leave an event whose name
+    # is not UTF-8 (torch 2.13's profiler; its own prof.events() then fails on it too), as the first step here did at
+    # times (3 runs in 8 on this 2-core CPU)
+    mixer(x)[0].sum().backward()
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         mixer(x)[0].sum().backward()
     ours = e2e._cpu_sites(torch, prof)
