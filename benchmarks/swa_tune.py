@@ -24,6 +24,12 @@ again after them, and the faster of its two figures counts; the fastest candidat
 and the slower of its two figures counts (a rule must win twice). The default's time and the winner's are printed
 and written as rows ``swa_tune`` or ``eviction_tune`` (impl ``default`` / ``tuned``, fwd_ms for fwd, bwd_ms for the
 backward kernels). ``--max-seconds`` stops between cells; the table is written after every cell.
+
+Register caps found on the way: where a timed config's compiled kernel is held to fewer programs per SM by its
+registers than its shared memory allows (the GPU's limits, from torch's device properties), the same config capped
+at the registers that add a program (``maxnreg``) joins the cell's candidates (on an H200 such caps made the D = 64
+eviction forward 9% to 24% faster and swa's 7% to 8%: benchmarks/NOTES-eviction.md and NOTES-swa.md, stop 54);
+``--no-caps`` leaves them out.
 """
 
 from __future__ import annotations
@@ -231,9 +237,10 @@ def _table(op: str):
 _SEEN: dict[str, set] = {}
 
 
-def _spills(kernel_fn, seen: set) -> str:
-    """registers / spills of the kernels compiled since the last call (Triton's cache of the JIT function)."""
-    out = []
+def _compiled(kernel_fn, seen: set) -> tuple[str, list[tuple[int, int, int]]]:
+    """The kernels compiled since the last call (Triton's cache of the JIT function): their registers and spills as
+    the log shows them, and (registers, shared bytes, warps) of each."""
+    out, info = [], []
     try:
         for cache in kernel_fn.device_caches.values():
             for key, k in cache[0].items():
@@ -242,17 +249,51 @@ def _spills(kernel_fn, seen: set) -> str:
                 seen.add(key)
                 k._init_handles()
                 out.append(f"{k.n_regs} regs, {k.n_spills} spills")
+                info.append((k.n_regs, k.metadata.shared, k.metadata.num_warps))
     except Exception as e:  # the cache layout is Triton's internal: report, do not fail the tuning
-        return f"n/a ({type(e).__name__})"
-    return "; ".join(out) or "cached"
+        return f"n/a ({type(e).__name__})", []
+    return "; ".join(out) or "cached", info
+
+
+def sm_limits(device) -> dict | None:
+    """The SM's registers, shared memory and resident warps (``_sm90.HOPPER_SM``'s form) from torch's device
+    properties; None where this torch does not report them."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    regs, shared, threads = (getattr(props, a, 0) for a in ("regs_per_multiprocessor",
+                             "shared_memory_per_multiprocessor", "max_threads_per_multi_processor"))  # fmt: skip
+    return {"registers": regs, "shared": shared, "warps": threads // 32} if regs and shared and threads else None
+
+
+def cap_candidate(cfg: dict, compiled: list[tuple[int, int, int]], sm: dict | None) -> dict | None:
+    """``cfg`` capped (``maxnreg``) at the registers per thread that let one more program share an SM, where the
+    kernels it compiled (``compiled``: registers, shared bytes, warps) are held back by their registers and their
+    shared memory allows more; None where no cap adds one, ``cfg`` has a cap already, or nothing is known. Of several
+    kernels compiled with the config's warps (the eviction dK/dV passes compile two), the one with the most
+    registers counts."""
+    from mixerzoo.kernels._sm90 import programs_per_sm, register_cap
+
+    warps = cfg.get("num_warps", 4)
+    mine = [c for c in compiled if c[2] == warps]
+    if sm is None or "maxnreg" in cfg or not mine:
+        return None
+    registers, shared = max(c[0] for c in mine), max(c[1] for c in mine)
+    by_registers, by_shared = programs_per_sm(registers, shared, warps, sm)
+    cap = register_cap(warps, by_registers + 1, sm) if by_registers < by_shared else 0
+    return {**cfg, "maxnreg": cap} if cap else None
+
+
+_COMPILED: dict[tuple, list] = {}  # (kernel, D, G, config) -> what its compile reported, for cells that find it cached
 
 
 def tune_cell(
-    D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = False, only=None
+    D: int, G: int, W: int, log, *, op: str = "swa", smoke: bool = False, only=None, caps: bool = True
 ) -> tuple[dict, list[dict]]:
     """(winning config per kernel, beating the default by MIN_GAIN; rows). ``smoke``: a tiny cell on the CPU in
     Triton's interpreter (float32, T = 64, the interpreter's default tiles against one candidate each): the
-    script's path, not its figures. ``only``: these kernels alone."""
+    script's path, not its figures. ``only``: these kernels alone. ``caps``: a timed config whose registers bind
+    (``cap_candidate``) brings its capped form into the candidates."""
     import attention
     import torch
 
@@ -266,24 +307,36 @@ def tune_cell(
     spec = OPS[op]
     timed = _time_cpu if smoke else time_ms  # ms of one call in the interpreter, else CUDA-event timing
     kernels, dflt, calls, jit, (o_ref, g_ref) = spec["spec"](D, G, W, q, k, v, do)
+    sm = None if smoke or not caps else sm_limits(q.device)
+    if caps and not smoke and sm is None:
+        log("  (no capped forms: this torch does not report the SM's registers and shared memory)")
     wins, rows = {}, []
     for kernel in kernels if only is None else [kn for kn in kernels if kn in only]:
         seen = _SEEN.setdefault(id(jit[kernel]), set())  # compiled kernels reported already (this cell or before)
         results = []
         cands = spec["smoke"][kernel] if smoke else spec["candidates"][(kernel, D)]
-        for i, cfg in enumerate([dflt[kernel]] + [c for c in cands if c != dflt[kernel]]):
+        queue = [dflt[kernel]] + [c for c in cands if c != dflt[kernel]]
+        for i, cfg in enumerate(queue):  # grows by the capped forms found on the way
             fn = calls[kernel](dict(cfg))
             name = "default" if i == 0 else "candidate"
             try:
                 out = fn()
                 errs = attention.check_errors("fwd" if kernel == "fwd" else "bwd", out, o_ref, g_ref)
-                regs = _spills(jit[kernel], seen)
+                regs, compiled = _compiled(jit[kernel], seen)
+                memo = (kernel, D, G, json.dumps(cfg, sort_keys=True))
+                if compiled:
+                    _COMPILED[memo] = compiled
+                compiled = _COMPILED.get(memo, [])
                 if max(errs) > CHECK:
                     log(f"  {kernel:6s} {name:9s} {cfg}: differs from the default ({max(errs):.1e}), not timed")
                     continue
                 ms = timed(fn)
                 results.append((ms, cfg))
                 log(f"  {kernel:6s} {name:9s} {ms:8.3f} ms  {cfg}  [{regs}]")
+                capped = cap_candidate(cfg, compiled, sm)
+                if capped and capped not in queue:
+                    queue.append(capped)
+                    log(f"  {kernel:6s}           its registers bind: capped at {capped['maxnreg']} to be timed too")
             except Exception as e:  # shared memory or registers out of bounds: report, go on
                 log(f"  {kernel:6s} {name:9s} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
             torch.cuda.empty_cache()
@@ -374,6 +427,12 @@ def parse_args(argv=None):
     ap.add_argument("--table", type=pathlib.Path, help="the tile table to merge the rules into (default: the "
                     "package's, mixerzoo/kernels/<op>/tuned_configs.json)")  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=None, help="stop between cells past this many seconds")
+    ap.add_argument(
+        "--no-caps",
+        action="store_true",
+        help="time no register-capped forms besides the candidates "
+        "listed (by default a config whose registers, not its shared memory, bind is timed capped too)",
+    )
     ap.add_argument("--smoke", action="store_true", help="one tiny cell (D = 32) on the CPU in Triton's interpreter, "
                     "table into --table (required); exercises the script, its figures mean nothing")  # fmt: skip
     args = ap.parse_args(argv)
@@ -423,7 +482,9 @@ def main(argv=None) -> int:
         print(
             f"{args.op} cell D={D} G={G} W={W} (B={TOKENS // T_CELL}, T={T_CELL}, HQ={HQ}, HKV={HQ // G})", flush=True
         )
-        wins, cell_rows = tune_cell(D, G, W, lambda s: print(s, flush=True), op=args.op, only=args.kernels)
+        wins, cell_rows = tune_cell(
+            D, G, W, lambda s: print(s, flush=True), op=args.op, only=args.kernels, caps=not args.no_caps
+        )
         rows += cell_rows
         table = merge_rules(table, arch, D, G, W, wins, args.kernels)
         table_path.write_text(json.dumps(table, indent=1) + "\n")

@@ -501,6 +501,31 @@ def test_swa_tune_kernels_filter(monkeypatch):
     assert p.returncode == 2 and "--kernels: the eviction kernels are fwd, dq, dkdv, listed, got fwd dkv" in p.stderr
 
 
+def test_swa_tune_cap_candidate(monkeypatch):
+    """A timed config whose compiled kernel is held to fewer programs per SM by its registers than by its shared memory
+    brings its form capped at the registers that add one; none where shared memory binds, a cap is set already, the
+    SM's limits or the compile are unknown, or no kernel with the config's warps was compiled."""
+    from mixerzoo.kernels._sm90 import HOPPER_SM
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    tune = _bench_module("swa_tune.py")
+    cfg = dict(BT=64, BS=64, BC=64, SPLIT=4, num_warps=4, num_stages=3)
+    kib = 1024
+    # the D = 64 eviction forward (216 registers, 56 KiB: two programs by registers, four by shared memory)
+    assert tune.cap_candidate(cfg, [(216, 56 * kib, 4)], HOPPER_SM) == {**cfg, "maxnreg": 168}
+    assert tune.cap_candidate(cfg, [(144, 56 * kib, 4)], HOPPER_SM) == {**cfg, "maxnreg": 128}
+    # two kernels of the config's warps (the eviction dK/dV passes): the one with more registers counts
+    assert tune.cap_candidate(cfg, [(120, 48 * kib, 4), (202, 48 * kib, 4)], HOPPER_SM) == {**cfg, "maxnreg": 168}
+    assert tune.cap_candidate(cfg, [(233, 112 * kib, 4)], HOPPER_SM) is None  # two by either: shared memory binds
+    assert tune.cap_candidate({**cfg, "maxnreg": 168}, [(168, 56 * kib, 4)], HOPPER_SM) is None
+    assert tune.cap_candidate(cfg, [(216, 56 * kib, 4)], None) is None
+    assert tune.cap_candidate(cfg, [], HOPPER_SM) is None
+    assert tune.cap_candidate(cfg, [(216, 56 * kib, 8)], HOPPER_SM) is None
+    # another GPU's limits: half the shared memory leaves room for no third program
+    small = {**HOPPER_SM, "shared": 114 * kib}
+    assert tune.cap_candidate(cfg, [(216, 56 * kib, 4)], small) is None
+
+
 @no_gpu
 @pytest.mark.slow  # about 25 s: the kernels in Triton's interpreter
 def test_swa_tune_smoke(tmp_path):

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SASSReport", "compile_sm90", "eviction_kernel", "programs_per_sm", "register_cap", "report", "swa_kernel"]
+__all__ = [
+    "HOPPER_SM",
+    "SASSReport",
+    "compile_sm90",
+    "eviction_kernel",
+    "programs_per_sm",
+    "register_cap",
+    "report",
+    "swa_kernel",
+]
 
 _SCALARS = {"T": "i32", "W": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
 _SCALARS.update(scale="fp32", scale_log2="fp32", n_batch="i32", KV0="i32", NB="i32", HEAD_STRIDE="i32")
@@ -27,23 +36,24 @@ _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compile options, not conste
 
 # one Hopper SM: 64K 32-bit registers, allocated per warp in units of 256 (8 per thread); 228 KiB of shared memory, of
 # which each resident block takes 1 KiB more than its own; at most 64 resident warps
-_SM_REGISTERS, _SM_SHARED, _SM_WARPS = 65536, 228 * 1024, 64
+HOPPER_SM = {"registers": 65536, "shared": 228 * 1024, "warps": 64}
 
 
-def programs_per_sm(registers: int, shared: int, num_warps: int) -> tuple[int, int]:
+def programs_per_sm(registers: int, shared: int, num_warps: int, sm: dict | None = None) -> tuple[int, int]:
     """(by registers, by shared memory): how many programs of ``num_warps`` warps, each thread holding ``registers``
-    registers and the program ``shared`` bytes of shared memory, one sm_90 SM can hold at once as each resource
-    counts; the smaller is what runs. Where registers bind and shared memory allows more, ``register_cap`` gives the
-    cap (``maxnreg``) that would add a program."""
+    registers and the program ``shared`` bytes of shared memory, one SM can hold at once as each resource counts; the
+    smaller is what runs. ``sm``: the SM's limits as ``HOPPER_SM`` gives them (the default). Where registers bind and
+    shared memory allows more, ``register_cap`` gives the cap (``maxnreg``) that would add a program."""
+    sm = sm or HOPPER_SM
     per_warp = -(-registers // 8) * 8 * 32
-    by_registers = min(_SM_REGISTERS // (per_warp * num_warps), _SM_WARPS // num_warps)
-    return by_registers, _SM_SHARED // (shared + 1024)
+    by_registers = min(sm["registers"] // (per_warp * num_warps), sm["warps"] // num_warps)
+    return by_registers, sm["shared"] // (shared + 1024)
 
 
-def register_cap(num_warps: int, programs: int) -> int:
+def register_cap(num_warps: int, programs: int, sm: dict | None = None) -> int:
     """The most registers per thread (a multiple of 8, at most 255) at which ``programs`` programs of ``num_warps``
-    warps fit one sm_90 SM's registers; 0 where fewer than 32 would be left (no cap can)."""
-    cap = _SM_REGISTERS // (programs * num_warps * 32) // 8 * 8
+    warps fit one SM's registers (``sm`` as in ``programs_per_sm``); 0 where fewer than 32 would be left: no cap can."""
+    cap = (sm or HOPPER_SM)["registers"] // (programs * num_warps * 32) // 8 * 8
     return min(cap, 255) if cap >= 32 else 0
 
 
