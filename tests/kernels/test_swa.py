@@ -126,6 +126,21 @@ def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
     _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
 
 
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, D, W, S, pad",
+    [
+        pytest.param(1, 63, 4, 2, 96, 16, 4, None, id="D96-T63-W16-S4-gqa2"),
+        pytest.param(2, 50, 2, 1, 40, 9, 0, (0, 7), id="D40-T50-W9-gqa2-pad", marks=pytest.mark.slow),
+        pytest.param(1, 40, 2, 2, 8, 12, 2, None, id="D8-T40-W12-S2", marks=pytest.mark.slow),
+    ],
+)
+def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad):
+    # a head dim the kernels do not take as it is runs zero-padded to the next one (96 -> 128, 40 -> 64, 8 -> 16):
+    # output, lse and every gradient as the reference's at the real head dim, in the inputs' shape
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, {})
+
+
 # TMA=True: the one loop loads K / V (forward, dQ) and Q / dO (dK/dV) through tensor descriptors; B = 2 so that
 # tiles run past T into the next batch row's slots (TMA must zero-fill them); padding keeps the masked loads
 TMA = dict(ONE_LOOP=True, TMA=True)
@@ -379,10 +394,11 @@ def test_swa_opcheck():
     assert o.requires_grad and not lse.requires_grad
 
 
-@pytest.mark.parametrize("TQ", [1, 3])
-def test_swa_decode_kernel(TQ):
-    """Triton decode over a ring buffer + sinks (slots in any order, empty slots = -1) vs the reference."""
-    B, HQ, HKV, D, W, S = 2, 8, 2, 64, 16, 4
+@pytest.mark.parametrize("TQ, D", [(1, 64), (3, 64), (2, 96)])
+def test_swa_decode_kernel(TQ, D):
+    """Triton decode over a ring buffer + sinks (slots in any order, empty slots = -1) vs the reference; a head dim
+    that is not a power of 2 (96) runs on a 128-wide tile with the columns past 96 masked."""
+    B, HQ, HKV, W, S = 2, 8, 2, 16, 4
     N = S + W
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     q = torch.randn(B, TQ, HQ, D, device=DEVICE, dtype=dtype)
@@ -426,8 +442,8 @@ def test_swa_bad_inputs():
         swa_attention(q, k[:, :, :1].expand(1, 8, 3, 16), v[:, :, :1].expand(1, 8, 3, 16), window_size=4)
     with pytest.raises(ValueError, match=r"swa_attention: window_size must be in \[1, 4611686018427387904\], got 0"):
         swa_attention(q, k, v, window_size=0)
-    with pytest.raises(ValueError, match="head dims"):
-        swa_fwd(torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), torch.randn(1, 8, 2, 80), 4)
+    with pytest.raises(ValueError, match=r"swa_fwd: the Triton kernels take head dims up to 256 .* got 320"):
+        swa_fwd(torch.randn(1, 8, 2, 320), torch.randn(1, 8, 2, 320), torch.randn(1, 8, 2, 320), 4)
     with pytest.raises(ValueError, match=r"swa_fwd: scale must be finite and > 0, got -1.0"):
         swa_fwd(q, k, v, 4, scale=-1.0)
     with pytest.raises(ValueError, match=r"swa_fwd: unknown config keys \['MASK_ALL'\]"):

@@ -26,7 +26,15 @@ from .._triton import (
     triton,
 )
 from .reference import swa_decode_ref
-from .swa import _check_triton, check_index_tensor
+from .swa import _check_triton, check_index_tensor, kernel_head_dim
+
+
+@triton.jit
+def _head_mask(m_rows, o_d, DH: tl.constexpr):
+    # a load's mask: its rows, and its columns below DH where DH (> 0) is less than the tile's width
+    if DH > 0:
+        return m_rows[:, None] & (o_d < DH)[None, :]
+    return m_rows[:, None]
 
 
 @triton.jit
@@ -47,8 +55,10 @@ def _decode_blocks(
     BN: tl.constexpr,
     PREC: tl.constexpr,
     EXACT: tl.constexpr = False,
+    DH: tl.constexpr = 0,
 ):
-    # online softmax of the rows b_q [BR, D] (positions b_qp) over the N cache slots; EXACT: see mask_scores
+    # online softmax of the rows b_q [BR, D] (positions b_qp) over the N cache slots; EXACT: see mask_scores. DH:
+    # the head dim where it is less than the tile's D (a power of 2), its columns past DH read as 0
     o_d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
     m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
@@ -58,8 +68,9 @@ def _decode_blocks(
         o_j = n0 + o_n
         m_j = o_j < N
         b_kp = tl.load(kpos_row + o_j, mask=m_j, other=-1)  # [BN]
-        b_k = tl.load(k_row + o_j[:, None] * stride_kn + o_d[None, :], mask=m_j[:, None], other=0.0)
-        b_v = tl.load(v_row + o_j[:, None] * stride_vn + o_d[None, :], mask=m_j[:, None], other=0.0)
+        m_kv = _head_mask(m_j, o_d, DH)
+        b_k = tl.load(k_row + o_j[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)
+        b_v = tl.load(v_row + o_j[:, None] * stride_vn + o_d[None, :], mask=m_kv, other=0.0)
         # [BR, D] @ [D, BN] -> [BR, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         dist = b_qp[:, None] - b_kp[None, :]
@@ -99,8 +110,10 @@ def _swa_decode_kernel(
     BN: tl.constexpr,
     PREC: tl.constexpr,
     LIVE: tl.constexpr,
+    DH: tl.constexpr = 0,
 ):
-    # o is addressed with q's strides (both contiguous); the caches keep theirs (any slot-major layout)
+    # o is addressed with q's strides (both contiguous); the caches keep theirs (any slot-major layout). D: the tile's
+    # head dim (a power of 2); DH > 0: the head dim where it is less, the columns past it masked
     # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
     # key/value load; rows r = g * TQ + i
     i_bh = tl.program_id(0).to(tl.int64)
@@ -110,7 +123,7 @@ def _swa_decode_kernel(
     i_g, i_t = o_r // TQ, o_r % TQ
     o_d = tl.arange(0, D)
     p_q = q + i_b * stride_qb + i_t[:, None] * stride_qt + (i_hk * G + i_g)[:, None] * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    b_q = tl.load(p_q, mask=_head_mask(m_r, o_d, DH), other=0.0)
     b_qp = tl.load(qpos + i_b * TQ + i_t, mask=m_r, other=-1)  # [BR]
 
     if LIVE:
@@ -120,7 +133,7 @@ def _swa_decode_kernel(
     k_row = k + i_b * stride_kb + i_hk * stride_kh
     v_row = v + i_b * stride_vb + i_hk * stride_vh
     acc, m_i, l_i = _decode_blocks(
-        b_q, b_qp, k_row, v_row, kpos + i_b * N, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
+        b_q, b_qp, k_row, v_row, kpos + i_b * N, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC, DH=DH
     )
     # a NaN / Inf in any V slot reaches every row (p = 0 times NaN); only then are the slots read again, in
     # tiles of 16 (fewer registers than the loop above), keeping non-finite V rows from the queries that cannot
@@ -143,10 +156,11 @@ def _swa_decode_kernel(
             16,
             PREC,
             EXACT=True,
+            DH=DH,
         )
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = o + i_b * stride_qb + i_t[:, None] * stride_qt + (i_hk * G + i_g)[:, None] * stride_qh + o_d[None, :]
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=_head_mask(m_r, o_d, DH))
 
 
 def check_decode_inputs(
@@ -230,7 +244,8 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     cache_pos, q_pos = cache_pos.contiguous(), q_pos.contiguous()
     o = torch.empty_like(q)
-    BR, BN, interp = _decode_tiles(G * TQ, D, q.element_size())
+    BD = kernel_head_dim(D)  # the tile's head dim: D, or the power of 2 above it with the columns past D masked
+    BR, BN, interp = _decode_tiles(G * TQ, BD, q.element_size())
     launch(
         _swa_decode_kernel,
         (B * HKV,),
@@ -257,13 +272,14 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
         TQ=TQ,
         G=G,
         HKV=HKV,
-        D=D,
+        D=BD,
         BR=BR,
         BN=BN,
         num_warps=4,
         num_stages=1 if interp else 3,
         PREC=dot_precision(q),
         LIVE=live is not None,
+        DH=D if BD != D else 0,
     )
     return o
 

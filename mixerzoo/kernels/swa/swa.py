@@ -645,6 +645,17 @@ def _swa_bwd_dq_stash_kernel(
 _SUPPORTED_D = (16, 32, 64, 128, 256)
 
 
+def kernel_head_dim(D: int) -> int:
+    """The head dim the kernels run at for inputs of head dim D (1 to 256): D itself where it is one of
+    ``_SUPPORTED_D``, else the next of those above it. The training launchers zero-pad q, k, v (and dO, O) to it,
+    which changes no score, and slice the results; the decode kernel masks the columns past D."""
+    return next(d for d in _SUPPORTED_D if d >= D)
+
+
+def _pad_head(x: Tensor, D: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, D - x.shape[-1]))
+
+
 def _fwd_config(D: int) -> dict:
     """Tile sizes of the forward kernel (D = 128: the winners of `benchmarks/attention.py --sections loops`
     on an H200, see benchmarks/NOTES-swa.md)."""
@@ -790,10 +801,10 @@ def _check_triton(op: str, q: Tensor) -> None:
             "(float64 runs on the CPU reference, through swa_attention on CPU tensors)"
         )
     D = q.shape[-1]
-    if D not in _SUPPORTED_D:
+    if D > _SUPPORTED_D[-1]:
         raise ValueError(
-            f"{op}: the Triton kernels take head dims {_SUPPORTED_D}, got {D}; "
-            "pad the head dim or use the CPU reference"
+            f"{op}: the Triton kernels take head dims up to {_SUPPORTED_D[-1]} ({', '.join(map(str, _SUPPORTED_D))} "
+            f"as they are, others zero-padded to the next of those), got {D}; use the CPU reference"
         )
 
 
@@ -825,7 +836,8 @@ def swa_fwd(
     *,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32).
+    """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32). D up to 256;
+    one the kernels do not take as it is runs zero-padded to ``kernel_head_dim(D)``.
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
     structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning. Without it the tiles are
@@ -833,6 +845,11 @@ def swa_fwd(
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
+    D = q.shape[-1]
+    if D not in _SUPPORTED_D:  # zero columns add nothing to q k^T, and o's come out 0: sliced off
+        Dk = kernel_head_dim(D)
+        o, lse = swa_fwd(*(_pad_head(x, Dk) for x in (q, k, v)), window_size, num_sinks, scale, pad, config=config)
+        return o[..., :D].contiguous(), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
@@ -986,6 +1003,12 @@ def swa_bwd(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
     B, T, HQ, D = q.shape
+    if D not in _SUPPORTED_D:  # as in swa_fwd: the padded columns' gradients are sliced off
+        _check_triton("swa_bwd", q)
+        Dk, scale = kernel_head_dim(D), check_scale("swa_bwd", scale, D)
+        grads = swa_bwd(*(_pad_head(x, Dk) for x in (do, q, k, v, o)), lse, window_size, num_sinks, scale, pad,
+                        dkdv_config=dkdv_config, dq_config=dq_config)  # fmt: skip
+        return tuple(g[..., :D].contiguous() for g in grads)
     HKV = k.shape[2]
     G = HQ // HKV
     S, W = min(num_sinks, T), min(window_size, max(T, 1))  # as in swa_fwd
