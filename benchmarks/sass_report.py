@@ -78,7 +78,14 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from mixerzoo.kernels._sm90 import compile_sm90, eviction_kernel, programs_per_sm, register_cap, report, swa_kernel
+    from mixerzoo.kernels._sm90 import (
+        cap_adding_a_program,
+        compile_sm90,
+        eviction_kernel,
+        programs_per_sm,
+        report,
+        swa_kernel,
+    )
 
     ops = ("swa", "eviction") if args.op == "all" else (args.op,)
     print(f"sm_90, Triton {triton.__version__}, bf16, 16 query heads", flush=True)
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
             # programs per SM as registers / shared memory allow; cap: the register cap that would add one
             warps = consts.get("num_warps", 4)
             by_regs, by_shared = programs_per_sm(r.registers, r.shared, warps)
-            cap = register_cap(warps, by_regs + 1) if by_regs < by_shared else 0
+            cap = cap_adding_a_program(r.registers, r.shared, warps)
             print(
                 f"{op:9} {rule['kernel']:7} {rule['D']:>3} {G:>7} {W:>17} {r.shared // 1024:>4} {r.registers:>4} "
                 f"{r.spills:>5} {'yes' if r.serialized else '-':>6} {copies:>6} {f'{by_regs}/{by_shared}':>4} "

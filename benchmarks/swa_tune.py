@@ -272,15 +272,13 @@ def cap_candidate(cfg: dict, compiled: list[tuple[int, int, int]], sm: dict | No
     shared memory allows more; None where no cap adds one, ``cfg`` has a cap already, or nothing is known. Of several
     kernels compiled with the config's warps (the eviction dK/dV passes compile two), the one with the most
     registers counts."""
-    from mixerzoo.kernels._sm90 import programs_per_sm, register_cap
+    from mixerzoo.kernels._sm90 import cap_adding_a_program
 
     warps = cfg.get("num_warps", 4)
     mine = [c for c in compiled if c[2] == warps]
     if sm is None or "maxnreg" in cfg or not mine:
         return None
-    registers, shared = max(c[0] for c in mine), max(c[1] for c in mine)
-    by_registers, by_shared = programs_per_sm(registers, shared, warps, sm)
-    cap = register_cap(warps, by_registers + 1, sm) if by_registers < by_shared else 0
+    cap = cap_adding_a_program(max(c[0] for c in mine), max(c[1] for c in mine), warps, sm)
     return {**cfg, "maxnreg": cap} if cap else None
 
 

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "HOPPER_SM",
     "SASSReport",
+    "cap_adding_a_program",
     "compile_sm90",
     "eviction_kernel",
     "programs_per_sm",
@@ -55,6 +56,13 @@ def register_cap(num_warps: int, programs: int, sm: dict | None = None) -> int:
     warps fit one SM's registers (``sm`` as in ``programs_per_sm``); 0 where fewer than 32 would be left: no cap can."""
     cap = (sm or HOPPER_SM)["registers"] // (programs * num_warps * 32) // 8 * 8
     return min(cap, 255) if cap >= 32 else 0
+
+
+def cap_adding_a_program(registers: int, shared: int, num_warps: int, sm: dict | None = None) -> int:
+    """The register cap (``maxnreg``) at which a kernel (as in ``programs_per_sm``) runs one program more per SM,
+    where its registers hold it to fewer than its shared memory allows; 0 where they do not, or no cap can."""
+    by_registers, by_shared = programs_per_sm(registers, shared, num_warps, sm)
+    return register_cap(num_warps, by_registers + 1, sm) if by_registers < by_shared else 0
 
 
 def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):

@@ -1,7 +1,7 @@
 """How many programs one Hopper SM holds at once, by registers and by shared memory, and the register cap that adds one
 (``mixerzoo.kernels._sm90``; benchmarks/sass_report.py prints both per tile rule). Arithmetic only, no compile."""
 
-from mixerzoo.kernels._sm90 import programs_per_sm, register_cap
+from mixerzoo.kernels._sm90 import cap_adding_a_program, programs_per_sm, register_cap
 
 KIB = 1024
 
@@ -30,3 +30,10 @@ def test_register_cap_is_the_largest_that_fits():
             if cap:
                 assert programs_per_sm(cap, 0, warps)[0] >= programs, (warps, programs, cap)
                 assert cap == 255 or programs_per_sm(cap + 1, 0, warps)[0] < programs, (warps, programs, cap)
+
+
+def test_cap_adding_a_program_only_where_registers_bind():
+    assert cap_adding_a_program(216, 56 * KIB, 4) == 168  # two programs by registers, four by shared memory
+    assert cap_adding_a_program(144, 56 * KIB, 4) == 128
+    assert cap_adding_a_program(233, 112 * KIB, 4) == 0  # two either way: shared memory binds
+    assert cap_adding_a_program(168, 64 * KIB, 4) == 0  # three either way
