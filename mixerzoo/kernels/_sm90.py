@@ -109,8 +109,9 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
 
 
 def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16, *, stash_bq: int = 0):
-    """(kernel function, constexprs) that swa's launcher runs for ``kernel`` ("fwd", "dq", "dkdv") at head dim D,
-    group G, 16 query heads, no padding, with tile config ``cfg`` (as in a tile table). A dq config with STASH=True
+    """(kernel function, constexprs) that swa's launcher runs for ``kernel`` ("fwd", "dq", "dkdv") at head dim D (one
+    the kernels do not take as it is: on the next one's tiles, DH = D), group G, 16 query heads, no padding, with tile
+    config ``cfg`` (as in a tile table). A dq config with STASH=True
     gives the stash dQ kernel; ``stash_bq`` > 0 gives the dK/dV kernel storing its score gradients for a stash dQ
     kernel of that many query rows."""
     from ._triton import dot_precision
@@ -122,7 +123,8 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
     cfg = dict(cfg)
     fn = swa._swa_bwd_dq_stash_kernel if kernel == "dq" and cfg.pop("STASH", False) else fns[kernel]
     flags = swa._loop_flags(cfg, kernel)  # pops ONE_LOOP and TMA
-    consts = dict(HQ=16, G=G, D=D, pad=None, HAS_PAD=False, PREC=dot_precision(torch.empty(0, dtype=dtype)))
+    consts = dict(HQ=16, G=G, **swa._head_args(kernel, D, flags), pad=None, HAS_PAD=False)
+    consts["PREC"] = dot_precision(torch.empty(0, dtype=dtype))
     consts.update(cfg, **flags)
     if kernel == "dkdv" and stash_bq:
         consts.update(BQ=stash_bq, STASH=True)

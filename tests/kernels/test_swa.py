@@ -22,7 +22,7 @@ from mixerzoo.kernels.swa import (
     swa_fwd_ref,
 )
 from mixerzoo.kernels.swa.reference import swa_mask
-from mixerzoo.kernels.swa.swa import _dkdv_config, _dq_config, _fwd_config
+from mixerzoo.kernels.swa.swa import _dkdv_config, _dq_config, _fwd_config, kernel_head_dim
 from mixerzoo.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,19 +126,47 @@ def test_swa_launchers(B, T, HQ, HKV, D, W, S, pad, loops):
     _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
 
 
+_BETWEEN = [
+    pytest.param(1, 63, 4, 2, 96, 16, 4, None, id="D96-T63-W16-S4-gqa2"),
+    pytest.param(2, 50, 2, 1, 40, 9, 0, (0, 7), id="D40-T50-W9-gqa2-pad"),
+    pytest.param(1, 40, 2, 2, 8, 12, 2, None, id="D8-T40-W12-S2"),
+]
+
+
 @pytest.mark.parametrize(
-    "B, T, HQ, HKV, D, W, S, pad",
+    "B, T, HQ, HKV, D, W, S, pad, path",
     [
-        pytest.param(1, 63, 4, 2, 96, 16, 4, None, id="D96-T63-W16-S4-gqa2"),
-        pytest.param(2, 50, 2, 1, 40, 9, 0, (0, 7), id="D40-T50-W9-gqa2-pad", marks=pytest.mark.slow),
-        pytest.param(1, 40, 2, 2, 8, 12, 2, None, id="D8-T40-W12-S2", marks=pytest.mark.slow),
+        pytest.param(*c.values, path, id=f"{c.id}-{path}", marks=[] if i + j == 0 else [pytest.mark.slow])
+        for i, c in enumerate(_BETWEEN)
+        for j, path in enumerate(("default", "one-loop", "stash"))
     ],
 )
-def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad):
-    # a head dim the kernels do not take as it is runs zero-padded to the next one (96 -> 128, 40 -> 64, 8 -> 16):
-    # output, lse and every gradient as the reference's at the real head dim, in the inputs' shape
+def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad, path):
+    # a head dim the kernels do not take as it is runs on the next one's tiles (96 -> 128, 40 -> 64, 8 -> 16) with
+    # the columns past it masked: output, lse and every gradient as the reference's at the real head dim, in the
+    # inputs' shape; the three loops, the one loop, and the stash backward (its delta pass and dQ kernel)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, {})
+    if path == "stash":
+        _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype)
+    else:
+        _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, dict(ONE_LOOP=True) if path == "one-loop" else {})
+
+
+def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype):
+    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
+    pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
+    scale = D**-0.5
+    o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
+    grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
+    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
+    dkdv = _dkdv_config(kernel_head_dim(D))
+    grads = swa_bwd(
+        do, q, k, v, o, lse, W, S, scale, pad_t, dkdv_config=dkdv,
+        dq_config=dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True),
+    )  # fmt: skip
+    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert_close(name, ref, out, dtype, **TOL[dtype][1])
 
 
 # TMA=True: the one loop loads K / V (forward, dQ) and Q / dO (dK/dV) through tensor descriptors; B = 2 so that
@@ -150,6 +178,19 @@ TMA_CASES = [
     pytest.param(2, 130, 4, 2, 64, 40, 4, None, id="T130-B2-W40-S4-gqa2", marks=pytest.mark.slow),
     pytest.param(2, 100, 2, 1, 64, 17, 4, (0, 37), id="T100-W17-S4-pad", marks=pytest.mark.slow),
 ]
+
+
+def test_swa_tma_refused_at_a_masked_head_dim():
+    """TMA tiles are whole heads of the tile's width: a config asking for them at head dim 96 is refused, naming the
+    kernel, the key and the head dim (not silently run without TMA, nor reading the next head's columns)."""
+    q, k, v, do = _inputs(1, 8, 2, 2, 96, torch.float32)
+    with pytest.raises(ValueError, match="swa_fwd: TMA=True .* got head dim 96; drop TMA"):
+        swa_fwd(q, k, v, 4, config={**_fwd_config(128), **TMA})
+    o, lse = swa_fwd(q, k, v, 4)
+    with pytest.raises(ValueError, match="swa_bwd dq_config: TMA=True .* got head dim 96"):
+        swa_bwd(do, q, k, v, o, lse, 4, dq_config={**_dq_config(128), **TMA})
+    with pytest.raises(ValueError, match="swa_bwd dkdv_config: TMA=True .* got head dim 96"):
+        swa_bwd(do, q, k, v, o, lse, 4, dkdv_config={**_dkdv_config(128), **TMA})
 
 
 @pytest.mark.parametrize("B, T, HQ, HKV, D, W, S, pad", TMA_CASES)

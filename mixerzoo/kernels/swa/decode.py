@@ -26,17 +26,7 @@ from .._triton import (
     triton,
 )
 from .reference import swa_decode_ref
-from .swa import _check_triton, check_index_tensor, kernel_head_dim
-
-
-@triton.jit
-def _head_mask(m_rows, o_d, DH: tl.constexpr):
-    # a load's mask: its rows, and its columns below DH where DH (> 0) is less than the tile's width
-    if DH > 0:
-        m = m_rows[:, None] & (o_d < DH)[None, :]
-    else:
-        m = tl.broadcast_to(m_rows[:, None], (m_rows.shape[0], o_d.shape[0]))
-    return m
+from .swa import _check_triton, _head_mask, check_index_tensor, kernel_head_dim
 
 
 @triton.jit

@@ -62,6 +62,24 @@ def _rows(base, o_r, o_d, stride_t):
 
 
 @triton.jit
+def _head_mask(m_rows, o_d, DH: tl.constexpr):
+    # a [R, D] tile's mask: its rows m_rows, and where DH > 0 (a head dim below the tile's width D, a power of 2)
+    # its columns below DH; the columns past DH load as 0 and are never stored
+    if DH > 0:
+        m = m_rows[:, None] & (o_d < DH)[None, :]
+    else:
+        m = tl.broadcast_to(m_rows[:, None], (m_rows.shape[0], o_d.shape[0]))
+    return m
+
+
+@triton.jit
+def _load_head(x, i_b, i_h, stride_b, stride_h, o_r, o_d, stride_t, m_r, DH: tl.constexpr):
+    # the [R, D] rows o_r (valid where m_r, zeros elsewhere) of head i_h in batch row i_b of x [B, T, H, DH or D]
+    return tl.load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), mask=_head_mask(m_r, o_d, DH),
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _key_band(m0, P, W, T, BM: tl.constexpr, BN: tl.constexpr):
     # key blocks of the query block [m0, m0 + BM): [lo, b) window boundary, [b, m0) fully visible,
     # [m0, hi) diagonal
@@ -85,14 +103,21 @@ def _query_band(n0, W, T, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _row_tiles(
-    p_a, p_b, i0, m_r, stride_t, row0, col0, BR: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr
-):
+    p_a, p_b, i0, m_r, stride_t, row0, col0, BR: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    DH: tl.constexpr = 0,
+):  # fmt: skip
     # the [BR, D] tiles i0 rows on from the row pointers p_a / p_b (K and V, or Q and dO), row mask m_r [BR].
     # TMA: p_a / p_b are tensor descriptors over [B, T, H * D] (batch row row0, head at column col0; rows past
-    # T come back as zeros); MASKED: masked loads; else every row is valid (a fully visible block), plain loads
+    # T come back as zeros); MASKED: masked loads; else every row is valid (a fully visible block), plain loads.
+    # DH > 0: the head dim, below the tiles' width (see _head_mask): masked loads whatever MASKED says
+    tl.static_assert((not TMA) or (DH == 0))
     if TMA:
         b_a = tl.reshape(p_a.load([row0, i0, col0]), [BR, D])
         b_b = tl.reshape(p_b.load([row0, i0, col0]), [BR, D])
+    elif DH > 0:
+        m = _head_mask(m_r, tl.arange(0, p_a.shape[1]), DH)
+        b_a = tl.load(p_a + i0 * stride_t, mask=m, other=0.0)
+        b_b = tl.load(p_b + i0 * stride_t, mask=m, other=0.0)
     elif MASKED:
         b_a = tl.load(p_a + i0 * stride_t, mask=m_r[:, None], other=0.0)
         b_b = tl.load(p_b + i0 * stride_t, mask=m_r[:, None], other=0.0)
@@ -170,7 +195,7 @@ def _rows_descriptor(x, n_batch, T, width, stride_b, stride_t, BR: tl.constexpr,
 def _fwd_inner(
     acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, n_lo, n_hi, P, T, W, S, qk_scale, stride_kt,
     BN: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
-    D: tl.constexpr = 0, TMA: tl.constexpr = False, EXACT: tl.constexpr = False,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False, EXACT: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # key blocks [n_lo, n_hi) of the online softmax. EXACT (MODES 1 and 2): non-finite V rows reach only the
     # queries that see them (see mask_scores)
@@ -179,7 +204,7 @@ def _fwd_inner(
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
         m_j = (o_j < T) & (o_j >= P)
-        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA)
+        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA, DH)
         # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
         # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
@@ -196,7 +221,7 @@ def _fwd_inner(
 @triton.jit
 def _fwd_sinks(
     acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt,
-    BM: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False,
+    BM: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # sink tiles: only rows whose window has moved past the first sink need them
     if S > 0:
@@ -206,7 +231,7 @@ def _fwd_sinks(
             p_vs = _rows(v_base, o_s, o_d, stride_kt)
             acc, m_i, l_i = _fwd_inner(
                 acc, m_i, l_i, b_q, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, BS, 2, PREC,
-                EXACT=EXACT,
+                EXACT=EXACT, DH=DH,
             )  # fmt: skip
     return acc, m_i, l_i
 
@@ -217,9 +242,10 @@ def _swa_fwd_kernel(
     T, W, S, qk_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
-    # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides)
+    # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides); D is the
+    # tiles' head dim, DH > 0 the tensors' where it is less (its columns masked, see _head_mask)
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -231,7 +257,7 @@ def _swa_fwd_kernel(
     o_d = tl.arange(0, D)
 
     p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    b_q = tl.load(p_q, mask=(o_m < T)[:, None], other=0.0)  # stays in registers for the whole key loop
+    b_q = tl.load(p_q, mask=_head_mask(o_m < T, o_d, DH), other=0.0)  # stays in registers for the whole key loop
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
@@ -245,7 +271,7 @@ def _swa_fwd_kernel(
     lo, b, hi = _key_band(m0, P, W, T, BM, BN)
     if HAS_PAD:  # keys before the padding end can sit in any block: mask them all
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC, DH=DH
         )
     elif ONE_LOOP:
         if TMA:
@@ -260,20 +286,20 @@ def _swa_fwd_kernel(
             p_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 3, PREC,
-            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA,
+            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA, DH=DH,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC, DH=DH
         )
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC, DH=DH
         )
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
+            acc, m_i, l_i, b_q, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC, DH=DH
         )
     acc, m_i, l_i = _fwd_sinks(
-        acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC
+        acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC, DH=DH
     )
     # A NaN / Inf anywhere in a V tile above reaches every row of the block (p = 0 times NaN is NaN), also rows
     # that cannot see it; it shows in the accumulator, and only then is the block computed again with every
@@ -291,16 +317,17 @@ def _swa_fwd_kernel(
         p_vx = _rows(v_base, o_x, o_d, stride_kt)
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, b_q, p_kx, p_vx, o_m, o_x, lo, hi, P, T, W, S, qk_scale, stride_kt, 16, 1, PREC,
-            EXACT=True,
+            EXACT=True, DH=DH,
         )  # fmt: skip
         acc, m_i, l_i = _fwd_sinks(
-            acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC, EXACT=True
-        )
+            acc, m_i, l_i, b_q, k_base, v_base, o_m, o_d, m0, P, T, W, S, qk_scale, stride_kt, BM, BS, PREC, EXACT=True,
+            DH=DH,
+        )  # fmt: skip
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
     p_o = _rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=(o_m < T)[:, None])
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=_head_mask(o_m < T, o_d, DH))
     # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
     b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_JIT)
     tl.store(lse + i_bh * T + o_m, b_lse, mask=o_m < T)
@@ -311,7 +338,7 @@ def _dkdv_inner(
     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
     BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
     D: tl.constexpr = 0, TMA: tl.constexpr = False, p_ds=None, i_n=0, NB=0, BQ: tl.constexpr = 0,
-    STASH: tl.constexpr = False,
+    STASH: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # query blocks [m_lo, m_hi) of the key block o_n, keys on rows (the transposed walk of _dq_inner).
     # STASH: each score-gradient block is also stored for the dQ pass (_swa_bwd_dq_stash_kernel): p_ds is this
@@ -321,7 +348,7 @@ def _dkdv_inner(
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + o_mb
         m_m = o_m < T
-        b_q, b_do = _row_tiles(p_q, p_do, m0, m_m, stride_qt, row0, col0, BM, D, MODE != 0, TMA)
+        b_q, b_do = _row_tiles(p_q, p_do, m0, m_m, stride_qt, row0, col0, BM, D, MODE != 0, TMA, DH)
         if MODE == 0:
             b_lse = tl.load(p_lse + m0)
             b_delta = tl.load(p_delta + m0)
@@ -353,7 +380,7 @@ def _swa_bwd_dkdv_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
-    BQ: tl.constexpr = 0, STASH: tl.constexpr = False,
+    BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # one program per (key block, kv head): loops over the G query heads of its group and over the
     # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
@@ -368,9 +395,9 @@ def _swa_bwd_dkdv_kernel(
     o_n = n0 + tl.arange(0, BN)
     o_mb = tl.arange(0, BM)
     o_d = tl.arange(0, D)
-    m_n = (o_n < T)[:, None]
-    b_k = tl.load(_rows(k + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
-    b_v = tl.load(_rows(v + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
+    m_n = _head_mask(o_n < T, o_d, DH)
+    b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
+    b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
 
@@ -398,26 +425,26 @@ def _swa_bwd_dkdv_kernel(
             if HAS_PAD:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
-                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
+                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
             elif ONE_LOOP:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, hi, P, T, W, S, qk_scale,
                     stride_qt, BM, 3, PREC, n0 + BN, e, i_b.to(tl.int32), (i_h * D).to(tl.int32), D, TMA,
-                    p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
+                    p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
             else:
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0, tl.minimum(n0 + BN, hi), P, T,
-                    W, S, qk_scale, stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
+                    W, S, qk_scale, stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, n0 + BN, e, P, T, W, S, qk_scale,
-                    stride_qt, BM, 0, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
+                    stride_qt, BM, 0, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
                 b_dk, b_dv = _dkdv_inner(
                     b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, e, hi, P, T, W, S, qk_scale,
-                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH,
+                    stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
 
     b_dk = b_dk * sm_scale
@@ -435,7 +462,7 @@ def _swa_bwd_dkdv_sink_kernel(
     T, W, S, qk_scale, sm_scale, CHUNK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # sink keys are seen by every later query: split those queries into chunks, one program each,
     # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
@@ -446,9 +473,9 @@ def _swa_bwd_dkdv_sink_kernel(
     o_n = P + tl.arange(0, BS)
     o_mb = tl.arange(0, BM)
     o_d = tl.arange(0, D)
-    m_n = ((o_n < T) & (o_n < P + S))[:, None]
-    b_k = tl.load(_rows(k + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
-    b_v = tl.load(_rows(v + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), mask=m_n, other=0.0)
+    m_n = (o_n < T) & (o_n < P + S)
+    b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
+    b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
     b_dk = tl.zeros([BS, D], dtype=tl.float32)
     b_dv = tl.zeros([BS, D], dtype=tl.float32)
     m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
@@ -461,7 +488,7 @@ def _swa_bwd_dkdv_sink_kernel(
         p_delta = delta + (i_b * HQ + i_h) * T + o_mb
         b_dk, b_dv = _dkdv_inner(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
-            BM, 2, PREC,
+            BM, 2, PREC, DH=DH,
         )  # fmt: skip
     n_chunks = tl.num_programs(0)
     p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
@@ -473,14 +500,14 @@ def _swa_bwd_dkdv_sink_kernel(
 def _dq_inner(
     b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, n_lo, n_hi, P, T, W, S, qk_scale, stride_kt,
     BN: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, F_LO=0, F_HI=0, row0=0, col0=0,
-    D: tl.constexpr = 0, TMA: tl.constexpr = False,
+    D: tl.constexpr = 0, TMA: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # key blocks [n_lo, n_hi) of the query block o_m: the walk of _fwd_inner
     tl.static_assert((not TMA) or (MODE == 3))
     for n0 in range(n_lo, n_hi, BN):
         o_j = n0 + o_n
         m_j = (o_j < T) & (o_j >= P)
-        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA)
+        b_k, b_v = _row_tiles(p_k, p_v, n0, m_j, stride_kt, row0, col0, BN, D, MODE != 0, TMA, DH)
         b_p = _probs(b_q, b_k, b_lse, qk_scale, PREC, False)
         b_p = _mask_block(b_p, 0.0, o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
         b_ds = _dscores(b_p, b_do, b_v, b_delta, PREC, False)
@@ -503,20 +530,21 @@ def _query_block(i_m, i_bh, pad, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.con
 
 @triton.jit
 def _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale, stride_kt,
-              BS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+              BS: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0):  # fmt: skip
     # b_dq plus the sink tile's part: the sink keys seen by queries past their window (visibility as in _fwd_sinks)
     o_s = tl.arange(0, BS)
     p_ks = _rows(k_base, o_s, o_d, stride_kt)
     p_vs = _rows(v_base, o_s, o_d, stride_kt)
     return _dq_inner(
-        b_dq, b_q, b_do, b_lse, b_delta, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, BS, 2, PREC
-    )
+        b_dq, b_q, b_do, b_lse, b_delta, p_ks, p_vs, o_m, o_s, P, P + S, P, T, W, S, qk_scale, stride_kt, BS, 2, PREC,
+        DH=DH,
+    )  # fmt: skip
 
 
 @triton.jit
-def _store_dq(base, b_dq, o_m, o_d, m_m, stride_t):
+def _store_dq(base, b_dq, o_m, o_d, m_m, stride_t, DH: tl.constexpr):
     # the [BM, D] rows o_m (valid where m_m) of one head of dq, base: its first element in the batch row
-    tl.store(_rows(base, o_m, o_d, stride_t), b_dq.to(base.dtype.element_ty), mask=m_m[:, None])
+    tl.store(_rows(base, o_m, o_d, stride_t), b_dq.to(base.dtype.element_ty), mask=_head_mask(m_m, o_d, DH))
 
 
 @triton.jit
@@ -525,17 +553,17 @@ def _swa_bwd_dq_kernel(
     T, W, S, qk_scale, sm_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
-    b_q = tl.load(_rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
-    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_q = _load_head(q, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
+    b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
     # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
     # this one (no separate pass reading dO and O)
-    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(delta + i_bh * T + o_m, b_delta, mask=m_m)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
@@ -548,45 +576,50 @@ def _swa_bwd_dq_kernel(
     lo, b, hi = _key_band(m0, P, W, T, BM, BN)
     if HAS_PAD:
         b_dq = _dq_inner(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC,
+            DH=DH,
+        )  # fmt: skip
     elif ONE_LOOP:
         if TMA:  # K / V by TMA as in the forward ([B, T, HKV * D] view, keys past T zero-filled per batch row)
             p_k = _rows_descriptor(k, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
             p_v = _rows_descriptor(v, tl.num_programs(1) // HQ, T, HQ // G * D, stride_kb, stride_kt, BN, D)
         b_dq = _dq_inner(
             b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, hi, P, T, W, S, qk_scale, stride_kt, BN, 3, PREC,
-            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA,
+            b, m0, i_b.to(tl.int32), (i_hk * D).to(tl.int32), D, TMA, DH=DH,
         )  # fmt: skip
     else:
         b_dq = _dq_inner(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, lo, b, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC,
+            DH=DH,
+        )  # fmt: skip
         b_dq = _dq_inner(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, b, m0, P, T, W, S, qk_scale, stride_kt, BN, 0, PREC,
+            DH=DH,
+        )  # fmt: skip
         b_dq = _dq_inner(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_m, o_n, m0, hi, P, T, W, S, qk_scale, stride_kt, BN, 1, PREC,
+            DH=DH,
+        )  # fmt: skip
     if S > 0:
         if m0 + BM - 1 - P >= W:  # sink tile, as in _fwd_sinks
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
-                             stride_kt, BS, PREC)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt)
+                             stride_kt, BS, PREC, DH)  # fmt: skip
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt, DH)
 
 
 @triton.jit
 def _swa_bwd_delta_kernel(
-    o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr
-):
+    o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+    DH: tl.constexpr = 0,
+):  # fmt: skip
     # delta = rowsum(dO * O) of BM query rows: the stash backward's dK/dV kernel reads it before any dQ kernel runs
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_m = o_m < T
-    b_o = tl.load(_rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
-    b_do = tl.load(_rows(do + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+    b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
+    b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=m_m)
 
 
@@ -596,7 +629,7 @@ def _swa_bwd_dq_stash_kernel(
     T, W, S, qk_scale, sm_scale, KV0, NB, HEAD_STRIDE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
     # dQ from the score gradients the dK/dV kernel stored (STASH): one matmul per key block, dQ += dS K, instead of
     # recomputing QK^T and dO V^T. Query rows KV0 * G + program_id(1) of [B * HQ]; the slots of the block's band
@@ -617,7 +650,7 @@ def _swa_bwd_dq_stash_kernel(
         m_j = o_j < T
         if HAS_PAD:
             m_j = m_j & (o_j >= P)
-        b_k = tl.load(p_k + n0 * stride_kt, mask=m_j[:, None], other=0.0)
+        b_k = tl.load(p_k + n0 * stride_kt, mask=_head_mask(m_j, o_d, DH), other=0.0)
         r_lo = n0
         if HAS_PAD:  # the dK/dV kernel skips a key block entirely before the padding end
             r_lo = tl.where(n0 + BN > P, n0, T)
@@ -628,14 +661,14 @@ def _swa_bwd_dq_stash_kernel(
     if S > 0:
         if m0 + BM - 1 - P >= W:  # sink tile, as in _swa_bwd_dq_kernel
             off = i_b * stride_qb + i_h * stride_qh
-            b_q = tl.load(_rows(q + off, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
-            b_do = tl.load(_rows(do + off, o_m, o_d, stride_qt), mask=m_m[:, None], other=0.0)
+            b_q = tl.load(_rows(q + off, o_m, o_d, stride_qt), mask=_head_mask(m_m, o_d, DH), other=0.0)
+            b_do = tl.load(_rows(do + off, o_m, o_d, stride_qt), mask=_head_mask(m_m, o_d, DH), other=0.0)
             b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
             b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
             v_base = v + i_b * stride_kb + i_hk * stride_kh
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
-                             stride_kt, BS, PREC)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt)
+                             stride_kt, BS, PREC, DH)  # fmt: skip
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt, DH)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -646,14 +679,22 @@ _SUPPORTED_D = (16, 32, 64, 128, 256)
 
 
 def kernel_head_dim(D: int) -> int:
-    """The head dim the kernels run at for inputs of head dim D (1 to 256): D itself where it is one of
-    ``_SUPPORTED_D``, else the next of those above it. The training launchers zero-pad q, k, v (and dO, O) to it,
-    which changes no score, and slice the results; the decode kernel masks the columns past D."""
+    """The head dim of the kernels' tiles for inputs of head dim D (1 to 256): D itself where it is one of
+    ``_SUPPORTED_D``, else the next of those above it, the columns past D masked (read as 0, never stored: no copy of
+    the inputs; the tile table's rules for that head dim apply)."""
     return next(d for d in _SUPPORTED_D if d >= D)
 
 
-def _pad_head(x: Tensor, D: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, D - x.shape[-1]))
+def _head_args(kernel: str, D: int, loops: dict) -> dict:
+    """The kernels' head-dim arguments for inputs of head dim D: the tiles' D and DH (0, or D where the tiles are
+    wider). TMA tiles are whole heads of the tiles' width, so a config asking for them at such a D is refused."""
+    BD = kernel_head_dim(D)
+    if BD != D and loops["TMA"]:
+        raise ValueError(
+            f"{kernel}: TMA=True loads whole {BD}-wide head tiles and takes the head dims "
+            f"{', '.join(map(str, _SUPPORTED_D))} only, got head dim {D}; drop TMA from the config"
+        )
+    return dict(D=BD, DH=D if BD != D else 0)
 
 
 def _fwd_config(D: int) -> dict:
@@ -837,7 +878,7 @@ def swa_fwd(
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32). D up to 256;
-    one the kernels do not take as it is runs zero-padded to ``kernel_head_dim(D)``.
+    one the kernels do not take as it is runs on ``kernel_head_dim(D)``-wide tiles, the columns past D masked.
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
     structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning. Without it the tiles are
@@ -845,11 +886,6 @@ def swa_fwd(
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
-    D = q.shape[-1]
-    if D not in _SUPPORTED_D:  # zero columns add nothing to q k^T, and o's come out 0: sliced off
-        Dk = kernel_head_dim(D)
-        o, lse = swa_fwd(*(_pad_head(x, Dk) for x in (q, k, v)), window_size, num_sinks, scale, pad, config=config)
-        return o[..., :D].contiguous(), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
@@ -858,11 +894,13 @@ def swa_fwd(
     window_size, num_sinks = min(window_size, max(T, 1)), min(num_sinks, T)
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    BD = kernel_head_dim(D)
     cfg = dict(
-        config or tuned_config("fwd", q.device, q.dtype, D, G, window_size) or _fit_dtype(_fwd_config(D), q.dtype, D)
+        config or tuned_config("fwd", q.device, q.dtype, BD, G, window_size) or _fit_dtype(_fwd_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_fwd")
+    heads = _head_args("swa_fwd", D, loops)
     if loops["TMA"]:
         k, v = _tma_operands(k, v)
     grid = (cdiv(T, BM), B * HQ)
@@ -882,7 +920,7 @@ def swa_fwd(
         **_strides(q, k),
         HQ=HQ,
         G=G,
-        D=D,
+        **heads,
         BM=BM,
         BN=BN,
         BS=_sink_block(num_sinks),
@@ -952,10 +990,11 @@ def _stash_backward(plan, dkdv_args, common, BQ, dq_cfg, q, k, v, do, o, dq) -> 
     dQ += dS K only. The buffer holds, per query head, the band of BQ-row query blocks: NB key blocks each, about
     (W + BQ + BN) * T elements; kv heads (with their G query heads) run in chunks that keep it within the budget
     (``plan``: ``_stash_plan``'s)."""
-    B, T, HQ, D = q.shape
+    B, T, HQ = q.shape[:3]
     G, BN = common["G"], dkdv_args["BN"]
     launch(_swa_bwd_delta_kernel, (cdiv(T, 64), B * HQ), o=o, do=do, delta=common["delta"], T=T,
-           stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), HQ=HQ, D=D, BM=64)  # fmt: skip
+           stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), HQ=HQ, D=common["D"],
+           DH=common["DH"], BM=64)  # fmt: skip
     NB, head, chunk = plan
     n_kv = B * (HQ // G)
     ds = torch.empty(chunk * G * head, device=q.device, dtype=q.dtype)
@@ -1002,24 +1041,23 @@ def swa_bwd(
         raise ValueError(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
+    _check_triton("swa_bwd", q)
     B, T, HQ, D = q.shape
-    if D not in _SUPPORTED_D:  # as in swa_fwd: the padded columns' gradients are sliced off
-        _check_triton("swa_bwd", q)
-        Dk, scale = kernel_head_dim(D), check_scale("swa_bwd", scale, D)
-        grads = swa_bwd(*(_pad_head(x, Dk) for x in (do, q, k, v, o)), lse, window_size, num_sinks, scale, pad,
-                        dkdv_config=dkdv_config, dq_config=dq_config)  # fmt: skip
-        return tuple(g[..., :D].contiguous() for g in grads)
+    BD = kernel_head_dim(D)  # the tiles' head dim (see swa_fwd)
     HKV = k.shape[2]
     G = HQ // HKV
     S, W = min(num_sinks, T), min(window_size, max(T, 1))  # as in swa_fwd
     # tiles: the caller's, else the tile table's for (head dim, GQA group, window as the kernels see it), else
     # the head dim's default
     cfg = dict(
-        dkdv_config or tuned_config("dkdv", q.device, q.dtype, D, G, W) or _fit_dtype(_dkdv_config(D), q.dtype, D)
+        dkdv_config or tuned_config("dkdv", q.device, q.dtype, BD, G, W) or _fit_dtype(_dkdv_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config")
-    dq_cfg = dict(dq_config or tuned_config("dq", q.device, q.dtype, D, G, W) or _fit_dtype(_dq_config(D), q.dtype, D))
+    heads = _head_args("swa_bwd dkdv_config", D, loops)
+    dq_cfg = dict(
+        dq_config or tuned_config("dq", q.device, q.dtype, BD, G, W) or _fit_dtype(_dq_config(BD), q.dtype, BD)
+    )
     stash = bool(dq_cfg.pop("STASH", False))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
     dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
@@ -1031,10 +1069,10 @@ def swa_bwd(
         plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
         if plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's dK/dV
             # tiles): the recomputing dQ kernel, at the head dim's default tiles
-            dq_cfg = _fit_dtype(_dq_config(D), q.dtype, D)
+            dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
             dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
             dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
-    _check_triton("swa_bwd", q)
+    _head_args("swa_bwd dq_config", D, dq_loops)
     scale = check_scale("swa_bwd", scale, D)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     has_pad = pad is not None
@@ -1046,7 +1084,7 @@ def swa_bwd(
     dv = torch.empty_like(v)
     # the arguments every backward kernel takes alike
     common = dict(lse=lse, delta=delta, pad=pad_t, T=T, W=W, S=S, qk_scale=scale * LOG2E, sm_scale=scale,
-                  **_strides(q, k), HQ=HQ, G=G, D=D, HAS_PAD=has_pad, PREC=dot_precision(q))  # fmt: skip
+                  **_strides(q, k), HQ=HQ, G=G, **heads, HAS_PAD=has_pad, PREC=dot_precision(q))  # fmt: skip
     q_dkdv, do_dkdv = _tma_operands(q, do) if loops["TMA"] else (q, do)
     dkdv_args = dict(q=q_dkdv, k=k, v=v, do=do_dkdv, dk=dk, dv=dv, n_batch=B, BM=BM, BN=BN, **loops, **cfg, **common)
     if plan is not None:
@@ -1061,7 +1099,7 @@ def swa_bwd(
         BS = _sink_block(S)
         chunk = max(BM, 1024 // BM * BM)
         n_chunks = cdiv(T, chunk)
-        dk_part = torch.empty(B, HKV, n_chunks, BS, D, device=q.device, dtype=torch.float32)
+        dk_part = torch.empty(B, HKV, n_chunks, BS, BD, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
         launch(_swa_bwd_dkdv_sink_kernel, (n_chunks, B * HKV), q=q, k=k, v=v, do=do, dk_part=dk_part,
                dv_part=dv_part, CHUNK=chunk, BM=BM, BS=BS, **cfg, **common)  # fmt: skip
@@ -1074,7 +1112,7 @@ def swa_bwd(
         idx = idx.clamp(max=T - 1)
         gidx = idx[:, :, None, None].expand(B, n, HKV, D)
         for g, part in ((dk, dk_part), (dv, dv_part)):
-            add = part.sum(2)[:, :, :n].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
+            add = part.sum(2)[:, :, :n, :D].transpose(1, 2) * ok[:, :, None, None]  # [B, n, HKV, D]
             cur = g.gather(1, gidx).float()
             g.scatter_(1, gidx, (cur + add).to(g.dtype))
     return dq, dk, dv
