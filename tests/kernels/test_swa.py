@@ -249,20 +249,7 @@ def test_swa_bwd_stash(B, T, HQ, HKV, D, W, S, pad, budget, monkeypatch):
         assert plan[2] == 1
     calls = []
     monkeypatch.setattr(swa, "_stash_backward", lambda *a, f=swa._stash_backward: calls.append(1) or f(*a))
-    q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
-    pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
-    scale = D**-0.5
-    o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
-    grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
-    o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
-    dkdv = _dkdv_config(D)
-    grads = swa_bwd(
-        do, q, k, v, o, lse, W, S, scale, pad_t, dkdv_config=dkdv,
-        dq_config=dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True),
-    )  # fmt: skip
-    for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
-        assert out.dtype == dtype
-        assert_close(name, ref, out, dtype, **TOL[dtype][1])
+    _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype)
     assert len(calls) == (plan is not None)
 
 
