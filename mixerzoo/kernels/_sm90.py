@@ -65,12 +65,13 @@ def cap_adding_a_program(registers: int, shared: int, num_warps: int, sm: dict |
     return register_cap(num_warps, by_registers + 1, sm) if by_registers < by_shared else 0
 
 
-def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
+def compile_sm90(fn, constexprs: dict, dtype: torch.dtype, unaligned: tuple[str, ...] = ()):
     """``fn`` (a @triton.jit kernel) compiled for sm_90 with ``constexprs`` (num_warps, num_stages and optionally
     maxnreg among them) and its data pointers of ``dtype``, as the JIT specialises a launch on the GPU: 16-byte
     aligned pointers and integer strides divisible by 16 (contiguous [B, T, H, D] tensors whose H * D is a multiple of
     16). Without those the tile loads compile to 2-byte scalar loads without a pipeline (swa's forward: 49 KiB of
-    shared memory instead of its 112)."""
+    shared memory instead of its 112). ``unaligned``: integer arguments compiled as not divisible by 16 (the strides
+    of a head dim such as 40)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,7 +103,7 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype):
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(params)
-        if signature[name].startswith("*") or name.startswith("stride")
+        if (signature[name].startswith("*") or name.startswith("stride")) and name not in unaligned
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

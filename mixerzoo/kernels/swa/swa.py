@@ -73,6 +73,20 @@ def _head_mask(m_rows, o_d, DH: tl.constexpr):
 
 
 @triton.jit
+def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr):
+    # the strides of contiguous q-shaped [B, T, HQ, DH] and k-shaped [B, T, HQ // G, DH] tensors (the launchers'),
+    # with DH > 0 as products of DH, so that the compiler sees what they are multiples of: a head dim such as 40 comes
+    # in as a stride that Triton knows nothing about (it marks arguments divisible by 16 only), and every load of the
+    # kernel would lose its 16-byte vectors
+    if DH > 0:
+        HKV: tl.constexpr = HQ // G
+        t = tl.cast(T, tl.int64)
+        sqb, sqt, sqh = t * (HQ * DH), HQ * DH, DH
+        skb, skt, skh = t * (HKV * DH), HKV * DH, DH
+    return sqb, sqt, sqh, skb, skt, skh
+
+
+@triton.jit
 def _load_head(x, i_b, i_h, stride_b, stride_h, o_r, o_d, stride_t, m_r, DH: tl.constexpr):
     # the [R, D] rows o_r (valid where m_r, zeros elsewhere) of head i_h in batch row i_b of x [B, T, H, DH or D]
     return tl.load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), mask=_head_mask(m_r, o_d, DH),
@@ -244,6 +258,9 @@ def _swa_fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+    )
     # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides); D is the
     # tiles' head dim, DH > 0 the tensors' where it is less (its columns masked, see _head_mask)
     tl.static_assert(BM % BN == 0)
@@ -382,6 +399,9 @@ def _swa_bwd_dkdv_kernel(
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
     BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0,
 ):  # fmt: skip
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+    )
     # one program per (key block, kv head): loops over the G query heads of its group and over the
     # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
     # The grid's kv heads are rows KV0 + program_id(1) of [B * HKV] (a chunk of them with STASH, which stores
@@ -464,6 +484,9 @@ def _swa_bwd_dkdv_sink_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+    )
     # sink keys are seen by every later query: split those queries into chunks, one program each,
     # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -555,6 +578,9 @@ def _swa_bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+    )
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
     i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
@@ -613,6 +639,7 @@ def _swa_bwd_delta_kernel(
     DH: tl.constexpr = 0,
 ):  # fmt: skip
     # delta = rowsum(dO * O) of BM query rows: the stash backward's dK/dV kernel reads it before any dQ kernel runs
+    stride_qb, stride_qt, stride_qh, _, _, _ = _exact_strides(stride_qb, stride_qt, stride_qh, 0, 0, 0, T, HQ, 1, DH)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BM + tl.arange(0, BM)
@@ -631,6 +658,9 @@ def _swa_bwd_dq_stash_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
 ):  # fmt: skip
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+    )
     # dQ from the score gradients the dK/dV kernel stored (STASH): one matmul per key block, dQ += dS K, instead of
     # recomputing QK^T and dO V^T. Query rows KV0 * G + program_id(1) of [B * HQ]; the slots of the block's band
     # that the dK/dV walk never wrote (queries before the key block, past its window, a key block before the padding
