@@ -92,7 +92,7 @@ def _check_state(mode: str, ref, out, dtype: torch.dtype) -> None:
     assert torch.equal(out.seen.cpu(), ref.seen.cpu()) and torch.equal(out.pad.cpu(), ref.pad.cpu())
 
 
-@pytest.mark.parametrize("D", [16, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
+@pytest.mark.parametrize("D", [16, 24, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
 @pytest.mark.parametrize("HQ,HKV", HEADS)
 @pytest.mark.parametrize("mode", MODES)
 def test_write_matches_general_path(mode, HQ, HKV, D):
@@ -122,7 +122,8 @@ STEP_HEADS = [HEADS[0], pytest.param(4, 2, id="g2", marks=pytest.mark.slow), HEA
 
 
 @pytest.mark.parametrize("dtype", ATTEND_DTYPES, ids=[str(d).removeprefix("torch.") for d in ATTEND_DTYPES])
-@pytest.mark.parametrize("D", [16, pytest.param(64, marks=pytest.mark.slow)])  # D = 64: the full run
+# D = 24: a head dim that is not a power of 2, on 32-wide tiles with the lanes past 24 masked; D = 64: the full run
+@pytest.mark.parametrize("D", [16, 24, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("HQ,HKV", STEP_HEADS)
 @pytest.mark.parametrize("mode", MODES)
 def test_step_matches_general_path(mode, HQ, HKV, D, dtype):
@@ -207,7 +208,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("mode", MODES)
 def test_mixer_fast_step_on_cuda(mode, D, dtype):
     """The mixers' forward on CUDA without autograd takes the fast step (few ops) and matches the general path
@@ -249,9 +250,11 @@ from mixerzoo.kernels.swa.decode import _decode_tiles
 from mixerzoo.kernels._triton import dot_precision
 
 for dtype, G, D, ring in ((torch.bfloat16, 1, 128, True), (torch.bfloat16, 4, 64, False), (torch.float32, 8, 128, True),
-                          (torch.float16, 2, 256, False)):
-    BR, BN, _ = _decode_tiles(G, D, torch.empty(0, dtype=dtype).element_size())
-    consts = dict(G=G, HKV=2, D=D, BR=BR, BN=BN, PREC=dot_precision(torch.empty(0, dtype=dtype)), RING=ring)
+                          (torch.float16, 2, 256, False), (torch.bfloat16, 4, 96, True), (torch.float32, 2, 80, False)):
+    BD = st.kernel_head_dim(D)
+    BR, BN, _ = _decode_tiles(G, BD, torch.empty(0, dtype=dtype).element_size())
+    consts = dict(G=G, HKV=2, D=D, BR=BR, BN=BN, PREC=dot_precision(torch.empty(0, dtype=dtype)), RING=ring, BD=BD,
+                  DH=D if BD != D else 0)
     data = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
     kinds = {"seen": "*i64", "pad": "*i64", "inv_freq": "*fp64", "pos_cache": "*i64", "qk_scale": "fp32"}
     params = list(inspect.signature(st._swa_attn_step_kernel.fn).parameters)
@@ -269,7 +272,8 @@ for dtype, G, D, ring in ((torch.bfloat16, 1, 128, True), (torch.bfloat16, 4, 64
 @pytest.mark.slow
 def test_step_kernel_compiles_for_sm90(compile_in_child):
     """The one-launch step kernel compiles for sm_90 at the launcher's tiles (bf16, float32 and float16; G = 1 to 8;
-    head dims 64 to 256; ring and linear caches) within an H100 / H200 block's shared memory. In a child process:
-    the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
+    head dims 64 to 256, and 96 and 80 on 128-wide tiles with the lanes past them masked; ring and linear caches)
+    within an H100 / H200 block's shared memory. In a child process: the tests' TRITON_INTERPRET=1 makes every kernel
+    an interpreted one, which cannot compile."""
     out = compile_in_child(_SM90_COMPILE)
-    assert out.count("step compiled") == 4, out
+    assert out.count("step compiled") == 6, out

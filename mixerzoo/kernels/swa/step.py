@@ -23,7 +23,7 @@ from .._checks import check_int_arg, check_scale
 from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, launch, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_cos_sin, rope_rotate_half
 from .decode import _decode_blocks, _decode_tiles
-from .swa import _SUPPORTED_D
+from .swa import _SUPPORTED_D, _head_mask, kernel_head_dim
 
 __all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
 
@@ -165,36 +165,40 @@ def _swa_attn_step_kernel(
     BN: tl.constexpr,
     PREC: tl.constexpr,
     RING: tl.constexpr,
+    BD: tl.constexpr,
+    DH: tl.constexpr,
 ):
     # the whole step in one program per (batch row, KV head): the writes of _swa_step_write_kernel for this head
     # (RoPE of its G queries and of the key, the key, value and position into the cache slot), then, after a
     # barrier, _swa_decode_kernel's attention of the G rotated queries over the cache. Every program of a row
     # writes the slot's position (the same value), so that each reads its own write back; keys and values are
     # per head. Rows of q [B, HQ * D] stride_q apart, of k and v [B, HKV * D] stride_x apart; o [B, 1, HQ, D].
+    # BD: the tiles' head dim (a power of 2), DH = D where D is less (the lanes past D masked, see swa._head_mask)
     HALF: tl.constexpr = D // 2
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     b_seen = tl.load(seen)  # int64: slot of this token in the stream (padding included)
     b_pos = b_seen - tl.load(pad + i_b)  # its position among the row's real tokens
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_dp = (o_d + HALF) % D  # the rotation partner of each channel
     o_r = tl.arange(0, BR)
     m_r = o_r < G
+    m_rd = _head_mask(m_r, o_d, DH)
 
     # the group's queries, rotated and rounded to q's dtype (as the write kernel stores them)
     p_q = q + i_b * stride_q + (i_hk * G + o_r)[:, None] * D
-    b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_qp = tl.load(p_q + o_dp[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q = tl.load(p_q + o_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
+    b_qp = tl.load(p_q + o_dp[None, :], mask=m_rd, other=0.0).to(tl.float32)
     b_q = rope_rotate_half(b_q, b_qp, b_pos, inv_freq, o_d[None, :], m_d[None, :], HALF).to(q.dtype.element_ty)
 
     # the key (rotated), the value and the position -> the cache slot; a scalar condition enters a block mask
     # through the lane bound (see _swa_step_write_kernel)
     p_x = i_b * stride_x + i_hk * D
-    b_k = tl.load(k + p_x + o_d).to(tl.float32)
-    b_kp = tl.load(k + p_x + o_dp).to(tl.float32)
+    b_k = tl.load(k + p_x + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_kp = tl.load(k + p_x + o_dp, mask=m_d, other=0.0).to(tl.float32)
     b_kr = rope_rotate_half(b_k, b_kp, b_pos, inv_freq, o_d, m_d, HALF).to(k_cache.dtype.element_ty)
-    b_v = tl.load(v + p_x + o_d).to(v_cache.dtype.element_ty)
+    b_v = tl.load(v + p_x + o_d, mask=m_d, other=0.0).to(v_cache.dtype.element_ty)
     i_slot, slot_pos, m_slot = _step_slot(b_seen, b_pos, N, W, S, RING)
     if RING:
         n_end = N
@@ -220,28 +224,30 @@ def _swa_attn_step_kernel(
     # the attention over the cache, as _swa_decode_kernel's (a non-finite value read again exactly)
     b_qpos = tl.zeros([BR], dtype=tl.int64) + b_pos
     acc, m_i, l_i = _decode_blocks(
-        b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, BN, PREC
+        b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, BD, BN, PREC, DH=DH
     )
     if any_nonfinite(acc):
         acc, m_i, l_i = _decode_blocks(
-            b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, D, 16, PREC,
-            EXACT=True,
+            b_q, b_qpos, k_row, v_row, pos_row, n_end, W, S, qk_scale, stride_kn, stride_vn, BR, BD, 16, PREC,
+            EXACT=True, DH=DH,
         )  # fmt: skip
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = o + ((i_b * HKV + i_hk) * G + o_r)[:, None] * D + o_d[None, :]
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_rd)
 
 
 def attn_step_supported(x: Tensor, head_dim: int, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor) -> bool:
     """Whether ``attn_decode_step`` takes a token x [B, 1, hidden] (or its projections, in x's dtype) with these
     caches: Triton installed, a kernel dtype shared by x and the caches, a head dim of the decode kernel, the
-    caches' head dims and position rows contiguous. Metadata only."""
+    caches' head dims and position rows contiguous. Metadata only. The head dim is even (rotate-half RoPE), 16 to 256:
+    one that is not a power of 2 runs on the next one's tiles, its lanes past the head dim masked."""
     return (
         HAS_TRITON
         and x.dtype in _STEP_DTYPES
         and k_cache.dtype == x.dtype
         and v_cache.dtype == x.dtype
-        and head_dim in _SUPPORTED_D
+        and head_dim % 2 == 0
+        and _SUPPORTED_D[0] <= head_dim <= _SUPPORTED_D[-1]
         and k_cache.stride(-1) == 1
         and v_cache.stride(-1) == 1
         and pos_cache.stride(-1) == 1
@@ -305,7 +311,8 @@ def _step_checks(op, q, k, v, seen, pad, k_cache, v_cache, pos_cache, ring, wind
         )
     if not attn_step_supported(q, D, k_cache, v_cache, pos_cache):
         raise ValueError(
-            f"{op}: needs Triton, q and the caches in one of float16, bfloat16, float32, head dim in {_SUPPORTED_D}, "
+            f"{op}: needs Triton, q and the caches in one of float16, bfloat16, float32, an even head dim in "
+            f"[{_SUPPORTED_D[0]}, {_SUPPORTED_D[-1]}], "
             f"contiguous head dims and int64 positions; got q {q.dtype}, caches {k_cache.dtype} / {v_cache.dtype}, "
             f"D = {D}, pos_cache {pos_cache.dtype}"
         )
@@ -382,7 +389,8 @@ def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, w
     G = HQ // HKV
     q, k, v, pad = _step_inputs(q, k, v, pad)
     o = torch.empty(B, 1, HQ, D, dtype=q.dtype, device=q.device)
-    BR, BN, interp = _decode_tiles(G, D, q.element_size())
+    BD = kernel_head_dim(D)  # the tiles' head dim: D, or the power of 2 above it with the lanes past D masked
+    BR, BN, interp = _decode_tiles(G, BD, q.element_size())
     launch(
         _swa_attn_step_kernel,
         (B * HKV,),
@@ -416,6 +424,8 @@ def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, w
         BN=BN,
         PREC=dot_precision(q),
         RING=ring,
+        BD=BD,
+        DH=D if BD != D else 0,
         num_warps=4,
         num_stages=1 if interp else 3,
     )
