@@ -250,11 +250,12 @@ from mixerzoo.kernels.swa.decode import _decode_tiles
 from mixerzoo.kernels._triton import dot_precision
 
 for dtype, G, D, ring in ((torch.bfloat16, 1, 128, True), (torch.bfloat16, 4, 64, False), (torch.float32, 8, 128, True),
-                          (torch.float16, 2, 256, False), (torch.bfloat16, 4, 96, True), (torch.float32, 2, 80, False)):
+                          (torch.float16, 2, 256, False), (torch.bfloat16, 4, 96, True), (torch.float32, 2, 80, False),
+                          (torch.bfloat16, 4, 40, True)):
     BD = st.kernel_head_dim(D)
     BR, BN, _ = _decode_tiles(G, BD, torch.empty(0, dtype=dtype).element_size())
     consts = dict(G=G, HKV=2, D=D, BR=BR, BN=BN, PREC=dot_precision(torch.empty(0, dtype=dtype)), RING=ring, BD=BD,
-                  DH=D if BD != D else 0)
+                  DH=D if BD != D else 0, ALIGN=16 if D % 16 == 0 else 8)
     data = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
     kinds = {"seen": "*i64", "pad": "*i64", "inv_freq": "*fp64", "pos_cache": "*i64", "qk_scale": "fp32"}
     params = list(inspect.signature(st._swa_attn_step_kernel.fn).parameters)
@@ -272,8 +273,8 @@ for dtype, G, D, ring in ((torch.bfloat16, 1, 128, True), (torch.bfloat16, 4, 64
 @pytest.mark.slow
 def test_step_kernel_compiles_for_sm90(compile_in_child):
     """The one-launch step kernel compiles for sm_90 at the launcher's tiles (bf16, float32 and float16; G = 1 to 8;
-    head dims 64 to 256, and 96 and 80 on 128-wide tiles with the lanes past them masked; ring and linear caches)
+    head dims 64 to 256, and 96, 80 and 40 on wider tiles with the lanes past them masked; ring and linear caches)
     within an H100 / H200 block's shared memory. In a child process: the tests' TRITON_INTERPRET=1 makes every kernel
     an interpreted one, which cannot compile."""
     out = compile_in_child(_SM90_COMPILE)
-    assert out.count("step compiled") == 6, out
+    assert out.count("step compiled") == 7, out

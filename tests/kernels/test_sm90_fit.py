@@ -212,8 +212,11 @@ def test_maxnreg_reaches_ptxas():
 
 def _decode_compiles() -> list:
     """swa's decode kernel compiled for sm_90 as its launcher launches it at head dims 96 (a 128-wide tile, the columns
-    past 96 masked: DH), 128 and 64, bf16 and float32 -> [head dim, dtype, shared bytes, registers] each."""
+    past 96 masked: DH), 128 and 64, bf16 and float32, and 40 (a 64-wide tile) with head strides of 40, which Triton
+    does not mark as multiples of 16 (ALIGN = 8, decode.stride_align) -> [head dim, dtype, shared bytes, registers,
+    16-byte copies and loads, 2-byte loads] each."""
     import inspect
+    import re
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -224,28 +227,36 @@ def _decode_compiles() -> list:
 
     fn, out = decode._swa_decode_kernel, []
     params = list(inspect.signature(fn.fn).parameters)
-    for D, dtype in ((96, "bf16"), (128, "bf16"), (64, "bf16"), (96, "fp32")):
+    for D, dtype in ((96, "bf16"), (128, "bf16"), (64, "bf16"), (96, "fp32"), (40, "bf16")):
         BD = decode.kernel_head_dim(D)
         BR, BN, _ = decode._decode_tiles(8, BD, 2 if dtype == "bf16" else 4)
+        align = 16 if D % 16 == 0 else 8
         consts = dict(TQ=1, G=8, HKV=2, D=BD, BR=BR, BN=BN, PREC="tf32" if dtype == "bf16" else "ieee", LIVE=False,
-                      live=None, DH=D if BD != D else 0)  # fmt: skip
+                      live=None, DH=D if BD != D else 0, ALIGN=align)  # fmt: skip
         kinds = {"kpos": "*i64", "qpos": "*i64", "qk_scale": "fp32", "N": "i32", "W": "i32", "S": "i32"}
         sig = {n: "constexpr" if n in consts else kinds.get(n, f"*{dtype}") for n in params}
         sig.update({n: "i32" for n in params if n.startswith("stride")})
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if sig[n][0] == "*" or n[:6] == "stride"}
+        unaligned = {"stride_qh", "stride_kh", "stride_vh"} if align < 16 else set()
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params)
+                 if (sig[n][0] == "*" or n[:6] == "stride") and n not in unaligned}  # fmt: skip
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))  # fmt: skip
-        out.append([D, dtype, kernel.metadata.shared, report(kernel).registers])
+        ptx = kernel.asm["ptx"]
+        wide = len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx))
+        narrow = len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx))
+        out.append([D, dtype, kernel.metadata.shared, report(kernel).registers, wide, narrow])
     return out
 
 
 def test_swa_decode_kernel_compiles_at_every_head_dim():
     """The decode kernel at a head dim that is not a power of 2 (96: a 128-wide tile whose columns past 96 are masked)
-    compiles for sm_90, as at 128 and 64, and fits a Hopper block. (Triton's interpreter, where the kernel tests run on
-    the CPU, accepts code the compiler refuses: a helper whose two returns differ in shape ran there and did not
-    compile.)"""
-    for D, dtype, shared, registers in _child("decode", timeout=600):
+    compiles for sm_90, as at 128 and 64, and fits a Hopper block; its cache loads are 16-byte copies at every head
+    dim, 40 too, whose head strides Triton does not see as multiples of 16 (the kernel rebuilds them as multiples of
+    ALIGN; without that, 152 2-byte loads). (Triton's interpreter, where the kernel tests run on the CPU, accepts code
+    the compiler refuses: a helper whose two returns differ in shape ran there and did not compile.)"""
+    for D, dtype, shared, registers, wide, narrow in _child("decode", timeout=600):
         assert 0 < shared <= HOPPER_SMEM and 0 < registers <= 255, (D, dtype, shared, registers)
+        assert wide > 0 and narrow == 0, (D, dtype, wide, narrow)
 
 
 def _masked_head_compiles() -> list:

@@ -422,10 +422,11 @@ def test_swa_opcheck():
     assert o.requires_grad and not lse.requires_grad
 
 
-@pytest.mark.parametrize("TQ, D", [(1, 64), (3, 64), (2, 96)])
+@pytest.mark.parametrize("TQ, D", [(1, 64), (3, 64), (2, 96), (1, 40)])
 def test_swa_decode_kernel(TQ, D):
     """Triton decode over a ring buffer + sinks (slots in any order, empty slots = -1) vs the reference; a head dim
-    that is not a power of 2 (96) runs on a 128-wide tile with the columns past 96 masked."""
+    that is not a power of 2 (96) runs on a 128-wide tile with the columns past 96 masked; at 40 the strides are
+    multiples of 8, not 16, and the kernel rebuilds them as such (ALIGN = 8)."""
     B, HQ, HKV, W, S = 2, 8, 2, 16, 4
     N = S + W
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
@@ -446,6 +447,18 @@ def test_swa_decode_kernel(TQ, D):
     assert_close(
         "decode op", ref, swa_decode(q, k, v, cache_pos, q_pos, window_size=W, num_sinks=S), dtype, **TOL[dtype][0]
     )
+
+
+def test_stride_align():
+    # the largest power of 2 up to 16 dividing every row stride of the decode kernels' operands (the last dim's
+    # stride, 1, does not count): a head dim of 40 gives 8, a cache sliced from a wider one its own strides
+    from mixerzoo.kernels.swa.decode import stride_align
+
+    assert stride_align(torch.empty(2, 3, 4, 64)) == 16
+    assert stride_align(torch.empty(2, 3, 4, 40), torch.empty(2, 5, 2, 96)) == 8
+    assert stride_align(torch.empty(2, 3, 4, 36)) == 4
+    assert stride_align(torch.empty(2, 3, 4, 128)[..., :33]) == 16  # strides of the wider cache: 512, 128
+    assert stride_align(torch.empty(3, 7, 1, 33)) == 1
 
 
 def test_swa_maxnreg_reaches_the_launch():

@@ -30,6 +30,24 @@ from .swa import _check_triton, _head_mask, check_index_tensor, kernel_head_dim
 
 
 @triton.jit
+def _aligned(sb, st, sh, ALIGN: tl.constexpr):
+    # three strides, each a multiple of ALIGN (the launcher's stride_align), written so that the compiler sees it
+    # (Triton marks integer arguments as multiples of 16 or not at all): a head dim such as 40 then keeps 16-byte loads
+    return (sb // ALIGN) * ALIGN, (st // ALIGN) * ALIGN, (sh // ALIGN) * ALIGN
+
+
+def stride_align(*xs: Tensor) -> int:
+    """The largest power of 2 up to 16 dividing every row stride (all but the last dim's) of the tensors ``xs``: the
+    decode kernels' ALIGN."""
+    align = 16
+    for x in xs:
+        for stride in x.stride()[:-1]:
+            while stride % align:
+                align //= 2
+    return align
+
+
+@triton.jit
 def _decode_blocks(
     b_q,
     b_qp,
@@ -103,11 +121,16 @@ def _swa_decode_kernel(
     PREC: tl.constexpr,
     LIVE: tl.constexpr,
     DH: tl.constexpr = 0,
+    ALIGN: tl.constexpr = 16,
 ):
     # o is addressed with q's strides (both contiguous); the caches keep theirs (any slot-major layout). D: the tile's
     # head dim (a power of 2); DH > 0: the head dim where it is less, the columns past it masked
     # one program per (batch row, kv head): the G query heads x TQ queries of the group share every
     # key/value load; rows r = g * TQ + i
+    if ALIGN < 16:  # ALIGN: every stride is a multiple of it (stride_align)
+        stride_qb, stride_qt, stride_qh = _aligned(stride_qb, stride_qt, stride_qh, ALIGN)
+        stride_kb, stride_kn, stride_kh = _aligned(stride_kb, stride_kn, stride_kh, ALIGN)
+        stride_vb, stride_vn, stride_vh = _aligned(stride_vb, stride_vn, stride_vh, ALIGN)
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     o_r = tl.arange(0, BR)
@@ -272,6 +295,7 @@ def _decode_launch(q, k_cache, v_cache, cache_pos, q_pos, window_size, num_sinks
         PREC=dot_precision(q),
         LIVE=live is not None,
         DH=D if BD != D else 0,
+        ALIGN=stride_align(q, k_cache, v_cache),
     )
     return o
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from .._checks import check_int_arg, check_scale
 from .._triton import HAS_TRITON, LOG2E, any_nonfinite, cdiv, dot_precision, launch, next_pow2, tl, triton
 from ..rope import _inv_freq, rope_cos_sin, rope_rotate_half
-from .decode import _decode_blocks, _decode_tiles
+from .decode import _aligned, _decode_blocks, _decode_tiles, stride_align
 from .swa import _SUPPORTED_D, _head_mask, kernel_head_dim
 
 __all__ = ["attn_decode_step", "attn_step_supported", "attn_step_write"]
@@ -167,6 +167,7 @@ def _swa_attn_step_kernel(
     RING: tl.constexpr,
     BD: tl.constexpr,
     DH: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # the whole step in one program per (batch row, KV head): the writes of _swa_step_write_kernel for this head
     # (RoPE of its G queries and of the key, the key, value and position into the cache slot), then, after a
@@ -175,6 +176,10 @@ def _swa_attn_step_kernel(
     # per head. Rows of q [B, HQ * D] stride_q apart, of k and v [B, HKV * D] stride_x apart; o [B, 1, HQ, D].
     # BD: the tiles' head dim (a power of 2), DH = D where D is less (the lanes past D masked, see swa._head_mask)
     HALF: tl.constexpr = D // 2
+    if ALIGN < 16:  # ALIGN: every stride is a multiple of it (decode.stride_align)
+        stride_q, stride_x, _ = _aligned(stride_q, stride_x, stride_x, ALIGN)
+        stride_kb, stride_kn, stride_kh = _aligned(stride_kb, stride_kn, stride_kh, ALIGN)
+        stride_vb, stride_vn, stride_vh = _aligned(stride_vb, stride_vn, stride_vh, ALIGN)
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
     b_seen = tl.load(seen)  # int64: slot of this token in the stream (padding included)
@@ -426,6 +431,7 @@ def _step_launch(q, k, v, seen, pad, k_cache, v_cache, pos_cache, theta, ring, w
         RING=ring,
         BD=BD,
         DH=D if BD != D else 0,
+        ALIGN=stride_align(q, k, k_cache, v_cache),
         num_warps=4,
         num_stages=1 if interp else 3,
     )
