@@ -130,6 +130,7 @@ _BETWEEN = [
     pytest.param(1, 63, 4, 2, 96, 16, 4, None, id="D96-T63-W16-S4-gqa2"),
     pytest.param(2, 50, 2, 1, 40, 9, 0, (0, 7), id="D40-T50-W9-gqa2-pad"),
     pytest.param(1, 40, 2, 2, 8, 12, 2, None, id="D8-T40-W12-S2"),
+    pytest.param(1, 37, 4, 2, 33, 9, 3, None, id="D33-T37-W9-S3-gqa2"),  # odd: strides with no power of 2 in them
 ]
 
 
