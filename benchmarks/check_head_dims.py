@@ -6,6 +6,7 @@ naming it; any other failure, or an error above the bound, fails the run.
     python benchmarks/check_head_dims.py            # on a CUDA machine; > 3.5 min on a fresh H200 (compiles)
     python benchmarks/check_head_dims.py --device cpu   # dry run of the script: CPU against CPU
     python benchmarks/check_head_dims.py --device cpu --head-dims 32 --dtypes float32   # a few seconds
+    python benchmarks/check_head_dims.py --head-dims 40,80   # other head dims (the kernels take 1 to 256)
 """
 
 from __future__ import annotations
@@ -57,21 +58,25 @@ def check(name: str, fn, D: int, device: str, dtype: torch.dtype) -> tuple[bool,
     return ok, " ".join(f"{n} {e:.2e}" for n, e in zip(("o", "dq", "dk", "dv"), errs, strict=True))
 
 
-def _names(text: str, allowed, what: str, ap: argparse.ArgumentParser) -> list[str]:
+def _names(text: str, allowed, what: str, ap: argparse.ArgumentParser, allowed_text: str | None = None) -> list[str]:
     names = text.split(",")
     bad = [n for n in names if n not in [str(a) for a in allowed]]
     if bad:
-        ap.error(f"{what}: got {','.join(bad)}, allowed {','.join(map(str, allowed))}")
+        ap.error(f"{what}: got {','.join(bad)}, allowed {allowed_text or ','.join(map(str, allowed))}")
     return names
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default cuda")
-    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated subset")
+    ap.add_argument(
+        "--head-dims",
+        default=",".join(map(str, HEAD_DIMS)),
+        help=f"comma-separated, in [1, 512] (default {','.join(map(str, HEAD_DIMS))}; above 256: refused)",
+    )
     ap.add_argument("--dtypes", default=",".join(BOUND), help="comma-separated subset")
     args = ap.parse_args(argv)
-    head_dims = [int(d) for d in _names(args.head_dims, HEAD_DIMS, "--head-dims", ap)]
+    head_dims = [int(d) for d in _names(args.head_dims, range(1, 513), "--head-dims", ap, "whole numbers in [1, 512]")]
     dtype_names = _names(args.dtypes, tuple(BOUND), "--dtypes", ap)
     if args.device == "cuda":
         require_gpu("check_head_dims.py", "--device cuda", cpu="check_head_dims.py --device cpu")
