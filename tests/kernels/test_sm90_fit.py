@@ -58,6 +58,22 @@ def _swa_kernels(dtype: torch.dtype, D: int):
         yield f"swa {name}", *swa_kernel(name, D, 1, swa._fit_dtype(config(D), dtype, D), dtype)
 
 
+def _swa_sink_kernel(dkdv_consts: dict):
+    """(kernel, constexprs) of the sink kernel that swa's backward launches with a dK/dV kernel's constexprs."""
+    from mixerzoo.kernels.swa import swa
+
+    sink = {k: v for k, v in dkdv_consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
+    return swa._swa_bwd_dkdv_sink_kernel, {**sink, "BS": swa._sink_block(4)}
+
+
+def _load_widths(ptx: str) -> tuple[int, int, int]:
+    """(16-byte cp.async copies, 16-byte vector loads, 2-byte loads) from global memory in a kernel's PTX."""
+    import re
+
+    copies = len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx))
+    return copies, len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)), len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx))
+
+
 def _swa_table_kernels(dtype: torch.dtype, D: int):
     """Every sm90 rule of the shipped swa tile table at head dim D (its group range's lower end), for a dK/dV
     rule the sink kernel, which runs with the dK/dV tiles, and for a STASH dq rule the dK/dV kernel that stores
@@ -72,8 +88,7 @@ def _swa_table_kernels(dtype: torch.dtype, D: int):
         fn, consts = swa_kernel(rule["kernel"], D, rule["G"][0], rule["config"], dtype)
         yield f"swa table rule {i} {rule['kernel']}", fn, consts
         if rule["kernel"] == "dkdv":
-            sink = {k: v for k, v in consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
-            yield f"swa table rule {i} dkdv sink", swa._swa_bwd_dkdv_sink_kernel, {**sink, "BS": swa._sink_block(4)}
+            yield f"swa table rule {i} dkdv sink", *_swa_sink_kernel(consts)
         if rule["config"].get("STASH"):
             path, (G, W) = str(SWA_TABLE.default_file), (rule["G"][0], rule["W"][0])
             dkdv = SWA_TABLE.lookup(path, "sm90", "dkdv", D, G, W) or swa._dkdv_config(D)
@@ -216,7 +231,6 @@ def _decode_compiles() -> list:
     does not mark as multiples of 16 (ALIGN = 8, decode.stride_align) -> [head dim, dtype, shared bytes, registers,
     16-byte copies and loads, 2-byte loads] each."""
     import inspect
-    import re
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -241,9 +255,7 @@ def _decode_compiles() -> list:
                  if (sig[n][0] == "*" or n[:6] == "stride") and n not in unaligned}  # fmt: skip
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))  # fmt: skip
-        ptx = kernel.asm["ptx"]
-        wide = len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx))
-        narrow = len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx))
+        wide, _, narrow = _load_widths(kernel.asm["ptx"])
         out.append([D, dtype, kernel.metadata.shared, report(kernel).registers, wide, narrow])
     return out
 
@@ -279,9 +291,7 @@ def _masked_head_compiles() -> list:
                 fn, consts = swa_kernel(name, D, 1, cfg, bf16)
                 kernels = [(label, fn, consts)]
                 if name == "dkdv":
-                    sink = {k: v for k, v in consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
-                    sink_fn = swa._swa_bwd_dkdv_sink_kernel
-                    kernels.append((f"{label} sink", sink_fn, {**sink, "BS": swa._sink_block(4)}))
+                    kernels.append((f"{label} sink", *_swa_sink_kernel(consts)))
                     kernels.append((f"{label} storing", *swa_kernel(name, D, 1, cfg, bf16, stash_bq=64)))
                 if name == "dq" and not cfg.get("STASH"):
                     stash = dict(BM=64, BN=swa._dkdv_config(BD)["BN"], num_warps=4, num_stages=2, STASH=True)
@@ -306,7 +316,6 @@ def _unaligned_loads() -> list:
     """swa's forward, dQ and dK/dV kernels at head dim 40 (64-wide tiles, DH = 40), compiled for sm_90 as a launch
     there specialises them: the head strides (40) not divisible by 16 -> [name, 16-byte copies and loads, 2-byte
     loads] each."""
-    import re
 
     from mixerzoo.kernels._sm90 import compile_sm90, swa_kernel
     from mixerzoo.kernels.swa import swa
@@ -315,9 +324,8 @@ def _unaligned_loads() -> list:
     for name, default in (("fwd", swa._fwd_config), ("dq", swa._dq_config), ("dkdv", swa._dkdv_config)):
         fn, consts = swa_kernel(name, 40, 1, default(64), torch.bfloat16)
         ptx = compile_sm90(fn, consts, torch.bfloat16, unaligned=("stride_qh", "stride_kh")).asm["ptx"]
-        wide = len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx))
-        wide += len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx))
-        out.append([name, wide, len(re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx))])
+        copies, vectors, narrow = _load_widths(ptx)
+        out.append([name, copies + vectors, narrow])
     return out
 
 
