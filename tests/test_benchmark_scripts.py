@@ -49,6 +49,7 @@ GPU_MODES = {
     "swa_gluon.py": ([], "'swa_gluon.py --check' runs on the CPU"),
     "swa_stash.py": ([], "'swa_stash.py --check' runs on the CPU"),
     "launch_overhead.py": ([], "no mode of it runs on the CPU"),
+    "profile_kernels.py": ([], "'profile_kernels.py --summarize CSV' runs on the CPU"),
 }
 CPU_ONLY = {"common.py", "install_wheels.sh", "results_card.py", "sass_report.py"}
 
@@ -473,6 +474,31 @@ def test_results_card_sums_up_sweep_rows():
     plain, summed = (card.op_level_card({"rows": rs}, "x.json") for rs in (other, other + rows))
     assert summed == plain[:-1] + "\n" + "\n".join(card.sweep_lines(rows)) + "\n"  # only the summary is added
     assert card.sweep_lines(rows)[-1] == "| `eviction_train_sweep` | flex | 2 | 0.75x (`frac0.30`) | 1.50x (`base`) |"
+
+
+def test_profile_kernels_summarize(tmp_path):
+    """profile_kernels.py --summarize reads an ncu raw CSV export (header row, units row, a row per launch): times
+    and bytes in the units the export names, a metric it lacks as "-", the largest stall reasons first."""
+    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    head = ["ID", "Kernel Name", "gpu__time_duration.sum", "lts__t_bytes.sum", stalled.format("long_scoreboard"),
+            stalled.format("math_pipe_throttle"), stalled.format("barrier")]  # fmt: skip
+    rows = [head, ["", "", "msecond", "Gbyte", "", "", ""],
+            ["0", "_swa_bwd_dkdv_kernel", "6.5", "25.8", "0.50", "2.25", "0.75"],
+            ["1", "triton_tem_fused_0", "1,234.5", "", "0", "0", "0"]]  # fmt: skip
+    export = tmp_path / "raw.csv"
+    export.write_text("\n".join(",".join(f'"{x}"' for x in r) for r in rows) + "\n")
+    p = _run_scripts({"sum": ("profile_kernels.py", ["--summarize", str(export)])}, _env())["sum"]
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("kernel | ms | L2 GB | L2 % |") and lines[0].endswith("| top stalls")
+    dkdv = lines[1].split(" | ")
+    assert dkdv[:4] == ["_swa_bwd_dkdv_kernel", "6.5", "25.8", "-"]
+    assert dkdv[-1] == "math_pipe_throttle 2.25, barrier 0.75, long_scoreboard 0.50"
+    flex = lines[2].split(" | ")
+    assert flex[:3] == ["triton_tem_fused_0", "1.23e+03", "-"] and flex[-1] == "-"
+    export.write_text("not,an,export\n")
+    p = _run_scripts({"bad": ("profile_kernels.py", ["--summarize", str(export)])}, _env())["bad"]
+    assert p.returncode == 1 and "holds no kernel rows of an ncu raw CSV export" in p.stderr
 
 
 def test_swa_tune_list():
