@@ -35,7 +35,7 @@ SUMMARY = (
     ("L2 %", "lts__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("DRAM GB", "dram__bytes.sum", 1e-9),
     ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
-    ("tensor %", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", 1),
+    ("tensor %", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", 1),  # or _TENSOR's
     ("issue %", "sm__inst_issued.avg.pct_of_peak_sustained_active", 1),
     ("warps/SM", "sm__warps_active.avg.per_cycle_active", 1),
     ("regs", "launch__registers_per_thread", 1),
@@ -44,6 +44,9 @@ SUMMARY = (
 
 
 _STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+# the tensor pipe's activity under another name, where this ncu lacks the one in SUMMARY
+_TENSOR = re.compile(r"^sm__pipe_tensor_op\w*_cycles_active\.avg\.pct_of_peak_sustained_active$")
+_OPS = "sm__ops_path_tensor_src_bf16_dst_fp32.sum"  # tensor-path math ops, bf16 in, float32 out
 _UNIT = {"kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "usecond": 1e3, "msecond": 1e6, "second": 1e9}
 
 
@@ -57,6 +60,11 @@ def summarize(path: pathlib.Path, stalls: int = 3) -> int:
         return 1
     head, units, body = rows[0], rows[1], rows[2:]
     col = {name: i for i, name in enumerate(head)}
+    tensor = SUMMARY[5][1]
+    if tensor not in col:
+        col[tensor] = next((i for i, name in enumerate(head) if _TENSOR.match(name)), None)
+        if col[tensor] is None:
+            del col[tensor]
     stall_cols = [(m[1], i) for i, name in enumerate(head) if (m := _STALL.match(name))]
 
     def number(row, i):
@@ -70,12 +78,14 @@ def summarize(path: pathlib.Path, stalls: int = 3) -> int:
         x = number(row, col[metric]) if metric in col else None
         return "-" if x is None else f"{x * scale:.3g}"
 
-    print(" | ".join(["kernel"] + [c for c, _, _ in SUMMARY] + ["top stalls"]))
+    print(" | ".join(["kernel"] + [c for c, _, _ in SUMMARY] + ["bf16 Tops/s", "top stalls"]))
     for row in body:
+        ops, ns = (number(row, col[m]) if m in col else None for m in (_OPS, SUMMARY[0][1]))
+        rate = f"{ops / ns / 1e3:.3g}" if ops is not None and ns else "-"
         top = sorted(((number(row, i) or 0.0, reason) for reason, i in stall_cols), reverse=True)[:stalls]
         stalled = ", ".join(f"{reason} {x:.2f}" for x, reason in top if x > 0) or "-"
         name = row[col["Kernel Name"]][:60]
-        print(" | ".join([name] + [value(row, m, s) for _, m, s in SUMMARY] + [stalled]))
+        print(" | ".join([name] + [value(row, m, s) for _, m, s in SUMMARY] + [rate, stalled]))
     return 0
 
 

@@ -480,20 +480,22 @@ def test_profile_kernels_summarize(tmp_path):
     """profile_kernels.py --summarize reads an ncu raw CSV export (header row, units row, a row per launch): times
     and bytes in the units the export names, a metric it lacks as "-", the largest stall reasons first."""
     stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    tensor = "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"  # another name: still found
     head = ["ID", "Kernel Name", "gpu__time_duration.sum", "lts__t_bytes.sum", stalled.format("long_scoreboard"),
-            stalled.format("math_pipe_throttle"), stalled.format("barrier")]  # fmt: skip
-    rows = [head, ["", "", "msecond", "Gbyte", "", "", ""],
-            ["0", "_swa_bwd_dkdv_kernel", "6.5", "25.8", "0.50", "2.25", "0.75"],
-            ["1", "triton_tem_fused_0", "1,234.5", "", "0", "0", "0"]]  # fmt: skip
+            stalled.format("math_pipe_throttle"), stalled.format("barrier"), tensor,
+            "sm__ops_path_tensor_src_bf16_dst_fp32.sum"]  # fmt: skip
+    rows = [head, ["", "", "msecond", "Gbyte", "", "", "", "%", ""],
+            ["0", "_swa_bwd_dkdv_kernel", "6.5", "25.8", "0.50", "2.25", "0.75", "61.5", "2,600,000,000,000"],
+            ["1", "triton_tem_fused_0", "1,234.5", "", "0", "0", "0", "", ""]]  # fmt: skip
     export = tmp_path / "raw.csv"
     export.write_text("\n".join(",".join(f'"{x}"' for x in r) for r in rows) + "\n")
     p = _run_scripts({"sum": ("profile_kernels.py", ["--summarize", str(export)])}, _env())["sum"]
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].startswith("kernel | ms | L2 GB | L2 % |") and lines[0].endswith("| top stalls")
+    assert lines[0].startswith("kernel | ms | L2 GB | L2 % |") and lines[0].endswith("| bf16 Tops/s | top stalls")
     dkdv = lines[1].split(" | ")
-    assert dkdv[:4] == ["_swa_bwd_dkdv_kernel", "6.5", "25.8", "-"]
-    assert dkdv[-1] == "math_pipe_throttle 2.25, barrier 0.75, long_scoreboard 0.50"
+    assert dkdv[:4] == ["_swa_bwd_dkdv_kernel", "6.5", "25.8", "-"] and dkdv[6] == "61.5"
+    assert dkdv[-2:] == ["400", "math_pipe_throttle 2.25, barrier 0.75, long_scoreboard 0.50"]
     flex = lines[2].split(" | ")
     assert flex[:3] == ["triton_tem_fused_0", "1.23e+03", "-"] and flex[-1] == "-"
     export.write_text("not,an,export\n")
