@@ -27,7 +27,7 @@ from ..kernels.nsa.reference import (
     window_visible,
 )
 from ..kernels.nsa.step import nsa_step_supported
-from ..kernels.nsa.triton_launch import MAX_BLOCK_COUNT, SUPPORTED_D, SUPPORTED_L
+from ..kernels.nsa.triton_launch import MAX_BLOCK_COUNT, MAX_HEAD_DIM, SUPPORTED_L
 from ..registry.core import register
 from .attention_common import AttentionMixer, check_attention_heads
 from .base import (
@@ -300,15 +300,16 @@ class NSA(AttentionMixer):
         """Refuse, naming this layer's fields, a config whose prompts the Triton kernels cannot run (on CUDA the
         parallel form and a whole prompt run them; the decode step and the CPU take any head dim and block
         size)."""
-        for field, value, allowed in (
-            ("head_dim", self.head_dim, SUPPORTED_D),
-            ("block_size", self.block_size, SUPPORTED_L),
-        ):
-            if value not in allowed:
-                raise ValueError(
-                    f"{self.name}: {field}={value}: on CUDA the prompt's Triton kernels take {field} in "
-                    f"{allowed}; choose one of those (the CPU reference takes any)"
-                )
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(
+                f"{self.name}: head_dim={self.head_dim}: on CUDA the prompt's Triton kernels take head_dim 1 to "
+                f"{MAX_HEAD_DIM} (the CPU reference takes any)"
+            )
+        if self.block_size not in SUPPORTED_L:
+            raise ValueError(
+                f"{self.name}: block_size={self.block_size}: on CUDA the prompt's Triton kernels take block_size in "
+                f"{SUPPORTED_L}; choose one of those (the CPU reference takes any)"
+            )
         if self.block_count > MAX_BLOCK_COUNT:
             raise ValueError(
                 f"{self.name}: block_count={self.block_count}: on CUDA the prompt's Triton kernels take "

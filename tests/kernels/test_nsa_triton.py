@@ -99,6 +99,10 @@ CASES = [
     pytest.param(1, 5, 4, 1, 16, 16, 3, 2, id="G4-T5-noblock"),
     pytest.param(1, 150, 4, 2, 32, 32, 3, 40, marks=pytest.mark.slow, id="G2-T150-L32-slow"),
     pytest.param(1, 200, 8, 2, 64, 16, 5, 64, marks=pytest.mark.slow, id="G4-T200-n5-slow"),
+    # head dims the tiles do not take as they are: the next power of 2's tiles (>= 16), the columns past D masked
+    pytest.param(1, 53, 6, 2, 24, 16, 3, 12, id="G3-T53-D24"),
+    pytest.param(1, 77, 2, 2, 40, 16, 3, 20, marks=pytest.mark.slow, id="G1-T77-D40-n3"),
+    pytest.param(1, 70, 4, 1, 8, 16, 3, 16, marks=pytest.mark.slow, id="G4-T70-D8-n3"),
 ]
 
 
@@ -129,6 +133,7 @@ def test_kernels_match_reference(B, T, HQ, HKV, D, L, n, W):
         pytest.param(1, 77, 4, 1, 32, 16, 3, 20, True, False, id="block-tokendq-G4-T77-D32-n3"),
         pytest.param(2, 85, 6, 2, 16, 16, 4, 24, True, None, id="block-G3-T85-B2-n4"),
         pytest.param(1, 72, 16, 1, 16, 16, 4, 33, True, None, id="block-G16-T72-D16-n4"),
+        pytest.param(1, 77, 4, 1, 24, 16, 3, 20, False, None, id="token-G4-T77-D24-n3"),
     ],
 )
 def test_selection_forms(B, T, HQ, HKV, D, L, n, W, blocks, atomics):
@@ -518,8 +523,9 @@ def test_op_errors_name_the_argument():
         nsa_attention(q, kk, kk, *gates, block_size=8, block_count=3, window_size=4)
     with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take block_size in"):
         nsa_fwd(q, k, v, *gates, 8, 3, 4, 0.25)
-    with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take head dims"):
-        nsa_fwd(q[..., :12], k[..., :12], v[..., :12], *gates, 16, 3, 4, 0.25)
+    with pytest.raises(ValueError, match="nsa_fwd: the Triton kernels take head dims 1 to 128, got 160"):
+        wide = torch.randn(1, 16, 4, 160)
+        nsa_fwd(wide, wide[:, :, :2], wide[:, :, :2], *gates, 16, 3, 4, 0.25)
 
 
 _SM90_COMPILE = """
@@ -541,14 +547,15 @@ KERNELS = [
     (ts.nsa_slc_fwd_blocks_kernel, None), (ts.nsa_slc_combine_kernel, "BT_cmp"), (ts.nsa_slc_bwd_dkdv_kernel, "DQ"),
 ]
 # float32 at head dim 128 compiles for two minutes (the exact float32 dots) and takes the same code paths as at 16
+# a head dim between the tiles' (40: on 64-wide tiles, the columns past 40 masked)
 CASES = ((torch.bfloat16, 4, 16, 16, 4), (torch.float32, 4, 16, 16, 4), (torch.bfloat16, 16, 128, 64, 16),
-         (torch.float16, 1, 64, 32, 8))
+         (torch.float16, 1, 64, 32, 8), (torch.bfloat16, 4, 40, 64, 16))
 for dtype, G, D, L, n in CASES:
     cfg = tl_.nsa_tiles(D, G, L, dtype)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     shape = dict(HQ=2 * G, HKV=2, G=G, GP=tl_._pow2(G), D=D, L=L, N=n, NP=max(tl_._pow2(n), 16),
                  BC=cfg["BC"], BQ=cfg["BQ"], PREC=dot_precision(torch.empty(0, dtype=dtype)),
-                 BR=tg._ROWS, BD=max(16, triton.next_power_of_2(D)))
+                 BR=tg._ROWS, BD=tl_.tile_head_dim(D))
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     for fn, bt in KERNELS:
         params = list(inspect.signature(fn.fn).parameters)
@@ -576,10 +583,10 @@ def test_default_cuda_tiles_compile_for_sm90(compile_in_child):
     """Every NSA kernel (both forms of the selection) compiles for sm_90 at the launcher's CUDA tiles (tl.dot
     shapes, the split float32 dots of half-precision inputs) and fits a Hopper block's shared memory: float32, bf16
     and float16 at the conformance's shapes (head dim 16, 16-token blocks) or larger (bf16: the paper's G = 16,
-    D = 128, L = 64). In a child process: the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one,
-    which cannot compile."""
+    D = 128, L = 64; bf16 at head dim 40, on 64-wide tiles with the columns past 40 masked). In a child process:
+    the tests' TRITON_INTERPRET=1 makes every kernel an interpreted one, which cannot compile."""
     out = compile_in_child(_SM90_COMPILE)
-    assert out.count("shared") == 44, out
+    assert out.count("shared") == 55, out
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ def test_config_errors(kw, match):
     "kw,match",
     [
         (
-            dict(head_dim=8),
-            r"nsa: head_dim=8: on CUDA the prompt's Triton kernels take head_dim in \(16, 32, 64, 128\)",
+            dict(head_dim=160),
+            r"nsa: head_dim=160: on CUDA the prompt's Triton kernels take head_dim 1 to 128 \(the CPU reference",
         ),
         (dict(block_size=8), r"nsa: block_size=8: on CUDA the prompt's Triton kernels take block_size in \(16, "),
         (dict(block_count=65), r"nsa: block_count=65: on CUDA the prompt's Triton kernels take block_count <= 64"),
@@ -77,6 +77,7 @@ def test_kernel_shapes_are_refused_with_the_mixer_fields(kw, match):
     """What the prompt's Triton kernels do not take is refused by the layer, naming its field (the parallel form
     and a whole prompt check it on CUDA, before the op would refuse it by the op's name); what they take passes."""
     registry.build("nsa", hidden_size=64, num_heads=4).check_kernel_shapes()
+    registry.build("nsa", hidden_size=64, num_heads=4, head_dim=40).check_kernel_shapes()  # any up to 128
     m = registry.build("nsa", **{"hidden_size": 64, "num_heads": 4, **kw})
     with pytest.raises(ValueError, match=match):
         m.check_kernel_shapes()

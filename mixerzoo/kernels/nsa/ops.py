@@ -319,8 +319,8 @@ def nsa_attention(
       scale: softmax scale, finite and > 0, default D ** -0.5.
     Returns:
       o: [B, T, HQ, D] in q's dtype, ``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``; differentiable in q, k, v
-      and the gates (the selection itself passes no gradient). CUDA tensors run the Triton kernels (head dims 16,
-      32, 64, 128; block sizes 16, 32, 64, 128; block counts up to 64), CPU tensors the reference.
+      and the gates (the selection itself passes no gradient). CUDA tensors run the Triton kernels (head dims up
+      to 128; block sizes 16, 32, 64, 128; block counts up to 64), CPU tensors the reference.
     """
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
     check_nsa_inputs(_OP, q, k, v, gates, block_size, block_count, window_size)

@@ -25,6 +25,17 @@ def nsa_rows(t0, i_h, T, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, HQ
 
 
 @triton.jit
+def nsa_cols(m_rows, o_d, D: tl.constexpr, BD: tl.constexpr):
+    # a [R, BD] tile's mask: its rows m_rows, and where the head dim D is below the tiles' width BD (D's next power
+    # of 2, at least 16) its columns below D; the columns past D load as 0 and are never stored
+    if BD == D:
+        m = tl.broadcast_to(m_rows[:, None], (m_rows.shape[0], BD))
+    else:
+        m = m_rows[:, None] & (o_d < D)[None, :]
+    return m
+
+
+@triton.jit
 def nsa_dot_f32(b_a, b_b, PREC: tl.constexpr):
     # [M, K] @ [K, N] -> [M, N] float32, one operand float32 (compressed keys) and the other in the inputs' dtype.
     # Half-precision inputs: the float32 operand is split into a head and a tail in the other's dtype, two
@@ -56,6 +67,7 @@ def _nsa_cmp_attend(
     HKV: tl.constexpr,
     M: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BC: tl.constexpr,
     PREC: tl.constexpr,
     EXACT: tl.constexpr,
@@ -64,15 +76,16 @@ def _nsa_cmp_attend(
     # -> (b_max, b_sum, b_acc). A tile reaches past the blocks its first rows see: EXACT keeps its non-finite
     # value rows from those rows (mask_scores), for the re-run after a non-finite accumulator
     o_c = tl.arange(0, BC)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     b_max = tl.full([M], float("-inf"), tl.float32)
     b_sum = tl.zeros([M], tl.float32)
-    b_acc = tl.zeros([M, D], tl.float32)
+    b_acc = tl.zeros([M, BD], tl.float32)
     for c0 in range(0, n_hi, BC):
         m_c = c0 + o_c < n_hi
         p_c = kv_base + (c0 + o_c)[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
-        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(b_q.dtype)
+        m_cd = nsa_cols(m_c, o_d, D, BD)
+        b_k = tl.load(kc + p_c, mask=m_cd, other=0.0)  # [BC, BD] float32
+        b_v = tl.load(vc + p_c, mask=m_cd, other=0.0).to(b_q.dtype)
         # [M, D] @ [D, BC] -> [M, BC]
         b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
@@ -126,6 +139,7 @@ def nsa_cmp_fwd_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
@@ -146,10 +160,11 @@ def nsa_cmp_fwd_kernel(
     i_b, i_h = i_bh // HKV, i_bh % HKV
     t0 = i_t * BT
     o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     q_base = q + i_b.to(tl.int64) * T * HQ * D
     p_q = q_base + (o_t * HQ + o_hq)[:, None] * D + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)  # [M, D], stays in registers for both passes
+    m_rd = nsa_cols(m_r, o_d, D, BD)
+    b_q = tl.load(p_q, mask=m_rd, other=0.0)  # [M, BD], stays in registers for both passes
     kv_base = i_b.to(tl.int64) * NC * HKV * D + i_h * D
     n_vis = (o_t + 1) // L  # [M] compressed blocks visible to each row
     n_hi = tl.minimum((tl.minimum(t0 + BT, T)) // L, NC)  # blocks visible to the last token of the tile
@@ -159,17 +174,17 @@ def nsa_cmp_fwd_kernel(
     # block (0 * NaN); it shows in the accumulator, and only then does the pass run again with such value rows
     # kept from the rows that cannot see them (finite inputs never take the branch; same tiles, same sums)
     b_max, b_sum, b_acc = _nsa_cmp_attend(
-        b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, False
+        b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BD, BC, PREC, False
     )
     if any_nonfinite(b_acc):
         b_max, b_sum, b_acc = _nsa_cmp_attend(
-            b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BC, PREC, True
+            b_q, kc, vc, kv_base, n_hi, n_vis, m_r, qk_scale, HKV, BT * GP, D, BD, BC, PREC, True
         )
     empty = b_sum == 0.0
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]
     b_lse = tl.where(empty, float("-inf"), b_max + tl.math.log2(tl.where(empty, 1.0, b_sum)))
     o_base = i_b.to(tl.int64) * T * HQ
-    tl.store(o + (o_base + o_t * HQ + o_hq)[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(o + (o_base + o_t * HQ + o_hq)[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
     tl.store(lse + o_base + o_t * HQ + o_hq, b_lse, mask=m_r)
 
     # pass 2: probabilities again, summed over the group's heads -> importance; running top-NP per token
@@ -189,7 +204,7 @@ def nsa_cmp_fwd_kernel(
         o_cn = c0 + o_n
         m_c = o_cn < n_hi
         p_c = kv_base + o_cn[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)
+        b_k = tl.load(kc + p_c, mask=nsa_cols(m_c, o_d, D, BD), other=0.0)
         # [M, D] @ [D, NP] -> [M, NP]
         b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = (o_cn[None, :] < n_vis[:, None]) & m_r[:, None]
@@ -244,6 +259,7 @@ def nsa_cmp_bwd_dq_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
@@ -253,12 +269,13 @@ def nsa_cmp_bwd_dq_kernel(
     i_b, i_h = i_bh // HKV, i_bh % HKV
     t0 = i_t * BT
     o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq  # [M]
     p_row = o_row[:, None] * D + o_d[None, :]
-    b_q = tl.load(q + p_row, mask=m_r[:, None], other=0.0)
+    m_rd = nsa_cols(m_r, o_d, D, BD)
+    b_q = tl.load(q + p_row, mask=m_rd, other=0.0)
     b_g = tl.load(g + o_row, mask=m_r, other=0.0).to(tl.float32)
-    b_do = (tl.load(do + p_row, mask=m_r[:, None], other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
+    b_do = (tl.load(do + p_row, mask=m_rd, other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)
     b_lse = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
     b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse)
@@ -266,12 +283,13 @@ def nsa_cmp_bwd_dq_kernel(
     n_vis = (o_t + 1) // L
     n_hi = tl.minimum((tl.minimum(t0 + BT, T)) // L, NC)
     o_c = tl.arange(0, BC)
-    b_dq = tl.zeros([BT * GP, D], tl.float32)
+    b_dq = tl.zeros([BT * GP, BD], tl.float32)
     for c0 in range(0, n_hi, BC):
         m_c = c0 + o_c < n_hi
         p_c = kv_base + (c0 + o_c)[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
-        b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(b_do.dtype)
+        m_cd = nsa_cols(m_c, o_d, D, BD)
+        b_k = tl.load(kc + p_c, mask=m_cd, other=0.0)  # [BC, BD] float32
+        b_v = tl.load(vc + p_c, mask=m_cd, other=0.0).to(b_do.dtype)
         # [M, D] @ [D, BC] -> [M, BC]: the forward's scores, so that p matches its lse
         b_s = nsa_dot_f32(b_q, tl.trans(b_k), PREC) * qk_scale
         vis = ((c0 + o_c)[None, :] < n_vis[:, None]) & m_r[:, None]
@@ -281,7 +299,7 @@ def nsa_cmp_bwd_dq_kernel(
         b_ds = b_p * (b_dp - b_delta[:, None])
         # [M, BC] @ [BC, D] -> [M, D]
         b_dq += tl.dot(b_ds.to(b_q.dtype), b_k.to(b_q.dtype), input_precision=PREC)
-    tl.store(dq + p_row, b_dq * scale, mask=m_r[:, None])
+    tl.store(dq + p_row, b_dq * scale, mask=m_rd)
 
 
 @triton.jit
@@ -305,6 +323,7 @@ def nsa_cmp_bwd_dkdv_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
@@ -317,21 +336,23 @@ def nsa_cmp_bwd_dkdv_kernel(
     c0 = i_c * BC
     o_c = c0 + tl.arange(0, BC)
     m_c = o_c < NC
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     p_c = i_b.to(tl.int64) * NC * HKV * D + i_h * D + o_c[:, None] * HKV * D + o_d[None, :]
     p_out = p_c + i_s.to(tl.int64) * (tl.num_programs(1) // HKV) * NC * HKV * D  # span s of [S, B, NC, HKV, D]
-    b_k = tl.load(kc + p_c, mask=m_c[:, None], other=0.0)  # [BC, D] float32
-    b_v = tl.load(vc + p_c, mask=m_c[:, None], other=0.0).to(q.dtype.element_ty)
-    b_dk = tl.zeros([BC, D], tl.float32)
-    b_dv = tl.zeros([BC, D], tl.float32)
+    m_cd = nsa_cols(m_c, o_d, D, BD)
+    b_k = tl.load(kc + p_c, mask=m_cd, other=0.0)  # [BC, BD] float32
+    b_v = tl.load(vc + p_c, mask=m_cd, other=0.0).to(q.dtype.element_ty)
+    b_dk = tl.zeros([BC, BD], tl.float32)
+    b_dv = tl.zeros([BC, BD], tl.float32)
     t_lo = tl.maximum((c0 * L + L - 1) // BT * BT, i_s * TS)
     for t0 in range(t_lo, tl.minimum(T, i_s * TS + TS), BT):
         o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
         o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
         p_row = o_row[:, None] * D + o_d[None, :]
-        b_q = tl.load(q + p_row, mask=m_r[:, None], other=0.0)
+        m_rd = nsa_cols(m_r, o_d, D, BD)
+        b_q = tl.load(q + p_row, mask=m_rd, other=0.0)
         b_g = tl.load(g + o_row, mask=m_r, other=0.0).to(tl.float32)
-        b_do = (tl.load(do + p_row, mask=m_r[:, None], other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
+        b_do = (tl.load(do + p_row, mask=m_rd, other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)
         b_lse = tl.load(lse + o_row, mask=m_r, other=0.0)
         b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse)
@@ -346,5 +367,5 @@ def nsa_cmp_bwd_dkdv_kernel(
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         # [BC, M] @ [M, D] -> [BC, D]
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    tl.store(dkc + p_out, b_dk * scale, mask=m_c[:, None])
-    tl.store(dvc + p_out, b_dv, mask=m_c[:, None])
+    tl.store(dkc + p_out, b_dk * scale, mask=m_cd)
+    tl.store(dvc + p_out, b_dv, mask=m_cd)

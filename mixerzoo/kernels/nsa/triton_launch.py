@@ -20,7 +20,7 @@ from .triton_select import (
 
 __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
 
-SUPPORTED_D = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128  # any head dim up to it: the tiles take the next power of 2 (>= 16), the columns past D masked
 SUPPORTED_L = (16, 32, 64, 128)
 MAX_BLOCK_COUNT = 64
 _SPAN = 1024  # query tokens per program of the compression dK/dV kernel, at most (see _cmp_spans)
@@ -29,6 +29,12 @@ _MAX_PROGRAMS = 2048
 
 def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
+
+
+def tile_head_dim(D: int) -> int:
+    """The width of the kernels' head-dim tiles for head dim D: D's next power of 2, at least 16 (``tl.dot``'s
+    smallest); the columns past D are masked in every load and store (read as 0, never written), no copies."""
+    return max(16, _pow2(D))
 
 
 def nsa_tiles(
@@ -113,8 +119,8 @@ def check_triton_shapes(op: str, q: Tensor, block_size: int, block_count: int) -
             f"{op}: the Triton kernels take float16, bfloat16 or float32, got {q.dtype} "
             "(float64 runs on the CPU reference, through nsa_attention on CPU tensors)"
         )
-    if q.shape[-1] not in SUPPORTED_D:
-        raise ValueError(f"{op}: the Triton kernels take head dims {SUPPORTED_D}, got {q.shape[-1]}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: the Triton kernels take head dims 1 to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if block_size not in SUPPORTED_L:
         raise ValueError(f"{op}: the Triton kernels take block_size in {SUPPORTED_L}, got {block_size}")
     if block_count > MAX_BLOCK_COUNT:
@@ -159,7 +165,7 @@ def nsa_fwd(
     ob = q.new_empty(3, B, T, HQ, D)
     lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **warps)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=tile_head_dim(D), L=L, PREC=dot_precision(q), **warps)
     launch(nsa_cmp_fwd_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), SPLIT=cmp_split_for(cfg, NP), **common,
@@ -173,7 +179,7 @@ def nsa_fwd(
             T=T, NBS=cdiv(T, L), P=P, qk_scale=scale * LOG2E, N=N, BQ=cfg["BQ"], **common,
         )  # fmt: skip
         launch(nsa_slc_combine_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
-            idx=idx, po=po, plse=plse, o=ob[1], lse=lse[1], T=T, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, N=N,
+            idx=idx, po=po, plse=plse, o=ob[1], lse=lse[1], T=T, HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=common["BD"], N=N,
             BT=cfg["BT_cmp"], **warps,
         )  # fmt: skip
     else:
@@ -262,7 +268,7 @@ def nsa_bwd(
     GP, NP = _pow2(G), max(_pow2(N), 16)
     cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
     warps = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, L=L, PREC=dot_precision(q), **warps)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=tile_head_dim(D), L=L, PREC=dot_precision(q), **warps)
     NC = T // L
     gates = (g_cmp, g_slc, g_win)
     dg, do_win = nsa_gate_grads(do, ob, g_win)  # [3, B, T, HQ]: gradient of each gate; g_win * do

@@ -21,7 +21,7 @@ each pair's dQ (dS K) with float32 atomics in the dK/dV kernel, so no kernel wal
 from __future__ import annotations
 
 from .._triton import any_nonfinite, mask_scores, softmax_step, tl, triton
-from .triton_compress import nsa_rows
+from .triton_compress import nsa_cols, nsa_rows
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def _nsa_slc_attend(
     HKV: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     BT: tl.constexpr,
     PREC: tl.constexpr,
@@ -61,18 +62,19 @@ def _nsa_slc_attend(
     # rows' tokens (and blocks other tokens selected): EXACT keeps its non-finite value rows from the rows that
     # cannot see them (mask_scores), for the re-run after a non-finite accumulator
     BIG: tl.constexpr = 1 << 30
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     o_j = tl.arange(0, L)
     b_max = tl.full([BT * GP], float("-inf"), tl.float32)
     b_sum = tl.zeros([BT * GP], tl.float32)
-    b_acc = tl.zeros([BT * GP, D], tl.float32)
+    b_acc = tl.zeros([BT * GP, BD], tl.float32)
     c = _next_block(b_idx, -1, BIG)
     while c < BIG:
         o_jc = c * L + o_j
         m_j = o_jc < T
         p_kv = kv_base + o_jc[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)  # [L, D], once for the group and tile
-        b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
+        m_jd = nsa_cols(m_j, o_d, D, BD)
+        b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)  # [L, BD], once for the group and tile
+        b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
         # [M, D] @ [D, L] -> [M, L]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
@@ -97,6 +99,7 @@ def nsa_slc_fwd_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
@@ -108,10 +111,11 @@ def nsa_slc_fwd_kernel(
     i_b, i_h = i_bh // HKV, i_bh % HKV
     t0 = i_t * BT
     o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
     p_row = o_row[:, None] * D + o_d[None, :]
-    b_q = tl.load(q + p_row, mask=m_r[:, None], other=0.0)  # [M, D]
+    m_rd = nsa_cols(m_r, o_d, D, BD)
+    b_q = tl.load(q + p_row, mask=m_rd, other=0.0)  # [M, BD]
     o_tt = t0 + tl.arange(0, BT)
     o_s = tl.arange(0, NP)
     p_i = idx + ((i_b.to(tl.int64) * T + o_tt) * HKV + i_h)[:, None] * N + o_s[None, :]
@@ -121,15 +125,15 @@ def nsa_slc_fwd_kernel(
     # and those that did not select the block; it shows in the accumulator, and only then do the blocks run again
     # with such value rows kept from the rows that cannot see them (finite inputs never take the branch)
     b_max, b_sum, b_acc = _nsa_slc_attend(
-        b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, False
+        b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, BD, L, BT, PREC, False
     )
     if any_nonfinite(b_acc):
         b_max, b_sum, b_acc = _nsa_slc_attend(
-            b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, L, BT, PREC, True
+            b_q, k, v, b_idx, kv_base, o_t, m_r, T, qk_scale, HKV, GP, D, BD, L, BT, PREC, True
         )
     empty = b_sum == 0.0  # padding rows only: every token sees itself through its own forced block
     b_o = b_acc / tl.where(empty, 1.0, b_sum)[:, None]
-    tl.store(o + p_row, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(o + p_row, b_o.to(o.dtype.element_ty), mask=m_rd)
     tl.store(lse + o_row, b_max + tl.math.log2(tl.where(empty, 1.0, b_sum)), mask=m_r)
 
 
@@ -152,6 +156,7 @@ def nsa_slc_bwd_dq_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
@@ -165,12 +170,13 @@ def nsa_slc_bwd_dq_kernel(
     i_b, i_h = i_bh // HKV, i_bh % HKV
     t0 = i_t * BT
     o_t, o_hq, m_r = nsa_rows(t0, i_h, T, G, GP, BT, HQ)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
     p_row = o_row[:, None] * D + o_d[None, :]
-    b_q = tl.load(q + p_row, mask=m_r[:, None], other=0.0)
+    m_rd = nsa_cols(m_r, o_d, D, BD)
+    b_q = tl.load(q + p_row, mask=m_rd, other=0.0)
     b_g = tl.load(g + o_row, mask=m_r, other=0.0).to(tl.float32)
-    b_do = (tl.load(do + p_row, mask=m_r[:, None], other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
+    b_do = (tl.load(do + p_row, mask=m_rd, other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)
     b_lse = tl.load(lse + o_row, mask=m_r, other=0.0)
     o_tt = t0 + tl.arange(0, BT)
@@ -179,14 +185,15 @@ def nsa_slc_bwd_dq_kernel(
     b_idx = tl.load(p_i, mask=(o_tt < T)[:, None] & (o_s[None, :] < N), other=-1)
     kv_base = i_b.to(tl.int64) * T * HKV * D + i_h * D
     o_j = tl.arange(0, L)
-    b_dq = tl.zeros([BT * GP, D], tl.float32)
+    b_dq = tl.zeros([BT * GP, BD], tl.float32)
     c = _next_block(b_idx, -1, BIG)
     while c < BIG:
         o_jc = c * L + o_j
         m_j = o_jc < T
         p_kv = kv_base + o_jc[:, None] * HKV * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)
-        b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
+        m_jd = nsa_cols(m_j, o_d, D, BD)
+        b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)
+        b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
         # [M, D] @ [D, L] -> [M, L]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         vis = (_selected_rows(b_idx, c, BT, GP) & m_r)[:, None] & (o_jc[None, :] <= o_t[:, None])
@@ -197,8 +204,8 @@ def nsa_slc_bwd_dq_kernel(
         # [M, L] @ [L, D] -> [M, D]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
         c = _next_block(b_idx, c, BIG)
-    b_dq = b_dq * scale + tl.load(dq + p_row, mask=m_r[:, None], other=0.0)
-    tl.store(dq + p_row, b_dq, mask=m_r[:, None])
+    b_dq = b_dq * scale + tl.load(dq + p_row, mask=m_rd, other=0.0)
+    tl.store(dq + p_row, b_dq, mask=m_rd)
 
 
 @triton.jit
@@ -211,14 +218,15 @@ def _block_program(prog_blk, prog_lo, prog_hi, P, HKV: tl.constexpr):
 
 
 @triton.jit
-def _block_kv(k, v, i_b, i_h, c, T, HKV: tl.constexpr, D: tl.constexpr, L: tl.constexpr):
-    # block c's keys and values [L, D] of KV head i_h, with their positions and offsets
+def _block_kv(k, v, i_b, i_h, c, T, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr):
+    # block c's keys and values [L, BD] of KV head i_h, with their positions, offsets and mask
     o_jc = c * L + tl.arange(0, L)
-    m_j = o_jc < T
-    p_kv = i_b.to(tl.int64) * T * HKV * D + i_h * D + o_jc[:, None] * HKV * D + tl.arange(0, D)[None, :]
-    b_k = tl.load(k + p_kv, mask=m_j[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_j[:, None], other=0.0)
-    return o_jc, m_j, p_kv, b_k, b_v
+    o_d = tl.arange(0, BD)
+    m_jd = nsa_cols(o_jc < T, o_d, D, BD)
+    p_kv = i_b.to(tl.int64) * T * HKV * D + i_h * D + o_jc[:, None] * HKV * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
+    return o_jc, m_jd, p_kv, b_k, b_v
 
 
 @triton.jit
@@ -241,6 +249,7 @@ def nsa_slc_fwd_blocks_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     N: tl.constexpr,
     BQ: tl.constexpr,
@@ -250,8 +259,8 @@ def nsa_slc_fwd_blocks_kernel(
     i_b, i_h, c, p_lo, p_hi = _block_program(prog_blk, prog_lo, prog_hi, P, HKV)
     if c < NBS:
         lo, hi = tl.load(p_lo), tl.load(p_hi)
-        o_d = tl.arange(0, D)
-        o_jc, m_j, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, L)  # once for the block's pairs here
+        o_d = tl.arange(0, BD)
+        o_jc, m_jd, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, BD, L)  # once for the block's pairs here
         # value rows holding a NaN / Inf: zeroed for p @ V and their visible scores NaN, so that exactly the rows
         # that see them come out NaN (mask_scores' exact form; the block is loaded once, so always on)
         v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
@@ -266,7 +275,8 @@ def nsa_slc_fwd_blocks_kernel(
             o_u = tl.load(pair_base + o_pr, mask=m_r, other=0)
             o_t = o_u // N
             o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + i_h * G + o_g
-            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.0)  # [M, D] gathered
+            m_rd = nsa_cols(m_r, o_d, D, BD)
+            b_q = tl.load(q + o_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.0)  # [M, BD] gathered
             # [M, D] @ [D, L] -> [M, L]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
             b_s = tl.where(row_ok[None, :], b_s, float("nan"))
@@ -278,7 +288,7 @@ def nsa_slc_fwd_blocks_kernel(
             # [M, L] @ [L, D] -> [M, D]
             b_o = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC) / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
             o_out = o_row * N + o_u % N  # the pair's (token, head, slot)
-            tl.store(po + o_out[:, None] * D + o_d[None, :], b_o.to(po.dtype.element_ty), mask=m_r[:, None])
+            tl.store(po + o_out[:, None] * D + o_d[None, :], b_o.to(po.dtype.element_ty), mask=m_rd)
             empty = b_l == 0.0  # no key visible (padding rows)
             tl.store(
                 plse + o_out, tl.where(empty, float("-inf"), b_m + tl.math.log2(tl.where(empty, 1.0, b_l))), mask=m_r
@@ -298,6 +308,7 @@ def nsa_slc_combine_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     N: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -305,12 +316,12 @@ def nsa_slc_combine_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_t, o_hq, m_r = nsa_rows(i_t * BT, i_h, T, G, GP, BT, HQ)
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
     o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + o_hq
     p_idx = ((i_b.to(tl.int64) * T + o_t) * HKV + i_h) * N
     b_max = tl.full([BT * GP], float("-inf"), tl.float32)
     b_sum = tl.zeros([BT * GP], tl.float32)
-    b_acc = tl.zeros([BT * GP, D], tl.float32)
+    b_acc = tl.zeros([BT * GP, BD], tl.float32)
     for s in range(N):
         ok = m_r & (tl.load(idx + p_idx + s, mask=m_r, other=-1) >= 0)
         b_l = tl.load(plse + o_row * N + s, mask=ok, other=float("-inf"))
@@ -318,13 +329,14 @@ def nsa_slc_combine_kernel(
         b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
         b_r = tl.math.exp2(b_max - b_ref)
         b_w = tl.math.exp2(b_l - b_ref)
-        b_o = tl.load(po + (o_row * N + s)[:, None] * D + o_d[None, :], mask=ok[:, None], other=0.0)
+        b_o = tl.load(po + (o_row * N + s)[:, None] * D + o_d[None, :], mask=nsa_cols(ok, o_d, D, BD), other=0.0)
         b_acc = b_acc * b_r[:, None] + b_w[:, None] * b_o.to(tl.float32)
         b_sum = b_sum * b_r + b_w
         b_max = b_new
     empty = b_sum == 0.0  # padding rows only
     b_sum = tl.where(empty, 1.0, b_sum)
-    tl.store(o + o_row[:, None] * D + o_d[None, :], (b_acc / b_sum[:, None]).to(o.dtype.element_ty), mask=m_r[:, None])
+    p_o = o + o_row[:, None] * D + o_d[None, :]
+    tl.store(p_o, (b_acc / b_sum[:, None]).to(o.dtype.element_ty), mask=nsa_cols(m_r, o_d, D, BD))
     tl.store(lse + o_row, b_max + tl.math.log2(b_sum), mask=m_r)
 
 
@@ -354,6 +366,7 @@ def nsa_slc_bwd_dkdv_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    BD: tl.constexpr,
     L: tl.constexpr,
     N: tl.constexpr,
     BQ: tl.constexpr,
@@ -364,10 +377,10 @@ def nsa_slc_bwd_dkdv_kernel(
     i_bh = i_b * HKV + i_h
     if c < NBS:
         lo, hi = tl.load(p_lo), tl.load(p_hi)
-        o_d = tl.arange(0, D)
-        o_jc, m_j, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, L)
-        b_dk = tl.zeros([L, D], tl.float32)
-        b_dv = tl.zeros([L, D], tl.float32)
+        o_d = tl.arange(0, BD)
+        o_jc, m_jd, p_kv, b_k, b_v = _block_kv(k, v, i_b, i_h, c, T, HKV, D, BD, L)
+        b_dk = tl.zeros([L, BD], tl.float32)
+        b_dv = tl.zeros([L, BD], tl.float32)
         o_r = tl.arange(0, BQ * GP)
         o_g = o_r % GP
         pair_base = pair_tok + i_bh.to(tl.int64) * T * N
@@ -377,11 +390,10 @@ def nsa_slc_bwd_dkdv_kernel(
             o_t = tl.load(pair_base + o_pr, mask=m_r, other=0)
             o_row = i_b.to(tl.int64) * T * HQ + o_t * HQ + i_h * G + o_g
             p_row = o_row[:, None] * D + o_d[None, :]
-            b_q = tl.load(q + p_row, mask=m_r[:, None], other=0.0)  # [M, D] gathered rows
+            m_rd = nsa_cols(m_r, o_d, D, BD)
+            b_q = tl.load(q + p_row, mask=m_rd, other=0.0)  # [M, BD] gathered rows
             b_g = tl.load(g + o_row, mask=m_r, other=0.0).to(tl.float32)
-            b_do = (tl.load(do + p_row, mask=m_r[:, None], other=0.0).to(tl.float32) * b_g[:, None]).to(
-                q.dtype.element_ty
-            )
+            b_do = (tl.load(do + p_row, mask=m_rd, other=0.0).to(tl.float32) * b_g[:, None]).to(q.dtype.element_ty)
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)
             b_lse = tl.load(lse + o_row, mask=m_r, other=0.0)
             # [L, D] @ [D, M] -> [L, M]
@@ -397,6 +409,6 @@ def nsa_slc_bwd_dkdv_kernel(
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
             if DQ:  # the pairs' dQ rows: [M, L] @ [L, D] -> [M, D]
                 b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PREC) * scale
-                tl.atomic_add(dq + p_row, b_dq, mask=m_r[:, None], sem="relaxed")
-        tl.atomic_add(dk + p_kv, b_dk * scale, mask=m_j[:, None], sem="relaxed")
-        tl.atomic_add(dv + p_kv, b_dv, mask=m_j[:, None], sem="relaxed")
+                tl.atomic_add(dq + p_row, b_dq, mask=m_rd, sem="relaxed")
+        tl.atomic_add(dk + p_kv, b_dk * scale, mask=m_jd, sem="relaxed")
+        tl.atomic_add(dv + p_kv, b_dv, mask=m_jd, sem="relaxed")
