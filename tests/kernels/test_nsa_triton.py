@@ -628,6 +628,7 @@ def _branches_with_indices(q, k, v, idx, L, W, scale):
         pytest.param(2, 1000, 12, 3, 128, 32, 8, 100, id="G4-T1000-D128"),
         pytest.param(1, 1500, 6, 6, 64, 64, 6, 256, id="G1-T1500"),
         pytest.param(1, 777, 9, 3, 32, 16, 4, 64, id="G3-T777-L16"),
+        pytest.param(1, 1000, 8, 2, 96, 32, 8, 100, id="G4-T1000-D96"),  # 128-wide tiles, columns past 96 masked
     ],
 )
 def test_gpu_half_precision(B, T, HQ, HKV, D, L, n, W, dtype):
