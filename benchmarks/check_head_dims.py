@@ -1,7 +1,8 @@
-"""Head dims other than the benchmarked 128 on the GPU: swa_attention and eviction_attention at
+"""Head dims other than the benchmarked 128 on the GPU: swa_attention, eviction_attention and nsa_attention at
 D = 32, 64, 96, 128, 256 in bf16 and float32, outputs and every gradient, against the same op on the
-CPU in float64 (the CPU path is the reference). A head dim the kernels refuse must raise a ValueError
-naming it; any other failure, or an error above the bound, fails the run.
+CPU in float64 (the CPU path is the reference; nsa's kernels take head dims up to 128 and refuse 256). A head
+dim the kernels refuse must raise a ValueError naming it; any other failure, or an error above the bound, fails
+the run.
 
     python benchmarks/check_head_dims.py            # on a CUDA machine; > 3.5 min on a fresh H200 (compiles)
     python benchmarks/check_head_dims.py --device cpu   # dry run of the script: CPU against CPU
@@ -28,10 +29,10 @@ B, T, HQ, HKV = 2, 700, 4, 2
 def _import_torch_and_kernels() -> None:
     """Imported once the arguments are parsed and the device checked (``--help`` and a refusal stay fast; a CPU
     run sets TRITON_INTERPRET before Triton is imported)."""
-    global torch, eviction_attention, swa_attention
+    global torch, eviction_attention, nsa_attention, swa_attention
     import torch
 
-    from mixerzoo.kernels import eviction_attention, swa_attention
+    from mixerzoo.kernels import eviction_attention, nsa_attention, swa_attention
 
 
 def _inputs(D: int, device: str, dtype: torch.dtype, seed: int):
@@ -39,6 +40,16 @@ def _inputs(D: int, device: str, dtype: torch.dtype, seed: int):
     q, k, v, do = (torch.randn(B, T, h, D, generator=g) for h in (HQ, HKV, HKV, HQ))
     score = torch.randn(B, T, HKV, generator=g) - 1.3  # about 10% retained
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, do)], score.to(device)
+
+
+def _gates(seed: int):
+    # nsa's three gates [B, T, HQ] in (0, 1), rounded to bf16 so that every dtype holds the same values
+    g = torch.Generator().manual_seed(seed)
+    return torch.sigmoid(torch.randn(3, B, T, HQ, generator=g)).to(torch.bfloat16).float()
+
+
+def _nsa(q, k, v, gates):
+    return nsa_attention(q, k, v, *gates.to(q.device, q.dtype), block_size=16, block_count=4, window_size=64)
 
 
 def _run(fn, q, k, v, do):
@@ -83,6 +94,7 @@ def main(argv=None) -> int:
     else:
         interpret_without_gpu("check_head_dims.py")
     _import_torch_and_kernels()
+    gates = _gates(1)
     ops = {
         "swa W=129 S=4": lambda q, k, v, s: swa_attention(q, k, v, window_size=129, num_sinks=4),
         "eviction train W=65 C=32 S=4": lambda q, k, v, s: eviction_attention(
@@ -91,6 +103,7 @@ def main(argv=None) -> int:
         "eviction eval W=65 C=32 S=4": lambda q, k, v, s: eviction_attention(
             q, k, v, s, window_size=65, capacity=32, num_sinks=4, training=False
         ),
+        "nsa L=16 n=4 W=64": lambda q, k, v, s: _nsa(q, k, v, gates),
     }
     failed = []
     for name, fn in ops.items():
