@@ -91,6 +91,16 @@ CANDIDATES[("dq", 128)] += [dict(_c(64, 64, 4, 3, one=False), STASH=True, maxnre
 # 384 (120, four) at 96 with 4 bytes spilled, five
 CANDIDATES[("fwd", 64)] += [dict(_c(64, 64, 4, 3), maxnreg=128)]
 CANDIDATES[("dq", 64)] += [dict(_c(64, 32, 4, 3), maxnreg=96)]
+# QREGS: the score matmuls' loop-invariant A operand (the forward's Q, the dQ kernel's Q and dO) held in registers
+# instead of being read from shared memory by every wgmma (a quarter to a third less shared-memory traffic per step
+# for 128-row tiles, NOTES-swa stop 56), where it costs no spills worth naming (sm_90, Triton 3.6: 128 x 64 forward
+# at D = 128 228 -> 248 registers, dQ 207 -> 236, one program per SM either way; D = 256 spills, so none there)
+CANDIDATES[("fwd", 128)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3, one=False), _c(128, 64, 8, 3),
+                                                            _c(128, 64, 8, 2))]  # fmt: skip
+CANDIDATES[("fwd", 64)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(64, 64, 4, 3))]
+CANDIDATES[("dq", 128)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(128, 64, 8, 3, one=False),
+                                                           _c(64, 32, 4, 3))]  # fmt: skip
+CANDIDATES[("dq", 64)] += [dict(c, QREGS=True) for c in (_c(128, 64, 4, 3), _c(64, 64, 4, 3))]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 

@@ -338,6 +338,46 @@ def test_swa_loads_stay_wide_at_a_head_dim_that_is_no_multiple_of_16():
         assert wide > 0 and narrow == 0, (name, wide, narrow)
 
 
+def _wgmma_forms(ptx: str) -> dict[str, int]:
+    """How many wgmma instructions of a PTX text read their A operand from registers ("RS": a register list after the
+    accumulators') and how many from shared memory ("SS": a descriptor)."""
+    forms = {"RS": 0, "SS": 0}
+    for line in ptx.splitlines():
+        if "wgmma.mma_async" in line:
+            forms["RS" if line.split("}, ", 1)[1].startswith("{") else "SS"] += 1
+    return forms
+
+
+def _qregs_forms() -> list:
+    """swa's forward and recomputing dQ kernels at D = 128 with their GPU tiles (the W = 4096 forward rule, the dQ
+    default), compiled for sm_90 with QREGS off and on -> [name, QREGS, SS wgmma, RS wgmma, registers, spill bytes]."""
+    from mixerzoo.kernels._sm90 import compile_sm90, report, swa_kernel
+
+    out = []
+    fwd = dict(BM=128, BN=64, num_warps=8, num_stages=3)
+    dq = dict(BM=128, BN=64, num_warps=8, num_stages=3, ONE_LOOP=True)
+    for name, cfg in (("fwd", fwd), ("dq", dq)):
+        for qregs in (False, True):
+            fn, consts = swa_kernel(name, 128, 1, dict(cfg, QREGS=qregs), torch.bfloat16)
+            kernel = compile_sm90(fn, consts, torch.bfloat16)
+            forms, r = _wgmma_forms(kernel.asm["ptx"]), report(kernel)
+            out.append([name, qregs, forms["SS"], forms["RS"], r.registers, r.spills])
+    return out
+
+
+def test_swa_qregs_makes_the_score_matmuls_read_a_from_registers():
+    """QREGS=True: the forward's QK^T and the dQ kernel's QK^T and dO V^T take their A operand (Q, dO) from registers
+    (wgmma's RS form; the PV and dS K matmuls' A, P and dS, are computed values in registers either way), so that no
+    wgmma of these kernels reads A from shared memory; without it the score matmuls read Q and dO from shared memory
+    (SS) at every step. Neither spills at D = 128 (sm_90, Triton 3.6: 228 -> 248 registers forward, 207 -> 236 dQ)."""
+    rows = {(name, qregs): rest for name, qregs, *rest in _child("qregs", timeout=600)}
+    for name in ("fwd", "dq"):
+        ss_off, rs_off, _, _ = rows[name, False]
+        ss_on, rs_on, registers, spills = rows[name, True]
+        assert ss_off > 0 and ss_on == 0 and rs_on == ss_off + rs_off, (name, rows)
+        assert registers <= 255 and spills == 0, (name, rows)
+
+
 if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits; or copies D -> tiles copied
     if sys.argv[1] == "copies":
         print(json.dumps(_tile_copies(int(sys.argv[2]))))
@@ -349,6 +389,8 @@ if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits;
         print(json.dumps(_decode_compiles()))
     elif sys.argv[1] == "maxnreg":
         print(json.dumps(_registers_capped()))
+    elif sys.argv[1] == "qregs":
+        print(json.dumps(_qregs_forms()))
     else:
         family, dtype, D = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
         print(json.dumps(_too_big(family, dtype, D)))

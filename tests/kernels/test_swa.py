@@ -502,6 +502,41 @@ def test_swa_bad_inputs():
         swa_bwd(q, q, k, v, q, q[..., 0], 4, dkdv_config=dict(BM=32, BN=64, ONE_LOOP=False, TMA=True))
 
 
+@pytest.mark.parametrize(
+    "loops, D, pad",
+    [
+        pytest.param({}, 32, None, id="three-loops"),
+        pytest.param(dict(ONE_LOOP=True), 40, (0, 5), id="one-loop-D40-pad", marks=pytest.mark.slow),
+    ],
+)
+def test_swa_qregs_computes_the_same_bits(loops, D, pad):
+    """QREGS=True (the forward's Q, the dQ kernel's Q and dO held in registers as the score matmuls' A operand, through
+    an XOR with 0 the compiler cannot fold) changes where an operand lives, not a value: output, lse and every
+    gradient bit for bit those of QREGS=False, with sinks, GQA and (slow) a masked head dim and padding."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    q, k, v, do = _inputs(2, 70, 4, 2, D, dtype)
+    pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
+    BD = kernel_head_dim(D)
+    runs = []
+    for qregs in (False, True):
+        fwd = {**_fwd_config(BD), **loops, "QREGS": qregs}
+        o, lse = swa_fwd(q, k, v, 20, 3, None, pad_t, config=fwd)
+        dq_cfg = {**_dq_config(BD), **loops, "QREGS": qregs}
+        grads = swa_bwd(do, q, k, v, o, lse, 20, 3, None, pad_t, dkdv_config={**_dkdv_config(BD), **loops},
+                        dq_config=dq_cfg)  # fmt: skip
+        runs.append((o, lse, *grads))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_swa_qregs_is_refused_where_it_has_no_meaning():
+    q, k, v, _ = _inputs(1, 8, 2, 2, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"swa_bwd dkdv_config: config key QREGS=True applies to the forward and the"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, dkdv_config=dict(BM=32, BN=64, QREGS=True))
+    with pytest.raises(ValueError, match=r"swa_bwd dq_config: config key QREGS=True .* nor the stash dQ kernel"):
+        swa_bwd(q, q, k, v, q, q[..., 0], 4, dq_config=dict(BM=64, BN=64, STASH=True, QREGS=True))
+
+
 def test_swa_tma_needs_tensor_descriptors(monkeypatch):
     """A Triton without tl.make_tensor_descriptor (before 3.4) gets an error naming the config key, not a
     compile error from inside the kernel."""

@@ -73,6 +73,20 @@ def _head_mask(m_rows, o_d, DH: tl.constexpr):
 
 
 @triton.jit
+def _register_operand(x, T, ON: tl.constexpr):
+    # x unchanged. With ON it passes through an integer XOR with 0 (T >> 31: T is a length, >= 0) that the compiler
+    # cannot fold away, so that a loaded tile the loop only reads (the forward's Q, the dQ kernel's Q and dO), which
+    # every wgmma taking it as its A operand would otherwise read from shared memory, is held in registers instead
+    # (wgmma's register-A form): less shared-memory traffic per step for more registers (QREGS, see _loop_flags)
+    if ON:
+        if x.dtype.primitive_bitwidth == 16:
+            x = (x.to(tl.int16, bitcast=True) ^ (T >> 31).to(tl.int16)).to(x.dtype, bitcast=True)
+        else:
+            x = (x.to(tl.int32, bitcast=True) ^ (T >> 31)).to(x.dtype, bitcast=True)
+    return x
+
+
+@triton.jit
 def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr):
     # the strides of contiguous q-shaped [B, T, HQ, DH] and k-shaped [B, T, HQ // G, DH] tensors (the launchers'),
     # with DH > 0 as products of DH, so that the compiler sees what they are multiples of: a head dim such as 40 comes
@@ -257,6 +271,7 @@ def _swa_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
+    QREGS: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -274,7 +289,8 @@ def _swa_fwd_kernel(
     o_d = tl.arange(0, D)
 
     p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    b_q = tl.load(p_q, mask=_head_mask(o_m < T, o_d, DH), other=0.0)  # stays in registers for the whole key loop
+    b_q = tl.load(p_q, mask=_head_mask(o_m < T, o_d, DH), other=0.0)  # the whole key loop's A operand of QK^T
+    b_q = _register_operand(b_q, T, QREGS)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
@@ -577,6 +593,7 @@ def _swa_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
+    QREGS: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -586,6 +603,7 @@ def _swa_bwd_dq_kernel(
     i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
     b_q = _load_head(q, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
+    b_q, b_do = _register_operand(b_q, T, QREGS), _register_operand(b_do, T, QREGS)  # the A operands of S and dP
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
     # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
     # this one (no separate pass reading dO and O)
@@ -755,7 +773,7 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "maxnreg")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "QREGS", "maxnreg")
 
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
@@ -769,15 +787,24 @@ def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
     return {**cfg, "BM": min(cfg["BM"], rows), "BN": min(cfg["BN"], rows), "num_stages": min(cfg["num_stages"], stages)}
 
 
-def _loop_flags(cfg: dict, kernel: str) -> dict:
+def _loop_flags(cfg: dict, kernel: str, qregs: bool = False) -> dict:
     """Pops a tile config's ONE_LOOP key (one key loop over the whole window band, one software pipeline,
     instead of boundary / interior / diagonal loops; default False, the three loops) and TMA key (the one
     loop loads its K / V tiles (forward, dQ) or Q / dO tiles (dK/dV) through tensor descriptors: TMA bulk
     copies on Hopper; default False; needs ONE_LOOP; with padding the masked pointer loads stay) after BM
-    and BN,
-    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs) and a ``maxnreg`` (a
-    cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
+    and BN, and where ``qregs`` (the forward and the recomputing dQ kernel) its QREGS key (default False: the
+    query block's Q, and in the dQ kernel dO, held in registers as the A operand of the score matmuls instead of
+    being read from shared memory by every one of them, ``_register_operand``; the same values),
+    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs), QREGS elsewhere, and
+    a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
+    if qregs:
+        flags["QREGS"] = bool(cfg.pop("QREGS", False))
+    elif "QREGS" in cfg:
+        raise ValueError(
+            f"{kernel}: config key QREGS={cfg['QREGS']!r} applies to the forward and the recomputing dQ kernel only "
+            "(not the dK/dV kernel, nor the stash dQ kernel: STASH=True); drop it from this config"
+        )
     launch_config(kernel, {}, _CONFIG_KEYS, cfg)
     check_maxnreg(kernel, cfg)
     if flags["TMA"] and not flags["ONE_LOOP"]:
@@ -911,7 +938,7 @@ def swa_fwd(
     one the kernels do not take as it is runs on ``kernel_head_dim(D)``-wide tiles, the columns past D masked.
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
-    structure and loads (optional keys ONE_LOOP, TMA, see ``_loop_flags``), for tuning. Without it the tiles are
+    structure and loads (optional keys ONE_LOOP, TMA, QREGS, see ``_loop_flags``), for tuning. Without it the tiles are
     the tile table's for this GPU, head dim, group and window (``tuned.py``), else the head dim's default."""
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
@@ -929,7 +956,7 @@ def swa_fwd(
         config or tuned_config("fwd", q.device, q.dtype, BD, G, window_size) or _fit_dtype(_fwd_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_fwd")
+    loops = _loop_flags(cfg, "swa_fwd", qregs=True)
     heads = _head_args("swa_fwd", D, loops)
     if loops["TMA"]:
         k, v = _tma_operands(k, v)
@@ -1063,8 +1090,8 @@ def swa_bwd(
     benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
-    TMA, see ``_loop_flags``; STASH in ``dq_config``), for tuning; without them, the tile table's (``tuned.py``) or
-    the defaults."""
+    TMA, see ``_loop_flags``; QREGS or STASH in ``dq_config``), for tuning; without them, the tile table's
+    (``tuned.py``) or the defaults."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
@@ -1090,7 +1117,7 @@ def swa_bwd(
     )
     stash = bool(dq_cfg.pop("STASH", False))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
+    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", qregs=not stash)
     plan = None
     if stash:
         if dq_config is not None:  # the caller's tiles must fit; a table's rule meets a caller's dK/dV tiles
@@ -1101,7 +1128,7 @@ def swa_bwd(
             # tiles): the recomputing dQ kernel, at the head dim's default tiles
             dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
             dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config")
+            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", qregs=True)
     _head_args("swa_bwd dq_config", D, dq_loops)
     scale = check_scale("swa_bwd", scale, D)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
