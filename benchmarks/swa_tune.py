@@ -93,10 +93,11 @@ CANDIDATES[("fwd", 64)] += [dict(_c(64, 64, 4, 3), maxnreg=128)]
 CANDIDATES[("dq", 64)] += [dict(_c(64, 32, 4, 3), maxnreg=96)]
 # QREGS: the score matmuls' loop-invariant A operand (the forward's Q, the dQ kernel's Q and dO) held in registers
 # instead of being read from shared memory by every wgmma (a quarter to a third less shared-memory traffic per step
-# for 128-row tiles, NOTES-swa stop 56), where it costs no spills worth naming (sm_90, Triton 3.6: 128 x 64 forward
-# at D = 128 228 -> 248 registers, dQ 207 -> 236, one program per SM either way; D = 256 spills, so none there)
+# for 128-row tiles, a third for the 64 x 32 forward, NOTES-swa stop 56), where it costs no spills worth naming
+# (sm_90, Triton 3.6: 128 x 64 forward at D = 128 228 -> 248 registers, dQ 207 -> 236, one program per SM either
+# way; the 64 x 32 forward 168 -> 215, two programs instead of three; D = 256 spills, so none there)
 CANDIDATES[("fwd", 128)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3, one=False), _c(128, 64, 8, 3),
-                                                            _c(128, 64, 8, 2))]  # fmt: skip
+                                                            _c(128, 64, 8, 2), _c(64, 32, 4, 3))]  # fmt: skip
 CANDIDATES[("fwd", 64)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(64, 64, 4, 3))]
 CANDIDATES[("dq", 128)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(128, 64, 8, 3, one=False),
                                                            _c(64, 32, 4, 3))]  # fmt: skip
@@ -170,6 +171,13 @@ EV_CANDIDATES[("dkdv", 64)] = EV_CANDIDATES[("listed", 64)] = _EV_KV[64] + [{**_
 EV_CANDIDATES[("dq", 128)] += [{**_q(64, 32, 32, True, 4, 2), "maxnreg": 168}]
 # the D = 64 dQ rule (127 registers, four programs where shared memory allows six) at 96, five, 12 bytes spilled
 EV_CANDIDATES[("dq", 64)] += [{**_q(64, 32, 32, True, 4, 2), "maxnreg": 96}]
+# QREGS (as swa's): the table's forward and dQ tiles with Q (and dO) as register operands of the score matmuls, a fifth
+# (forward: 160 -> 128 bytes per clock at the tensor cores' peak) to a third less shared-memory traffic per step; sm_90,
+# Triton 3.6: forward 233 -> 237 registers at D = 128, 216 -> 198 at D = 64; dQ 175 -> 210 and 127 -> 150; no spills
+EV_CANDIDATES[("fwd", 128)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "QREGS": True}]
+EV_CANDIDATES[("fwd", 64)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "QREGS": True}]
+EV_CANDIDATES[("dq", 128)] += [{**_q(64, 32, 32, True, 4, 2), "QREGS": True}]
+EV_CANDIDATES[("dq", 64)] += [{**_q(64, 32, 32, True, 4, 2), "QREGS": True}]
 # fmt: on
 EV_SMOKE_CANDIDATES = {
     "fwd": [_q(32, 16, 16, False, 4, 1)],

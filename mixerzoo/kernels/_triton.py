@@ -24,6 +24,7 @@ __all__ = [
     "launch",
     "mask_scores",
     "next_pow2",
+    "register_operand",
     "softmax_step",
     "tl",
     "triton",
@@ -185,6 +186,20 @@ def launch_config(kernel: str, defaults: dict, keys: tuple[str, ...], config: di
     if unknown:
         raise ValueError(f"{kernel}: unknown config keys {unknown}; a config takes {keys}")
     return {**defaults, **(config or {})}
+
+
+@triton.jit
+def register_operand(x, T, ON: tl.constexpr):
+    # x unchanged. With ON it passes through an integer XOR with 0 (T >> 31: T is a length, >= 0) that the compiler
+    # cannot fold away, so that a loaded tile the loop only reads (a query block's Q, or dO), which every wgmma taking
+    # it as its A operand would otherwise read from shared memory, is held in registers instead (wgmma's register-A
+    # form): less shared-memory traffic per step for more registers (the swa and eviction kernels' QREGS key)
+    if ON:
+        if x.dtype.primitive_bitwidth == 16:
+            x = (x.to(tl.int16, bitcast=True) ^ (T >> 31).to(tl.int16)).to(x.dtype, bitcast=True)
+        else:
+            x = (x.to(tl.int32, bitcast=True) ^ (T >> 31)).to(x.dtype, bitcast=True)
+    return x
 
 
 @triton.jit

@@ -206,6 +206,29 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
         assert_close(name, r, x, dtype, **F32)
 
 
+@pytest.mark.parametrize("training", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["train", "eval"])
+def test_triton_qregs_computes_the_same_bits(training):
+    """QREGS=True in the forward's and dq's tiles (Q, and dO, held in registers as the score matmuls' A operand through
+    an XOR with 0 the compiler cannot fold): output, lse and every gradient bit for bit those of QREGS=False, at a
+    head dim the tiles mask (24 on 32-wide tiles) with GQA and sinks."""
+    torch.manual_seed(11)
+    B, T, HQ, HKV, D, W = 2, 90, 4, 2, 24, 20
+    q, k, v = (torch.randn(B, T, h, D, device=DEVICE) for h in (HQ, HKV, HKV))
+    do = torch.randn(B, T, HQ, D, device=DEVICE)
+    score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
+    kw = dict(window_size=W, capacity=6, num_sinks=2, training=training)
+    kpos, kend, kcum = eviction_intervals(score, **kw)
+    runs = []
+    for qregs in (False, True):
+        launch = dict(SPLIT=4, num_warps=4, num_stages=1, QREGS=qregs)
+        tiles = {"fwd": dict(BT=16, BS=16, BC=16, **launch, RECHECK=True), "dq": dict(BT=16, BS=16, BC=16, **launch)}
+        args = dict(window_size=W, scale=D**-0.5, open_ended=training, tiles=tiles)
+        o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, **args)
+        runs.append((o, lse, *eviction_attention_bwd(do, q, k, v, o, lse, kpos, kend, kcum, **args)))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(
     "T,W,C,S,frac",
     [
@@ -392,6 +415,11 @@ def test_split_value_refused_where_not_built():
     with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['RECHECK'\] must be True or False, got 1.5"):
         _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, RECHECK=1.5)}, 1, 8)
     assert _tiles(x, "fwd", {"fwd": dict(BT=16, BS=16, SPLIT=4, RECHECK=True)}, 1, 8)["RECHECK"] is True
+    # QREGS: the forward and dq only (their query block's Q, and dO), True or False
+    for kernel in ("dkdv", "listed"):
+        with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\] takes no 'QREGS' \(the dk/dv passes hold K and V"):
+            _tiles(x, kernel, {kernel: dict(BT=16, BS=16, QREGS=True)}, 1, 8)
+    assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, QREGS=True)}, 1, 8)["QREGS"] is True
     # maxnreg: a cap on the registers per thread, any kernel, an int from 32 to 255
     for kernel in ("fwd", "dq", "dkdv", "listed"):
         with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]: 'maxnreg' .* from 32 to 255, got 256"):

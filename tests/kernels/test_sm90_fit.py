@@ -350,28 +350,38 @@ def _wgmma_forms(ptx: str) -> dict[str, int]:
 
 def _qregs_forms() -> list:
     """swa's forward and recomputing dQ kernels at D = 128 with their GPU tiles (the W = 4096 forward rule, the dQ
-    default), compiled for sm_90 with QREGS off and on -> [name, QREGS, SS wgmma, RS wgmma, registers, spill bytes]."""
-    from mixerzoo.kernels._sm90 import compile_sm90, report, swa_kernel
+    default), and the eviction forward and dQ kernels with their table's D = 128 tiles, compiled for sm_90 with QREGS
+    off and on -> [name, QREGS, SS wgmma, RS wgmma, registers, spill bytes]."""
+    from mixerzoo.kernels._sm90 import compile_sm90, eviction_kernel, report, swa_kernel
 
     out = []
     fwd = dict(BM=128, BN=64, num_warps=8, num_stages=3)
     dq = dict(BM=128, BN=64, num_warps=8, num_stages=3, ONE_LOOP=True)
-    for name, cfg in (("fwd", fwd), ("dq", dq)):
+    ev_fwd = dict(BT=64, BS=64, BC=64, SPLIT=4, num_warps=4, num_stages=3, WINDOW_FIRST=True, RECHECK=True)
+    ev_dq = dict(BT=64, BS=32, BC=32, SPLIT=True, num_warps=4, num_stages=2)
+    kernels = (
+        ("swa fwd", swa_kernel, "fwd", fwd),
+        ("swa dq", swa_kernel, "dq", dq),
+        ("eviction fwd", eviction_kernel, "fwd", ev_fwd),
+        ("eviction dq", eviction_kernel, "dq", ev_dq),
+    )
+    for name, build, kind, cfg in kernels:
         for qregs in (False, True):
-            fn, consts = swa_kernel(name, 128, 1, dict(cfg, QREGS=qregs), torch.bfloat16)
+            fn, consts = build(kind, 128, 1, dict(cfg, QREGS=qregs), torch.bfloat16)
             kernel = compile_sm90(fn, consts, torch.bfloat16)
             forms, r = _wgmma_forms(kernel.asm["ptx"]), report(kernel)
             out.append([name, qregs, forms["SS"], forms["RS"], r.registers, r.spills])
     return out
 
 
-def test_swa_qregs_makes_the_score_matmuls_read_a_from_registers():
+def test_qregs_makes_the_score_matmuls_read_a_from_registers():
     """QREGS=True: the forward's QK^T and the dQ kernel's QK^T and dO V^T take their A operand (Q, dO) from registers
     (wgmma's RS form; the PV and dS K matmuls' A, P and dS, are computed values in registers either way), so that no
     wgmma of these kernels reads A from shared memory; without it the score matmuls read Q and dO from shared memory
-    (SS) at every step. Neither spills at D = 128 (sm_90, Triton 3.6: 228 -> 248 registers forward, 207 -> 236 dQ)."""
+    (SS) at every step. Neither spills at D = 128 (sm_90, Triton 3.6: swa 228 -> 248 registers forward, 207 -> 236
+    dQ; eviction 233 -> 237 forward, 175 -> 210 dQ)."""
     rows = {(name, qregs): rest for name, qregs, *rest in _child("qregs", timeout=600)}
-    for name in ("fwd", "dq"):
+    for name in ("swa fwd", "swa dq", "eviction fwd", "eviction dq"):
         ss_off, rs_off, _, _ = rows[name, False]
         ss_on, rs_on, registers, spills = rows[name, True]
         assert ss_off > 0 and ss_on == 0 and rs_on == ss_off + rs_off, (name, rows)

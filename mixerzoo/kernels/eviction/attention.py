@@ -22,6 +22,7 @@ from .._triton import (
     dot_precision,
     launch,
     next_pow2,
+    register_operand,
     softmax_step,
     tl,
     triton,
@@ -412,6 +413,7 @@ def _eviction_fwd_kernel(
     BLOCKS_FIRST: tl.constexpr,  # grid [query blocks, B * HQ], else [B * HQ, query blocks] (see _query_block)
     WINDOW_FIRST: tl.constexpr = False,  # walk the window band before the list
     RECHECK: tl.constexpr = False,  # no value flags in the walk; a non-finite block is walked again exactly
+    QREGS: tl.constexpr = False,  # Q held in registers as the A operand of QK^T (register_operand)
 ):
     # RECHECK: the walk reads no value flags (vflag is not read) and its blocks do no flag work: a NaN / Inf value
     # row may then reach every row of its block, also rows that cannot see it. It shows in the accumulator (a NaN
@@ -424,7 +426,7 @@ def _eviction_fwd_kernel(
     i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
     q, o = q + q_bh, o + q_bh
-    b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
+    b_q = register_operand(_tile(q, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
     k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
@@ -547,13 +549,14 @@ def _eviction_bwd_dq_kernel(
     SPLIT: tl.constexpr,
     BLOCKS_FIRST: tl.constexpr,
     WINDOW_FIRST: tl.constexpr = False,
+    QREGS: tl.constexpr = False,  # Q and dO held in registers as the A operands of QK^T and dO V^T (register_operand)
 ):
     # the walk of _eviction_fwd_kernel, with the forward's lse
     i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
     q, o, do, dq = q + q_bh, o + q_bh, do + q_bh, dq + q_bh
-    b_q = _tile(q, o_t, m_t, o_d, m_d, HQ, D)
-    b_do = _tile(do, o_t, m_t, o_d, m_d, HQ, D)
+    b_q = register_operand(_tile(q, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
+    b_do = register_operand(_tile(do, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
     b_o = _tile(o, o_t, m_t, o_d, m_d, HQ, D)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
     p_row = (i_b.to(tl.int64) * HQ + i_hq) * T + o_t
@@ -759,6 +762,7 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
             raise ValueError(f"eviction_attention: tiles[{kernel!r}]['SPLIT'] must be {allowed}, got {split!r}")
         _check_flag(tiles, kernel, "WINDOW_FIRST", ("fwd", "dq"), "the dk/dv passes walk one band each, no list")
         _check_flag(tiles, kernel, "RECHECK", ("fwd",), "the forward's value flags; the backward reads none")
+        _check_flag(tiles, kernel, "QREGS", ("fwd", "dq"), "the dk/dv passes hold K and V, not a query block")
         check_maxnreg(f"eviction_attention: tiles[{kernel!r}]", tiles[kernel])
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)

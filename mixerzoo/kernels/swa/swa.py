@@ -28,6 +28,7 @@ from .._triton import (
     launch_config,
     mask_scores,
     next_pow2,
+    register_operand,
     softmax_step,
     tl,
     triton,
@@ -70,20 +71,6 @@ def _head_mask(m_rows, o_d, DH: tl.constexpr):
     else:
         m = tl.broadcast_to(m_rows[:, None], (m_rows.shape[0], o_d.shape[0]))
     return m
-
-
-@triton.jit
-def _register_operand(x, T, ON: tl.constexpr):
-    # x unchanged. With ON it passes through an integer XOR with 0 (T >> 31: T is a length, >= 0) that the compiler
-    # cannot fold away, so that a loaded tile the loop only reads (the forward's Q, the dQ kernel's Q and dO), which
-    # every wgmma taking it as its A operand would otherwise read from shared memory, is held in registers instead
-    # (wgmma's register-A form): less shared-memory traffic per step for more registers (QREGS, see _loop_flags)
-    if ON:
-        if x.dtype.primitive_bitwidth == 16:
-            x = (x.to(tl.int16, bitcast=True) ^ (T >> 31).to(tl.int16)).to(x.dtype, bitcast=True)
-        else:
-            x = (x.to(tl.int32, bitcast=True) ^ (T >> 31)).to(x.dtype, bitcast=True)
-    return x
 
 
 @triton.jit
@@ -290,7 +277,7 @@ def _swa_fwd_kernel(
 
     p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
     b_q = tl.load(p_q, mask=_head_mask(o_m < T, o_d, DH), other=0.0)  # the whole key loop's A operand of QK^T
-    b_q = _register_operand(b_q, T, QREGS)
+    b_q = register_operand(b_q, T, QREGS)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
@@ -603,7 +590,7 @@ def _swa_bwd_dq_kernel(
     i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
     b_q = _load_head(q, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
-    b_q, b_do = _register_operand(b_q, T, QREGS), _register_operand(b_do, T, QREGS)  # the A operands of S and dP
+    b_q, b_do = register_operand(b_q, T, QREGS), register_operand(b_do, T, QREGS)  # the A operands of S and dP
     b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
     # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
     # this one (no separate pass reading dO and O)
@@ -794,7 +781,7 @@ def _loop_flags(cfg: dict, kernel: str, qregs: bool = False) -> dict:
     copies on Hopper; default False; needs ONE_LOOP; with padding the masked pointer loads stay) after BM
     and BN, and where ``qregs`` (the forward and the recomputing dQ kernel) its QREGS key (default False: the
     query block's Q, and in the dQ kernel dO, held in registers as the A operand of the score matmuls instead of
-    being read from shared memory by every one of them, ``_register_operand``; the same values),
+    being read from shared memory by every one of them, ``register_operand``; the same values),
     and refuses keys the launchers do not know (they would reach the kernel launch as kwargs), QREGS elsewhere, and
     a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
