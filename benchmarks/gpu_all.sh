@@ -9,19 +9,21 @@
 #   sweep      the attention kernels across the shape grid against FlexAttention and flash-attn 4, nine minutes
 #   tune       the swa kernels' tile table (benchmarks/swa_tune.py, every cell, about five minutes; rewrites
 #              mixerzoo/kernels/swa/tuned_configs.json, to commit with its log)
-# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all but tune, in the order above)
+#   profile    Nsight Compute's counters for one forward+backward of swa at W4096 and base, mixerzoo against
+#              FlexAttention and flash-attn 4 (benchmarks/profile_kernels.py): $OUT/profile-raw.csv, profile.txt
+# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all but tune and profile, in the order above)
 # Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
 # xformers, the CUDA 12 runtime, flash-attn 4) go to /tmp/site first (benchmarks/install_wheels.sh). The
 # benchmarks write benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another
 # checkout with `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
-usage() { sed -n '2,16s/^# \{0,1\}//p' "$0"; }
-all=(tests backends attention gdn eviction nsa sweep)  # tune runs only when named
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
+all=(tests backends attention gdn eviction nsa sweep)  # tune and profile run only when named
 for arg in "$@"; do
     case $arg in
     -h | --help) usage && exit 0 ;;
-    tests | backends | attention | gdn | eviction | nsa | sweep | tune) ;;
-    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]} tune" >&2 && exit 2 ;;
+    tests | backends | attention | gdn | eviction | nsa | sweep | tune | profile) ;;
+    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]} tune profile" >&2 && exit 2 ;;
     esac
 done
 parts=("$@")
@@ -67,6 +69,18 @@ for part in "${parts[@]}"; do
     tune)  # the log keeps every candidate; the terminal the cells' summaries and rules
         python3 benchmarks/swa_tune.py --max-seconds 540 2>&1 | tee "$OUT/swa-tune.log" \
             | grep -Ev '^  [a-z]+ +(default|candidate) ' || rc=1
+        ;;
+    profile)  # the report stays in /tmp (tens of MB); the raw export and the summary go to $OUT
+        ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+        if [[ -z $ncu ]]; then
+            echo "gpu_all.sh profile: Nsight Compute (ncu) not found on PATH nor in /opt/nvidia/nsight-compute" >&2
+            rc=1
+            continue
+        fi
+        "$ncu" --profile-from-start off --clock-control none --set full -f -o /tmp/profile-swa \
+            python3 benchmarks/profile_kernels.py --ops swa --points W4096 base >"$OUT/profile-ncu.log" 2>&1 || rc=1
+        "$ncu" --import /tmp/profile-swa.ncu-rep --page raw --csv --print-units base >"$OUT/profile-raw.csv" || rc=1
+        python3 benchmarks/profile_kernels.py --summarize "$OUT/profile-raw.csv" | tee "$OUT/profile.txt" || rc=1
         ;;
     esac
 done
