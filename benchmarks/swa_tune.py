@@ -102,6 +102,12 @@ CANDIDATES[("fwd", 64)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(
 CANDIDATES[("dq", 128)] += [dict(c, QREGS=True) for c in (_c(128, 64, 8, 3), _c(128, 64, 8, 3, one=False),
                                                            _c(64, 32, 4, 3))]  # fmt: skip
 CANDIDATES[("dq", 64)] += [dict(c, QREGS=True) for c in (_c(128, 64, 4, 3), _c(64, 64, 4, 3))]
+# KVREGS: the dK/dV kernel's K and V so (the A operands of S^T and dP^T). At D = 128 the default 32 x 64 tile then
+# spills 84 bytes; these do not, or little (sm_90, Triton 3.6): 16 x 64 on 4 warps (248 registers; 96 instead of 224
+# bytes of shared memory per clock at the tensor cores' peak), 16 x 128 and 32 x 128 on 8 warps (249, none spilled;
+# 255, 32 bytes; 80 bytes per clock each, the default 160). At D = 64 KVREGS makes ptxas serialise the default tile's
+# wgmma: none there
+CANDIDATES[("dkdv", 128)] += [dict(c, KVREGS=True) for c in (_c(16, 64, 4, 3), _c(16, 128, 8, 2), _c(32, 128, 8, 2))]
 # fmt: on
 SMOKE_CANDIDATES = {"fwd": [_c(32, 16, 4, 1)], "dkdv": [_c(16, 32, 4, 1)], "dq": [_c(32, 16, 4, 1, one=False)]}
 

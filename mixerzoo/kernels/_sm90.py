@@ -123,8 +123,8 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
         raise ValueError(f"swa_kernel: kernel must be one of {sorted(fns)}, got {kernel!r}")
     cfg = dict(cfg)
     fn = swa._swa_bwd_dq_stash_kernel if kernel == "dq" and cfg.pop("STASH", False) else fns[kernel]
-    qregs = fn in (swa._swa_fwd_kernel, swa._swa_bwd_dq_kernel)  # the kernels with a QREGS key
-    flags = swa._loop_flags(cfg, kernel, qregs=qregs)  # pops ONE_LOOP and TMA (and QREGS)
+    regs = {swa._swa_fwd_kernel: "QREGS", swa._swa_bwd_dq_kernel: "QREGS", swa._swa_bwd_dkdv_kernel: "KVREGS"}
+    flags = swa._loop_flags(cfg, kernel, regs.get(fn))  # pops ONE_LOOP, TMA and the register-operand key
     consts = dict(HQ=16, G=G, **swa._head_args(kernel, D, flags), pad=None, HAS_PAD=False)
     consts["PREC"] = dot_precision(torch.empty(0, dtype=dtype))
     consts.update(cfg, **flags)

@@ -503,16 +503,18 @@ def test_swa_bad_inputs():
 
 
 @pytest.mark.parametrize(
-    "loops, D, pad",
+    "loops, D, pad, stash",
     [
-        pytest.param({}, 32, None, id="three-loops"),
-        pytest.param(dict(ONE_LOOP=True), 40, (0, 5), id="one-loop-D40-pad", marks=pytest.mark.slow),
+        pytest.param({}, 32, None, False, id="three-loops"),
+        pytest.param(dict(ONE_LOOP=True), 40, (0, 5), False, id="one-loop-D40-pad", marks=pytest.mark.slow),
+        pytest.param({}, 32, None, True, id="stash", marks=pytest.mark.slow),
     ],
 )
-def test_swa_qregs_computes_the_same_bits(loops, D, pad):
+def test_swa_qregs_computes_the_same_bits(loops, D, pad, stash):
     """QREGS=True (the forward's Q, the dQ kernel's Q and dO held in registers as the score matmuls' A operand, through
-    an XOR with 0 the compiler cannot fold) changes where an operand lives, not a value: output, lse and every
-    gradient bit for bit those of QREGS=False, with sinks, GQA and (slow) a masked head dim and padding."""
+    an XOR with 0 the compiler cannot fold) and KVREGS=True (the dK/dV kernel's K and V so) change where an operand
+    lives, not a value: output, lse and every gradient bit for bit those without, with sinks, GQA and (slow) a masked
+    head dim and padding, and the stash backward (KVREGS in its dK/dV kernel, which stores the score gradients)."""
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     q, k, v, do = _inputs(2, 70, 4, 2, D, dtype)
     pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
@@ -521,19 +523,24 @@ def test_swa_qregs_computes_the_same_bits(loops, D, pad):
     for qregs in (False, True):
         fwd = {**_fwd_config(BD), **loops, "QREGS": qregs}
         o, lse = swa_fwd(q, k, v, 20, 3, None, pad_t, config=fwd)
-        dq_cfg = {**_dq_config(BD), **loops, "QREGS": qregs}
-        grads = swa_bwd(do, q, k, v, o, lse, 20, 3, None, pad_t, dkdv_config={**_dkdv_config(BD), **loops},
-                        dq_config=dq_cfg)  # fmt: skip
+        dkdv = {**_dkdv_config(BD), **loops, "KVREGS": qregs}
+        if stash:
+            dq_cfg = dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True)
+        else:
+            dq_cfg = {**_dq_config(BD), **loops, "QREGS": qregs}
+        grads = swa_bwd(do, q, k, v, o, lse, 20, 3, None, pad_t, dkdv_config=dkdv, dq_config=dq_cfg)
         runs.append((o, lse, *grads))
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *runs, strict=True):
         assert torch.equal(a, b), name
 
 
-def test_swa_qregs_is_refused_where_it_has_no_meaning():
+def test_swa_register_keys_are_refused_where_they_have_no_meaning():
     q, k, v, _ = _inputs(1, 8, 2, 2, 16, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"swa_bwd dkdv_config: config key QREGS=True applies to the forward and the"):
+    with pytest.raises(ValueError, match=r"swa_bwd dkdv_config: config key QREGS=True does not apply here: QREGS is"):
         swa_bwd(q, q, k, v, q, q[..., 0], 4, dkdv_config=dict(BM=32, BN=64, QREGS=True))
-    with pytest.raises(ValueError, match=r"swa_bwd dq_config: config key QREGS=True .* nor the stash dQ kernel"):
+    with pytest.raises(ValueError, match=r"swa_fwd: config key KVREGS=True does not apply here: .* KVREGS the dK/dV"):
+        swa_fwd(q, k, v, 4, config=dict(BM=64, BN=32, KVREGS=True))
+    with pytest.raises(ValueError, match=r"swa_bwd dq_config: config key QREGS=True .* STASH=True, takes neither"):
         swa_bwd(q, q, k, v, q, q[..., 0], 4, dq_config=dict(BM=64, BN=64, STASH=True, QREGS=True))
 
 

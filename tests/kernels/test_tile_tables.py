@@ -44,8 +44,8 @@ def test_shipped_tables_are_valid(op):
             assert (c["BN"] % c["BM"] == 0) if r["kernel"] == "dkdv" else (c["BM"] % c["BN"] == 0), r
             stash = c.get("STASH", False)
             assert not stash or r["kernel"] == "dq", r  # STASH is a dQ rule's key (swa_bwd reads it there only)
-            qregs = r["kernel"] == "fwd" or (r["kernel"] == "dq" and not stash)  # where QREGS may stand
-            swa._loop_flags({k: v for k, v in c.items() if k != "STASH"}, "test", qregs)  # keys the launchers accept
+            regs = {"fwd": "QREGS", "dkdv": "KVREGS", "dq": None if stash else "QREGS"}[r["kernel"]]
+            swa._loop_flags({k: v for k, v in c.items() if k != "STASH"}, "test", regs)  # keys the launchers accept
             if stash:
                 _check_stash_rule(table, r)
     # no two rules of one kernel and head dim overlap: the first match would hide the second

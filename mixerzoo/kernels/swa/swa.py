@@ -400,7 +400,7 @@ def _swa_bwd_dkdv_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
-    BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0,
+    BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0, KVREGS: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -421,6 +421,7 @@ def _swa_bwd_dkdv_kernel(
     m_n = _head_mask(o_n < T, o_d, DH)
     b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
+    b_k, b_v = register_operand(b_k, T, KVREGS), register_operand(b_v, T, KVREGS)  # the A operands of S^T and dP^T
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
 
@@ -760,7 +761,7 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "QREGS", "maxnreg")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "QREGS", "KVREGS", "maxnreg")
 
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
@@ -774,23 +775,29 @@ def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
     return {**cfg, "BM": min(cfg["BM"], rows), "BN": min(cfg["BN"], rows), "num_stages": min(cfg["num_stages"], stages)}
 
 
-def _loop_flags(cfg: dict, kernel: str, qregs: bool = False) -> dict:
+_REGS_KEYS = ("QREGS", "KVREGS")  # the register-operand keys: forward and recomputing dQ; dK/dV
+
+
+def _loop_flags(cfg: dict, kernel: str, regs: str | None = None) -> dict:
     """Pops a tile config's ONE_LOOP key (one key loop over the whole window band, one software pipeline,
     instead of boundary / interior / diagonal loops; default False, the three loops) and TMA key (the one
     loop loads its K / V tiles (forward, dQ) or Q / dO tiles (dK/dV) through tensor descriptors: TMA bulk
     copies on Hopper; default False; needs ONE_LOOP; with padding the masked pointer loads stay) after BM
-    and BN, and where ``qregs`` (the forward and the recomputing dQ kernel) its QREGS key (default False: the
-    query block's Q, and in the dQ kernel dO, held in registers as the A operand of the score matmuls instead of
-    being read from shared memory by every one of them, ``register_operand``; the same values),
-    and refuses keys the launchers do not know (they would reach the kernel launch as kwargs), QREGS elsewhere, and
-    a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
+    and BN, and the kernel's register-operand key ``regs``: QREGS (the forward and the recomputing dQ kernel: the
+    query block's Q, and in the dQ kernel dO) or KVREGS (the dK/dV kernel: its key block's K and V), default False;
+    True holds those tiles in registers as the A operand of the score matmuls instead of having every one of them
+    read it from shared memory (``register_operand``; the same values). Refuses keys the launchers do not know (they
+    would reach the kernel launch as kwargs), the other register key (and both for the stash dQ kernel, ``regs``
+    None), and a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
-    if qregs:
-        flags["QREGS"] = bool(cfg.pop("QREGS", False))
-    elif "QREGS" in cfg:
+    if regs is not None:
+        flags[regs] = bool(cfg.pop(regs, False))
+    wrong = [key for key in _REGS_KEYS if key in cfg]
+    if wrong:
         raise ValueError(
-            f"{kernel}: config key QREGS={cfg['QREGS']!r} applies to the forward and the recomputing dQ kernel only "
-            "(not the dK/dV kernel, nor the stash dQ kernel: STASH=True); drop it from this config"
+            f"{kernel}: config key {wrong[0]}={cfg[wrong[0]]!r} does not apply here: QREGS is the forward's and the "
+            "recomputing dQ kernel's, KVREGS the dK/dV kernel's (the stash dQ kernel, STASH=True, takes neither); "
+            "drop it from this config"
         )
     launch_config(kernel, {}, _CONFIG_KEYS, cfg)
     check_maxnreg(kernel, cfg)
@@ -943,7 +950,7 @@ def swa_fwd(
         config or tuned_config("fwd", q.device, q.dtype, BD, G, window_size) or _fit_dtype(_fwd_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_fwd", qregs=True)
+    loops = _loop_flags(cfg, "swa_fwd", "QREGS")
     heads = _head_args("swa_fwd", D, loops)
     if loops["TMA"]:
         k, v = _tma_operands(k, v)
@@ -1097,14 +1104,14 @@ def swa_bwd(
         dkdv_config or tuned_config("dkdv", q.device, q.dtype, BD, G, W) or _fit_dtype(_dkdv_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    loops = _loop_flags(cfg, "swa_bwd dkdv_config")
+    loops = _loop_flags(cfg, "swa_bwd dkdv_config", "KVREGS")
     heads = _head_args("swa_bwd dkdv_config", D, loops)
     dq_cfg = dict(
         dq_config or tuned_config("dq", q.device, q.dtype, BD, G, W) or _fit_dtype(_dq_config(BD), q.dtype, BD)
     )
     stash = bool(dq_cfg.pop("STASH", False))
     dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", qregs=not stash)
+    dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", None if stash else "QREGS")
     plan = None
     if stash:
         if dq_config is not None:  # the caller's tiles must fit; a table's rule meets a caller's dK/dV tiles
@@ -1115,7 +1122,7 @@ def swa_bwd(
             # tiles): the recomputing dQ kernel, at the head dim's default tiles
             dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
             dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", qregs=True)
+            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
     _head_args("swa_bwd dq_config", D, dq_loops)
     scale = check_scale("swa_bwd", scale, D)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
