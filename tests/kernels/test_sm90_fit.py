@@ -62,7 +62,7 @@ def _swa_sink_kernel(dkdv_consts: dict):
     """(kernel, constexprs) of the sink kernel that swa's backward launches with a dK/dV kernel's constexprs."""
     from mixerzoo.kernels.swa import swa
 
-    sink = {k: v for k, v in dkdv_consts.items() if k not in ("BN", "ONE_LOOP", "TMA")}
+    sink = {k: v for k, v in dkdv_consts.items() if k not in ("BN", "ONE_LOOP", "TMA", "KVREGS")}
     return swa._swa_bwd_dkdv_sink_kernel, {**sink, "BS": swa._sink_block(4)}
 
 
