@@ -184,6 +184,11 @@ EV_CANDIDATES[("fwd", 128)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "QREGS":
 EV_CANDIDATES[("fwd", 64)] += [{**_q(64, 64, 64, 4, 4, 3, True, True), "QREGS": True}]
 EV_CANDIDATES[("dq", 128)] += [{**_q(64, 32, 32, True, 4, 2), "QREGS": True}]
 EV_CANDIDATES[("dq", 64)] += [{**_q(64, 32, 32, True, 4, 2), "QREGS": True}]
+# KVREGS in the dK/dV passes at D = 128: 32 and 16 query rows a step on 4 warps fit (254 and 236 registers, no spill;
+# the default 64 x 64 spills 144 bytes with it); at D = 64 it serialises their wgmma
+for _kn in ("dkdv", "listed"):
+    EV_CANDIDATES[(_kn, 128)] = EV_CANDIDATES[(_kn, 128)] + [{**_k(32, 64, False, 4, 2), "KVREGS": True},
+                                                             {**_k(16, 64, False, 4, 2), "KVREGS": True}]  # fmt: skip
 # fmt: on
 EV_SMOKE_CANDIDATES = {
     "fwd": [_q(32, 16, 16, False, 4, 1)],

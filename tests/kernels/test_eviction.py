@@ -209,8 +209,8 @@ def test_triton_split_variants(B, T, HQ, HKV, D, W, C, S, training, BT, BS, spli
 @pytest.mark.parametrize("training", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["train", "eval"])
 def test_triton_qregs_computes_the_same_bits(training):
     """QREGS=True in the forward's and dq's tiles (Q, and dO, held in registers as the score matmuls' A operand through
-    an XOR with 0 the compiler cannot fold): output, lse and every gradient bit for bit those of QREGS=False, at a
-    head dim the tiles mask (24 on 32-wide tiles) with GQA and sinks."""
+    an XOR with 0 the compiler cannot fold) and KVREGS=True in the dK/dV passes' (K and V so): output, lse and every
+    gradient bit for bit those without, at a head dim the tiles mask (24 on 32-wide tiles) with GQA and sinks."""
     torch.manual_seed(11)
     B, T, HQ, HKV, D, W = 2, 90, 4, 2, 24, 20
     q, k, v = (torch.randn(B, T, h, D, device=DEVICE) for h in (HQ, HKV, HKV))
@@ -222,6 +222,8 @@ def test_triton_qregs_computes_the_same_bits(training):
     for qregs in (False, True):
         launch = dict(SPLIT=4, num_warps=4, num_stages=1, QREGS=qregs)
         tiles = {"fwd": dict(BT=16, BS=16, BC=16, **launch, RECHECK=True), "dq": dict(BT=16, BS=16, BC=16, **launch)}
+        kv = dict(BT=16, BS=16, SPLIT=False, num_warps=4, num_stages=1, KVREGS=qregs)
+        tiles.update(dkdv=kv, listed=kv)
         args = dict(window_size=W, scale=D**-0.5, open_ended=training, tiles=tiles)
         o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, **args)
         runs.append((o, lse, *eviction_attention_bwd(do, q, k, v, o, lse, kpos, kend, kcum, **args)))
@@ -420,6 +422,10 @@ def test_split_value_refused_where_not_built():
         with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\] takes no 'QREGS' \(the dk/dv passes hold K and V"):
             _tiles(x, kernel, {kernel: dict(BT=16, BS=16, QREGS=True)}, 1, 8)
     assert _tiles(x, "dq", {"dq": dict(BT=16, BS=16, QREGS=True)}, 1, 8)["QREGS"] is True
+    # KVREGS: the dK/dV passes only (their key block's K and V)
+    for kernel in ("fwd", "dq"):
+        with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\] takes no 'KVREGS' \(the forward and dq hold"):
+            _tiles(x, kernel, {kernel: dict(BT=16, BS=16, KVREGS=True)}, 1, 8)
     # maxnreg: a cap on the registers per thread, any kernel, an int from 32 to 255
     for kernel in ("fwd", "dq", "dkdv", "listed"):
         with pytest.raises(ValueError, match=rf"tiles\['{kernel}'\]: 'maxnreg' .* from 32 to 255, got 256"):

@@ -350,8 +350,9 @@ def _wgmma_forms(ptx: str) -> dict[str, int]:
 
 def _qregs_forms() -> list:
     """swa's forward and recomputing dQ kernels at D = 128 with their GPU tiles (the W = 4096 forward rule, the dQ
-    default), its dK/dV kernel at 16 x 64 (KVREGS), and the eviction forward and dQ kernels with their table's D = 128
-    tiles, compiled for sm_90 with the key off and on -> [name, on, SS wgmma, RS wgmma, registers, spill bytes]."""
+    default), its dK/dV kernel at 16 x 64 (KVREGS), the eviction forward and dQ kernels with their table's D = 128
+    tiles and its dK/dV passes at 16 x 64 (KVREGS), compiled for sm_90 with the key off and on -> [name, on, SS wgmma,
+    RS wgmma, registers, spill bytes]."""
     from mixerzoo.kernels._sm90 import compile_sm90, eviction_kernel, report, swa_kernel
 
     out = []
@@ -360,12 +361,15 @@ def _qregs_forms() -> list:
     ev_fwd = dict(BT=64, BS=64, BC=64, SPLIT=4, num_warps=4, num_stages=3, WINDOW_FIRST=True, RECHECK=True)
     ev_dq = dict(BT=64, BS=32, BC=32, SPLIT=True, num_warps=4, num_stages=2)
     dkdv = dict(BM=16, BN=64, num_warps=4, num_stages=3, ONE_LOOP=True)
+    ev_kv = dict(BT=16, BS=64, SPLIT=False, num_warps=4, num_stages=2)
     kernels = (
         ("swa fwd", swa_kernel, "fwd", fwd, "QREGS"),
         ("swa dq", swa_kernel, "dq", dq, "QREGS"),
         ("swa dkdv", swa_kernel, "dkdv", dkdv, "KVREGS"),
         ("eviction fwd", eviction_kernel, "fwd", ev_fwd, "QREGS"),
         ("eviction dq", eviction_kernel, "dq", ev_dq, "QREGS"),
+        ("eviction dkdv", eviction_kernel, "dkdv", ev_kv, "KVREGS"),
+        ("eviction listed", eviction_kernel, "listed", ev_kv, "KVREGS"),
     )
     for name, build, kind, cfg, key in kernels:
         for qregs in (False, True):
@@ -382,9 +386,10 @@ def test_register_keys_make_the_score_matmuls_read_a_from_registers():
     wgmma of these kernels reads A from shared memory; without it the score matmuls read Q and dO from shared memory
     (SS) at every step. Neither spills at D = 128 (sm_90, Triton 3.6: swa 228 -> 248 registers forward, 207 -> 236
     dQ; eviction 233 -> 237 forward, 175 -> 210 dQ). KVREGS=True does the same for swa's dK/dV kernel, whose S^T and
-    dP^T take K and V as A (a 16 x 64 tile: 248 registers, no spill)."""
+    dP^T take K and V as A (a 16 x 64 tile: 248 registers, no spill), and for the eviction dK/dV passes (16 x 64:
+    236)."""
     rows = {(name, qregs): rest for name, qregs, *rest in _child("qregs", timeout=600)}
-    for name in ("swa fwd", "swa dq", "swa dkdv", "eviction fwd", "eviction dq"):
+    for name in ("swa fwd", "swa dq", "swa dkdv", "eviction fwd", "eviction dq", "eviction dkdv", "eviction listed"):
         ss_off, rs_off, _, _ = rows[name, False]
         ss_on, rs_on, registers, spills = rows[name, True]
         assert ss_off > 0 and ss_on == 0 and rs_on == ss_off + rs_off, (name, rows)

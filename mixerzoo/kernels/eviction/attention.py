@@ -648,6 +648,7 @@ def _eviction_bwd_dkdv_kernel(
     OPEN_ENDED: tl.constexpr,
     SPLIT: tl.constexpr,  # query range as masked edges + unmasked interior, else one masked loop (2: not here)
     BLOCKS_FIRST: tl.constexpr,  # grid [key blocks (list chunks), B * HKV], else [B * HKV, key blocks]
+    KVREGS: tl.constexpr = False,  # K and V held in registers as the A operands of S^T and dP^T (register_operand)
 ):
     # LISTED=False: program i owns key rows [i*BS, i*BS + BS) and their window band of queries, and
     #   writes dk, dv there. LISTED=True: program i owns entries [i*BS, i*BS + BS) of the compacted
@@ -700,6 +701,7 @@ def _eviction_bwd_dkdv_kernel(
     m_jd = m_j[:, None] & m_d[None, :]
     b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)
     b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
+    b_k, b_v = register_operand(b_k, T, KVREGS), register_operand(b_v, T, KVREGS)
     b_dk = tl.zeros([BS, BD], dtype=tl.float32)
     b_dv = tl.zeros([BS, BD], dtype=tl.float32)
     b_kv = (b_k, b_v)
@@ -763,6 +765,7 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
         _check_flag(tiles, kernel, "WINDOW_FIRST", ("fwd", "dq"), "the dk/dv passes walk one band each, no list")
         _check_flag(tiles, kernel, "RECHECK", ("fwd",), "the forward's value flags; the backward reads none")
         _check_flag(tiles, kernel, "QREGS", ("fwd", "dq"), "the dk/dv passes hold K and V, not a query block")
+        _check_flag(tiles, kernel, "KVREGS", ("dkdv", "listed"), "the forward and dq hold a query block, not K and V")
         check_maxnreg(f"eviction_attention: tiles[{kernel!r}]", tiles[kernel])
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
