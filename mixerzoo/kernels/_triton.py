@@ -191,9 +191,10 @@ def launch_config(kernel: str, defaults: dict, keys: tuple[str, ...], config: di
 @triton.jit
 def register_operand(x, T, ON: tl.constexpr):
     # x unchanged. With ON it passes through an integer XOR with 0 (T >> 31: T is a length, >= 0) that the compiler
-    # cannot fold away, so that a loaded tile the loop only reads (a query block's Q, or dO), which every wgmma taking
-    # it as its A operand would otherwise read from shared memory, is held in registers instead (wgmma's register-A
-    # form): less shared-memory traffic per step for more registers (the swa and eviction kernels' QREGS key)
+    # cannot fold away, so that a loaded tile the loop only reads (a query block's Q or dO, a key block's K or V),
+    # which every wgmma taking it as its A operand would otherwise read from shared memory, is held in registers
+    # instead (wgmma's register-A form): less shared-memory traffic per step for more registers (the swa and
+    # eviction kernels' QREGS and KVREGS keys)
     if ON:
         if x.dtype.primitive_bitwidth == 16:
             x = (x.to(tl.int16, bitcast=True) ^ (T >> 31).to(tl.int16)).to(x.dtype, bitcast=True)

@@ -555,7 +555,7 @@ for dtype, G, D, L, n in CASES:
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     shape = dict(HQ=2 * G, HKV=2, G=G, GP=tl_._pow2(G), D=D, L=L, N=n, NP=max(tl_._pow2(n), 16),
                  BC=cfg["BC"], BQ=cfg["BQ"], PREC=dot_precision(torch.empty(0, dtype=dtype)),
-                 BR=tg._ROWS, BD=tl_.tile_head_dim(D))
+                 BR=tg._ROWS, BD=tl_.kernel_head_dim(D))
     data = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     for fn, bt in KERNELS:
         params = list(inspect.signature(fn.fn).parameters)

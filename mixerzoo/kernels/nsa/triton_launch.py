@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .._triton import LOG2E, cdiv, dot_precision, interpreting, launch
 from ..swa import swa_bwd, swa_fwd
+from ..swa.swa import kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
 from .triton_select import (
@@ -20,7 +21,7 @@ from .triton_select import (
 
 __all__ = ["nsa_bwd", "nsa_fwd", "nsa_tiles"]
 
-MAX_HEAD_DIM = 128  # any head dim up to it: the tiles take the next power of 2 (>= 16), the columns past D masked
+MAX_HEAD_DIM = 128  # any head dim up to it: the tiles take kernel_head_dim(D) (the next power of 2 >= 16), masked
 SUPPORTED_L = (16, 32, 64, 128)
 MAX_BLOCK_COUNT = 64
 _SPAN = 1024  # query tokens per program of the compression dK/dV kernel, at most (see _cmp_spans)
@@ -29,12 +30,6 @@ _MAX_PROGRAMS = 2048
 
 def _pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
-
-
-def tile_head_dim(D: int) -> int:
-    """The width of the kernels' head-dim tiles for head dim D: D's next power of 2, at least 16 (``tl.dot``'s
-    smallest); the columns past D are masked in every load and store (read as 0, never written), no copies."""
-    return max(16, _pow2(D))
 
 
 def nsa_tiles(
@@ -165,7 +160,7 @@ def nsa_fwd(
     ob = q.new_empty(3, B, T, HQ, D)
     lse = torch.empty(2, B, T, HQ, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, T, HKV, N, device=q.device, dtype=torch.int32)
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=tile_head_dim(D), L=L, PREC=dot_precision(q), **warps)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=kernel_head_dim(D), L=L, PREC=dot_precision(q), **warps)
     launch(nsa_cmp_fwd_kernel, (cdiv(T, cfg["BT_cmp"]), B * HKV),
         q=q, kc=kc, vc=vc, o=ob[0], lse=lse[0], idx=idx, T=T, NC=NC, qk_scale=scale * LOG2E,
         N=N, NP=NP, BT=cfg["BT_cmp"], BC=cfg["BC"], SORT=cfg.get("sort", False), SPLIT=cmp_split_for(cfg, NP), **common,
@@ -268,7 +263,7 @@ def nsa_bwd(
     GP, NP = _pow2(G), max(_pow2(N), 16)
     cfg = dict(tiles or nsa_tiles(D, G, L, q.dtype))
     warps = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=tile_head_dim(D), L=L, PREC=dot_precision(q), **warps)
+    common = dict(HQ=HQ, HKV=HKV, G=G, GP=GP, D=D, BD=kernel_head_dim(D), L=L, PREC=dot_precision(q), **warps)
     NC = T // L
     gates = (g_cmp, g_slc, g_win)
     dg, do_win = nsa_gate_grads(do, ob, g_win)  # [3, B, T, HQ]: gradient of each gate; g_win * do
