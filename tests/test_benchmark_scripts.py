@@ -48,6 +48,7 @@ GPU_MODES = {
     "swa_warp_specialized.py": ([], "'swa_warp_specialized.py --check' runs on the CPU"),
     "swa_gluon.py": ([], "'swa_gluon.py --check' runs on the CPU"),
     "swa_stash.py": ([], "'swa_stash.py --check' runs on the CPU"),
+    "swa_split_head.py": ([], "'swa_split_head.py --check' runs on the CPU"),
     "launch_overhead.py": ([], "no mode of it runs on the CPU"),
     "profile_kernels.py": ([], "'profile_kernels.py --summarize CSV' runs on the CPU"),
 }
@@ -612,6 +613,17 @@ def test_swa_stash_check():
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count(": rel RMSE dq ") == 3 and "worst" in p.stdout and "ok" in p.stdout, p.stdout
+
+
+def test_swa_split_head_check():
+    """The split-head experiment (benchmarks/NOTES-swa.md) runs both routes, split and on one wide tile, against the
+    reference at three small head dims (96, 80, 160), so that its timings stay reproducible (about 3 s)."""
+    p = subprocess.run(
+        _command("swa_split_head.py", ["--check"]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count(" split: rel RMSE o ") == 3 and p.stdout.count(" wide: rel RMSE o ") == 3, p.stdout
+    assert "worst" in p.stdout and ": ok" in p.stdout, p.stdout
 
 
 @pytest.mark.slow  # about 20 s: four compiles for sm_90

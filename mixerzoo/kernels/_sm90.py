@@ -111,8 +111,9 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype, unaligned: tuple[str,
 
 def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16, *, stash_bq: int = 0):
     """(kernel function, constexprs) that swa's launcher runs for ``kernel`` ("fwd", "dq", "dkdv") at head dim D (one
-    the kernels do not take as it is: on the next one's tiles, DH = D), group G, 16 query heads, no padding, with tile
-    config ``cfg`` (as in a tile table). A dq config with STASH=True
+    the kernels do not take as it is: on two tiles where ``split_head`` splits it, else on the next one's tiles; DH =
+    D; the config key SPLIT as the launchers take it), group G, 16 query heads, no padding, with tile config ``cfg``
+    (as in a tile table). A dq config with STASH=True
     gives the stash dQ kernel; ``stash_bq`` > 0 gives the dK/dV kernel storing its score gradients for a stash dQ
     kernel of that many query rows."""
     from ._triton import dot_precision

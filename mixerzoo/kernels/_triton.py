@@ -194,7 +194,17 @@ def register_operand(x, T, ON: tl.constexpr):
     # cannot fold away, so that a loaded tile the loop only reads (a query block's Q or dO, a key block's K or V),
     # which every wgmma taking it as its A operand would otherwise read from shared memory, is held in registers
     # instead (wgmma's register-A form): less shared-memory traffic per step for more registers (the swa and
-    # eviction kernels' QREGS and KVREGS keys)
+    # eviction kernels' QREGS and KVREGS keys). A tuple (a head split in two tiles, see swa's _cols): each part
+    if isinstance(x, tl.tuple):
+        x = tl.tuple([register_operand_tile(x[0], T, ON), register_operand_tile(x[1], T, ON)])
+    else:
+        x = register_operand_tile(x, T, ON)
+    return x
+
+
+@triton.jit
+def register_operand_tile(x, T, ON: tl.constexpr):
+    # register_operand of one tile
     if ON:
         if x.dtype.primitive_bitwidth == 16:
             x = (x.to(tl.int16, bitcast=True) ^ (T >> 31).to(tl.int16)).to(x.dtype, bitcast=True)
@@ -234,8 +244,17 @@ def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SC
         b_p = tl.math.exp2(b_s * qk_scale - b_ref[:, None])
     b_r = tl.math.exp2(b_max - b_ref)
     b_sum = b_sum * b_r + tl.sum(b_p, 1)
-    # [BM, BN] @ [BN, D] -> [BM, D]
-    b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    # [BM, BN] @ [BN, D] -> [BM, D]; a head split in two tiles (b_v, b_acc tuples, see swa's _cols): each part
+    if isinstance(b_acc, tl.tuple):
+        b_pv = b_p.to(b_v[0].dtype)
+        b_acc = tl.tuple(
+            [
+                b_acc[0] * b_r[:, None] + tl.dot(b_pv, b_v[0], input_precision=PREC),
+                b_acc[1] * b_r[:, None] + tl.dot(b_pv, b_v[1], input_precision=PREC),
+            ]
+        )
+    else:
+        b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return b_new, b_sum, b_acc
 
 
@@ -243,18 +262,33 @@ def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SC
 def mask_scores(b_s, b_v, vis, EXACT: tl.constexpr):
     # scores outside vis -> -inf. EXACT: V rows holding a NaN / Inf are zeroed for the p @ V product (p = 0 times
     # NaN would reach the queries that cannot see them) and their visible scores set to NaN, so that exactly the
-    # query rows that see such a row come out NaN
+    # query rows that see such a row come out NaN. b_v a tuple (a head split in two tiles): a row of either part
     if EXACT:
-        v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
-        row_ok = tl.min(v_ok.to(tl.int32), 1) != 0  # [BN]
-        b_v = tl.where(v_ok, b_v, 0.0)
+        if isinstance(b_v, tl.tuple):
+            b_v0, ok0 = _finite_rows(b_v[0])
+            b_v1, ok1 = _finite_rows(b_v[1])
+            b_v, row_ok = tl.tuple([b_v0, b_v1]), ok0 & ok1
+        else:
+            b_v, row_ok = _finite_rows(b_v)
         b_s = tl.where(row_ok[None, :], b_s, float("nan"))
     return tl.where(vis, b_s, float("-inf")), b_v
 
 
 @triton.jit
+def _finite_rows(b_v):
+    # b_v [BN, D] with its NaN / Inf entries zeroed, and which of its rows were finite [BN]
+    v_ok = tl.abs(b_v.to(tl.float32)) < float("inf")
+    row_ok = tl.min(v_ok.to(tl.int32), 1) != 0
+    return tl.where(v_ok, b_v, 0.0), row_ok
+
+
+@triton.jit
 def any_nonfinite(acc):
     # block-uniform: does the accumulator hold a NaN / Inf (a NaN score makes its row of p, so of acc, NaN too);
-    # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong
-    r = tl.sum(acc, 1)
+    # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong.
+    # A tuple (a head split in two tiles): the row sums of both parts
+    if isinstance(acc, tl.tuple):
+        r = tl.sum(acc[0], 1) + tl.sum(acc[1], 1)
+    else:
+        r = tl.sum(acc, 1)
     return tl.min((tl.abs(r) < float("inf")).to(tl.int32), 0) == 0

@@ -22,7 +22,7 @@ from mixerzoo.kernels.swa import (
     swa_fwd_ref,
 )
 from mixerzoo.kernels.swa.reference import swa_mask
-from mixerzoo.kernels.swa.swa import _dkdv_config, _dq_config, _fwd_config, kernel_head_dim
+from mixerzoo.kernels.swa.swa import _dkdv_config, _dq_config, _fwd_config, kernel_head_dim, split_head
 from mixerzoo.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +131,8 @@ _BETWEEN = [
     pytest.param(2, 50, 2, 1, 40, 9, 0, (0, 7), id="D40-T50-W9-gqa2-pad"),
     pytest.param(1, 40, 2, 2, 8, 12, 2, None, id="D8-T40-W12-S2"),
     pytest.param(1, 37, 4, 2, 33, 9, 3, None, id="D33-T37-W9-S3-gqa2"),  # odd: strides with no power of 2 in them
+    pytest.param(2, 45, 2, 1, 80, 11, 2, (0, 5), id="D80-T45-W11-S2-gqa2-pad"),  # split 64 + 16
+    pytest.param(1, 33, 2, 2, 160, 8, 1, None, id="D160-T33-W8-S1"),  # split 128 + 32
 ]
 
 
@@ -139,18 +141,64 @@ _BETWEEN = [
     [
         pytest.param(*c.values, path, id=f"{c.id}-{path}", marks=[] if i + j == 0 else [pytest.mark.slow])
         for i, c in enumerate(_BETWEEN)
-        for j, path in enumerate(("default", "one-loop", "stash"))
+        for j, path in enumerate(("default", "one-loop", "stash", "unsplit"))
+        if path != "unsplit" or split_head(c.values[4])
     ],
 )
 def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad, path):
-    # a head dim the kernels do not take as it is runs on the next one's tiles (96 -> 128, 40 -> 64, 8 -> 16) with
-    # the columns past it masked: output, lse and every gradient as the reference's at the real head dim, in the
-    # inputs' shape; the three loops, the one loop, and the stash backward (its delta pass and dQ kernel)
+    # a head dim the kernels do not take as it is runs on two tiles where split_head splits it (96 -> 64 + 32,
+    # 40 -> 32 + 16, 33 -> 32 + 16, 80 -> 64 + 16, 160 -> 128 + 32), else on the next one's tiles (8 -> 16), with the
+    # columns past it masked: output, lse and every gradient as the reference's at the real head dim, in the inputs'
+    # shape; the three loops, the one loop, the stash backward (its delta pass and dQ kernel), and with SPLIT=False
+    # (one tile of the next head dim the kernels take, masked) where the head dim splits
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     if path == "stash":
         _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype)
     else:
-        _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, dict(ONE_LOOP=True) if path == "one-loop" else {})
+        loops = {"default": {}, "one-loop": dict(ONE_LOOP=True), "unsplit": dict(SPLIT=False)}[path]
+        _check_launchers(B, T, HQ, HKV, D, W, S, pad, dtype, loops)
+
+
+def test_swa_split_head():
+    # the two tiles of a head dim that splits: powers of 2 covering it, narrower than the next head dim the kernels
+    # take as it is; none where that would save nothing
+    assert [split_head(d) for d in (96, 80, 40, 33, 160, 192, 144)] == [
+        (64, 32), (64, 16), (32, 16), (32, 16), (128, 32), (128, 64), (128, 16)
+    ]  # fmt: skip
+    assert [split_head(d) for d in (16, 32, 64, 128, 256, 112, 24, 8, 200)] == [None] * 9
+    for d in range(1, 257):
+        parts = split_head(d)
+        if parts is not None:
+            d1, d2 = parts
+            assert d1 < d <= d1 + d2 < kernel_head_dim(d) and min(d1, d2) >= 16
+            assert d1 & (d1 - 1) == 0 and d2 & (d2 - 1) == 0
+
+
+def test_swa_split_head_does_not_stash(monkeypatch):
+    # with a split head the backward takes the recomputing dQ kernel even where the dQ config asks for the stash (its
+    # score-storing dK/dV kernel serialises its wgmma on sm_90); with SPLIT=False the same config stashes
+    from mixerzoo.kernels.swa import swa as swa_module
+
+    q, k, v, do = _inputs(1, 40, 2, 2, 96, torch.float32)
+    o, lse = swa_fwd(q, k, v, 8)
+    stash = dict(BM=64, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True)
+    calls = []
+    real = swa_module._stash_backward
+    monkeypatch.setattr(swa_module, "_stash_backward", lambda *a: calls.append(1) or real(*a))
+    split = swa_bwd(do, q, k, v, o, lse, 8, dq_config=stash)
+    assert calls == []
+    wide = swa_bwd(do, q, k, v, o, lse, 8, dq_config=stash, dkdv_config={**_dkdv_config(128), "SPLIT": False})
+    assert calls == [1]
+    for a, b in zip(split, wide, strict=True):
+        assert_close("grad", b, a, torch.float32, **TOL[torch.float32][1])
+
+
+def test_swa_split_set_in_dkdv_config_alone():
+    # the backward's kernels share one head split: a dq_config asking for another is refused, naming both
+    q, k, v, do = _inputs(1, 8, 2, 2, 96, torch.float32)
+    o, lse = swa_fwd(q, k, v, 4)
+    with pytest.raises(ValueError, match=r"swa_bwd: dq_config SPLIT=False but dkdv_config's is True"):
+        swa_bwd(do, q, k, v, o, lse, 4, dq_config={**_dq_config(128), "SPLIT": False})
 
 
 def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype):
@@ -160,7 +208,8 @@ def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype):
     o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
     grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
     o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
-    dkdv = _dkdv_config(kernel_head_dim(D))
+    # a split head does not stash (see swa_bwd): the stash kernels at such a head dim on the one wide tile
+    dkdv = {**_dkdv_config(kernel_head_dim(D)), **(dict(SPLIT=False) if split_head(D) else {})}
     grads = swa_bwd(
         do, q, k, v, o, lse, W, S, scale, pad_t, dkdv_config=dkdv,
         dq_config=dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True),

@@ -57,20 +57,155 @@ from .tuned import tuned_config
 
 
 @triton.jit
+def _cols(D: tl.constexpr, D2: tl.constexpr):
+    # the tiles' head-dim offsets o_d: [0, D), or with D2 > 0 the head split in two tiles, ([0, D), [D, D + D2)) (a
+    # head dim such as 96 as 64 + 32 columns instead of one 128-wide tile; see _head_args). Every head-dim-wide value
+    # of the kernels (pointers, masks, tiles, accumulators) is then a pair, one per part; the helpers below and
+    # softmax_step / mask_scores / any_nonfinite / register_operand take either form, and the pair's matmuls are the
+    # parts' (scores: the sum of the parts' products; products with P or dS: one per part)
+    if D2 > 0:
+        o_d = tl.tuple([tl.arange(0, D), tl.arange(0, D2) + D])
+    else:
+        o_d = tl.arange(0, D)
+    return o_d
+
+
+@triton.jit
 def _rows(base, o_r, o_d, stride_t):
     # [R, D] pointers to rows o_r of one head of a [B, T, H, D] tensor, base: its first element in the batch row
-    return base + o_r[:, None] * stride_t + o_d[None, :]
+    if isinstance(o_d, tl.tuple):
+        p = tl.tuple(
+            [base + o_r[:, None] * stride_t + o_d[0][None, :], base + o_r[:, None] * stride_t + o_d[1][None, :]]
+        )
+    else:
+        p = base + o_r[:, None] * stride_t + o_d[None, :]
+    return p
 
 
 @triton.jit
 def _head_mask(m_rows, o_d, DH: tl.constexpr):
     # a [R, D] tile's mask: its rows m_rows, and where DH > 0 (a head dim below the tile's width D, a power of 2)
-    # its columns below DH; the columns past DH load as 0 and are never stored
+    # its columns below DH; the columns past DH load as 0 and are never stored. A split head (o_d a pair, see
+    # _cols): the first part's columns are all below DH
+    if isinstance(o_d, tl.tuple):
+        m = tl.tuple([_tile_mask(m_rows, o_d[0], 0), _tile_mask(m_rows, o_d[1], DH)])
+    else:
+        m = _tile_mask(m_rows, o_d, DH)
+    return m
+
+
+@triton.jit
+def _tile_mask(m_rows, o_d, DH: tl.constexpr):
+    # _head_mask of one tile
     if DH > 0:
         m = m_rows[:, None] & (o_d < DH)[None, :]
     else:
         m = tl.broadcast_to(m_rows[:, None], (m_rows.shape[0], o_d.shape[0]))
     return m
+
+
+@triton.jit
+def _load(p, m):
+    # tl.load(p, mask=m, other=0), of a tile or of a split head's pair of tiles
+    if isinstance(p, tl.tuple):
+        x = tl.tuple([tl.load(p[0], mask=m[0], other=0.0), tl.load(p[1], mask=m[1], other=0.0)])
+    else:
+        x = tl.load(p, mask=m, other=0.0)
+    return x
+
+
+@triton.jit
+def _store(p, x, m):
+    # x stored at p in p's dtype where m, a tile or a split head's pair
+    if isinstance(p, tl.tuple):
+        tl.store(p[0], x[0].to(p[0].dtype.element_ty), mask=m[0])
+        tl.store(p[1], x[1].to(p[1].dtype.element_ty), mask=m[1])
+    else:
+        tl.store(p, x.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _shift(p, off):
+    # pointers p + off, of a tile or a split head's pair
+    if isinstance(p, tl.tuple):
+        p = tl.tuple([p[0] + off, p[1] + off])
+    else:
+        p = p + off
+    return p
+
+
+@triton.jit
+def _zeros(R: tl.constexpr, o_d):
+    # float32 zeros [R, D] for the head-dim offsets o_d (a pair for a split head)
+    if isinstance(o_d, tl.tuple):
+        z = tl.tuple(
+            [tl.zeros([R, o_d[0].shape[0]], dtype=tl.float32), tl.zeros([R, o_d[1].shape[0]], dtype=tl.float32)]
+        )
+    else:
+        z = tl.zeros([R, o_d.shape[0]], dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _dot_nt(a, b, PREC: tl.constexpr):
+    # a @ b^T, [R, D] @ [D, C] -> [R, C]; for a split head the sum of the parts' products
+    if isinstance(a, tl.tuple):
+        s = tl.dot(a[0], tl.trans(b[0]), input_precision=PREC)
+        s = tl.dot(a[1], tl.trans(b[1]), s, input_precision=PREC)
+    else:
+        s = tl.dot(a, tl.trans(b), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _add_dot(acc, a, b, PREC: tl.constexpr):
+    # acc + a @ b with a [R, C] cast to b's dtype, b [C, D]; for a split head (acc, b pairs) one product per part
+    if isinstance(b, tl.tuple):
+        a = a.to(b[0].dtype)
+        acc = tl.tuple([acc[0] + tl.dot(a, b[0], input_precision=PREC), acc[1] + tl.dot(a, b[1], input_precision=PREC)])
+    else:
+        acc = acc + tl.dot(a.to(b.dtype), b, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _scale_rows(x, f):
+    # x * f, f a scalar or a column [R, 1]; a split head's parts alike
+    if isinstance(x, tl.tuple):
+        x = tl.tuple([x[0] * f, x[1] * f])
+    else:
+        x = x * f
+    return x
+
+
+@triton.jit
+def _div_rows(x, d):
+    # x / d, d a column [R, 1]; a split head's parts alike
+    if isinstance(x, tl.tuple):
+        x = tl.tuple([x[0] / d, x[1] / d])
+    else:
+        x = x / d
+    return x
+
+
+@triton.jit
+def _cast_like(x, t):
+    # x in the dtype of the tile t (of its first part where t is a split head's pair)
+    if isinstance(t, tl.tuple):
+        x = x.to(t[0].dtype)
+    else:
+        x = x.to(t.dtype)
+    return x
+
+
+@triton.jit
+def _row_dot(a, b):
+    # rowsum(a * b) in float32 [R] (delta from O and dO); a split head's parts summed
+    if isinstance(a, tl.tuple):
+        r = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1) + tl.sum(a[1].to(tl.float32) * b[1].to(tl.float32), 1)
+    else:
+        r = tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    return r
 
 
 @triton.jit
@@ -90,8 +225,7 @@ def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.cons
 @triton.jit
 def _load_head(x, i_b, i_h, stride_b, stride_h, o_r, o_d, stride_t, m_r, DH: tl.constexpr):
     # the [R, D] rows o_r (valid where m_r, zeros elsewhere) of head i_h in batch row i_b of x [B, T, H, DH or D]
-    return tl.load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), mask=_head_mask(m_r, o_d, DH),
-                   other=0.0)  # fmt: skip
+    return _load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), _head_mask(m_r, o_d, DH))
 
 
 @triton.jit
@@ -124,15 +258,19 @@ def _row_tiles(
     # the [BR, D] tiles i0 rows on from the row pointers p_a / p_b (K and V, or Q and dO), row mask m_r [BR].
     # TMA: p_a / p_b are tensor descriptors over [B, T, H * D] (batch row row0, head at column col0; rows past
     # T come back as zeros); MASKED: masked loads; else every row is valid (a fully visible block), plain loads.
-    # DH > 0: the head dim, below the tiles' width (see _head_mask): masked loads whatever MASKED says
+    # DH > 0: the head dim, below the tiles' width or split (see _head_mask, _cols): masked loads whatever MASKED says
     tl.static_assert((not TMA) or (DH == 0))
     if TMA:
         b_a = tl.reshape(p_a.load([row0, i0, col0]), [BR, D])
         b_b = tl.reshape(p_b.load([row0, i0, col0]), [BR, D])
     elif DH > 0:
-        m = _head_mask(m_r, tl.arange(0, p_a.shape[1]), DH)
-        b_a = tl.load(p_a + i0 * stride_t, mask=m, other=0.0)
-        b_b = tl.load(p_b + i0 * stride_t, mask=m, other=0.0)
+        if isinstance(p_a, tl.tuple):
+            o_d = tl.tuple([tl.arange(0, p_a[0].shape[1]), tl.arange(0, p_a[1].shape[1]) + p_a[0].shape[1]])
+            m = _head_mask(m_r, o_d, DH)
+        else:
+            m = _head_mask(m_r, tl.arange(0, p_a.shape[1]), DH)
+        b_a = _load(_shift(p_a, i0 * stride_t), m)
+        b_b = _load(_shift(p_b, i0 * stride_t), m)
     elif MASKED:
         b_a = tl.load(p_a + i0 * stride_t, mask=m_r[:, None], other=0.0)
         b_b = tl.load(p_b + i0 * stride_t, mask=m_r[:, None], other=0.0)
@@ -179,7 +317,7 @@ def _mask_block(b_x, fill, o_t, o_j, m_j, i0, P, W, S, F_LO, F_HI, MODE: tl.cons
 def _probs(b_a, b_b, b_lse, qk_scale, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
     # probabilities from raw scores b_a @ b_b^T and the log2-unit LSE of each query (one FMA per score):
     # [BM, D] @ [D, BN] -> [BM, BN] (q, k), or with KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (k, q)
-    b_s = tl.dot(b_a, tl.trans(b_b), input_precision=PREC)
+    b_s = _dot_nt(b_a, b_b, PREC)
     if KEY_ROWS:
         return tl.math.exp2(b_s * qk_scale - b_lse[None, :])
     else:
@@ -190,7 +328,7 @@ def _probs(b_a, b_b, b_lse, qk_scale, PREC: tl.constexpr, KEY_ROWS: tl.constexpr
 def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
     # score gradients p * (dp - delta), dp = b_a @ b_b^T: [BM, D] @ [D, BN] -> [BM, BN] (do, v), or with
     # KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (v, do)
-    b_dp = tl.dot(b_a, tl.trans(b_b), input_precision=PREC)
+    b_dp = _dot_nt(b_a, b_b, PREC)
     if KEY_ROWS:
         return b_p * (b_dp - b_delta[None, :])
     else:
@@ -223,7 +361,7 @@ def _fwd_inner(
         # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
         # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_s = _dot_nt(b_q, b_k, PREC)
         if EXACT:
             b_s, b_v = mask_scores(b_s, b_v, _visible(o_m, o_j, m_j, P, W, S, MODE == 2, False), True)
         else:
@@ -258,7 +396,7 @@ def _swa_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
-    QREGS: tl.constexpr = False,
+    QREGS: tl.constexpr = False, D2: tl.constexpr = 0,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -273,17 +411,17 @@ def _swa_fwd_kernel(
     m0 = i_m * BM
     o_m = m0 + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
+    o_d = _cols(D, D2)
 
     p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    b_q = tl.load(p_q, mask=_head_mask(o_m < T, o_d, DH), other=0.0)  # the whole key loop's A operand of QK^T
+    b_q = _load(p_q, _head_mask(o_m < T, o_d, DH))  # the whole key loop's A operand of QK^T
     b_q = register_operand(b_q, T, QREGS)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
     p_v = _rows(v_base, o_n, o_d, stride_kt)
 
-    acc = tl.zeros([BM, D], dtype=tl.float32)
+    acc = _zeros(BM, o_d)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
 
@@ -329,7 +467,7 @@ def _swa_fwd_kernel(
     # leaves their allocation alone (wider tiles spilled at D = 256); its rows agree with the fast loops'
     # to rounding, not bit for bit.
     if any_nonfinite(acc):
-        acc = tl.zeros([BM, D], dtype=tl.float32)
+        acc = _zeros(BM, o_d)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         o_x = tl.arange(0, 16)
@@ -345,9 +483,9 @@ def _swa_fwd_kernel(
         )  # fmt: skip
 
     empty = l_i == 0.0
-    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    b_o = _div_rows(acc, tl.where(empty, 1.0, l_i)[:, None])
     p_o = _rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=_head_mask(o_m < T, o_d, DH))
+    _store(p_o, b_o, _head_mask(o_m < T, o_d, DH))
     # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
     b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_JIT)
     tl.store(lse + i_bh * T + o_m, b_lse, mask=o_m < T)
@@ -380,16 +518,16 @@ def _dkdv_inner(
         b_pt = _probs(b_k, b_q, b_lse, qk_scale, PREC, True)
         b_pt = _mask_block(b_pt, 0.0, o_m, o_n, None, m0, P, W, S, F_LO, F_HI, MODE, True)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dst = _dscores(b_pt, b_v, b_do, b_delta, PREC, True).to(b_q.dtype)
+        b_dv = _add_dot(b_dv, b_pt, b_do, PREC)
+        b_dst = _cast_like(_dscores(b_pt, b_v, b_do, b_delta, PREC, True), b_q)
         if STASH:
-            BN: tl.constexpr = b_k.shape[0]
+            BN: tl.constexpr = b_dst.shape[0]
             i_q = m0 // BQ
             slot = i_n - tl.maximum(i_q * BQ - W + 1, 0) // BN
             row = (i_q * NB + slot).to(tl.int64) * BQ + (m0 - i_q * BQ)
             tl.store(p_ds + row * BN + o_mb[None, :] * BN + tl.arange(0, BN)[:, None], b_dst)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
+        b_dk = _add_dot(b_dk, b_dst, b_q, PREC)
     return b_dk, b_dv
 
 
@@ -401,6 +539,7 @@ def _swa_bwd_dkdv_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
     BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0, KVREGS: tl.constexpr = False,
+    D2: tl.constexpr = 0,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -417,13 +556,13 @@ def _swa_bwd_dkdv_kernel(
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
     o_mb = tl.arange(0, BM)
-    o_d = tl.arange(0, D)
+    o_d = _cols(D, D2)
     m_n = _head_mask(o_n < T, o_d, DH)
     b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_k, b_v = register_operand(b_k, T, KVREGS), register_operand(b_v, T, KVREGS)  # the A operands of S^T and dP^T
-    b_dk = tl.zeros([BN, D], dtype=tl.float32)
-    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    b_dk = _zeros(BN, o_d)
+    b_dv = _zeros(BN, o_d)
 
     # three loops, or with ONE_LOOP one loop over [n0, hi) that masks the blocks outside [n0 + BN, e)
     e, hi = _query_band(n0, W, T, BM, BN)
@@ -471,13 +610,9 @@ def _swa_bwd_dkdv_kernel(
                     stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
 
-    b_dk = b_dk * sm_scale
-    tl.store(
-        _rows(dk + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dk.to(dk.dtype.element_ty), mask=m_n
-    )
-    tl.store(
-        _rows(dv + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dv.to(dv.dtype.element_ty), mask=m_n
-    )
+    b_dk = _scale_rows(b_dk, sm_scale)
+    _store(_rows(dk + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dk, m_n)
+    _store(_rows(dv + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dv, m_n)
 
 
 @triton.jit
@@ -486,7 +621,7 @@ def _swa_bwd_dkdv_sink_kernel(
     T, W, S, qk_scale, sm_scale, CHUNK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -499,12 +634,12 @@ def _swa_bwd_dkdv_sink_kernel(
     P = tl.load(pad + i_b) if HAS_PAD else 0
     o_n = P + tl.arange(0, BS)
     o_mb = tl.arange(0, BM)
-    o_d = tl.arange(0, D)
+    o_d = _cols(D, D2)
     m_n = (o_n < T) & (o_n < P + S)
     b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
     b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
-    b_dk = tl.zeros([BS, D], dtype=tl.float32)
-    b_dv = tl.zeros([BS, D], dtype=tl.float32)
+    b_dk = _zeros(BS, o_d)
+    b_dv = _zeros(BS, o_d)
     m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
     m_hi = tl.minimum((i_c + 1) * CHUNK, T)
     for i_g in range(G):
@@ -518,9 +653,16 @@ def _swa_bwd_dkdv_sink_kernel(
             BM, 2, PREC, DH=DH,
         )  # fmt: skip
     n_chunks = tl.num_programs(0)
-    p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
-    tl.store(dk_part + p_part, b_dk * sm_scale)
-    tl.store(dv_part + p_part, b_dv)
+    if D2 > 0:  # a split head: rows of D + D2 floats
+        o_s = tl.arange(0, BS)
+        base = (i_bh * n_chunks + i_c) * BS * (D + D2)
+        m_s = _head_mask(o_s < BS, o_d, 0)
+        _store(_rows(dk_part + base, o_s, o_d, D + D2), _scale_rows(b_dk, sm_scale), m_s)
+        _store(_rows(dv_part + base, o_s, o_d, D + D2), b_dv, m_s)
+    else:
+        p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
+        tl.store(dk_part + p_part, b_dk * sm_scale)
+        tl.store(dv_part + p_part, b_dv)
 
 
 @triton.jit
@@ -539,20 +681,20 @@ def _dq_inner(
         b_p = _mask_block(b_p, 0.0, o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
         b_ds = _dscores(b_p, b_do, b_v, b_delta, PREC, False)
         # [BM, BN] @ [BN, D] -> [BM, D]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq = _add_dot(b_dq, b_ds, b_k, PREC)
     return b_dq
 
 
 @triton.jit
 def _query_block(i_m, i_bh, pad, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, HAS_PAD: tl.constexpr):  # fmt: skip
+                 BN: tl.constexpr, HAS_PAD: tl.constexpr, D2: tl.constexpr = 0):  # fmt: skip
     # a dQ program's indices: batch row, query head, kv head, padding end, its query block's first slot, query
     # slots, key offsets within a block, head-dim offsets, valid query rows
     i_b, i_h = i_bh // HQ, i_bh % HQ
     P = tl.load(pad + i_b) if HAS_PAD else 0
     m0 = i_m * BM
     o_m = m0 + tl.arange(0, BM)
-    return i_b, i_h, i_h // G, P, m0, o_m, tl.arange(0, BN), tl.arange(0, D), o_m < T
+    return i_b, i_h, i_h // G, P, m0, o_m, tl.arange(0, BN), _cols(D, D2), o_m < T
 
 
 @triton.jit
@@ -571,7 +713,7 @@ def _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W
 @triton.jit
 def _store_dq(base, b_dq, o_m, o_d, m_m, stride_t, DH: tl.constexpr):
     # the [BM, D] rows o_m (valid where m_m) of one head of dq, base: its first element in the batch row
-    tl.store(_rows(base, o_m, o_d, stride_t), b_dq.to(base.dtype.element_ty), mask=_head_mask(m_m, o_d, DH))
+    _store(_rows(base, o_m, o_d, stride_t), b_dq, _head_mask(m_m, o_d, DH))
 
 
 @triton.jit
@@ -581,14 +723,14 @@ def _swa_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
-    QREGS: tl.constexpr = False,
+    QREGS: tl.constexpr = False, D2: tl.constexpr = 0,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
     )
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
-    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
+    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD, D2)
     b_q = _load_head(q, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_q, b_do = register_operand(b_q, T, QREGS), register_operand(b_do, T, QREGS)  # the A operands of S and dP
@@ -596,13 +738,13 @@ def _swa_bwd_dq_kernel(
     # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
     # this one (no separate pass reading dO and O)
     b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    b_delta = _row_dot(b_o, b_do)
     tl.store(delta + i_bh * T + o_m, b_delta, mask=m_m)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
     p_v = _rows(v_base, o_n, o_d, stride_kt)
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    b_dq = _zeros(BM, o_d)
 
     # the forward's key blocks and loop structure
     lo, b, hi = _key_band(m0, P, W, T, BM, BN)
@@ -636,24 +778,24 @@ def _swa_bwd_dq_kernel(
         if m0 + BM - 1 - P >= W:  # sink tile, as in _fwd_sinks
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
                              stride_kt, BS, PREC, DH)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt, DH)
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, _scale_rows(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
 
 
 @triton.jit
 def _swa_bwd_delta_kernel(
     o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-    DH: tl.constexpr = 0,
+    DH: tl.constexpr = 0, D2: tl.constexpr = 0,
 ):  # fmt: skip
     # delta = rowsum(dO * O) of BM query rows: the stash backward's dK/dV kernel reads it before any dQ kernel runs
     stride_qb, stride_qt, stride_qh, _, _, _ = _exact_strides(stride_qb, stride_qt, stride_qh, 0, 0, 0, T, HQ, 1, DH)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BM + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
+    o_d = _cols(D, D2)
     m_m = o_m < T
     b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
-    tl.store(delta + i_bh * T + o_m, tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1), mask=m_m)
+    tl.store(delta + i_bh * T + o_m, _row_dot(b_o, b_do), mask=m_m)
 
 
 @triton.jit
@@ -662,7 +804,7 @@ def _swa_bwd_dq_stash_kernel(
     T, W, S, qk_scale, sm_scale, KV0, NB, HEAD_STRIDE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
@@ -673,38 +815,38 @@ def _swa_bwd_dq_stash_kernel(
     # end) read as zeros. The sink tile (queries past the window of the sink keys) is recomputed as in the dQ kernel
     i_m, i_l = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_bh = KV0 * G + i_l
-    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD)
+    i_b, i_h, i_hk, P, m0, o_m, o_n, o_d, m_m = _query_block(i_m, i_bh, pad, T, HQ, G, D, BM, BN, HAS_PAD, D2)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
     p_ds = ds + i_l * HEAD_STRIDE + (i_m * NB).to(tl.int64) * BM * BN + tl.arange(0, BM)[:, None] * BN + o_n[None, :]
     k_lo = tl.maximum(m0 - W + 1, 0) // BN
     k_hi = (tl.minimum(m0 + BM, T) - 1) // BN + 1
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    b_dq = _zeros(BM, o_d)
     for i_n in range(k_lo, k_hi):
         n0 = i_n * BN
         o_j = n0 + o_n
         m_j = o_j < T
         if HAS_PAD:
             m_j = m_j & (o_j >= P)
-        b_k = tl.load(p_k + n0 * stride_kt, mask=_head_mask(m_j, o_d, DH), other=0.0)
+        b_k = _load(_shift(p_k, n0 * stride_kt), _head_mask(m_j, o_d, DH))
         r_lo = n0
         if HAS_PAD:  # the dK/dV kernel skips a key block entirely before the padding end
             r_lo = tl.where(n0 + BN > P, n0, T)
         m_s = (o_m >= r_lo) & (o_m < tl.minimum(n0 + BN - 1 + W, T))
         b_ds = tl.load(p_ds + (i_n - k_lo) * BM * BN, mask=m_s[:, None], other=0.0)
         # [BM, BN] @ [BN, D] -> [BM, D]
-        b_dq += tl.dot(b_ds, b_k, input_precision=PREC)
+        b_dq = _add_dot(b_dq, b_ds, b_k, PREC)
     if S > 0:
         if m0 + BM - 1 - P >= W:  # sink tile, as in _swa_bwd_dq_kernel
             off = i_b * stride_qb + i_h * stride_qh
-            b_q = tl.load(_rows(q + off, o_m, o_d, stride_qt), mask=_head_mask(m_m, o_d, DH), other=0.0)
-            b_do = tl.load(_rows(do + off, o_m, o_d, stride_qt), mask=_head_mask(m_m, o_d, DH), other=0.0)
+            b_q = _load(_rows(q + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
+            b_do = _load(_rows(do + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
             b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
             b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
             v_base = v + i_b * stride_kb + i_hk * stride_kh
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
                              stride_kt, BS, PREC, DH)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, b_dq * sm_scale, o_m, o_d, m_m, stride_qt, DH)
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, _scale_rows(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -721,16 +863,35 @@ def kernel_head_dim(D: int) -> int:
     return next(d for d in _SUPPORTED_D if d >= D)
 
 
+def split_head(D: int) -> tuple[int, int] | None:
+    """The two tiles (D1, D2) a head dim D runs on when it is split (D1 the largest power of 2 below D, at least 16;
+    D2 the next power of 2, at least 16, holding the rest, its columns past D masked), where they are narrower than
+    ``kernel_head_dim(D)``: 96 -> (64, 32), 80 -> (64, 16), 40 -> (32, 16), 160 -> (128, 32), 192 -> (128, 64). None
+    for the head dims the kernels take as they are, and where a split saves nothing (112: 64 + 64 = 128; 24; 8)."""
+    if D in _SUPPORTED_D or D < 32:
+        return None
+    D1 = 1 << (D.bit_length() - 1)
+    D2 = max(16, next_pow2(D - D1))
+    return (D1, D2) if D1 + D2 < kernel_head_dim(D) else None
+
+
 def _head_args(kernel: str, D: int, loops: dict) -> dict:
-    """The kernels' head-dim arguments for inputs of head dim D: the tiles' D and DH (0, or D where the tiles are
-    wider). TMA tiles are whole heads of the tiles' width, so a config asking for them at such a D is refused."""
+    """The kernels' head-dim arguments for inputs of head dim D: the tiles' D, D2 and DH. A head dim the kernels take
+    as it is: D, D2 = 0, DH = 0. Else, with the config key SPLIT (popped from ``loops``; default True) where
+    ``split_head`` gives two tiles: D = D1, D2, DH = D (two tiles per head-dim-wide value, see ``_cols``); otherwise
+    one ``kernel_head_dim(D)``-wide tile, D2 = 0, DH = D (the columns past D masked). TMA tiles are whole heads of the
+    tiles' width, so a config asking for them at such a D is refused."""
+    split = loops.pop("SPLIT", True)
     BD = kernel_head_dim(D)
     if BD != D and loops["TMA"]:
         raise ValueError(
             f"{kernel}: TMA=True loads whole {BD}-wide head tiles and takes the head dims "
             f"{', '.join(map(str, _SUPPORTED_D))} only, got head dim {D}; drop TMA from the config"
         )
-    return dict(D=BD, DH=D if BD != D else 0)
+    parts = split_head(D) if split else None
+    if parts is not None:
+        return dict(D=parts[0], D2=parts[1], DH=D)
+    return dict(D=BD, D2=0, DH=D if BD != D else 0)
 
 
 def _fwd_config(D: int) -> dict:
@@ -761,7 +922,7 @@ def _dkdv_config(D: int) -> dict:
     return dict(BM=32, BN=64, num_warps=4, num_stages=2)
 
 
-_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "QREGS", "KVREGS", "maxnreg")
+_CONFIG_KEYS = ("BM", "BN", "num_warps", "num_stages", "ONE_LOOP", "TMA", "QREGS", "KVREGS", "SPLIT", "maxnreg")
 
 
 def _fit_dtype(cfg: dict, dtype: torch.dtype, D: int) -> dict:
@@ -788,8 +949,11 @@ def _loop_flags(cfg: dict, kernel: str, regs: str | None = None) -> dict:
     True holds those tiles in registers as the A operand of the score matmuls instead of having every one of them
     read it from shared memory (``register_operand``; the same values). Refuses keys the launchers do not know (they
     would reach the kernel launch as kwargs), the other register key (and both for the stash dQ kernel, ``regs``
-    None), and a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``."""
+    None), and a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``.
+    Also pops SPLIT (default True: a head dim that ``split_head`` splits runs on its two tiles; False: on one
+    ``kernel_head_dim``-wide tile), which ``_head_args`` takes."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
+    flags["SPLIT"] = bool(cfg.pop("SPLIT", True))  # for _head_args
     if regs is not None:
         flags[regs] = bool(cfg.pop(regs, False))
     wrong = [key for key in _REGS_KEYS if key in cfg]
@@ -929,11 +1093,12 @@ def swa_fwd(
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. q [B, T, HQ, D], k/v [B, T, HKV, D] -> (o [B, T, HQ, D], lse [B, HQ, T] float32). D up to 256;
-    one the kernels do not take as it is runs on ``kernel_head_dim(D)``-wide tiles, the columns past D masked.
+    one the kernels do not take as it is runs on two tiles where ``split_head`` splits it (96: 64 + 32), else on
+    ``kernel_head_dim(D)``-wide tiles, the columns past D masked.
 
     ``config`` overrides the tile sizes (keys BM, BN, num_warps, num_stages; BM % BN == 0) and the loop
-    structure and loads (optional keys ONE_LOOP, TMA, QREGS, see ``_loop_flags``), for tuning. Without it the tiles are
-    the tile table's for this GPU, head dim, group and window (``tuned.py``), else the head dim's default."""
+    structure and loads (optional keys ONE_LOOP, TMA, QREGS, SPLIT, see ``_loop_flags``), for tuning. Without it the
+    tiles are the tile table's for this GPU, head dim, group and window (``tuned.py``), else the head dim's default."""
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
@@ -1045,7 +1210,7 @@ def _stash_backward(plan, dkdv_args, common, BQ, dq_cfg, q, k, v, do, o, dq) -> 
     G, BN = common["G"], dkdv_args["BN"]
     launch(_swa_bwd_delta_kernel, (cdiv(T, 64), B * HQ), o=o, do=do, delta=common["delta"], T=T,
            stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), HQ=HQ, D=common["D"],
-           DH=common["DH"], BM=64)  # fmt: skip
+           DH=common["DH"], D2=common["D2"], BM=64)  # fmt: skip
     NB, head, chunk = plan
     n_kv = B * (HQ // G)
     ds = torch.empty(chunk * G * head, device=q.device, dtype=q.dtype)
@@ -1084,7 +1249,8 @@ def swa_bwd(
     benchmarks/NOTES-swa.md.)
     ``dkdv_config`` (BN keys per program, BM queries per step; BN % BM == 0) and ``dq_config``
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
-    TMA, see ``_loop_flags``; QREGS or STASH in ``dq_config``), for tuning; without them, the tile table's
+    TMA, SPLIT, see ``_loop_flags``; KVREGS in ``dkdv_config``, whose SPLIT the dQ kernel follows; QREGS or STASH in
+    ``dq_config``), for tuning; without them, the tile table's
     (``tuned.py``) or the defaults."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
@@ -1105,6 +1271,7 @@ def swa_bwd(
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     loops = _loop_flags(cfg, "swa_bwd dkdv_config", "KVREGS")
+    split = loops["SPLIT"]
     heads = _head_args("swa_bwd dkdv_config", D, loops)
     dq_cfg = dict(
         dq_config or tuned_config("dq", q.device, q.dtype, BD, G, W) or _fit_dtype(_dq_config(BD), q.dtype, BD)
@@ -1117,12 +1284,19 @@ def swa_bwd(
         if dq_config is not None:  # the caller's tiles must fit; a table's rule meets a caller's dK/dV tiles
             _check_stash_tiles(dq_BM, dq_BN, dq_loops, BM, BN)
         fits = dq_BN == BN and dq_BM % BM == 0
-        plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
+        # a split head (two tiles, see _head_args) does not stash: compiled for sm_90 (Triton 3.6), its score-storing
+        # dK/dV kernel has ptxas serialise every wgmma at each one-loop tile tried (the plain split kernel does not)
+        plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits and not heads["D2"] else None
         if plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's dK/dV
-            # tiles): the recomputing dQ kernel, at the head dim's default tiles
+            # tiles, or the head is split): the recomputing dQ kernel, at the head dim's default tiles
             dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
             dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
             dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
+    if dq_config is not None and "SPLIT" in dq_config and bool(dq_config["SPLIT"]) != split:
+        raise ValueError(
+            f"swa_bwd: dq_config SPLIT={dq_config['SPLIT']!r} but dkdv_config's is {split} (default True): the "
+            "backward's kernels share one head split; set it in dkdv_config alone"
+        )
     _head_args("swa_bwd dq_config", D, dq_loops)
     scale = check_scale("swa_bwd", scale, D)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
@@ -1150,7 +1324,8 @@ def swa_bwd(
         BS = _sink_block(S)
         chunk = max(BM, 1024 // BM * BM)
         n_chunks = cdiv(T, chunk)
-        dk_part = torch.empty(B, HKV, n_chunks, BS, BD, device=q.device, dtype=torch.float32)
+        width = heads["D"] + heads["D2"]  # the tiles' (kernel_head_dim(D), or a split head's two)
+        dk_part = torch.empty(B, HKV, n_chunks, BS, width, device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
         launch(_swa_bwd_dkdv_sink_kernel, (n_chunks, B * HKV), q=q, k=k, v=v, do=do, dk_part=dk_part,
                dv_part=dv_part, CHUNK=chunk, BM=BM, BS=BS, **cfg, **common)  # fmt: skip
