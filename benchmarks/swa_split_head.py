@@ -7,7 +7,9 @@ The split tiles do the matmuls at the head dim's own width (at 96: 3/4 of the 12
 serialises its wgmma more than the wide tile does; at 160 the wide tile serialises the forward's and the dQ kernel's
 wgmma and spills 5 KB in the dK/dV kernel); the price is a second wgmma group per score matmul (Triton waits for the
 first before issuing the second) and, in the backward, no stash (the recomputing dQ kernel: the stash's score-storing
-dK/dV kernel serialises its wgmma with split tiles). The question: how much faster is it, per head dim?
+dK/dV kernel serialises its wgmma with split tiles). The eviction training kernels split the same head dims (tile
+key SPLIT_HEAD; the forward above 128 stays on one tile), timed the same way at points named ``eviction-...``
+(training semantics, 10% of the keys retained, 4 sinks). The question: how much faster is it, per head dim?
 
     python benchmarks/swa_split_head.py --check    # on the CPU: both routes against the reference (interpreter)
     python benchmarks/swa_split_head.py            # on the GPU: rows swa_split_head (impl split / wide)
@@ -39,14 +41,18 @@ SHAPES = {
     "D40": (8, 8192, 16, 16, 40, 512),
     "D160": (8, 8192, 16, 16, 160, 512),
     "D192-G2-W256-T2048": (32, 2048, 16, 8, 192, 256),
+    "eviction-D96": (8, 8192, 16, 16, 96, 512),
+    "eviction-D80-G8": (8, 8192, 16, 2, 80, 512),
+    "eviction-D160": (8, 8192, 16, 16, 160, 512),
 }
 
 
 def _build() -> None:
-    """Imports torch and the package's swa module (after the interpreter flag is settled)."""
-    global torch, swa
+    """Imports torch and the package's swa and eviction modules (after the interpreter flag is settled)."""
+    global torch, swa, ev
     import torch
 
+    from mixerzoo.kernels.eviction import attention as ev
     from mixerzoo.kernels.swa import swa
 
 
@@ -65,8 +71,20 @@ def _run(q, k, v, do, W, split: bool, backward: bool):
     return (o, *swa.swa_bwd(do, q, k, v, o, lse, W, dkdv_config=cfgs.get("dkdv_config")))
 
 
+def _run_eviction(q, k, v, do, W, intervals, split: bool, backward: bool):
+    """The eviction training kernels with the tile table's (or default) tiles, SPLIT_HEAD as asked."""
+    G = q.shape[2] // k.shape[2]
+    tiles = {kern: {**ev._tiles(q, kern, None, G, W), "SPLIT_HEAD": split} for kern in ("fwd", "dq", "dkdv", "listed")}
+    args = dict(window_size=W, scale=q.shape[-1] ** -0.5, open_ended=True, tiles=tiles)
+    o, lse = ev.eviction_attention_fwd(q, k, v, *intervals, **args)
+    if not backward:
+        return (o,)
+    return (o, *ev.eviction_attention_bwd(do, q, k, v, o, lse, *intervals, **args))
+
+
 def check() -> int:
-    """Both routes against the float32 reference at small shapes (GQA, sinks, T off the tiles)."""
+    """Both routes of swa and of the eviction kernels against the float32 reference at small shapes (GQA, sinks, T off
+    the tiles)."""
     from mixerzoo.kernels.swa import swa_bwd_ref, swa_fwd_ref
 
     torch.manual_seed(0)
@@ -85,6 +103,22 @@ def check() -> int:
             print(f"D={D} T={T} HQ={hq} HKV={hkv} W={W} S={S} {'split' if split else 'wide'}: rel RMSE "
                   + " ".join(f"{n} {e:.1e}" for n, e in zip(("o", "dq", "dk", "dv"), errs, strict=True)))  # fmt: skip
             worst = max(worst, *errs)
+    from mixerzoo.kernels.eviction.reference import eviction_attention_ref
+
+    for B, T, hq, hkv, D, W in [(1, 45, 2, 1, 80, 13), (1, 50, 2, 2, 40, 21)]:
+        q, do = (torch.randn(B, T, hq, D, requires_grad=True) for _ in range(2))
+        k, v = (torch.randn(B, T, hkv, D, requires_grad=True) for _ in range(2))
+        score = torch.where(torch.rand(B, T, hkv) < 0.3, 1.0, -1.0)
+        o_ref, _ = eviction_attention_ref(q, k, v, score, window_size=W, capacity=T, num_sinks=2, training=True)
+        o_ref.backward(do)
+        ref = (o_ref, q.grad, k.grad, v.grad)
+        intervals = ev.eviction_intervals(score, window_size=W, capacity=T, num_sinks=2, training=True)
+        for split in (True, False):
+            out = _run_eviction(*(x.detach() for x in (q, k, v, do)), W, intervals, split, True)
+            errs = [rel_rmse(r.detach(), g) for r, g in zip(ref, out, strict=True)]
+            print(f"eviction D={D} T={T} HQ={hq} HKV={hkv} W={W} {'split' if split else 'wide'}: rel RMSE "
+                  + " ".join(f"{n} {e:.1e}" for n, e in zip(("o", "dq", "dk", "dv"), errs, strict=True)))  # fmt: skip
+            worst = max(worst, *errs)
     ok = worst <= 1e-5
     print(f"worst {worst:.1e}: {'ok' if ok else 'FAILED (bound 1e-5)'}")
     return 0 if ok else 1
@@ -98,14 +132,20 @@ def _point(name: str) -> list[dict]:
     q, do = (torch.randn(B, T, HQ, D, device=dev, dtype=dt) for _ in range(2))
     k, v = (torch.randn(B, T, HKV, D, device=dev, dtype=dt) for _ in range(2))
     base = {"op": OP, "point": name, "B": B, "T": T, "HQ": HQ, "HKV": HKV, "D": D, "W": W}
-    wide, split = (_run(q, k, v, do, W, s, True) for s in (False, True))
+    run = partial(_run, q, k, v, do, W)
+    if name.startswith("eviction-"):  # 10% of the keys retained at random, 4 sinks, training semantics
+        score = torch.where(torch.rand(B, T, HKV, device=dev) < 0.1, 1.0, -1.0)
+        intervals = ev.eviction_intervals(score, window_size=W, capacity=T, num_sinks=4, training=True)
+        run = partial(_run_eviction, q, k, v, do, W, intervals)
+        base["frac"] = 0.1
+    wide, split = (run(s, True) for s in (False, True))
     err = max(rel_rmse(a, b) for a, b in zip(wide, split, strict=True))
     if err > 5e-3:
         return [{**base, "impl": "split", "note": f"rejected: rel RMSE {err:.1e} against the wide route"}]
     times = {(s, bwd): [] for s in (False, True) for bwd in (False, True)}
     for _ in range(ROUNDS):  # alternating, so that neither route is always timed first
         for key in times:
-            times[key].append(time_ms(partial(_run, q, k, v, do, W, *key)))
+            times[key].append(time_ms(partial(run, *key)))
     med = {key: statistics.median(ts) for key, ts in times.items()}
     rows = []
     for s in (False, True):

@@ -140,8 +140,9 @@ def swa_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torc
 def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype = torch.bfloat16):
     """(kernel function, constexprs) that the eviction launchers run for ``kernel`` ("fwd", "dq", "dkdv", "listed")
     at head dim D, group G, 16 query heads, training semantics, with tile config ``cfg``; the grid order defaults as
-    the launchers default it (``attention._grid``)."""
-    from ._triton import dot_precision, next_pow2
+    the launchers default it (``attention._grid``); a head dim that splits on two tiles unless cfg has SPLIT_HEAD=False
+    (``attention._head_tiles``)."""
+    from ._triton import dot_precision
     from .eviction import attention as ev
 
     fns = {"fwd": ev._eviction_fwd_kernel, "dq": ev._eviction_bwd_dq_kernel}
@@ -149,7 +150,7 @@ def eviction_kernel(kernel: str, D: int, G: int, cfg: dict, dtype: torch.dtype =
     if kernel not in fns:
         raise ValueError(f"eviction_kernel: kernel must be one of {sorted(fns)}, got {kernel!r}")
     cfg, _ = ev._grid(dict(cfg), 16, 1, kernel in ("fwd", "dq"))
-    consts = dict(HQ=16, HKV=16 // G, D=D, BD=max(16, next_pow2(D)), OPEN_ENDED=True)
+    consts = dict(HQ=16, HKV=16 // G, D=D, **ev._head_tiles(kernel, D, cfg), OPEN_ENDED=True)  # pops SPLIT_HEAD
     consts.update(PREC=dot_precision(torch.empty(0, dtype=dtype)), **cfg)
     if fns[kernel] is ev._eviction_bwd_dkdv_kernel:
         consts["LISTED"] = kernel == "listed"

@@ -24,6 +24,16 @@ __all__ = [
     "launch",
     "mask_scores",
     "next_pow2",
+    "pair_add_dot",
+    "pair_cast_like",
+    "pair_div",
+    "pair_dot_nt",
+    "pair_load",
+    "pair_row_dot",
+    "pair_scale",
+    "pair_shift",
+    "pair_store",
+    "pair_zeros",
     "register_operand",
     "softmax_step",
     "tl",
@@ -211,6 +221,117 @@ def register_operand_tile(x, T, ON: tl.constexpr):
         else:
             x = (x.to(tl.int32, bitcast=True) ^ (T >> 31)).to(x.dtype, bitcast=True)
     return x
+
+
+# A split head: a head dim such as 96 held as two tiles of powers of 2 (64 + 32 columns; swa's split_head), every
+# head-dim-wide value (pointers, masks, tiles, accumulators) a pair built with tl.tuple([...]) (Triton's interpreter
+# keeps a plain (a, b) a Python tuple, which isinstance(x, tl.tuple) does not match). The pair_* helpers take a tile
+# or such a pair (resolved at compile time: a tile compiles as the plain operation); score products of pairs sum the
+# two parts' products, products with P or dS are one per part.
+
+
+@triton.jit
+def pair_load(p, m):
+    # tl.load(p, mask=m, other=0), of a tile or of a split head's pair of tiles
+    if isinstance(p, tl.tuple):
+        x = tl.tuple([tl.load(p[0], mask=m[0], other=0.0), tl.load(p[1], mask=m[1], other=0.0)])
+    else:
+        x = tl.load(p, mask=m, other=0.0)
+    return x
+
+
+@triton.jit
+def pair_store(p, x, m):
+    # x stored at p in p's dtype where m, a tile or a split head's pair
+    if isinstance(p, tl.tuple):
+        tl.store(p[0], x[0].to(p[0].dtype.element_ty), mask=m[0])
+        tl.store(p[1], x[1].to(p[1].dtype.element_ty), mask=m[1])
+    else:
+        tl.store(p, x.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def pair_shift(p, off):
+    # pointers p + off, of a tile or a split head's pair
+    if isinstance(p, tl.tuple):
+        p = tl.tuple([p[0] + off, p[1] + off])
+    else:
+        p = p + off
+    return p
+
+
+@triton.jit
+def pair_zeros(R: tl.constexpr, o_d):
+    # float32 zeros [R, D] for the head-dim offsets o_d (a pair for a split head)
+    if isinstance(o_d, tl.tuple):
+        z = tl.tuple(
+            [tl.zeros([R, o_d[0].shape[0]], dtype=tl.float32), tl.zeros([R, o_d[1].shape[0]], dtype=tl.float32)]
+        )
+    else:
+        z = tl.zeros([R, o_d.shape[0]], dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def pair_dot_nt(a, b, PREC: tl.constexpr):
+    # a @ b^T, [R, D] @ [D, C] -> [R, C]; for a split head the sum of the parts' products
+    if isinstance(a, tl.tuple):
+        s = tl.dot(a[0], tl.trans(b[0]), input_precision=PREC)
+        s = tl.dot(a[1], tl.trans(b[1]), s, input_precision=PREC)
+    else:
+        s = tl.dot(a, tl.trans(b), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def pair_add_dot(acc, a, b, PREC: tl.constexpr):
+    # acc + a @ b with a [R, C] cast to b's dtype, b [C, D]; for a split head (acc, b pairs) one product per part
+    if isinstance(b, tl.tuple):
+        a = a.to(b[0].dtype)
+        acc = tl.tuple([acc[0] + tl.dot(a, b[0], input_precision=PREC), acc[1] + tl.dot(a, b[1], input_precision=PREC)])
+    else:
+        acc = acc + tl.dot(a.to(b.dtype), b, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def pair_scale(x, f):
+    # x * f, f a scalar or a column [R, 1]; a split head's parts alike
+    if isinstance(x, tl.tuple):
+        x = tl.tuple([x[0] * f, x[1] * f])
+    else:
+        x = x * f
+    return x
+
+
+@triton.jit
+def pair_div(x, d):
+    # x / d, d a column [R, 1]; a split head's parts alike
+    if isinstance(x, tl.tuple):
+        x = tl.tuple([x[0] / d, x[1] / d])
+    else:
+        x = x / d
+    return x
+
+
+@triton.jit
+def pair_cast_like(x, t):
+    # x in the dtype of the tile t (of its first part where t is a split head's pair)
+    if isinstance(t, tl.tuple):
+        x = x.to(t[0].dtype)
+    else:
+        x = x.to(t.dtype)
+    return x
+
+
+@triton.jit
+def pair_row_dot(a, b):
+    # rowsum(a * b) in float32 [R] (delta from O and dO); a split head's parts summed
+    if isinstance(a, tl.tuple):
+        r = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1) + tl.sum(a[1].to(tl.float32) * b[1].to(tl.float32), 1)
+    else:
+        r = tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    return r
 
 
 @triton.jit

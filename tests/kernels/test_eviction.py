@@ -7,6 +7,7 @@ import torch
 from mixerzoo.kernels import eviction_attention
 from mixerzoo.kernels.eviction import buffer_insert_, eviction_decode
 from mixerzoo.kernels.eviction.attention import (
+    default_tiles,
     eviction_attention_bwd,
     eviction_attention_fwd,
     eviction_end,
@@ -104,11 +105,14 @@ def test_sinks_as_inf_scores_and_padding_scores():
     assert_close("o", dense_attention(q, k, v, mask, D**-0.5), o, torch.float32, **F32)
 
 
-KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training; the default run (not slow): T = 1, T = 50 at D = 80
+KERNEL_CASES = [  # B, T, HQ, HKV, D, W, C, S, training; the default run (not slow): T = 1, T = 50 at D = 80 and 40
     (1, 1, 2, 1, 64, 3, 2, 0, True),
     # 4 tiles of 16 queries (the last partial), a 33-token window: masked edges and unmasked interior blocks, as at
-    # T = 70 (slow, 2.5 s)
+    # T = 70 (slow, 2.5 s); head dims split in two tiles: 80 as 64 + 16 lanes, 40 as 32 + 16 (the second's lanes past
+    # 40 masked), 160 as 128 + 32
     (1, 50, 2, 1, 80, 33, 3, 1, True),
+    (1, 50, 2, 2, 40, 21, 4, 2, False),
+    pytest.param(1, 45, 2, 1, 160, 17, 3, 1, True, marks=pytest.mark.slow),
     pytest.param(2, 63, 2, 1, 64, 5, 4, 2, False, marks=pytest.mark.slow),
     pytest.param(1, 130, 4, 2, 32, 17, 6, 2, True, marks=pytest.mark.slow),
     pytest.param(1, 150, 2, 1, 32, 50, 6, 2, True, marks=pytest.mark.slow),
@@ -147,6 +151,28 @@ def test_triton_matches_reference(B, T, HQ, HKV, D, W, C, S, training):
         ("dv", vr.grad, dv),
     ]:
         assert_close(name, r, x, dtype, **F32)
+
+
+def test_split_head_tile_key():
+    # SPLIT_HEAD=False in every kernel's tiles runs head dim 40 on one 64-lane tile instead of 32 + 16: the same
+    # outputs and gradients to float32 rounding; anything but True / False refused, naming the kernel and the key
+    torch.manual_seed(3)
+    B, T, HQ, HKV, D, W = 1, 45, 2, 1, 40, 13
+    q, do = (torch.randn(B, T, HQ, D, device=DEVICE) for _ in range(2))
+    k, v = (torch.randn(B, T, HKV, D, device=DEVICE) for _ in range(2))
+    score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
+    kpos, kend, kcum = eviction_intervals(score, window_size=W, capacity=4, num_sinks=1, training=True)
+    outs = []
+    for split in (True, False):
+        tiles = {kern: {**default_tiles(q, kern), "SPLIT_HEAD": split} for kern in ("fwd", "dq", "dkdv", "listed")}
+        args = dict(window_size=W, scale=D**-0.5, open_ended=True, tiles=tiles)
+        o, lse = eviction_attention_fwd(q, k, v, kpos, kend, kcum, **args)
+        outs.append((o, lse, *eviction_attention_bwd(do, q, k, v, o, lse, kpos, kend, kcum, **args)))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *outs, strict=True):
+        assert_close(name, a, b, torch.float32, **F32)
+    bad = {"fwd": {**default_tiles(q, "fwd"), "SPLIT_HEAD": 2}}
+    with pytest.raises(ValueError, match=r"tiles\['fwd'\]\['SPLIT_HEAD'\] must be True or False, got 2"):
+        eviction_attention_fwd(q, k, v, kpos, kend, kcum, window_size=W, scale=D**-0.5, tiles=bad)
 
 
 SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key rows (dk/dv: key rows)
@@ -668,10 +694,21 @@ def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, 
     # a NaN or Inf in q, k or v at token t (one case per batch row): every output row that does not see it
     # equals the output of clean inputs; a row that sees it is NaN. The reference and the Triton forward
     # (masked blocks, where probabilities of 0 once met the NaN in the product, and unmasked ones)
+    _check_nan_isolation(T, W, C, S, training, BT, BS, split, recheck)
+
+
+@pytest.mark.parametrize("recheck", [True, False], ids=["recheck", "flags"])
+def test_nan_in_the_second_tile_of_a_split_head(recheck):
+    # head dim 80 runs on two tiles (64 + 16 lanes): a NaN or Inf in the second tile's lanes (lane 70) reaches
+    # exactly the rows that see it, with the value flags and with the walk done again (RECHECK)
+    _check_nan_isolation(70, 40, 6, 2, True, 16, 16, 4, recheck, D=80, lane=70)
+
+
+def _check_nan_isolation(T, W, C, S, training, BT, BS, split, recheck, D=16, lane=3):
     torch.manual_seed(T + W)
     nan, inf = float("nan"), float("inf")
     cases = (("v", 5, nan), ("k", 33, nan), ("v", 50, inf), ("q", 20, nan))
-    B, HQ, HKV, D = len(cases), 2, 1, 16
+    B, HQ, HKV = len(cases), 2, 1
     q0, k0, v0 = (torch.randn(B, T, h, D, device=DEVICE) for h in (HQ, HKV, HKV))
     score = make_scores(B, T, HKV, frac=0.3, device=DEVICE)
     kw = dict(window_size=W, capacity=C, num_sinks=S, training=training)
@@ -690,7 +727,7 @@ def test_nan_reaches_only_the_queries_that_see_it(T, W, C, S, training, BT, BS, 
     xs = {"q": q0.clone(), "k": k0.clone(), "v": v0.clone()}
     seen = torch.zeros(B, HQ, T, dtype=torch.bool)  # the queries that see the bad value
     for b, (which, t, bad) in enumerate(cases):
-        xs[which][b, t, 0, 3] = bad
+        xs[which][b, t, 0, lane] = bad
         if which == "q":
             seen[b, 0, t] = True
         else:

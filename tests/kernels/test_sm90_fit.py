@@ -326,6 +326,43 @@ def test_swa_kernels_compile_at_a_masked_head_dim():
             assert wide[name][2] or not serialized, name
 
 
+def _eviction_split_compiles() -> list:
+    """The eviction kernels (forward, dQ, the two dK/dV passes) compiled for sm_90 with their default tiles (cut for
+    head dims above 128 as default_tiles cuts them), bf16, at head dims 96, 80 and 40 (split in two tiles: 64 + 32,
+    64 + 16, 32 + 16) and for the backward 160 (128 + 32), split and on one tile of the next power of 2 ->
+    [name, split, shared bytes, registers, spill bytes, wgmma serialised]."""
+    from mixerzoo.kernels._sm90 import eviction_kernel, report
+    from mixerzoo.kernels.eviction import attention as ev
+
+    out = []
+    for D, kernels in ((96, ev.CUDA_TILES), (80, ev.CUDA_TILES), (40, ev.CUDA_TILES), (160, ("dq", "dkdv", "listed"))):
+        for name in kernels:
+            cfg = dict(ev.CUDA_TILES[name])
+            if D > 128:
+                cfg = {**cfg, **{key: 64 for key in ("BT", "BS", "BC") if cfg.get(key, 0) > 64}}
+                cfg["num_stages"] = min(cfg["num_stages"], 2)
+            for split in (True, False):
+                fn, consts = eviction_kernel(name, D, 1, {**cfg, "SPLIT_HEAD": split})
+                r = report(_compile(fn, consts, torch.bfloat16))
+                out.append([f"D{D} {name}", split, r.shared, r.registers, r.spills, r.serialized])
+    return out
+
+
+def test_eviction_kernels_compile_split_at_head_dims_between():
+    """At head dims 96, 80 and 40 (and 160 in the backward) the eviction kernels run on two tiles each: compiled for
+    sm_90 each fits a Hopper block, takes less shared memory than on one tile of the next power of 2, spills no more
+    and has ptxas serialise its wgmma only where the one tile does. (The forward above 128 stays on one tile by
+    default: split, its default tiles serialise; attention._head_tiles.)"""
+    rows = _child("evsplit", timeout=900)
+    assert len(rows) == 30, rows
+    wide = {name: (shared, spills, serialized) for name, split, shared, _r, spills, serialized in rows if not split}
+    for name, split, shared, registers, spills, serialized in rows:
+        assert 0 < shared <= HOPPER_SMEM and 0 < registers <= 255, (name, shared, registers)
+        if split:
+            assert shared < wide[name][0] and spills <= wide[name][1], (name, shared, spills, wide[name])
+            assert wide[name][2] or not serialized, name
+
+
 def _unaligned_loads() -> list:
     """swa's forward, dQ and dK/dV kernels at head dim 40 (two tiles of 32 + 16 columns, and with SPLIT=False one
     64-wide tile; DH = 40), compiled for sm_90 as a launch there specialises them: the head strides (40) not divisible
@@ -420,6 +457,8 @@ if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits;
         print(json.dumps(_unaligned_loads()))
     elif sys.argv[1] == "masked":
         print(json.dumps(_masked_head_compiles()))
+    elif sys.argv[1] == "evsplit":
+        print(json.dumps(_eviction_split_compiles()))
     elif sys.argv[1] == "decode":
         print(json.dumps(_decode_compiles()))
     elif sys.argv[1] == "maxnreg":

@@ -22,11 +22,20 @@ from .._triton import (
     dot_precision,
     launch,
     next_pow2,
+    pair_add_dot,
+    pair_div,
+    pair_dot_nt,
+    pair_load,
+    pair_row_dot,
+    pair_scale,
+    pair_store,
+    pair_zeros,
     register_operand,
     softmax_step,
     tl,
     triton,
 )
+from ..swa.swa import split_head
 from .reference import (
     acc_dtype,
     compact_intervals,
@@ -128,8 +137,10 @@ def _query_block(
     BT: tl.constexpr,
     BD: tl.constexpr,
     BLOCKS_FIRST: tl.constexpr,
+    BD2: tl.constexpr = 0,
 ):
-    # the query block of this program (fwd, dq): batch, query head, its KV head, first row, rows, head-dim lanes.
+    # the query block of this program (fwd, dq): batch, query head, its KV head, first row, rows, head-dim lanes
+    # (a pair for a split head, see _head_cols).
     # The last query blocks (the longest list prefixes) start first; heads vary fastest (grid [B * HQ, blocks]), or
     # with BLOCKS_FIRST the query blocks of one head (grid [blocks, B * HQ]: neighbours share their window's tiles
     # in L2)
@@ -143,8 +154,51 @@ def _query_block(
     t0 = i_t * BT
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T
-    o_d = tl.arange(0, BD)
-    return i_b, i_hq, i_hk, t0, o_t, m_t, o_d, o_d < D
+    o_d, m_d = _head_cols(D, BD, BD2)
+    return i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d
+
+
+@triton.jit
+def _head_cols(D: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr):
+    # the head-dim lanes and their mask (lanes below D): [BD], or with BD2 > 0 a split head (a head dim such as 96 as
+    # 64 + 32 lanes, see _head_tiles): a pair per value (tl.tuple, see the pair_* helpers), the first part all below D
+    if BD2 > 0:
+        o_d = tl.tuple([tl.arange(0, BD), tl.arange(0, BD2) + BD])
+        m_d = tl.tuple([tl.full([BD], True, tl.int1), o_d[1] < D])
+    else:
+        o_d = tl.arange(0, BD)
+        m_d = o_d < D
+    return o_d, m_d
+
+
+@triton.jit
+def _offsets(o_r, o_d, stride):
+    # [R, BD] element offsets of rows o_r (stride apart) at lanes o_d; a pair for a split head
+    if isinstance(o_d, tl.tuple):
+        x = tl.tuple([o_r[:, None] * stride + o_d[0][None, :], o_r[:, None] * stride + o_d[1][None, :]])
+    else:
+        x = o_r[:, None] * stride + o_d[None, :]
+    return x
+
+
+@triton.jit
+def _at(base, offs):
+    # pointers base + offs; a pair for a split head
+    if isinstance(offs, tl.tuple):
+        p = tl.tuple([base + offs[0], base + offs[1]])
+    else:
+        p = base + offs
+    return p
+
+
+@triton.jit
+def _rows_mask(m_r, m_d):
+    # [R, BD] mask of rows m_r at lanes m_d; a pair for a split head
+    if isinstance(m_d, tl.tuple):
+        m = tl.tuple([m_r[:, None] & m_d[0][None, :], m_r[:, None] & m_d[1][None, :]])
+    else:
+        m = m_r[:, None] & m_d[None, :]
+    return m
 
 
 @triton.jit
@@ -295,19 +349,35 @@ def _query_walk(
 def _tile(x, o_r, m_r, o_d, m_d, H: tl.constexpr, D: tl.constexpr):
     # rows o_r of one head of x ([T, H, D] from the head's base; int32 per element: see _check_sizes) -> [R, BD],
     # zeros where a row is masked off or past D
-    return tl.load(x + (o_r[:, None] * (H * D) + o_d[None, :]), mask=m_r[:, None] & m_d[None, :], other=0.0)
+    return pair_load(_at(x, _offsets(o_r, o_d, H * D)), _rows_mask(m_r, m_d))
 
 
 @triton.jit
 def _scores(b_a, b_b, scale_log2, PREC: tl.constexpr):
     # [BM, BD] @ [BD, BN] -> [BM, BN], in log2 units
-    return tl.dot(b_a, tl.trans(b_b), input_precision=PREC) * scale_log2
+    return pair_dot_nt(b_a, b_b, PREC) * scale_log2
 
 
 @triton.jit
 def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr):
     # dS = P * (dP - delta), dP = b_a @ b_b^T: [BM, BD] @ [BD, BN] -> [BM, BN]; b_delta broadcast to it
-    return b_p * (tl.dot(b_a, tl.trans(b_b), input_precision=PREC) - b_delta)
+    return b_p * (pair_dot_nt(b_a, b_b, PREC) - b_delta)
+
+
+@triton.jit
+def _finite_rows(b_v):
+    # [BK] which rows of the value tile b_v hold no NaN / Inf (of both parts of a split head)
+    if isinstance(b_v, tl.tuple):
+        ok = _finite_rows_tile(b_v[0]) & _finite_rows_tile(b_v[1])
+    else:
+        ok = _finite_rows_tile(b_v)
+    return ok
+
+
+@triton.jit
+def _finite_rows_tile(b_v):
+    # _finite_rows of one tile
+    return tl.min((tl.abs(b_v.to(tl.float32)) < float("inf")).to(tl.int32), 1) != 0
 
 
 @triton.jit
@@ -371,10 +441,10 @@ def _fwd_range(
             # itself, the tile loaded again with such rows as zeros (a second load, not a where() on the tile:
             # that would copy it through registers into shared memory, see tests/kernels/test_sm90_fit.py)
             b_v = _tile(v, o_j, m_c, o_d, m_d, HKV, D)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            b_s = pair_dot_nt(b_q, b_k, PREC)
             if MASKED == 1:
                 if FLAGS == 2:
-                    m_ok = tl.min((tl.abs(b_v.to(tl.float32)) < float("inf")).to(tl.int32), 1) != 0
+                    m_ok = _finite_rows(b_v)
                     b_v = _tile(v, o_j, m_c & m_ok, o_d, m_d, HKV, D)
                     b_s = tl.where(m_ok[None, :], b_s, float("nan"))
                 b_s = tl.where(m_vis, b_s, float("-inf"))
@@ -414,6 +484,7 @@ def _eviction_fwd_kernel(
     WINDOW_FIRST: tl.constexpr = False,  # walk the window band before the list
     RECHECK: tl.constexpr = False,  # no value flags in the walk; a non-finite block is walked again exactly
     QREGS: tl.constexpr = False,  # Q held in registers as the A operand of QK^T (register_operand)
+    BD2: tl.constexpr = 0,  # > 0: a split head, lanes BD + BD2 (see _head_cols)
 ):
     # RECHECK: the walk reads no value flags (vflag is not read) and its blocks do no flag work: a NaN / Inf value
     # row may then reach every row of its block, also rows that cannot see it. It shows in the accumulator (a NaN
@@ -423,7 +494,7 @@ def _eviction_fwd_kernel(
     # rounding. On an H200 the walk without flag work, its window in one loop (SPLIT 4) and 3 stages made the
     # forward 1.07x-1.29x faster at D = 128 (benchmarks/NOTES-eviction.md, stop 52)
     tl.static_assert(HQ % HKV == 0)
-    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST, BD2)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D  # 64-bit scalar base, 32-bit per-element offsets
     q, o = q + q_bh, o + q_bh
     b_q = register_operand(_tile(q, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
@@ -432,7 +503,7 @@ def _eviction_fwd_kernel(
     f_bh = vflag + i_b.to(tl.int64) * T * HKV + i_hk
     b_m = tl.zeros([BT], dtype=tl.float32) + float("-inf")
     b_l = tl.zeros([BT], dtype=tl.float32)
-    b_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    b_acc = pair_zeros(BT, o_d)
     t_last = tl.minimum(t0 + BT, T) - 1
     l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
     # (a) the listed keys whose interval can start inside this block, (b) the window band
@@ -468,12 +539,11 @@ def _eviction_fwd_kernel(
             )
             b_acc, b_m, b_l = st
     b_l = tl.where(b_l == 0.0, 1.0, b_l)  # only rows past T, which are not stored
-    b_o = b_acc / b_l[:, None]
+    b_o = pair_div(b_acc, b_l[:, None])
     # an Inf value row that an unmasked block let through leaves Inf (or NaN) in the rows that see it: such a row
     # is NaN whole (x * 0 is 0 for finite x only)
-    b_o += tl.sum(b_o * 0.0, axis=1)[:, None]
-    p_o = o + (o_t[:, None] * (HQ * D) + o_d[None, :])
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    b_o = _nan_rows(b_o)
+    pair_store(_at(o, _offsets(o_t, o_d, HQ * D)), b_o, _rows_mask(m_t, m_d))
     b_lse = (b_m + tl.log2(b_l)) / LOG2E_JIT
     tl.store(lse + (i_b.to(tl.int64) * HQ + i_hq) * T + o_t, b_lse, mask=m_t)
 
@@ -516,7 +586,7 @@ def _dq_range(
                 b_p = tl.where(_visible(o_t, o_j, b_end, W, LISTED), b_p, 0.0)
         b_ds = _dscores(b_p, b_do, b_v, b_delta[:, None], PREC)
         # [BT, BK] @ [BK, BD] -> [BT, BD]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq = pair_add_dot(b_dq, b_ds, b_k, PREC)
     return b_dq
 
 
@@ -550,21 +620,22 @@ def _eviction_bwd_dq_kernel(
     BLOCKS_FIRST: tl.constexpr,
     WINDOW_FIRST: tl.constexpr = False,
     QREGS: tl.constexpr = False,  # Q and dO held in registers as the A operands of QK^T and dO V^T (register_operand)
+    BD2: tl.constexpr = 0,  # > 0: a split head (see _head_cols)
 ):
     # the walk of _eviction_fwd_kernel, with the forward's lse
-    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST)
+    i_b, i_hq, i_hk, t0, o_t, m_t, o_d, m_d = _query_block(T, HQ, HKV, D, BT, BD, BLOCKS_FIRST, BD2)
     q_bh = (i_b.to(tl.int64) * T * HQ + i_hq) * D
     q, o, do, dq = q + q_bh, o + q_bh, do + q_bh, dq + q_bh
     b_q = register_operand(_tile(q, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
     b_do = register_operand(_tile(do, o_t, m_t, o_d, m_d, HQ, D), T, QREGS)
     b_o = _tile(o, o_t, m_t, o_d, m_d, HQ, D)
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    b_delta = pair_row_dot(b_o, b_do)
     p_row = (i_b.to(tl.int64) * HQ + i_hq) * T + o_t
     tl.store(delta + p_row, b_delta, mask=m_t)
     b_lse2 = tl.load(lse + p_row, mask=m_t, other=0.0) * LOG2E_JIT
     k_bh = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     v_bh = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
-    b_dq = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dq = pair_zeros(BT, o_d)
     t_last = tl.minimum(t0 + BT, T) - 1
     l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
     n, n_full = _list_prefix(kcum, l_bh, t0, t_last, W, BC, OPEN_ENDED)
@@ -573,8 +644,7 @@ def _eviction_bwd_dq_kernel(
     b_dq = _query_walk(
         _dq_range, b_dq, b_in, ctx, n, n_full, t0, t_last, W, HKV, D, BT, BS, BC, PREC, SPLIT, WINDOW_FIRST
     )
-    p_dq = dq + (o_t[:, None] * (HQ * D) + o_d[None, :])
-    tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    pair_store(_at(dq, _offsets(o_t, o_d, HQ * D)), pair_scale(b_dq, scale), _rows_mask(m_t, m_d))
 
 
 @triton.jit
@@ -613,10 +683,10 @@ def _dkdv_range(
             m_vis = (o_t[None, :] >= b_start[:, None]) & (o_t[None, :] < b_end[:, None]) & m_j[:, None]
             b_pt = tl.where(m_vis, b_pt, 0.0)
         # [BS, BT] @ [BT, BD] -> [BS, BD]
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dv = pair_add_dot(b_dv, b_pt, b_do, PREC)
         b_dst = _dscores(b_pt, b_v, b_do, b_delta[None, :], PREC)
         # [BS, BT] @ [BT, BD] -> [BS, BD]
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+        b_dk = pair_add_dot(b_dk, b_dst, b_q, PREC)
     return b_dk, b_dv
 
 
@@ -649,6 +719,7 @@ def _eviction_bwd_dkdv_kernel(
     SPLIT: tl.constexpr,  # query range as masked edges + unmasked interior, else one masked loop (2: not here)
     BLOCKS_FIRST: tl.constexpr,  # grid [key blocks (list chunks), B * HKV], else [B * HKV, key blocks]
     KVREGS: tl.constexpr = False,  # K and V held in registers as the A operands of S^T and dP^T (register_operand)
+    BD2: tl.constexpr = 0,  # > 0: a split head (see _head_cols)
 ):
     # LISTED=False: program i owns key rows [i*BS, i*BS + BS) and their window band of queries, and
     #   writes dk, dv there. LISTED=True: program i owns entries [i*BS, i*BS + BS) of the compacted
@@ -662,8 +733,7 @@ def _eviction_bwd_dkdv_kernel(
     else:
         i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    o_d, m_d = _head_cols(D, BD, BD2)
     o_s = i_s * BS + tl.arange(0, BS)
     if LISTED:
         l_bh = (i_b.to(tl.int64) * HKV + i_hk) * T
@@ -697,13 +767,13 @@ def _eviction_bwd_dkdv_kernel(
     c = tl.maximum(full_hi, a)
     kv_bh = (i_b.to(tl.int64) * T * HKV + i_hk) * D
     k, v, dk, dv = k + kv_bh, v + kv_bh, dk + kv_bh, dv + kv_bh
-    p_kv = o_j[:, None] * (HKV * D) + o_d[None, :]
-    m_jd = m_j[:, None] & m_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_jd, other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_jd, other=0.0)
+    p_kv = _offsets(o_j, o_d, HKV * D)
+    m_jd = _rows_mask(m_j, m_d)
+    b_k = pair_load(_at(k, p_kv), m_jd)
+    b_v = pair_load(_at(v, p_kv), m_jd)
     b_k, b_v = register_operand(b_k, T, KVREGS), register_operand(b_v, T, KVREGS)
-    b_dk = tl.zeros([BS, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BS, BD], dtype=tl.float32)
+    b_dk = pair_zeros(BS, o_d)
+    b_dv = pair_zeros(BS, o_d)
     b_kv = (b_k, b_v)
     # the query heads of this KV head; SPLIT=False by default: the three loops' live ranges spill at 128x64
     # (NOTES-eviction.md)
@@ -716,12 +786,39 @@ def _eviction_bwd_dkdv_kernel(
         b_dk, b_dv = _split_walk(
             _dkdv_range, st, b_kv, ctx, t_lo, a, full_lo, full_hi, c, t_hi, HQ, D, BT, PREC, LISTED, SPLIT
         )
-    b_dk = b_dk * scale
+    b_dk = pair_scale(b_dk, scale)
     if LISTED:
-        b_dk += tl.load(dk + p_kv, mask=m_jd, other=0.0).to(tl.float32)
-        b_dv += tl.load(dv + p_kv, mask=m_jd, other=0.0).to(tl.float32)
-    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_jd)
-    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_jd)
+        b_dk = _add_loaded(b_dk, _at(dk, p_kv), m_jd)
+        b_dv = _add_loaded(b_dv, _at(dv, p_kv), m_jd)
+    pair_store(_at(dk, p_kv), b_dk, m_jd)
+    pair_store(_at(dv, p_kv), b_dv, m_jd)
+
+
+@triton.jit
+def _add_loaded(acc, p, m):
+    # acc + the float32 of what p holds (zeros where not m); a pair for a split head
+    if isinstance(acc, tl.tuple):
+        acc = tl.tuple(
+            [
+                acc[0] + tl.load(p[0], mask=m[0], other=0.0).to(tl.float32),
+                acc[1] + tl.load(p[1], mask=m[1], other=0.0).to(tl.float32),
+            ]
+        )
+    else:
+        acc += tl.load(p, mask=m, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _nan_rows(b_o):
+    # b_o with every row that holds a NaN or Inf made NaN whole (both parts of a split head): x * 0 is 0 for finite
+    # x only
+    if isinstance(b_o, tl.tuple):
+        r = tl.sum(b_o[0] * 0.0, axis=1) + tl.sum(b_o[1] * 0.0, axis=1)
+        b_o = tl.tuple([b_o[0] + r[:, None], b_o[1] + r[:, None]])
+    else:
+        b_o += tl.sum(b_o * 0.0, axis=1)[:, None]
+    return b_o
 
 
 # --------------------------------------------------------------------------------------------------
@@ -766,6 +863,7 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
         _check_flag(tiles, kernel, "RECHECK", ("fwd",), "the forward's value flags; the backward reads none")
         _check_flag(tiles, kernel, "QREGS", ("fwd", "dq"), "the dk/dv passes hold K and V, not a query block")
         _check_flag(tiles, kernel, "KVREGS", ("dkdv", "listed"), "the forward and dq hold a query block, not K and V")
+        _check_flag(tiles, kernel, "SPLIT_HEAD", ("fwd", "dq", "dkdv", "listed"), "every kernel takes it")
         check_maxnreg(f"eviction_attention: tiles[{kernel!r}]", tiles[kernel])
         return tiles[kernel]
     tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
@@ -781,6 +879,20 @@ def _check_flag(tiles: dict, kernel: str, key: str, kernels: tuple[str, ...], wh
         raise ValueError(f"eviction_attention: tiles[{kernel!r}] takes no {key!r} ({why}), got {value!r}")
     if value not in (True, False):
         raise ValueError(f"eviction_attention: tiles[{kernel!r}][{key!r}] must be True or False, got {value!r}")
+
+
+def _head_tiles(kernel: str, D: int, cfg: dict) -> dict:
+    """The kernels' head-dim lanes for head dim D (BD, BD2), popping a launch's tile key SPLIT_HEAD: True runs a head
+    dim that swa's ``split_head`` splits (96, 80, 40, 160, ...) on two tiles of powers of 2 (BD + BD2 lanes: 64 + 32
+    at 96, so the matmuls do the head dim's own work), False on one tile of the next power of 2 (BD, BD2 = 0), the
+    lanes past D masked; a power of 2 runs on its own width. The default is True, but for the forward above 128:
+    compiled for sm_90 (Triton 3.6) its default tiles there (64 x 64, 2 stages) have ptxas serialise every wgmma when
+    split (at 144 and 160; the one 256-lane tile spills 200 bytes instead), while the backward's split kernels at 160
+    spill 372 and 604 bytes (dK/dV passes) and none (dQ) against 2236, 2820 and 68 on 256 lanes."""
+    parts = split_head(D) if cfg.pop("SPLIT_HEAD", kernel != "fwd" or D <= 128) else None
+    if parts is not None:
+        return dict(BD=parts[0], BD2=parts[1])
+    return dict(BD=max(16, next_pow2(D)), BD2=0)
 
 
 def default_tiles(x: Tensor, kernel: str) -> dict:
@@ -942,7 +1054,7 @@ def eviction_attention_fwd(
         HQ=HQ,
         HKV=HKV,
         D=D,
-        BD=max(16, next_pow2(D)),
+        **_head_tiles("fwd", D, cfg),
         PREC=dot_precision(q),
         OPEN_ENDED=open_ended,
         **cfg,
@@ -975,10 +1087,9 @@ def eviction_attention_bwd(
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     _check_sizes(T, HQ, D)
-    BD = max(16, next_pow2(D))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    common = dict(HQ=HQ, HKV=HKV, D=D, BD=BD, PREC=dot_precision(q), OPEN_ENDED=open_ended)
+    common = dict(HQ=HQ, HKV=HKV, D=D, PREC=dot_precision(q), OPEN_ENDED=open_ended)
     cfg = _tiles(q, "dq", tiles, HQ // HKV, window_size)
     cfg, grid = _grid(cfg, B * HQ, cdiv(T, cfg["BT"]), True)
     launch(
@@ -1000,6 +1111,7 @@ def eviction_attention_bwd(
         T=T,
         W=window_size,
         **common,
+        **_head_tiles("dq", D, cfg),
         **cfg,
     )
     for listed in (False, True):  # the listed-key pass adds into what the window pass wrote
@@ -1025,6 +1137,7 @@ def eviction_attention_bwd(
             W=window_size,
             LISTED=listed,
             **common,
+            **_head_tiles("listed" if listed else "dkdv", D, cfg),
             **cfg,
         )
     return dq, dk, dv

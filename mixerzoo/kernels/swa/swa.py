@@ -28,6 +28,16 @@ from .._triton import (
     launch_config,
     mask_scores,
     next_pow2,
+    pair_add_dot,
+    pair_cast_like,
+    pair_div,
+    pair_dot_nt,
+    pair_load,
+    pair_row_dot,
+    pair_scale,
+    pair_shift,
+    pair_store,
+    pair_zeros,
     register_operand,
     softmax_step,
     tl,
@@ -105,110 +115,6 @@ def _tile_mask(m_rows, o_d, DH: tl.constexpr):
 
 
 @triton.jit
-def _load(p, m):
-    # tl.load(p, mask=m, other=0), of a tile or of a split head's pair of tiles
-    if isinstance(p, tl.tuple):
-        x = tl.tuple([tl.load(p[0], mask=m[0], other=0.0), tl.load(p[1], mask=m[1], other=0.0)])
-    else:
-        x = tl.load(p, mask=m, other=0.0)
-    return x
-
-
-@triton.jit
-def _store(p, x, m):
-    # x stored at p in p's dtype where m, a tile or a split head's pair
-    if isinstance(p, tl.tuple):
-        tl.store(p[0], x[0].to(p[0].dtype.element_ty), mask=m[0])
-        tl.store(p[1], x[1].to(p[1].dtype.element_ty), mask=m[1])
-    else:
-        tl.store(p, x.to(p.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _shift(p, off):
-    # pointers p + off, of a tile or a split head's pair
-    if isinstance(p, tl.tuple):
-        p = tl.tuple([p[0] + off, p[1] + off])
-    else:
-        p = p + off
-    return p
-
-
-@triton.jit
-def _zeros(R: tl.constexpr, o_d):
-    # float32 zeros [R, D] for the head-dim offsets o_d (a pair for a split head)
-    if isinstance(o_d, tl.tuple):
-        z = tl.tuple(
-            [tl.zeros([R, o_d[0].shape[0]], dtype=tl.float32), tl.zeros([R, o_d[1].shape[0]], dtype=tl.float32)]
-        )
-    else:
-        z = tl.zeros([R, o_d.shape[0]], dtype=tl.float32)
-    return z
-
-
-@triton.jit
-def _dot_nt(a, b, PREC: tl.constexpr):
-    # a @ b^T, [R, D] @ [D, C] -> [R, C]; for a split head the sum of the parts' products
-    if isinstance(a, tl.tuple):
-        s = tl.dot(a[0], tl.trans(b[0]), input_precision=PREC)
-        s = tl.dot(a[1], tl.trans(b[1]), s, input_precision=PREC)
-    else:
-        s = tl.dot(a, tl.trans(b), input_precision=PREC)
-    return s
-
-
-@triton.jit
-def _add_dot(acc, a, b, PREC: tl.constexpr):
-    # acc + a @ b with a [R, C] cast to b's dtype, b [C, D]; for a split head (acc, b pairs) one product per part
-    if isinstance(b, tl.tuple):
-        a = a.to(b[0].dtype)
-        acc = tl.tuple([acc[0] + tl.dot(a, b[0], input_precision=PREC), acc[1] + tl.dot(a, b[1], input_precision=PREC)])
-    else:
-        acc = acc + tl.dot(a.to(b.dtype), b, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _scale_rows(x, f):
-    # x * f, f a scalar or a column [R, 1]; a split head's parts alike
-    if isinstance(x, tl.tuple):
-        x = tl.tuple([x[0] * f, x[1] * f])
-    else:
-        x = x * f
-    return x
-
-
-@triton.jit
-def _div_rows(x, d):
-    # x / d, d a column [R, 1]; a split head's parts alike
-    if isinstance(x, tl.tuple):
-        x = tl.tuple([x[0] / d, x[1] / d])
-    else:
-        x = x / d
-    return x
-
-
-@triton.jit
-def _cast_like(x, t):
-    # x in the dtype of the tile t (of its first part where t is a split head's pair)
-    if isinstance(t, tl.tuple):
-        x = x.to(t[0].dtype)
-    else:
-        x = x.to(t.dtype)
-    return x
-
-
-@triton.jit
-def _row_dot(a, b):
-    # rowsum(a * b) in float32 [R] (delta from O and dO); a split head's parts summed
-    if isinstance(a, tl.tuple):
-        r = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1) + tl.sum(a[1].to(tl.float32) * b[1].to(tl.float32), 1)
-    else:
-        r = tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
-    return r
-
-
-@triton.jit
 def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr):
     # the strides of contiguous q-shaped [B, T, HQ, DH] and k-shaped [B, T, HQ // G, DH] tensors (the launchers'),
     # with DH > 0 as products of DH, so that the compiler sees what they are multiples of: a head dim such as 40 comes
@@ -225,7 +131,7 @@ def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.cons
 @triton.jit
 def _load_head(x, i_b, i_h, stride_b, stride_h, o_r, o_d, stride_t, m_r, DH: tl.constexpr):
     # the [R, D] rows o_r (valid where m_r, zeros elsewhere) of head i_h in batch row i_b of x [B, T, H, DH or D]
-    return _load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), _head_mask(m_r, o_d, DH))
+    return pair_load(_rows(x + i_b * stride_b + i_h * stride_h, o_r, o_d, stride_t), _head_mask(m_r, o_d, DH))
 
 
 @triton.jit
@@ -269,8 +175,8 @@ def _row_tiles(
             m = _head_mask(m_r, o_d, DH)
         else:
             m = _head_mask(m_r, tl.arange(0, p_a.shape[1]), DH)
-        b_a = _load(_shift(p_a, i0 * stride_t), m)
-        b_b = _load(_shift(p_b, i0 * stride_t), m)
+        b_a = pair_load(pair_shift(p_a, i0 * stride_t), m)
+        b_b = pair_load(pair_shift(p_b, i0 * stride_t), m)
     elif MASKED:
         b_a = tl.load(p_a + i0 * stride_t, mask=m_r[:, None], other=0.0)
         b_b = tl.load(p_b + i0 * stride_t, mask=m_r[:, None], other=0.0)
@@ -317,7 +223,7 @@ def _mask_block(b_x, fill, o_t, o_j, m_j, i0, P, W, S, F_LO, F_HI, MODE: tl.cons
 def _probs(b_a, b_b, b_lse, qk_scale, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
     # probabilities from raw scores b_a @ b_b^T and the log2-unit LSE of each query (one FMA per score):
     # [BM, D] @ [D, BN] -> [BM, BN] (q, k), or with KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (k, q)
-    b_s = _dot_nt(b_a, b_b, PREC)
+    b_s = pair_dot_nt(b_a, b_b, PREC)
     if KEY_ROWS:
         return tl.math.exp2(b_s * qk_scale - b_lse[None, :])
     else:
@@ -328,7 +234,7 @@ def _probs(b_a, b_b, b_lse, qk_scale, PREC: tl.constexpr, KEY_ROWS: tl.constexpr
 def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr, KEY_ROWS: tl.constexpr):
     # score gradients p * (dp - delta), dp = b_a @ b_b^T: [BM, D] @ [D, BN] -> [BM, BN] (do, v), or with
     # KEY_ROWS [BN, D] @ [D, BM] -> [BN, BM] (v, do)
-    b_dp = _dot_nt(b_a, b_b, PREC)
+    b_dp = pair_dot_nt(b_a, b_b, PREC)
     if KEY_ROWS:
         return b_p * (b_dp - b_delta[None, :])
     else:
@@ -361,7 +267,7 @@ def _fwd_inner(
         # raw scores: qk_scale (> 0) is applied to the row max and inside exp2's argument, one FMA per
         # score instead of a multiply and a subtract, and q is not rounded to its dtype a second time
         # [BM, D] @ [D, BN] -> [BM, BN]
-        b_s = _dot_nt(b_q, b_k, PREC)
+        b_s = pair_dot_nt(b_q, b_k, PREC)
         if EXACT:
             b_s, b_v = mask_scores(b_s, b_v, _visible(o_m, o_j, m_j, P, W, S, MODE == 2, False), True)
         else:
@@ -414,14 +320,14 @@ def _swa_fwd_kernel(
     o_d = _cols(D, D2)
 
     p_q = _rows(q + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    b_q = _load(p_q, _head_mask(o_m < T, o_d, DH))  # the whole key loop's A operand of QK^T
+    b_q = pair_load(p_q, _head_mask(o_m < T, o_d, DH))  # the whole key loop's A operand of QK^T
     b_q = register_operand(b_q, T, QREGS)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
     p_v = _rows(v_base, o_n, o_d, stride_kt)
 
-    acc = _zeros(BM, o_d)
+    acc = pair_zeros(BM, o_d)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
 
@@ -467,7 +373,7 @@ def _swa_fwd_kernel(
     # leaves their allocation alone (wider tiles spilled at D = 256); its rows agree with the fast loops'
     # to rounding, not bit for bit.
     if any_nonfinite(acc):
-        acc = _zeros(BM, o_d)
+        acc = pair_zeros(BM, o_d)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         o_x = tl.arange(0, 16)
@@ -483,9 +389,9 @@ def _swa_fwd_kernel(
         )  # fmt: skip
 
     empty = l_i == 0.0
-    b_o = _div_rows(acc, tl.where(empty, 1.0, l_i)[:, None])
+    b_o = pair_div(acc, tl.where(empty, 1.0, l_i)[:, None])
     p_o = _rows(o + i_b * stride_qb + i_h * stride_qh, o_m, o_d, stride_qt)
-    _store(p_o, b_o, _head_mask(o_m < T, o_d, DH))
+    pair_store(p_o, b_o, _head_mask(o_m < T, o_d, DH))
     # natural-log LSE; +inf marks rows that see no key, so the backward's exp gives 0 there
     b_lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_JIT)
     tl.store(lse + i_bh * T + o_m, b_lse, mask=o_m < T)
@@ -518,8 +424,8 @@ def _dkdv_inner(
         b_pt = _probs(b_k, b_q, b_lse, qk_scale, PREC, True)
         b_pt = _mask_block(b_pt, 0.0, o_m, o_n, None, m0, P, W, S, F_LO, F_HI, MODE, True)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dv = _add_dot(b_dv, b_pt, b_do, PREC)
-        b_dst = _cast_like(_dscores(b_pt, b_v, b_do, b_delta, PREC, True), b_q)
+        b_dv = pair_add_dot(b_dv, b_pt, b_do, PREC)
+        b_dst = pair_cast_like(_dscores(b_pt, b_v, b_do, b_delta, PREC, True), b_q)
         if STASH:
             BN: tl.constexpr = b_dst.shape[0]
             i_q = m0 // BQ
@@ -527,7 +433,7 @@ def _dkdv_inner(
             row = (i_q * NB + slot).to(tl.int64) * BQ + (m0 - i_q * BQ)
             tl.store(p_ds + row * BN + o_mb[None, :] * BN + tl.arange(0, BN)[:, None], b_dst)
         # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dk = _add_dot(b_dk, b_dst, b_q, PREC)
+        b_dk = pair_add_dot(b_dk, b_dst, b_q, PREC)
     return b_dk, b_dv
 
 
@@ -561,8 +467,8 @@ def _swa_bwd_dkdv_kernel(
     b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, o_n < T, DH)
     b_k, b_v = register_operand(b_k, T, KVREGS), register_operand(b_v, T, KVREGS)  # the A operands of S^T and dP^T
-    b_dk = _zeros(BN, o_d)
-    b_dv = _zeros(BN, o_d)
+    b_dk = pair_zeros(BN, o_d)
+    b_dv = pair_zeros(BN, o_d)
 
     # three loops, or with ONE_LOOP one loop over [n0, hi) that masks the blocks outside [n0 + BN, e)
     e, hi = _query_band(n0, W, T, BM, BN)
@@ -610,9 +516,9 @@ def _swa_bwd_dkdv_kernel(
                     stride_qt, BM, 1, PREC, p_ds=p_ds, i_n=i_n, NB=NB, BQ=BQ, STASH=STASH, DH=DH,
                 )  # fmt: skip
 
-    b_dk = _scale_rows(b_dk, sm_scale)
-    _store(_rows(dk + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dk, m_n)
-    _store(_rows(dv + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dv, m_n)
+    b_dk = pair_scale(b_dk, sm_scale)
+    pair_store(_rows(dk + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dk, m_n)
+    pair_store(_rows(dv + i_b * stride_kb + i_hk * stride_kh, o_n, o_d, stride_kt), b_dv, m_n)
 
 
 @triton.jit
@@ -638,8 +544,8 @@ def _swa_bwd_dkdv_sink_kernel(
     m_n = (o_n < T) & (o_n < P + S)
     b_k = _load_head(k, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
     b_v = _load_head(v, i_b, i_hk, stride_kb, stride_kh, o_n, o_d, stride_kt, m_n, DH)
-    b_dk = _zeros(BS, o_d)
-    b_dv = _zeros(BS, o_d)
+    b_dk = pair_zeros(BS, o_d)
+    b_dv = pair_zeros(BS, o_d)
     m_lo = tl.maximum(i_c * CHUNK, (P + W) // BM * BM)
     m_hi = tl.minimum((i_c + 1) * CHUNK, T)
     for i_g in range(G):
@@ -657,8 +563,8 @@ def _swa_bwd_dkdv_sink_kernel(
         o_s = tl.arange(0, BS)
         base = (i_bh * n_chunks + i_c) * BS * (D + D2)
         m_s = _head_mask(o_s < BS, o_d, 0)
-        _store(_rows(dk_part + base, o_s, o_d, D + D2), _scale_rows(b_dk, sm_scale), m_s)
-        _store(_rows(dv_part + base, o_s, o_d, D + D2), b_dv, m_s)
+        pair_store(_rows(dk_part + base, o_s, o_d, D + D2), pair_scale(b_dk, sm_scale), m_s)
+        pair_store(_rows(dv_part + base, o_s, o_d, D + D2), b_dv, m_s)
     else:
         p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
         tl.store(dk_part + p_part, b_dk * sm_scale)
@@ -681,7 +587,7 @@ def _dq_inner(
         b_p = _mask_block(b_p, 0.0, o_m, o_j, m_j, n0, P, W, S, F_LO, F_HI, MODE, False)
         b_ds = _dscores(b_p, b_do, b_v, b_delta, PREC, False)
         # [BM, BN] @ [BN, D] -> [BM, D]
-        b_dq = _add_dot(b_dq, b_ds, b_k, PREC)
+        b_dq = pair_add_dot(b_dq, b_ds, b_k, PREC)
     return b_dq
 
 
@@ -713,7 +619,7 @@ def _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W
 @triton.jit
 def _store_dq(base, b_dq, o_m, o_d, m_m, stride_t, DH: tl.constexpr):
     # the [BM, D] rows o_m (valid where m_m) of one head of dq, base: its first element in the batch row
-    _store(_rows(base, o_m, o_d, stride_t), b_dq, _head_mask(m_m, o_d, DH))
+    pair_store(_rows(base, o_m, o_d, stride_t), b_dq, _head_mask(m_m, o_d, DH))
 
 
 @triton.jit
@@ -738,13 +644,13 @@ def _swa_bwd_dq_kernel(
     # delta = rowsum(dO * O), from the dO rows this program holds anyway, stored for the dK/dV kernels that run after
     # this one (no separate pass reading dO and O)
     b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
-    b_delta = _row_dot(b_o, b_do)
+    b_delta = pair_row_dot(b_o, b_do)
     tl.store(delta + i_bh * T + o_m, b_delta, mask=m_m)
     k_base = k + i_b * stride_kb + i_hk * stride_kh
     v_base = v + i_b * stride_kb + i_hk * stride_kh
     p_k = _rows(k_base, o_n, o_d, stride_kt)
     p_v = _rows(v_base, o_n, o_d, stride_kt)
-    b_dq = _zeros(BM, o_d)
+    b_dq = pair_zeros(BM, o_d)
 
     # the forward's key blocks and loop structure
     lo, b, hi = _key_band(m0, P, W, T, BM, BN)
@@ -778,7 +684,7 @@ def _swa_bwd_dq_kernel(
         if m0 + BM - 1 - P >= W:  # sink tile, as in _fwd_sinks
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
                              stride_kt, BS, PREC, DH)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, _scale_rows(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, pair_scale(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
 
 
 @triton.jit
@@ -795,7 +701,7 @@ def _swa_bwd_delta_kernel(
     m_m = o_m < T
     b_o = _load_head(o, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
     b_do = _load_head(do, i_b, i_h, stride_qb, stride_qh, o_m, o_d, stride_qt, m_m, DH)
-    tl.store(delta + i_bh * T + o_m, _row_dot(b_o, b_do), mask=m_m)
+    tl.store(delta + i_bh * T + o_m, pair_row_dot(b_o, b_do), mask=m_m)
 
 
 @triton.jit
@@ -821,32 +727,32 @@ def _swa_bwd_dq_stash_kernel(
     p_ds = ds + i_l * HEAD_STRIDE + (i_m * NB).to(tl.int64) * BM * BN + tl.arange(0, BM)[:, None] * BN + o_n[None, :]
     k_lo = tl.maximum(m0 - W + 1, 0) // BN
     k_hi = (tl.minimum(m0 + BM, T) - 1) // BN + 1
-    b_dq = _zeros(BM, o_d)
+    b_dq = pair_zeros(BM, o_d)
     for i_n in range(k_lo, k_hi):
         n0 = i_n * BN
         o_j = n0 + o_n
         m_j = o_j < T
         if HAS_PAD:
             m_j = m_j & (o_j >= P)
-        b_k = _load(_shift(p_k, n0 * stride_kt), _head_mask(m_j, o_d, DH))
+        b_k = pair_load(pair_shift(p_k, n0 * stride_kt), _head_mask(m_j, o_d, DH))
         r_lo = n0
         if HAS_PAD:  # the dK/dV kernel skips a key block entirely before the padding end
             r_lo = tl.where(n0 + BN > P, n0, T)
         m_s = (o_m >= r_lo) & (o_m < tl.minimum(n0 + BN - 1 + W, T))
         b_ds = tl.load(p_ds + (i_n - k_lo) * BM * BN, mask=m_s[:, None], other=0.0)
         # [BM, BN] @ [BN, D] -> [BM, D]
-        b_dq = _add_dot(b_dq, b_ds, b_k, PREC)
+        b_dq = pair_add_dot(b_dq, b_ds, b_k, PREC)
     if S > 0:
         if m0 + BM - 1 - P >= W:  # sink tile, as in _swa_bwd_dq_kernel
             off = i_b * stride_qb + i_h * stride_qh
-            b_q = _load(_rows(q + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
-            b_do = _load(_rows(do + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
+            b_q = pair_load(_rows(q + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
+            b_do = pair_load(_rows(do + off, o_m, o_d, stride_qt), _head_mask(m_m, o_d, DH))
             b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf")) * LOG2E_JIT
             b_delta = tl.load(delta + i_bh * T + o_m, mask=m_m, other=0.0)
             v_base = v + i_b * stride_kb + i_hk * stride_kh
             b_dq = _dq_sinks(b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, o_m, o_d, P, T, W, S, qk_scale,
                              stride_kt, BS, PREC, DH)  # fmt: skip
-    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, _scale_rows(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
+    _store_dq(dq + i_b * stride_qb + i_h * stride_qh, pair_scale(b_dq, sm_scale), o_m, o_d, m_m, stride_qt, DH)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -867,8 +773,9 @@ def split_head(D: int) -> tuple[int, int] | None:
     """The two tiles (D1, D2) a head dim D runs on when it is split (D1 the largest power of 2 below D, at least 16;
     D2 the next power of 2, at least 16, holding the rest, its columns past D masked), where they are narrower than
     ``kernel_head_dim(D)``: 96 -> (64, 32), 80 -> (64, 16), 40 -> (32, 16), 160 -> (128, 32), 192 -> (128, 64). None
-    for the head dims the kernels take as they are, and where a split saves nothing (112: 64 + 64 = 128; 24; 8)."""
-    if D in _SUPPORTED_D or D < 32:
+    for the head dims the kernels take as they are, where a split saves nothing (112: 64 + 64 = 128; 24; 8), and
+    past 256."""
+    if D in _SUPPORTED_D or D < 32 or D > _SUPPORTED_D[-1]:
         return None
     D1 = 1 << (D.bit_length() - 1)
     D2 = max(16, next_pow2(D - D1))
