@@ -11,19 +11,22 @@
 #              mixerzoo/kernels/swa/tuned_configs.json, to commit with its log)
 #   profile    Nsight Compute's counters for one forward+backward of swa at W4096 and base, mixerzoo against
 #              FlexAttention and flash-attn 4 (benchmarks/profile_kernels.py): $OUT/profile-raw.csv, profile.txt
-# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all but tune and profile, in the order above)
+#   split      swa and the eviction kernels at head dims split in two tiles (96, 80, 40, 160, 192) against one wide
+#              tile (benchmarks/swa_split_head.py), rows swa_split_head
+# Usage (repo root): bash benchmarks/gpu_all.sh [PART...]   (default: all but tune, profile and split, in the order
+# above)
 # Needs a CUDA GPU (exit status 2 without one). Comparison packages carried as wheels in .whl/ (fla-core,
 # xformers, the CUDA 12 runtime, flash-attn 4) go to /tmp/site first (benchmarks/install_wheels.sh). The
 # benchmarks write benchmarks/results/<gpu>.json and, with $OUT set, $OUT/results-*.json to merge into another
 # checkout with `python benchmarks/common.py FILE...`; logs go to $OUT (a new temporary folder when unset).
 set -uo pipefail
-usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
-all=(tests backends attention gdn eviction nsa sweep)  # tune and profile run only when named
+usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; }
+all=(tests backends attention gdn eviction nsa sweep)  # tune, profile and split run only when named
 for arg in "$@"; do
     case $arg in
     -h | --help) usage && exit 0 ;;
-    tests | backends | attention | gdn | eviction | nsa | sweep | tune | profile) ;;
-    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]} tune profile" >&2 && exit 2 ;;
+    tests | backends | attention | gdn | eviction | nsa | sweep | tune | profile | split) ;;
+    *) echo "gpu_all.sh: unknown part '$arg'; the parts are ${all[*]} tune profile split" >&2 && exit 2 ;;
     esac
 done
 parts=("$@")
@@ -70,6 +73,7 @@ for part in "${parts[@]}"; do
         python3 benchmarks/swa_tune.py --max-seconds 540 2>&1 | tee "$OUT/swa-tune.log" \
             | grep -Ev '^  [a-z]+ +(default|candidate) ' || rc=1
         ;;
+    split) python3 benchmarks/swa_split_head.py 2>&1 | tee "$OUT/split-head.log" | tail -n 30 || rc=1 ;;
     profile)  # the report stays in /tmp (tens of MB); the raw export and the summary go to $OUT
         ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
         if [[ -z $ncu ]]; then

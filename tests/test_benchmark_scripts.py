@@ -195,7 +195,7 @@ def test_usage_errors_name_the_value():
         ),
         "gpu_all.sh": (
             ["gdm"],
-            "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa sweep tune",
+            "unknown part 'gdm'; the parts are tests backends attention gdn eviction nsa sweep tune profile split",
         ),
         "sweep.py": (["--points", "base,D64-X2"], "--points: unknown point 'D64-X2'; a point is 'base' or axis"),
         "sweep.py --ops": (["--ops", "swa,eviction"], "--ops: unknown op(s) eviction; the ops are swa, swa_sink"),
