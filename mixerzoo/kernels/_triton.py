@@ -204,16 +204,16 @@ def register_operand(x, T, ON: tl.constexpr):
     # cannot fold away, so that a loaded tile the loop only reads (a query block's Q or dO, a key block's K or V),
     # which every wgmma taking it as its A operand would otherwise read from shared memory, is held in registers
     # instead (wgmma's register-A form): less shared-memory traffic per step for more registers (the swa and
-    # eviction kernels' QREGS and KVREGS keys). A tuple (a head split in two tiles, see swa's _cols): each part
+    # eviction kernels' QREGS and KVREGS keys). A split head's pair (see the pair_* helpers below): each part
     if isinstance(x, tl.tuple):
-        x = tl.tuple([register_operand_tile(x[0], T, ON), register_operand_tile(x[1], T, ON)])
+        x = tl.tuple([_register_operand_tile(x[0], T, ON), _register_operand_tile(x[1], T, ON)])
     else:
-        x = register_operand_tile(x, T, ON)
+        x = _register_operand_tile(x, T, ON)
     return x
 
 
 @triton.jit
-def register_operand_tile(x, T, ON: tl.constexpr):
+def _register_operand_tile(x, T, ON: tl.constexpr):
     # register_operand of one tile
     if ON:
         if x.dtype.primitive_bitwidth == 16:
@@ -365,7 +365,7 @@ def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SC
         b_p = tl.math.exp2(b_s * qk_scale - b_ref[:, None])
     b_r = tl.math.exp2(b_max - b_ref)
     b_sum = b_sum * b_r + tl.sum(b_p, 1)
-    # [BM, BN] @ [BN, D] -> [BM, D]; a head split in two tiles (b_v, b_acc tuples, see swa's _cols): each part
+    # [BM, BN] @ [BN, D] -> [BM, D]; a split head (b_v, b_acc pairs, see the pair_* helpers): one product per part
     if isinstance(b_acc, tl.tuple):
         b_pv = b_p.to(b_v[0].dtype)
         b_acc = tl.tuple(
@@ -383,7 +383,7 @@ def softmax_step(b_s, b_v, b_max, b_sum, b_acc, qk_scale, PREC: tl.constexpr, SC
 def mask_scores(b_s, b_v, vis, EXACT: tl.constexpr):
     # scores outside vis -> -inf. EXACT: V rows holding a NaN / Inf are zeroed for the p @ V product (p = 0 times
     # NaN would reach the queries that cannot see them) and their visible scores set to NaN, so that exactly the
-    # query rows that see such a row come out NaN. b_v a tuple (a head split in two tiles): a row of either part
+    # query rows that see such a row come out NaN. b_v a split head's pair (see the pair_* helpers): either part's rows
     if EXACT:
         if isinstance(b_v, tl.tuple):
             b_v0, ok0 = _finite_rows(b_v[0])
@@ -407,7 +407,7 @@ def _finite_rows(b_v):
 def any_nonfinite(acc):
     # block-uniform: does the accumulator hold a NaN / Inf (a NaN score makes its row of p, so of acc, NaN too);
     # a finite row sum that overflows only sends a finite block down the exact path, which is slower, not wrong.
-    # A tuple (a head split in two tiles): the row sums of both parts
+    # A split head's pair (see the pair_* helpers): the row sums of both parts
     if isinstance(acc, tl.tuple):
         r = tl.sum(acc[0], 1) + tl.sum(acc[1], 1)
     else:

@@ -365,18 +365,18 @@ def _dscores(b_p, b_a, b_b, b_delta, PREC: tl.constexpr):
 
 
 @triton.jit
-def _finite_rows(b_v):
+def _value_rows_ok(b_v):
     # [BK] which rows of the value tile b_v hold no NaN / Inf (of both parts of a split head)
     if isinstance(b_v, tl.tuple):
-        ok = _finite_rows_tile(b_v[0]) & _finite_rows_tile(b_v[1])
+        ok = _value_rows_ok_tile(b_v[0]) & _value_rows_ok_tile(b_v[1])
     else:
-        ok = _finite_rows_tile(b_v)
+        ok = _value_rows_ok_tile(b_v)
     return ok
 
 
 @triton.jit
-def _finite_rows_tile(b_v):
-    # _finite_rows of one tile
+def _value_rows_ok_tile(b_v):
+    # _value_rows_ok of one tile
     return tl.min((tl.abs(b_v.to(tl.float32)) < float("inf")).to(tl.int32), 1) != 0
 
 
@@ -444,7 +444,7 @@ def _fwd_range(
             b_s = pair_dot_nt(b_q, b_k, PREC)
             if MASKED == 1:
                 if FLAGS == 2:
-                    m_ok = _finite_rows(b_v)
+                    m_ok = _value_rows_ok(b_v)
                     b_v = _tile(v, o_j, m_c & m_ok, o_d, m_d, HKV, D)
                     b_s = tl.where(m_ok[None, :], b_s, float("nan"))
                 b_s = tl.where(m_vis, b_s, float("-inf"))
