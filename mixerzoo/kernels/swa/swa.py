@@ -558,17 +558,12 @@ def _swa_bwd_dkdv_sink_kernel(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, o_n, o_mb, m_lo, m_hi, P, T, W, S, qk_scale, stride_qt,
             BM, 2, PREC, DH=DH,
         )  # fmt: skip
-    n_chunks = tl.num_programs(0)
-    if D2 > 0:  # a split head: rows of D + D2 floats
-        o_s = tl.arange(0, BS)
-        base = (i_bh * n_chunks + i_c) * BS * (D + D2)
-        m_s = _head_mask(o_s < BS, o_d, 0)
-        pair_store(_rows(dk_part + base, o_s, o_d, D + D2), pair_scale(b_dk, sm_scale), m_s)
-        pair_store(_rows(dv_part + base, o_s, o_d, D + D2), b_dv, m_s)
-    else:
-        p_part = (i_bh * n_chunks + i_c) * BS * D + tl.arange(0, BS)[:, None] * D + o_d[None, :]
-        tl.store(dk_part + p_part, b_dk * sm_scale)
-        tl.store(dv_part + p_part, b_dv)
+    # rows of the tiles' D + D2 floats (D2 = 0 but for a split head), every column stored
+    o_s = tl.arange(0, BS)
+    base = (i_bh * tl.num_programs(0) + i_c) * BS * (D + D2)
+    m_s = _head_mask(o_s < BS, o_d, 0)
+    pair_store(_rows(dk_part + base, o_s, o_d, D + D2), pair_scale(b_dk, sm_scale), m_s)
+    pair_store(_rows(dv_part + base, o_s, o_d, D + D2), b_dv, m_s)
 
 
 @triton.jit
