@@ -59,16 +59,14 @@ def _build() -> None:
 def _run(q, k, v, do, W, split: bool, backward: bool):
     """The forward (and with ``backward`` the backward) with the tile table's tiles, split or on the one wide tile."""
     D = q.shape[-1]
-    cfgs = {}
-    if not split:  # the tile table's (or default) tiles with SPLIT=False; the backward's dQ follows dK/dV's split
-        G, BD = q.shape[2] // k.shape[2], swa.kernel_head_dim(D)
-        fwd = swa.tuned_config("fwd", q.device, q.dtype, BD, G, W) or swa._fwd_config(BD)
-        dkdv = swa.tuned_config("dkdv", q.device, q.dtype, BD, G, W) or swa._dkdv_config(BD)
-        cfgs = dict(config={**fwd, "SPLIT": False}, dkdv_config={**dkdv, "SPLIT": False})
-    o, lse = swa.swa_fwd(q, k, v, W, config=cfgs.get("config"))
+    # the tile table's (or default) tiles with SPLIT as asked (the backward's dQ follows dK/dV's split)
+    G, BD = q.shape[2] // k.shape[2], swa.kernel_head_dim(D)
+    fwd = swa.tuned_config("fwd", q.device, q.dtype, BD, G, W) or swa._fwd_config(BD)
+    dkdv = swa.tuned_config("dkdv", q.device, q.dtype, BD, G, W) or swa._dkdv_config(BD)
+    o, lse = swa.swa_fwd(q, k, v, W, config={**fwd, "SPLIT": split})
     if not backward:
         return (o,)
-    return (o, *swa.swa_bwd(do, q, k, v, o, lse, W, dkdv_config=cfgs.get("dkdv_config")))
+    return (o, *swa.swa_bwd(do, q, k, v, o, lse, W, dkdv_config={**dkdv, "SPLIT": split}))
 
 
 def _run_eviction(q, k, v, do, W, intervals, split: bool, backward: bool):
@@ -95,9 +93,9 @@ def check() -> int:
         o, lse = swa_fwd_ref(q, k, v, W, S, D**-0.5, None)
         ref = (o, *swa_bwd_ref(do, q, k, v, o, lse, W, S, D**-0.5, None))
         for split in (True, False):
-            cfg = {} if split else dict(SPLIT=False, **swa._fwd_config(swa.kernel_head_dim(D)))
-            o2, lse2 = swa.swa_fwd(q, k, v, W, S, config=cfg or None)
-            dk_cfg = None if split else dict(SPLIT=False, **swa._dkdv_config(swa.kernel_head_dim(D)))
+            cfg = dict(SPLIT=split, **swa._fwd_config(swa.kernel_head_dim(D)))
+            o2, lse2 = swa.swa_fwd(q, k, v, W, S, config=cfg)
+            dk_cfg = dict(SPLIT=split, **swa._dkdv_config(swa.kernel_head_dim(D)))
             out = (o2, *swa.swa_bwd(do, q, k, v, o2, lse2, W, S, dkdv_config=dk_cfg))
             errs = [rel_rmse(r, g) for r, g in zip(ref, out, strict=True)]
             print(f"D={D} T={T} HQ={hq} HKV={hkv} W={W} S={S} {'split' if split else 'wide'}: rel RMSE "

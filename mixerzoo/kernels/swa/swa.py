@@ -796,6 +796,15 @@ def _head_args(kernel: str, D: int, loops: dict) -> dict:
     return dict(D=BD, D2=0, DH=D if BD != D else 0)
 
 
+def _split_backward(BD: int) -> bool:
+    """Whether the backward splits a head dim that ``split_head`` splits when its dK/dV config does not say (key
+    SPLIT), for tiles of head dim BD = ``kernel_head_dim(D)``: only past 128. Measured on an H200 (bf16,
+    ``benchmarks/swa_split_head.py``, the backward alone): at 96 and 80 the split backward was 3-10% slower than the
+    one wide tile's, which can stash (a split head cannot, see ``swa_bwd``), at 160 2.5% faster; the forward splits
+    wherever it can (up to 1.29x faster at 160, 1.26x at 80)."""
+    return BD > 128
+
+
 def _fwd_config(D: int) -> dict:
     """Tile sizes of the forward kernel (D = 128: the winners of `benchmarks/attention.py --sections loops`
     on an H200, see benchmarks/NOTES-swa.md)."""
@@ -853,7 +862,8 @@ def _loop_flags(cfg: dict, kernel: str, regs: str | None = None) -> dict:
     would reach the kernel launch as kwargs), the other register key (and both for the stash dQ kernel, ``regs``
     None), and a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``.
     Also pops SPLIT (default True: a head dim that ``split_head`` splits runs on its two tiles; False: on one
-    ``kernel_head_dim``-wide tile), which ``_head_args`` takes."""
+    ``kernel_head_dim``-wide tile; ``swa_bwd`` sets its own default first, ``_split_backward``), which
+    ``_head_args`` takes."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
     flags["SPLIT"] = bool(cfg.pop("SPLIT", True))  # for _head_args
     if regs is not None:
@@ -1172,6 +1182,7 @@ def swa_bwd(
         dkdv_config or tuned_config("dkdv", q.device, q.dtype, BD, G, W) or _fit_dtype(_dkdv_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    cfg.setdefault("SPLIT", _split_backward(BD))
     loops = _loop_flags(cfg, "swa_bwd dkdv_config", "KVREGS")
     split = loops["SPLIT"]
     heads = _head_args("swa_bwd dkdv_config", D, loops)
@@ -1196,7 +1207,8 @@ def swa_bwd(
             dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
     if dq_config is not None and "SPLIT" in dq_config and bool(dq_config["SPLIT"]) != split:
         raise ValueError(
-            f"swa_bwd: dq_config SPLIT={dq_config['SPLIT']!r} but dkdv_config's is {split} (default True): the "
+            f"swa_bwd: dq_config SPLIT={dq_config['SPLIT']!r} but dkdv_config's is {split} (default: "
+            f"{_split_backward(BD)} at head dim {D}): the "
             "backward's kernels share one head split; set it in dkdv_config alone"
         )
     _head_args("swa_bwd dq_config", D, dq_loops)
