@@ -170,9 +170,11 @@ def test_swa_launchers_ask_the_table(monkeypatch):
     assert asked == []
 
 
-def test_eviction_launchers_ask_the_table(monkeypatch):
-    # each of the four kernels looks up (kernel, D, G, W); a rule's tiles (here other small ones: 32-row blocks,
-    # one masked loop) are launched, and the results still match the reference
+@pytest.mark.parametrize("D, looked_up", [(16, 16), (40, 64)])
+def test_eviction_launchers_ask_the_table(monkeypatch, D, looked_up):
+    # each of the four kernels looks up (kernel, D, G, W), a head dim between powers of 2 as the next one (as swa's
+    # launchers do); a rule's tiles (here other small ones: 32-row blocks, one masked loop) are launched, and the
+    # results still match the reference
     asked = []
 
     def fake(kernel, device, dtype, D, G, W):
@@ -181,7 +183,7 @@ def test_eviction_launchers_ask_the_table(monkeypatch):
 
     monkeypatch.setattr(EVICTION_TABLE, "config", fake)
     torch.manual_seed(1)
-    B, T, HQ, HKV, D, W = 1, 70, 4, 2, 16, 9
+    B, T, HQ, HKV, W = 1, 70, 4, 2, 9
     q = torch.randn(B, T, HQ, D, device=DEV)
     k, v = torch.randn(B, T, HKV, D, device=DEV), torch.randn(B, T, HKV, D, device=DEV)
     score = torch.randn(B, T, HKV, device=DEV)
@@ -190,6 +192,6 @@ def test_eviction_launchers_ask_the_table(monkeypatch):
     o, lse = ev.eviction_attention_fwd(q, k, v, *lists, window_size=W, scale=D**-0.5, open_ended=True)
     ev.eviction_attention_bwd(torch.randn_like(q), q, k, v, o, lse, *lists, window_size=W, scale=D**-0.5,
                               open_ended=True)  # fmt: skip
-    assert asked == [("fwd", D, 2, W), ("dq", D, 2, W), ("dkdv", D, 2, W), ("listed", D, 2, W)]
+    assert asked == [(kernel, looked_up, 2, W) for kernel in ("fwd", "dq", "dkdv", "listed")]
     o_ref, _ = eviction_attention_ref(q, k, v, score, **kw)
     torch.testing.assert_close(o, o_ref.to(o.dtype), **TOL)

@@ -853,7 +853,8 @@ _INTERPRETER_TILES = dict(BT=16, BS=16, BC=16, SPLIT=True, num_warps=4, num_stag
 
 def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
     """A launch's tiles: the caller's, else the tile table's for (head dim, group G, window W) on this GPU
-    (``tuned.py``), else the defaults."""
+    (``tuned.py``), else the defaults. A head dim between powers of 2 takes the rules of the next one (96: 128's),
+    as swa's launchers do: its tiles (one masked, or two split) take no more shared memory than that one's."""
     if tiles is not None and kernel in tiles:
         split = tiles[kernel].get("SPLIT", True)
         if split not in ((True, False, 0, 1, 2, 3, 4) if kernel in ("fwd", "dq") else (True, False, 0, 1)):
@@ -866,7 +867,7 @@ def _tiles(x: Tensor, kernel: str, tiles: dict | None, G: int, W: int) -> dict:
         _check_flag(tiles, kernel, "SPLIT_HEAD", ("fwd", "dq", "dkdv", "listed"), "every kernel takes it")
         check_maxnreg(f"eviction_attention: tiles[{kernel!r}]", tiles[kernel])
         return tiles[kernel]
-    tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, x.shape[-1], G, W)
+    tuned = EVICTION_TABLE.config(kernel, x.device, x.dtype, max(16, next_pow2(x.shape[-1])), G, W)
     return tuned if tuned is not None else default_tiles(x, kernel)
 
 
