@@ -239,8 +239,8 @@ def experiment_main(argv: Sequence[str] | None, experiment, *, interpret: bool =
     ``COLUMNS``, ``_build()`` (defines the kernels once the interpreter flag is settled), ``check()`` and
     ``timing(points)``. ``--check`` runs ``check()`` on the CPU (in Triton's interpreter, or with ``interpret=False``
     with the interpreter flag cleared, for a check that compiles kernels), else ``timing(points)`` on the GPU prints
-    the table of ``COLUMNS`` and writes the rows of ``OP``; ``--points`` picks among the points. Returns the exit
-    status."""
+    the table of ``COLUMNS`` and writes the rows of ``OP`` (replacing the earlier rows of the points it measured);
+    ``--points`` picks among the points. Returns the exit status."""
     script, doc, points = pathlib.Path(experiment.__file__).name, experiment.__doc__, list(experiment.SHAPES)
     build, check, timing = experiment._build, experiment.check, experiment.timing
     check_help = "the CPU check (Triton's interpreter)" if interpret else "the CPU check (compiles for sm_90)"
@@ -262,7 +262,8 @@ def experiment_main(argv: Sequence[str] | None, experiment, *, interpret: bool =
     build()
     rows = timing(args.points.split(","))
     print_table(rows, experiment.COLUMNS)
-    print("results:", write_results({experiment.OP}, rows))
+    # a run of some points replaces those points' rows only: the others' rows (an earlier run) stay
+    print("results:", write_results({experiment.OP}, rows, replace_by=("point",)))
     return 0
 
 
