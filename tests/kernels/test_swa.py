@@ -149,10 +149,10 @@ def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad, path):
     # a head dim the kernels do not take as it is runs on two tiles where split_head splits it (96 -> 64 + 32,
     # 40 -> 32 + 16, 33 -> 32 + 16, 80 -> 64 + 16, 160 -> 128 + 32), else on the next one's tiles (8 -> 16), with the
     # columns past it masked: output, lse and every gradient as the reference's at the real head dim, in the inputs'
-    # shape; the defaults (the forward split, the backward split only past 128, see _split_backward), the three
-    # loops, the one loop, the stash backward (its delta pass and dQ kernel), and where the head dim splits, the
-    # forward and backward both with SPLIT=False (one tile of the next head dim the kernels take, masked) and both
-    # with SPLIT=True
+    # shape; the defaults (the forward split, the backward split unless it stashes, see swa_bwd), the three loops,
+    # the one loop, the stash backward (its delta pass and dQ kernel), and where the head dim splits, the forward
+    # and backward both with SPLIT=False (one tile of the next head dim the kernels take, masked) and both with
+    # SPLIT=True
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     if path == "stash":
         _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype)
@@ -184,8 +184,8 @@ def test_swa_split_head():
 
 def test_swa_split_head_does_not_stash(monkeypatch):
     # with a split head the backward takes the recomputing dQ kernel even where the dQ config asks for the stash (its
-    # score-storing dK/dV kernel serialises its wgmma on sm_90); with SPLIT=False (at 96 the backward's default) the
-    # same config stashes
+    # score-storing dK/dV kernel serialises its wgmma on sm_90); without a SPLIT key (the backward's default: split
+    # unless the stash runs) the same config stashes
     from mixerzoo.kernels.swa import swa as swa_module
 
     q, k, v, do = _inputs(1, 40, 2, 2, 96, torch.float32)
@@ -206,44 +206,42 @@ def test_swa_split_set_in_dkdv_config_alone():
     # the backward's kernels share one head split: a dq_config asking for another is refused, naming both
     q, k, v, do = _inputs(1, 8, 2, 2, 96, torch.float32)
     o, lse = swa_fwd(q, k, v, 4)
+    stash = dict(BM=64, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True, SPLIT=True)
     with pytest.raises(
-        ValueError, match=r"swa_bwd: dq_config SPLIT=True but dkdv_config's is False \(default: False at head dim 96\)"
+        ValueError,
+        match=r"swa_bwd: dq_config SPLIT=True but the backward's head split is False \(by default: split unless the "
+        r"stash runs\)",
     ):
-        swa_bwd(do, q, k, v, o, lse, 4, dq_config={**_dq_config(128), "SPLIT": True})
-    with pytest.raises(ValueError, match=r"swa_bwd: dq_config SPLIT=False but dkdv_config's is True"):
-        swa_bwd(
-            do,
-            q,
-            k,
-            v,
-            o,
-            lse,
-            4,
-            dq_config={**_dq_config(128), "SPLIT": False},
-            dkdv_config={**_dkdv_config(128), "SPLIT": True},
-        )
+        swa_bwd(do, q, k, v, o, lse, 4, dq_config=stash)
+    unsplit, split = {**_dq_config(128), "SPLIT": False}, {**_dkdv_config(128), "SPLIT": True}
+    with pytest.raises(ValueError, match=r"dq_config SPLIT=False but the backward's head split is True \(dkdv_config"):
+        swa_bwd(do, q, k, v, o, lse, 4, dq_config=unsplit, dkdv_config=split)
 
 
-def test_swa_backward_splits_past_128_only(monkeypatch):
-    # the backward's default split (no SPLIT key in its dK/dV config): the wide tile at 96 (measured faster there), the
-    # two tiles at 160; the forward splits both; a caller's SPLIT wins
+def test_swa_backward_splits_unless_it_stashes(monkeypatch):
+    # the backward's default head split (no SPLIT key in its dK/dV config): two tiles, but one wide tile where the
+    # stash runs (measured faster so at 96, 80 and 192); a caller's SPLIT wins; the forward splits regardless
     from mixerzoo.kernels.swa import swa as swa_module
 
-    assert [swa_module._split_backward(kernel_head_dim(d)) for d in (96, 80, 40, 160, 192)] == [False] * 3 + [True] * 2
     seen = []
     real = swa_module.launch
     monkeypatch.setattr(
         swa_module, "launch", lambda kernel, grid, **kw: seen.append(kw["D2"]) or real(kernel, grid, **kw)
     )
-    for D, forward, backward, ask in [(96, 32, 0, None), (160, 32, 32, None), (96, 32, 32, True), (160, 32, 0, False)]:
+    stash = dict(BM=64, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True)
+    cases = [  # D, dq_config, dkdv_config's SPLIT, the backward's D2
+        (96, None, None, 32), (160, None, None, 32), (96, stash, None, 0), (96, stash, True, 32), (96, None, False, 0),
+        (160, {**stash, "BN": _dkdv_config(256)["BN"]}, None, 0),
+    ]  # fmt: skip
+    for D, dq, ask, backward in cases:
         q, k, v, do = _inputs(1, 20, 2, 2, D, torch.float32)
         seen.clear()
         o, lse = swa_fwd(q, k, v, 8)
-        assert seen == [forward]
+        assert seen == [32]
         seen.clear()
         dkdv = None if ask is None else {**_dkdv_config(kernel_head_dim(D)), "SPLIT": ask}
-        swa_bwd(do, q, k, v, o, lse, 8, dkdv_config=dkdv)
-        assert seen and set(seen) == {backward}, (D, ask, seen)
+        swa_bwd(do, q, k, v, o, lse, 8, dkdv_config=dkdv, dq_config=dq)
+        assert seen and set(seen) == {backward}, (D, dq, ask, seen)
 
 
 def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype):

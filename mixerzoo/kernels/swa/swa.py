@@ -796,15 +796,6 @@ def _head_args(kernel: str, D: int, loops: dict) -> dict:
     return dict(D=BD, D2=0, DH=D if BD != D else 0)
 
 
-def _split_backward(BD: int) -> bool:
-    """Whether the backward splits a head dim that ``split_head`` splits when its dK/dV config does not say (key
-    SPLIT), for tiles of head dim BD = ``kernel_head_dim(D)``: only past 128. Measured on an H200 (bf16,
-    ``benchmarks/swa_split_head.py``, the backward alone): at 96 and 80 the split backward was 3-10% slower than the
-    one wide tile's, which can stash (a split head cannot, see ``swa_bwd``), at 160 2.5% faster; the forward splits
-    wherever it can (up to 1.29x faster at 160, 1.26x at 80)."""
-    return BD > 128
-
-
 def _fwd_config(D: int) -> dict:
     """Tile sizes of the forward kernel (D = 128: the winners of `benchmarks/attention.py --sections loops`
     on an H200, see benchmarks/NOTES-swa.md)."""
@@ -862,8 +853,8 @@ def _loop_flags(cfg: dict, kernel: str, regs: str | None = None) -> dict:
     would reach the kernel launch as kwargs), the other register key (and both for the stash dQ kernel, ``regs``
     None), and a ``maxnreg`` (a cap on the registers per thread, passed to ptxas) outside ``_tile_table.MAXNREG``.
     Also pops SPLIT (default True: a head dim that ``split_head`` splits runs on its two tiles; False: on one
-    ``kernel_head_dim``-wide tile; ``swa_bwd`` sets its own default first, ``_split_backward``), which
-    ``_head_args`` takes."""
+    ``kernel_head_dim``-wide tile; ``swa_bwd`` settles its own default with the stash), which ``_head_args``
+    takes."""
     flags = dict(ONE_LOOP=bool(cfg.pop("ONE_LOOP", False)), TMA=bool(cfg.pop("TMA", False)))
     flags["SPLIT"] = bool(cfg.pop("SPLIT", True))  # for _head_args
     if regs is not None:
@@ -1163,7 +1154,11 @@ def swa_bwd(
     (BM % BN == 0) override the tile sizes, the loop structure and the loads (optional keys ONE_LOOP,
     TMA, SPLIT, see ``_loop_flags``; KVREGS in ``dkdv_config``, whose SPLIT the dQ kernel follows; QREGS or STASH in
     ``dq_config``), for tuning; without them, the tile table's
-    (``tuned.py``) or the defaults."""
+    (``tuned.py``) or the defaults. A head dim that ``split_head`` splits (96: 64 + 32) runs on two tiles unless
+    the stash runs (a split head does not stash): measured on an H200 (bf16, ``benchmarks/swa_split_head.py``, the
+    backward alone) the stash's two saved matmuls beat the split's narrower ones (the wide tile with the stash 1.08x
+    at 96, W = 512; 1.11x at 80, G = 8; 1.02x at 96, G = 4, W = 1024; 1.04x at 192; but 0.97x at 160), while
+    without the stash the split wins (1.07x at 96, W = 4096). A SPLIT key in ``dkdv_config`` decides instead."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
@@ -1182,10 +1177,8 @@ def swa_bwd(
         dkdv_config or tuned_config("dkdv", q.device, q.dtype, BD, G, W) or _fit_dtype(_dkdv_config(BD), q.dtype, BD)
     )
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    cfg.setdefault("SPLIT", _split_backward(BD))
+    asked = cfg.pop("SPLIT", None)  # the head split: the caller's, else settled with the stash below
     loops = _loop_flags(cfg, "swa_bwd dkdv_config", "KVREGS")
-    split = loops["SPLIT"]
-    heads = _head_args("swa_bwd dkdv_config", D, loops)
     dq_cfg = dict(
         dq_config or tuned_config("dq", q.device, q.dtype, BD, G, W) or _fit_dtype(_dq_config(BD), q.dtype, BD)
     )
@@ -1197,19 +1190,24 @@ def swa_bwd(
         if dq_config is not None:  # the caller's tiles must fit; a table's rule meets a caller's dK/dV tiles
             _check_stash_tiles(dq_BM, dq_BN, dq_loops, BM, BN)
         fits = dq_BN == BN and dq_BM % BM == 0
-        # a split head (two tiles, see _head_args) does not stash: compiled for sm_90 (Triton 3.6), its score-storing
-        # dK/dV kernel has ptxas serialise every wgmma at each one-loop tile tried (the plain split kernel does not)
-        plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits and not heads["D2"] else None
-        if plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's dK/dV
-            # tiles, or the head is split): the recomputing dQ kernel, at the head dim's default tiles
-            dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
-            dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
-            dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
+        plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
+    # a head dim that split_head splits: on two tiles unless the stash runs (or as dkdv_config's SPLIT says). A split
+    # head does not stash: compiled for sm_90 (Triton 3.6), its score-storing dK/dV kernel has ptxas serialise every
+    # wgmma at each one-loop tile tried (the plain split kernel does not); see the docstring for the measured choice
+    split = plan is None if asked is None else bool(asked)
+    heads = _head_args("swa_bwd dkdv_config", D, {**loops, "SPLIT": split})
+    if heads["D2"]:
+        plan = None
+    if stash and plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's
+        # dK/dV tiles, or the head is split): the recomputing dQ kernel, at the head dim's default tiles
+        dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
+        dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
+        dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
     if dq_config is not None and "SPLIT" in dq_config and bool(dq_config["SPLIT"]) != split:
+        why = "dkdv_config's SPLIT" if asked is not None else "by default: split unless the stash runs"
         raise ValueError(
-            f"swa_bwd: dq_config SPLIT={dq_config['SPLIT']!r} but dkdv_config's is {split} (default: "
-            f"{_split_backward(BD)} at head dim {D}): the "
-            "backward's kernels share one head split; set it in dkdv_config alone"
+            f"swa_bwd: dq_config SPLIT={dq_config['SPLIT']!r} but the backward's head split is {split} ({why}): "
+            "the backward's kernels share one head split; set it in dkdv_config alone"
         )
     _head_args("swa_bwd dq_config", D, dq_loops)
     scale = check_scale("swa_bwd", scale, D)
