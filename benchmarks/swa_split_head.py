@@ -8,8 +8,9 @@ serialises its wgmma more than the wide tile does; at 160 the wide tile serialis
 wgmma and spills 5 KB in the dK/dV kernel); the price is a second wgmma group per score matmul (Triton waits for the
 first before issuing the second) and, in the backward, no stash (the recomputing dQ kernel: the stash's score-storing
 dK/dV kernel serialises its wgmma with split tiles). The eviction training kernels split the same head dims (tile
-key SPLIT_HEAD; the forward above 128 stays on one tile), timed the same way at points named ``eviction-...``
-(training semantics, 10% of the keys retained, 4 sinks). The question: how much faster is it, per head dim?
+key SPLIT_HEAD, set in every kernel here; by default the backward's above 128 stay on one tile), timed the same way
+at points named ``eviction-...`` (training semantics, 10% of the keys retained, 4 sinks). The question: how much
+faster is it, per head dim?
 
     python benchmarks/swa_split_head.py --check    # on the CPU: both routes against the reference (interpreter)
     python benchmarks/swa_split_head.py            # on the GPU: rows swa_split_head (impl split / wide)

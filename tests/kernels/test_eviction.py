@@ -175,6 +175,20 @@ def test_split_head_tile_key():
         eviction_attention_fwd(q, k, v, kpos, kend, kcum, window_size=W, scale=D**-0.5, tiles=bad)
 
 
+def test_split_head_defaults():
+    # without SPLIT_HEAD: every kernel splits a head dim that split_head splits, but the backward's above 128
+    # (measured slower split there); a power of 2 runs on its own lanes; the key wins either way
+    from mixerzoo.kernels.eviction.attention import _head_tiles
+
+    lanes = {(kern, D): _head_tiles(kern, D, {}) for kern in ("fwd", "dq", "dkdv", "listed") for D in (96, 160, 128)}
+    assert lanes[("fwd", 96)] == lanes[("dkdv", 96)] == dict(BD=64, BD2=32)
+    assert lanes[("fwd", 160)] == dict(BD=128, BD2=32)
+    assert lanes[("dq", 160)] == lanes[("dkdv", 160)] == lanes[("listed", 160)] == dict(BD=256, BD2=0)
+    assert all(lanes[(kern, 128)] == dict(BD=128, BD2=0) for kern in ("fwd", "dq", "dkdv", "listed"))
+    assert _head_tiles("dq", 160, {"SPLIT_HEAD": True}) == dict(BD=128, BD2=32)
+    assert _head_tiles("fwd", 96, {"SPLIT_HEAD": False}) == dict(BD=128, BD2=0)
+
+
 SPLIT_CASES = [  # B, T, HQ, HKV, D, W, C, S, training, BT, BS: query rows, key rows (dk/dv: key rows)
     (1, 150, 2, 1, 32, 50, 6, 2, True, 16, 16),
     (2, 133, 4, 2, 32, 37, 5, 1, False, 16, 16),

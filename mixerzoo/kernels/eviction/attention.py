@@ -886,11 +886,12 @@ def _head_tiles(kernel: str, D: int, cfg: dict) -> dict:
     """The kernels' head-dim lanes for head dim D (BD, BD2), popping a launch's tile key SPLIT_HEAD: True runs a head
     dim that swa's ``split_head`` splits (96, 80, 40, 160, ...) on two tiles of powers of 2 (BD + BD2 lanes: 64 + 32
     at 96, so the matmuls do the head dim's own work), False on one tile of the next power of 2 (BD, BD2 = 0), the
-    lanes past D masked; a power of 2 runs on its own width. The default is True, but for the forward above 128:
-    compiled for sm_90 (Triton 3.6) its default tiles there (64 x 64, 2 stages) have ptxas serialise every wgmma when
-    split (at 144 and 160; the one 256-lane tile spills 200 bytes instead), while the backward's split kernels at 160
-    spill 372 and 604 bytes (dK/dV passes) and none (dQ) against 2236, 2820 and 68 on 256 lanes."""
-    parts = split_head(D) if cfg.pop("SPLIT_HEAD", kernel != "fwd" or D <= 128) else None
+    lanes past D masked; a power of 2 runs on its own width. The default is True, but for the backward's kernels
+    above 128. Measured on an H200 (bf16, ``benchmarks/swa_split_head.py``, the tile table's rules): at 96 and 80 the
+    split forward+backward ran 1.11x and 1.23x the one tile's; at 160 the split forward 1.18x (although ptxas
+    serialises its wgmma there, compiled for sm_90 with Triton 3.6) but the split backward 0.91x (the 256 rules'
+    32-key dK/dV tiles spill 508 bytes split against 160 on 256 lanes)."""
+    parts = split_head(D) if cfg.pop("SPLIT_HEAD", kernel == "fwd" or D <= 128) else None
     if parts is not None:
         return dict(BD=parts[0], BD2=parts[1])
     return dict(BD=max(16, next_pow2(D)), BD2=0)
