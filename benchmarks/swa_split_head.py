@@ -6,11 +6,12 @@ The split tiles do the matmuls at the head dim's own width (at 96: 3/4 of the 12
 5/8, at 160: 5/8 of 256) and take less shared memory and fewer registers (sm_90, Triton 3.6: no kernel spills or
 serialises its wgmma more than the wide tile does; at 160 the wide tile serialises the forward's and the dQ kernel's
 wgmma and spills 5 KB in the dK/dV kernel); the price is a second wgmma group per score matmul (Triton waits for the
-first before issuing the second) and, in the backward, no stash (the recomputing dQ kernel: the stash's score-storing
-dK/dV kernel serialises its wgmma with split tiles). The eviction training kernels split the same head dims (tile
-key SPLIT_HEAD, set in every kernel here; by default the backward's above 128 stay on one tile), timed the same way
-at points named ``eviction-...`` (training semantics, 10% of the keys retained, 4 sinks). The question: how much
-faster is it, per head dim?
+first before issuing the second). The split route sets SPLIT=True in both configs, so where the tile table's dQ rule
+stashes it runs the split stash (its dK/dV kernel stores each block one step late), the wide route the wide tile's
+stash; the default (``swa_bwd``) splits the backward only where it does not stash. The eviction training kernels
+split the same head dims (tile key SPLIT_HEAD, set in every kernel here; by default the backward's above 128 stay
+on one tile), timed the same way at points named ``eviction-...`` (training semantics, 10% of the keys retained, 4
+sinks). The question: how much faster is it, per head dim?
 
     python benchmarks/swa_split_head.py --check    # on the CPU: both routes against the reference (interpreter)
     python benchmarks/swa_split_head.py            # on the GPU: rows swa_split_head (impl split / wide)

@@ -363,6 +363,33 @@ def test_eviction_kernels_compile_split_at_head_dims_between():
             assert wide[name][2] or not serialized, name
 
 
+def _split_stash_compiles() -> list:
+    """swa's score-storing dK/dV kernel (the stash backward's, 64-row stash blocks) at head dims 96 and 80 with the
+    default tiles, split in two tiles and on one wide tile -> [D, split, registers, spill bytes, wgmma serialised]."""
+    from mixerzoo.kernels._sm90 import report, swa_kernel
+    from mixerzoo.kernels.swa import swa
+
+    out = []
+    for D in (96, 80):
+        for split in (True, False):
+            fn, consts = swa_kernel("dkdv", D, 1, {**swa._dkdv_config(128), "SPLIT": split}, stash_bq=64)
+            r = report(_compile(fn, consts, torch.bfloat16))
+            out.append([D, split, r.registers, r.spills, r.serialized])
+    return out
+
+
+def test_swa_split_stash_keeps_its_wgmma_pipelined():
+    """A split head's score-storing dK/dV kernel stores each block one step late (swa._dkdv_inner): stored in the
+    step that computes it, ptxas serialised every wgmma at 96. Now none is serialised and it spills no more than the
+    one wide tile."""
+    rows = _child("splitstash", timeout=600)
+    assert len(rows) == 4, rows
+    wide = {D: spills for D, split, _r, spills, _s in rows if not split}
+    for D, split, registers, spills, serialized in rows:
+        assert not serialized and 0 < registers <= 255, (D, split, registers, serialized)
+        assert spills <= wide[D], (D, spills, wide[D])
+
+
 def _unaligned_loads() -> list:
     """swa's forward, dQ and dK/dV kernels at head dim 40 (two tiles of 32 + 16 columns, and with SPLIT=False one
     64-wide tile; DH = 40), compiled for sm_90 as a launch there specialises them: the head strides (40) not divisible
@@ -457,6 +484,8 @@ if __name__ == "__main__":  # the child: FAMILY DTYPE D -> JSON list of misfits;
         print(json.dumps(_unaligned_loads()))
     elif sys.argv[1] == "masked":
         print(json.dumps(_masked_head_compiles()))
+    elif sys.argv[1] == "splitstash":
+        print(json.dumps(_split_stash_compiles()))
     elif sys.argv[1] == "evsplit":
         print(json.dumps(_eviction_split_compiles()))
     elif sys.argv[1] == "decode":

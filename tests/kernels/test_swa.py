@@ -141,8 +141,8 @@ _BETWEEN = [
     [
         pytest.param(*c.values, path, id=f"{c.id}-{path}", marks=[] if i == 0 and j in (0, 4) else [pytest.mark.slow])
         for i, c in enumerate(_BETWEEN)
-        for j, path in enumerate(("default", "one-loop", "stash", "unsplit", "split"))
-        if path not in ("unsplit", "split") or split_head(c.values[4])
+        for j, path in enumerate(("default", "one-loop", "stash", "unsplit", "split", "split-stash"))
+        if path not in ("unsplit", "split", "split-stash") or split_head(c.values[4])
     ],
 )
 def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad, path):
@@ -154,8 +154,8 @@ def test_swa_head_dims_between_the_kernels(B, T, HQ, HKV, D, W, S, pad, path):
     # and backward both with SPLIT=False (one tile of the next head dim the kernels take, masked) and both with
     # SPLIT=True
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    if path == "stash":
-        _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype)
+    if path in ("stash", "split-stash"):
+        _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype, path == "split-stash")
     else:
         loops = {
             "default": {},
@@ -182,24 +182,30 @@ def test_swa_split_head():
             assert d1 & (d1 - 1) == 0 and d2 & (d2 - 1) == 0
 
 
-def test_swa_split_head_does_not_stash(monkeypatch):
-    # with a split head the backward takes the recomputing dQ kernel even where the dQ config asks for the stash (its
-    # score-storing dK/dV kernel serialises its wgmma on sm_90); without a SPLIT key (the backward's default: split
-    # unless the stash runs) the same config stashes
+def test_swa_split_head_stashes_when_asked(monkeypatch):
+    # SPLIT=True with a stash dQ config: the split head stashes (its dK/dV kernel storing each block one step late);
+    # without a SPLIT key (the backward's default: split unless the stash runs) the same config stashes on one wide
+    # tile; both as the reference's gradients
     from mixerzoo.kernels.swa import swa as swa_module
 
-    q, k, v, do = _inputs(1, 40, 2, 2, 96, torch.float32)
-    o, lse = swa_fwd(q, k, v, 8)
-    stash = dict(BM=64, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True)
-    calls = []
+    torch.manual_seed(5)
+    q, k, v, do = _inputs(1, 100, 2, 2, 96, torch.float32)
+    W = 40
+    o_ref, lse_ref = swa_fwd_ref(q, k, v, W, 0, 96**-0.5, None)
+    grads_ref = swa_bwd_ref(do, q, k, v, o_ref, lse_ref, W, 0, 96**-0.5, None)
+    o, lse = swa_fwd(q, k, v, W)
+    stash = dict(BM=32, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True)
+    heads = []
     real = swa_module._stash_backward
-    monkeypatch.setattr(swa_module, "_stash_backward", lambda *a: calls.append(1) or real(*a))
-    split = swa_bwd(do, q, k, v, o, lse, 8, dq_config=stash, dkdv_config={**_dkdv_config(128), "SPLIT": True})
-    assert calls == []
-    wide = swa_bwd(do, q, k, v, o, lse, 8, dq_config=stash)
-    assert calls == [1]
-    for a, b in zip(split, wide, strict=True):
-        assert_close("grad", b, a, torch.float32, **TOL[torch.float32][1])
+    monkeypatch.setattr(
+        swa_module, "_stash_backward", lambda plan, dk, *a: heads.append(dk["D2"]) or real(plan, dk, *a)
+    )
+    for split in (True, None):
+        dkdv = None if split is None else {**_dkdv_config(128), "SPLIT": split}
+        grads = swa_bwd(do, q, k, v, o, lse, W, dq_config=stash, dkdv_config=dkdv)
+        for name, ref, out in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
+            assert_close(name, ref, out, torch.float32, **TOL[torch.float32][1])
+    assert heads == [32, 0]
 
 
 def test_swa_split_set_in_dkdv_config_alone():
@@ -244,15 +250,15 @@ def test_swa_backward_splits_unless_it_stashes(monkeypatch):
         assert seen and set(seen) == {backward}, (D, dq, ask, seen)
 
 
-def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype):
+def _check_stash(B, T, HQ, HKV, D, W, S, pad, dtype, split=False):
     q, k, v, do = _inputs(B, T, HQ, HKV, D, dtype)
     pad_t = None if pad is None else torch.tensor(pad, device=DEVICE)
     scale = D**-0.5
     o_ref, lse_ref = swa_fwd_ref(q.float(), k.float(), v.float(), W, S, scale, pad_t)
     grads_ref = swa_bwd_ref(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, W, S, scale, pad_t)
     o, lse = swa_fwd(q, k, v, W, S, scale, pad_t)
-    # a split head does not stash (see swa_bwd): the stash kernels at such a head dim on the one wide tile
-    dkdv = {**_dkdv_config(kernel_head_dim(D)), **(dict(SPLIT=False) if split_head(D) else {})}
+    # the stash kernels at a head dim that splits: on two tiles with split, else on the one wide tile
+    dkdv = {**_dkdv_config(kernel_head_dim(D)), **(dict(SPLIT=split) if split_head(D) else {})}
     grads = swa_bwd(
         do, q, k, v, o, lse, W, S, scale, pad_t, dkdv_config=dkdv,
         dq_config=dict(BM=64, BN=dkdv["BN"], num_warps=4, num_stages=2, STASH=True),

@@ -408,8 +408,21 @@ def _dkdv_inner(
     # STASH: each score-gradient block is also stored for the dQ pass (_swa_bwd_dq_stash_kernel): p_ds is this
     # query head's [cdiv(T, BQ), NB, BQ, BN] buffer, the block of key block i_n for query block m0 // BQ sits in
     # slot i_n - (first key block of that query block's band), its rows at m0 % BQ
+    # A split head's stash stores each block one step late (the last after the loop): stored in the step that
+    # computes it, beside the two dK products that take the same tile from registers as their A operand, ptxas
+    # serialises every wgmma of the kernel (sm_90, Triton 3.6). On one tile it does not, and storing late there
+    # would hold the tile over the step (84 bytes spilled at head dim 96 on one 128-wide tile, against 8).
+    LATE: tl.constexpr = STASH and isinstance(b_k, tl.tuple)
+    BN: tl.constexpr = o_n.shape[0]
+    if LATE:
+        p_late = p_ds + o_mb[None, :] * BN + tl.arange(0, BN)[:, None]
+        b_late = tl.zeros([BN, BM], dtype=p_ds.dtype.element_ty)
+        row_late = tl.zeros([], dtype=tl.int64) - 1
     tl.static_assert((not TMA) or (MODE == 3))
     for m0 in range(m_lo, m_hi, BM):
+        if LATE:
+            if row_late >= 0:
+                tl.store(p_late + row_late * BN, b_late)
         o_m = m0 + o_mb
         m_m = o_m < T
         b_q, b_do = _row_tiles(p_q, p_do, m0, m_m, stride_qt, row0, col0, BM, D, MODE != 0, TMA, DH)
@@ -427,13 +440,18 @@ def _dkdv_inner(
         b_dv = pair_add_dot(b_dv, b_pt, b_do, PREC)
         b_dst = pair_cast_like(_dscores(b_pt, b_v, b_do, b_delta, PREC, True), b_q)
         if STASH:
-            BN: tl.constexpr = b_dst.shape[0]
             i_q = m0 // BQ
             slot = i_n - tl.maximum(i_q * BQ - W + 1, 0) // BN
             row = (i_q * NB + slot).to(tl.int64) * BQ + (m0 - i_q * BQ)
-            tl.store(p_ds + row * BN + o_mb[None, :] * BN + tl.arange(0, BN)[:, None], b_dst)
+            if LATE:
+                b_late, row_late = b_dst, row
+            else:
+                tl.store(p_ds + row * BN + o_mb[None, :] * BN + tl.arange(0, BN)[:, None], b_dst)
         # [BN, BM] @ [BM, D] -> [BN, D]
         b_dk = pair_add_dot(b_dk, b_dst, b_q, PREC)
+    if LATE:
+        if row_late >= 0:
+            tl.store(p_late + row_late * BN, b_late)
     return b_dk, b_dv
 
 
@@ -1155,10 +1173,12 @@ def swa_bwd(
     TMA, SPLIT, see ``_loop_flags``; KVREGS in ``dkdv_config``, whose SPLIT the dQ kernel follows; QREGS or STASH in
     ``dq_config``), for tuning; without them, the tile table's
     (``tuned.py``) or the defaults. A head dim that ``split_head`` splits (96: 64 + 32) runs on two tiles unless
-    the stash runs (a split head does not stash): measured on an H200 (bf16, ``benchmarks/swa_split_head.py``, the
-    backward alone) the stash's two saved matmuls beat the split's narrower ones (the wide tile with the stash 1.08x
-    at 96, W = 512; 1.11x at 80, G = 8; 1.02x at 96, G = 4, W = 1024; 1.04x at 192; but 0.97x at 160), while
-    without the stash the split wins (1.07x at 96, W = 4096). A SPLIT key in ``dkdv_config`` decides instead."""
+    the stash runs: measured on an H200 (bf16, ``benchmarks/swa_split_head.py``, the backward alone), when a split
+    head could not stash, the wide tile with the stash beat the split backward without it (1.08x at 96, W = 512;
+    1.11x at 80, G = 8; 1.02x at 96, G = 4, W = 1024; 1.04x at 192; but 0.97x at 160), while where the wide tile does
+    not stash either the split wins (1.07x at 96, W = 4096). A SPLIT key in ``dkdv_config`` decides instead; with
+    SPLIT=True and a stash config the split head stashes (its dK/dV kernel stores each score-gradient block one step
+    late, see ``_dkdv_inner``; not yet timed against the wide tile's stash)."""
     check_swa_inputs("swa_bwd", q, k, v, window_size, num_sinks, pad)
     check_floats("swa_bwd", q=q, do=do, o=o)
     if do.shape != q.shape or o.shape != q.shape:
@@ -1191,15 +1211,12 @@ def swa_bwd(
             _check_stash_tiles(dq_BM, dq_BN, dq_loops, BM, BN)
         fits = dq_BN == BN and dq_BM % BM == 0
         plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
-    # a head dim that split_head splits: on two tiles unless the stash runs (or as dkdv_config's SPLIT says). A split
-    # head does not stash: compiled for sm_90 (Triton 3.6), its score-storing dK/dV kernel has ptxas serialise every
-    # wgmma at each one-loop tile tried (the plain split kernel does not); see the docstring for the measured choice
+    # a head dim that split_head splits: on two tiles unless the stash runs (or as dkdv_config's SPLIT says; see the
+    # docstring for the measured choice)
     split = plan is None if asked is None else bool(asked)
     heads = _head_args("swa_bwd dkdv_config", D, {**loops, "SPLIT": split})
-    if heads["D2"]:
-        plan = None
     if stash and plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's
-        # dK/dV tiles, or the head is split): the recomputing dQ kernel, at the head dim's default tiles
+        # dK/dV tiles): the recomputing dQ kernel, at the head dim's default tiles
         dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
         dq_BM, dq_BN = dq_cfg.pop("BM"), dq_cfg.pop("BN")
         dq_loops = _loop_flags(dq_cfg, "swa_bwd dq_config", "QREGS")
