@@ -226,14 +226,23 @@ def test_swa_split_set_in_dkdv_config_alone():
 
 def test_swa_backward_splits_unless_it_stashes(monkeypatch):
     # the backward's default head split (no SPLIT key in its dK/dV config): two tiles, but one wide tile where the
-    # stash runs (measured faster so at 96, 80 and 192); a caller's SPLIT wins; the forward splits regardless
+    # stash runs (measured faster so at 96, 80 and 192); a caller's SPLIT wins; the forward splits regardless. Every
+    # launch passes kernel parameters and launch options only (the interpreter ignores another keyword, a GPU
+    # launch refuses it)
+    import inspect
+
     from mixerzoo.kernels.swa import swa as swa_module
 
     seen = []
     real = swa_module.launch
-    monkeypatch.setattr(
-        swa_module, "launch", lambda kernel, grid, **kw: seen.append(kw["D2"]) or real(kernel, grid, **kw)
-    )
+
+    def launch(kernel, grid, **kw):
+        unknown = set(kw) - set(inspect.signature(kernel.fn).parameters) - {"num_warps", "num_stages", "maxnreg"}
+        assert not unknown, (kernel.fn.__name__, unknown)
+        seen.append(kw["D2"])
+        real(kernel, grid, **kw)
+
+    monkeypatch.setattr(swa_module, "launch", launch)
     stash = dict(BM=64, BN=_dkdv_config(128)["BN"], num_warps=4, num_stages=2, STASH=True)
     cases = [  # D, dq_config, dkdv_config's SPLIT, the backward's D2
         (96, None, None, 32), (160, None, None, 32), (96, stash, None, 0), (96, stash, True, 32), (96, None, False, 0),

@@ -1213,8 +1213,8 @@ def swa_bwd(
         plan = _stash_plan(q, T, G, W, dq_BM, BN) if fits else None
     # a head dim that split_head splits: on two tiles unless the stash runs (or as dkdv_config's SPLIT says; see the
     # docstring for the measured choice)
-    split = plan is None if asked is None else bool(asked)
-    heads = _head_args("swa_bwd dkdv_config", D, {**loops, "SPLIT": split})
+    split = loops["SPLIT"] = plan is None if asked is None else bool(asked)
+    heads = _head_args("swa_bwd dkdv_config", D, loops)  # pops SPLIT: the kernels take D, D2, DH
     if stash and plan is None:  # the buffer would not pay here (or a table's stash rule does not fit the caller's
         # dK/dV tiles): the recomputing dQ kernel, at the head dim's default tiles
         dq_cfg = _fit_dtype(_dq_config(BD), q.dtype, BD)
