@@ -45,6 +45,18 @@ def test_launch_gives_triton_outputs():
             torch.testing.assert_close(_run(x, n, stride), _expect(x, n, stride), rtol=0, atol=0)
 
 
+def test_launch_refuses_a_keyword_the_kernel_does_not_take():
+    """Any device: a launch keyword that is neither a kernel parameter nor a launch option fails, as a GPU launch
+    does (Triton's interpreter alone would drop it; tests/conftest.py holds it to the GPU's rule), so that a
+    kernel's wrapper that leaks a config key fails the CPU tests too. Launch options themselves pass."""
+    x = torch.randn(64, device=_device())
+    y = torch.empty(64, device=x.device)
+    with pytest.raises(KeyError, match="SPLIT"):
+        launch(_strided_scale_kernel, (1,), x, y, 64, 1, 2.0, BLOCK=64, SPLIT=True, num_warps=4)
+    launch(_strided_scale_kernel, (1,), x, y, 64, 1, 2.0, BLOCK=64, num_warps=4, num_stages=2, maxnreg=128)
+    torch.testing.assert_close(y, x * 2.0, rtol=0, atol=0)
+
+
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not _triton._FAST_LAUNCH, reason="the shortcut runs on a GPU with Triton 3.6"
 )
