@@ -13,10 +13,13 @@ import os
 import torch
 
 __all__ = [
+    "GRID_MAX",
     "HAS_TRITON",
     "LOG2E",
     "LOG2E_JIT",
     "any_nonfinite",
+    "batch_chunks",
+    "cat_batches",
     "cdiv",
     "dot_acc",
     "dot_precision",
@@ -129,6 +132,40 @@ def _hooks_idle() -> bool:
     return all(h is None or not getattr(h, "calls", True) for h in hooks)
 
 
+# CUDA's limits on a launch grid, per axis: the first takes 2^31 - 1 programs, the second and third 65535 each
+GRID_MAX = (2**31 - 1, 65535, 65535)
+
+
+def _check_grid(kernel, grid: tuple) -> None:
+    # a grid past CUDA's limits fails on the GPU with "invalid argument" alone; say which kernel and axis instead
+    for axis, n in enumerate(grid):
+        most = GRID_MAX[axis]
+        if n > most:
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+            raise ValueError(
+                f"{name}: launch grid {tuple(grid)} has {n} programs on axis {axis}, more than the {most} a CUDA "
+                "grid takes there; split the batch into calls of fewer sequences"
+            )
+
+
+def batch_chunks(B: int, per_row: int) -> list[slice] | None:
+    """None where a launcher's kernels fit B batch rows in one grid (``B * per_row`` programs on a grid's second
+    axis, at most ``GRID_MAX[1]``); else the slices of the batch, each of at most ``GRID_MAX[1] // per_row`` rows,
+    that the launcher runs one after another (``cat_batches`` joins their outputs)."""
+    if B * per_row <= GRID_MAX[1]:
+        return None
+    rows = GRID_MAX[1] // per_row
+    if rows < 1:
+        raise ValueError(f"{per_row} programs per batch row exceed the {GRID_MAX[1]} a CUDA grid's second axis takes")
+    return [slice(b, min(b + rows, B)) for b in range(0, B, rows)]
+
+
+def cat_batches(parts: list) -> tuple:
+    """The outputs of a launcher run on batch slices (tuples of tensors, the batch first), joined along the batch;
+    None entries stay None."""
+    return tuple(None if xs[0] is None else torch.cat(xs) for xs in zip(*parts, strict=True))
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with less host work per launch.
 
@@ -141,7 +178,17 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     the globals check and the empty hook chains are left out. A miss, a new device, an installed launch hook or
     pre-run hook, torch.compile tracing, Triton's interpreter, a kernel that is not a plain ``JITFunction`` (a
     wrapper) or a Triton version other than those in ``_FAST_VERSIONS`` take ``kernel[grid]`` itself.
-    ``MIXERZOO_FAST_LAUNCH=0`` turns the shortcut off."""
+    ``MIXERZOO_FAST_LAUNCH=0`` turns the shortcut off. A grid past CUDA's limits (``GRID_MAX``) is refused with an
+    error naming the kernel and the axis."""
+    if callable(grid):
+        given = grid
+
+        def grid(meta):
+            shape = given(meta)
+            _check_grid(kernel, shape)
+            return shape
+    else:
+        _check_grid(kernel, grid)
     if (
         not _FAST_LAUNCH
         or type(kernel) is not _JITFunction

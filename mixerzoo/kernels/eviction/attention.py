@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _triton
 from .._checks import check_floats, check_int_arg, check_scale
 from .._ops import no_autocast, run_op
 from .._tile_table import check_maxnreg
@@ -71,6 +72,7 @@ def _eviction_end_kernel(
     C,
     BR: tl.constexpr,
     BC: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
 ):
     # inference semantics: the buffer holds the top C (by priority rank) of the retained tokens that have left the
     # window, so entry x of rank r stays until the C-th of the r entries ranked above it leaves the window: f, the
@@ -78,7 +80,10 @@ def _eviction_end_kernel(
     # evicted. A program takes BR consecutive ranks, whose f are close (f shrinks as r grows: about C n / r), and
     # scans the list only until each of its rows has found its f: ~ C n log(n / C) compares per (batch, head)
     # instead of n^2
-    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    if HEADS_FIRST:  # the grid is [B * HKV, rank blocks] (more rows x heads than a grid's second axis takes)
+        i_bh, i_r = tl.program_id(0), tl.program_id(1)
+    else:
+        i_r, i_bh = tl.program_id(0), tl.program_id(1)
     base = i_bh.to(tl.int64) * T
     n = tl.load(rcum + base + T - 1)
     o_r = i_r * BR + tl.arange(0, BR)  # ranks
@@ -924,7 +929,7 @@ def _grid(cfg: dict, heads: int, blocks: int, first: bool) -> tuple[dict, tuple[
     forward and dq by default (on an H200 the forward up to 36% faster, dq up to 17%; where slower, within the
     run-to-run noise of about 5%); heads first: the dK/dV passes (the listed pass up to 10% slower with the blocks
     first; benchmarks/NOTES-eviction.md)."""
-    first = bool(cfg.get("BLOCKS_FIRST", first)) and heads <= 65535
+    first = bool(cfg.get("BLOCKS_FIRST", first)) and heads <= _triton.GRID_MAX[1]
     cfg = {**cfg, "BLOCKS_FIRST": first}
     return cfg, ((blocks, heads) if first else (heads, blocks))
 
@@ -971,9 +976,10 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
+    first = B * H > _triton.GRID_MAX[1]
     launch(
         _eviction_end_kernel,
-        (cdiv(T, BR), B * H),
+        (B * H, cdiv(T, BR)) if first else (cdiv(T, BR), B * H),
         ranked=ranked,
         rank=rank,
         rpos=rpos,
@@ -984,6 +990,7 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
         C=capacity,
         BR=BR,
         BC=BC,
+        HEADS_FIRST=first,
         num_warps=4,
     )
     end = torch.zeros((B, H, T + 1), dtype=torch.int32, device=score.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _triton
 from .._triton import cdiv, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["prompt_buffer_slots", "prompt_state_write"]
@@ -70,13 +71,16 @@ def _eviction_prompt_state_kernel(
     BR: tl.constexpr,
     FROM_LIST: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
 ):
     # Program (i, b * H + h) writes BR rows of one part: the first nb_buf blocks the buffer's slots, the next
     # nb_ring the ring slots of tokens t0 .. T - 1, the rest the router context's rows. kr, v: [B, T, H, D],
     # u: [B, T, H, 2D] with batch and row strides (heads D or 2D apart, elements contiguous); score: [B, T, H]
     # float32 with any strides; the state's tensors contiguous.
-    i = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    if HEADS_FIRST:  # the grid is [B * H, row blocks] (more rows x heads than a grid's second axis takes)
+        i_bh, i = tl.program_id(0), tl.program_id(1)
+    else:
+        i, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
     o_d = tl.arange(0, BD)
@@ -286,9 +290,10 @@ def prompt_state_write(
     # rows per program: 16 on the GPU (a [16, D] tile per tensor); the interpreter pays per program, not per row
     BR = 16 if kr.is_cuda else 64
     nb_buf, nb_ring, nb_ctx = cdiv(C, BR), cdiv(n_ring, BR), cdiv(n_ctx, BR)
+    first = B * H > _triton.GRID_MAX[1]
     launch(
         _eviction_prompt_state_kernel,
-        (nb_buf + nb_ring + nb_ctx, B * H),
+        (B * H, nb_buf + nb_ring + nb_ctx) if first else (nb_buf + nb_ring + nb_ctx, B * H),
         kr,
         v,
         u,
@@ -330,5 +335,6 @@ def prompt_state_write(
         BR=BR,
         FROM_LIST=kpos is not None,
         HAS_PAD=pad is not None,
+        HEADS_FIRST=first,
         num_warps=2 if D <= 64 else 4,
     )

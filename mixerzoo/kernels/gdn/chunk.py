@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _triton
 from .._checks import check_floats
-from .._triton import cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
+from .._triton import batch_chunks, cat_batches, cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
 from .fused_recurrent import gates_ok
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
@@ -581,10 +582,15 @@ def _gdn_chunk_h_kernel(
     PREFETCH: tl.constexpr,
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
 ):
     # sequential over chunks; this program's [K, BV] slice of the state stays in registers. PREFETCH
-    # issues the next chunk's loads (independent of the state) before this chunk's products.
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    # issues the next chunk's loads (independent of the state) before this chunk's products. HEADS_FIRST: the
+    # grid is [N * H, value blocks] (more sequences x heads than a grid's second axis takes), else the other way
+    if HEADS_FIRST:
+        i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    else:
+        i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, T, NT, i_c0 = _walk_span(cu_seqlens, chunk_offsets, i_b, T, NT, BT, IS_VARLEN)
     o_k = tl.arange(0, KP)
@@ -810,9 +816,14 @@ def _gdn_chunk_dh_kernel(
     PREFETCH: tl.constexpr,
     PREC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
 ):
-    # reverse over chunks: dhs[c] = dL/d(state at the end of chunk c); dVn; finally dL/dh0
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    # reverse over chunks: dhs[c] = dL/d(state at the end of chunk c); dVn; finally dL/dh0. HEADS_FIRST as in
+    # _gdn_chunk_h_kernel
+    if HEADS_FIRST:
+        i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    else:
+        i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, T, NT, i_c0 = _walk_span(cu_seqlens, chunk_offsets, i_b, T, NT, BT, IS_VARLEN)
     o_k = tl.arange(0, KP)
@@ -1311,9 +1322,10 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    first = N * H > _triton.GRID_MAX[1]  # a packed batch of many sequences: their heads on the grid's first axis
     launch(
         _gdn_chunk_h_kernel,
-        (cdiv(V, BV), N * H),
+        (N * H, cdiv(V, BV)) if first else (cdiv(V, BV), N * H),
         k=k,
         w=w,
         u=u,
@@ -1336,6 +1348,7 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
         PREFETCH=prefetch,
         PREC=dot_precision(k),
         IS_VARLEN=varlen,
+        HEADS_FIRST=first,
         num_warps=warps,
         num_stages=stages,
     )
@@ -1377,6 +1390,11 @@ def _check_kept(gamma, Ai, states, k, v, NT) -> None:
             raise ValueError(f"chunk_gdn_bwd: {name} must be {label} {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
+def _rows(x: Tensor | None, rows: slice) -> Tensor | None:
+    # batch rows of an optional tensor
+    return None if x is None else x[rows]
+
+
 def chunk_gdn_fwd(
     q: Tensor,
     k: Tensor,
@@ -1415,6 +1433,12 @@ def chunk_gdn_fwd(
     the state at each chunk's start in v's dtype (NT: the chunk grid's rows), for the backward to skip the wu
     and h kernels as well."""
     _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
+    parts = batch_chunks(k.shape[0], k.shape[2]) if cu_seqlens is None else None
+    if parts:  # more batch rows x heads than a grid's second axis takes: the batch in slices, one after another
+        kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu, return_intermediates=return_intermediates,
+                  keep_states=keep_states, ok=ok)  # fmt: skip
+        return cat_batches([chunk_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, _rows(initial_state, c), **kw)
+                            for c in parts])  # fmt: skip
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
     if initial_state is not None:
@@ -1490,6 +1514,15 @@ def chunk_gdn_bwd(
     forward's from ``keep_states=True``; then neither wu nor h runs again (the same values, so the same
     gradients bit for bit)."""
     _check_floats("chunk_gdn_bwd", q, k, v, g, beta, initial_state, do=do, dht=dht)
+    parts = batch_chunks(k.shape[0], k.shape[2]) if cu_seqlens is None else None
+    if parts:  # as in chunk_gdn_fwd
+        kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu)
+        return cat_batches([
+            chunk_gdn_bwd(q[c], k[c], v[c], g[c], beta[c], scale, _rows(initial_state, c), do[c], _rows(dht, c),
+                          gamma=_rows(gamma, c), Ai=_rows(Ai, c),
+                          states=None if states is None else tuple(x[c] for x in states), **kw)
+            for c in parts
+        ])  # fmt: skip
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     q, k, do = q.to(v.dtype), k.to(v.dtype), do.to(v.dtype)
@@ -1547,9 +1580,10 @@ def chunk_gdn_bwd(
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
+    first = N * H > _triton.GRID_MAX[1]  # as in _states
     launch(
         _gdn_chunk_dh_kernel,
-        (cdiv(V, BVh), N * H),
+        (N * H, cdiv(V, BVh)) if first else (cdiv(V, BVh), N * H),
         q=q,
         k=k,
         w=w,
@@ -1576,6 +1610,7 @@ def chunk_gdn_bwd(
         PREFETCH=prefetch,
         PREC=prec,
         IS_VARLEN=varlen,
+        HEADS_FIRST=first,
         num_warps=warps,
         num_stages=stages,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _triton
 from .._checks import check_floats
 from .._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton
 
@@ -52,12 +53,17 @@ def _gdn_fused_recurrent_fwd_kernel(
     HAS_H0: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     CHECK: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
 ):
     # IS_VARLEN is a compile-time flag: with False the kernel is the fixed-length one, unchanged. CHECK: each
     # program also checks the g and beta it reads (finite g <= 0, beta in [0, 1]; NaN fails); CHECK == 1 stores 0
     # into ok[0] if one is not, CHECK == 2 fails a device assert after its loop (launched with debug=True, so that
     # the assert is compiled in, and sanitize_overflow=False, so that debug adds no overflow checks to the loop)
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    # HEADS_FIRST: the grid is [N * H, value blocks] (more sequences x heads than a grid's second axis takes)
+    if HEADS_FIRST:
+        i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    else:
+        i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H  # i_b: the sequence (of the packed batch, with IS_VARLEN)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_b)
@@ -161,7 +167,8 @@ def fused_recurrent_gdn_fwd(
     BV = min(next_pow2(V), max(8192 // BK, 16), 32)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
-    grid = (cdiv(V, BV), N * H)
+    first = N * H > _triton.GRID_MAX[1]  # many sequences (a large decode batch): their heads on the first axis
+    grid = (N * H, cdiv(V, BV)) if first else (cdiv(V, BV), N * H)
     launch(
         _gdn_fused_recurrent_fwd_kernel,
         grid,
@@ -185,6 +192,7 @@ def fused_recurrent_gdn_fwd(
         HAS_H0=initial_state is not None,
         IS_VARLEN=cu is not None,
         CHECK=check,
+        HEADS_FIRST=first,
         num_warps=_num_warps(BK, BV, T),
         **(dict(debug=True, sanitize_overflow=False) if assert_gates else {}),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, cdiv, dot_precision, interpreting, launch
+from .._triton import LOG2E, batch_chunks, cdiv, dot_precision, interpreting, launch
 from ..swa import swa_bwd, swa_fwd
 from ..swa.swa import kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
@@ -148,6 +148,11 @@ def nsa_fwd(
     (o [B, T, HQ, D], ob [3, B, T, HQ, D] branch outputs, lse [2, B, T, HQ] float32 base 2 (compression,
     selection), lse_win [B, HQ, T] float32, idx [B, T, HKV, n] int32). ``tiles`` overrides ``nsa_tiles``."""
     check_triton_shapes("nsa_fwd", q, block_size, block_count)
+    parts = batch_chunks(q.shape[0], k.shape[2])  # more batch rows x kv heads than a grid takes: in turn
+    if parts:
+        outs = [nsa_fwd(q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], block_size, block_count, window_size, scale,
+                        tiles=tiles) for c in parts]  # fmt: skip
+        return tuple(torch.cat(xs, 1 if i in (1, 2) else 0) for i, xs in enumerate(zip(*outs, strict=True)))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -254,6 +259,13 @@ def nsa_bwd(
     forward's ob, lse, lse_win and idx (see ``nsa_fwd``). The selection passes no gradient."""
     N = idx.shape[-1]
     check_triton_shapes("nsa_bwd", q, block_size, N)
+    parts = batch_chunks(q.shape[0], k.shape[2])  # as in nsa_fwd (ob and lse: the batch second)
+    if parts:
+        return tuple(torch.cat(xs) for xs in zip(*[
+            nsa_bwd(do[c], q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], ob[:, c], lse[:, c], lse_win[c], idx[c],
+                    block_size, window_size, scale, tiles=tiles)
+            for c in parts
+        ], strict=True))  # fmt: skip
     do, q, k, v = (x.contiguous() for x in (do, q, k, v))
     # the kernels index the gates as [B, T, HQ] rows; the mixer's are strided views of one projection
     g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))

@@ -21,6 +21,8 @@ from .._triton import (
     LOG2E,
     LOG2E_JIT,
     any_nonfinite,
+    batch_chunks,
+    cat_batches,
     cdiv,
     dot_precision,
     interpreting,
@@ -1023,6 +1025,10 @@ def swa_fwd(
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
+    chunks = batch_chunks(q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
+    if chunks:
+        return cat_batches([swa_fwd(q[c], k[c], v[c], window_size, num_sinks, scale, None if pad is None else pad[c],
+                                    config=config) for c in chunks])  # fmt: skip
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
@@ -1186,6 +1192,11 @@ def swa_bwd(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
     _check_triton("swa_bwd", q)
+    chunks = batch_chunks(q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
+    if chunks:
+        return cat_batches([swa_bwd(do[c], q[c], k[c], v[c], o[c], lse[c], window_size, num_sinks, scale,
+                                    None if pad is None else pad[c], dkdv_config=dkdv_config, dq_config=dq_config)
+                            for c in chunks])  # fmt: skip
     B, T, HQ, D = q.shape
     BD = kernel_head_dim(D)  # the tiles' head dim (see swa_fwd)
     HKV = k.shape[2]

@@ -1,0 +1,196 @@
+"""CUDA's launch grids take at most 65535 programs on their second and third axes (``_triton.GRID_MAX``). The
+attention launchers put batch rows x heads there; past the limit they run the batch in slices, one after another,
+with the same results. A launch past the limit anywhere else is refused with an error naming the kernel and the
+axis (on a GPU it would fail with CUDA's bare "invalid argument"). Here the limit is lowered so that small inputs
+cross it, in Triton's interpreter or on the GPU alike."""
+
+import pytest
+import torch
+
+from mixerzoo.kernels import _triton
+from mixerzoo.kernels._triton import HAS_TRITON, batch_chunks, launch, tl, triton
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+@triton.jit
+def _copy_kernel(x, y, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y + i, tl.load(x + i))
+
+
+def test_launch_refuses_a_grid_past_cudas_limits():
+    x = torch.randn(64, device=DEVICE)
+    y = torch.empty_like(x)
+    for grid, axis in (((1, 65536), 1), ((1, 1, 70000), 2), ((2**31, 1), 0)):
+        with pytest.raises(ValueError, match=rf"_copy_kernel: launch grid .* on axis {axis}, more than"):
+            launch(_copy_kernel, grid, x, y, BLOCK=64)
+    with pytest.raises(ValueError, match="axis 1"):  # a grid computed from the launch's arguments too
+        launch(_copy_kernel, lambda meta: (1, 65536), x, y, BLOCK=64)
+    launch(_copy_kernel, (1, 65535), x, y, BLOCK=64) if DEVICE == "cuda" else None  # at the limit: runs
+    launch(_copy_kernel, (1,), x, y, BLOCK=64)
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_batch_chunks():
+    assert batch_chunks(4095, 16) is None  # 65520 programs fit
+    assert [(c.start, c.stop) for c in batch_chunks(4096, 16)] == [(0, 4095), (4095, 4096)]  # 65536 do not
+    assert [(c.start, c.stop) for c in batch_chunks(9000, 16)] == [(0, 4095), (4095, 8190), (8190, 9000)]
+    assert batch_chunks(65536, 1) == [slice(0, 65535), slice(65535, 65536)]
+    with pytest.raises(ValueError, match="65535"):
+        batch_chunks(1, 70000)
+
+
+@pytest.fixture
+def small_grids(monkeypatch):
+    """The grid limit lowered to 4 programs on the second and third axes; returns the launches made, as
+    (kernel name, grid) pairs."""
+    monkeypatch.setattr(_triton, "GRID_MAX", (2**31 - 1, 4, 4))
+    seen = []
+    real = _triton.launch
+
+    def counted(kernel, grid, *args, **kwargs):
+        seen.append((getattr(kernel, "fn", kernel).__name__, grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    return seen, counted
+
+
+def test_swa_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+    from mixerzoo.kernels.swa import swa as swa_module
+    from mixerzoo.kernels.swa import swa_bwd, swa_fwd
+
+    B, T, HQ, HKV, D, W, S = 5, 40, 2, 1, 32, 9, 2
+    q, k, v, do = (torch.randn(B, T, h, D, device=DEVICE, dtype=DTYPE) for h in (HQ, HKV, HKV, HQ))
+    pad = torch.tensor([0, 3, 0, 7, 1], device=DEVICE)
+    o, lse = swa_fwd(q, k, v, W, S, pad=pad)  # the whole batch in one grid
+    grads = swa_bwd(do, q, k, v, o, lse, W, S, pad=pad)
+    seen, counted = small_grids
+    monkeypatch.setattr(swa_module, "launch", counted)
+    o2, lse2 = swa_fwd(q, k, v, W, S, pad=pad)  # 10 rows x heads > 4: slices of 2 batch rows
+    grads2 = swa_bwd(do, q, k, v, o2, lse2, W, S, pad=pad)
+    fwd = [grid for name, grid in seen if name == "_swa_fwd_kernel"]
+    assert [grid[1] for grid in fwd] == [4, 4, 2], fwd
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o2, lse2, *grads2), strict=True):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_gdn_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+    """Fixed length: the batch in slices (the intermediates kept for the backward too); packed: the sequential
+    kernels put the sequences' heads on the grid's first axis. The same outputs and gradients bit for bit."""
+    from mixerzoo.kernels.gdn import chunk
+    from tests.kernels.test_gdn import cu_of, make_inputs, varlen_inputs
+
+    B, T, H, K, V = 3, 70, 2, 16, 16
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+    lengths = [30, 0, 40]  # 3 sequences x 2 heads > 4 (and at most 4 chunk rows: (70 + 63 x 3) // 64)
+    (pq, pk, pv, pg, pbeta), ph0 = varlen_inputs(lengths, 32, 16, torch.float32)
+    cases = [  # (inputs, cu_seqlens, dht)
+        ((q, k, v, g, beta, K**-0.5, h0), None, torch.randn(B, H, K, V, device=DEVICE)),
+        ((pq, pk, pv, pg, pbeta, 32**-0.5, ph0), cu_of(lengths), None),
+    ]
+    runs = []
+    for limited in (False, True):
+        if limited:
+            seen, counted = small_grids
+            monkeypatch.setattr(chunk, "launch", counted)
+        out = []
+        for xs, cu, dht in cases:
+            o, ht, gamma, Ai, *states = chunk.chunk_gdn_fwd(
+                *xs, cu_seqlens=cu, return_intermediates=True, keep_states=True
+            )
+            do = torch.randn(o.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+            grads = chunk.chunk_gdn_bwd(*xs, do, dht, cu_seqlens=cu)
+            kept = chunk.chunk_gdn_bwd(*xs, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai, states=tuple(states))
+            # packed, hs has spare chunk-table rows that no kernel writes (see chunk._chunking): left out
+            kept_states = states if cu is None else states[::2]
+            out.append((o, ht, gamma, Ai, *kept_states, *grads, *kept))
+        runs.append(out)
+    walks = [grid for name, grid in seen if name in ("_gdn_chunk_h_kernel", "_gdn_chunk_dh_kernel")]
+    assert (4, 1) in [(grid[1], grid[0]) for grid in walks], walks  # fixed length: slices of 2 rows x 2 heads
+    assert (6, 1) in walks, walks  # packed: 3 sequences x 2 heads first
+    for whole, sliced in zip(*runs, strict=True):
+        for i, (a, b) in enumerate(zip(whole, sliced, strict=True)):
+            assert a.shape == b.shape, i
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"output {i}")
+
+
+def test_nsa_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+    """nsa's launchers slice the batch by rows x kv heads (its window branch, swa, by rows x query heads); the
+    same outputs and gradients (bit for bit in the interpreter; on a GPU the selection's dQ adds with atomics, so
+    to float32 rounding)."""
+    from mixerzoo.kernels.nsa import triton_launch
+    from mixerzoo.kernels.swa import swa as swa_module
+    from tests.kernels.test_nsa_triton import _inputs
+
+    B, T, HQ, HKV, D, L, n, W = 3, 40, 4, 2, 16, 16, 2, 12
+    q, k, v, gates, do = _inputs(B, T, HQ, HKV, D)
+    runs = []
+    for limited in (False, True):
+        if limited:
+            seen, counted = small_grids
+            monkeypatch.setattr(triton_launch, "launch", counted)
+            monkeypatch.setattr(swa_module, "launch", counted)
+        o, ob, lse, lse_win, idx = triton_launch.nsa_fwd(q, k, v, *gates, L, n, W, D**-0.5)
+        grads = triton_launch.nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, D**-0.5)
+        runs.append((o, ob, lse, lse_win, idx, *grads))
+    assert [grid[1] for name, grid in seen if name == "nsa_cmp_fwd_kernel"] == [4, 2]
+    assert [grid[1] for name, grid in seen if name == "_swa_fwd_kernel"] == [4, 4, 4]
+    tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-5, atol=1e-5)
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert a.shape == b.shape, i
+        torch.testing.assert_close(b, a, **tol, msg=f"output {i}")
+
+
+def test_recurrent_and_eviction_kernels_put_the_heads_first_past_the_grid(small_grids, monkeypatch):
+    """gdn's token-by-token kernel (decode, short prompts), eviction's inference intervals and its attention
+    kernels put batch rows x heads on the grid's first axis where the second would not take them; the same
+    results bit for bit."""
+    from mixerzoo.kernels.eviction import attention as ev
+    from mixerzoo.kernels.gdn import fused_recurrent as fr
+    from tests.kernels.test_eviction import make_scores
+    from tests.kernels.test_gdn import make_inputs
+
+    B, T, H, K, V = 3, 9, 2, 16, 16
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+    eq, ek, ev_v, edo = (torch.randn(B, 12, h, 16, device=DEVICE) for h in (2, 2, 2, 2))
+    score = make_scores(B, 12, 2, device=DEVICE)
+    kw = dict(window_size=4, scale=0.25, open_ended=True)
+    runs = []
+    for limited in (False, True):
+        if limited:
+            seen, counted = small_grids
+            monkeypatch.setattr(fr, "launch", counted)
+            monkeypatch.setattr(ev, "launch", counted)
+        o, ht = fr.fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, h0)
+        end = ev.eviction_end(score, window_size=4, capacity=2, num_sinks=1)
+        lists = ev.eviction_intervals(score, window_size=4, capacity=2, num_sinks=1, training=True)
+        eo, lse = ev.eviction_attention_fwd(eq, ek, ev_v, *lists, **kw)
+        grads = ev.eviction_attention_bwd(edo, eq, ek, ev_v, eo, lse, *lists, **kw)
+        runs.append((o, ht, end, eo, lse, *grads))
+    first = {name: grid for name, grid in seen if grid[0] == 6}  # 3 rows x 2 heads, on the first axis
+    assert {"_gdn_fused_recurrent_fwd_kernel", "_eviction_end_kernel", "_eviction_fwd_kernel"} <= set(first), seen
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert a.shape == b.shape, i
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"output {i}")
+
+
+def test_eviction_prompt_state_puts_the_heads_first_past_the_grid(monkeypatch):
+    """The one-pass prompt's state write, its 2 rows x 2 heads past a limit of 3: the state the torch ops write."""
+    from mixerzoo.kernels.eviction import prefill
+    from tests.kernels.test_eviction_prompt_state import test_prompt_state_write_matches_torch as check
+
+    monkeypatch.setattr(_triton, "GRID_MAX", (2**31 - 1, 3, 3))
+    seen = []
+    real = prefill.launch
+    monkeypatch.setattr(
+        prefill, "launch", lambda kernel, grid, *a, **kw: seen.append(grid) or real(kernel, grid, *a, **kw)
+    )
+    for T, from_list, padded in ((40, True, True), (5, False, False)):
+        seen.clear()
+        check(T, from_list, padded)
+        assert seen and all(grid[0] == 4 for grid in seen), seen
