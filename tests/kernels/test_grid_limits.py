@@ -44,42 +44,53 @@ def test_batch_chunks():
         batch_chunks(1, 70000)
 
 
+def _same(whole, sliced, rtol=0.0, atol=0.0):
+    # the outputs of a call within the limit and of the same call past it, pairwise: shapes and values
+    for i, (a, b) in enumerate(zip(whole, sliced, strict=True)):
+        assert a.shape == b.shape, i
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=f"output {i}")
+
+
 @pytest.fixture
-def small_grids(monkeypatch):
-    """The grid limit lowered to 4 programs on the second and third axes; returns the launches made, as
-    (kernel name, grid) pairs."""
-    monkeypatch.setattr(_triton, "GRID_MAX", (2**31 - 1, 4, 4))
-    seen = []
-    real = _triton.launch
+def both_ways(monkeypatch):
+    """run(modules, body) -> (body's outputs, body's outputs again with the grid limit lowered to 4 programs on the
+    second and third axes, the launches of the second call through ``modules`` as (kernel name, grid) pairs)."""
 
-    def counted(kernel, grid, *args, **kwargs):
-        seen.append((getattr(kernel, "fn", kernel).__name__, grid))
-        return real(kernel, grid, *args, **kwargs)
+    def run(modules, body):
+        whole = body()
+        monkeypatch.setattr(_triton, "GRID_MAX", (2**31 - 1, 4, 4))
+        seen = []
+        real = _triton.launch
 
-    return seen, counted
+        def counted(kernel, grid, *args, **kwargs):
+            seen.append((getattr(kernel, "fn", kernel).__name__, grid))
+            return real(kernel, grid, *args, **kwargs)
+
+        for module in modules:
+            monkeypatch.setattr(module, "launch", counted)
+        return whole, body(), seen
+
+    return run
 
 
-def test_swa_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+def test_swa_runs_a_batch_past_the_grid_in_slices(both_ways):
     from mixerzoo.kernels.swa import swa as swa_module
     from mixerzoo.kernels.swa import swa_bwd, swa_fwd
 
     B, T, HQ, HKV, D, W, S = 5, 40, 2, 1, 32, 9, 2
     q, k, v, do = (torch.randn(B, T, h, D, device=DEVICE, dtype=DTYPE) for h in (HQ, HKV, HKV, HQ))
     pad = torch.tensor([0, 3, 0, 7, 1], device=DEVICE)
-    o, lse = swa_fwd(q, k, v, W, S, pad=pad)  # the whole batch in one grid
-    grads = swa_bwd(do, q, k, v, o, lse, W, S, pad=pad)
-    seen, counted = small_grids
-    monkeypatch.setattr(swa_module, "launch", counted)
-    o2, lse2 = swa_fwd(q, k, v, W, S, pad=pad)  # 10 rows x heads > 4: slices of 2 batch rows
-    grads2 = swa_bwd(do, q, k, v, o2, lse2, W, S, pad=pad)
-    fwd = [grid for name, grid in seen if name == "_swa_fwd_kernel"]
-    assert [grid[1] for grid in fwd] == [4, 4, 2], fwd
-    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o2, lse2, *grads2), strict=True):
-        assert a.shape == b.shape, name
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+    def body():
+        o, lse = swa_fwd(q, k, v, W, S, pad=pad)
+        return (o, lse, *swa_bwd(do, q, k, v, o, lse, W, S, pad=pad))
+
+    whole, sliced, seen = both_ways([swa_module], body)  # 10 rows x heads > 4: slices of 2 batch rows
+    assert [grid[1] for name, grid in seen if name == "_swa_fwd_kernel"] == [4, 4, 2], seen
+    _same(whole, sliced)
 
 
-def test_gdn_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+def test_gdn_runs_a_batch_past_the_grid_in_slices(both_ways):
     """Fixed length: the batch in slices (the intermediates kept for the backward too); packed: the sequential
     kernels put the sequences' heads on the grid's first axis. The same outputs and gradients bit for bit."""
     from mixerzoo.kernels.gdn import chunk
@@ -93,11 +104,8 @@ def test_gdn_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
         ((q, k, v, g, beta, K**-0.5, h0), None, torch.randn(B, H, K, V, device=DEVICE)),
         ((pq, pk, pv, pg, pbeta, 32**-0.5, ph0), cu_of(lengths), None),
     ]
-    runs = []
-    for limited in (False, True):
-        if limited:
-            seen, counted = small_grids
-            monkeypatch.setattr(chunk, "launch", counted)
+
+    def body():
         out = []
         for xs, cu, dht in cases:
             o, ht, gamma, Ai, *states = chunk.chunk_gdn_fwd(
@@ -108,18 +116,17 @@ def test_gdn_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
             kept = chunk.chunk_gdn_bwd(*xs, do, dht, cu_seqlens=cu, gamma=gamma, Ai=Ai, states=tuple(states))
             # packed, hs has spare chunk-table rows that no kernel writes (see chunk._chunking): left out
             kept_states = states if cu is None else states[::2]
-            out.append((o, ht, gamma, Ai, *kept_states, *grads, *kept))
-        runs.append(out)
+            out += [o, ht, gamma, Ai, *kept_states, *grads, *kept]
+        return out
+
+    whole, sliced, seen = both_ways([chunk], body)
     walks = [grid for name, grid in seen if name in ("_gdn_chunk_h_kernel", "_gdn_chunk_dh_kernel")]
     assert (4, 1) in [(grid[1], grid[0]) for grid in walks], walks  # fixed length: slices of 2 rows x 2 heads
     assert (6, 1) in walks, walks  # packed: 3 sequences x 2 heads first
-    for whole, sliced in zip(*runs, strict=True):
-        for i, (a, b) in enumerate(zip(whole, sliced, strict=True)):
-            assert a.shape == b.shape, i
-            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"output {i}")
+    _same(whole, sliced)
 
 
-def test_nsa_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
+def test_nsa_runs_a_batch_past_the_grid_in_slices(both_ways):
     """nsa's launchers slice the batch by rows x kv heads (its window branch, swa, by rows x query heads); the
     same outputs and gradients (bit for bit in the interpreter; on a GPU the selection's dQ adds with atomics, so
     to float32 rounding)."""
@@ -129,24 +136,20 @@ def test_nsa_runs_a_batch_past_the_grid_in_slices(small_grids, monkeypatch):
 
     B, T, HQ, HKV, D, L, n, W = 3, 40, 4, 2, 16, 16, 2, 12
     q, k, v, gates, do = _inputs(B, T, HQ, HKV, D)
-    runs = []
-    for limited in (False, True):
-        if limited:
-            seen, counted = small_grids
-            monkeypatch.setattr(triton_launch, "launch", counted)
-            monkeypatch.setattr(swa_module, "launch", counted)
+
+    def body():
         o, ob, lse, lse_win, idx = triton_launch.nsa_fwd(q, k, v, *gates, L, n, W, D**-0.5)
         grads = triton_launch.nsa_bwd(do, q, k, v, *gates, ob, lse, lse_win, idx, L, W, D**-0.5)
-        runs.append((o, ob, lse, lse_win, idx, *grads))
+        return (o, ob, lse, lse_win, idx, *grads)
+
+    whole, sliced, seen = both_ways([triton_launch, swa_module], body)
     assert [grid[1] for name, grid in seen if name == "nsa_cmp_fwd_kernel"] == [4, 2]
     assert [grid[1] for name, grid in seen if name == "_swa_fwd_kernel"] == [4, 4, 4]
     tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-5, atol=1e-5)
-    for i, (a, b) in enumerate(zip(*runs, strict=True)):
-        assert a.shape == b.shape, i
-        torch.testing.assert_close(b, a, **tol, msg=f"output {i}")
+    _same(whole, sliced, **tol)
 
 
-def test_recurrent_and_eviction_kernels_put_the_heads_first_past_the_grid(small_grids, monkeypatch):
+def test_recurrent_and_eviction_kernels_put_the_heads_first_past_the_grid(both_ways):
     """gdn's token-by-token kernel (decode, short prompts), eviction's inference intervals and its attention
     kernels put batch rows x heads on the grid's first axis where the second would not take them; the same
     results bit for bit."""
@@ -157,26 +160,21 @@ def test_recurrent_and_eviction_kernels_put_the_heads_first_past_the_grid(small_
 
     B, T, H, K, V = 3, 9, 2, 16, 16
     (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
-    eq, ek, ev_v, edo = (torch.randn(B, 12, h, 16, device=DEVICE) for h in (2, 2, 2, 2))
+    eq, ek, ev_v, edo = (torch.randn(B, 12, 2, 16, device=DEVICE) for _ in range(4))
     score = make_scores(B, 12, 2, device=DEVICE)
     kw = dict(window_size=4, scale=0.25, open_ended=True)
-    runs = []
-    for limited in (False, True):
-        if limited:
-            seen, counted = small_grids
-            monkeypatch.setattr(fr, "launch", counted)
-            monkeypatch.setattr(ev, "launch", counted)
+
+    def body():
         o, ht = fr.fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, h0)
         end = ev.eviction_end(score, window_size=4, capacity=2, num_sinks=1)
         lists = ev.eviction_intervals(score, window_size=4, capacity=2, num_sinks=1, training=True)
         eo, lse = ev.eviction_attention_fwd(eq, ek, ev_v, *lists, **kw)
-        grads = ev.eviction_attention_bwd(edo, eq, ek, ev_v, eo, lse, *lists, **kw)
-        runs.append((o, ht, end, eo, lse, *grads))
-    first = {name: grid for name, grid in seen if grid[0] == 6}  # 3 rows x 2 heads, on the first axis
-    assert {"_gdn_fused_recurrent_fwd_kernel", "_eviction_end_kernel", "_eviction_fwd_kernel"} <= set(first), seen
-    for i, (a, b) in enumerate(zip(*runs, strict=True)):
-        assert a.shape == b.shape, i
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"output {i}")
+        return (o, ht, end, eo, lse, *ev.eviction_attention_bwd(edo, eq, ek, ev_v, eo, lse, *lists, **kw))
+
+    whole, sliced, seen = both_ways([fr, ev], body)
+    first = {name for name, grid in seen if grid[0] == 6}  # 3 rows x 2 heads, on the first axis
+    assert {"_gdn_fused_recurrent_fwd_kernel", "_eviction_end_kernel", "_eviction_fwd_kernel"} <= first, seen
+    _same(whole, sliced)
 
 
 def test_eviction_prompt_state_puts_the_heads_first_past_the_grid(monkeypatch):
