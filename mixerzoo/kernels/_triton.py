@@ -134,6 +134,8 @@ def _hooks_idle() -> bool:
 
 # CUDA's limits on a launch grid, per axis: the first takes 2^31 - 1 programs, the second and third 65535 each
 GRID_MAX = (2**31 - 1, 65535, 65535)
+# the elements a kernel can address with 32-bit offsets: fewer than 2^31
+OFFSET_LIMIT = 2**31
 
 
 def _check_grid(kernel, grid: tuple) -> None:
@@ -148,15 +150,23 @@ def _check_grid(kernel, grid: tuple) -> None:
             )
 
 
-def batch_chunks(B: int, per_row: int) -> list[slice] | None:
-    """None where a launcher's kernels fit B batch rows in one grid (``B * per_row`` programs on a grid's second
-    axis, at most ``GRID_MAX[1]``); else the slices of the batch, each of at most ``GRID_MAX[1] // per_row`` rows,
-    that the launcher runs one after another (``cat_batches`` joins their outputs)."""
-    if B * per_row <= GRID_MAX[1]:
-        return None
+def batch_chunks(op: str, B: int, per_row: int, elems: int = 0) -> list[slice] | None:
+    """None where ``op``'s kernels take B batch rows in one launch; else the slices of the batch, each as many rows
+    as they take, that the launcher runs one after another (``cat_batches`` joins their outputs). The kernels take
+    ``B * per_row`` programs on a grid's second axis (at most ``GRID_MAX[1]``) and, with ``elems`` (the elements one
+    batch row adds to the largest tensor they address with 32-bit offsets), fewer than 2**31 such elements. A
+    single row past either limit is an error naming ``op``."""
     rows = GRID_MAX[1] // per_row
+    if elems:
+        rows = min(rows, (OFFSET_LIMIT - 1) // elems)
+    if rows >= B:
+        return None
     if rows < 1:
-        raise ValueError(f"{per_row} programs per batch row exceed the {GRID_MAX[1]} a CUDA grid's second axis takes")
+        raise ValueError(
+            f"{op}: one batch row takes {per_row} programs on a launch grid's second axis (at most {GRID_MAX[1]}) "
+            f"and {elems} elements of a tensor addressed with 32-bit offsets (fewer than {OFFSET_LIMIT} allowed); "
+            "split the sequence or the heads"
+        )
     return [slice(b, min(b + rows, B)) for b in range(0, B, rows)]
 
 

@@ -36,12 +36,27 @@ def test_launch_refuses_a_grid_past_cudas_limits():
 
 
 def test_batch_chunks():
-    assert batch_chunks(4095, 16) is None  # 65520 programs fit
-    assert [(c.start, c.stop) for c in batch_chunks(4096, 16)] == [(0, 4095), (4095, 4096)]  # 65536 do not
-    assert [(c.start, c.stop) for c in batch_chunks(9000, 16)] == [(0, 4095), (4095, 8190), (8190, 9000)]
-    assert batch_chunks(65536, 1) == [slice(0, 65535), slice(65535, 65536)]
-    with pytest.raises(ValueError, match="65535"):
-        batch_chunks(1, 70000)
+    assert batch_chunks("op", 4095, 16) is None  # 65520 programs fit
+    assert [(c.start, c.stop) for c in batch_chunks("op", 4096, 16)] == [(0, 4095), (4095, 4096)]  # 65536 do not
+    assert [(c.start, c.stop) for c in batch_chunks("op", 9000, 16)] == [(0, 4095), (4095, 8190), (8190, 9000)]
+    assert batch_chunks("op", 65536, 1) == [slice(0, 65535), slice(65535, 65536)]
+    assert batch_chunks("op", 4, 16, elems=2**29) == [slice(0, 3), slice(3, 4)]  # 4 rows: 2**31 elements
+    assert batch_chunks("op", 3, 16, elems=2**29) is None
+    with pytest.raises(ValueError, match="op: one batch row takes 70000 programs"):
+        batch_chunks("op", 1, 70000)
+    with pytest.raises(ValueError, match="op: one batch row .* 2147483648 elements"):
+        batch_chunks("op", 2, 1, elems=2**31)
+
+
+def test_swa_refuses_a_sequence_past_its_32_bit_offsets():
+    from mixerzoo.kernels.swa import swa_bwd, swa_fwd
+
+    q = torch.zeros(1, 1, 1, 1, device=DEVICE, dtype=DTYPE).expand(1, 2**20, 16, 128)  # 2**31 elements, no memory
+    with pytest.raises(ValueError, match=r"swa_fwd: T \* query heads \* head dim must be < 2147483648 per sequence"):
+        swa_fwd(q, q[:, :, :1], q[:, :, :1], 64)
+    lse = torch.zeros(1, 1, 1, device=DEVICE).expand(1, 16, 2**20)
+    with pytest.raises(ValueError, match="swa_bwd: T"):
+        swa_bwd(q, q, q[:, :, :1], q[:, :, :1], q, lse, 64)
 
 
 def _same(whole, sliced, rtol=0.0, atol=0.0):
@@ -53,12 +68,15 @@ def _same(whole, sliced, rtol=0.0, atol=0.0):
 
 @pytest.fixture
 def both_ways(monkeypatch):
-    """run(modules, body) -> (body's outputs, body's outputs again with the grid limit lowered to 4 programs on the
-    second and third axes, the launches of the second call through ``modules`` as (kernel name, grid) pairs)."""
+    """run(modules, body, offsets=None) -> (body's outputs, body's outputs again with the grid limit lowered to 4
+    programs on the second and third axes (and with ``offsets`` the 32-bit offset limit to that many elements), the
+    launches of the second call through ``modules`` as (kernel name, grid) pairs)."""
 
-    def run(modules, body):
+    def run(modules, body, offsets=None):
         whole = body()
         monkeypatch.setattr(_triton, "GRID_MAX", (2**31 - 1, 4, 4))
+        if offsets is not None:  # and the elements a kernel addresses with 32-bit offsets
+            monkeypatch.setattr(_triton, "OFFSET_LIMIT", offsets)
         seen = []
         real = _triton.launch
 
@@ -192,3 +210,30 @@ def test_eviction_prompt_state_puts_the_heads_first_past_the_grid(monkeypatch):
         seen.clear()
         check(T, from_list, padded)
         assert seen and all(grid[0] == 4 for grid in seen), seen
+
+
+def test_gdn_runs_a_batch_past_its_32_bit_offsets_in_slices(both_ways, monkeypatch):
+    """gdn's launchers also slice the batch where its tensors would pass the kernels' 32-bit offsets (here the limit
+    lowered to one batch row's widest tensor); a packed batch past it is refused, naming the op."""
+    from mixerzoo.kernels.gdn import chunk
+    from mixerzoo.kernels.gdn import fused_recurrent as fr
+    from tests.kernels.test_gdn import cu_of, make_inputs, varlen_inputs
+
+    B, T, H, K, V = 3, 70, 1, 16, 16  # 3 rows x 1 head: within the lowered grid, past the lowered offsets
+    (q, k, v, g, beta), h0 = make_inputs(B, T, H, K, V, torch.float32)
+    limit = T * H * 64 + 1  # one row's [T, H, 64] chunk inverses (the widest per-token tensor) fit, two rows' do not
+
+    def body():
+        o, ht = chunk.chunk_gdn_fwd(q, k, v, g, beta, K**-0.5, h0)
+        do = torch.randn(o.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+        grads = chunk.chunk_gdn_bwd(q, k, v, g, beta, K**-0.5, h0, do, None)
+        return (o, ht, *grads, *fr.fused_recurrent_gdn_fwd(q, k, v, g, beta, K**-0.5, h0))
+
+    whole, sliced, seen = both_ways([chunk, fr], body, offsets=limit)
+    # one batch row per launch: the forward's three and the backward's three (it walks the states again)
+    assert [grid[1] for name, grid in seen if name == "_gdn_chunk_h_kernel"] == [1] * 6, seen
+    assert [grid[1] for name, grid in seen if name == "_gdn_fused_recurrent_fwd_kernel"] == [1, 1, 1], seen
+    _same(whole, sliced)
+    (pq, pk, pv, pg, pbeta), ph0 = varlen_inputs([60, 60], K, V, torch.float32)
+    with pytest.raises(ValueError, match="chunk_gdn_fwd: a packed batch of 120 tokens"):
+        chunk.chunk_gdn_fwd(pq, pk, pv, pg, pbeta, K**-0.5, ph0, cu_seqlens=cu_of([60, 60]))

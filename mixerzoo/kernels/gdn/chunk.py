@@ -33,8 +33,8 @@ from torch import Tensor
 
 from .. import _triton
 from .._checks import check_floats
-from .._triton import batch_chunks, cat_batches, cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
-from .fused_recurrent import gates_ok
+from .._triton import cat_batches, cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
+from .fused_recurrent import batch_parts, gates_ok
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
 
@@ -1390,6 +1390,14 @@ def _check_kept(gamma, Ai, states, k, v, NT) -> None:
             raise ValueError(f"chunk_gdn_bwd: {name} must be {label} {list(shape)}, got {x.dtype} {list(x.shape)}")
 
 
+def _batch_parts(op: str, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> list[slice] | None:
+    # the chunk kernels: batch rows x heads on the grids' second or third axis, the states at each chunk's start
+    # (hs, dhs [B, NT, H, K, V]) the largest tensor they address with 32-bit offsets
+    T = k.shape[1]
+    packed = None if cu_seqlens is None else chunk_rows(T, cu_seqlens.numel() - 1)
+    return batch_parts(op, k, v, chunk_rows(T, None), packed, k.shape[2])
+
+
 def _rows(x: Tensor | None, rows: slice) -> Tensor | None:
     # batch rows of an optional tensor
     return None if x is None else x[rows]
@@ -1433,8 +1441,9 @@ def chunk_gdn_fwd(
     the state at each chunk's start in v's dtype (NT: the chunk grid's rows), for the backward to skip the wu
     and h kernels as well."""
     _check_floats("chunk_gdn_fwd", q, k, v, g, beta, initial_state)
-    parts = batch_chunks(k.shape[0], k.shape[2]) if cu_seqlens is None else None
-    if parts:  # more batch rows x heads than a grid's second axis takes: the batch in slices, one after another
+    parts = _batch_parts("chunk_gdn_fwd", k, v, cu_seqlens)
+    if parts:  # more batch rows x heads than a grid's second axis takes, or past the kernels' 32-bit offsets: the
+        # batch in slices, one after another
         kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu, return_intermediates=return_intermediates,
                   keep_states=keep_states, ok=ok)  # fmt: skip
         return cat_batches([chunk_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, _rows(initial_state, c), **kw)
@@ -1514,7 +1523,7 @@ def chunk_gdn_bwd(
     forward's from ``keep_states=True``; then neither wu nor h runs again (the same values, so the same
     gradients bit for bit)."""
     _check_floats("chunk_gdn_bwd", q, k, v, g, beta, initial_state, do=do, dht=dht)
-    parts = batch_chunks(k.shape[0], k.shape[2]) if cu_seqlens is None else None
+    parts = _batch_parts("chunk_gdn_bwd", k, v, cu_seqlens)
     if parts:  # as in chunk_gdn_fwd
         kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu)
         return cat_batches([

@@ -54,7 +54,7 @@ def _causal_conv1d_fwd_kernel(
     HAS_INIT: tl.constexpr,
     SILU: tl.constexpr,
 ):
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: B * T * C may pass 2**31
     o_t = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
@@ -96,7 +96,7 @@ def _causal_conv1d_bwd_dz_kernel(
     SILU: tl.constexpr,
 ):
     # dz = dy * act'(z) (z recomputed); per-time-block partial sums of dweight and dbias
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: B * T * C may pass 2**31
     o_t = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
@@ -142,7 +142,7 @@ def _causal_conv1d_bwd_dx_kernel(
 ):
     # dxe[s] = sum_w weight[:, w] dz[s - w] over xe positions s = 0 .. T + W - 2 (xe = cat(init, x));
     # the last W-1 positions of xe are also the final state
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: B * T * C may pass 2**31
     TE = T + W - 1
     o_s = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _triton
 from .._checks import check_floats
-from .._triton import HAS_TRITON, cdiv, interpreting, launch, next_pow2, tl, triton
+from .._triton import HAS_TRITON, batch_chunks, cat_batches, cdiv, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 
@@ -120,6 +120,24 @@ def _num_warps(BK: int, BV: int, T: int) -> int:
     return 2 if T == 1 else 8
 
 
+def batch_parts(op: str, k: Tensor, v: Tensor, states: int, packed_states: int | None, per_row: int) -> list | None:
+    """The batch slices (``_triton.batch_chunks``) that keep a gdn launcher's kernels within 32-bit offsets: they
+    address the [B, T, H, K or V] tensors, a [B, T, H, 64] one and ``states`` [K, V] states per batch row and head
+    (or, packed, ``packed_states`` of them in all; a packed batch past the limit is an error) with int32 offsets.
+    ``per_row``: the programs per batch row on the launch grid's second axis."""
+    B, T, H, K = k.shape
+    width = T * H * max(K, v.shape[-1], 64)
+    if packed_states is None:
+        return batch_chunks(op, B, per_row, max(width, states * H * K * v.shape[-1]))
+    if max(width, packed_states * H * K * v.shape[-1]) >= _triton.OFFSET_LIMIT:
+        raise ValueError(
+            f"{op}: a packed batch of {T} tokens with {H} heads of {K} x {v.shape[-1]} states needs "
+            f"{_triton.OFFSET_LIMIT} or more elements in one tensor, past the kernels' 32-bit offsets; pack fewer "
+            "tokens per call"
+        )
+    return None
+
+
 def fused_recurrent_gdn_fwd(
     q: Tensor,
     k: Tensor,
@@ -156,6 +174,12 @@ def fused_recurrent_gdn_fwd(
             f"interpreter skips device asserts), got ok={'a tensor' if ok is not None else None}, "
             f"interpreting={interpreting()}"
         )
+    parts = batch_parts("fused_recurrent_gdn_fwd", k, v, 1, None if cu_seqlens is None else cu_seqlens.numel() - 1, 1)
+    if parts:  # past the 32-bit offsets: the batch in slices, one after another
+        kw = dict(ok=ok, assert_gates=assert_gates, checked=True)
+        init = [None if initial_state is None else initial_state[c] for c in parts]
+        return cat_batches([fused_recurrent_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, h, **kw)
+                            for c, h in zip(parts, init, strict=True)])  # fmt: skip
     check = 2 if assert_gates else int(ok is not None)
     B, T, H, K = k.shape
     V = v.shape[-1]

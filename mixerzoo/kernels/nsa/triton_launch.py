@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._triton import LOG2E, batch_chunks, cdiv, dot_precision, interpreting, launch
 from ..swa import swa_bwd, swa_fwd
-from ..swa.swa import kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
+from ..swa.swa import _check_offsets, kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
 from .triton_select import (
@@ -148,7 +148,8 @@ def nsa_fwd(
     (o [B, T, HQ, D], ob [3, B, T, HQ, D] branch outputs, lse [2, B, T, HQ] float32 base 2 (compression,
     selection), lse_win [B, HQ, T] float32, idx [B, T, HKV, n] int32). ``tiles`` overrides ``nsa_tiles``."""
     check_triton_shapes("nsa_fwd", q, block_size, block_count)
-    parts = batch_chunks(q.shape[0], k.shape[2])  # more batch rows x kv heads than a grid takes: in turn
+    _check_offsets("nsa_fwd", q)  # the window branch's, and the selection's row offsets within a sequence
+    parts = batch_chunks("nsa_fwd", q.shape[0], k.shape[2])  # more batch rows x kv heads than a grid takes: in turn
     if parts:
         outs = [nsa_fwd(q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], block_size, block_count, window_size, scale,
                         tiles=tiles) for c in parts]  # fmt: skip
@@ -259,7 +260,8 @@ def nsa_bwd(
     forward's ob, lse, lse_win and idx (see ``nsa_fwd``). The selection passes no gradient."""
     N = idx.shape[-1]
     check_triton_shapes("nsa_bwd", q, block_size, N)
-    parts = batch_chunks(q.shape[0], k.shape[2])  # as in nsa_fwd (ob and lse: the batch second)
+    _check_offsets("nsa_bwd", q)
+    parts = batch_chunks("nsa_bwd", q.shape[0], k.shape[2])  # as in nsa_fwd (ob and lse: the batch second)
     if parts:
         return tuple(torch.cat(xs) for xs in zip(*[
             nsa_bwd(do[c], q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], ob[:, c], lse[:, c], lse_win[c], idx[c],

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import Tensor
 
+from .. import _triton
 from .._checks import check_floats, check_int_arg, check_scale, check_values
 from .._ops import no_autocast, run_op
 from .._tile_table import check_maxnreg
@@ -1004,6 +1005,16 @@ def _strides(q: Tensor, k: Tensor) -> dict:
     )
 
 
+def _check_offsets(op: str, q: Tensor) -> None:
+    # the kernels address a sequence's rows with 32-bit offsets (64-bit bases per batch row and head)
+    _, T, HQ, D = q.shape
+    if T * HQ * D >= _triton.OFFSET_LIMIT:
+        raise ValueError(
+            f"{op}: T * query heads * head dim must be < {_triton.OFFSET_LIMIT} per sequence (the kernels' 32-bit "
+            f"row offsets), got {T} * {HQ} * {D}"
+        )
+
+
 def swa_fwd(
     q: Tensor,
     k: Tensor,
@@ -1025,7 +1036,8 @@ def swa_fwd(
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
-    chunks = batch_chunks(q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
+    _check_offsets("swa_fwd", q)
+    chunks = batch_chunks("swa_fwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
         return cat_batches([swa_fwd(q[c], k[c], v[c], window_size, num_sinks, scale, None if pad is None else pad[c],
                                     config=config) for c in chunks])  # fmt: skip
@@ -1192,7 +1204,8 @@ def swa_bwd(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
     _check_triton("swa_bwd", q)
-    chunks = batch_chunks(q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
+    _check_offsets("swa_bwd", q)
+    chunks = batch_chunks("swa_bwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
         return cat_batches([swa_bwd(do[c], q[c], k[c], v[c], o[c], lse[c], window_size, num_sinks, scale,
                                     None if pad is None else pad[c], dkdv_config=dkdv_config, dq_config=dq_config)
