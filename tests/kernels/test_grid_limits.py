@@ -50,15 +50,39 @@ def test_batch_chunks():
         batch_chunks("op", 2, 1, elems=2**31)
 
 
-def test_swa_refuses_a_sequence_past_its_32_bit_offsets():
-    from mixerzoo.kernels.swa import swa_bwd, swa_fwd
+def test_nsa_refuses_a_sequence_past_its_32_bit_offsets():
+    from mixerzoo.kernels.nsa.triton_launch import nsa_fwd
 
     q = torch.zeros(1, 1, 1, 1, device=DEVICE, dtype=DTYPE).expand(1, 2**20, 16, 128)  # 2**31 elements, no memory
-    with pytest.raises(ValueError, match=r"swa_fwd: T \* query heads \* head dim must be < 2147483648 per sequence"):
-        swa_fwd(q, q[:, :, :1], q[:, :, :1], 64)
-    lse = torch.zeros(1, 1, 1, device=DEVICE).expand(1, 16, 2**20)
-    with pytest.raises(ValueError, match="swa_bwd: T"):
-        swa_bwd(q, q, q[:, :, :1], q[:, :, :1], q, lse, 64)
+    g = torch.zeros(1, 1, 1, device=DEVICE, dtype=DTYPE).expand(1, 2**20, 16)
+    with pytest.raises(ValueError, match=r"nsa_fwd: T \* query heads \* head dim must be < 2147483648 per sequence"):
+        nsa_fwd(q, q[:, :, :1], q[:, :, :1], g, g, g, 64, 4, 512, 0.1)
+
+
+def test_swa_takes_a_sequence_past_32_bit_offsets(monkeypatch):
+    """A sequence of 2**31 elements or more: swa's kernels take their row strides in int64 (WIDE); here the limit
+    lowered so that a small one crosses it. The same outputs and gradients, with and without the stash."""
+    from mixerzoo.kernels.swa import swa as swa_module
+    from mixerzoo.kernels.swa import swa_bwd, swa_fwd
+    from mixerzoo.kernels.swa.swa import _dkdv_config
+
+    B, T, HQ, HKV, D, W, S = 2, 40, 2, 1, 32, 9, 2
+    q, k, v, do = (torch.randn(B, T, h, D, device=DEVICE, dtype=DTYPE) for h in (HQ, HKV, HKV, HQ))
+    stash = dict(BM=64, BN=_dkdv_config(D)["BN"], num_warps=4, num_stages=2, STASH=True)
+
+    def body():
+        o, lse = swa_fwd(q, k, v, W, S)
+        return (o, lse, *swa_bwd(do, q, k, v, o, lse, W, S), *swa_bwd(do, q, k, v, o, lse, W, S, dq_config=stash))
+
+    whole = body()
+    monkeypatch.setattr(_triton, "OFFSET_LIMIT", T * HQ * D)
+    wide = []
+    real = swa_module.launch
+    monkeypatch.setattr(
+        swa_module, "launch", lambda kernel, grid, *a, **kw: wide.append(kw["WIDE"]) or real(kernel, grid, *a, **kw)
+    )
+    _same(whole, body())
+    assert len(wide) >= 7 and all(wide), wide  # forward, delta, dQ, dK/dV (twice), stash dQ, sinks
 
 
 # the interpreter runs the same arithmetic either way; a GPU may pick other launch settings for a slice of the batch

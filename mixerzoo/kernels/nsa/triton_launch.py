@@ -148,7 +148,7 @@ def nsa_fwd(
     (o [B, T, HQ, D], ob [3, B, T, HQ, D] branch outputs, lse [2, B, T, HQ] float32 base 2 (compression,
     selection), lse_win [B, HQ, T] float32, idx [B, T, HKV, n] int32). ``tiles`` overrides ``nsa_tiles``."""
     check_triton_shapes("nsa_fwd", q, block_size, block_count)
-    _check_offsets("nsa_fwd", q)  # the window branch's, and the selection's row offsets within a sequence
+    _check_offsets("nsa_fwd", q)  # the compression and selection kernels: 32-bit row offsets within a sequence
     parts = batch_chunks("nsa_fwd", q.shape[0], k.shape[2])  # more batch rows x kv heads than a grid takes: in turn
     if parts:
         outs = [nsa_fwd(q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], block_size, block_count, window_size, scale,

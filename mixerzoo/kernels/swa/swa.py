@@ -118,16 +118,21 @@ def _tile_mask(m_rows, o_d, DH: tl.constexpr):
 
 
 @triton.jit
-def _exact_strides(sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr):
+def _exact_strides(
+    sqb, sqt, sqh, skb, skt, skh, T, HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr, WIDE: tl.constexpr = False
+):
     # the strides of contiguous q-shaped [B, T, HQ, DH] and k-shaped [B, T, HQ // G, DH] tensors (the launchers'),
     # with DH > 0 as products of DH, so that the compiler sees what they are multiples of: a head dim such as 40 comes
     # in as a stride that Triton knows nothing about (it marks arguments divisible by 16 only), and every load of the
-    # kernel would lose its 16-byte vectors
+    # kernel would lose its 16-byte vectors. WIDE: a sequence of 2**31 elements or more (T * HQ * DH); the row strides
+    # in int64, so that every row offset within the sequence is (else they are 32-bit: rows * stride_t)
     if DH > 0:
         HKV: tl.constexpr = HQ // G
         t = tl.cast(T, tl.int64)
         sqb, sqt, sqh = t * (HQ * DH), HQ * DH, DH
         skb, skt, skh = t * (HKV * DH), HKV * DH, DH
+    if WIDE:
+        sqt, skt = tl.cast(sqt, tl.int64), tl.cast(skt, tl.int64)
     return sqb, sqt, sqh, skb, skt, skh
 
 
@@ -305,10 +310,10 @@ def _swa_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
-    QREGS: tl.constexpr = False, D2: tl.constexpr = 0,
+    QREGS: tl.constexpr = False, D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH, WIDE
     )
     # q and o are addressed with q's strides, k and v with k's (contiguous [B, T, H, D], see _strides); D is the
     # tiles' head dim, DH > 0 the tensors' where it is less (its columns masked, see _head_mask)
@@ -466,10 +471,10 @@ def _swa_bwd_dkdv_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
     BQ: tl.constexpr = 0, STASH: tl.constexpr = False, DH: tl.constexpr = 0, KVREGS: tl.constexpr = False,
-    D2: tl.constexpr = 0,
+    D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH, WIDE
     )
     # one program per (key block, kv head): loops over the G query heads of its group and over the
     # query blocks whose window reaches the key block; sink keys' far queries go to the sink kernel.
@@ -548,10 +553,10 @@ def _swa_bwd_dkdv_sink_kernel(
     T, W, S, qk_scale, sm_scale, CHUNK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH, WIDE
     )
     # sink keys are seen by every later query: split those queries into chunks, one program each,
     # so that no program walks the whole sequence; partial sums [B, HKV, chunks, BS, D] in float32
@@ -645,10 +650,10 @@ def _swa_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     HAS_PAD: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0,
-    QREGS: tl.constexpr = False, D2: tl.constexpr = 0,
+    QREGS: tl.constexpr = False, D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH, WIDE
     )
     tl.static_assert(BM % BN == 0)
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
@@ -706,10 +711,12 @@ def _swa_bwd_dq_kernel(
 @triton.jit
 def _swa_bwd_delta_kernel(
     o, do, delta, T, stride_qb, stride_qt, stride_qh, HQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-    DH: tl.constexpr = 0, D2: tl.constexpr = 0,
+    DH: tl.constexpr = 0, D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     # delta = rowsum(dO * O) of BM query rows: the stash backward's dK/dV kernel reads it before any dQ kernel runs
-    stride_qb, stride_qt, stride_qh, _, _, _ = _exact_strides(stride_qb, stride_qt, stride_qh, 0, 0, 0, T, HQ, 1, DH)
+    stride_qb, stride_qt, stride_qh, _, _, _ = _exact_strides(
+        stride_qb, stride_qt, stride_qh, 0, 0, 0, T, HQ, 1, DH, WIDE
+    )
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BM + tl.arange(0, BM)
@@ -726,10 +733,10 @@ def _swa_bwd_dq_stash_kernel(
     T, W, S, qk_scale, sm_scale, KV0, NB, HEAD_STRIDE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0,
+    HAS_PAD: tl.constexpr, PREC: tl.constexpr, DH: tl.constexpr = 0, D2: tl.constexpr = 0, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh = _exact_strides(
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T, HQ, G, DH, WIDE
     )
     # dQ from the score gradients the dK/dV kernel stored (STASH): one matmul per key block, dQ += dS K, instead of
     # recomputing QK^T and dO V^T. Query rows KV0 * G + program_id(1) of [B * HQ]; the slots of the block's band
@@ -994,7 +1001,8 @@ def _pad_arg(pad: Tensor | None, q: Tensor) -> Tensor | None:
 
 
 def _strides(q: Tensor, k: Tensor) -> dict:
-    # after .contiguous(), q, o, do, dq share q's strides and k, v, dk, dv share k's: one set each
+    # after .contiguous(), q, o, do, dq share q's strides and k, v, dk, dv share k's: one set each; WIDE where one
+    # sequence of q holds 2**31 elements or more (int64 row offsets, see _exact_strides)
     return dict(
         stride_qb=q.stride(0),
         stride_qt=q.stride(1),
@@ -1002,6 +1010,7 @@ def _strides(q: Tensor, k: Tensor) -> dict:
         stride_kb=k.stride(0),
         stride_kt=k.stride(1),
         stride_kh=k.stride(2),
+        WIDE=q.shape[1] * q.stride(1) >= _triton.OFFSET_LIMIT,
     )
 
 
@@ -1036,7 +1045,6 @@ def swa_fwd(
     check_swa_inputs("swa_fwd", q, k, v, window_size, num_sinks, pad)
     _check_triton("swa_fwd", q)
     scale = check_scale("swa_fwd", scale, q.shape[-1])
-    _check_offsets("swa_fwd", q)
     chunks = batch_chunks("swa_fwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
         return cat_batches([swa_fwd(q[c], k[c], v[c], window_size, num_sinks, scale, None if pad is None else pad[c],
@@ -1149,7 +1157,7 @@ def _stash_backward(plan, dkdv_args, common, BQ, dq_cfg, q, k, v, do, o, dq) -> 
     G, BN = common["G"], dkdv_args["BN"]
     launch(_swa_bwd_delta_kernel, (cdiv(T, 64), B * HQ), o=o, do=do, delta=common["delta"], T=T,
            stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qh=q.stride(2), HQ=HQ, D=common["D"],
-           DH=common["DH"], D2=common["D2"], BM=64)  # fmt: skip
+           DH=common["DH"], D2=common["D2"], WIDE=common["WIDE"], BM=64)  # fmt: skip
     NB, head, chunk = plan
     n_kv = B * (HQ // G)
     ds = torch.empty(chunk * G * head, device=q.device, dtype=q.dtype)
@@ -1204,7 +1212,6 @@ def swa_bwd(
             f"swa_bwd: do and o must be shaped as q {list(q.shape)}, got {list(do.shape)}, {list(o.shape)}"
         )
     _check_triton("swa_bwd", q)
-    _check_offsets("swa_bwd", q)
     chunks = batch_chunks("swa_bwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
         return cat_batches([swa_bwd(do[c], q[c], k[c], v[c], o[c], lse[c], window_size, num_sinks, scale,
