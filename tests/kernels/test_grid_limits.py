@@ -266,3 +266,30 @@ def test_gdn_runs_a_batch_past_its_32_bit_offsets_in_slices(both_ways, monkeypat
     (pq, pk, pv, pg, pbeta), ph0 = varlen_inputs([60, 60], K, V, torch.float32)
     with pytest.raises(ValueError, match="chunk_gdn_fwd: a packed batch of 120 tokens"):
         chunk.chunk_gdn_fwd(pq, pk, pv, pg, pbeta, K**-0.5, ph0, cu_seqlens=cu_of([60, 60]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    DEVICE != "cuda" or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a CUDA GPU with 40 GiB",
+)
+def test_swa_sequence_past_32_bit_offsets_on_the_gpu():
+    """A real sequence of more than 2**31 elements (T x 16 heads x 128): its last rows, whose offsets pass 2**31,
+    against the reference on the keys they see (the last W tokens; no sinks), forward and gradients of q."""
+    from mixerzoo.kernels.swa import swa_bwd, swa_fwd
+    from mixerzoo.kernels.swa.reference import swa_fwd_ref
+
+    T, H, D, W, n = 2**20 + 4096, 16, 128, 64, 256
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    o, lse = swa_fwd(q, k, v, W)
+    tail = slice(T - n - W, T)  # the last n rows and the W keys before them
+    o_ref, _ = swa_fwd_ref(q[:, tail].float(), k[:, tail].float(), v[:, tail].float(), W, 0, D**-0.5, None)
+    torch.testing.assert_close(o[:, -n:].float(), o_ref[:, -n:], rtol=2e-2, atol=2e-2)
+    do = torch.zeros_like(q)
+    do[:, -n:] = torch.randn(1, n, H, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    dq = swa_bwd(do, q, k, v, o, lse, W)[0]
+    qr = q[:, tail].float().requires_grad_()
+    o_r, _ = swa_fwd_ref(qr, k[:, tail].float(), v[:, tail].float(), W, 0, D**-0.5, None)
+    o_r.backward(do[:, tail].float())
+    torch.testing.assert_close(dq[:, -n:].float(), qr.grad[:, -n:], rtol=2e-2, atol=2e-2)
