@@ -15,10 +15,12 @@ import torch
 __all__ = [
     "GRID_MAX",
     "HAS_TRITON",
+    "OFFSET_LIMIT",
     "LOG2E",
     "LOG2E_JIT",
     "any_nonfinite",
     "batch_chunks",
+    "batch_rows",
     "cat_batches",
     "cdiv",
     "dot_acc",
@@ -168,6 +170,19 @@ def batch_chunks(op: str, B: int, per_row: int, elems: int = 0) -> list[slice] |
             "split the sequence or the heads"
         )
     return [slice(b, min(b + rows, B)) for b in range(0, B, rows)]
+
+
+def batch_rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """Rows ``rows`` of an optional batch-first tensor (a slice of ``batch_chunks``)."""
+    return None if x is None else x[rows]
+
+
+def grid_over(blocks: int, heads: int) -> tuple[tuple[int, int], bool]:
+    """(grid, heads first) of a kernel over ``blocks`` per head and ``heads`` (batch rows x heads): [blocks, heads],
+    or [heads, blocks] where the heads pass what a grid's second axis takes (``GRID_MAX[1]``); the kernel reads its
+    axes by the flag (a ``HEADS_FIRST`` constexpr)."""
+    first = heads > GRID_MAX[1]
+    return ((heads, blocks) if first else (blocks, heads)), first
 
 
 def cat_batches(parts: list) -> tuple:

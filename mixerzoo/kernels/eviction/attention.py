@@ -21,6 +21,7 @@ from .._triton import (
     any_nonfinite,
     cdiv,
     dot_precision,
+    grid_over,
     launch,
     next_pow2,
     pair_add_dot,
@@ -976,10 +977,10 @@ def eviction_end(score: Tensor, *, window_size: int, capacity: int, num_sinks: i
     rank = torch.empty_like(ranked).scatter_(-1, ranked.long(), j[..., :T])
     end_c = torch.zeros((B, H, T), dtype=torch.int32, device=score.device)
     BR, BC = (64, 64) if score.device.type == "cuda" else (16, 16)
-    first = B * H > _triton.GRID_MAX[1]
+    grid, first = grid_over(cdiv(T, BR), B * H)
     launch(
         _eviction_end_kernel,
-        (B * H, cdiv(T, BR)) if first else (cdiv(T, BR), B * H),
+        grid,
         ranked=ranked,
         rank=rank,
         rpos=rpos,

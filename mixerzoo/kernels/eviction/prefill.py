@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _triton
-from .._triton import cdiv, interpreting, launch, next_pow2, tl, triton
+from .._triton import cdiv, grid_over, interpreting, launch, next_pow2, tl, triton
 
 __all__ = ["prompt_buffer_slots", "prompt_state_write"]
 
@@ -290,10 +289,10 @@ def prompt_state_write(
     # rows per program: 16 on the GPU (a [16, D] tile per tensor); the interpreter pays per program, not per row
     BR = 16 if kr.is_cuda else 64
     nb_buf, nb_ring, nb_ctx = cdiv(C, BR), cdiv(n_ring, BR), cdiv(n_ctx, BR)
-    first = B * H > _triton.GRID_MAX[1]
+    grid, first = grid_over(nb_buf + nb_ring + nb_ctx, B * H)
     launch(
         _eviction_prompt_state_kernel,
-        (B * H, nb_buf + nb_ring + nb_ctx) if first else (nb_buf + nb_ring + nb_ctx, B * H),
+        grid,
         kr,
         v,
         u,

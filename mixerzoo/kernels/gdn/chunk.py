@@ -31,9 +31,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _triton
 from .._checks import check_floats
-from .._triton import cat_batches, cdiv, dot_precision, launch, launch_config, next_pow2, tl, triton
+from .._triton import (
+    batch_rows,
+    cat_batches,
+    cdiv,
+    dot_precision,
+    grid_over,
+    launch,
+    launch_config,
+    next_pow2,
+    tl,
+    triton,
+)
 from .fused_recurrent import batch_parts, gates_ok
 
 __all__ = ["chunk_gdn_bwd", "chunk_gdn_fwd"]
@@ -1322,10 +1332,10 @@ def _states(k, w, u, gamma, initial_state, chunks, *, seq=None):
     hs = torch.empty(B, NT, H, K, V, device=dev, dtype=k.dtype)  # varlen: [1, NT, ...], row = chunk table row
     vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    first = N * H > _triton.GRID_MAX[1]  # a packed batch of many sequences: their heads on the grid's first axis
+    grid, first = grid_over(cdiv(V, BV), N * H)  # a packed batch of many sequences: their heads on the first axis
     launch(
         _gdn_chunk_h_kernel,
-        (N * H, cdiv(V, BV)) if first else (cdiv(V, BV), N * H),
+        grid,
         k=k,
         w=w,
         u=u,
@@ -1398,11 +1408,6 @@ def _batch_parts(op: str, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> li
     return batch_parts(op, k, v, chunk_rows(T, None), packed, k.shape[2])
 
 
-def _rows(x: Tensor | None, rows: slice) -> Tensor | None:
-    # batch rows of an optional tensor
-    return None if x is None else x[rows]
-
-
 def chunk_gdn_fwd(
     q: Tensor,
     k: Tensor,
@@ -1446,7 +1451,7 @@ def chunk_gdn_fwd(
         # batch in slices, one after another
         kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu, return_intermediates=return_intermediates,
                   keep_states=keep_states, ok=ok)  # fmt: skip
-        return cat_batches([chunk_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, _rows(initial_state, c), **kw)
+        return cat_batches([chunk_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, batch_rows(initial_state, c), **kw)
                             for c in parts])  # fmt: skip
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -1527,8 +1532,8 @@ def chunk_gdn_bwd(
     if parts:  # as in chunk_gdn_fwd
         kw = dict(seq=seq, doubling=doubling, fuse_wu=fuse_wu)
         return cat_batches([
-            chunk_gdn_bwd(q[c], k[c], v[c], g[c], beta[c], scale, _rows(initial_state, c), do[c], _rows(dht, c),
-                          gamma=_rows(gamma, c), Ai=_rows(Ai, c),
+            chunk_gdn_bwd(q[c], k[c], v[c], g[c], beta[c], scale, batch_rows(initial_state, c), do[c],
+                          batch_rows(dht, c), gamma=batch_rows(gamma, c), Ai=batch_rows(Ai, c),
                           states=None if states is None else tuple(x[c] for x in states), **kw)
             for c in parts
         ])  # fmt: skip
@@ -1589,10 +1594,10 @@ def chunk_gdn_bwd(
         if initial_state is not None
         else k.new_empty(0, dtype=torch.float32)
     )
-    first = N * H > _triton.GRID_MAX[1]  # as in _states
+    grid, first = grid_over(cdiv(V, BVh), N * H)  # as in _states
     launch(
         _gdn_chunk_dh_kernel,
-        (N * H, cdiv(V, BVh)) if first else (cdiv(V, BVh), N * H),
+        grid,
         q=q,
         k=k,
         w=w,

@@ -12,7 +12,19 @@ from torch import Tensor
 
 from .. import _triton
 from .._checks import check_floats
-from .._triton import HAS_TRITON, batch_chunks, cat_batches, cdiv, interpreting, launch, next_pow2, tl, triton
+from .._triton import (
+    HAS_TRITON,
+    batch_chunks,
+    batch_rows,
+    cat_batches,
+    cdiv,
+    grid_over,
+    interpreting,
+    launch,
+    next_pow2,
+    tl,
+    triton,
+)
 
 __all__ = ["fused_recurrent_gdn_fwd"]
 
@@ -177,9 +189,8 @@ def fused_recurrent_gdn_fwd(
     parts = batch_parts("fused_recurrent_gdn_fwd", k, v, 1, None if cu_seqlens is None else cu_seqlens.numel() - 1, 1)
     if parts:  # past the 32-bit offsets: the batch in slices, one after another
         kw = dict(ok=ok, assert_gates=assert_gates, checked=True)
-        init = [None if initial_state is None else initial_state[c] for c in parts]
-        return cat_batches([fused_recurrent_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale, h, **kw)
-                            for c, h in zip(parts, init, strict=True)])  # fmt: skip
+        return cat_batches([fused_recurrent_gdn_fwd(q[c], k[c], v[c], g[c], beta[c], scale,
+                                                    batch_rows(initial_state, c), **kw) for c in parts])  # fmt: skip
     check = 2 if assert_gates else int(ok is not None)
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -191,8 +202,7 @@ def fused_recurrent_gdn_fwd(
     BV = min(next_pow2(V), max(8192 // BK, 16), 32)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, device=v.device, dtype=torch.float32)
-    first = N * H > _triton.GRID_MAX[1]  # many sequences (a large decode batch): their heads on the first axis
-    grid = (N * H, cdiv(V, BV)) if first else (cdiv(V, BV), N * H)
+    grid, first = grid_over(cdiv(V, BV), N * H)  # many sequences (a large decode batch): their heads first
     launch(
         _gdn_fused_recurrent_fwd_kernel,
         grid,

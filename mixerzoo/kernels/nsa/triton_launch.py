@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._triton import LOG2E, batch_chunks, cdiv, dot_precision, interpreting, launch
+from .. import _triton
+from .._triton import LOG2E, batch_chunks, cat_batches, cdiv, dot_precision, interpreting, launch
 from ..swa import swa_bwd, swa_fwd
-from ..swa.swa import _check_offsets, kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
+from ..swa.swa import kernel_head_dim  # the tiles' head dim, as swa's (columns past D masked)
 from .triton_compress import nsa_cmp_bwd_dkdv_kernel, nsa_cmp_bwd_dq_kernel, nsa_cmp_fwd_kernel
 from .triton_gates import nsa_gate_grads, nsa_gate_mix
 from .triton_select import (
@@ -130,6 +131,17 @@ def _compress(x: Tensor, L: int) -> Tensor:
     return x[:, : NC * L].unflatten(1, (NC, L)).float().mean(2).contiguous()
 
 
+def _check_offsets(op: str, q: Tensor) -> None:
+    # the compression and selection kernels address a sequence's rows with 32-bit offsets (64-bit bases per batch
+    # row and head)
+    _, T, HQ, D = q.shape
+    if T * HQ * D >= _triton.OFFSET_LIMIT:
+        raise ValueError(
+            f"{op}: T * query heads * head dim must be < {_triton.OFFSET_LIMIT} per sequence (the kernels' 32-bit "
+            f"row offsets), got {T} * {HQ} * {D}"
+        )
+
+
 def nsa_fwd(
     q: Tensor,
     k: Tensor,
@@ -148,7 +160,7 @@ def nsa_fwd(
     (o [B, T, HQ, D], ob [3, B, T, HQ, D] branch outputs, lse [2, B, T, HQ] float32 base 2 (compression,
     selection), lse_win [B, HQ, T] float32, idx [B, T, HKV, n] int32). ``tiles`` overrides ``nsa_tiles``."""
     check_triton_shapes("nsa_fwd", q, block_size, block_count)
-    _check_offsets("nsa_fwd", q)  # the compression and selection kernels: 32-bit row offsets within a sequence
+    _check_offsets("nsa_fwd", q)
     parts = batch_chunks("nsa_fwd", q.shape[0], k.shape[2])  # more batch rows x kv heads than a grid takes: in turn
     if parts:
         outs = [nsa_fwd(q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], block_size, block_count, window_size, scale,
@@ -263,11 +275,11 @@ def nsa_bwd(
     _check_offsets("nsa_bwd", q)
     parts = batch_chunks("nsa_bwd", q.shape[0], k.shape[2])  # as in nsa_fwd (ob and lse: the batch second)
     if parts:
-        return tuple(torch.cat(xs) for xs in zip(*[
+        return cat_batches([
             nsa_bwd(do[c], q[c], k[c], v[c], g_cmp[c], g_slc[c], g_win[c], ob[:, c], lse[:, c], lse_win[c], idx[c],
                     block_size, window_size, scale, tiles=tiles)
             for c in parts
-        ], strict=True))  # fmt: skip
+        ])  # fmt: skip
     do, q, k, v = (x.contiguous() for x in (do, q, k, v))
     # the kernels index the gates as [B, T, HQ] rows; the mixer's are strided views of one projection
     g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))

@@ -23,6 +23,7 @@ from .._triton import (
     LOG2E_JIT,
     any_nonfinite,
     batch_chunks,
+    batch_rows,
     cat_batches,
     cdiv,
     dot_precision,
@@ -1014,16 +1015,6 @@ def _strides(q: Tensor, k: Tensor) -> dict:
     )
 
 
-def _check_offsets(op: str, q: Tensor) -> None:
-    # the kernels address a sequence's rows with 32-bit offsets (64-bit bases per batch row and head)
-    _, T, HQ, D = q.shape
-    if T * HQ * D >= _triton.OFFSET_LIMIT:
-        raise ValueError(
-            f"{op}: T * query heads * head dim must be < {_triton.OFFSET_LIMIT} per sequence (the kernels' 32-bit "
-            f"row offsets), got {T} * {HQ} * {D}"
-        )
-
-
 def swa_fwd(
     q: Tensor,
     k: Tensor,
@@ -1047,8 +1038,8 @@ def swa_fwd(
     scale = check_scale("swa_fwd", scale, q.shape[-1])
     chunks = batch_chunks("swa_fwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
-        return cat_batches([swa_fwd(q[c], k[c], v[c], window_size, num_sinks, scale, None if pad is None else pad[c],
-                                    config=config) for c in chunks])  # fmt: skip
+        return cat_batches([swa_fwd(q[c], k[c], v[c], window_size, num_sinks, scale, batch_rows(pad, c), config=config)
+                            for c in chunks])  # fmt: skip
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
@@ -1215,7 +1206,7 @@ def swa_bwd(
     chunks = batch_chunks("swa_bwd", q.shape[0], q.shape[2])  # more batch rows x heads than a grid takes: in turn
     if chunks:
         return cat_batches([swa_bwd(do[c], q[c], k[c], v[c], o[c], lse[c], window_size, num_sinks, scale,
-                                    None if pad is None else pad[c], dkdv_config=dkdv_config, dq_config=dq_config)
+                                    batch_rows(pad, c), dkdv_config=dkdv_config, dq_config=dq_config)
                             for c in chunks])  # fmt: skip
     B, T, HQ, D = q.shape
     BD = kernel_head_dim(D)  # the tiles' head dim (see swa_fwd)
